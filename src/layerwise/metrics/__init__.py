@@ -1,0 +1,1 @@
+"""Metric families: small pure functions over streamed statistics."""

@@ -1,0 +1,350 @@
+"""Profile: one row per unit, one column per metric, plus how it was made.
+
+:func:`profile` makes one streaming pass over the calibration windows. For
+each batch it runs the model once with taps on every block (stream metrics,
+and the Taylor estimate through one backward pass), reads the logit lens from
+the cached block outputs, and then ablates every unit exactly by re-running
+only the blocks after it from the cached residual stream.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .anatomy import KINDS, Kind, parse_unit, unit_name
+from .data import Windows
+from .errors import LayerwiseError
+from .io import write_atomic, write_json
+from .loading import LoadedModel
+from .metrics import lens as lens_m
+from .metrics import stream as st
+from .metrics.agreement import spearman
+from .metrics.weights import z_fraction
+from .trace import BlockTrace, run_blocks, skip, tap
+
+METRICS: tuple[str, ...] = (
+    "bi", "sub_cos", "zd", "rel_update", "resid_norm", "max_abs", "kurtosis", "mlp_sparsity",
+    "lens_kl", "lens_top1", "lens_nll", "ablate_nll", "ablate_kl", "taylor_nll",
+)
+#: Which unit kinds each metric describes (others get null).
+APPLIES: dict[str, tuple[Kind, ...]] = {
+    "bi": ("block",), "sub_cos": ("attn", "mlp"), "mlp_sparsity": ("mlp",),
+    "lens_kl": ("block",), "lens_top1": ("block",), "lens_nll": ("block",),
+}
+#: +1 if a larger value should mean a more important unit, -1 if smaller does, 0 if undecided.
+DIRECTION: dict[str, int] = {
+    "bi": 1, "sub_cos": -1, "zd": 0, "rel_update": 1, "resid_norm": 0, "max_abs": 0, "kurtosis": 0,
+    "mlp_sparsity": -1, "lens_kl": 0, "lens_top1": 0, "lens_nll": 0, "ablate_nll": 1, "ablate_kl": 1, "taylor_nll": 1,
+}
+Ablation = Literal["exact", "taylor", "none"]
+
+
+@dataclass
+class Unit:
+    name: str
+    layer: int
+    kind: Kind
+    metrics: dict[str, float | None]
+    details: dict = field(default_factory=dict)
+
+
+@dataclass
+class Profile:
+    """Measurements of every unit of one model on one corpus."""
+
+    meta: dict
+    units: list[Unit]
+    agreement: dict = field(default_factory=dict)
+
+    def unit(self, name: str) -> Unit:
+        for u in self.units:
+            if u.name == name:
+                return u
+        raise LayerwiseError(f"unit {name} is not in this profile")
+
+    def values(self, metric: str, kind: Kind) -> dict[str, float | None]:
+        """``{unit name: value}`` for one metric over the units of one kind, in depth order."""
+        return {u.name: u.metrics.get(metric) for u in self.units if u.kind == kind}
+
+    def rank(self, metric: str, kind: Kind) -> list[str]:
+        """Unit names of one kind from least to most important by ``metric``."""
+        if metric not in METRICS:
+            raise LayerwiseError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+        vals = {k: v for k, v in self.values(metric, kind).items() if v is not None}
+        if not vals:
+            raise LayerwiseError(f"this profile has no {metric} values for {kind} units (re-profile with the needed --ablation)")
+        sign = DIRECTION.get(metric, 0) or 1
+        return sorted(vals, key=lambda k: sign * vals[k])
+
+    def to_dict(self) -> dict:
+        return {
+            "meta": self.meta,
+            "units": [{"name": u.name, "layer": u.layer, "kind": u.kind, "metrics": u.metrics, "details": u.details} for u in self.units],
+            "agreement": self.agreement,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Profile":
+        units = [Unit(u["name"], u["layer"], u["kind"], u["metrics"], u.get("details", {})) for u in d["units"]]
+        return cls(meta=d["meta"], units=units, agreement=d.get("agreement", {}))
+
+    def save(self, out: str | Path) -> Path:
+        """Write ``profile.json`` and ``profile.csv`` atomically into ``out``; return the JSON path."""
+        out = Path(out)
+        path = write_json(out / "profile.json", self.to_dict())
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["name", "layer", "kind", *METRICS])
+        for u in self.units:
+            w.writerow([u.name, u.layer, u.kind, *("" if u.metrics.get(m) is None else repr(u.metrics[m]) for m in METRICS)])
+        write_atomic(out / "profile.csv", buf.getvalue())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Profile":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "profile.json"
+        if not path.is_file():
+            raise LayerwiseError(f"no profile at {path}; run `layerwise profile --out DIR` first")
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise LayerwiseError(f"{path} is not a layerwise profile ({exc.__class__.__name__})") from None
+
+
+class _UnitAcc:
+    """Running sums for one unit; fixed size whatever the number of tokens."""
+
+    def __init__(self) -> None:
+        self.sim = st.Moments()
+        self.rel = st.Moments()
+        self.sparsity = st.Moments()
+        self.lens = [st.Moments() for _ in range(3)]
+        self.abl_nll = st.Moments()  # per-window means, for the standard error
+        self.abl_kl = st.Moments()
+        self.taylor = st.Moments()
+        self.stream: "_StreamAcc | None" = None
+
+
+class _StreamAcc:
+    """Statistics of the residual stream a unit reads (shared by a block and its attention)."""
+
+    def __init__(self) -> None:
+        self.norm = st.Moments()
+        self.kurt = st.Moments()
+        self.max = st.MaxAbs()
+
+    def add(self, x: torch.Tensor) -> None:
+        self.norm.add(st.token_norm(x))
+        self.kurt.add(st.excess_kurtosis(x))
+        self.max.add(x)
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _se(m: st.Moments) -> float | None:
+    return _finite(m.std / math.sqrt(m.n)) if m.n > 1 else None
+
+
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities for every position but the last, flattened."""
+    return torch.log_softmax(logits[:, :-1].float(), dim=-1).flatten(0, 1)
+
+
+def profile(
+    lm: LoadedModel,
+    windows: Windows,
+    *,
+    ablation: Ablation = "exact",
+    batch_size: int = 4,
+    progress: bool = True,
+) -> Profile:
+    """Measure every block and sublayer on the calibration windows.
+
+    ``ablation="exact"`` computes both the exact ablation and its Taylor
+    estimate; ``"taylor"`` only the estimate; ``"none"`` neither. Agreement is
+    measured against ``ablate_nll`` (or ``taylor_nll`` when exact is off).
+    """
+    if ablation not in ("exact", "taylor", "none"):
+        raise LayerwiseError(f"unknown --ablation {ablation!r}; use exact, taylor or none")
+    an, model = lm.anatomy, lm.model
+    ctx = an.context_length
+    if ctx is not None and windows.seq_len > ctx:
+        raise LayerwiseError(f"--seq-len {windows.seq_len} exceeds the model's context of {ctx} tokens; use --seq-len {ctx} or less")
+    L = an.n_layers
+    accs = {unit_name(i, k): _UnitAcc() for i in range(L) for k in KINDS}
+    for i in range(L):
+        accs[unit_name(i, "block")].stream = accs[unit_name(i, "attn")].stream = _StreamAcc()
+        accs[unit_name(i, "mlp")].stream = _StreamAcc()
+    taylor = ablation in ("exact", "taylor")
+    start = time.perf_counter()
+    ids = windows.calibration
+    n_tokens = 0
+    batches = list(torch.split(ids, batch_size))
+    bar = tqdm(total=len(batches) * (1 + (3 * L if ablation == "exact" else 0)), desc="profile", unit="pass", disable=not progress)
+    for batch in batches:
+        x = batch.to(lm.device)
+        h: list[torch.Tensor | None] = [None] * (L + 1)
+        mid: list[torch.Tensor | None] = [None] * L
+        calls: list[tuple[tuple, dict]] = [((), {})] * L
+        updates: list[torch.Tensor] = []
+
+        def on_block(tr: BlockTrace) -> None:
+            i = tr.layer
+            hin, a, m, hout = (t.detach().flatten(0, 1) for t in (tr.h_in, tr.attn, tr.mlp, tr.h_out))
+            hmid = hin + a
+            blk, att, mlp = accs[unit_name(i, "block")], accs[unit_name(i, "attn")], accs[unit_name(i, "mlp")]
+            blk.sim.add(1.0 - st.cosine(hin, hout))
+            att.sim.add(st.cosine(hin, hmid))
+            mlp.sim.add(st.cosine(hmid, hout))
+            blk.rel.add(st.norm_ratio(hout - hin, hin))
+            att.rel.add(st.norm_ratio(a, hin))
+            mlp.rel.add(st.norm_ratio(m, hmid))
+            blk.stream.add(hin)  # type: ignore[union-attr]
+            mlp.stream.add(hmid)  # type: ignore[union-attr]
+            if tr.mlp_hidden is not None:
+                mlp.sparsity.add(st.lazy_fraction(tr.mlp_hidden.detach().flatten(0, 1)))
+            h[i], mid[i], h[i + 1] = tr.h_in.detach(), (tr.h_in + tr.attn).detach(), tr.h_out.detach()
+            calls[i] = (tr.args, tr.kwargs)
+            if taylor:
+                updates.extend((tr.attn, tr.mlp))
+
+        with torch.set_grad_enabled(taylor), tap(an, on_block):
+            logits = model(input_ids=x, use_cache=False).logits
+        targets = x[:, 1:].flatten().to(logits.device)
+        per_window = x.shape[1] - 1
+        n_tokens += targets.numel()
+        if taylor:
+            logp = _log_probs(logits)
+            loss = -logp.gather(-1, targets[:, None]).sum()
+            grads = torch.autograd.grad(loss, updates)
+            for i in range(L):
+                ga, gm = grads[2 * i], grads[2 * i + 1]
+                a, m = updates[2 * i].detach(), updates[2 * i + 1].detach()
+                ta, tm = -(ga * a).sum(dim=(1, 2)), -(gm * m).sum(dim=(1, 2))
+                # The block's update a+m moves the stream seen at its output, whose
+                # gradient is gm; removing it changes the loss by about -gm.(a+m).
+                tb = -(gm * (a + m)).sum(dim=(1, 2))
+                for k, t in (("attn", ta), ("mlp", tm), ("block", tb)):
+                    accs[unit_name(i, k)].taylor.add(t.double() / per_window)
+            del grads, loss, logp
+        updates.clear()
+        with torch.no_grad():
+            logp_full = _log_probs(logits.detach())
+            del logits
+            nll_full = -logp_full.gather(-1, targets[:, None]).squeeze(-1)
+            p_full = logp_full.exp()
+            for i in range(L):
+                logp_l = _log_probs(an.logits(h[i + 1]))
+                kl, top1, nll = lens_m.compare(logp_l, logp_full, targets)
+                for acc_m, v in zip(accs[unit_name(i, "block")].lens, (kl, top1, nll)):
+                    acc_m.add(v)
+            bar.update(1)
+            if ablation == "exact":
+                for i in range(L):
+                    for kind in KINDS:
+                        if kind == "block":
+                            out = run_blocks(an, i + 1, h[i], calls)
+                        elif kind == "mlp":
+                            out = run_blocks(an, i + 1, mid[i], calls)
+                        else:
+                            with skip(an, [unit_name(i, "attn")]):
+                                out = run_blocks(an, i, h[i], calls)
+                        logp = _log_probs(an.logits(out))
+                        dnll = -logp.gather(-1, targets[:, None]).squeeze(-1) - nll_full
+                        kl = (p_full * (logp_full - logp)).sum(-1)
+                        acc = accs[unit_name(i, kind)]
+                        acc.abl_nll.add(dnll.view(-1, per_window).double().mean(dim=1))
+                        acc.abl_kl.add(kl.view(-1, per_window).double().mean(dim=1))
+                        bar.update(1)
+    bar.close()
+    units = _finalize(lm, accs, ablation)
+    prof = Profile(
+        meta={
+            **lm.meta(),
+            "data": windows.meta(),
+            "n_windows_used": int(ids.shape[0]),
+            "n_tokens": int(ids.numel()),
+            "n_predicted_tokens": n_tokens,
+            "ablation": ablation,
+            "batch_size": batch_size,
+            "seed": None,
+            "versions": _versions(),
+            "wall_time_s": round(time.perf_counter() - start, 3),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+        units=units,
+    )
+    prof.agreement = agreement(prof)
+    return prof
+
+
+def _finalize(lm: LoadedModel, accs: dict[str, _UnitAcc], ablation: Ablation) -> list[Unit]:
+    an = lm.anatomy
+    units = []
+    for name, acc in accs.items():
+        layer, kind = parse_unit(name)
+        s = acc.stream
+        assert s is not None
+        mats = an.weight_matrices(layer, kind)
+        metrics: dict[str, float | None] = {
+            "bi": _finite(acc.sim.mean) if kind == "block" else None,
+            "sub_cos": _finite(acc.sim.mean) if kind != "block" else None,
+            "zd": _finite(sum(z_fraction(w) for _, w in mats) / len(mats)) if mats else None,
+            "rel_update": _finite(acc.rel.mean),
+            "resid_norm": _finite(s.norm.mean),
+            "max_abs": _finite(s.max.value),
+            "kurtosis": _finite(s.kurt.mean),
+            "mlp_sparsity": _finite(acc.sparsity.mean) if kind == "mlp" and acc.sparsity.n else None,
+            "lens_kl": None, "lens_top1": None, "lens_nll": None,
+            "ablate_nll": _finite(acc.abl_nll.mean) if ablation == "exact" else None,
+            "ablate_kl": _finite(acc.abl_kl.mean) if ablation == "exact" else None,
+            "taylor_nll": _finite(acc.taylor.total / acc.taylor.n) if acc.taylor.n else None,
+        }
+        if kind == "block":
+            for key, m in zip(("lens_kl", "lens_top1", "lens_nll"), acc.lens):
+                metrics[key] = _finite(m.mean)
+        details = {"resid_norm_std": _finite(s.norm.std), "max_abs_channel": s.max.channel}
+        if ablation == "exact":
+            details |= {"ablate_nll_se": _se(acc.abl_nll), "ablate_kl_se": _se(acc.abl_kl)}
+        units.append(Unit(name, layer, kind, metrics, details))
+    return units
+
+
+def agreement(prof: Profile) -> dict:
+    """Spearman rho of every metric with the causal reference, per unit kind."""
+    ref = "ablate_nll" if any(u.metrics.get("ablate_nll") is not None for u in prof.units) else "taylor_nll"
+    by_kind: dict[str, dict] = {}
+    for kind in KINDS:
+        us = [u for u in prof.units if u.kind == kind]
+        ys = [u.metrics.get(ref) for u in us]
+        row = {}
+        for metric in METRICS:
+            if metric == ref or kind not in APPLIES.get(metric, KINDS):
+                continue
+            rho, n = spearman([u.metrics.get(metric) for u in us], ys)
+            row[metric] = {"rho": rho, "n": n}
+        by_kind[kind] = row
+    return {"reference": ref, "by_kind": by_kind, "direction": DIRECTION}
+
+
+def _versions() -> dict:
+    import transformers
+
+    return {"layerwise": __version__, "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}

@@ -1,0 +1,127 @@
+"""One self-contained HTML page for a Profile: plots inline as PNG, every string escaped."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from html import escape
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ..anatomy import KINDS  # noqa: E402
+from ..io import write_atomic  # noqa: E402
+from ..profile import METRICS, Profile  # noqa: E402
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _series(prof: Profile, metric: str, kind: str) -> tuple[list[int], list[float]]:
+    pts = [(u.layer, u.metrics.get(metric)) for u in prof.units if u.kind == kind]
+    pts = [(x, y) for x, y in pts if y is not None]
+    return [x for x, _ in pts], [y for _, y in pts]
+
+
+def _depth_plots(prof: Profile) -> str:
+    metrics = [m for m in METRICS if any(u.metrics.get(m) is not None for u in prof.units)]
+    cols = 3
+    rows = math.ceil(len(metrics) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics):
+        for kind, style in zip(KINDS, ("-k", "-o", "-s")):
+            xs, ys = _series(prof, metric, kind)
+            if xs:
+                ax.plot(xs, ys, style, ms=3, lw=1, label=kind)
+        ax.set_title(metric, fontsize=10)
+        ax.set_xlabel("layer", fontsize=8)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _heatmap(prof: Profile) -> str:
+    metrics = [m for m in METRICS if any(u.metrics.get(m) is not None for u in prof.units)]
+    mat = np.full((len(metrics), len(prof.units)), np.nan)
+    for j, u in enumerate(prof.units):
+        for i, m in enumerate(metrics):
+            v = u.metrics.get(m)
+            if v is not None:
+                mat[i, j] = v
+    for i in range(len(metrics)):  # rank-normalise each row to [0, 1] so scales compare
+        row = mat[i]
+        ok = ~np.isnan(row)
+        if ok.sum() > 1:
+            ranks = row[ok].argsort().argsort()
+            row[ok] = ranks / (ok.sum() - 1)
+    fig, ax = plt.subplots(figsize=(max(8, len(prof.units) * 0.12), 0.35 * len(metrics) + 1.2))
+    ax.imshow(np.ma.masked_invalid(mat), aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_yticks(range(len(metrics)), metrics, fontsize=8)
+    step = max(1, len(prof.units) // 30)
+    ax.set_xticks(range(0, len(prof.units), step), [prof.units[j].name for j in range(0, len(prof.units), step)], rotation=90, fontsize=6)
+    ax.set_title("metrics across units (rank-normalised per row)", fontsize=10)
+    return _png(fig)
+
+
+def _fmt(v: object) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return escape(str(v))
+
+
+def _agreement_table(prof: Profile) -> str:
+    ag = prof.agreement.get("by_kind", {})
+    metrics = sorted({m for row in ag.values() for m in row}, key=METRICS.index)
+    head = "".join(f"<th>{escape(k)}</th>" for k in KINDS)
+    body = "".join(
+        f"<tr><td>{escape(m)}</td>" + "".join(f"<td>{_fmt((ag.get(k, {}).get(m) or {}).get('rho'))}</td>" for k in KINDS) + "</tr>"
+        for m in metrics
+    )
+    ref = escape(str(prof.agreement.get("reference", "")))
+    return f"<p>Spearman rho of each metric with <code>{ref}</code>, per unit kind.</p><table><tr><th>metric</th>{head}</tr>{body}</table>"
+
+
+def _ranking_table(prof: Profile) -> str:
+    ref = prof.agreement.get("reference", "ablate_nll")
+    rows = sorted((u for u in prof.units if u.metrics.get(ref) is not None), key=lambda u: u.metrics[ref])  # type: ignore[index]
+    cols = [m for m in METRICS if any(u.metrics.get(m) is not None for u in rows)]
+    head = "".join(f"<th>{escape(c)}</th>" for c in ["unit", *cols])
+    body = "".join("<tr><td>" + escape(u.name) + "</td>" + "".join(f"<td>{_fmt(u.metrics.get(c))}</td>" for c in cols) + "</tr>" for u in rows)
+    return f"<p>Units from least to most important by <code>{escape(str(ref))}</code>.</p><table><tr>{head}</tr>{body}</table>"
+
+
+def render(prof: Profile) -> str:
+    """The whole page as a string; no computation beyond plotting."""
+    meta_rows = "".join(f"<tr><td>{escape(str(k))}</td><td>{escape(str(v))}</td></tr>" for k, v in prof.meta.items())
+    title = escape(str(prof.meta.get("model_id", "model")))
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>layerwise profile: {title}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1400px}}table{{border-collapse:collapse;font-size:12px}}
+td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}td:first-child{{text-align:left}}img{{max-width:100%}}</style>
+</head><body>
+<h1>layerwise profile: {title}</h1>
+<h2>Metrics across depth</h2>{_depth_plots(prof)}
+<h2>All metrics, all units</h2>{_heatmap(prof)}
+<h2>Which cheap metric tracks ablation?</h2>{_agreement_table(prof)}
+<h2>Ranking</h2>{_ranking_table(prof)}
+<h2>Run</h2><table>{meta_rows}</table>
+</body></html>
+"""
+
+
+def write_report(prof: Profile, path: str | Path) -> Path:
+    """Render and write the page atomically."""
+    return write_atomic(path, render(prof))

@@ -1,0 +1,230 @@
+"""Streaming capture of unit inputs and outputs, and unit skipping.
+
+Everything here is a context manager: hooks and temporary ``forward``
+overrides are removed on exit, even when the body raises, so analysis never
+leaves the model changed.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .anatomy import Anatomy, Kind, first_tensor, unit_name
+from .errors import LayerwiseError
+
+
+@dataclass
+class BlockTrace:
+    """What one block read and wrote for one batch.
+
+    ``h_in`` is the residual entering the block (h_l), ``attn`` and ``mlp``
+    the two branch updates (a_l, m_l), ``h_out`` the block output (h_{l+1});
+    ``h_mid = h_in + attn`` is the stream between the two sublayers.
+    ``mlp_hidden`` is the input of the MLP's output projection and
+    ``attn_weights`` the attention probabilities when eager attention ran.
+    """
+
+    layer: int
+    h_in: torch.Tensor
+    attn: torch.Tensor
+    mlp: torch.Tensor
+    h_out: torch.Tensor
+    mlp_hidden: torch.Tensor | None
+    attn_weights: torch.Tensor | None
+    args: tuple
+    kwargs: dict
+
+    @property
+    def h_mid(self) -> torch.Tensor:
+        return self.h_in + self.attn
+
+
+def _check_finite(t: torch.Tensor, layer: int, kind: Kind, what: str) -> None:
+    if not torch.isfinite(t).all():
+        raise LayerwiseError(
+            f"non-finite activations (NaN/inf) in the {what} of {unit_name(layer, kind)}; "
+            "load the model with --dtype float32, or check the weights"
+        )
+
+
+@contextmanager
+def tap(
+    anatomy: Anatomy,
+    on_block: Callable[[BlockTrace], None],
+    *,
+    mlp_hidden: bool = True,
+    attn_weights: bool = False,
+) -> Iterator[None]:
+    """Call ``on_block`` with a :class:`BlockTrace` as each block finishes.
+
+    The trace is handed over while the forward pass is still running and is
+    not kept, so memory does not grow with depth or with the number of
+    batches. Non-finite activations raise a one-line error naming the unit.
+    """
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    state: dict[int, dict[str, Any]] = {}
+
+    def pre_block(i: int):
+        def hook(_m: nn.Module, args: tuple, kwargs: dict):
+            h = args[0] if args else kwargs["hidden_states"]
+            state[i] = {"h_in": h, "args": args[1:], "kwargs": {k: v for k, v in kwargs.items() if k != "hidden_states"}}
+
+        return hook
+
+    def grab(i: int, key: str, index: int = 0):
+        def hook(_m: nn.Module, _args: tuple, output: Any):
+            state[i][key] = output[index] if isinstance(output, tuple) else output
+
+        return hook
+
+    def grab_input(i: int):
+        def hook(_m: nn.Module, args: tuple):
+            state[i]["mlp_hidden"] = args[0]
+
+        return hook
+
+    def post_block(i: int):
+        def hook(_m: nn.Module, _args: tuple, _kwargs: dict, output: Any):
+            s = state.pop(i)
+            h_out = first_tensor(output)
+            for key, kind in (("attn", "attn"), ("mlp", "mlp")):
+                _check_finite(s[key], i, kind, "output")
+            _check_finite(h_out, i, "block", "output")
+            on_block(
+                BlockTrace(
+                    layer=i,
+                    h_in=s["h_in"],
+                    attn=s["attn"],
+                    mlp=s["mlp"],
+                    h_out=h_out,
+                    mlp_hidden=s.get("mlp_hidden"),
+                    attn_weights=s.get("attn_weights"),
+                    args=s["args"],
+                    kwargs=s["kwargs"],
+                )
+            )
+
+        return hook
+
+    try:
+        for i, block in enumerate(anatomy.blocks):
+            handles.append(block.register_forward_pre_hook(pre_block(i), with_kwargs=True))
+            handles.append(anatomy.update_module(i, "attn").register_forward_hook(grab(i, "attn")))
+            handles.append(anatomy.update_module(i, "mlp").register_forward_hook(grab(i, "mlp")))
+            if mlp_hidden:
+                handles.append(anatomy.down_proj(i).register_forward_pre_hook(grab_input(i)))
+            if attn_weights:
+                handles.append(anatomy.branch(i, "attn").register_forward_hook(grab(i, "attn_weights", 1)))
+            handles.append(block.register_forward_hook(post_block(i), with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        state.clear()
+
+
+def _override_forward(module: nn.Module, fn: Callable[..., Any]) -> Callable[[], None]:
+    """Temporarily shadow ``module.forward``; return the function that undoes it.
+
+    accelerate's device hooks also live in the instance ``forward``; the old
+    instance attribute, if any, is restored exactly.
+    """
+    had = "forward" in module.__dict__
+    old = module.__dict__.get("forward")
+    module.forward = fn  # type: ignore[method-assign]
+
+    def restore() -> None:
+        if had:
+            module.forward = old  # type: ignore[method-assign]
+        else:
+            del module.forward
+
+    return restore
+
+
+def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _zero_attention(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    return torch.zeros_like(_hidden_arg(args, kwargs)), None
+
+
+def _zero_mlp(*args: Any, **kwargs: Any) -> torch.Tensor:
+    return torch.zeros_like(_hidden_arg(args, kwargs))
+
+
+def _identity_block(*args: Any, **kwargs: Any) -> torch.Tensor:
+    return _hidden_arg(args, kwargs)
+
+
+@contextmanager
+def skip(anatomy: Anatomy, units: Iterable[str]) -> Iterator[None]:
+    """Run the model with these units removed, without computing them.
+
+    A skipped block passes its input through; a skipped attention or MLP
+    branch adds zero to the residual stream (with Gemma's sandwich norms the
+    post-norm of zero is zero, so the same holds). Nothing is computed for a
+    skipped unit, so the time saved is real.
+    """
+    undo: list[Callable[[], None]] = []
+    try:
+        for name in units:
+            layer, kind = anatomy.check_unit(name)
+            if kind == "block":
+                undo.append(_override_forward(anatomy.blocks[layer], _identity_block))
+            else:
+                undo.append(_override_forward(anatomy.branch(layer, kind), _zero_attention if kind == "attn" else _zero_mlp))
+        yield
+    finally:
+        for restore in reversed(undo):
+            restore()
+
+
+@contextmanager
+def scale_update(anatomy: Anatomy, unit: str, factor: float) -> Iterator[None]:
+    """Multiply one unit's residual update by ``factor`` (0 = ablation, still computed).
+
+    For a block the update is its output minus its input, so the MLP still
+    sees the unscaled attention output: this is the direction the Taylor
+    estimate of a block's ablation differentiates along.
+    """
+    layer, kind = anatomy.check_unit(unit)
+
+    def branch_hook(_m: nn.Module, _args: tuple, output: Any) -> Any:
+        if isinstance(output, tuple):
+            return (output[0] * factor, *output[1:])
+        return output * factor
+
+    def block_hook(_m: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        h_in = _hidden_arg(args, kwargs)
+        out = first_tensor(output)
+        scaled = h_in + factor * (out - h_in)
+        return (scaled, *output[1:]) if isinstance(output, tuple) else scaled
+
+    if kind == "block":
+        handle = anatomy.blocks[layer].register_forward_hook(block_hook, with_kwargs=True)
+    else:
+        handle = anatomy.update_module(layer, kind).register_forward_hook(branch_hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def run_blocks(anatomy: Anatomy, start: int, h: torch.Tensor, calls: list[tuple[tuple, dict]]) -> torch.Tensor:
+    """Run blocks ``start..L-1`` from residual ``h`` with each block's recorded extra inputs.
+
+    ``calls[i]`` holds the positional and keyword arguments (masks, position
+    embeddings) that the model passed to block i in a full forward pass, so
+    this works for any architecture without knowing its signature.
+    """
+    for i in range(start, anatomy.n_layers):
+        args, kwargs = calls[i]
+        h = first_tensor(anatomy.blocks[i](h, *args, **kwargs))
+    return h

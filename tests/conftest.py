@@ -1,0 +1,62 @@
+"""Tiny random-config models of every supported architecture, for fast exact tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from layerwise.anatomy import Anatomy  # noqa: E402
+from layerwise.data import Windows  # noqa: E402
+from layerwise.loading import LoadedModel  # noqa: E402
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2"]
+
+
+def tiny_model(arch: str, layers: int = 3):
+    import transformers as tf
+
+    common = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, head_dim=8)
+    if arch == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=97, n_embd=32, n_layer=layers, n_head=4, n_positions=128, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+        cls = tf.GPT2LMHeadModel
+    elif arch == "gemma3_text":
+        cfg = tf.Gemma3TextConfig(**common, sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"][:layers] + ["full_attention"] * max(0, layers - 3))
+        cls = tf.Gemma3ForCausalLM
+    else:
+        cfg_cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config}[arch]
+        cfg = cfg_cls(**common)
+        cls = {"llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM, "qwen2": tf.Qwen2ForCausalLM, "qwen3": tf.Qwen3ForCausalLM}[arch]
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    with torch.no_grad():  # random norms/weights so no branch is trivially zero
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def tiny_lm(arch: str, layers: int = 3) -> LoadedModel:
+    model = tiny_model(arch, layers)
+    return LoadedModel(model=model, tokenizer=None, anatomy=Anatomy(model), source={"ref": f"tiny-{arch}", "model_hash": "tiny"})
+
+
+def tiny_windows(n: int = 3, seq_len: int = 16, seed: int = 0) -> Windows:
+    g = torch.Generator().manual_seed(seed)
+    return Windows(ids=torch.randint(0, 97, (n, seq_len), generator=g), n_calib=n, source="random", data_hash="x", n_text_tokens=n * seq_len)
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def real_cache(tmp_path_factory):
+    """Converted default model shared by real-model tests (reuses the user cache if set)."""
+    os.environ.setdefault("LAYERWISE_CACHE", str(tmp_path_factory.mktemp("lwcache")))
+    return os.environ["LAYERWISE_CACHE"]
