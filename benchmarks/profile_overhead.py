@@ -1,0 +1,97 @@
+"""Cost of layerwise's profile pass against the baselines, same tokens, one process.
+
+Rows (ratios to a plain forward pass over the same windows):
+  plain forward                      model(input_ids) only
+  output_hidden_states + bi          what most scripts do: keep every hidden state, then cosines
+  layerwise, --ablation none         stream metrics + logit lens at every block (30 head projections)
+  layerwise, --ablation taylor       + one backward pass for the Taylor estimate
+Exact ablation (layerwise: cached block inputs, only later blocks re-run)
+against the naive approach (one full forward per unit with the unit skipped).
+
+Usage: python benchmarks/profile_overhead.py [--samples 4 --seq-len 256 --device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from datetime import date
+
+import torch
+
+import layerwise as lw
+from layerwise.anatomy import KINDS, unit_name
+from layerwise.trace import skip
+
+
+def timed(fn, repeat: int = 1) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    lm = lw.load("default", device=args.device)
+    w = lw.windows("builtin:pydoc", lm.tokenizer, seq_len=args.seq_len, samples=args.samples)
+    ids = w.calibration.to(lm.device)
+    batches = list(torch.split(ids, args.batch_size))
+    an, model = lm.anatomy, lm.model
+
+    @torch.no_grad()
+    def plain():
+        for x in batches:
+            model(input_ids=x, use_cache=False)
+
+    @torch.no_grad()
+    def hidden_states_bi():
+        for x in batches:
+            hs = model(input_ids=x, use_cache=False, output_hidden_states=True).hidden_states
+            [torch.nn.functional.cosine_similarity(hs[i], hs[i + 1], dim=-1).double().mean().item() for i in range(len(hs) - 1)]
+
+    @torch.no_grad()
+    def naive_ablation():
+        for x in batches:
+            full = torch.log_softmax(model(input_ids=x, use_cache=False).logits[:, :-1].float(), -1)
+            for i in range(an.n_layers):
+                for k in KINDS:
+                    with skip(an, [unit_name(i, k)]):
+                        lp = torch.log_softmax(model(input_ids=x, use_cache=False).logits[:, :-1].float(), -1)
+                    (-lp.gather(-1, x[:, 1:, None])).mean().item()
+                    (full.exp() * (full - lp)).sum(-1).mean().item()
+
+    def prof(mode):
+        return lambda: lw.profile(lm, w, ablation=mode, batch_size=args.batch_size, progress=False)
+
+    plain()  # warm-up
+    t_plain = timed(plain, 3)
+    t_hs = timed(hidden_states_bi, 3)
+    t_none = timed(prof("none"))
+    t_taylor = timed(prof("taylor"))
+    t_exact = timed(prof("exact"))
+    t_naive = timed(naive_ablation)
+    t_abl = t_exact - t_taylor
+    print(f"# profile_overhead — {date.today()} — {platform.machine()}, {torch.get_num_threads()} threads, device {lm.device}, "
+          f"torch {torch.__version__}")
+    print(f"model SmolLM2-135M-Instruct, {args.samples} windows x {args.seq_len} tokens, batch {args.batch_size}\n")
+    print("| pass | seconds | ratio to plain forward |")
+    print("|---|---:|---:|")
+    for name, t in [("plain forward", t_plain), ("output_hidden_states + bi", t_hs),
+                    ("layerwise --ablation none (stream metrics + logit lens)", t_none),
+                    ("layerwise --ablation taylor (+ backward)", t_taylor)]:
+        print(f"| {name} | {t:.3f} | {t / t_plain:.2f}x |")
+    print(f"\nexact ablation of all {3 * an.n_layers} units: layerwise {t_abl:.2f} s, naive {t_naive:.2f} s, "
+          f"ratio {t_abl / t_naive:.2f}x (goal <= 0.6x)")
+
+
+if __name__ == "__main__":
+    main()
