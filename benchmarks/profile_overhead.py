@@ -3,7 +3,8 @@
 Rows (ratios to a plain forward pass over the same windows):
   plain forward                      model(input_ids) only
   output_hidden_states + bi          what most scripts do: keep every hidden state, then cosines
-  layerwise, --ablation none         stream metrics + logit lens at every block (30 head projections)
+  layerwise, --no-lens               one-pass stream metrics and zd (goal <= 1.15x)
+  layerwise, --ablation none         + logit lens at every block (30 head projections)
   layerwise, --ablation taylor       + one backward pass for the Taylor estimate
 Exact ablation (layerwise: cached block inputs, only later blocks re-run)
 against the naive approach (one full forward per unit with the unit skipped).
@@ -22,6 +23,7 @@ import torch
 
 import layerwise as lw
 from layerwise.anatomy import KINDS, unit_name
+from layerwise.metrics.lens import Reference, compare
 from layerwise.trace import skip
 
 
@@ -60,21 +62,24 @@ def main() -> None:
 
     @torch.no_grad()
     def naive_ablation():
+        """One full forward per unit; the same KL/NLL kernel as layerwise, so only the caching differs."""
         for x in batches:
-            full = torch.log_softmax(model(input_ids=x, use_cache=False).logits[:, :-1].float(), -1)
+            targets = x[:, 1:].flatten()
+            ref = Reference.from_logits(model(input_ids=x, use_cache=False).logits[:, :-1].flatten(0, 1), targets)
             for i in range(an.n_layers):
                 for k in KINDS:
                     with skip(an, [unit_name(i, k)]):
-                        lp = torch.log_softmax(model(input_ids=x, use_cache=False).logits[:, :-1].float(), -1)
-                    (-lp.gather(-1, x[:, 1:, None])).mean().item()
-                    (full.exp() * (full - lp)).sum(-1).mean().item()
+                        logits = model(input_ids=x, use_cache=False).logits[:, :-1].flatten(0, 1)
+                    kl, _, nll = compare(logits, ref)
+                    (nll - ref.nll).mean().item(), kl.mean().item()
 
-    def prof(mode):
-        return lambda: lw.profile(lm, w, ablation=mode, batch_size=args.batch_size, progress=False)
+    def prof(mode, lens=True):
+        return lambda: lw.profile(lm, w, ablation=mode, batch_size=args.batch_size, lens=lens, progress=False)
 
     plain()  # warm-up
     t_plain = timed(plain, 3)
     t_hs = timed(hidden_states_bi, 3)
+    t_stream = timed(prof("none", lens=False))
     t_none = timed(prof("none"))
     t_taylor = timed(prof("taylor"))
     t_exact = timed(prof("exact"))
@@ -86,7 +91,8 @@ def main() -> None:
     print("| pass | seconds | ratio to plain forward |")
     print("|---|---:|---:|")
     for name, t in [("plain forward", t_plain), ("output_hidden_states + bi", t_hs),
-                    ("layerwise --ablation none (stream metrics + logit lens)", t_none),
+                    ("layerwise --ablation none --no-lens (one-pass stream metrics + zd)", t_stream),
+                    ("layerwise --ablation none (+ logit lens at every block)", t_none),
                     ("layerwise --ablation taylor (+ backward)", t_taylor)]:
         print(f"| {name} | {t:.3f} | {t / t_plain:.2f}x |")
     print(f"\nexact ablation of all {3 * an.n_layers} units: layerwise {t_abl:.2f} s, naive {t_naive:.2f} s, "

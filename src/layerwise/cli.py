@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--seq-len", type=int, default=256)
     pr.add_argument("--samples", type=int, default=16, help="calibration windows")
     pr.add_argument("--ablation", choices=["exact", "taylor", "none"], default="exact")
+    pr.add_argument("--no-lens", action="store_true", help="skip the logit lens (one head projection per block)")
     pr.add_argument("--batch-size", type=int, default=4)
     pr.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     pr.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -74,7 +75,7 @@ def _profile(args: argparse.Namespace) -> int:
 
     lm = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     w = windows(args.data, lm.tokenizer, seq_len=args.seq_len, samples=args.samples, max_len=lm.anatomy.context_length)
-    prof = profile(lm, w, ablation=args.ablation, batch_size=args.batch_size, progress=not args.json)
+    prof = profile(lm, w, ablation=args.ablation, batch_size=args.batch_size, lens=not args.no_lens, progress=not args.json)
     out = Path(args.out)
     path = prof.save(out)
     html = write_report(prof, out / "report.html")

@@ -162,9 +162,9 @@ def _se(m: st.Moments) -> float | None:
     return _finite(m.std / math.sqrt(m.n)) if m.n > 1 else None
 
 
-def _log_probs(logits: torch.Tensor) -> torch.Tensor:
-    """Next-token log-probabilities for every position but the last, flattened."""
-    return torch.log_softmax(logits[:, :-1].float(), dim=-1).flatten(0, 1)
+def _next_token_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Logits at every position but the last (those have a target), flattened to (tokens, vocab)."""
+    return logits[:, :-1].flatten(0, 1)
 
 
 def profile(
@@ -173,6 +173,7 @@ def profile(
     *,
     ablation: Ablation = "exact",
     batch_size: int = 4,
+    lens: bool = True,
     progress: bool = True,
 ) -> Profile:
     """Measure every block and sublayer on the calibration windows.
@@ -180,6 +181,8 @@ def profile(
     ``ablation="exact"`` computes both the exact ablation and its Taylor
     estimate; ``"taylor"`` only the estimate; ``"none"`` neither. Agreement is
     measured against ``ablate_nll`` (or ``taylor_nll`` when exact is off).
+    ``lens=False`` leaves out the logit lens, which costs one head projection
+    per block: for a small model with a large vocabulary, several forward passes.
     """
     if ablation not in ("exact", "taylor", "none"):
         raise LayerwiseError(f"unknown --ablation {ablation!r}; use exact, taylor or none")
@@ -231,7 +234,7 @@ def profile(
         per_window = x.shape[1] - 1
         n_tokens += targets.numel()
         if taylor:
-            logp = _log_probs(logits)
+            logp = torch.log_softmax(_next_token_logits(logits).float(), dim=-1)
             loss = -logp.gather(-1, targets[:, None]).sum()
             grads = torch.autograd.grad(loss, updates)
             for i in range(L):
@@ -246,15 +249,12 @@ def profile(
             del grads, loss, logp
         updates.clear()
         with torch.no_grad():
-            logp_full = _log_probs(logits.detach())
+            ref = lens_m.Reference.from_logits(_next_token_logits(logits.detach()), targets)
             del logits
-            nll_full = -logp_full.gather(-1, targets[:, None]).squeeze(-1)
-            p_full = logp_full.exp()
-            for i in range(L):
-                logp_l = _log_probs(an.logits(h[i + 1]))
-                kl, top1, nll = lens_m.compare(logp_l, logp_full, targets)
-                for acc_m, v in zip(accs[unit_name(i, "block")].lens, (kl, top1, nll)):
-                    acc_m.add(v)
+            if lens:
+                for i in range(L):
+                    for acc_m, v in zip(accs[unit_name(i, "block")].lens, lens_m.compare(_next_token_logits(an.logits(h[i + 1])), ref)):
+                        acc_m.add(v)
             bar.update(1)
             if ablation == "exact":
                 for i in range(L):
@@ -266,11 +266,9 @@ def profile(
                         else:
                             with skip(an, [unit_name(i, "attn")]):
                                 out = run_blocks(an, i, h[i], calls)
-                        logp = _log_probs(an.logits(out))
-                        dnll = -logp.gather(-1, targets[:, None]).squeeze(-1) - nll_full
-                        kl = (p_full * (logp_full - logp)).sum(-1)
+                        kl, _, nll = lens_m.compare(_next_token_logits(an.logits(out)), ref)
                         acc = accs[unit_name(i, kind)]
-                        acc.abl_nll.add(dnll.view(-1, per_window).double().mean(dim=1))
+                        acc.abl_nll.add((nll - ref.nll).view(-1, per_window).double().mean(dim=1))
                         acc.abl_kl.add(kl.view(-1, per_window).double().mean(dim=1))
                         bar.update(1)
     bar.close()
@@ -283,6 +281,7 @@ def profile(
             "n_tokens": int(ids.numel()),
             "n_predicted_tokens": n_tokens,
             "ablation": ablation,
+            "lens": lens,
             "batch_size": batch_size,
             "seed": None,
             "versions": _versions(),
@@ -297,6 +296,14 @@ def profile(
 
 def _finalize(lm: LoadedModel, accs: dict[str, _UnitAcc], ablation: Ablation) -> list[Unit]:
     an = lm.anatomy
+    zd_of: dict[str, float] = {}
+
+    def zd(name: str, w: torch.Tensor) -> float:
+        """Each matrix once, though a block shares its sublayers' matrices."""
+        if name not in zd_of:
+            zd_of[name] = z_fraction(w)
+        return zd_of[name]
+
     units = []
     for name, acc in accs.items():
         layer, kind = parse_unit(name)
@@ -306,7 +313,7 @@ def _finalize(lm: LoadedModel, accs: dict[str, _UnitAcc], ablation: Ablation) ->
         metrics: dict[str, float | None] = {
             "bi": _finite(acc.sim.mean) if kind == "block" else None,
             "sub_cos": _finite(acc.sim.mean) if kind != "block" else None,
-            "zd": _finite(sum(z_fraction(w) for _, w in mats) / len(mats)) if mats else None,
+            "zd": _finite(sum(zd(n, w) for n, w in mats) / len(mats)) if mats else None,
             "rel_update": _finite(acc.rel.mean),
             "resid_norm": _finite(s.norm.mean),
             "max_abs": _finite(s.max.value),
@@ -317,7 +324,7 @@ def _finalize(lm: LoadedModel, accs: dict[str, _UnitAcc], ablation: Ablation) ->
             "ablate_kl": _finite(acc.abl_kl.mean) if ablation == "exact" else None,
             "taylor_nll": _finite(acc.taylor.total / acc.taylor.n) if acc.taylor.n else None,
         }
-        if kind == "block":
+        if kind == "block" and acc.lens[0].n:
             for key, m in zip(("lens_kl", "lens_top1", "lens_nll"), acc.lens):
                 metrics[key] = _finite(m.mean)
         details = {"resid_norm_std": _finite(s.norm.std), "max_abs_channel": s.max.channel}

@@ -1,16 +1,41 @@
-"""Logit lens: read the residual stream after each block through the final norm and head."""
+"""Compare a next-token readout with the full model's, without materializing log-softmax.
+
+Used by the logit lens (read the stream after each block through the final
+norm and head) and by exact ablation (read the output of a model with one unit
+removed). With ``lse = logsumexp(z)``:
+``KL(p || softmax(z)) = sum p log p - (p . z - lse)`` and ``NLL = lse - z[target]``,
+so each readout costs one logsumexp, one row dot product and a gather.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 
-def compare(logp_layer: torch.Tensor, logp_final: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per token: KL(p_final || p_layer), top-1 agreement, NLL of the true next token.
+@dataclass
+class Reference:
+    """The full model's next-token distribution for a batch of flattened positions."""
 
-    Inputs are log-probabilities ``(tokens, vocab)`` and target ids ``(tokens,)``.
-    """
-    kl = (logp_final.exp() * (logp_final - logp_layer)).sum(dim=-1)
-    top1 = (logp_layer.argmax(dim=-1) == logp_final.argmax(dim=-1)).float()
-    nll = -logp_layer.gather(-1, targets[:, None]).squeeze(-1)
+    probs: torch.Tensor  # (tokens, vocab)
+    neg_entropy: torch.Tensor  # sum p log p, (tokens,)
+    top1: torch.Tensor  # (tokens,)
+    nll: torch.Tensor  # (tokens,)
+    targets: torch.Tensor  # (tokens,)
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, targets: torch.Tensor) -> "Reference":
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        p = logp.exp()
+        return cls(p, (p * logp).sum(-1), logits.argmax(-1), -logp.gather(-1, targets[:, None]).squeeze(-1), targets)
+
+
+def compare(logits: torch.Tensor, ref: Reference) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per token: KL(p_ref || p), top-1 agreement with the reference, NLL of the true next token."""
+    z = logits.float()
+    lse = torch.logsumexp(z, dim=-1)
+    kl = ref.neg_entropy - ((ref.probs * z).sum(-1) - lse)
+    top1 = (z.argmax(-1) == ref.top1).float()
+    nll = lse - z.gather(-1, ref.targets[:, None]).squeeze(-1)
     return kl, top1, nll

@@ -7,6 +7,6 @@ import torch
 
 def z_fraction(weight: torch.Tensor) -> float:
     """ZD score of one matrix: share of entries with z = (w - mean) / std above 1."""
-    w = weight.detach().double()
-    z = (w - w.mean()) / w.std().clamp_min(1e-30)
-    return float((z > 1).double().mean())
+    w = weight.detach().float()
+    mean, std = w.mean(), w.std()
+    return float((w > mean + std).double().mean())
