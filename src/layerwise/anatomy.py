@@ -9,7 +9,7 @@ test.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -59,17 +59,8 @@ SPECS: dict[str, Spec] = {
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
-    "gemma3_text": Spec(
-        layers="model.layers",
-        attn="self_attn",
-        mlp="mlp",
-        down_proj="mlp.down_proj",
-        final_norm="model.norm",
-        head="lm_head",
-        embed="model.embed_tokens",
-        attn_update="post_attention_layernorm",
-        mlp_update="post_feedforward_layernorm",
-    ),
+    # Gemma's sandwich norms: a branch's update is its post-norm's output.
+    "gemma3_text": replace(_LLAMA_LIKE, attn_update="post_attention_layernorm", mlp_update="post_feedforward_layernorm"),
     "gpt2": Spec(
         layers="transformer.h",
         attn="attn",
