@@ -29,7 +29,8 @@ def test_profile_default_model_end_to_end(tmp_path, real_cache):
                 assert v is not None and math.isfinite(v), (u["name"], m)
             else:
                 assert v is None
-    assert abs(Profile.load(out).unit("L29").metrics["lens_kl"]) < 1e-4
+    prof = Profile.load(out)
+    assert abs(prof.unit("L29").metrics["lens_kl"]) < 1e-3 < prof.unit("L28").metrics["lens_kl"]  # float32 noise vs a real gap
     assert data["meta"]["model_hash"] and data["meta"]["data"]["data_hash"]
     assert "rho" in data["agreement"]["by_kind"]["block"]["bi"]
     html = (out / "report.html").read_text()

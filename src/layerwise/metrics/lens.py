@@ -28,14 +28,15 @@ class Reference:
     def from_logits(cls, logits: torch.Tensor, targets: torch.Tensor) -> "Reference":
         logp = torch.log_softmax(logits.float(), dim=-1)
         p = logp.exp()
-        return cls(p, (p * logp).sum(-1), logits.argmax(-1), -logp.gather(-1, targets[:, None]).squeeze(-1), targets)
+        return cls(p, (p * logp).sum(-1, dtype=torch.float64), logits.argmax(-1), -logp.gather(-1, targets[:, None]).squeeze(-1), targets)
 
 
 def compare(logits: torch.Tensor, ref: Reference) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per token: KL(p_ref || p), top-1 agreement with the reference, NLL of the true next token."""
     z = logits.float()
     lse = torch.logsumexp(z, dim=-1)
-    kl = ref.neg_entropy - ((ref.probs * z).sum(-1) - lse)
+    # float64 sums: the two terms nearly cancel when the readout matches the reference
+    kl = (ref.neg_entropy - ((ref.probs * z).sum(-1, dtype=torch.float64) - lse.double())).float()
     top1 = (z.argmax(-1) == ref.top1).float()
     nll = lse - z.gather(-1, ref.targets[:, None]).squeeze(-1)
     return kl, top1, nll
