@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .anatomy import KINDS, Kind, parse_unit, unit_name
+from .anatomy import KINDS, Kind, unit_name
 from .data import Windows
 from .errors import LayerwiseError
 from .io import write_atomic, write_json
@@ -126,32 +126,32 @@ class Profile:
             raise LayerwiseError(f"{path} is not a layerwise profile ({exc.__class__.__name__})") from None
 
 
-class _UnitAcc:
-    """Running sums for one unit; fixed size whatever the number of tokens."""
+class _LayerAcc:
+    """Running sums for one block and its two sublayers; fixed size whatever the number of tokens."""
+
+    #: Per-token columns streamed into ``stream``: the block geometry, then the kurtosis of h and h'.
+    COLUMNS = (*st.GEOMETRY, "kurt_in", "kurt_mid")
 
     def __init__(self) -> None:
-        self.sim = st.Moments()
-        self.rel = st.Moments()
+        self.stream = st.Moments()
+        self.max_in, self.max_mid = st.MaxAbs(), st.MaxAbs()
         self.sparsity = st.Moments()
-        self.lens = [st.Moments() for _ in range(3)]
-        self.abl_nll = st.Moments()  # per-window means, for the standard error
-        self.abl_kl = st.Moments()
-        self.taylor = st.Moments()
-        self.stream: "_StreamAcc | None" = None
+        self.lens = st.Moments()  # columns: kl, top1, nll
+        self.abl_nll = {k: st.Moments() for k in KINDS}  # per-window means, for the standard error
+        self.abl_kl = {k: st.Moments() for k in KINDS}
 
+    def add_block(self, h: torch.Tensor, a: torch.Tensor, m: torch.Tensor, h_mid: torch.Tensor, mlp_hidden: torch.Tensor | None) -> None:
+        cols = (st.geometry(h, a, m), st.excess_kurtosis(h)[:, None], st.excess_kurtosis(h_mid)[:, None])
+        self.stream.add(torch.cat(cols, dim=-1))
+        self.max_in.add(h)
+        self.max_mid.add(h_mid)
+        if mlp_hidden is not None:
+            self.sparsity.add(st.lazy_fraction(mlp_hidden))
 
-class _StreamAcc:
-    """Statistics of the residual stream a unit reads (shared by a block and its attention)."""
-
-    def __init__(self) -> None:
-        self.norm = st.Moments()
-        self.kurt = st.Moments()
-        self.max = st.MaxAbs()
-
-    def add(self, x: torch.Tensor) -> None:
-        self.norm.add(st.token_norm(x))
-        self.kurt.add(st.excess_kurtosis(x))
-        self.max.add(x)
+    def column(self, name: str) -> tuple[float, float]:
+        """Mean and standard deviation over tokens of one streamed column."""
+        j = self.COLUMNS.index(name)
+        return float(self.stream.mean[j]), float(self.stream.std[j])
 
 
 def _finite(x: float) -> float | None:
@@ -159,12 +159,16 @@ def _finite(x: float) -> float | None:
 
 
 def _se(m: st.Moments) -> float | None:
-    return _finite(m.std / math.sqrt(m.n)) if m.n > 1 else None
+    return _finite(float(m.std) / math.sqrt(m.n)) if m.n > 1 else None
 
 
-def _next_token_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Logits at every position but the last (those have a target), flattened to (tokens, vocab)."""
-    return logits[:, :-1].flatten(0, 1)
+def _readout(an, h: torch.Tensor) -> torch.Tensor:
+    """Next-token logits from a residual stream at every position but the last, as (tokens, vocab).
+
+    The last position has no target; dropping it before the head keeps the
+    logits contiguous and saves one head row per window.
+    """
+    return an.logits(h[:, :-1]).flatten(0, 1)
 
 
 def profile(
@@ -191,11 +195,10 @@ def profile(
     if ctx is not None and windows.seq_len > ctx:
         raise LayerwiseError(f"--seq-len {windows.seq_len} exceeds the model's context of {ctx} tokens; use --seq-len {ctx} or less")
     L = an.n_layers
-    accs = {unit_name(i, k): _UnitAcc() for i in range(L) for k in KINDS}
-    for i in range(L):
-        accs[unit_name(i, "block")].stream = accs[unit_name(i, "attn")].stream = _StreamAcc()
-        accs[unit_name(i, "mlp")].stream = _StreamAcc()
+    accs = [_LayerAcc() for _ in range(L)]
+    taylor_acc = st.Moments()  # columns: (attn, mlp, block) of each layer in turn
     taylor = ablation in ("exact", "taylor")
+    need_ref = lens or ablation == "exact"
     start = time.perf_counter()
     ids = windows.calibration
     n_tokens = 0
@@ -210,51 +213,45 @@ def profile(
 
         def on_block(tr: BlockTrace) -> None:
             i = tr.layer
-            hin, a, m, hout = (t.detach().flatten(0, 1) for t in (tr.h_in, tr.attn, tr.mlp, tr.h_out))
+            hin, a, m = (t.detach().flatten(0, 1) for t in (tr.h_in, tr.attn, tr.mlp))
             hmid = hin + a
-            blk, att, mlp = accs[unit_name(i, "block")], accs[unit_name(i, "attn")], accs[unit_name(i, "mlp")]
-            blk.sim.add(1.0 - st.cosine(hin, hout))
-            att.sim.add(st.cosine(hin, hmid))
-            mlp.sim.add(st.cosine(hmid, hout))
-            blk.rel.add(st.norm_ratio(hout - hin, hin))
-            att.rel.add(st.norm_ratio(a, hin))
-            mlp.rel.add(st.norm_ratio(m, hmid))
-            blk.stream.add(hin)  # type: ignore[union-attr]
-            mlp.stream.add(hmid)  # type: ignore[union-attr]
-            if tr.mlp_hidden is not None:
-                mlp.sparsity.add(st.lazy_fraction(tr.mlp_hidden.detach().flatten(0, 1)))
-            h[i], mid[i], h[i + 1] = tr.h_in.detach(), (tr.h_in + tr.attn).detach(), tr.h_out.detach()
+            hidden = tr.mlp_hidden.detach().flatten(0, 1) if tr.mlp_hidden is not None else None
+            accs[i].add_block(hin, a, m, hmid, hidden)
+            h[i], mid[i], h[i + 1] = tr.h_in.detach(), hmid.view_as(tr.h_in), tr.h_out.detach()
             calls[i] = (tr.args, tr.kwargs)
             if taylor:
                 updates.extend((tr.attn, tr.mlp))
 
+        # Positions with a next token only; when nothing reads the logits, one position.
+        keep = torch.arange(x.shape[1] - 1, device=x.device) if need_ref or taylor else 1
         with torch.set_grad_enabled(taylor), tap(an, on_block):
-            logits = model(input_ids=x, use_cache=False).logits
+            logits = model(input_ids=x, use_cache=False, logits_to_keep=keep).logits
         targets = x[:, 1:].flatten().to(logits.device)
         per_window = x.shape[1] - 1
         n_tokens += targets.numel()
         if taylor:
-            logp = torch.log_softmax(_next_token_logits(logits).float(), dim=-1)
+            logp = torch.log_softmax(logits.flatten(0, 1).float(), dim=-1)
             loss = -logp.gather(-1, targets[:, None]).sum()
             grads = torch.autograd.grad(loss, updates)
+            est = []
             for i in range(L):
                 ga, gm = grads[2 * i], grads[2 * i + 1]
                 a, m = updates[2 * i].detach(), updates[2 * i + 1].detach()
-                ta, tm = -(ga * a).sum(dim=(1, 2)), -(gm * m).sum(dim=(1, 2))
                 # The block's update a+m moves the stream seen at its output, whose
                 # gradient is gm; removing it changes the loss by about -gm.(a+m).
-                tb = -(gm * (a + m)).sum(dim=(1, 2))
-                for k, t in (("attn", ta), ("mlp", tm), ("block", tb)):
-                    accs[unit_name(i, k)].taylor.add(t.double() / per_window)
+                est += [-(ga * a).sum(dim=(1, 2)), -(gm * m).sum(dim=(1, 2)), -(gm * (a + m)).sum(dim=(1, 2))]
+            taylor_acc.add(torch.stack(est, dim=-1).double() / per_window)
             del grads, loss, logp
         updates.clear()
         with torch.no_grad():
-            ref = lens_m.Reference.from_logits(_next_token_logits(logits.detach()), targets)
+            if not need_ref:
+                bar.update(1)
+                continue
+            ref = lens_m.Reference.from_logits(logits.detach().flatten(0, 1), targets)
             del logits
             if lens:
                 for i in range(L):
-                    for acc_m, v in zip(accs[unit_name(i, "block")].lens, lens_m.compare(_next_token_logits(an.logits(h[i + 1])), ref)):
-                        acc_m.add(v)
+                    accs[i].lens.add(torch.stack(lens_m.compare(_readout(an, h[i + 1]), ref), dim=-1))
             bar.update(1)
             if ablation == "exact":
                 for i in range(L):
@@ -266,13 +263,12 @@ def profile(
                         else:
                             with skip(an, [unit_name(i, "attn")]):
                                 out = run_blocks(an, i, h[i], calls)
-                        kl, _, nll = lens_m.compare(_next_token_logits(an.logits(out)), ref)
-                        acc = accs[unit_name(i, kind)]
-                        acc.abl_nll.add((nll - ref.nll).view(-1, per_window).double().mean(dim=1))
-                        acc.abl_kl.add(kl.view(-1, per_window).double().mean(dim=1))
+                        kl, _, nll = lens_m.compare(_readout(an, out), ref)
+                        accs[i].abl_nll[kind].add((nll - ref.nll).view(-1, per_window).double().mean(dim=1))
+                        accs[i].abl_kl[kind].add(kl.view(-1, per_window).double().mean(dim=1))
                         bar.update(1)
     bar.close()
-    units = _finalize(lm, accs, ablation)
+    units = _finalize(lm, accs, taylor_acc, ablation)
     prof = Profile(
         meta={
             **lm.meta(),
@@ -294,7 +290,7 @@ def profile(
     return prof
 
 
-def _finalize(lm: LoadedModel, accs: dict[str, _UnitAcc], ablation: Ablation) -> list[Unit]:
+def _finalize(lm: LoadedModel, accs: list[_LayerAcc], taylor_acc: st.Moments, ablation: Ablation) -> list[Unit]:
     an = lm.anatomy
     zd_of: dict[str, float] = {}
 
@@ -304,33 +300,38 @@ def _finalize(lm: LoadedModel, accs: dict[str, _UnitAcc], ablation: Ablation) ->
             zd_of[name] = z_fraction(w)
         return zd_of[name]
 
+    taylor_means = taylor_acc.mean.tolist() if taylor_acc.n else None
+    taylor_order = ("attn", "mlp", "block")
     units = []
-    for name, acc in accs.items():
-        layer, kind = parse_unit(name)
-        s = acc.stream
-        assert s is not None
-        mats = an.weight_matrices(layer, kind)
-        metrics: dict[str, float | None] = {
-            "bi": _finite(acc.sim.mean) if kind == "block" else None,
-            "sub_cos": _finite(acc.sim.mean) if kind != "block" else None,
-            "zd": _finite(sum(zd(n, w) for n, w in mats) / len(mats)) if mats else None,
-            "rel_update": _finite(acc.rel.mean),
-            "resid_norm": _finite(s.norm.mean),
-            "max_abs": _finite(s.max.value),
-            "kurtosis": _finite(s.kurt.mean),
-            "mlp_sparsity": _finite(acc.sparsity.mean) if kind == "mlp" and acc.sparsity.n else None,
-            "lens_kl": None, "lens_top1": None, "lens_nll": None,
-            "ablate_nll": _finite(acc.abl_nll.mean) if ablation == "exact" else None,
-            "ablate_kl": _finite(acc.abl_kl.mean) if ablation == "exact" else None,
-            "taylor_nll": _finite(acc.taylor.total / acc.taylor.n) if acc.taylor.n else None,
-        }
-        if kind == "block" and acc.lens[0].n:
-            for key, m in zip(("lens_kl", "lens_top1", "lens_nll"), acc.lens):
-                metrics[key] = _finite(m.mean)
-        details = {"resid_norm_std": _finite(s.norm.std), "max_abs_channel": s.max.channel}
-        if ablation == "exact":
-            details |= {"ablate_nll_se": _se(acc.abl_nll), "ablate_kl_se": _se(acc.abl_kl)}
-        units.append(Unit(name, layer, kind, metrics, details))
+    for layer, acc in enumerate(accs):
+        lens = acc.lens.mean.tolist() if acc.lens.n else None
+        for kind in KINDS:
+            # A block and its attention read h; the MLP reads h' = h + a.
+            stream = "in" if kind != "mlp" else "mid"
+            norm_mean, norm_std = acc.column(f"norm_{stream}")
+            peak = acc.max_in if stream == "in" else acc.max_mid
+            similarity = acc.column({"block": "bi", "attn": "attn_cos", "mlp": "mlp_cos"}[kind])[0]
+            mats = an.weight_matrices(layer, kind)
+            metrics: dict[str, float | None] = {
+                "bi": _finite(similarity) if kind == "block" else None,
+                "sub_cos": _finite(similarity) if kind != "block" else None,
+                "zd": _finite(sum(zd(n, w) for n, w in mats) / len(mats)) if mats else None,
+                "rel_update": _finite(acc.column(f"{kind}_rel")[0]),
+                "resid_norm": _finite(norm_mean),
+                "max_abs": _finite(peak.value),
+                "kurtosis": _finite(acc.column(f"kurt_{stream}")[0]),
+                "mlp_sparsity": _finite(float(acc.sparsity.mean)) if kind == "mlp" and acc.sparsity.n else None,
+                "lens_kl": None, "lens_top1": None, "lens_nll": None,
+                "ablate_nll": _finite(float(acc.abl_nll[kind].mean)) if ablation == "exact" else None,
+                "ablate_kl": _finite(float(acc.abl_kl[kind].mean)) if ablation == "exact" else None,
+                "taylor_nll": _finite(taylor_means[3 * layer + taylor_order.index(kind)]) if taylor_means else None,
+            }
+            if kind == "block" and lens:
+                metrics |= {key: _finite(v) for key, v in zip(("lens_kl", "lens_top1", "lens_nll"), lens)}
+            details = {"resid_norm_std": _finite(norm_std), "max_abs_channel": peak.channel}
+            if ablation == "exact":
+                details |= {"ablate_nll_se": _se(acc.abl_nll[kind]), "ablate_kl_se": _se(acc.abl_kl[kind])}
+            units.append(Unit(unit_name(layer, kind), layer, kind, metrics, details))
     return units
 
 

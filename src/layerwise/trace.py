@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from .anatomy import Anatomy, Kind, first_tensor, unit_name
+from .anatomy import Anatomy, first_tensor, unit_name
 from .errors import LayerwiseError
 
 
@@ -44,12 +44,21 @@ class BlockTrace:
         return self.h_in + self.attn
 
 
-def _check_finite(t: torch.Tensor, layer: int, kind: Kind, what: str) -> None:
-    if not torch.isfinite(t).all():
-        raise LayerwiseError(
-            f"non-finite activations (NaN/inf) in the {what} of {unit_name(layer, kind)}; "
-            "load the model with --dtype float32, or check the weights"
-        )
+def _first_nonfinite(sentinels: list[tuple[int, torch.Tensor]]) -> str | None:
+    """Name the first unit, in depth order, whose output held a NaN or inf.
+
+    Each sentinel is the float32 sum of (attn update, mlp update, block
+    output): a sum is non-finite exactly when some summed value is, barring
+    overflow of values near 1e38, so one host sync checks a whole pass.
+    """
+    if not sentinels:
+        return None
+    flags = torch.isfinite(torch.stack([s.to(sentinels[0][1].device) for _, s in sentinels])).cpu()
+    for (layer, _), ok in zip(sentinels, flags):
+        for kind, good in zip(("attn", "mlp", "block"), ok.tolist()):
+            if not good:
+                return unit_name(layer, kind)  # type: ignore[arg-type]
+    return None
 
 
 @contextmanager
@@ -64,10 +73,13 @@ def tap(
 
     The trace is handed over while the forward pass is still running and is
     not kept, so memory does not grow with depth or with the number of
-    batches. Non-finite activations raise a one-line error naming the unit.
+    batches. Non-finite activations raise a one-line error naming the first
+    unit that produced them when the body of the ``with`` ends; until then
+    ``on_block`` may see them.
     """
     handles: list[torch.utils.hooks.RemovableHandle] = []
     state: dict[int, dict[str, Any]] = {}
+    sentinels: list[tuple[int, torch.Tensor]] = []
 
     def pre_block(i: int):
         def hook(_m: nn.Module, args: tuple, kwargs: dict):
@@ -92,9 +104,7 @@ def tap(
         def hook(_m: nn.Module, _args: tuple, _kwargs: dict, output: Any):
             s = state.pop(i)
             h_out = first_tensor(output)
-            for key, kind in (("attn", "attn"), ("mlp", "mlp")):
-                _check_finite(s[key], i, kind, "output")
-            _check_finite(h_out, i, "block", "output")
+            sentinels.append((i, torch.stack([t.detach().sum(dtype=torch.float32) for t in (s["attn"], s["mlp"], h_out)])))
             on_block(
                 BlockTrace(
                     layer=i,
@@ -122,10 +132,16 @@ def tap(
                 handles.append(anatomy.branch(i, "attn").register_forward_hook(grab(i, "attn_weights", 1)))
             handles.append(block.register_forward_hook(post_block(i), with_kwargs=True))
         yield
+        bad = _first_nonfinite(sentinels)
+        if bad is not None:
+            raise LayerwiseError(
+                f"non-finite activations (NaN/inf) in the output of {bad}; load the model with --dtype float32, or check the weights"
+            )
     finally:
         for h in handles:
             h.remove()
         state.clear()
+        sentinels.clear()
 
 
 def _override_forward(module: nn.Module, fn: Callable[..., Any]) -> Callable[[], None]:

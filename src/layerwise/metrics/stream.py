@@ -1,83 +1,127 @@
 """Per-token statistics of the residual stream, reduced into float64 running sums.
 
-Each function maps tensors of shape ``(tokens, hidden)`` to one value per
-token; :class:`Moments` and :class:`MaxAbs` keep fixed-size running state, so
-memory does not grow with the number of calibration tokens.
+Each function maps tensors of shape ``(tokens, hidden)`` to per-token values;
+:class:`Moments` and :class:`MaxAbs` keep fixed-size running state on the
+tensors' own device and never copy to the host until a result is read, so a
+profile pass does not stall the device once per metric per block, and memory
+does not grow with the number of calibration tokens.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+#: Columns of :func:`geometry`, in order.
+GEOMETRY = ("bi", "attn_cos", "mlp_cos", "block_rel", "attn_rel", "mlp_rel", "norm_in", "norm_mid")
 
-@dataclass
+
 class Moments:
-    """Running count, sum and sum of squares in float64."""
+    """Running count, sum and sum of squares in float64, per column.
 
-    n: float = 0.0
-    total: float = 0.0
-    squares: float = 0.0
+    ``add`` takes values of shape ``(n,)`` or ``(n, k)`` and reduces over the
+    first axis; results have shape ``()`` or ``(k,)``.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._sum: torch.Tensor | None = None
+        self._squares: torch.Tensor | None = None
 
     def add(self, values: torch.Tensor) -> None:
         v = values.detach().double()
-        self.n += v.numel()
-        self.total += float(v.sum())
-        self.squares += float((v * v).sum())
+        s, q = v.sum(dim=0), (v * v).sum(dim=0)
+        if self._sum is None:
+            self._sum, self._squares = s, q
+        else:
+            self._sum += s
+            self._squares += q
+        self.n += v.shape[0]
 
     @property
-    def mean(self) -> float:
-        return self.total / self.n if self.n else float("nan")
+    def total(self) -> torch.Tensor:
+        return self._sum.cpu() if self._sum is not None else torch.tensor(float("nan"), dtype=torch.float64)
 
     @property
-    def std(self) -> float:
-        if self.n < 2:
-            return 0.0
-        var = (self.squares - self.total**2 / self.n) / (self.n - 1)
-        return max(var, 0.0) ** 0.5
+    def mean(self) -> torch.Tensor:
+        return self.total / self.n if self.n else self.total * float("nan")
+
+    @property
+    def std(self) -> torch.Tensor:
+        if self.n < 2 or self._squares is None:
+            return torch.zeros_like(self.total)
+        var = (self._squares.cpu() - self.total**2 / self.n) / (self.n - 1)
+        return var.clamp_min(0.0).sqrt()
 
 
-@dataclass
 class MaxAbs:
-    """Largest |x| seen and the channel it sat in."""
+    """Largest |x| per channel; read out as the overall maximum and its channel."""
 
-    value: float = 0.0
-    channel: int = -1
+    def __init__(self) -> None:
+        self._per_channel: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor) -> None:
-        a = x.detach().abs()
-        per_channel = a.amax(dim=0)
-        c = int(per_channel.argmax())
-        v = float(per_channel[c])
-        if v > self.value:
-            self.value, self.channel = v, c
+        lo, hi = torch.aminmax(x.detach(), dim=0)
+        cur = torch.maximum(hi, -lo).float()
+        self._per_channel = cur if self._per_channel is None else torch.maximum(self._per_channel, cur)
+
+    @property
+    def value(self) -> float:
+        return float(self._per_channel.max()) if self._per_channel is not None else float("nan")
+
+    @property
+    def channel(self) -> int:
+        return int(self._per_channel.argmax()) if self._per_channel is not None else -1
 
 
-def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """cos(a[t], b[t]) per token, computed in float32 or wider."""
-    return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-12)
+def geometry(h: torch.Tensor, a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Per-token geometry of one block, columns named by :data:`GEOMETRY`.
 
+    With ``h' = h + a`` and ``h'' = h' + m``: ``1 - cos(h, h'')`` (Block
+    Influence), ``cos(h, h')``, ``cos(h', h'')``, ``||a + m|| / ||h||``,
+    ``||a|| / ||h||``, ``||m|| / ||h'||``, ``||h||`` and ``||h'||``. All of it
+    follows from the six dot products among ``h``, ``a`` and ``m``, so the
+    three (tokens, hidden) tensors are each read a few times and no sum
+    tensor is materialized.
+    """
+    h, a, m = h.float(), a.float(), m.float()
+    hh, aa, mm = (torch.linalg.vecdot(x, x) for x in (h, a, m))
+    ha, hm, am = torch.linalg.vecdot(h, a), torch.linalg.vecdot(h, m), torch.linalg.vecdot(a, m)
+    mid2 = hh + 2 * ha + aa  # ||h'||^2
+    out2 = mid2 + 2 * (hm + am) + mm  # ||h''||^2
+    upd2 = aa + 2 * am + mm  # ||a + m||^2
+    tiny = 1e-24
 
-def norm_ratio(update: torch.Tensor, stream: torch.Tensor) -> torch.Tensor:
-    """||update[t]|| / ||stream[t]|| per token."""
-    return update.float().norm(dim=-1) / stream.float().norm(dim=-1).clamp_min(1e-12)
+    def cos(dot: torch.Tensor, n1: torch.Tensor, n2: torch.Tensor) -> torch.Tensor:
+        return dot / (n1.clamp_min(tiny) * n2.clamp_min(tiny)).sqrt()
 
+    def ratio(n1: torch.Tensor, n2: torch.Tensor) -> torch.Tensor:
+        return (n1.clamp_min(0) / n2.clamp_min(tiny)).sqrt()
 
-def token_norm(x: torch.Tensor) -> torch.Tensor:
-    return x.float().norm(dim=-1)
+    return torch.stack(
+        (
+            1.0 - cos(hh + ha + hm, hh, out2),
+            cos(hh + ha, hh, mid2),
+            cos(mid2 + hm + am, mid2, out2),
+            ratio(upd2, hh),
+            ratio(aa, hh),
+            ratio(mm, mid2),
+            hh.sqrt(),
+            mid2.clamp_min(0).sqrt(),
+        ),
+        dim=-1,
+    )
 
 
 def excess_kurtosis(x: torch.Tensor) -> torch.Tensor:
     """Excess kurtosis of each token's channel values (0 for a Gaussian)."""
     x = x.float()
-    c = x - x.mean(dim=-1, keepdim=True)
-    var = (c * c).mean(dim=-1)
-    return (c**4).mean(dim=-1) / var.clamp_min(1e-30) ** 2 - 3.0
+    c2 = (x - x.mean(dim=-1, keepdim=True)).square_()
+    var = c2.mean(dim=-1)
+    return torch.linalg.vecdot(c2, c2) / x.shape[-1] / var.clamp_min(1e-30) ** 2 - 3.0
 
 
 def lazy_fraction(hidden: torch.Tensor) -> torch.Tensor:
     """Fraction of MLP hidden units with |x| <= 0.01 * rms(x), per token."""
     h = hidden.float()
-    rms = h.pow(2).mean(dim=-1, keepdim=True).sqrt()
-    return (h.abs() <= 0.01 * rms).float().mean(dim=-1)
+    rms = torch.linalg.vector_norm(h, dim=-1, keepdim=True) / h.shape[-1] ** 0.5
+    return (h.abs() <= 0.01 * rms).sum(dim=-1) / h.shape[-1]

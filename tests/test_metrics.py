@@ -1,0 +1,82 @@
+"""Streamed metrics against direct float64 computations of their definitions."""
+
+import pytest
+import torch
+
+from layerwise.metrics import stream as st
+from layerwise.metrics.weights import z_fraction
+from layerwise.profile import profile
+from layerwise.trace import tap
+
+from .conftest import tiny_lm, tiny_windows
+
+
+def _cos(x, y):
+    return torch.nn.functional.cosine_similarity(x, y, dim=-1)
+
+
+def test_geometry_matches_definitions():
+    g = torch.Generator().manual_seed(0)
+    h, a, m = (torch.randn(50, 40, generator=g) * s for s in (3.0, 0.5, 0.8))
+    h[:, 7] += 40.0  # a massive channel, as real residual streams have
+    cols = dict(zip(st.GEOMETRY, st.geometry(h, a, m).double().unbind(-1)))
+    h, a, m = h.double(), a.double(), m.double()
+    mid, out = h + a, h + a + m
+    want = {
+        "bi": 1 - _cos(h, out), "attn_cos": _cos(h, mid), "mlp_cos": _cos(mid, out),
+        "block_rel": (out - h).norm(dim=-1) / h.norm(dim=-1), "attn_rel": a.norm(dim=-1) / h.norm(dim=-1),
+        "mlp_rel": m.norm(dim=-1) / mid.norm(dim=-1), "norm_in": h.norm(dim=-1), "norm_mid": mid.norm(dim=-1),
+    }
+    for name, value in want.items():
+        torch.testing.assert_close(cols[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_kurtosis_lazy_fraction_and_max():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(20, 300, generator=g)
+    x[3, 11] = 25.0
+    c = x.double() - x.double().mean(-1, keepdim=True)
+    want_k = (c**4).mean(-1) / (c**2).mean(-1) ** 2 - 3
+    torch.testing.assert_close(st.excess_kurtosis(x).double(), want_k, rtol=1e-4, atol=1e-4)
+    rms = x.double().pow(2).mean(-1, keepdim=True).sqrt()
+    torch.testing.assert_close(st.lazy_fraction(x).double(), (x.double().abs() <= 0.01 * rms).double().mean(-1))
+    peak = st.MaxAbs()
+    peak.add(x[:10])
+    peak.add(-x[10:])
+    assert peak.value == 25.0 and peak.channel == 11
+
+
+def test_moments_stream_equals_one_shot():
+    g = torch.Generator().manual_seed(2)
+    v = torch.randn(100, 3, generator=g)
+    m = st.Moments()
+    for part in v.split(7):
+        m.add(part)
+    torch.testing.assert_close(m.mean, v.double().mean(0))
+    torch.testing.assert_close(m.std, v.double().std(0))
+    assert m.n == 100
+
+
+def test_z_fraction():
+    w = torch.tensor([[0.0, 0.0, 0.0, 10.0]])
+    assert z_fraction(w) == 0.25
+
+
+def test_profile_stream_metrics_match_traced_tensors():
+    """sub_cos, rel_update, resid_norm, kurtosis and max_abs of a whole profile, from the raw traces."""
+    lm = tiny_lm("gemma3_text")
+    w = tiny_windows(2)
+    prof = profile(lm, w, ablation="none", lens=False, progress=False)
+    traces = []
+    with torch.no_grad(), tap(lm.anatomy, traces.append):
+        lm.model(input_ids=w.ids, use_cache=False)
+    for t in traces:
+        h, a, m = (x.double().flatten(0, 1) for x in (t.h_in, t.attn, t.mlp))
+        mid = h + a
+        att, mlp = prof.unit(f"L{t.layer}.attn").metrics, prof.unit(f"L{t.layer}.mlp").metrics
+        assert att["sub_cos"] == pytest.approx(_cos(h, mid).mean().item(), abs=1e-5)
+        assert mlp["sub_cos"] == pytest.approx(_cos(mid, mid + m).mean().item(), abs=1e-5)
+        assert mlp["rel_update"] == pytest.approx((m.norm(dim=-1) / mid.norm(dim=-1)).mean().item(), rel=1e-5)
+        assert att["resid_norm"] == pytest.approx(h.norm(dim=-1).mean().item(), rel=1e-5)
+        assert mlp["max_abs"] == pytest.approx(mid.abs().max().item(), rel=1e-5)
+        assert mlp["kurtosis"] == pytest.approx(st.excess_kurtosis(mid).mean().item(), rel=1e-4)
