@@ -80,3 +80,33 @@ def test_profile_stream_metrics_match_traced_tensors():
         assert att["resid_norm"] == pytest.approx(h.norm(dim=-1).mean().item(), rel=1e-5)
         assert mlp["max_abs"] == pytest.approx(mid.abs().max().item(), rel=1e-5)
         assert mlp["kurtosis"] == pytest.approx(st.excess_kurtosis(mid).mean().item(), rel=1e-4)
+
+
+def test_attention_metrics_match_probabilities(arch):
+    lm = tiny_lm(arch)
+    lm.model.config._attn_implementation = "eager"
+    w = tiny_windows(2)
+    prof = profile(lm, w, ablation="none", lens=False, attention=True, progress=False)
+    traces = []
+    with torch.no_grad(), tap(lm.anatomy, traces.append, attn_weights=True):
+        lm.model(input_ids=w.ids, use_cache=False)
+    for tr in traces:
+        p = tr.attn_weights.double()[:, :, 1:]  # (batch, heads, queries 1.., keys)
+        q = torch.arange(1, p.shape[-1]).double()
+        ent = -(p * p.clamp_min(1e-300).log()).sum(-1)
+        dist = (p * (q[:, None] - torch.arange(p.shape[-1]).double())).sum(-1)
+        details = prof.unit(f"L{tr.layer}.attn").details
+        for key, want in (("attn_entropy", ent), ("attn_distance", dist), ("attn_sink", p[..., 0])):
+            per_head = want.mean(dim=(0, 2))
+            assert details[f"{key}_per_head"] == pytest.approx(per_head.tolist(), rel=1e-4, abs=1e-6), key
+            assert prof.unit(f"L{tr.layer}.attn").metrics[key] == pytest.approx(per_head.mean().item(), rel=1e-4, abs=1e-6)
+    assert prof.unit("L0").metrics["attn_sink"] is None
+
+
+def test_attention_metrics_need_eager():
+    from layerwise.errors import LayerwiseError
+
+    lm = tiny_lm("llama")
+    lm.model.config._attn_implementation = "sdpa"
+    with pytest.raises(LayerwiseError, match="eager"):
+        profile(lm, tiny_windows(1), ablation="none", attention=True, progress=False)

@@ -13,6 +13,7 @@ EXAMPLES = """examples:
   layerwise profile                                   # default model (SmolLM2-135M-Instruct), builtin:pydoc
   layerwise profile --model ./my-llama --data notes.txt --seq-len 512 --samples 32 --out runs/p
   layerwise profile --model model.gguf --ablation taylor --device cuda --dtype bfloat16
+  layerwise profile --attention --ablation none        # attention entropy / distance / sink per head
   layerwise report runs/profile/profile.json          # re-render the page from saved results
 """
 
@@ -28,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--samples", type=int, default=16, help="calibration windows")
     pr.add_argument("--ablation", choices=["exact", "taylor", "none"], default="exact")
     pr.add_argument("--no-lens", action="store_true", help="skip the logit lens (one head projection per block)")
+    pr.add_argument("--attention", action="store_true",
+                    help="per-head attention entropy, query-key distance and sink mass (runs eager attention: slower, more memory)")
     pr.add_argument("--batch-size", type=int, default=4)
     pr.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     pr.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -73,9 +76,11 @@ def _profile(args: argparse.Namespace) -> int:
     from . import load, profile, windows
     from .report import write_report
 
-    lm = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    lm = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+              attn_implementation="eager" if args.attention else None)
     w = windows(args.data, lm.tokenizer, seq_len=args.seq_len, samples=args.samples, max_len=lm.anatomy.context_length)
-    prof = profile(lm, w, ablation=args.ablation, batch_size=args.batch_size, lens=not args.no_lens, progress=not args.json)
+    prof = profile(lm, w, ablation=args.ablation, batch_size=args.batch_size, lens=not args.no_lens,
+                   attention=args.attention, progress=not args.json)
     out = Path(args.out)
     path = prof.save(out)
     html = write_report(prof, out / "report.html")

@@ -38,16 +38,21 @@ from .trace import BlockTrace, run_blocks, skip, tap
 METRICS: tuple[str, ...] = (
     "bi", "sub_cos", "zd", "rel_update", "resid_norm", "max_abs", "kurtosis", "mlp_sparsity",
     "lens_kl", "lens_top1", "lens_nll", "ablate_nll", "ablate_kl", "taylor_nll",
+    "attn_entropy", "attn_distance", "attn_sink",
 )
+#: The attention-pattern metrics (``attention=True``); each is the mean over heads, per head in ``details``.
+ATTENTION = ("attn_entropy", "attn_distance", "attn_sink")
 #: Which unit kinds each metric describes (others get null).
 APPLIES: dict[str, tuple[Kind, ...]] = {
     "bi": ("block",), "sub_cos": ("attn", "mlp"), "mlp_sparsity": ("mlp",),
     "lens_kl": ("block",), "lens_top1": ("block",), "lens_nll": ("block",),
+    **{m: ("attn",) for m in ATTENTION},
 }
 #: +1 if a larger value should mean a more important unit, -1 if smaller does, 0 if undecided.
 DIRECTION: dict[str, int] = {
     "bi": 1, "sub_cos": -1, "zd": 0, "rel_update": 1, "resid_norm": 0, "max_abs": 0, "kurtosis": 0,
     "mlp_sparsity": -1, "lens_kl": 0, "lens_top1": 0, "lens_nll": 0, "ablate_nll": 1, "ablate_kl": 1, "taylor_nll": 1,
+    "attn_entropy": 0, "attn_distance": 0, "attn_sink": 0,
 }
 Ablation = Literal["exact", "taylor", "none"]
 
@@ -137,6 +142,7 @@ class _LayerAcc:
         self.max_in, self.max_mid = st.MaxAbs(), st.MaxAbs()
         self.sparsity = st.Moments()
         self.lens = st.Moments()  # columns: kl, top1, nll
+        self.attention = st.Moments()  # columns: entropy, distance, sink, each per head
         self.abl_nll = {k: st.Moments() for k in KINDS}  # per-window means, for the standard error
         self.abl_kl = {k: st.Moments() for k in KINDS}
 
@@ -178,6 +184,7 @@ def profile(
     ablation: Ablation = "exact",
     batch_size: int = 4,
     lens: bool = True,
+    attention: bool = False,
     progress: bool = True,
 ) -> Profile:
     """Measure every block and sublayer on the calibration windows.
@@ -187,10 +194,16 @@ def profile(
     measured against ``ablate_nll`` (or ``taylor_nll`` when exact is off).
     ``lens=False`` leaves out the logit lens, which costs one head projection
     per block: for a small model with a large vocabulary, several forward passes.
+    ``attention=True`` adds per-head attention entropy, query-key distance and
+    sink mass; it needs a model loaded with ``attn_implementation="eager"``,
+    since fused kernels never materialize the attention probabilities.
     """
     if ablation not in ("exact", "taylor", "none"):
         raise LayerwiseError(f"unknown --ablation {ablation!r}; use exact, taylor or none")
     an, model = lm.anatomy, lm.model
+    impl = getattr(model.config, "_attn_implementation", None)
+    if attention and impl != "eager":
+        raise LayerwiseError(f"attention metrics need eager attention, but the model runs {impl!r}; load it with attn_implementation='eager' (the CLI's --attention does)")
     ctx = an.context_length
     if ctx is not None and windows.seq_len > ctx:
         raise LayerwiseError(f"--seq-len {windows.seq_len} exceeds the model's context of {ctx} tokens; use --seq-len {ctx} or less")
@@ -217,6 +230,10 @@ def profile(
             hmid = hin + a
             hidden = tr.mlp_hidden.detach().flatten(0, 1) if tr.mlp_hidden is not None else None
             accs[i].add_block(hin, a, m, hmid, hidden)
+            if attention:
+                if tr.attn_weights is None:
+                    raise LayerwiseError(f"{unit_name(i, 'attn')} returned no attention probabilities; load the model with attn_implementation='eager'")
+                accs[i].attention.add(st.attention_rows(tr.attn_weights))
             h[i], mid[i], h[i + 1] = tr.h_in.detach(), hmid.view_as(tr.h_in), tr.h_out.detach()
             calls[i] = (tr.args, tr.kwargs)
             if taylor:
@@ -224,7 +241,7 @@ def profile(
 
         # Positions with a next token only; when nothing reads the logits, one position.
         keep = torch.arange(x.shape[1] - 1, device=x.device) if need_ref or taylor else 1
-        with torch.set_grad_enabled(taylor), tap(an, on_block):
+        with torch.set_grad_enabled(taylor), tap(an, on_block, attn_weights=attention):
             logits = model(input_ids=x, use_cache=False, logits_to_keep=keep).logits
         targets = x[:, 1:].flatten().to(logits.device)
         per_window = x.shape[1] - 1
@@ -251,7 +268,9 @@ def profile(
             del logits
             if lens:
                 for i in range(L):
-                    accs[i].lens.add(torch.stack(lens_m.compare(_readout(an, h[i + 1]), ref), dim=-1))
+                    z = _readout(an, h[i + 1])
+                    kl, nll = lens_m.compare(z, ref)
+                    accs[i].lens.add(torch.stack((kl, lens_m.top1(z, ref), nll), dim=-1))
             bar.update(1)
             if ablation == "exact":
                 for i in range(L):
@@ -263,7 +282,7 @@ def profile(
                         else:
                             with skip(an, [unit_name(i, "attn")]):
                                 out = run_blocks(an, i, h[i], calls)
-                        kl, _, nll = lens_m.compare(_readout(an, out), ref)
+                        kl, nll = lens_m.compare(_readout(an, out), ref)
                         accs[i].abl_nll[kind].add((nll - ref.nll).view(-1, per_window).double().mean(dim=1))
                         accs[i].abl_kl[kind].add(kl.view(-1, per_window).double().mean(dim=1))
                         bar.update(1)
@@ -278,6 +297,7 @@ def profile(
             "n_predicted_tokens": n_tokens,
             "ablation": ablation,
             "lens": lens,
+            "attention": attention,
             "batch_size": batch_size,
             "seed": None,
             "versions": _versions(),
@@ -329,6 +349,12 @@ def _finalize(lm: LoadedModel, accs: list[_LayerAcc], taylor_acc: st.Moments, ab
             if kind == "block" and lens:
                 metrics |= {key: _finite(v) for key, v in zip(("lens_kl", "lens_top1", "lens_nll"), lens)}
             details = {"resid_norm_std": _finite(norm_std), "max_abs_channel": peak.channel}
+            metrics |= {key: None for key in ATTENTION}
+            if kind == "attn" and acc.attention.n:
+                per_head = acc.attention.mean.view(len(ATTENTION), -1)
+                for key, heads in zip(ATTENTION, per_head):
+                    metrics[key] = _finite(float(heads.mean()))
+                    details[f"{key}_per_head"] = [_finite(v) for v in heads.tolist()]
             if ablation == "exact":
                 details |= {"ablate_nll_se": _se(acc.abl_nll[kind]), "ablate_kl_se": _se(acc.abl_kl[kind])}
             units.append(Unit(unit_name(layer, kind), layer, kind, metrics, details))

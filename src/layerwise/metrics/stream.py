@@ -125,3 +125,21 @@ def lazy_fraction(hidden: torch.Tensor) -> torch.Tensor:
     h = hidden.float()
     rms = torch.linalg.vector_norm(h, dim=-1, keepdim=True) / h.shape[-1] ** 0.5
     return (h.abs() <= 0.01 * rms).sum(dim=-1) / h.shape[-1]
+
+
+def attention_rows(probs: torch.Tensor) -> torch.Tensor:
+    """Per query row, per head: entropy, mean query-key distance and first-token (sink) mass.
+
+    ``probs`` are attention probabilities of shape (batch, heads, queries,
+    keys), the queries being the last positions of the keys. Returns
+    (batch * (queries - 1), 3 * heads): the heads' entropies (nats), then their
+    distances ``sum_k p_k (t - k)`` in tokens, then their mass on key 0. The
+    first query is left out: it can only attend to itself.
+    """
+    p = probs.detach().float()[:, :, 1:]
+    b, n_heads, q, k = p.shape
+    t = torch.arange(k - q, k, device=p.device, dtype=p.dtype)  # absolute position of each query
+    entropy = torch.special.entr(p).sum(-1)
+    distance = t - p @ torch.arange(k, device=p.device, dtype=p.dtype)
+    sink = p[..., 0]
+    return torch.cat((entropy, distance, sink), dim=1).permute(0, 2, 1).reshape(b * q, 3 * n_heads)

@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 
 from ..anatomy import KINDS  # noqa: E402
 from ..io import write_atomic  # noqa: E402
-from ..profile import METRICS, Profile  # noqa: E402
+from ..profile import ATTENTION, METRICS, Profile  # noqa: E402
 
 
 def _png(fig) -> str:
@@ -74,6 +74,23 @@ def _heatmap(prof: Profile) -> str:
     return _png(fig)
 
 
+def _attention_heads(prof: Profile) -> str:
+    """Layer-by-head maps of the attention metrics, when the profile has them."""
+    attn = [u for u in prof.units if u.kind == "attn" and f"{ATTENTION[0]}_per_head" in u.details]
+    if not attn:
+        return "<p>Not measured; run <code>layerwise profile --attention</code> (eager attention).</p>"
+    fig, axes = plt.subplots(1, len(ATTENTION), figsize=(4.2 * len(ATTENTION), 0.18 * len(attn) + 1.5), squeeze=False)
+    for ax, key in zip(axes.flat, ATTENTION):
+        mat = np.array([[np.nan if v is None else v for v in u.details[f"{key}_per_head"]] for u in attn], dtype=float)
+        im = ax.imshow(np.ma.masked_invalid(mat), aspect="auto", cmap="magma", interpolation="nearest")
+        ax.set_yticks(range(len(attn)), [u.name for u in attn], fontsize=6)
+        ax.set_xlabel("head", fontsize=8)
+        ax.set_title({"attn_entropy": "entropy (nats)", "attn_distance": "query-key distance (tokens)", "attn_sink": "mass on the first token"}[key], fontsize=10)
+        fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    return "<p>Low entropy and short distance mark local heads; high sink mass marks heads parked on the first token.</p>" + _png(fig)
+
+
 def _fmt(v: object) -> str:
     if v is None:
         return "–"
@@ -115,6 +132,7 @@ td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}td:first-child{{t
 <h1>layerwise profile: {title}</h1>
 <h2>Metrics across depth</h2>{_depth_plots(prof)}
 <h2>All metrics, all units</h2>{_heatmap(prof)}
+<h2>Attention heads</h2>{_attention_heads(prof)}
 <h2>Which cheap metric tracks ablation?</h2>{_agreement_table(prof)}
 <h2>Ranking</h2>{_ranking_table(prof)}
 <h2>Run</h2><table>{meta_rows}</table>
