@@ -35,6 +35,7 @@ class Spec:
     layers: str
     attn: str
     mlp: str
+    attn_out: str
     down_proj: str
     final_norm: str
     head: str
@@ -48,6 +49,7 @@ _LLAMA_LIKE = Spec(
     layers="model.layers",
     attn="self_attn",
     mlp="mlp",
+    attn_out="self_attn.o_proj",
     down_proj="mlp.down_proj",
     final_norm="model.norm",
     head="lm_head",
@@ -65,6 +67,7 @@ SPECS: dict[str, Spec] = {
         layers="transformer.h",
         attn="attn",
         mlp="mlp",
+        attn_out="attn.c_proj",
         down_proj="mlp.c_proj",
         final_norm="transformer.ln_f",
         head="lm_head",
@@ -143,6 +146,19 @@ class Anatomy:
     def down_proj(self, layer: int) -> nn.Module:
         """The MLP's output projection; its input is the MLP hidden activation."""
         return self.blocks[layer].get_submodule(self.spec.down_proj)
+
+    def out_proj(self, layer: int, kind: Kind) -> nn.Module:
+        """The last linear map of a branch: zeroing it (and its bias) makes the branch add nothing."""
+        if kind == "block":
+            raise LayerwiseError("a block has no single output projection; name L{i}.attn or L{i}.mlp")
+        return self.blocks[layer].get_submodule(self.spec.attn_out if kind == "attn" else self.spec.down_proj)
+
+    @property
+    def kv_shape(self) -> tuple[int, int]:
+        """(key-value heads, head dimension) of one attention layer's cache entry."""
+        cfg = self.model.config
+        heads = cfg.num_attention_heads
+        return getattr(cfg, "num_key_value_heads", None) or heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
 
     def weight_matrices(self, layer: int, kind: Kind) -> list[tuple[str, torch.Tensor]]:
         """Named 2-D weights of a unit (Linear and GPT-2 Conv1D alike)."""

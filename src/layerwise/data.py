@@ -112,6 +112,8 @@ def windows(ref: str, tokenizer, *, seq_len: int = 256, samples: int = 16, max_l
     text = "\n\n".join(texts)
     if not text.strip():
         raise LayerwiseError(f"data {ref} is empty; give a corpus with text in it")
+    if tokenizer is None:
+        raise LayerwiseError("this model was loaded without a tokenizer (its folder has none); copy the tokenizer files beside its config.json")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = _default_bos(tokenizer)
     body = seq_len - 1 if bos is not None else seq_len

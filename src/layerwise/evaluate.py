@@ -1,0 +1,127 @@
+"""Held-out checks of a model variant against the original: quality, size and speed.
+
+Every action (dropping, quantizing) is judged the same way, on evaluation
+windows that never overlap the calibration windows: perplexity of each model,
+the paired difference in NLL and the KL from the original's next-token
+distribution, each with its standard error across windows; then parameters,
+bytes on disk and tokens per second for prefill and for generation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, ContextManager, Iterable
+
+import torch
+
+from .errors import LayerwiseError
+from .metrics import lens as lens_m
+from .metrics import stream as st
+
+#: Maps a batch of input ids (batch, seq) to next-token logits (batch * (seq - 1), vocab).
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+Variant = Callable[[], ContextManager]
+
+
+def next_token_logits(model: torch.nn.Module, variant: Variant | None = None) -> LogitsFn:
+    """Logits at every position that has a next token, with ``variant`` active (a context factory)."""
+
+    @torch.no_grad()
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        keep = torch.arange(x.shape[1] - 1, device=x.device)
+        with variant() if variant else contextlib.nullcontext():
+            return model(input_ids=x, use_cache=False, logits_to_keep=keep).logits.flatten(0, 1)
+
+    return fn
+
+
+def _summary(m: st.Moments) -> tuple[float, float | None]:
+    mean = float(m.mean)
+    return mean, (float(m.std) / math.sqrt(m.n) if m.n > 1 else None)
+
+
+def quality(reference: LogitsFn, candidate: LogitsFn, ids: torch.Tensor, *, batch_size: int = 4, device: str | torch.device = "cpu") -> dict:
+    """Perplexity of both models, paired NLL difference and KL(reference || candidate) on ``ids``.
+
+    Standard errors are across windows (each window's mean is one sample), so
+    they reflect how much the figure would move on other text, not token noise.
+    """
+    if ids.shape[0] == 0:
+        raise LayerwiseError("no evaluation windows: the data is used up by calibration; use fewer --samples or more data")
+    ref_nll, cand_nll, delta, kl = st.Moments(), st.Moments(), st.Moments(), st.Moments()
+    per_window = ids.shape[1] - 1
+    for batch in torch.split(ids, batch_size):
+        x = batch.to(device)
+        targets = x[:, 1:].flatten()
+        ref = lens_m.Reference.from_logits(reference(x), targets.to(device))
+        logits = candidate(x)
+        k, nll = lens_m.compare(logits, ref)
+        if not (torch.isfinite(nll).all() and torch.isfinite(k).all()):
+            raise LayerwiseError("the variant produced NaN/inf logits; evaluate in --dtype float32 or drop fewer units")
+        by_window = lambda t: t.view(-1, per_window).double().mean(dim=1)  # noqa: E731
+        ref_nll.add(by_window(ref.nll))
+        cand_nll.add(by_window(nll))
+        delta.add(by_window(nll - ref.nll))
+        kl.add(by_window(k))
+    out: dict = {"n_windows": ref_nll.n, "n_tokens": ref_nll.n * per_window}
+    for name, m in (("nll", cand_nll), ("ref_nll", ref_nll), ("delta_nll", delta), ("kl", kl)):
+        out[name], out[f"{name}_se"] = _summary(m)
+    for prefix in ("", "ref_"):
+        nll, se = out[f"{prefix}nll"], out[f"{prefix}nll_se"]
+        out[f"{prefix}ppl"] = math.exp(nll)
+        out[f"{prefix}ppl_se"] = math.exp(nll) * se if se is not None else None  # delta method
+    return out
+
+
+def speed(model: torch.nn.Module, *, vocab: int, variant: Variant | None = None, prompt_len: int = 128,
+          new_tokens: int = 32, repeats: int = 3, device: str | torch.device = "cpu", seed: int = 0) -> dict:
+    """Tokens per second for prefill (one prompt, no cache) and for greedy generation with a KV cache.
+
+    Medians of ``repeats`` runs after one warm-up; the prompt is random token
+    ids, since speed does not depend on the text.
+    """
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (1, prompt_len), generator=g).to(device)
+    mask = torch.ones_like(prompt)
+
+    def sync() -> None:
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def timed(fn: Callable[[], object]) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    with torch.no_grad(), variant() if variant else contextlib.nullcontext():
+        t_prefill = timed(lambda: model(input_ids=prompt, use_cache=False, logits_to_keep=1))
+        t_gen = timed(lambda: model.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=new_tokens,
+                                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0))
+    # generate() also prefills the prompt; count only the decoding steps.
+    decode = max(t_gen - t_prefill, 1e-9)
+    return {"prefill_tok_s": prompt_len / t_prefill, "generate_tok_s": new_tokens / decode,
+            "prompt_len": prompt_len, "new_tokens": new_tokens}
+
+
+def param_count(model: torch.nn.Module, zeroed: Iterable[torch.nn.Module] = ()) -> int:
+    """Parameters, shared tensors once, minus those of modules whose weights are all zero by design."""
+    seen = {id(p): p.numel() for p in model.parameters()}
+    for m in zeroed:
+        for p in m.parameters():
+            seen[id(p)] = 0
+    return sum(seen.values())
+
+
+def folder_bytes(folder: str | Path) -> int:
+    """Bytes of the weight files in a saved checkpoint."""
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))

@@ -1,0 +1,160 @@
+"""Dropping blocks and sublayers: exactness, saved checkpoints, orders and bad input, on tiny models."""
+
+import pytest
+import torch
+
+from layerwise.drop import DropPlan, applied, choose, contiguous_scores, rank, save_checkpoint, without_blocks
+from layerwise.errors import LayerwiseError
+from layerwise.loading import load
+from layerwise.profile import profile
+from layerwise.trace import skip
+
+from .conftest import tiny_lm, tiny_windows
+from .test_trace import _manual_llama
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(input_ids=x, use_cache=False).logits
+
+
+@pytest.mark.parametrize("units", [["L1"], ["L0", "L2.attn"], ["L1.mlp", "L2"], ["L0.attn", "L2.mlp"]])
+def test_applied_plan_equals_hand_written_forward(units):
+    lm = tiny_lm("llama")
+    x = tiny_windows(2).ids
+    with applied(lm, DropPlan(units, "any", "given")) as small:
+        got = _logits(small, x)
+        assert len(small.model.layers) == 3 - sum("." not in u for u in units)
+    want = _manual_llama(lm.model, x, set(units))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert len(lm.model.model.layers) == 3 and lm.model.config.num_hidden_layers == 3  # restored
+
+
+def _greedy_no_cache(model, x, steps):
+    with torch.no_grad():
+        for _ in range(steps):
+            nxt = model(input_ids=x, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            x = torch.cat([x, nxt], dim=1)
+    return x
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "qwen2", "gpt2"])
+def test_saved_block_drop_reloads_in_plain_transformers(arch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    lm = tiny_lm(arch, layers=4)
+    x = tiny_windows(2).ids
+    plan = DropPlan(["L1", "L2.attn"], "any", "given")
+    with skip(lm.anatomy, plan.units):
+        want = _logits(lm.model, x)
+    save_checkpoint(lm, plan, tmp_path / "m")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert again.config.num_hidden_layers == 3 and again.config.layerwise["dropped_sublayers"] == ["L1.attn"]
+    if arch == "gemma3_text":
+        assert again.config.layer_types == ["sliding_attention", "sliding_attention", "full_attention"]
+    # plain transformers computes the zeroed attention; the outputs are the same
+    torch.testing.assert_close(_logits(again, x), want, atol=1e-5, rtol=1e-5)
+    idx = [getattr(m, "layer_idx") for m in again.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    assert sorted(set(idx)) == [0, 1, 2]
+    prompt = x[:1, :6]
+    with torch.no_grad():
+        cached = again.generate(input_ids=prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(cached, _greedy_no_cache(again, prompt, 5))
+
+
+def test_layerwise_load_skips_saved_sublayers(tmp_path):
+    lm = tiny_lm("llama")
+    x = tiny_windows(1).ids
+    plan = DropPlan(["L0.mlp", "L2.attn"], "any", "given")
+    with skip(lm.anatomy, plan.units):
+        want = _logits(lm.model, x)
+        prompt = x[:, :6]
+        with torch.no_grad():
+            skipped_gen = lm.model.generate(input_ids=prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    save_checkpoint(lm, plan, tmp_path / "m")
+    again = load(str(tmp_path / "m"), device="cpu")
+    assert again.source["skipped_sublayers"] == ["L0.mlp", "L2.attn"]
+    assert "forward" in again.anatomy.branch(2, "attn").__dict__  # skipped, not computed
+    torch.testing.assert_close(_logits(again.model, x), want, atol=1e-5, rtol=1e-5)
+    # generation with a KV cache through skipped layers matches the no-cache loop
+    assert torch.equal(skipped_gen, _greedy_no_cache(again.model, prompt, 5))
+
+
+def test_without_blocks_restores_everything():
+    lm = tiny_lm("gemma3_text", layers=4)
+    before = (lm.model.config.layer_types[:], [lm.model.model.layers[i].self_attn.layer_idx for i in range(4)])
+    with without_blocks(lm, [0, 2]) as small:
+        assert small.config.layer_types == [before[0][1], before[0][3]]
+        assert [b.self_attn.layer_idx for b in small.model.layers] == [0, 1]
+    assert (lm.model.config.layer_types, [lm.model.model.layers[i].self_attn.layer_idx for i in range(4)]) == before
+
+
+def test_orders():
+    lm = tiny_lm("llama", layers=4)
+    w = tiny_windows(3)
+    prof = profile(lm, w, ablation="exact", progress=False)
+    by_bi = choose(lm, w, n=2, unit="block", order="bi", prof=prof, progress=False)
+    bi = {u.name: u.metrics["bi"] for u in prof.units if u.kind == "block"}
+    assert by_bi.units == sorted(bi, key=bi.get)[:2]
+    joint = rank(prof, "any", "sub_cos")
+    assert {u for u, _ in joint} == {f"L{i}.{k}" for i in range(4) for k in ("attn", "mlp")}
+    assert [v for _, v in joint] == sorted((v for _, v in joint), reverse=True)  # most redundant (highest cos) first
+    r1 = choose(lm, w, n=3, unit="mlp", order="random", seed=7)
+    assert r1.units == choose(lm, w, n=3, unit="mlp", order="random", seed=7).units and len(set(r1.units)) == 3
+    # contiguous: the run whose input and output streams are most alike, against output_hidden_states
+    with torch.no_grad():
+        hs = lm.model(input_ids=w.calibration, output_hidden_states=True, use_cache=False).hidden_states
+    scores = contiguous_scores(lm, w, 2)
+    for i, s in enumerate(scores[:-1]):  # the last entry of hidden_states is after the final norm
+        ref = torch.nn.functional.cosine_similarity(hs[i].double(), hs[i + 2].double(), dim=-1).mean().item()
+        assert s == pytest.approx(ref, abs=1e-5)
+    run = choose(lm, w, n=2, unit="block", order="contiguous")
+    start = max(range(len(scores)), key=scores.__getitem__)
+    assert run.units == [f"L{start}", f"L{start + 1}"]
+
+
+def test_iterative_remeasures_with_drops_applied():
+    lm = tiny_lm("llama", layers=4)
+    w = tiny_windows(2)
+    plan = choose(lm, w, n=3, unit="any", order="ablate_nll", iterative=True, progress=False)
+    assert len(set(plan.units)) == 3 and plan.iterative
+    first = choose(lm, w, n=1, unit="any", order="ablate_nll", progress=False)
+    assert plan.units[0] == first.units[0]
+    # the second pick is the least important unit once the first is gone
+    with skip(lm.anatomy, plan.units[:1]):
+        again = profile(lm, w, ablation="exact", lens=False, progress=False)
+    assert plan.units[1] == rank(again, "any", "ablate_nll", exclude={plan.units[0]})[0][0]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(n=3, unit="block", order="bi"), "leaves no model"),
+        (dict(n=7, unit="attn", order="random"), "more than the 3 attn"),
+        (dict(n=0, unit="attn", order="random"), "at least 1"),
+        (dict(n=1, unit="attn", order="bi"), "does not describe attn"),
+        (dict(n=1, unit="mlp", order="contiguous"), "--unit block"),
+        (dict(n=1, unit="block", order="random", iterative=True), "does not apply"),
+        (dict(n=1, unit="blocks", order="bi"), "unknown --unit"),
+        (dict(n=1, unit="block", order="nonsense"), "unknown --order"),
+    ],
+)
+def test_bad_choices(kwargs, match):
+    lm = tiny_lm("llama")
+    with pytest.raises(LayerwiseError, match=match):
+        choose(lm, tiny_windows(1), progress=False, **kwargs)
+
+
+def test_profile_from_another_model_is_refused():
+    lm = tiny_lm("llama")
+    prof = profile(lm, tiny_windows(1), ablation="none", progress=False)
+    prof.meta["model_hash"] = "0" * 64
+    with pytest.raises(LayerwiseError, match="another model"):
+        choose(lm, tiny_windows(1), n=1, unit="block", order="bi", prof=prof)
+
+
+def test_given_units_out_of_range():
+    lm = tiny_lm("llama")
+    with pytest.raises(LayerwiseError, match="out of range"):
+        with applied(lm, DropPlan(["L9"], "any", "given")):
+            pass
