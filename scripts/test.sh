@@ -2,5 +2,5 @@
 # Whole test suite, real default model included.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+SETUP_EXTRAS=test bash scripts/setup.sh
 exec .venv/bin/python -m pytest -q "$@"

@@ -60,3 +60,9 @@ def real_cache(tmp_path_factory):
     """Converted default model shared by real-model tests (reuses the user cache if set)."""
     os.environ.setdefault("LAYERWISE_CACHE", str(tmp_path_factory.mktemp("lwcache")))
     return os.environ["LAYERWISE_CACHE"]
+
+
+def one_error_line(err: str) -> bool:
+    """stderr holds exactly one `layerwise: error:` line and no traceback (progress bars may come before it)."""
+    lines = err.replace("\r", "\n").splitlines()
+    return sum(line.startswith("layerwise: error:") for line in lines) == 1 and "Traceback" not in err and lines[-1].startswith("layerwise: error:")

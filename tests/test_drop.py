@@ -158,3 +158,50 @@ def test_given_units_out_of_range():
     with pytest.raises(LayerwiseError, match="out of range"):
         with applied(lm, DropPlan(["L9"], "any", "given")):
             pass
+
+
+def test_run_measures_every_plan_and_writes_results(tmp_path):
+    from layerwise.drop import DropReport, run, sweep_plans
+
+    lm = tiny_lm("llama", layers=4)
+    w = tiny_windows(6)
+    w.n_calib = 2  # windows 2..5 are held out
+    plans = sweep_plans(lm, w, ns=[1, 2], units=["attn", "block"], orders=["ablate_nll", "random"], progress=False)
+    assert [len(p.units) for p in plans] == [1, 2] * 4
+    assert plans[1].units[:1] == plans[0].units  # nested rankings
+    report = run(lm, w, plans, out=tmp_path / "r", eval_samples=3, with_speed=True, progress=False)
+    assert len(report.variants) == 8 and (tmp_path / "r" / "report.html").exists()
+    again = DropReport.load(tmp_path / "r")
+    assert again.variants[3]["units"] == plans[3].units
+    # perplexity and KL of one plan, computed independently on the same held-out windows
+    v = report.variants[3]
+    x = w.evaluation[:3]
+    with torch.no_grad():
+        full = torch.log_softmax(lm.model(input_ids=x, use_cache=False).logits[:, :-1], -1)
+        with skip(lm.anatomy, v["units"]):
+            part = torch.log_softmax(lm.model(input_ids=x, use_cache=False).logits[:, :-1], -1)
+    nll = -part.gather(-1, x[:, 1:, None]).squeeze(-1).mean(1)
+    assert v["ppl"] == pytest.approx(torch.exp(nll.mean()).item(), rel=1e-4)
+    assert v["kl"] == pytest.approx((full.exp() * (full - part)).sum(-1).mean().item(), abs=1e-5)
+    assert report.original["ppl"] == pytest.approx(torch.exp(-full.gather(-1, x[:, 1:, None]).mean()).item(), rel=1e-4)
+    assert v["params"] < report.original["params"] and v["prefill_tok_s"] > 0 and v["generate_tok_s"] > 0
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert "<img" in html and "block/random/2" in html
+
+
+def test_run_exports_and_refuses_bad_exports(tmp_path):
+    from layerwise.drop import run
+
+    lm = tiny_lm("llama")
+    w = tiny_windows(3)
+    w.n_calib = 1
+    plan = DropPlan(["L1"], "block", "given")
+    report = run(lm, w, [plan], out=tmp_path / "r", export=("hf",), eval_samples=2, with_speed=False, progress=False)
+    assert report.exports["hf"]["bytes"] > 0 and (tmp_path / "r" / "model" / "config.json").exists()
+    with pytest.raises(LayerwiseError, match="convert_hf_to_gguf"):
+        run(lm, w, [plan], out=tmp_path / "g", export=("gguf",), eval_samples=2, with_speed=False, progress=False)
+    with pytest.raises(LayerwiseError, match="unknown --export"):
+        run(lm, w, [plan], export=("onnx",), with_speed=False, progress=False)
+    with pytest.raises(LayerwiseError, match="without --sweep"):
+        run(lm, w, [plan, plan], export=("hf",), with_speed=False, progress=False)
+    assert not (tmp_path / "g").exists()

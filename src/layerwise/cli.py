@@ -15,7 +15,24 @@ EXAMPLES = """examples:
   layerwise profile --model model.gguf --ablation taylor --device cuda --dtype bfloat16
   layerwise profile --attention --ablation none        # attention entropy / distance / sink per head
   layerwise report runs/profile/profile.json          # re-render the page from saved results
+  layerwise drop --n 6 --unit block --order bi --out runs/drop6        # ShortGPT
+  layerwise drop --n 8 --unit any --order sub_cos --out runs/llmdrop  # LLM-Drop, attn and mlp ranked jointly
+  layerwise drop --sweep 1,2,4,6,8,12 --unit attn,mlp,block --order sub_cos,ablate_nll,random --out runs/drop-sweep
 """
+
+
+def _inputs(p: argparse.ArgumentParser, *, samples_help: str, out: str) -> None:
+    """Options every model-running subcommand shares: model, data, windows, device, output."""
+    p.add_argument("--model", default="default", help="HF directory, hub id, FILE.gguf or 'default'")
+    p.add_argument("--data", default="builtin:pydoc", help="FILE.txt, DIR, FILE.jsonl or builtin:pydoc")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--samples", type=int, default=16, help=samples_help)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off by default)")
+    p.add_argument("--out", default=out)
+    p.add_argument("--json", action="store_true", help="print machine-readable results")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,20 +40,26 @@ def _parser() -> argparse.ArgumentParser:
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     pr = sub.add_parser("profile", help="measure every block and sublayer", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    pr.add_argument("--model", default="default", help="HF directory, hub id, FILE.gguf or 'default'")
-    pr.add_argument("--data", default="builtin:pydoc", help="FILE.txt, DIR, FILE.jsonl or builtin:pydoc")
-    pr.add_argument("--seq-len", type=int, default=256)
-    pr.add_argument("--samples", type=int, default=16, help="calibration windows")
+    _inputs(pr, samples_help="calibration windows", out="runs/profile")
     pr.add_argument("--ablation", choices=["exact", "taylor", "none"], default="exact")
     pr.add_argument("--no-lens", action="store_true", help="skip the logit lens (one head projection per block)")
     pr.add_argument("--attention", action="store_true",
                     help="per-head attention entropy, query-key distance and sink mass (runs eager attention: slower, more memory)")
-    pr.add_argument("--batch-size", type=int, default=4)
-    pr.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    pr.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    pr.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off by default)")
-    pr.add_argument("--out", default="runs/profile")
-    pr.add_argument("--json", action="store_true", help="print machine-readable results")
+    dr = sub.add_parser("drop", help="remove blocks or sublayers, save the smaller model, measure cost and speedup",
+                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _inputs(dr, samples_help="calibration windows (for measuring the order)", out="runs/drop")
+    dr.add_argument("--eval-samples", type=int, default=16, help="held-out windows for perplexity and KL")
+    what = dr.add_mutually_exclusive_group()
+    what.add_argument("--n", type=int, help="how many units to drop (default 4)")
+    what.add_argument("--sweep", help="comma-separated counts, e.g. 1,2,4,8: evaluate each, save no model")
+    what.add_argument("--units", help="drop exactly these units, e.g. L3,L7.attn")
+    dr.add_argument("--unit", default="block", help="block, attn, mlp or any (attn and mlp ranked jointly); comma-separated with --sweep")
+    dr.add_argument("--order", default="bi", help="a Profile metric (bi, sub_cos, ablate_nll, taylor_nll...), random or contiguous; comma-separated with --sweep")
+    dr.add_argument("--iterative", action="store_true", help="re-measure the order's metric after each drop")
+    dr.add_argument("--profile", help="profile.json to rank by (must come from this model); measured if absent")
+    dr.add_argument("--seed", type=int, default=0, help="for --order random")
+    dr.add_argument("--export", default="hf", help="hf, gguf (GGUF source models only), both as hf,gguf, or none")
+    dr.add_argument("--no-speed", action="store_true", help="skip the tokens-per-second measurement")
     rp = sub.add_parser("report", help="re-render report.html from a saved profile")
     rp.add_argument("profile", help="profile.json or its directory")
     rp.add_argument("--out", help="HTML path (default: report.html beside the profile)")
@@ -72,13 +95,20 @@ def _summary(prof) -> None:
     console.print(a)
 
 
-def _profile(args: argparse.Namespace) -> int:
-    from . import load, profile, windows
-    from .report import write_report
+def _load(args: argparse.Namespace, attn_implementation: str | None = None):
+    """The model and the windows the shared options name."""
+    from . import load, windows
 
     lm = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-              attn_implementation="eager" if args.attention else None)
-    w = windows(args.data, lm.tokenizer, seq_len=args.seq_len, samples=args.samples, max_len=lm.anatomy.context_length)
+              attn_implementation=attn_implementation)
+    return lm, windows(args.data, lm.tokenizer, seq_len=args.seq_len, samples=args.samples, max_len=lm.anatomy.context_length)
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from . import profile
+    from .report import write_report
+
+    lm, w = _load(args, attn_implementation="eager" if args.attention else None)
     prof = profile(lm, w, ablation=args.ablation, batch_size=args.batch_size, lens=not args.no_lens,
                    attention=args.attention, progress=not args.json)
     out = Path(args.out)
@@ -90,6 +120,61 @@ def _profile(args: argparse.Namespace) -> int:
         _summary(prof)
         print(f"wrote {path}, {out / 'profile.csv'} and {html}")
     return 0
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        return sorted({int(t) for t in _split(text)})
+    except ValueError:
+        raise LayerwiseError(f"--sweep takes comma-separated whole numbers, e.g. 1,2,4 (got {text!r})") from None
+
+
+def _drop(args: argparse.Namespace) -> int:
+    from . import drop as dp
+    from .profile import Profile
+
+    lm, w = _load(args)
+    prof = Profile.load(args.profile) if args.profile else None
+    if prof is not None:
+        dp.check_profile(prof, lm)
+    common = dict(prof=prof, iterative=args.iterative, seed=args.seed, batch_size=args.batch_size, progress=not args.json)
+    if args.sweep:
+        plans = dp.sweep_plans(lm, w, ns=_counts(args.sweep), units=_split(args.unit), orders=_split(args.order), **common)
+    elif args.units:
+        plans = [dp.given(lm.anatomy, _split(args.units))]
+    else:
+        plans = [dp.choose(lm, w, n=args.n or 4, unit=args.unit, order=args.order, **common)]
+    export = () if args.sweep or args.export == "none" else tuple(_split(args.export))
+    report = dp.run(lm, w, plans, out=args.out, export=export, eval_samples=args.eval_samples, batch_size=args.batch_size,
+                    with_speed=not args.no_speed, progress=not args.json)
+    out = Path(args.out)
+    if args.json:
+        print(json.dumps(report.to_dict()))
+        return 0
+    _drop_summary(report)
+    written = [str(out / "eval.json"), str(out / "report.html")] + [v["path"] for v in report.exports.values()]
+    print("wrote " + ", ".join(written))
+    return 0
+
+
+def _drop_summary(report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    o = report.original
+    t = Table(title=f"held-out perplexity (original {o['ppl']:.3f} ± {o['ppl_se'] or 0:.3f})")
+    for c in ("plan", "units", "ppl", "Δnll ± se", "KL", "params", "prefill ×", "generate ×"):
+        t.add_column(c, justify="right")
+    for v in report.variants:
+        speed = [f"{v[k]:.2f}" if v.get(k) is not None else "–" for k in ("prefill_speedup", "generate_speedup")]
+        units = ", ".join(v["units"]) if len(v["units"]) <= 6 else f"{len(v['units'])} units"
+        t.add_row(v["key"], units, f"{v['ppl']:.3f}", f"{v['delta_nll']:+.4f} ± {v['delta_nll_se'] or 0:.4f}",
+                  f"{v['kl']:.4f}", f"{v['params_ratio']:.1%}", *speed)
+    Console().print(t)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -106,7 +191,7 @@ def _report(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"profile": _profile, "report": _report}[args.cmd](args)
+        return {"profile": _profile, "drop": _drop, "report": _report}[args.cmd](args)
     except LayerwiseError as exc:
         print(f"layerwise: error: {exc}", file=sys.stderr)
         return 2

@@ -18,10 +18,13 @@ into a copy of the source GGUF file, for llama.cpp.
 
 from __future__ import annotations
 
+import json
 import random
 import re
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Literal
 
@@ -32,7 +35,8 @@ from tqdm.auto import tqdm
 from .anatomy import Anatomy, Kind, parse_unit, unit_name
 from .data import Windows
 from .errors import LayerwiseError
-from .io import atomic_dir
+from .evaluate import folder_bytes, next_token_logits, param_count, quality, speed
+from .io import atomic_dir, write_json
 from .loading import LoadedModel
 from .metrics import stream as st
 from .profile import APPLIES, DIRECTION, METRICS, Profile, profile
@@ -379,3 +383,129 @@ def export_gguf(source: str | Path, plan: DropPlan, out: str | Path) -> Path:
         raise
     return Path(out)
 
+
+
+def _effective_params(model: nn.Module, an: Anatomy, sublayers: list[str]) -> int:
+    """Parameters that still compute: a skipped sublayer's whole branch counts for nothing."""
+    return param_count(model, [an.branch(*an.check_unit(u)) for u in sublayers])
+
+
+def measure(lm: LoadedModel, plans: dict[str, DropPlan], eval_ids: torch.Tensor, *, batch_size: int = 4,
+            with_speed: bool = True, speed_repeats: int = 3, progress: bool = False) -> tuple[dict, dict[str, dict]]:
+    """Held-out quality of each plan against the original, and parameters and speed of every model.
+
+    Returns the original's figures and one dict per plan. Quality runs with
+    the units skipped (the same numbers as the saved model, which a test
+    checks); speed and parameters come from the real smaller model.
+    """
+    an, model = lm.anatomy, lm.model
+    cands = {key: next_token_logits(model, lambda p=plan: skip(an, p.units)) for key, plan in plans.items()}
+    q = quality(next_token_logits(model), cands, eval_ids, batch_size=batch_size, device=lm.device)
+    vocab = int(model.config.vocab_size)
+    first = next(iter(q.values()))
+    original: dict = {"ppl": first["ref_ppl"], "ppl_se": first["ref_ppl_se"], "nll": first["ref_nll"], "params": param_count(model),
+                      "n_windows": first["n_windows"], "n_tokens": first["n_tokens"]}
+    if with_speed:
+        original |= speed(model, vocab=vocab, device=lm.device, repeats=speed_repeats)
+    results = {}
+    for key, plan in tqdm(plans.items(), desc="speed", disable=not (progress and with_speed)):
+        r = {k: q[key][k] for k in ("ppl", "ppl_se", "nll", "delta_nll", "delta_nll_se", "kl", "kl_se")}
+        with applied(lm, plan) as small:
+            r["params"] = _effective_params(small, Anatomy(small), renumbered_sublayers(plan))
+            if with_speed:
+                r |= speed(small, vocab=vocab, device=lm.device, repeats=speed_repeats)
+        if with_speed:
+            r["prefill_speedup"] = r["prefill_tok_s"] / original["prefill_tok_s"]
+            r["generate_speedup"] = r["generate_tok_s"] / original["generate_tok_s"]
+        r["params_ratio"] = r["params"] / original["params"]
+        results[key] = r
+    return original, results
+
+
+def sweep_plans(lm: LoadedModel, windows: Windows, *, ns: list[int], units: list[str], orders: list[str],
+                prof: Profile | None = None, iterative: bool = False, seed: int = 0, batch_size: int = 4,
+                progress: bool = True) -> list[DropPlan]:
+    """One plan per (unit kind, order, n). Rankings are nested: the n-unit plan is the first n of the largest."""
+    if prof is None and any(o not in SPECIAL_ORDERS for o in orders) and not iterative:
+        needed = max((_ablation_for(o) for o in orders if o not in SPECIAL_ORDERS), key=("none", "taylor", "exact").index)
+        prof = profile(lm, windows, ablation=needed, lens=False, batch_size=batch_size, progress=progress)  # type: ignore[arg-type]
+    plans = []
+    for unit in units:
+        for order in orders:
+            if order == "contiguous":  # the best run of n is not nested in the best run of n + 1
+                plans += [choose(lm, windows, n=n, unit=unit, order=order, batch_size=batch_size) for n in ns]
+                continue
+            top = choose(lm, windows, n=max(ns), unit=unit, order=order, prof=prof, iterative=iterative, seed=seed,
+                         batch_size=batch_size, progress=progress)
+            for n in ns:
+                _check_n(lm.anatomy, unit, n)
+                scores = {u: top.scores[u] for u in top.units[:n]} if top.scores else None
+                plans.append(DropPlan(top.units[:n], unit, order, iterative, top.seed, scores))
+    return plans
+
+
+@dataclass
+class DropReport:
+    """What ``layerwise drop`` measured: the original, one entry per plan, and the files written."""
+
+    meta: dict
+    original: dict
+    variants: list[dict]
+    exports: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, out: str | Path) -> Path:
+        """``eval.json`` and ``report.html`` into ``out``, atomically; returns the JSON path."""
+        from .report.drop import write_drop_report
+
+        out = Path(out)
+        path = write_json(out / "eval.json", self.to_dict())
+        write_drop_report(self, out / "report.html")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "DropReport":
+        path = Path(path)
+        path = path / "eval.json" if path.is_dir() else path
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError, TypeError) as exc:
+            raise LayerwiseError(f"{path} is not a layerwise drop result ({exc.__class__.__name__})") from None
+
+
+def run(lm: LoadedModel, windows: Windows, plans: list[DropPlan], *, out: str | Path | None = None,
+        export: tuple[str, ...] = (), eval_samples: int = 16, batch_size: int = 4, with_speed: bool = True,
+        progress: bool = True) -> DropReport:
+    """Evaluate every plan on held-out windows, write the exports (one plan only) and the results."""
+    unknown = set(export) - {"hf", "gguf"}
+    if unknown:
+        raise LayerwiseError(f"unknown --export {', '.join(sorted(unknown))}; use hf, gguf or both")
+    if export and len(plans) != 1:
+        raise LayerwiseError("--export writes one model; use it without --sweep")
+    if "gguf" in export and not lm.source.get("gguf_path"):
+        raise LayerwiseError(
+            f"--export gguf copies the source GGUF file, but this model was loaded from a {lm.source.get('kind')}; "
+            "convert it with llama.cpp's convert_hf_to_gguf.py, load that .gguf, and drop again"
+        )
+    start = time.perf_counter()
+    eval_ids = windows.evaluation[:eval_samples]
+    keys = {f"{p.unit}/{p.order}/{len(p.units)}" + ("/iterative" if p.iterative else ""): p for p in plans}
+    original, results = measure(lm, keys, eval_ids, batch_size=batch_size, with_speed=with_speed, progress=progress)
+    variants = [{"key": k, "n": len(p.units), "unit": p.unit, "order": p.order, "iterative": p.iterative,
+                 "units": p.units, "scores": p.scores, "seed": p.seed, **results[k]} for k, p in keys.items()]
+    exports: dict = {}
+    if out is not None and "hf" in export:
+        folder = save_checkpoint(lm, plans[0], Path(out) / "model")
+        exports["hf"] = {"path": str(folder), "bytes": folder_bytes(folder)}
+    if out is not None and "gguf" in export:
+        src = Path(lm.source["gguf_path"])
+        path = export_gguf(src, plans[0], Path(out) / "model.gguf")
+        exports["gguf"] = {"path": str(path), "bytes": path.stat().st_size, "source_bytes": src.stat().st_size}
+    meta = {**lm.meta(), "data": windows.meta(), "eval_windows": int(eval_ids.shape[0]), "with_speed": with_speed,
+            "wall_time_s": round(time.perf_counter() - start, 3), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    report = DropReport(meta=meta, original=original, variants=variants, exports=exports)
+    if out is not None:
+        report.save(out)
+    return report

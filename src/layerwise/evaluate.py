@@ -44,37 +44,46 @@ def _summary(m: st.Moments) -> tuple[float, float | None]:
     return mean, (float(m.std) / math.sqrt(m.n) if m.n > 1 else None)
 
 
-def quality(reference: LogitsFn, candidate: LogitsFn, ids: torch.Tensor, *, batch_size: int = 4, device: str | torch.device = "cpu") -> dict:
-    """Perplexity of both models, paired NLL difference and KL(reference || candidate) on ``ids``.
+def quality(reference: LogitsFn, candidates: dict[str, LogitsFn], ids: torch.Tensor, *, batch_size: int = 4,
+            device: str | torch.device = "cpu") -> dict[str, dict]:
+    """Perplexity of the reference and of each candidate, paired NLL difference and KL(reference || candidate).
 
-    Standard errors are across windows (each window's mean is one sample), so
-    they reflect how much the figure would move on other text, not token noise.
+    The reference runs once per batch for all candidates. Standard errors are
+    across windows (each window's mean is one sample), so they say how much
+    a figure would move on other text, not token noise.
     """
     if ids.shape[0] == 0:
         raise LayerwiseError("no evaluation windows: the data is used up by calibration; use fewer --samples or more data")
-    ref_nll, cand_nll, delta, kl = st.Moments(), st.Moments(), st.Moments(), st.Moments()
+    ref_nll = st.Moments()
+    acc = {name: (st.Moments(), st.Moments(), st.Moments()) for name in candidates}  # nll, delta, kl
     per_window = ids.shape[1] - 1
+
+    def by_window(t: torch.Tensor) -> torch.Tensor:
+        return t.view(-1, per_window).double().mean(dim=1)
+
     for batch in torch.split(ids, batch_size):
         x = batch.to(device)
-        targets = x[:, 1:].flatten()
-        ref = lens_m.Reference.from_logits(reference(x), targets.to(device))
-        logits = candidate(x)
-        k, nll = lens_m.compare(logits, ref)
-        if not (torch.isfinite(nll).all() and torch.isfinite(k).all()):
-            raise LayerwiseError("the variant produced NaN/inf logits; evaluate in --dtype float32 or drop fewer units")
-        by_window = lambda t: t.view(-1, per_window).double().mean(dim=1)  # noqa: E731
+        ref = lens_m.Reference.from_logits(reference(x), x[:, 1:].flatten())
         ref_nll.add(by_window(ref.nll))
-        cand_nll.add(by_window(nll))
-        delta.add(by_window(nll - ref.nll))
-        kl.add(by_window(k))
-    out: dict = {"n_windows": ref_nll.n, "n_tokens": ref_nll.n * per_window}
-    for name, m in (("nll", cand_nll), ("ref_nll", ref_nll), ("delta_nll", delta), ("kl", kl)):
-        out[name], out[f"{name}_se"] = _summary(m)
-    for prefix in ("", "ref_"):
-        nll, se = out[f"{prefix}nll"], out[f"{prefix}nll_se"]
-        out[f"{prefix}ppl"] = math.exp(nll)
-        out[f"{prefix}ppl_se"] = math.exp(nll) * se if se is not None else None  # delta method
+        for name, fn in candidates.items():
+            kl, nll = lens_m.compare(fn(x), ref)
+            if not (torch.isfinite(nll).all() and torch.isfinite(kl).all()):
+                raise LayerwiseError(f"{name} produced NaN/inf logits; evaluate in --dtype float32")
+            for m, v in zip(acc[name], (nll, nll - ref.nll, kl)):
+                m.add(by_window(v))
+    base = {"n_windows": ref_nll.n, "n_tokens": ref_nll.n * per_window, **_ppl("ref_", ref_nll)}
+    out = {}
+    for name, (nll, delta, kl) in acc.items():
+        out[name] = {**base, **_ppl("", nll)}
+        out[name]["delta_nll"], out[name]["delta_nll_se"] = _summary(delta)
+        out[name]["kl"], out[name]["kl_se"] = _summary(kl)
     return out
+
+
+def _ppl(prefix: str, nll: st.Moments) -> dict:
+    mean, se = _summary(nll)
+    return {f"{prefix}nll": mean, f"{prefix}nll_se": se, f"{prefix}ppl": math.exp(mean),
+            f"{prefix}ppl_se": math.exp(mean) * se if se is not None else None}  # delta method
 
 
 def speed(model: torch.nn.Module, *, vocab: int, variant: Variant | None = None, prompt_len: int = 128,

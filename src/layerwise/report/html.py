@@ -19,7 +19,7 @@ from ..io import write_atomic  # noqa: E402
 from ..profile import ATTENTION, METRICS, Profile  # noqa: E402
 
 
-def _png(fig) -> str:
+def png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)
@@ -48,7 +48,7 @@ def _depth_plots(prof: Profile) -> str:
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def _heatmap(prof: Profile) -> str:
@@ -71,7 +71,7 @@ def _heatmap(prof: Profile) -> str:
     step = max(1, len(prof.units) // 30)
     ax.set_xticks(range(0, len(prof.units), step), [prof.units[j].name for j in range(0, len(prof.units), step)], rotation=90, fontsize=6)
     ax.set_title("metrics across units (rank-normalised per row)", fontsize=10)
-    return _png(fig)
+    return png(fig)
 
 
 def _attention_heads(prof: Profile) -> str:
@@ -88,10 +88,10 @@ def _attention_heads(prof: Profile) -> str:
         ax.set_title({"attn_entropy": "entropy (nats)", "attn_distance": "query-key distance (tokens)", "attn_sink": "mass on the first token"}[key], fontsize=10)
         fig.colorbar(im, ax=ax, fraction=0.05)
     fig.tight_layout()
-    return "<p>Low entropy and short distance mark local heads; high sink mass marks heads parked on the first token.</p>" + _png(fig)
+    return "<p>Low entropy and short distance mark local heads; high sink mass marks heads parked on the first token.</p>" + png(fig)
 
 
-def _fmt(v: object) -> str:
+def fmt(v: object) -> str:
     if v is None:
         return "–"
     if isinstance(v, float):
@@ -104,7 +104,7 @@ def _agreement_table(prof: Profile) -> str:
     metrics = sorted({m for row in ag.values() for m in row}, key=METRICS.index)
     head = "".join(f"<th>{escape(k)}</th>" for k in KINDS)
     body = "".join(
-        f"<tr><td>{escape(m)}</td>" + "".join(f"<td>{_fmt((ag.get(k, {}).get(m) or {}).get('rho'))}</td>" for k in KINDS) + "</tr>"
+        f"<tr><td>{escape(m)}</td>" + "".join(f"<td>{fmt((ag.get(k, {}).get(m) or {}).get('rho'))}</td>" for k in KINDS) + "</tr>"
         for m in metrics
     )
     ref = escape(str(prof.agreement.get("reference", "")))
@@ -116,7 +116,7 @@ def _ranking_table(prof: Profile) -> str:
     rows = sorted((u for u in prof.units if u.metrics.get(ref) is not None), key=lambda u: u.metrics[ref])  # type: ignore[index]
     cols = [m for m in METRICS if any(u.metrics.get(m) is not None for u in rows)]
     head = "".join(f"<th>{escape(c)}</th>" for c in ["unit", *cols])
-    body = "".join("<tr><td>" + escape(u.name) + "</td>" + "".join(f"<td>{_fmt(u.metrics.get(c))}</td>" for c in cols) + "</tr>" for u in rows)
+    body = "".join("<tr><td>" + escape(u.name) + "</td>" + "".join(f"<td>{fmt(u.metrics.get(c))}</td>" for c in cols) + "</tr>" for u in rows)
     return f"<p>Units from least to most important by <code>{escape(str(ref))}</code>.</p><table><tr>{head}</tr>{body}</table>"
 
 
