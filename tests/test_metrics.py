@@ -110,3 +110,19 @@ def test_attention_metrics_need_eager():
     lm.model.config._attn_implementation = "sdpa"
     with pytest.raises(LayerwiseError, match="eager"):
         profile(lm, tiny_windows(1), ablation="none", attention=True, progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_profile_is_finite_and_close(dtype):
+    """Statistics are reduced in float32/float64 whatever the model's dtype."""
+    lm32 = tiny_lm("qwen3")
+    lm16 = tiny_lm("qwen3")
+    lm16.model.to(dtype)
+    w = tiny_windows(2)
+    p32 = profile(lm32, w, ablation="exact", progress=False)
+    p16 = profile(lm16, w, ablation="exact", progress=False)
+    for u32, u16 in zip(p32.units, p16.units):
+        for m in ("bi", "sub_cos", "rel_update", "resid_norm", "ablate_nll", "lens_kl"):
+            a, b = u32.metrics[m], u16.metrics[m]
+            if a is not None:
+                assert b == pytest.approx(a, rel=0.1, abs=0.02), (u32.name, m)

@@ -391,7 +391,7 @@ def _effective_params(model: nn.Module, an: Anatomy, sublayers: list[str]) -> in
 
 
 def measure(lm: LoadedModel, plans: dict[str, DropPlan], eval_ids: torch.Tensor, *, batch_size: int = 4,
-            with_speed: bool = True, speed_repeats: int = 3, progress: bool = False) -> tuple[dict, dict[str, dict]]:
+            with_speed: bool = True, speed_repeats: int = 5, progress: bool = False) -> tuple[dict, dict[str, dict]]:
     """Held-out quality of each plan against the original, and parameters and speed of every model.
 
     Returns the original's figures and one dict per plan. Quality runs with

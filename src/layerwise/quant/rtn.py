@@ -1,0 +1,111 @@
+"""Group-wise round-to-nearest quantization of a weight matrix, and its exact storage cost.
+
+Groups run along the input dimension (each row is cut into groups of
+``group_size`` columns). The group size need not divide the row length
+(SmolLM2's hidden size is 576): the last group of each row is then shorter
+and gets its own scale, which the storage cost counts exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import LayerwiseError
+
+
+@dataclass(frozen=True)
+class QConfig:
+    """How one tensor is quantized: ``bits`` per code, one scale (and zero point) per ``group_size`` inputs."""
+
+    bits: int
+    group_size: int
+    symmetric: bool = False
+    scale_bits: int = 16  # fp16 scales, as GPTQ, AWQ and compressed-tensors store them
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise LayerwiseError(f"{self.bits}-bit codes are not supported; use 2 to 8 bits")
+        if self.group_size < 1:
+            raise LayerwiseError(f"group size must be at least 1 (got {self.group_size})")
+
+    @property
+    def zero_bits(self) -> int:
+        """A zero point is stored as one more code, so it costs ``bits``; symmetric groups have none."""
+        return 0 if self.symmetric else self.bits
+
+    def check(self, in_features: int) -> None:
+        if self.group_size > in_features:
+            raise LayerwiseError(f"group size {self.group_size} is larger than a row of {in_features} weights; use --group-size {in_features} or less")
+
+    def storage_bits(self, out_features: int, in_features: int) -> int:
+        """Exact bits to store a quantized (out, in) matrix: codes plus one scale and zero per group."""
+        groups = math.ceil(in_features / self.group_size)
+        return out_features * (in_features * self.bits + groups * (self.scale_bits + self.zero_bits))
+
+    def bits_per_weight(self, in_features: int) -> float:
+        return self.storage_bits(1, in_features) / in_features
+
+    @property
+    def name(self) -> str:
+        return f"{'s' if self.symmetric else 'a'}{self.bits}g{self.group_size}"
+
+
+@dataclass
+class QTensor:
+    """Integer codes of a matrix with their group scales and zero points (zero points ``None`` when symmetric)."""
+
+    codes: torch.Tensor  # (out, in) uint8
+    scales: torch.Tensor  # (out, groups)
+    zeros: torch.Tensor | None  # (out, groups), as integer codes
+    config: QConfig
+
+    def dequantize(self) -> torch.Tensor:
+        g = self.config.group_size
+        n = self.codes.shape[1]
+        scales = self.scales.repeat_interleave(g, dim=1)[:, :n]
+        codes = self.codes.float()
+        if self.zeros is None:
+            return (codes - 2 ** (self.config.bits - 1)) * scales
+        return (codes - self.zeros.float().repeat_interleave(g, dim=1)[:, :n]) * scales
+
+
+def group_params(w: torch.Tensor, cfg: QConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (and zero-point code) of every group of ``w`` (out, in), by METHODS.md's formulas."""
+    out, n = w.shape
+    g = cfg.group_size
+    groups = math.ceil(n / g)
+    pad = groups * g - n
+    # Replicating the last column leaves each short group's min and max unchanged.
+    padded = torch.nn.functional.pad(w.float()[None], (0, pad), mode="replicate")[0] if pad else w.float()
+    blocks = padded.view(out, groups, g)
+    qmax = 2**cfg.bits - 1
+    if cfg.symmetric:
+        scale = blocks.abs().amax(dim=-1) / (2 ** (cfg.bits - 1) - 1)
+        return scale.clamp_min(1e-12).half().float(), None
+    lo, hi = blocks.amin(dim=-1).clamp(max=0), blocks.amax(dim=-1).clamp(min=0)
+    scale = ((hi - lo) / qmax).clamp_min(1e-12).half().float()
+    zero = torch.round(-lo / scale).clamp(0, qmax)
+    return scale, zero
+
+
+def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, cfg: QConfig) -> torch.Tensor:
+    """Codes of ``w`` for given group parameters (columns may be a slice: ``scale`` is per column then)."""
+    if zero is None:
+        half = 2 ** (cfg.bits - 1)
+        return torch.clamp(torch.round(w / scale) + half, 1, 2 * half - 1)
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2**cfg.bits - 1)
+
+
+def quantize_rtn(w: torch.Tensor, cfg: QConfig) -> QTensor:
+    """Round every weight to the nearest code of its group's grid."""
+    out, n = w.shape
+    cfg.check(n)
+    scale, zero = group_params(w, cfg)
+    g = cfg.group_size
+    per_col = scale.repeat_interleave(g, dim=1)[:, :n]
+    zcol = zero.repeat_interleave(g, dim=1)[:, :n] if zero is not None else None
+    codes = quantize_with(w.float(), per_col, zcol, cfg)
+    return QTensor(codes.to(torch.uint8), scale, zero.to(torch.uint8) if zero is not None else None, cfg)
