@@ -71,3 +71,80 @@ def test_gptq_beats_rtn_on_correlated_inputs(sym):
     e_rtn = out_err(quantize_rtn(w, cfg).dequantize())
     e_gptq = out_err(quantize_gptq(w, acc.value, cfg).dequantize())
     assert e_gptq < 0.7 * e_rtn, (e_gptq, e_rtn)
+
+
+SMALL = tuple(QConfig(b, 16) for b in (2, 4, 8))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
+def test_measurement_matches_an_independent_forward(arch):
+    from layerwise.quant.measure import measure, replaced
+    from layerwise.trace import tap
+
+    from .conftest import tiny_lm, tiny_windows
+
+    lm = tiny_lm(arch)
+    w = tiny_windows(2)
+    m = measure(lm, w, candidates=SMALL, progress=False)
+    an = lm.anatomy
+    assert len(m.groups) == 3 * 4
+    for name in ("L1.attn.qkv", "L1.mlp.down"):
+        entry = m.groups[name]
+        errs = [entry["configs"][c.name]["err"] for c in SMALL]
+        assert errs[0] > errs[1] > errs[2] > 0  # more bits, less error
+        (group,) = [mods for g, mods in an.quant_groups(1) if g == name]
+        cfg = SMALL[1]
+        deq = {mod: quantize_rtn(an.linear_weight(mod).detach().float(), cfg).dequantize() for _, mod in group}
+        kind = name.split(".")[1]
+
+        def update(tr_list):
+            t = tr_list[1]
+            return (t.attn if kind == "attn" else t.mlp).double()
+
+        with torch.no_grad():
+            ref, got = [], []
+            with tap(an, ref.append):
+                lm.model(input_ids=w.ids, use_cache=False)
+            with replaced(an, deq), tap(an, got.append):
+                lm.model(input_ids=w.ids, use_cache=False)
+        y, yq = update(ref), update(got)
+        assert entry["configs"][cfg.name]["err"] == pytest.approx(float(((yq - y) ** 2).sum() / (y**2).sum()), rel=1e-4)
+        assert entry["configs"][cfg.name]["bits"] == sum(cfg.storage_bits(*an.linear_weight(mod).shape) for _, mod in group)
+
+
+def test_measurement_resumes_and_refuses_stale_files(tmp_path):
+    import json
+
+    from layerwise.quant.measure import measure
+
+    from .conftest import tiny_lm, tiny_windows
+
+    lm, w = tiny_lm("llama"), tiny_windows(2)
+    path = tmp_path / "measurement.json"
+    full = measure(lm, w, candidates=SMALL, path=path, progress=False)
+    d = json.loads(path.read_text())
+    for g in [g for g in d["groups"] if g.startswith("L2.")]:
+        del d["groups"][g]
+    path.write_text(json.dumps(d))
+    again = measure(lm, w, candidates=SMALL, path=path, progress=False)
+    assert again.groups == full.groups
+    d["meta"]["model_hash"] = "other"
+    path.write_text(json.dumps(d))
+    with pytest.raises(LayerwiseError, match="stale.*model_hash"):
+        measure(lm, w, candidates=SMALL, path=path, progress=False)
+    path.write_text("{not json")
+    with pytest.raises(LayerwiseError, match="not a readable measurement"):
+        measure(lm, w, candidates=SMALL, path=path, progress=False)
+
+
+def test_gptq_measurement_is_no_worse_than_rtn():
+    from layerwise.quant.measure import measure
+
+    from .conftest import tiny_lm, tiny_windows
+
+    lm, w = tiny_lm("qwen2"), tiny_windows(4)
+    cfg = (QConfig(3, 16),)
+    rtn = measure(lm, w, candidates=cfg, progress=False)
+    gptq = measure(lm, w, candidates=cfg, method="gptq", progress=False)
+    total = lambda m: sum(g["configs"]["a3g16"]["err"] for g in m.groups.values())  # noqa: E731
+    assert total(gptq) < total(rtn)

@@ -43,6 +43,15 @@ class Spec:
     attn_update: str | None = None
     mlp_update: str | None = None
     context_attr: str = "max_position_embeddings"
+    #: Linear maps quantized together (engines fuse q/k/v and gate/up, so they share one config), per sublayer.
+    quant_groups: tuple[tuple[str, tuple[str, ...]], ...] = (
+        ("attn.qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("attn.o", ("self_attn.o_proj",)),
+        ("mlp.gate_up", ("mlp.gate_proj", "mlp.up_proj")),
+        ("mlp.down", ("mlp.down_proj",)),
+    )
+    #: GPT-2's Conv1D stores weights as (in, out), the transpose of nn.Linear.
+    transposed: bool = False
 
 
 _LLAMA_LIKE = Spec(
@@ -73,6 +82,8 @@ SPECS: dict[str, Spec] = {
         head="lm_head",
         embed="transformer.wte",
         context_attr="n_positions",
+        quant_groups=(("attn.qkv", ("attn.c_attn",)), ("attn.o", ("attn.c_proj",)), ("mlp.up", ("mlp.c_fc",)), ("mlp.down", ("mlp.c_proj",))),
+        transposed=True,
     ),
 }
 
@@ -159,6 +170,16 @@ class Anatomy:
         cfg = self.model.config
         heads = cfg.num_attention_heads
         return getattr(cfg, "num_key_value_heads", None) or heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+
+    def quant_groups(self, layer: int) -> list[tuple[str, list[tuple[str, nn.Module]]]]:
+        """``[(group name like "L3.attn.qkv", [(module path, module), ...]), ...]`` for one block."""
+        block = self.blocks[layer]
+        return [(f"L{layer}.{g}", [(f"{self.spec.layers}.{layer}.{p}", block.get_submodule(p)) for p in paths])
+                for g, paths in self.spec.quant_groups]
+
+    def linear_weight(self, module: nn.Module) -> torch.Tensor:
+        """A linear map's weight as (out, in), whatever the storage convention."""
+        return module.weight.T if self.spec.transposed else module.weight
 
     def weight_matrices(self, layer: int, kind: Kind) -> list[tuple[str, torch.Tensor]]:
         """Named 2-D weights of a unit (Linear and GPT-2 Conv1D alike)."""

@@ -385,9 +385,9 @@ def export_gguf(source: str | Path, plan: DropPlan, out: str | Path) -> Path:
 
 
 
-def _effective_params(model: nn.Module, an: Anatomy, sublayers: list[str]) -> int:
+def _effective_params(model: nn.Module, an: Anatomy, sublayers: list[str], *, in_bytes: bool = False) -> int:
     """Parameters that still compute: a skipped sublayer's whole branch counts for nothing."""
-    return param_count(model, [an.branch(*an.check_unit(u)) for u in sublayers])
+    return param_count(model, [an.branch(*an.check_unit(u)) for u in sublayers], in_bytes=in_bytes)
 
 
 def measure(lm: LoadedModel, plans: dict[str, DropPlan], eval_ids: torch.Tensor, *, batch_size: int = 4,
@@ -404,6 +404,7 @@ def measure(lm: LoadedModel, plans: dict[str, DropPlan], eval_ids: torch.Tensor,
     vocab = int(model.config.vocab_size)
     first = next(iter(q.values()))
     original: dict = {"ppl": first["ref_ppl"], "ppl_se": first["ref_ppl_se"], "nll": first["ref_nll"], "params": param_count(model),
+                      "weight_bytes": param_count(model, in_bytes=True),
                       "n_windows": first["n_windows"], "n_tokens": first["n_tokens"]}
     if with_speed:
         original |= speed(model, vocab=vocab, device=lm.device, repeats=speed_repeats)
@@ -411,7 +412,9 @@ def measure(lm: LoadedModel, plans: dict[str, DropPlan], eval_ids: torch.Tensor,
     for key, plan in tqdm(plans.items(), desc="speed", disable=not (progress and with_speed)):
         r = {k: q[key][k] for k in ("ppl", "ppl_se", "nll", "delta_nll", "delta_nll_se", "kl", "kl_se")}
         with applied(lm, plan) as small:
-            r["params"] = _effective_params(small, Anatomy(small), renumbered_sublayers(plan))
+            small_an, subs = Anatomy(small), renumbered_sublayers(plan)
+            r["params"] = _effective_params(small, small_an, subs)
+            r["weight_bytes"] = _effective_params(small, small_an, subs, in_bytes=True)
             if with_speed:
                 r |= speed(small, vocab=vocab, device=lm.device, repeats=speed_repeats)
         if with_speed:

@@ -122,9 +122,9 @@ def speed(model: torch.nn.Module, *, vocab: int, variant: Variant | None = None,
             "prompt_len": prompt_len, "new_tokens": new_tokens}
 
 
-def param_count(model: torch.nn.Module, zeroed: Iterable[torch.nn.Module] = ()) -> int:
-    """Parameters, shared tensors once, minus those of modules whose weights are all zero by design."""
-    seen = {id(p): p.numel() for p in model.parameters()}
+def param_count(model: torch.nn.Module, zeroed: Iterable[torch.nn.Module] = (), *, in_bytes: bool = False) -> int:
+    """Parameters (or their bytes), shared tensors once, minus those of modules that no longer compute."""
+    seen = {id(p): p.numel() * (p.element_size() if in_bytes else 1) for p in model.parameters()}
     for m in zeroed:
         for p in m.parameters():
             seen[id(p)] = 0
