@@ -148,3 +148,61 @@ def test_gptq_measurement_is_no_worse_than_rtn():
     gptq = measure(lm, w, candidates=cfg, method="gptq", progress=False)
     total = lambda m: sum(g["configs"]["a3g16"]["err"] for g in m.groups.values())  # noqa: E731
     assert total(gptq) < total(rtn)
+
+
+def _synthetic(n_groups=4, seed=0):
+    import random
+
+    from layerwise.quant.measure import Measurement
+
+    rnd = random.Random(seed)
+    groups = {}
+    for i in range(n_groups):
+        numel = rnd.choice([100, 200, 300])
+        configs = {}
+        for bits in (2, 3, 4, 6, 8):
+            configs[f"a{bits}g32"] = {"bits": int(numel * (bits + 0.6)), "err": rnd.uniform(0.5, 2) * 4.0 ** (-bits)}
+        groups[f"L{i}.attn.qkv"] = {"layer": i, "sublayer": "attn", "numel": numel, "configs": configs}
+    return Measurement({"model_hash": "x"}, groups)
+
+
+@pytest.mark.parametrize("target", [2.7, 3.5, 4.1, 5.9, 8.5])
+def test_solver_is_exact_against_brute_force(target):
+    import itertools
+
+    from layerwise.quant.allocate import solve
+
+    meas = _synthetic()
+    names = list(meas.groups)
+    weights = {g: 1.0 + i for i, g in enumerate(names)}
+    N = sum(g["numel"] for g in meas.groups.values())
+    best = None
+    for combo in itertools.product(*(meas.groups[g]["configs"] for g in names)):
+        bits = sum(meas.groups[g]["configs"][c]["bits"] for g, c in zip(names, combo))
+        if bits <= target * N:
+            err = sum(weights[g] * meas.groups[g]["configs"][c]["err"] for g, c in zip(names, combo))
+            best = min(best or (err, combo), (err, combo))
+    plan = solve(meas, target, weights=weights, resolution=100000)
+    assert plan.predicted_error == pytest.approx(best[0], rel=1e-9)
+    assert plan.bpw <= target + 1e-9
+
+
+def test_solver_refuses_impossible_budgets():
+    from layerwise.quant.allocate import solve
+
+    meas = _synthetic()
+    with pytest.raises(LayerwiseError, match="below the cheapest plan"):
+        solve(meas, 2.0)
+    with pytest.raises(LayerwiseError, match="above the dearest plan"):
+        solve(meas, 9.0)
+
+
+def test_ranked_lowers_the_least_important_blocks():
+    from layerwise.quant.allocate import ranked, uniform
+
+    meas = _synthetic(n_groups=4)
+    plan = ranked(meas, [2, 0, 3, 1], 3.5, "a2g32", "a4g32", metric="bi")
+    lowered = plan.meta["lowered_blocks"]
+    assert lowered == sorted([2, 0, 3, 1][: plan.meta["k"]]) and plan.bpw <= 3.5
+    assert all(plan.configs[f"L{i}.attn.qkv"] == ("a2g32" if i in lowered else "a4g32") for i in range(4))
+    assert uniform(meas, "a4g32").bpw == pytest.approx(4.6, abs=0.01)
