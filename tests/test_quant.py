@@ -206,3 +206,25 @@ def test_ranked_lowers_the_least_important_blocks():
     assert lowered == sorted([2, 0, 3, 1][: plan.meta["k"]]) and plan.bpw <= 3.5
     assert all(plan.configs[f"L{i}.attn.qkv"] == ("a2g32" if i in lowered else "a4g32") for i in range(4))
     assert uniform(meas, "a4g32").bpw == pytest.approx(4.6, abs=0.01)
+
+
+def test_fake_quantized_model_uses_the_plan_and_restores():
+    from layerwise.quant.allocate import uniform
+    from layerwise.quant.apply import config_of, quantized, rtn_weights
+    from layerwise.quant.measure import measure
+
+    from .conftest import tiny_lm, tiny_windows
+
+    assert config_of("s3g128") == QConfig(3, 128, symmetric=True) and config_of("a4g16").name == "a4g16"
+    lm, w = tiny_lm("gpt2"), tiny_windows(2)
+    meas = measure(lm, w, candidates=SMALL, progress=False)
+    weights = rtn_weights(lm, meas, uniform(meas, "a2g16"))
+    before = {m: m.weight.detach().clone() for m in weights}
+    with torch.no_grad():
+        full = lm.model(input_ids=w.ids).logits
+        with quantized(lm, weights):
+            for m, deq in weights.items():
+                torch.testing.assert_close(lm.anatomy.linear_weight(m), deq)
+            q = lm.model(input_ids=w.ids).logits
+    assert not torch.allclose(q, full, atol=1e-3)
+    assert all(torch.equal(m.weight, v) for m, v in before.items())
