@@ -60,11 +60,11 @@ def main() -> None:
     # Speed depends on how many units of each kind go, not on which: time the first order's plans.
     firsts = [p for p in plans if p.order == ORDERS[p.unit][0] and not p.iterative]
     timed = dp.run(lm, w, firsts, eval_samples=1, with_speed=True)
-    report.original |= {k: v for k, v in timed.original.items() if "tok" in k or k in ("prompt_len", "new_tokens")}
+    report.original |= {k: v for k, v in timed.original.items() if k.endswith("tok_s") or k in ("prompt_len", "new_tokens")}
     speeds = {v["key"]: v for v in timed.variants}
     for v in report.variants:
         if v["key"] in speeds:
-            v |= {k: x for k, x in speeds[v["key"]].items() if "tok_s" in k or "speedup" in k}
+            v |= {k: x for k, x in speeds[v["key"]].items() if k.endswith(("tok_s", "speedup"))}
 
     out = Path(args.out)
     write_json(out / "drop_sweep.json", report.to_dict())
