@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 from ..io import write_atomic
 from .html import fmt, png
@@ -33,6 +34,7 @@ def curves_figure(report: "DropReport"):
         ax.set_yscale("log")
         ax.set_title(f"--unit {kind}", fontsize=10)
         ax.set_xlabel("units dropped", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("held-out perplexity", fontsize=8)
         ax.legend(fontsize=7)
     fig.tight_layout()
