@@ -50,6 +50,12 @@ class Spec:
         ("mlp.gate_up", ("mlp.gate_proj", "mlp.up_proj")),
         ("mlp.down", ("mlp.down_proj",)),
     )
+    #: llama.cpp's name (``blk.N.<name>.weight``) of each quantized linear map.
+    gguf_names: tuple[tuple[str, str], ...] = (
+        ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
+        ("self_attn.o_proj", "attn_output"), ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
+        ("mlp.down_proj", "ffn_down"),
+    )
     #: GPT-2's Conv1D stores weights as (in, out), the transpose of nn.Linear.
     transposed: bool = False
 
@@ -83,6 +89,7 @@ SPECS: dict[str, Spec] = {
         embed="transformer.wte",
         context_attr="n_positions",
         quant_groups=(("attn.qkv", ("attn.c_attn",)), ("attn.o", ("attn.c_proj",)), ("mlp.up", ("mlp.c_fc",)), ("mlp.down", ("mlp.c_proj",))),
+        gguf_names=(("attn.c_attn", "attn_qkv"), ("attn.c_proj", "attn_output"), ("mlp.c_fc", "ffn_up"), ("mlp.c_proj", "ffn_down")),
         transposed=True,
     ),
 }
@@ -171,11 +178,26 @@ class Anatomy:
         heads = cfg.num_attention_heads
         return getattr(cfg, "num_key_value_heads", None) or heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
 
-    def quant_groups(self, layer: int) -> list[tuple[str, list[tuple[str, nn.Module]]]]:
-        """``[(group name like "L3.attn.qkv", [(module path, module), ...]), ...]`` for one block."""
+    def quant_groups(self, layer: int, *, fused: bool = True) -> list[tuple[str, list[tuple[str, nn.Module]]]]:
+        """``[(group name like "L3.attn.qkv", [(module path, module), ...]), ...]`` for one block.
+
+        ``fused=False`` gives every linear map a group of its own (``L3.attn.q_proj``):
+        llama.cpp stores and types each tensor separately.
+        """
         block = self.blocks[layer]
-        return [(f"L{layer}.{g}", [(f"{self.spec.layers}.{layer}.{p}", block.get_submodule(p)) for p in paths])
-                for g, paths in self.spec.quant_groups]
+        groups = [(g, list(paths)) for g, paths in self.spec.quant_groups]
+        if not fused:
+            groups = [(f"{g.split('.')[0]}.{p.rsplit('.', 1)[-1]}", [p]) for g, paths in groups for p in paths]
+        return [(f"L{layer}.{g}", [(f"{self.spec.layers}.{layer}.{p}", block.get_submodule(p)) for p in paths]) for g, paths in groups]
+
+    def gguf_name(self, path: str) -> str:
+        """llama.cpp's tensor name for a quantized linear map's module path (``blk.3.attn_q.weight``)."""
+        prefix = f"{self.spec.layers}."
+        layer, rel = path[len(prefix):].split(".", 1)
+        names = dict(self.spec.gguf_names)
+        if not path.startswith(prefix) or rel not in names:
+            raise LayerwiseError(f"{path} has no llama.cpp tensor name for {self.model_type}")
+        return f"blk.{layer}.{names[rel]}.weight"
 
     def linear_weight(self, module: nn.Module) -> torch.Tensor:
         """A linear map's weight as (out, in), whatever the storage convention."""

@@ -18,6 +18,9 @@ EXAMPLES = """examples:
   layerwise drop --n 6 --unit block --order bi --out runs/drop6        # ShortGPT
   layerwise drop --n 8 --unit any --order sub_cos --out runs/llmdrop  # LLM-Drop, attn and mlp ranked jointly
   layerwise drop --sweep 1,2,4,6,8,12 --unit attn,mlp,block --order sub_cos,ablate_nll,random --out runs/drop-sweep
+  layerwise quantize --bits 5 --strategy measured --out runs/q5        # mixed GGUF types + llama-quantize recipe
+  layerwise quantize --sweep 4.6,5,5.5,6 --strategy measured,ranked:bi,uniform,q4km --out runs/q-sweep
+  layerwise quantize --format int --group-size 64 --sweep 2.5,3,3.5,4 --strategy measured,uniform --out runs/int
 """
 
 
@@ -60,6 +63,20 @@ def _parser() -> argparse.ArgumentParser:
     dr.add_argument("--seed", type=int, default=0, help="for --order random")
     dr.add_argument("--export", default="hf", help="hf, gguf (GGUF source models only), both as hf,gguf, or none")
     dr.add_argument("--no-speed", action="store_true", help="skip the tokens-per-second measurement")
+    qz = sub.add_parser("quantize", help="mixed precision at any fractional bit budget, evaluated and exported",
+                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _inputs(qz, samples_help="calibration windows (for the measurement)", out="runs/quantize")
+    qz.add_argument("--eval-samples", type=int, default=16, help="held-out windows for perplexity and KL")
+    budget = qz.add_mutually_exclusive_group()
+    budget.add_argument("--bits", type=float, help="target bits per weight over the quantized tensors, scales included (e.g. 4.6)")
+    budget.add_argument("--sweep", help="comma-separated budgets, e.g. 4.6,5,5.5: evaluate each, export nothing")
+    qz.add_argument("--strategy", default="measured", help="measured, ranked:METRIC (e.g. ranked:bi), ranked:random, uniform or q4km; comma-separated")
+    qz.add_argument("--format", default="gguf", choices=["gguf", "int"], help="llama.cpp's GGUF types, or integer codes with group scales")
+    qz.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="--format int: round to nearest or GPTQ")
+    qz.add_argument("--group-size", type=int, help="--format int: one group size (default: candidates at 32, 64 and 128)")
+    qz.add_argument("--export", help="gguf,recipe (--format gguf; the default for one plan) or none")
+    qz.add_argument("--profile", help="profile.json for ranked:METRIC (must come from this model); measured if absent")
+    qz.add_argument("--seed", type=int, default=0, help="for ranked:random")
     rp = sub.add_parser("report", help="re-render report.html from a saved profile")
     rp.add_argument("profile", help="profile.json or its directory")
     rp.add_argument("--out", help="HTML path (default: report.html beside the profile)")
@@ -177,6 +194,51 @@ def _drop_summary(report) -> None:
     Console().print(t)
 
 
+def _budgets(text: str) -> list[float]:
+    try:
+        return sorted({float(t) for t in _split(text)})
+    except ValueError:
+        raise LayerwiseError(f"--sweep takes comma-separated bits per weight, e.g. 4.6,5,5.5 (got {text!r})") from None
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from . import quantize as qz
+    from .profile import Profile
+
+    lm, w = _load(args)
+    prof = Profile.load(args.profile) if args.profile else None
+    budgets = _budgets(args.sweep) if args.sweep else ([args.bits] if args.bits is not None else [])
+    export = None if args.export is None else (() if args.export == "none" else tuple(_split(args.export)))
+    report = qz.run(lm, w, budgets=budgets, strategies=_split(args.strategy), family=args.format, method=args.method,
+                    group_size=args.group_size, export=export, out=args.out, prof=prof, eval_samples=args.eval_samples,
+                    seed=args.seed, batch_size=args.batch_size, progress=not args.json)
+    out = Path(args.out)
+    if args.json:
+        print(json.dumps(report.to_dict()))
+        return 0
+    _quant_summary(report)
+    written = [str(out / n) for n in ("plan.json", "eval.json", "measurement.json", "report.html")] + [v["path"] for v in report.exports.values()]
+    print("wrote " + ", ".join(written))
+    return 0
+
+
+def _quant_summary(report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    o = report.original
+    t = Table(title=f"held-out perplexity (original {o['ppl']:.3f} ± {o['ppl_se'] or 0:.3f})")
+    for c in ("plan", "bits/weight", "model bits/weight", "ppl", "Δnll ± se", "predicted Δnll", "KL"):
+        t.add_column(c, justify="right")
+    for r in report.rows:
+        t.add_row(r["plan"], f"{r['bpw']:.3f}", f"{r['bpw_model']:.3f}", f"{r['ppl']:.3f}",
+                  f"{r['delta_nll']:+.4f} ± {r['delta_nll_se'] or 0:.4f}", f"{r['predicted_delta_nll']:.4f}", f"{r['kl']:.4f}")
+    Console().print(t)
+    for name, e in report.exports.items():
+        extra = f", llama.cpp perplexity {e['llama_cpp_ppl']:.3f}" if "llama_cpp_ppl" in e else ""
+        print(f"{name}: {e['path']}{extra}")
+
+
 def _report(args: argparse.Namespace) -> int:
     from .profile import Profile
     from .report import write_report
@@ -191,7 +253,7 @@ def _report(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"profile": _profile, "drop": _drop, "report": _report}[args.cmd](args)
+        return {"profile": _profile, "drop": _drop, "quantize": _quantize, "report": _report}[args.cmd](args)
     except LayerwiseError as exc:
         print(f"layerwise: error: {exc}", file=sys.stderr)
         return 2

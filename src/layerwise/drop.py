@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import ggufio
 from .anatomy import Anatomy, Kind, parse_unit, unit_name
 from .data import Windows
 from .errors import LayerwiseError
@@ -317,7 +317,6 @@ def save_checkpoint(lm: LoadedModel, plan: DropPlan, out: str | Path) -> Path:
     return Path(out)
 
 
-_BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
 #: llama.cpp's tensor names for a branch's output projection.
 _GGUF_OUT = {"attn": "attn_output.", "mlp": "ffn_down."}
 
@@ -332,56 +331,37 @@ def export_gguf(source: str | Path, plan: DropPlan, out: str | Path) -> Path:
     import gguf
     import numpy as np
 
-    reader = gguf.GGUFReader(str(source))
-    arch = bytes(reader.get_field(gguf.Keys.General.ARCHITECTURE).parts[-1]).decode()
+    r = ggufio.reader(source)
+    arch = ggufio.arch(r)
     count_key = gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch)
-    L = int(reader.get_field(count_key).contents())
+    L = int(r.get_field(count_key).contents())
     dropped = set(plan.blocks)
     if any(b >= L for b in dropped):
         raise LayerwiseError(f"{source} has {L} blocks; the plan drops block {max(dropped)}")
     keep = [i for i in range(L) if i not in dropped]
     index = {old: new for new, old in enumerate(keep)}
     zero = {(parse_unit(u)[0], _GGUF_OUT[parse_unit(u)[1]]) for u in plan.sublayers}
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(out).with_name(f".{Path(out).name}.part")
-    try:
-        writer = gguf.GGUFWriter(str(tmp), arch=arch, endianess=reader.endianess)
-        for field in reader.fields.values():
-            if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-                continue
-            vtype = field.types[0]
-            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-            value = field.contents()
-            if field.name == count_key:
-                value = len(keep)
-            elif field.name.startswith(f"{arch}.") and isinstance(value, list) and len(value) == L:
-                value = [value[i] for i in keep]
-            writer.add_key_value(field.name, value, vtype, sub_type=sub)
-        tensors = []
-        for t in reader.tensors:
-            m = _BLK.match(t.name)
-            name, data = t.name, t.data
-            if m:
-                layer, rest = int(m.group(1)), m.group(2)
-                if layer in dropped:
-                    continue
-                if any(layer == zl and rest.startswith(prefix) for zl, prefix in zero):
-                    data = np.zeros_like(data)  # all-zero blocks dequantize to zero in every GGML type
-                name = f"blk.{index[layer]}.{rest}"
-            tensors.append((name, data, t))
-        for name, data, t in tensors:
-            writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, t.tensor_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for _, data, _t in tensors:
-            writer.write_tensor_data(data, tensor_endianess=reader.endianess)
-        writer.close()
-        tmp.replace(out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return Path(out)
+
+    def tensor(t) -> ggufio.Tensor | None:
+        m = ggufio.BLOCK_TENSOR.match(t.name)
+        if not m:
+            return t.name, t.data, t.tensor_type
+        layer, rest = int(m.group(1)), m.group(2)
+        if layer in dropped:
+            return None
+        data = t.data
+        if any(layer == zl and rest.startswith(prefix) for zl, prefix in zero):
+            data = np.zeros_like(data)  # all-zero blocks dequantize to zero in every GGML type
+        return f"blk.{index[layer]}.{rest}", data, t.tensor_type
+
+    def field(name: str, value):
+        if name == count_key:
+            return len(keep)
+        if name.startswith(f"{arch}.") and isinstance(value, list) and len(value) == L:
+            return [value[i] for i in keep]
+        return value
+
+    return ggufio.rewrite(source, out, tensor, field)
 
 
 

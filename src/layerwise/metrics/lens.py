@@ -20,16 +20,22 @@ class Reference:
     """The full model's next-token distribution for a batch of flattened positions."""
 
     probs: torch.Tensor  # (tokens, vocab)
-    neg_entropy: torch.Tensor  # sum p log p, (tokens,)
+    mass: torch.Tensor  # sum p as rounded in float32 (1 +- 1e-5), float64, (tokens,)
+    neg_entropy: torch.Tensor  # sum p log p in the same form as compare's cross term, float64, (tokens,)
     top1: torch.Tensor  # (tokens,)
     nll: torch.Tensor  # (tokens,)
     targets: torch.Tensor  # (tokens,)
 
     @classmethod
     def from_logits(cls, logits: torch.Tensor, targets: torch.Tensor) -> "Reference":
-        logp = torch.log_softmax(logits.float(), dim=-1)
+        z = logits.float()
+        logp = torch.log_softmax(z, dim=-1)
         p = logp.exp()
-        return cls(p, (p * logp).sum(-1, dtype=torch.float64), logits.argmax(-1), -logp.gather(-1, targets[:, None]).squeeze(-1), targets)
+        mass = p.sum(-1, dtype=torch.float64)
+        # p . log p written as p . z - mass * lse, exactly as compare forms p . log q, so the
+        # float32 rounding of the probabilities cancels and identical logits give KL = 0.
+        neg_entropy = torch.linalg.vecdot(p, z).double() - mass * torch.logsumexp(z, dim=-1).double()
+        return cls(p, mass, neg_entropy, logits.argmax(-1), -logp.gather(-1, targets[:, None]).squeeze(-1), targets)
 
 
 def compare(logits: torch.Tensor, ref: Reference) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,10 +43,12 @@ def compare(logits: torch.Tensor, ref: Reference) -> tuple[torch.Tensor, torch.T
 
     The row dot product runs in float32 (one fused pass over the logits); its
     rounding, about 1e-6 of ``|p . z|``, is far below any KL worth ranking.
+    The reference's probabilities sum to 1 only up to float32 rounding, so
+    ``log q`` is weighted by their actual mass, as in ``neg_entropy``.
     """
     z = logits.float()
     lse = torch.logsumexp(z, dim=-1)
-    kl = (ref.neg_entropy - (torch.linalg.vecdot(ref.probs, z).double() - lse.double())).float()
+    kl = (ref.neg_entropy - (torch.linalg.vecdot(ref.probs, z).double() - ref.mass * lse.double())).float()
     nll = lse - z.gather(-1, ref.targets[:, None]).squeeze(-1)
     return kl, nll
 

@@ -51,6 +51,14 @@ def _options(meas: Measurement, allowed: set[str] | None) -> dict[str, list[tupl
     return opts
 
 
+def check_budget(target_bpw: float, lo: float, hi: float) -> None:
+    """A budget outside [cheapest, dearest] plan has no answer: say which way to move it."""
+    if target_bpw < lo - 1e-9:
+        raise LayerwiseError(f"{target_bpw} bits per weight is below the cheapest plan ({lo:.3f}); raise --bits or allow fewer bits")
+    if target_bpw > hi + 1e-9:
+        raise LayerwiseError(f"{target_bpw} bits per weight is above the dearest plan ({hi:.3f}); lower --bits or allow more bits")
+
+
 def solve(meas: Measurement, target_bpw: float, *, weights: dict[str, float] | None = None,
           allowed: set[str] | None = None, resolution: int = 20000) -> Allocation:
     """The measured plan: least weighted error within ``target_bpw`` bits per weight (exact DP)."""
@@ -60,10 +68,7 @@ def solve(meas: Measurement, target_bpw: float, *, weights: dict[str, float] | N
     budget = target_bpw * N
     lo = sum(min(b for _, b, _ in opts[g]) for g in names)
     hi = sum(max(b for _, b, _ in opts[g]) for g in names)
-    if budget < lo - 1e-6:
-        raise LayerwiseError(f"{target_bpw} bits per weight is below the cheapest plan ({lo / N:.3f}); raise --bits or allow fewer bits")
-    if budget > hi + 1e-6:
-        raise LayerwiseError(f"{target_bpw} bits per weight is above the dearest plan ({hi / N:.3f}); lower --bits or allow more bits")
+    check_budget(target_bpw, lo / N, hi / N)
     spare = budget - lo
     unit = max(spare / resolution, 1.0)
     K = int(spare // unit)
@@ -97,13 +102,18 @@ def solve(meas: Measurement, target_bpw: float, *, weights: dict[str, float] | N
     return Allocation(configs, "measured", target_bpw, bpw, predicted, {"resolution_bits": unit})
 
 
+def fixed(meas: Measurement, configs: dict[str, str], strategy: str) -> Allocation:
+    """A plan given group by group (a rule, not a solver), with what the measurement predicts for it."""
+    for g, c in configs.items():
+        if c not in meas.groups[g]["configs"]:
+            raise LayerwiseError(f"config {c} was not measured; measure it or pick one of {', '.join(meas.groups[g]['configs'])}")
+    bpw, err = _bits_of(meas, configs)
+    return Allocation(configs, strategy, None, bpw, err)
+
+
 def uniform(meas: Measurement, config: str) -> Allocation:
     """Every group at one config (what most tools do)."""
-    if any(config not in e["configs"] for e in meas.groups.values()):
-        raise LayerwiseError(f"config {config} was not measured; measure it or pick one of the candidates")
-    configs = {g: config for g in meas.groups}
-    bpw, err = _bits_of(meas, configs)
-    return Allocation(configs, f"uniform:{config}", None, bpw, err)
+    return fixed(meas, {g: config for g in meas.groups}, f"uniform:{config}")
 
 
 def ranked(meas: Measurement, order: list[int], target_bpw: float, low: str, high: str, *, metric: str) -> Allocation:

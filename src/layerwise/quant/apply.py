@@ -10,26 +10,16 @@ from torch import nn
 
 from ..loading import LoadedModel
 from .allocate import Allocation
-from .measure import Measurement, matrix, replaced
-from .rtn import QConfig, quantize_rtn
+from .measure import Candidates, Measurement, matrix, replaced
 
 
-def config_of(name: str) -> QConfig:
-    """Parse a config name such as ``a4g64`` (asymmetric, 4 bits, groups of 64) or ``s3g128``."""
-    sym, rest = name[0], name[1:]
-    bits, group = rest.split("g")
-    return QConfig(int(bits), int(group), symmetric=sym == "s")
-
-
-def rtn_weights(lm: LoadedModel, meas: Measurement, alloc: Allocation) -> dict[nn.Module, torch.Tensor]:
-    """Each quantized module's dequantized (out, in) weight under the plan (round to nearest)."""
-    an = lm.anatomy
+def plan_weights(lm: LoadedModel, meas: Measurement, alloc: Allocation, candidates: Candidates) -> dict[nn.Module, torch.Tensor]:
+    """Each quantized module's (out, in) weight as the plan stores it."""
     out = {}
-    for g, cfg_name in alloc.configs.items():
-        cfg = config_of(cfg_name)
+    for g, name in alloc.configs.items():
         for path in meas.groups[g]["modules"]:
             m = lm.model.get_submodule(path)
-            out[m] = quantize_rtn(matrix(an, m), cfg).dequantize()
+            out[m] = candidates.stored(path, matrix(lm.anatomy, m), name, None)[0]
     return out
 
 

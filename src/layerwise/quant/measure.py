@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterator, Literal, Protocol
 
 import torch
 from torch import nn
@@ -85,21 +85,85 @@ def _sublayer(group: str) -> str:
     return group.split(".")[1]
 
 
+class Candidates(Protocol):
+    """The configs a plan chooses from, and how a weight is stored under each."""
+
+    names: tuple[str, ...]
+    #: Whether engines fuse q/k/v and gate/up (one config per fused group) or type each tensor alone.
+    fused: bool
+    #: Whether ``stored`` needs the layer's input Hessian (GPTQ).
+    needs_hessian: bool
+    #: What identifies this candidate set in a cached measurement.
+    key: dict
+
+    def bits(self, path: str, shape: tuple[int, int], name: str) -> int:
+        """Storage bits of an (out, in) weight under config ``name`` (cheap: no quantization)."""
+        ...
+
+    def stored(self, path: str, w: torch.Tensor, name: str, hessian: torch.Tensor | None) -> tuple[torch.Tensor, int, str]:
+        """The (out, in) weight as it would be stored under config ``name``, its bits, and the stored config."""
+        ...
+
+
+@dataclass(frozen=True)
+class GroupCandidates:
+    """Integer codes with group scales (RTN or GPTQ), the formats of GPTQ/AWQ checkpoints and compressed-tensors."""
+
+    configs: tuple[QConfig, ...] = DEFAULT_CANDIDATES
+    method: Method = "rtn"
+    fused: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in ("rtn", "gptq"):
+            raise LayerwiseError(f"unknown --method {self.method!r}; use rtn or gptq")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.configs)
+
+    @property
+    def needs_hessian(self) -> bool:
+        return self.method == "gptq"
+
+    @property
+    def key(self) -> dict:
+        return {"method": self.method, "candidates": list(self.names)}
+
+    def _config(self, name: str) -> QConfig:
+        return next(c for c in self.configs if c.name == name)
+
+    def bits(self, path: str, shape: tuple[int, int], name: str) -> int:
+        cfg = self._config(name)
+        cfg.check(shape[1])
+        return cfg.storage_bits(*shape)
+
+    def stored(self, path: str, w: torch.Tensor, name: str, hessian: torch.Tensor | None) -> tuple[torch.Tensor, int, str]:
+        cfg = self._config(name)
+        bits = self.bits(path, tuple(w.shape), name)  # type: ignore[arg-type]
+        if self.method == "gptq" and hessian is None:
+            raise LayerwiseError("GPTQ needs each layer's calibration inputs; apply GPTQ plans through a measurement run")
+        q = quantize_gptq(w, hessian, cfg) if self.method == "gptq" else quantize_rtn(w, cfg)  # type: ignore[arg-type]
+        return q.dequantize(), bits, name
+
+
 def measure(
     lm: LoadedModel,
     windows: Windows,
     *,
-    candidates: tuple[QConfig, ...] = DEFAULT_CANDIDATES,
+    candidates: Candidates | tuple[QConfig, ...] = DEFAULT_CANDIDATES,
     method: Method = "rtn",
     path: str | Path | None = None,
     progress: bool = True,
 ) -> Measurement:
-    """Measure every group under every candidate config on the calibration windows (see the module doc)."""
-    if method not in ("rtn", "gptq"):
-        raise LayerwiseError(f"unknown --method {method!r}; use rtn or gptq")
+    """Measure every group under every candidate config on the calibration windows (see the module doc).
+
+    A tuple of configs means integer group quantization by ``method``.
+    """
+    if isinstance(candidates, tuple):
+        candidates = GroupCandidates(candidates, method)
     an, model = lm.anatomy, lm.model
     expect = {"model_hash": lm.source.get("model_hash"), "data_hash": windows.data_hash, "n_calib": windows.n_calib,
-              "seq_len": windows.seq_len, "method": method, "candidates": [c.name for c in candidates]}
+              "seq_len": windows.seq_len, "objective": "fisher", "fused": candidates.fused} | candidates.key
     result = Measurement(expect | {"n_layers": an.n_layers})
     if path is not None and Path(path).exists():
         result = Measurement.load(path, expect)
@@ -114,16 +178,17 @@ def measure(
         calls[tr.layer] = (tr.args, tr.kwargs)
 
     start = time.perf_counter()
+    grads = output_grads(lm, ids)
     with torch.no_grad():
         with tap(an, record, mlp_hidden=False):
             model(input_ids=ids, use_cache=False, logits_to_keep=1)
         assert h is not None
-        for layer in tqdm(range(an.n_layers), desc=f"measure ({method})", disable=not progress):
-            groups = an.quant_groups(layer)
+        for layer in tqdm(range(an.n_layers), desc="measure", disable=not progress):
+            groups = an.quant_groups(layer, fused=candidates.fused)
             if all(g in result.groups for g, _ in groups):
                 h = first_tensor(an.blocks[layer](h, *calls[layer][0], **calls[layer][1]))
                 continue
-            h = _measure_layer(an, layer, h, calls[layer], groups, candidates, method, result)
+            h = _measure_layer(an, layer, h, calls[layer], groups, candidates, result, grads[layer])
             result.meta["seconds"] = round(result.meta.get("seconds", 0.0) + time.perf_counter() - start, 3)
             start = time.perf_counter()
             if path is not None:
@@ -131,7 +196,8 @@ def measure(
     return result
 
 
-def _measure_layer(an: Anatomy, layer: int, h: torch.Tensor, call: tuple[tuple, dict], groups, candidates, method, result) -> torch.Tensor:
+def _measure_layer(an: Anatomy, layer: int, h: torch.Tensor, call: tuple[tuple, dict], groups, candidates: Candidates, result,
+                   grads: dict[str, torch.Tensor]) -> torch.Tensor:
     """Measure one block's groups from its cached input ``h``; return the block's (unquantized) output."""
     inputs: dict[str, tuple[tuple, dict]] = {}
     outputs: dict[str, torch.Tensor] = {}
@@ -160,7 +226,7 @@ def _measure_layer(an: Anatomy, layer: int, h: torch.Tensor, call: tuple[tuple, 
     for kind in ("attn", "mlp"):
         handles.append(an.branch(layer, kind).register_forward_pre_hook(branch_in(kind), with_kwargs=True))
         handles.append(an.update_module(layer, kind).register_forward_hook(update_out(kind)))
-    if method == "gptq":
+    if candidates.needs_hessian:
         for _, mods in groups:
             for _, m in mods:
                 handles.append(m.register_forward_pre_hook(matrix_in(m)))
@@ -169,26 +235,67 @@ def _measure_layer(an: Anatomy, layer: int, h: torch.Tensor, call: tuple[tuple, 
     finally:
         for hd in handles:
             hd.remove()
-    for name, mods in groups:
-        kind = _sublayer(name)
+    for group, mods in groups:
+        kind = _sublayer(group)
         ref = outputs[kind].double()
         denom = float((ref * ref).sum()) or 1e-30
         entry = {"layer": layer, "sublayer": kind, "modules": [p for p, _ in mods],
                  "numel": sum(an.linear_weight(m).numel() for _, m in mods), "configs": {}}
-        for cfg in candidates:
-            deq, bits = {}, 0
-            for _, m in mods:
-                w = matrix(an, m)
-                cfg.check(w.shape[1])
-                q = quantize_gptq(w, hessians[id(m)].value, cfg) if method == "gptq" else quantize_rtn(w, cfg)
-                deq[m] = q.dequantize()
-                bits += cfg.storage_bits(*w.shape)
+        for name in candidates.names:
+            deq, bits, kept = {}, 0, []
+            for path, m in mods:
+                hess = hessians[id(m)].value if candidates.needs_hessian else None
+                deq[m], b, got = candidates.stored(path, matrix(an, m), name, hess)
+                bits += b
+                kept.append(got)
             with replaced(an, deq):
                 y = run_update(an, layer, kind, inputs[kind])
-            err = float(((y.double() - ref) ** 2).sum()) / denom
-            entry["configs"][cfg.name] = {"err": err, "bits": bits}
-        result.groups[name] = entry
+            d2 = (y.double() - ref) ** 2
+            rel = float(d2.sum()) / denom
+            # Second-order loss change (diagonal empirical Fisher): 1/2 sum_d g_d^2 delta_d^2, per token.
+            err = 0.5 * float((grads[kind][:, :-1].double() ** 2 * d2[:, :-1]).sum()) / (d2.shape[0] * (d2.shape[1] - 1))
+            entry["configs"][name] = {"err": err, "rel": rel, "bits": bits, "stored": kept}
+        result.groups[group] = entry
     return out
+
+
+def bit_range(lm: LoadedModel, candidates: Candidates) -> tuple[float, float]:
+    """Bits per weight of the cheapest and the dearest plan, known before anything is measured."""
+    an = lm.anatomy
+    lo = hi = n = 0
+    for layer in range(an.n_layers):
+        for _, mods in an.quant_groups(layer, fused=candidates.fused):
+            shapes = [(p, tuple(an.linear_weight(m).shape)) for p, m in mods]
+            per = [sum(candidates.bits(p, s, c) for p, s in shapes) for c in candidates.names]  # type: ignore[arg-type]
+            lo, hi, n = lo + min(per), hi + max(per), n + sum(s[0] * s[1] for _, s in shapes)
+    return lo / n, hi / n
+
+
+def output_grads(lm: LoadedModel, ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """Per block, the gradient of the calibration NLL with respect to each sublayer's residual update.
+
+    Its square weights a sublayer's output error into a predicted loss change,
+    so errors in sublayers the loss is sensitive to count for more.
+    """
+    an = lm.anatomy
+    updates: list[torch.Tensor] = []
+
+    def on_block(tr: BlockTrace) -> None:
+        updates.extend((tr.attn, tr.mlp))
+
+    with torch.enable_grad(), tap(an, on_block, mlp_hidden=False):
+        embed = lm.model.get_input_embeddings()
+        handle = embed.register_forward_hook(lambda _m, _a, out: out.requires_grad_())
+        try:
+            logits = lm.model(input_ids=ids, use_cache=False, logits_to_keep=torch.arange(ids.shape[1] - 1)).logits
+        finally:
+            handle.remove()
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        loss = -logp.gather(-1, ids[:, 1:, None].to(logp.device)).mean()
+        live = [u for u in updates if u.requires_grad]
+        found = iter(torch.autograd.grad(loss * (ids.shape[1] - 1) * ids.shape[0], live))
+    grads = [next(found).detach() if u.requires_grad else torch.zeros_like(u) for u in updates]
+    return [{"attn": grads[2 * i], "mlp": grads[2 * i + 1]} for i in range(an.n_layers)]
 
 
 def run_update(an: Anatomy, layer: int, kind: str, call: tuple[tuple, dict]) -> torch.Tensor:

@@ -1,0 +1,256 @@
+"""GGUF types as quantization candidates, produced by llama.cpp itself, and mixed-type GGUF exports.
+
+For each candidate type, llama.cpp (through ``llama-cpp-python``) quantizes
+the source GGUF file once with every tensor at that type; the files are
+cached. A candidate's error and bits are measured from the tensors those
+files actually hold, read back with the ``gguf`` package: llama.cpp silently
+stores another type where a row length is not a multiple of a K-type's 256
+(SmolLM2's 576), and the measurement sees the type that was really written.
+
+A plan is exported by copying, for every quantized tensor, the bytes of its
+chosen type from that type's file into a copy of the source (metadata and
+tokenizer included), so the export holds exactly the weights that were
+measured and evaluated. The same plan is also written as a
+``llama-quantize`` command line (``recipe``) for people who run llama.cpp's
+quantizer themselves; a test checks the two give the same file contents.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import ggufio
+from ..anatomy import Anatomy
+from ..errors import LayerwiseError
+from ..loading import LoadedModel, cache_root
+from .allocate import Allocation, fixed
+from .measure import Measurement
+
+#: Candidate types, cheapest first (bits per weight with scales: 2.625 ... 8.5).
+TYPES: tuple[str, ...] = ("Q2_K", "Q3_K", "Q4_0", "Q4_K", "Q4_1", "Q5_0", "Q5_K", "Q5_1", "Q6_K", "Q8_0")
+#: llama.cpp file types (``LLAMA_FTYPE_MOSTLY_*``) whose base type is the K-type of the same name.
+_FTYPE = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise LayerwiseError("GGUF quantization needs llama-cpp-python: pip install 'layerwise[llama]'") from None
+    return llama_cpp
+
+
+def _ggml_type(name: str) -> int:
+    import gguf
+
+    try:
+        return int(gguf.GGMLQuantizationType[name.upper()])
+    except KeyError:
+        raise LayerwiseError(f"unknown GGUF type {name!r}; use one of {', '.join(TYPES)}") from None
+
+
+def llama_quantize(source: str | Path, out: str | Path, base: str, overrides: list[tuple[str, str]] | None = None,
+                   *, token_embedding_type: str | None = None, pure: bool = True, threads: int | None = None) -> Path:
+    """Quantize ``source`` with llama.cpp: every tensor at ``base`` (``--pure``; with ``pure=False``, llama.cpp's
+    own mix for that file type, e.g. Q4_K_M) except the (regex, type) ``overrides`` (first match wins);
+    the token embedding at its own type when given."""
+    import ctypes
+
+    lc = _llama_cpp()
+    if base not in TYPES:
+        raise LayerwiseError(f"unknown GGUF type {base!r}; use one of {', '.join(TYPES)}")
+    params = lc.llama_model_quantize_default_params()
+    params.ftype = getattr(lc, f"LLAMA_FTYPE_MOSTLY_{_FTYPE.get(base, base)}")
+    params.allow_requantize = True
+    params.pure = pure
+    params.nthread = threads or os.cpu_count() or 1
+    if token_embedding_type is not None:
+        params.token_embedding_type = _ggml_type(token_embedding_type)
+    keep = []  # the override array and its strings must outlive the call
+    if overrides:
+        arr = (lc.llama_model_tensor_override * (len(overrides) + 1))()
+        for i, (pattern, t) in enumerate(overrides):
+            keep.append(pattern.encode())
+            arr[i].pattern = keep[-1]
+            arr[i].type = _ggml_type(t)
+        arr[len(overrides)].pattern = None
+        params.tt_overrides = ctypes.cast(arr, type(params.tt_overrides))
+        keep.append(arr)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.part")
+    try:
+        rc = lc.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise LayerwiseError(f"llama.cpp could not quantize {Path(source).name} to {base} (error {rc}); check that llama.cpp supports this architecture")
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def source_gguf(lm: LoadedModel) -> Path:
+    """The GGUF file the model was loaded from; GGUF plans are built from it."""
+    path = lm.source.get("gguf_path")
+    if not path:
+        raise LayerwiseError("GGUF plans need a model loaded from a GGUF file (--model default or FILE.gguf); "
+                             "convert a Hugging Face directory with llama.cpp's convert_hf_to_gguf.py first")
+    return Path(path)
+
+
+def candidate_files(lm: LoadedModel, types: tuple[str, ...] = TYPES) -> dict[str, Path]:
+    """One llama.cpp-quantized copy of the source per type, made once and cached by the source's hash."""
+    src = source_gguf(lm)
+    folder = cache_root() / "gguf" / str(lm.source["model_hash"])[:16]
+    files = {}
+    for t in types:
+        files[t] = folder / f"{t}.gguf"
+        if not files[t].exists():
+            llama_quantize(src, files[t], t)
+    return files
+
+
+def _row_order(w: torch.Tensor, src: torch.Tensor, name: str) -> torch.Tensor:
+    """Indices ``p`` with ``src[p] == w``: llama.cpp's converter permutes the rows of some
+    tensors (Llama's q and k), and quantization acts on rows, so the permutation found on the
+    source weights maps every quantized copy back to the model's layout."""
+    probe = torch.randn(w.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    kw, ks = w.double() @ probe, src.double() @ probe
+    p = torch.empty_like(kw, dtype=torch.long)
+    p[torch.argsort(kw)] = torch.argsort(ks)
+    if w.shape != src.shape or not torch.allclose(src[p], w.float(), atol=1e-3 * float(w.abs().max()), rtol=0):
+        raise LayerwiseError(f"the weights of {name} in the GGUF file do not match the loaded model; load the model from that GGUF file")
+    return p
+
+
+@dataclass
+class GGUFCandidates:
+    """GGUF types as candidates, each read back from the file llama.cpp wrote for it."""
+
+    anatomy: Anatomy
+    source: Path
+    files: dict[str, Path]
+    fused: bool = False  # llama.cpp types each tensor on its own
+    needs_hessian: bool = False
+    _readers: dict = field(default_factory=dict, repr=False)
+    _rows: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, lm: LoadedModel, types: tuple[str, ...] = TYPES) -> "GGUFCandidates":
+        return cls(lm.anatomy, source_gguf(lm), candidate_files(lm, types))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.files)
+
+    @property
+    def key(self) -> dict:
+        return {"method": "llama.cpp", "candidates": list(self.names)}
+
+    def tensor(self, file: str, name: str):
+        """A tensor of one candidate file (or of the source, ``file="source"``)."""
+        if file not in self._readers:
+            r = ggufio.reader(self.source if file == "source" else self.files[file])
+            self._readers[file] = {t.name: t for t in r.tensors}
+        try:
+            return self._readers[file][name]
+        except KeyError:
+            raise LayerwiseError(f"{name} is not in the GGUF file; llama.cpp names this architecture's tensors differently") from None
+
+    def bits(self, path: str, shape: tuple[int, int], name: str) -> int:
+        return ggufio.tensor_bits(self.tensor(name, self.anatomy.gguf_name(path)))
+
+    def stored(self, path: str, w: torch.Tensor, name: str, hessian: torch.Tensor | None) -> tuple[torch.Tensor, int, str]:
+        tname = self.anatomy.gguf_name(path)
+        if tname not in self._rows:
+            self._rows[tname] = _row_order(w, _dequantize(self.tensor("source", tname)), tname)
+        t = self.tensor(name, tname)
+        return _dequantize(t)[self._rows[tname]], ggufio.tensor_bits(t), t.tensor_type.name
+
+
+def _dequantize(t) -> torch.Tensor:
+    from gguf.quants import dequantize
+
+    return torch.from_numpy(np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32))
+
+
+def tensor_types(meas: Measurement, alloc: Allocation, anatomy: Anatomy) -> dict[str, tuple[str, str]]:
+    """Per GGUF tensor name: (the plan's type, the type llama.cpp stored for it)."""
+    out = {}
+    for g, t in alloc.configs.items():
+        entry = meas.groups[g]
+        for path, stored in zip(entry["modules"], entry["configs"][t]["stored"]):
+            out[anatomy.gguf_name(path)] = (t, stored)
+    return out
+
+
+def export(cands: GGUFCandidates, types: dict[str, tuple[str, str]], out: str | Path) -> Path:
+    """Write the plan as one GGUF file: each planned tensor's bytes from its type's file, the rest from the source."""
+
+    def tensor(t) -> ggufio.Tensor:
+        if t.name in types:
+            c = cands.tensor(types[t.name][0], t.name)
+            return c.name, c.data, c.tensor_type
+        return t.name, t.data, t.tensor_type
+
+    return ggufio.rewrite(cands.source, out, tensor)
+
+
+def recipe(types: dict[str, tuple[str, str]], source: str | Path, out: str = "model-mixed.gguf") -> str:
+    """``llama-quantize`` arguments that make the same file from the source (stored types, so no fallback is needed)."""
+    tr = ggufio.reader(source)
+    embd = next((t.tensor_type.name for t in tr.tensors if t.name == "token_embd.weight"), "Q8_0")
+    lines = ["llama-quantize --allow-requantize --pure", f"  --token-embedding-type {embd.lower()}"]
+    lines += [f"  --tensor-type {shlex.quote(pattern)}={t.lower()}" for pattern, t in recipe_overrides(types)]
+    lines.append(f"  {shlex.quote(str(source))} {shlex.quote(out)} Q8_0")
+    return " \\\n".join(lines) + "\n"
+
+
+def recipe_overrides(types: dict[str, tuple[str, str]]) -> list[tuple[str, str]]:
+    """The recipe's ``--tensor-type`` pairs, for :func:`llama_quantize`."""
+    return [("^" + re.escape(name) + "$", stored) for name, (_, stored) in sorted(types.items(), key=_natural)]
+
+
+def _natural(item) -> tuple:
+    m = ggufio.BLOCK_TENSOR.match(item[0])
+    return (int(m.group(1)), m.group(2)) if m else (-1, item[0])
+
+
+
+def _more_bits(i: int, n: int) -> bool:
+    """llama.cpp's ``use_more_bits``: the first and last eighth of the layers and every third one between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def q4km(meas: Measurement, anatomy: Anatomy) -> Allocation:
+    """llama.cpp's Q4_K_M rule as a plan (the hand-written baseline): Q6_K for ``attn_v`` and
+    ``ffn_down`` where :func:`_more_bits` says so, Q4_K for every other tensor."""
+    n = anatomy.n_layers
+    configs = {}
+    for g, entry in meas.groups.items():
+        (path,) = entry["modules"]
+        kind = anatomy.gguf_name(path).split(".")[2]
+        configs[g] = "Q6_K" if kind in ("attn_v", "ffn_down") and _more_bits(entry["layer"], n) else "Q4_K"
+    return fixed(meas, configs, "q4km")
+
+
+def llama_nll(path: str | Path, ids: torch.Tensor, *, threads: int | None = None) -> list[float]:
+    """Mean next-token NLL of each window when llama.cpp runs the GGUF file (its own kernels and types)."""
+    lc = _llama_cpp()
+    llm = lc.Llama(model_path=str(path), n_ctx=int(ids.shape[1]), logits_all=True, verbose=False,
+                   n_threads=threads or os.cpu_count() or 1, n_batch=int(ids.shape[1]))
+    out = []
+    for row in ids.tolist():
+        llm.reset()
+        llm.eval(row)
+        logits = torch.from_numpy(np.asarray(llm.scores[: len(row) - 1], dtype=np.float32))
+        out.append(float(torch.nn.functional.cross_entropy(logits, torch.tensor(row[1:]))))
+    llm.close()
+    return out

@@ -1,0 +1,111 @@
+"""`layerwise quantize` end to end on the real default model: GGUF types made and read back by llama.cpp."""
+
+import json
+import math
+import shlex
+
+import pytest
+
+from layerwise import cli
+
+from .conftest import one_error_line
+
+pytestmark = pytest.mark.real
+
+BITS = 4.6
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, real_cache):
+    out = tmp_path_factory.mktemp("quant") / "run"
+    rc = cli.main(["quantize", "--bits", str(BITS), "--strategy", "measured", "--seq-len", "64", "--samples", "2",
+                   "--eval-samples", "3", "--out", str(out)])
+    assert rc == 0
+    return out
+
+
+def _types(path) -> dict:
+    import gguf
+
+    return {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def test_plan_hits_the_budget_and_says_what_was_stored(run):
+    plan = json.loads((run / "plan.json").read_text())["plans"]
+    (p,) = plan.values()
+    assert abs(p["bpw"] - BITS) <= 0.02 and p["bpw"] <= BITS + 1e-9
+    assert len(p["groups"]) == 30 * 7
+    stored = {s for g in p["groups"].values() for s in g["stored"]}
+    assert len({g["config"] for g in p["groups"].values()}) > 1 and stored <= {"Q2_K", "Q3_K", "Q4_0", "Q4_K", "Q4_1", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"}
+    ev = json.loads((run / "eval.json").read_text())
+    (row,) = ev["rows"]
+    assert all(math.isfinite(row[k]) for k in ("ppl", "kl", "delta_nll", "predicted_delta_nll", "bpw_model"))
+    assert row["kl"] >= 0 and row["bpw_model"] > row["bpw"] - 1  # embeddings and norms counted as stored
+    assert "measured@4.6" in (run / "report.html").read_text()
+
+
+def test_gguf_export_holds_the_plan_and_runs_in_llama_cpp(run):
+    """The file's tensor types are the plan's stored types; llama.cpp's perplexity is within 2% of ours."""
+    plan = next(iter(json.loads((run / "plan.json").read_text())["plans"].values()))
+    ev = json.loads((run / "eval.json").read_text())
+    tensors = _types(run / "model.gguf")
+    from layerwise import load
+
+    an = load("default").anatomy
+    for g in plan["groups"].values():
+        for path, stored in zip(g["modules"], g["stored"]):
+            assert tensors[an.gguf_name(path)].tensor_type.name == stored
+    assert ev["exports"]["gguf"]["bytes"] == (run / "model.gguf").stat().st_size
+    ours, theirs = ev["rows"][0]["ppl"], ev["exports"]["gguf"]["llama_cpp_ppl"]
+    assert abs(theirs / ours - 1) < 0.02, (ours, theirs)
+
+
+def test_recipe_makes_the_same_file_with_llama_quantize(run, tmp_path):
+    """The recipe's --tensor-type lines, given to llama.cpp's quantizer, reproduce the export byte for byte."""
+    from layerwise.quant.gguf import llama_quantize
+
+    args = shlex.split((run / "recipe.sh").read_text().replace("\\\n", " "))
+    overrides = [tuple(a.rsplit("=", 1)) for a in args[args.index("--tensor-type") + 1::2] if "=" in a]
+    assert len(overrides) == 210
+    embd = args[args.index("--token-embedding-type") + 1]
+    again = llama_quantize(args[-3], tmp_path / "again.gguf", args[-1], overrides, token_embedding_type=embd)
+    ours, theirs = _types(run / "model.gguf"), _types(again)
+    assert set(ours) == set(theirs)
+    for name, t in ours.items():
+        assert theirs[name].tensor_type == t.tensor_type, name
+        assert bytes(theirs[name].data) == bytes(t.data), name
+
+
+def test_q4km_is_llama_cpp_rule(real_cache, tmp_path):
+    """Our Q4_K_M plan gives Q6_K to the same tensors as llama.cpp's own Q4_K_M file."""
+    from layerwise import load
+    from layerwise.quant.gguf import _more_bits, llama_quantize, source_gguf
+
+    lm = load("default")
+    theirs = _types(llama_quantize(source_gguf(lm), tmp_path / "q4km.gguf", "Q4_K", pure=False))
+    n = lm.anatomy.n_layers
+    for i in range(n):
+        for kind in ("attn_v", "ffn_down"):
+            t = theirs[f"blk.{i}.{kind}.weight"].tensor_type.name
+            # llama.cpp stores Q6_K as Q8_0 where a row of 576 cannot hold 256-blocks
+            assert (t in ("Q6_K", "Q8_0")) == _more_bits(i, n), (i, kind, t)
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--bits", "3"], "below the cheapest"),
+        (["--bits", "9"], "above the dearest"),
+        (["--bits", "5", "--export", "hf"], "not available for --format gguf"),
+        (["--bits", "5", "--strategy", "measured,uniform", "--export", "gguf"], "writes one model"),
+        (["--bits", "5", "--strategy", "best"], "unknown --strategy"),
+        (["--bits", "3", "--format", "int", "--group-size", "1024"], "larger than a row"),
+        (["--bits", "5", "--group-size", "64"], "use --format int"),
+    ],
+)
+def test_quantize_bad_input_is_one_line(argv, match, tmp_path, capsys, real_cache):
+    out = tmp_path / "out"
+    rc = cli.main(["quantize", *argv, "--seq-len", "32", "--samples", "1", "--eval-samples", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and one_error_line(err) and match in err, err
+    assert not any(p.suffix in (".gguf", ".html") for p in out.rglob("*")) if out.exists() else True
