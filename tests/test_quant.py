@@ -246,3 +246,33 @@ def test_fake_quantized_model_uses_the_plan_and_restores():
             q = lm.model(input_ids=w.ids).logits
     assert not torch.allclose(q, full, atol=1e-3)
     assert all(torch.equal(m.weight, v) for m, v in before.items())
+
+
+def test_gptq_plans_run_block_by_block_on_quantized_inputs():
+    """Block 1's GPTQ sees the inputs that block 0, already quantized, produces (checked by hand)."""
+    from layerwise.quant.allocate import uniform
+    from layerwise.quant.apply import plan_weights, quantized
+    from layerwise.quant.gptq import Hessian, quantize_gptq
+    from layerwise.quant.measure import GroupCandidates, measure
+
+    from .conftest import tiny_lm, tiny_windows
+
+    lm, w = tiny_lm("llama"), tiny_windows(2)
+    cands = GroupCandidates(SMALL, "gptq")
+    meas = measure(lm, w, candidates=cands, progress=False)
+    plan = uniform(meas, "a2g16")
+    weights = plan_weights(lm, meas, plan, cands, w)
+    an = lm.anatomy
+    block0 = {m: v for m, v in weights.items() if any(m is mod for _, mods in an.quant_groups(0) for _, mod in mods)}
+    (_, [(_, q1)]) = [(g, mods[:1]) for g, mods in an.quant_groups(1) if g == "L1.attn.qkv"][0]
+    hess = Hessian(q1.in_features)
+    handle = q1.register_forward_pre_hook(lambda _m, args: hess.add(args[0]))
+    try:
+        with torch.no_grad(), quantized(lm, block0):
+            lm.model(input_ids=w.ids, use_cache=False)
+    finally:
+        handle.remove()
+    want = quantize_gptq(q1.weight.detach().float(), hess.value, SMALL[0]).dequantize()
+    torch.testing.assert_close(weights[q1], want)
+    with pytest.raises(LayerwiseError, match="calibration windows"):
+        plan_weights(lm, meas, plan, cands)

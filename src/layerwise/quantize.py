@@ -141,6 +141,39 @@ def _other_bits(lm: LoadedModel, meas: Measurement, cands: Candidates) -> tuple[
     return 16 * n, n
 
 
+def evaluate(lm: LoadedModel, windows: Windows, meas: Measurement, cands: Candidates, allocs: list[Allocation],
+             eval_ids: torch.Tensor, *, batch_size: int = 4, chunk: int = 4) -> tuple[dict, list[dict], dict]:
+    """Held-out quality and size of every plan beside the original: (original, one row per plan, plans as JSON).
+
+    Plans are evaluated a few at a time (each holds a dequantized copy of the
+    quantized weights), sharing the original's forward pass within a chunk.
+    """
+    other_bits, other_n = _other_bits(lm, meas, cands)
+    quant_n = sum(e["numel"] for e in meas.groups.values())
+    q: dict[str, dict] = {}
+    for i in range(0, len(allocs), chunk):
+        variants = {label(a): next_token_logits(lm.model, lambda w=plan_weights(lm, meas, a, cands, windows): quantized(lm, w))
+                    for a in allocs[i:i + chunk]}
+        q |= quality(next_token_logits(lm.model), variants, eval_ids, batch_size=batch_size, device=lm.device)
+        del variants
+    first = next(iter(q.values()))
+    original = {"ppl": first["ref_ppl"], "ppl_se": first["ref_ppl_se"], "nll": first["ref_nll"], "n_windows": first["n_windows"],
+                "n_tokens": first["n_tokens"], "quantized_weights": quant_n, "other_weights": other_n}
+    rows, plan_json = [], {}
+    for a in allocs:
+        key = label(a)
+        bits = a.bpw * quant_n
+        rows.append({"plan": key, "strategy": a.strategy, "target_bpw": a.target_bpw, "bpw": a.bpw,
+                     "bpw_model": (bits + other_bits) / (quant_n + other_n), "bytes": math.ceil((bits + other_bits) / 8),
+                     "predicted_delta_nll": a.predicted_error,
+                     **{k: q[key][k] for k in ("ppl", "ppl_se", "delta_nll", "delta_nll_se", "kl", "kl_se")}})
+        plan_json[key] = {"strategy": a.strategy, "target_bpw": a.target_bpw, "bpw": a.bpw, "meta": a.meta,
+                          "groups": {g: {"config": c, "layer": meas.groups[g]["layer"], "modules": meas.groups[g]["modules"],
+                                         "stored": meas.groups[g]["configs"][c]["stored"], "bits": meas.groups[g]["configs"][c]["bits"],
+                                         "numel": meas.groups[g]["numel"]} for g, c in a.configs.items()}}
+    return original, rows, plan_json
+
+
 @dataclass
 class QuantReport:
     """What ``layerwise quantize`` measured: the original, one row per plan, the plans and the files written."""
@@ -199,26 +232,8 @@ def run(lm: LoadedModel, windows: Windows, *, budgets: list[float], strategies: 
         check_budget(b, lo, hi)
     meas = measure(lm, windows, candidates=cands, path=Path(out) / "measurement.json" if out else None, progress=progress)
     allocs = plans(lm, windows, meas, budgets, strategies, prof=prof, seed=seed, progress=progress)
-    other_bits, other_n = _other_bits(lm, meas, cands)
-    quant_n = sum(e["numel"] for e in meas.groups.values())
     eval_ids = windows.evaluation[:eval_samples]
-    variants = {label(a): next_token_logits(lm.model, lambda w=plan_weights(lm, meas, a, cands): quantized(lm, w)) for a in allocs}
-    q = quality(next_token_logits(lm.model), variants, eval_ids, batch_size=batch_size, device=lm.device)
-    first = next(iter(q.values()))
-    original = {"ppl": first["ref_ppl"], "ppl_se": first["ref_ppl_se"], "nll": first["ref_nll"], "n_windows": first["n_windows"],
-                "n_tokens": first["n_tokens"], "quantized_weights": quant_n, "other_weights": other_n}
-    rows, plan_json = [], {}
-    for a in allocs:
-        key = label(a)
-        bits = a.bpw * quant_n
-        rows.append({"plan": key, "strategy": a.strategy, "target_bpw": a.target_bpw, "bpw": a.bpw,
-                     "bpw_model": (bits + other_bits) / (quant_n + other_n), "bytes": math.ceil((bits + other_bits) / 8),
-                     "predicted_delta_nll": a.predicted_error,
-                     **{k: q[key][k] for k in ("ppl", "ppl_se", "delta_nll", "delta_nll_se", "kl", "kl_se")}})
-        plan_json[key] = {"strategy": a.strategy, "target_bpw": a.target_bpw, "bpw": a.bpw, "meta": a.meta,
-                          "groups": {g: {"config": c, "layer": meas.groups[g]["layer"], "modules": meas.groups[g]["modules"],
-                                         "stored": meas.groups[g]["configs"][c]["stored"], "bits": meas.groups[g]["configs"][c]["bits"],
-                                         "numel": meas.groups[g]["numel"]} for g, c in a.configs.items()}}
+    original, rows, plan_json = evaluate(lm, windows, meas, cands, allocs, eval_ids, batch_size=batch_size)
     exports: dict = {}
     if out is not None and export:
         exports = _export(lm, meas, allocs[0], cands, Path(out), export, eval_ids)  # type: ignore[arg-type]

@@ -161,28 +161,17 @@ def measure(
     """
     if isinstance(candidates, tuple):
         candidates = GroupCandidates(candidates, method)
-    an, model = lm.anatomy, lm.model
+    an = lm.anatomy
     expect = {"model_hash": lm.source.get("model_hash"), "data_hash": windows.data_hash, "n_calib": windows.n_calib,
               "seq_len": windows.seq_len, "objective": "fisher", "fused": candidates.fused} | candidates.key
     result = Measurement(expect | {"n_layers": an.n_layers})
     if path is not None and Path(path).exists():
         result = Measurement.load(path, expect)
     ids = windows.calibration.to(lm.device)
-    h: torch.Tensor | None = None
-    calls: list[tuple[tuple, dict]] = [((), {})] * an.n_layers
-
-    def record(tr: BlockTrace) -> None:
-        nonlocal h
-        if tr.layer == 0:
-            h = tr.h_in.detach()
-        calls[tr.layer] = (tr.args, tr.kwargs)
-
     start = time.perf_counter()
     grads = output_grads(lm, ids)
+    h, calls = block_inputs(lm, ids)
     with torch.no_grad():
-        with tap(an, record, mlp_hidden=False):
-            model(input_ids=ids, use_cache=False, logits_to_keep=1)
-        assert h is not None
         for layer in tqdm(range(an.n_layers), desc="measure", disable=not progress):
             groups = an.quant_groups(layer, fused=candidates.fused)
             if all(g in result.groups for g, _ in groups):
@@ -194,6 +183,32 @@ def measure(
             if path is not None:
                 result.save(path)
     return result
+
+
+def block_inputs(lm: LoadedModel, ids: torch.Tensor) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
+    """The first block's input and every block's other arguments (masks, positions), from one forward pass."""
+    an = lm.anatomy
+    first: list[torch.Tensor] = []
+    calls: list[tuple[tuple, dict]] = [((), {})] * an.n_layers
+
+    def record(tr: BlockTrace) -> None:
+        if tr.layer == 0:
+            first.append(tr.h_in.detach())
+        calls[tr.layer] = (tr.args, tr.kwargs)
+
+    with torch.no_grad(), tap(an, record, mlp_hidden=False):
+        lm.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    return first[0], calls
+
+
+def hessian_hooks(modules: list[nn.Module], into: dict[int, Hessian]) -> list:
+    """Forward pre-hooks that add each module's inputs to its running Hessian (``into[id(module)]``)."""
+
+    def hook(m: nn.Module, args: tuple) -> None:
+        x = args[0]
+        into.setdefault(id(m), Hessian(x.shape[-1], device=x.device)).add(x)
+
+    return [m.register_forward_pre_hook(hook) for m in modules]
 
 
 def _measure_layer(an: Anatomy, layer: int, h: torch.Tensor, call: tuple[tuple, dict], groups, candidates: Candidates, result,
@@ -216,20 +231,11 @@ def _measure_layer(an: Anatomy, layer: int, h: torch.Tensor, call: tuple[tuple, 
 
         return hook
 
-    def matrix_in(module: nn.Module):
-        def hook(_m, args):
-            x = args[0]
-            hessians.setdefault(id(module), Hessian(x.shape[-1], device=x.device)).add(x)
-
-        return hook
-
     for kind in ("attn", "mlp"):
         handles.append(an.branch(layer, kind).register_forward_pre_hook(branch_in(kind), with_kwargs=True))
         handles.append(an.update_module(layer, kind).register_forward_hook(update_out(kind)))
     if candidates.needs_hessian:
-        for _, mods in groups:
-            for _, m in mods:
-                handles.append(m.register_forward_pre_hook(matrix_in(m)))
+        handles += hessian_hooks([m for _, mods in groups for _, m in mods], hessians)
     try:
         out = first_tensor(an.blocks[layer](h, *call[0], **call[1]))
     finally:
