@@ -101,10 +101,17 @@ def test_q4km_is_llama_cpp_rule(real_cache, tmp_path):
         (["--bits", "5", "--strategy", "best"], "unknown --strategy"),
         (["--bits", "3", "--format", "int", "--group-size", "1024"], "larger than a row"),
         (["--bits", "5", "--group-size", "64"], "use --format int"),
+        (["--bits", "5", "STALE"], "is stale"),
+        (["--bits", "5", "CORRUPT"], "not a readable measurement"),
     ],
 )
 def test_quantize_bad_input_is_one_line(argv, match, tmp_path, capsys, real_cache):
     out = tmp_path / "out"
+    if argv[-1] in ("STALE", "CORRUPT"):  # a measurement.json left by another model, or cut short
+        out.mkdir()
+        text = json.dumps({"meta": {"model_hash": "another-model"}, "groups": {}}) if argv[-1] == "STALE" else '{"meta": {'
+        (out / "measurement.json").write_text(text)
+        argv = argv[:-1]
     rc = cli.main(["quantize", *argv, "--seq-len", "32", "--samples", "1", "--eval-samples", "1", "--out", str(out)])
     err = capsys.readouterr().err
     assert rc == 2 and one_error_line(err) and match in err, err

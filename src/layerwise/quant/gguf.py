@@ -89,7 +89,9 @@ def llama_quantize(source: str | Path, out: str | Path, base: str, overrides: li
     try:
         rc = lc.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
-            raise LayerwiseError(f"llama.cpp could not quantize {Path(source).name} to {base} (error {rc}); check that llama.cpp supports this architecture")
+            arch = ggufio.arch(ggufio.reader(source))
+            raise LayerwiseError(f"llama.cpp could not quantize {Path(source).name} (architecture {arch!r}) to {base} (error {rc}); "
+                                 "this llama.cpp build may not support that architecture: use --format int")
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -117,15 +119,19 @@ def candidate_files(lm: LoadedModel, types: tuple[str, ...] = TYPES) -> dict[str
     return files
 
 
-def _row_order(w: torch.Tensor, src: torch.Tensor, name: str) -> torch.Tensor:
+def _row_order(w: torch.Tensor, src: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
     """Indices ``p`` with ``src[p] == w``: llama.cpp's converter permutes the rows of some
     tensors (Llama's q and k), and quantization acts on rows, so the permutation found on the
-    source weights maps every quantized copy back to the model's layout."""
+    source weights maps every quantized copy back to the model's layout. The source is
+    rounded to the model's dtype first, so a bf16 or fp16 model matches exactly too."""
+    w = w.detach().float().cpu()
+    if w.shape != src.shape:
+        raise LayerwiseError(f"{name} in the GGUF file is {tuple(src.shape)}, the loaded model's is {tuple(w.shape)}; load the model from that GGUF file")
+    src = src.to(dtype).float()
     probe = torch.randn(w.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    kw, ks = w.double() @ probe, src.double() @ probe
-    p = torch.empty_like(kw, dtype=torch.long)
-    p[torch.argsort(kw)] = torch.argsort(ks)
-    if w.shape != src.shape or not torch.allclose(src[p], w.float(), atol=1e-3 * float(w.abs().max()), rtol=0):
+    p = torch.empty(w.shape[0], dtype=torch.long)
+    p[torch.argsort(w.double() @ probe)] = torch.argsort(src.double() @ probe)
+    if not torch.allclose(src[p], w, atol=1e-6 * float(w.abs().max()), rtol=0):
         raise LayerwiseError(f"the weights of {name} in the GGUF file do not match the loaded model; load the model from that GGUF file")
     return p
 
@@ -170,7 +176,8 @@ class GGUFCandidates:
     def stored(self, path: str, w: torch.Tensor, name: str, hessian: torch.Tensor | None) -> tuple[torch.Tensor, int, str]:
         tname = self.anatomy.gguf_name(path)
         if tname not in self._rows:
-            self._rows[tname] = _row_order(w, _dequantize(self.tensor("source", tname)), tname)
+            dtype = self.anatomy.model.get_submodule(path).weight.dtype
+            self._rows[tname] = _row_order(w, _dequantize(self.tensor("source", tname)), tname, dtype)
         t = self.tensor(name, tname)
         return _dequantize(t)[self._rows[tname]], ggufio.tensor_bits(t), t.tensor_type.name
 
