@@ -38,6 +38,14 @@ def _inputs(p: argparse.ArgumentParser, *, samples_help: str, out: str) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable results")
 
 
+def _action(sub, name: str, help: str, samples_help: str) -> argparse.ArgumentParser:
+    """A subcommand that changes the model and checks the result on held-out windows."""
+    p = sub.add_parser(name, help=help, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _inputs(p, samples_help=samples_help, out=f"runs/{name}")
+    p.add_argument("--eval-samples", type=int, default=16, help="held-out windows for perplexity and KL")
+    return p
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="layerwise", description="Measure how much every layer and sublayer matters.",
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,10 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-lens", action="store_true", help="skip the logit lens (one head projection per block)")
     pr.add_argument("--attention", action="store_true",
                     help="per-head attention entropy, query-key distance and sink mass (runs eager attention: slower, more memory)")
-    dr = sub.add_parser("drop", help="remove blocks or sublayers, save the smaller model, measure cost and speedup",
-                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _inputs(dr, samples_help="calibration windows (for measuring the order)", out="runs/drop")
-    dr.add_argument("--eval-samples", type=int, default=16, help="held-out windows for perplexity and KL")
+    dr = _action(sub, "drop", "remove blocks or sublayers, save the smaller model, measure cost and speedup",
+                 "calibration windows (for measuring the order)")
     what = dr.add_mutually_exclusive_group()
     what.add_argument("--n", type=int, help="how many units to drop (default 4)")
     what.add_argument("--sweep", help="comma-separated counts, e.g. 1,2,4,8: evaluate each, save no model")
@@ -63,10 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     dr.add_argument("--seed", type=int, default=0, help="for --order random")
     dr.add_argument("--export", default="hf", help="hf, gguf (GGUF source models only), both as hf,gguf, or none")
     dr.add_argument("--no-speed", action="store_true", help="skip the tokens-per-second measurement")
-    qz = sub.add_parser("quantize", help="mixed precision at any fractional bit budget, evaluated and exported",
-                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _inputs(qz, samples_help="calibration windows (for the measurement)", out="runs/quantize")
-    qz.add_argument("--eval-samples", type=int, default=16, help="held-out windows for perplexity and KL")
+    qz = _action(sub, "quantize", "mixed precision at any fractional bit budget, evaluated and exported",
+                 "calibration windows (for the measurement)")
     budget = qz.add_mutually_exclusive_group()
     budget.add_argument("--bits", type=float, help="target bits per weight over the quantized tensors, scales included (e.g. 4.6)")
     budget.add_argument("--sweep", help="comma-separated budgets, e.g. 4.6,5,5.5: evaluate each, export nothing")
@@ -143,11 +147,12 @@ def _split(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _counts(text: str) -> list[int]:
+def _sweep(text: str, cast: type, what: str) -> list:
+    """The values of a --sweep list, sorted and without repeats."""
     try:
-        return sorted({int(t) for t in _split(text)})
+        return sorted({cast(t) for t in _split(text)})
     except ValueError:
-        raise LayerwiseError(f"--sweep takes comma-separated whole numbers, e.g. 1,2,4 (got {text!r})") from None
+        raise LayerwiseError(f"--sweep takes comma-separated {what} (got {text!r})") from None
 
 
 def _drop(args: argparse.Namespace) -> int:
@@ -160,7 +165,7 @@ def _drop(args: argparse.Namespace) -> int:
         dp.check_profile(prof, lm)
     common = dict(prof=prof, iterative=args.iterative, seed=args.seed, batch_size=args.batch_size, progress=not args.json)
     if args.sweep:
-        plans = dp.sweep_plans(lm, w, ns=_counts(args.sweep), units=_split(args.unit), orders=_split(args.order), **common)
+        plans = dp.sweep_plans(lm, w, ns=_sweep(args.sweep, int, "whole numbers, e.g. 1,2,4"), units=_split(args.unit), orders=_split(args.order), **common)
     elif args.units:
         plans = [dp.given(lm.anatomy, _split(args.units))]
     else:
@@ -194,20 +199,13 @@ def _drop_summary(report) -> None:
     Console().print(t)
 
 
-def _budgets(text: str) -> list[float]:
-    try:
-        return sorted({float(t) for t in _split(text)})
-    except ValueError:
-        raise LayerwiseError(f"--sweep takes comma-separated bits per weight, e.g. 4.6,5,5.5 (got {text!r})") from None
-
-
 def _quantize(args: argparse.Namespace) -> int:
     from . import quantize as qz
     from .profile import Profile
 
     lm, w = _load(args)
     prof = Profile.load(args.profile) if args.profile else None
-    budgets = _budgets(args.sweep) if args.sweep else ([args.bits] if args.bits is not None else [])
+    budgets = _sweep(args.sweep, float, "bits per weight, e.g. 4.6,5,5.5") if args.sweep else ([args.bits] if args.bits is not None else [])
     export = None if args.export is None else (() if args.export == "none" else tuple(_split(args.export)))
     report = qz.run(lm, w, budgets=budgets, strategies=_split(args.strategy), family=args.format, method=args.method,
                     group_size=args.group_size, export=export, out=args.out, prof=prof, eval_samples=args.eval_samples,

@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 from ..io import write_atomic
-from .html import fmt, png
+from .html import fmt, page, png
 
 if TYPE_CHECKING:
     from ..drop import DropReport
@@ -69,24 +69,13 @@ def render(report: "DropReport") -> str:
     orig = "".join(f"<tr><td>{escape(k)}</td><td>{fmt(v)}</td></tr>" for k, v in o.items())
     exports = "".join(f"<tr><td>{escape(k)}</td><td>{escape(str(v.get('path')))}</td><td>{fmt(v.get('bytes'))}</td></tr>"
                       for k, v in report.exports.items())
-    meta = "".join(f"<tr><td>{escape(str(k))}</td><td>{escape(str(v))}</td></tr>" for k, v in report.meta.items())
-    title = escape(str(report.meta.get("model_id", "model")))
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>layerwise drop: {title}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1400px}}table{{border-collapse:collapse;font-size:12px}}
-td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}td:first-child,td:nth-child(2){{text-align:left}}img{{max-width:100%}}</style>
-</head><body>
-<h1>layerwise drop: {title}</h1>
-<p>Held-out windows: {fmt(o.get("n_windows"))} ({fmt(o.get("n_tokens"))} predicted tokens). Standard errors are across windows;
+    return page("drop", report.meta, f"""<p>Held-out windows: {fmt(o.get("n_windows"))} ({fmt(o.get("n_tokens"))} predicted tokens). Standard errors are across windows;
 <code>delta_nll</code> is the paired difference from the original.</p>
 <h2>Perplexity against units dropped</h2>{png(curves_figure(report))}
 <h2>Speed against the original</h2>{_speed(report)}
 <h2>Every plan</h2><table><tr>{head}</tr>{body}</table>
 <h2>Original model</h2><table>{orig}</table>
-<h2>Files written</h2><table>{exports or "<tr><td>none</td></tr>"}</table>
-<h2>Run</h2><table>{meta}</table>
-</body></html>
-"""
+<h2>Files written</h2><table>{exports or "<tr><td>none</td></tr>"}</table>""", left_columns=2)
 
 
 def write_drop_report(report: "DropReport", path: str | Path) -> Path:

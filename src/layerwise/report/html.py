@@ -120,24 +120,30 @@ def _ranking_table(prof: Profile) -> str:
     return f"<p>Units from least to most important by <code>{escape(str(ref))}</code>.</p><table><tr>{head}</tr>{body}</table>"
 
 
+def page(command: str, meta: dict, body: str, *, left_columns: int = 1) -> str:
+    """The page every layerwise command writes: title from the model id, one style, ``body``, then the run's metadata."""
+    title = escape(str(meta.get("model_id", "model")))
+    left = ",".join(f"td:nth-child({i + 1})" for i in range(left_columns))
+    rows = "".join(f"<tr><td>{escape(str(k))}</td><td>{escape(str(v))}</td></tr>" for k, v in meta.items())
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>layerwise {command}: {title}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1400px}}table{{border-collapse:collapse;font-size:12px}}
+td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}{left}{{text-align:left}}img{{max-width:100%}}</style>
+</head><body>
+<h1>layerwise {command}: {title}</h1>
+{body}
+<h2>Run</h2><table>{rows}</table>
+</body></html>
+"""
+
+
 def render(prof: Profile) -> str:
     """The whole page as a string; no computation beyond plotting."""
-    meta_rows = "".join(f"<tr><td>{escape(str(k))}</td><td>{escape(str(v))}</td></tr>" for k, v in prof.meta.items())
-    title = escape(str(prof.meta.get("model_id", "model")))
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>layerwise profile: {title}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1400px}}table{{border-collapse:collapse;font-size:12px}}
-td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}td:first-child{{text-align:left}}img{{max-width:100%}}</style>
-</head><body>
-<h1>layerwise profile: {title}</h1>
-<h2>Metrics across depth</h2>{_depth_plots(prof)}
+    return page("profile", prof.meta, f"""<h2>Metrics across depth</h2>{_depth_plots(prof)}
 <h2>All metrics, all units</h2>{_heatmap(prof)}
 <h2>Attention heads</h2>{_attention_heads(prof)}
 <h2>Which cheap metric tracks ablation?</h2>{_agreement_table(prof)}
-<h2>Ranking</h2>{_ranking_table(prof)}
-<h2>Run</h2><table>{meta_rows}</table>
-</body></html>
-"""
+<h2>Ranking</h2>{_ranking_table(prof)}""")
 
 
 def write_report(prof: Profile, path: str | Path) -> Path:

@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from ..io import write_atomic
-from .html import fmt, png
+from .html import fmt, page, png
 
 if TYPE_CHECKING:
     from ..quantize import QuantReport
@@ -64,15 +64,7 @@ def render(report: "QuantReport") -> str:
     orig = "".join(f"<tr><td>{escape(k)}</td><td>{fmt(v)}</td></tr>" for k, v in o.items())
     exports = "".join(f"<tr><td>{escape(k)}</td><td>{escape(str(v.get('path')))}</td><td>{fmt(v.get('bytes'))}</td>"
                       f"<td>{fmt(v.get('llama_cpp_ppl'))}</td></tr>" for k, v in report.exports.items())
-    meta = "".join(f"<tr><td>{escape(str(k))}</td><td>{escape(str(v))}</td></tr>" for k, v in report.meta.items())
-    title = escape(str(report.meta.get("model_id", "model")))
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>layerwise quantize: {title}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1400px}}table{{border-collapse:collapse;font-size:12px}}
-td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}td:first-child{{text-align:left}}img{{max-width:100%}}</style>
-</head><body>
-<h1>layerwise quantize: {title}</h1>
-<p>Held-out windows: {fmt(o.get("n_windows"))} ({fmt(o.get("n_tokens"))} predicted tokens). Standard errors are across windows;
+    return page("quantize", report.meta, f"""<p>Held-out windows: {fmt(o.get("n_windows"))} ({fmt(o.get("n_tokens"))} predicted tokens). Standard errors are across windows;
 <code>delta_nll</code> is the paired difference from the original and <code>predicted_delta_nll</code> what the measurement
 predicted for it. <code>bpw</code> counts codes, scales and zero points over the quantized tensors; <code>bpw_model</code>
 adds every other tensor as stored.</p>
@@ -80,10 +72,7 @@ adds every other tensor as stored.</p>
 <h2>Every plan</h2><table><tr>{head}</tr>{body}</table>
 <h2>Bits by block</h2>{charts}
 <h2>Original model</h2><table>{orig}</table>
-<h2>Files written</h2><table><tr><th>export</th><th>path</th><th>bytes</th><th>llama.cpp perplexity</th></tr>{exports or "<tr><td>none</td></tr>"}</table>
-<h2>Run</h2><table>{meta}</table>
-</body></html>
-"""
+<h2>Files written</h2><table><tr><th>export</th><th>path</th><th>bytes</th><th>llama.cpp perplexity</th></tr>{exports or "<tr><td>none</td></tr>"}</table>""")
 
 
 def write_quant_report(report: "QuantReport", path: str | Path) -> Path:
