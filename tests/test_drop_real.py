@@ -33,6 +33,8 @@ def test_drop_cli_writes_results(dropped):
     assert v["delta_nll"] > 0 and v["kl"] > 0 and v["params"] < data["original"]["params"]
     assert data["exports"]["gguf"]["bytes"] < data["exports"]["gguf"]["source_bytes"]
     assert "<img" in (dropped / "report.html").read_text()
+    assert cli.main(["report", str(dropped / "eval.json"), "--out", str(dropped / "again.html")]) == 0
+    assert "L20.attn" in (dropped / "again.html").read_text()
 
 
 def test_checkpoint_loads_in_plain_transformers_and_layerwise(dropped):

@@ -44,6 +44,12 @@ def test_plan_hits_the_budget_and_says_what_was_stored(run):
     assert "measured@4.6" in (run / "report.html").read_text()
 
 
+def test_report_is_rerendered_from_the_saved_result(run, tmp_path):
+    page = tmp_path / "again.html"
+    assert cli.main(["report", str(run), "--out", str(page)]) == 0
+    assert "measured@4.6" in page.read_text() and "Bits by block" in page.read_text()
+
+
 def test_gguf_export_holds_the_plan_and_runs_in_llama_cpp(run):
     """The file's tensor types are the plan's stored types; llama.cpp's perplexity is within 2% of ours."""
     plan = next(iter(json.loads((run / "plan.json").read_text())["plans"].values()))

@@ -14,7 +14,7 @@ EXAMPLES = """examples:
   layerwise profile --model ./my-llama --data notes.txt --seq-len 512 --samples 32 --out runs/p
   layerwise profile --model model.gguf --ablation taylor --device cuda --dtype bfloat16
   layerwise profile --attention --ablation none        # attention entropy / distance / sink per head
-  layerwise report runs/profile/profile.json          # re-render the page from saved results
+  layerwise report runs/profile/profile.json          # re-render the page from saved results (profile, drop or quantize)
   layerwise drop --n 6 --unit block --order bi --out runs/drop6        # ShortGPT
   layerwise drop --n 8 --unit any --order sub_cos --out runs/llmdrop  # LLM-Drop, attn and mlp ranked jointly
   layerwise drop --sweep 1,2,4,6,8,12 --unit attn,mlp,block --order sub_cos,ablate_nll,random --out runs/drop-sweep
@@ -81,8 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     qz.add_argument("--export", help="gguf,recipe (--format gguf; the default for one plan) or none")
     qz.add_argument("--profile", help="profile.json for ranked:METRIC (must come from this model); measured if absent")
     qz.add_argument("--seed", type=int, default=0, help="for ranked:random")
-    rp = sub.add_parser("report", help="re-render report.html from a saved profile")
-    rp.add_argument("profile", help="profile.json or its directory")
+    rp = sub.add_parser("report", help="re-render report.html from a saved profile, drop or quantize result")
+    rp.add_argument("profile", metavar="RESULT", help="profile.json, eval.json or the folder holding them")
     rp.add_argument("--out", help="HTML path (default: report.html beside the profile)")
     return p
 
@@ -238,13 +238,26 @@ def _quant_summary(report) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .profile import Profile
-    from .report import write_report
-
-    prof = Profile.load(args.profile)
+    """Re-render the page of a saved profile, drop or quantize result (its folder or its JSON)."""
     src = Path(args.profile)
-    out = Path(args.out) if args.out else (src if src.is_dir() else src.parent) / "report.html"
-    print(f"wrote {write_report(prof, out)}")
+    folder = src if src.is_dir() else src.parent
+    out = Path(args.out) if args.out else folder / "report.html"
+    if (folder / "plan.json").exists():
+        from .quantize import QuantReport
+        from .report.quant import write_quant_report
+
+        path = write_quant_report(QuantReport.load(folder), out)
+    elif (folder / "eval.json").exists() and not (folder / "profile.json").exists():
+        from .drop import DropReport
+        from .report.drop import write_drop_report
+
+        path = write_drop_report(DropReport.load(folder), out)
+    else:
+        from .profile import Profile
+        from .report import write_report
+
+        path = write_report(Profile.load(args.profile), out)
+    print(f"wrote {path}")
     return 0
 
 
