@@ -121,7 +121,8 @@ def check_profile(prof: Profile, lm: LoadedModel) -> None:
         raise LayerwiseError(f"the profile has {prof.meta['n_layers']} blocks but this model has {lm.anatomy.n_layers}; profile this model")
 
 
-def _ablation_for(metric: str) -> str:
+def ablation_for(metric: str) -> str:
+    """The cheapest ``--ablation`` that still measures ``metric``."""
     return {"ablate_nll": "exact", "ablate_kl": "exact", "taylor_nll": "taylor"}.get(metric, "none")
 
 
@@ -137,7 +138,7 @@ def rank(prof: Profile, unit: str, metric: str, exclude: set[str] = frozenset())
     sign = DIRECTION.get(metric, 0) or 1
     vals = [(u.name, u.metrics.get(metric)) for u in prof.units if u.kind in kinds and u.name not in exclude]
     if any(v is None for _, v in vals):
-        raise LayerwiseError(f"the profile has no {metric} values; re-profile with --ablation {_ablation_for(metric)}")
+        raise LayerwiseError(f"the profile has no {metric} values; re-profile with --ablation {ablation_for(metric)}")
     return sorted(((name, float(v)) for name, v in vals), key=lambda nv: sign * nv[1])  # type: ignore[arg-type]
 
 
@@ -199,7 +200,7 @@ def choose(
     if prof is not None:
         check_profile(prof, lm)
     elif not iterative:
-        prof = profile(lm, windows, ablation=_ablation_for(order), lens=False, batch_size=batch_size, progress=progress)  # type: ignore[arg-type]
+        prof = profile(lm, windows, ablation=ablation_for(order), lens=False, batch_size=batch_size, progress=progress)  # type: ignore[arg-type]
     if not iterative:
         assert prof is not None
         chosen = rank(prof, unit, order)[:n]
@@ -209,7 +210,7 @@ def choose(
     for step in tqdm(range(n), desc="iterative drop", disable=not progress):
         if step > 0 or prof is None:
             with skip(an, chosen_units):
-                prof = profile(lm, windows, ablation=_ablation_for(order), lens=False, batch_size=batch_size, progress=False)  # type: ignore[arg-type]
+                prof = profile(lm, windows, ablation=ablation_for(order), lens=False, batch_size=batch_size, progress=False)  # type: ignore[arg-type]
         name, value = rank(prof, unit, order, exclude=_covered(chosen_units))[0]
         chosen_units.append(name)
         scores[name] = value
@@ -417,7 +418,7 @@ def sweep_plans(lm: LoadedModel, windows: Windows, *, ns: list[int], units: list
                 progress: bool = True) -> list[DropPlan]:
     """One plan per (unit kind, order, n). Rankings are nested: the n-unit plan is the first n of the largest."""
     if prof is None and any(o not in SPECIAL_ORDERS for o in orders) and not iterative:
-        needed = max((_ablation_for(o) for o in orders if o not in SPECIAL_ORDERS), key=("none", "taylor", "exact").index)
+        needed = max((ablation_for(o) for o in orders if o not in SPECIAL_ORDERS), key=("none", "taylor", "exact").index)
         prof = profile(lm, windows, ablation=needed, lens=False, batch_size=batch_size, progress=progress)  # type: ignore[arg-type]
     plans = []
     for unit in units:

@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 
 from .data import Windows
-from .drop import check_profile, rank
+from .drop import ablation_for, check_profile, rank
 from .errors import LayerwiseError
 from .evaluate import next_token_logits, quality
 from .io import write_atomic, write_json
@@ -84,8 +84,7 @@ def block_order(lm: LoadedModel, windows: Windows, metric: str, prof: Profile | 
         random.Random(seed).shuffle(order)
         return order
     if prof is None:
-        ablation = {"ablate_nll": "exact", "ablate_kl": "exact", "taylor_nll": "taylor"}.get(metric, "none")
-        prof = profile(lm, windows, ablation=ablation, lens=metric.startswith("lens_"), progress=progress)  # type: ignore[arg-type]
+        prof = profile(lm, windows, ablation=ablation_for(metric), lens=metric.startswith("lens_"), progress=progress)  # type: ignore[arg-type]
     check_profile(prof, lm)
     return [int(u[1:]) for u, _ in rank(prof, "block", metric)]
 
@@ -103,7 +102,7 @@ def plans(lm: LoadedModel, windows: Windows, meas: Measurement, budgets: list[fl
     out: list[Allocation] = []
     for strategy in strategies:
         if strategy == "q4km":
-            if not isinstance(next(iter(meas.groups.values()))["configs"].get("Q4_K"), dict):
+            if "Q4_K" not in next(iter(meas.groups.values()))["configs"]:
                 raise LayerwiseError("the q4km baseline is a GGUF rule; use it with --format gguf")
             out.append(qg.q4km(meas, lm.anatomy))
             continue
