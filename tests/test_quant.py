@@ -276,3 +276,69 @@ def test_gptq_plans_run_block_by_block_on_quantized_inputs():
     torch.testing.assert_close(weights[q1], want)
     with pytest.raises(LayerwiseError, match="calibration windows"):
         plan_weights(lm, meas, plan, cands)
+
+
+def _split_windows(n_calib: int = 4, n_eval: int = 3):
+    from layerwise.data import Windows
+
+    g = torch.Generator().manual_seed(1)
+    n = n_calib + n_eval
+    return Windows(ids=torch.randint(0, 97, (n, 16), generator=g), n_calib=n_calib, source="random", data_hash="x", n_text_tokens=n * 16)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_hf_export_loads_in_plain_transformers_with_the_plans_weights(tmp_path, method):
+    """The compressed-tensors checkpoint holds the plan's own codes: transformers' weights equal the fake-quantized ones."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from layerwise import quantize as qz
+    from layerwise.quant.allocate import solve
+    from layerwise.quant.apply import plan_weights, quantized
+    from layerwise.quant.measure import Measurement
+
+    from .conftest import tiny_lm
+
+    lm, w = tiny_lm("llama"), _split_windows()
+    rep = qz.run(lm, w, budgets=[4.8], strategies=["measured"], family="int", method=method, out=tmp_path, eval_samples=3, progress=False)
+    plan = next(iter(rep.plans.values()))
+    configs = {g: e["config"] for g, e in plan["groups"].items()}
+    assert all(c.startswith("s") for c in configs.values()) and len({c for c in configs.values()}) > 1
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    # the same plan, made again (GPTQ included) and put into the model by layerwise
+    meas = Measurement.load(tmp_path / "measurement.json", {})
+    alloc = solve(meas, 4.8)
+    weights = plan_weights(lm, meas, alloc, qz.candidates_for(lm, "int", method=method, symmetric=True, sizes=(32,)), w)
+    with quantized(lm, weights), torch.no_grad():  # compressed-tensors decompresses on the first forward
+        torch.testing.assert_close(loaded(input_ids=w.ids).logits, lm.model(input_ids=w.ids).logits, rtol=0, atol=1e-5)
+    names = {m: n for n, m in lm.model.named_modules()}
+    for m, deq in weights.items():
+        assert torch.equal(loaded.get_submodule(names[m]).weight, deq)
+    assert rep.exports["hf"]["transformers_ppl"] == pytest.approx(rep.rows[0]["ppl"], rel=1e-5)
+    # one config group per scheme, and fused shards (q/k/v, gate/up) under the same one
+    qc = json.loads((tmp_path / "model" / "config.json").read_text())["quantization_config"]
+    scheme = {t: (g["weights"]["num_bits"], g["weights"]["group_size"], g["weights"]["symmetric"]) for g in qc["config_groups"].values() for t in g["targets"]}
+    for group, e in plan["groups"].items():
+        assert {scheme[p] for p in e["modules"]} == {(int(e["config"][1]), int(e["config"].split("g")[1]), True)}
+    assert qc["format"] == "pack-quantized" and "lm_head" in qc["ignore"]
+
+
+def test_hf_export_refuses_what_cannot_load(tmp_path):
+    from layerwise import quantize as qz
+    from layerwise.errors import LayerwiseError
+
+    from .conftest import tiny_lm
+
+    w = _split_windows()
+    cases = [(tiny_lm("llama"), {"symmetric": False}, "symmetric codes only"),
+             (tiny_lm("llama"), {"group_size": 24}, "does not divide rows of 32"),
+             (tiny_lm("gpt2"), {}, "Conv1D"),
+             (tiny_lm("llama"), {"family": "gguf"}, "not available for --format gguf")]
+    bf16 = tiny_lm("llama")
+    bf16.model.to(torch.bfloat16)
+    cases.append((bf16, {}, "--dtype float16 or float32"))
+    for lm, kw, msg in cases:
+        with pytest.raises(LayerwiseError, match=msg):
+            qz.run(lm, w, budgets=[4.8], strategies=["measured"], **{"family": "int", **kw}, export=("hf",), out=tmp_path, progress=False)
+        assert not (tmp_path / "measurement.json").exists()

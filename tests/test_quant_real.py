@@ -82,6 +82,39 @@ def test_recipe_makes_the_same_file_with_llama_quantize(run, tmp_path):
         assert bytes(theirs[name].data) == bytes(t.data), name
 
 
+def test_hf_export_generates_the_fake_quantized_models_tokens(real_cache, tmp_path):
+    """compressed-tensors checkpoint of a mixed-bit GPTQ plan: plain transformers loads it and decodes as layerwise does."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from layerwise import load, windows
+    from layerwise.quant.allocate import solve
+    from layerwise.quant.apply import plan_weights, quantized
+    from layerwise.quant.measure import Measurement
+    from layerwise.quantize import candidates_for
+
+    out = tmp_path / "ct"
+    argv = ["--format", "int", "--method", "gptq", "--group-size", "64", "--bits", "5", "--seq-len", "64", "--samples", "2", "--eval-samples", "3"]
+    assert cli.main(["quantize", *argv, "--out", str(out)]) == 0
+    plan = next(iter(json.loads((out / "plan.json").read_text())["plans"].values()))
+    bits = {g["config"] for g in plan["groups"].values()}
+    assert len(bits) > 1 and all(c.startswith("s") and c.endswith("g64") for c in bits)
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["exports"]["hf"]["transformers_ppl"] == pytest.approx(ev["rows"][0]["ppl"], rel=1e-4)
+    lm = load("default")
+    meas = Measurement.load(out / "measurement.json", {})
+    cands = candidates_for(lm, "int", method="gptq", group_size=64, symmetric=True)
+    weights = plan_weights(lm, meas, solve(meas, 5), cands, windows("builtin:pydoc", lm.tokenizer, seq_len=64, samples=2))
+    theirs = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    prompt = lm.tokenizer("def fibonacci(n):", return_tensors="pt").input_ids
+    with torch.no_grad():
+        got = theirs.generate(prompt, max_new_tokens=24, do_sample=False)
+        with quantized(lm, weights):
+            want = lm.model.generate(prompt, max_new_tokens=24, do_sample=False)
+    assert got.tolist() == want.tolist()
+    assert sum(f.stat().st_size for f in (out / "model").glob("*.safetensors")) == ev["exports"]["hf"]["bytes"]
+
+
 def test_q4km_is_llama_cpp_rule(real_cache, tmp_path):
     """Our Q4_K_M plan gives Q6_K to the same tensors as llama.cpp's own Q4_K_M file."""
     from layerwise import load
@@ -106,6 +139,9 @@ def test_q4km_is_llama_cpp_rule(real_cache, tmp_path):
         (["--bits", "5", "--strategy", "measured,uniform", "--export", "gguf"], "writes one model"),
         (["--bits", "5", "--strategy", "best"], "unknown --strategy"),
         (["--bits", "3", "--format", "int", "--group-size", "1024"], "larger than a row"),
+        (["--bits", "5", "--format", "int", "--group-size", "128", "--export", "hf"], "does not divide rows of 576"),
+        (["--bits", "5", "--format", "int", "--no-symmetric", "--export", "hf"], "symmetric codes only"),
+        (["--bits", "5", "--format", "int", "--export", "gguf"], "not available for --format int"),
         (["--bits", "5", "--group-size", "64"], "use --format int"),
         (["--bits", "5", "STALE"], "is stale"),
         (["--bits", "5", "CORRUPT"], "not a readable measurement"),

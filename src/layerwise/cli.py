@@ -21,6 +21,7 @@ EXAMPLES = """examples:
   layerwise quantize --bits 5 --strategy measured --out runs/q5        # mixed GGUF types + llama-quantize recipe
   layerwise quantize --sweep 4.6,5,5.5,6 --strategy measured,ranked:bi,uniform,q4km --out runs/q-sweep
   layerwise quantize --format int --group-size 64 --sweep 2.5,3,3.5,4 --strategy measured,uniform --out runs/int
+  layerwise quantize --format int --method gptq --bits 4.5 --out runs/q45-ct  # compressed-tensors checkpoint
 """
 
 
@@ -78,7 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     qz.add_argument("--format", default="gguf", choices=["gguf", "int"], help="llama.cpp's GGUF types, or integer codes with group scales")
     qz.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="--format int: round to nearest or GPTQ")
     qz.add_argument("--group-size", type=int, help="--format int: one group size (default: candidates at 32, 64 and 128)")
-    qz.add_argument("--export", help="gguf,recipe (--format gguf; the default for one plan) or none")
+    qz.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
+                    help="--format int: symmetric codes (no zero points); the default with --export hf, which needs them")
+    qz.add_argument("--export", help="gguf,recipe (--format gguf) or hf (--format int: compressed-tensors); the format's all for one plan; none")
     qz.add_argument("--profile", help="profile.json for ranked:METRIC (must come from this model); measured if absent")
     qz.add_argument("--seed", type=int, default=0, help="for ranked:random")
     rp = sub.add_parser("report", help="re-render report.html from a saved profile, drop or quantize result")
@@ -208,7 +211,7 @@ def _quantize(args: argparse.Namespace) -> int:
     budgets = _sweep(args.sweep, float, "bits per weight, e.g. 4.6,5,5.5") if args.sweep else ([args.bits] if args.bits is not None else [])
     export = None if args.export is None else (() if args.export == "none" else tuple(_split(args.export)))
     report = qz.run(lm, w, budgets=budgets, strategies=_split(args.strategy), family=args.format, method=args.method,
-                    group_size=args.group_size, export=export, out=args.out, prof=prof, eval_samples=args.eval_samples,
+                    group_size=args.group_size, symmetric=args.symmetric, export=export, out=args.out, prof=prof, eval_samples=args.eval_samples,
                     seed=args.seed, batch_size=args.batch_size, progress=not args.json)
     out = Path(args.out)
     if args.json:
@@ -233,7 +236,8 @@ def _quant_summary(report) -> None:
                   f"{r['delta_nll']:+.4f} ± {r['delta_nll_se'] or 0:.4f}", f"{r['predicted_delta_nll']:.4f}", f"{r['kl']:.4f}")
     Console().print(t)
     for name, e in report.exports.items():
-        extra = f", llama.cpp perplexity {e['llama_cpp_ppl']:.3f}" if "llama_cpp_ppl" in e else ""
+        ppl = [f"{who} perplexity {e[k]:.3f}" for k, who in (("llama_cpp_ppl", "llama.cpp"), ("transformers_ppl", "transformers")) if k in e]
+        extra = ", " + ", ".join(ppl) if ppl else ""
         print(f"{name}: {e['path']}{extra}")
 
 

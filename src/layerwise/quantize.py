@@ -41,24 +41,26 @@ from .loading import LoadedModel
 from .profile import Profile, profile
 from .quant import gguf as qg
 from .quant.allocate import Allocation, check_budget, ranked, solve, uniform
-from .quant.apply import plan_weights, quantized
+from .quant import hf
+from .quant.apply import plan_codes, plan_weights, quantized
 from .quant.measure import Candidates, GroupCandidates, Measurement, bit_range, measure
 from .quant.rtn import QConfig
 
 Family = Literal["gguf", "int"]
-EXPORTS = {"gguf": ("gguf", "recipe"), "int": ()}
+EXPORTS = {"gguf": ("gguf", "recipe"), "int": ("hf",)}
 
 
-def candidates_for(lm: LoadedModel, family: Family, *, method: str = "rtn", group_size: int | None = None) -> Candidates:
-    """The candidate set of a family: GGUF types, or 2-8 bit integer codes at one group size (all three when None)."""
+def candidates_for(lm: LoadedModel, family: Family, *, method: str = "rtn", group_size: int | None = None,
+                   symmetric: bool | None = None, sizes: tuple[int, ...] = (32, 64, 128)) -> Candidates:
+    """The candidate set of a family: GGUF types, or 2-8 bit integer codes at one group size (else at each of ``sizes``)."""
     if family == "gguf":
-        if method != "rtn" or group_size is not None:
-            raise LayerwiseError("--method and --group-size choose integer formats; GGUF types fix their own (use --format int)")
+        if method != "rtn" or group_size is not None or symmetric is not None:
+            raise LayerwiseError("--method, --group-size and --symmetric choose integer formats; GGUF types fix their own (use --format int)")
         return qg.GGUFCandidates.of(lm)
     if family != "int":
         raise LayerwiseError(f"unknown --format {family!r}; use gguf or int")
-    sizes = (group_size,) if group_size else (32, 64, 128)
-    return GroupCandidates(tuple(QConfig(b, g) for b in (2, 3, 4, 5, 6, 8) for g in sizes), method)  # type: ignore[arg-type]
+    sizes = (group_size,) if group_size else sizes
+    return GroupCandidates(tuple(QConfig(b, g, bool(symmetric)) for b in (2, 3, 4, 5, 6, 8) for g in sizes), method)  # type: ignore[arg-type]
 
 
 def _uniform_bpw(meas: Measurement) -> list[tuple[float, str]]:
@@ -208,7 +210,7 @@ class QuantReport:
 
 
 def run(lm: LoadedModel, windows: Windows, *, budgets: list[float], strategies: list[str], family: Family = "gguf",
-        method: str = "rtn", group_size: int | None = None, export: tuple[str, ...] | None = None,
+        method: str = "rtn", group_size: int | None = None, symmetric: bool | None = None, export: tuple[str, ...] | None = None,
         out: str | Path | None = None, prof: Profile | None = None, eval_samples: int = 16, seed: int = 0,
         batch_size: int = 4, progress: bool = True) -> QuantReport:
     """Measure, plan every strategy at every budget, evaluate each plan on held-out windows, export one plan."""
@@ -225,7 +227,14 @@ def run(lm: LoadedModel, windows: Windows, *, budgets: list[float], strategies: 
         raise LayerwiseError(f"--export {', '.join(sorted(unknown))} is not available for --format {family} (available: {allowed})")
     if export and n_plans != 1:
         raise LayerwiseError(f"--export writes one model but this run makes {n_plans} plans; give one --bits and one --strategy")
-    cands = candidates_for(lm, family, method=method, group_size=group_size)
+    if family == "int" and symmetric is None:
+        symmetric = "hf" in export
+    sizes = (32, 64, 128)
+    if "hf" in export:  # only whole groups load: keep the default sizes that tile every row
+        sizes = tuple(g for g in sizes if all(w % g == 0 for w in hf.row_widths(lm))) or sizes
+    cands = candidates_for(lm, family, method=method, group_size=group_size, symmetric=symmetric, sizes=sizes)
+    if "hf" in export:
+        hf.check(lm, cands.configs)  # type: ignore[attr-defined]
     lo, hi = bit_range(lm, cands)
     for b in budgets:
         check_budget(b, lo, hi)
@@ -235,7 +244,7 @@ def run(lm: LoadedModel, windows: Windows, *, budgets: list[float], strategies: 
     original, rows, plan_json = evaluate(lm, windows, meas, cands, allocs, eval_ids, batch_size=batch_size)
     exports: dict = {}
     if out is not None and export:
-        exports = _export(lm, meas, allocs[0], cands, Path(out), export, eval_ids)  # type: ignore[arg-type]
+        exports = _export(lm, windows, meas, allocs[0], cands, Path(out), export, eval_ids)
     meta = {**lm.meta(), "data": windows.meta(), "format": family, "method": method if family == "int" else "llama.cpp",
             "candidates": list(cands.names), "measurement_s": meas.meta.get("seconds"), "eval_windows": int(eval_ids.shape[0]),
             "wall_time_s": round(time.perf_counter() - start, 3), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -245,16 +254,23 @@ def run(lm: LoadedModel, windows: Windows, *, budgets: list[float], strategies: 
     return report
 
 
-def _export(lm: LoadedModel, meas: Measurement, alloc: Allocation, cands: qg.GGUFCandidates, out: Path,
+def _export(lm: LoadedModel, windows: Windows, meas: Measurement, alloc: Allocation, cands: Candidates, out: Path,
             export: tuple[str, ...], eval_ids: torch.Tensor) -> dict:
-    """Write the GGUF file and/or recipe of one plan; the file is run in llama.cpp on the held-out windows."""
-    types = qg.tensor_types(meas, alloc, lm.anatomy)
+    """Write one plan's files; each model written is run in its consumer (llama.cpp, transformers) on the held-out windows."""
     exports: dict = {}
+    if "hf" in export:
+        path = hf.export(lm, plan_codes(lm, meas, alloc, cands, windows), out / "model")  # type: ignore[arg-type]
+        nll = hf.transformers_nll(path, eval_ids, device=lm.device)
+        exports["hf"] = {"path": str(path), "bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")),
+                         "transformers_ppl": math.exp(sum(nll) / len(nll))}
+    if not {"gguf", "recipe"} & set(export):
+        return exports
+    types = qg.tensor_types(meas, alloc, lm.anatomy)
     if "recipe" in export:
-        path = write_atomic(out / "recipe.sh", qg.recipe(types, cands.source))
+        path = write_atomic(out / "recipe.sh", qg.recipe(types, cands.source))  # type: ignore[attr-defined]
         exports["recipe"] = {"path": str(path)}
     if "gguf" in export:
-        path = qg.export(cands, types, out / "model.gguf")
+        path = qg.export(cands, types, out / "model.gguf")  # type: ignore[arg-type]
         nll = qg.llama_nll(path, eval_ids)
         exports["gguf"] = {"path": str(path), "bytes": path.stat().st_size, "llama_cpp_ppl": math.exp(sum(nll) / len(nll)),
                            "stored_types": {t: s for t, (_, s) in types.items()}}

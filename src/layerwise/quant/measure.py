@@ -30,7 +30,7 @@ from ..io import write_json
 from ..loading import LoadedModel
 from ..trace import BlockTrace, tap
 from .gptq import Hessian, quantize_gptq
-from .rtn import QConfig, quantize_rtn
+from .rtn import QConfig, QTensor, quantize_rtn
 
 Method = Literal["rtn", "gptq"]
 DEFAULT_CANDIDATES: tuple[QConfig, ...] = tuple(QConfig(b, g) for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128))
@@ -137,13 +137,16 @@ class GroupCandidates:
         cfg.check(shape[1])
         return cfg.storage_bits(*shape)
 
-    def stored(self, path: str, w: torch.Tensor, name: str, hessian: torch.Tensor | None) -> tuple[torch.Tensor, int, str]:
+    def codes(self, path: str, w: torch.Tensor, name: str, hessian: torch.Tensor | None) -> QTensor:
+        """The integer codes, scales and zero points of ``w`` under config ``name`` (what an export writes)."""
         cfg = self._config(name)
-        bits = self.bits(path, tuple(w.shape), name)  # type: ignore[arg-type]
         if self.method == "gptq" and hessian is None:
             raise LayerwiseError("GPTQ needs each layer's calibration inputs; apply GPTQ plans through a measurement run")
-        q = quantize_gptq(w, hessian, cfg) if self.method == "gptq" else quantize_rtn(w, cfg)  # type: ignore[arg-type]
-        return q.dequantize(), bits, name
+        return quantize_gptq(w, hessian, cfg) if self.method == "gptq" else quantize_rtn(w, cfg)  # type: ignore[arg-type]
+
+    def stored(self, path: str, w: torch.Tensor, name: str, hessian: torch.Tensor | None) -> tuple[torch.Tensor, int, str]:
+        bits = self.bits(path, tuple(w.shape), name)  # type: ignore[arg-type]
+        return self.codes(path, w, name, hessian).dequantize(), bits, name
 
 
 def measure(

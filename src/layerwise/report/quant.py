@@ -55,6 +55,10 @@ def curve_figure(report: "QuantReport"):
     return fig
 
 
+#: Where each export's perplexity was measured: the program that loads the file.
+_CONSUMERS = {"llama_cpp_ppl": "llama.cpp", "transformers_ppl": "transformers"}
+
+
 def render(report: "QuantReport") -> str:
     o = report.original
     head = "".join(f"<th>{escape(c)}</th>" for c in ("plan", *_COLUMNS))
@@ -63,7 +67,8 @@ def render(report: "QuantReport") -> str:
     charts = "".join(png(plan_figure(k, p)) for k, p in list(report.plans.items())[:_MAX_PLAN_CHARTS])
     orig = "".join(f"<tr><td>{escape(k)}</td><td>{fmt(v)}</td></tr>" for k, v in o.items())
     exports = "".join(f"<tr><td>{escape(k)}</td><td>{escape(str(v.get('path')))}</td><td>{fmt(v.get('bytes'))}</td>"
-                      f"<td>{fmt(v.get('llama_cpp_ppl'))}</td></tr>" for k, v in report.exports.items())
+                      + "".join(f"<td>{fmt(v[key])} ({who})</td>" for key, who in _CONSUMERS.items() if key in v) + "</tr>"
+                      for k, v in report.exports.items())
     return page("quantize", report.meta, f"""<p>Held-out windows: {fmt(o.get("n_windows"))} ({fmt(o.get("n_tokens"))} predicted tokens). Standard errors are across windows;
 <code>delta_nll</code> is the paired difference from the original and <code>predicted_delta_nll</code> what the measurement
 predicted for it. <code>bpw</code> counts codes, scales and zero points over the quantized tensors; <code>bpw_model</code>
@@ -72,7 +77,7 @@ adds every other tensor as stored.</p>
 <h2>Every plan</h2><table><tr>{head}</tr>{body}</table>
 <h2>Bits by block</h2>{charts}
 <h2>Original model</h2><table>{orig}</table>
-<h2>Files written</h2><table><tr><th>export</th><th>path</th><th>bytes</th><th>llama.cpp perplexity</th></tr>{exports or "<tr><td>none</td></tr>"}</table>""")
+<h2>Files written</h2><table><tr><th>export</th><th>path</th><th>bytes</th><th>perplexity where it is loaded</th></tr>{exports or "<tr><td>none</td></tr>"}</table>""")
 
 
 def write_quant_report(report: "QuantReport", path: str | Path) -> Path:

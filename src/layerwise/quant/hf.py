@@ -1,0 +1,124 @@
+"""compressed-tensors export: a plan's integer codes as a ``pack-quantized`` checkpoint.
+
+transformers loads it with plain ``from_pretrained`` (the ``compressed-tensors``
+package installed) and vLLM serves it. Every (bits, group size) pair of the
+plan becomes one config group that targets its modules by exact name, so q/k/v
+and gate/up, which the plan keeps together, share a scheme as vLLM's fused
+layers require. The codes are the plan's own: nothing is requantized, and the
+loaded weights equal layerwise's fake-quantized weights bit for bit when the
+model is float32 or float16 (scales are stored as float16).
+
+Conventions: layerwise's symmetric codes are unsigned with an offset of
+``2**(bits-1)``, compressed-tensors' are signed; ``pack_to_int32`` adds the
+offset back, so the bits on disk are layerwise's codes.
+
+Only symmetric groups that tile every row exactly are written: with
+compressed-tensors 0.20 and transformers 5, checkpoints with zero points or a
+short last group are written but do not load.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from ..errors import LayerwiseError
+from ..io import atomic_dir
+from ..loading import LoadedModel
+from .rtn import QConfig, QTensor
+
+FORMAT = "pack-quantized"
+
+
+def row_widths(lm: LoadedModel) -> set[int]:
+    """The input widths of every quantized linear map (a group size must divide each for compressed-tensors)."""
+    an = lm.anatomy
+    return {int(an.linear_weight(m).shape[1]) for layer in range(an.n_layers) for _, ms in an.quant_groups(layer) for _, m in ms}
+
+
+def _check_dtype(lm: LoadedModel) -> None:
+    if lm.model.dtype == torch.bfloat16:
+        raise LayerwiseError("a bfloat16 model cannot hold the float16 scales exactly; load it with --dtype float16 or float32 to export hf")
+
+
+def check(lm: LoadedModel, configs: tuple[QConfig, ...]) -> None:
+    """Refuse, before anything is measured, a model or candidate set that cannot become a loadable checkpoint."""
+    an = lm.anatomy
+    _check_dtype(lm)
+    if an.spec.transposed:
+        raise LayerwiseError(f"compressed-tensors quantizes torch.nn.Linear layers; {an.model_type}'s Conv1D layers cannot be exported as hf (use --export none)")
+    asym = sorted({c.name for c in configs if not c.symmetric})
+    if asym:
+        raise LayerwiseError(f"--export hf writes symmetric codes only (transformers cannot load compressed-tensors zero points); drop --no-symmetric (got {', '.join(asym)})")
+    widths = row_widths(lm)
+    for c in configs:
+        for w in widths:
+            c.check(w)
+        bad = sorted(w for w in widths if w % c.group_size)
+        if bad:
+            fits = [g for g in (32, 64, 128, 256) if all(w % g == 0 for w in widths)]
+            raise LayerwiseError(f"group size {c.group_size} does not divide rows of {bad[0]} weights, and compressed-tensors needs whole groups; use --group-size {' or '.join(map(str, fits)) or 'that divides ' + str(bad[0])}")
+
+
+def quantization_config(codes: dict[str, QTensor], linear: list[str]):
+    """One config group per (bits, group size), targeting modules by exact name; other Linear layers ignored."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme, QuantizationStatus
+
+    by_scheme: dict[tuple[int, int], list[str]] = defaultdict(list)
+    for path, q in codes.items():
+        by_scheme[(q.config.bits, q.config.group_size)].append(path)
+    groups = {f"group_{i}": QuantizationScheme(targets=sorted(paths), format=FORMAT,
+                                               weights=QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=g))
+              for i, ((bits, g), paths) in enumerate(sorted(by_scheme.items()))}
+    return QuantizationConfig(config_groups=groups, format=FORMAT, quantization_status=QuantizationStatus.COMPRESSED,
+                              ignore=sorted(n for n in linear if n not in codes))
+
+
+def packed(q: QTensor) -> dict[str, torch.Tensor]:
+    """The ``weight_packed``/``weight_scale``/``weight_shape`` tensors of one module."""
+    from compressed_tensors.compressors.pack_quantized import pack_to_int32
+
+    cfg = q.config
+    if q.zeros is not None:
+        raise LayerwiseError("compressed-tensors export takes symmetric codes only")
+    out_f, in_f = q.codes.shape
+    signed = (q.codes.to(torch.int16) - 2 ** (cfg.bits - 1)).to(torch.int8)
+    return {"weight_packed": pack_to_int32(signed.cpu(), cfg.bits).contiguous(),
+            "weight_scale": q.scales.detach().cpu().half().contiguous(),
+            "weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64)}
+
+
+def export(lm: LoadedModel, codes: dict[str, QTensor], out: str | Path) -> Path:
+    """Write the model with ``codes`` in place of those modules' weights, as a compressed-tensors checkpoint, atomically."""
+    from compressed_tensors.compressors import ModelCompressor
+
+    _check_dtype(lm)
+    linear = [n for n, m in lm.model.named_modules() if isinstance(m, torch.nn.Linear)]
+    state = {}
+    for name, t in lm.model.state_dict().items():
+        module, _, leaf = name.rpartition(".")
+        if module in codes and leaf == "weight":
+            state |= {f"{module}.{k}": v for k, v in packed(codes[module]).items()}
+        else:
+            state[name] = t
+    with atomic_dir(out) as tmp:
+        lm.model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        ModelCompressor(quantization_config=quantization_config(codes, linear)).update_config(str(tmp))
+        if lm.tokenizer is not None:
+            lm.tokenizer.save_pretrained(tmp)
+    return Path(out)
+
+
+def transformers_nll(path: str | Path, ids: torch.Tensor, *, device: str | torch.device = "cpu") -> list[float]:
+    """Mean next-token NLL of each window when plain transformers loads the checkpoint (compressed-tensors decompresses it)."""
+    from transformers import AutoModelForCausalLM
+
+    from ..evaluate import next_token_logits
+
+    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).to(device).eval()
+    logits = next_token_logits(model)
+    out = [float(torch.nn.functional.cross_entropy(logits(row[None].to(device)).float(), row[1:].to(device))) for row in ids]
+    del model
+    return out
