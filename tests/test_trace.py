@@ -81,8 +81,8 @@ def test_skip_equals_hand_written_forward(drop):
 
 def test_exact_ablation_equals_naive_full_forward(arch):
     lm = tiny_lm(arch)
-    w = tiny_windows(2)
-    prof = profile(lm, w, ablation="exact", batch_size=1, progress=False)
+    w = tiny_windows(3)  # batches of 2 and 1: the stacked replay must tile masks and positions right
+    prof = profile(lm, w, ablation="exact", batch_size=2, progress=False)
     x = w.ids
     with torch.no_grad():
         full = torch.log_softmax(lm.model(input_ids=x, use_cache=False).logits[:, :-1], -1)

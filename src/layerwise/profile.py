@@ -4,7 +4,8 @@
 each batch it runs the model once with taps on every block (stream metrics,
 and the Taylor estimate through one backward pass), reads the logit lens from
 the cached block outputs, and then ablates every unit exactly by re-running
-only the blocks after it from the cached residual stream.
+only the blocks after it from the cached residual stream (the three units of
+a block as one batch, since all three rejoin the stream at the next block).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from .metrics import lens as lens_m
 from .metrics import stream as st
 from .metrics.agreement import spearman
 from .metrics.weights import z_fraction
-from .trace import BlockTrace, run_blocks, skip, tap
+from .trace import BlockTrace, run_blocks, skip, tap, tile_calls
 
 METRICS: tuple[str, ...] = (
     "bi", "sub_cos", "zd", "rel_update", "resid_norm", "max_abs", "kurtosis", "mlp_sparsity",
@@ -131,8 +132,17 @@ class Profile:
             raise LayerwiseError(f"{path} is not a layerwise profile ({exc.__class__.__name__})") from None
 
 
-class _LayerAcc:
-    """Running sums for one block and its two sublayers; fixed size whatever the number of tokens."""
+class _Run:
+    """Stream statistics of a run of consecutive blocks, reduced together.
+
+    During a pass each block's ``h``, ``a``, ``m``, ``h'`` and MLP hidden
+    activations are held until the run's last block has run; then one set of
+    kernels reduces the whole run, stacked along a block axis. On a GPU a
+    small block's time goes to launching kernels, so statistics taken block
+    by block would cost more than the blocks themselves; a run needs one set
+    of launches for all its blocks. On the CPU a run is one block, which
+    keeps the tensors in cache.
+    """
 
     #: Per-token columns streamed into ``stream``: the block geometry, then the kurtosis of h and h'.
     COLUMNS = (*st.GEOMETRY, "kurt_in", "kurt_mid")
@@ -141,23 +151,62 @@ class _LayerAcc:
         self.stream = st.Moments()
         self.max_in, self.max_mid = st.MaxAbs(), st.MaxAbs()
         self.sparsity = st.Moments()
+        self._held: list[tuple[torch.Tensor, ...]] = []
+
+    def hold(self, h: torch.Tensor, a: torch.Tensor, m: torch.Tensor, h_mid: torch.Tensor, mlp_hidden: torch.Tensor | None) -> None:
+        self._held.append((h, a, m, h_mid) + ((mlp_hidden,) if mlp_hidden is not None else ()))
+
+    def reduce(self) -> None:
+        """Add every held block to the running sums, as (tokens, blocks, ...) tensors, and let them go."""
+        h, a, m, h_mid, *hidden = (torch.stack(ts, dim=1) if len(ts) > 1 else ts[0][:, None] for ts in zip(*self._held))
+        self._held.clear()
+        cols = (st.geometry(h, a, m), st.excess_kurtosis(h)[..., None], st.excess_kurtosis(h_mid)[..., None])
+        self.stream.add(torch.cat(cols, dim=-1))
+        self.max_in.add(h)
+        self.max_mid.add(h_mid)
+        if hidden:
+            self.sparsity.add(st.lazy_fraction(hidden[0]))
+
+    def stats(self) -> list[st.Moments | st.MaxAbs]:
+        return [self.stream, self.max_in, self.max_mid, self.sparsity]
+
+
+def _run_elements(device: torch.device) -> int:
+    """Activations a run may hold, in elements: 512 MiB of float32 on an accelerator, one block on the CPU."""
+    return 0 if device.type == "cpu" else 2**27
+
+
+def _runs(lm: LoadedModel, tokens: int) -> list[tuple["_Run", int]]:
+    """Each block's run and its row in it, for batches of ``tokens`` tokens."""
+    an = lm.anatomy
+    per_block = tokens * (4 * an.embed.weight.shape[1] + an.linear_weight(an.down_proj(0)).shape[1])
+    size = max(1, _run_elements(lm.device) // per_block)
+    runs = [_Run() for _ in range(0, an.n_layers, size)]
+    return [(runs[i // size], i % size) for i in range(an.n_layers)]
+
+
+class _LayerAcc:
+    """Everything measured of one block and its two sublayers; fixed size whatever the number of tokens."""
+
+    def __init__(self, run: _Run, row: int) -> None:
+        self.run, self.row = run, row
         self.lens = st.Moments()  # columns: kl, top1, nll
         self.attention = st.Moments()  # columns: entropy, distance, sink, each per head
         self.abl_nll = {k: st.Moments() for k in KINDS}  # per-window means, for the standard error
         self.abl_kl = {k: st.Moments() for k in KINDS}
 
-    def add_block(self, h: torch.Tensor, a: torch.Tensor, m: torch.Tensor, h_mid: torch.Tensor, mlp_hidden: torch.Tensor | None) -> None:
-        cols = (st.geometry(h, a, m), st.excess_kurtosis(h)[:, None], st.excess_kurtosis(h_mid)[:, None])
-        self.stream.add(torch.cat(cols, dim=-1))
-        self.max_in.add(h)
-        self.max_mid.add(h_mid)
-        if mlp_hidden is not None:
-            self.sparsity.add(st.lazy_fraction(mlp_hidden))
+    def stats(self) -> list[st.Moments | st.MaxAbs]:
+        return [self.lens, self.attention, *self.abl_nll.values(), *self.abl_kl.values()]
+
+    def streamed(self) -> dict[str, st.Moments | st.MaxAbs]:
+        """This block's rows of its run's stream statistics: ``stream``, ``max_in``, ``max_mid``, ``sparsity``."""
+        return {name: getattr(self.run, name).row(self.row) for name in ("stream", "max_in", "max_mid", "sparsity")}
 
     def column(self, name: str) -> tuple[float, float]:
         """Mean and standard deviation over tokens of one streamed column."""
-        j = self.COLUMNS.index(name)
-        return float(self.stream.mean[j]), float(self.stream.std[j])
+        j = _Run.COLUMNS.index(name)
+        stream = self.run.stream.row(self.row)
+        return float(stream.mean[j]), float(stream.std[j])
 
 
 def _finite(x: float) -> float | None:
@@ -208,7 +257,6 @@ def profile(
     if ctx is not None and windows.seq_len > ctx:
         raise LayerwiseError(f"--seq-len {windows.seq_len} exceeds the model's context of {ctx} tokens; use --seq-len {ctx} or less")
     L = an.n_layers
-    accs = [_LayerAcc() for _ in range(L)]
     taylor_acc = st.Moments()  # columns: (attn, mlp, block) of each layer in turn
     taylor = ablation in ("exact", "taylor")
     need_ref = lens or ablation == "exact"
@@ -216,6 +264,7 @@ def profile(
     ids = windows.calibration
     n_tokens = 0
     batches = list(torch.split(ids, batch_size))
+    accs = [_LayerAcc(run, row) for run, row in _runs(lm, batches[0].numel())]
     bar = tqdm(total=len(batches) * (1 + (3 * L if ablation == "exact" else 0)), desc="profile", unit="pass", disable=not progress)
     for batch in batches:
         x = batch.to(lm.device)
@@ -229,7 +278,9 @@ def profile(
             hin, a, m = (t.detach().flatten(0, 1) for t in (tr.h_in, tr.attn, tr.mlp))
             hmid = hin + a
             hidden = tr.mlp_hidden.detach().flatten(0, 1) if tr.mlp_hidden is not None else None
-            accs[i].add_block(hin, a, m, hmid, hidden)
+            accs[i].run.hold(hin, a, m, hmid, hidden)
+            if i == L - 1 or accs[i + 1].run is not accs[i].run:
+                accs[i].run.reduce()
             if attention:
                 if tr.attn_weights is None:
                     raise LayerwiseError(f"{unit_name(i, 'attn')} returned no attention probabilities; load the model with attn_implementation='eager'")
@@ -276,15 +327,15 @@ def profile(
                     accs[i].lens.add(torch.stack((kl, lens_m.top1(z, ref), nll), dim=-1))
             bar.update(1)
             if ablation == "exact":
+                stacked = tile_calls(calls, x.shape[0], len(KINDS))
                 for i in range(L):
-                    for kind in KINDS:
-                        if kind == "block":
-                            out = run_blocks(an, i + 1, h[i], calls)
-                        elif kind == "mlp":
-                            out = run_blocks(an, i + 1, mid[i], calls)
-                        else:
-                            with skip(an, [unit_name(i, "attn")]):
-                                out = run_blocks(an, i, h[i], calls)
+                    # All three units of block i rejoin the stream at block i + 1, so their
+                    # ablated streams run the later blocks as one batch (one pass, not three).
+                    with skip(an, [unit_name(i, "attn")]):
+                        no_attn = run_blocks(an, i, h[i], calls, stop=i + 1)
+                    starts = {"block": h[i], "attn": no_attn, "mlp": mid[i]}
+                    outs = run_blocks(an, i + 1, torch.cat([starts[k] for k in KINDS]), stacked).chunk(len(KINDS))
+                    for kind, out in zip(KINDS, outs):
                         kl, nll = lens_m.compare(_readout(an, out), ref)
                         accs[i].abl_nll[kind].add((nll - ref.nll).view(-1, per_window).double().mean(dim=1))
                         accs[i].abl_kl[kind].add(kl.view(-1, per_window).double().mean(dim=1))
@@ -315,35 +366,34 @@ def profile(
 
 def _finalize(lm: LoadedModel, accs: list[_LayerAcc], taylor_acc: st.Moments, ablation: Ablation) -> list[Unit]:
     an = lm.anatomy
-    zd_of: dict[str, float] = {}
-
-    def zd(name: str, w: torch.Tensor) -> float:
-        """Each matrix once, though a block shares its sublayers' matrices."""
-        if name not in zd_of:
-            zd_of[name] = z_fraction(w)
-        return zd_of[name]
-
+    runs = list({id(acc.run): acc.run for acc in accs}.values())
+    st.to_host([s for acc in accs for s in acc.stats()] + [s for run in runs for s in run.stats()] + [taylor_acc])
+    # zd: each matrix once (a block shares its sublayers' matrices), all scores in one copy.
+    mats = {(layer, kind): an.weight_matrices(layer, kind) for layer in range(len(accs)) for kind in KINDS}
+    unique = {name: w for pairs in mats.values() for name, w in pairs}
+    zd_of = dict(zip(unique, st.host_floats([z_fraction(w) for w in unique.values()])))
     taylor_means = taylor_acc.mean.tolist() if taylor_acc.n else None
     taylor_order = ("attn", "mlp", "block")
     units = []
     for layer, acc in enumerate(accs):
         lens = acc.lens.mean.tolist() if acc.lens.n else None
+        streamed = acc.streamed()
         for kind in KINDS:
             # A block and its attention read h; the MLP reads h' = h + a.
             stream = "in" if kind != "mlp" else "mid"
             norm_mean, norm_std = acc.column(f"norm_{stream}")
-            peak = acc.max_in if stream == "in" else acc.max_mid
+            peak = streamed["max_in" if stream == "in" else "max_mid"]
             similarity = acc.column({"block": "bi", "attn": "attn_cos", "mlp": "mlp_cos"}[kind])[0]
-            mats = an.weight_matrices(layer, kind)
+            names = [n for n, _ in mats[(layer, kind)]]
             metrics: dict[str, float | None] = {
                 "bi": _finite(similarity) if kind == "block" else None,
                 "sub_cos": _finite(similarity) if kind != "block" else None,
-                "zd": _finite(sum(zd(n, w) for n, w in mats) / len(mats)) if mats else None,
+                "zd": _finite(sum(zd_of[n] for n in names) / len(names)) if names else None,
                 "rel_update": _finite(acc.column(f"{kind}_rel")[0]),
                 "resid_norm": _finite(norm_mean),
                 "max_abs": _finite(peak.value),
                 "kurtosis": _finite(acc.column(f"kurt_{stream}")[0]),
-                "mlp_sparsity": _finite(float(acc.sparsity.mean)) if kind == "mlp" and acc.sparsity.n else None,
+                "mlp_sparsity": _finite(float(streamed["sparsity"].mean)) if kind == "mlp" and streamed["sparsity"].n else None,
                 "lens_kl": None, "lens_top1": None, "lens_nll": None,
                 "ablate_nll": _finite(float(acc.abl_nll[kind].mean)) if ablation == "exact" else None,
                 "ablate_kl": _finite(float(acc.abl_kl[kind].mean)) if ablation == "exact" else None,

@@ -270,14 +270,41 @@ def scale_update(anatomy: Anatomy, unit: str, factor: float) -> Iterator[None]:
         handle.remove()
 
 
-def run_blocks(anatomy: Anatomy, start: int, h: torch.Tensor, calls: list[tuple[tuple, dict]]) -> torch.Tensor:
-    """Run blocks ``start..L-1`` from residual ``h`` with each block's recorded extra inputs.
+def run_blocks(anatomy: Anatomy, start: int, h: torch.Tensor, calls: list[tuple[tuple, dict]], stop: int | None = None) -> torch.Tensor:
+    """Run blocks ``start..stop-1`` (to the last block by default) from residual ``h`` with each block's recorded extra inputs.
 
     ``calls[i]`` holds the positional and keyword arguments (masks, position
     embeddings) that the model passed to block i in a full forward pass, so
     this works for any architecture without knowing its signature.
     """
-    for i in range(start, anatomy.n_layers):
+    for i in range(start, anatomy.n_layers if stop is None else stop):
         args, kwargs = calls[i]
         h = first_tensor(anatomy.blocks[i](h, *args, **kwargs))
     return h
+
+
+def tile_calls(calls: list[tuple[tuple, dict]], batch: int, times: int) -> list[tuple[tuple, dict]]:
+    """Recorded block arguments for ``times`` copies of the batch stacked along dim 0.
+
+    Every tensor whose first dimension is the batch (masks, position ids,
+    rotary tables) is repeated; the rest (cache positions, flags) is shared.
+    This lets several variants of one batch run through later blocks as one
+    larger batch, which is what keeps a GPU busy.
+    """
+
+    done: dict[int, torch.Tensor] = {}  # blocks share one rotary table: tile it once
+
+    def tile(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            if x.dim() < 2 or x.shape[0] != batch:
+                return x
+            if id(x) not in done:
+                done[id(x)] = x.repeat(times, *([1] * (x.dim() - 1)))
+            return done[id(x)]
+        if isinstance(x, tuple):
+            return tuple(tile(v) for v in x)
+        if isinstance(x, list):
+            return [tile(v) for v in x]
+        return x
+
+    return [(tile(args), {k: tile(v) for k, v in kwargs.items()}) for args, kwargs in calls]

@@ -22,6 +22,8 @@ class Moments:
     first axis; results have shape ``()`` or ``(k,)``.
     """
 
+    STATE = ("_sum", "_squares")
+
     def __init__(self) -> None:
         self.n = 0
         self._sum: torch.Tensor | None = None
@@ -41,6 +43,14 @@ class Moments:
     def total(self) -> torch.Tensor:
         return self._sum.cpu() if self._sum is not None else torch.tensor(float("nan"), dtype=torch.float64)
 
+    def row(self, j: int) -> "Moments":
+        """Row ``j`` of a state reduced from values of shape ``(n, rows, ...)`` (several blocks at once)."""
+        out = Moments()
+        out.n = self.n
+        if self._sum is not None and self._squares is not None:
+            out._sum, out._squares = self._sum[j], self._squares[j]
+        return out
+
     @property
     def mean(self) -> torch.Tensor:
         return self.total / self.n if self.n else self.total * float("nan")
@@ -56,6 +66,8 @@ class Moments:
 class MaxAbs:
     """Largest |x| per channel; read out as the overall maximum and its channel."""
 
+    STATE = ("_per_channel",)
+
     def __init__(self) -> None:
         self._per_channel: torch.Tensor | None = None
 
@@ -64,6 +76,12 @@ class MaxAbs:
         cur = torch.maximum(hi, -lo).float()
         self._per_channel = cur if self._per_channel is None else torch.maximum(self._per_channel, cur)
 
+    def row(self, j: int) -> "MaxAbs":
+        """Row ``j`` of a state taken from values of shape ``(n, rows, channels)`` (several blocks at once)."""
+        out = MaxAbs()
+        out._per_channel = self._per_channel[j] if self._per_channel is not None else None
+        return out
+
     @property
     def value(self) -> float:
         return float(self._per_channel.max()) if self._per_channel is not None else float("nan")
@@ -71,6 +89,29 @@ class MaxAbs:
     @property
     def channel(self) -> int:
         return int(self._per_channel.argmax()) if self._per_channel is not None else -1
+
+
+def to_host(stats: list[Moments | MaxAbs]) -> None:
+    """Move the running state of many accumulators to the host in one copy.
+
+    Reading results tensor by tensor would stall an accelerator once per
+    read (hundreds of times per profile); one concatenated copy stalls it once.
+    """
+    held = [(s, name, t) for s in stats for name in s.STATE if (t := getattr(s, name)) is not None and t.device.type != "cpu"]
+    if not held:
+        return
+    dev = held[0][2].device
+    flat = torch.cat([t.reshape(-1).to(dev, torch.float64) for _, _, t in held]).cpu()
+    for (s, name, t), part in zip(held, flat.split([t.numel() for _, _, t in held])):
+        setattr(s, name, part.view(t.shape).to(t.dtype))
+
+
+def host_floats(values: list[torch.Tensor]) -> list[float]:
+    """0-dim tensors, on any devices, as Python floats through one copy."""
+    if not values:
+        return []
+    dev = values[0].device
+    return torch.stack([v.to(dev, torch.float64) for v in values]).cpu().tolist()
 
 
 def geometry(h: torch.Tensor, a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
