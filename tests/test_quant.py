@@ -73,6 +73,27 @@ def test_gptq_beats_rtn_on_correlated_inputs(sym):
     assert e_gptq < 0.7 * e_rtn, (e_gptq, e_rtn)
 
 
+@pytest.mark.parametrize("sym", [False, True])
+def test_gptq_many_equals_one_config_at_a_time(sym):
+    """Stacking bit widths along the rows changes nothing: every config's codes, scales and zeros are its own."""
+    from layerwise.quant.gptq import inverse_factor, quantize_gptq_many
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2048, 16, generator=g) @ torch.randn(16, 200, generator=g) + 0.1 * torch.randn(2048, 200, generator=g)
+    acc = Hessian(200)
+    acc.add(x)
+    w = _w(out=12, n=200, seed=3)
+    cfgs = [QConfig(b, 48, sym) for b in (2, 3, 5, 8)]  # 200 = 4 * 48 + 8: a short last group too
+    for cfg, got in zip(cfgs, quantize_gptq_many(w, inverse_factor(acc.value), cfgs)):
+        want = quantize_gptq(w, acc.value, cfg)
+        assert got.config == cfg
+        assert torch.equal(got.codes, want.codes) and torch.equal(got.scales, want.scales)
+        assert (got.zeros is None and want.zeros is None) or torch.equal(got.zeros, want.zeros)
+        assert int(got.codes.max()) <= 2**cfg.bits - 1
+    with pytest.raises(ValueError):
+        quantize_gptq_many(w, inverse_factor(acc.value), [QConfig(4, 48), QConfig(4, 64)])
+
+
 SMALL = tuple(QConfig(b, 16) for b in (2, 4, 8))
 
 
@@ -286,6 +307,31 @@ def _split_windows(n_calib: int = 4, n_eval: int = 3):
     return Windows(ids=torch.randint(0, 97, (n, 16), generator=g), n_calib=n_calib, source="random", data_hash="x", n_text_tokens=n * 16)
 
 
+def test_measured_keeps_the_floor_with_the_least_calibration_loss():
+    """The solver is run under each floor on the width; the plan kept is the one the calibration windows prefer."""
+    from layerwise import quantize as qz
+    from layerwise.evaluate import next_token_logits, quality
+    from layerwise.quant.allocate import solve
+    from layerwise.quant.apply import plan_weights, quantized
+    from layerwise.quant.measure import GroupCandidates, measure
+
+    from .conftest import tiny_lm
+
+    lm, w = tiny_lm("llama"), _split_windows()
+    cands = GroupCandidates(SMALL)  # uniform plans at 3.125, 5.25 and 9.5 bits per weight: floors 3 and 5 below 6
+    meas = measure(lm, w, candidates=cands, progress=False)
+    got = qz.measured(lm, w, meas, cands, 6.0)
+    free = solve(meas, 6.0)
+    floor5 = solve(meas, 6.0, allowed={"a4g16", "a8g16"})
+    assert got.bpw <= 6.0 + 1e-9 and got.configs in (free.configs, floor5.configs)
+    assert free.configs != floor5.configs  # on this model the floor matters, so both are run
+    runs = {k: next_token_logits(lm.model, lambda a=a: quantized(lm, plan_weights(lm, meas, a, cands))) for k, a in
+            (("floor 3", free), ("floor 5", floor5))}
+    q = quality(next_token_logits(lm.model), runs, w.calibration)
+    assert got.meta["calibration_delta_nll"] == pytest.approx({k: v["delta_nll"] for k, v in q.items()}, abs=1e-9)
+    assert got.configs == (free if q["floor 3"]["delta_nll"] <= q["floor 5"]["delta_nll"] else floor5).configs
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_hf_export_loads_in_plain_transformers_with_the_plans_weights(tmp_path, method):
     """The compressed-tensors checkpoint holds the plan's own codes: transformers' weights equal the fake-quantized ones."""
@@ -294,7 +340,7 @@ def test_hf_export_loads_in_plain_transformers_with_the_plans_weights(tmp_path, 
     from transformers import AutoModelForCausalLM
 
     from layerwise import quantize as qz
-    from layerwise.quant.allocate import solve
+    from layerwise.quant.allocate import fixed
     from layerwise.quant.apply import plan_weights, quantized
     from layerwise.quant.measure import Measurement
 
@@ -308,7 +354,7 @@ def test_hf_export_loads_in_plain_transformers_with_the_plans_weights(tmp_path, 
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
     # the same plan, made again (GPTQ included) and put into the model by layerwise
     meas = Measurement.load(tmp_path / "measurement.json", {})
-    alloc = solve(meas, 4.8)
+    alloc = fixed(meas, configs, "measured")
     weights = plan_weights(lm, meas, alloc, qz.candidates_for(lm, "int", method=method, symmetric=True, sizes=(32,)), w)
     with quantized(lm, weights), torch.no_grad():  # compressed-tensors decompresses on the first forward
         torch.testing.assert_close(loaded(input_ids=w.ids).logits, lm.model(input_ids=w.ids).logits, rtol=0, atol=1e-5)

@@ -88,7 +88,7 @@ def test_hf_export_generates_the_fake_quantized_models_tokens(real_cache, tmp_pa
     from transformers import AutoModelForCausalLM
 
     from layerwise import load, windows
-    from layerwise.quant.allocate import solve
+    from layerwise.quant.allocate import fixed
     from layerwise.quant.apply import plan_weights, quantized
     from layerwise.quant.measure import Measurement
     from layerwise.quantize import candidates_for
@@ -104,7 +104,7 @@ def test_hf_export_generates_the_fake_quantized_models_tokens(real_cache, tmp_pa
     lm = load("default")
     meas = Measurement.load(out / "measurement.json", {})
     cands = candidates_for(lm, "int", method="gptq", group_size=64, symmetric=True)
-    weights = plan_weights(lm, meas, solve(meas, 5), cands, windows("builtin:pydoc", lm.tokenizer, seq_len=64, samples=2))
+    weights = plan_weights(lm, meas, fixed(meas, {g: e["config"] for g, e in plan["groups"].items()}, "measured"), cands, windows("builtin:pydoc", lm.tokenizer, seq_len=64, samples=2))
     theirs = AutoModelForCausalLM.from_pretrained(out / "model").eval()
     prompt = lm.tokenizer("def fibonacci(n):", return_tensors="pt").input_ids
     with torch.no_grad():

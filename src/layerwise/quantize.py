@@ -10,7 +10,8 @@ Two families of candidate formats:
   sharing one config as vLLM requires. Evaluated by fake quantization.
 
 Strategies turn one measurement into plans: ``measured`` (the budgeted
-solver), ``ranked:METRIC`` (Layer-Wise Quantization: the least important
+solver, with floors on the width tried and checked on the calibration
+windows), ``ranked:METRIC`` (Layer-Wise Quantization: the least important
 blocks by a Profile metric get the lower of the two candidate widths that
 bracket the budget; ``ranked:random`` orders blocks at random), ``uniform``
 (the dearest single config within the budget) and ``q4km`` (llama.cpp's
@@ -97,8 +98,40 @@ def check_strategies(strategies: list[str]) -> None:
             raise LayerwiseError(f"unknown --strategy {s!r}; use measured, ranked:METRIC, ranked:random, uniform or q4km")
 
 
-def plans(lm: LoadedModel, windows: Windows, meas: Measurement, budgets: list[float], strategies: list[str], *,
-          prof: Profile | None = None, seed: int = 0, progress: bool = True) -> list[Allocation]:
+def measured(lm: LoadedModel, windows: Windows, meas: Measurement, cands: Candidates, target: float, *,
+             batch_size: int = 4) -> Allocation:
+    """The solver's plan, with the solver's error model checked on the calibration windows.
+
+    The solver adds up per-group predicted loss changes: a second-order model
+    that is right near the original but under-counts large errors, which
+    compound through the later blocks. At a low budget it may therefore buy
+    many fine configs with a few very coarse ones, and lose. So the plan is
+    also solved with a floor on the width (no config whose uniform plan has
+    fewer than w whole bits per weight, for each w up to the budget), every
+    distinct plan is run on the calibration windows (the measurement's own
+    data, never the held-out windows), and the one with the least NLL is kept.
+    The unrestricted solution is always among them; ``meta`` lists them all.
+    """
+    levels = _uniform_bpw(meas)
+    floors = sorted({int(b) for b, _ in levels if b <= target + 1e-9})
+    tried: dict[tuple, tuple[int, Allocation]] = {}
+    for w in floors:
+        allowed = {c for b, c in levels if int(b) >= w}
+        a = solve(meas, target, allowed=allowed)
+        tried.setdefault(tuple(sorted(a.configs.items())), (w, a))
+    if len(tried) == 1:
+        return next(iter(tried.values()))[1]
+    variants = {w: next_token_logits(lm.model, lambda pw=plan_weights(lm, meas, a, cands, windows): quantized(lm, pw))
+                for w, a in tried.values()}
+    q = quality(next_token_logits(lm.model), variants, windows.calibration, batch_size=batch_size, device=lm.device)
+    best_w, best = min(tried.values(), key=lambda wa: q[wa[0]]["delta_nll"])
+    best.meta |= {"floor_bits": best_w, "calibration_delta_nll": {f"floor {w}": q[w]["delta_nll"] for w, _ in tried.values()},
+                  "predicted_delta_nll": {f"floor {w}": a.predicted_error for w, a in tried.values()}}
+    return best
+
+
+def plans(lm: LoadedModel, windows: Windows, meas: Measurement, cands: Candidates, budgets: list[float], strategies: list[str], *,
+          prof: Profile | None = None, seed: int = 0, batch_size: int = 4, progress: bool = True) -> list[Allocation]:
     """Every strategy at every budget (a rule that ignores the budget, like ``q4km``, once); duplicates removed."""
     check_strategies(strategies)
     out: list[Allocation] = []
@@ -111,7 +144,7 @@ def plans(lm: LoadedModel, windows: Windows, meas: Measurement, budgets: list[fl
         order = block_order(lm, windows, strategy.split(":", 1)[1], prof, seed=seed, progress=progress) if strategy.startswith("ranked:") else []
         for b in budgets:
             if strategy == "measured":
-                out.append(solve(meas, b))
+                out.append(measured(lm, windows, meas, cands, b, batch_size=batch_size))
             elif strategy == "uniform":
                 fits = [c for bpw, c in _uniform_bpw(meas) if bpw <= b + 1e-9]
                 if not fits:
@@ -239,7 +272,7 @@ def run(lm: LoadedModel, windows: Windows, *, budgets: list[float], strategies: 
     for b in budgets:
         check_budget(b, lo, hi)
     meas = measure(lm, windows, candidates=cands, path=Path(out) / "measurement.json" if out else None, progress=progress)
-    allocs = plans(lm, windows, meas, budgets, strategies, prof=prof, seed=seed, progress=progress)
+    allocs = plans(lm, windows, meas, cands, budgets, strategies, prof=prof, seed=seed, batch_size=batch_size, progress=progress)
     eval_ids = windows.evaluation[:eval_samples]
     original, rows, plan_json = evaluate(lm, windows, meas, cands, allocs, eval_ids, batch_size=batch_size)
     exports: dict = {}

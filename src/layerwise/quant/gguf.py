@@ -181,6 +181,9 @@ class GGUFCandidates:
         t = self.tensor(name, tname)
         return _dequantize(t)[self._rows[tname]], ggufio.tensor_bits(t), t.tensor_type.name
 
+    def stored_all(self, path: str, w: torch.Tensor, hessian: torch.Tensor | None) -> dict[str, tuple[torch.Tensor, int, str]]:
+        return {name: self.stored(path, w, name, hessian) for name in self.names}
+
 
 def _dequantize(t) -> torch.Tensor:
     from gguf.quants import dequantize

@@ -36,46 +36,76 @@ class Hessian:
         return 2 * self.sum / self.n
 
 
-def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, cfg: QConfig, *, block_size: int = 128, damp: float = 0.01) -> QTensor:
-    """GPTQ codes for ``w`` (out, in) given the input Hessian (in, in)."""
-    out, n = w.shape
-    cfg.check(n)
-    W = w.detach().double().clone()
+def inverse_factor(hessian: torch.Tensor, *, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """The upper Cholesky factor of the damped ``H^-1``, and the inputs that are always zero.
+
+    It depends on the layer's inputs only, so every config of a tensor (and
+    every tensor reading the same inputs) shares one: for a wide layer the
+    three factorizations cost more than the quantization itself.
+    """
+    n = hessian.shape[0]
     H = hessian.double().clone()
     dead = torch.diag(H) == 0  # inputs that are always zero: any value works, fix the weight to 0
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0
     H += damp * torch.mean(torch.diag(H)) * torch.eye(n, dtype=H.dtype, device=H.device)
     try:
-        U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True), dead
     except torch._C._LinAlgError:
         raise LayerwiseError("GPTQ's Hessian is not positive definite even after damping; use more calibration tokens or --method rtn") from None
-    g = cfg.group_size
+
+
+def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, cfg: QConfig, *, block_size: int = 128, damp: float = 0.01) -> QTensor:
+    """GPTQ codes for ``w`` (out, in) given the input Hessian (in, in)."""
+    return quantize_gptq_many(w, inverse_factor(hessian, damp=damp), [cfg], block_size=block_size)[0]
+
+
+def quantize_gptq_many(w: torch.Tensor, factor: tuple[torch.Tensor, torch.Tensor], cfgs: list[QConfig], *,
+                       block_size: int = 128) -> list[QTensor]:
+    """GPTQ codes for ``w`` under each of several configs that share a group size and symmetry.
+
+    ``factor`` is :func:`inverse_factor` of the layer's input Hessian. GPTQ
+    treats every row on its own given it, so the configs' copies of ``w`` are
+    stacked along the rows, each row with its own bit width, and quantized in
+    one column sweep for all of them instead of one per config. The result for
+    each config is exactly what it would be alone.
+    """
+    out, n = w.shape
+    first = cfgs[0]
+    if any((c.group_size, c.symmetric, c.scale_bits) != (first.group_size, first.symmetric, first.scale_bits) for c in cfgs):
+        raise ValueError("quantize_gptq_many takes configs that differ in bits only")
+    first.check(n)
+    U, dead = factor
+    W = w.detach().double().repeat(len(cfgs), 1)
+    W[:, dead] = 0.0
+    bits = torch.tensor([c.bits for c in cfgs], dtype=torch.float64, device=W.device).repeat_interleave(out)
+    half = 2 ** (bits - 1)
+    g = first.group_size
     n_groups = (n + g - 1) // g
-    scales = torch.zeros(out, n_groups, dtype=torch.float64, device=W.device)
-    zeros = None if cfg.symmetric else torch.zeros_like(scales)
-    codes = torch.zeros(out, n, dtype=torch.float64, device=W.device)
+    scales = torch.zeros(W.shape[0], n_groups, dtype=torch.float64, device=W.device)
+    zeros = None if first.symmetric else torch.zeros_like(scales)
+    codes = torch.zeros_like(W)
     for b0 in range(0, n, block_size):
         b1 = min(b0 + block_size, n)
         Wb, Ub = W[:, b0:b1].clone(), U[b0:b1, b0:b1]
         Err = torch.zeros_like(Wb)
         for j in range(b1 - b0):
             col = b0 + j
+            k = col // g
             if col % g == 0:  # a group starts: its grid comes from the weights as corrected so far
-                k = col // g
-                span = torch.cat([Wb[:, j:], W[:, b1:]], dim=1)[:, : min(g, n - col)]
-                s, z = group_params(span.float(), QConfig(cfg.bits, span.shape[1], cfg.symmetric, cfg.scale_bits))
+                end = min(col + g, n)
+                span = Wb[:, j : end - b0] if end <= b1 else torch.cat([Wb[:, j:], W[:, b1:end]], dim=1)
+                s, z = group_params(span.float(), QConfig(first.bits, span.shape[1], first.symmetric, first.scale_bits), bits)
                 scales[:, k] = s[:, 0].double()
                 if zeros is not None:
                     zeros[:, k] = z[:, 0].double()
-            k = col // g
             s = scales[:, k]
             z = zeros[:, k] if zeros is not None else None
-            q = quantize_with(Wb[:, j], s, z, cfg)
+            q = quantize_with(Wb[:, j], s, z, first, bits)
             codes[:, col] = q
-            deq = (q - (z if z is not None else 2 ** (cfg.bits - 1))) * s
-            e = (Wb[:, j] - deq) / Ub[j, j]
-            Wb[:, j:] -= e[:, None] * Ub[j, j:][None, :]
+            e = (Wb[:, j] - (q - (z if z is not None else half)) * s) / Ub[j, j]
+            Wb[:, j:].addr_(e, Ub[j, j:], alpha=-1)  # in place: no (rows, block) temporary per column
             Err[:, j] = e
         W[:, b1:] -= Err @ U[b0:b1, b1:]
-    return QTensor(codes.to(torch.uint8), scales.float(), zeros.to(torch.uint8) if zeros is not None else None, cfg)
+    rows = [slice(i * out, (i + 1) * out) for i in range(len(cfgs))]
+    return [QTensor(codes[r].to(torch.uint8), scales[r].float(), zeros[r].to(torch.uint8) if zeros is not None else None, c)
+            for r, c in zip(rows, cfgs)]

@@ -72,8 +72,12 @@ class QTensor:
         return (codes - self.zeros.float().repeat_interleave(g, dim=1)[:, :n]) * scales
 
 
-def group_params(w: torch.Tensor, cfg: QConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scale (and zero-point code) of every group of ``w`` (out, in), by METHODS.md's formulas."""
+def group_params(w: torch.Tensor, cfg: QConfig, bits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (and zero-point code) of every group of ``w`` (out, in), by METHODS.md's formulas.
+
+    ``bits`` (out,) overrides ``cfg.bits`` row by row, so that one call serves
+    several bit widths stacked along the rows (see :func:`quantize_gptq_many`).
+    """
     out, n = w.shape
     g = cfg.group_size
     groups = math.ceil(n / g)
@@ -81,22 +85,29 @@ def group_params(w: torch.Tensor, cfg: QConfig) -> tuple[torch.Tensor, torch.Ten
     # Replicating the last column leaves each short group's min and max unchanged.
     padded = torch.nn.functional.pad(w.float()[None], (0, pad), mode="replicate")[0] if pad else w.float()
     blocks = padded.view(out, groups, g)
-    qmax = 2**cfg.bits - 1
+    b = cfg.bits if bits is None else bits.float()[:, None]
+    qmax = 2**b - 1
     if cfg.symmetric:
-        scale = blocks.abs().amax(dim=-1) / (2 ** (cfg.bits - 1) - 1)
+        scale = blocks.abs().amax(dim=-1) / (2 ** (b - 1) - 1)
         return scale.clamp_min(1e-12).half().float(), None
     lo, hi = blocks.amin(dim=-1).clamp(max=0), blocks.amax(dim=-1).clamp(min=0)
     scale = ((hi - lo) / qmax).clamp_min(1e-12).half().float()
-    zero = torch.round(-lo / scale).clamp(0, qmax)
+    zero = torch.minimum(torch.round(-lo / scale).clamp_min(0), torch.as_tensor(qmax, dtype=scale.dtype, device=scale.device))
     return scale, zero
 
 
-def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, cfg: QConfig) -> torch.Tensor:
-    """Codes of ``w`` for given group parameters (columns may be a slice: ``scale`` is per column then)."""
+def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, cfg: QConfig,
+                  bits: torch.Tensor | None = None) -> torch.Tensor:
+    """Codes of ``w`` for given group parameters (columns may be a slice: ``scale`` is per column then).
+
+    ``bits`` (out,) overrides ``cfg.bits`` row by row, as in :func:`group_params`.
+    """
+    b = cfg.bits if bits is None else bits.to(w.dtype).view(-1, *([1] * (w.dim() - 1)))
+    top = torch.as_tensor(2**b - 1, dtype=w.dtype, device=w.device)
     if zero is None:
-        half = 2 ** (cfg.bits - 1)
-        return torch.clamp(torch.round(w / scale) + half, 1, 2 * half - 1)
-    return torch.clamp(torch.round(w / scale) + zero, 0, 2**cfg.bits - 1)
+        half = 2 ** (b - 1)
+        return torch.minimum(torch.clamp_min(torch.round(w / scale) + half, 1), top)
+    return torch.minimum(torch.clamp_min(torch.round(w / scale) + zero, 0), top)
 
 
 def quantize_rtn(w: torch.Tensor, cfg: QConfig) -> QTensor:
