@@ -18,7 +18,9 @@ BITS = 4.6
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, real_cache):
     out = tmp_path_factory.mktemp("quant") / "run"
-    rc = cli.main(["quantize", "--bits", str(BITS), "--strategy", "measured", "--seq-len", "64", "--samples", "2",
+    # 256-token windows: on 64-token ones llama.cpp's own kernels already put the unquantized model 1.5% off
+    # ours (0.5% at 256), which leaves the 2% check no room for the plan itself.
+    rc = cli.main(["quantize", "--bits", str(BITS), "--strategy", "measured", "--seq-len", "256", "--samples", "2",
                    "--eval-samples", "3", "--out", str(out)])
     assert rc == 0
     return out
