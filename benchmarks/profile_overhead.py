@@ -10,7 +10,7 @@ Rows (ratios to a plain forward pass over the same windows):
 Exact ablation (layerwise: cached block inputs, only later blocks re-run)
 against the naive approach (one full forward per unit with the unit skipped).
 
-Usage: python benchmarks/profile_overhead.py [--samples 4 --seq-len 256 --device cpu]
+Usage: python benchmarks/profile_overhead.py [--samples 4 --seq-len 256 --device cpu --model default --dtype float32]
 """
 
 from __future__ import annotations
@@ -29,12 +29,20 @@ from layerwise.trace import skip
 
 
 def timed(fn, repeat: int = 1) -> float:
+    """Best wall time of ``repeat`` runs; on CUDA the queued kernels are waited for before the clock stops."""
     best = float("inf")
     for _ in range(repeat):
+        sync()
         t = time.perf_counter()
         fn()
+        sync()
         best = min(best, time.perf_counter() - t)
     return best
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -43,8 +51,10 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default="default", help="any model reference layerwise.load takes")
+    ap.add_argument("--dtype", default="float32")
     args = ap.parse_args()
-    lm = lw.load("default", device=args.device)
+    lm = lw.load(args.model, device=args.device, dtype=args.dtype)
     w = lw.windows("builtin:pydoc", lm.tokenizer, seq_len=args.seq_len, samples=args.samples)
     ids = w.calibration.to(lm.device)
     batches = list(torch.split(ids, args.batch_size))
@@ -95,7 +105,8 @@ def main() -> None:
     t_abl = t_exact - t_taylor
     print(f"# profile_overhead — {date.today()} — {platform.machine()}, {torch.get_num_threads()} threads, device {lm.device}, "
           f"torch {torch.__version__}")
-    print(f"model SmolLM2-135M-Instruct, {args.samples} windows x {args.seq_len} tokens, batch {args.batch_size}\n")
+    print(f"model {lm.source['model_id']} ({an.n_layers} blocks, hidden {an.embed.weight.shape[1]}, {args.dtype}), "
+          f"{args.samples} windows x {args.seq_len} tokens, batch {args.batch_size}\n")
     print("| pass | seconds | ratio to plain forward |")
     print("|---|---:|---:|")
     for name, t in [("plain forward", t_plain), ("plain forward, no head (logits_to_keep=1)", t_no_head),

@@ -13,8 +13,8 @@ original model is the baseline. Three parts:
    plans, and llama.cpp's own Q4_K_M rule; the measured plan and the uniform
    type of the same size are exported and run in llama-cpp-python.
 
-Usage: python benchmarks/quant_pareto.py [--samples 8 --eval-samples 8 --device cpu] [--skip-gptq]
-Writes benchmarks/results/quant_pareto.md, quant_pareto.png and quant_pareto.json.
+Usage: python benchmarks/quant_pareto.py [--samples 8 --eval-samples 8 --device cpu] [--skip-gptq] [--skip-gguf] [--name quant_pareto]
+Writes benchmarks/results/NAME.md, NAME.png and NAME.json.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from layerwise.io import write_atomic, write_json
 from layerwise.quant import gguf as qg
 from layerwise.quant.allocate import fixed
 from layerwise.quant.measure import measure
+from layerwise.quant.rtn import QConfig
 
 INT_BUDGETS = [2.5, 3.0, 3.25, 3.5, 4.0, 4.5, 5.0]
 GGUF_BUDGETS = [4.1, 4.25, 4.5, 4.75]
@@ -48,7 +49,7 @@ def family_rows(lm, w, cands, budgets, strategies, eval_ids, prof, extra=()):
     """Measure once, plan every strategy at every budget, evaluate: (rows, original, seconds to measure and plan, measurement)."""
     t = time.perf_counter()
     meas = measure(lm, w, candidates=cands)
-    allocs = qz.plans(lm, w, meas, budgets, strategies, prof=prof)
+    allocs = qz.plans(lm, w, meas, cands, budgets, strategies, prof=prof)
     plan_s = time.perf_counter() - t
     allocs += [a(meas) for a in extra]
     original, rows, _ = qz.evaluate(lm, w, meas, cands, allocs, eval_ids)
@@ -110,6 +111,10 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--skip-gptq", action="store_true")
+    ap.add_argument("--gptq-budgets", default=",".join(f"{b:g}" for b in INT_BUDGETS),
+                    help="GPTQ budgets (each GPTQ plan is a full block-by-block GPTQ pass: minutes on a CPU)")
+    ap.add_argument("--skip-gguf", action="store_true", help="leave out the llama.cpp part (a machine without llama-cpp-python)")
+    ap.add_argument("--name", default="quant_pareto", help="stem of the result files")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     lm = lw.load("default", device=args.device)
@@ -127,13 +132,17 @@ def main() -> None:
     ints = {}
     for method in ["rtn"] + ([] if args.skip_gptq else ["gptq"]):
         cands = qz.candidates_for(lm, "int", method=method)
-        uniforms = [lambda m, c=f"a{b}g{g}": fixed(m, {k: c for k in m.groups}, f"uniform:{c}") for b in (2, 3, 4, 5, 8) for g in (32, 64, 128)]
-        rows, original, plan_s, meas = family_rows(lm, w, cands, INT_BUDGETS, STRATEGIES, eval_ids, prof, uniforms)
+        budgets = INT_BUDGETS if method == "rtn" else [float(b) for b in args.gptq_budgets.split(",")]
+        configs = [f"a{b}g{g}" for b in (2, 3, 4, 5, 8) for g in (32, 64, 128)]
+        if method == "gptq":  # a uniform plan above every budget is no rival, and each costs a GPTQ pass
+            configs = [c for c in configs if QConfig(int(c[1]), int(c[3:])).bits_per_weight(576) <= max(budgets)]
+        uniforms = [lambda m, c=c: fixed(m, {k: c for k in m.groups}, f"uniform:{c}") for c in configs]
+        rows, original, plan_s, meas = family_rows(lm, w, cands, budgets, STRATEGIES, eval_ids, prof, uniforms)
         ints[method] = {"rows": rows, "original": original, "measure_and_plan_s": plan_s}
         lines += [f"## Integer codes, {method.upper()} (original perplexity {original['ppl']:.2f})", "",
                   f"Measurement of 120 fused groups x {len(cands.names)} configs plus all plans: {plan_s:.0f} s.", ""]
-        lines += table(rows, INT_BUDGETS, STRATEGIES) + [""] + uniform_lines(rows) + [""]
-        lines += verdict(rows, INT_BUDGETS, ["ranked:bi", "ranked:random"], [r for r in rows if r["strategy"].startswith("uniform")]) + [""]
+        lines += table(rows, budgets, STRATEGIES) + [""] + uniform_lines(rows) + [""]
+        lines += verdict(rows, budgets, ["ranked:bi", "ranked:random"], [r for r in rows if r["strategy"].startswith("uniform")]) + [""]
         if method == "rtn":
             order = qz.block_order(lm, w, "bi", prof)
             curve = lwq_curve(lm, w, meas, cands, eval_ids, order)
@@ -144,12 +153,19 @@ def main() -> None:
                 lines.append(f"| {k} | " + " | ".join(f"{r['ppl']:.2f}" for r in curve if r["k"] == k) + " |")
             lines.append("")
     result["int"] = ints
+    panels = [(f"integer codes, {m.upper()}", ints[m]["rows"], ints[m]["original"]) for m in ints]
+    if not args.skip_gguf:
+        panels.append(gguf_part(lm, w, prof, eval_ids, lines, result))
+    plot_and_save(panels, Path(args.out), args.name, lines, result)
 
+
+def gguf_part(lm, w, prof, eval_ids, lines: list[str], result: dict) -> tuple[str, list[dict], dict]:
+    """llama.cpp's types: every strategy, Q4_K_M, and the files run in llama-cpp-python; returns the plot panel."""
     cands = qz.candidates_for(lm, "gguf")
     uniforms = [lambda m, c=t: fixed(m, {k: c for k in m.groups}, f"uniform:{c}") for t in qg.TYPES]
     rows, original, plan_s, meas = family_rows(lm, w, cands, GGUF_BUDGETS, STRATEGIES + ["q4km"], eval_ids, prof, uniforms)
     q4 = next(r for r in rows if r["strategy"] == "q4km")
-    same = qz.plans(lm, w, meas, [q4["bpw"]], ["measured"])
+    same = qz.plans(lm, w, meas, cands, [q4["bpw"]], ["measured"])
     _, extra, _ = qz.evaluate(lm, w, meas, cands, same, eval_ids)
     rows += extra
     lines += [f"## GGUF types made by llama.cpp (original perplexity {original['ppl']:.2f})", "",
@@ -163,7 +179,7 @@ def main() -> None:
     # Files in llama.cpp: the measured plan against the uniform type of the same budget.
     files = []
     with tempfile.TemporaryDirectory() as tmp:
-        for a in qz.plans(lm, w, meas, [4.5], ["measured", "uniform"]) + [qg.q4km(meas, lm.anatomy)]:
+        for a in qz.plans(lm, w, meas, cands, [4.5], ["measured", "uniform"]) + [qg.q4km(meas, lm.anatomy)]:
             path = qg.export(cands, qg.tensor_types(meas, a, lm.anatomy), Path(tmp) / "m.gguf")
             nll = qg.llama_nll(path, eval_ids)
             ours = next(r for r in rows + extra if r["plan"] == qz.label(a))
@@ -172,9 +188,11 @@ def main() -> None:
               "|---|---:|---:|---:|"]
     lines += [f"| {f['plan']} | {f['bytes']} | {f['llama_cpp_ppl']:.2f} | {f['layerwise_ppl']:.2f} |" for f in files] + [""]
     result["gguf"] = {"rows": rows, "original": original, "measure_and_plan_s": plan_s, "files": files}
+    return "GGUF types (llama.cpp)", rows, original
 
-    fig, axes = plt.subplots(1, len(ints) + 1, figsize=(6 * (len(ints) + 1), 4.2), squeeze=False)
-    panels = [(f"integer codes, {m.upper()}", ints[m]["rows"], ints[m]["original"]) for m in ints] + [("GGUF types (llama.cpp)", rows, original)]
+
+def plot_and_save(panels: list[tuple[str, list[dict], dict]], out: Path, name: str, lines: list[str], result: dict) -> None:
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
     for ax, (title, rr, orig) in zip(axes.flat, panels):
         for fam in dict.fromkeys("uniform" if r["strategy"].startswith("uniform") else r["strategy"] for r in rr):
             pts = sorted((r["bpw"], r["ppl"]) for r in rr if ("uniform" if r["strategy"].startswith("uniform") else r["strategy"]) == fam)
@@ -187,14 +205,13 @@ def main() -> None:
         ax.set_ylabel("held-out perplexity", fontsize=8)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    write_atomic(out / "quant_pareto.png", buf.getvalue())
-    lines += ["![perplexity against bits](quant_pareto.png)", ""]
-    write_atomic(out / "quant_pareto.md", "\n".join(lines) + "\n")
-    write_json(out / "quant_pareto.json", result)
+    write_atomic(out / f"{name}.png", buf.getvalue())
+    lines += [f"![perplexity against bits]({name}.png)", ""]
+    write_atomic(out / f"{name}.md", "\n".join(lines) + "\n")
+    write_json(out / f"{name}.json", result)
     print("\n".join(lines))
 
 
