@@ -13,7 +13,7 @@ original model is the baseline. Three parts:
    plans, and llama.cpp's own Q4_K_M rule; the measured plan and the uniform
    type of the same size are exported and run in llama-cpp-python.
 
-Usage: python benchmarks/quant_pareto.py [--samples 8 --eval-samples 8 --device cpu] [--skip-gptq] [--skip-gguf] [--name quant_pareto]
+Usage: python benchmarks/quant_pareto.py [--samples 8 --eval-samples 8 --device cpu] [--methods rtn,gptq] [--skip-gguf] [--name quant_pareto]
 Writes benchmarks/results/NAME.md, NAME.png and NAME.json.
 """
 
@@ -110,7 +110,7 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--skip-gptq", action="store_true")
+    ap.add_argument("--methods", default="rtn,gptq", help="integer-code methods to run (the ordering curve comes with rtn)")
     ap.add_argument("--gptq-budgets", default=",".join(f"{b:g}" for b in INT_BUDGETS),
                     help="GPTQ budgets (each GPTQ plan is a full block-by-block GPTQ pass: minutes on a CPU)")
     ap.add_argument("--skip-gguf", action="store_true", help="leave out the llama.cpp part (a machine without llama-cpp-python)")
@@ -130,7 +130,7 @@ def main() -> None:
              "tensors, scales and zero points included). The default model was published as GGUF Q4_1 (4-bit codes on a group-32 grid), "
              "so 4-bit group-32 formats are nearly lossless on it; the integer part therefore also offers group sizes 64 and 128.", ""]
     ints = {}
-    for method in ["rtn"] + ([] if args.skip_gptq else ["gptq"]):
+    for method in args.methods.split(",") if args.methods else []:
         cands = qz.candidates_for(lm, "int", method=method)
         budgets = INT_BUDGETS if method == "rtn" else [float(b) for b in args.gptq_budgets.split(",")]
         configs = [f"a{b}g{g}" for b in (2, 3, 4, 5, 8) for g in (32, 64, 128)]

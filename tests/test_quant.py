@@ -94,6 +94,23 @@ def test_gptq_many_equals_one_config_at_a_time(sym):
         quantize_gptq_many(w, inverse_factor(acc.value), [QConfig(4, 48), QConfig(4, 64)])
 
 
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_codes_rows_equal_each_matrix_alone(method):
+    """A fused group's maps quantized as one row-stacked matrix get exactly the codes each would get alone."""
+    from layerwise.quant.measure import GroupCandidates
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1024, 100, generator=g)
+    acc = Hessian(100)
+    acc.add(x)
+    ws = [_w(out=o, n=100, seed=s) for o, s in ((12, 5), (4, 6), (4, 7))]  # q, k, v of different heights
+    cands = GroupCandidates((QConfig(3, 32),), method)
+    for w, got in zip(ws, cands.codes_rows(ws, "a3g32", acc.value)):
+        want = cands.codes("", w, "a3g32", acc.value)
+        assert got.codes.shape == w.shape and torch.equal(got.codes, want.codes) and torch.equal(got.scales, want.scales)
+        assert torch.equal(got.zeros, want.zeros)
+
+
 SMALL = tuple(QConfig(b, 16) for b in (2, 4, 8))
 
 
@@ -307,8 +324,10 @@ def _split_windows(n_calib: int = 4, n_eval: int = 3):
     return Windows(ids=torch.randint(0, 97, (n, 16), generator=g), n_calib=n_calib, source="random", data_hash="x", n_text_tokens=n * 16)
 
 
-def test_measured_keeps_the_floor_with_the_least_calibration_loss():
-    """The solver is run under each floor on the width; the plan kept is the one the calibration windows prefer."""
+@pytest.mark.parametrize("target, narrower", [(6.0, ("floor 5", {"a4g16", "a8g16"})), (4.0, ("band a2g16-a4g16", {"a2g16", "a4g16"}))])
+def test_measured_keeps_the_choice_with_the_least_calibration_loss(target, narrower):
+    """The solver also runs on narrower choices (a floor on the width, the band that brackets the budget); the plan
+    kept is the one the calibration windows prefer."""
     from layerwise import quantize as qz
     from layerwise.evaluate import next_token_logits, quality
     from layerwise.quant.allocate import solve
@@ -318,18 +337,17 @@ def test_measured_keeps_the_floor_with_the_least_calibration_loss():
     from .conftest import tiny_lm
 
     lm, w = tiny_lm("llama"), _split_windows()
-    cands = GroupCandidates(SMALL)  # uniform plans at 3.125, 5.25 and 9.5 bits per weight: floors 3 and 5 below 6
+    cands = GroupCandidates(SMALL)  # uniform plans at 3.125, 5.25 and 9.5 bits per weight
     meas = measure(lm, w, candidates=cands, progress=False)
-    got = qz.measured(lm, w, meas, cands, 6.0)
-    free = solve(meas, 6.0)
-    floor5 = solve(meas, 6.0, allowed={"a4g16", "a8g16"})
-    assert got.bpw <= 6.0 + 1e-9 and got.configs in (free.configs, floor5.configs)
-    assert free.configs != floor5.configs  # on this model the floor matters, so both are run
-    runs = {k: next_token_logits(lm.model, lambda a=a: quantized(lm, plan_weights(lm, meas, a, cands))) for k, a in
-            (("floor 3", free), ("floor 5", floor5))}
+    got = qz.measured(lm, w, meas, cands, target)
+    plans = {"any width": solve(meas, target), narrower[0]: solve(meas, target, allowed=narrower[1])}
+    assert plans["any width"].configs != plans[narrower[0]].configs  # on this model the narrower choice matters, so both are run
+    assert got.bpw <= target + 1e-9 and got.configs in [a.configs for a in plans.values()]
+    runs = {k: next_token_logits(lm.model, lambda a=a: quantized(lm, plan_weights(lm, meas, a, cands))) for k, a in plans.items()}
     q = quality(next_token_logits(lm.model), runs, w.calibration)
     assert got.meta["calibration_delta_nll"] == pytest.approx({k: v["delta_nll"] for k, v in q.items()}, abs=1e-9)
-    assert got.configs == (free if q["floor 3"]["delta_nll"] <= q["floor 5"]["delta_nll"] else floor5).configs
+    best = min(plans, key=lambda k: q[k]["delta_nll"])
+    assert got.meta["choice"] == best and got.configs == plans[best].configs
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])

@@ -106,27 +106,32 @@ def measured(lm: LoadedModel, windows: Windows, meas: Measurement, cands: Candid
     that is right near the original but under-counts large errors, which
     compound through the later blocks. At a low budget it may therefore buy
     many fine configs with a few very coarse ones, and lose. So the plan is
-    also solved with a floor on the width (no config whose uniform plan has
-    fewer than w whole bits per weight, for each w up to the budget), every
-    distinct plan is run on the calibration windows (the measurement's own
-    data, never the held-out windows), and the one with the least NLL is kept.
-    The unrestricted solution is always among them; ``meta`` lists them all.
+    also solved under narrower choices: with a floor on the width (no config
+    whose uniform plan has fewer than w whole bits per weight, for each w up
+    to the budget), and within the band of the two configs whose uniform plans
+    bracket the budget. Every distinct plan is run on the calibration windows
+    (the measurement's own data, never the held-out windows) and the one with
+    the least NLL is kept. The unrestricted solution is always among them;
+    ``meta`` lists them all.
     """
     levels = _uniform_bpw(meas)
-    floors = sorted({int(b) for b, _ in levels if b <= target + 1e-9})
-    tried: dict[tuple, tuple[int, Allocation]] = {}
-    for w in floors:
-        allowed = {c for b, c in levels if int(b) >= w}
+    choices: dict[str, set[str] | None] = {"any width": None}
+    choices |= {f"floor {w}": {c for b, c in levels if int(b) >= w} for w in sorted({int(b) for b, _ in levels if b <= target + 1e-9})}
+    if levels[0][0] <= target + 1e-9:
+        band = bracket(meas, target)
+        choices[f"band {'-'.join(dict.fromkeys(band))}"] = set(band)
+    tried: dict[tuple, tuple[str, Allocation]] = {}
+    for name, allowed in choices.items():
         a = solve(meas, target, allowed=allowed)
-        tried.setdefault(tuple(sorted(a.configs.items())), (w, a))
+        tried.setdefault(tuple(sorted(a.configs.items())), (name, a))
     if len(tried) == 1:
         return next(iter(tried.values()))[1]
-    variants = {w: next_token_logits(lm.model, lambda pw=plan_weights(lm, meas, a, cands, windows): quantized(lm, pw))
-                for w, a in tried.values()}
+    variants = {name: next_token_logits(lm.model, lambda pw=plan_weights(lm, meas, a, cands, windows): quantized(lm, pw))
+                for name, a in tried.values()}
     q = quality(next_token_logits(lm.model), variants, windows.calibration, batch_size=batch_size, device=lm.device)
-    best_w, best = min(tried.values(), key=lambda wa: q[wa[0]]["delta_nll"])
-    best.meta |= {"floor_bits": best_w, "calibration_delta_nll": {f"floor {w}": q[w]["delta_nll"] for w, _ in tried.values()},
-                  "predicted_delta_nll": {f"floor {w}": a.predicted_error for w, a in tried.values()}}
+    best_name, best = min(tried.values(), key=lambda na: q[na[0]]["delta_nll"])
+    best.meta |= {"choice": best_name, "calibration_delta_nll": {name: q[name]["delta_nll"] for name, _ in tried.values()},
+                  "predicted_delta_nll": {name: a.predicted_error for name, a in tried.values()}}
     return best
 
 

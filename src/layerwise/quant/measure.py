@@ -150,6 +150,15 @@ class GroupCandidates:
             raise LayerwiseError("GPTQ needs each layer's calibration inputs; apply GPTQ plans through a measurement run")
         return quantize_gptq(w, hessian, cfg) if self.method == "gptq" else quantize_rtn(w, cfg)  # type: ignore[arg-type]
 
+    def codes_rows(self, ws: list[torch.Tensor], name: str, hessian: torch.Tensor | None) -> list[QTensor]:
+        """``codes`` of several (out, in) weights that read the same inputs, quantized as one row-stacked matrix.
+
+        Both methods treat rows independently (GPTQ given the Hessian), so each
+        result equals ``codes`` of that weight alone; GPTQ makes one column sweep.
+        """
+        stacked = self.codes("", torch.cat(ws), name, hessian)
+        return stacked.split_rows([w.shape[0] for w in ws])
+
     def stored(self, path: str, w: torch.Tensor, name: str, hessian: torch.Tensor | None) -> tuple[torch.Tensor, int, str]:
         bits = self.bits(path, tuple(w.shape), name)  # type: ignore[arg-type]
         return self.codes(path, w, name, hessian).dequantize(), bits, name

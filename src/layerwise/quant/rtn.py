@@ -62,6 +62,11 @@ class QTensor:
     zeros: torch.Tensor | None  # (out, groups), as integer codes
     config: QConfig
 
+    def split_rows(self, sizes: list[int]) -> list["QTensor"]:
+        """The codes of consecutive blocks of rows (matrices quantized as one row-stacked matrix), each on its own."""
+        parts = [[p.clone() for p in t.split(sizes)] if t is not None else [None] * len(sizes) for t in (self.codes, self.scales, self.zeros)]
+        return [QTensor(c, s, z, self.config) for c, s, z in zip(*parts)]
+
     def dequantize(self) -> torch.Tensor:
         g = self.config.group_size
         n = self.codes.shape[1]
