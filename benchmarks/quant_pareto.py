@@ -34,6 +34,7 @@ import torch
 
 import layerwise as lw
 from layerwise import quantize as qz
+from layerwise.evaluate import paired_difference
 from layerwise.io import write_atomic, write_json
 from layerwise.quant import gguf as qg
 from layerwise.quant.allocate import fixed
@@ -91,16 +92,27 @@ def uniform_lines(rows: list[dict]) -> list[str]:
 
 
 def verdict(rows: list[dict], budgets: list[float], others: list[str], baselines: list[dict]) -> list[str]:
-    """For each budget: does the measured plan beat every other plan that fits the same budget?"""
+    """For each budget: does the measured plan beat every other plan that fits the same budget?
+
+    Each rival is named with the paired difference in held-out NLL (rival minus
+    measured, per window) and its standard error, so a win inside the noise
+    reads as one.
+    """
     out = []
     for b in budgets:
         m = next((r for r in rows if r["strategy"] == "measured" and r["target_bpw"] == b), None)
         if m is None:
             continue
         rivals = [r for r in rows if r["strategy"] in others and r["target_bpw"] == b] + [r for r in baselines if r["bpw"] <= b + 1e-9]
-        worse = [r["plan"] for r in rivals if r["ppl"] < m["ppl"]]
-        out.append(f"- {b:g} bits: measured {m['ppl']:.2f}; " + (f"beaten by {', '.join(worse)}" if worse else
-                   f"best of {len(rivals) + 1} plans within the budget"))
+        diffs = {r["plan"]: paired_difference(r["window_delta_nll"], m["window_delta_nll"]) for r in rivals}
+        worse = [p for p, (d, _) in diffs.items() if d < 0]
+        closest = min(diffs.items(), key=lambda kv: kv[1][0]) if diffs else None
+        line = f"- {b:g} bits: measured {m['ppl']:.2f}; " + (f"beaten by {', '.join(worse)}" if worse else
+                                                              f"best of {len(rivals) + 1} plans within the budget")
+        if closest:
+            (p, (d, se)) = closest
+            line += f"; closest rival {p}: NLL {d:+.4f} ± {se or 0:.4f} against measured"
+        out.append(line)
     return out
 
 

@@ -1,5 +1,7 @@
 """Dropping blocks and sublayers: exactness, saved checkpoints, orders and bad input, on tiny models."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -205,3 +207,35 @@ def test_run_exports_and_refuses_bad_exports(tmp_path):
     with pytest.raises(LayerwiseError, match="without --sweep"):
         run(lm, w, [plan, plan], export=("hf",), with_speed=False, progress=False)
     assert not (tmp_path / "g").exists()
+
+
+def test_quality_pairs_two_variants_window_by_window():
+    """Each variant's per-window NLL differences average to its delta_nll, and the paired difference of two variants
+    equals the one computed by hand from plain forwards (mean and standard error over windows)."""
+    import math
+
+    import torch.nn.functional as F
+
+    from layerwise.evaluate import next_token_logits, paired_difference, quality
+
+    lm, ids = tiny_lm("llama"), tiny_windows(6).ids
+    units = {"a": ["L0"], "b": ["L1.attn", "L2.mlp"]}
+    runs = {k: next_token_logits(lm.model, lambda u=u: skip(lm.anatomy, u)) for k, u in units.items()}
+    q = quality(next_token_logits(lm.model), runs, ids, batch_size=4)
+
+    def window_nll(variant):
+        with variant:
+            logits = _logits(lm.model, ids)[:, :-1]
+        return F.cross_entropy(logits.transpose(1, 2).double(), ids[:, 1:], reduction="none").mean(dim=1)
+
+    ref = window_nll(contextlib.nullcontext())
+    by_hand = {k: window_nll(skip(lm.anatomy, u)) - ref for k, u in units.items()}
+    for k in units:
+        assert q[k]["window_delta_nll"] == pytest.approx(by_hand[k].tolist(), abs=1e-6)  # float32 logits
+        assert q[k]["delta_nll"] == pytest.approx(sum(q[k]["window_delta_nll"]) / 6, abs=1e-12)
+    d = torch.tensor(q["a"]["window_delta_nll"]) - torch.tensor(q["b"]["window_delta_nll"])
+    assert d.abs().min() > 1e-4  # the variants differ well beyond float32 noise
+    mean, se = paired_difference(q["a"]["window_delta_nll"], q["b"]["window_delta_nll"])
+    assert mean == pytest.approx(float(d.mean()), abs=1e-9) and se == pytest.approx(float(d.std()) / math.sqrt(6), rel=1e-6)
+    with pytest.raises(LayerwiseError, match="same windows"):
+        paired_difference(q["a"]["window_delta_nll"], q["b"]["window_delta_nll"][:-1])

@@ -406,3 +406,35 @@ def test_hf_export_refuses_what_cannot_load(tmp_path):
         with pytest.raises(LayerwiseError, match=msg):
             qz.run(lm, w, budgets=[4.8], strategies=["measured"], **{"family": "int", **kw}, export=("hf",), out=tmp_path, progress=False)
         assert not (tmp_path / "measurement.json").exists()
+
+
+def test_gptq_plans_are_scored_on_windows_they_were_not_fitted_to():
+    """GPTQ fits a plan's weights to the windows it runs on, so measured's choice scores each plan cross-fitted:
+    made on the even calibration windows and scored on the odd ones, and the other way round."""
+    from dataclasses import replace
+
+    from layerwise import quantize as qz
+    from layerwise.evaluate import next_token_logits, quality
+    from layerwise.quant.allocate import solve
+    from layerwise.quant.apply import plan_weights, quantized
+    from layerwise.quant.measure import GroupCandidates, measure
+
+    from .conftest import tiny_lm
+
+    lm, w = tiny_lm("llama"), _split_windows()
+    cands = GroupCandidates(SMALL, method="gptq")
+    meas = measure(lm, w, candidates=cands, progress=False)
+    plans = {"any width": solve(meas, 4.0), "band": solve(meas, 4.0, allowed={"a2g16", "a4g16"})}
+    got = qz.calibration_loss(lm, w, meas, cands, plans)
+    c = w.calibration
+    sums = dict.fromkeys(plans, 0.0)
+    for fit, score in ((c[[0, 2]], c[[1, 3]]), (c[[1, 3]], c[[0, 2]])):
+        runs = {k: next_token_logits(lm.model, lambda a=a, fit=fit: quantized(lm, plan_weights(lm, meas, a, cands, replace(w, ids=fit, n_calib=2))))
+                for k, a in plans.items()}
+        q = quality(next_token_logits(lm.model), runs, score)
+        for k in plans:
+            sums[k] += q[k]["delta_nll"] / 2
+    assert got == pytest.approx(sums, abs=1e-9)
+    own = quality(next_token_logits(lm.model), {k: next_token_logits(lm.model, lambda a=a: quantized(lm, plan_weights(lm, meas, a, cands, w)))
+                                                 for k, a in plans.items()}, c)
+    assert all(abs(got[k] - own[k]["delta_nll"]) > 1e-6 for k in plans)  # not the loss on the windows the plan was fitted to

@@ -49,12 +49,15 @@ def quality(reference: LogitsFn, candidates: dict[str, LogitsFn], ids: torch.Ten
 
     The reference runs once per batch for all candidates. Standard errors are
     across windows (each window's mean is one sample), so they say how much
-    a figure would move on other text, not token noise.
+    a figure would move on other text, not token noise. Each candidate also
+    keeps its per-window NLL differences (``window_delta_nll``), so that two
+    candidates can be compared pairwise (``paired_difference``).
     """
     if ids.shape[0] == 0:
         raise LayerwiseError("no evaluation windows: the data is used up by calibration; use fewer --samples or more data")
     ref_nll = st.Moments()
     acc = {name: (st.Moments(), st.Moments(), st.Moments()) for name in candidates}  # nll, delta, kl
+    windows: dict[str, list[float]] = {name: [] for name in candidates}
     per_window = ids.shape[1] - 1
 
     def by_window(t: torch.Tensor) -> torch.Tensor:
@@ -68,15 +71,32 @@ def quality(reference: LogitsFn, candidates: dict[str, LogitsFn], ids: torch.Ten
             kl, nll = lens_m.compare(fn(x), ref)
             if not (torch.isfinite(nll).all() and torch.isfinite(kl).all()):
                 raise LayerwiseError(f"{name} produced NaN/inf logits; evaluate in --dtype float32")
-            for m, v in zip(acc[name], (nll, nll - ref.nll, kl)):
-                m.add(by_window(v))
+            per = [by_window(v) for v in (nll, nll - ref.nll, kl)]
+            for m, v in zip(acc[name], per):
+                m.add(v)
+            windows[name] += per[1].tolist()
     base = {"n_windows": ref_nll.n, "n_tokens": ref_nll.n * per_window, **_ppl("ref_", ref_nll)}
     out = {}
     for name, (nll, delta, kl) in acc.items():
         out[name] = {**base, **_ppl("", nll)}
         out[name]["delta_nll"], out[name]["delta_nll_se"] = _summary(delta)
         out[name]["kl"], out[name]["kl_se"] = _summary(kl)
+        out[name]["window_delta_nll"] = windows[name]
     return out
+
+
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float | None]:
+    """Mean and standard error of ``a - b`` over the same windows (two variants' ``window_delta_nll``).
+
+    Both variants' errors share most of their window-to-window variation (a
+    hard window is hard for both), so the paired difference is far more
+    precise than comparing two means with their own standard errors.
+    """
+    if len(a) != len(b) or not a:
+        raise LayerwiseError("a paired difference needs both variants evaluated on the same windows")
+    d = st.Moments()
+    d.add(torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64))
+    return _summary(d)
 
 
 def _ppl(prefix: str, nll: st.Moments) -> dict:
