@@ -56,8 +56,8 @@ def quality(reference: LogitsFn, candidates: dict[str, LogitsFn], ids: torch.Ten
     if ids.shape[0] == 0:
         raise LayerwiseError("no evaluation windows: the data is used up by calibration; use fewer --samples or more data")
     ref_nll = st.Moments()
-    acc = {name: (st.Moments(), st.Moments(), st.Moments()) for name in candidates}  # nll, delta, kl
-    windows: dict[str, list[float]] = {name: [] for name in candidates}
+    acc = {name: (st.Moments(), st.Moments()) for name in candidates}  # nll, kl
+    deltas: dict[str, list[float]] = {name: [] for name in candidates}  # per window
     per_window = ids.shape[1] - 1
 
     def by_window(t: torch.Tensor) -> torch.Tensor:
@@ -71,17 +71,16 @@ def quality(reference: LogitsFn, candidates: dict[str, LogitsFn], ids: torch.Ten
             kl, nll = lens_m.compare(fn(x), ref)
             if not (torch.isfinite(nll).all() and torch.isfinite(kl).all()):
                 raise LayerwiseError(f"{name} produced NaN/inf logits; evaluate in --dtype float32")
-            per = [by_window(v) for v in (nll, nll - ref.nll, kl)]
-            for m, v in zip(acc[name], per):
-                m.add(v)
-            windows[name] += per[1].tolist()
+            for m, v in zip(acc[name], (nll, kl)):
+                m.add(by_window(v))
+            deltas[name] += by_window(nll - ref.nll).tolist()
     base = {"n_windows": ref_nll.n, "n_tokens": ref_nll.n * per_window, **_ppl("ref_", ref_nll)}
     out = {}
-    for name, (nll, delta, kl) in acc.items():
+    for name, (nll, kl) in acc.items():
         out[name] = {**base, **_ppl("", nll)}
-        out[name]["delta_nll"], out[name]["delta_nll_se"] = _summary(delta)
+        out[name]["delta_nll"], out[name]["delta_nll_se"] = _summary(_moments(deltas[name]))
         out[name]["kl"], out[name]["kl_se"] = _summary(kl)
-        out[name]["window_delta_nll"] = windows[name]
+        out[name]["window_delta_nll"] = deltas[name]
     return out
 
 
@@ -94,9 +93,13 @@ def paired_difference(a: list[float], b: list[float]) -> tuple[float, float | No
     """
     if len(a) != len(b) or not a:
         raise LayerwiseError("a paired difference needs both variants evaluated on the same windows")
-    d = st.Moments()
-    d.add(torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64))
-    return _summary(d)
+    return _summary(_moments([x - y for x, y in zip(a, b)]))
+
+
+def _moments(values: list[float]) -> st.Moments:
+    m = st.Moments()
+    m.add(torch.tensor(values, dtype=torch.float64))
+    return m
 
 
 def _ppl(prefix: str, nll: st.Moments) -> dict:

@@ -141,9 +141,10 @@ def calibration_loss(lm: LoadedModel, windows: Windows, meas: Measurement, cands
     plan is scored on all calibration windows. GPTQ fits its weights to the
     windows it runs on, and a plan's coarsest groups fit them far better than
     they generalize: on the default model at 3.25 bits, the plan that scored
-    worst of three on its own windows was the best of them held out. GPTQ plans are therefore cross-fitted: made on the even
-    calibration windows and scored on the odd ones, then the other way round
-    (with a single window there is nothing to hold out, and it scores itself).
+    worst of three on its own windows was the best of them held out. GPTQ
+    plans are therefore cross-fitted: made on the even calibration windows
+    and scored on the odd ones, then the other way round (with a single
+    window there is nothing to hold out, and it scores itself).
     """
     c = windows.calibration
     folds = [(c[0::2], c[1::2]), (c[1::2], c[0::2])] if cands.needs_hessian and len(c) > 1 else [(c, c)]
