@@ -87,3 +87,24 @@ def test_quality_reports_llama_cpp_statistics_exactly():
     for k, p in DP_PERCENTILES.items():
         assert abs(q[f"dp_{k}"] - _exact(dp, p)) <= 5e-5 + 1e-6, k
     assert q["kl"] == pytest.approx(kl.mean(), rel=1e-4)  # the existing key is unchanged in meaning
+
+
+def test_drop_and_quantize_results_carry_and_show_the_statistics(tmp_path):
+    import json
+
+    from layerwise import quantize as qz
+    from layerwise.drop import DropPlan, run
+
+    from .conftest import tiny_windows
+
+    lm, w = tiny_lm("llama"), tiny_windows(5)
+    w.n_calib = 2
+    run(lm, w, [DropPlan(["L1"], "block", "given")], out=tmp_path / "d", eval_samples=3, with_speed=False, progress=False)
+    qz.run(lm, w, budgets=[4.8], strategies=["measured"], family="int", out=tmp_path / "q", eval_samples=3, progress=False)
+    for folder, rows in (("d", "variants"), ("q", "rows")):
+        (row,) = json.loads((tmp_path / folder / "eval.json").read_text())[rows]
+        assert set(KEYS) <= set(row)
+        assert 0 <= row["same_top_p"] <= 1 and row["kl_median"] <= row["kl_p90"] <= row["kl_p99"] <= row["kl_max"]
+        assert row["dp_min"] <= row["dp_p1"] <= row["dp_median"] <= row["dp_p99"] <= row["dp_max"]
+        page = (tmp_path / folder / "report.html").read_text()
+        assert "same top p" in page and "KL 99.9%" in page and f"{row['same_top_p']:.4g}" in page

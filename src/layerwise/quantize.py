@@ -36,7 +36,7 @@ import torch
 from .data import Windows
 from .drop import ablation_for, check_profile, rank
 from .errors import LayerwiseError
-from .evaluate import next_token_logits, quality
+from .evaluate import KL_KEYS, next_token_logits, quality
 from .io import write_atomic, write_json
 from .loading import LoadedModel
 from .profile import Profile, profile
@@ -229,7 +229,7 @@ def evaluate(lm: LoadedModel, windows: Windows, meas: Measurement, cands: Candid
         rows.append({"plan": key, "strategy": a.strategy, "target_bpw": a.target_bpw, "bpw": a.bpw,
                      "bpw_model": (bits + other_bits) / (quant_n + other_n), "bytes": math.ceil((bits + other_bits) / 8),
                      "predicted_delta_nll": a.predicted_error,
-                     **{k: q[key][k] for k in ("ppl", "ppl_se", "delta_nll", "delta_nll_se", "kl", "kl_se", "window_delta_nll")}})
+                     **{k: q[key][k] for k in ("ppl", "ppl_se", "delta_nll", "delta_nll_se", "kl", "kl_se", *KL_KEYS, "window_delta_nll")}})
         plan_json[key] = {"strategy": a.strategy, "target_bpw": a.target_bpw, "bpw": a.bpw, "meta": a.meta,
                           "groups": {g: {"config": c, "layer": meas.groups[g]["layer"], "modules": meas.groups[g]["modules"],
                                          "stored": meas.groups[g]["configs"][c]["stored"], "bits": meas.groups[g]["configs"][c]["bits"],
