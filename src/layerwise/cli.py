@@ -55,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     _inputs(pr, samples_help="calibration windows", out="runs/profile")
     pr.add_argument("--ablation", choices=["exact", "taylor", "none"], default="exact")
     pr.add_argument("--no-lens", action="store_true", help="skip the logit lens (one head projection per block)")
+    pr.add_argument("--positions", type=int, default=64,
+                    help="score the logit lens and exact ablation at this many random positions per window (default 64; 0: all)")
+    pr.add_argument("--ablation-samples", type=int, default=4,
+                    help="exact ablation on the first N calibration windows, whole batches (default 4; 0: all --samples)")
+    pr.add_argument("--seed", type=int, default=0, help="for the sampled positions")
     pr.add_argument("--attention", action="store_true",
                     help="per-head attention entropy, query-key distance and sink mass (runs eager attention: slower, more memory)")
     dr = _action(sub, "drop", "remove blocks or sublayers, save the smaller model, measure cost and speedup",
@@ -132,9 +137,13 @@ def _profile(args: argparse.Namespace) -> int:
     from . import profile
     from .report import write_report
 
+    for flag, value in (("--positions", args.positions), ("--ablation-samples", args.ablation_samples)):
+        if value < 0:
+            raise LayerwiseError(f"{flag} must be 0 (all) or a positive count, not {value}")
     lm, w = _load(args, attn_implementation="eager" if args.attention else None)
     prof = profile(lm, w, ablation=args.ablation, batch_size=args.batch_size, lens=not args.no_lens,
-                   attention=args.attention, progress=not args.json)
+                   attention=args.attention, positions=args.positions or None, ablation_samples=args.ablation_samples or None,
+                   seed=args.seed, progress=not args.json)
     out = Path(args.out)
     path = prof.save(out)
     html = write_report(prof, out / "report.html")

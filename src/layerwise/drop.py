@@ -35,7 +35,7 @@ from . import ggufio
 from .anatomy import Anatomy, Kind, parse_unit, unit_name
 from .data import Windows
 from .errors import LayerwiseError
-from .evaluate import folder_bytes, next_token_logits, param_count, quality, speed
+from .evaluate import KL_KEYS, folder_bytes, next_token_logits, param_count, quality, speed
 from .io import atomic_dir, write_json
 from .loading import LoadedModel
 from .metrics import stream as st
@@ -393,7 +393,7 @@ def measure(lm: LoadedModel, plans: dict[str, DropPlan], eval_ids: torch.Tensor,
     before = original_speed() if with_speed else {}
     results = {}
     for key, plan in tqdm(plans.items(), desc="speed", disable=not (progress and with_speed)):
-        r = {k: q[key][k] for k in ("ppl", "ppl_se", "nll", "delta_nll", "delta_nll_se", "kl", "kl_se")}
+        r = {k: q[key][k] for k in ("ppl", "ppl_se", "nll", "delta_nll", "delta_nll_se", "kl", "kl_se", *KL_KEYS)}
         with applied(lm, plan) as small:
             small_an, subs = Anatomy(small), renumbered_sublayers(plan)
             r["params"] = _effective_params(small, small_an, subs)

@@ -18,12 +18,15 @@ from typing import Callable, ContextManager, Iterable
 import torch
 
 from .errors import LayerwiseError
+from .metrics import divergence as dv
 from .metrics import lens as lens_m
 from .metrics import stream as st
 
 #: Maps a batch of input ids (batch, seq) to next-token logits (batch * (seq - 1), vocab).
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 Variant = Callable[[], ContextManager]
+#: The llama.cpp-style statistics :func:`quality` adds for every candidate.
+KL_KEYS = dv.KEYS
 
 
 def next_token_logits(model: torch.nn.Module, variant: Variant | None = None) -> LogitsFn:
@@ -38,9 +41,7 @@ def next_token_logits(model: torch.nn.Module, variant: Variant | None = None) ->
     return fn
 
 
-def _summary(m: st.Moments) -> tuple[float, float | None]:
-    mean = float(m.mean)
-    return mean, (float(m.std) / math.sqrt(m.n) if m.n > 1 else None)
+_summary = st.mean_se
 
 
 def quality(reference: LogitsFn, candidates: dict[str, LogitsFn], ids: torch.Tensor, *, batch_size: int = 4,
@@ -51,35 +52,43 @@ def quality(reference: LogitsFn, candidates: dict[str, LogitsFn], ids: torch.Ten
     across windows (each window's mean is one sample), so they say how much
     a figure would move on other text, not token noise. Each candidate also
     keeps its per-window NLL differences (``window_delta_nll``), so that two
-    candidates can be compared pairwise (``paired_difference``).
+    candidates can be compared pairwise (``paired_difference``), and the
+    statistics ``llama-perplexity --kl-divergence`` prints (the keys in
+    :data:`KL_KEYS`: KL percentiles, same top p, Δp of the true token; see
+    :mod:`layerwise.metrics.divergence` for their precision).
     """
     if ids.shape[0] == 0:
         raise LayerwiseError("no evaluation windows: the data is used up by calibration; use fewer --samples or more data")
     ref_nll = st.Moments()
     acc = {name: (st.Moments(), st.Moments()) for name in candidates}  # nll, kl
     deltas: dict[str, list[float]] = {name: [] for name in candidates}  # per window
+    divergence = {name: dv.Divergence() for name in candidates}
     per_window = ids.shape[1] - 1
 
     def by_window(t: torch.Tensor) -> torch.Tensor:
-        return t.view(-1, per_window).double().mean(dim=1)
+        return st.window_means(t, per_window)
 
     for batch in torch.split(ids, batch_size):
         x = batch.to(device)
         ref = lens_m.Reference.from_logits(reference(x), x[:, 1:].flatten())
         ref_nll.add(by_window(ref.nll))
         for name, fn in candidates.items():
-            kl, nll = lens_m.compare(fn(x), ref)
+            logits = fn(x)
+            kl, nll = lens_m.compare(logits, ref)
             if not (torch.isfinite(nll).all() and torch.isfinite(kl).all()):
                 raise LayerwiseError(f"{name} produced NaN/inf logits; evaluate in --dtype float32")
             for m, v in zip(acc[name], (nll, kl)):
                 m.add(by_window(v))
             deltas[name] += by_window(nll - ref.nll).tolist()
+            dp = torch.exp(-nll.double()) - torch.exp(-ref.nll.double())
+            divergence[name].add(kl, lens_m.top1(logits, ref), dp, per_window)
     base = {"n_windows": ref_nll.n, "n_tokens": ref_nll.n * per_window, **_ppl("ref_", ref_nll)}
     out = {}
     for name, (nll, kl) in acc.items():
         out[name] = {**base, **_ppl("", nll)}
         out[name]["delta_nll"], out[name]["delta_nll_se"] = _summary(_moments(deltas[name]))
         out[name]["kl"], out[name]["kl_se"] = _summary(kl)
+        out[name] |= divergence[name].summary()
         out[name]["window_delta_nll"] = deltas[name]
     return out
 

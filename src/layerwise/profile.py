@@ -217,13 +217,25 @@ def _se(m: st.Moments) -> float | None:
     return _finite(float(m.std) / math.sqrt(m.n)) if m.n > 1 else None
 
 
-def _readout(an, h: torch.Tensor) -> torch.Tensor:
-    """Next-token logits from a residual stream at every position but the last, as (tokens, vocab).
+def _readout(an, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token logits from a residual stream at every position but the last, as (tokens, vocab), or at ``rows`` of them.
 
     The last position has no target; dropping it before the head keeps the
-    logits contiguous and saves one head row per window.
+    logits contiguous and saves one head row per window. With ``rows`` the
+    head runs only there: on a small model with a large vocabulary the head
+    costs as much as 10-18 blocks, and it runs once per readout.
     """
-    return an.logits(h[:, :-1]).flatten(0, 1)
+    if rows is None:
+        return an.logits(h[:, :-1]).flatten(0, 1)
+    return an.logits(h[:, :-1].flatten(0, 1)[rows])
+
+
+def _sampled_rows(batch: int, per_window: int, positions: int | None, g: torch.Generator) -> torch.Tensor | None:
+    """``positions`` distinct predicted positions drawn uniformly in each window, as rows of the flattened batch (None: all)."""
+    if positions is None or positions >= per_window:
+        return None
+    pick = torch.rand(batch, per_window, generator=g).argsort(dim=1)[:, :positions].sort(dim=1).values
+    return (pick + per_window * torch.arange(batch)[:, None]).flatten()
 
 
 def profile(
@@ -234,6 +246,9 @@ def profile(
     batch_size: int = 4,
     lens: bool = True,
     attention: bool = False,
+    positions: int | None = None,
+    ablation_samples: int | None = None,
+    seed: int = 0,
     progress: bool = True,
 ) -> Profile:
     """Measure every block and sublayer on the calibration windows.
@@ -246,9 +261,21 @@ def profile(
     ``attention=True`` adds per-head attention entropy, query-key distance and
     sink mass; it needs a model loaded with ``attn_implementation="eager"``,
     since fused kernels never materialize the attention probabilities.
+
+    The head-based readouts (logit lens, exact ablation) can be scored on a
+    sample: ``positions`` predicted positions per window, drawn uniformly
+    with ``seed`` (the ablated model still runs every position: only the
+    head and the comparison are skipped elsewhere), and exact ablation on the
+    first ``ablation_samples`` calibration windows, rounded up to whole
+    batches. Each window's mean is then an unbiased estimate of its mean over
+    all positions, and the standard errors across windows
+    (``ablate_nll_se``) include the sampling. None means all.
     """
     if ablation not in ("exact", "taylor", "none"):
         raise LayerwiseError(f"unknown --ablation {ablation!r}; use exact, taylor or none")
+    for name, value in (("positions", positions), ("ablation_samples", ablation_samples)):
+        if value is not None and value < 1:
+            raise LayerwiseError(f"{name} must be at least 1 (or None for all), not {value}")
     an, model = lm.anatomy, lm.model
     impl = getattr(model.config, "_attn_implementation", None)
     if attention and impl != "eager":
@@ -265,8 +292,11 @@ def profile(
     n_tokens = 0
     batches = list(torch.split(ids, batch_size))
     accs = [_LayerAcc(run, row) for run, row in _runs(lm, batches[0].numel())]
-    bar = tqdm(total=len(batches) * (1 + (3 * L if ablation == "exact" else 0)), desc="profile", unit="pass", disable=not progress)
-    for batch in batches:
+    n_ablated = len(batches) if ablation_samples is None else min(len(batches), math.ceil(ablation_samples / batch_size))
+    bar = tqdm(total=len(batches) + (3 * L * n_ablated if ablation == "exact" else 0), desc="profile", unit="pass", disable=not progress)
+    g = torch.Generator().manual_seed(seed)
+    ablated_windows = 0
+    for batch_no, batch in enumerate(batches):
         x = batch.to(lm.device)
         h: list[torch.Tensor | None] = [None] * (L + 1)
         mid: list[torch.Tensor | None] = [None] * L
@@ -318,15 +348,20 @@ def profile(
             if not need_ref:
                 bar.update(1)
                 continue
-            ref = lens_m.Reference.from_logits(logits.detach().flatten(0, 1), targets)
-            del logits
+            rows = _sampled_rows(x.shape[0], per_window, positions, g)
+            rows = rows.to(x.device) if rows is not None else None
+            flat = logits.detach().flatten(0, 1)
+            ref = lens_m.Reference.from_logits(flat, targets) if rows is None else lens_m.Reference.from_logits(flat[rows], targets[rows])
+            del logits, flat
+            sampled = per_window if rows is None else positions
             if lens:
                 for i in range(L):
-                    z = _readout(an, h[i + 1])
+                    z = _readout(an, h[i + 1], rows)
                     kl, nll = lens_m.compare(z, ref)
                     accs[i].lens.add(torch.stack((kl, lens_m.top1(z, ref), nll), dim=-1))
             bar.update(1)
-            if ablation == "exact":
+            if ablation == "exact" and batch_no < n_ablated:
+                ablated_windows += x.shape[0]
                 stacked = tile_calls(calls, x.shape[0], len(KINDS))
                 for i in range(L):
                     # All three units of block i rejoin the stream at block i + 1, so their
@@ -336,9 +371,9 @@ def profile(
                     starts = {"block": h[i], "attn": no_attn, "mlp": mid[i]}
                     outs = run_blocks(an, i + 1, torch.cat([starts[k] for k in KINDS]), stacked).chunk(len(KINDS))
                     for kind, out in zip(KINDS, outs):
-                        kl, nll = lens_m.compare(_readout(an, out), ref)
-                        accs[i].abl_nll[kind].add((nll - ref.nll).view(-1, per_window).double().mean(dim=1))
-                        accs[i].abl_kl[kind].add(kl.view(-1, per_window).double().mean(dim=1))
+                        kl, nll = lens_m.compare(_readout(an, out, rows), ref)
+                        accs[i].abl_nll[kind].add(st.window_means(nll - ref.nll, sampled))
+                        accs[i].abl_kl[kind].add(st.window_means(kl, sampled))
                         bar.update(1)
     bar.close()
     units = _finalize(lm, accs, taylor_acc, ablation)
@@ -353,7 +388,9 @@ def profile(
             "lens": lens,
             "attention": attention,
             "batch_size": batch_size,
-            "seed": None,
+            "positions": positions,
+            "ablation_windows": ablated_windows if ablation == "exact" else None,
+            "seed": seed,
             "versions": _versions(),
             "wall_time_s": round(time.perf_counter() - start, 3),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

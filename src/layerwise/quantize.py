@@ -36,7 +36,7 @@ import torch
 from .data import Windows
 from .drop import ablation_for, check_profile, rank
 from .errors import LayerwiseError
-from .evaluate import next_token_logits, quality
+from .evaluate import KL_KEYS, next_token_logits, quality
 from .io import write_atomic, write_json
 from .loading import LoadedModel
 from .profile import Profile, profile
@@ -151,7 +151,7 @@ def calibration_loss(lm: LoadedModel, windows: Windows, meas: Measurement, cands
     deltas: dict[str, list[float]] = {name: [] for name in allocs}
     for fit, score in folds:
         part = replace(windows, ids=fit, n_calib=len(fit))
-        variants = {name: next_token_logits(lm.model, lambda pw=plan_weights(lm, meas, a, cands, part): quantized(lm, pw))
+        variants = {name: next_token_logits(lm.model, lambda pw=plan_weights(lm, meas, a, cands, part, batch_size=batch_size): quantized(lm, pw))
                     for name, a in allocs.items()}
         q = quality(next_token_logits(lm.model), variants, score, batch_size=batch_size, device=lm.device)
         for name in allocs:
@@ -215,7 +215,7 @@ def evaluate(lm: LoadedModel, windows: Windows, meas: Measurement, cands: Candid
     quant_n = sum(e["numel"] for e in meas.groups.values())
     q: dict[str, dict] = {}
     for i in range(0, len(allocs), chunk):
-        variants = {label(a): next_token_logits(lm.model, lambda w=plan_weights(lm, meas, a, cands, windows): quantized(lm, w))
+        variants = {label(a): next_token_logits(lm.model, lambda w=plan_weights(lm, meas, a, cands, windows, batch_size=batch_size): quantized(lm, w))
                     for a in allocs[i:i + chunk]}
         q |= quality(next_token_logits(lm.model), variants, eval_ids, batch_size=batch_size, device=lm.device)
         del variants
@@ -229,7 +229,7 @@ def evaluate(lm: LoadedModel, windows: Windows, meas: Measurement, cands: Candid
         rows.append({"plan": key, "strategy": a.strategy, "target_bpw": a.target_bpw, "bpw": a.bpw,
                      "bpw_model": (bits + other_bits) / (quant_n + other_n), "bytes": math.ceil((bits + other_bits) / 8),
                      "predicted_delta_nll": a.predicted_error,
-                     **{k: q[key][k] for k in ("ppl", "ppl_se", "delta_nll", "delta_nll_se", "kl", "kl_se", "window_delta_nll")}})
+                     **{k: q[key][k] for k in ("ppl", "ppl_se", "delta_nll", "delta_nll_se", "kl", "kl_se", *KL_KEYS, "window_delta_nll")}})
         plan_json[key] = {"strategy": a.strategy, "target_bpw": a.target_bpw, "bpw": a.bpw, "meta": a.meta,
                           "groups": {g: {"config": c, "layer": meas.groups[g]["layer"], "modules": meas.groups[g]["modules"],
                                          "stored": meas.groups[g]["configs"][c]["stored"], "bits": meas.groups[g]["configs"][c]["bits"],
@@ -300,13 +300,14 @@ def run(lm: LoadedModel, windows: Windows, *, budgets: list[float], strategies: 
     lo, hi = bit_range(lm, cands)
     for b in budgets:
         check_budget(b, lo, hi)
-    meas = measure(lm, windows, candidates=cands, path=Path(out) / "measurement.json" if out else None, progress=progress)
+    meas = measure(lm, windows, candidates=cands, path=Path(out) / "measurement.json" if out else None, progress=progress,
+                   batch_size=batch_size)
     allocs = plans(lm, windows, meas, cands, budgets, strategies, prof=prof, seed=seed, batch_size=batch_size, progress=progress)
     eval_ids = windows.evaluation[:eval_samples]
     original, rows, plan_json = evaluate(lm, windows, meas, cands, allocs, eval_ids, batch_size=batch_size)
     exports: dict = {}
     if out is not None and export:
-        exports = _export(lm, windows, meas, allocs[0], cands, Path(out), export, eval_ids)
+        exports = _export(lm, windows, meas, allocs[0], cands, Path(out), export, eval_ids, batch_size)
     meta = {**lm.meta(), "data": windows.meta(), "format": family, "method": method if family == "int" else "llama.cpp",
             "candidates": list(cands.names), "measurement_s": meas.meta.get("seconds"), "eval_windows": int(eval_ids.shape[0]),
             "wall_time_s": round(time.perf_counter() - start, 3), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -317,11 +318,11 @@ def run(lm: LoadedModel, windows: Windows, *, budgets: list[float], strategies: 
 
 
 def _export(lm: LoadedModel, windows: Windows, meas: Measurement, alloc: Allocation, cands: Candidates, out: Path,
-            export: tuple[str, ...], eval_ids: torch.Tensor) -> dict:
+            export: tuple[str, ...], eval_ids: torch.Tensor, batch_size: int = 4) -> dict:
     """Write one plan's files; each model written is run in its consumer (llama.cpp, transformers) on the held-out windows."""
     exports: dict = {}
     if "hf" in export:
-        path = hf.export(lm, plan_codes(lm, meas, alloc, cands, windows), out / "model")  # type: ignore[arg-type]
+        path = hf.export(lm, plan_codes(lm, meas, alloc, cands, windows, batch_size=batch_size), out / "model")  # type: ignore[arg-type]
         nll = hf.transformers_nll(path, eval_ids, device=lm.device)
         exports["hf"] = {"path": str(path), "bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")),
                          "transformers_ppl": math.exp(sum(nll) / len(nll))}

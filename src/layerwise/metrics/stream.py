@@ -63,6 +63,16 @@ class Moments:
         return var.clamp_min(0.0).sqrt()
 
 
+def window_means(t: torch.Tensor, per_window: int) -> torch.Tensor:
+    """Per-token values of whole windows (``per_window`` tokens each) reduced to each window's mean, in float64."""
+    return t.reshape(-1, per_window).double().mean(dim=1)
+
+
+def mean_se(m: Moments) -> tuple[float, float | None]:
+    """Mean and its standard error (None with a single sample)."""
+    return float(m.mean), (float(m.std) / m.n**0.5 if m.n > 1 else None)
+
+
 class MaxAbs:
     """Largest |x| per channel; read out as the overall maximum and its channel."""
 

@@ -8,32 +8,30 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..anatomy import first_tensor
 from ..data import Windows
 from ..errors import LayerwiseError
 from ..loading import LoadedModel
 from .allocate import Allocation
-from .gptq import Hessian
-from .measure import Candidates, GroupCandidates, Measurement, block_inputs, hessian_hooks, matrix, replaced
+from .measure import Candidates, GroupCandidates, Measurement, input_hessians, matrix, replaced
 from .rtn import QTensor
 
 def plan_weights(lm: LoadedModel, meas: Measurement, alloc: Allocation, candidates: Candidates,
-                 windows: Windows | None = None) -> dict[nn.Module, torch.Tensor]:
-    """Each quantized module's (out, in) weight as the plan stores it (GPTQ: run on ``windows``)."""
+                 windows: Windows | None = None, *, batch_size: int = 4) -> dict[nn.Module, torch.Tensor]:
+    """Each quantized module's (out, in) weight as the plan stores it (GPTQ: run on ``windows``, ``batch_size`` at a time)."""
     config = _config(meas, alloc)
     if candidates.needs_hessian:
-        made = {p: q.dequantize() for p, q in _sequential(lm, config, candidates, windows).items()}  # type: ignore[arg-type]
+        made = {p: q.dequantize() for p, q in _sequential(lm, config, candidates, windows, batch_size).items()}  # type: ignore[arg-type]
     else:
         made = {p: candidates.stored(p, matrix(lm.anatomy, lm.model.get_submodule(p)), c, None)[0] for p, c in config.items()}
     return {lm.model.get_submodule(p): w for p, w in made.items()}
 
 
 def plan_codes(lm: LoadedModel, meas: Measurement, alloc: Allocation, candidates: GroupCandidates,
-               windows: Windows | None = None) -> dict[str, QTensor]:
+               windows: Windows | None = None, *, batch_size: int = 4) -> dict[str, QTensor]:
     """Each quantized module's integer codes under the plan, by module path; they dequantize to ``plan_weights``."""
     config = _config(meas, alloc)
     if candidates.needs_hessian:
-        return _sequential(lm, config, candidates, windows)
+        return _sequential(lm, config, candidates, windows, batch_size)
     return {p: candidates.codes(p, matrix(lm.anatomy, lm.model.get_submodule(p)), c, None) for p, c in config.items()}
 
 
@@ -42,34 +40,33 @@ def _config(meas: Measurement, alloc: Allocation) -> dict[str, str]:
     return {p: alloc.configs[g] for g, e in meas.groups.items() for p in e["modules"]}
 
 
-def _sequential(lm: LoadedModel, config: dict[str, str], candidates: GroupCandidates, windows: Windows | None) -> dict[str, QTensor]:
+def _sequential(lm: LoadedModel, config: dict[str, str], candidates: GroupCandidates, windows: Windows | None,
+                batch_size: int) -> dict[str, QTensor]:
     """GPTQ as it is meant to run: block by block, each block's Hessians from the inputs that the
     already-quantized blocks before it produce.
 
     The maps of a fused group (q/k/v, gate/up) read one input and share one
     config, so they share one Hessian and are quantized as one row-stacked
     matrix: one column sweep instead of one per map, with the same result.
+    Each block's inputs are made again from the token ids, ``batch_size``
+    windows at a time, through the blocks already quantized, rather than kept
+    for every window: memory stays flat in the number of calibration windows,
+    for about ``n_layers / 2`` times the forward passes.
     """
     if windows is None:
         raise LayerwiseError("GPTQ plans are made on calibration windows; pass the windows")
     an = lm.anatomy
-    h, calls = block_inputs(lm, windows.calibration.to(lm.device))
+    batches = torch.split(windows.calibration, batch_size)
     out: dict[str, QTensor] = {}
-    with torch.no_grad():
-        for layer in range(an.n_layers):
-            groups = [g for g in ([(p, m) for p, m in ms if p in config] for _, ms in an.quant_groups(layer, fused=candidates.fused)) if g]
-            hess: dict[int, Hessian] = {}
-            handles = hessian_hooks([g[0][1] for g in groups], hess)
-            try:
-                an.blocks[layer](h, *calls[layer][0], **calls[layer][1])
-            finally:
-                for hd in handles:
-                    hd.remove()
-            for g in groups:
-                codes = candidates.codes_rows([matrix(an, m) for _, m in g], config[g[0][0]], hess[id(g[0][1])].value)
-                out |= {p: q for (p, _), q in zip(g, codes)}
-            with replaced(an, {m: out[p].dequantize() for g in groups for p, m in g}):
-                h = first_tensor(an.blocks[layer](h, *calls[layer][0], **calls[layer][1]))
+    for layer in range(an.n_layers):
+        groups = [g for g in ([(p, m) for p, m in ms if p in config] for _, ms in an.quant_groups(layer, fused=candidates.fused)) if g]
+        if not groups:
+            continue
+        with replaced(an, {lm.model.get_submodule(p): q.dequantize() for p, q in out.items()}):
+            hess = input_hessians(lm, [g[0][1] for g in groups], batches, stop_after=an.blocks[layer])
+        for g in groups:
+            codes = candidates.codes_rows([matrix(an, m) for _, m in g], config[g[0][0]], hess[id(g[0][1])].value)
+            out |= {p: q for (p, _), q in zip(g, codes)}
     return out
 
 

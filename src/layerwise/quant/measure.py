@@ -164,9 +164,15 @@ class GroupCandidates:
         return self.codes(path, w, name, hessian).dequantize(), bits, name
 
     def stored_all(self, path: str, w: torch.Tensor, hessian: torch.Tensor | None) -> dict[str, tuple[torch.Tensor, int, str]]:
-        """Every config; GPTQ runs one column sweep per group size for all its bit widths (see ``quantize_gptq_many``)."""
+        """Every config (GPTQ: see ``codes_all``)."""
         if self.method != "gptq":
             return {name: self.stored(path, w, name, hessian) for name in self.names}
+        return {name: (qt.dequantize(), bits, name) for name, (qt, bits) in self.codes_all(path, w, hessian).items()}
+
+    def codes_all(self, path: str, w: torch.Tensor, hessian: torch.Tensor | None) -> dict[str, tuple[QTensor, int]]:
+        """``codes`` and storage bits under every config; GPTQ runs one column sweep per group size for all its bit widths."""
+        if self.method != "gptq":
+            return {name: (self.codes(path, w, name, None), self.bits(path, tuple(w.shape), name)) for name in self.names}  # type: ignore[arg-type]
         if hessian is None:
             raise LayerwiseError("GPTQ needs each layer's calibration inputs; apply GPTQ plans through a measurement run")
         grids: dict[tuple, list[QConfig]] = {}
@@ -179,7 +185,7 @@ class GroupCandidates:
         for cfgs in grids.values():
             for i in range(0, len(cfgs), per_sweep):
                 for c, qt in zip(cfgs[i:i + per_sweep], quantize_gptq_many(w, factor, cfgs[i:i + per_sweep])):
-                    out[c.name] = (qt.dequantize(), self.bits(path, tuple(w.shape), c.name), c.name)  # type: ignore[arg-type]
+                    out[c.name] = (qt, self.bits(path, tuple(w.shape), c.name))  # type: ignore[arg-type]
         return {name: out[name] for name in self.names}
 
 
@@ -191,35 +197,144 @@ def measure(
     method: Method = "rtn",
     path: str | Path | None = None,
     progress: bool = True,
+    batch_size: int = 4,
 ) -> Measurement:
     """Measure every group under every candidate config on the calibration windows (see the module doc).
 
     A tuple of configs means integer group quantization by ``method``.
+    Windows are taken ``batch_size`` at a time (gradient pass, block inputs,
+    measurement) and reduced into running sums, so memory grows with the
+    batch, not with the number of calibration windows.
     """
     if isinstance(candidates, tuple):
         candidates = GroupCandidates(candidates, method)
+    if batch_size < 1:
+        raise LayerwiseError(f"batch_size must be at least 1, not {batch_size}")
     an = lm.anatomy
     expect = {"model_hash": lm.source.get("model_hash"), "data_hash": windows.data_hash, "n_calib": windows.n_calib,
               "seq_len": windows.seq_len, "objective": "fisher", "fused": candidates.fused} | candidates.key
     result = Measurement(expect | {"n_layers": an.n_layers})
     if path is not None and Path(path).exists():
         result = Measurement.load(path, expect)
-    ids = windows.calibration.to(lm.device)
+    every = {layer: an.quant_groups(layer, fused=candidates.fused) for layer in range(an.n_layers)}
+    todo = {layer: groups for layer, groups in every.items() if not all(g in result.groups for g, _ in groups)}
+    if not todo:
+        return result
     start = time.perf_counter()
-    grads = output_grads(lm, ids)
-    h, calls = block_inputs(lm, ids)
-    with torch.no_grad():
-        for layer in tqdm(range(an.n_layers), desc="measure", disable=not progress):
-            groups = an.quant_groups(layer, fused=candidates.fused)
-            if all(g in result.groups for g, _ in groups):
-                h = first_tensor(an.blocks[layer](h, *calls[layer][0], **calls[layer][1]))
-                continue
-            h = _measure_layer(an, layer, h, calls[layer], groups, candidates, result, grads[layer])
-            result.meta["seconds"] = round(result.meta.get("seconds", 0.0) + time.perf_counter() - start, 3)
-            start = time.perf_counter()
-            if path is not None:
-                result.save(path)
+    batches = torch.split(windows.calibration, batch_size)
+    made = _Made(an, candidates, _group_hessians(lm, batches, todo) if candidates.needs_hessian else {}, len(batches))
+    sums: dict[str, _Sums] = {}
+    with tqdm(total=len(batches) * (max(todo) + 1), desc="measure", disable=not progress) as bar:
+        for batch in batches:
+            x = batch.to(lm.device)
+            grads = output_grads(lm, x)
+            h, calls = block_inputs(lm, x)
+            with torch.no_grad():
+                for layer in range(max(todo) + 1):
+                    if layer in todo:
+                        h = _measure_layer(an, layer, h, calls[layer], todo[layer], candidates, made, grads[layer], sums)
+                    else:
+                        h = first_tensor(an.blocks[layer](h, *calls[layer][0], **calls[layer][1]))
+                    grads[layer] = {}  # free this block's gradients as soon as they are used
+                    bar.update()
+    n_tokens = windows.calibration.shape[0] * (windows.seq_len - 1)
+    for layer, groups in todo.items():
+        for group, mods in groups:
+            result.groups[group] = sums[group].entry(an, layer, mods, n_tokens)
+    result.meta["seconds"] = round(result.meta.get("seconds", 0.0) + time.perf_counter() - start, 3)
+    result.meta["batch_size"] = batch_size
+    if path is not None:
+        result.save(path)
     return result
+
+
+@dataclass
+class _Sums:
+    """One group's running sums over calibration batches: ``sum y^2`` and, per config, ``sum d^2`` and ``sum g^2 d^2``."""
+
+    group: str
+    denom: float = 0.0
+    configs: dict[str, list[float]] = field(default_factory=dict)  # name -> [d2, g2d2]
+    meta: dict[str, tuple[int, list[str]]] = field(default_factory=dict)  # name -> (bits, stored configs)
+
+    def entry(self, an: Anatomy, layer: int, mods: list, n_tokens: int) -> dict:
+        """The measurement's record of this group: relative error and the Fisher-weighted loss change per token."""
+        return {"layer": layer, "sublayer": _sublayer(self.group), "modules": [p for p, _ in mods],
+                "numel": sum(an.linear_weight(m).numel() for _, m in mods),
+                "configs": {name: {"err": 0.5 * g2d2 / n_tokens, "rel": d2 / (self.denom or 1e-30),
+                                   "bits": self.meta[name][0], "stored": self.meta[name][1]}
+                            for name, (d2, g2d2) in self.configs.items()}}
+
+
+class _Made:
+    """Every candidate's stored weights of a group, made when first needed.
+
+    Integer RTN and llama.cpp types are cheap to make next to running the
+    sublayer, so they are made again for every batch (holding them for all
+    layers would cost many copies of the model). GPTQ's column sweeps are
+    not: their codes (one byte per weight and config) are kept from the first
+    batch to the last, then dropped, and GPTQ's Hessians come from a first
+    pass over all batches, since every config needs all of them.
+    """
+
+    def __init__(self, an: Anatomy, candidates: Candidates, hessians: dict[str, Hessian], n_batches: int) -> None:
+        self.an, self.candidates, self.hessians, self.n_batches = an, candidates, hessians, n_batches
+        self.kept: dict[str, dict] = {}
+        self.uses: dict[str, int] = {}
+
+    def __call__(self, group: str, mods: list) -> dict[nn.Module, dict[str, tuple[torch.Tensor, int, str]]]:
+        if not self.candidates.needs_hessian:
+            return {m: self.candidates.stored_all(p, matrix(self.an, m), None) for p, m in mods}
+        if group not in self.kept:
+            hessian = self.hessians.pop(group).value
+            self.kept[group] = {m: self.candidates.codes_all(p, matrix(self.an, m), hessian) for p, m in mods}  # type: ignore[attr-defined]
+        self.uses[group] = self.uses.get(group, 0) + 1
+        codes = self.kept.pop(group) if self.uses[group] == self.n_batches else self.kept[group]
+        return {m: {name: (qt.dequantize(), bits, name) for name, (qt, bits) in per.items()} for m, per in codes.items()}
+
+
+def _group_hessians(lm: LoadedModel, batches: tuple[torch.Tensor, ...], todo: dict) -> dict[str, Hessian]:
+    """Each group's input Hessian over every calibration batch (the maps of a group read one input)."""
+    firsts = {group: mods[0][1] for groups in todo.values() for group, mods in groups}
+    by_module = input_hessians(lm, list(firsts.values()), batches)
+    return {group: by_module[id(m)] for group, m in firsts.items()}
+
+
+class _Enough(Exception):
+    """Raised by a hook to end a forward pass once the inputs it was run for are seen."""
+
+
+def input_hessians(lm: LoadedModel, modules: list[nn.Module], batches: tuple[torch.Tensor, ...], *,
+                   stop_after: nn.Module | None = None) -> dict[int, Hessian]:
+    """The running input Hessian of each module (by ``id``) over every batch, one batch in memory at a time.
+
+    With ``stop_after``, each forward pass ends when that module has run: the
+    blocks after it would cost time and change nothing.
+    """
+    into: dict[int, Hessian] = {}
+
+    def enough(*_args) -> None:
+        raise _Enough
+
+    for batch in batches:
+        with torch.no_grad(), hessian_hooks(modules, into), _forward_hook(stop_after, enough):
+            try:
+                lm.model(input_ids=batch.to(lm.device), use_cache=False, logits_to_keep=1)
+            except _Enough:
+                pass
+    return into
+
+
+@contextmanager
+def _forward_hook(module: nn.Module | None, fn) -> Iterator[None]:
+    """``fn`` as a forward hook of ``module`` (none when it is None) while active."""
+    handle = None
+    try:
+        handle = module.register_forward_hook(fn) if module is not None else None
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 def block_inputs(lm: LoadedModel, ids: torch.Tensor) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
@@ -238,22 +353,28 @@ def block_inputs(lm: LoadedModel, ids: torch.Tensor) -> tuple[torch.Tensor, list
     return first[0], calls
 
 
-def hessian_hooks(modules: list[nn.Module], into: dict[int, Hessian]) -> list:
-    """Forward pre-hooks that add each module's inputs to its running Hessian (``into[id(module)]``)."""
+@contextmanager
+def hessian_hooks(modules: list[nn.Module], into: dict[int, Hessian]) -> Iterator[None]:
+    """While active, each module's inputs are added to its running Hessian (``into[id(module)]``)."""
 
     def hook(m: nn.Module, args: tuple) -> None:
         x = args[0]
         into.setdefault(id(m), Hessian(x.shape[-1], device=x.device)).add(x)
 
-    return [m.register_forward_pre_hook(hook) for m in modules]
+    handles = []
+    try:
+        handles += [m.register_forward_pre_hook(hook) for m in modules]
+        yield
+    finally:
+        for hd in handles:
+            hd.remove()
 
 
-def _measure_layer(an: Anatomy, layer: int, h: torch.Tensor, call: tuple[tuple, dict], groups, candidates: Candidates, result,
-                   grads: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Measure one block's groups from its cached input ``h``; return the block's (unquantized) output."""
+def _measure_layer(an: Anatomy, layer: int, h: torch.Tensor, call: tuple[tuple, dict], groups, candidates: Candidates,
+                   made: _Made, grads: dict[str, torch.Tensor], sums: dict[str, _Sums]) -> torch.Tensor:
+    """Add one batch's errors of one block's groups to ``sums``, from its input ``h``; return the block's (unquantized) output."""
     inputs: dict[str, tuple[tuple, dict]] = {}
     outputs: dict[str, torch.Tensor] = {}
-    hessians: dict[int, Hessian] = {}
     handles = []
 
     def branch_in(kind: str):
@@ -268,12 +389,10 @@ def _measure_layer(an: Anatomy, layer: int, h: torch.Tensor, call: tuple[tuple, 
 
         return hook
 
-    for kind in ("attn", "mlp"):
-        handles.append(an.branch(layer, kind).register_forward_pre_hook(branch_in(kind), with_kwargs=True))
-        handles.append(an.update_module(layer, kind).register_forward_hook(update_out(kind)))
-    if candidates.needs_hessian:
-        handles += hessian_hooks([m for _, mods in groups for _, m in mods], hessians)
     try:
+        for kind in ("attn", "mlp"):
+            handles.append(an.branch(layer, kind).register_forward_pre_hook(branch_in(kind), with_kwargs=True))
+            handles.append(an.update_module(layer, kind).register_forward_hook(update_out(kind)))
         out = first_tensor(an.blocks[layer](h, *call[0], **call[1]))
     finally:
         for hd in handles:
@@ -281,23 +400,18 @@ def _measure_layer(an: Anatomy, layer: int, h: torch.Tensor, call: tuple[tuple, 
     for group, mods in groups:
         kind = _sublayer(group)
         ref = outputs[kind].double()
-        denom = float((ref * ref).sum()) or 1e-30
-        entry = {"layer": layer, "sublayer": kind, "modules": [p for p, _ in mods],
-                 "numel": sum(an.linear_weight(m).numel() for _, m in mods), "configs": {}}
-        made = {m: candidates.stored_all(path, matrix(an, m), hessians[id(m)].value if candidates.needs_hessian else None)
-                for path, m in mods}
+        acc = sums.setdefault(group, _Sums(group))
+        acc.denom += float((ref * ref).sum())
+        g2 = grads[kind][:, :-1].double() ** 2
+        per = made(group, mods)
         for name in candidates.names:
-            deq = {m: made[m][name][0] for _, m in mods}
-            bits = sum(made[m][name][1] for _, m in mods)
-            kept = [made[m][name][2] for _, m in mods]
-            with replaced(an, deq):
+            with replaced(an, {m: per[m][name][0] for _, m in mods}):
                 y = run_update(an, layer, kind, inputs[kind])
             d2 = (y.double() - ref) ** 2
-            rel = float(d2.sum()) / denom
             # Second-order loss change (diagonal empirical Fisher): 1/2 sum_d g_d^2 delta_d^2, per token.
-            err = 0.5 * float((grads[kind][:, :-1].double() ** 2 * d2[:, :-1]).sum()) / (d2.shape[0] * (d2.shape[1] - 1))
-            entry["configs"][name] = {"err": err, "rel": rel, "bits": bits, "stored": kept}
-        result.groups[group] = entry
+            d2_sum, g2d2 = acc.configs.setdefault(name, [0.0, 0.0])
+            acc.configs[name] = [d2_sum + float(d2.sum()), g2d2 + float((g2 * d2[:, :-1]).sum())]
+            acc.meta[name] = (sum(per[m][name][1] for _, m in mods), [per[m][name][2] for _, m in mods])
     return out
 
 

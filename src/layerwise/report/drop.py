@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 from ..io import write_atomic
+from .divergence import kl_table
 from .html import fmt, page, png
 
 if TYPE_CHECKING:
@@ -74,6 +75,7 @@ def render(report: "DropReport") -> str:
 <h2>Perplexity against units dropped</h2>{png(curves_figure(report))}
 <h2>Speed against the original</h2>{_speed(report)}
 <h2>Every plan</h2><table><tr>{head}</tr>{body}</table>
+<h2>KL statistics, as llama.cpp reports them</h2>{kl_table(report.variants, "key")}
 <h2>Original model</h2><table>{orig}</table>
 <h2>Files written</h2><table>{exports or "<tr><td>none</td></tr>"}</table>""", left_columns=2)
 

@@ -111,6 +111,21 @@ def _agreement_table(prof: Profile) -> str:
     return f"<p>Spearman rho of each metric with <code>{ref}</code>, per unit kind.</p><table><tr><th>metric</th>{head}</tr>{body}</table>"
 
 
+def _ablation_note(prof: Profile) -> str:
+    """How exact ablation was sampled, and how precise that made it."""
+    m = prof.meta
+    if m.get("ablation") != "exact":
+        return ""
+    ses = sorted(se for u in prof.units if (se := u.details.get("ablate_nll_se")) is not None)
+    windows, positions = m.get("ablation_windows") or m.get("n_windows_used"), m.get("positions")
+    where = f"{fmt(positions)} random positions of each" if positions else "every position of each"
+    median = f"; the median standard error of <code>ablate_nll</code> across units is {fmt(ses[len(ses) // 2])} nats" if ses else ""
+    lens = f" The logit lens is scored at the same {fmt(positions)} positions of every window." if positions and m.get("lens") else ""
+    return (f"<p>Exact ablation scored at {where} of {fmt(windows)} windows (the ablated model runs every position; only "
+            f"the head is read at fewer){median}.{lens} Each unit's standard error is <code>ablate_nll_se</code> in "
+            "<code>profile.json</code>; <code>--positions 0 --ablation-samples 0</code> scores every position of every window.</p>")
+
+
 def _ranking_table(prof: Profile) -> str:
     ref = prof.agreement.get("reference", "ablate_nll")
     rows = sorted((u for u in prof.units if u.metrics.get(ref) is not None), key=lambda u: u.metrics[ref])  # type: ignore[index]
@@ -142,7 +157,7 @@ def render(prof: Profile) -> str:
     return page("profile", prof.meta, f"""<h2>Metrics across depth</h2>{_depth_plots(prof)}
 <h2>All metrics, all units</h2>{_heatmap(prof)}
 <h2>Attention heads</h2>{_attention_heads(prof)}
-<h2>Which cheap metric tracks ablation?</h2>{_agreement_table(prof)}
+<h2>Which cheap metric tracks ablation?</h2>{_ablation_note(prof)}{_agreement_table(prof)}
 <h2>Ranking</h2>{_ranking_table(prof)}""")
 
 

@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from ..io import write_atomic
+from .divergence import kl_table
 from .html import fmt, page, png
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ predicted for it. <code>bpw</code> counts codes, scales and zero points over the
 adds every other tensor as stored.</p>
 <h2>Perplexity against bits per weight</h2>{png(curve_figure(report))}
 <h2>Every plan</h2><table><tr>{head}</tr>{body}</table>
+<h2>KL statistics, as llama.cpp reports them</h2>{kl_table(report.rows, "plan")}
 <h2>Bits by block</h2>{charts}
 <h2>Original model</h2><table>{orig}</table>
 <h2>Files written</h2><table><tr><th>export</th><th>path</th><th>bytes</th><th>perplexity where it is loaded</th></tr>{exports or "<tr><td>none</td></tr>"}</table>""")
