@@ -282,7 +282,7 @@ def _tune(args: argparse.Namespace) -> int:
         needed = max((ablation_for(m) for m in metrics), key=("none", "taylor", "exact").index)
         prof = profile(lm, data.as_windows(), ablation=needed, lens=False, batch_size=args.batch_size, progress=not args.json)  # type: ignore[arg-type]
     report = tn.run(lm, data, _split(args.select), second=second, prof=prof, unit=args.unit, restore=args.restore,
-                    restore_order=args.restore_order, out=args.out, command=" ".join(["layerwise", *sys.argv[1:]]),
+                    restore_order=args.restore_order, out=args.out, command=" ".join(["layerwise", *args.argv]),
                     batch_size=args.batch_size, progress=not args.json, active=args.active, interval=args.interval,
                     temperature=args.temperature, steps=args.steps, lr=args.lr, grad_accum=args.grad_accum,
                     train_embeddings=not args.freeze_embeddings, lora=args.lora, lora_rank=args.lora_rank, seed=args.seed,
@@ -346,6 +346,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # recorded in result files
     try:
         return {"profile": _profile, "drop": _drop, "quantize": _quantize, "tune": _tune, "report": _report}[args.cmd](args)
     except LayerwiseError as exc:
