@@ -264,3 +264,28 @@ def test_chat_data_trains_on_response_tokens_only(tmp_path):
     assert len(d.prompts) == 8 and d.prompts[0] == [{"role": "user", "content": "hi"}]
     with pytest.raises(LayerwiseError, match="leaves none held out"):
         tune.tuning_data(str(path), t, seq_len=16, samples=12)
+
+
+def test_run_evaluates_both_domains_and_report_rerenders(tmp_path):
+    """run() on a tiny model: two strategies from the same start, restored variants, tune.json and a page `layerwise report` redraws."""
+    from layerwise.cli import main
+    from layerwise.data import Windows
+
+    lm = tiny_lm("llama", LAYERS)
+    w = tiny_windows(6, 12)
+    data = tune.TuneData.from_windows(Windows(w.ids, 4, "random", "x", 72), eval_samples=2)
+    start = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    rep = tune.run(lm, data, ["lisa", "full"], second=tiny_windows(3, 12, seed=1).ids, restore=1, out=tmp_path, progress=False,
+                   active=1, interval=1, steps=2, lr=1e-2)
+    assert [r["key"] for r in rep.runs] == ["lisa", "full"] and rep.exports == {}
+    full = rep.runs[1]["eval"]
+    assert full["train"]["tuned"]["n_windows"] == 2 and full["second"]["tuned"]["n_windows"] == 3
+    assert full["train"]["tuned"]["ref_nll"] == rep.runs[0]["eval"]["train"]["tuned"]["ref_nll"]  # both start from the base model
+    assert len(full["restored_blocks"]) == 1 and full["second"]["restored"]["kl"] < full["second"]["tuned"]["kl"]
+    assert rep.runs[0]["trainable_params_max"] < rep.runs[1]["trainable_params_max"]
+    assert rep.runs[0]["optimizer_state_bytes_max"] < rep.runs[1]["optimizer_state_bytes_max"]
+    assert any(not torch.equal(p, start[n]) for n, p in lm.model.named_parameters())
+    (tmp_path / "report.html").unlink()
+    assert main(["report", str(tmp_path)]) == 0
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("<img") == 2 and "full + restore" in page and "lisa + restore" in page
