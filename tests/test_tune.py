@@ -168,7 +168,10 @@ def test_callback_in_plain_trainer_and_resume_keeps_schedule(tmp_path, select):
     model = tiny_lm("llama", LAYERS).model
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     sel = tune.LayerSelector(select, active=1, interval=2, seed=3)
-    _trainer(tmp_path, model, sel, 4).train()
+    trainer = _trainer(tmp_path, model, sel, 4)
+    trainer.train()
+    live = {id(p) for p in sel.params[sel.current[0]]} | {id(p) for p in sel.always}
+    assert trainer.optimizer.state and {id(p) for p in trainer.optimizer.state} <= live  # no state for frozen units
     first = [r["active"] for r in sel.records]
     assert len(first) == 4 and first[0] == first[1] and first[2] == first[3]
     trained = {u for a in first for u in a}
