@@ -292,3 +292,13 @@ def test_run_evaluates_both_domains_and_report_rerenders(tmp_path):
     assert main(["report", str(tmp_path)]) == 0
     page = (tmp_path / "report.html").read_text()
     assert page.count("<img") == 2 and "full + restore" in page and "lisa + restore" in page
+
+
+def test_cli_unknown_select_is_one_line_before_loading(capsys):
+    from layerwise.cli import main
+
+    from .conftest import one_error_line
+
+    assert main(["tune", "--select", "lisa,importance:zd", "--model", "/nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert one_error_line(err) and "zd has no agreed direction" in err

@@ -269,11 +269,11 @@ def _tune(args: argparse.Namespace) -> int:
     from . import tune as tn
     from .profile import Profile, profile
 
+    sels = [tn.parse_select(s) for s in _split(args.select)]  # a typo fails before the model loads
     lm = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     ctx = lm.anatomy.context_length
     data = tn.tuning_data(args.data, lm.tokenizer, seq_len=args.seq_len, samples=args.samples, eval_samples=args.eval_samples, max_len=ctx)
     second = windows(args.second_data, lm.tokenizer, seq_len=args.seq_len, samples=1, max_len=ctx).ids[: args.eval_samples]
-    sels = [tn.parse_select(s) for s in _split(args.select)]
     metrics = [s.metric for s in sels if s.metric] or (["ablate_nll"] if args.restore and args.restore_order == "importance" else [])
     prof = Profile.load(args.profile) if args.profile else None
     if prof is None and metrics:
