@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import platform
 import time
 from datetime import date
@@ -108,6 +109,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     interval = args.interval or max(1, args.steps // 6)
+    load_before = os.getloadavg()[0]
     lm = lw.load("default", device=args.device, dtype=args.dtype)
     ctx = lm.anatomy.context_length
     data = tune.tuning_data("builtin:pydoc", lm.tokenizer, seq_len=args.seq_len, samples=args.samples, eval_samples=args.eval_samples, max_len=ctx)
@@ -145,6 +147,8 @@ def main() -> None:
                                    if lm.device.type == "cuda" else
                                    "largest resident set size sampled after each optimizer step minus the RSS at the run's start; in one process "
                                    "the allocator keeps freed pages, so later strategies can show less than they use (optimizer-state bytes are exact)."),
+           f"Seconds per step are wall time on this machine, 1-minute load average {load_before:.1f} at the start and "
+           f"{os.getloadavg()[0]:.1f} at the end: on a shared machine they compare strategies only roughly.",
            "", "## Verdicts", ""] + [f"- {v}" for v in lines]
     out = Path(args.out)
     write_json(out / f"{args.name}.json", {**report.to_dict(), "verdicts": lines, "profile_seconds": t_prof, "device": device})
