@@ -267,6 +267,11 @@ def test_chat_data_trains_on_response_tokens_only(tmp_path):
     assert len(d.prompts) == 8 and d.prompts[0] == [{"role": "user", "content": "hi"}]
     with pytest.raises(LayerwiseError, match="leaves none held out"):
         tune.tuning_data(str(path), t, seq_len=16, samples=12)
+    text = tmp_path / "notes.txt"
+    text.write_text("hi there now bye " * 16)
+    assert tune.tuning_data(str(text), t, seq_len=16, samples=3).eval_ids.shape == (1, 16)
+    with pytest.raises(LayerwiseError, match="training takes them all; lower samples"):
+        tune.tuning_data(str(text), t, seq_len=16, samples=4)
 
 
 def test_run_evaluates_both_domains_and_report_rerenders(tmp_path):

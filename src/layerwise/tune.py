@@ -408,7 +408,10 @@ def tuning_data(ref: str, tokenizer, *, seq_len: int = 256, samples: int = 64, e
     path = Path(ref)
     convs = _conversations(path) if path.suffix == ".jsonl" and path.is_file() else None
     if convs is None:
-        return TuneData.from_windows(windows(ref, tokenizer, seq_len=seq_len, samples=samples, max_len=max_len), eval_samples)
+        w = windows(ref, tokenizer, seq_len=seq_len, samples=samples, max_len=max_len)
+        if w.evaluation.shape[0] == 0:
+            raise LayerwiseError(f"data {ref} gives {w.ids.shape[0]} windows and training takes them all; lower samples (--samples) so some are held out")
+        return TuneData.from_windows(w, eval_samples)
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise LayerwiseError(f"{ref} holds chat examples, but this model's tokenizer has no chat template; give plain text instead")
     if len(convs) <= samples:
