@@ -307,3 +307,19 @@ def test_cli_unknown_select_is_one_line_before_loading(capsys):
     assert main(["tune", "--select", "lisa,importance:zd", "--model", "/nonexistent"]) == 2
     err = capsys.readouterr().err
     assert one_error_line(err) and "zd has no agreed direction" in err
+
+
+@pytest.mark.parametrize("unit", ["attn", "mlp"])
+def test_sublayer_units_train_their_branch_only(unit):
+    """--unit attn|mlp: the active sublayers' weights change; the other branch and the block norms do not."""
+    lm = tiny_lm("llama", LAYERS)
+    sel = tune.LayerSelector("lisa", unit, 2, 1, seed=2)
+    opt = torch.optim.AdamW(lm.model.parameters(), lr=1e-2)
+    sel.on_train_begin(None, TrainerState(), TrainerControl(), model=lm.model, optimizer=opt)
+    assert list(sel.params) == [f"L{i}.{unit}" for i in range(LAYERS)]
+    for step in range(3):
+        changed = _step(lm, sel, opt, step, tiny_windows(2, 12).ids)
+        moved = {n for n, c in changed.items() if c}
+        assert moved == _expected(lm, sel)
+        branch = "self_attn" if unit == "attn" else "mlp"
+        assert all(f".{branch}." in n for n in moved if ".layers." in n) and not any("layernorm" in n for n in moved)
