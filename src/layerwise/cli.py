@@ -22,6 +22,10 @@ EXAMPLES = """examples:
   layerwise quantize --sweep 4.6,5,5.5,6 --strategy measured,ranked:bi,uniform,q4km --out runs/q-sweep
   layerwise quantize --format int --group-size 64 --sweep 2.5,3,3.5,4 --strategy measured,uniform --out runs/int
   layerwise quantize --format int --method gptq --bits 4.5 --out runs/q45-ct  # compressed-tensors checkpoint
+  layerwise tune --select lisa --active 2 --interval 20 --steps 200 --out runs/tune     # LISA, optimizer state freed
+  layerwise tune --select importance:ablate_nll --temperature 1 --restore 4 --out runs/tune-imp
+  layerwise tune --select full,lora,top:bi,adaptive --steps 50 --out runs/tune-cmp      # side by side, no model saved
+  layerwise tune --model runs/drop6/model --select full --steps 100 --out runs/heal      # heal a dropped model
 """
 
 
@@ -89,7 +93,26 @@ def _parser() -> argparse.ArgumentParser:
     qz.add_argument("--export", help="gguf,recipe (--format gguf) or hf (--format int: compressed-tensors); the format's all for one plan; none")
     qz.add_argument("--profile", help="profile.json for ranked:METRIC (must come from this model); measured if absent")
     qz.add_argument("--seed", type=int, default=0, help="for ranked:random")
-    rp = sub.add_parser("report", help="re-render report.html from a saved profile, drop or quantize result")
+    tu = _action(sub, "tune", "train only the layers that matter (LISA, importance sampling, IST, BAdam, LoRA), evaluated on two domains",
+                 "training windows (or chat examples); the windows after them are held out")
+    tu.add_argument("--select", default="lisa", help="full, lora, lisa, importance:METRIC, top:METRIC, adaptive, badam:ORDER; comma-separated to compare")
+    tu.add_argument("--unit", default="block", choices=["block", "attn", "mlp"], help="what is switched on and off")
+    tu.add_argument("--active", type=int, default=2, help="units training at once (not for full/lora)")
+    tu.add_argument("--interval", type=int, default=20, help="steps between re-selections")
+    tu.add_argument("--temperature", type=float, default=1.0, help="importance sampling: p ∝ importance^T (0 is LISA)")
+    tu.add_argument("--steps", type=int, default=100, help="optimizer steps per strategy")
+    tu.add_argument("--lr", type=float, default=1e-4)
+    tu.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    tu.add_argument("--freeze-embeddings", action="store_true", help="keep embeddings, final norm and head frozen")
+    tu.add_argument("--lora", action="store_true", help="any --select over a peft LoRA adapter (adaptive over LoRA is IST)")
+    tu.add_argument("--lora-rank", type=int, default=8)
+    tu.add_argument("--restore", type=int, default=0, help="after training, put this many blocks back to their base weights")
+    tu.add_argument("--restore-order", default="change", choices=["change", "importance"], help="largest weight change first, or least important first")
+    tu.add_argument("--profile", help="profile.json for importance:/top:/--restore-order importance (must come from this model); measured if absent")
+    tu.add_argument("--second-data", default="builtin:fortunes", help="a different corpus, for forgetting and KL to the base model")
+    tu.add_argument("--save-every", type=int, default=0, help="write the checkpoint every N steps (one strategy only)")
+    tu.add_argument("--seed", type=int, default=0)
+    rp = sub.add_parser("report", help="re-render report.html from a saved profile, drop, quantize or tune result")
     rp.add_argument("profile", metavar="RESULT", help="profile.json, eval.json or the folder holding them")
     rp.add_argument("--out", help="HTML path (default: report.html beside the profile)")
     return p
@@ -250,12 +273,68 @@ def _quant_summary(report) -> None:
         print(f"{name}: {e['path']}{extra}")
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from . import load, windows
+    from . import tune as tn
+    from .profile import Profile, profile
+
+    sels = [tn.parse_select(s) for s in _split(args.select)]  # a typo fails before the model loads
+    lm = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    ctx = lm.anatomy.context_length
+    data = tn.tuning_data(args.data, lm.tokenizer, seq_len=args.seq_len, samples=args.samples, eval_samples=args.eval_samples, max_len=ctx)
+    second = windows(args.second_data, lm.tokenizer, seq_len=args.seq_len, samples=1, max_len=ctx).ids[: args.eval_samples]
+    metrics = [s.metric for s in sels if s.metric] or (["ablate_nll"] if args.restore and args.restore_order == "importance" else [])
+    prof = Profile.load(args.profile) if args.profile else None
+    if prof is None and metrics:
+        from .drop import ablation_for
+
+        needed = max((ablation_for(m) for m in metrics), key=("none", "taylor", "exact").index)
+        prof = profile(lm, data.as_windows(), ablation=needed, lens=False, batch_size=args.batch_size, progress=not args.json)  # type: ignore[arg-type]
+    report = tn.run(lm, data, _split(args.select), second=second, prof=prof, unit=args.unit, restore=args.restore,
+                    restore_order=args.restore_order, out=args.out, command=" ".join(["layerwise", *args.argv]),
+                    batch_size=args.batch_size, progress=not args.json, active=args.active, interval=args.interval,
+                    temperature=args.temperature, steps=args.steps, lr=args.lr, grad_accum=args.grad_accum,
+                    train_embeddings=not args.freeze_embeddings, lora=args.lora, lora_rank=args.lora_rank, seed=args.seed,
+                    save_every=args.save_every)
+    if args.json:
+        print(json.dumps(report.to_dict()))
+        return 0
+    _tune_summary(report)
+    out = Path(args.out)
+    print("wrote " + ", ".join([str(out / "tune.json"), str(out / "report.html")] + [v["path"] for v in report.exports.values()]))
+    return 0
+
+
+def _tune_summary(report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="held-out gain on the tuning data and forgetting on the second corpus (nats per token, ± se)")
+    for c in ("strategy", "gain", "forgetting", "KL", "trainable", "optimizer state MB", "s/step"):
+        t.add_column(c, justify="right")
+    for r in report.runs:
+        for name in ("tuned", "restored"):
+            tr, se = r["eval"].get("train", {}).get(name), r["eval"].get("second", {}).get(name)
+            if tr is None:
+                continue
+            fg = f"{se['delta_nll']:+.4f} ± {se['delta_nll_se'] or 0:.4f}" if se else "–"
+            t.add_row(r["key"] + (" restored" if name == "restored" else ""), f"{-tr['delta_nll']:+.4f} ± {tr['delta_nll_se'] or 0:.4f}", fg,
+                      f"{se['kl']:.4f}" if se else "–", f"{r['trainable_params_max']:,}", f"{r['optimizer_state_bytes_max'] / 1e6:.1f}",
+                      f"{r['seconds_per_step']:.2f}")
+    Console().print(t)
+
+
 def _report(args: argparse.Namespace) -> int:
     """Re-render the page of a saved profile, drop or quantize result (its folder or its JSON)."""
     src = Path(args.profile)
     folder = src if src.is_dir() else src.parent
     out = Path(args.out) if args.out else folder / "report.html"
-    if (folder / "plan.json").exists():
+    if (folder / "tune.json").exists():
+        from .report.tune import write_tune_report
+        from .tune import TuneReport
+
+        path = write_tune_report(TuneReport.load(folder), out)
+    elif (folder / "plan.json").exists():
         from .quantize import QuantReport
         from .report.quant import write_quant_report
 
@@ -276,8 +355,9 @@ def _report(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # recorded in result files
     try:
-        return {"profile": _profile, "drop": _drop, "quantize": _quantize, "report": _report}[args.cmd](args)
+        return {"profile": _profile, "drop": _drop, "quantize": _quantize, "tune": _tune, "report": _report}[args.cmd](args)
     except LayerwiseError as exc:
         print(f"layerwise: error: {exc}", file=sys.stderr)
         return 2

