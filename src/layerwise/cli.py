@@ -104,7 +104,7 @@ def _probe_parser(sub) -> None:
     pb.add_argument("--folds", type=int, default=5, help="cross-validation folds (split by example, stratified)")
     pb.add_argument("--seed", type=int, default=0, help="folds, label shuffle for the control, builtin data, subsets")
     pb.add_argument("--c", type=float, default=1.0, help="inverse L2 strength of the logistic regression (scikit-learn's C)")
-    pb.add_argument("--profile", help="profile.json of this model for the importance curve; measured on builtin:pydoc if absent")
+    pb.add_argument("--profile", help="profile.json of this model for the importance curve; if absent, a cheap one is measured (taylor_nll on builtin:pydoc)")
     pb.add_argument("--profile-samples", type=int, default=8, help="windows of builtin:pydoc for the measured profile (0: no importance curve)")
     pb.add_argument("--profile-seq-len", type=int, default=128)
     pb.add_argument("--batch-size", type=int, default=8)
@@ -304,8 +304,8 @@ def _importance(args: argparse.Namespace, lm, importance_of):
     if args.profile_samples <= 0:
         return None
     w = windows("builtin:pydoc", lm.tokenizer, seq_len=args.profile_seq_len, samples=args.profile_samples, max_len=lm.anatomy.context_length)
-    prof = profile(lm, w, ablation="exact", lens=False, batch_size=args.batch_size, progress=not args.json)
-    return importance_of(prof, f"layerwise profile --ablation exact on {args.profile_samples} builtin:pydoc windows of {args.profile_seq_len} tokens")
+    prof = profile(lm, w, ablation="taylor", lens=False, batch_size=args.batch_size, progress=not args.json)
+    return importance_of(prof, f"layerwise profile --ablation taylor --no-lens on {args.profile_samples} builtin:pydoc windows of {args.profile_seq_len} tokens")
 
 
 def _probe_summary(res) -> None:

