@@ -179,3 +179,26 @@ def test_read_examples_jsonl_csv_and_subset(tmp_path):
     ex = read_examples(c, n=12, seed=1)
     assert len(ex) == 12 and ex.texts[0].startswith("a, ") and sorted(set(ex.labels)) == ["neg", "pos"]
     assert ex.labels.count("neg") == 4
+
+
+def test_builtin_cities_rule():
+    """Seeded, balanced, deduplicated; false statements name another country; countries equally often true and false."""
+    from collections import Counter
+
+    from layerwise.corpora import cities
+
+    pairs = dict(cities.gazetteer())
+    texts, labels = cities.examples(seed=0)
+    assert len(texts) == len(set(texts)) == len(pairs) // 2 * 2 and sum(labels) == len(labels) // 2
+    assert (texts, labels) == cities.examples(seed=0) and texts != cities.examples(seed=1)[0]
+    country_of = {v: v for v in pairs.values()} | {f"the {v}": v for v in pairs.values()}
+    named, own = Counter(), Counter()  # in false statements: the countries named, and the cities' own countries
+    for text, label in zip(texts, labels):
+        city, country = re.fullmatch(r"The city of (.+) is in (.+)\.", text).groups()
+        assert (pairs[city] == country_of[country]) == label, text
+        if not label:
+            named[country_of[country]] += 1
+            own[pairs[city]] += 1
+    assert named == own  # a derangement of the false half's own countries: no country alone predicts the label
+    small, small_labels = cities.examples(n=51, seed=2)
+    assert len(small) == 50 and sum(small_labels) == 25

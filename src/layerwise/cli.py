@@ -316,7 +316,7 @@ def _probe_summary(res) -> None:
     for c in ("unit", "accuracy", "AUC", "diff-of-means", "control", "selectivity"):
         t.add_column(c, justify="right")
     for r in res.units:
-        t.add_row(r["unit"], *(f"{r[k]:.3f} ± {r[k + '_se']:.3f}" for k in ("accuracy", "auc", "diffmean_accuracy", "control", "selectivity")))
+        t.add_row(r["unit"], *(f"{r[k]:.3f}±{r[k + '_se']:.3f}" for k in ("accuracy", "auc", "diffmean_accuracy", "control", "selectivity")))
     Console().print(t)
     print(res.best["why"])
 

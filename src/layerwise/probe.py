@@ -367,11 +367,12 @@ def importance_of(prof, source: str) -> dict:
 
 def probe(lm: LoadedModel, examples: Examples | str, *, units: str | Sequence[str] = "blocks", read: Read = "last", folds: int = 5,
           seed: int = 0, c: float = 1.0, batch_size: int = 8, max_bytes: int | None = None, importance: dict | None = None,
-          command: str | None = None, progress: bool = False) -> ProbeResult:
+          command: str | None = None, features: Features | None = None, progress: bool = False) -> ProbeResult:
     """Probe every unit for the examples' labels (see the module docstring); nothing is written.
 
     ``examples`` is an :class:`Examples` or a data reference for :func:`read_examples`.
-    ``importance`` (from :func:`importance_of`) is carried to the page.
+    ``importance`` (from :func:`importance_of`) is carried to the page. ``features`` already collected for these
+    examples (by :func:`layerwise.features.collect` with the same ``units`` and ``read``) are used instead of a new pass.
     """
     start = time.perf_counter()
     ex = read_examples(examples, seed=seed) if isinstance(examples, str) else examples
@@ -379,7 +380,13 @@ def probe(lm: LoadedModel, examples: Examples | str, *, units: str | Sequence[st
         raise LayerwiseError(f"c (the inverse L2 strength) must be positive (got {c})")
     found, y, fold = prepare(ex, folds, seed)
     kw = dict(units=units, read=read, batch_size=batch_size, max_bytes=max_bytes, progress=progress)
-    feats = collect(lm, ex.texts, **kw) if ex.texts is not None else collect_ids(lm, ex.ids, **kw)  # type: ignore[arg-type]
+    if features is None:
+        feats = collect(lm, ex.texts, **kw) if ex.texts is not None else collect_ids(lm, ex.ids, **kw)  # type: ignore[arg-type]
+    elif features.n_examples != len(ex) or features.read != read:
+        raise LayerwiseError(f"features hold {features.n_examples} examples read at '{features.read}', "
+                             f"but there are {len(ex)} examples and read={read!r}; collect them again")
+    else:
+        feats = features
     rows, directions = _probe_units(lm, feats, ex.labels, fold, c, seed, progress)
     from .profile import _versions
 
