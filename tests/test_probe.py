@@ -202,3 +202,9 @@ def test_builtin_cities_rule():
     assert named == own  # a derangement of the false half's own countries: no country alone predicts the label
     small, small_labels = cities.examples(n=51, seed=2)
     assert len(small) == 50 and sum(small_labels) == 25
+
+
+def test_subset_too_small_is_one_error(tmp_path):
+    path = _write(tmp_path / "three.jsonl", "\n".join(json.dumps({"text": f"t{i}", "label": i % 3}) for i in range(12)))
+    with pytest.raises(LayerwiseError, match="stratified subset of n=2"):
+        read_examples(path, n=2)

@@ -128,7 +128,10 @@ def read_examples(ref: str, *, n: int | None = None, seed: int = 0) -> Examples:
         return ex
     from sklearn.model_selection import train_test_split
 
-    keep, _ = train_test_split(np.arange(len(ex)), train_size=n, stratify=_encode(ex.labels)[1], random_state=seed)
+    try:
+        keep, _ = train_test_split(np.arange(len(ex)), train_size=n, stratify=_encode(ex.labels)[1], random_state=seed)
+    except ValueError:  # a class too small to be split, or n below the number of classes
+        raise LayerwiseError(f"cannot draw a class-stratified subset of n={n} from {ref}; use a larger n, or all the examples") from None
     return ex.subset(sorted(keep.tolist()))
 
 
