@@ -26,6 +26,8 @@ EXAMPLES = """examples:
   layerwise tune --select importance:ablate_nll --temperature 1 --restore 4 --out runs/tune-imp
   layerwise tune --select full,lora,top:bi,adaptive --steps 50 --out runs/tune-cmp      # side by side, no model saved
   layerwise tune --model runs/drop6/model --select full --steps 100 --out runs/heal      # heal a dropped model
+  layerwise probe --data builtin:cities --out runs/probe        # where "true/false" becomes linearly readable
+  layerwise probe --data labeled.jsonl --read mean --units all --folds 5 --profile runs/profile/profile.json
 """
 
 
@@ -112,10 +114,33 @@ def _parser() -> argparse.ArgumentParser:
     tu.add_argument("--second-data", default="builtin:fortunes", help="a different corpus, for forgetting and KL to the base model")
     tu.add_argument("--save-every", type=int, default=0, help="write the checkpoint every N steps (one strategy only)")
     tu.add_argument("--seed", type=int, default=0)
-    rp = sub.add_parser("report", help="re-render report.html from a saved profile, drop, quantize or tune result")
+    _probe_parser(sub)
+    rp = sub.add_parser("report", help="re-render report.html from a saved profile, drop, quantize, tune or probe result")
     rp.add_argument("profile", metavar="RESULT", help="profile.json, eval.json or the folder holding them")
     rp.add_argument("--out", help="HTML path (default: report.html beside the profile)")
     return p
+
+
+def _probe_parser(sub) -> None:
+    pb = sub.add_parser("probe", help="where in depth a concept becomes linearly readable: a cross-validated probe per unit",
+                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pb.add_argument("--model", default="default", help="HF directory, hub id, FILE.gguf or 'default'")
+    pb.add_argument("--data", default="builtin:cities", help='FILE.jsonl ({"text": ..., "label": ...} per line), FILE.csv (text,label) or builtin:cities')
+    pb.add_argument("--examples", type=int, help="use a seeded, class-stratified subset of this many examples (default: all)")
+    pb.add_argument("--read", default="last", choices=["last", "mean"], help="the last real token of each example or the mean over its tokens")
+    pb.add_argument("--units", default="blocks", help="blocks (every block output L{k}), all (and each sublayer update) or names, e.g. L3,L7.mlp")
+    pb.add_argument("--folds", type=int, default=5, help="cross-validation folds (split by example, stratified)")
+    pb.add_argument("--seed", type=int, default=0, help="folds, label shuffle for the control, builtin data, subsets")
+    pb.add_argument("--c", type=float, default=1.0, help="inverse L2 strength of the logistic regression (scikit-learn's C)")
+    pb.add_argument("--profile", help="profile.json of this model for the importance curve; if absent, a cheap one is measured (taylor_nll on builtin:pydoc)")
+    pb.add_argument("--profile-samples", type=int, default=8, help="windows of builtin:pydoc for the measured profile (0: no importance curve)")
+    pb.add_argument("--profile-seq-len", type=int, default=128)
+    pb.add_argument("--batch-size", type=int, default=8)
+    pb.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    pb.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    pb.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off by default)")
+    pb.add_argument("--out", default="runs/probe")
+    pb.add_argument("--json", action="store_true", help="print machine-readable results")
 
 
 def _summary(prof) -> None:
@@ -322,10 +347,63 @@ def _tune_summary(report) -> None:
                       f"{se['kl']:.4f}" if se else "–", f"{r['trainable_params_max']:,}", f"{r['optimizer_state_bytes_max'] / 1e6:.1f}",
                       f"{r['seconds_per_step']:.2f}")
     Console().print(t)
+def _probe(args: argparse.Namespace) -> int:
+    """Read and check the data first (bad data fails before the model loads), then probe, then write."""
+    import shlex
+
+    from . import load
+    from .probe import importance_of, prepare, probe, read_examples
+
+    units = args.units if args.units in ("blocks", "all") else _split(args.units)
+    ex = read_examples(args.data, n=args.examples, seed=args.seed)
+    prepare(ex, args.folds, args.seed)
+    lm = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    importance = _importance(args, lm, importance_of)
+    res = probe(lm, ex, units=units, read=args.read, folds=args.folds, seed=args.seed, c=args.c, batch_size=args.batch_size,
+                   importance=importance, command=shlex.join(["layerwise", *args.argv]), progress=not args.json)
+    out = Path(args.out)
+    path = res.save(out)
+    if args.json:
+        print(json.dumps(res.to_dict()))
+        return 0
+    _probe_summary(res)
+    print(f"wrote {path}, {out / 'directions.safetensors'} and {out / 'report.html'}")
+    return 0
+
+
+def _importance(args: argparse.Namespace, lm, importance_of):
+    """The importance curve for the page: the given profile, or one measured on builtin:pydoc windows, or none."""
+    from . import profile, windows
+    from .profile import Profile
+
+    if args.profile:
+        from .drop import check_profile
+
+        prof = Profile.load(args.profile)
+        check_profile(prof, lm)
+        return importance_of(prof, args.profile)
+    if args.profile_samples <= 0:
+        return None
+    w = windows("builtin:pydoc", lm.tokenizer, seq_len=args.profile_seq_len, samples=args.profile_samples, max_len=lm.anatomy.context_length)
+    prof = profile(lm, w, ablation="taylor", lens=False, batch_size=args.batch_size, progress=not args.json)
+    return importance_of(prof, f"layerwise profile --ablation taylor --no-lens on {args.profile_samples} builtin:pydoc windows of {args.profile_seq_len} tokens")
+
+
+def _probe_summary(res) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"cross-validated probes ({res.meta['folds']} folds, chance {res.meta['chance']:.3f}); best {res.best_unit()}")
+    for c in ("unit", "accuracy", "AUC", "diff-of-means", "control", "selectivity"):
+        t.add_column(c, justify="right")
+    for r in res.units:
+        t.add_row(r["unit"], *(f"{r[k]:.3f}±{r[k + '_se']:.3f}" for k in ("accuracy", "auc", "diffmean_accuracy", "control", "selectivity")))
+    Console().print(t)
+    print(res.best["why"])
 
 
 def _report(args: argparse.Namespace) -> int:
-    """Re-render the page of a saved profile, drop or quantize result (its folder or its JSON)."""
+    """Re-render the page of a saved profile, drop, quantize, tune or probe result (its folder or its JSON)."""
     src = Path(args.profile)
     folder = src if src.is_dir() else src.parent
     out = Path(args.out) if args.out else folder / "report.html"
@@ -334,6 +412,11 @@ def _report(args: argparse.Namespace) -> int:
         from .tune import TuneReport
 
         path = write_tune_report(TuneReport.load(folder), out)
+    elif (folder / "probe.json").exists():
+        from .probe import ProbeResult
+        from .report.probe import write_probe_report
+
+        path = write_probe_report(ProbeResult.load(folder), out)
     elif (folder / "plan.json").exists():
         from .quantize import QuantReport
         from .report.quant import write_quant_report
@@ -357,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)  # recorded in result files
     try:
-        return {"profile": _profile, "drop": _drop, "quantize": _quantize, "tune": _tune, "report": _report}[args.cmd](args)
+        return {"profile": _profile, "drop": _drop, "quantize": _quantize, "tune": _tune, "probe": _probe, "report": _report}[args.cmd](args)
     except LayerwiseError as exc:
         print(f"layerwise: error: {exc}", file=sys.stderr)
         return 2
