@@ -33,7 +33,7 @@ def test_kl_statistics_on_the_real_model(real_cache):
         exact = float(np.percentile(kl, p, method="inverted_cdf"))
         assert abs(q[key] - exact) <= 0.0116 * exact + 1e-5, key
     assert q["dp_rms"] == pytest.approx(float(np.sqrt((dp**2).reshape(3, -1).mean(1).mean())), rel=1e-4)
-    assert q["dp_mean"] == pytest.approx(float(dp.mean()), abs=1e-6)
+    assert q["dp_mean"] == pytest.approx(float(dp.mean()), abs=1e-5)  # float32 logits: ~2e-6 on a 49152-way softmax
 
 
 def test_sampled_profile_states_its_precision(tmp_path, real_cache):
