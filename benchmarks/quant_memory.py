@@ -58,13 +58,13 @@ def probe(src: str, n: int, streamed: bool, seq_len: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="8,64")
-    ap.add_argument("--before-sizes", default="8")
+    ap.add_argument("--before-sizes", default="8")  # empty: none
     ap.add_argument("--seq-len", type=int, default=128)
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(f"git -C {ROOT} archive {BEFORE} src | tar -x -C {tmp}", shell=True, check=True)
-        for n in map(int, args.before_sizes.split(",")):
+        for n in [int(v) for v in args.before_sizes.split(",") if v]:
             rows.append({"code": f"before ({BEFORE})", "windows": n, **probe(f"{tmp}/src", n, False, args.seq_len)})
             print(rows[-1], flush=True)
     for n in map(int, args.sizes.split(",")):
