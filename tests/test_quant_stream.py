@@ -23,8 +23,9 @@ def test_measurement_is_the_same_whatever_the_batch_size(method):
 
     lm, w = tiny_lm("qwen2"), tiny_windows(5)
     whole = measure(lm, w, candidates=SMALL, method=method, progress=False, batch_size=5)
-    for b in (1, 2):  # 5 batches of one window; batches of 2, 2 and 1
-        parts = measure(lm, w, candidates=SMALL, method=method, progress=False, batch_size=b)
+    # 5 batches of one window; batches of 2, 2 and 1; the same with every block a run of its own (one gradient pass each)
+    for b, cache in ((1, 2**31), (2, 2**31), (2, 1)):
+        parts = measure(lm, w, candidates=SMALL, method=method, progress=False, batch_size=b, cache_bytes=cache)
         assert parts.meta["batch_size"] == b
         assert parts.groups.keys() == whole.groups.keys()
         for g, entry in whole.groups.items():

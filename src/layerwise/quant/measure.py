@@ -5,9 +5,15 @@ fuse them (``L3.attn.qkv``, ``L3.attn.o``, ``L3.mlp.gate_up``, ``L3.mlp.down``).
 For each group and candidate config, the group's weights are quantized, its
 sublayer is run on the sublayer's cached unquantized inputs, and the relative
 error ``||y_q - y||^2 / ||y||^2`` of the sublayer's residual update is
-recorded with the exact storage cost. Layers are measured one at a time from
-the cached residual stream, so memory holds one layer's inputs; results are
-written after every layer and a rerun resumes where it stopped.
+recorded with the exact storage cost.
+
+Memory does not grow with the number of calibration windows (the rule the
+profile pass keeps). Blocks are measured in runs of consecutive blocks whose
+candidate weights fit a fixed budget: a run's candidates are made once
+(making them, GPTQ above all, costs more than using them), then the windows
+stream through ``batch_size`` at a time, each batch's gradient pass and
+block inputs made afresh, and every error is added to running sums. Results
+are written after every run, and a rerun measures only the groups missing.
 """
 
 from __future__ import annotations
@@ -164,15 +170,9 @@ class GroupCandidates:
         return self.codes(path, w, name, hessian).dequantize(), bits, name
 
     def stored_all(self, path: str, w: torch.Tensor, hessian: torch.Tensor | None) -> dict[str, tuple[torch.Tensor, int, str]]:
-        """Every config (GPTQ: see ``codes_all``)."""
+        """Every config; GPTQ runs one column sweep per group size for all its bit widths (see ``quantize_gptq_many``)."""
         if self.method != "gptq":
             return {name: self.stored(path, w, name, hessian) for name in self.names}
-        return {name: (qt.dequantize(), bits, name) for name, (qt, bits) in self.codes_all(path, w, hessian).items()}
-
-    def codes_all(self, path: str, w: torch.Tensor, hessian: torch.Tensor | None) -> dict[str, tuple[QTensor, int]]:
-        """``codes`` and storage bits under every config; GPTQ runs one column sweep per group size for all its bit widths."""
-        if self.method != "gptq":
-            return {name: (self.codes(path, w, name, None), self.bits(path, tuple(w.shape), name)) for name in self.names}  # type: ignore[arg-type]
         if hessian is None:
             raise LayerwiseError("GPTQ needs each layer's calibration inputs; apply GPTQ plans through a measurement run")
         grids: dict[tuple, list[QConfig]] = {}
@@ -185,7 +185,7 @@ class GroupCandidates:
         for cfgs in grids.values():
             for i in range(0, len(cfgs), per_sweep):
                 for c, qt in zip(cfgs[i:i + per_sweep], quantize_gptq_many(w, factor, cfgs[i:i + per_sweep])):
-                    out[c.name] = (qt, self.bits(path, tuple(w.shape), c.name))  # type: ignore[arg-type]
+                    out[c.name] = (qt.dequantize(), self.bits(path, tuple(w.shape), c.name), c.name)  # type: ignore[arg-type]
         return {name: out[name] for name in self.names}
 
 
@@ -198,13 +198,14 @@ def measure(
     path: str | Path | None = None,
     progress: bool = True,
     batch_size: int = 4,
+    cache_bytes: int = 2**31,
 ) -> Measurement:
     """Measure every group under every candidate config on the calibration windows (see the module doc).
 
     A tuple of configs means integer group quantization by ``method``.
-    Windows are taken ``batch_size`` at a time (gradient pass, block inputs,
-    measurement) and reduced into running sums, so memory grows with the
-    batch, not with the number of calibration windows.
+    Blocks are measured in runs whose candidate weights fit in
+    ``cache_bytes``; each run's candidates are made once and the windows
+    stream through it ``batch_size`` at a time.
     """
     if isinstance(candidates, tuple):
         candidates = GroupCandidates(candidates, method)
@@ -218,34 +219,50 @@ def measure(
         result = Measurement.load(path, expect)
     every = {layer: an.quant_groups(layer, fused=candidates.fused) for layer in range(an.n_layers)}
     todo = {layer: groups for layer, groups in every.items() if not all(g in result.groups for g, _ in groups)}
-    if not todo:
-        return result
-    start = time.perf_counter()
     batches = torch.split(windows.calibration, batch_size)
-    made = _Made(an, candidates, _group_hessians(lm, batches, todo) if candidates.needs_hessian else {}, len(batches))
-    sums: dict[str, _Sums] = {}
-    with tqdm(total=len(batches) * (max(todo) + 1), desc="measure", disable=not progress) as bar:
-        for batch in batches:
-            x = batch.to(lm.device)
-            grads = output_grads(lm, x)
-            h, calls = block_inputs(lm, x)
-            with torch.no_grad():
-                for layer in range(max(todo) + 1):
-                    if layer in todo:
-                        h = _measure_layer(an, layer, h, calls[layer], todo[layer], candidates, made, grads[layer], sums)
-                    else:
-                        h = first_tensor(an.blocks[layer](h, *calls[layer][0], **calls[layer][1]))
-                    grads[layer] = {}  # free this block's gradients as soon as they are used
-                    bar.update()
+    runs = _runs(an, todo, len(candidates.names), cache_bytes)
     n_tokens = windows.calibration.shape[0] * (windows.seq_len - 1)
-    for layer, groups in todo.items():
-        for group, mods in groups:
-            result.groups[group] = sums[group].entry(an, layer, mods, n_tokens)
-    result.meta["seconds"] = round(result.meta.get("seconds", 0.0) + time.perf_counter() - start, 3)
-    result.meta["batch_size"] = batch_size
-    if path is not None:
-        result.save(path)
+    with tqdm(total=len(batches) * len(todo), desc="measure", disable=not progress) as bar:
+        for layers in runs:
+            start = time.perf_counter()
+            hessians = _group_hessians(lm, batches, layers, todo) if candidates.needs_hessian else {}
+            made = {g: {m: candidates.stored_all(p, matrix(an, m), hessians[g].value if hessians else None) for p, m in mods}
+                    for layer in layers for g, mods in todo[layer]}
+            sums: dict[str, _Sums] = {}
+            for batch in batches:
+                h, calls, grads = _batch_pass(lm, batch.to(lm.device), layers)
+                with torch.no_grad():
+                    for layer in range(layers[0], layers[-1] + 1):
+                        if layer in todo:
+                            h = _measure_layer(an, layer, h, calls[layer], todo[layer], candidates, made, grads.pop(layer), sums)
+                            bar.update()
+                        else:
+                            h = first_tensor(an.blocks[layer](h, *calls[layer][0], **calls[layer][1]))
+            for layer in layers:
+                for group, mods in todo[layer]:
+                    result.groups[group] = sums[group].entry(an, layer, mods, n_tokens)
+            result.meta["seconds"] = round(result.meta.get("seconds", 0.0) + time.perf_counter() - start, 3)
+            result.meta["batch_size"] = batch_size
+            if path is not None:
+                result.save(path)
     return result
+
+
+def _runs(an: Anatomy, todo: dict, n_configs: int, cache_bytes: int) -> list[list[int]]:
+    """The layers to measure, in runs of consecutive layers whose candidate weights (float32) fit in ``cache_bytes``.
+
+    Each run costs one gradient pass per batch; one layer is a run even when it alone is larger.
+    """
+    runs: list[list[int]] = []
+    held = cache_bytes + 1
+    for layer, groups in todo.items():
+        size = 4 * n_configs * sum(an.linear_weight(m).numel() for _, mods in groups for _, m in mods)
+        if held + size > cache_bytes:
+            runs.append([])
+            held = 0
+        runs[-1].append(layer)
+        held += size
+    return runs
 
 
 @dataclass
@@ -266,37 +283,10 @@ class _Sums:
                             for name, (d2, g2d2) in self.configs.items()}}
 
 
-class _Made:
-    """Every candidate's stored weights of a group, made when first needed.
-
-    Integer RTN and llama.cpp types are cheap to make next to running the
-    sublayer, so they are made again for every batch (holding them for all
-    layers would cost many copies of the model). GPTQ's column sweeps are
-    not: their codes (one byte per weight and config) are kept from the first
-    batch to the last, then dropped, and GPTQ's Hessians come from a first
-    pass over all batches, since every config needs all of them.
-    """
-
-    def __init__(self, an: Anatomy, candidates: Candidates, hessians: dict[str, Hessian], n_batches: int) -> None:
-        self.an, self.candidates, self.hessians, self.n_batches = an, candidates, hessians, n_batches
-        self.kept: dict[str, dict] = {}
-        self.uses: dict[str, int] = {}
-
-    def __call__(self, group: str, mods: list) -> dict[nn.Module, dict[str, tuple[torch.Tensor, int, str]]]:
-        if not self.candidates.needs_hessian:
-            return {m: self.candidates.stored_all(p, matrix(self.an, m), None) for p, m in mods}
-        if group not in self.kept:
-            hessian = self.hessians.pop(group).value
-            self.kept[group] = {m: self.candidates.codes_all(p, matrix(self.an, m), hessian) for p, m in mods}  # type: ignore[attr-defined]
-        self.uses[group] = self.uses.get(group, 0) + 1
-        codes = self.kept.pop(group) if self.uses[group] == self.n_batches else self.kept[group]
-        return {m: {name: (qt.dequantize(), bits, name) for name, (qt, bits) in per.items()} for m, per in codes.items()}
-
-
-def _group_hessians(lm: LoadedModel, batches: tuple[torch.Tensor, ...], todo: dict) -> dict[str, Hessian]:
+def _group_hessians(lm: LoadedModel, batches: tuple[torch.Tensor, ...], layers: list[int], todo: dict) -> dict[str, Hessian]:
     """Each group's input Hessian over every calibration batch (the maps of a group read one input)."""
-    firsts = {group: mods[0][1] for groups in todo.values() for group, mods in groups}
-    by_module = input_hessians(lm, list(firsts.values()), batches)
+    firsts = {group: mods[0][1] for layer in layers for group, mods in todo[layer]}
+    by_module = input_hessians(lm, list(firsts.values()), batches, stop_after=lm.anatomy.blocks[layers[-1]])
     return {group: by_module[id(m)] for group, m in firsts.items()}
 
 
@@ -337,22 +327,6 @@ def _forward_hook(module: nn.Module | None, fn) -> Iterator[None]:
             handle.remove()
 
 
-def block_inputs(lm: LoadedModel, ids: torch.Tensor) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
-    """The first block's input and every block's other arguments (masks, positions), from one forward pass."""
-    an = lm.anatomy
-    first: list[torch.Tensor] = []
-    calls: list[tuple[tuple, dict]] = [((), {})] * an.n_layers
-
-    def record(tr: BlockTrace) -> None:
-        if tr.layer == 0:
-            first.append(tr.h_in.detach())
-        calls[tr.layer] = (tr.args, tr.kwargs)
-
-    with torch.no_grad(), tap(an, record, mlp_hidden=False):
-        lm.model(input_ids=ids, use_cache=False, logits_to_keep=1)
-    return first[0], calls
-
-
 @contextmanager
 def hessian_hooks(modules: list[nn.Module], into: dict[int, Hessian]) -> Iterator[None]:
     """While active, each module's inputs are added to its running Hessian (``into[id(module)]``)."""
@@ -371,7 +345,7 @@ def hessian_hooks(modules: list[nn.Module], into: dict[int, Hessian]) -> Iterato
 
 
 def _measure_layer(an: Anatomy, layer: int, h: torch.Tensor, call: tuple[tuple, dict], groups, candidates: Candidates,
-                   made: _Made, grads: dict[str, torch.Tensor], sums: dict[str, _Sums]) -> torch.Tensor:
+                   made: dict, grads: dict[str, torch.Tensor], sums: dict[str, _Sums]) -> torch.Tensor:
     """Add one batch's errors of one block's groups to ``sums``, from its input ``h``; return the block's (unquantized) output."""
     inputs: dict[str, tuple[tuple, dict]] = {}
     outputs: dict[str, torch.Tensor] = {}
@@ -403,7 +377,7 @@ def _measure_layer(an: Anatomy, layer: int, h: torch.Tensor, call: tuple[tuple, 
         acc = sums.setdefault(group, _Sums(group))
         acc.denom += float((ref * ref).sum())
         g2 = grads[kind][:, :-1].double() ** 2
-        per = made(group, mods)
+        per = made[group]
         for name in candidates.names:
             with replaced(an, {m: per[m][name][0] for _, m in mods}):
                 y = run_update(an, layer, kind, inputs[kind])
@@ -427,17 +401,27 @@ def bit_range(lm: LoadedModel, candidates: Candidates) -> tuple[float, float]:
     return lo / n, hi / n
 
 
-def output_grads(lm: LoadedModel, ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-    """Per block, the gradient of the calibration NLL with respect to each sublayer's residual update.
+def _batch_pass(lm: LoadedModel, ids: torch.Tensor, layers: list[int]) -> tuple[torch.Tensor, list[tuple[tuple, dict]], dict]:
+    """One forward and backward pass over a batch: the input of block ``layers[0]``, every block's other arguments
+    (masks, positions), and for each of ``layers`` the gradient of the batch's summed NLL with respect to each
+    sublayer's residual update.
 
     Its square weights a sublayer's output error into a predicted loss change,
-    so errors in sublayers the loss is sensitive to count for more.
+    so errors in sublayers the loss is sensitive to count for more. Only the
+    gradients of ``layers`` are taken, so the backward pass stops at the first.
     """
     an = lm.anatomy
-    updates: list[torch.Tensor] = []
+    wanted = set(layers)
+    updates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    calls: list[tuple[tuple, dict]] = [((), {})] * an.n_layers
+    first: list[torch.Tensor] = []
 
     def on_block(tr: BlockTrace) -> None:
-        updates.extend((tr.attn, tr.mlp))
+        calls[tr.layer] = (tr.args, tr.kwargs)
+        if tr.layer == layers[0]:
+            first.append(tr.h_in.detach())
+        if tr.layer in wanted:
+            updates[tr.layer] = (tr.attn, tr.mlp)
 
     with torch.enable_grad(), tap(an, on_block, mlp_hidden=False):
         embed = lm.model.get_input_embeddings()
@@ -447,11 +431,12 @@ def output_grads(lm: LoadedModel, ids: torch.Tensor) -> list[dict[str, torch.Ten
         finally:
             handle.remove()
         logp = torch.log_softmax(logits.float(), dim=-1)
-        loss = -logp.gather(-1, ids[:, 1:, None].to(logp.device)).mean()
-        live = [u for u in updates if u.requires_grad]
-        found = iter(torch.autograd.grad(loss * (ids.shape[1] - 1) * ids.shape[0], live))
-    grads = [next(found).detach() if u.requires_grad else torch.zeros_like(u) for u in updates]
-    return [{"attn": grads[2 * i], "mlp": grads[2 * i + 1]} for i in range(an.n_layers)]
+        loss = -logp.gather(-1, ids[:, 1:, None].to(logp.device)).sum()
+        flat = [u for layer in layers for u in updates[layer]]
+        live = [u for u in flat if u.requires_grad]
+        found = iter(torch.autograd.grad(loss, live))
+    grads = [next(found).detach() if u.requires_grad else torch.zeros_like(u) for u in flat]
+    return first[0], calls, {layer: {"attn": grads[2 * i], "mlp": grads[2 * i + 1]} for i, layer in enumerate(layers)}
 
 
 def run_update(an: Anatomy, layer: int, kind: str, call: tuple[tuple, dict]) -> torch.Tensor:
