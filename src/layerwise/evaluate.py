@@ -54,7 +54,7 @@ def quality(reference: LogitsFn, candidates: dict[str, LogitsFn], ids: torch.Ten
     candidates can be compared pairwise (``paired_difference``).
     """
     if ids.shape[0] == 0:
-        raise LayerwiseError("no evaluation windows: the data is used up by calibration; use fewer --samples or more data")
+        raise LayerwiseError("no evaluation windows: the data is used up by calibration; use fewer `samples` or more data")
     ref_nll = st.Moments()
     acc = {name: (st.Moments(), st.Moments()) for name in candidates}  # nll, kl
     deltas: dict[str, list[float]] = {name: [] for name in candidates}  # per window
@@ -70,7 +70,7 @@ def quality(reference: LogitsFn, candidates: dict[str, LogitsFn], ids: torch.Ten
         for name, fn in candidates.items():
             kl, nll = lens_m.compare(fn(x), ref)
             if not (torch.isfinite(nll).all() and torch.isfinite(kl).all()):
-                raise LayerwiseError(f"{name} produced NaN/inf logits; evaluate in --dtype float32")
+                raise LayerwiseError(f"{name} produced NaN/inf logits; evaluate in `dtype` float32")
             for m, v in zip(acc[name], (nll, kl)):
                 m.add(by_window(v))
             deltas[name] += by_window(nll - ref.nll).tolist()

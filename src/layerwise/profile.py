@@ -15,6 +15,8 @@ import io
 import json
 import math
 import platform
+import shlex
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -58,6 +60,27 @@ DIRECTION: dict[str, int] = {
 Ablation = Literal["exact", "taylor", "none"]
 
 
+def order_by(order: str) -> tuple[str, int]:
+    """The metric an order ranks by, and the sign that sorts units from least to most important.
+
+    ``METRIC:asc`` puts the lowest values first and ``METRIC:desc`` the
+    highest; a bare metric takes its :data:`DIRECTION`. A metric with no
+    importance direction (``zd``, ``kurtosis``, ``lens_*``, ``attn_*``...) must
+    say which end goes first: guessing would quietly rank backwards.
+    """
+    metric, _, way = order.partition(":")
+    if metric not in METRICS:
+        raise LayerwiseError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    if way:
+        if way not in ("asc", "desc"):
+            raise LayerwiseError(f"unknown direction {way!r} in {order!r}; write {metric}:asc (lowest first) or {metric}:desc (highest first)")
+        return metric, 1 if way == "asc" else -1
+    if not DIRECTION.get(metric):
+        raise LayerwiseError(f"{metric} has no importance direction; write {metric}:asc to take the lowest values as least important, "
+                             f"or {metric}:desc for the highest")
+    return metric, DIRECTION[metric]
+
+
 @dataclass
 class Unit:
     name: str
@@ -86,13 +109,11 @@ class Profile:
         return {u.name: u.metrics.get(metric) for u in self.units if u.kind == kind}
 
     def rank(self, metric: str, kind: Kind) -> list[str]:
-        """Unit names of one kind from least to most important by ``metric``."""
-        if metric not in METRICS:
-            raise LayerwiseError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+        """Unit names of one kind from least to most important by ``metric`` (``METRIC:asc|desc``, see :func:`order_by`)."""
+        metric, sign = order_by(metric)
         vals = {k: v for k, v in self.values(metric, kind).items() if v is not None}
         if not vals:
-            raise LayerwiseError(f"this profile has no {metric} values for {kind} units (re-profile with the needed --ablation)")
-        sign = DIRECTION.get(metric, 0) or 1
+            raise LayerwiseError(f"this profile has no {metric} values for {kind} units; re-profile with {needs_hint(metric)}")
         return sorted(vals, key=lambda k: sign * vals[k])
 
     def to_dict(self) -> dict:
@@ -130,6 +151,21 @@ class Profile:
             return cls.from_dict(json.loads(path.read_text()))
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise LayerwiseError(f"{path} is not a layerwise profile ({exc.__class__.__name__})") from None
+
+
+def needs(metric: str) -> dict:
+    """The cheapest :func:`profile` options that measure ``metric`` (``METRIC:asc|desc`` allowed)."""
+    metric = metric.partition(":")[0]
+    ablation = {"ablate_nll": "exact", "ablate_kl": "exact", "taylor_nll": "taylor"}.get(metric, "none")
+    return {"ablation": ablation, "lens": metric.startswith("lens_"), "attention": metric in ATTENTION}
+
+
+def needs_hint(metric: str) -> str:
+    """How a user asks ``layerwise profile`` for ``metric``."""
+    n = needs(metric)
+    if n["attention"]:
+        return "--attention"
+    return "the logit lens on (without --no-lens)" if n["lens"] else f"--ablation {n['ablation']}"
 
 
 class _Run:
@@ -234,6 +270,7 @@ def profile(
     batch_size: int = 4,
     lens: bool = True,
     attention: bool = False,
+    seed: int = 0,
     progress: bool = True,
 ) -> Profile:
     """Measure every block and sublayer on the calibration windows.
@@ -246,16 +283,19 @@ def profile(
     ``attention=True`` adds per-head attention entropy, query-key distance and
     sink mass; it needs a model loaded with ``attn_implementation="eager"``,
     since fused kernels never materialize the attention probabilities.
+    ``seed`` seeds torch before the pass (nothing here draws random numbers,
+    but a model that samples inside its forward then runs the same way twice).
     """
     if ablation not in ("exact", "taylor", "none"):
-        raise LayerwiseError(f"unknown --ablation {ablation!r}; use exact, taylor or none")
+        raise LayerwiseError(f"unknown `ablation` {ablation!r}; use exact, taylor or none")
     an, model = lm.anatomy, lm.model
     impl = getattr(model.config, "_attn_implementation", None)
     if attention and impl != "eager":
-        raise LayerwiseError(f"attention metrics need eager attention, but the model runs {impl!r}; load it with attn_implementation='eager' (the CLI's --attention does)")
+        raise LayerwiseError(f"attention metrics need eager attention, but the model runs {impl!r}; load it with attn_implementation='eager' (the CLI does for --attention, and for orders by attn_* metrics)")
     ctx = an.context_length
     if ctx is not None and windows.seq_len > ctx:
-        raise LayerwiseError(f"--seq-len {windows.seq_len} exceeds the model's context of {ctx} tokens; use --seq-len {ctx} or less")
+        raise LayerwiseError(f"`seq_len` {windows.seq_len} exceeds the model's context of {ctx} tokens; use `seq_len` {ctx} or less")
+    torch.manual_seed(seed)
     L = an.n_layers
     taylor_acc = st.Moments()  # columns: (attn, mlp, block) of each layer in turn
     taylor = ablation in ("exact", "taylor")
@@ -352,9 +392,7 @@ def profile(
             "ablation": ablation,
             "lens": lens,
             "attention": attention,
-            "batch_size": batch_size,
-            "seed": None,
-            "versions": _versions(),
+            **provenance(seed=seed, batch_size=batch_size),
             "wall_time_s": round(time.perf_counter() - start, 3),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
@@ -429,6 +467,12 @@ def agreement(prof: Profile) -> dict:
             row[metric] = {"rho": rho, "n": n}
         by_kind[kind] = row
     return {"reference": ref, "by_kind": by_kind, "direction": DIRECTION}
+
+
+def provenance(*, seed: int | None, batch_size: int) -> dict:
+    """What every result file records beside the model and the data: package versions, the command line, the seed
+    and the batch size (batching changes float rounding, so it is part of what reproduces a number)."""
+    return {"versions": _versions(), "command": shlex.join(sys.argv), "seed": seed, "batch_size": batch_size}
 
 
 def _versions() -> dict:

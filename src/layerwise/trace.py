@@ -138,7 +138,7 @@ def tap(
         bad = _first_nonfinite(sentinels)
         if bad is not None:
             raise LayerwiseError(
-                f"non-finite activations (NaN/inf) in the output of {bad}; load the model with --dtype float32, or check the weights"
+                f"non-finite activations (NaN/inf) in the output of {bad}; load the model with `dtype` float32, or check the weights"
             )
     finally:
         for h in handles:

@@ -20,7 +20,12 @@ from .rtn import QTensor
 def plan_weights(lm: LoadedModel, meas: Measurement, alloc: Allocation, candidates: Candidates,
                  windows: Windows | None = None) -> dict[nn.Module, torch.Tensor]:
     """Each quantized module's (out, in) weight as the plan stores it (GPTQ: run on ``windows``)."""
-    config = _config(meas, alloc)
+    return config_weights(lm, _config(meas, alloc), candidates, windows)
+
+
+def config_weights(lm: LoadedModel, config: dict[str, str], candidates: Candidates,
+                   windows: Windows | None = None) -> dict[nn.Module, torch.Tensor]:
+    """``plan_weights`` from each quantized module's config name, by module path (what a saved plan holds)."""
     if candidates.needs_hessian:
         made = {p: q.dequantize() for p, q in _sequential(lm, config, candidates, windows).items()}  # type: ignore[arg-type]
     else:
@@ -31,7 +36,12 @@ def plan_weights(lm: LoadedModel, meas: Measurement, alloc: Allocation, candidat
 def plan_codes(lm: LoadedModel, meas: Measurement, alloc: Allocation, candidates: GroupCandidates,
                windows: Windows | None = None) -> dict[str, QTensor]:
     """Each quantized module's integer codes under the plan, by module path; they dequantize to ``plan_weights``."""
-    config = _config(meas, alloc)
+    return config_codes(lm, _config(meas, alloc), candidates, windows)
+
+
+def config_codes(lm: LoadedModel, config: dict[str, str], candidates: GroupCandidates,
+                 windows: Windows | None = None) -> dict[str, QTensor]:
+    """``plan_codes`` from each quantized module's config name, by module path."""
     if candidates.needs_hessian:
         return _sequential(lm, config, candidates, windows)
     return {p: candidates.codes(p, matrix(lm.anatomy, lm.model.get_submodule(p)), c, None) for p, c in config.items()}

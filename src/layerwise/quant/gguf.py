@@ -91,7 +91,7 @@ def llama_quantize(source: str | Path, out: str | Path, base: str, overrides: li
         if rc != 0:
             arch = ggufio.arch(ggufio.reader(source))
             raise LayerwiseError(f"llama.cpp could not quantize {Path(source).name} (architecture {arch!r}) to {base} (error {rc}); "
-                                 "this llama.cpp build may not support that architecture: use --format int")
+                                 "this llama.cpp build may not support that architecture: use `family` int")
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -102,7 +102,7 @@ def source_gguf(lm: LoadedModel) -> Path:
     """The GGUF file the model was loaded from; GGUF plans are built from it."""
     path = lm.source.get("gguf_path")
     if not path:
-        raise LayerwiseError("GGUF plans need a model loaded from a GGUF file (--model default or FILE.gguf); "
+        raise LayerwiseError("GGUF plans need a model loaded from a GGUF file (`ref` default or FILE.gguf); "
                              "convert a Hugging Face directory with llama.cpp's convert_hf_to_gguf.py first")
     return Path(path)
 

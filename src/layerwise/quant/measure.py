@@ -121,7 +121,7 @@ class GroupCandidates:
 
     def __post_init__(self) -> None:
         if self.method not in ("rtn", "gptq"):
-            raise LayerwiseError(f"unknown --method {self.method!r}; use rtn or gptq")
+            raise LayerwiseError(f"unknown `method` {self.method!r}; use rtn or gptq")
 
     @property
     def names(self) -> tuple[str, ...]:
