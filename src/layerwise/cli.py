@@ -71,13 +71,13 @@ def _inputs(p: argparse.ArgumentParser, *, samples_help: str, out: str) -> None:
     """Options every model-running subcommand shares: model, data, windows, device, output."""
     p.add_argument("--model", default="default", help="HF directory, hub id, FILE.gguf or 'default'")
     p.add_argument("--data", default="builtin:pydoc", help="FILE.txt, DIR, FILE.jsonl or builtin:pydoc")
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window")
     p.add_argument("--samples", type=int, default=16, help=samples_help)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="the weights' dtype when loaded")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off by default)")
-    p.add_argument("--out", default=out)
+    p.add_argument("--out", default=out, help="output folder")
     p.add_argument("--json", action="store_true", help="print machine-readable results")
 
 
@@ -234,10 +234,12 @@ def _exported(exports: dict, args: argparse.Namespace) -> int:
 
 def _drop(args: argparse.Namespace) -> int:
     from . import drop as dp
-    from .profile import Profile
+    from .profile import Profile, needs
     from .report.drop import write_drop_report
 
-    lm, w = _load(args)
+    # attention metrics are read from eager attention's probabilities; the automatic profile measures them then
+    eager = not args.profile and any(needs(o)["attention"] for o in _split(args.order))
+    lm, w = _load(args, attn_implementation="eager" if eager else None)
     export = () if args.sweep or args.export == "none" else tuple(_split(args.export))
     if args.plan:
         return _exported(dp.export_plan(lm, dp.DropPlan.load(*_plan_ref(args.plan)), args.out, export), args)

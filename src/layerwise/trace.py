@@ -230,6 +230,18 @@ def install_skips(anatomy: Anatomy, units: Iterable[str]) -> Callable[[], None]:
 
 
 @contextmanager
+def hooks() -> Iterator[Callable[[torch.utils.hooks.RemovableHandle], None]]:
+    """Yield ``keep``: every hook handle passed to it inside the ``with`` is removed on exit, even when the
+    body, or registering a later hook, raises."""
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    try:
+        yield handles.append
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
 def skip(anatomy: Anatomy, units: Iterable[str]) -> Iterator[None]:
     """Run the model with these units removed (see :func:`install_skips`), restoring it on exit."""
     restore = install_skips(anatomy, units)

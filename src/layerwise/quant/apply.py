@@ -69,12 +69,8 @@ def _sequential(lm: LoadedModel, config: dict[str, str], candidates: GroupCandid
         for layer in range(an.n_layers):
             groups = [g for g in ([(p, m) for p, m in ms if p in config] for _, ms in an.quant_groups(layer, fused=candidates.fused)) if g]
             hess: dict[int, Hessian] = {}
-            handles = hessian_hooks([g[0][1] for g in groups], hess)
-            try:
+            with hessian_hooks([g[0][1] for g in groups], hess):
                 an.blocks[layer](h, *calls[layer][0], **calls[layer][1])
-            finally:
-                for hd in handles:
-                    hd.remove()
             for g in groups:
                 codes = candidates.codes_rows([matrix(an, m) for _, m in g], config[g[0][0]], hess[id(g[0][1])].value)
                 out |= {p: q for (p, _), q in zip(g, codes)}

@@ -17,6 +17,7 @@ quantizer themselves; a test checks the two give the same file contents.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -256,11 +257,11 @@ def llama_nll(path: str | Path, ids: torch.Tensor, *, threads: int | None = None
     lc = _llama_cpp()
     llm = lc.Llama(model_path=str(path), n_ctx=int(ids.shape[1]), logits_all=True, verbose=False,
                    n_threads=threads or os.cpu_count() or 1, n_batch=int(ids.shape[1]))
-    out = []
-    for row in ids.tolist():
-        llm.reset()
-        llm.eval(row)
-        logits = torch.from_numpy(np.asarray(llm.scores[: len(row) - 1], dtype=np.float32))
-        out.append(float(torch.nn.functional.cross_entropy(logits, torch.tensor(row[1:]))))
-    llm.close()
+    with contextlib.closing(llm):  # the model and its context are freed on error too
+        out = []
+        for row in ids.tolist():
+            llm.reset()
+            llm.eval(row)
+            logits = torch.from_numpy(np.asarray(llm.scores[: len(row) - 1], dtype=np.float32))
+            out.append(float(torch.nn.functional.cross_entropy(logits, torch.tensor(row[1:]))))
     return out

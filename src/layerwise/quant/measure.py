@@ -28,7 +28,7 @@ from ..data import Windows
 from ..errors import LayerwiseError
 from ..io import write_json
 from ..loading import LoadedModel
-from ..trace import BlockTrace, tap
+from ..trace import BlockTrace, hooks, tap
 from .gptq import Hessian, inverse_factor, quantize_gptq, quantize_gptq_many
 from .rtn import QConfig, QTensor, quantize_rtn
 
@@ -238,14 +238,18 @@ def block_inputs(lm: LoadedModel, ids: torch.Tensor) -> tuple[torch.Tensor, list
     return first[0], calls
 
 
-def hessian_hooks(modules: list[nn.Module], into: dict[int, Hessian]) -> list:
-    """Forward pre-hooks that add each module's inputs to its running Hessian (``into[id(module)]``)."""
+@contextmanager
+def hessian_hooks(modules: list[nn.Module], into: dict[int, Hessian]) -> Iterator[None]:
+    """For the duration, add each module's inputs to its running Hessian (``into[id(module)]``)."""
 
     def hook(m: nn.Module, args: tuple) -> None:
         x = args[0]
         into.setdefault(id(m), Hessian(x.shape[-1], device=x.device)).add(x)
 
-    return [m.register_forward_pre_hook(hook) for m in modules]
+    with hooks() as keep:
+        for m in modules:
+            keep(m.register_forward_pre_hook(hook))
+        yield
 
 
 def _measure_layer(an: Anatomy, layer: int, h: torch.Tensor, call: tuple[tuple, dict], groups, candidates: Candidates, result,
@@ -254,7 +258,6 @@ def _measure_layer(an: Anatomy, layer: int, h: torch.Tensor, call: tuple[tuple, 
     inputs: dict[str, tuple[tuple, dict]] = {}
     outputs: dict[str, torch.Tensor] = {}
     hessians: dict[int, Hessian] = {}
-    handles = []
 
     def branch_in(kind: str):
         def hook(_m, args, kwargs):
@@ -268,16 +271,12 @@ def _measure_layer(an: Anatomy, layer: int, h: torch.Tensor, call: tuple[tuple, 
 
         return hook
 
-    for kind in ("attn", "mlp"):
-        handles.append(an.branch(layer, kind).register_forward_pre_hook(branch_in(kind), with_kwargs=True))
-        handles.append(an.update_module(layer, kind).register_forward_hook(update_out(kind)))
-    if candidates.needs_hessian:
-        handles += hessian_hooks([m for _, mods in groups for _, m in mods], hessians)
-    try:
+    quantized = [m for _, mods in groups for _, m in mods] if candidates.needs_hessian else []
+    with hooks() as keep, hessian_hooks(quantized, hessians):
+        for kind in ("attn", "mlp"):
+            keep(an.branch(layer, kind).register_forward_pre_hook(branch_in(kind), with_kwargs=True))
+            keep(an.update_module(layer, kind).register_forward_hook(update_out(kind)))
         out = first_tensor(an.blocks[layer](h, *call[0], **call[1]))
-    finally:
-        for hd in handles:
-            hd.remove()
     for group, mods in groups:
         kind = _sublayer(group)
         ref = outputs[kind].double()
