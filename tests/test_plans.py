@@ -53,7 +53,7 @@ def test_drop_plan_round_trip(tmp_path):
     assert plan.model_hash == "tiny"
     dp.run(lm, w, [plan], out=tmp_path / "run", export=("hf",), eval_samples=3, with_speed=False, progress=False)
     loaded = dp.DropPlan.load(tmp_path / "run" / "plan.json")
-    assert loaded == plan
+    assert loaded == plan and dp.DropPlan.load(plan.save(tmp_path / "alone")) == plan
     fresh = tiny_lm("llama", layers=4)  # the same weights, loaded again
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").eval()
     with loaded.apply(fresh) as small:
@@ -99,7 +99,8 @@ def test_quant_plan_round_trip(tmp_path, method):
     lm, w = tiny_lm("llama"), _split()
     rep = qz.run(lm, w, budgets=[4.8], strategies=["measured"], family="int", method=method, out=tmp_path / "run",
                  eval_samples=3, seed=3, batch_size=2, progress=False)
-    plan = qz.QuantPlan.load(tmp_path / "run" / "plan.json")
+    plan = qz.QuantPlan.load(tmp_path / "run" / "plan.json", "measured@4.8")
+    assert qz.QuantPlan.load(plan.save(tmp_path / "alone")) == plan
     assert plan.method == method and all(isinstance(c, QConfig) and c.symmetric for c in plan.configs.values())
     assert len(set(plan.configs.values())) > 1 and len(plan.configs) == 3 * 7  # one config per linear map
     fresh = tiny_lm("llama")

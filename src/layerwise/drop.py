@@ -74,7 +74,7 @@ class DropPlan:
     @classmethod
     def load(cls, path: str | Path, key: str | None = None) -> "DropPlan":
         """A plan from a drop result's ``plan.json`` (or its folder); ``key`` picks one plan of a sweep."""
-        meta, d = load_plans(path, "drop", key)
+        meta, _, d = load_plans(path, "drop", key)
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__} | {"model_hash": meta.get("model_hash")})
 
     @property
@@ -88,8 +88,17 @@ class DropPlan:
         subs = [u for u in self.units if parse_unit(u)[1] != "block" and parse_unit(u)[0] not in blocks]
         return sorted(subs, key=lambda u: (parse_unit(u)[0], parse_unit(u)[1]))
 
+    @property
+    def key(self) -> str:
+        """The plan's name in results and in ``plan.json``: ``unit/order/n``."""
+        return f"{self.unit}/{self.order}/{len(self.units)}" + ("/iterative" if self.iterative else "")
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def save(self, folder: str | Path) -> Path:
+        """``plan.json`` holding this plan alone, atomically (a run saves all its plans with its metadata)."""
+        return save_plans(folder, "drop", {"model_hash": self.model_hash}, {self.key: self.to_dict()})
 
 
 def given(an: Anatomy, units: list[str]) -> DropPlan:
@@ -530,7 +539,7 @@ def run(lm: LoadedModel, windows: Windows, plans: list[DropPlan], *, out: str | 
     check_export(lm, export)
     start = time.perf_counter()
     eval_ids = windows.evaluation[:eval_samples]
-    keys = {f"{p.unit}/{p.order}/{len(p.units)}" + ("/iterative" if p.iterative else ""): p for p in plans}
+    keys = {p.key: p for p in plans}
     original, results = measure(lm, keys, eval_ids, batch_size=batch_size, with_speed=with_speed, progress=progress)
     variants = [{"key": k, "n": len(p.units), "unit": p.unit, "order": p.order, "iterative": p.iterative,
                  "units": p.units, "scores": p.scores, "seed": p.seed, **results[k]} for k, p in keys.items()]

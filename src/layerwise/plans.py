@@ -21,8 +21,8 @@ def save_plans(folder: str | Path, kind: str, meta: dict, plans: dict[str, dict]
     return write_json(Path(folder) / "plan.json", {"kind": kind, "meta": meta, "plans": plans})
 
 
-def load_plans(path: str | Path, kind: str, key: str | None = None) -> tuple[dict, dict]:
-    """``(meta, plan)`` of one plan in a ``plan.json`` (or the folder holding it); ``key`` picks one of several."""
+def load_plans(path: str | Path, kind: str, key: str | None = None) -> tuple[dict, str, dict]:
+    """``(meta, key, plan)`` of one plan in a ``plan.json`` (or the folder holding it); ``key`` picks one of several."""
     path = Path(path)
     path = path / "plan.json" if path.is_dir() else path
     try:
@@ -38,7 +38,7 @@ def load_plans(path: str | Path, kind: str, key: str | None = None) -> tuple[dic
     key = next(iter(plans)) if key is None else key
     if key not in plans:
         raise LayerwiseError(f"{path} has no plan {key!r}; choose one of {', '.join(plans)}")
-    return meta, plans[key]
+    return meta, key, plans[key]
 
 
 def check_plan_model(model_hash: str | None, lm: LoadedModel) -> None:

@@ -311,8 +311,15 @@ class QuantPlan:
                                  "give the data, `seq_len` and `samples` it was made with")
         return windows
 
+    def save(self, folder: str | Path) -> Path:
+        """``plan.json`` holding this plan alone, one entry per module, atomically (a run saves all its plans)."""
+        groups = {p: {"config": c.name, "modules": [p], "stored": [c.stored if isinstance(c, GGUFType) else c.name]}
+                  for p, c in self.configs.items()}
+        meta = {"model_hash": self.model_hash, "method": self.method, "data": self.calibration or {}}
+        return save_plans(folder, "quantize", meta, {self.key or "plan": {"groups": groups}})
+
     @classmethod
-    def from_json(cls, meta: dict, entry: dict, key: str = "") -> "QuantPlan":
+    def from_json(cls, meta: dict, key: str, entry: dict) -> "QuantPlan":
         """A plan from its ``plan.json`` entry and the run's metadata."""
         method = meta.get("method", "llama.cpp")
         configs: dict[str, QConfig | GGUFType] = {}
@@ -326,8 +333,7 @@ class QuantPlan:
     @classmethod
     def load(cls, path: str | Path, key: str | None = None) -> "QuantPlan":
         """A plan from a quantize result's ``plan.json`` (or its folder); ``key`` picks one plan of a sweep."""
-        meta, entry = load_plans(path, "quantize", key)
-        return cls.from_json(meta, entry, key or "")
+        return cls.from_json(*load_plans(path, "quantize", key))
 
 
 @dataclass
@@ -400,7 +406,7 @@ def run(lm: LoadedModel, windows: Windows, *, budgets: list[float], strategies: 
     exports: dict = {}
     if out is not None and export:
         key = label(allocs[0])
-        exports = export_plan(lm, QuantPlan.from_json(meta, plan_json[key], key), Path(out), export, eval_ids, windows)
+        exports = export_plan(lm, QuantPlan.from_json(meta, key, plan_json[key]), Path(out), export, eval_ids, windows)
     meta |= {"wall_time_s": round(time.perf_counter() - start, 3), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     report = QuantReport(meta, original, rows, plan_json, exports)
     if out is not None:

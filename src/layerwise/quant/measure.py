@@ -147,7 +147,7 @@ class GroupCandidates:
         """The integer codes, scales and zero points of ``w`` under config ``name`` (what an export writes)."""
         cfg = self._config(name)
         if self.method == "gptq" and hessian is None:
-            raise LayerwiseError("GPTQ needs each layer's calibration inputs; apply GPTQ plans through a measurement run")
+            raise LayerwiseError("GPTQ needs each layer's calibration inputs (its Hessian); apply a GPTQ plan with its calibration windows (QuantPlan.apply(lm, windows))")
         return quantize_gptq(w, hessian, cfg) if self.method == "gptq" else quantize_rtn(w, cfg)  # type: ignore[arg-type]
 
     def codes_rows(self, ws: list[torch.Tensor], name: str, hessian: torch.Tensor | None) -> list[QTensor]:
@@ -168,7 +168,7 @@ class GroupCandidates:
         if self.method != "gptq":
             return {name: self.stored(path, w, name, hessian) for name in self.names}
         if hessian is None:
-            raise LayerwiseError("GPTQ needs each layer's calibration inputs; apply GPTQ plans through a measurement run")
+            raise LayerwiseError("GPTQ needs each layer's calibration inputs (its Hessian); apply a GPTQ plan with its calibration windows (QuantPlan.apply(lm, windows))")
         grids: dict[tuple, list[QConfig]] = {}
         for c in self.configs:
             grids.setdefault((c.group_size, c.symmetric, c.scale_bits), []).append(c)
