@@ -173,3 +173,14 @@ def test_rank_direction_is_explicit_for_metrics_without_one():
     assert prof.rank("bi", "block") == prof.rank("bi:asc", "block")  # bi: larger is more important
     with pytest.raises(LayerwiseError, match="zd has no importance direction"):
         prof.rank("zd", "block")
+
+
+def test_a_profile_without_the_orders_metric_says_how_to_get_it():
+    from layerwise.drop import rank
+    from layerwise.profile import Profile, Unit
+
+    prof = Profile(meta={}, units=[Unit(f"L{i}", i, "block", {"lens_kl": None, "ablate_nll": None}) for i in range(2)])
+    with pytest.raises(LayerwiseError, match=r"re-profile with lens=True \(layerwise profile without --no-lens\)"):
+        rank(prof, "block", "lens_kl:asc")
+    with pytest.raises(LayerwiseError, match=r"ablation='exact' \(layerwise profile --ablation exact\)"):
+        rank(prof, "block", "ablate_nll")

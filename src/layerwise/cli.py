@@ -127,7 +127,8 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--sweep", help="comma-separated budgets, e.g. 4.6,5,5.5: evaluate each, export nothing")
     budget.add_argument("--plan", help="a saved quantize plan (plan.json of an earlier run; FILE#KEY picks one of a sweep): "
                         "export it (--export), measure nothing")
-    qz.add_argument("--strategy", default="measured", help="measured, ranked:METRIC (e.g. ranked:bi), ranked:random, uniform or q4km; comma-separated")
+    qz.add_argument("--strategy", default="measured", help="measured, ranked:METRIC (e.g. ranked:bi; ranked:zd:asc or :desc for a metric with no importance direction), "
+                    "ranked:random, uniform or q4km; comma-separated")
     qz.add_argument("--format", default="gguf", choices=["gguf", "int"], help="llama.cpp's GGUF types, or integer codes with group scales")
     qz.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="--format int: round to nearest or GPTQ")
     qz.add_argument("--group-size", type=int, help="--format int: one group size (default: candidates at 32, 64 and 128)")

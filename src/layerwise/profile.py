@@ -161,11 +161,13 @@ def needs(metric: str) -> dict:
 
 
 def needs_hint(metric: str) -> str:
-    """How a user asks ``layerwise profile`` for ``metric``."""
+    """How to ask for ``metric``, in the API's words and the CLI's."""
     n = needs(metric)
     if n["attention"]:
-        return "--attention"
-    return "the logit lens on (without --no-lens)" if n["lens"] else f"--ablation {n['ablation']}"
+        return "attention=True (layerwise profile --attention)"
+    if n["lens"]:
+        return "lens=True (layerwise profile without --no-lens)"
+    return f"ablation={n['ablation']!r} (layerwise profile --ablation {n['ablation']})"
 
 
 class _Run:
