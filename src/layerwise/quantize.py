@@ -18,6 +18,9 @@ bracket the budget; ``ranked:random`` orders blocks at random), ``uniform``
 Q4_K_M rule, GGUF family only). Bits per weight count codes, scales and zero
 points, over the quantized tensors; ``bpw_model`` adds every other tensor as
 stored (embeddings, norms).
+
+A run's plans are saved in ``plan.json``; :class:`QuantPlan` loads one back,
+applies it to a freshly loaded model and exports it without measuring again.
 """
 
 from __future__ import annotations
