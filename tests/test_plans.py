@@ -147,6 +147,8 @@ def test_cli_exports_saved_plans_without_measuring(tmp_path, monkeypatch, capsys
     assert cli.main(["drop", "--n", "1", "--no-speed", "--eval-samples", "3", "--out", str(tmp_path / "d")]) == 0
     assert cli.main(["quantize", "--format", "int", "--bits", "4.8", "--eval-samples", "3", "--out", str(tmp_path / "q")]) == 0
     assert (tmp_path / "d" / "report.html").exists() and (tmp_path / "q" / "report.html").exists()
+    meta = json.loads((tmp_path / "d" / "eval.json").read_text())["meta"]
+    assert meta["command"] == f"layerwise drop --n 1 --no-speed --eval-samples 3 --out {tmp_path / 'd'}" and meta["seed"] == 0
     capsys.readouterr()
 
     def no_measuring(*a, **k):

@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -354,7 +355,10 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .profile import COMMAND
+
     args = _parser().parse_args(argv)
+    token = COMMAND.set(shlex.join(["layerwise", *(sys.argv[1:] if argv is None else argv)]))
     try:
         return {"profile": _profile, "drop": _drop, "quantize": _quantize, "report": _report}[args.cmd](args)
     except LayerwiseError as exc:
@@ -364,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         print("layerwise: interrupted; every file written is whole (a quantize measurement.json is kept on purpose: "
               "the same command resumes from it)", file=sys.stderr)
         return 130
+    finally:
+        COMMAND.reset(token)
 
 
 if __name__ == "__main__":

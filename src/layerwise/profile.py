@@ -18,6 +18,7 @@ import platform
 import shlex
 import sys
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -471,10 +472,14 @@ def agreement(prof: Profile) -> dict:
     return {"reference": ref, "by_kind": by_kind, "direction": DIRECTION}
 
 
+#: The command line results record: the CLI sets its own (``layerwise ...``, also when called in-process); else ``sys.argv``.
+COMMAND: ContextVar[str | None] = ContextVar("layerwise_command", default=None)
+
+
 def provenance(*, seed: int | None, batch_size: int) -> dict:
     """What every result file records beside the model and the data: package versions, the command line, the seed
     and the batch size (batching changes float rounding, so it is part of what reproduces a number)."""
-    return {"versions": _versions(), "command": shlex.join(sys.argv), "seed": seed, "batch_size": batch_size}
+    return {"versions": _versions(), "command": COMMAND.get() or shlex.join(sys.argv), "seed": seed, "batch_size": batch_size}
 
 
 def _versions() -> dict:
