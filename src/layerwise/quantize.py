@@ -101,7 +101,7 @@ def block_order(lm: LoadedModel, windows: Windows, metric: str, prof: Profile | 
 def check_strategies(strategies: list[str]) -> None:
     for s in strategies:
         if s not in ("measured", "uniform", "q4km") and not s.startswith("ranked:"):
-            raise LayerwiseError(f"unknown strategy {s!r} in `strategies`; use measured, ranked:METRIC, ranked:random, uniform or q4km")
+            raise LayerwiseError(f"unknown `strategies` entry {s!r}; use measured, ranked:METRIC, ranked:random, uniform or q4km")
 
 
 def measured(lm: LoadedModel, windows: Windows, meas: Measurement, cands: Candidates, target: float, *,
