@@ -135,10 +135,13 @@ def test_iterative_remeasures_with_drops_applied():
         (dict(n=7, unit="attn", order="random"), "more than the 3 attn"),
         (dict(n=0, unit="attn", order="random"), "at least 1"),
         (dict(n=1, unit="attn", order="bi"), "does not describe attn"),
-        (dict(n=1, unit="mlp", order="contiguous"), "--unit block"),
+        (dict(n=1, unit="mlp", order="contiguous"), "`unit` block"),
         (dict(n=1, unit="block", order="random", iterative=True), "does not apply"),
-        (dict(n=1, unit="blocks", order="bi"), "unknown --unit"),
-        (dict(n=1, unit="block", order="nonsense"), "unknown --order"),
+        (dict(n=1, unit="blocks", order="bi"), "unknown `unit`"),
+        (dict(n=1, unit="block", order="nonsense"), "unknown `order`"),
+        (dict(n=1, unit="block", order="zd"), "zd has no importance direction; write zd:asc"),
+        (dict(n=1, unit="attn", order="attn_entropy"), "no importance direction"),
+        (dict(n=1, unit="block", order="bi:up"), "unknown direction"),
     ],
 )
 def test_bad_choices(kwargs, match):
@@ -163,7 +166,11 @@ def test_given_units_out_of_range():
 
 
 def test_run_measures_every_plan_and_writes_results(tmp_path):
+    import json
+
+    from layerwise import __version__
     from layerwise.drop import DropReport, run, sweep_plans
+    from layerwise.report.drop import write_drop_report
 
     lm = tiny_lm("llama", layers=4)
     w = tiny_windows(6)
@@ -171,8 +178,13 @@ def test_run_measures_every_plan_and_writes_results(tmp_path):
     plans = sweep_plans(lm, w, ns=[1, 2], units=["attn", "block"], orders=["ablate_nll", "random"], progress=False)
     assert [len(p.units) for p in plans] == [1, 2] * 4
     assert plans[1].units[:1] == plans[0].units  # nested rankings
-    report = run(lm, w, plans, out=tmp_path / "r", eval_samples=3, with_speed=True, progress=False)
-    assert len(report.variants) == 8 and (tmp_path / "r" / "report.html").exists()
+    report = run(lm, w, plans, out=tmp_path / "r", eval_samples=3, with_speed=True, seed=5, progress=False)
+    # saving writes JSON only; the page is the report module's
+    assert len(report.variants) == 8 and sorted(p.name for p in (tmp_path / "r").iterdir()) == ["eval.json", "plan.json"]
+    meta = json.loads((tmp_path / "r" / "eval.json").read_text())["meta"]
+    assert (meta["seed"], meta["batch_size"], meta["versions"]["layerwise"]) == (5, 4, __version__) and meta["command"]
+    assert json.loads((tmp_path / "r" / "plan.json").read_text())["meta"] == meta
+    write_drop_report(DropReport.load(tmp_path / "r"), tmp_path / "r" / "report.html")
     again = DropReport.load(tmp_path / "r")
     assert again.variants[3]["units"] == plans[3].units
     # perplexity and KL of one plan, computed independently on the same held-out windows
@@ -202,9 +214,9 @@ def test_run_exports_and_refuses_bad_exports(tmp_path):
     assert report.exports["hf"]["bytes"] > 0 and (tmp_path / "r" / "model" / "config.json").exists()
     with pytest.raises(LayerwiseError, match="convert_hf_to_gguf"):
         run(lm, w, [plan], out=tmp_path / "g", export=("gguf",), eval_samples=2, with_speed=False, progress=False)
-    with pytest.raises(LayerwiseError, match="unknown --export"):
+    with pytest.raises(LayerwiseError, match="unknown `export`"):
         run(lm, w, [plan], export=("onnx",), with_speed=False, progress=False)
-    with pytest.raises(LayerwiseError, match="without --sweep"):
+    with pytest.raises(LayerwiseError, match="one plan, not a sweep"):
         run(lm, w, [plan, plan], export=("hf",), with_speed=False, progress=False)
     assert not (tmp_path / "g").exists()
 

@@ -64,6 +64,25 @@ def test_checkpoint_loads_in_plain_transformers_and_layerwise(dropped):
         torch.testing.assert_close(again.model(input_ids=ids, use_cache=False).logits, want, atol=1e-4, rtol=1e-4)
 
 
+def test_saved_plan_applies_and_exports_again(dropped, tmp_path):
+    """DropPlan.load(...).apply(lm) gives the saved checkpoint's logits; --plan writes the same GGUF file, measuring nothing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import layerwise as lw
+    from layerwise.drop import DropPlan
+
+    plan = DropPlan.load(dropped / "plan.json")
+    assert plan.units == ["L4", "L11", "L20.attn", "L26.mlp"] and plan.model_hash
+    ids = AutoTokenizer.from_pretrained(dropped / "model")(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad(), plan.apply(lw.load("default", device="cpu")) as small:
+        got = small(input_ids=ids, use_cache=False).logits
+        want = AutoModelForCausalLM.from_pretrained(dropped / "model").eval()(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert cli.main(["drop", "--plan", str(dropped / "plan.json"), "--export", "gguf", "--seq-len", "32", "--samples", "1",
+                     "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "model.gguf").read_bytes() == (dropped / "model.gguf").read_bytes()
+
+
 def test_gguf_runs_in_llama_cpp(dropped):
     """llama.cpp loads the cut GGUF and predicts like the checkpoint (same Q4_1 weights, its own kernels)."""
     import gguf

@@ -132,8 +132,10 @@ def test_half_precision_profile_is_finite_and_close(dtype):
     w = tiny_windows(2)
     p32 = profile(lm32, w, ablation="exact", progress=False)
     p16 = profile(lm16, w, ablation="exact", progress=False)
-    for u32, u16 in zip(p32.units, p16.units):
-        for m in ("bi", "sub_cos", "rel_update", "resid_norm", "ablate_nll", "lens_kl"):
-            a, b = u32.metrics[m], u16.metrics[m]
-            if a is not None:
-                assert b == pytest.approx(a, rel=0.1, abs=0.02), (u32.name, m)
+    # Each metric within a few half-precision roundings of its own scale (the largest value over units):
+    # 3% for bfloat16's 8-bit mantissa, 1.5% for float16's 11 bits: a tolerance in each metric's own units.
+    tol = {torch.bfloat16: 0.03, torch.float16: 0.015}[dtype]
+    for m in ("bi", "sub_cos", "rel_update", "resid_norm", "ablate_nll", "lens_kl"):
+        pairs = [(u32.name, u32.metrics[m], u16.metrics[m]) for u32, u16 in zip(p32.units, p16.units) if u32.metrics[m] is not None]
+        scale = max(abs(a) for _, a, _ in pairs)
+        assert scale > 0 and all(abs(b - a) <= tol * scale for _, a, b in pairs), (m, [(n, a, b) for n, a, b in pairs])

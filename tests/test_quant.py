@@ -398,10 +398,10 @@ def test_hf_export_refuses_what_cannot_load(tmp_path):
     cases = [(tiny_lm("llama"), {"symmetric": False}, "symmetric codes only"),
              (tiny_lm("llama"), {"group_size": 24}, "does not divide rows of 32"),
              (tiny_lm("gpt2"), {}, "Conv1D"),
-             (tiny_lm("llama"), {"family": "gguf"}, "not available for --format gguf")]
+             (tiny_lm("llama"), {"family": "gguf"}, "not available for `family` gguf")]
     bf16 = tiny_lm("llama")
     bf16.model.to(torch.bfloat16)
-    cases.append((bf16, {}, "--dtype float16 or float32"))
+    cases.append((bf16, {}, "`dtype` float16 or float32"))
     for lm, kw, msg in cases:
         with pytest.raises(LayerwiseError, match=msg):
             qz.run(lm, w, budgets=[4.8], strategies=["measured"], **{"family": "int", **kw}, export=("hf",), out=tmp_path, progress=False)

@@ -42,8 +42,41 @@ def test_plan_hits_the_budget_and_says_what_was_stored(run):
     ev = json.loads((run / "eval.json").read_text())
     (row,) = ev["rows"]
     assert all(math.isfinite(row[k]) for k in ("ppl", "kl", "delta_nll", "predicted_delta_nll", "bpw_model"))
-    assert row["kl"] >= 0 and row["bpw_model"] > row["bpw"] - 1  # embeddings and norms counted as stored
+    assert row["kl"] >= 0
+    # the reported size is the size of the tensors in the file written (embeddings and norms as stored)
+    tensors = _types(run / "model.gguf").values()
+    assert row["bytes"] == sum(int(t.n_bytes) for t in tensors)
+    assert row["bpw_model"] == pytest.approx(8 * row["bytes"] / sum(int(t.n_elements) for t in tensors), rel=1e-12)
     assert "measured@4.6" in (run / "report.html").read_text()
+    assert (ev["meta"]["seed"], ev["meta"]["batch_size"]) == (0, 4) and "--bits" in ev["meta"]["command"]
+
+
+def test_saved_plan_applies_and_exports_again_without_measuring(run, tmp_path, capsys):
+    """QuantPlan.load(...).apply(lm) on a freshly loaded model gives the run's held-out perplexity; --plan writes the
+    same GGUF file and recipe; a plan for other weights is refused in one line."""
+    from layerwise import load, windows
+    from layerwise.evaluate import next_token_logits, quality
+    from layerwise.quantize import GGUFType, QuantPlan
+
+    plan = QuantPlan.load(run / "plan.json")
+    assert len(plan.configs) == 210 and all(isinstance(c, GGUFType) for c in plan.configs.values())
+    lm = load("default")
+    ids = windows("builtin:pydoc", lm.tokenizer, seq_len=256, samples=2).evaluation[:3]
+    q = quality(next_token_logits(lm.model), {"p": next_token_logits(lm.model, lambda: plan.apply(lm))}, ids)
+    assert q["p"]["ppl"] == pytest.approx(json.loads((run / "eval.json").read_text())["rows"][0]["ppl"], rel=1e-6)
+    again = tmp_path / "again"
+    assert cli.main(["quantize", "--plan", str(run / "plan.json"), "--seq-len", "256", "--samples", "2", "--eval-samples", "1",
+                     "--out", str(again)]) == 0
+    ours, theirs = _types(run / "model.gguf"), _types(again / "model.gguf")
+    assert ours.keys() == theirs.keys() and all(bytes(theirs[k].data) == bytes(t.data) for k, t in ours.items())
+    assert (again / "recipe.sh").read_text() == (run / "recipe.sh").read_text()
+    other = json.loads((run / "plan.json").read_text())
+    other["meta"]["model_hash"] = "another-model"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    capsys.readouterr()
+    assert cli.main(["quantize", "--plan", str(tmp_path / "other.json"), "--seq-len", "32", "--samples", "1", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert one_error_line(err) and "made for another model" in err, err
 
 
 def test_report_is_rerendered_from_the_saved_result(run, tmp_path):
@@ -90,10 +123,7 @@ def test_hf_export_generates_the_fake_quantized_models_tokens(real_cache, tmp_pa
     from transformers import AutoModelForCausalLM
 
     from layerwise import load, windows
-    from layerwise.quant.allocate import fixed
-    from layerwise.quant.apply import plan_weights, quantized
-    from layerwise.quant.measure import Measurement
-    from layerwise.quantize import candidates_for
+    from layerwise.quantize import QuantPlan
 
     out = tmp_path / "ct"
     argv = ["--format", "int", "--method", "gptq", "--group-size", "64", "--bits", "5", "--seq-len", "64", "--samples", "2", "--eval-samples", "3"]
@@ -103,18 +133,21 @@ def test_hf_export_generates_the_fake_quantized_models_tokens(real_cache, tmp_pa
     assert len(bits) > 1 and all(c.startswith("s") and c.endswith("g64") for c in bits)
     ev = json.loads((out / "eval.json").read_text())
     assert ev["exports"]["hf"]["transformers_ppl"] == pytest.approx(ev["rows"][0]["ppl"], rel=1e-4)
-    lm = load("default")
-    meas = Measurement.load(out / "measurement.json", {})
-    cands = candidates_for(lm, "int", method="gptq", group_size=64, symmetric=True)
-    weights = plan_weights(lm, meas, fixed(meas, {g: e["config"] for g, e in plan["groups"].items()}, "measured"), cands, windows("builtin:pydoc", lm.tokenizer, seq_len=64, samples=2))
+    lm = load("default")  # the saved GPTQ plan, applied to a freshly loaded model with its calibration windows
+    saved = QuantPlan.load(out / "plan.json")
     theirs = AutoModelForCausalLM.from_pretrained(out / "model").eval()
     prompt = lm.tokenizer("def fibonacci(n):", return_tensors="pt").input_ids
     with torch.no_grad():
         got = theirs.generate(prompt, max_new_tokens=24, do_sample=False)
-        with quantized(lm, weights):
+        with saved.apply(lm, windows("builtin:pydoc", lm.tokenizer, seq_len=64, samples=2)):
             want = lm.model.generate(prompt, max_new_tokens=24, do_sample=False)
+            for path in saved.configs:
+                assert torch.equal(theirs.get_submodule(path).weight, lm.model.get_submodule(path).weight), path
     assert got.tolist() == want.tolist()
-    assert sum(f.stat().st_size for f in (out / "model").glob("*.safetensors")) == ev["exports"]["hf"]["bytes"]
+    files = list((out / "model").glob("*.safetensors"))
+    assert sum(f.stat().st_size for f in files) == ev["exports"]["hf"]["bytes"]
+    # the row's size is the tensors in that file (each file: 8-byte header length, the JSON header, then the tensors)
+    assert ev["rows"][0]["bytes"] == sum(f.stat().st_size - 8 - int.from_bytes(f.read_bytes()[:8], "little") for f in files)
 
 
 def test_q4km_is_llama_cpp_rule(real_cache, tmp_path):

@@ -125,12 +125,27 @@ def test_run_blocks_replays_the_model():
     assert torch.allclose(lm.anatomy.logits(out), logits, atol=1e-4)
 
 
-def test_streaming_state_does_not_grow():
+def test_streaming_state_does_not_grow(monkeypatch):
+    """The running sums a profile keeps (every metric, lens and exact ablation on) take the same bytes for 8
+    windows as for 2: memory is set by the batch, never by the number of calibration windows."""
+    import sys
+
+    lp = sys.modules["layerwise.profile"]  # the package's ``profile`` attribute is the function
+    state_bytes = []
+    finalize = lp._finalize
+
+    def measured(lm, accs, taylor_acc, ablation):
+        stats = [s for acc in accs for s in acc.stats()] + [s for acc in accs for s in acc.run.stats()] + [taylor_acc]
+        tensors = [getattr(s, k) for s in stats for k in s.STATE if getattr(s, k) is not None]
+        state_bytes.append(sum({id(t): t.numel() * t.element_size() for t in tensors}.values()))
+        return finalize(lm, accs, taylor_acc, ablation)
+
+    monkeypatch.setattr(lp, "_finalize", measured)
     lm = tiny_lm("llama")
-    small = profile(lm, tiny_windows(2), ablation="none", progress=False)
-    big = profile(lm, tiny_windows(8), ablation="none", progress=False)
-    assert len(small.to_dict()["units"]) == len(big.to_dict()["units"]) == 9
+    small = profile(lm, tiny_windows(2), ablation="exact", batch_size=2, progress=False)
+    big = profile(lm, tiny_windows(8), ablation="exact", batch_size=2, progress=False)
     assert big.meta["n_tokens"] == 4 * small.meta["n_tokens"]
+    assert state_bytes[0] > 0 and state_bytes[0] == state_bytes[1]
 
 
 def test_nan_activations_named_by_unit():

@@ -193,9 +193,9 @@ class Anatomy:
     def gguf_name(self, path: str) -> str:
         """llama.cpp's tensor name for a quantized linear map's module path (``blk.3.attn_q.weight``)."""
         prefix = f"{self.spec.layers}."
-        layer, rel = path[len(prefix):].split(".", 1)
+        layer, _, rel = path.removeprefix(prefix).partition(".")
         names = dict(self.spec.gguf_names)
-        if not path.startswith(prefix) or rel not in names:
+        if not path.startswith(prefix) or not layer.isdigit() or rel not in names:
             raise LayerwiseError(f"{path} has no llama.cpp tensor name for {self.model_type}")
         return f"blk.{layer}.{names[rel]}.weight"
 

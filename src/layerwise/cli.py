@@ -4,61 +4,113 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
+import shlex
 import sys
 from pathlib import Path
 
 from .errors import LayerwiseError
 
-EXAMPLES = """examples:
+#: Each subcommand's examples (its --help shows only its own; the top-level help shows them all).
+EXAMPLES: dict[str, str] = {
+    "profile": """\
   layerwise profile                                   # default model (SmolLM2-135M-Instruct), builtin:pydoc
   layerwise profile --model ./my-llama --data notes.txt --seq-len 512 --samples 32 --out runs/p
   layerwise profile --model model.gguf --ablation taylor --device cuda --dtype bfloat16
   layerwise profile --attention --ablation none        # attention entropy / distance / sink per head
-  layerwise report runs/profile/profile.json          # re-render the page from saved results (profile, drop or quantize)
+""",
+    "drop": """\
   layerwise drop --n 6 --unit block --order bi --out runs/drop6        # ShortGPT
   layerwise drop --n 8 --unit any --order sub_cos --out runs/llmdrop  # LLM-Drop, attn and mlp ranked jointly
+  layerwise drop --n 4 --order lens_kl:desc                            # a metric with no importance direction needs one
   layerwise drop --sweep 1,2,4,6,8,12 --unit attn,mlp,block --order sub_cos,ablate_nll,random --out runs/drop-sweep
+  layerwise drop --plan runs/drop6/plan.json --export hf,gguf --out runs/drop6-again  # a saved plan, not measured again
+""",
+    "quantize": """\
   layerwise quantize --bits 5 --strategy measured --out runs/q5        # mixed GGUF types + llama-quantize recipe
   layerwise quantize --sweep 4.6,5,5.5,6 --strategy measured,ranked:bi,uniform,q4km --out runs/q-sweep
   layerwise quantize --format int --group-size 64 --sweep 2.5,3,3.5,4 --strategy measured,uniform --out runs/int
   layerwise quantize --format int --method gptq --bits 4.5 --out runs/q45-ct  # compressed-tensors checkpoint
+  layerwise quantize --plan runs/q5/plan.json --export gguf --out runs/q5-again  # a saved plan, not measured again
+  layerwise quantize --plan "runs/q-sweep/plan.json#measured@5" --export recipe   # one plan of a sweep
+""",
+    "tune": """\
   layerwise tune --select lisa --active 2 --interval 20 --steps 200 --out runs/tune     # LISA, optimizer state freed
   layerwise tune --select importance:ablate_nll --temperature 1 --restore 4 --out runs/tune-imp
   layerwise tune --select full,lora,top:bi,adaptive --steps 50 --out runs/tune-cmp      # side by side, no model saved
   layerwise tune --model runs/drop6/model --select full --steps 100 --out runs/heal      # heal a dropped model
+""",
+    "probe": """\
   layerwise probe --data builtin:cities --out runs/probe        # where "true/false" becomes linearly readable
   layerwise probe --data labeled.jsonl --read mean --units all --folds 5 --profile runs/profile/profile.json
-"""
+""",
+    "report": """\
+  layerwise report runs/profile/profile.json          # re-render the page from saved results (any command's folder or JSON)
+""",
+}
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each option (where there is one to show), examples kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _examples(*cmds: str) -> str:
+    return "examples:\n" + "".join(EXAMPLES[c] for c in cmds)
+
+
+#: The flag that sets each API argument named in a LayerwiseError (see ``errors.py``).
+FLAGS = {"n": "--n", "unit": "--unit", "units": "--units", "order": "--order", "iterative": "--iterative", "export": "--export",
+         "sweep": "--sweep", "prof": "--profile", "seed": "--seed", "family": "--format", "method": "--method",
+         "group_size": "--group-size", "symmetric": "--symmetric", "strategies": "--strategy", "budgets": "--bits or --sweep",
+         "ablation": "--ablation", "seq_len": "--seq-len", "samples": "--samples", "batch_size": "--batch-size",
+         "eval_samples": "--eval-samples", "key": "--plan FILE#KEY", "windows": "--data, --seq-len and --samples",
+         "attention": "--attention", "dtype": "--dtype", "device": "--device", "ref": "--model"}
+
+
+def _flags(message: str) -> str:
+    """An API error message as the CLI's user reads it: each `argument` becomes its flag."""
+    return re.sub(r"`(\w+)`", lambda m: FLAGS.get(m.group(1), m.group(1)), message)
 
 
 def _inputs(p: argparse.ArgumentParser, *, samples_help: str, out: str) -> None:
     """Options every model-running subcommand shares: model, data, windows, device, output."""
     p.add_argument("--model", default="default", help="HF directory, hub id, FILE.gguf or 'default'")
     p.add_argument("--data", default="builtin:pydoc", help="FILE.txt, DIR, FILE.jsonl or builtin:pydoc")
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window")
     p.add_argument("--samples", type=int, default=16, help=samples_help)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="the weights' dtype when loaded")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off by default)")
-    p.add_argument("--out", default=out)
+    p.add_argument("--out", default=out, help="output folder")
     p.add_argument("--json", action="store_true", help="print machine-readable results")
 
 
 def _action(sub, name: str, help: str, samples_help: str) -> argparse.ArgumentParser:
     """A subcommand that changes the model and checks the result on held-out windows."""
-    p = sub.add_parser(name, help=help, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(name, help=help, description=help, epilog=_examples(name), formatter_class=_Help)
     _inputs(p, samples_help=samples_help, out=f"runs/{name}")
     p.add_argument("--eval-samples", type=int, default=16, help="held-out windows for perplexity and KL")
     return p
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="layerwise", description="Measure how much every layer and sublayer matters.",
-                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=_examples(*EXAMPLES), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"layerwise {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
-    pr = sub.add_parser("profile", help="measure every block and sublayer", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pr = sub.add_parser("profile", help="measure every block and sublayer", description="Measure every block and sublayer.",
+                        epilog=_examples("profile"), formatter_class=_Help)
     _inputs(pr, samples_help="calibration windows", out="runs/profile")
+    pr.add_argument("--seed", type=int, default=0, help="seeds torch before the pass (recorded in profile.json)")
     pr.add_argument("--ablation", choices=["exact", "taylor", "none"], default="exact")
     pr.add_argument("--no-lens", action="store_true", help="skip the logit lens (one head projection per block)")
     pr.add_argument("--positions", type=int, default=64,
@@ -71,11 +123,14 @@ def _parser() -> argparse.ArgumentParser:
     dr = _action(sub, "drop", "remove blocks or sublayers, save the smaller model, measure cost and speedup",
                  "calibration windows (for measuring the order)")
     what = dr.add_mutually_exclusive_group()
-    what.add_argument("--n", type=int, help="how many units to drop (default 4)")
+    what.add_argument("--n", type=int, help="how many units to drop (4 when neither --sweep, --units nor --plan is given)")
     what.add_argument("--sweep", help="comma-separated counts, e.g. 1,2,4,8: evaluate each, save no model")
     what.add_argument("--units", help="drop exactly these units, e.g. L3,L7.attn")
+    what.add_argument("--plan", help="a saved drop plan (plan.json of an earlier run; FILE#KEY picks one of a sweep): export it, measure nothing")
     dr.add_argument("--unit", default="block", help="block, attn, mlp or any (attn and mlp ranked jointly); comma-separated with --sweep")
-    dr.add_argument("--order", default="bi", help="a Profile metric (bi, sub_cos, ablate_nll, taylor_nll...), random or contiguous; comma-separated with --sweep")
+    dr.add_argument("--order", default="bi", help="a Profile metric (bi, sub_cos, ablate_nll, taylor_nll...; METRIC:asc drops the lowest "
+                    "first, METRIC:desc the highest, required for metrics with no importance direction such as zd or lens_kl), "
+                    "random or contiguous; comma-separated with --sweep")
     dr.add_argument("--iterative", action="store_true", help="re-measure the order's metric after each drop")
     dr.add_argument("--profile", help="profile.json to rank by (must come from this model); measured if absent")
     dr.add_argument("--seed", type=int, default=0, help="for --order random")
@@ -86,7 +141,10 @@ def _parser() -> argparse.ArgumentParser:
     budget = qz.add_mutually_exclusive_group()
     budget.add_argument("--bits", type=float, help="target bits per weight over the quantized tensors, scales included (e.g. 4.6)")
     budget.add_argument("--sweep", help="comma-separated budgets, e.g. 4.6,5,5.5: evaluate each, export nothing")
-    qz.add_argument("--strategy", default="measured", help="measured, ranked:METRIC (e.g. ranked:bi), ranked:random, uniform or q4km; comma-separated")
+    budget.add_argument("--plan", help="a saved quantize plan (plan.json of an earlier run; FILE#KEY picks one of a sweep): "
+                        "export it (--export), measure nothing")
+    qz.add_argument("--strategy", default="measured", help="measured, ranked:METRIC (e.g. ranked:bi; ranked:zd:asc or :desc for a metric with no importance direction), "
+                    "ranked:random, uniform or q4km; comma-separated")
     qz.add_argument("--format", default="gguf", choices=["gguf", "int"], help="llama.cpp's GGUF types, or integer codes with group scales")
     qz.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="--format int: round to nearest or GPTQ")
     qz.add_argument("--group-size", type=int, help="--format int: one group size (default: candidates at 32, 64 and 128)")
@@ -115,7 +173,9 @@ def _parser() -> argparse.ArgumentParser:
     tu.add_argument("--save-every", type=int, default=0, help="write the checkpoint every N steps (one strategy only)")
     tu.add_argument("--seed", type=int, default=0)
     _probe_parser(sub)
-    rp = sub.add_parser("report", help="re-render report.html from a saved profile, drop, quantize, tune or probe result")
+    rp = sub.add_parser("report", help="re-render report.html from a saved profile, drop, quantize, tune or probe result",
+                        description="Re-render report.html from a saved profile, drop, quantize, tune or probe result.",
+                        epilog=_examples("report"), formatter_class=_Help)
     rp.add_argument("profile", metavar="RESULT", help="profile.json, eval.json or the folder holding them")
     rp.add_argument("--out", help="HTML path (default: report.html beside the profile)")
     return p
@@ -123,7 +183,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _probe_parser(sub) -> None:
     pb = sub.add_parser("probe", help="where in depth a concept becomes linearly readable: a cross-validated probe per unit",
-                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                        description="Where in depth a concept becomes linearly readable: a cross-validated probe per unit.",
+                        epilog=_examples("probe"), formatter_class=_Help)
     pb.add_argument("--model", default="default", help="HF directory, hub id, FILE.gguf or 'default'")
     pb.add_argument("--data", default="builtin:cities", help='FILE.jsonl ({"text": ..., "label": ...} per line), FILE.csv (text,label) or builtin:cities')
     pb.add_argument("--examples", type=int, help="use a seeded, class-stratified subset of this many examples (default: all)")
@@ -155,7 +216,7 @@ def _summary(prof) -> None:
         t.add_column(c, justify="right")
     for u in ranked[:5] + ranked[-5:]:
         sim = u.metrics.get("bi") if u.kind == "block" else u.metrics.get("sub_cos")
-        t.add_row(u.name, f"{u.metrics[ref]:.4g}", "–" if sim is None else f"{sim:.4g}", f"{u.metrics['rel_update']:.4g}")
+        t.add_row(u.name, _num(u.metrics[ref]), _num(sim), _num(u.metrics.get("rel_update")))
     console.print(t)
     a = Table(title=f"Spearman rho with {ref}")
     a.add_column("metric")
@@ -170,6 +231,11 @@ def _summary(prof) -> None:
             cells.append("–" if rho is None else f"{rho:+.2f}")
         a.add_row(m, *cells)
     console.print(a)
+
+
+def _num(v: float | None) -> str:
+    """A metric for a table cell; a value the profile could not measure (stored as null) shows as a dash."""
+    return "–" if v is None or not math.isfinite(v) else f"{v:.4g}"
 
 
 def _load(args: argparse.Namespace, attn_implementation: str | None = None):
@@ -215,11 +281,32 @@ def _sweep(text: str, cast: type, what: str) -> list:
         raise LayerwiseError(f"--sweep takes comma-separated {what} (got {text!r})") from None
 
 
+def _plan_ref(text: str) -> tuple[str, str | None]:
+    """``FILE`` or ``FILE#KEY`` (one plan of a sweep)."""
+    path, _, key = text.partition("#")
+    return path, key or None
+
+
+def _exported(exports: dict, args: argparse.Namespace) -> int:
+    """Print what a saved plan's export wrote."""
+    if args.json:
+        print(json.dumps({"exports": exports}))
+    else:
+        print("wrote " + ", ".join(v["path"] for v in exports.values()) if exports else "nothing to export; give --export")
+    return 0
+
+
 def _drop(args: argparse.Namespace) -> int:
     from . import drop as dp
-    from .profile import Profile
+    from .profile import Profile, needs
+    from .report.drop import write_drop_report
 
-    lm, w = _load(args)
+    # attention metrics are read from eager attention's probabilities; the automatic profile measures them then
+    eager = not args.profile and any(needs(o)["attention"] for o in _split(args.order))
+    lm, w = _load(args, attn_implementation="eager" if eager else None)
+    export = () if args.sweep or args.export == "none" else tuple(_split(args.export))
+    if args.plan:
+        return _exported(dp.export_plan(lm, dp.DropPlan.load(*_plan_ref(args.plan)), args.out, export), args)
     prof = Profile.load(args.profile) if args.profile else None
     if prof is not None:
         dp.check_profile(prof, lm)
@@ -229,16 +316,16 @@ def _drop(args: argparse.Namespace) -> int:
     elif args.units:
         plans = [dp.given(lm.anatomy, _split(args.units))]
     else:
-        plans = [dp.choose(lm, w, n=args.n or 4, unit=args.unit, order=args.order, **common)]
-    export = () if args.sweep or args.export == "none" else tuple(_split(args.export))
+        plans = [dp.choose(lm, w, n=4 if args.n is None else args.n, unit=args.unit, order=args.order, **common)]
     report = dp.run(lm, w, plans, out=args.out, export=export, eval_samples=args.eval_samples, batch_size=args.batch_size,
-                    with_speed=not args.no_speed, progress=not args.json)
+                    with_speed=not args.no_speed, seed=args.seed, progress=not args.json)
     out = Path(args.out)
+    html = write_drop_report(report, out / "report.html")
     if args.json:
         print(json.dumps(report.to_dict()))
         return 0
     _drop_summary(report)
-    written = [str(out / "eval.json"), str(out / "report.html")] + [v["path"] for v in report.exports.values()]
+    written = [str(out / "eval.json"), str(out / "plan.json"), str(html)] + [v["path"] for v in report.exports.values()]
     print("wrote " + ", ".join(written))
     return 0
 
@@ -262,20 +349,26 @@ def _drop_summary(report) -> None:
 def _quantize(args: argparse.Namespace) -> int:
     from . import quantize as qz
     from .profile import Profile
+    from .report.quant import write_quant_report
 
     lm, w = _load(args)
+    export = None if args.export is None else (() if args.export == "none" else tuple(_split(args.export)))
+    if args.plan:
+        plan = qz.QuantPlan.load(*_plan_ref(args.plan))
+        formats = qz.EXPORTS[plan.family] if export is None else export
+        return _exported(qz.export_plan(lm, plan, args.out, formats, w.evaluation[:args.eval_samples], w, batch_size=args.batch_size), args)
     prof = Profile.load(args.profile) if args.profile else None
     budgets = _sweep(args.sweep, float, "bits per weight, e.g. 4.6,5,5.5") if args.sweep else ([args.bits] if args.bits is not None else [])
-    export = None if args.export is None else (() if args.export == "none" else tuple(_split(args.export)))
     report = qz.run(lm, w, budgets=budgets, strategies=_split(args.strategy), family=args.format, method=args.method,
                     group_size=args.group_size, symmetric=args.symmetric, export=export, out=args.out, prof=prof, eval_samples=args.eval_samples,
                     seed=args.seed, batch_size=args.batch_size, progress=not args.json)
     out = Path(args.out)
+    html = write_quant_report(report, out / "report.html")
     if args.json:
         print(json.dumps(report.to_dict()))
         return 0
     _quant_summary(report)
-    written = [str(out / n) for n in ("plan.json", "eval.json", "measurement.json", "report.html")] + [v["path"] for v in report.exports.values()]
+    written = [str(out / n) for n in ("plan.json", "eval.json", "measurement.json")] + [str(html)] + [v["path"] for v in report.exports.values()]
     print("wrote " + ", ".join(written))
     return 0
 
@@ -311,10 +404,9 @@ def _tune(args: argparse.Namespace) -> int:
     metrics = [s.metric for s in sels if s.metric] or (["ablate_nll"] if args.restore and args.restore_order == "importance" else [])
     prof = Profile.load(args.profile) if args.profile else None
     if prof is None and metrics:
-        from .drop import ablation_for
+        from .drop import needed
 
-        needed = max((ablation_for(m) for m in metrics), key=("none", "taylor", "exact").index)
-        prof = profile(lm, data.as_windows(), ablation=needed, lens=False, batch_size=args.batch_size, progress=not args.json)  # type: ignore[arg-type]
+        prof = profile(lm, data.as_windows(), **needed(metrics), batch_size=args.batch_size, progress=not args.json)
     report = tn.run(lm, data, _split(args.select), second=second, prof=prof, unit=args.unit, restore=args.restore,
                     restore_order=args.restore_order, out=args.out, command=" ".join(["layerwise", *args.argv]),
                     batch_size=args.batch_size, progress=not args.json, active=args.active, interval=args.interval,
@@ -407,6 +499,7 @@ def _report(args: argparse.Namespace) -> int:
     src = Path(args.profile)
     folder = src if src.is_dir() else src.parent
     out = Path(args.out) if args.out else folder / "report.html"
+    kind = json.loads((folder / "plan.json").read_text()).get("kind", "quantize") if (folder / "plan.json").exists() else None
     if (folder / "tune.json").exists():
         from .report.tune import write_tune_report
         from .tune import TuneReport
@@ -417,7 +510,7 @@ def _report(args: argparse.Namespace) -> int:
         from .report.probe import write_probe_report
 
         path = write_probe_report(ProbeResult.load(folder), out)
-    elif (folder / "plan.json").exists():
+    elif kind == "quantize":
         from .quantize import QuantReport
         from .report.quant import write_quant_report
 
@@ -437,16 +530,22 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .profile import COMMAND
+
     args = _parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)  # recorded in result files
+    token = COMMAND.set(shlex.join(["layerwise", *(sys.argv[1:] if argv is None else argv)]))
     try:
         return {"profile": _profile, "drop": _drop, "quantize": _quantize, "tune": _tune, "probe": _probe, "report": _report}[args.cmd](args)
     except LayerwiseError as exc:
-        print(f"layerwise: error: {exc}", file=sys.stderr)
+        print(f"layerwise: error: {_flags(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("layerwise: interrupted; no partial output was written", file=sys.stderr)
+        print("layerwise: interrupted; every file written is whole (a quantize measurement.json is kept on purpose: "
+              "the same command resumes from it)", file=sys.stderr)
         return 130
+    finally:
+        COMMAND.reset(token)
 
 
 if __name__ == "__main__":

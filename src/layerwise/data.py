@@ -135,11 +135,11 @@ def windows(ref: str, tokenizer, *, seq_len: int = 256, samples: int = 16, max_l
     texts made in memory, such as held-out conversations rendered with a chat template.
     """
     if seq_len < 2:
-        raise LayerwiseError(f"--seq-len must be at least 2 (got {seq_len})")
+        raise LayerwiseError(f"`seq_len` must be at least 2 (got {seq_len})")
     if max_len is not None and seq_len > max_len:
-        raise LayerwiseError(f"--seq-len {seq_len} exceeds the model's context of {max_len} tokens; use --seq-len {max_len} or less")
+        raise LayerwiseError(f"`seq_len` {seq_len} exceeds the model's context of {max_len} tokens; use `seq_len` {max_len} or less")
     if samples < 1:
-        raise LayerwiseError(f"--samples must be at least 1 (got {samples})")
+        raise LayerwiseError(f"`samples` must be at least 1 (got {samples})")
     texts = read_texts(ref) if texts is None else texts
     text = "\n\n".join(texts)
     if not text.strip():
@@ -151,9 +151,9 @@ def windows(ref: str, tokenizer, *, seq_len: int = 256, samples: int = 16, max_l
     body = seq_len - 1 if bos is not None else seq_len
     n = len(ids) // body
     if n == 0:
-        raise LayerwiseError(f"data {ref} has {len(ids)} tokens, shorter than one window of {body}; use more text or a smaller --seq-len")
+        raise LayerwiseError(f"data {ref} has {len(ids)} tokens, shorter than one window of {body}; use more text or a smaller `seq_len`")
     if n < samples:
-        raise LayerwiseError(f"data {ref} gives only {n} windows of {seq_len} tokens; lower --samples to {n} or --seq-len, or use more text")
+        raise LayerwiseError(f"data {ref} gives only {n} windows of {seq_len} tokens; lower `samples` to {n} or `seq_len`, or use more text")
     t = torch.tensor(ids[: n * body], dtype=torch.long).view(n, body)
     if bos is not None:
         t = torch.cat([torch.full((n, 1), bos, dtype=torch.long), t], dim=1)

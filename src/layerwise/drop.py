@@ -22,10 +22,10 @@ import json
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import ContextManager, Iterator, Literal
 
 import torch
 from torch import nn
@@ -39,7 +39,8 @@ from .evaluate import KL_KEYS, folder_bytes, next_token_logits, param_count, qua
 from .io import atomic_dir, write_json
 from .loading import LoadedModel
 from .metrics import stream as st
-from .profile import APPLIES, DIRECTION, METRICS, Profile, profile
+from .plans import check_plan_model, load_plans, save_plans
+from .profile import APPLIES, METRICS, Profile, needs, needs_hint, order_by, profile, provenance
 from .trace import BlockTrace, skip, tap
 
 UnitChoice = Literal["block", "attn", "mlp", "any"]
@@ -49,9 +50,13 @@ SPECIAL_ORDERS = ("random", "contiguous")
 _KINDS: dict[str, tuple[Kind, ...]] = {"block": ("block",), "attn": ("attn",), "mlp": ("mlp",), "any": ("attn", "mlp")}
 
 
-@dataclass
+@dataclass(frozen=True)
 class DropPlan:
-    """Which units to drop, in the order they were chosen, and why."""
+    """Which units to drop, in the order they were chosen, and why; made for the model whose hash it records.
+
+    Saved beside the results (``plan.json``) so that a later run applies or
+    exports it without measuring again: ``DropPlan.load(path).apply(lm)``.
+    """
 
     units: list[str]
     unit: str
@@ -59,6 +64,18 @@ class DropPlan:
     iterative: bool = False
     seed: int | None = None
     scores: dict[str, float] | None = None  # the order's value for each chosen unit, when it has one
+    model_hash: str | None = None
+
+    def apply(self, lm: LoadedModel) -> ContextManager[nn.Module]:
+        """The smaller model for the duration of a ``with`` (see :func:`applied`); refused for another model."""
+        check_plan_model(self.model_hash, lm)
+        return applied(lm, self)
+
+    @classmethod
+    def load(cls, path: str | Path, key: str | None = None) -> "DropPlan":
+        """A plan from a drop result's ``plan.json`` (or its folder); ``key`` picks one plan of a sweep."""
+        meta, _, d = load_plans(path, "drop", key)
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__} | {"model_hash": meta.get("model_hash")})
 
     @property
     def blocks(self) -> list[int]:
@@ -71,15 +88,24 @@ class DropPlan:
         subs = [u for u in self.units if parse_unit(u)[1] != "block" and parse_unit(u)[0] not in blocks]
         return sorted(subs, key=lambda u: (parse_unit(u)[0], parse_unit(u)[1]))
 
+    @property
+    def key(self) -> str:
+        """The plan's name in results and in ``plan.json``: ``unit/order/n``."""
+        return f"{self.unit}/{self.order}/{len(self.units)}" + ("/iterative" if self.iterative else "")
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def save(self, folder: str | Path) -> Path:
+        """``plan.json`` holding this plan alone, atomically (a run saves all its plans with its metadata)."""
+        return save_plans(folder, "drop", {"model_hash": self.model_hash}, {self.key: self.to_dict()})
 
 
 def given(an: Anatomy, units: list[str]) -> DropPlan:
     """A plan from unit names the user wrote (``--units L3,L7.attn``), checked against this model."""
     names = list(dict.fromkeys(u.strip() for u in units if u.strip()))
     if not names:
-        raise LayerwiseError("--units names no unit; write e.g. --units L3,L7.attn")
+        raise LayerwiseError("`units` names no unit; name some, e.g. L3,L7.attn")
     plan = DropPlan(names, "given", "given")
     validate(an, plan)
     return plan
@@ -95,18 +121,18 @@ def validate(an: Anatomy, plan: DropPlan) -> None:
 
 def candidates(an: Anatomy, unit: str) -> list[str]:
     if unit not in _KINDS:
-        raise LayerwiseError(f"unknown --unit {unit!r}; use one of {', '.join(UNIT_CHOICES)}")
+        raise LayerwiseError(f"unknown `unit` {unit!r}; use one of {', '.join(UNIT_CHOICES)}")
     return [unit_name(i, k) for i in range(an.n_layers) for k in _KINDS[unit]]
 
 
 def _check_n(an: Anatomy, unit: str, n: int) -> None:
     pool = len(candidates(an, unit))
     if n < 1:
-        raise LayerwiseError(f"--n must be at least 1 (got {n})")
+        raise LayerwiseError(f"`n` must be at least 1 (got {n})")
     if unit == "block" and n >= an.n_layers:
-        raise LayerwiseError(f"dropping {n} of {an.n_layers} blocks leaves no model; use --n {an.n_layers - 1} or fewer")
+        raise LayerwiseError(f"dropping {n} of {an.n_layers} blocks leaves no model; use `n` {an.n_layers - 1} or fewer")
     if n > pool:
-        raise LayerwiseError(f"--n {n} is more than the {pool} {unit} units this model has; use --n {pool} or fewer")
+        raise LayerwiseError(f"`n` {n} is more than the {pool} {unit} units this model has; use `n` {pool} or fewer")
 
 
 def check_profile(prof: Profile, lm: LoadedModel) -> None:
@@ -115,30 +141,39 @@ def check_profile(prof: Profile, lm: LoadedModel) -> None:
     if want and got and want != got:
         raise LayerwiseError(
             f"the profile was measured on another model (hash {str(got)[:12]}, this model {str(want)[:12]}); "
-            "run `layerwise profile` on this model, or drop --profile"
+            "profile this model, or leave out `prof`"
         )
     if prof.meta.get("n_layers") not in (None, lm.anatomy.n_layers):
         raise LayerwiseError(f"the profile has {prof.meta['n_layers']} blocks but this model has {lm.anatomy.n_layers}; profile this model")
 
 
-def ablation_for(metric: str) -> str:
-    """The cheapest ``--ablation`` that still measures ``metric``."""
-    return {"ablate_nll": "exact", "ablate_kl": "exact", "taylor_nll": "taylor"}.get(metric, "none")
+def needed(orders: list[str]) -> dict:
+    """:func:`profile` options that measure every metric these orders rank by (``random`` and ``contiguous`` need none)."""
+    want = [needs(o) for o in orders if o not in SPECIAL_ORDERS]
+    return {"ablation": max((w["ablation"] for w in want), key=("none", "taylor", "exact").index, default="none"),
+            "lens": any(w["lens"] for w in want), "attention": any(w["attention"] for w in want)}
 
 
-def rank(prof: Profile, unit: str, metric: str, exclude: set[str] = frozenset()) -> list[tuple[str, float]]:
-    """Candidate units from least to most important by ``metric``, with their values."""
-    if metric not in METRICS:
-        raise LayerwiseError(f"unknown --order {metric!r}; use a Profile metric ({', '.join(METRICS)}), random or contiguous")
-    kinds = _KINDS[unit]
-    for kind in kinds:
+def check_order(unit: str, order: str) -> tuple[str, int]:
+    """The metric of a metric order and its sign (see :func:`order_by`), refused before anything is measured
+    when it is unknown, has no direction, or does not describe ``unit``'s kinds."""
+    if order.partition(":")[0] not in METRICS:
+        raise LayerwiseError(f"unknown `order` {order!r}; use a Profile metric ({', '.join(METRICS)}), random or contiguous")
+    metric, sign = order_by(order)
+    for kind in _KINDS.get(unit, ()):
         if kind not in APPLIES.get(metric, ("block", "attn", "mlp")):
             fits = [m for m in METRICS if kind in APPLIES.get(m, ("block", "attn", "mlp"))]
-            raise LayerwiseError(f"{metric} does not describe {kind} units; for --unit {unit} order by one of {', '.join(fits)}")
-    sign = DIRECTION.get(metric, 0) or 1
+            raise LayerwiseError(f"{metric} does not describe {kind} units; for `unit` {unit} order by one of {', '.join(fits)}")
+    return metric, sign
+
+
+def rank(prof: Profile, unit: str, order: str, exclude: set[str] = frozenset()) -> list[tuple[str, float]]:
+    """Candidate units from least to most important by ``order`` (a metric, or ``METRIC:asc|desc``), with their values."""
+    metric, sign = check_order(unit, order)
+    kinds = _KINDS[unit]
     vals = [(u.name, u.metrics.get(metric)) for u in prof.units if u.kind in kinds and u.name not in exclude]
     if any(v is None for _, v in vals):
-        raise LayerwiseError(f"the profile has no {metric} values; re-profile with --ablation {ablation_for(metric)}")
+        raise LayerwiseError(f"the profile has no {metric} values; re-profile with {needs_hint(metric)}, or leave out `prof` to measure them")
     return sorted(((name, float(v)) for name, v in vals), key=lambda nv: sign * nv[1])  # type: ignore[arg-type]
 
 
@@ -183,38 +218,39 @@ def choose(
     each drop with the dropped units skipped, then takes the next least
     important unit.
     """
-    an = lm.anatomy
+    an, made_for = lm.anatomy, lm.source.get("model_hash")
     pool = candidates(an, unit)
     _check_n(an, unit, n)
     if order in SPECIAL_ORDERS and iterative:
-        raise LayerwiseError(f"--iterative re-measures a metric after each drop; it does not apply to --order {order}")
+        raise LayerwiseError(f"`iterative` re-measures a metric after each drop; it does not apply to `order` {order}")
     if order == "random":
-        return DropPlan(random.Random(seed).sample(pool, n), unit, order, seed=seed)
+        return DropPlan(random.Random(seed).sample(pool, n), unit, order, seed=seed, model_hash=made_for)
     if order == "contiguous":
         if unit != "block":
-            raise LayerwiseError("--order contiguous removes a run of whole blocks; use it with --unit block")
+            raise LayerwiseError("`order` contiguous removes a run of whole blocks; use it with `unit` block")
         scores = contiguous_scores(lm, windows, n, batch_size=batch_size)
         start = max(range(len(scores)), key=scores.__getitem__)
         units = [unit_name(i, "block") for i in range(start, start + n)]
-        return DropPlan(units, unit, order, scores={units[0]: scores[start]})
+        return DropPlan(units, unit, order, scores={units[0]: scores[start]}, model_hash=made_for)
+    check_order(unit, order)
     if prof is not None:
         check_profile(prof, lm)
     elif not iterative:
-        prof = profile(lm, windows, ablation=ablation_for(order), lens=False, batch_size=batch_size, progress=progress)  # type: ignore[arg-type]
+        prof = profile(lm, windows, **needs(order), batch_size=batch_size, progress=progress)
     if not iterative:
         assert prof is not None
         chosen = rank(prof, unit, order)[:n]
-        return DropPlan([u for u, _ in chosen], unit, order, scores=dict(chosen))
+        return DropPlan([u for u, _ in chosen], unit, order, scores=dict(chosen), model_hash=made_for)
     chosen_units: list[str] = []
     scores: dict[str, float] = {}
     for step in tqdm(range(n), desc="iterative drop", disable=not progress):
         if step > 0 or prof is None:
             with skip(an, chosen_units):
-                prof = profile(lm, windows, ablation=ablation_for(order), lens=False, batch_size=batch_size, progress=False)  # type: ignore[arg-type]
+                prof = profile(lm, windows, **needs(order), batch_size=batch_size, progress=False)
         name, value = rank(prof, unit, order, exclude=_covered(chosen_units))[0]
         chosen_units.append(name)
         scores[name] = value
-    return DropPlan(chosen_units, unit, order, iterative=True, scores=scores)
+    return DropPlan(chosen_units, unit, order, iterative=True, scores=scores, model_hash=made_for)
 
 
 def _covered(units: list[str]) -> set[str]:
@@ -418,8 +454,7 @@ def sweep_plans(lm: LoadedModel, windows: Windows, *, ns: list[int], units: list
                 progress: bool = True) -> list[DropPlan]:
     """One plan per (unit kind, order, n). Rankings are nested: the n-unit plan is the first n of the largest."""
     if prof is None and any(o not in SPECIAL_ORDERS for o in orders) and not iterative:
-        needed = max((ablation_for(o) for o in orders if o not in SPECIAL_ORDERS), key=("none", "taylor", "exact").index)
-        prof = profile(lm, windows, ablation=needed, lens=False, batch_size=batch_size, progress=progress)  # type: ignore[arg-type]
+        prof = profile(lm, windows, **needed(orders), batch_size=batch_size, progress=progress)
     plans = []
     for unit in units:
         for order in orders:
@@ -431,7 +466,7 @@ def sweep_plans(lm: LoadedModel, windows: Windows, *, ns: list[int], units: list
             for n in ns:
                 _check_n(lm.anatomy, unit, n)
                 scores = {u: top.scores[u] for u in top.units[:n]} if top.scores else None
-                plans.append(DropPlan(top.units[:n], unit, order, iterative, top.seed, scores))
+                plans.append(replace(top, units=top.units[:n], scores=scores))
     return plans
 
 
@@ -448,13 +483,12 @@ class DropReport:
         return asdict(self)
 
     def save(self, out: str | Path) -> Path:
-        """``eval.json`` and ``report.html`` into ``out``, atomically; returns the JSON path."""
-        from .report.drop import write_drop_report
-
+        """``eval.json`` and ``plan.json`` (every plan, for :meth:`DropPlan.load`) into ``out``, atomically; returns
+        the eval path. The page is the report module's job (``layerwise.report.drop``), as for a Profile."""
         out = Path(out)
-        path = write_json(out / "eval.json", self.to_dict())
-        write_drop_report(self, out / "report.html")
-        return path
+        plans = {v["key"]: {k: v[k] for k in ("units", "unit", "order", "iterative", "seed", "scores")} for v in self.variants}
+        save_plans(out, "drop", self.meta, plans)
+        return write_json(out / "eval.json", self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "DropReport":
@@ -466,35 +500,52 @@ class DropReport:
             raise LayerwiseError(f"{path} is not a layerwise drop result ({exc.__class__.__name__})") from None
 
 
-def run(lm: LoadedModel, windows: Windows, plans: list[DropPlan], *, out: str | Path | None = None,
-        export: tuple[str, ...] = (), eval_samples: int = 16, batch_size: int = 4, with_speed: bool = True,
-        progress: bool = True) -> DropReport:
-    """Evaluate every plan on held-out windows, write the exports (one plan only) and the results."""
+def check_export(lm: LoadedModel, export: tuple[str, ...]) -> None:
+    """Refuse, before anything runs, an export this model cannot have."""
     unknown = set(export) - {"hf", "gguf"}
     if unknown:
-        raise LayerwiseError(f"unknown --export {', '.join(sorted(unknown))}; use hf, gguf or both")
-    if export and len(plans) != 1:
-        raise LayerwiseError("--export writes one model; use it without --sweep")
+        raise LayerwiseError(f"unknown `export` {', '.join(sorted(unknown))}; use hf, gguf or both")
     if "gguf" in export and not lm.source.get("gguf_path"):
         raise LayerwiseError(
-            f"--export gguf copies the source GGUF file, but this model was loaded from a {lm.source.get('kind')}; "
+            f"`export` gguf copies the source GGUF file, but this model was loaded from a {lm.source.get('kind')}; "
             "convert it with llama.cpp's convert_hf_to_gguf.py, load that .gguf, and drop again"
         )
+
+
+def export_plan(lm: LoadedModel, plan: DropPlan, out: str | Path, export: tuple[str, ...]) -> dict:
+    """Write the plan's smaller model into ``out`` in each format (``model/``, ``model.gguf``); what was written."""
+    check_plan_model(plan.model_hash, lm)
+    check_export(lm, export)
+    exports: dict = {}
+    if "hf" in export:
+        folder = save_checkpoint(lm, plan, Path(out) / "model")
+        exports["hf"] = {"path": str(folder), "bytes": folder_bytes(folder)}
+    if "gguf" in export:
+        src = Path(lm.source["gguf_path"])
+        path = export_gguf(src, plan, Path(out) / "model.gguf")
+        exports["gguf"] = {"path": str(path), "bytes": path.stat().st_size, "source_bytes": src.stat().st_size}
+    return exports
+
+
+def run(lm: LoadedModel, windows: Windows, plans: list[DropPlan], *, out: str | Path | None = None,
+        export: tuple[str, ...] = (), eval_samples: int = 16, batch_size: int = 4, with_speed: bool = True,
+        seed: int | None = None, progress: bool = True) -> DropReport:
+    """Evaluate every plan on held-out windows, write the exports (one plan only) and the results.
+
+    ``seed`` is the one the plans were chosen with (``choose``'s), recorded with the results.
+    """
+    if export and len(plans) != 1:
+        raise LayerwiseError("`export` writes one model; give one plan, not a sweep")
+    check_export(lm, export)
     start = time.perf_counter()
     eval_ids = windows.evaluation[:eval_samples]
-    keys = {f"{p.unit}/{p.order}/{len(p.units)}" + ("/iterative" if p.iterative else ""): p for p in plans}
+    keys = {p.key: p for p in plans}
     original, results = measure(lm, keys, eval_ids, batch_size=batch_size, with_speed=with_speed, progress=progress)
     variants = [{"key": k, "n": len(p.units), "unit": p.unit, "order": p.order, "iterative": p.iterative,
                  "units": p.units, "scores": p.scores, "seed": p.seed, **results[k]} for k, p in keys.items()]
-    exports: dict = {}
-    if out is not None and "hf" in export:
-        folder = save_checkpoint(lm, plans[0], Path(out) / "model")
-        exports["hf"] = {"path": str(folder), "bytes": folder_bytes(folder)}
-    if out is not None and "gguf" in export:
-        src = Path(lm.source["gguf_path"])
-        path = export_gguf(src, plans[0], Path(out) / "model.gguf")
-        exports["gguf"] = {"path": str(path), "bytes": path.stat().st_size, "source_bytes": src.stat().st_size}
-    meta = {**lm.meta(), "data": windows.meta(), "eval_windows": int(eval_ids.shape[0]), "with_speed": with_speed,
+    exports = export_plan(lm, plans[0], out, export) if out is not None else {}
+    meta = {**lm.meta(), "data": windows.meta(), **provenance(seed=seed, batch_size=batch_size),
+            "eval_windows": int(eval_ids.shape[0]), "with_speed": with_speed,
             "wall_time_s": round(time.perf_counter() - start, 3), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     report = DropReport(meta=meta, original=original, variants=variants, exports=exports)
     if out is not None:

@@ -2,6 +2,9 @@
 
 Every check of user input raises :class:`LayerwiseError` with a message that
 names the fix; the CLI prints it on one line instead of a traceback.
+A message names the API's own arguments in backticks (`n`, `export`); the
+CLI shows each as the flag that sets it (``--n``, ``--export``), so both
+kinds of user read a fix they can apply.
 """
 
 

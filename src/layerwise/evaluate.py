@@ -58,7 +58,7 @@ def quality(reference: LogitsFn, candidates: dict[str, LogitsFn], ids: torch.Ten
     :mod:`layerwise.metrics.divergence` for their precision).
     """
     if ids.shape[0] == 0:
-        raise LayerwiseError("no evaluation windows: the data is used up by calibration; use fewer --samples or more data")
+        raise LayerwiseError("no evaluation windows: the data is used up by calibration; use fewer `samples` or more data")
     ref_nll = st.Moments()
     acc = {name: (st.Moments(), st.Moments()) for name in candidates}  # nll, kl
     deltas: dict[str, list[float]] = {name: [] for name in candidates}  # per window
@@ -76,7 +76,7 @@ def quality(reference: LogitsFn, candidates: dict[str, LogitsFn], ids: torch.Ten
             logits = fn(x)
             kl, nll = lens_m.compare(logits, ref)
             if not (torch.isfinite(nll).all() and torch.isfinite(kl).all()):
-                raise LayerwiseError(f"{name} produced NaN/inf logits; evaluate in --dtype float32")
+                raise LayerwiseError(f"{name} produced NaN/inf logits; evaluate in `dtype` float32")
             for m, v in zip(acc[name], (nll, kl)):
                 m.add(by_window(v))
             deltas[name] += by_window(nll - ref.nll).tolist()

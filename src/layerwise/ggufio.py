@@ -52,8 +52,8 @@ def rewrite(source: str | Path, out: str | Path, tensor: Callable[[Any], Tensor 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.part")
+    writer = gguf.GGUFWriter(str(tmp), arch=name, endianess=r.endianess)
     try:
-        writer = gguf.GGUFWriter(str(tmp), arch=name, endianess=r.endianess)
         for f in r.fields.values():
             if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF."):
                 continue
@@ -71,6 +71,7 @@ def rewrite(source: str | Path, out: str | Path, tensor: Callable[[Any], Tensor 
         writer.close()
         tmp.replace(out)
     except BaseException:
+        writer.close()  # the file handle too, not only the half-written file
         tmp.unlink(missing_ok=True)
         raise
     return out

@@ -73,15 +73,15 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LayerwiseError(f"--device {device} asked for, but torch sees no CUDA GPU; use --device cpu")
+        raise LayerwiseError(f"`device` {device} asked for, but torch sees no CUDA GPU; use `device` cpu")
     if device not in {"cpu"} and not device.startswith("cuda"):
-        raise LayerwiseError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N")
+        raise LayerwiseError(f"unknown `device` {device!r}; use auto, cpu, cuda or cuda:N")
     return device
 
 
 def _dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
-        raise LayerwiseError(f"unknown --dtype {name!r}; use one of {', '.join(DTYPES)}")
+        raise LayerwiseError(f"unknown `dtype` {name!r}; use one of {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
@@ -209,7 +209,7 @@ def load(
             raise LayerwiseError(f"cannot load {ref}: {str(exc).splitlines()[0][:200]}") from None
         raise LayerwiseError(
             f"cannot fetch {ref!r} from the Hugging Face hub (offline, or no such repo?): download it on a connected machine "
-            f"(hf download {ref} --local-dir DIR) and pass --model DIR"
+            f"(hf download {ref} --local-dir DIR) and pass DIR as `ref`"
         ) from None
     if source["kind"] == "hub":
         source["model_hash"] = getattr(model.config, "_commit_hash", None)

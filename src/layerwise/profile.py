@@ -15,7 +15,10 @@ import io
 import json
 import math
 import platform
+import shlex
+import sys
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -58,6 +61,27 @@ DIRECTION: dict[str, int] = {
 Ablation = Literal["exact", "taylor", "none"]
 
 
+def order_by(order: str) -> tuple[str, int]:
+    """The metric an order ranks by, and the sign that sorts units from least to most important.
+
+    ``METRIC:asc`` puts the lowest values first and ``METRIC:desc`` the
+    highest; a bare metric takes its :data:`DIRECTION`. A metric with no
+    importance direction (``zd``, ``kurtosis``, ``lens_*``, ``attn_*``...) must
+    say which end goes first: guessing would quietly rank backwards.
+    """
+    metric, _, way = order.partition(":")
+    if metric not in METRICS:
+        raise LayerwiseError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    if way:
+        if way not in ("asc", "desc"):
+            raise LayerwiseError(f"unknown direction {way!r} in {order!r}; write {metric}:asc (lowest first) or {metric}:desc (highest first)")
+        return metric, 1 if way == "asc" else -1
+    if not DIRECTION.get(metric):
+        raise LayerwiseError(f"{metric} has no importance direction; write {metric}:asc to take the lowest values as least important, "
+                             f"or {metric}:desc for the highest")
+    return metric, DIRECTION[metric]
+
+
 @dataclass
 class Unit:
     name: str
@@ -86,13 +110,11 @@ class Profile:
         return {u.name: u.metrics.get(metric) for u in self.units if u.kind == kind}
 
     def rank(self, metric: str, kind: Kind) -> list[str]:
-        """Unit names of one kind from least to most important by ``metric``."""
-        if metric not in METRICS:
-            raise LayerwiseError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+        """Unit names of one kind from least to most important by ``metric`` (``METRIC:asc|desc``, see :func:`order_by`)."""
+        metric, sign = order_by(metric)
         vals = {k: v for k, v in self.values(metric, kind).items() if v is not None}
         if not vals:
-            raise LayerwiseError(f"this profile has no {metric} values for {kind} units (re-profile with the needed --ablation)")
-        sign = DIRECTION.get(metric, 0) or 1
+            raise LayerwiseError(f"this profile has no {metric} values for {kind} units; re-profile with {needs_hint(metric)}")
         return sorted(vals, key=lambda k: sign * vals[k])
 
     def to_dict(self) -> dict:
@@ -130,6 +152,23 @@ class Profile:
             return cls.from_dict(json.loads(path.read_text()))
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise LayerwiseError(f"{path} is not a layerwise profile ({exc.__class__.__name__})") from None
+
+
+def needs(metric: str) -> dict:
+    """The cheapest :func:`profile` options that measure ``metric`` (``METRIC:asc|desc`` allowed)."""
+    metric = metric.partition(":")[0]
+    ablation = {"ablate_nll": "exact", "ablate_kl": "exact", "taylor_nll": "taylor"}.get(metric, "none")
+    return {"ablation": ablation, "lens": metric.startswith("lens_"), "attention": metric in ATTENTION}
+
+
+def needs_hint(metric: str) -> str:
+    """How to ask for ``metric``, in the API's words and the CLI's."""
+    n = needs(metric)
+    if n["attention"]:
+        return "attention=True (layerwise profile --attention)"
+    if n["lens"]:
+        return "lens=True (layerwise profile without --no-lens)"
+    return f"ablation={n['ablation']!r} (layerwise profile --ablation {n['ablation']})"
 
 
 class _Run:
@@ -269,20 +308,23 @@ def profile(
     first ``ablation_samples`` calibration windows, rounded up to whole
     batches. Each window's mean is then an unbiased estimate of its mean over
     all positions, and the standard errors across windows
-    (``ablate_nll_se``) include the sampling. None means all.
+    (``ablate_nll_se``) include the sampling. None means all. ``seed`` also
+    seeds torch before the pass, so a model that samples inside its forward
+    runs the same way twice.
     """
     if ablation not in ("exact", "taylor", "none"):
-        raise LayerwiseError(f"unknown --ablation {ablation!r}; use exact, taylor or none")
+        raise LayerwiseError(f"unknown `ablation` {ablation!r}; use exact, taylor or none")
     for name, value in (("positions", positions), ("ablation_samples", ablation_samples)):
         if value is not None and value < 1:
-            raise LayerwiseError(f"{name} must be at least 1 (or None for all), not {value}")
+            raise LayerwiseError(f"`{name}` must be at least 1 (or None for all), not {value}")
     an, model = lm.anatomy, lm.model
     impl = getattr(model.config, "_attn_implementation", None)
     if attention and impl != "eager":
-        raise LayerwiseError(f"attention metrics need eager attention, but the model runs {impl!r}; load it with attn_implementation='eager' (the CLI's --attention does)")
+        raise LayerwiseError(f"attention metrics need eager attention, but the model runs {impl!r}; load it with attn_implementation='eager' (the CLI does for --attention, and for orders by attn_* metrics)")
     ctx = an.context_length
     if ctx is not None and windows.seq_len > ctx:
-        raise LayerwiseError(f"--seq-len {windows.seq_len} exceeds the model's context of {ctx} tokens; use --seq-len {ctx} or less")
+        raise LayerwiseError(f"`seq_len` {windows.seq_len} exceeds the model's context of {ctx} tokens; use `seq_len` {ctx} or less")
+    torch.manual_seed(seed)
     L = an.n_layers
     taylor_acc = st.Moments()  # columns: (attn, mlp, block) of each layer in turn
     taylor = ablation in ("exact", "taylor")
@@ -387,11 +429,9 @@ def profile(
             "ablation": ablation,
             "lens": lens,
             "attention": attention,
-            "batch_size": batch_size,
             "positions": positions,
             "ablation_windows": ablated_windows if ablation == "exact" else None,
-            "seed": seed,
-            "versions": _versions(),
+            **provenance(seed=seed, batch_size=batch_size),
             "wall_time_s": round(time.perf_counter() - start, 3),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
@@ -466,6 +506,16 @@ def agreement(prof: Profile) -> dict:
             row[metric] = {"rho": rho, "n": n}
         by_kind[kind] = row
     return {"reference": ref, "by_kind": by_kind, "direction": DIRECTION}
+
+
+#: The command line results record: the CLI sets its own (``layerwise ...``, also when called in-process); else ``sys.argv``.
+COMMAND: ContextVar[str | None] = ContextVar("layerwise_command", default=None)
+
+
+def provenance(*, seed: int | None, batch_size: int) -> dict:
+    """What every result file records beside the model and the data: package versions, the command line, the seed
+    and the batch size (batching changes float rounding, so it is part of what reproduces a number)."""
+    return {"versions": _versions(), "command": COMMAND.get() or shlex.join(sys.argv), "seed": seed, "batch_size": batch_size}
 
 
 def _versions() -> dict:

@@ -18,6 +18,9 @@ bracket the budget; ``ranked:random`` orders blocks at random), ``uniform``
 Q4_K_M rule, GGUF family only). Bits per weight count codes, scales and zero
 points, over the quantized tensors; ``bpw_model`` adds every other tensor as
 stored (embeddings, norms).
+
+A run's plans are saved in ``plan.json``; :class:`QuantPlan` loads one back,
+applies it to a freshly loaded model and exports it without measuring again.
 """
 
 from __future__ import annotations
@@ -29,22 +32,25 @@ import time
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import ContextManager, Literal
 
 import torch
+from torch import nn
 
 from .data import Windows
-from .drop import ablation_for, check_profile, rank
+from .drop import check_profile, rank
 from .errors import LayerwiseError
 from .evaluate import KL_KEYS, next_token_logits, quality
 from .io import write_atomic, write_json
 from .loading import LoadedModel
-from .profile import Profile, profile
+from .plans import check_plan_model, load_plans, save_plans
+from .profile import Profile, needs, profile, provenance
 from .quant import gguf as qg
 from .quant.allocate import Allocation, check_budget, ranked, solve, uniform
 from .quant import hf
-from .quant.apply import plan_codes, plan_weights, quantized
+from .quant.apply import config_codes, config_weights, plan_weights, quantized
 from .quant.measure import Candidates, GroupCandidates, Measurement, bit_range, measure
+from .quant.rtn import QTensor
 from .quant.rtn import QConfig
 
 Family = Literal["gguf", "int"]
@@ -56,10 +62,10 @@ def candidates_for(lm: LoadedModel, family: Family, *, method: str = "rtn", grou
     """The candidate set of a family: GGUF types, or 2-8 bit integer codes at one group size (else at each of ``sizes``)."""
     if family == "gguf":
         if method != "rtn" or group_size is not None or symmetric is not None:
-            raise LayerwiseError("--method, --group-size and --symmetric choose integer formats; GGUF types fix their own (use --format int)")
+            raise LayerwiseError("`method`, `group_size` and `symmetric` choose integer formats; GGUF types fix their own (use `family` int)")
         return qg.GGUFCandidates.of(lm)
     if family != "int":
-        raise LayerwiseError(f"unknown --format {family!r}; use gguf or int")
+        raise LayerwiseError(f"unknown `family` {family!r}; use gguf or int")
     sizes = (group_size,) if group_size else sizes
     return GroupCandidates(tuple(QConfig(b, g, bool(symmetric)) for b in (2, 3, 4, 5, 6, 8) for g in sizes), method)  # type: ignore[arg-type]
 
@@ -75,7 +81,7 @@ def bracket(meas: Measurement, target: float) -> tuple[str, str]:
     below = [c for b, c in levels if b <= target + 1e-9]
     above = [c for b, c in levels if b > target + 1e-9]
     if not below:
-        raise LayerwiseError(f"{target} bits per weight is below the cheapest config ({levels[0][0]:.3f} with {levels[0][1]}); raise --bits")
+        raise LayerwiseError(f"{target} bits per weight is below the cheapest config ({levels[0][0]:.3f} with {levels[0][1]}); raise `budgets`")
     return below[-1], (above[0] if above else below[-1])
 
 
@@ -87,7 +93,7 @@ def block_order(lm: LoadedModel, windows: Windows, metric: str, prof: Profile | 
         random.Random(seed).shuffle(order)
         return order
     if prof is None:
-        prof = profile(lm, windows, ablation=ablation_for(metric), lens=metric.startswith("lens_"), progress=progress)  # type: ignore[arg-type]
+        prof = profile(lm, windows, **needs(metric), progress=progress)
     check_profile(prof, lm)
     return [int(u[1:]) for u, _ in rank(prof, "block", metric)]
 
@@ -95,7 +101,7 @@ def block_order(lm: LoadedModel, windows: Windows, metric: str, prof: Profile | 
 def check_strategies(strategies: list[str]) -> None:
     for s in strategies:
         if s not in ("measured", "uniform", "q4km") and not s.startswith("ranked:"):
-            raise LayerwiseError(f"unknown --strategy {s!r}; use measured, ranked:METRIC, ranked:random, uniform or q4km")
+            raise LayerwiseError(f"unknown `strategies` entry {s!r}; use measured, ranked:METRIC, ranked:random, uniform or q4km")
 
 
 def measured(lm: LoadedModel, windows: Windows, meas: Measurement, cands: Candidates, target: float, *,
@@ -167,7 +173,7 @@ def plans(lm: LoadedModel, windows: Windows, meas: Measurement, cands: Candidate
     for strategy in strategies:
         if strategy == "q4km":
             if "Q4_K" not in next(iter(meas.groups.values()))["configs"]:
-                raise LayerwiseError("the q4km baseline is a GGUF rule; use it with --format gguf")
+                raise LayerwiseError("the q4km baseline is a GGUF rule; use it with `family` gguf")
             out.append(qg.q4km(meas, lm.anatomy))
             continue
         order = block_order(lm, windows, strategy.split(":", 1)[1], prof, seed=seed, progress=progress) if strategy.startswith("ranked:") else []
@@ -177,7 +183,7 @@ def plans(lm: LoadedModel, windows: Windows, meas: Measurement, cands: Candidate
             elif strategy == "uniform":
                 fits = [c for bpw, c in _uniform_bpw(meas) if bpw <= b + 1e-9]
                 if not fits:
-                    raise LayerwiseError(f"no single config fits {b} bits per weight; raise --bits")
+                    raise LayerwiseError(f"no single config fits {b} bits per weight; raise `budgets`")
                 out.append(uniform(meas, fits[-1]))
             else:
                 low, high = bracket(meas, b)
@@ -193,15 +199,18 @@ def label(a: Allocation) -> str:
 
 
 def _other_bits(lm: LoadedModel, meas: Measurement, cands: Candidates) -> tuple[int, int]:
-    """(bits, weights) of every parameter outside the plan, as the export stores it."""
+    """(bits, weights) of every tensor outside the plan, as the export stores it, so that a plan's ``bytes``
+    is the size of the tensors in the file written: GGUF tensors as the source file holds them; for integer
+    codes, what the compressed-tensors export writes (the model's own dtype, tied weights once, and one
+    int64 ``weight_shape`` pair beside each quantized weight)."""
     planned = {p for e in meas.groups.values() for p in e["modules"]}
     if isinstance(cands, qg.GGUFCandidates):
         names = {lm.anatomy.gguf_name(p) for p in planned}
         rest = [t for t in qg.ggufio.reader(cands.source).tensors if t.name not in names]
         return sum(qg.ggufio.tensor_bits(t) for t in rest), sum(int(t.n_elements) for t in rest)
-    params = {id(p): p for name, p in lm.model.named_parameters() if name.rsplit(".", 1)[0] not in planned}
-    n = sum(p.numel() for p in params.values())
-    return 16 * n, n
+    tensors = {(t.data_ptr(), t.numel()): t for name, t in lm.model.state_dict().items()
+               if not (name.endswith(".weight") and name.rsplit(".", 1)[0] in planned)}
+    return 8 * sum(t.numel() * t.element_size() for t in tensors.values()) + 128 * len(planned), sum(t.numel() for t in tensors.values())
 
 
 def evaluate(lm: LoadedModel, windows: Windows, meas: Measurement, cands: Candidates, allocs: list[Allocation],
@@ -237,6 +246,100 @@ def evaluate(lm: LoadedModel, windows: Windows, meas: Measurement, cands: Candid
     return original, rows, plan_json
 
 
+@dataclass(frozen=True)
+class GGUFType:
+    """A llama.cpp tensor type (``Q4_K``...) and the type llama.cpp really stored for this tensor
+    (it falls back to another where a row does not fit a K-type's 256-wide blocks)."""
+
+    name: str
+    stored: str
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """Mixed precision as torchao writes it: one small frozen config per quantized module, by module path
+    (:class:`QConfig` for integer codes, :class:`GGUFType` for llama.cpp types), and one verb that applies it.
+
+    ``QuantPlan.load("runs/q46/plan.json").apply(lm)`` gives the fake-quantized
+    model for the duration of a ``with``, with the weights the run that made
+    the plan evaluated; the loaded model gets its weights back on exit. GPTQ
+    weights are fitted to calibration windows, so a GPTQ plan applies with the
+    same windows (``windows``, checked against ``calibration``).
+    """
+
+    configs: dict[str, QConfig | GGUFType]
+    method: str  # rtn, gptq or llama.cpp
+    model_hash: str | None = None
+    calibration: dict | None = None  # data_hash, n_calib and seq_len of the windows a GPTQ plan was fitted to
+    key: str = ""
+
+    @property
+    def family(self) -> Family:
+        return "gguf" if self.method == "llama.cpp" else "int"
+
+    def apply(self, lm: LoadedModel, windows: Windows | None = None, *, batch_size: int = 4) -> ContextManager[None]:
+        """The model with the plan's weights for the duration of a ``with`` (GPTQ: fitted ``batch_size`` windows at a time)."""
+        return quantized(lm, self.weights(lm, windows, batch_size=batch_size))
+
+    def weights(self, lm: LoadedModel, windows: Windows | None = None, *, batch_size: int = 4) -> dict[nn.Module, torch.Tensor]:
+        """Each quantized module's (out, in) weight as the plan stores it."""
+        return config_weights(lm, self._names(), self.candidates(lm), self._windows(lm, windows), batch_size=batch_size)
+
+    def codes(self, lm: LoadedModel, windows: Windows | None = None, *, batch_size: int = 4) -> dict[str, QTensor]:
+        """Each module's integer codes, by module path (integer plans; what ``--export hf`` writes)."""
+        return config_codes(lm, self._names(), self.candidates(lm), self._windows(lm, windows),  # type: ignore[arg-type]
+                            batch_size=batch_size)
+
+    def candidates(self, lm: LoadedModel) -> Candidates:
+        """The candidate set that makes the plan's weights (only its own configs)."""
+        check_plan_model(self.model_hash, lm)
+        if self.family == "gguf":
+            return qg.GGUFCandidates.of(lm, tuple(dict.fromkeys(c.name for c in self.configs.values())))
+        return GroupCandidates(tuple(dict.fromkeys(self.configs.values())), self.method)  # type: ignore[arg-type]
+
+    def gguf_types(self, lm: LoadedModel) -> dict[str, tuple[str, str]]:
+        """Per GGUF tensor name: (the plan's type, the type llama.cpp stored), for the GGUF export and recipe."""
+        return {lm.anatomy.gguf_name(p): (c.name, c.stored) for p, c in self.configs.items()}  # type: ignore[union-attr]
+
+    def _names(self) -> dict[str, str]:
+        return {p: c.name for p, c in self.configs.items()}
+
+    def _windows(self, lm: LoadedModel, windows: Windows | None) -> Windows | None:
+        if self.method != "gptq":
+            return windows
+        if windows is None:
+            raise LayerwiseError("a GPTQ plan is fitted to calibration windows; pass `windows` (the ones the plan was made with)")
+        got = {k: windows.meta()[k] for k in ("data_hash", "n_calib", "seq_len")}
+        if self.calibration and got != self.calibration:
+            raise LayerwiseError(f"the GPTQ plan was fitted to other calibration windows ({self.calibration}); "
+                                 "give the data, `seq_len` and `samples` it was made with")
+        return windows
+
+    def save(self, folder: str | Path) -> Path:
+        """``plan.json`` holding this plan alone, one entry per module, atomically (a run saves all its plans)."""
+        groups = {p: {"config": c.name, "modules": [p], "stored": [c.stored if isinstance(c, GGUFType) else c.name]}
+                  for p, c in self.configs.items()}
+        meta = {"model_hash": self.model_hash, "method": self.method, "data": self.calibration or {}}
+        return save_plans(folder, "quantize", meta, {self.key or "plan": {"groups": groups}})
+
+    @classmethod
+    def from_json(cls, meta: dict, key: str, entry: dict) -> "QuantPlan":
+        """A plan from its ``plan.json`` entry and the run's metadata."""
+        method = meta.get("method", "llama.cpp")
+        configs: dict[str, QConfig | GGUFType] = {}
+        for g in entry["groups"].values():
+            for path, stored in zip(g["modules"], g["stored"]):
+                configs[path] = GGUFType(g["config"], stored) if method == "llama.cpp" else QConfig.from_name(g["config"])
+        data = meta.get("data") or {}
+        calibration = {k: data[k] for k in ("data_hash", "n_calib", "seq_len")} if method == "gptq" and data else None
+        return cls(configs, method, meta.get("model_hash"), calibration, key)
+
+    @classmethod
+    def load(cls, path: str | Path, key: str | None = None) -> "QuantPlan":
+        """A plan from a quantize result's ``plan.json`` (or its folder); ``key`` picks one plan of a sweep."""
+        return cls.from_json(*load_plans(path, "quantize", key))
+
+
 @dataclass
 class QuantReport:
     """What ``layerwise quantize`` measured: the original, one row per plan, the plans and the files written."""
@@ -248,14 +351,11 @@ class QuantReport:
     exports: dict
 
     def save(self, out: str | Path) -> Path:
-        """``plan.json``, ``eval.json`` and ``report.html`` into ``out``, atomically; returns the eval path."""
-        from .report.quant import write_quant_report
-
+        """``plan.json`` (for :meth:`QuantPlan.load`) and ``eval.json`` into ``out``, atomically; returns the eval path.
+        The page is the report module's job (``layerwise.report.quant``), as for a Profile."""
         out = Path(out)
-        write_json(out / "plan.json", {"meta": self.meta, "plans": self.plans})
-        path = write_json(out / "eval.json", {"meta": self.meta, "original": self.original, "rows": self.rows, "exports": self.exports})
-        write_quant_report(self, out / "report.html")
-        return path
+        save_plans(out, "quantize", self.meta, self.plans)
+        return write_json(out / "eval.json", {"meta": self.meta, "original": self.original, "rows": self.rows, "exports": self.exports})
 
     @classmethod
     def load(cls, out: str | Path) -> "QuantReport":
@@ -278,17 +378,14 @@ def run(lm: LoadedModel, windows: Windows, *, budgets: list[float], strategies: 
     """Measure, plan every strategy at every budget, evaluate each plan on held-out windows, export one plan."""
     start = time.perf_counter()
     if not budgets and any(s != "q4km" for s in strategies):
-        raise LayerwiseError("give --bits or --sweep (or use only --strategy q4km)")
+        raise LayerwiseError("give `budgets` (or use only the q4km strategy)")
     check_strategies(strategies)
     n_plans = sum(1 if s == "q4km" else len(budgets) for s in strategies)
     if export is None:
         export = EXPORTS[family] if n_plans == 1 and out is not None else ()
-    unknown = set(export) - set(EXPORTS[family])
-    if unknown:
-        allowed = ", ".join(EXPORTS[family]) or "none yet"
-        raise LayerwiseError(f"--export {', '.join(sorted(unknown))} is not available for --format {family} (available: {allowed})")
+    _check_export(lm, family, export)
     if export and n_plans != 1:
-        raise LayerwiseError(f"--export writes one model but this run makes {n_plans} plans; give one --bits and one --strategy")
+        raise LayerwiseError(f"`export` writes one model but this run makes {n_plans} plans; give one budget and one strategy")
     if family == "int" and symmetric is None:
         symmetric = "hf" in export
     sizes = (32, 64, 128)
@@ -302,33 +399,43 @@ def run(lm: LoadedModel, windows: Windows, *, budgets: list[float], strategies: 
         check_budget(b, lo, hi)
     meas = measure(lm, windows, candidates=cands, path=Path(out) / "measurement.json" if out else None, progress=progress,
                    batch_size=batch_size)
+    if out is not None:  # how it was made, as every result file says (the last command to complete it)
+        meas.meta |= provenance(seed=seed, batch_size=batch_size)
+        meas.save(Path(out) / "measurement.json")
     allocs = plans(lm, windows, meas, cands, budgets, strategies, prof=prof, seed=seed, batch_size=batch_size, progress=progress)
     eval_ids = windows.evaluation[:eval_samples]
     original, rows, plan_json = evaluate(lm, windows, meas, cands, allocs, eval_ids, batch_size=batch_size)
+    meta = {**lm.meta(), "data": windows.meta(), **provenance(seed=seed, batch_size=batch_size), "format": family,
+            "method": method if family == "int" else "llama.cpp", "candidates": list(cands.names),
+            "measurement_s": meas.meta.get("seconds"), "eval_windows": int(eval_ids.shape[0])}
     exports: dict = {}
     if out is not None and export:
-        exports = _export(lm, windows, meas, allocs[0], cands, Path(out), export, eval_ids, batch_size)
-    meta = {**lm.meta(), "data": windows.meta(), "format": family, "method": method if family == "int" else "llama.cpp",
-            "candidates": list(cands.names), "measurement_s": meas.meta.get("seconds"), "eval_windows": int(eval_ids.shape[0]),
-            "wall_time_s": round(time.perf_counter() - start, 3), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        key = label(allocs[0])
+        exports = export_plan(lm, QuantPlan.from_json(meta, key, plan_json[key]), Path(out), export, eval_ids, windows,
+                              batch_size=batch_size)
+    meta |= {"wall_time_s": round(time.perf_counter() - start, 3), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     report = QuantReport(meta, original, rows, plan_json, exports)
     if out is not None:
         report.save(out)
     return report
 
 
-def _export(lm: LoadedModel, windows: Windows, meas: Measurement, alloc: Allocation, cands: Candidates, out: Path,
-            export: tuple[str, ...], eval_ids: torch.Tensor, batch_size: int = 4) -> dict:
-    """Write one plan's files; each model written is run in its consumer (llama.cpp, transformers) on the held-out windows."""
+def export_plan(lm: LoadedModel, plan: QuantPlan, out: str | Path, export: tuple[str, ...], eval_ids: torch.Tensor,
+                windows: Windows | None = None, *, batch_size: int = 4) -> dict:
+    """Write one plan's files (``windows``: a GPTQ plan's calibration windows); each model written is run in its
+    consumer (llama.cpp, transformers) on the held-out ``eval_ids``. Nothing is measured again."""
+    out = Path(out)
+    _check_export(lm, plan.family, export)
     exports: dict = {}
     if "hf" in export:
-        path = hf.export(lm, plan_codes(lm, meas, alloc, cands, windows, batch_size=batch_size), out / "model")  # type: ignore[arg-type]
+        hf.check(lm, tuple(dict.fromkeys(plan.configs.values())))  # type: ignore[arg-type]
+        path = hf.export(lm, plan.codes(lm, windows, batch_size=batch_size), out / "model")
         nll = hf.transformers_nll(path, eval_ids, device=lm.device)
         exports["hf"] = {"path": str(path), "bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")),
                          "transformers_ppl": math.exp(sum(nll) / len(nll))}
     if not {"gguf", "recipe"} & set(export):
         return exports
-    types = qg.tensor_types(meas, alloc, lm.anatomy)
+    types, cands = plan.gguf_types(lm), plan.candidates(lm)
     if "recipe" in export:
         path = write_atomic(out / "recipe.sh", qg.recipe(types, cands.source))  # type: ignore[attr-defined]
         exports["recipe"] = {"path": str(path)}
@@ -338,3 +445,10 @@ def _export(lm: LoadedModel, windows: Windows, meas: Measurement, alloc: Allocat
         exports["gguf"] = {"path": str(path), "bytes": path.stat().st_size, "llama_cpp_ppl": math.exp(sum(nll) / len(nll)),
                            "stored_types": {t: s for t, (_, s) in types.items()}}
     return exports
+
+
+def _check_export(lm: LoadedModel, family: Family, export: tuple[str, ...]) -> None:
+    unknown = set(export) - set(EXPORTS[family])
+    if unknown:
+        allowed = ", ".join(EXPORTS[family]) or "none yet"
+        raise LayerwiseError(f"`export` {', '.join(sorted(unknown))} is not available for `family` {family} (available: {allowed})")

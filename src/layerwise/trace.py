@@ -138,7 +138,7 @@ def tap(
         bad = _first_nonfinite(sentinels)
         if bad is not None:
             raise LayerwiseError(
-                f"non-finite activations (NaN/inf) in the output of {bad}; load the model with --dtype float32, or check the weights"
+                f"non-finite activations (NaN/inf) in the output of {bad}; load the model with `dtype` float32, or check the weights"
             )
     finally:
         for h in handles:
@@ -227,6 +227,18 @@ def install_skips(anatomy: Anatomy, units: Iterable[str]) -> Callable[[], None]:
         restore()
         raise
     return restore
+
+
+@contextmanager
+def hooks() -> Iterator[Callable[[torch.utils.hooks.RemovableHandle], None]]:
+    """Yield ``keep``: every hook handle passed to it inside the ``with`` is removed on exit, even when the
+    body, or registering a later hook, raises."""
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    try:
+        yield handles.append
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @contextmanager

@@ -62,7 +62,7 @@ from .errors import LayerwiseError
 from .evaluate import next_token_logits, quality
 from .io import atomic_dir, write_json
 from .loading import LoadedModel
-from .profile import DIRECTION, METRICS, Profile, _versions
+from .profile import DIRECTION, METRICS, Profile, _versions, needs_hint
 
 MODES = ("full", "lisa", "importance", "top", "adaptive", "badam", "lora")
 SELECT_HELP = "full, lora, lisa, importance:METRIC, top:METRIC, adaptive, badam:ascending|descending|random"
@@ -119,9 +119,7 @@ def importance_weights(prof: Profile, metric: str, unit: str) -> dict[str, float
     sign = DIRECTION.get(metric) or 1
     vals = {k: v for k, v in prof.values(metric, unit).items()}  # type: ignore[arg-type]
     if not vals or any(v is None for v in vals.values()):
-        from .drop import ablation_for
-
-        raise LayerwiseError(f"the profile has no {metric} values for {unit} units; re-profile with --ablation {ablation_for(metric)}")
+        raise LayerwiseError(f"the profile has no {metric} values for {unit} units; re-profile with {needs_hint(metric)}")
     signed = {k: sign * float(v) for k, v in vals.items()}  # type: ignore[arg-type]
     top = max(max(signed.values()), 1e-12)
     return {k: max(v, 1e-6 * top) for k, v in signed.items()}

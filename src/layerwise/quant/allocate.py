@@ -46,7 +46,7 @@ def _options(meas: Measurement, allowed: set[str] | None) -> dict[str, list[tupl
     for g, entry in meas.groups.items():
         row = [(c, v["bits"], v["err"]) for c, v in entry["configs"].items() if allowed is None or c in allowed]
         if not row:
-            raise LayerwiseError(f"no candidate config is allowed for {g}; widen --min-bits/--max-bits")
+            raise LayerwiseError(f"no candidate config in `allowed` was measured for {g}; allow at least one of {', '.join(entry['configs'])}")
         opts[g] = row
     return opts
 
@@ -54,9 +54,9 @@ def _options(meas: Measurement, allowed: set[str] | None) -> dict[str, list[tupl
 def check_budget(target_bpw: float, lo: float, hi: float) -> None:
     """A budget outside [cheapest, dearest] plan has no answer: say which way to move it."""
     if target_bpw < lo - 1e-9:
-        raise LayerwiseError(f"{target_bpw} bits per weight is below the cheapest plan ({lo:.3f}); raise --bits or allow fewer bits")
+        raise LayerwiseError(f"{target_bpw} bits per weight is below the cheapest plan ({lo:.3f}); ask for {lo:.3f} or more (`budgets`)")
     if target_bpw > hi + 1e-9:
-        raise LayerwiseError(f"{target_bpw} bits per weight is above the dearest plan ({hi:.3f}); lower --bits or allow more bits")
+        raise LayerwiseError(f"{target_bpw} bits per weight is above the dearest plan ({hi:.3f}); ask for {hi:.3f} or less (`budgets`)")
 
 
 def solve(meas: Measurement, target_bpw: float, *, weights: dict[str, float] | None = None,
@@ -134,5 +134,5 @@ def ranked(meas: Measurement, order: list[int], target_bpw: float, low: str, hig
             best = Allocation(configs, f"ranked:{metric}", target_bpw, bpw, err, {"lowered_blocks": sorted(lowered), "k": k})
             break
     if best is None:
-        raise LayerwiseError(f"even with every block at {low}, the plan exceeds {target_bpw} bits per weight; pick a lower --bits")
+        raise LayerwiseError(f"even with every block at {low}, the plan exceeds {target_bpw} bits per weight; raise `budgets`")
     return best

@@ -15,10 +15,16 @@ from .allocate import Allocation
 from .measure import Candidates, GroupCandidates, Measurement, input_hessians, matrix, replaced
 from .rtn import QTensor
 
+
 def plan_weights(lm: LoadedModel, meas: Measurement, alloc: Allocation, candidates: Candidates,
                  windows: Windows | None = None, *, batch_size: int = 4) -> dict[nn.Module, torch.Tensor]:
     """Each quantized module's (out, in) weight as the plan stores it (GPTQ: run on ``windows``, ``batch_size`` at a time)."""
-    config = _config(meas, alloc)
+    return config_weights(lm, _config(meas, alloc), candidates, windows, batch_size=batch_size)
+
+
+def config_weights(lm: LoadedModel, config: dict[str, str], candidates: Candidates,
+                   windows: Windows | None = None, *, batch_size: int = 4) -> dict[nn.Module, torch.Tensor]:
+    """``plan_weights`` from each quantized module's config name, by module path (what a saved plan holds)."""
     if candidates.needs_hessian:
         made = {p: q.dequantize() for p, q in _sequential(lm, config, candidates, windows, batch_size).items()}  # type: ignore[arg-type]
     else:
@@ -29,7 +35,12 @@ def plan_weights(lm: LoadedModel, meas: Measurement, alloc: Allocation, candidat
 def plan_codes(lm: LoadedModel, meas: Measurement, alloc: Allocation, candidates: GroupCandidates,
                windows: Windows | None = None, *, batch_size: int = 4) -> dict[str, QTensor]:
     """Each quantized module's integer codes under the plan, by module path; they dequantize to ``plan_weights``."""
-    config = _config(meas, alloc)
+    return config_codes(lm, _config(meas, alloc), candidates, windows, batch_size=batch_size)
+
+
+def config_codes(lm: LoadedModel, config: dict[str, str], candidates: GroupCandidates,
+                 windows: Windows | None = None, *, batch_size: int = 4) -> dict[str, QTensor]:
+    """``plan_codes`` from each quantized module's config name, by module path."""
     if candidates.needs_hessian:
         return _sequential(lm, config, candidates, windows, batch_size)
     return {p: candidates.codes(p, matrix(lm.anatomy, lm.model.get_submodule(p)), c, None) for p, c in config.items()}

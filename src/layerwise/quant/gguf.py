@@ -17,6 +17,7 @@ quantizer themselves; a test checks the two give the same file contents.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -91,7 +92,7 @@ def llama_quantize(source: str | Path, out: str | Path, base: str, overrides: li
         if rc != 0:
             arch = ggufio.arch(ggufio.reader(source))
             raise LayerwiseError(f"llama.cpp could not quantize {Path(source).name} (architecture {arch!r}) to {base} (error {rc}); "
-                                 "this llama.cpp build may not support that architecture: use --format int")
+                                 "this llama.cpp build may not support that architecture: use `family` int")
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -102,7 +103,7 @@ def source_gguf(lm: LoadedModel) -> Path:
     """The GGUF file the model was loaded from; GGUF plans are built from it."""
     path = lm.source.get("gguf_path")
     if not path:
-        raise LayerwiseError("GGUF plans need a model loaded from a GGUF file (--model default or FILE.gguf); "
+        raise LayerwiseError("GGUF plans need a model loaded from a GGUF file (`ref` default or FILE.gguf); "
                              "convert a Hugging Face directory with llama.cpp's convert_hf_to_gguf.py first")
     return Path(path)
 
@@ -256,11 +257,11 @@ def llama_nll(path: str | Path, ids: torch.Tensor, *, threads: int | None = None
     lc = _llama_cpp()
     llm = lc.Llama(model_path=str(path), n_ctx=int(ids.shape[1]), logits_all=True, verbose=False,
                    n_threads=threads or os.cpu_count() or 1, n_batch=int(ids.shape[1]))
-    out = []
-    for row in ids.tolist():
-        llm.reset()
-        llm.eval(row)
-        logits = torch.from_numpy(np.asarray(llm.scores[: len(row) - 1], dtype=np.float32))
-        out.append(float(torch.nn.functional.cross_entropy(logits, torch.tensor(row[1:]))))
-    llm.close()
+    with contextlib.closing(llm):  # the model and its context are freed on error too
+        out = []
+        for row in ids.tolist():
+            llm.reset()
+            llm.eval(row)
+            logits = torch.from_numpy(np.asarray(llm.scores[: len(row) - 1], dtype=np.float32))
+            out.append(float(torch.nn.functional.cross_entropy(logits, torch.tensor(row[1:]))))
     return out

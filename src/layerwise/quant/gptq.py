@@ -51,7 +51,7 @@ def inverse_factor(hessian: torch.Tensor, *, damp: float = 0.01) -> tuple[torch.
     try:
         return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True), dead
     except torch._C._LinAlgError:
-        raise LayerwiseError("GPTQ's Hessian is not positive definite even after damping; use more calibration tokens or --method rtn") from None
+        raise LayerwiseError("GPTQ's Hessian is not positive definite even after damping; use more calibration tokens or `method` rtn") from None
 
 
 def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, cfg: QConfig, *, block_size: int = 128, damp: float = 0.01) -> QTensor:

@@ -40,7 +40,7 @@ def row_widths(lm: LoadedModel) -> set[int]:
 
 def _check_dtype(lm: LoadedModel) -> None:
     if lm.model.dtype == torch.bfloat16:
-        raise LayerwiseError("a bfloat16 model cannot hold the float16 scales exactly; load it with --dtype float16 or float32 to export hf")
+        raise LayerwiseError("a bfloat16 model cannot hold the float16 scales exactly; load it with `dtype` float16 or float32 to export hf")
 
 
 def check(lm: LoadedModel, configs: tuple[QConfig, ...]) -> None:
@@ -48,10 +48,10 @@ def check(lm: LoadedModel, configs: tuple[QConfig, ...]) -> None:
     an = lm.anatomy
     _check_dtype(lm)
     if an.spec.transposed:
-        raise LayerwiseError(f"compressed-tensors quantizes torch.nn.Linear layers; {an.model_type}'s Conv1D layers cannot be exported as hf (use --export none)")
+        raise LayerwiseError(f"compressed-tensors quantizes torch.nn.Linear layers; {an.model_type}'s Conv1D layers cannot be exported as hf (leave hf out of `export`)")
     asym = sorted({c.name for c in configs if not c.symmetric})
     if asym:
-        raise LayerwiseError(f"--export hf writes symmetric codes only (transformers cannot load compressed-tensors zero points); drop --no-symmetric (got {', '.join(asym)})")
+        raise LayerwiseError(f"`export` hf writes symmetric codes only (transformers cannot load compressed-tensors zero points); set `symmetric` (got {', '.join(asym)})")
     widths = row_widths(lm)
     for c in configs:
         for w in widths:
@@ -59,7 +59,7 @@ def check(lm: LoadedModel, configs: tuple[QConfig, ...]) -> None:
         bad = sorted(w for w in widths if w % c.group_size)
         if bad:
             fits = [g for g in (32, 64, 128, 256) if all(w % g == 0 for w in widths)]
-            raise LayerwiseError(f"group size {c.group_size} does not divide rows of {bad[0]} weights, and compressed-tensors needs whole groups; use --group-size {' or '.join(map(str, fits)) or 'that divides ' + str(bad[0])}")
+            raise LayerwiseError(f"group size {c.group_size} does not divide rows of {bad[0]} weights, and compressed-tensors needs whole groups; use `group_size` {' or '.join(map(str, fits)) or 'that divides ' + str(bad[0])}")
 
 
 def quantization_config(codes: dict[str, QTensor], linear: list[str]):

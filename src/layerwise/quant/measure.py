@@ -34,7 +34,7 @@ from ..data import Windows
 from ..errors import LayerwiseError
 from ..io import write_json
 from ..loading import LoadedModel
-from ..trace import BlockTrace, tap
+from ..trace import BlockTrace, hooks, tap
 from .gptq import Hessian, inverse_factor, quantize_gptq, quantize_gptq_many
 from .rtn import QConfig, QTensor, quantize_rtn
 
@@ -127,7 +127,7 @@ class GroupCandidates:
 
     def __post_init__(self) -> None:
         if self.method not in ("rtn", "gptq"):
-            raise LayerwiseError(f"unknown --method {self.method!r}; use rtn or gptq")
+            raise LayerwiseError(f"unknown `method` {self.method!r}; use rtn or gptq")
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -153,7 +153,7 @@ class GroupCandidates:
         """The integer codes, scales and zero points of ``w`` under config ``name`` (what an export writes)."""
         cfg = self._config(name)
         if self.method == "gptq" and hessian is None:
-            raise LayerwiseError("GPTQ needs each layer's calibration inputs; apply GPTQ plans through a measurement run")
+            raise LayerwiseError("GPTQ needs each layer's calibration inputs (its Hessian); apply a GPTQ plan with its calibration windows (QuantPlan.apply(lm, windows))")
         return quantize_gptq(w, hessian, cfg) if self.method == "gptq" else quantize_rtn(w, cfg)  # type: ignore[arg-type]
 
     def codes_rows(self, ws: list[torch.Tensor], name: str, hessian: torch.Tensor | None) -> list[QTensor]:
@@ -174,7 +174,7 @@ class GroupCandidates:
         if self.method != "gptq":
             return {name: self.stored(path, w, name, hessian) for name in self.names}
         if hessian is None:
-            raise LayerwiseError("GPTQ needs each layer's calibration inputs; apply GPTQ plans through a measurement run")
+            raise LayerwiseError("GPTQ needs each layer's calibration inputs (its Hessian); apply a GPTQ plan with its calibration windows (QuantPlan.apply(lm, windows))")
         grids: dict[tuple, list[QConfig]] = {}
         for c in self.configs:
             grids.setdefault((c.group_size, c.symmetric, c.scale_bits), []).append(c)
@@ -318,13 +318,10 @@ def input_hessians(lm: LoadedModel, modules: list[nn.Module], batches: tuple[tor
 @contextmanager
 def _forward_hook(module: nn.Module | None, fn) -> Iterator[None]:
     """``fn`` as a forward hook of ``module`` (none when it is None) while active."""
-    handle = None
-    try:
-        handle = module.register_forward_hook(fn) if module is not None else None
+    with hooks() as keep:
+        if module is not None:
+            keep(module.register_forward_hook(fn))
         yield
-    finally:
-        if handle is not None:
-            handle.remove()
 
 
 @contextmanager
@@ -335,13 +332,10 @@ def hessian_hooks(modules: list[nn.Module], into: dict[int, Hessian]) -> Iterato
         x = args[0]
         into.setdefault(id(m), Hessian(x.shape[-1], device=x.device)).add(x)
 
-    handles = []
-    try:
-        handles += [m.register_forward_pre_hook(hook) for m in modules]
+    with hooks() as keep:
+        for m in modules:
+            keep(m.register_forward_pre_hook(hook))
         yield
-    finally:
-        for hd in handles:
-            hd.remove()
 
 
 def _measure_layer(an: Anatomy, layer: int, h: torch.Tensor, call: tuple[tuple, dict], groups, candidates: Candidates,
@@ -349,7 +343,6 @@ def _measure_layer(an: Anatomy, layer: int, h: torch.Tensor, call: tuple[tuple, 
     """Add one batch's errors of one block's groups to ``sums``, from its input ``h``; return the block's (unquantized) output."""
     inputs: dict[str, tuple[tuple, dict]] = {}
     outputs: dict[str, torch.Tensor] = {}
-    handles = []
 
     def branch_in(kind: str):
         def hook(_m, args, kwargs):
@@ -363,14 +356,11 @@ def _measure_layer(an: Anatomy, layer: int, h: torch.Tensor, call: tuple[tuple, 
 
         return hook
 
-    try:
+    with hooks() as keep:
         for kind in ("attn", "mlp"):
-            handles.append(an.branch(layer, kind).register_forward_pre_hook(branch_in(kind), with_kwargs=True))
-            handles.append(an.update_module(layer, kind).register_forward_hook(update_out(kind)))
+            keep(an.branch(layer, kind).register_forward_pre_hook(branch_in(kind), with_kwargs=True))
+            keep(an.update_module(layer, kind).register_forward_hook(update_out(kind)))
         out = first_tensor(an.blocks[layer](h, *call[0], **call[1]))
-    finally:
-        for hd in handles:
-            hd.remove()
     for group, mods in groups:
         kind = _sublayer(group)
         ref = outputs[kind].double()

@@ -9,6 +9,7 @@ and gets its own scale, which the storage cost counts exactly.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,7 @@ class QConfig:
 
     def check(self, in_features: int) -> None:
         if self.group_size > in_features:
-            raise LayerwiseError(f"group size {self.group_size} is larger than a row of {in_features} weights; use --group-size {in_features} or less")
+            raise LayerwiseError(f"group size {self.group_size} is larger than a row of {in_features} weights; use `group_size` {in_features} or less")
 
     def storage_bits(self, out_features: int, in_features: int) -> int:
         """Exact bits to store a quantized (out, in) matrix: codes plus one scale and zero per group."""
@@ -51,6 +52,14 @@ class QConfig:
     @property
     def name(self) -> str:
         return f"{'s' if self.symmetric else 'a'}{self.bits}g{self.group_size}"
+
+    @classmethod
+    def from_name(cls, name: str) -> "QConfig":
+        """The config a :attr:`name` stands for (``s4g32``: symmetric 4-bit codes in groups of 32)."""
+        m = re.fullmatch(r"([as])(\d+)g(\d+)", name)
+        if not m:
+            raise LayerwiseError(f"{name!r} is not an integer config name (like s4g32 or a3g64)")
+        return cls(int(m.group(2)), int(m.group(3)), m.group(1) == "s")
 
 
 @dataclass

@@ -6,12 +6,11 @@ from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 from ..io import write_atomic
 from .divergence import kl_table
-from .html import fmt, page, png
+from .html import fmt, page, png, subplots
 
 if TYPE_CHECKING:
     from ..drop import DropReport
@@ -22,7 +21,7 @@ _COLUMNS = ("ppl", "ppl_se", "delta_nll", "delta_nll_se", "kl", "kl_se", "params
 def curves_figure(report: "DropReport"):
     """Held-out perplexity against units dropped, one panel per unit kind, one line per order."""
     kinds = list(dict.fromkeys(v["unit"] for v in report.variants))
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4.6 * len(kinds), 3.4), squeeze=False)
+    fig, axes = subplots(1, len(kinds), figsize=(4.6 * len(kinds), 3.4), squeeze=False)
     base = report.original["ppl"]
     for ax, kind in zip(axes.flat, kinds):
         rows = [v for v in report.variants if v["unit"] == kind]
@@ -47,7 +46,7 @@ def _speed(report: "DropReport") -> str:
     if not rows:
         return "<p>Speed was not measured.</p>"
     kinds = list(dict.fromkeys(v["unit"] for v in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.2))
+    fig, axes = subplots(1, 2, figsize=(9.5, 3.2))
     for ax, key in zip(axes, ("prefill_speedup", "generate_speedup")):
         for kind in kinds:
             pts = sorted({v["n"]: v[key] for v in rows if v["unit"] == kind}.items())

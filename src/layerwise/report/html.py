@@ -8,21 +8,24 @@ import math
 from html import escape
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ..anatomy import KINDS  # noqa: E402
-from ..io import write_atomic  # noqa: E402
-from ..profile import ATTENTION, METRICS, Profile  # noqa: E402
+from ..anatomy import KINDS
+from ..io import write_atomic
+from ..profile import ATTENTION, METRICS, Profile
 
 
-def png(fig) -> str:
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], **kwargs):
+    """``pyplot.subplots`` without pyplot: a bare Figure renders to PNG through Agg by itself, so the
+    report never touches the user's matplotlib backend or pyplot's figure list."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
+
+
+def png(fig: Figure) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
     return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
@@ -36,7 +39,7 @@ def _depth_plots(prof: Profile) -> str:
     metrics = [m for m in METRICS if any(u.metrics.get(m) is not None for u in prof.units)]
     cols = 3
     rows = math.ceil(len(metrics) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
     for ax, metric in zip(axes.flat, metrics):
         for kind, style in zip(KINDS, ("-k", "-o", "-s")):
             xs, ys = _series(prof, metric, kind)
@@ -65,7 +68,7 @@ def _heatmap(prof: Profile) -> str:
         if ok.sum() > 1:
             ranks = row[ok].argsort().argsort()
             row[ok] = ranks / (ok.sum() - 1)
-    fig, ax = plt.subplots(figsize=(max(8, len(prof.units) * 0.12), 0.35 * len(metrics) + 1.2))
+    fig, ax = subplots(figsize=(max(8, len(prof.units) * 0.12), 0.35 * len(metrics) + 1.2))
     ax.imshow(np.ma.masked_invalid(mat), aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(len(metrics)), metrics, fontsize=8)
     step = max(1, len(prof.units) // 30)
@@ -79,7 +82,7 @@ def _attention_heads(prof: Profile) -> str:
     attn = [u for u in prof.units if u.kind == "attn" and f"{ATTENTION[0]}_per_head" in u.details]
     if not attn:
         return "<p>Not measured; run <code>layerwise profile --attention</code> (eager attention).</p>"
-    fig, axes = plt.subplots(1, len(ATTENTION), figsize=(4.2 * len(ATTENTION), 0.18 * len(attn) + 1.5), squeeze=False)
+    fig, axes = subplots(1, len(ATTENTION), figsize=(4.2 * len(ATTENTION), 0.18 * len(attn) + 1.5), squeeze=False)
     for ax, key in zip(axes.flat, ATTENTION):
         mat = np.array([[np.nan if v is None else v for v in u.details[f"{key}_per_head"]] for u in attn], dtype=float)
         im = ax.imshow(np.ma.masked_invalid(mat), aspect="auto", cmap="magma", interpolation="nearest")

@@ -6,12 +6,11 @@ from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import matplotlib.pyplot as plt
 import numpy as np
 
 from ..io import write_atomic
 from .divergence import kl_table
-from .html import fmt, page, png
+from .html import fmt, page, png, subplots
 
 if TYPE_CHECKING:
     from ..quantize import QuantReport
@@ -28,7 +27,7 @@ def plan_figure(key: str, plan: dict):
     grid = np.full((len(rows), layers), np.nan)
     for g, e in groups.items():
         grid[rows.index(g.split(".", 1)[1]), e["layer"]] = e["bits"] / e["numel"]
-    fig, ax = plt.subplots(figsize=(min(16, 2 + 0.35 * layers), 0.9 + 0.3 * len(rows)))
+    fig, ax = subplots(figsize=(min(16, 2 + 0.35 * layers), 0.9 + 0.3 * len(rows)))
     im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
     ax.set_xticks(range(layers), [str(i) for i in range(layers)], fontsize=6)
@@ -41,7 +40,7 @@ def plan_figure(key: str, plan: dict):
 
 def curve_figure(report: "QuantReport"):
     """Held-out perplexity against achieved bits per weight, one line per strategy family."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = subplots(figsize=(7, 4))
     families = dict.fromkeys(r["strategy"].split(":")[0] if r["strategy"].startswith("uniform") else r["strategy"] for r in report.rows)
     for fam in families:
         pts = sorted((r["bpw"], r["ppl"], r["ppl_se"] or 0.0) for r in report.rows
