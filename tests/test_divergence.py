@@ -101,7 +101,10 @@ def test_drop_and_quantize_results_carry_and_show_the_statistics(tmp_path):
     w.n_calib = 2
     run(lm, w, [DropPlan(["L1"], "block", "given")], out=tmp_path / "d", eval_samples=3, with_speed=False, progress=False)
     qz.run(lm, w, budgets=[4.8], strategies=["measured"], family="int", out=tmp_path / "q", eval_samples=3, progress=False)
+    from layerwise import cli
+
     for folder, rows in (("d", "variants"), ("q", "rows")):
+        assert cli.main(["report", str(tmp_path / folder)]) == 0  # results are JSON; the report module renders the page
         (row,) = json.loads((tmp_path / folder / "eval.json").read_text())[rows]
         assert set(KEYS) <= set(row)
         assert 0 <= row["same_top_p"] <= 1 and row["kl_median"] <= row["kl_p90"] <= row["kl_p99"] <= row["kl_max"]

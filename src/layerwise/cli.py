@@ -110,14 +110,13 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("profile", help="measure every block and sublayer", description="Measure every block and sublayer.",
                         epilog=_examples("profile"), formatter_class=_Help)
     _inputs(pr, samples_help="calibration windows", out="runs/profile")
-    pr.add_argument("--seed", type=int, default=0, help="seeds torch before the pass (recorded in profile.json)")
     pr.add_argument("--ablation", choices=["exact", "taylor", "none"], default="exact")
     pr.add_argument("--no-lens", action="store_true", help="skip the logit lens (one head projection per block)")
     pr.add_argument("--positions", type=int, default=64,
                     help="score the logit lens and exact ablation at this many random positions per window (default 64; 0: all)")
     pr.add_argument("--ablation-samples", type=int, default=4,
                     help="exact ablation on the first N calibration windows, whole batches (default 4; 0: all --samples)")
-    pr.add_argument("--seed", type=int, default=0, help="for the sampled positions")
+    pr.add_argument("--seed", type=int, default=0, help="for the sampled positions; also seeds torch before the pass (recorded in profile.json)")
     pr.add_argument("--attention", action="store_true",
                     help="per-head attention entropy, query-key distance and sink mass (runs eager attention: slower, more memory)")
     dr = _action(sub, "drop", "remove blocks or sublayers, save the smaller model, measure cost and speedup",
