@@ -14,7 +14,8 @@ How close auto comes to the sweep's best: the best block at auto's own alpha
 (largest VADER shift), and the best row of the whole sweep whose KL is no
 more than auto's (the most effect for at most the same cost).
 
-Usage: python benchmarks/steer_sweep.py [--alphas 0.125,0.25,0.5 --pairs 64 --eval-samples 8 --device cpu]
+Usage: python benchmarks/steer_sweep.py [--alphas 0.0625,0.125,0.25 --pairs 24 --eval-samples 4 --device cpu]
+Without --alphas every block is steered at the alpha auto chose (one point per block).
 Writes benchmarks/results/steer_sweep.md, steer_sweep.png and steer_sweep.json.
 """
 
@@ -38,15 +39,15 @@ from layerwise.report.steer import dose_figure
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--alphas", default="0.125,0.25,0.5")
-    ap.add_argument("--pairs", type=int, default=64)
-    ap.add_argument("--eval-samples", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--alphas", default="", help="multiples to sweep at every block (default: auto's own alpha only)")
+    ap.add_argument("--pairs", type=int, default=24)
+    ap.add_argument("--eval-samples", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=12)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
-    alphas = [float(a) for a in args.alphas.split(",")]
+    alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
     lm = lw.load("default", device=args.device)
     w = lw.windows("builtin:pydoc", lm.tokenizer, seq_len=args.seq_len, samples=4)
     layers = ",".join(f"L{k}" for k in range(lm.anatomy.n_layers))

@@ -176,3 +176,21 @@ def test_bad_input_is_one_clear_error(tmp_path):
         fit_features(feats, 2)
     with pytest.raises(LayerwiseError, match="method"):
         fit_features(feats, 2, method="lda")
+
+
+def test_probe_method_reads_a_saved_probe(tmp_path):
+    """--method probe takes each block's weight from a saved `layerwise probe` result, turned toward the positives."""
+    probe = pytest.importorskip("layerwise.probe", reason="layerwise probe (issue 15) is merged separately")
+    from layerwise.steer import _probe_directions
+
+    lm = tiny_lm("llama")
+    g = torch.Generator().manual_seed(5)
+    pos = [torch.randint(1, 48, (6,), generator=g).tolist() for _ in range(12)]
+    neg = [torch.randint(49, 97, (6,), generator=g).tolist() for _ in range(12)]
+    res = probe.probe(lm, probe.Examples(labels=[1] * 12 + [0] * 12, ids=pos + neg), folds=2)
+    res.save(tmp_path / "p")
+    dirs = _probe_directions(str(tmp_path / "p"), lm, ["L0", "L1", "L2"])
+    f = fit_features(collect_ids(lm, pos + neg), 12, method="probe", given={u: -d for u, d in dirs.items()})
+    for u, d in dirs.items():
+        assert abs(float(f.directions[u] @ d)) == pytest.approx(1.0, abs=1e-5)
+        assert f.gaps[u] > 0  # pointed at the positives whatever sign the probe gave

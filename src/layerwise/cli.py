@@ -111,7 +111,7 @@ def _steer_parser(sub) -> None:
     st.add_argument("--read", default="last", choices=["last", "mean"], help="read the last token or the mean over tokens")
     st.add_argument("--layers", default="auto", help="auto (best held-out separation), L12, L10-L14 (one vector over the range) or L6,L12,L18 (each)")
     st.add_argument("--alpha", default="auto", help="auto or a multiple of the layer's mean residual norm, e.g. 0.25")
-    st.add_argument("--target", type=float, default=1.0, help="--alpha auto: log-prob margin (nats) to reach on the calibration prompts")
+    st.add_argument("--target", type=float, default=2.0, help="--alpha auto: log-prob margin (nats) to reach on the calibration prompts")
     st.add_argument("--sweep-alpha", help="comma-separated multiples to evaluate at every layer, e.g. 0,0.125,0.25,0.5")
     st.add_argument("--new-tokens", type=int, default=24, help="tokens generated per prompt for the independent scorer")
     st.add_argument("--seed", type=int, default=0, help="pair and prompt splits, and builtin:sentiment's draw")

@@ -8,8 +8,9 @@ What (``method``): ``diffmean``, the mean positive readout minus the mean
 negative one (CAA); ``pca``, the first principal direction of the paired
 differences ``pos_i - neg_i`` taken about zero (not centred, so the shared
 shift that *is* the concept is kept), its sign turned toward the positives;
-``probe``, the weight of a saved ``layerwise probe`` result. Every direction is
-stored with unit norm.
+``probe``, the weight of a saved ``layerwise probe`` result
+(``ProbeResult.load(dir).direction(unit)``), its sign turned toward the
+positives of the calibration pairs. Every direction is stored with unit norm.
 
 How strong: ``alpha`` is a multiple of the layer's mean residual norm (the
 mean L2 norm of the training readouts there), so ``alpha=0.5`` adds a vector
@@ -175,9 +176,11 @@ def fit_features(feats: Features, n: int, *, method: str = "diffmean", seed: int
         if not torch.isfinite(x).all():
             raise LayerwiseError(f"non-finite activations (NaN/inf) at {u}; load the model with --dtype float32, or check the weights")
         pos, neg = x[:n], x[n:]
-        d_cal = given[u] if given else _fit(method, pos[calib], neg[calib])
+        if given:  # a probe's weight, its sign turned toward the positives of the calibration pairs
+            d_cal = d = given[u] if float((pos[calib] - neg[calib]).mean(0) @ given[u]) >= 0 else -given[u]
+        else:
+            d_cal, d = _fit(method, pos[calib], neg[calib]), _fit(method, pos, neg)
         out["separation"][u] = _separation(d_cal, pos[held], neg[held])
-        d = given[u] if given else _fit(method, pos, neg)
         out["directions"][u] = d
         out["scales"][u] = float(x.norm(dim=1).mean())
         out["gaps"][u] = float((pos - neg).mean(0) @ d)
@@ -440,7 +443,7 @@ class Prompts:
 
 
 def prompt_sets(lm: LoadedModel, prompts: Sequence[str], pairs: Sequence[tuple[str, str]], held_pairs: list[int], *, seed: int,
-                max_continuations: int = 8) -> Prompts:
+                max_continuations: int = 4) -> Prompts:
     """Split the prompts (:func:`split`, seed + 1) and tokenize the held-out pairs as continuations (a leading space, no special tokens)."""
     prompts = list(prompts)
     ids, _ = tokenize(lm, prompts)
@@ -449,7 +452,7 @@ def prompt_sets(lm: LoadedModel, prompts: Sequence[str], pairs: Sequence[tuple[s
     return Prompts([ids[i] for i in cal], [ids[i] for i in held], [prompts[i] for i in held], conts)  # type: ignore[arg-type]
 
 
-def choose_alpha(lm: LoadedModel, vec: SteeringVector, ps: Prompts, *, target: float = 1.0, grid: Sequence[float] = ALPHA_GRID) -> dict:
+def choose_alpha(lm: LoadedModel, vec: SteeringVector, ps: Prompts, *, target: float = 2.0, grid: Sequence[float] = ALPHA_GRID) -> dict:
     """The smallest multiple on ``grid`` whose mean log-prob margin shift on the calibration prompts reaches ``target`` nats."""
     base = margins(lm, ps.calibration, ps.conts)
     tried = []
@@ -597,7 +600,7 @@ class SteerReport:
 
 def run(lm: LoadedModel, pairs: Sequence[tuple[str, str]], prompts: Sequence[str], eval_ids: torch.Tensor, *, method: str = "diffmean",
         layers: str = "auto", alpha: float | str = "auto", sweep_alphas: Sequence[float] = (), read: str = "last", seed: int = 0,
-        target: float = 1.0, probe: str | None = None, scorer: Callable[[str], float] | None = None, new_tokens: int = 24,
+        target: float = 2.0, probe: str | None = None, scorer: Callable[[str], float] | None = None, new_tokens: int = 24,
         export: Sequence[str] = (), out: str | Path | None = None, batch_size: int = 4, progress: bool = False, data: dict | None = None) -> SteerReport:
     """Fit, choose the layer and the strength, measure every swept (layer, alpha), write the vector, report and exports."""
     start = time.perf_counter()
