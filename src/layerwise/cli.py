@@ -45,6 +45,10 @@ EXAMPLES: dict[str, str] = {
   layerwise probe --data builtin:cities --out runs/probe        # where "true/false" becomes linearly readable
   layerwise probe --data labeled.jsonl --read mean --units all --folds 5 --profile runs/profile/profile.json
 """,
+    "steer": """\
+  layerwise steer --data builtin:sentiment --export gguf --out runs/steer     # layer and strength chosen, llama.cpp control vector
+  layerwise steer --pos pos.txt --neg neg.txt --layers L6,L12,L18 --sweep-alpha 0.125,0.25,0.5 --out runs/steer-sweep
+""",
     "report": """\
   layerwise report runs/profile/profile.json          # re-render the page from saved results (any command's folder or JSON)
 """,
@@ -172,8 +176,9 @@ def _parser() -> argparse.ArgumentParser:
     tu.add_argument("--save-every", type=int, default=0, help="write the checkpoint every N steps (one strategy only)")
     tu.add_argument("--seed", type=int, default=0)
     _probe_parser(sub)
-    rp = sub.add_parser("report", help="re-render report.html from a saved profile, drop, quantize, tune or probe result",
-                        description="Re-render report.html from a saved profile, drop, quantize, tune or probe result.",
+    _steer_parser(sub)
+    rp = sub.add_parser("report", help="re-render report.html from a saved profile, drop, quantize, tune, probe or steer result",
+                        description="Re-render report.html from a saved profile, drop, quantize, tune, probe or steer result.",
                         epilog=_examples("report"), formatter_class=_Help)
     rp.add_argument("profile", metavar="RESULT", help="profile.json, eval.json or the folder holding them")
     rp.add_argument("--out", help="HTML path (default: report.html beside the profile)")
@@ -201,6 +206,31 @@ def _probe_parser(sub) -> None:
     pb.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off by default)")
     pb.add_argument("--out", default="runs/probe")
     pb.add_argument("--json", action="store_true", help="print machine-readable results")
+
+
+def _steer_parser(sub) -> None:
+    """``layerwise steer``: --data names the contrastive pairs here; --eval-data the neutral text that measures the cost."""
+    st = _action(sub, "steer", "activation steering at a measured layer and strength, its effect and cost, llama.cpp export",
+                 "pydoc windows set aside before the evaluation windows (not used)")
+    st.set_defaults(data=None, seq_len=128)
+    for a in st._actions:
+        if a.dest == "data":
+            a.help = "contrastive pairs: builtin:sentiment or pairs.jsonl ({\"positive\": ..., \"negative\": ...} per line)"
+    st.add_argument("--pos", help="positive texts, one per line (paired line by line with --neg)")
+    st.add_argument("--neg", help="negative texts, one per line")
+    st.add_argument("--n-pairs", type=int, default=64, help="pairs drawn from builtin:sentiment")
+    st.add_argument("--prompts", help="held-out prompts, one per line (default: builtin:sentiment's neutral prompts); half calibrate --alpha auto")
+    st.add_argument("--eval-data", default="builtin:pydoc", help="neutral text for the cost (NLL, KL): FILE.txt, DIR, FILE.jsonl or builtin:pydoc")
+    st.add_argument("--method", default="diffmean", choices=["diffmean", "pca", "probe"])
+    st.add_argument("--probe", help="--method probe: a folder saved by `layerwise probe`")
+    st.add_argument("--read", default="last", choices=["last", "mean"], help="read the last token or the mean over tokens")
+    st.add_argument("--layers", default="auto", help="auto (best held-out separation), L12, L10-L14 (one vector over the range) or L6,L12,L18 (each)")
+    st.add_argument("--alpha", default="auto", help="auto or a multiple of the layer's mean residual norm, e.g. 0.25")
+    st.add_argument("--target", type=float, default=2.0, help="--alpha auto: log-prob margin (nats) to reach on the calibration prompts")
+    st.add_argument("--sweep-alpha", help="comma-separated multiples to evaluate at every layer, e.g. 0,0.125,0.25,0.5")
+    st.add_argument("--new-tokens", type=int, default=24, help="tokens generated per prompt for the independent scorer")
+    st.add_argument("--seed", type=int, default=0, help="pair and prompt splits, and builtin:sentiment's draw")
+    st.add_argument("--export", default="none", help="gguf (a llama.cpp control vector) or none; vector.safetensors is always saved")
 
 
 def _summary(prof) -> None:
@@ -438,6 +468,8 @@ def _tune_summary(report) -> None:
                       f"{se['kl']:.4f}" if se else "–", f"{r['trainable_params_max']:,}", f"{r['optimizer_state_bytes_max'] / 1e6:.1f}",
                       f"{r['seconds_per_step']:.2f}")
     Console().print(t)
+
+
 def _probe(args: argparse.Namespace) -> int:
     """Read and check the data first (bad data fails before the model loads), then probe, then write."""
     import shlex
@@ -493,13 +525,79 @@ def _probe_summary(res) -> None:
     print(res.best["why"])
 
 
+def _steer(args: argparse.Namespace) -> int:
+    from . import load, windows
+    from . import steer as sv
+
+    alpha = args.alpha if args.alpha == "auto" else _number(args.alpha, "--alpha", "auto or a multiple such as 0.25")
+    sweep = [_number(t, "--sweep-alpha", "comma-separated multiples such as 0,0.25,0.5") for t in _split(args.sweep_alpha or "")]
+    for a in [alpha, *sweep]:
+        if a != "auto":
+            sv._check_alpha(a)
+    if args.new_tokens < 1:
+        raise LayerwiseError(f"--new-tokens must be at least 1 (got {args.new_tokens})")
+    pairs = sv.read_pairs(data=args.data, pos=args.pos, neg=args.neg, n=args.n_pairs, seed=args.seed)
+    prompts = sv._lines(Path(args.prompts)) if args.prompts else None
+    if prompts is None:
+        from .corpora.sentiment import PROMPTS
+
+        prompts = list(PROMPTS)
+    scorer = None
+    if args.data == "builtin:sentiment":
+        from .corpora.sentiment import vader_scorer
+
+        scorer = vader_scorer()
+    lm = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    w = windows(args.eval_data, lm.tokenizer, seq_len=args.seq_len, samples=args.samples, max_len=lm.anatomy.context_length)
+    data = {"pairs": args.data or f"{args.pos} / {args.neg}", "n_pairs": len(pairs), "prompts": args.prompts or "builtin:sentiment prompts",
+            "scorer": "vaderSentiment compound" if scorer else None, "eval": w.meta()}
+    report = sv.run(lm, pairs, prompts, w.evaluation[:args.eval_samples], method=args.method, layers=args.layers, alpha=alpha,
+                    sweep_alphas=sweep, read=args.read, seed=args.seed, target=args.target, probe=args.probe, scorer=scorer,
+                    new_tokens=args.new_tokens, export=() if args.export == "none" else tuple(_split(args.export)), out=args.out,
+                    batch_size=args.batch_size, progress=not args.json, data=data)
+    if args.json:
+        print(json.dumps(report.to_dict()))
+        return 0
+    _steer_summary(report)
+    print("wrote " + ", ".join([str(Path(args.out) / n) for n in ("vector.safetensors", "steer.json", "report.html")] + [e["path"] for e in report.exports.values()]))
+    return 0
+
+
+def _number(text: str, option: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise LayerwiseError(f"{option} takes {what} (got {text!r})") from None
+
+
+def _steer_summary(report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"steering, chosen {report.choice['chosen_key']} (alpha x mean residual norm); effects on {len(report.prompts)} held-out prompts")
+    for c in ("key", "score shift ± se", "margin shift ± se", "proj shift ± se", "Δnll ± se", "KL"):
+        t.add_column(c, justify="right")
+
+    def pm(r: dict, k: str) -> str:
+        return "–" if k not in r else f"{r[k]:+.3f} ± {r.get(k + '_se') or 0:.3f}"
+
+    for r in report.rows:
+        t.add_row(r["key"], pm(r, "score_shift"), pm(r, "margin_shift"), pm(r, "proj_shift"), pm(r, "delta_nll"), f"{r['kl']:.4f}")
+    Console().print(t)
+
+
 def _report(args: argparse.Namespace) -> int:
-    """Re-render the page of a saved profile, drop, quantize, tune or probe result (its folder or its JSON)."""
+    """Re-render the page of a saved profile, drop, quantize, tune, probe or steer result (its folder or its JSON)."""
     src = Path(args.profile)
     folder = src if src.is_dir() else src.parent
     out = Path(args.out) if args.out else folder / "report.html"
     kind = json.loads((folder / "plan.json").read_text()).get("kind", "quantize") if (folder / "plan.json").exists() else None
-    if (folder / "tune.json").exists():
+    if (folder / "steer.json").exists():
+        from .report.steer import write_steer_report
+        from .steer import SteerReport
+
+        path = write_steer_report(SteerReport.load(folder), out)
+    elif (folder / "tune.json").exists():
         from .report.tune import write_tune_report
         from .tune import TuneReport
 
@@ -535,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = sys.argv[1:] if argv is None else list(argv)  # recorded in result files
     token = COMMAND.set(shlex.join(["layerwise", *(sys.argv[1:] if argv is None else argv)]))
     try:
-        return {"profile": _profile, "drop": _drop, "quantize": _quantize, "tune": _tune, "probe": _probe, "report": _report}[args.cmd](args)
+        return {"profile": _profile, "drop": _drop, "quantize": _quantize, "tune": _tune, "probe": _probe, "steer": _steer, "report": _report}[args.cmd](args)
     except LayerwiseError as exc:
         print(f"layerwise: error: {_flags(str(exc))}", file=sys.stderr)
         return 2

@@ -1,0 +1,652 @@
+"""Activation steering at a measured layer, with its effect and its cost measured, exported to llama.cpp.
+
+Where: a steering vector for unit ``L{k}`` is added to block k's *output* (the
+residual stream block k+1 reads), the place llama.cpp adds a control vector's
+``direction.k``; :mod:`layerwise.features` reads activations at the same place.
+
+What (``method``): ``diffmean``, the mean positive readout minus the mean
+negative one (CAA); ``pca``, the first principal direction of the paired
+differences ``pos_i - neg_i`` taken about zero (not centred, so the shared
+shift that *is* the concept is kept), its sign turned toward the positives;
+``probe``, the weight of a saved ``layerwise probe`` result
+(``ProbeResult.load(dir).direction(unit)``), its sign turned toward the
+positives of the calibration pairs. Every direction is stored with unit norm.
+
+How strong: ``alpha`` is a multiple of the layer's mean residual norm (the
+mean L2 norm of the training readouts there), so ``alpha=0.5`` adds a vector
+half as long as the stream it joins, on any model. ``alpha="auto"`` takes the
+smallest multiple on :data:`ALPHA_GRID` whose mean change in log-probability
+of the positive over the negative continuations reaches ``target`` nats on the
+calibration prompts.
+
+Which layer (``layers="auto"``): the positive/negative pairs are split by
+:func:`split` into a calibration half, on which each block's direction is fit,
+and a held-out half, on which the direction's separation is measured (Cohen's
+d of the projections, and the share of pairs whose positive projects above its
+negative); the best-separating block is chosen. The saved vector is then refit
+on all pairs. Effects are reported on held-out prompts, never the calibration
+prompts that chose ``alpha``; cost on ``builtin:pydoc`` evaluation windows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from .anatomy import first_tensor, parse_unit
+from .errors import LayerwiseError
+from .evaluate import next_token_logits, paired_difference, quality
+from .features import Features, collect, collect_ids, tokenize
+from .io import atomic_dir, write_json
+from .loading import LoadedModel
+
+METHODS: tuple[str, ...] = ("diffmean", "pca", "probe")
+#: Candidate strengths for ``alpha="auto"``, in multiples of the layer's mean residual norm, tried smallest first.
+ALPHA_GRID: tuple[float, ...] = (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0)
+DEFAULT_ALPHA = 0.25
+
+
+# ---------------------------------------------------------------- data
+
+def read_pairs(*, data: str | None = None, pos: str | None = None, neg: str | None = None, n: int = 64, seed: int = 0) -> list[tuple[str, str]]:
+    """Positive/negative pairs from ``builtin:sentiment``, a JSONL of ``{"positive", "negative"}``, or two line-paired text files."""
+    if data and (pos or neg):
+        raise LayerwiseError("give either data (builtin:sentiment or pairs.jsonl) or pos and neg text files, not both")
+    if data == "builtin:sentiment":
+        from .corpora import sentiment
+
+        return sentiment.pairs(n, seed)
+    if data:
+        return _jsonl_pairs(Path(data))
+    if not (pos and neg):
+        raise LayerwiseError("steering needs contrastive texts: data=builtin:sentiment, data=pairs.jsonl, or both pos and neg files")
+    p, q = _lines(Path(pos)), _lines(Path(neg))
+    if len(p) != len(q):
+        raise LayerwiseError(f"{pos} has {len(p)} texts but {neg} has {len(q)}; line i of each must form a pair, so give them the same count")
+    return _checked(list(zip(p, q)), f"{pos} and {neg}")
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as exc:
+        raise LayerwiseError(f"cannot read {path} ({exc.__class__.__name__}); give a text file with one example per line") from None
+
+
+def _jsonl_pairs(path: Path) -> list[tuple[str, str]]:
+    out = []
+    for i, line in enumerate(_lines(path), 1):
+        try:
+            row = json.loads(line)
+            out.append((str(row["positive"]), str(row["negative"])))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise LayerwiseError(f"{path}:{i}: each line must be a JSON object with 'positive' and 'negative' texts") from None
+    return _checked(out, str(path))
+
+
+def _checked(pairs: list[tuple[str, str]], where: str) -> list[tuple[str, str]]:
+    if len(pairs) < 2:
+        raise LayerwiseError(f"{where} gives {len(pairs)} pairs; steering needs at least 2 (one to fit, one held out)")
+    if any(not p.strip() or not q.strip() for p, q in pairs):
+        raise LayerwiseError(f"{where} has an empty text in a pair; every pair needs a positive and a negative text")
+    return pairs
+
+
+def split(n: int, seed: int) -> tuple[list[int], list[int]]:
+    """The documented split: indices permuted by ``torch.randperm(n)`` under ``manual_seed(seed)``; the first ceil(n/2) calibrate, the rest are held out."""
+    if n < 2:
+        raise LayerwiseError(f"{n} items cannot be split into calibration and held-out parts; give at least 2")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    cut = (n + 1) // 2
+    return sorted(order[:cut]), sorted(order[cut:])
+
+
+# ---------------------------------------------------------------- fitting
+
+def _fit(method: str, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """A unit direction from paired readouts (rows of ``pos`` and ``neg`` are pairs)."""
+    diff = (pos - neg).double()
+    if method == "diffmean":
+        d = diff.mean(0)
+    else:  # pca about zero: the top right singular vector of the paired differences
+        d = torch.linalg.svd(diff, full_matrices=False).Vh[0]
+        d = d if float(diff.mean(0) @ d) >= 0 else -d
+    norm = float(d.norm())
+    if not math.isfinite(norm) or norm == 0:
+        raise LayerwiseError("the positive and negative texts read the same at this layer; give texts that differ in the concept")
+    return (d / norm).float()
+
+
+def _separation(direction: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> dict[str, float]:
+    """Cohen's d of the held-out projections, and the share of pairs whose positive projects above its negative."""
+    p, q = pos @ direction, neg @ direction
+    pooled = math.sqrt((float(p.var(unbiased=False)) + float(q.var(unbiased=False))) / 2 + 1e-12)
+    return {"d": float(p.mean() - q.mean()) / pooled, "pair_acc": float((p > q).float().mean())}
+
+
+@dataclass
+class Fit:
+    """Per-block directions and the evidence for choosing among them."""
+
+    directions: dict[str, torch.Tensor]  # refit on all pairs
+    scales: dict[str, float]  # mean residual norm of the readouts
+    gaps: dict[str, float]  # mean projection of pos minus neg, all pairs
+    separation: dict[str, dict[str, float]]  # held-out, fit on the calibration half
+    calibration: list[int]
+    held_out: list[int]
+    method: str
+    read: str
+    seed: int
+
+    def vector(self, units: Sequence[str], lm: LoadedModel, alpha: float, meta: dict) -> "SteeringVector":
+        return SteeringVector(directions={u: self.directions[u] for u in units}, scales={u: self.scales[u] for u in units},
+                              alpha=alpha, method=self.method, read=self.read, model=_model_id(lm), meta=meta)
+
+
+def fit(lm: LoadedModel, pairs: Sequence[tuple[str, str]], *, method: str = "diffmean", read: str = "last", seed: int = 0,
+        probe: str | None = None, batch_size: int = 8, progress: bool = False) -> Fit:
+    """Read every block output for every pair, fit each block's direction and measure its held-out separation."""
+    if method == "probe" and not probe:
+        raise LayerwiseError("method='probe' needs probe=DIR, a folder saved by `layerwise probe`")
+    pairs = _checked(list(pairs), "the pairs")
+    feats = collect(lm, [p for p, _ in pairs] + [q for _, q in pairs], units="blocks", read=read, batch_size=batch_size, progress=progress)
+    loaded = _probe_directions(probe, lm, feats.units) if method == "probe" else None
+    return fit_features(feats, len(pairs), method=method, seed=seed, given=loaded)
+
+
+def fit_features(feats: Features, n: int, *, method: str = "diffmean", seed: int = 0, given: dict[str, torch.Tensor] | None = None) -> Fit:
+    """:func:`fit` on readouts already taken: rows ``:n`` positive, ``n:`` their paired negatives; ``given`` directions skip fitting."""
+    if method not in METHODS:
+        raise LayerwiseError(f"method={method!r} is not known; use one of {', '.join(METHODS)}")
+    calib, held = split(n, seed)
+    out: dict[str, Any] = {"directions": {}, "scales": {}, "gaps": {}, "separation": {}}
+    for u in feats.units:
+        x = feats.values[u]
+        if not torch.isfinite(x).all():
+            raise LayerwiseError(f"non-finite activations (NaN/inf) at {u}; load the model with --dtype float32, or check the weights")
+        pos, neg = x[:n], x[n:]
+        if given:  # a probe's weight, its sign turned toward the positives of the calibration pairs
+            d_cal = d = given[u] if float((pos[calib] - neg[calib]).mean(0) @ given[u]) >= 0 else -given[u]
+        else:
+            d_cal, d = _fit(method, pos[calib], neg[calib]), _fit(method, pos, neg)
+        out["separation"][u] = _separation(d_cal, pos[held], neg[held])
+        out["directions"][u] = d
+        out["scales"][u] = float(x.norm(dim=1).mean())
+        out["gaps"][u] = float((pos - neg).mean(0) @ d)
+    return Fit(**out, calibration=calib, held_out=held, method=method, read=feats.read, seed=seed)
+
+
+def _probe_directions(folder: str | None, lm: LoadedModel, units: list[str]) -> dict[str, torch.Tensor]:
+    """Unit directions from a saved ``layerwise probe`` result (imported here: the probe is its own action)."""
+    try:
+        from .probe import ProbeResult  # type: ignore[attr-defined]
+    except ImportError:
+        raise LayerwiseError("method='probe' needs layerwise's probe action (layerwise.probe), which this install lacks; use diffmean or pca") from None
+    res = ProbeResult.load(folder)
+    out = {}
+    for u in units:
+        d = torch.as_tensor(res.direction(u), dtype=torch.float32).flatten().cpu()
+        if d.numel() != _hidden(lm) or not torch.isfinite(d).all() or float(d.norm()) == 0:
+            raise LayerwiseError(f"the probe in {folder} has no usable direction for {u} on this model; probe this model's blocks")
+        out[u] = d / d.norm()
+    return out
+
+
+# ---------------------------------------------------------------- the vector
+
+def _hidden(lm: LoadedModel) -> int:
+    return int(lm.anatomy.embed.weight.shape[1])
+
+
+def _model_id(lm: LoadedModel) -> dict:
+    return {"model_hash": lm.source.get("model_hash"), "model_id": lm.source.get("model_id"), "n_layers": lm.anatomy.n_layers,
+            "hidden_size": _hidden(lm), "model_type": lm.anatomy.model_type}
+
+
+def _check_alpha(alpha: float) -> float:
+    try:
+        a = float(alpha)
+    except (TypeError, ValueError):
+        raise LayerwiseError(f"alpha must be a number (got {alpha!r})") from None
+    if not math.isfinite(a):
+        raise LayerwiseError(f"alpha must be finite (got {alpha}); give a multiple of the layer's residual norm such as 0.25")
+    return a
+
+
+def _adder(delta: torch.Tensor, from_token: int) -> Callable:
+    """A block forward hook that returns the block's output plus ``delta`` (a new tensor: the model is not touched)."""
+
+    def hook(_m: torch.nn.Module, _args: tuple, kwargs: dict, output: Any) -> Any:
+        h = first_tensor(output)
+        add = delta.to(device=h.device, dtype=h.dtype)
+        if from_token:
+            pos = kwargs.get("position_ids")
+            if pos is None:
+                raise LayerwiseError("from_token needs the token positions, which this architecture does not pass to its blocks; use from_token=0")
+            add = add * (pos >= from_token).unsqueeze(-1).to(h.dtype)
+        new = h + add
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    return hook
+
+
+@dataclass
+class SteeringVector:
+    """Unit directions per block output, each scaled by its layer's mean residual norm times ``alpha`` when applied."""
+
+    directions: dict[str, torch.Tensor]
+    scales: dict[str, float]
+    alpha: float = DEFAULT_ALPHA
+    method: str = "diffmean"
+    read: str = "last"
+    model: dict = field(default_factory=dict)  # what it was measured on (hash, n_layers, hidden_size)
+    meta: dict = field(default_factory=dict)  # provenance: versions, command line, seed, the choice
+
+    @property
+    def units(self) -> list[str]:
+        return sorted(self.directions, key=lambda u: parse_unit(u)[0])
+
+    def delta(self, unit: str, alpha: float | None = None) -> torch.Tensor:
+        """What is added at ``unit``: ``alpha * scale * direction``."""
+        a = _check_alpha(self.alpha if alpha is None else alpha)
+        return self.directions[unit] * (a * self.scales[unit])
+
+    def check_model(self, lm: LoadedModel) -> None:
+        """Refuse a model other than the one the vector was measured on (its hash, else its shape)."""
+        want, got = self.model.get("model_hash"), lm.source.get("model_hash")
+        if want and got and want != got:
+            raise LayerwiseError(f"this steering vector was measured on another model (hash {str(want)[:12]}, this model {str(got)[:12]}); "
+                                 "train a vector on this model")
+        if (self.model.get("hidden_size"), self.model.get("n_layers")) != (_hidden(lm), lm.anatomy.n_layers):
+            raise LayerwiseError(f"this steering vector is for a model with {self.model.get('n_layers')} blocks of width {self.model.get('hidden_size')}, "
+                                 f"this one has {lm.anatomy.n_layers} of width {_hidden(lm)}; train a vector on this model")
+
+    @contextmanager
+    def apply(self, lm: LoadedModel, alpha: float | None = None, *, from_token: int = 0) -> Iterator[None]:
+        """Steer ``lm`` inside the ``with`` block by forward hooks, removed on exit even on error.
+
+        Every position whose position id is ``from_token`` or more is steered:
+        with the default 0, the prompt and every generated token (with a KV
+        cache, each decoding step's new position is steered as it is computed,
+        and the cached prompt positions were steered when the prompt ran), as
+        llama.cpp does. A ``from_token`` above 0 leaves the first tokens of the
+        prompt unsteered; it counts position ids, which ``generate`` derives
+        from the attention mask, so left padding is not counted.
+        """
+        self.check_model(lm)
+        if not isinstance(from_token, int) or from_token < 0:
+            raise LayerwiseError(f"from_token must be a whole number, 0 or more (got {from_token!r})")
+        deltas = {u: self.delta(u, alpha) for u in self.units}
+        handles = []
+        try:
+            for u, d in deltas.items():
+                layer, _ = lm.anatomy.check_unit(u)
+                handles.append(lm.anatomy.blocks[layer].register_forward_hook(_adder(d, from_token), with_kwargs=True))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def to_dict(self) -> dict:
+        return {"units": self.units, "scales": self.scales, "alpha": self.alpha, "method": self.method, "read": self.read,
+                "model": self.model, "format": "layerwise steering vector: vector.safetensors holds one unit direction per unit name"}
+
+    def save(self, out: str | Path, extra: dict | None = None) -> Path:
+        """``vector.safetensors`` and ``steer.json`` (this vector, its provenance and ``extra``) into ``out``, atomically."""
+        with atomic_dir(out) as tmp:
+            self.write(tmp, extra)
+        return Path(out)
+
+    def write(self, folder: Path, extra: dict | None = None) -> None:
+        from safetensors.torch import save_file
+
+        save_file({u: self.directions[u].contiguous() for u in self.units}, str(folder / "vector.safetensors"))
+        write_json(folder / "steer.json", {"vector": self.to_dict(), "meta": self.meta, **(extra or {})})
+
+    @classmethod
+    def load(cls, folder: str | Path, lm: LoadedModel | None = None) -> "SteeringVector":
+        """The vector saved in ``folder``; with ``lm``, checked to come from that model."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        folder = folder.parent if folder.name in ("steer.json", "vector.safetensors") else folder
+        try:
+            doc = json.loads((folder / "steer.json").read_text())
+            v = doc["vector"]
+            tensors = load_file(str(folder / "vector.safetensors"))
+            vec = cls(directions={u: tensors[u].float() for u in v["units"]}, scales={u: float(v["scales"][u]) for u in v["units"]},
+                      alpha=float(v["alpha"]), method=v["method"], read=v["read"], model=v["model"], meta=doc.get("meta", {}))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, SafetensorError) as exc:
+            raise LayerwiseError(f"{folder} is not a layerwise steering vector ({exc.__class__.__name__}); give a folder written by `layerwise steer`") from None
+        if lm is not None:
+            vec.check_model(lm)
+        return vec
+
+
+def run_meta(lm: LoadedModel, seed: int, **extra: Any) -> dict:
+    """Provenance every steering result carries: the model, package versions, the command line and the seed."""
+    from .profile import _versions
+
+    return {**lm.meta(), "versions": _versions(), "command": shlex.join(sys.argv), "seed": seed, **extra,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def parse_layers(spec: str, n_layers: int) -> list[tuple[str, ...]] | None:
+    """``auto`` -> None; ``L12`` / ``L6,L12`` -> one single-block variant each; ``L10-L14`` -> one variant steering that whole range."""
+    if spec == "auto":
+        return None
+    variants = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        ends = part.split("-")
+        try:
+            lo, hi = (parse_unit(e.strip()) for e in (ends[0], ends[-1]))
+        except (LayerwiseError, ValueError):
+            raise LayerwiseError(f"layers {part!r} is not a block name; write auto, L12, L10-L14 or L6,L12,L18") from None
+        if len(ends) > 2 or lo[1] != "block" or hi[1] != "block" or hi[0] < lo[0]:
+            raise LayerwiseError(f"layers {part!r} is not a block or an increasing range of blocks; write auto, L12, L10-L14 or L6,L12,L18")
+        for k in (lo[0], hi[0]):
+            if k >= n_layers:
+                raise LayerwiseError(f"layer L{k} does not exist; this model has blocks L0 to L{n_layers - 1}")
+        variants.append(tuple(f"L{k}" for k in range(lo[0], hi[0] + 1)))
+    if not variants:
+        raise LayerwiseError("layers names no block; write auto, L12, L10-L14 or L6,L12,L18")
+    return list(dict.fromkeys(variants))
+
+
+def rank_variants(f: Fit, variants: list[tuple[str, ...]] | None) -> list[dict]:
+    """Candidates (every block when ``variants`` is None), best held-out separation first; a range scores its blocks' mean d."""
+    cands = [(u,) for u in f.directions] if variants is None else variants
+    rows = [{"units": list(v), "d": sum(f.separation[u]["d"] for u in v) / len(v),
+             "pair_acc": sum(f.separation[u]["pair_acc"] for u in v) / len(v)} for v in cands]
+    return sorted(rows, key=lambda r: -r["d"])
+
+
+def train(lm: LoadedModel, positive: Sequence[str], negative: Sequence[str], *, method: str = "diffmean", layers: str = "auto",
+          read: str = "last", alpha: float = DEFAULT_ALPHA, seed: int = 0, probe: str | None = None, batch_size: int = 8) -> SteeringVector:
+    """Fit a steering vector at the best-separating block (or the first given layer spec) from paired texts."""
+    if len(positive) != len(negative):
+        raise LayerwiseError(f"{len(positive)} positive but {len(negative)} negative texts; give them in pairs (the same count)")
+    f = fit(lm, list(zip(positive, negative)), method=method, read=read, seed=seed, probe=probe, batch_size=batch_size)
+    ranking = rank_variants(f, parse_layers(layers, lm.anatomy.n_layers))
+    return f.vector(ranking[0]["units"], lm, _check_alpha(alpha), run_meta(lm, seed, choice={"layers": layers, "ranking": ranking}))
+
+
+# ---------------------------------------------------------------- measuring
+
+def _pad(seqs: Sequence[Sequence[int]], pad: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    x = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for j, s in enumerate(seqs):
+        sl = slice(width - len(s), width) if left else slice(0, len(s))
+        x[j, sl] = torch.tensor(list(s))
+        mask[j, sl] = 1
+    return x, mask
+
+
+@torch.no_grad()
+def margins(lm: LoadedModel, prompts: list[list[int]], conts: list[tuple[list[int], list[int]]], *, batch_size: int = 32) -> torch.Tensor:
+    """Per prompt, the mean over continuation pairs of log p(positive | prompt) - log p(negative | prompt) (summed over tokens)."""
+    seqs, spans = [], []
+    for p in prompts:
+        for c in (x for pair in conts for x in pair):
+            seqs.append(p + c)
+            spans.append((len(p), len(p) + len(c)))
+    logp = torch.empty(len(seqs), dtype=torch.float64)
+    for start in range(0, len(seqs), batch_size):
+        chunk = seqs[start:start + batch_size]
+        x, mask = _pad(chunk, 0, left=False)
+        lp = torch.log_softmax(lm.model(input_ids=x.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False).logits.float(), -1).cpu()
+        for j, (a, b) in enumerate(spans[start:start + batch_size]):
+            tok = x[j, a:b]
+            logp[start + j] = lp[j, a - 1:b - 1].gather(1, tok[:, None]).sum().double()
+    per = logp.view(len(prompts), len(conts), 2)
+    return (per[..., 0] - per[..., 1]).mean(1)
+
+
+@torch.no_grad()
+def generate(lm: LoadedModel, prompts: list[list[int]], new_tokens: int) -> list[str]:
+    """Greedy continuations of a left-padded batch of prompts (decoded new tokens only)."""
+    tok = lm.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    x, mask = _pad(prompts, pad, left=True)
+    out = lm.model.generate(input_ids=x.to(lm.device), attention_mask=mask.to(lm.device), max_new_tokens=new_tokens,
+                            do_sample=False, pad_token_id=pad)
+    return [t.strip() for t in tok.batch_decode(out[:, x.shape[1]:], skip_special_tokens=True)]
+
+
+def _mean_se(values: Sequence[float]) -> tuple[float, float | None]:
+    t = torch.tensor(list(values), dtype=torch.float64)
+    return float(t.mean()), (float(t.std() / math.sqrt(len(t))) if len(t) > 1 else None)
+
+
+@dataclass
+class Prompts:
+    """Token ids of the prompts that measure the effect, and of the continuation pairs scored after them."""
+
+    calibration: list[list[int]]
+    held_out: list[list[int]]
+    held_out_text: list[str]
+    conts: list[tuple[list[int], list[int]]]
+
+
+def prompt_sets(lm: LoadedModel, prompts: Sequence[str], pairs: Sequence[tuple[str, str]], held_pairs: list[int], *, seed: int,
+                max_continuations: int = 4) -> Prompts:
+    """Split the prompts (:func:`split`, seed + 1) and tokenize the held-out pairs as continuations (a leading space, no special tokens)."""
+    prompts = list(prompts)
+    ids, _ = tokenize(lm, prompts)
+    cal, held = split(len(prompts), seed + 1)
+    conts = [tuple(lm.tokenizer(" " + t, add_special_tokens=False)["input_ids"] for t in pairs[i]) for i in held_pairs[:max_continuations]]
+    return Prompts([ids[i] for i in cal], [ids[i] for i in held], [prompts[i] for i in held], conts)  # type: ignore[arg-type]
+
+
+def choose_alpha(lm: LoadedModel, vec: SteeringVector, ps: Prompts, *, target: float = 2.0, grid: Sequence[float] = ALPHA_GRID) -> dict:
+    """The smallest multiple on ``grid`` whose mean log-prob margin shift on the calibration prompts reaches ``target`` nats."""
+    base = margins(lm, ps.calibration, ps.conts)
+    tried = []
+    for a in sorted(grid):
+        with vec.apply(lm, a):
+            shift = float((margins(lm, ps.calibration, ps.conts) - base).mean())
+        tried.append({"alpha": a, "margin_shift": shift})
+        if shift >= target:
+            return {"alpha": a, "reached": True, "target": target, "tried": tried}
+    return {"alpha": max(grid), "reached": False, "target": target, "tried": tried}
+
+
+def measure(lm: LoadedModel, f: Fit, configs: list[tuple[tuple[str, ...], float]], ps: Prompts, eval_ids: torch.Tensor, *,
+            new_tokens: int = 24, scorer: Callable[[str], float] | None = None, batch_size: int = 4, progress: bool = False) -> dict:
+    """Effect on held-out prompts and cost on neutral windows for every (units, alpha), each ± SE.
+
+    Effects, each the paired difference steered minus unsteered across the
+    held-out prompts: the log-prob margin of the positive over the negative
+    continuations; the projection of the last block's readout at the
+    prompt's last token onto that block's direction, in units of its
+    positive-negative gap (1.0 = as far as from a negative text to a
+    positive one); and with ``scorer``, the score of greedy continuations.
+    Cost: :func:`layerwise.evaluate.quality` (NLL, KL to the unsteered model).
+    """
+    from tqdm.auto import tqdm
+
+    last = f"L{lm.anatomy.n_layers - 1}"
+
+    def effects() -> dict:
+        proj = collect_ids(lm, ps.held_out, units=[last], read="last").values[last] @ f.directions[last] / f.gaps[last]
+        texts = generate(lm, ps.held_out, new_tokens) if scorer else []
+        return {"margin": margins(lm, ps.held_out, ps.conts).tolist(), "proj": proj.tolist(), "texts": texts,
+                "score": [scorer(t) for t in texts] if scorer else []}
+
+    base = effects()
+    vecs = {_key(u, a): (f.vector(u, lm, a, {}), a) for u, a in configs}
+    rows = []
+    for key, (v, a) in tqdm(vecs.items(), desc="steer", disable=not progress):
+        with v.apply(lm, a):
+            e = effects()
+        row = {"key": key, "units": v.units, "alpha": a}
+        for name in ("margin", "proj", "score"):
+            if e[name]:
+                row[f"{name}_shift"], row[f"{name}_shift_se"] = paired_difference(e[name], base[name])
+                row[name], row[f"{name}_se"] = _mean_se(e[name])
+        row["samples"] = e["texts"]
+        rows.append(row)
+    cost = quality(next_token_logits(lm.model), {k: next_token_logits(lm.model, partial(v.apply, lm, a)) for k, (v, a) in vecs.items()},
+                   eval_ids, batch_size=batch_size, device=lm.device)
+    for row in rows:
+        row.update({k: v for k, v in cost[row["key"]].items() if k != "window_delta_nll"})
+    base_row = {k: v for k, v in next(iter(cost.values())).items() if k.startswith("ref_") or k.startswith("n_")} if cost else {}
+    for name in ("margin", "proj", "score"):
+        if base[name]:
+            base_row[name], base_row[f"{name}_se"] = _mean_se(base[name])
+    base_row["samples"] = base["texts"]
+    return {"unsteered": base_row, "rows": rows}
+
+
+def _key(units: Sequence[str], alpha: float) -> str:
+    name = units[0] if len(units) == 1 else f"{units[0]}-{units[-1]}"
+    return f"{name}@{alpha:g}"
+
+
+# ---------------------------------------------------------------- export
+
+def export_gguf(vec: SteeringVector, lm: LoadedModel, path: str | Path, alpha: float | None = None) -> Path:
+    """A llama.cpp control vector: ``direction.k`` = the vector added at block k's output (``alpha`` applied).
+
+    llama.cpp adds ``direction.k`` to the output of its layer k and has no
+    slot for layer 0, so a vector at ``L0`` is refused. ``model_hint`` is the
+    source GGUF's architecture (llama.cpp's name) when there is one.
+    """
+    import gguf
+    import numpy as np
+
+    from . import ggufio
+    from .io import write_atomic
+
+    vec.check_model(lm)
+    if "L0" in vec.directions:
+        raise LayerwiseError("llama.cpp control vectors cannot steer L0 (its first slot, direction.1, is block 1's output); choose a layer from L1 on")
+    hint = ggufio.arch(ggufio.reader(lm.source["gguf_path"])) if lm.source.get("gguf_path") else lm.anatomy.model_type
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part")
+    try:
+        w = gguf.GGUFWriter(str(tmp), "controlvector")
+        w.add_string("controlvector.model_hint", hint)
+        w.add_int32("controlvector.layer_count", lm.anatomy.n_layers - 1)
+        for u in vec.units:
+            w.add_tensor(f"direction.{parse_unit(u)[0]}", vec.delta(u, alpha).numpy().astype(np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        write_atomic(path, tmp.read_bytes())
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_gguf(path: str | Path, n_layers: int) -> tuple[int, "Any"]:
+    """The file's directions as llama.cpp's loader lays them out: n_embd floats per layer, layer 1 first (``llama_set_adapter_cvec``'s data)."""
+    import numpy as np
+
+    from . import ggufio
+
+    r = ggufio.reader(path)
+    dirs = {int(t.name.split(".")[1]): np.asarray(t.data, dtype=np.float32) for t in r.tensors if t.name.startswith("direction.")}
+    n_embd = len(next(iter(dirs.values())))
+    data = np.zeros((n_layers - 1) * n_embd, dtype=np.float32)
+    for k, d in dirs.items():
+        data[(k - 1) * n_embd:k * n_embd] = d
+    return n_embd, data
+
+
+# ---------------------------------------------------------------- the action
+
+@dataclass
+class SteerReport:
+    """What ``layerwise steer`` measured: the choice, every (layer, alpha) evaluated, the unsteered baseline, files written."""
+
+    meta: dict
+    vector: dict
+    choice: dict
+    unsteered: dict
+    rows: list[dict]
+    prompts: list[str]
+    exports: dict
+
+    def to_dict(self) -> dict:
+        return {"meta": self.meta, "vector": self.vector, "choice": self.choice, "unsteered": self.unsteered, "rows": self.rows,
+                "prompts": self.prompts, "exports": self.exports}
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SteerReport":
+        path = Path(path)
+        path = path / "steer.json" if path.is_dir() else path
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError, TypeError) as exc:
+            raise LayerwiseError(f"{path} is not a layerwise steer result ({exc.__class__.__name__})") from None
+
+
+def run(lm: LoadedModel, pairs: Sequence[tuple[str, str]], prompts: Sequence[str], eval_ids: torch.Tensor, *, method: str = "diffmean",
+        layers: str = "auto", alpha: float | str = "auto", sweep_alphas: Sequence[float] = (), read: str = "last", seed: int = 0,
+        target: float = 2.0, probe: str | None = None, scorer: Callable[[str], float] | None = None, new_tokens: int = 24,
+        export: Sequence[str] = (), out: str | Path | None = None, batch_size: int = 4, progress: bool = False, data: dict | None = None) -> SteerReport:
+    """Fit, choose the layer and the strength, measure every swept (layer, alpha), write the vector, report and exports."""
+    start = time.perf_counter()
+    unknown = set(export) - {"gguf"}
+    if unknown:
+        raise LayerwiseError(f"unknown export {', '.join(sorted(unknown))}; the vector is always saved, and gguf adds a llama.cpp control vector")
+    sweep = [_check_alpha(a) for a in sweep_alphas]
+    fixed = None if alpha == "auto" else _check_alpha(alpha)  # type: ignore[arg-type]
+    variants = parse_layers(layers, lm.anatomy.n_layers)
+    if "gguf" in export and any("L0" in v for v in variants or []):
+        raise LayerwiseError("llama.cpp control vectors cannot steer L0 (its first slot, direction.1, is block 1's output); choose layers from L1 on")
+    f = fit(lm, pairs, method=method, read=read, seed=seed, probe=probe, batch_size=2 * batch_size, progress=progress)
+    ranking = rank_variants(f, variants)
+    if "gguf" in export and variants is None:
+        ranking = [r for r in ranking if r["units"] != ["L0"]]  # llama.cpp cannot take it
+    chosen = tuple(ranking[0]["units"])
+    ps = prompt_sets(lm, prompts, pairs, f.held_out, seed=seed)
+    probe_vec = f.vector(chosen, lm, DEFAULT_ALPHA, {})
+    alpha_choice = choose_alpha(lm, probe_vec, ps, target=target) if fixed is None else {"alpha": fixed, "given": True}
+    a = float(alpha_choice["alpha"])
+    configs = [(tuple(r["units"]), s) for r in ([{"units": list(v)} for v in variants] if variants else [{"units": list(chosen)}]) for s in (sweep or [a])]
+    if (chosen, a) not in configs:
+        configs.append((chosen, a))
+    m = measure(lm, f, configs, ps, eval_ids, new_tokens=new_tokens, scorer=scorer, batch_size=batch_size, progress=progress)
+    choice = {"layers": layers, "chosen": list(chosen), "chosen_key": _key(chosen, a), "alpha": alpha_choice, "ranking": ranking,
+              "split": {"rule": "torch.randperm(n) under manual_seed(seed); first ceil(n/2) calibrate, rest held out; prompts: seed + 1",
+                        "pairs_calibration": f.calibration, "pairs_held_out": f.held_out, "n_prompts_calibration": len(ps.calibration),
+                        "n_prompts_held_out": len(ps.held_out), "n_continuation_pairs": len(ps.conts)},
+              "scales": f.scales, "gaps": f.gaps}
+    meta = run_meta(lm, seed, data=data or {}, method=method, read=read, target=target, new_tokens=new_tokens,
+                    eval_windows=int(eval_ids.shape[0]), eval_seq_len=int(eval_ids.shape[1]), wall_time_s=round(time.perf_counter() - start, 3))
+    vec = f.vector(chosen, lm, a, meta)
+    report = SteerReport(meta=meta, vector=vec.to_dict(), choice=choice, unsteered=m["unsteered"], rows=m["rows"], prompts=ps.held_out_text, exports={})
+    if out is not None:
+        _write(vec, report, lm, Path(out), export)
+    return report
+
+
+def _write(vec: SteeringVector, report: SteerReport, lm: LoadedModel, out: Path, export: Sequence[str]) -> None:
+    """Everything into ``out`` at once: a failure leaves no partial folder."""
+    from .report.steer import write_steer_report
+
+    with atomic_dir(out) as tmp:
+        if "gguf" in export:
+            path = export_gguf(vec, lm, tmp / "control_vector.gguf")
+            report.exports["gguf"] = {"path": str(out / path.name), "bytes": path.stat().st_size, "alpha": vec.alpha}
+        d = report.to_dict()
+        vec.write(tmp, {k: v for k, v in d.items() if k not in ("vector", "meta")})
+        write_steer_report(report, tmp / "report.html")

@@ -1,0 +1,111 @@
+"""`layerwise steer` on the real default model: the built-in demo end to end, and its control vector in llama.cpp."""
+
+import ctypes
+import json
+import math
+
+import pytest
+import torch
+
+from layerwise import cli
+
+from .conftest import one_error_line
+
+pytestmark = pytest.mark.real
+
+PROMPT = "I watched the new movie last night, and honestly it was"
+
+
+@pytest.fixture(scope="module")
+def steered(tmp_path_factory, real_cache):
+    out = tmp_path_factory.mktemp("steer") / "run"
+    rc = cli.main(["steer", "--data", "builtin:sentiment", "--n-pairs", "24", "--seq-len", "64", "--samples", "1", "--eval-samples", "4",
+                   "--new-tokens", "12", "--export", "gguf", "--out", str(out)])
+    assert rc == 0
+    return out
+
+
+def test_demo_moves_the_independent_score_at_a_finite_cost(steered):
+    """At the chosen layer and strength VADER's score of the continuations rises by more than its SE; pydoc NLL stays finite."""
+    doc = json.loads((steered / "steer.json").read_text())
+    row = next(r for r in doc["rows"] if r["key"] == doc["choice"]["chosen_key"])
+    assert doc["choice"]["chosen"] == doc["choice"]["ranking"][0]["units"] != ["L0"]
+    assert row["score_shift"] - row["score_shift_se"] > 0, row
+    assert row["margin_shift"] > 0 and row["proj_shift"] > 0
+    assert math.isfinite(row["delta_nll"]) and math.isfinite(row["nll"]) and row["kl"] > 0
+    assert doc["choice"]["alpha"]["reached"] and doc["choice"]["alpha"]["alpha"] == row["alpha"]
+    meta = doc["meta"]
+    assert meta["model_hash"] and meta["versions"]["torch"] and "steer" in meta["command"] and meta["seed"] == 0
+    page = (steered / "report.html").read_text()
+    assert "<img" in page and "Generations" in page
+    assert cli.main(["report", str(steered), "--out", str(steered / "again.html")]) == 0
+    assert doc["choice"]["chosen_key"] in (steered / "again.html").read_text()
+
+
+def test_control_vector_steers_llama_cpp_like_layerwise(steered):
+    """llama.cpp with the exported file predicts like layerwise steered at the same block, not like the unsteered model or a block off."""
+    import llama_cpp
+
+    import layerwise as lw
+    from layerwise.loading import default_gguf
+    from layerwise.steer import SteeringVector, read_gguf
+
+    lm = lw.load("default")
+    vec = SteeringVector.load(steered, lm)
+    (unit,) = vec.units
+    k = int(unit[1:])
+    llm = llama_cpp.Llama(model_path=str(default_gguf()), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
+    toks = llm.tokenize(PROMPT.encode(), add_bos=False)
+    llm.eval(toks)
+    plain_cpp = torch.tensor(llm.scores[: len(toks)]).clone()
+    n_embd, data = read_gguf(steered / "control_vector.gguf", lm.anatomy.n_layers)
+    ptr = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    assert llama_cpp.llama_set_adapter_cvec(llm._ctx.ctx, ptr, len(data), n_embd, 1, lm.anatomy.n_layers - 1) == 0
+    llm.reset()
+    llm.eval(toks)
+    cpp = torch.tensor(llm.scores[: len(toks)]).clone()
+    ids = torch.tensor([toks])
+
+    def ours(v: SteeringVector | None) -> torch.Tensor:
+        with torch.no_grad():
+            if v is None:
+                return lm.model(input_ids=ids, use_cache=False).logits[0]
+            with v.apply(lm):
+                return lm.model(input_ids=ids, use_cache=False).logits[0]
+
+    def kl(p: torch.Tensor, q: torch.Tensor) -> float:  # mean over positions of KL(p || q)
+        lp, lq = torch.log_softmax(p.double(), -1), torch.log_softmax(q.double(), -1)
+        return float((lp.exp() * (lp - lq)).sum(-1).mean())
+
+    want = ours(vec)
+    off = {j: ours(SteeringVector({f"L{j}": vec.directions[unit]}, {f"L{j}": vec.scales[unit]}, vec.alpha, model=vec.model)) for j in (k - 1, k + 1)}
+    here = kl(cpp, want)
+    assert float(plain_cpp.abs().max()) > 0  # scores are real (logits_all), not zeros
+    assert (cpp.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+    assert here < 0.05, here
+    assert kl(cpp, plain_cpp) > 5 * here  # steering moved llama.cpp clearly: the match is not vacuous
+    assert all(kl(cpp, o) > 2 * here for o in off.values()), (here, {j: kl(cpp, o) for j, o in off.items()})
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--alpha", "nan"], "finite"),
+        (["--layers", "L30"], "does not exist"),
+        (["--data", "builtin:sentiment", "--layers", "L0", "--export", "gguf"], "cannot steer L0"),
+        (["--pos", "POS", "--neg", "NEG"], "same count"),
+        (["--pos", "EMPTY", "--neg", "EMPTY"], "at least 2"),
+    ],
+)
+def test_steer_bad_input_is_one_line(argv, match, tmp_path, capsys, real_cache):
+    (tmp_path / "pos.txt").write_text("I love it.\nWhat a delight.\n")
+    (tmp_path / "neg.txt").write_text("I hate it.\n")
+    (tmp_path / "empty.txt").write_text("\n")
+    files = {"POS": "pos.txt", "NEG": "neg.txt", "EMPTY": "empty.txt"}
+    argv = [str(tmp_path / files[a]) if a in files else a for a in argv]
+    if "--data" not in argv and "--pos" not in argv:
+        argv = ["--data", "builtin:sentiment", *argv]
+    rc = cli.main(["steer", *argv, "--n-pairs", "4", "--seq-len", "32", "--samples", "1", "--eval-samples", "1", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and one_error_line(err) and match in err, err
+    assert not (tmp_path / "out").exists()
