@@ -19,7 +19,6 @@ Usage: python benchmarks/probe_curve.py [--examples N --folds 5 --device cpu --r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource

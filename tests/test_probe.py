@@ -129,6 +129,8 @@ def test_save_load_and_report_escape(tmp_path):
     tensors = load_file(tmp_path / "directions.safetensors")
     assert {"L0.probe", "L0.diffmean", "L1.attn.probe", "L1.mlp.diffmean"} <= set(tensors)
     torch.testing.assert_close(back.direction("L1.mlp", "diffmean"), res.direction("L1.mlp", "diffmean"))
+    assert not (tmp_path / "report.html").exists()  # results are data; the report module renders the page
+    assert main(["report", str(tmp_path)]) == 0
     page = (tmp_path / "report.html").read_text()
     assert "<script>" not in page and "&lt;b&gt;x&lt;/b&gt;" in page
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "again.html")]) == 0

@@ -437,11 +437,14 @@ def _tune(args: argparse.Namespace) -> int:
 
         prof = profile(lm, data.as_windows(), **needed(metrics), batch_size=args.batch_size, progress=not args.json)
     report = tn.run(lm, data, _split(args.select), second=second, prof=prof, unit=args.unit, restore=args.restore,
-                    restore_order=args.restore_order, out=args.out, command=" ".join(["layerwise", *args.argv]),
+                    restore_order=args.restore_order, out=args.out,
                     batch_size=args.batch_size, progress=not args.json, active=args.active, interval=args.interval,
                     temperature=args.temperature, steps=args.steps, lr=args.lr, grad_accum=args.grad_accum,
                     train_embeddings=not args.freeze_embeddings, lora=args.lora, lora_rank=args.lora_rank, seed=args.seed,
                     save_every=args.save_every)
+    from .report.tune import write_tune_report
+
+    write_tune_report(report, Path(args.out) / "report.html")
     if args.json:
         print(json.dumps(report.to_dict()))
         return 0
@@ -472,8 +475,6 @@ def _tune_summary(report) -> None:
 
 def _probe(args: argparse.Namespace) -> int:
     """Read and check the data first (bad data fails before the model loads), then probe, then write."""
-    import shlex
-
     from . import load
     from .probe import importance_of, prepare, probe, read_examples
 
@@ -483,9 +484,12 @@ def _probe(args: argparse.Namespace) -> int:
     lm = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     importance = _importance(args, lm, importance_of)
     res = probe(lm, ex, units=units, read=args.read, folds=args.folds, seed=args.seed, c=args.c, batch_size=args.batch_size,
-                   importance=importance, command=shlex.join(["layerwise", *args.argv]), progress=not args.json)
+                   importance=importance, progress=not args.json)
     out = Path(args.out)
     path = res.save(out)
+    from .report.probe import write_probe_report
+
+    write_probe_report(res, out / "report.html")
     if args.json:
         print(json.dumps(res.to_dict()))
         return 0
@@ -555,6 +559,9 @@ def _steer(args: argparse.Namespace) -> int:
                     sweep_alphas=sweep, read=args.read, seed=args.seed, target=args.target, probe=args.probe, scorer=scorer,
                     new_tokens=args.new_tokens, export=() if args.export == "none" else tuple(_split(args.export)), out=args.out,
                     batch_size=args.batch_size, progress=not args.json, data=data)
+    from .report.steer import write_steer_report
+
+    write_steer_report(report, Path(args.out) / "report.html")
     if args.json:
         print(json.dumps(report.to_dict()))
         return 0
@@ -630,7 +637,6 @@ def main(argv: list[str] | None = None) -> int:
     from .profile import COMMAND
 
     args = _parser().parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)  # recorded in result files
     token = COMMAND.set(shlex.join(["layerwise", *(sys.argv[1:] if argv is None else argv)]))
     try:
         return {"profile": _profile, "drop": _drop, "quantize": _quantize, "tune": _tune, "probe": _probe, "steer": _steer, "report": _report}[args.cmd](args)

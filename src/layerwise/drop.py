@@ -18,7 +18,6 @@ into a copy of the source GGUF file, for llama.cpp.
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from contextlib import contextmanager
@@ -36,7 +35,7 @@ from .anatomy import Anatomy, Kind, parse_unit, unit_name
 from .data import Windows
 from .errors import LayerwiseError
 from .evaluate import KL_KEYS, folder_bytes, next_token_logits, param_count, quality, speed
-from .io import atomic_dir, write_json
+from .io import atomic_dir, load_result, write_json
 from .loading import LoadedModel
 from .metrics import stream as st
 from .plans import check_plan_model, load_plans, save_plans
@@ -492,12 +491,8 @@ class DropReport:
 
     @classmethod
     def load(cls, path: str | Path) -> "DropReport":
-        path = Path(path)
-        path = path / "eval.json" if path.is_dir() else path
-        try:
-            return cls(**json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError, TypeError) as exc:
-            raise LayerwiseError(f"{path} is not a layerwise drop result ({exc.__class__.__name__})") from None
+        """A saved result: its folder or its ``eval.json``."""
+        return load_result(cls, path, "eval.json", "drop")
 
 
 def check_export(lm: LoadedModel, export: tuple[str, ...]) -> None:

@@ -9,7 +9,11 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, TypeVar
+
+from .errors import LayerwiseError
+
+T = TypeVar("T")
 
 
 def _umask() -> int:
@@ -71,3 +75,13 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def load_result(cls: type[T], path: str | os.PathLike, name: str, what: str) -> T:
+    """A saved result (its folder or its JSON file ``name``) as ``cls``, or one line saying it is not one."""
+    path = Path(path)
+    path = path / name if path.is_dir() else path
+    try:
+        return cls(**json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError, TypeError) as exc:
+        raise LayerwiseError(f"{path} is not a layerwise {what} result ({exc.__class__.__name__})") from None

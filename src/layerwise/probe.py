@@ -28,8 +28,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import shlex
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -332,18 +330,14 @@ class ProbeResult:
         return d
 
     def save(self, out: str | Path) -> Path:
-        """``probe.json``, ``directions.safetensors`` and ``report.html`` into ``out``, each atomically; returns the JSON path."""
+        """``probe.json`` and ``directions.safetensors`` into ``out``, each atomically; returns the JSON path (the report module renders the page)."""
         from safetensors.torch import save
-
-        from .report.probe import write_probe_report
 
         out = Path(out)
         meta = {"classes": json.dumps(self.classes), "read": str(self.meta.get("read")), "model_hash": str(self.meta.get("model_hash")),
                 "keys": "UNIT.probe: probe weight in the residual-stream basis; UNIT.probe_bias; UNIT.diffmean: difference of class means"}
         write_atomic(out / "directions.safetensors", save({k: v.contiguous() for k, v in self.directions.items()}, metadata=meta))
-        path = write_json(out / "probe.json", self.to_dict())
-        write_probe_report(self, out / "report.html")
-        return path
+        return write_json(out / "probe.json", self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "ProbeResult":
@@ -370,7 +364,7 @@ def importance_of(prof, source: str) -> dict:
 
 def probe(lm: LoadedModel, examples: Examples | str, *, units: str | Sequence[str] = "blocks", read: Read = "last", folds: int = 5,
           seed: int = 0, c: float = 1.0, batch_size: int = 8, max_bytes: int | None = None, importance: dict | None = None,
-          command: str | None = None, features: Features | None = None, progress: bool = False) -> ProbeResult:
+          features: Features | None = None, progress: bool = False) -> ProbeResult:
     """Probe every unit for the examples' labels (see the module docstring); nothing is written.
 
     ``examples`` is an :class:`Examples` or a data reference for :func:`read_examples`.
@@ -391,12 +385,13 @@ def probe(lm: LoadedModel, examples: Examples | str, *, units: str | Sequence[st
     else:
         feats = features
     rows, directions = _probe_units(lm, feats, ex.labels, fold, c, seed, progress)
-    from .profile import _versions
+    from .profile import provenance
 
+    prov = provenance(seed=seed, batch_size=batch_size)
+    prov["versions"] |= _data_versions(ex)
     meta = {**lm.meta(), "data": ex.meta(), "read": read, "units": units if isinstance(units, str) else list(units), "folds": folds,
-            "seed": seed, "c": c, "chance": float(np.bincount(y).max() / len(y)), "n_examples": len(y),
-            "n_tokens_mean": float(feats.n_tokens.float().mean()), "command": command or shlex.join(sys.argv),
-            "versions": {**_versions(), **_data_versions(ex)}, "wall_time_s": round(time.perf_counter() - start, 3),
+            "c": c, "chance": float(np.bincount(y).max() / len(y)), "n_examples": len(y),
+            "n_tokens_mean": float(feats.n_tokens.float().mean()), **prov, "wall_time_s": round(time.perf_counter() - start, 3),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     return ProbeResult(meta=meta, classes=found, units=rows, best=best_unit(rows), folds=fold.tolist(), importance=importance, directions=directions)
 

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import shlex
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -48,7 +46,7 @@ from .anatomy import first_tensor, parse_unit
 from .errors import LayerwiseError
 from .evaluate import next_token_logits, paired_difference, quality
 from .features import Features, collect, collect_ids, tokenize
-from .io import atomic_dir, write_json
+from .io import atomic_dir, load_result, write_json
 from .loading import LoadedModel
 
 METHODS: tuple[str, ...] = ("diffmean", "pca", "probe")
@@ -335,11 +333,11 @@ class SteeringVector:
         return vec
 
 
-def run_meta(lm: LoadedModel, seed: int, **extra: Any) -> dict:
-    """Provenance every steering result carries: the model, package versions, the command line and the seed."""
-    from .profile import _versions
+def run_meta(lm: LoadedModel, seed: int, batch_size: int, **extra: Any) -> dict:
+    """Provenance every steering result carries: the model, package versions, the command line, the seed and the batch size."""
+    from .profile import provenance
 
-    return {**lm.meta(), "versions": _versions(), "command": shlex.join(sys.argv), "seed": seed, **extra,
+    return {**lm.meta(), **provenance(seed=seed, batch_size=batch_size), **extra,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -380,7 +378,7 @@ def train(lm: LoadedModel, positive: Sequence[str], negative: Sequence[str], *, 
         raise LayerwiseError(f"{len(positive)} positive but {len(negative)} negative texts; give them in pairs (the same count)")
     f = fit(lm, list(zip(positive, negative)), method=method, read=read, seed=seed, probe=probe, batch_size=batch_size)
     ranking = rank_variants(f, parse_layers(layers, lm.anatomy.n_layers))
-    return f.vector(ranking[0]["units"], lm, _check_alpha(alpha), run_meta(lm, seed, choice={"layers": layers, "ranking": ranking}))
+    return f.vector(ranking[0]["units"], lm, _check_alpha(alpha), run_meta(lm, seed, batch_size, choice={"layers": layers, "ranking": ranking}))
 
 
 # ---------------------------------------------------------------- measuring
@@ -590,12 +588,8 @@ class SteerReport:
 
     @classmethod
     def load(cls, path: str | Path) -> "SteerReport":
-        path = Path(path)
-        path = path / "steer.json" if path.is_dir() else path
-        try:
-            return cls(**json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError, TypeError) as exc:
-            raise LayerwiseError(f"{path} is not a layerwise steer result ({exc.__class__.__name__})") from None
+        """A saved result: its folder or its ``steer.json``."""
+        return load_result(cls, path, "steer.json", "steer")
 
 
 def run(lm: LoadedModel, pairs: Sequence[tuple[str, str]], prompts: Sequence[str], eval_ids: torch.Tensor, *, method: str = "diffmean",
@@ -630,7 +624,7 @@ def run(lm: LoadedModel, pairs: Sequence[tuple[str, str]], prompts: Sequence[str
                         "pairs_calibration": f.calibration, "pairs_held_out": f.held_out, "n_prompts_calibration": len(ps.calibration),
                         "n_prompts_held_out": len(ps.held_out), "n_continuation_pairs": len(ps.conts)},
               "scales": f.scales, "gaps": f.gaps}
-    meta = run_meta(lm, seed, data=data or {}, method=method, read=read, target=target, new_tokens=new_tokens,
+    meta = run_meta(lm, seed, batch_size, data=data or {}, method=method, read=read, target=target, new_tokens=new_tokens,
                     eval_windows=int(eval_ids.shape[0]), eval_seq_len=int(eval_ids.shape[1]), wall_time_s=round(time.perf_counter() - start, 3))
     vec = f.vector(chosen, lm, a, meta)
     report = SteerReport(meta=meta, vector=vec.to_dict(), choice=choice, unsteered=m["unsteered"], rows=m["rows"], prompts=ps.held_out_text, exports={})
@@ -640,13 +634,10 @@ def run(lm: LoadedModel, pairs: Sequence[tuple[str, str]], prompts: Sequence[str
 
 
 def _write(vec: SteeringVector, report: SteerReport, lm: LoadedModel, out: Path, export: Sequence[str]) -> None:
-    """Everything into ``out`` at once: a failure leaves no partial folder."""
-    from .report.steer import write_steer_report
-
+    """Everything into ``out`` at once: a failure leaves no partial folder. The page is the report module's job."""
     with atomic_dir(out) as tmp:
         if "gguf" in export:
             path = export_gguf(vec, lm, tmp / "control_vector.gguf")
             report.exports["gguf"] = {"path": str(out / path.name), "bytes": path.stat().st_size, "alpha": vec.alpha}
         d = report.to_dict()
         vec.write(tmp, {k: v for k, v in d.items() if k not in ("vector", "meta")})
-        write_steer_report(report, tmp / "report.html")

@@ -60,9 +60,9 @@ from .anatomy import Anatomy, parse_unit, unit_name
 from .data import Windows, windows
 from .errors import LayerwiseError
 from .evaluate import next_token_logits, quality
-from .io import atomic_dir, write_json
+from .io import atomic_dir, load_result, write_json
 from .loading import LoadedModel
-from .profile import DIRECTION, METRICS, Profile, _versions, needs_hint
+from .profile import DIRECTION, METRICS, Profile, needs_hint, provenance
 
 MODES = ("full", "lisa", "importance", "top", "adaptive", "badam", "lora")
 SELECT_HELP = "full, lora, lisa, importance:METRIC, top:METRIC, adaptive, badam:ascending|descending|random"
@@ -692,27 +692,19 @@ class TuneReport:
         return asdict(self)
 
     def save(self, out: str | Path) -> Path:
-        """``tune.json`` and ``report.html`` into ``out``, atomically; returns the JSON path."""
-        from .report.tune import write_tune_report
-
-        out = Path(out)
-        path = write_json(out / "tune.json", self.to_dict())
-        write_tune_report(self, out / "report.html")
-        return path
+        """``tune.json`` into ``out``, atomically; returns its path. The page is the report module's job
+        (``layerwise.report.tune``), as for every result."""
+        return write_json(Path(out) / "tune.json", self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "TuneReport":
-        path = Path(path)
-        path = path / "tune.json" if path.is_dir() else path
-        try:
-            return cls(**json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError, TypeError) as exc:
-            raise LayerwiseError(f"{path} is not a layerwise tune result ({exc.__class__.__name__})") from None
+        """A saved result: its folder or its ``tune.json``."""
+        return load_result(cls, path, "tune.json", "tune")
 
 
 def run(lm: LoadedModel, data: TuneData, selects: list[str], *, second: torch.Tensor | None = None,
         prof: Profile | None = None, unit: str = "block", restore: int = 0, restore_order: str = "change",
-        out: str | Path | None = None, export: bool = True, command: str | None = None, batch_size: int = 4,
+        out: str | Path | None = None, export: bool = True, batch_size: int = 4,
         progress: bool = True, **train_kw) -> TuneReport:
     """Train each strategy from the same starting weights, evaluate it on both domains, and save.
 
@@ -756,9 +748,10 @@ def run(lm: LoadedModel, data: TuneData, selects: list[str], *, second: torch.Te
             exports["model"] = {"path": str(path), "kind": "peft-adapter" if _is_peft(r.model) else "hf", "restored_blocks": restored}
         if _is_peft(r.model):
             lm.model = r.model.unload()  # peft's LoRA layers out again, weights untouched
+    prov = provenance(seed=train_kw.get("seed", 0), batch_size=batch_size)
+    prov["versions"] |= _peft_version()
     meta = {**lm.meta(), "data": data.meta, "second_windows": 0 if second is None else int(second.shape[0]),
-            "restore": restore, "restore_order": restore_order, "command": command or " ".join(sys.argv),
-            "seed": train_kw.get("seed", 0), "versions": {**_versions(), **_peft_version()},
+            "restore": restore, "restore_order": restore_order, **prov,
             "wall_time_s": round(time.perf_counter() - start, 3), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "memory_note": "memory_bytes: max_memory_allocated on CUDA; on CPU the resident set size sampled after every optimizer step"}
     report = TuneReport(meta=meta, runs=runs, exports=exports)
