@@ -618,17 +618,17 @@ def _report(args: argparse.Namespace) -> int:
         from .quantize import QuantReport
         from .report.quant import write_quant_report
 
-        path = write_quant_report(QuantReport.load(folder), out)
+        path = write_quant_report(QuantReport.load(folder), out, folder)
     elif (folder / "eval.json").exists() and not (folder / "profile.json").exists():
         from .drop import DropReport
         from .report.drop import write_drop_report
 
-        path = write_drop_report(DropReport.load(folder), out)
+        path = write_drop_report(DropReport.load(folder), out, folder)
     else:
         from .profile import Profile
         from .report import write_report
 
-        path = write_report(Profile.load(args.profile), out)
+        path = write_report(Profile.load(args.profile), out, folder)
     print(f"wrote {path}")
     return 0
 

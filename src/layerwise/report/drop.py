@@ -11,6 +11,7 @@ from matplotlib.ticker import MaxNLocator
 from ..io import write_atomic
 from .divergence import kl_table
 from .html import fmt, page, png, subplots
+from .summary import drop_summary
 
 if TYPE_CHECKING:
     from ..drop import DropReport
@@ -58,7 +59,8 @@ def _speed(report: "DropReport") -> str:
     return png(fig)
 
 
-def render(report: "DropReport") -> str:
+def render(report: "DropReport", plan_path: str = "plan.json") -> str:
+    """The whole page; ``plan_path``: the plan.json the summary's export commands name."""
     o = report.original
     head = "".join(f"<th>{escape(c)}</th>" for c in ("plan", "units", *_COLUMNS))
     body = "".join(
@@ -69,7 +71,8 @@ def render(report: "DropReport") -> str:
     orig = "".join(f"<tr><td>{escape(k)}</td><td>{fmt(v)}</td></tr>" for k, v in o.items())
     exports = "".join(f"<tr><td>{escape(k)}</td><td>{escape(str(v.get('path')))}</td><td>{fmt(v.get('bytes'))}</td></tr>"
                       for k, v in report.exports.items())
-    return page("drop", report.meta, f"""<p>Held-out windows: {fmt(o.get("n_windows"))} ({fmt(o.get("n_tokens"))} predicted tokens). Standard errors are across windows;
+    return page("drop", report.meta, f"""{drop_summary(report, plan_path)}
+<p>Held-out windows: {fmt(o.get("n_windows"))} ({fmt(o.get("n_tokens"))} predicted tokens). Standard errors are across windows;
 <code>delta_nll</code> is the paired difference from the original.</p>
 <h2>Perplexity against units dropped</h2>{png(curves_figure(report))}
 <h2>Speed against the original</h2>{_speed(report)}
@@ -79,5 +82,6 @@ def render(report: "DropReport") -> str:
 <h2>Files written</h2><table>{exports or "<tr><td>none</td></tr>"}</table>""", left_columns=2)
 
 
-def write_drop_report(report: "DropReport", path: str | Path) -> Path:
-    return write_atomic(path, render(report))
+def write_drop_report(report: "DropReport", path: str | Path, folder: str | Path | None = None) -> Path:
+    """Render and write the page atomically; ``folder`` holds the result's plan.json (default: beside the page)."""
+    return write_atomic(path, render(report, str(Path(folder or Path(path).parent) / "plan.json")))

@@ -146,7 +146,9 @@ def page(command: str, meta: dict, body: str, *, left_columns: int = 1) -> str:
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>layerwise {command}: {title}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1400px}}table{{border-collapse:collapse;font-size:12px}}
-td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}{left}{{text-align:left}}img{{max-width:100%}}</style>
+td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}{left}{{text-align:left}}img{{max-width:100%}}
+.summary{{background:#f3f6fa;border:1px solid #c8d3e0;padding:0.2em 1.2em 0.6em;margin-bottom:1.5em}}
+.summary li{{margin:0.3em 0}}.summary code{{overflow-wrap:anywhere}}</style>
 </head><body>
 <h1>layerwise {command}: {title}</h1>
 {body}
@@ -155,15 +157,19 @@ td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}{left}{{text-alig
 """
 
 
-def render(prof: Profile) -> str:
-    """The whole page as a string; no computation beyond plotting."""
-    return page("profile", prof.meta, f"""<h2>Metrics across depth</h2>{_depth_plots(prof)}
+def render(prof: Profile, path: str = "profile.json") -> str:
+    """The whole page as a string; no computation beyond plotting. ``path``: the profile.json the suggested
+    commands name."""
+    from .summary import profile_summary
+
+    return page("profile", prof.meta, f"""{profile_summary(prof, path)}
+<h2>Metrics across depth</h2>{_depth_plots(prof)}
 <h2>All metrics, all units</h2>{_heatmap(prof)}
 <h2>Attention heads</h2>{_attention_heads(prof)}
 <h2>Which cheap metric tracks ablation?</h2>{_ablation_note(prof)}{_agreement_table(prof)}
 <h2>Ranking</h2>{_ranking_table(prof)}""")
 
 
-def write_report(prof: Profile, path: str | Path) -> Path:
-    """Render and write the page atomically."""
-    return write_atomic(path, render(prof))
+def write_report(prof: Profile, path: str | Path, folder: str | Path | None = None) -> Path:
+    """Render and write the page atomically; ``folder`` holds the profile.json (default: beside the page)."""
+    return write_atomic(path, render(prof, str(Path(folder or Path(path).parent) / "profile.json")))

@@ -6,10 +6,9 @@ from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import matplotlib.pyplot as plt
 
 from ..io import write_atomic
-from .html import fmt, page, png
+from .html import fmt, page, png, subplots
 
 if TYPE_CHECKING:
     from ..probe import ProbeResult
@@ -20,7 +19,7 @@ _STYLE = {"block": "o", "attn": "^", "mlp": "s"}
 
 def curve_figure(result: "ProbeResult"):
     """Probe accuracy, control and selectivity (± SE) against layer; importance on a second axis of the same layers."""
-    fig, ax = plt.subplots(figsize=(9.5, 4.2))
+    fig, ax = subplots(figsize=(9.5, 4.2))
     kinds = list(dict.fromkeys(r["kind"] for r in result.units))
     for kind in kinds:
         rows = sorted((r for r in result.units if r["kind"] == kind), key=lambda r: r["layer"])

@@ -11,6 +11,7 @@ import numpy as np
 from ..io import write_atomic
 from .divergence import kl_table
 from .html import fmt, page, png, subplots
+from .summary import quant_summary
 
 if TYPE_CHECKING:
     from ..quantize import QuantReport
@@ -59,7 +60,8 @@ def curve_figure(report: "QuantReport"):
 _CONSUMERS = {"llama_cpp_ppl": "llama.cpp", "transformers_ppl": "transformers"}
 
 
-def render(report: "QuantReport") -> str:
+def render(report: "QuantReport", plan_path: str = "plan.json") -> str:
+    """The whole page; ``plan_path``: the plan.json the summary's export commands name."""
     o = report.original
     head = "".join(f"<th>{escape(c)}</th>" for c in ("plan", *_COLUMNS))
     body = "".join("<tr><td>" + escape(r["plan"]) + "</td>" + "".join(f"<td>{fmt(r.get(c))}</td>" for c in _COLUMNS) + "</tr>"
@@ -69,7 +71,8 @@ def render(report: "QuantReport") -> str:
     exports = "".join(f"<tr><td>{escape(k)}</td><td>{escape(str(v.get('path')))}</td><td>{fmt(v.get('bytes'))}</td>"
                       + "".join(f"<td>{fmt(v[key])} ({who})</td>" for key, who in _CONSUMERS.items() if key in v) + "</tr>"
                       for k, v in report.exports.items())
-    return page("quantize", report.meta, f"""<p>Held-out windows: {fmt(o.get("n_windows"))} ({fmt(o.get("n_tokens"))} predicted tokens). Standard errors are across windows;
+    return page("quantize", report.meta, f"""{quant_summary(report, plan_path)}
+<p>Held-out windows: {fmt(o.get("n_windows"))} ({fmt(o.get("n_tokens"))} predicted tokens). Standard errors are across windows;
 <code>delta_nll</code> is the paired difference from the original and <code>predicted_delta_nll</code> what the measurement
 predicted for it. <code>bpw</code> counts codes, scales and zero points over the quantized tensors; <code>bpw_model</code>
 adds every other tensor as stored.</p>
@@ -81,5 +84,6 @@ adds every other tensor as stored.</p>
 <h2>Files written</h2><table><tr><th>export</th><th>path</th><th>bytes</th><th>perplexity where it is loaded</th></tr>{exports or "<tr><td>none</td></tr>"}</table>""")
 
 
-def write_quant_report(report: "QuantReport", path: str | Path) -> Path:
-    return write_atomic(path, render(report))
+def write_quant_report(report: "QuantReport", path: str | Path, folder: str | Path | None = None) -> Path:
+    """Render and write the page atomically; ``folder`` holds the result's plan.json (default: beside the page)."""
+    return write_atomic(path, render(report, str(Path(folder or Path(path).parent) / "plan.json")))

@@ -6,10 +6,10 @@ from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import matplotlib.pyplot as plt
+import matplotlib
 
 from ..io import write_atomic
-from .html import fmt, page, png
+from .html import fmt, page, png, subplots
 
 if TYPE_CHECKING:
     from ..steer import SteerReport
@@ -26,9 +26,9 @@ def effect_name(report: "SteerReport") -> str:
 def dose_figure(report: "SteerReport"):
     """Effect against KL and against delta NLL, one line per layer through its alphas; the chosen (layer, alpha) starred."""
     eff = effect_name(report)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = subplots(1, 2, figsize=(11, 4))
     layers = list(dict.fromkeys(tuple(r["units"]) for r in report.rows))
-    cmap = plt.get_cmap("viridis", max(2, len(layers)))
+    cmap = matplotlib.colormaps["viridis"].resampled(max(2, len(layers)))
     for ax, cost in zip(axes, ("kl", "delta_nll")):
         for i, units in enumerate(layers):
             pts = sorted((r["alpha"], r[cost], r[eff], r.get(f"{eff}_se") or 0.0) for r in report.rows if tuple(r["units"]) == units)
@@ -49,7 +49,7 @@ def dose_figure(report: "SteerReport"):
 def separation_figure(report: "SteerReport"):
     """Held-out separation (Cohen's d) of every candidate, by depth."""
     rows = sorted(report.choice["ranking"], key=lambda r: int(r["units"][0][1:]))
-    fig, ax = plt.subplots(figsize=(7, 2.8))
+    fig, ax = subplots(figsize=(7, 2.8))
     ax.plot([int(r["units"][0][1:]) for r in rows], [r["d"] for r in rows], "-o", ms=3, lw=1)
     ax.set_xlabel("block (first of the range)", fontsize=8)
     ax.set_ylabel("held-out Cohen's d", fontsize=8)

@@ -6,12 +6,11 @@ from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import matplotlib.pyplot as plt
 import numpy as np
 
 from ..anatomy import parse_unit
 from ..io import write_atomic
-from .html import fmt, page, png
+from .html import fmt, page, png, subplots
 
 if TYPE_CHECKING:
     from ..tune import TuneReport
@@ -21,7 +20,7 @@ _MEMORY = ("trainable_params_max", "optimizer_state_bytes_max", "memory_added_by
 
 def loss_figure(report: "TuneReport"):
     """Training loss against step, one line per strategy."""
-    fig, ax = plt.subplots(figsize=(7, 3.4))
+    fig, ax = subplots(figsize=(7, 3.4))
     for r in report.runs:
         ax.plot(range(1, len(r["loss"]) + 1), r["loss"], lw=1, label=r["key"])
     ax.set_xlabel("optimizer step", fontsize=8)
@@ -34,7 +33,7 @@ def loss_figure(report: "TuneReport"):
 def unit_map_figure(report: "TuneReport"):
     """One panel per strategy: units (rows) × steps (columns), dark where the unit trained."""
     runs = report.runs
-    fig, axes = plt.subplots(1, len(runs), figsize=(3.2 * len(runs), 3.4), squeeze=False)
+    fig, axes = subplots(1, len(runs), figsize=(3.2 * len(runs), 3.4), squeeze=False)
     for ax, r in zip(axes.flat, runs):
         units = sorted({u for rec in r["records"] for u in rec["active"]}, key=parse_unit)
         n_layers = report.meta.get("n_layers") or (max((parse_unit(u)[0] for u in units), default=0) + 1)

@@ -1,0 +1,114 @@
+"""The summary each page opens with: what it says, that its commands are real command lines, that it escapes."""
+
+from __future__ import annotations
+
+import shlex
+from html import escape
+
+import pytest
+
+from layerwise.cli import _parser
+from layerwise.report import summary as sm
+
+from .conftest import tiny_lm, tiny_windows
+
+
+def _parses(command: str):
+    """The CLI's own parser accepts the command line (it exits on an unknown option or a bad value)."""
+    words = shlex.split(command)
+    assert words[0] == "layerwise"
+    return _parser().parse_args(words[1:])
+
+
+@pytest.fixture(scope="module")
+def prof():
+    from layerwise.profile import profile
+
+    lm = tiny_lm("llama", layers=5)
+    lm.source["ref"] = "tiny <b>model</b>"  # a string from outside, to be escaped and quoted
+    return profile(lm, tiny_windows(2), ablation="exact", progress=False)
+
+
+def test_profile_summary_names_extremes_best_metric_and_valid_commands(prof):
+    from layerwise.report.html import render
+
+    least, most = sm.extremes(prof)
+    costs = sorted(u.metrics["ablate_nll"] for u in prof.units)
+    assert [c for _, c, _ in least] == costs[:3] and [c for _, c, _ in most] == costs[::-1][:3]
+    best = sm.best_metric(prof, "attn")
+    rhos = {m: v["rho"] for m, v in prof.agreement["by_kind"]["attn"].items() if v["rho"] is not None}
+    assert best == max(rhos.items(), key=lambda mr: abs(mr[1]))
+    cmds = sm.profile_commands(prof, "runs/my profile/profile.json")
+    kind = sm.cheapest_kind(prof)
+    first = _parses(cmds[0])
+    assert (first.n, first.unit, first.order, first.profile, first.model) == (
+        4, kind, "ablate_nll", "runs/my profile/profile.json", "tiny <b>model</b>")
+    assert _parses(cmds[1]).order.partition(":")[0] == sm.best_metric(prof, kind)[0]
+    q = _parses(cmds[-1])
+    assert q.sweep == "4.6,5,5.5" and q.strategy.split(",")[0] == "measured"
+    assert q.strategy.split(",")[1] == "ranked:" + sm.as_order(*sm.best_metric(prof, "block"))
+    page = render(prof)
+    assert "tiny <b>model</b>" not in page and "tiny &lt;b&gt;model&lt;/b&gt;" in page
+    assert page.index('class="summary"') < page.index("<img") and least[0][0] in page[:page.index("<img")]
+
+
+def test_orders_point_the_way_ablation_agreed():
+    assert sm.as_order("bi", 0.8) == "bi"  # bi: larger is more important, as ablation said
+    assert sm.as_order("bi", -0.8) == "bi:desc"  # anticorrelated: the highest values matter least
+    assert sm.as_order("sub_cos", -0.5) == "sub_cos"
+    assert sm.as_order("zd", 0.3) == "zd:asc" and sm.as_order("lens_kl", -0.3) == "lens_kl:desc"
+    for order in ("bi:desc", "zd:asc", "sub_cos"):
+        assert _parses(f"layerwise drop --order {order}").order == order
+
+
+def test_profile_without_causal_metric_says_how_to_get_one():
+    from layerwise.profile import profile
+
+    p = profile(tiny_lm("llama"), tiny_windows(1), ablation="none", progress=False)
+    assert sm.reference(p) is None and "--ablation exact" in sm.profile_summary(p)
+
+
+def test_best_per_group_keeps_lowest_heldout_delta():
+    rows = [{"n": 2, "delta_nll": 0.3, "k": "a"}, {"n": 1, "delta_nll": 0.2, "k": "b"}, {"n": 2, "delta_nll": 0.1, "k": "c"},
+            {"n": 1, "delta_nll": None, "k": "d"}]
+    assert [r["k"] for r in sm.best_per(rows, "n")] == ["b", "c"]
+
+
+def test_drop_page_opens_with_best_plan_and_its_export_command(tmp_path):
+    from layerwise.drop import DropReport, run, sweep_plans
+    from layerwise.report.drop import write_drop_report
+
+    lm = tiny_lm("llama", layers=4)
+    lm.source["ref"] = "tiny <i>"
+    w = tiny_windows(5)
+    w.n_calib = 2
+    plans = sweep_plans(lm, w, ns=[1, 2], units=["block"], orders=["ablate_nll", "random"], progress=False)
+    report = run(lm, w, plans, out=tmp_path / "r", eval_samples=3, with_speed=False, progress=False)
+    page = write_drop_report(DropReport.load(tmp_path / "r"), tmp_path / "r" / "report.html").read_text()
+    top = page[:page.index("<img")]
+    for n in (1, 2):
+        best = min((v for v in report.variants if v["n"] == n), key=lambda v: v["delta_nll"])
+        assert f"<code>{best['key']}</code>" in top and f"{best['delta_nll']:+.4f}" in top
+        cmd = sm.drop_export_command(report, best["key"], str(tmp_path / "r" / "plan.json"))
+        args = _parses(cmd)
+        assert (args.plan, args.export, args.model) == (f"{tmp_path / 'r' / 'plan.json'}#{best['key']}", "hf", "tiny <i>")
+        assert f"<code>{escape(cmd)}</code>" in top and "&lt;i&gt;" in escape(cmd)
+    assert "tiny <i>" not in page
+
+
+def test_quant_page_opens_with_best_plan_per_budget(tmp_path):
+    from layerwise import quantize as qz
+    from layerwise.report.quant import render
+
+    lm, w = tiny_lm("llama"), tiny_windows(6)
+    w.n_calib = 3
+    report = qz.run(lm, w, budgets=[4.5, 6], strategies=["measured", "uniform"], family="int", group_size=16, out=tmp_path, eval_samples=3,
+                    progress=False)
+    page = render(report, "r/plan.json")
+    top = page[:page.index("<img")]
+    assert 'class="summary"' in top
+    for b in (4.5, 6):
+        best = min((r for r in report.rows if r["target_bpw"] == b), key=lambda r: r["delta_nll"])
+        assert f"<code>{best['plan']}</code>" in top and f"{best['delta_nll']:+.4f}" in top
+        args = _parses(sm.quant_export_command(report, best["plan"], "r/plan.json"))
+        assert (args.plan, args.export) == (f"r/plan.json#{best['plan']}", "hf")
