@@ -10,7 +10,7 @@ from matplotlib.ticker import MaxNLocator
 
 from ..io import write_atomic
 from .divergence import kl_table
-from .html import fmt, page, png, subplots
+from .html import fmt, page, plain_log_axis, png, subplots
 from .summary import drop_summary
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ def curves_figure(report: "DropReport"):
             ax.errorbar([0] + [p[0] for p in pts], [base] + [p[1] for p in pts], yerr=[0] + [p[2] for p in pts],
                         marker="o", ms=3, lw=1, capsize=2, label=label)
         ax.axhline(base, color="grey", lw=0.8, ls=":")
-        ax.set_yscale("log")
+        plain_log_axis(ax)
         ax.set_title(f"--unit {kind}", fontsize=10)
         ax.set_xlabel("units dropped", fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -23,6 +23,36 @@ def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], **
     return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
+#: At most this many tick labels on an axis of layers or units, so 30+ layers stay readable.
+MAX_TICKS = 32
+
+
+def layer_ticks(ax, labels: list[str], *, axis: str = "x", fontsize: float = 7) -> None:
+    """Label an axis of layers (or units) without crowding: every ``k``-th label so at most :data:`MAX_TICKS`
+    show, and, when units of several kinds share a layer, only each layer's first unit (``L7``, not
+    ``L7.attn``), rotated on the x axis."""
+    firsts = [i for i, name in enumerate(labels) if i == 0 or name.split(".")[0] != labels[i - 1].split(".")[0]]
+    if len(firsts) < len(labels):  # several units per layer: one tick per layer, named by the layer
+        names = [labels[i].split(".")[0] for i in firsts]
+    else:
+        names = labels
+    k = max(1, math.ceil(len(firsts) / MAX_TICKS))
+    pos, text = firsts[::k], names[::k]
+    if axis == "x":
+        ax.set_xticks(pos, text, rotation=90 if max(map(len, text), default=0) > 3 else 0, fontsize=fontsize)
+    else:
+        ax.set_yticks(pos, text, fontsize=fontsize)
+
+
+def plain_log_axis(ax) -> None:
+    """A log y axis labelled with plain numbers (``40``, not ``4×10^1``), major and minor ticks alike."""
+    from matplotlib.ticker import FormatStrFormatter
+
+    ax.set_yscale("log")
+    for set_fmt in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        set_fmt(FormatStrFormatter("%.4g"))
+
+
 def png(fig: Figure) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
@@ -71,8 +101,8 @@ def _heatmap(prof: Profile) -> str:
     fig, ax = subplots(figsize=(max(8, len(prof.units) * 0.12), 0.35 * len(metrics) + 1.2))
     ax.imshow(np.ma.masked_invalid(mat), aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(len(metrics)), metrics, fontsize=8)
-    step = max(1, len(prof.units) // 30)
-    ax.set_xticks(range(0, len(prof.units), step), [prof.units[j].name for j in range(0, len(prof.units), step)], rotation=90, fontsize=6)
+    layer_ticks(ax, [u.name for u in prof.units])
+    ax.set_xlabel("unit (ticks at each layer's first unit: block, attn, mlp)", fontsize=8)
     ax.set_title("metrics across units (rank-normalised per row)", fontsize=10)
     return png(fig)
 
@@ -86,7 +116,7 @@ def _attention_heads(prof: Profile) -> str:
     for ax, key in zip(axes.flat, ATTENTION):
         mat = np.array([[np.nan if v is None else v for v in u.details[f"{key}_per_head"]] for u in attn], dtype=float)
         im = ax.imshow(np.ma.masked_invalid(mat), aspect="auto", cmap="magma", interpolation="nearest")
-        ax.set_yticks(range(len(attn)), [u.name for u in attn], fontsize=6)
+        layer_ticks(ax, [u.name for u in attn], axis="y")
         ax.set_xlabel("head", fontsize=8)
         ax.set_title({"attn_entropy": "entropy (nats)", "attn_distance": "query-key distance (tokens)", "attn_sink": "mass on the first token"}[key], fontsize=10)
         fig.colorbar(im, ax=ax, fraction=0.05)

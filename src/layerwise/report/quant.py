@@ -10,7 +10,7 @@ import numpy as np
 
 from ..io import write_atomic
 from .divergence import kl_table
-from .html import fmt, page, png, subplots
+from .html import fmt, layer_ticks, page, plain_log_axis, png, subplots
 from .summary import quant_summary
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ def plan_figure(key: str, plan: dict):
     fig, ax = subplots(figsize=(min(16, 2 + 0.35 * layers), 0.9 + 0.3 * len(rows)))
     im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
-    ax.set_xticks(range(layers), [str(i) for i in range(layers)], fontsize=6)
+    layer_ticks(ax, [str(i) for i in range(layers)])
     ax.set_xlabel("block", fontsize=8)
     ax.set_title(f"{key}: {plan['bpw']:.3f} bits per weight", fontsize=9)
     fig.colorbar(im, ax=ax, label="bits per weight", fraction=0.03)
@@ -48,7 +48,7 @@ def curve_figure(report: "QuantReport"):
                      if (r["strategy"].split(":")[0] if r["strategy"].startswith("uniform") else r["strategy"]) == fam)
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", ms=3, lw=1, capsize=2, label=fam)
     ax.axhline(report.original["ppl"], color="k", lw=0.8, ls="--", label="original")
-    ax.set_yscale("log")
+    plain_log_axis(ax)
     ax.set_xlabel("bits per weight (quantized tensors, scales included)", fontsize=8)
     ax.set_ylabel("held-out perplexity", fontsize=8)
     ax.legend(fontsize=7)
