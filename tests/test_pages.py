@@ -112,3 +112,19 @@ def test_quant_page_opens_with_best_plan_per_budget(tmp_path):
         assert f"<code>{best['plan']}</code>" in top and f"{best['delta_nll']:+.4f}" in top
         args = _parses(sm.quant_export_command(report, best["plan"], "r/plan.json"))
         assert (args.plan, args.export) == (f"r/plan.json#{best['plan']}", "hf")
+
+
+def test_steer_summary_reads_the_chosen_row_and_escapes():
+    from layerwise.steer import SteerReport
+
+    rows = [{"key": "L1@0.5", "units": ["L1"], "alpha": 0.5, "margin_shift": 1.5, "margin_shift_se": 0.25, "delta_nll": 0.125,
+             "delta_nll_se": 0.0625, "kl": 0.03125},
+            {"key": "L2@0.5", "units": ["L2"], "alpha": 0.5, "margin_shift": 3.0, "margin_shift_se": 0.5, "delta_nll": 0.5,
+             "delta_nll_se": 0.25, "kl": 0.75}]
+    rep = SteerReport(meta={}, vector={}, choice={"chosen_key": "L1@0.5", "chosen": ["L1"], "alpha": {"alpha": 0.5}, "ranking": []},
+                      unsteered={}, rows=rows, prompts=[], exports={"gguf": {"path": "out/<x>.gguf"}})
+    text = sm.steer_summary(rep)
+    assert "<code>L1@0.5</code>" in text and "margin shift 1.5 ± 0.25" in text and "Δnll 0.125 ± 0.0625 nats, KL 0.03125" in text
+    assert "out/&lt;x&gt;.gguf" in text and "<x>" not in text
+    rep.exports = {}
+    assert "vector.safetensors" in sm.steer_summary(rep)

@@ -133,6 +133,8 @@ def test_save_load_and_report_escape(tmp_path):
     assert main(["report", str(tmp_path)]) == 0
     page = (tmp_path / "report.html").read_text()
     assert "<script>" not in page and "&lt;b&gt;x&lt;/b&gt;" in page
+    top = page[:page.index("<img")]  # the summary opens the page
+    assert 'class="summary"' in top and f"Best unit: <code>{res.best_unit()}</code>" in top
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "again.html")]) == 0
     assert "layerwise probe" in (tmp_path / "again.html").read_text()
 

@@ -297,6 +297,9 @@ def test_run_evaluates_both_domains_and_report_rerenders(tmp_path):
     assert main(["report", str(tmp_path)]) == 0
     page = (tmp_path / "report.html").read_text()
     assert page.count("<img") == 2 and "full + restore" in page and "lisa + restore" in page
+    best = max(rep.runs, key=lambda r: -r["eval"]["train"]["tuned"]["delta_nll"])  # the summary opens the page
+    top = page[:page.index("<img")]
+    assert f"Best held-out gain: <code>{best['key']}</code>, {-best['eval']['train']['tuned']['delta_nll']:+.4f}" in top
 
 
 def test_cli_unknown_select_is_one_line_before_loading(capsys):

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from ..io import write_atomic
 from .html import fmt, page, png, subplots
+from .summary import probe_summary
 
 if TYPE_CHECKING:
     from ..probe import ProbeResult
@@ -57,11 +58,11 @@ def render(result: "ProbeResult") -> str:
     imp_note = (f"Importance: <code>{escape(imp['metric'])}</code> per block, from {escape(str(imp['source']))}." if imp
                 else "No importance profile was given or measured.")
     classes = ", ".join(escape(str(c)) for c in result.classes)
-    return page("probe", m, f"""<p>{fmt(m.get("n_examples"))} examples from <code>{escape(str(m["data"]["source"]))}</code>, classes {classes};
+    return page("probe", m, f"""{probe_summary(result)}
+<p>{fmt(m.get("n_examples"))} examples from <code>{escape(str(m["data"]["source"]))}</code>, classes {classes};
 read at the <code>{escape(str(m.get("read")))}</code> token(s) of each example; {fmt(m.get("folds"))}-fold cross-validation by example.
 Control: the same probe on shuffled labels; selectivity = accuracy − control. ± is the standard error across folds. {imp_note}</p>
 <h2>Where the concept becomes readable</h2>{png(curve_figure(result))}
-<p><b>Best unit: {escape(result.best["unit"])}</b>. Rule: {escape(result.best["rule"])}. {escape(result.best["why"])}.</p>
 <h2>Every unit</h2><table><tr>{head}</tr>{body}</table>""")
 
 

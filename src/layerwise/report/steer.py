@@ -10,6 +10,7 @@ import matplotlib
 
 from ..io import write_atomic
 from .html import fmt, page, png, subplots
+from .summary import steer_summary
 
 if TYPE_CHECKING:
     from ..steer import SteerReport
@@ -76,7 +77,8 @@ def render(report: "SteerReport") -> str:
     tried = "".join(f"<tr><td>{fmt(t['alpha'])}</td><td>{fmt(t['margin_shift'])}</td></tr>" for t in a.get("tried", []))
     base = "".join(f"<tr><td>{escape(k)}</td><td>{fmt(v)}</td></tr>" for k, v in report.unsteered.items() if k != "samples")
     exports = "".join(f"<tr><td>{escape(k)}</td><td>{escape(str(v.get('path')))}</td><td>{fmt(v.get('bytes'))}</td></tr>" for k, v in report.exports.items())
-    return page("steer", report.meta, f"""<p>Chosen: <code>{escape(report.choice["chosen_key"])}</code> (alpha in multiples of the layer's mean residual norm).
+    return page("steer", report.meta, f"""{steer_summary(report)}
+<p>Chosen: <code>{escape(report.choice["chosen_key"])}</code> (alpha in multiples of the layer's mean residual norm).
 Effects are paired differences steered minus unsteered over {len(report.prompts)} held-out prompts (± SE across prompts);
 <code>score</code> is the independent scorer on greedy continuations, <code>margin</code> the log-prob of positive over negative continuations,
 <code>proj</code> the last block's projection on its direction in units of the positive-negative gap. Cost is NLL and KL to the unsteered model on held-out neutral windows (± SE across windows).</p>

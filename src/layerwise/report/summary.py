@@ -184,3 +184,47 @@ def quant_summary(report: "QuantReport", plan_path: str = "plan.json") -> str:
     if len(report.rows) > len(chosen):
         items.append("Each budget shows the strategy with the lowest held-out Δnll; the table below has every plan.")
     return box("Summary", items + _files(report.exports))
+
+
+def tune_best(report) -> dict | None:
+    """The run with the largest held-out gain on the tuning data (the drop in NLL on windows never trained on)."""
+    scored = [r for r in report.runs if (r["eval"].get("train") or {}).get("tuned")]
+    return max(scored, key=lambda r: -r["eval"]["train"]["tuned"]["delta_nll"], default=None)
+
+
+def tune_summary(report) -> str:
+    """The tune page's opening box: the best strategy by held-out gain, what it forgot, its memory, the files."""
+    best = tune_best(report)
+    if best is None:
+        return box("Summary", ["No strategy was evaluated on held-out windows."])
+    t, s = best["eval"]["train"]["tuned"], (best["eval"].get("second") or {}).get("tuned")
+    items = [f"Best held-out gain: <code>{escape(best['key'])}</code>, {-t['delta_nll']:+.4f} ± {fmt(t.get('delta_nll_se'))} nats "
+             f"(perplexity {fmt(t.get('ref_ppl'))} → {fmt(t.get('ppl'))}) of {len(report.runs)} strateg{'y' if len(report.runs) == 1 else 'ies'} compared."]
+    if s:
+        items.append(f"Forgetting on the second corpus: {s['delta_nll']:+.4f} ± {fmt(s.get('delta_nll_se'))} nats, KL {fmt(s.get('kl'))}.")
+    items.append(f"Memory: {fmt(best.get('trainable_params_max'))} trainable parameters at most, optimizer state "
+                 f"{fmt(best.get('optimizer_state_bytes_max'))} bytes, peak {fmt(best.get('memory_bytes_max'))} bytes.")
+    return box("Summary", items + _files(report.exports))
+
+
+def probe_summary(result) -> str:
+    """The probe page's opening box: the unit where the concept becomes readable, its scores, and why it was picked."""
+    row = result.unit(result.best_unit())
+    return box("Summary", [
+        f"Best unit: <code>{escape(row['unit'])}</code>: accuracy {fmt(row['accuracy'])} ± {fmt(row['accuracy_se'])}, "
+        f"control {fmt(row['control'])} ± {fmt(row['control_se'])}, selectivity {fmt(row['selectivity'])} ± {fmt(row['selectivity_se'])}.",
+        f"Why: {escape(result.best['why'])} (rule: {escape(result.best['rule'])}).",
+    ])
+
+
+def steer_summary(report) -> str:
+    """The steer page's opening box: the chosen layer and strength, its effect and cost, the file to use."""
+    key = report.choice["chosen_key"]
+    row = next((r for r in report.rows if r["key"] == key), None)
+    items = [f"Chosen: <code>{escape(key)}</code> (layers {escape(', '.join(report.choice['chosen']))}, "
+             f"alpha {fmt(report.choice['alpha'].get('alpha'))})."]
+    if row is not None:
+        eff = "score_shift" if "score_shift" in row else "margin_shift"
+        items.append(f"Effect: {escape(eff.replace('_', ' '))} {fmt(row.get(eff))} ± {fmt(row.get(eff + '_se'))}; cost on neutral "
+                     f"text: Δnll {fmt(row.get('delta_nll'))} ± {fmt(row.get('delta_nll_se'))} nats, KL {fmt(row.get('kl'))}.")
+    return box("Summary", items + (_files(report.exports) or ["File to use: <code>vector.safetensors</code> in the result folder."]))

@@ -11,6 +11,7 @@ import numpy as np
 from ..anatomy import parse_unit
 from ..io import write_atomic
 from .html import fmt, page, png, subplots
+from .summary import tune_summary
 
 if TYPE_CHECKING:
     from ..tune import TuneReport
@@ -87,7 +88,8 @@ def render(report: "TuneReport") -> str:
                   for r in report.runs)
     exports = "".join(f"<tr><td>{escape(k)}</td><td>{escape(str(v.get('path')))}</td><td>{escape(str(v.get('kind')))}</td></tr>"
                       for k, v in report.exports.items())
-    return page("tune", report.meta, f"""<p>Gain: the drop in held-out NLL on the tuning data (windows never trained on);
+    return page("tune", report.meta, f"""{tune_summary(report)}
+<p>Gain: the drop in held-out NLL on the tuning data (windows never trained on);
 forgetting: the rise in NLL on the second corpus; KL(base ‖ tuned) on the second corpus. Every figure ± its standard error across windows.</p>
 <h2>Training loss</h2>{png(loss_figure(report))}
 <h2>What trained at every step</h2>{png(unit_map_figure(report))}
