@@ -78,7 +78,8 @@ def main() -> None:
         for folder in map(Path, args.results):
             kind = kind_of(folder)
             html = Path(tmp) / f"{kind}.html"
-            cli.main(["report", str(folder), "--out", str(html)])
+            if cli.main(["report", str(folder), "--out", str(html)]) != 0:
+                raise SystemExit(f"{folder}: the page could not be rendered")
             png = OUT / f"{kind}.png"
             shoot(exe, html, png, args.width, args.height)
             shrink(png)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from ..anatomy import parse_unit
 from ..io import write_atomic
@@ -48,6 +49,7 @@ def unit_map_figure(report: "TuneReport"):
         ax.imshow(mat, aspect="auto", cmap="Greys", interpolation="nearest", vmin=0, vmax=1, origin="lower")
         ax.set_title(r["key"], fontsize=9)
         ax.set_xlabel("step", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(f"{kind} (layer)", fontsize=8)
     fig.tight_layout()
     return fig
