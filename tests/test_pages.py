@@ -38,7 +38,7 @@ def test_profile_summary_names_extremes_best_metric_and_valid_commands(prof):
     best = sm.best_metric(prof, "attn")
     rhos = {m: v["rho"] for m, v in prof.agreement["by_kind"]["attn"].items() if v["rho"] is not None}
     assert best == max(rhos.items(), key=lambda mr: abs(mr[1]))
-    cmds = sm.profile_commands(prof, "runs/my profile/profile.json")
+    cmds = [c for _, c in sm.profile_commands(prof, "runs/my profile/profile.json")]
     kind = sm.cheapest_kind(prof)
     first = _parses(cmds[0])
     assert (first.n, first.unit, first.order, first.profile, first.model) == (

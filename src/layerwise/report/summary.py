@@ -82,23 +82,28 @@ def cheapest_kind(prof: Profile, n: int = _DROP_N) -> str | None:
     return min(totals, key=totals.get, default=None)  # type: ignore[arg-type]
 
 
-def profile_commands(prof: Profile, path: str) -> list[str]:
-    """The drop and quantize command lines this profile suggests (empty without a reference metric)."""
+def profile_commands(prof: Profile, path: str) -> list[tuple[str, str]]:
+    """The drop and quantize command lines this profile suggests, each with what it does (no drop suggestion
+    without a reference metric)."""
     ref, kind = reference(prof), cheapest_kind(prof)
     model = _model_args(prof.meta)
     cmds = []
     if ref and kind:
-        cmds.append(shlex.join(["layerwise", "drop", *model, "--n", str(_DROP_N), "--unit", kind, "--order", ref, "--profile", path]))
+        cmds.append((f"Drop the {_DROP_N} cheapest {kind} units by {ref}",
+                     shlex.join(["layerwise", "drop", *model, "--n", str(_DROP_N), "--unit", kind, "--order", ref, "--profile", path])))
         if (best := best_metric(prof, kind)) is not None:
-            cmds.append(shlex.join(["layerwise", "drop", *model, "--n", str(_DROP_N), "--unit", kind, "--order", as_order(*best),
-                                    "--profile", path]))
-    strategies = ["measured"] + ([f"ranked:{as_order(*b)}"] if (b := best_metric(prof, "block")) else []) + ["uniform"]
-    cmds.append(shlex.join(["layerwise", "quantize", *model, "--sweep", _QUANT_SWEEP, "--strategy", ",".join(strategies),
-                            "--profile", path]))
+            cmds.append((f"The same by {best[0]}, the cheap metric that agreed best (it needs no exact ablation)",
+                         shlex.join(["layerwise", "drop", *model, "--n", str(_DROP_N), "--unit", kind, "--order", as_order(*best),
+                                     "--profile", path])))
+    b = best_metric(prof, "block")
+    strategies = ["measured"] + ([f"ranked:{as_order(*b)}"] if b else []) + ["uniform"]
+    cmds.append(("Quantize, comparing the measured plan" + (f" with blocks ranked by {b[0]}" if b else "") + " and uniform bits",
+                 shlex.join(["layerwise", "quantize", *model, "--sweep", _QUANT_SWEEP, "--strategy", ",".join(strategies),
+                             "--profile", path])))
     return cmds
 
 
-def _cost(ref: str, row: tuple[str, float, float | None]) -> str:
+def _cost(row: tuple[str, float, float | None]) -> str:
     name, v, se = row
     return f"<code>{escape(name)}</code> {fmt(v)}" + (f" ± {fmt(se)}" if se is not None else "")
 
@@ -111,18 +116,17 @@ def profile_summary(prof: Profile, path: str = "profile.json") -> str:
                                "<code>--ablation exact</code> to rank units and get suggestions."])
     least, most = extremes(prof)
     items = [f"Least important by <code>{escape(ref)}</code> (the rise in NLL, nats, on the profile's windows when the unit is removed): "
-             + ", ".join(_cost(ref, r) for r in least) + ".",
-             "Most important: " + ", ".join(_cost(ref, r) for r in most) + "."]
+             + ", ".join(_cost(r) for r in least) + ".",
+             "Most important: " + ", ".join(_cost(r) for r in most) + "."]
     agree = []
     for kind in ("block", "attn", "mlp"):
         if (b := best_metric(prof, kind)) is not None:
             agree.append(f"{escape(kind)}: <code>{escape(b[0])}</code> (rho {b[1]:+.2f})")
     if agree:
         items.append(f"Cheap metric that tracks <code>{escape(ref)}</code> best on this model, per unit kind: " + "; ".join(agree) + ".")
-    items += [f"Suggested: {cmd(c)}" for c in profile_commands(prof, path)]
-    if kind := cheapest_kind(prof):
-        items.append(f"The {escape(kind)} suggestion drops the {_DROP_N} cheapest {escape(kind)} units; single-unit costs "
-                     "do not add up exactly, so check the held-out cost the drop page reports.")
+    items += [f"{escape(why)}: {cmd(c)}" for why, c in profile_commands(prof, path)]
+    if cheapest_kind(prof):
+        items.append("Single-unit costs do not add up exactly when several units go; the drop page reports the held-out cost.")
     return box("Summary", items)
 
 
