@@ -109,9 +109,16 @@ def test_quant_page_opens_with_best_plan_per_budget(tmp_path):
     assert 'class="summary"' in top
     for b in (4.5, 6):
         best = min((r for r in report.rows if r["target_bpw"] == b), key=lambda r: r["delta_nll"])
+        assert best["strategy"] == "measured"  # the only strategy with a budget here; uniform levels are fixed plans
         assert f"<code>{best['plan']}</code>" in top and f"{best['delta_nll']:+.4f}" in top
-        args = _parses(sm.quant_export_command(report, best["plan"], "r/plan.json"))
-        assert (args.plan, args.export) == (f"r/plan.json#{best['plan']}", "hf")
+        why, cmd = sm.quant_export_command(report, best, "r/plan.json")
+        args = _parses(cmd)  # integer codes with zero points cannot go to hf: measured again, symmetric
+        assert "zero points" in why and (args.symmetric, args.bits, args.strategy, args.export) == (True, b, best["strategy"], "hf")
+        assert escape(cmd) in top
+    gguf = dict(report.rows[0], plan="q4km", strategy="q4km", target_bpw=None)
+    report.meta["format"], report.plans["q4km"] = "gguf", {"groups": {}}
+    assert sm.quant_export_command(report, gguf, "r/plan.json") == (
+        "write it", "layerwise quantize --model tiny-llama --plan 'r/plan.json#q4km' --export gguf,recipe")
 
 
 def test_steer_summary_reads_the_chosen_row_and_escapes():

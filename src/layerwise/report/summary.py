@@ -151,9 +151,9 @@ def _files(exports: dict) -> list[str]:
     return [f"File to use ({escape(k)}): <code>{escape(str(v.get('path')))}</code>" for k, v in exports.items()]
 
 
-def _write_it(exports: dict, command: str) -> str:
+def _write_it(exports: dict, command: str, why: str = "write it") -> str:
     """How to get a chosen plan's file when the run saved none (a sweep saves no model)."""
-    return "" if exports else f"<br>No model saved (a sweep); write it with {cmd(command)}"
+    return "" if exports else f"<br>No model saved (a sweep); {escape(why)} with {cmd(command)}"
 
 
 def drop_export_command(report: "DropReport", key: str, plan_path: str) -> str:
@@ -172,21 +172,34 @@ def drop_summary(report: "DropReport", plan_path: str = "plan.json") -> str:
     return box("Summary", items + _files(report.exports))
 
 
-def quant_export_command(report: "QuantReport", key: str, plan_path: str) -> str:
+def quant_export_command(report: "QuantReport", row: dict, plan_path: str) -> tuple[str, str]:
+    """(why, command) that writes one row's plan: ``--plan ... --export`` of the saved plan, or, for integer codes
+    with zero points (the hf export stores symmetric codes only), the same budget and strategy measured again
+    with ``--symmetric``."""
     from ..quantize import EXPORTS
 
-    export = ",".join(EXPORTS.get(report.meta.get("format", "gguf"), ("gguf",)))
-    return shlex.join(["layerwise", "quantize", *_model_args(report.meta), "--plan", f"{plan_path}#{key}", "--export", export])
+    meta, model = report.meta, _model_args(report.meta)
+    groups = report.plans.get(row["plan"], {}).get("groups", {})
+    if meta.get("format") == "int" and any(str(g.get("config", "")).startswith("a") for g in groups.values()):
+        method = ["--method", meta["method"]] if meta.get("method") in ("rtn", "gptq") else []
+        return ("its codes have zero points, which the hf export cannot store; measure it again with symmetric codes",
+                shlex.join(["layerwise", "quantize", *model, "--format", "int", *method, "--symmetric", "--bits", f"{row['target_bpw']:g}",
+                            "--strategy", row["strategy"], "--export", "hf"]))
+    export = ",".join(EXPORTS.get(meta.get("format", "gguf"), ("gguf",)))
+    return "write it", shlex.join(["layerwise", "quantize", *model, "--plan", f"{plan_path}#{row['plan']}", "--export", export])
 
 
 def quant_summary(report: "QuantReport", plan_path: str = "plan.json") -> str:
     """The quantize page's opening box: the best held-out plan per budget, its size and cost, and the file."""
-    o, chosen = report.original, best_per(report.rows, "target_bpw")
+    o = report.original
+    # uniform levels are fixed reference points (one per candidate), shown in the table and the plot, not chosen here
+    chosen = best_per([r for r in report.rows if not r["strategy"].startswith("uniform")], "target_bpw")
     items = [f"<b>{'fixed' if r['target_bpw'] is None else fmt(r['target_bpw']) + ' bits'}</b>: <code>{escape(r['plan'])}</code>, "
              f"{fmt(r['bpw'])} bits per weight ({fmt(r.get('bpw_model'))} over the whole model, {fmt(r.get('bytes'))} bytes); "
-             f"{_cost_line(r, o)}." + _write_it(report.exports, quant_export_command(report, r["plan"], plan_path)) for r in chosen]
+             f"{_cost_line(r, o)}." + _write_it(report.exports, *quant_export_command(report, r, plan_path)[::-1]) for r in chosen]
     if len(report.rows) > len(chosen):
-        items.append("Each budget shows the strategy with the lowest held-out Δnll; the table below has every plan.")
+        items.append("Each budget shows the strategy with the lowest held-out Δnll; the table below has every plan, "
+                     "uniform levels included.")
     return box("Summary", items + _files(report.exports))
 
 
