@@ -193,13 +193,13 @@ def quant_summary(report: "QuantReport", plan_path: str = "plan.json") -> str:
     """The quantize page's opening box: the best held-out plan per budget, its size and cost, and the file."""
     o = report.original
     # uniform levels are fixed reference points (one per candidate), shown in the table and the plot, not chosen here
-    chosen = best_per([r for r in report.rows if not r["strategy"].startswith("uniform")], "target_bpw")
+    budgeted = [r for r in report.rows if not r["strategy"].startswith("uniform")]
+    chosen = best_per(budgeted, "target_bpw")
     items = [f"<b>{'fixed' if r['target_bpw'] is None else fmt(r['target_bpw']) + ' bits'}</b>: <code>{escape(r['plan'])}</code>, "
              f"{fmt(r['bpw'])} bits per weight ({fmt(r.get('bpw_model'))} over the whole model, {fmt(r.get('bytes'))} bytes); "
              f"{_cost_line(r, o)}." + _write_it(report.exports, *quant_export_command(report, r, plan_path)[::-1]) for r in chosen]
-    if len(report.rows) > len(chosen):
-        items.append("Each budget shows the strategy with the lowest held-out Δnll; the table below has every plan, "
-                     "uniform levels included.")
+    if len(budgeted) > len(chosen):
+        items.append("Each budget shows the strategy with the lowest held-out Δnll; the table below has every plan.")
     return box("Summary", items + _files(report.exports))
 
 
