@@ -135,3 +135,15 @@ def test_steer_summary_reads_the_chosen_row_and_escapes():
     assert "out/&lt;x&gt;.gguf" in text and "<x>" not in text
     rep.exports = {}
     assert "vector.safetensors" in sm.steer_summary(rep)
+
+
+def test_layer_axes_stay_readable_at_many_layers():
+    from layerwise.report.html import MAX_TICKS, layer_ticks, subplots
+
+    names = [n for k in range(40) for n in (f"L{k}", f"L{k}.attn", f"L{k}.mlp")]
+    fig, ax = subplots(figsize=(8, 2))
+    layer_ticks(ax, names)
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels == [f"L{k}" for k in range(0, 40, 2)] and list(ax.get_xticks()) == list(range(0, 120, 6))
+    layer_ticks(ax, [str(k) for k in range(70)], axis="y")
+    assert len(ax.get_yticklabels()) <= MAX_TICKS and ax.get_yticklabels()[1].get_text() == "3"
