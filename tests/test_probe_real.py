@@ -35,5 +35,5 @@ def test_cities_curve_on_the_default_model(real_cache, tmp_path):
     tensors = load_file(out / "directions.safetensors")
     assert len(tensors) == 90 and tensors[f"{res.best_unit()}.probe"].shape == (576,)
     page = (out / "report.html").read_text()
-    assert f"Best unit: {res.best_unit()}" in page and page.count("data:image/png") == 1
+    assert f"Best unit: <code>{res.best_unit()}</code>" in page and page.count("data:image/png") == 1
     assert json.loads((out / "probe.json").read_text())["best"]["rule"] == res.best["rule"]
