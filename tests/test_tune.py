@@ -326,3 +326,103 @@ def test_sublayer_units_train_their_branch_only(unit):
         assert moved == _expected(lm, sel)
         branch = "self_attn" if unit == "attn" else "mlp"
         assert all(f".{branch}." in n for n in moved if ".layers." in n) and not any("layernorm" in n for n in moved)
+
+
+# ---------------------------------------------------------------- per-unit learning rates, bf16
+
+
+def _moved(before: dict[str, torch.Tensor], lm, params) -> float:
+    """The largest change of any element of these parameters (AdamW's first step moves the largest-gradient one by lr)."""
+    names = {id(p): n for n, p in lm.model.named_parameters()}
+    return max(float((p.detach() - before[names[id(p)]]).abs().max()) for p in params)
+
+
+def test_layer_rates_follow_the_profile_and_sit_in_the_optimizer_groups():
+    """Hand computation from the Profile's values 1, 2, 3, 4 (L0..L3), and the rates read back after LISA switching."""
+    lm = tiny_lm("llama", LAYERS)
+    prof = _profile(lm)
+    assert tune.layer_rates(prof, "ablate_nll", "block", 1.0) == pytest.approx({"L0": 0.4, "L1": 0.8, "L2": 1.2, "L3": 1.6}, rel=1e-12)
+    inv = 1 / (1 + 1 / 2 + 1 / 3 + 1 / 4) * 4  # τ = -1: w ∝ 1/importance, mean 1
+    assert tune.layer_rates(prof, "ablate_nll", "block", -1.0) == pytest.approx({f"L{i}": inv / (i + 1) for i in range(LAYERS)}, rel=1e-12)
+    prof.units[0].metrics["ablate_nll"] = -1.0  # removal helped: floored at 1% of the largest (0.04)
+    assert tune.layer_rates(prof, "ablate_nll", "block", 1.0) == pytest.approx(
+        {k: v / (9.04 / 4) for k, v in {"L0": 0.04, "L1": 2.0, "L2": 3.0, "L3": 4.0}.items()}, rel=1e-12)
+    data = tune.TuneData.from_windows(tiny_windows(6, 12), eval_samples=2)
+    rep = tune.run(lm, data, ["lisa", "top:ablate_nll"], prof=_profile(lm), layer_lr="ablate_nll:1", progress=False,
+                   active=2, interval=1, steps=3, lr=1e-2)
+    for r in rep.runs:
+        assert r["key"].endswith("+layer_lr:ablate_nll:1") and r["layer_lr"] == "ablate_nll:1"
+        assert r["unit_lr"] == pytest.approx({"L0": 4e-3, "L1": 8e-3, "L2": 1.2e-2, "L3": 1.6e-2}, rel=1e-12)
+    from layerwise.report.tune import render
+
+    page = render(rep)
+    assert page.count("<h2>Per-unit learning rates</h2>") == 1 and "L0 0.004, L1 0.008, L2 0.012, L3 0.016" in page
+    run = tune.train(lm, data, select="lisa", lora=True, active=1, interval=1, steps=2, lr=1e-2, rates={f"L{i}": 0.5 * i for i in range(LAYERS)}, progress=False)
+    assert run.unit_lr == pytest.approx({f"L{i}": 5e-3 * i for i in range(LAYERS)}, rel=1e-12)  # over LoRA: the units' adapters
+
+
+def test_a_unit_at_twice_the_rate_moves_twice_as_far():
+    """AdamW's first step on fresh state moves each parameter's largest-gradient element by exactly its group's lr;
+    under LISA every (re)activated unit starts from fresh state, so the check holds at each switch."""
+    lm = tiny_lm("llama", LAYERS)
+    rates = {"L0": 2.0, "L1": 1.0, "L2": 0.5, "L3": 0.5}
+    sel = tune.LayerSelector("lisa", "block", 2, 1, seed=3)
+    lm.model.requires_grad_(True)
+    opt = torch.optim.AdamW(sel.param_groups(lm.model, 1e-2, rates), lr=1e-2, weight_decay=0.0)
+    assert [(g["name"], g["lr"]) for g in opt.param_groups] == [("L0", 2e-2), ("L1", 1e-2), ("L2", 5e-3), ("L3", 5e-3), ("rest", 1e-2)]
+    sel.on_train_begin(None, TrainerState(), TrainerControl(), model=lm.model, optimizer=opt)
+    ids, prev, fresh_seen = tiny_windows(2, 12).ids, set(), set()
+    for step in range(6):
+        before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+        _step(lm, sel, opt, step, ids)
+        for u in set(sel.current) - prev:
+            assert _moved(before, lm, sel.params[u]) == pytest.approx(1e-2 * rates[u], rel=1e-3)
+            fresh_seen.add(u)
+        if step == 0:
+            assert _moved(before, lm, sel.always) == pytest.approx(1e-2, rel=1e-3)
+        prev = set(sel.current)
+    assert {"L0", "L1"} & fresh_seen and {"L2", "L3"} & fresh_seen  # both a fast and a slow unit were checked
+    assert [g["lr"] for g in opt.param_groups] == [2e-2, 1e-2, 5e-3, 5e-3, 1e-2]
+
+
+def test_layer_lr_bad_inputs_are_one_line_errors(capsys):
+    from layerwise.cli import main
+
+    from .conftest import one_error_line
+
+    for text, msg in (("nope", "layer_lr needs METRIC"), ("zd", "layer_lr needs METRIC"), ("ablate_nll:x", "exponent TAU must be a finite number"),
+                      ("ablate_nll:inf", "exponent TAU must be a finite number")):
+        with pytest.raises(LayerwiseError, match=msg) as e:
+            tune.parse_layer_lr(text)
+        assert "\n" not in str(e.value)
+    assert tune.parse_layer_lr("bi") == ("bi", 1.0) and tune.parse_layer_lr("ablate_nll:-0.5") == ("ablate_nll", -0.5)
+    lm = tiny_lm("llama", LAYERS)
+    data = tune.TuneData.from_windows(tiny_windows(4, 12), eval_samples=2)
+    other = _profile(lm)
+    other.meta["model_hash"] = "another"
+    with pytest.raises(LayerwiseError, match="measured on another model"):
+        tune.run(lm, data, ["lisa"], prof=other, layer_lr="ablate_nll", progress=False)
+    with pytest.raises(LayerwiseError, match="ranking units by ablate_nll .* needs a Profile of this model: pass prof"):
+        tune.run(lm, data, ["lisa"], layer_lr="ablate_nll", progress=False)
+    with pytest.raises(LayerwiseError, match=r"the layer rates lack 1 block units of this model \(e.g. L3\)"):
+        tune.train(lm, data, select="lisa", steps=1, rates={"L0": 1.0, "L1": 1.0, "L2": 1.0}, progress=False)
+    assert main(["tune", "--layer-lr", "ablate_nll:fast", "--model", "/nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert one_error_line(err) and "exponent TAU must be a finite number" in err
+
+
+def test_bf16_model_trains_and_saves_in_bf16(tmp_path):
+    """CPU check of the bf16 path (no CUDA here): a model loaded in bf16 trains in bf16, its loss falls, the checkpoint is bf16."""
+    from safetensors import safe_open
+
+    lm = tiny_lm("llama", LAYERS)
+    lm.model.to(torch.bfloat16)
+    w = tiny_windows(4, 12)
+    run = tune.train(lm, w, select="lisa", active=2, interval=1, steps=6, lr=1e-2, batch_size=4, progress=False)
+    assert run.losses[-1] < run.losses[0] - 0.1, run.losses
+    assert {p.dtype for p in lm.model.parameters()} == {torch.bfloat16}
+    tune.save_model(lm.model, None, tmp_path / "m")
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert (cfg.get("dtype") or cfg.get("torch_dtype")) == "bfloat16"

@@ -163,6 +163,9 @@ def _parser() -> argparse.ArgumentParser:
     tu.add_argument("--active", type=int, default=2, help="units training at once (not for full/lora)")
     tu.add_argument("--interval", type=int, default=20, help="steps between re-selections")
     tu.add_argument("--temperature", type=float, default=1.0, help="importance sampling: p ∝ importance^T (0 is LISA)")
+    tu.add_argument("--layer-lr", metavar="METRIC[:TAU]",
+                    help="per-unit learning rates: --lr × w, w ∝ importance^TAU (TAU 1 if left out; < 0 slows important units), "
+                         "mean 1 over units; embeddings/norm/head keep --lr (default: %(default)s = one rate)")
     tu.add_argument("--steps", type=int, default=100, help="optimizer steps per strategy")
     tu.add_argument("--lr", type=float, default=1e-4)
     tu.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -426,18 +429,19 @@ def _tune(args: argparse.Namespace) -> int:
     from .profile import Profile, profile
 
     sels = [tn.parse_select(s) for s in _split(args.select)]  # a typo fails before the model loads
+    lr_metric = [tn.parse_layer_lr(args.layer_lr)[0]] if args.layer_lr else []
     lm = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     ctx = lm.anatomy.context_length
     data = tn.tuning_data(args.data, lm.tokenizer, seq_len=args.seq_len, samples=args.samples, eval_samples=args.eval_samples, max_len=ctx)
     second = windows(args.second_data, lm.tokenizer, seq_len=args.seq_len, samples=1, max_len=ctx).ids[: args.eval_samples]
-    metrics = [s.metric for s in sels if s.metric] or (["ablate_nll"] if args.restore and args.restore_order == "importance" else [])
+    metrics = ([s.metric for s in sels if s.metric] or (["ablate_nll"] if args.restore and args.restore_order == "importance" else [])) + lr_metric
     prof = Profile.load(args.profile) if args.profile else None
     if prof is None and metrics:
         from .drop import needed
 
         prof = profile(lm, data.as_windows(), **needed(metrics), batch_size=args.batch_size, progress=not args.json)
     report = tn.run(lm, data, _split(args.select), second=second, prof=prof, unit=args.unit, restore=args.restore,
-                    restore_order=args.restore_order, out=args.out,
+                    restore_order=args.restore_order, out=args.out, layer_lr=args.layer_lr,
                     batch_size=args.batch_size, progress=not args.json, active=args.active, interval=args.interval,
                     temperature=args.temperature, steps=args.steps, lr=args.lr, grad_accum=args.grad_accum,
                     train_embeddings=not args.freeze_embeddings, lora=args.lora, lora_rank=args.lora_rank, seed=args.seed,

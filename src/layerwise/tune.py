@@ -32,6 +32,23 @@ train with every mode unless ``train_embeddings=False``. With ``unit="attn"``
 or ``"mlp"`` the block norms stay frozen. On a peft model only the adapter
 parameters are tunable (IST's setting), and peft keeps embeddings frozen.
 
+Per-unit learning rates (``layer_lr="METRIC[:TAU]"``, :func:`layer_rates`)
+are the Profile's other use: every unit (block, or attn/mlp with ``unit``)
+gets its own AdamW parameter group at ``lr × w_k``, ``w_k ∝ importance_k^τ``
+scaled to mean 1 over units, so the step budget matches a flat ``lr``;
+embeddings, norms and head keep ``lr``. τ > 0 (default 1) speeds up the
+important units, τ < 0 slows them (protects them). Selection only flips
+``requires_grad`` and drops state, never the groups, so the rates hold under
+every ``select``, and over LoRA they apply to each unit's adapters.
+
+bf16: load the model in bfloat16 (``dtype="bfloat16"``, ``--dtype bfloat16``)
+and it trains in bf16 as it is: weights, gradients and AdamW moments all in
+bf16 (no float32 master copy, so updates smaller than half a bf16 step of a
+weight are lost: prefer a larger ``lr`` or float32 for very small rates); the
+checkpoint is saved in bf16 too (safetensors tensors and ``config.json``
+``dtype``). Verified on CPU only (tests/test_tune.py, a tiny model: loss
+falls, checkpoint bf16); no CUDA device was available to verify it there.
+
 The schedule is a function of (seed, step) for every mode except
 ``adaptive``, whose scores and current units are saved with a Trainer
 checkpoint (``ExportableState``), so resuming keeps the schedule.
@@ -70,6 +87,7 @@ UNITS = ("block", "attn", "mlp")
 BADAM_ORDERS = ("ascending", "descending", "random")
 RESTORE_ORDERS = ("change", "importance")
 EXPLORE = 0.1  # adaptive: share of uniform exploration
+LAYER_LR_FLOOR = 0.01  # per-unit rates: importance floored at this share of the largest
 
 
 @dataclass(frozen=True)
@@ -123,6 +141,41 @@ def importance_weights(prof: Profile, metric: str, unit: str) -> dict[str, float
     signed = {k: sign * float(v) for k, v in vals.items()}  # type: ignore[arg-type]
     top = max(max(signed.values()), 1e-12)
     return {k: max(v, 1e-6 * top) for k, v in signed.items()}
+
+
+def parse_layer_lr(text: str) -> tuple[str, float]:
+    """``"ablate_nll:1"`` -> ``("ablate_nll", 1.0)``; τ defaults to 1; one-line errors otherwise."""
+    metric, _, tau = text.strip().partition(":")
+    if metric not in METRICS or not DIRECTION.get(metric):
+        ok = ", ".join(m for m in METRICS if DIRECTION.get(m))
+        raise LayerwiseError(f"layer_lr needs METRIC[:TAU] with a metric of known direction ({ok}), e.g. ablate_nll:1 (got {text!r})")
+    try:
+        t = float(tau) if tau else 1.0
+    except ValueError:
+        t = math.nan
+    if not math.isfinite(t):
+        raise LayerwiseError(f"the layer_lr exponent TAU must be a finite number, e.g. ablate_nll:1 or ablate_nll:-0.5 (got {text!r})")
+    return metric, t
+
+
+def layer_rates(prof: Profile, metric: str, unit: str, tau: float = 1.0) -> dict[str, float]:
+    """Per-unit learning-rate multipliers ``w_k ∝ importance_k^τ``, scaled so their mean over units is 1.
+
+    The mean of 1 keeps the total step budget that of a flat rate: the rule
+    moves learning rate between units rather than adding any. τ > 0 gives
+    the units the Profile finds important larger steps (the bet of importance
+    sampling: the gain is made where the output depends most); τ < 0 gives
+    them smaller steps (protect what matters, let the rest adapt: less
+    forgetting, as layer-wise rate decay does for the bottom layers);
+    τ = 0 is a flat rate. Importance is floored at ``LAYER_LR_FLOOR`` of the
+    largest (a unit whose removal helped still gets a rate), which also bounds
+    the ratio of two rates by ``(1 / LAYER_LR_FLOOR)^|τ|``.
+    """
+    imp = importance_weights(prof, metric, unit)
+    top = max(imp.values())
+    w = {k: max(v, LAYER_LR_FLOOR * top) ** tau for k, v in imp.items()}
+    mean = sum(w.values()) / len(w)
+    return {k: v / mean for k, v in w.items()}
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -208,21 +261,50 @@ class LayerSelector(TrainerCallback, ExportableState):
                 "attributes": {"scores": self.scores, "current": self.current}}
 
     # ---- binding to a model and its optimizer
-    def bind(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Find the units' parameters, freeze everything else for good, and check the optimizer holds them all."""
+    def units(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
+        """Each tunable unit's parameters (on a peft model: its adapter parameters), by unit name."""
         base = _unwrap(model)
         an = Anatomy(base)
         peft = _is_peft(model)
         skipped = set((getattr(base.config, "layerwise", None) or {}).get("dropped_sublayers") or [])
         kinds = ("attn", "mlp") if self.unit == "block" else (self.unit,)
-        self.params = {}
+        out = {}
         for i in range(an.n_layers):
             if all(unit_name(i, k) in skipped for k in kinds):
                 continue  # a sublayer `layerwise drop` removed computes nothing; training it is pointless
             mod = an.blocks[i] if self.unit == "block" else an.branch(i, self.unit)  # type: ignore[arg-type]
             ps = [p for p in mod.parameters() if p.requires_grad or not peft]
             if ps:
-                self.params[unit_name(i, self.unit)] = ps  # type: ignore[arg-type]
+                out[unit_name(i, self.unit)] = ps  # type: ignore[arg-type]
+        return out
+
+    def param_groups(self, model: nn.Module, lr: float, rates: dict[str, float] | None = None) -> list[dict]:
+        """Optimizer parameter groups: one per unit at ``lr × rates[unit]``, then the rest (embeddings, norms, head) at ``lr``.
+
+        Build the optimizer from these before training (``AdamW(sel.param_groups(model, lr, rates))``)
+        to give units their own rates; every group carries its unit's ``name``.
+        Switching units on and off never touches the groups, only
+        ``requires_grad`` and the state, so the rates hold under every mode.
+        Without ``rates`` it is one group at ``lr``.
+        """
+        rest = [p for p in model.parameters() if p.requires_grad]
+        if rates is None:
+            return [{"params": rest, "lr": lr, "name": "all"}]
+        units = self.units(model)
+        missing = sorted(set(units) - set(rates), key=parse_unit)
+        if missing:
+            raise LayerwiseError(f"the layer rates lack {len(missing)} {self.unit} units of this model (e.g. {missing[0]}); profile this model")
+        groups = [{"params": ps, "lr": lr * rates[u], "name": u} for u, ps in units.items()]
+        held = {id(p) for ps in units.values() for p in ps}
+        rest = [p for p in rest if id(p) not in held]
+        return groups + ([{"params": rest, "lr": lr, "name": "rest"}] if rest else [])
+
+    def bind(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Find the units' parameters, freeze everything else for good, and check the optimizer holds them all."""
+        base = _unwrap(model)
+        an = Anatomy(base)
+        peft = _is_peft(model)
+        self.params = self.units(model)
         if not self.params:
             raise LayerwiseError(f"this model has no trainable {self.unit} units left; choose another unit, or a model with blocks")
         if self.sel.mode != "full" and self.active > len(self.params):
@@ -506,6 +588,7 @@ class TuneRun:
     model: nn.Module
     memory_start: int
     start: Snapshot | None = None  # a peft model's adapter weights before training (the base model is them at init)
+    unit_lr: dict[str, float] = field(default_factory=dict)  # each unit's learning rate, read back from the optimizer
 
     def summary(self) -> dict:
         steps = max(len(self.losses), 1)
@@ -515,7 +598,7 @@ class TuneRun:
                 "trainable_params_max": max((r["trainable_params"] for r in self.records), default=0),
                 "optimizer_state_bytes_max": max((r["optimizer_state_bytes"] for r in self.records), default=0),
                 "memory_bytes_max": max((r["memory_bytes"] for r in self.records), default=0),
-                "records": self.records}
+                "unit_lr": self.unit_lr, "records": self.records}
 
 
 def with_lora(model: nn.Module, rank: int = 8) -> nn.Module:
@@ -550,7 +633,8 @@ def train(lm: LoadedModel, data: TuneData | Windows, *, select: str = "lisa", un
           interval: int = 20, temperature: float = 1.0, weights: dict[str, float] | None = None, steps: int = 100,
           lr: float = 1e-4, batch_size: int = 4, grad_accum: int = 1, max_grad_norm: float = 1.0,
           train_embeddings: bool = True, lora: bool = False, lora_rank: int = 8, seed: int = 0,
-          checkpoint: str | Path | None = None, save_every: int = 0, progress: bool = True) -> TuneRun:
+          checkpoint: str | Path | None = None, save_every: int = 0, progress: bool = True,
+          rates: dict[str, float] | None = None) -> TuneRun:
     """Train ``lm.model`` in place with one selection strategy (AdamW, constant learning rate).
 
     ``select="lora"`` (or ``lora=True`` with any select, IST's setting for
@@ -559,6 +643,10 @@ def train(lm: LoadedModel, data: TuneData | Windows, *, select: str = "lisa", un
     step named; the weights then are still those of the last good step, and
     are written to ``checkpoint`` when one is given (so are they every
     ``save_every`` steps, atomically, so Ctrl-C leaves the last complete one).
+    ``rates`` (from :func:`layer_rates`) gives every unit its own learning
+    rate ``lr × rates[unit]`` in its own parameter group (on a LoRA model:
+    its adapters'); embeddings, norms and head keep ``lr``. The rates the
+    optimizer held at the end are in the run's ``unit_lr``.
     """
     sel = parse_select(select)
     data = TuneData.from_windows(data) if isinstance(data, Windows) else data
@@ -574,7 +662,7 @@ def train(lm: LoadedModel, data: TuneData | Windows, *, select: str = "lisa", un
     if lm.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(lm.device)
     mem0 = torch.cuda.memory_allocated(lm.device) if lm.device.type == "cuda" else _rss_bytes()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(selector.param_groups(model, lr, rates), lr=lr, weight_decay=0.0)
     state, control = TrainerState(), TrainerControl()
     selector.on_train_begin(None, state, control, model=model, optimizer=optimizer)
     model.train()
@@ -608,8 +696,9 @@ def train(lm: LoadedModel, data: TuneData | Windows, *, select: str = "lisa", un
     finally:
         model.eval()
     optimizer.state.clear()
+    unit_lr = {g["name"]: g["lr"] for g in optimizer.param_groups if g["name"] != "rest"} if rates is not None else {}
     return TuneRun(sel.key + ("" if sel.mode == "lora" or not lora else "+lora"), losses, selector.records,
-                   time.perf_counter() - t0, selector, model, mem0, start)
+                   time.perf_counter() - t0, selector, model, mem0, start, unit_lr)
 
 
 def _stop_on_nan(model: nn.Module, tokenizer, step: int, checkpoint: str | Path | None) -> None:
@@ -705,15 +794,19 @@ class TuneReport:
 def run(lm: LoadedModel, data: TuneData, selects: list[str], *, second: torch.Tensor | None = None,
         prof: Profile | None = None, unit: str = "block", restore: int = 0, restore_order: str = "change",
         out: str | Path | None = None, export: bool = True, batch_size: int = 4,
-        progress: bool = True, **train_kw) -> TuneReport:
+        progress: bool = True, layer_lr: str | None = None, **train_kw) -> TuneReport:
     """Train each strategy from the same starting weights, evaluate it on both domains, and save.
 
     ``prof`` supplies importance for ``importance:``/``top:`` selects and for
     ``restore_order="importance"`` (by the select's metric, else ``ablate_nll``).
     With one strategy the model is saved to ``out/model`` (restoration
     applied when asked); a checkpoint is kept there during training too.
+    ``layer_lr="METRIC[:TAU]"`` gives every strategy per-unit learning rates
+    from ``prof`` (:func:`layer_rates`); the run's key then ends in
+    ``+layer_lr:METRIC:TAU`` and its ``unit_lr`` holds the rates.
     """
     sels = [parse_select(s) for s in selects]
+    lr_spec = parse_layer_lr(layer_lr) if layer_lr else None
     if not sels:
         raise LayerwiseError(f"select names no strategy; use one of: {SELECT_HELP}")
     if restore and restore >= lm.anatomy.n_layers:
@@ -724,6 +817,7 @@ def run(lm: LoadedModel, data: TuneData, selects: list[str], *, second: torch.Te
         from .drop import check_profile
 
         check_profile(prof, lm)
+    rates = layer_rates(_need(prof, lr_spec[0]), lr_spec[0], unit, lr_spec[1]) if lr_spec else None
     single = out is not None and export and len(sels) == 1
     ckpt = Path(out) / "model" if single else None
     start = time.perf_counter()
@@ -736,11 +830,13 @@ def run(lm: LoadedModel, data: TuneData, selects: list[str], *, second: torch.Te
         snap.reset()
         if lm.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        r = train(lm, data, select=sel.key, unit=unit, weights=weights, batch_size=batch_size, checkpoint=ckpt, progress=progress, **train_kw)
+        r = train(lm, data, select=sel.key, unit=unit, weights=weights, batch_size=batch_size, checkpoint=ckpt, progress=progress,
+                  rates=rates, **train_kw)
         block_w = importance_weights(prof, metric, "block") if restore and restore_order == "importance" else None
         restored = restore_order_blocks(r.model, r.start or snap, restore, restore_order, block_w)
         ev = evaluate(r, snap, data, second, restored=restored, tokenizer=lm.tokenizer, batch_size=batch_size, device=lm.device)
-        runs.append({"key": r.key, "select": sel.key, "unit": unit, **train_kw, **r.summary(), "eval": ev})
+        key = r.key + (f"+layer_lr:{lr_spec[0]}:{lr_spec[1]:g}" if lr_spec else "")
+        runs.append({"key": key, "select": sel.key, "unit": unit, "layer_lr": layer_lr, **train_kw, **r.summary(), "eval": ev})
         if single:
             params = [p for i in restored for p in block_params(r.model, i)]
             with (r.start or snap).swapped(params) if restored else contextlib.nullcontext():
@@ -767,7 +863,8 @@ def restore_order_blocks(model: nn.Module, snap: Snapshot, n: int, order: str, w
 
 def _need(prof: Profile | None, metric: str) -> Profile:
     if prof is None:
-        raise LayerwiseError(f"this strategy ranks units by {metric}: give a Profile of this model (--profile), or let the CLI measure one")
+        raise LayerwiseError(f"ranking units by {metric} (importance:/top: selects, layer_lr, restore order importance) needs a Profile "
+                             "of this model: pass prof (CLI: --profile, or let it measure one)")
     return prof
 
 

@@ -84,6 +84,17 @@ def _diversity(report: "TuneReport") -> str:
     return f"<table><tr><th>strategy</th><th>model</th><th>distinct-1</th><th>distinct-2</th><th>samples</th></tr>{body}</table>"
 
 
+def _rates(report: "TuneReport") -> str:
+    """Per-unit learning rates (``layer_lr``), one row per strategy that used them."""
+    rows = [(r["key"], r["unit_lr"]) for r in report.runs if r.get("unit_lr")]
+    if not rows:
+        return ""
+    body = "".join(f"<tr><td>{escape(k)}</td><td>{escape(', '.join(f'{u} {fmt(v)}' for u, v in sorted(lrs.items(), key=lambda x: parse_unit(x[0]))))}</td></tr>"
+                   for k, lrs in rows)
+    return ("<h2>Per-unit learning rates</h2><p>lr × w, w ∝ importance^τ with mean 1 over units; embeddings, norms and head at the base lr.</p>"
+            f"<table><tr><th>strategy</th><th>learning rate per unit</th></tr>{body}</table>")
+
+
 def render(report: "TuneReport") -> str:
     mem_head = "".join(f"<th>{escape(c)}</th>" for c in ("strategy", *_MEMORY))
     mem = "".join("<tr><td>" + escape(r["key"]) + "</td>" + "".join(f"<td>{fmt(r.get(c))}</td>" for c in _MEMORY) + "</tr>"
@@ -97,6 +108,7 @@ forgetting: the rise in NLL on the second corpus; KL(base ‖ tuned) on the seco
 <h2>What trained at every step</h2>{png(unit_map_figure(report))}
 <h2>Both domains</h2><table><tr><th>strategy</th><th>tuning data ppl (base → tuned)</th><th>gain (nats)</th>
 <th>second corpus ppl</th><th>forgetting (nats)</th><th>KL</th></tr>{_domain_rows(report)}</table>
+{_rates(report)}
 <h2>Memory and time</h2><p>{escape(str(report.meta.get("memory_note", "")))}</p><table><tr>{mem_head}</tr>{mem}</table>
 <h2>Diversity of sampled responses</h2>{_diversity(report)}
 <h2>Files written</h2><table>{exports or "<tr><td>none</td></tr>"}</table>""")
