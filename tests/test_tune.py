@@ -426,3 +426,20 @@ def test_bf16_model_trains_and_saves_in_bf16(tmp_path):
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert (cfg.get("dtype") or cfg.get("torch_dtype")) == "bfloat16"
+
+
+def test_max_active_keeps_optimizer_state_within_the_share_of_full():
+    """Counted as the selector counts: k blocks + embeddings/norm/head against everything; checked against real runs' state bytes."""
+    lm = tiny_lm("llama", LAYERS)
+    k = tune.max_active(lm.model, share=0.5)
+    block = sum(p.numel() for p in lm.model.model.layers[0].parameters())
+    fixed = sum(p.numel() for p in {id(p): p for m in (lm.model.model.embed_tokens, lm.model.model.norm, lm.model.lm_head) for p in m.parameters()}.values())
+    total = sum(p.numel() for p in lm.model.parameters())
+    assert fixed + k * block <= total / 2 < fixed + (k + 1) * block
+    w = tiny_windows(4, 12)
+    full = tune.train(lm, w, select="full", steps=1, progress=False).summary()["optimizer_state_bytes_max"]
+    sel = tune.train(lm, w, select="lisa", active=k, interval=1, steps=2, progress=False).summary()["optimizer_state_bytes_max"]
+    assert sel <= full / 2 and full == 8 * total + 4 * len(list(lm.model.parameters()))  # two moments + a step count per tensor
+    assert tune.max_active(lm.model, share=1.0) == LAYERS
+    with pytest.raises(LayerwiseError, match="not even one block unit fits"):
+        tune.max_active(lm.model, share=0.01)

@@ -299,11 +299,15 @@ class LayerSelector(TrainerCallback, ExportableState):
         rest = [p for p in rest if id(p) not in held]
         return groups + ([{"params": rest, "lr": lr, "name": "rest"}] if rest else [])
 
+    def always_params(self, model: nn.Module) -> list[nn.Parameter]:
+        """Embeddings, final norm and head (tied ones once), trained with every unit; none with ``train_embeddings=False``."""
+        if not self.train_embeddings:
+            return []
+        an, peft = Anatomy(_unwrap(model)), _is_peft(model)
+        return _unique(p for m in (an.embed, an.final_norm, an.head) for p in m.parameters() if (p.requires_grad or not peft))
+
     def bind(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Find the units' parameters, freeze everything else for good, and check the optimizer holds them all."""
-        base = _unwrap(model)
-        an = Anatomy(base)
-        peft = _is_peft(model)
         self.params = self.units(model)
         if not self.params:
             raise LayerwiseError(f"this model has no trainable {self.unit} units left; choose another unit, or a model with blocks")
@@ -313,8 +317,7 @@ class LayerSelector(TrainerCallback, ExportableState):
             missing = set(self.params) - set(self.weights)
             if missing:
                 raise LayerwiseError(f"the importance weights lack {len(missing)} units of this model (e.g. {sorted(missing)[0]}); profile this model")
-        heads = [an.embed, an.final_norm, an.head]
-        self.always = _unique(p for m in heads for p in m.parameters() if (p.requires_grad or not peft)) if self.train_embeddings else []
+        self.always = self.always_params(model)
         keep = {id(p) for ps in self.params.values() for p in ps} | {id(p) for p in self.always}
         for p in model.parameters():
             if id(p) not in keep:
@@ -599,6 +602,27 @@ class TuneRun:
                 "optimizer_state_bytes_max": max((r["optimizer_state_bytes"] for r in self.records), default=0),
                 "memory_bytes_max": max((r["memory_bytes"] for r in self.records), default=0),
                 "unit_lr": self.unit_lr, "records": self.records}
+
+
+def max_active(model: nn.Module, unit: str = "block", share: float = 0.5, train_embeddings: bool = True) -> int:
+    """The most units that may train at once with optimizer state at most ``share`` of full fine-tuning's.
+
+    AdamW keeps two moments per trainable parameter, so its state is in
+    proportion to the trainable count, counted as the selector counts it:
+    the units' parameters plus embeddings, final norm and head (tied once),
+    against every unit and those for ``full``. The largest units are assumed
+    drawn together, so the bound holds whichever are sampled.
+    """
+    sel = LayerSelector("full", unit, train_embeddings=train_embeddings)
+    sizes = sorted((sum(p.numel() for p in ps) for ps in sel.units(model).values()), reverse=True)
+    fixed = sum(p.numel() for p in sel.always_params(model))
+    budget = share * (sum(sizes) + fixed) - fixed
+    k = 0
+    while k < len(sizes) and sum(sizes[: k + 1]) <= budget:
+        k += 1
+    if k == 0:
+        raise LayerwiseError(f"not even one {unit} unit fits in {share:g} of full fine-tuning's optimizer state; raise share or freeze embeddings")
+    return k
 
 
 def with_lora(model: nn.Module, rank: int = 8) -> nn.Module:
