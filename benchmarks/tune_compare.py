@@ -12,7 +12,13 @@ was tuned on the numbers reported. Three disjoint sets of windows:
   windows of builtin:fortunes (FreeBSD's fortune file), never trained on.
 
 There is no development set: every default (learning rate, active units,
-interval, restoration of 4 blocks by weight change) was fixed before the run.
+interval, restoration of 4 blocks by weight change, per-unit rates at τ = 1)
+was fixed before the run. Active units, unless ``--active`` is given, follow
+a rule fixed before any result was seen: the most blocks whose optimizer
+state stays at most half of full fine-tuning's (the issue's memory goal),
+counted from parameter counts with embeddings/head/norm included
+(:func:`layerwise.tune.max_active`). One extra row trains importance sampling
+with per-unit learning rates from the same Profile (``LAYER_LR``).
 
 Usage: python benchmarks/tune_compare.py [--steps 12 --device cpu --seq-len 64 --batch-size 4]
        python benchmarks/tune_compare.py --device cuda --steps 200 --seq-len 256 --name tune_compare_gpu
@@ -36,7 +42,10 @@ from layerwise import tune
 from layerwise.evaluate import paired_difference
 from layerwise.io import write_atomic, write_json
 
-SELECTIVE = ["lisa", "importance:ablate_nll", "top:ablate_nll", "adaptive"]
+LAYER_LR = "ablate_nll:1"  # per-unit rates ∝ importance^1, fixed before the run
+LAYER_LR_SELECT = "importance:ablate_nll"
+LAYER_LR_KEY = f"{LAYER_LR_SELECT}+layer_lr:{LAYER_LR}"
+SELECTIVE = ["lisa", "importance:ablate_nll", "top:ablate_nll", "adaptive", LAYER_LR_KEY]
 
 
 def _gain(r: dict, name: str = "tuned") -> tuple[float, float]:
@@ -65,6 +74,10 @@ def verdicts(runs: dict[str, dict]) -> list[str]:
         ok = d + 2 * se >= 0
         out.append(f"importance sampling vs LISA: gain difference {d:+.4f} ± {se:.4f} nats (paired), optimizer state ×{mem:.2f} — "
                    + ("MET (not worse beyond 2 SE)" if ok else "NOT MET (worse beyond 2 SE)"))
+    if imp and LAYER_LR_KEY in runs:
+        d, se = _paired_gain(runs[LAYER_LR_KEY], imp)
+        out.append(f"per-unit learning rates ({LAYER_LR}) vs the same importance sampling at one rate: gain difference {d:+.4f} ± {se:.4f} nats "
+                   "(paired; no goal set, reported as measured)")
     if full:
         sel = [runs[k] for k in SELECTIVE if k in runs]
         best = max(sel, key=lambda r: _gain(r)[0])
@@ -98,7 +111,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--active", type=int, default=2)
+    ap.add_argument("--active", type=int, help="blocks training at once (default: the most whose optimizer state is ≤ half of full's)")
     ap.add_argument("--interval", type=int, help="steps between re-selections (default: steps // 6, at least 1)")
     ap.add_argument("--restore", type=int, default=4)
     ap.add_argument("--profile-samples", type=int, default=8, help="training windows the importance Profile is measured on")
@@ -119,20 +132,28 @@ def main() -> None:
     calib.ids, calib.n_calib = calib.ids[: args.profile_samples], min(args.profile_samples, calib.n_calib)
     prof = lw.profile(lm, calib, ablation="exact", lens=False, batch_size=args.batch_size, progress=False)
     t_prof = time.perf_counter() - t
-    selects = ["full"] + (["lora"] if importlib.util.find_spec("peft") else []) + SELECTIVE
-    report = tune.run(lm, data, selects, second=second, prof=prof, restore=args.restore, restore_order="change", out=None,
-                      batch_size=args.batch_size, progress=True, active=args.active, interval=interval, steps=args.steps,
-                      lr=args.lr, seed=0, command="python benchmarks/tune_compare.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()))
+    active = args.active or tune.max_active(lm.model, "block", share=0.5)
+    selects = ["full"] + (["lora"] if importlib.util.find_spec("peft") else []) + SELECTIVE[:-1]
+    base = tune.Snapshot(list(lm.model.parameters()))  # run() leaves the last strategy's weights; the extra row starts from the base
+    kw = dict(second=second, prof=prof, restore=args.restore, restore_order="change", out=None, batch_size=args.batch_size, progress=True,
+              active=active, interval=interval, steps=args.steps, lr=args.lr, seed=0)  # the command line is recorded from sys.argv
+    report = tune.run(lm, data, selects, **kw)
+    base.reset()
+    report.runs += tune.run(lm, data, [LAYER_LR_SELECT], layer_lr=LAYER_LR, **kw).runs
     runs = {r["key"]: r for r in report.runs}
+    lrs = runs[LAYER_LR_KEY]["unit_lr"]
     lines = verdicts(runs)
     device = torch.cuda.get_device_name() if lm.device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     md = [f"# {args.name} — {date.today()} — {device}, torch {torch.__version__}", "",
           f"Model SmolLM2-135M-Instruct (30 blocks, {args.dtype}). Every strategy: {args.steps} AdamW steps (lr {args.lr}, constant), "
           f"batch {args.batch_size} × {args.seq_len} tokens from the same {args.samples} training windows of builtin:pydoc in the same seeded order; "
-          f"selective strategies train {args.active} blocks at a time, re-chosen every {interval} steps, with embeddings/head (tied: one tensor) and final norm. "
+          f"selective strategies train {active} blocks at a time ({'--active' if args.active else 'by the rule fixed before the run: the most blocks whose optimizer state is ≤ half of full fine-tuning’s'}), "
+          f"re-chosen every {interval} steps, with embeddings/head (tied: one tensor) and final norm. "
           f"Importance from one Profile of the first {calib.n_calib} training windows (exact ablation, {t_prof:.0f} s). "
           f"Gain: drop in NLL on {data.eval_ids.shape[0]} held-out pydoc windows; forgetting: rise in NLL on {second.shape[0]} windows of "
-          f"{args.second_data}; each ± SE across windows. Restoration: the {args.restore} blocks whose weights changed most put back.", "",
+          f"{args.second_data}; each ± SE across windows. Restoration: the {args.restore} blocks whose weights changed most put back. "
+          f"Row `{LAYER_LR_KEY}`: per-block learning rates lr × w, w ∝ ablate_nll importance^1 with mean 1 over blocks "
+          f"(from {min(lrs.values()):.2g} to {max(lrs.values()):.2g}), embeddings/head/norm at lr; τ = 1 fixed before the run.", "",
           "| strategy | gain (nats) | forgetting (nats) | KL on 2nd corpus | + restore: gain | + restore: forgetting | trainable params | optimizer state MB | memory added MB | s/step |",
           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.runs:

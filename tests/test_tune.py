@@ -152,14 +152,14 @@ def test_gradient_accumulation_matches_one_big_batch():
         assert (p - s).abs().max() > 5e-3 and torch.allclose(p, q, rtol=0, atol=1e-5), n
 
 
-def _trainer(tmp_path, model, sel, steps: int):
+def _trainer(tmp_path, model, sel, steps: int, optimizer=None):
     from transformers import Trainer, TrainingArguments
 
     ds = [{"input_ids": x, "labels": x} for x in tiny_windows(8, 12).ids]
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=2, learning_rate=1e-2,
                              save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, logging_steps=100,
                              disable_tqdm=True, seed=0, lr_scheduler_type="constant")
-    return Trainer(model=model, args=args, train_dataset=ds, callbacks=[sel])
+    return Trainer(model=model, args=args, train_dataset=ds, callbacks=[sel], optimizers=(optimizer, None))
 
 
 @pytest.mark.parametrize("select", ["lisa", "adaptive"])
@@ -443,3 +443,14 @@ def test_max_active_keeps_optimizer_state_within_the_share_of_full():
     assert tune.max_active(lm.model, share=1.0) == LAYERS
     with pytest.raises(LayerwiseError, match="not even one block unit fits"):
         tune.max_active(lm.model, share=0.01)
+
+
+def test_layer_rates_in_a_plain_trainer(tmp_path):
+    """The README's recipe: the Trainer's optimizer built from the selector's groups keeps each unit's rate through LISA switches."""
+    model = tiny_lm("llama", LAYERS).model
+    sel = tune.LayerSelector("lisa", active=1, interval=1, seed=3)
+    rates = {"L0": 2.0, "L1": 1.0, "L2": 0.5, "L3": 0.5}
+    trainer = _trainer(tmp_path, model, sel, 3, torch.optim.AdamW(sel.param_groups(model, 1e-2, rates), lr=1e-2))
+    trainer.train()
+    assert len({tuple(r["active"]) for r in sel.records}) > 1
+    assert {g["name"]: g["lr"] for g in trainer.optimizer.param_groups} == {"L0": 2e-2, "L1": 1e-2, "L2": 5e-3, "L3": 5e-3, "rest": 1e-2}
