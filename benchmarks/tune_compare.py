@@ -153,7 +153,7 @@ def main() -> None:
           f"Gain: drop in NLL on {data.eval_ids.shape[0]} held-out pydoc windows; forgetting: rise in NLL on {second.shape[0]} windows of "
           f"{args.second_data}; each ± SE across windows. Restoration: the {args.restore} blocks whose weights changed most put back. "
           f"Row `{LAYER_LR_KEY}`: per-block learning rates lr × w, w ∝ ablate_nll importance^1 with mean 1 over blocks "
-          f"(from {min(lrs.values()):.2g} to {max(lrs.values()):.2g}), embeddings/head/norm at lr; τ = 1 fixed before the run.", "",
+          f"(block rates {min(lrs.values()):.2g} to {max(lrs.values()):.2g} for lr {args.lr:g}), embeddings/head/norm at lr; τ = 1 fixed before the run.", "",
           "| strategy | gain (nats) | forgetting (nats) | KL on 2nd corpus | + restore: gain | + restore: forgetting | trainable params | optimizer state MB | memory added MB | s/step |",
           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.runs:
