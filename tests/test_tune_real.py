@@ -19,15 +19,20 @@ def _train_nll(model, data: tune.TuneData) -> float:
 
 
 def test_strategies_lower_the_training_loss(real_cache):
+    """Each strategy, per-block learning rates from a (cheap, block-influence) Profile, and bf16 (CPU; no CUDA here)."""
+    from layerwise import profile
+
     lm = load("default", device="cpu")
     data = tune.tuning_data("builtin:pydoc", lm.tokenizer, seq_len=64, samples=2, eval_samples=2)
     snap = tune.Snapshot(list(lm.model.parameters()))
     before = _train_nll(lm.model, data)
-    for select, lr in (("lisa", 2e-4), ("adaptive", 2e-4), ("lora", 1e-3)):
+    rates = tune.layer_rates(profile(lm, data.as_windows(), ablation="none", lens=False, progress=False), "bi", "block", 1.0)
+    for select, lr, r_lr in (("lisa", 2e-4, None), ("adaptive", 2e-4, None), ("lora", 1e-3, None), ("lisa", 2e-4, rates)):
         snap.reset()
-        r = tune.train(lm, data, select=select, active=2, interval=1, steps=2, lr=lr, batch_size=2, progress=False)
+        r = tune.train(lm, data, select=select, active=2, interval=1, steps=2, lr=lr, batch_size=2, progress=False, rates=r_lr)
         after = _train_nll(r.model, data)
         assert after < before - 0.01, f"{select}: {before:.4f} -> {after:.4f}"
+        assert r.unit_lr == ({u: lr * w for u, w in rates.items()} if r_lr else {})
         s = r.summary()
         if select == "lisa":  # 2 blocks + the tied embedding (counted once) + final norm; Adam keeps two moments of each
             emb = lm.model.model.embed_tokens.weight.numel()
@@ -35,6 +40,12 @@ def test_strategies_lower_the_training_loss(real_cache):
             assert s["trainable_params_max"] < emb + 2 * 3.6e6 and s["optimizer_state_bytes_max"] <= 8 * s["trainable_params_max"] + 64 * 100
         if select == "lora":
             lm.model = r.model.unload()
+    snap.reset()
+    lm.model.to(torch.bfloat16)  # as load(dtype="bfloat16") gives it
+    before = _train_nll(lm.model, data)
+    tune.train(lm, data, select="lisa", active=2, interval=1, steps=2, lr=1e-3, batch_size=2, progress=False)
+    after = _train_nll(lm.model, data)
+    assert {p.dtype for p in lm.model.parameters()} == {torch.bfloat16} and after < before - 0.01, f"bf16: {before:.4f} -> {after:.4f}"
 
 
 def test_cli_chat_run_saves_a_model_that_reloads_and_generates(real_cache, tmp_path, capsys):
