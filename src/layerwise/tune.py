@@ -46,8 +46,9 @@ and it trains in bf16 as it is: weights, gradients and AdamW moments all in
 bf16 (no float32 master copy, so updates smaller than half a bf16 step of a
 weight are lost: prefer a larger ``lr`` or float32 for very small rates); the
 checkpoint is saved in bf16 too (safetensors tensors and ``config.json``
-``dtype``). Verified on CPU only (tests/test_tune.py, a tiny model: loss
-falls, checkpoint bf16); no CUDA device was available to verify it there.
+``dtype``). Verified on CPU only (tests: the training loss falls on a tiny
+model and on the default model; the tiny model's checkpoint is bf16); no
+CUDA device was available to verify it there.
 
 The schedule is a function of (seed, step) for every mode except
 ``adaptive``, whose scores and current units are saved with a Trainer
