@@ -24,7 +24,7 @@ How close auto comes to the sweep's best: the best block at auto's own alpha
 (largest VADER shift), and the best row of the whole run whose KL is no more
 than auto's (the most effect for at most the same cost).
 
-Usage: python benchmarks/steer_sweep.py [--alphas 0.03125,0.0625,0.125,0.25,0.5 --dose-layers L6,L12,L18,L24 --device cpu]
+Usage: python benchmarks/steer_sweep.py [--alphas 0.0625,0.125,0.25,0.5 --dose-layers L6,L12,L18,L24 --device cpu]
 Writes benchmarks/results/steer_sweep.md, steer_sweep.png and steer_sweep.json.
 """
 
@@ -48,7 +48,7 @@ from layerwise.report.steer import dose_figure
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--alphas", default="0.03125,0.0625,0.125,0.25,0.5", help="dose-response multiples at the auto block and --dose-layers")
+    ap.add_argument("--alphas", default="0.0625,0.125,0.25,0.5", help="dose-response multiples at the auto block and --dose-layers")
     ap.add_argument("--dose-layers", default="L6,L12,L18,L24", help="blocks swept over --alphas besides the auto block (fixed a priori)")
     ap.add_argument("--pairs", type=int, default=24)
     ap.add_argument("--report-prompts", type=int, default=40, help="fresh report prompts (sentiment.report_prompts)")
