@@ -248,6 +248,12 @@ def test_run_reports_on_the_report_prompts_and_sweeps_the_dose_layers(tmp_path):
 
     saved = json.loads((tmp_path / "s" / "steer.json").read_text())
     assert saved["choice"]["prompts"]["report"] == report.prompts and saved["choice"]["split"]["n_prompts_report"] == 3
+    from layerwise.report.steer import dose_figure, render
+
+    labels = dose_figure(report).axes[0].get_legend_handles_labels()[1]
+    swept = sorted({best, "L1"}, key=lambda u: int(u[1:]))
+    assert sorted(labels) == sorted(["other layers, one alpha", *swept, "chosen"]), labels
+    assert "3 report prompts" in render(report) and "3 other prompts calibrated alpha, 3 development prompts were not used" in render(report)
     plain = run(lm, pairs, prompts, tiny_windows(2, 8).ids, layers="L1", alpha=0.5, new_tokens=2)
     assert plain.prompts == [prompts[i] for i in dev] and plain.choice["prompts"]["development"] == []
 
