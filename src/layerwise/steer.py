@@ -24,8 +24,19 @@ Which layer (``layers="auto"``): the positive/negative pairs are split by
 and a held-out half, on which the direction's separation is measured (Cohen's
 d of the projections, and the share of pairs whose positive projects above its
 negative); the best-separating block is chosen. The saved vector is then refit
-on all pairs. Effects are reported on held-out prompts, never the calibration
-prompts that chose ``alpha``; cost on ``builtin:pydoc`` evaluation windows.
+on all pairs.
+
+Which prompts do what: ``prompts`` are split by :func:`split` (seed + 1); the
+first part is the *calibration* set that chooses ``alpha``. Effects are
+reported on ``report_prompts`` when they are given, and the second part of
+``prompts`` is then *development* text that this run does not use (the
+built-in demo: its 16 ``PROMPTS`` shaped the defaults, so its effects are
+reported on fresh prompts, :func:`layerwise.corpora.sentiment.report_prompts`);
+without ``report_prompts`` the second part is the report set. ``steer.json``
+records every set under ``choice.prompts``. The defaults (``target`` 2 nats,
+:data:`ALPHA_GRID`, :data:`DEFAULT_ALPHA`) were fixed before the built-in
+report prompts existed and have not been changed after seeing results on them.
+Cost is measured on ``builtin:pydoc`` evaluation windows.
 """
 
 from __future__ import annotations
@@ -396,22 +407,42 @@ def _pad(seqs: Sequence[Sequence[int]], pad: int, left: bool) -> tuple[torch.Ten
 
 @torch.no_grad()
 def margins(lm: LoadedModel, prompts: list[list[int]], conts: list[tuple[list[int], list[int]]], *, batch_size: int = 32) -> torch.Tensor:
-    """Per prompt, the mean over continuation pairs of log p(positive | prompt) - log p(negative | prompt) (summed over tokens)."""
-    seqs, spans = [], []
+    """Per prompt, the mean over continuation pairs of log p(positive | prompt) - log p(negative | prompt) (summed over tokens).
+
+    The tokens a pair shares before its texts differ have the same log-probability in both and cancel, so the prompt and
+    that shared part are run once (their KV cache kept) and only the two differing tails are scored from it.
+    """
+    heads, tails = [], []
     for p in prompts:
-        for c in (x for pair in conts for x in pair):
-            seqs.append(p + c)
-            spans.append((len(p), len(p) + len(c)))
-    logp = torch.empty(len(seqs), dtype=torch.float64)
-    for start in range(0, len(seqs), batch_size):
-        chunk = seqs[start:start + batch_size]
-        x, mask = _pad(chunk, 0, left=False)
-        lp = torch.log_softmax(lm.model(input_ids=x.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False).logits.float(), -1).cpu()
-        for j, (a, b) in enumerate(spans[start:start + batch_size]):
-            tok = x[j, a:b]
-            logp[start + j] = lp[j, a - 1:b - 1].gather(1, tok[:, None]).sum().double()
-    per = logp.view(len(prompts), len(conts), 2)
-    return (per[..., 0] - per[..., 1]).mean(1)
+        for pos, neg in conts:
+            k = next((i for i, (a, b) in enumerate(zip(pos, neg)) if a != b), min(len(pos), len(neg)))
+            heads.append(p + pos[:k])
+            tails.append((pos[k:], neg[k:]))
+    out = torch.cat([_tail_margins(lm, heads[i:i + batch_size], tails[i:i + batch_size]) for i in range(0, len(heads), batch_size)])
+    return out.view(len(prompts), len(conts)).mean(1)
+
+
+def _tail_margins(lm: LoadedModel, heads: list[list[int]], tails: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+    """log p(positive tail | head) - log p(negative tail | head) per row: heads left-padded with a cache, tails right-padded after it."""
+    x, mask = _pad(heads, 0, left=True)
+    where = (mask.cumsum(1) - 1).clamp(min=0)
+    run = lm.model(input_ids=x.to(lm.device), attention_mask=mask.to(lm.device), position_ids=where.to(lm.device), use_cache=True)
+    first = torch.log_softmax(run.logits[:, -1].float(), -1).cpu().repeat_interleave(2, 0)  # predicts each tail's first token
+    seqs = [t for pair in tails for t in pair]  # positive, negative, ... matching the repeated cache rows
+    logp = torch.zeros(len(seqs), dtype=torch.float64)
+    width = max(len(t) for t in seqs)
+    if width > 1:
+        cache = run.past_key_values
+        cache.batch_repeat_interleave(2)
+        y, ymask = _pad([t or [0] for t in seqs], 0, left=False)
+        ypos = where[:, -1:].repeat_interleave(2, 0) + 1 + torch.arange(y.shape[1])
+        full = torch.cat([mask.repeat_interleave(2, 0), ymask], 1)
+        rest = torch.log_softmax(lm.model(input_ids=y.to(lm.device), attention_mask=full.to(lm.device), position_ids=ypos.to(lm.device),
+                                          past_key_values=cache, use_cache=True).logits.float(), -1).cpu()
+    for j, t in enumerate(seqs):
+        if t:
+            logp[j] = float(first[j, t[0]]) + (float(rest[j, torch.arange(len(t) - 1), torch.tensor(t[1:])].sum()) if len(t) > 1 else 0.0)
+    return logp[0::2] - logp[1::2]
 
 
 @torch.no_grad()
@@ -432,22 +463,26 @@ def _mean_se(values: Sequence[float]) -> tuple[float, float | None]:
 
 @dataclass
 class Prompts:
-    """Token ids of the prompts that measure the effect, and of the continuation pairs scored after them."""
+    """Token ids of the calibration and report prompts, of the continuation pairs scored after them, and every set's texts by role."""
 
     calibration: list[list[int]]
-    held_out: list[list[int]]
-    held_out_text: list[str]
+    report: list[list[int]]
     conts: list[tuple[list[int], list[int]]]
+    roles: dict[str, list[str]]  # calibration / development / report texts, saved in steer.json
 
 
 def prompt_sets(lm: LoadedModel, prompts: Sequence[str], pairs: Sequence[tuple[str, str]], held_pairs: list[int], *, seed: int,
-                max_continuations: int = 4) -> Prompts:
-    """Split the prompts (:func:`split`, seed + 1) and tokenize the held-out pairs as continuations (a leading space, no special tokens)."""
+                report: Sequence[str] | None = None, max_continuations: int = 4) -> Prompts:
+    """Split ``prompts`` (:func:`split`, seed + 1) into calibration and development/report parts (module docstring), tokenize
+    the report set (``report`` when given) and the held-out pairs as continuations (a leading space, no special tokens)."""
     prompts = list(prompts)
-    ids, _ = tokenize(lm, prompts)
-    cal, held = split(len(prompts), seed + 1)
+    cal, second = split(len(prompts), seed + 1)
+    roles = {"calibration": [prompts[i] for i in cal], "development": [prompts[i] for i in second] if report is not None else [],
+             "report": list(report) if report is not None else [prompts[i] for i in second]}
+    if not roles["report"] or any(not p.strip() for p in roles["report"]):
+        raise LayerwiseError("the report prompts are empty or hold an empty line; give at least one prompt, one per line")
     conts = [tuple(lm.tokenizer(" " + t, add_special_tokens=False)["input_ids"] for t in pairs[i]) for i in held_pairs[:max_continuations]]
-    return Prompts([ids[i] for i in cal], [ids[i] for i in held], [prompts[i] for i in held], conts)  # type: ignore[arg-type]
+    return Prompts(tokenize(lm, roles["calibration"])[0], tokenize(lm, roles["report"])[0], conts, roles)  # type: ignore[arg-type]
 
 
 def choose_alpha(lm: LoadedModel, vec: SteeringVector, ps: Prompts, *, target: float = 2.0, grid: Sequence[float] = ALPHA_GRID) -> dict:
@@ -465,10 +500,10 @@ def choose_alpha(lm: LoadedModel, vec: SteeringVector, ps: Prompts, *, target: f
 
 def measure(lm: LoadedModel, f: Fit, configs: list[tuple[tuple[str, ...], float]], ps: Prompts, eval_ids: torch.Tensor, *,
             new_tokens: int = 24, scorer: Callable[[str], float] | None = None, batch_size: int = 4, progress: bool = False) -> dict:
-    """Effect on held-out prompts and cost on neutral windows for every (units, alpha), each ± SE.
+    """Effect on the report prompts and cost on neutral windows for every (units, alpha), each ± SE.
 
     Effects, each the paired difference steered minus unsteered across the
-    held-out prompts: the log-prob margin of the positive over the negative
+    report prompts: the log-prob margin of the positive over the negative
     continuations; the projection of the last block's readout at the
     prompt's last token onto that block's direction, in units of its
     positive-negative gap (1.0 = as far as from a negative text to a
@@ -480,9 +515,9 @@ def measure(lm: LoadedModel, f: Fit, configs: list[tuple[tuple[str, ...], float]
     last = f"L{lm.anatomy.n_layers - 1}"
 
     def effects() -> dict:
-        proj = collect_ids(lm, ps.held_out, units=[last], read="last").values[last] @ f.directions[last] / f.gaps[last]
-        texts = generate(lm, ps.held_out, new_tokens) if scorer else []
-        return {"margin": margins(lm, ps.held_out, ps.conts).tolist(), "proj": proj.tolist(), "texts": texts,
+        proj = collect_ids(lm, ps.report, units=[last], read="last").values[last] @ f.directions[last] / f.gaps[last]
+        texts = generate(lm, ps.report, new_tokens) if scorer else []
+        return {"margin": margins(lm, ps.report, ps.conts).tolist(), "proj": proj.tolist(), "texts": texts,
                 "score": [scorer(t) for t in texts] if scorer else []}
 
     base = effects()
@@ -592,11 +627,18 @@ class SteerReport:
         return load_result(cls, path, "steer.json", "steer")
 
 
-def run(lm: LoadedModel, pairs: Sequence[tuple[str, str]], prompts: Sequence[str], eval_ids: torch.Tensor, *, method: str = "diffmean",
-        layers: str = "auto", alpha: float | str = "auto", sweep_alphas: Sequence[float] = (), read: str = "last", seed: int = 0,
+def run(lm: LoadedModel, pairs: Sequence[tuple[str, str]], prompts: Sequence[str], eval_ids: torch.Tensor, *, report_prompts: Sequence[str] | None = None,
+        method: str = "diffmean",
+        layers: str = "auto", alpha: float | str = "auto", sweep_alphas: Sequence[float] = (), sweep_layers: str | None = None,
+        read: str = "last", seed: int = 0,
         target: float = 2.0, probe: str | None = None, scorer: Callable[[str], float] | None = None, new_tokens: int = 24,
         export: Sequence[str] = (), out: str | Path | None = None, batch_size: int = 4, progress: bool = False, data: dict | None = None) -> SteerReport:
-    """Fit, choose the layer and the strength, measure every swept (layer, alpha), write the vector, report and exports."""
+    """Fit, choose the layer and the strength, measure every swept (layer, alpha), write the vector, report and exports.
+
+    ``prompts`` calibrate ``alpha="auto"``; effects are measured on ``report_prompts`` (module docstring: which set is which).
+    ``sweep_alphas`` are measured at every variant of ``layers``; with ``sweep_layers`` (a layer spec) they are measured at
+    the chosen units and those layers instead, and every variant of ``layers`` once at the chosen alpha.
+    """
     start = time.perf_counter()
     unknown = set(export) - {"gguf"}
     if unknown:
@@ -604,6 +646,7 @@ def run(lm: LoadedModel, pairs: Sequence[tuple[str, str]], prompts: Sequence[str
     sweep = [_check_alpha(a) for a in sweep_alphas]
     fixed = None if alpha == "auto" else _check_alpha(alpha)  # type: ignore[arg-type]
     variants = parse_layers(layers, lm.anatomy.n_layers)
+    also_swept = None if sweep_layers is None else parse_layers(sweep_layers, lm.anatomy.n_layers) or []
     if "gguf" in export and any("L0" in v for v in variants or []):
         raise LayerwiseError("llama.cpp control vectors cannot steer L0 (its first slot, direction.1, is block 1's output); choose layers from L1 on")
     f = fit(lm, pairs, method=method, read=read, seed=seed, probe=probe, batch_size=2 * batch_size, progress=progress)
@@ -611,23 +654,29 @@ def run(lm: LoadedModel, pairs: Sequence[tuple[str, str]], prompts: Sequence[str
     if "gguf" in export and variants is None:
         ranking = [r for r in ranking if r["units"] != ["L0"]]  # llama.cpp cannot take it
     chosen = tuple(ranking[0]["units"])
-    ps = prompt_sets(lm, prompts, pairs, f.held_out, seed=seed)
+    ps = prompt_sets(lm, prompts, pairs, f.held_out, seed=seed, report=report_prompts)
     probe_vec = f.vector(chosen, lm, DEFAULT_ALPHA, {})
     alpha_choice = choose_alpha(lm, probe_vec, ps, target=target) if fixed is None else {"alpha": fixed, "given": True}
     a = float(alpha_choice["alpha"])
-    configs = [(tuple(r["units"]), s) for r in ([{"units": list(v)} for v in variants] if variants else [{"units": list(chosen)}]) for s in (sweep or [a])]
-    if (chosen, a) not in configs:
-        configs.append((chosen, a))
+    listed = variants or [chosen]
+    if also_swept is None:
+        configs = [(v, s) for v in listed for s in (sweep or [a])]
+    else:
+        configs = [(v, a) for v in listed] + [(v, s) for v in [chosen, *also_swept] for s in sweep]
+    configs = list(dict.fromkeys([*configs, (chosen, a)]))
     m = measure(lm, f, configs, ps, eval_ids, new_tokens=new_tokens, scorer=scorer, batch_size=batch_size, progress=progress)
     choice = {"layers": layers, "chosen": list(chosen), "chosen_key": _key(chosen, a), "alpha": alpha_choice, "ranking": ranking,
               "split": {"rule": "torch.randperm(n) under manual_seed(seed); first ceil(n/2) calibrate, rest held out; prompts: seed + 1",
                         "pairs_calibration": f.calibration, "pairs_held_out": f.held_out, "n_prompts_calibration": len(ps.calibration),
-                        "n_prompts_held_out": len(ps.held_out), "n_continuation_pairs": len(ps.conts)},
+                        "n_prompts_development": len(ps.roles["development"]), "n_prompts_report": len(ps.report),
+                        "n_continuation_pairs": len(ps.conts)},
+              "prompts": {"uses": {"calibration": "chooses alpha='auto'", "development": "not used by this run (the built-in demo's: looked at while the defaults were set)",
+                                   "report": "every reported effect"}, **ps.roles},
               "scales": f.scales, "gaps": f.gaps}
     meta = run_meta(lm, seed, batch_size, data=data or {}, method=method, read=read, target=target, new_tokens=new_tokens,
                     eval_windows=int(eval_ids.shape[0]), eval_seq_len=int(eval_ids.shape[1]), wall_time_s=round(time.perf_counter() - start, 3))
     vec = f.vector(chosen, lm, a, meta)
-    report = SteerReport(meta=meta, vector=vec.to_dict(), choice=choice, unsteered=m["unsteered"], rows=m["rows"], prompts=ps.held_out_text, exports={})
+    report = SteerReport(meta=meta, vector=vec.to_dict(), choice=choice, unsteered=m["unsteered"], rows=m["rows"], prompts=ps.roles["report"], exports={})
     if out is not None:
         _write(vec, report, lm, Path(out), export)
     return report

