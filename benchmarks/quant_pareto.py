@@ -57,6 +57,14 @@ def family_rows(lm, w, cands, budgets, strategies, eval_ids, prof, extra=()):
     return rows, original, plan_s, meas
 
 
+def int_uniforms(within: float | None = None) -> list:
+    """Uniform integer plans as rivals: every bit width and group size, or only those within ``within`` bits per weight."""
+    configs = [f"a{b}g{g}" for b in (2, 3, 4, 5, 8) for g in (32, 64, 128)]
+    if within is not None:  # a uniform plan above every budget is no rival (and a GPTQ one costs a pass)
+        configs = [c for c in configs if QConfig(int(c[1]), int(c[3:])).bits_per_weight(576) <= within]
+    return [lambda m, c=c: fixed(m, {k: c for k in m.groups}, f"uniform:{c}") for c in configs]
+
+
 def lwq_curve(lm, w, meas, cands, eval_ids, order: list[int]) -> list[dict]:
     """Blocks lowered from a4g64 to a2g64 in three orders, 0 to all of them."""
     L = lm.anatomy.n_layers
@@ -145,11 +153,7 @@ def main() -> None:
     for method in args.methods.split(",") if args.methods else []:
         cands = qz.candidates_for(lm, "int", method=method)
         budgets = INT_BUDGETS if method == "rtn" else [float(b) for b in args.gptq_budgets.split(",")]
-        configs = [f"a{b}g{g}" for b in (2, 3, 4, 5, 8) for g in (32, 64, 128)]
-        if method == "gptq":  # a uniform plan above every budget is no rival, and each costs a GPTQ pass
-            configs = [c for c in configs if QConfig(int(c[1]), int(c[3:])).bits_per_weight(576) <= max(budgets)]
-        uniforms = [lambda m, c=c: fixed(m, {k: c for k in m.groups}, f"uniform:{c}") for c in configs]
-        rows, original, plan_s, meas = family_rows(lm, w, cands, budgets, STRATEGIES, eval_ids, prof, uniforms)
+        rows, original, plan_s, meas = family_rows(lm, w, cands, budgets, STRATEGIES, eval_ids, prof, int_uniforms(max(budgets) if method == "gptq" else None))
         ints[method] = {"rows": rows, "original": original, "measure_and_plan_s": plan_s}
         lines += [f"## Integer codes, {method.upper()} (original perplexity {original['ppl']:.2f})", "",
                   f"Measurement of 120 fused groups x {len(cands.names)} configs plus all plans: {plan_s:.0f} s.", ""]
