@@ -85,7 +85,8 @@ def section(title: str, sets: list[list[dict]], budgets: list[float], refs: list
     lines = []
     for name, rows, ref in zip(SETS, sets, refs):
         lines += [f"### {title}: {name} (original perplexity {math.exp(sum(ref) / len(ref)):.2f}, {len(ref)} windows)", ""]
-        lines += table(rows, budgets, STRATEGIES) + [""] + uniform_lines(rows) + [""]
+        lines += table(rows, budgets, STRATEGIES) + [""] + uniform_lines(rows)
+        lines += ["", "(KL is the mean over both report sets' tokens together; perplexity and verdicts are this set's.)", ""]
         base = [r for r in rows if r["strategy"].startswith("uniform") or r["strategy"] in rivals_extra]
         lines += verdict(rows, budgets, ["ranked:bi", "ranked:random"], base) + [""]
     return lines
