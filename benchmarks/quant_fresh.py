@@ -125,8 +125,8 @@ def main() -> None:
              f"Report sets, used for nothing but this table: pydoc evaluation windows {args.skip}-{args.skip + len(fresh) - 1} "
              f"({len(fresh)} windows) and the first {len(second)} windows of {args.second} (text sha256 {second_w.data_hash[:16]}). "
              "Cells: perplexity (bits per weight); uniform plans are listed where they fit the largest budget, as rivals."
-             + ("" if "gptq" in args.methods else " GPTQ was not re-run (`--methods rtn,gptq` adds it; on a 2-core CPU its measurement "
-                "takes hours), so its verdicts stay those of quant_pareto_gptq.md."), ""]
+             + ("" if "gptq" in args.methods else " GPTQ is left out of this run (on a 2-core CPU it takes over an hour); "
+                "`--methods gptq --skip-gguf --name quant_fresh_gptq` runs it apart, into quant_fresh_gptq.md."), ""]
     result: dict = {"meta": {"date": str(date.today()), "machine": platform.machine(), "device": dev, "torch": torch.__version__,
                              **{k: getattr(args, k) for k in ("samples", "skip", "second", "seq_len", "methods", "rtn_budgets", "gptq_budgets")},
                              "report_windows": sizes, "second_data_hash": second_w.data_hash, "command": sys.argv}, "families": {}}
