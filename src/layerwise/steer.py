@@ -628,9 +628,8 @@ class SteerReport:
 
 
 def run(lm: LoadedModel, pairs: Sequence[tuple[str, str]], prompts: Sequence[str], eval_ids: torch.Tensor, *, report_prompts: Sequence[str] | None = None,
-        method: str = "diffmean",
-        layers: str = "auto", alpha: float | str = "auto", sweep_alphas: Sequence[float] = (), sweep_layers: str | None = None,
-        read: str = "last", seed: int = 0,
+        method: str = "diffmean", layers: str = "auto", alpha: float | str = "auto", sweep_alphas: Sequence[float] = (),
+        sweep_layers: str | None = None, read: str = "last", seed: int = 0,
         target: float = 2.0, probe: str | None = None, scorer: Callable[[str], float] | None = None, new_tokens: int = 24,
         export: Sequence[str] = (), out: str | Path | None = None, batch_size: int = 4, progress: bool = False, data: dict | None = None) -> SteerReport:
     """Fit, choose the layer and the strength, measure every swept (layer, alpha), write the vector, report and exports.
@@ -666,7 +665,8 @@ def run(lm: LoadedModel, pairs: Sequence[tuple[str, str]], prompts: Sequence[str
     configs = list(dict.fromkeys([*configs, (chosen, a)]))
     m = measure(lm, f, configs, ps, eval_ids, new_tokens=new_tokens, scorer=scorer, batch_size=batch_size, progress=progress)
     choice = {"layers": layers, "chosen": list(chosen), "chosen_key": _key(chosen, a), "alpha": alpha_choice, "ranking": ranking,
-              "split": {"rule": "torch.randperm(n) under manual_seed(seed); first ceil(n/2) calibrate, rest held out; prompts: seed + 1",
+              "split": {"rule": "torch.randperm(n) under manual_seed(seed); first ceil(n/2) calibrate, the rest are held out "
+                                "(pairs: rank the layers); prompts: seed + 1, the rest are development when report prompts are given, else the report set",
                         "pairs_calibration": f.calibration, "pairs_held_out": f.held_out, "n_prompts_calibration": len(ps.calibration),
                         "n_prompts_development": len(ps.roles["development"]), "n_prompts_report": len(ps.report),
                         "n_continuation_pairs": len(ps.conts)},
