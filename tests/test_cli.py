@@ -91,14 +91,22 @@ def test_version_and_each_help_shows_defaults_and_only_its_examples(capsys):
     assert "(default: bi)" in out and "(default: None)" not in out and "(default: False)" not in out
 
 
-def test_interrupt_message_is_true_about_kept_files(monkeypatch, capsys):
+def test_interrupt_message_is_true_about_kept_files(monkeypatch, capsys, tmp_path):
     def interrupted(args):
+        if args.cmd == "quantize" and args.bits == 4:
+            (tmp_path / "q").mkdir()
+            (tmp_path / "q" / "measurement.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_quantize", interrupted)
-    assert cli.main(["quantize", "--bits", "4"]) == 130
+    for name in ("_quantize", "_profile"):
+        monkeypatch.setattr(cli, name, interrupted)
+    assert cli.main(["quantize", "--bits", "4", "--out", str(tmp_path / "q")]) == 130
     err = capsys.readouterr().err
     assert "no partial output" not in err and "measurement.json is kept" in err
+    for cmd in (["quantize", "--bits", "5"], ["profile"]):  # runs that wrote no measurement do not claim one
+        assert cli.main([*cmd, "--out", str(tmp_path / "other")]) == 130
+        err = capsys.readouterr().err
+        assert "every file written is whole" in err and "measurement.json" not in err
 
 
 def test_summary_prints_unmeasured_values_as_dashes(capsys):

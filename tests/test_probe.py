@@ -210,5 +210,5 @@ def test_builtin_cities_rule():
 
 def test_subset_too_small_is_one_error(tmp_path):
     path = _write(tmp_path / "three.jsonl", "\n".join(json.dumps({"text": f"t{i}", "label": i % 3}) for i in range(12)))
-    with pytest.raises(LayerwiseError, match="stratified subset of n=2"):
+    with pytest.raises(LayerwiseError, match="stratified subset of 2 examples.*larger `examples`"):
         read_examples(path, n=2)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import re
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import LayerwiseError
@@ -64,6 +66,42 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpF
         return super()._get_help_string(action)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``main`` prints them): what is wrong and where the options are listed, no usage dump."""
+
+    def error(self, message: str):  # type: ignore[override]
+        message = re.sub(r"^argument ([^:]+): (must|takes) ", r"\1 \2 ", message)
+        raise LayerwiseError(f"{message} (see {self.prog} --help)")
+
+
+def _count(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``low``, checked when parsed."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes a whole number (got {text!r})") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low} (got {value})")
+        return value
+    return parse
+
+
+def _real(low: float | None = None, *, above: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number, at least ``low`` (greater than it with ``above``), checked when parsed."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes a number (got {text!r})") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number (got {text!r})")
+        if low is not None and (value <= low if above else value < low):
+            raise argparse.ArgumentTypeError(f"must be {'greater than' if above else 'at least'} {low:g} (got {text})")
+        return value
+    return parse
+
+
 def _examples(*cmds: str) -> str:
     return "examples:\n" + "".join(EXAMPLES[c] for c in cmds)
 
@@ -74,21 +112,28 @@ FLAGS = {"n": "--n", "unit": "--unit", "units": "--units", "order": "--order", "
          "group_size": "--group-size", "symmetric": "--symmetric", "strategies": "--strategy", "budgets": "--bits or --sweep",
          "ablation": "--ablation", "seq_len": "--seq-len", "samples": "--samples", "batch_size": "--batch-size",
          "eval_samples": "--eval-samples", "key": "--plan FILE#KEY", "windows": "--data, --seq-len and --samples",
-         "attention": "--attention", "dtype": "--dtype", "device": "--device", "ref": "--model"}
+         "attention": "--attention", "dtype": "--dtype", "device": "--device", "ref": "--model", "encoding": "--encoding",
+         "out": "--out", "steps": "--steps", "grad_accum": "--grad-accum", "examples": "--examples"}
+
+#: Where a subcommand's flag for an API argument differs from FLAGS: probe's measured profile has its own window options.
+COMMAND_FLAGS = {"probe": {"seq_len": "--profile-seq-len", "samples": "--profile-samples", "windows": "--profile-seq-len and --profile-samples"},
+                 "steer": {"windows": "--eval-data, --seq-len and --samples"}}
 
 
-def _flags(message: str) -> str:
-    """An API error message as the CLI's user reads it: each `argument` becomes its flag."""
-    return re.sub(r"`(\w+)`", lambda m: FLAGS.get(m.group(1), m.group(1)), message)
+def _flags(message: str, cmd: str = "") -> str:
+    """An API error message as the CLI's user of ``cmd`` reads it: each `argument` becomes that command's flag."""
+    flags = {**FLAGS, **COMMAND_FLAGS.get(cmd, {})}
+    return re.sub(r"`(\w+)`", lambda m: flags.get(m.group(1), m.group(1)), message)
 
 
 def _inputs(p: argparse.ArgumentParser, *, samples_help: str, out: str) -> None:
     """Options every model-running subcommand shares: model, data, windows, device, output."""
     p.add_argument("--model", default="default", help="HF directory, hub id, FILE.gguf or 'default'")
-    p.add_argument("--data", default="builtin:pydoc", help="FILE.txt, DIR, FILE.jsonl or builtin:pydoc")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per window")
-    p.add_argument("--samples", type=int, default=16, help=samples_help)
-    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--data", default="builtin:pydoc", help="a text file, a folder of text files, FILE.jsonl or builtin:pydoc")
+    p.add_argument("--encoding", help="for text files that are neither UTF-8 nor marked by a byte-order mark, e.g. latin-1 or cp1252")
+    p.add_argument("--seq-len", type=_count(2), default=256, help="tokens per window")
+    p.add_argument("--samples", type=_count(1), default=16, help=samples_help)
+    p.add_argument("--batch-size", type=_count(1), default=4, help="windows per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="the weights' dtype when loaded")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off by default)")
@@ -100,14 +145,14 @@ def _action(sub, name: str, help: str, samples_help: str) -> argparse.ArgumentPa
     """A subcommand that changes the model and checks the result on held-out windows."""
     p = sub.add_parser(name, help=help, description=help, epilog=_examples(name), formatter_class=_Help)
     _inputs(p, samples_help=samples_help, out=f"runs/{name}")
-    p.add_argument("--eval-samples", type=int, default=16, help="held-out windows for perplexity and KL")
+    p.add_argument("--eval-samples", type=_count(1), default=16, help="held-out windows for perplexity and KL")
     return p
 
 
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = argparse.ArgumentParser(prog="layerwise", description="Measure how much every layer and sublayer matters.",
+    p = _Parser(prog="layerwise", description="Measure how much every layer and sublayer matters.",
                                 epilog=_examples(*EXAMPLES), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"layerwise {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -116,17 +161,17 @@ def _parser() -> argparse.ArgumentParser:
     _inputs(pr, samples_help="calibration windows", out="runs/profile")
     pr.add_argument("--ablation", choices=["exact", "taylor", "none"], default="exact")
     pr.add_argument("--no-lens", action="store_true", help="skip the logit lens (one head projection per block)")
-    pr.add_argument("--positions", type=int, default=64,
+    pr.add_argument("--positions", type=_count(0), default=64,
                     help="score the logit lens and exact ablation at this many random positions per window (default 64; 0: all)")
-    pr.add_argument("--ablation-samples", type=int, default=4,
+    pr.add_argument("--ablation-samples", type=_count(0), default=4,
                     help="exact ablation on the first N calibration windows, whole batches (default 4; 0: all --samples)")
-    pr.add_argument("--seed", type=int, default=0, help="for the sampled positions; also seeds torch before the pass (recorded in profile.json)")
+    pr.add_argument("--seed", type=_count(0), default=0, help="for the sampled positions; also seeds torch before the pass (recorded in profile.json)")
     pr.add_argument("--attention", action="store_true",
                     help="per-head attention entropy, query-key distance and sink mass (runs eager attention: slower, more memory)")
     dr = _action(sub, "drop", "remove blocks or sublayers, save the smaller model, measure cost and speedup",
                  "calibration windows (for measuring the order)")
     what = dr.add_mutually_exclusive_group()
-    what.add_argument("--n", type=int, help="how many units to drop (4 when neither --sweep, --units nor --plan is given)")
+    what.add_argument("--n", type=_count(1), help="how many units to drop (4 when neither --sweep, --units nor --plan is given)")
     what.add_argument("--sweep", help="comma-separated counts, e.g. 1,2,4,8: evaluate each, save no model")
     what.add_argument("--units", help="drop exactly these units, e.g. L3,L7.attn")
     what.add_argument("--plan", help="a saved drop plan (plan.json of an earlier run; FILE#KEY picks one of a sweep): export it, measure nothing")
@@ -136,13 +181,13 @@ def _parser() -> argparse.ArgumentParser:
                     "random or contiguous; comma-separated with --sweep")
     dr.add_argument("--iterative", action="store_true", help="re-measure the order's metric after each drop")
     dr.add_argument("--profile", help="profile.json to rank by (must come from this model); measured if absent")
-    dr.add_argument("--seed", type=int, default=0, help="for --order random")
+    dr.add_argument("--seed", type=_count(0), default=0, help="for --order random")
     dr.add_argument("--export", default="hf", help="hf, gguf (GGUF source models only), both as hf,gguf, or none")
     dr.add_argument("--no-speed", action="store_true", help="skip the tokens-per-second measurement")
     qz = _action(sub, "quantize", "mixed precision at any fractional bit budget, evaluated and exported",
                  "calibration windows (for the measurement)")
     budget = qz.add_mutually_exclusive_group()
-    budget.add_argument("--bits", type=float, help="target bits per weight over the quantized tensors, scales included (e.g. 4.6)")
+    budget.add_argument("--bits", type=_real(0, above=True), help="target bits per weight over the quantized tensors, scales included (e.g. 4.6)")
     budget.add_argument("--sweep", help="comma-separated budgets, e.g. 4.6,5,5.5: evaluate each, export nothing")
     budget.add_argument("--plan", help="a saved quantize plan (plan.json of an earlier run; FILE#KEY picks one of a sweep): "
                         "export it (--export), measure nothing")
@@ -150,34 +195,34 @@ def _parser() -> argparse.ArgumentParser:
                     "ranked:random, uniform or q4km; comma-separated")
     qz.add_argument("--format", default="gguf", choices=["gguf", "int"], help="llama.cpp's GGUF types, or integer codes with group scales")
     qz.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="--format int: round to nearest or GPTQ")
-    qz.add_argument("--group-size", type=int, help="--format int: one group size (default: candidates at 32, 64 and 128)")
+    qz.add_argument("--group-size", type=_count(1), help="--format int: one group size (default: candidates at 32, 64 and 128)")
     qz.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
                     help="--format int: symmetric codes (no zero points); the default with --export hf, which needs them")
     qz.add_argument("--export", help="gguf,recipe (--format gguf) or hf (--format int: compressed-tensors); the format's all for one plan; none")
     qz.add_argument("--profile", help="profile.json for ranked:METRIC (must come from this model); measured if absent")
-    qz.add_argument("--seed", type=int, default=0, help="for ranked:random")
+    qz.add_argument("--seed", type=_count(0), default=0, help="for ranked:random")
     tu = _action(sub, "tune", "train only the layers that matter (LISA, importance sampling, IST, BAdam, LoRA), evaluated on two domains",
                  "training windows (or chat examples); the windows after them are held out")
     tu.add_argument("--select", default="lisa", help="full, lora, lisa, importance:METRIC, top:METRIC, adaptive, badam:ORDER; comma-separated to compare")
     tu.add_argument("--unit", default="block", choices=["block", "attn", "mlp"], help="what is switched on and off")
-    tu.add_argument("--active", type=int, default=2, help="units training at once (not for full/lora)")
-    tu.add_argument("--interval", type=int, default=20, help="steps between re-selections")
-    tu.add_argument("--temperature", type=float, default=1.0, help="importance sampling: p ∝ importance^T (0 is LISA)")
+    tu.add_argument("--active", type=_count(1), default=2, help="units training at once (not for full/lora)")
+    tu.add_argument("--interval", type=_count(1), default=20, help="steps between re-selections")
+    tu.add_argument("--temperature", type=_real(), default=1.0, help="importance sampling: p ∝ importance^T (0 is LISA)")
     tu.add_argument("--layer-lr", metavar="METRIC[:TAU]",
                     help="per-unit learning rates: --lr × w, w ∝ importance^TAU (TAU 1 if left out; < 0 slows important units), "
                          "mean 1 over units; embeddings/norm/head keep --lr (default: %(default)s = one rate)")
-    tu.add_argument("--steps", type=int, default=100, help="optimizer steps per strategy")
-    tu.add_argument("--lr", type=float, default=1e-4)
-    tu.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    tu.add_argument("--steps", type=_count(1), default=100, help="optimizer steps per strategy")
+    tu.add_argument("--lr", type=_real(0, above=True), default=1e-4)
+    tu.add_argument("--grad-accum", type=_count(1), default=1, help="micro-batches per optimizer step")
     tu.add_argument("--freeze-embeddings", action="store_true", help="keep embeddings, final norm and head frozen")
     tu.add_argument("--lora", action="store_true", help="any --select over a peft LoRA adapter (adaptive over LoRA is IST)")
-    tu.add_argument("--lora-rank", type=int, default=8)
-    tu.add_argument("--restore", type=int, default=0, help="after training, put this many blocks back to their base weights")
+    tu.add_argument("--lora-rank", type=_count(1), default=8)
+    tu.add_argument("--restore", type=_count(0), default=0, help="after training, put this many blocks back to their base weights")
     tu.add_argument("--restore-order", default="change", choices=["change", "importance"], help="largest weight change first, or least important first")
     tu.add_argument("--profile", help="profile.json for importance:/top:/--restore-order importance (must come from this model); measured if absent")
     tu.add_argument("--second-data", default="builtin:fortunes", help="a different corpus, for forgetting and KL to the base model")
-    tu.add_argument("--save-every", type=int, default=0, help="write the checkpoint every N steps (one strategy only)")
-    tu.add_argument("--seed", type=int, default=0)
+    tu.add_argument("--save-every", type=_count(0), default=0, help="write the checkpoint every N steps (one strategy only)")
+    tu.add_argument("--seed", type=_count(0), default=0)
     _probe_parser(sub)
     _steer_parser(sub)
     rp = sub.add_parser("report", help="re-render report.html from a saved profile, drop, quantize, tune, probe or steer result",
@@ -194,16 +239,17 @@ def _probe_parser(sub) -> None:
                         epilog=_examples("probe"), formatter_class=_Help)
     pb.add_argument("--model", default="default", help="HF directory, hub id, FILE.gguf or 'default'")
     pb.add_argument("--data", default="builtin:cities", help='FILE.jsonl ({"text": ..., "label": ...} per line), FILE.csv (text,label) or builtin:cities')
-    pb.add_argument("--examples", type=int, help="use a seeded, class-stratified subset of this many examples (default: all)")
+    pb.add_argument("--encoding", help="for text files that are neither UTF-8 nor marked by a byte-order mark, e.g. latin-1 or cp1252")
+    pb.add_argument("--examples", type=_count(2), help="use a seeded, class-stratified subset of this many examples (default: all)")
     pb.add_argument("--read", default="last", choices=["last", "mean"], help="the last real token of each example or the mean over its tokens")
     pb.add_argument("--units", default="blocks", help="blocks (every block output L{k}), all (and each sublayer update) or names, e.g. L3,L7.mlp")
-    pb.add_argument("--folds", type=int, default=5, help="cross-validation folds (split by example, stratified)")
-    pb.add_argument("--seed", type=int, default=0, help="folds, label shuffle for the control, builtin data, subsets")
-    pb.add_argument("--c", type=float, default=1.0, help="inverse L2 strength of the logistic regression (scikit-learn's C)")
+    pb.add_argument("--folds", type=_count(2), default=5, help="cross-validation folds (split by example, stratified)")
+    pb.add_argument("--seed", type=_count(0), default=0, help="folds, label shuffle for the control, builtin data, subsets")
+    pb.add_argument("--c", type=_real(0, above=True), default=1.0, help="inverse L2 strength of the logistic regression (scikit-learn's C)")
     pb.add_argument("--profile", help="profile.json of this model for the importance curve; if absent, a cheap one is measured (taylor_nll on builtin:pydoc)")
-    pb.add_argument("--profile-samples", type=int, default=8, help="windows of builtin:pydoc for the measured profile (0: no importance curve)")
-    pb.add_argument("--profile-seq-len", type=int, default=128)
-    pb.add_argument("--batch-size", type=int, default=8)
+    pb.add_argument("--profile-samples", type=_count(0), default=8, help="windows of builtin:pydoc for the measured profile (0: no importance curve)")
+    pb.add_argument("--profile-seq-len", type=_count(2), default=128)
+    pb.add_argument("--batch-size", type=_count(1), default=8)
     pb.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     pb.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     pb.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off by default)")
@@ -221,7 +267,7 @@ def _steer_parser(sub) -> None:
             a.help = "contrastive pairs: builtin:sentiment or pairs.jsonl ({\"positive\": ..., \"negative\": ...} per line)"
     st.add_argument("--pos", help="positive texts, one per line (paired line by line with --neg)")
     st.add_argument("--neg", help="negative texts, one per line")
-    st.add_argument("--n-pairs", type=int, default=64, help="pairs drawn from builtin:sentiment")
+    st.add_argument("--n-pairs", type=_count(2), default=64, help="pairs drawn from builtin:sentiment")
     st.add_argument("--prompts", help="prompts, one per line (default: builtin:sentiment's 16 neutral prompts); half calibrate --alpha auto, "
                     "the other half give the effects unless --report-prompts is given")
     st.add_argument("--report-prompts", help="prompts the effects are reported on, one per line (default without --prompts: "
@@ -232,10 +278,10 @@ def _steer_parser(sub) -> None:
     st.add_argument("--read", default="last", choices=["last", "mean"], help="read the last token or the mean over tokens")
     st.add_argument("--layers", default="auto", help="auto (best held-out separation), L12, L10-L14 (one vector over the range) or L6,L12,L18 (each)")
     st.add_argument("--alpha", default="auto", help="auto or a multiple of the layer's mean residual norm, e.g. 0.25")
-    st.add_argument("--target", type=float, default=2.0, help="--alpha auto: log-prob margin (nats) to reach on the calibration prompts")
+    st.add_argument("--target", type=_real(0, above=True), default=2.0, help="--alpha auto: log-prob margin (nats) to reach on the calibration prompts")
     st.add_argument("--sweep-alpha", help="comma-separated multiples to evaluate at every layer, e.g. 0,0.125,0.25,0.5")
-    st.add_argument("--new-tokens", type=int, default=24, help="tokens generated per prompt for the independent scorer")
-    st.add_argument("--seed", type=int, default=0, help="pair and prompt splits, and builtin:sentiment's draw")
+    st.add_argument("--new-tokens", type=_count(1), default=24, help="tokens generated per prompt for the independent scorer")
+    st.add_argument("--seed", type=_count(0), default=0, help="pair and prompt splits, and builtin:sentiment's draw")
     st.add_argument("--export", default="none", help="gguf (a llama.cpp control vector) or none; vector.safetensors is always saved")
 
 
@@ -274,21 +320,20 @@ def _num(v: float | None) -> str:
 
 
 def _load(args: argparse.Namespace, attn_implementation: str | None = None):
-    """The model and the windows the shared options name."""
+    """The model and the windows the shared options name; the data is read and checked first, so a bad file costs no load."""
     from . import load, windows
+    from .data import read_corpus
 
+    corpus = read_corpus(args.data, args.encoding)
     lm = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
               attn_implementation=attn_implementation)
-    return lm, windows(args.data, lm.tokenizer, seq_len=args.seq_len, samples=args.samples, max_len=lm.anatomy.context_length)
+    return lm, windows(corpus, lm.tokenizer, seq_len=args.seq_len, samples=args.samples, max_len=lm.anatomy.context_length)
 
 
 def _profile(args: argparse.Namespace) -> int:
     from . import profile
     from .report import write_report
 
-    for flag, value in (("--positions", args.positions), ("--ablation-samples", args.ablation_samples)):
-        if value < 0:
-            raise LayerwiseError(f"{flag} must be 0 (all) or a positive count, not {value}")
     lm, w = _load(args, attn_implementation="eager" if args.attention else None)
     prof = profile(lm, w, ablation=args.ablation, batch_size=args.batch_size, lens=not args.no_lens,
                    attention=args.attention, positions=args.positions or None, ablation_samples=args.ablation_samples or None,
@@ -309,11 +354,14 @@ def _split(text: str) -> list[str]:
 
 
 def _sweep(text: str, cast: type, what: str) -> list:
-    """The values of a --sweep list, sorted and without repeats."""
+    """The values of a --sweep list, sorted and without repeats; each finite and positive."""
     try:
-        return sorted({cast(t) for t in _split(text)})
+        values = sorted({cast(t) for t in _split(text)})
     except ValueError:
         raise LayerwiseError(f"--sweep takes comma-separated {what} (got {text!r})") from None
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise LayerwiseError(f"--sweep takes comma-separated positive {what} (got {text!r})")
+    return values
 
 
 def _plan_ref(text: str) -> tuple[str, str | None]:
@@ -338,16 +386,18 @@ def _drop(args: argparse.Namespace) -> int:
 
     # attention metrics are read from eager attention's probabilities; the automatic profile measures them then
     eager = not args.profile and any(needs(o)["attention"] for o in _split(args.order))
+    plan = dp.DropPlan.load(*_plan_ref(args.plan)) if args.plan else None  # a bad file fails before the model loads
+    prof = Profile.load(args.profile) if args.profile else None
+    ns = _sweep(args.sweep, int, "whole numbers, e.g. 1,2,4") if args.sweep else []
     lm, w = _load(args, attn_implementation="eager" if eager else None)
     export = () if args.sweep or args.export == "none" else tuple(_split(args.export))
-    if args.plan:
-        return _exported(dp.export_plan(lm, dp.DropPlan.load(*_plan_ref(args.plan)), args.out, export), args)
-    prof = Profile.load(args.profile) if args.profile else None
+    if plan is not None:
+        return _exported(dp.export_plan(lm, plan, args.out, export), args)
     if prof is not None:
         dp.check_profile(prof, lm)
     common = dict(prof=prof, iterative=args.iterative, seed=args.seed, batch_size=args.batch_size, progress=not args.json)
     if args.sweep:
-        plans = dp.sweep_plans(lm, w, ns=_sweep(args.sweep, int, "whole numbers, e.g. 1,2,4"), units=_split(args.unit), orders=_split(args.order), **common)
+        plans = dp.sweep_plans(lm, w, ns=ns, units=_split(args.unit), orders=_split(args.order), **common)
     elif args.units:
         plans = [dp.given(lm.anatomy, _split(args.units))]
     else:
@@ -386,14 +436,14 @@ def _quantize(args: argparse.Namespace) -> int:
     from .profile import Profile
     from .report.quant import write_quant_report
 
-    lm, w = _load(args)
-    export = None if args.export is None else (() if args.export == "none" else tuple(_split(args.export)))
-    if args.plan:
-        plan = qz.QuantPlan.load(*_plan_ref(args.plan))
-        formats = qz.EXPORTS[plan.family] if export is None else export
-        return _exported(qz.export_plan(lm, plan, args.out, formats, w.evaluation[:args.eval_samples], w, batch_size=args.batch_size), args)
+    plan = qz.QuantPlan.load(*_plan_ref(args.plan)) if args.plan else None  # bad files fail before the model loads
     prof = Profile.load(args.profile) if args.profile else None
     budgets = _sweep(args.sweep, float, "bits per weight, e.g. 4.6,5,5.5") if args.sweep else ([args.bits] if args.bits is not None else [])
+    lm, w = _load(args)
+    export = None if args.export is None else (() if args.export == "none" else tuple(_split(args.export)))
+    if plan is not None:
+        formats = qz.EXPORTS[plan.family] if export is None else export
+        return _exported(qz.export_plan(lm, plan, args.out, formats, w.evaluation[:args.eval_samples], w, batch_size=args.batch_size), args)
     report = qz.run(lm, w, budgets=budgets, strategies=_split(args.strategy), family=args.format, method=args.method,
                     group_size=args.group_size, symmetric=args.symmetric, export=export, out=args.out, prof=prof, eval_samples=args.eval_samples,
                     seed=args.seed, batch_size=args.batch_size, progress=not args.json)
@@ -429,16 +479,18 @@ def _quant_summary(report) -> None:
 def _tune(args: argparse.Namespace) -> int:
     from . import load, windows
     from . import tune as tn
+    from .data import read_corpus
     from .profile import Profile, profile
 
     sels = [tn.parse_select(s) for s in _split(args.select)]  # a typo fails before the model loads
     lr_metric = [tn.parse_layer_lr(args.layer_lr)[0]] if args.layer_lr else []
+    source, second_text = tn.read_tuning(args.data, args.encoding), read_corpus(args.second_data, args.encoding)
+    prof = Profile.load(args.profile) if args.profile else None
     lm = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     ctx = lm.anatomy.context_length
-    data = tn.tuning_data(args.data, lm.tokenizer, seq_len=args.seq_len, samples=args.samples, eval_samples=args.eval_samples, max_len=ctx)
-    second = windows(args.second_data, lm.tokenizer, seq_len=args.seq_len, samples=1, max_len=ctx).ids[: args.eval_samples]
+    data = tn.tuning_data(source, lm.tokenizer, seq_len=args.seq_len, samples=args.samples, eval_samples=args.eval_samples, max_len=ctx)
+    second = windows(second_text, lm.tokenizer, seq_len=args.seq_len, samples=1, max_len=ctx).ids[: args.eval_samples]
     metrics = ([s.metric for s in sels if s.metric] or (["ablate_nll"] if args.restore and args.restore_order == "importance" else [])) + lr_metric
-    prof = Profile.load(args.profile) if args.profile else None
     if prof is None and metrics:
         from .drop import needed
 
@@ -484,12 +536,14 @@ def _probe(args: argparse.Namespace) -> int:
     """Read and check the data first (bad data fails before the model loads), then probe, then write."""
     from . import load
     from .probe import importance_of, prepare, probe, read_examples
+    from .profile import Profile
 
     units = args.units if args.units in ("blocks", "all") else _split(args.units)
-    ex = read_examples(args.data, n=args.examples, seed=args.seed)
+    ex = read_examples(args.data, n=args.examples, seed=args.seed, encoding=args.encoding)
     prepare(ex, args.folds, args.seed)
+    given = Profile.load(args.profile) if args.profile else None
     lm = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    importance = _importance(args, lm, importance_of)
+    importance = _importance(args, lm, given, importance_of)
     res = probe(lm, ex, units=units, read=args.read, folds=args.folds, seed=args.seed, c=args.c, batch_size=args.batch_size,
                    importance=importance, progress=not args.json)
     out = Path(args.out)
@@ -505,15 +559,14 @@ def _probe(args: argparse.Namespace) -> int:
     return 0
 
 
-def _importance(args: argparse.Namespace, lm, importance_of):
-    """The importance curve for the page: the given profile, or one measured on builtin:pydoc windows, or none."""
+def _importance(args: argparse.Namespace, lm, given, importance_of):
+    """The importance curve for the page: the ``given`` profile, or one measured on builtin:pydoc windows, or none."""
     from . import profile, windows
-    from .profile import Profile
 
-    if args.profile:
+    if given is not None:
         from .drop import check_profile
 
-        prof = Profile.load(args.profile)
+        prof = given
         check_profile(prof, lm)
         return importance_of(prof, args.profile)
     if args.profile_samples <= 0:
@@ -539,23 +592,23 @@ def _probe_summary(res) -> None:
 def _steer(args: argparse.Namespace) -> int:
     from . import load, windows
     from . import steer as sv
+    from .data import read_corpus
 
     alpha = args.alpha if args.alpha == "auto" else _number(args.alpha, "--alpha", "auto or a multiple such as 0.25")
     sweep = [_number(t, "--sweep-alpha", "comma-separated multiples such as 0,0.25,0.5") for t in _split(args.sweep_alpha or "")]
     for a in [alpha, *sweep]:
         if a != "auto":
             sv._check_alpha(a)
-    if args.new_tokens < 1:
-        raise LayerwiseError(f"--new-tokens must be at least 1 (got {args.new_tokens})")
-    pairs = sv.read_pairs(data=args.data, pos=args.pos, neg=args.neg, n=args.n_pairs, seed=args.seed)
+    pairs = sv.read_pairs(data=args.data, pos=args.pos, neg=args.neg, n=args.n_pairs, seed=args.seed, encoding=args.encoding)
     prompts, report = _steer_prompts(args)
+    eval_text = read_corpus(args.eval_data, args.encoding)
     scorer = None
     if args.data == "builtin:sentiment":
         from .corpora.sentiment import vader_scorer
 
         scorer = vader_scorer()
     lm = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    w = windows(args.eval_data, lm.tokenizer, seq_len=args.seq_len, samples=args.samples, max_len=lm.anatomy.context_length)
+    w = windows(eval_text, lm.tokenizer, seq_len=args.seq_len, samples=args.samples, max_len=lm.anatomy.context_length)
     data = {"pairs": args.data or f"{args.pos} / {args.neg}", "n_pairs": len(pairs), "prompts": args.prompts or "builtin:sentiment PROMPTS",
             "report_prompts": args.report_prompts or ("half of --prompts" if args.prompts else f"builtin:sentiment report_prompts(seed={args.seed})"),
             "scorer": "vaderSentiment compound" if scorer else None, "eval": w.meta()}
@@ -579,17 +632,20 @@ def _steer_prompts(args: argparse.Namespace) -> tuple[list[str], list[str] | Non
     from . import steer as sv
     from .corpora import sentiment
 
-    report = sv._lines(Path(args.report_prompts)) if args.report_prompts else None
+    report = sv.read_prompts(args.report_prompts, args.encoding) if args.report_prompts else None
     if args.prompts:
-        return sv._lines(Path(args.prompts)), report
+        return sv.read_prompts(args.prompts, args.encoding), report
     return list(sentiment.PROMPTS), report if report is not None else sentiment.report_prompts(seed=args.seed)
 
 
 def _number(text: str, option: str, what: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise LayerwiseError(f"{option} takes {what} (got {text!r})") from None
+    if not math.isfinite(value):
+        raise LayerwiseError(f"{option} takes {what}, finite (got {text!r})")
+    return value
 
 
 def _steer_summary(report) -> None:
@@ -610,10 +666,17 @@ def _steer_summary(report) -> None:
 
 def _report(args: argparse.Namespace) -> int:
     """Re-render the page of a saved profile, drop, quantize, tune, probe or steer result (its folder or its JSON)."""
+    from .io import read_json
+
     src = Path(args.profile)
+    if not src.exists():
+        raise LayerwiseError(f"{src} does not exist; give a result folder or its JSON file (profile.json, eval.json, ...)")
     folder = src if src.is_dir() else src.parent
     out = Path(args.out) if args.out else folder / "report.html"
-    kind = json.loads((folder / "plan.json").read_text()).get("kind", "quantize") if (folder / "plan.json").exists() else None
+    plan = read_json(folder / "plan.json", "a layerwise plan file") if (folder / "plan.json").exists() else {}
+    if not isinstance(plan, dict):
+        raise LayerwiseError(f"{folder / 'plan.json'} is not a layerwise plan file (a JSON {type(plan).__name__}); give a folder a run wrote")
+    kind = plan.get("kind", "quantize") if plan else None
     if (folder / "steer.json").exists():
         from .report.steer import write_steer_report
         from .steer import SteerReport
@@ -648,22 +711,53 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_out(args: argparse.Namespace) -> None:
+    """The output location can be created and written: checked before any model loads or any work starts."""
+    from .io import check_out
+
+    if args.cmd != "report":
+        check_out(args.out)
+    elif args.out:
+        check_out(args.out, folder=False)
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """What an interrupted run leaves, said truly for this run."""
+    kept = args.cmd == "quantize" and (Path(args.out) / "measurement.json").is_file()
+    return "layerwise: interrupted; every file written is whole" + (
+        f" ({Path(args.out) / 'measurement.json'} is kept on purpose: the same command resumes from it)" if kept else "")
+
+
+def _notes() -> logging.Handler:
+    """Print the library's notes (files skipped, ...) on stderr, one line each."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("layerwise: note: %(message)s"))
+    logging.getLogger("layerwise").addHandler(handler)
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
     from .profile import COMMAND
 
-    args = _parser().parse_args(argv)
-    token = COMMAND.set(shlex.join(["layerwise", *(sys.argv[1:] if argv is None else argv)]))
     try:
+        args = _parser().parse_args(argv)
+    except LayerwiseError as exc:
+        print(f"layerwise: error: {exc}", file=sys.stderr)
+        return 2
+    token = COMMAND.set(shlex.join(["layerwise", *(sys.argv[1:] if argv is None else argv)]))
+    handler = _notes()
+    try:
+        _check_out(args)
         return {"profile": _profile, "drop": _drop, "quantize": _quantize, "tune": _tune, "probe": _probe, "steer": _steer, "report": _report}[args.cmd](args)
     except LayerwiseError as exc:
-        print(f"layerwise: error: {_flags(str(exc))}", file=sys.stderr)
+        print(f"layerwise: error: {_flags(str(exc), args.cmd)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("layerwise: interrupted; every file written is whole (a quantize measurement.json is kept on purpose: "
-              "the same command resumes from it)", file=sys.stderr)
+        print(_interrupted(args), file=sys.stderr)
         return 130
     finally:
         COMMAND.reset(token)
+        logging.getLogger("layerwise").removeHandler(handler)
 
 
 if __name__ == "__main__":

@@ -342,7 +342,7 @@ def save_checkpoint(lm: LoadedModel, plan: DropPlan, out: str | Path) -> Path:
         raise LayerwiseError("this GPT-2 scales attention by layer index, which renumbering would change; it cannot be saved with blocks dropped")
     info = {"dropped": plan.units, "dropped_sublayers": renumbered_sublayers(plan), "order": plan.order,
             "original_num_hidden_layers": lm.anatomy.n_layers, "source_model_hash": lm.source.get("model_hash")}
-    with without_blocks(lm, plan.blocks) as small, zeroed(lm.anatomy, plan.sublayers), atomic_dir(out) as tmp:
+    with without_blocks(lm, plan.blocks) as small, zeroed(lm.anatomy, plan.sublayers), atomic_dir(out, "checkpoint") as tmp:
         small.config.layerwise = info
         try:
             small.save_pretrained(tmp, safe_serialization=True)

@@ -51,21 +51,95 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return write_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
+#: Beside the files a folder-writing command put in a folder: which of them it wrote, by owner,
+#: so that a later run replaces or removes its own stale files and never anything else.
+MANIFEST = ".layerwise-files.json"
+
+
 @contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp directory that is renamed to ``path`` only if the block succeeds."""
+def atomic_dir(path: str | os.PathLike, owner: str) -> Iterator[Path]:
+    """Yield a temp folder whose files take their places in ``path`` only if the block succeeds.
+
+    A new ``path`` appears whole (one rename). An existing one keeps every
+    file this run did not write: each new file replaces its namesake
+    atomically, and files that ``owner`` wrote there on an earlier run and
+    this run did not write again are removed, so a reloaded result never
+    mixes two runs. The manifest that says what ``owner`` wrote is written
+    last. On any error (Ctrl-C included) ``path`` is left as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part"))
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
+        _publish(tmp, path, owner)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+def _publish(tmp: Path, path: Path, owner: str) -> None:
+    """Move ``tmp``'s files into ``path`` (see :func:`atomic_dir`)."""
+    files = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file())
+    if not path.exists():
+        _write_manifest(tmp, {owner: files})
+        os.chmod(tmp, 0o777 & ~_umask())
+        os.replace(tmp, path)
+        return
+    if not path.is_dir():
+        raise LayerwiseError(f"{path} is a file, not a folder; give `out` a folder path")
+    written = _read_manifest(path)
+    for rel in files:
+        target = path / rel
+        if target.is_dir():
+            raise LayerwiseError(f"{target} is a folder, where this run writes a file; move it or give `out` another folder")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp / rel, target)
+    for rel in set(written.get(owner, [])) - set(files):
+        if (path / rel).is_file():
+            (path / rel).unlink()
+    _write_manifest(path, {**written, owner: files})
+
+
+def _read_manifest(folder: Path) -> dict[str, list[str]]:
+    """What layerwise wrote in ``folder``, by owner; an unreadable manifest counts as none (nothing is removed)."""
+    try:
+        found = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(found, dict):
+        return {}
+    return {k: [f for f in v if isinstance(f, str) and ".." not in Path(f).parts] for k, v in found.items() if isinstance(v, list)}
+
+
+def _write_manifest(folder: Path, written: dict[str, list[str]]) -> None:
+    write_atomic(folder / MANIFEST, json.dumps(written, indent=1, sort_keys=True) + "\n")
+
+
+def check_out(path: str | os.PathLike, *, folder: bool = True, option: str = "--out") -> Path:
+    """Fail in one line, before any work, when ``path`` cannot be created and written.
+
+    ``folder``: ``path`` is a folder the command writes into (else one file).
+    The check creates and removes one temp file in the deepest folder that
+    exists, so permissions, read-only file systems and pseudo file systems
+    (``/proc``) are all found; nothing is left behind.
+    """
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise LayerwiseError(f"{option} {path} is a file; give a folder path (this command writes several files)")
+    if not folder and path.is_dir():
+        raise LayerwiseError(f"{option} {path} is a folder; give a file path such as {path / 'report.html'}")
+    base = path if folder else path.parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise LayerwiseError(f"{option} {path} cannot be created: {base} is a file; give a path under a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=base, prefix=".layerwise-check.")
+    except OSError as exc:
+        raise LayerwiseError(f"{option} {path} cannot be written ({base}: {exc.strerror}); give a folder you can write to") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -77,11 +151,23 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """A JSON file's content, or one line saying why it cannot be read (missing, unreadable, not UTF-8, not JSON)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LayerwiseError(f"{path} not found; give {what}") from None
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8 (UnicodeDecodeError) or not JSON (JSONDecodeError)
+        raise LayerwiseError(f"{path} is not {what} ({exc.__class__.__name__}: {str(exc).splitlines()[0][:80]})") from None
+
+
 def load_result(cls: type[T], path: str | os.PathLike, name: str, what: str) -> T:
     """A saved result (its folder or its JSON file ``name``) as ``cls``, or one line saying it is not one."""
     path = Path(path)
     path = path / name if path.is_dir() else path
+    d = read_json(path, f"a layerwise {what} result")
     try:
-        return cls(**json.loads(path.read_text()))
-    except (OSError, json.JSONDecodeError, TypeError) as exc:
+        return cls(**d)
+    except TypeError as exc:
         raise LayerwiseError(f"{path} is not a layerwise {what} result ({exc.__class__.__name__})") from None

@@ -8,7 +8,6 @@ safetensors cache so later loads take seconds.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from torch import nn
 
 from .anatomy import SPECS, Anatomy, supported
 from .errors import LayerwiseError
-from .io import atomic_dir, sha256_file, write_json
+from .io import atomic_dir, read_json, sha256_file, write_json
 from .trace import install_skips
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -129,7 +128,7 @@ def _gguf_cache(gguf: Path, trust_remote_code: bool) -> tuple[Path, str]:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, "cache") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / _SOURCE_FILE, {"gguf": str(gguf), "gguf_sha256": digest})
@@ -162,7 +161,9 @@ def _resolve(ref: str, trust_remote_code: bool) -> tuple[str, dict]:
             raise LayerwiseError(f"{ref} has no config.json; give a Hugging Face model directory, a .gguf file, a hub id or 'default'")
         if not any(path.glob("*.safetensors")):
             raise LayerwiseError(f"{ref} has no .safetensors weights; layerwise never loads pickle checkpoints: convert them to safetensors first")
-        cfg = json.loads((path / "config.json").read_text())
+        cfg = read_json(path / "config.json", "a model config (config.json of a Hugging Face model)")
+        if not isinstance(cfg, dict):
+            raise LayerwiseError(f"{path / 'config.json'} is not a JSON object; give a Hugging Face model directory")
         if not trust_remote_code:
             _check_model_type(cfg.get("model_type"), str(path / "config.json"))
         return str(path), {"ref": ref, "kind": "hf-dir", "model_id": path.resolve().name, "model_hash": _fingerprint(path)}

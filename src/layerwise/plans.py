@@ -8,11 +8,10 @@ for, since a plan is only as good as the measurement of those weights.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .errors import LayerwiseError
-from .io import write_json
+from .io import read_json, write_json
 from .loading import LoadedModel
 
 
@@ -21,15 +20,21 @@ def save_plans(folder: str | Path, kind: str, meta: dict, plans: dict[str, dict]
     return write_json(Path(folder) / "plan.json", {"kind": kind, "meta": meta, "plans": plans})
 
 
+#: What one plan of each kind must hold to be applied.
+FIELDS = {"drop": "units", "quantize": "groups"}
+
+
 def load_plans(path: str | Path, kind: str, key: str | None = None) -> tuple[dict, str, dict]:
     """``(meta, key, plan)`` of one plan in a ``plan.json`` (or the folder holding it); ``key`` picks one of several."""
     path = Path(path)
     path = path / "plan.json" if path.is_dir() else path
+    d = read_json(path, "a layerwise plan file (the plan.json a run wrote)")
     try:
-        d = json.loads(path.read_text())
         meta, plans = d["meta"], d["plans"]
         found = d.get("kind", kind)  # files written before plans carried their kind are quantize plans
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        if not isinstance(plans, dict) or not all(isinstance(p, dict) and FIELDS.get(found, "") in p for p in plans.values()):
+            raise TypeError("malformed plans")
+    except (KeyError, TypeError, AttributeError) as exc:
         raise LayerwiseError(f"{path} is not a layerwise plan file ({exc.__class__.__name__}); give the plan.json a run wrote") from None
     if found != kind:
         raise LayerwiseError(f"{path} holds a {found} plan, not a {kind} plan; use it with `layerwise {found}`")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import time
 import warnings
@@ -38,6 +39,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .data import TextFile, read_file, read_jsonl
 from .errors import LayerwiseError
 from .features import Features, Read, collect, collect_ids
 from .io import write_atomic, write_json
@@ -97,14 +99,15 @@ def classes(labels: Sequence) -> list:
     return found
 
 
-def read_examples(ref: str, *, n: int | None = None, seed: int = 0) -> Examples:
+def read_examples(ref: str, *, n: int | None = None, seed: int = 0, encoding: str | None = None) -> Examples:
     """``builtin:cities``, a JSONL file of ``{"text", "label"}`` objects or a CSV file with ``text,label`` columns.
 
     ``n`` keeps a seeded, class-stratified subset of that many examples
-    (``builtin:cities`` builds exactly ``n``, balanced).
+    (``builtin:cities`` builds exactly ``n``, balanced). Files are decoded by
+    :func:`layerwise.data.read_file`'s rule (``encoding`` for files neither UTF-8 nor marked).
     """
     if n is not None and n < 2:
-        raise LayerwiseError(f"n must be at least 2 (got {n})")
+        raise LayerwiseError(f"`examples` must be at least 2 (got {n})")
     if ref == "builtin:cities":
         from .corpora import cities
 
@@ -116,9 +119,9 @@ def read_examples(ref: str, *, n: int | None = None, seed: int = 0) -> Examples:
     if not path.is_file():
         raise LayerwiseError(f"data {ref} is not a file; give a .jsonl or .csv file, or builtin:cities")
     if path.suffix == ".jsonl":
-        rows = _jsonl_rows(path)
+        rows = [(obj["text"], obj["label"]) for _, obj in read_jsonl(path, encoding, fields=("text", "label"))]
     elif path.suffix == ".csv":
-        rows = _csv_rows(path)
+        rows = _csv_rows(read_file(path, encoding))
     else:
         raise LayerwiseError(f"data {ref} must end in .jsonl ({{\"text\": ..., \"label\": ...}} per line) or .csv (columns text,label)")
     ex = Examples(labels=[r[1] for r in rows], texts=[r[0] for r in rows], source=str(path))
@@ -129,39 +132,20 @@ def read_examples(ref: str, *, n: int | None = None, seed: int = 0) -> Examples:
     try:
         keep, _ = train_test_split(np.arange(len(ex)), train_size=n, stratify=_encode(ex.labels)[1], random_state=seed)
     except ValueError:  # a class too small to be split, or n below the number of classes
-        raise LayerwiseError(f"cannot draw a class-stratified subset of n={n} from {ref}; use a larger n, or all the examples") from None
+        raise LayerwiseError(f"cannot draw a class-stratified subset of {n} examples from {ref}; use a larger `examples`, or all of them") from None
     return ex.subset(sorted(keep.tolist()))
 
 
-def _jsonl_rows(path: Path) -> list[tuple[Any, Any]]:
+def _csv_rows(f: TextFile) -> list[tuple[Any, Any]]:
+    reader = csv.DictReader(io.StringIO(f.text, newline=""))
+    missing = [k for k in ("text", "label") if k not in (reader.fieldnames or [])]
+    if missing:
+        raise LayerwiseError(f"{f.path} has no {' or '.join(missing)} column; its first line must name the columns text,label")
     rows = []
-    for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            raise LayerwiseError(f"line {no} of {path} is not JSON; write one {{\"text\": ..., \"label\": ...}} object per line") from None
-        if not isinstance(obj, dict):
-            raise LayerwiseError(f"line {no} of {path} is not a JSON object; write one {{\"text\": ..., \"label\": ...}} object per line")
-        for key in ("text", "label"):
-            if key not in obj:
-                raise LayerwiseError(f"line {no} of {path} has no \"{key}\" field; every line needs \"text\" and \"label\"")
-        rows.append((obj["text"], obj["label"]))
-    return rows
-
-
-def _csv_rows(path: Path) -> list[tuple[Any, Any]]:
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = [k for k in ("text", "label") if k not in (reader.fieldnames or [])]
-        if missing:
-            raise LayerwiseError(f"{path} has no {' or '.join(missing)} column; its first line must name the columns text,label")
-        rows = []
-        for no, row in enumerate(reader, 2):
-            if row["label"] is None or not row["label"].strip():
-                raise LayerwiseError(f"line {no} of {path} has no label; every row needs text,label")
-            rows.append((row["text"], row["label"].strip()))
+    for row in reader:
+        if row["label"] is None or not row["label"].strip():
+            raise LayerwiseError(f"line {reader.line_num} of {f.path} has no label; every row needs text,label")
+        rows.append((row["text"], row["label"].strip()))
     return rows
 
 
@@ -349,7 +333,7 @@ class ProbeResult:
         try:
             d = json.loads((folder / "probe.json").read_text())
             return cls(**d, directions=load_file(folder / "directions.safetensors"))
-        except (OSError, json.JSONDecodeError, TypeError) as exc:
+        except (OSError, ValueError, TypeError) as exc:
             raise LayerwiseError(f"{folder} does not hold a layerwise probe result ({exc.__class__.__name__})") from None
 
 

@@ -150,7 +150,7 @@ class Profile:
             raise LayerwiseError(f"no profile at {path}; run `layerwise profile --out DIR` first")
         try:
             return cls.from_dict(json.loads(path.read_text()))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             raise LayerwiseError(f"{path} is not a layerwise profile ({exc.__class__.__name__})") from None
 
 

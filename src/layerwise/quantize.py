@@ -364,7 +364,7 @@ class QuantReport:
         try:
             ev, pl = json.loads((out / "eval.json").read_text()), json.loads((out / "plan.json").read_text())
             return cls(ev["meta"], ev["original"], ev["rows"], pl["plans"], ev["exports"])
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise LayerwiseError(f"{out} holds no layerwise quantize result ({exc.__class__.__name__})") from None
 
     def to_dict(self) -> dict:

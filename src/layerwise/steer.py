@@ -54,6 +54,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from .anatomy import first_tensor, parse_unit
+from .data import read_jsonl, read_lines
 from .errors import LayerwiseError
 from .evaluate import next_token_logits, paired_difference, quality
 from .features import Features, collect, collect_ids, tokenize
@@ -68,8 +69,12 @@ DEFAULT_ALPHA = 0.25
 
 # ---------------------------------------------------------------- data
 
-def read_pairs(*, data: str | None = None, pos: str | None = None, neg: str | None = None, n: int = 64, seed: int = 0) -> list[tuple[str, str]]:
-    """Positive/negative pairs from ``builtin:sentiment``, a JSONL of ``{"positive", "negative"}``, or two line-paired text files."""
+def read_pairs(*, data: str | None = None, pos: str | None = None, neg: str | None = None, n: int = 64, seed: int = 0,
+               encoding: str | None = None) -> list[tuple[str, str]]:
+    """Positive/negative pairs from ``builtin:sentiment``, a JSONL of ``{"positive", "negative"}``, or two line-paired text files.
+
+    Files are decoded by :func:`layerwise.data.read_file`'s rule; blank lines are skipped, and messages name real line numbers.
+    """
     if data and (pos or neg):
         raise LayerwiseError("give either data (builtin:sentiment or pairs.jsonl) or pos and neg text files, not both")
     if data == "builtin:sentiment":
@@ -77,31 +82,19 @@ def read_pairs(*, data: str | None = None, pos: str | None = None, neg: str | No
 
         return sentiment.pairs(n, seed)
     if data:
-        return _jsonl_pairs(Path(data))
+        rows = read_jsonl(data, encoding, fields=("positive", "negative"))
+        return _checked([(str(r["positive"]), str(r["negative"])) for _, r in rows], data)
     if not (pos and neg):
         raise LayerwiseError("steering needs contrastive texts: data=builtin:sentiment, data=pairs.jsonl, or both pos and neg files")
-    p, q = _lines(Path(pos)), _lines(Path(neg))
+    p, q = read_lines(pos, encoding), read_lines(neg, encoding)
     if len(p) != len(q):
         raise LayerwiseError(f"{pos} has {len(p)} texts but {neg} has {len(q)}; line i of each must form a pair, so give them the same count")
-    return _checked(list(zip(p, q)), f"{pos} and {neg}")
+    return _checked([(a, b) for (_, a), (_, b) in zip(p, q)], f"{pos} and {neg}")
 
 
-def _lines(path: Path) -> list[str]:
-    try:
-        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except OSError as exc:
-        raise LayerwiseError(f"cannot read {path} ({exc.__class__.__name__}); give a text file with one example per line") from None
-
-
-def _jsonl_pairs(path: Path) -> list[tuple[str, str]]:
-    out = []
-    for i, line in enumerate(_lines(path), 1):
-        try:
-            row = json.loads(line)
-            out.append((str(row["positive"]), str(row["negative"])))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise LayerwiseError(f"{path}:{i}: each line must be a JSON object with 'positive' and 'negative' texts") from None
-    return _checked(out, str(path))
+def read_prompts(path: str, encoding: str | None = None) -> list[str]:
+    """Prompts, one per non-blank line."""
+    return [line for _, line in read_lines(path, encoding)]
 
 
 def _checked(pairs: list[tuple[str, str]], where: str) -> list[tuple[str, str]]:
@@ -313,7 +306,7 @@ class SteeringVector:
 
     def save(self, out: str | Path, extra: dict | None = None) -> Path:
         """``vector.safetensors`` and ``steer.json`` (this vector, its provenance and ``extra``) into ``out``, atomically."""
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, "steer") as tmp:
             self.write(tmp, extra)
         return Path(out)
 
@@ -337,7 +330,7 @@ class SteeringVector:
             tensors = load_file(str(folder / "vector.safetensors"))
             vec = cls(directions={u: tensors[u].float() for u in v["units"]}, scales={u: float(v["scales"][u]) for u in v["units"]},
                       alpha=float(v["alpha"]), method=v["method"], read=v["read"], model=v["model"], meta=doc.get("meta", {}))
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, SafetensorError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
             raise LayerwiseError(f"{folder} is not a layerwise steering vector ({exc.__class__.__name__}); give a folder written by `layerwise steer`") from None
         if lm is not None:
             vec.check_model(lm)
@@ -684,7 +677,7 @@ def run(lm: LoadedModel, pairs: Sequence[tuple[str, str]], prompts: Sequence[str
 
 def _write(vec: SteeringVector, report: SteerReport, lm: LoadedModel, out: Path, export: Sequence[str]) -> None:
     """Everything into ``out`` at once: a failure leaves no partial folder. The page is the report module's job."""
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "steer") as tmp:
         if "gguf" in export:
             path = export_gguf(vec, lm, tmp / "control_vector.gguf")
             report.exports["gguf"] = {"path": str(out / path.name), "bytes": path.stat().st_size, "alpha": vec.alpha}

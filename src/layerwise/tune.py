@@ -75,7 +75,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState
 from transformers.trainer_callback import ExportableState
 
 from .anatomy import Anatomy, parse_unit, unit_name
-from .data import Windows, windows
+from .data import Corpus, TextFile, Windows, parse_jsonl, read_corpus, read_file, windows
 from .errors import LayerwiseError
 from .evaluate import next_token_logits, quality
 from .io import atomic_dir, load_result, write_json
@@ -446,27 +446,27 @@ class TuneData:
                        n_text_tokens=int(self.mask.sum()))
 
 
-def _conversations(path: Path) -> list[list[dict]] | None:
+def _conversations(f: TextFile) -> list[list[dict]] | None:
     """A JSONL file's conversations (``prompt``/``response`` or chat ``messages``), or None for plain ``text`` lines."""
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise LayerwiseError(f"{path}:{n}: not a JSON object; each line needs prompt/response, messages, or text") from None
-    if not rows or "text" in rows[0]:
+    rows = parse_jsonl(f, want='"text", or "prompt" and "response", or "messages"')
+    if not rows or "text" in rows[0][1]:
         return None
-    convs = []
-    for n, r in enumerate(rows, 1):
-        if isinstance(r, dict) and "prompt" in r and "response" in r:
-            convs.append([{"role": "user", "content": str(r["prompt"])}, {"role": "assistant", "content": str(r["response"])}])
-        elif isinstance(r, dict) and isinstance(r.get("messages"), list) and any(m.get("role") == "assistant" for m in r["messages"]):
-            convs.append([{"role": str(m["role"]), "content": str(m["content"])} for m in r["messages"]])
-        else:
-            raise LayerwiseError(f"{path}: example {n} needs prompt and response, or messages with an assistant turn")
-    return convs
+    return [_conversation(f.path, n, r) for n, r in rows]
+
+
+def _conversation(path: str, n: int, r: dict) -> list[dict]:
+    """One JSONL line as chat messages, or a one-line error naming the line and what it lacks."""
+    if "prompt" in r and "response" in r:
+        return [{"role": "user", "content": str(r["prompt"])}, {"role": "assistant", "content": str(r["response"])}]
+    msgs = r.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise LayerwiseError(f"line {n} of {path} needs \"prompt\" and \"response\", or a \"messages\" list (or \"text\" on every line)")
+    for m in msgs:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+            raise LayerwiseError(f"line {n} of {path}: each message must be an object with \"role\" and \"content\" (got {json.dumps(m)[:60]})")
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise LayerwiseError(f"line {n} of {path}: the messages have no assistant turn, so there is nothing to train on")
+    return [{"role": m["role"], "content": str(m["content"])} for m in msgs]
 
 
 def _render(tokenizer, conv: list[dict], seq_len: int) -> tuple[list[int], list[int]] | None:
@@ -483,21 +483,42 @@ def _render(tokenizer, conv: list[dict], seq_len: int) -> tuple[list[int], list[
     return (ids, labels) if any(x != -100 for x in labels[1:]) else None
 
 
-def tuning_data(ref: str, tokenizer, *, seq_len: int = 256, samples: int = 64, eval_samples: int = 16,
+@dataclass(frozen=True)
+class Chats:
+    """Conversations read from a JSONL file, in file order."""
+
+    source: str
+    convs: list[list[dict]]
+
+
+def read_tuning(ref: str, encoding: str | None = None) -> Corpus | Chats:
+    """The tuning data, read and checked without a model: conversations from a chat JSONL file, else a text corpus."""
+    path = Path(ref)
+    if path.suffix == ".jsonl" and path.is_file():
+        f = read_file(path, encoding)
+        convs = _conversations(f)
+        if convs is not None:
+            return Chats(ref, convs)
+    return read_corpus(ref, encoding)
+
+
+def tuning_data(ref: str | Corpus | Chats, tokenizer, *, seq_len: int = 256, samples: int = 64, eval_samples: int = 16,
                 max_len: int | None = None) -> TuneData:
     """Text trains on every token; JSONL prompt/response or messages trains on response tokens, with the chat template.
 
     The first ``samples`` windows (or conversations) train; the rest are held out.
+    ``ref`` may be what :func:`read_tuning` read before the model loaded.
     """
-    path = Path(ref)
-    convs = _conversations(path) if path.suffix == ".jsonl" and path.is_file() else None
-    if convs is None:
-        w = windows(ref, tokenizer, seq_len=seq_len, samples=samples, max_len=max_len)
+    src = read_tuning(ref) if isinstance(ref, str) else ref
+    ref = src.source
+    if isinstance(src, Corpus):
+        w = windows(src, tokenizer, seq_len=seq_len, samples=samples, max_len=max_len)
         if w.evaluation.shape[0] == 0:
             raise LayerwiseError(f"data {ref} gives {w.ids.shape[0]} windows and training takes them all; lower samples (--samples) so some are held out")
         return TuneData.from_windows(w, eval_samples)
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise LayerwiseError(f"{ref} holds chat examples, but this model's tokenizer has no chat template; give plain text instead")
+    convs = src.convs
     if len(convs) <= samples:
         raise LayerwiseError(f"{ref} has {len(convs)} examples; training on {samples} leaves none held out: lower samples (--samples) below {len(convs)}")
     rendered = [r for r in (_render(tokenizer, c, seq_len) for c in convs[:samples]) if r is not None]
@@ -647,7 +668,7 @@ def _batches(n: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
 
 def save_model(model: nn.Module, tokenizer, out: str | Path) -> Path:
     """A plain HF checkpoint (safetensors), or a PEFT adapter for a peft model, written atomically."""
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "checkpoint") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -676,7 +697,7 @@ def train(lm: LoadedModel, data: TuneData | Windows, *, select: str = "lisa", un
     sel = parse_select(select)
     data = TuneData.from_windows(data) if isinstance(data, Windows) else data
     if steps < 1 or grad_accum < 1 or batch_size < 1:
-        raise LayerwiseError(f"steps, grad_accum and batch_size must each be at least 1 (got {steps}, {grad_accum}, {batch_size})")
+        raise LayerwiseError(f"`steps`, `grad_accum` and `batch_size` must each be at least 1 (got {steps}, {grad_accum}, {batch_size})")
     if data.ids.shape[0] == 0:
         raise LayerwiseError("no training examples; give more data")
     lm.model.requires_grad_(True)  # every unit in the optimizer; the selector freezes what does not train now

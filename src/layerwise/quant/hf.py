@@ -103,7 +103,7 @@ def export(lm: LoadedModel, codes: dict[str, QTensor], out: str | Path) -> Path:
             state |= {f"{module}.{k}": v for k, v in packed(codes[module]).items()}
         else:
             state[name] = t
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "checkpoint") as tmp:
         lm.model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         ModelCompressor(quantization_config=quantization_config(codes, linear)).update_config(str(tmp))
         if lm.tokenizer is not None:

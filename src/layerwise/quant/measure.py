@@ -60,7 +60,7 @@ class Measurement:
         try:
             d = json.loads(Path(path).read_text())
             meta, groups = d["meta"], d["groups"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise LayerwiseError(f"{path} is not a readable measurement ({exc.__class__.__name__}); delete it to measure again") from None
         for key, want in expect.items():
             if meta.get(key) != want:
