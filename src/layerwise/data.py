@@ -192,10 +192,10 @@ def _read_dir(root: Path, encoding: str | None) -> Corpus:
     if skipped:
         log.warning("skipped %d binary file%s in %s: %s", len(skipped), "s"[:len(skipped) != 1], root, ", ".join(skipped[:5])
                     + (", ..." if len(skipped) > 5 else ""))
-    return Corpus(str(root), [f.text for f in files], _record(files, skipped))
+    return Corpus(str(root), [f.text for f in files], read_record(files, skipped))
 
 
-def _record(files: Sequence[TextFile], skipped: Sequence[str] = ()) -> dict:
+def read_record(files: Sequence[TextFile], skipped: Sequence[str] = ()) -> dict:
     """What the result keeps of the reading: file count, each encoding used and why, binaries skipped."""
     used: dict[str, int] = {}
     for f in files:
@@ -221,9 +221,9 @@ def read_corpus(ref: str, encoding: str | None = None) -> Corpus:
         return _read_dir(path, encoding)
     if path.suffix == ".jsonl":
         f = read_file(path, encoding)
-        return Corpus(ref, [str(obj["text"]) for _, obj in parse_jsonl(f, ("text",))], _record([f]))
+        return Corpus(ref, [str(obj["text"]) for _, obj in parse_jsonl(f, ("text",))], read_record([f]))
     f = read_file(path, encoding)
-    return Corpus(ref, [f.text], _record([f]))
+    return Corpus(ref, [f.text], read_record([f]))
 
 
 @dataclass

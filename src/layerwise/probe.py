@@ -39,7 +39,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .data import TextFile, read_file, read_jsonl
+from .data import TextFile, parse_jsonl, read_file, read_record
 from .errors import LayerwiseError
 from .features import Features, Read, collect, collect_ids
 from .io import write_atomic, write_json
@@ -57,6 +57,7 @@ class Examples:
     texts: list[str] | None = None
     ids: list[list[int]] | None = None
     source: str = "given"
+    read: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         rows = self.texts if self.texts is not None else self.ids
@@ -76,11 +77,12 @@ class Examples:
     def meta(self) -> dict:
         rows = self.texts if self.texts is not None else self.ids
         blob = json.dumps([rows, self.labels], sort_keys=True).encode()
-        return {"source": self.source, "n_examples": len(self), "data_hash": hashlib.sha256(blob).hexdigest()[:16]}
+        return {"source": self.source, "n_examples": len(self), "data_hash": hashlib.sha256(blob).hexdigest()[:16],
+                **({"read": self.read} if self.read else {})}
 
     def subset(self, rows: Sequence[int]) -> "Examples":
         pick = lambda xs: None if xs is None else [xs[i] for i in rows]  # noqa: E731
-        return Examples(labels=pick(self.labels), texts=pick(self.texts), ids=pick(self.ids), source=self.source)
+        return Examples(labels=pick(self.labels), texts=pick(self.texts), ids=pick(self.ids), source=self.source, read=self.read)
 
 
 def classes(labels: Sequence) -> list:
@@ -118,13 +120,11 @@ def read_examples(ref: str, *, n: int | None = None, seed: int = 0, encoding: st
         raise LayerwiseError(f"unknown labeled data {ref}; the built-in one is builtin:cities")
     if not path.is_file():
         raise LayerwiseError(f"data {ref} is not a file; give a .jsonl or .csv file, or builtin:cities")
-    if path.suffix == ".jsonl":
-        rows = [(obj["text"], obj["label"]) for _, obj in read_jsonl(path, encoding, fields=("text", "label"))]
-    elif path.suffix == ".csv":
-        rows = _csv_rows(read_file(path, encoding))
-    else:
+    if path.suffix not in (".jsonl", ".csv"):
         raise LayerwiseError(f"data {ref} must end in .jsonl ({{\"text\": ..., \"label\": ...}} per line) or .csv (columns text,label)")
-    ex = Examples(labels=[r[1] for r in rows], texts=[r[0] for r in rows], source=str(path))
+    f = read_file(path, encoding)
+    rows = [(o["text"], o["label"]) for _, o in parse_jsonl(f, ("text", "label"))] if path.suffix == ".jsonl" else _csv_rows(f)
+    ex = Examples(labels=[r[1] for r in rows], texts=[r[0] for r in rows], source=str(path), read=read_record([f]))
     if n is None or n >= len(ex):
         return ex
     from sklearn.model_selection import train_test_split
