@@ -144,8 +144,7 @@ def main() -> None:
     runs = {}
     for read in ("last", "mean"):
         t = time.perf_counter()
-        res = probe(lm, ex, read=read, folds=args.folds, importance=imp, command="python benchmarks/probe_curve.py",
-                    features=feats if read == "last" else None)
+        res = probe(lm, ex, read=read, folds=args.folds, importance=imp, features=feats if read == "last" else None)
         runs[read] = {"seconds": round(time.perf_counter() - t, 2), "best": res.best, "units": res.units, "meta": res.meta}
         if read == "last":
             from layerwise.report.probe import curve_figure
