@@ -191,8 +191,8 @@ def _markdown(machine: str, cost: dict, runs: dict, imp: dict) -> str:
         "",
         f"## Probe curve (probes: {last['seconds']:.1f} s last-token read on the features above, {mean['seconds']:.1f} s mean read with its features)",
         "",
-        f"Last-token read: best {last['best']['unit']} ({last['best']['why']}). "
-        f"Mean read: best {mean['best']['unit']} ({mean['best']['why']}).",
+        f"Last-token read: best {last['best']['unit'] or 'none'} ({last['best']['why']}). "
+        f"Mean read: best {mean['best']['unit'] or 'none'} ({mean['best']['why']}).",
         "",
         "| unit | accuracy (last) | AUC (last) | diff-of-means (last) | control (last) | selectivity (last) | accuracy (mean) | selectivity (mean) | "
         + imp["metric"] + " |",
