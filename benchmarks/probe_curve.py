@@ -144,8 +144,7 @@ def main() -> None:
     runs = {}
     for read in ("last", "mean"):
         t = time.perf_counter()
-        res = probe(lm, ex, read=read, folds=args.folds, importance=imp, command="python benchmarks/probe_curve.py",
-                    features=feats if read == "last" else None)
+        res = probe(lm, ex, read=read, folds=args.folds, importance=imp, features=feats if read == "last" else None)
         runs[read] = {"seconds": round(time.perf_counter() - t, 2), "best": res.best, "units": res.units, "meta": res.meta}
         if read == "last":
             from layerwise.report.probe import curve_figure
@@ -192,8 +191,8 @@ def _markdown(machine: str, cost: dict, runs: dict, imp: dict) -> str:
         "",
         f"## Probe curve (probes: {last['seconds']:.1f} s last-token read on the features above, {mean['seconds']:.1f} s mean read with its features)",
         "",
-        f"Last-token read: best {last['best']['unit']} ({last['best']['why']}). "
-        f"Mean read: best {mean['best']['unit']} ({mean['best']['why']}).",
+        f"Last-token read: best {last['best']['unit'] or 'none'} ({last['best']['why']}). "
+        f"Mean read: best {mean['best']['unit'] or 'none'} ({mean['best']['why']}).",
         "",
         "| unit | accuracy (last) | AUC (last) | diff-of-means (last) | control (last) | selectivity (last) | accuracy (mean) | selectivity (mean) | "
         + imp["metric"] + " |",

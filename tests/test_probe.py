@@ -3,6 +3,7 @@
 import json
 import re
 from contextlib import contextmanager
+from html import escape
 
 import numpy as np
 import pytest
@@ -111,12 +112,88 @@ def test_fit_direction_is_in_the_stream_basis():
         p.direction("maybe")
 
 
+def _rows(selectivity: list[float], se: float = 0.02) -> list[dict]:
+    """Unit rows whose accuracy is chance (0.5) plus their selectivity, as when the control sits at chance."""
+    return [{"unit": f"L{k}", "layer": k, "kind": "block", "selectivity": v, "selectivity_se": se, "accuracy": 0.5 + v}
+            for k, v in enumerate(selectivity)]
+
+
 def test_best_unit_rule_prefers_shallower_within_one_se():
-    rows = [{"unit": f"L{k}", "layer": k, "kind": "block", "selectivity": s, "selectivity_se": 0.02}
-            for k, s in enumerate([0.0, 0.3, 0.39, 0.40, 0.2])]
-    assert best_unit(rows)["unit"] == "L2"
+    rows = _rows([0.0, 0.3, 0.39, 0.40, 0.2])
+    assert best_unit(rows, 1000, 0.5)["unit"] == "L2"
     rows[2]["selectivity"] = 0.37
-    assert best_unit(rows)["unit"] == "L3"
+    assert best_unit(rows, 1000, 0.5)["unit"] == "L3"
+
+
+def test_best_unit_must_clear_both_margins():
+    """Only units whose selectivity clears zero by two SE and whose accuracy beats chance by the binomial margin
+    (Bonferroni over the units) compete; when none does, no unit is named and why says so."""
+    from math import sqrt
+    from statistics import NormalDist
+
+    rows = _rows([0.0, 0.3, 0.39, 0.6, 0.2])
+    rows[3]["selectivity_se"] = 0.35  # the highest, but within noise (0.6 - 2 x 0.35 < 0): the rule runs on L1, L2, L4
+    best = best_unit(rows, 1000, 0.5)
+    assert best["unit"] == "L2" and best["highest"] == "L3" and "the highest is L2's 0.390 ± 0.020" in best["why"]
+    assert best["accuracy_threshold"] == pytest.approx(0.5 + NormalDist().inv_cdf(1 - 0.05 / 5) * sqrt(0.25 / 1000))
+    noise = _rows([0.052, -0.01, 0.06, 0.0, 0.03], se=0.035)  # the issue's case: the best is 0.052 ± 0.035, within noise
+    best = best_unit(noise, 200, 0.5)
+    assert best["unit"] is None and best["highest"] == "L2"
+    assert best["why"].startswith("no unit clears both margins (selectivity more than 2 SE above zero, accuracy above 0.582: chance 0.500")
+    assert "the highest selectivity is L2's 0.060 ± 0.035, the highest accuracy L2's 0.560" in best["why"]
+    noise[1] |= {"selectivity": 0.09, "selectivity_se": 0.03, "accuracy": 0.53}  # clears 2 SE only because its control fell below chance
+    assert best_unit(noise, 200, 0.5)["unit"] is None
+    noise[1]["accuracy"] = 0.6
+    assert best_unit(noise, 200, 0.5)["unit"] == "L1"
+
+
+def _no_signal(n: int = 60) -> Examples:
+    """Random token ids and seeded random labels: nothing in the input predicts the label."""
+    labels = np.random.default_rng(11).permutation([0, 1] * (n // 2)).tolist()
+    return Examples(labels=labels, ids=_ids(n, seed=4))
+
+
+def test_no_signal_names_no_unit_and_says_so(tmp_path, capsys):
+    """Labels with no signal: best is null with the reason, in probe.json, on the page, in the CLI summary; old files still load."""
+    from layerwise.cli import _probe_summary
+    from layerwise.report.probe import render
+
+    lm = tiny_lm("llama", layers=3)
+    res = probe(lm, _no_signal(), folds=5, seed=0)
+    assert res.best_unit() is None and res.best["why"].startswith("no unit clears both margins (selectivity more than 2 SE above zero")
+    res.save(tmp_path)
+    saved = json.loads((tmp_path / "probe.json").read_text())["best"]
+    assert saved["unit"] is None and saved["why"] == res.best["why"]
+    back = ProbeResult.load(tmp_path)
+    assert back.best_unit() is None
+    page = render(back)
+    top = page[:page.index("<img")]
+    assert "No best unit: no unit is shown to read the concept linearly" in top and "Best unit:" not in page
+    assert f"Highest selectivity at <code>{res.best['highest']}</code>" in top and "refuses this probe" in top
+    _probe_summary(back)
+    out = capsys.readouterr().out
+    assert "no unit is shown to read the concept" in out and res.best["why"] in out
+    old = {**back.best, "unit": res.best["highest"], "rule": "the shallowest unit whose selectivity is within one SE of the highest"}
+    (tmp_path / "probe.json").write_text(json.dumps({**back.to_dict(), "best": old}))  # a file from before the margin
+    assert ProbeResult.load(tmp_path).best_unit() == res.best["highest"]
+    assert f"Best unit: <code>{res.best['highest']}</code>" in render(ProbeResult.load(tmp_path))
+
+
+def test_steer_refuses_a_probe_that_names_no_unit(tmp_path, capsys):
+    """steer --method probe on such a probe: one line naming the fix, exit 2, before any model loads; the API refuses it too."""
+    from layerwise.steer import fit
+
+    lm = tiny_lm("llama", layers=3)
+    probe(lm, _no_signal(), folds=5, seed=0).save(tmp_path / "p")
+    pos, neg, prompts = (_write(tmp_path / f"{n}.txt", "\n".join(f"{n} {i}" for i in range(6))) for n in ("pos", "neg", "prompts"))
+    args = ["steer", "--method", "probe", "--probe", str(tmp_path / "p"), "--pos", pos, "--neg", neg, "--prompts", prompts,
+            "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "s")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert one_error_line(err) and "shows no unit that reads the concept: no unit clears both margins" in err
+    assert "use --method diffmean, or probe again with more examples" in err and not (tmp_path / "s").exists()
+    with pytest.raises(LayerwiseError, match="use `method` diffmean"):
+        fit(lm, [("good", "bad")] * 4, method="probe", probe=str(tmp_path / "p"))
 
 
 def test_save_load_and_report_escape(tmp_path):
@@ -134,7 +211,7 @@ def test_save_load_and_report_escape(tmp_path):
     page = (tmp_path / "report.html").read_text()
     assert "<script>" not in page and "&lt;b&gt;x&lt;/b&gt;" in page
     top = page[:page.index("<img")]  # the summary opens the page
-    assert 'class="summary"' in top and f"Best unit: <code>{res.best_unit()}</code>" in top
+    assert 'class="summary"' in top and escape(res.best["why"]) in top
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "again.html")]) == 0
     assert "layerwise probe" in (tmp_path / "again.html").read_text()
 

@@ -438,3 +438,26 @@ def test_gptq_plans_are_scored_on_windows_they_were_not_fitted_to():
     own = quality(next_token_logits(lm.model), {k: next_token_logits(lm.model, lambda a=a: quantized(lm, plan_weights(lm, meas, a, cands, w)))
                                                  for k, a in plans.items()}, c)
     assert all(abs(got[k] - own[k]["delta_nll"]) > 1e-6 for k in plans)  # not the loss on the windows the plan was fitted to
+
+
+def test_plan_scoring_and_held_out_evaluation_show_progress(capsys):
+    """After the measurement, making and scoring the measured plans on the calibration windows and evaluating them held out
+    each show a bar (stderr); with progress=False (the CLI's --json) none."""
+    from layerwise import quantize as qz
+    from layerwise.quant.measure import GroupCandidates, measure
+
+    from .conftest import tiny_lm
+
+    lm, w = tiny_lm("llama"), _split_windows()
+    cands = GroupCandidates(SMALL)
+    meas = measure(lm, w, candidates=cands, progress=False)
+    bars = ("make plans at 6 bits", "score plans at 6 bits", "make plans 1-1 of 1", "evaluate plans 1-1 of 1")
+    for progress in (True, False):
+        capsys.readouterr()
+        allocs = qz.plans(lm, w, meas, cands, [6.0], ["measured"], progress=progress)
+        qz.evaluate(lm, w, meas, cands, allocs, w.evaluation, progress=progress)
+        err = capsys.readouterr().err
+        if progress:
+            assert all(f"{bar}: 100%" in err for bar in bars), err
+        else:
+            assert "%|" not in err and not any(bar in err for bar in bars), err

@@ -184,10 +184,11 @@ def test_probe_method_reads_a_saved_probe(tmp_path):
     from layerwise.steer import _probe_directions
 
     lm = tiny_lm("llama")
-    g = torch.Generator().manual_seed(5)
-    pos = [torch.randint(1, 48, (6,), generator=g).tolist() for _ in range(12)]
-    neg = [torch.randint(49, 97, (6,), generator=g).tolist() for _ in range(12)]
+    g = torch.Generator().manual_seed(5)  # the last token tells positive from negative, so every block reads the concept
+    pos = [torch.randint(1, 97, (5,), generator=g).tolist() + [7] for _ in range(12)]
+    neg = [torch.randint(1, 97, (5,), generator=g).tolist() + [90] for _ in range(12)]
     res = probe.probe(lm, probe.Examples(labels=[1] * 12 + [0] * 12, ids=pos + neg), folds=2)
+    assert res.best_unit() is not None
     res.save(tmp_path / "p")
     dirs = _probe_directions(str(tmp_path / "p"), lm, ["L0", "L1", "L2"])
     f = fit_features(collect_ids(lm, pos + neg), 12, method="probe", given={u: -d for u, d in dirs.items()})

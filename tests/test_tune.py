@@ -454,3 +454,20 @@ def test_layer_rates_in_a_plain_trainer(tmp_path):
     trainer.train()
     assert len({tuple(r["active"]) for r in sel.records}) > 1
     assert {g["name"]: g["lr"] for g in trainer.optimizer.param_groups} == {"L0": 2e-2, "L1": 1e-2, "L2": 5e-3, "L3": 5e-3, "rest": 1e-2}
+
+
+def test_evaluation_after_training_shows_progress(capsys):
+    """Each held-out pass after training shows a bar (stderr), named for the strategy and the corpus; progress=False
+    (the CLI's --json) shows none."""
+    from layerwise.data import Windows
+
+    data = tune.TuneData.from_windows(Windows(tiny_windows(6, 12).ids, 4, "random", "x", 72), eval_samples=2)
+    bars = ("evaluate full on train", "evaluate full on second")
+    for progress in (True, False):
+        capsys.readouterr()
+        tune.run(tiny_lm("llama", LAYERS), data, ["full"], second=tiny_windows(3, 12, seed=1).ids, progress=progress, steps=1, lr=1e-2)
+        err = capsys.readouterr().err
+        if progress:
+            assert all(f"{bar}: 100%" in err for bar in bars), err
+        else:
+            assert "%|" not in err and not any(bar in err for bar in bars), err

@@ -580,13 +580,15 @@ def _probe_summary(res) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"cross-validated probes ({res.meta['folds']} folds, chance {res.meta['chance']:.3f}); best {res.best_unit()}")
+    best = res.best_unit() or "none"
+    t = Table(title=f"cross-validated probes ({res.meta['folds']} folds, chance {res.meta['chance']:.3f}); best {best}")
     for c in ("unit", "accuracy", "AUC", "diff-of-means", "control", "selectivity"):
         t.add_column(c, justify="right")
     for r in res.units:
         t.add_row(r["unit"], *(f"{r[k]:.3f}±{r[k + '_se']:.3f}" for k in ("accuracy", "auc", "diffmean_accuracy", "control", "selectivity")))
     Console().print(t)
-    print(res.best["why"])
+    print(res.best["why"] if res.best_unit() else f"no best unit: no unit is shown to read the concept, since {res.best['why']}; "
+          "steer --method probe refuses this probe")
 
 
 def _steer(args: argparse.Namespace) -> int:
@@ -602,6 +604,8 @@ def _steer(args: argparse.Namespace) -> int:
     pairs = sv.read_pairs(data=args.data, pos=args.pos, neg=args.neg, n=args.n_pairs, seed=args.seed, encoding=args.encoding)
     prompts, report = _steer_prompts(args)
     eval_text = read_corpus(args.eval_data, args.encoding)
+    if args.method == "probe":  # a probe to refuse is refused before the model loads
+        sv.probe_result(args.probe)
     scorer = None
     if args.data == "builtin:sentiment":
         from .corpora.sentiment import vader_scorer

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, ContextManager, Iterable
 
 import torch
+from tqdm.auto import tqdm
 
 from .errors import LayerwiseError
 from .metrics import divergence as dv
@@ -45,7 +46,7 @@ _summary = st.mean_se
 
 
 def quality(reference: LogitsFn, candidates: dict[str, LogitsFn], ids: torch.Tensor, *, batch_size: int = 4,
-            device: str | torch.device = "cpu") -> dict[str, dict]:
+            device: str | torch.device = "cpu", progress: bool = False, desc: str = "evaluate") -> dict[str, dict]:
     """Perplexity of the reference and of each candidate, paired NLL difference and KL(reference || candidate).
 
     The reference runs once per batch for all candidates. Standard errors are
@@ -55,7 +56,8 @@ def quality(reference: LogitsFn, candidates: dict[str, LogitsFn], ids: torch.Ten
     candidates can be compared pairwise (``paired_difference``), and the
     statistics ``llama-perplexity --kl-divergence`` prints (the keys in
     :data:`KL_KEYS`: KL percentiles, same top p, Δp of the true token; see
-    :mod:`layerwise.metrics.divergence` for their precision).
+    :mod:`layerwise.metrics.divergence` for their precision). ``progress`` shows a
+    bar over the batches, named ``desc``.
     """
     if ids.shape[0] == 0:
         raise LayerwiseError("no evaluation windows: the data is used up by calibration; use fewer `samples` or more data")
@@ -68,7 +70,7 @@ def quality(reference: LogitsFn, candidates: dict[str, LogitsFn], ids: torch.Ten
     def by_window(t: torch.Tensor) -> torch.Tensor:
         return st.window_means(t, per_window)
 
-    for batch in torch.split(ids, batch_size):
+    for batch in tqdm(torch.split(ids, batch_size), desc=desc, unit="batch", disable=not progress):
         x = batch.to(device)
         ref = lens_m.Reference.from_logits(reference(x), x[:, 1:].flatten())
         ref_nll.add(by_window(ref.nll))

@@ -16,11 +16,24 @@ gets, on the same per-example readouts:
 * a control: the same probe on a seeded shuffle of the labels over the same
   folds. ``selectivity = accuracy - control`` per fold, so its SE is paired.
 
-The best unit is chosen by a rule fixed before any data is seen (``BEST_RULE``):
-the shallowest unit whose selectivity is within one standard error of the
-highest selectivity. Fold SEs treat folds as independent, which they are not
-quite (training sets overlap), so they are a little small; the best unit's
-score is a maximum over units and therefore a little optimistic.
+The best unit is chosen by a rule fixed before any data is seen (``BEST_RULE``).
+A unit counts as reading the concept only when it clears two margins: its
+selectivity clears zero by two standard errors across folds, and its accuracy
+beats chance by a one-sided binomial test at 5 % over the n examples,
+Bonferroni-corrected for the number of units probed (accuracy - chance >
+z * sqrt(chance * (1 - chance) / n), z the normal quantile at 1 - 0.05 / units).
+The first alone is weak: fold SEs rest on a handful of folds and are not
+corrected for the many units probed, so on labels with no signal some unit
+clears it by chance in most runs once tens of units are probed; the second
+holds that chance near 5 % (as far as the n out-of-fold predictions behave as
+independent trials, which they do only roughly). Among the units that clear
+both, the best is the shallowest whose selectivity is within one standard
+error of the highest. When none clears them, no unit is named
+(``best["unit"]`` is None and ``best["why"]`` says so): a "best unit" picked
+from noise would send steering along a direction that reads nothing. Fold SEs
+treat folds as independent, which they are not quite (training sets overlap),
+so they are a little small; the best unit's score is a maximum over units and
+therefore a little optimistic.
 """
 
 from __future__ import annotations
@@ -29,11 +42,13 @@ import csv
 import hashlib
 import io
 import json
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any, Sequence
 
 import numpy as np
@@ -45,7 +60,14 @@ from .features import Features, Read, collect, collect_ids
 from .io import write_atomic, write_json
 from .loading import LoadedModel
 
-BEST_RULE = "the shallowest unit whose selectivity is within one standard error of the highest selectivity"
+#: A unit reads the concept when its selectivity clears zero by this many fold standard errors ...
+MARGIN_SE = 2
+#: ... and its accuracy beats chance in a one-sided binomial test at this level, Bonferroni-corrected over the units probed.
+ALPHA = 0.05
+BEST_RULE = ("a unit reads the concept when its selectivity clears zero by two standard errors (selectivity - 2 SE > 0) and its "
+             "accuracy beats chance by a one-sided binomial test at 5 %, Bonferroni-corrected over the units probed (accuracy - chance > "
+             "z * sqrt(chance * (1 - chance) / n), z the normal quantile at 1 - 0.05 / units); the best is the shallowest of those whose "
+             "selectivity is within one standard error of the highest of them; none when no unit reads it")
 _DEPTH = {"attn": 0, "mlp": 1, "block": 2}  # order within a layer: the attention update, the MLP update, then the block output
 
 
@@ -264,14 +286,29 @@ def _unit_row(name: str, layer: int, kind: str, real: dict, control: dict) -> di
     return row
 
 
-def best_unit(rows: list[dict]) -> dict:
-    """``BEST_RULE`` applied to the unit rows; says which unit and why."""
-    top = max(rows, key=lambda r: r["selectivity"])
+def best_unit(rows: list[dict], n: int, chance: float) -> dict:
+    """``BEST_RULE`` applied to the unit rows of ``n`` examples; says which unit (None when no unit reads the concept) and why."""
+    threshold = chance + NormalDist().inv_cdf(1 - ALPHA / len(rows)) * math.sqrt(chance * (1 - chance) / n)
+    highest = max(rows, key=lambda r: r["selectivity"])
+    clear = [r for r in rows if r["selectivity"] - MARGIN_SE * r["selectivity_se"] > 0 and r["accuracy"] > threshold]
+    margins = (f"selectivity more than {MARGIN_SE} SE above zero, accuracy above {threshold:.3f}: chance {chance:.3f} plus a "
+               f"binomial margin for {len(rows)} units")
+    found = {"rule": BEST_RULE, "highest": highest["unit"], "accuracy_threshold": threshold}
+    if not clear:
+        best_acc = max(rows, key=lambda r: r["accuracy"])
+        why = (f"no unit clears both margins ({margins}); the highest selectivity is {_selectivity(highest)}, "
+               f"the highest accuracy {best_acc['unit']}'s {best_acc['accuracy']:.3f}")
+        return {"unit": None, "why": why, **found}
+    top = max(clear, key=lambda r: r["selectivity"])
     floor = top["selectivity"] - top["selectivity_se"]
-    pick = min((r for r in rows if r["selectivity"] >= floor), key=lambda r: (r["layer"], _DEPTH[r["kind"]]))
-    why = (f"{pick['unit']} has selectivity {pick['selectivity']:.3f} ± {pick['selectivity_se']:.3f}; the highest is "
-           f"{top['unit']}'s {top['selectivity']:.3f} ± {top['selectivity_se']:.3f}, and {pick['unit']} is the shallowest within one SE of it")
-    return {"unit": pick["unit"], "rule": BEST_RULE, "why": why, "highest": top["unit"]}
+    pick = min((r for r in clear if r["selectivity"] >= floor), key=lambda r: (r["layer"], _DEPTH[r["kind"]]))
+    why = (f"{pick['unit']} has selectivity {pick['selectivity']:.3f} ± {pick['selectivity_se']:.3f}; of the {len(clear)} units that "
+           f"clear both margins ({margins}), the highest is {_selectivity(top)}, and {pick['unit']} is the shallowest within one SE of it")
+    return {"unit": pick["unit"], "why": why, **found}
+
+
+def _selectivity(row: dict) -> str:
+    return f"{row['unit']}'s {row['selectivity']:.3f} ± {row['selectivity_se']:.3f}"
 
 
 @dataclass
@@ -286,7 +323,8 @@ class ProbeResult:
     importance: dict | None = None
     directions: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
-    def best_unit(self) -> str:
+    def best_unit(self) -> str | None:
+        """The unit ``BEST_RULE`` names, or None when no unit clears its margins (``best["why"]`` says so)."""
         return self.best["unit"]
 
     def unit(self, name: str) -> dict:
@@ -373,11 +411,13 @@ def probe(lm: LoadedModel, examples: Examples | str, *, units: str | Sequence[st
 
     prov = provenance(seed=seed, batch_size=batch_size)
     prov["versions"] |= _data_versions(ex)
+    chance = float(np.bincount(y).max() / len(y))
     meta = {**lm.meta(), "data": ex.meta(), "read": read, "units": units if isinstance(units, str) else list(units), "folds": folds,
-            "c": c, "chance": float(np.bincount(y).max() / len(y)), "n_examples": len(y),
+            "c": c, "chance": chance, "n_examples": len(y),
             "n_tokens_mean": float(feats.n_tokens.float().mean()), **prov, "wall_time_s": round(time.perf_counter() - start, 3),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    return ProbeResult(meta=meta, classes=found, units=rows, best=best_unit(rows), folds=fold.tolist(), importance=importance, directions=directions)
+    return ProbeResult(meta=meta, classes=found, units=rows, best=best_unit(rows, len(y), chance), folds=fold.tolist(),
+                       importance=importance, directions=directions)
 
 
 def _probe_units(lm: LoadedModel, feats: Features, labels: list, fold: np.ndarray, c: float, seed: int,

@@ -30,17 +30,19 @@ import math
 import random
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import ContextManager, Literal
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .data import Windows
 from .drop import check_profile, rank
 from .errors import LayerwiseError
-from .evaluate import KL_KEYS, next_token_logits, quality
+from .evaluate import KL_KEYS, LogitsFn, next_token_logits, quality
 from .io import write_atomic, write_json
 from .loading import LoadedModel
 from .plans import check_plan_model, load_plans, save_plans
@@ -105,7 +107,7 @@ def check_strategies(strategies: list[str]) -> None:
 
 
 def measured(lm: LoadedModel, windows: Windows, meas: Measurement, cands: Candidates, target: float, *,
-             batch_size: int = 4) -> Allocation:
+             batch_size: int = 4, progress: bool = False) -> Allocation:
     """The solver's plan, with the solver's error model checked on the calibration windows.
 
     The solver adds up per-group predicted loss changes: a second-order model
@@ -119,6 +121,7 @@ def measured(lm: LoadedModel, windows: Windows, meas: Measurement, cands: Candid
     windows (the measurement's own data, never the held-out windows; see
     ``calibration_loss``) and the one with the least NLL is kept. The
     unrestricted solution is always among them; ``meta`` lists them all.
+    ``progress`` shows bars for making and scoring the plans.
     """
     levels = _uniform_bpw(meas)
     choices: dict[str, set[str] | None] = {"any width": None}
@@ -132,7 +135,8 @@ def measured(lm: LoadedModel, windows: Windows, meas: Measurement, cands: Candid
         tried.setdefault(tuple(sorted(a.configs.items())), (name, a))
     if len(tried) == 1:
         return next(iter(tried.values()))[1]
-    loss = calibration_loss(lm, windows, meas, cands, dict(tried.values()), batch_size=batch_size)
+    loss = calibration_loss(lm, windows, meas, cands, dict(tried.values()), batch_size=batch_size, progress=progress,
+                            what=f"plans at {target:g} bits")
     best_name, best = min(tried.values(), key=lambda na: loss[na[0]])
     best.meta |= {"choice": best_name, "calibration_delta_nll": loss,
                   "predicted_delta_nll": {name: a.predicted_error for name, a in tried.values()}}
@@ -140,7 +144,7 @@ def measured(lm: LoadedModel, windows: Windows, meas: Measurement, cands: Candid
 
 
 def calibration_loss(lm: LoadedModel, windows: Windows, meas: Measurement, cands: Candidates, allocs: dict[str, Allocation], *,
-                     batch_size: int = 4) -> dict[str, float]:
+                     batch_size: int = 4, progress: bool = False, what: str = "plans") -> dict[str, float]:
     """Each plan's mean NLL increase over the calibration windows.
 
     Weights rounded to a grid (RTN, GGUF types) do not depend on data, so each
@@ -150,19 +154,28 @@ def calibration_loss(lm: LoadedModel, windows: Windows, meas: Measurement, cands
     worst of three on its own windows was the best of them held out. GPTQ
     plans are therefore cross-fitted: made on the even calibration windows
     and scored on the odd ones, then the other way round (with a single
-    window there is nothing to hold out, and it scores itself).
+    window there is nothing to hold out, and it scores itself). ``progress``
+    shows a bar while the plans are made and one while they are scored, each named after ``what``.
     """
     c = windows.calibration
     folds = [(c[0::2], c[1::2]), (c[1::2], c[0::2])] if cands.needs_hessian and len(c) > 1 else [(c, c)]
     deltas: dict[str, list[float]] = {name: [] for name in allocs}
     for fit, score in folds:
         part = replace(windows, ids=fit, n_calib=len(fit))
-        variants = {name: next_token_logits(lm.model, lambda pw=plan_weights(lm, meas, a, cands, part, batch_size=batch_size): quantized(lm, pw))
-                    for name, a in allocs.items()}
-        q = quality(next_token_logits(lm.model), variants, score, batch_size=batch_size, device=lm.device)
+        variants = _variants(lm, meas, cands, allocs, part, batch_size=batch_size, progress=progress, desc=f"make {what}")
+        q = quality(next_token_logits(lm.model), variants, score, batch_size=batch_size, device=lm.device, progress=progress,
+                    desc=f"score {what}")
         for name in allocs:
             deltas[name] += q[name]["window_delta_nll"]
     return {name: sum(d) / len(d) for name, d in deltas.items()}
+
+
+def _variants(lm: LoadedModel, meas: Measurement, cands: Candidates, allocs: dict[str, Allocation], windows: Windows, *,
+              batch_size: int, progress: bool, desc: str) -> dict[str, LogitsFn]:
+    """Each plan's weights made (GPTQ: on ``windows``; a bar over the plans, named ``desc``) and the logits with them in place."""
+    made = {name: plan_weights(lm, meas, a, cands, windows, batch_size=batch_size)
+            for name, a in tqdm(allocs.items(), desc=desc, unit="plan", disable=not progress)}
+    return {name: next_token_logits(lm.model, partial(quantized, lm, w)) for name, w in made.items()}
 
 
 def plans(lm: LoadedModel, windows: Windows, meas: Measurement, cands: Candidates, budgets: list[float], strategies: list[str], *,
@@ -179,7 +192,7 @@ def plans(lm: LoadedModel, windows: Windows, meas: Measurement, cands: Candidate
         order = block_order(lm, windows, strategy.split(":", 1)[1], prof, seed=seed, progress=progress) if strategy.startswith("ranked:") else []
         for b in budgets:
             if strategy == "measured":
-                out.append(measured(lm, windows, meas, cands, b, batch_size=batch_size))
+                out.append(measured(lm, windows, meas, cands, b, batch_size=batch_size, progress=progress))
             elif strategy == "uniform":
                 fits = [c for bpw, c in _uniform_bpw(meas) if bpw <= b + 1e-9]
                 if not fits:
@@ -214,19 +227,22 @@ def _other_bits(lm: LoadedModel, meas: Measurement, cands: Candidates) -> tuple[
 
 
 def evaluate(lm: LoadedModel, windows: Windows, meas: Measurement, cands: Candidates, allocs: list[Allocation],
-             eval_ids: torch.Tensor, *, batch_size: int = 4, chunk: int = 4) -> tuple[dict, list[dict], dict]:
+             eval_ids: torch.Tensor, *, batch_size: int = 4, chunk: int = 4, progress: bool = False) -> tuple[dict, list[dict], dict]:
     """Held-out quality and size of every plan beside the original: (original, one row per plan, plans as JSON).
 
     Plans are evaluated a few at a time (each holds a dequantized copy of the
-    quantized weights), sharing the original's forward pass within a chunk.
+    quantized weights), sharing the original's forward pass within a chunk;
+    ``progress`` shows bars for making and evaluating each chunk.
     """
     other_bits, other_n = _other_bits(lm, meas, cands)
     quant_n = sum(e["numel"] for e in meas.groups.values())
     q: dict[str, dict] = {}
     for i in range(0, len(allocs), chunk):
-        variants = {label(a): next_token_logits(lm.model, lambda w=plan_weights(lm, meas, a, cands, windows, batch_size=batch_size): quantized(lm, w))
-                    for a in allocs[i:i + chunk]}
-        q |= quality(next_token_logits(lm.model), variants, eval_ids, batch_size=batch_size, device=lm.device)
+        part = f"plans {i + 1}-{min(i + chunk, len(allocs))} of {len(allocs)}"
+        variants = _variants(lm, meas, cands, {label(a): a for a in allocs[i:i + chunk]}, windows, batch_size=batch_size,
+                             progress=progress, desc=f"make {part}")
+        q |= quality(next_token_logits(lm.model), variants, eval_ids, batch_size=batch_size, device=lm.device, progress=progress,
+                     desc=f"evaluate {part}")
         del variants
     first = next(iter(q.values()))
     original = {"ppl": first["ref_ppl"], "ppl_se": first["ref_ppl_se"], "nll": first["ref_nll"], "n_windows": first["n_windows"],
@@ -404,7 +420,7 @@ def run(lm: LoadedModel, windows: Windows, *, budgets: list[float], strategies: 
         meas.save(Path(out) / "measurement.json")
     allocs = plans(lm, windows, meas, cands, budgets, strategies, prof=prof, seed=seed, batch_size=batch_size, progress=progress)
     eval_ids = windows.evaluation[:eval_samples]
-    original, rows, plan_json = evaluate(lm, windows, meas, cands, allocs, eval_ids, batch_size=batch_size)
+    original, rows, plan_json = evaluate(lm, windows, meas, cands, allocs, eval_ids, batch_size=batch_size, progress=progress)
     meta = {**lm.meta(), "data": windows.meta(), **provenance(seed=seed, batch_size=batch_size), "format": family,
             "method": method if family == "int" else "llama.cpp", "candidates": list(cands.names),
             "measurement_s": meas.meta.get("seconds"), "eval_windows": int(eval_ids.shape[0])}

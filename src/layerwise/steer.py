@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -57,9 +57,12 @@ from .anatomy import first_tensor, parse_unit
 from .data import read_jsonl, read_lines
 from .errors import LayerwiseError
 from .evaluate import next_token_logits, paired_difference, quality
-from .features import Features, collect, collect_ids, tokenize
+from .features import Features, collect, collect_ids, tokenize, unit_list
 from .io import atomic_dir, load_result, write_json
 from .loading import LoadedModel
+
+if TYPE_CHECKING:
+    from .probe import ProbeResult
 
 METHODS: tuple[str, ...] = ("diffmean", "pca", "probe")
 #: Candidate strengths for ``alpha="auto"``, in multiples of the layer's mean residual norm, tried smallest first.
@@ -159,11 +162,9 @@ class Fit:
 def fit(lm: LoadedModel, pairs: Sequence[tuple[str, str]], *, method: str = "diffmean", read: str = "last", seed: int = 0,
         probe: str | None = None, batch_size: int = 8, progress: bool = False) -> Fit:
     """Read every block output for every pair, fit each block's direction and measure its held-out separation."""
-    if method == "probe" and not probe:
-        raise LayerwiseError("method='probe' needs probe=DIR, a folder saved by `layerwise probe`")
+    loaded = _probe_directions(probe, lm, unit_list(lm.anatomy, "blocks")) if method == "probe" else None  # refused before any reading
     pairs = _checked(list(pairs), "the pairs")
     feats = collect(lm, [p for p, _ in pairs] + [q for _, q in pairs], units="blocks", read=read, batch_size=batch_size, progress=progress)
-    loaded = _probe_directions(probe, lm, feats.units) if method == "probe" else None
     return fit_features(feats, len(pairs), method=method, seed=seed, given=loaded)
 
 
@@ -189,13 +190,25 @@ def fit_features(feats: Features, n: int, *, method: str = "diffmean", seed: int
     return Fit(**out, calibration=calib, held_out=held, method=method, read=feats.read, seed=seed)
 
 
-def _probe_directions(folder: str | None, lm: LoadedModel, units: list[str]) -> dict[str, torch.Tensor]:
-    """Unit directions from a saved ``layerwise probe`` result (imported here: the probe is its own action)."""
+def probe_result(folder: str | None) -> "ProbeResult":
+    """A saved ``layerwise probe`` result to steer along, refused when it names no unit that reads the concept
+    (imported here: the probe is its own action)."""
+    if not folder:
+        raise LayerwiseError("method='probe' needs probe=DIR, a folder saved by `layerwise probe`")
     try:
         from .probe import ProbeResult  # type: ignore[attr-defined]
     except ImportError:
         raise LayerwiseError("method='probe' needs layerwise's probe action (layerwise.probe), which this install lacks; use diffmean or pca") from None
     res = ProbeResult.load(folder)
+    if res.best_unit() is None:
+        raise LayerwiseError(f"the probe in {folder} shows no unit that reads the concept: {res.best['why']}; "
+                             "use `method` diffmean, or probe again with more examples")
+    return res
+
+
+def _probe_directions(folder: str | None, lm: LoadedModel, units: list[str]) -> dict[str, torch.Tensor]:
+    """Unit directions, each of unit norm, from the saved probe result in ``folder`` (see :func:`probe_result`)."""
+    res = probe_result(folder)
     out = {}
     for u in units:
         d = torch.as_tensor(res.direction(u), dtype=torch.float32).flatten().cpu()

@@ -77,7 +77,7 @@ from transformers.trainer_callback import ExportableState
 from .anatomy import Anatomy, parse_unit, unit_name
 from .data import Corpus, TextFile, Windows, parse_jsonl, read_corpus, read_file, windows
 from .errors import LayerwiseError
-from .evaluate import next_token_logits, quality
+from .evaluate import Variant, next_token_logits, quality
 from .io import atomic_dir, load_result, write_json
 from .loading import LoadedModel
 from .profile import DIRECTION, METRICS, Profile, needs_hint, provenance
@@ -767,11 +767,11 @@ def distinct_n(texts: list[str], n: int) -> float | None:
 
 
 def diversity(model: nn.Module, tokenizer, prompts: list[list[dict]], *, variant=None, new_tokens: int = 48,
-              seed: int = 0, device: str | torch.device = "cpu") -> dict:
-    """Distinct-1/2 of responses sampled (temperature 1, top-p 0.95, seeded) to held-out chat prompts."""
+              seed: int = 0, device: str | torch.device = "cpu", progress: bool = False, desc: str = "diversity") -> dict:
+    """Distinct-1/2 of responses sampled (temperature 1, top-p 0.95, seeded) to held-out chat prompts (a bar over them: ``progress``)."""
     texts = []
     with torch.no_grad(), (variant() if variant else contextlib.nullcontext()):
-        for i, conv in enumerate(prompts):
+        for i, conv in enumerate(tqdm(prompts, desc=desc, unit="prompt", disable=not progress)):
             x = tokenizer.apply_chat_template(conv, add_generation_prompt=True, return_tensors="pt", return_dict=True)
             torch.manual_seed(seed + i)
             y = model.generate(input_ids=x["input_ids"].to(device), attention_mask=x["attention_mask"].to(device), do_sample=True,
@@ -784,31 +784,32 @@ _KEEP = ("ref_ppl", "ref_ppl_se", "ppl", "ppl_se", "ref_nll", "nll", "delta_nll"
 
 
 def evaluate(run: TuneRun, snap: Snapshot, data: TuneData, second: torch.Tensor | None, *, restored: list[int] = (),
-             tokenizer=None, batch_size: int = 4, device: str | torch.device = "cpu", diversity_prompts: int = 8) -> dict:
+             tokenizer=None, batch_size: int = 4, device: str | torch.device = "cpu", diversity_prompts: int = 8,
+             progress: bool = False) -> dict:
     """The tuned model (and its restored variant) against the base model on both domains, same code as drop/quantize.
 
     The base model is the tuned one with every tunable tensor swapped back to
-    its value before training, so no second copy is kept.
+    its value before training, so no second copy is kept. ``progress`` shows a
+    bar for each pass over the held-out windows and each round of sampling.
     """
     model, snap = run.model, run.start or snap
     base = next_token_logits(model, snap.swapped)
-    cands = {"tuned": next_token_logits(model)}
+    variants: dict[str, Variant | None] = {"tuned": None}
     if restored:
         params = [p for i in restored for p in block_params(model, i)]
-        cands["restored"] = next_token_logits(model, lambda: snap.swapped(params))
+        variants["restored"] = lambda: snap.swapped(params)
+    cands = {name: next_token_logits(model, v) for name, v in variants.items()}
     out: dict = {"restored_blocks": list(restored)}
     domains = {"train": data.eval_ids, "second": second}
     for dom, ids in domains.items():
         if ids is None or ids.shape[0] == 0:
             continue
-        q = quality(base, cands, ids, batch_size=batch_size, device=device)
+        q = quality(base, cands, ids, batch_size=batch_size, device=device, progress=progress, desc=f"evaluate {run.key} on {dom}")
         out[dom] = {name: {k: r[k] for k in _KEEP} for name, r in q.items()}
     if data.prompts and tokenizer is not None:
         prompts = data.prompts[:diversity_prompts]
-        out["diversity"] = {"base": diversity(model, tokenizer, prompts, variant=snap.swapped, device=device),
-                            "tuned": diversity(model, tokenizer, prompts, device=device)}
-        if restored:
-            out["diversity"]["restored"] = diversity(model, tokenizer, prompts, variant=lambda: snap.swapped(params), device=device)
+        out["diversity"] = {name: diversity(model, tokenizer, prompts, variant=v, device=device, progress=progress,
+                                            desc=f"diversity {name}") for name, v in {"base": snap.swapped, **variants}.items()}
     return out
 
 
@@ -880,7 +881,8 @@ def run(lm: LoadedModel, data: TuneData, selects: list[str], *, second: torch.Te
                   rates=rates, **train_kw)
         block_w = importance_weights(prof, metric, "block") if restore and restore_order == "importance" else None
         restored = restore_order_blocks(r.model, r.start or snap, restore, restore_order, block_w)
-        ev = evaluate(r, snap, data, second, restored=restored, tokenizer=lm.tokenizer, batch_size=batch_size, device=lm.device)
+        ev = evaluate(r, snap, data, second, restored=restored, tokenizer=lm.tokenizer, batch_size=batch_size, device=lm.device,
+                      progress=progress)
         key = r.key + (f"+layer_lr:{lr_spec[0]}:{lr_spec[1]:g}" if lr_spec else "")
         runs.append({"key": key, "select": sel.key, "unit": unit, "layer_lr": layer_lr, **train_kw, **r.summary(), "eval": ev})
         if single:

@@ -30,8 +30,9 @@ def curve_figure(result: "ProbeResult"):
             ax.errorbar(xs, [r[key] for r in rows], yerr=[r[f"{key}_se"] for r in rows], color=color, marker=_STYLE[kind],
                         ms=3, lw=1, capsize=2, label=key.replace("_", " ") + tag)
     ax.axhline(result.meta.get("chance", 0.5), color="grey", lw=0.8, ls=":", label="chance")
-    best = result.unit(result.best_unit())
-    ax.axvline(best["layer"], color="C3", lw=0.8, ls="--", label=f"best: {result.best_unit()}")
+    if result.best_unit() is not None:
+        best = result.unit(result.best_unit())
+        ax.axvline(best["layer"], color="C3", lw=0.8, ls="--", label=f"best: {result.best_unit()}")
     ax.set_xlabel("layer (L{k}: output of block k)", fontsize=8)
     ax.set_ylabel("cross-validated accuracy", fontsize=8)
     ax.set_ylim(min(0.0, min(r["selectivity"] for r in result.units) - 0.05), 1.02)

@@ -225,13 +225,16 @@ def tune_summary(report) -> str:
 
 
 def probe_summary(result) -> str:
-    """The probe page's opening box: the unit where the concept becomes readable, its scores, and why it was picked."""
-    row = result.unit(result.best_unit())
-    return box("Summary", [
-        f"Best unit: <code>{escape(row['unit'])}</code>: accuracy {fmt(row['accuracy'])} ± {fmt(row['accuracy_se'])}, "
-        f"control {fmt(row['control'])} ± {fmt(row['control_se'])}, selectivity {fmt(row['selectivity'])} ± {fmt(row['selectivity_se'])}.",
-        f"Why: {escape(result.best['why'])} (rule: {escape(result.best['rule'])}).",
-    ])
+    """The probe page's opening box: the unit where the concept becomes readable (or that no unit is shown to), its scores, and why."""
+    best = result.best_unit()
+    row = result.unit(best or result.best["highest"])
+    scores = (f"accuracy {fmt(row['accuracy'])} ± {fmt(row['accuracy_se'])}, control {fmt(row['control'])} ± {fmt(row['control_se'])}, "
+              f"selectivity {fmt(row['selectivity'])} ± {fmt(row['selectivity_se'])}")
+    head = (f"Best unit: <code>{escape(best)}</code>: {scores}." if best else
+            f"No best unit: no unit is shown to read the concept linearly. Highest selectivity at <code>{escape(row['unit'])}</code>: "
+            f"{scores}. If the concept is there, more examples shrink the standard errors; "
+            "<code>layerwise steer --method probe</code> refuses this probe.")
+    return box("Summary", [head, f"Why: {escape(result.best['why'])} (rule: {escape(result.best['rule'])})."])
 
 
 def steer_summary(report) -> str:
