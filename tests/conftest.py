@@ -66,3 +66,13 @@ def one_error_line(err: str) -> bool:
     """stderr holds exactly one `layerwise: error:` line and no traceback (progress bars may come before it)."""
     lines = err.replace("\r", "\n").splitlines()
     return sum(line.startswith("layerwise: error:") for line in lines) == 1 and "Traceback" not in err and lines[-1].startswith("layerwise: error:")
+
+
+def records_peak(meta: dict) -> bool:
+    """A result's meta holds the process's peak memory: in bytes (not ru_maxrss's KiB), at most the peak now, and a CUDA
+    figure exactly when this process has used CUDA."""
+    from layerwise.memory import peak_memory, rss_bytes
+
+    p = meta["peak_memory"]
+    in_bytes = rss_bytes() // 2 <= p["rss_bytes"] <= peak_memory()["rss_bytes"]
+    return in_bytes and (p["cuda_bytes"] is None) == (not torch.cuda.is_initialized()) and "ru_maxrss" in p["note"]

@@ -42,6 +42,7 @@ from .errors import LayerwiseError
 from .features import Features, Read, collect, collect_ids
 from .io import write_atomic, write_json
 from .loading import LoadedModel
+from .memory import peak_memory
 
 BEST_RULE = "the shallowest unit whose selectivity is within one standard error of the highest selectivity"
 _DEPTH = {"attn": 0, "mlp": 1, "block": 2}  # order within a layer: the attention update, the MLP update, then the block output
@@ -392,7 +393,7 @@ def probe(lm: LoadedModel, examples: Examples | str, *, units: str | Sequence[st
     meta = {**lm.meta(), "data": ex.meta(), "read": read, "units": units if isinstance(units, str) else list(units), "folds": folds,
             "c": c, "chance": float(np.bincount(y).max() / len(y)), "n_examples": len(y),
             "n_tokens_mean": float(feats.n_tokens.float().mean()), **prov, "wall_time_s": round(time.perf_counter() - start, 3),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "peak_memory": peak_memory()}
     return ProbeResult(meta=meta, classes=found, units=rows, best=best_unit(rows), folds=fold.tolist(), importance=importance, directions=directions)
 
 

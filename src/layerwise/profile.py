@@ -33,6 +33,7 @@ from .data import Windows
 from .errors import LayerwiseError
 from .io import write_atomic, write_json
 from .loading import LoadedModel
+from .memory import peak_memory
 from .metrics import lens as lens_m
 from .metrics import stream as st
 from .metrics.agreement import spearman
@@ -434,6 +435,7 @@ def profile(
             **provenance(seed=seed, batch_size=batch_size),
             "wall_time_s": round(time.perf_counter() - start, 3),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "peak_memory": peak_memory(),
         },
         units=units,
     )

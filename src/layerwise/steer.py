@@ -59,6 +59,7 @@ from .evaluate import next_token_logits, paired_difference, quality
 from .features import Features, collect, collect_ids, tokenize
 from .io import atomic_dir, load_result, write_json
 from .loading import LoadedModel
+from .memory import peak_memory
 
 METHODS: tuple[str, ...] = ("diffmean", "pca", "probe")
 #: Candidate strengths for ``alpha="auto"``, in multiples of the layer's mean residual norm, tried smallest first.
@@ -349,7 +350,7 @@ def run_meta(lm: LoadedModel, seed: int, batch_size: int, **extra: Any) -> dict:
     from .profile import provenance
 
     return {**lm.meta(), **provenance(seed=seed, batch_size=batch_size), **extra,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "peak_memory": peak_memory()}
 
 
 def parse_layers(spec: str, n_layers: int) -> list[tuple[str, ...]] | None:
