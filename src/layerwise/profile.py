@@ -6,6 +6,8 @@ and the Taylor estimate through one backward pass), reads the logit lens from
 the cached block outputs, and then ablates every unit exactly by re-running
 only the blocks after it from the cached residual stream (the three units of
 a block as one batch, since all three rejoin the stream at the next block).
+The head reads the last block's output a slice of positions at a time (or at
+the sampled positions), so a batch's full-vocabulary logits never exist at once.
 """
 
 from __future__ import annotations
@@ -270,6 +272,31 @@ def _readout(an, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Ten
     return an.logits(h[:, :-1].flatten(0, 1)[rows])
 
 
+#: Logits one slice of the Taylor pass's head may hold, in elements (128 MiB of float32). Each slice reads the whole
+#: head matrix twice, so smaller slices cost time: at 2**25 a 262k-entry head took 1.3x the time of one whole batch.
+HEAD_SLICE_ELEMENTS = 2**25
+
+
+def _nll_grad(an, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The gradient of the summed next-token NLL with respect to the last block's output ``h`` (batch, seq, hidden).
+
+    The head and its gradient run on slices of positions: each position's loss depends on its own stream alone, so
+    the slices' gradients together are the gradient of the sum, and only one slice's logits exist at a time.
+    """
+    flat = h[:, :-1].detach().flatten(0, 1)
+    rows = max(1, HEAD_SLICE_ELEMENTS // an.head.weight.shape[0])
+    parts = []
+    with torch.enable_grad():
+        for start in range(0, flat.shape[0], rows):
+            z = flat[start:start + rows].detach().requires_grad_()
+            logp = torch.log_softmax(an.logits(z).float(), dim=-1)
+            loss = -logp.gather(-1, targets[start:start + rows, None]).sum()
+            parts.append(torch.autograd.grad(loss, z)[0])
+    grad = torch.zeros_like(h)
+    grad[:, :-1] = torch.cat(parts).view(h.shape[0], -1, h.shape[2])
+    return grad
+
+
 def _sampled_rows(batch: int, per_window: int, positions: int | None, g: torch.Generator) -> torch.Tensor | None:
     """``positions`` distinct predicted positions drawn uniformly in each window, as rows of the flattened batch (None: all)."""
     if positions is None or positions >= per_window:
@@ -363,19 +390,17 @@ def profile(
             if taylor:
                 updates.extend((tr.attn, tr.mlp, tr.h_out))
 
-        # Positions with a next token only; when nothing reads the logits, one position.
-        keep = torch.arange(x.shape[1] - 1, device=x.device) if need_ref or taylor else 1
+        # The head runs below on the last block's output (in slices, or at sampled positions), never on a whole batch
+        # at once: (batch, seq, vocab) logits and their gradient would be gigabytes with a 262k-token vocabulary.
         with torch.set_grad_enabled(taylor), tap(an, on_block, attn_weights=attention):
-            logits = model(input_ids=x, use_cache=False, logits_to_keep=keep).logits
-        targets = x[:, 1:].flatten().to(logits.device)
+            model(input_ids=x, use_cache=False, logits_to_keep=1)
+        targets = x[:, 1:].flatten().to(an.head.weight.device)
         per_window = x.shape[1] - 1
         n_tokens += targets.numel()
         if taylor:
-            logp = torch.log_softmax(logits.flatten(0, 1).float(), dim=-1)
-            loss = -logp.gather(-1, targets[:, None]).sum()
             # Units skipped at run time add constant zeros, outside the graph: their estimate is 0.
             live = [u for u in updates if u.requires_grad]
-            found = iter(torch.autograd.grad(loss, live))
+            found = iter(torch.autograd.grad(updates[-1], live, grad_outputs=_nll_grad(an, updates[-1], targets)))
             grads = [next(found) if u.requires_grad else torch.zeros_like(u) for u in updates]
             est = []
             for i in range(L):
@@ -385,7 +410,7 @@ def profile(
                 ga, g_out = grads[3 * i], grads[3 * i + 2]
                 est += [-(ga * a).sum(dim=(1, 2)), -(g_out * m).sum(dim=(1, 2)), -(g_out * (a + m)).sum(dim=(1, 2))]
             taylor_acc.add(torch.stack(est, dim=-1).double() / per_window)
-            del grads, loss, logp
+            del grads
         updates.clear()
         with torch.no_grad():
             if not need_ref:
@@ -393,9 +418,7 @@ def profile(
                 continue
             rows = _sampled_rows(x.shape[0], per_window, positions, g)
             rows = rows.to(x.device) if rows is not None else None
-            flat = logits.detach().flatten(0, 1)
-            ref = lens_m.Reference.from_logits(flat, targets) if rows is None else lens_m.Reference.from_logits(flat[rows], targets[rows])
-            del logits, flat
+            ref = lens_m.Reference.from_logits(_readout(an, h[L], rows), targets if rows is None else targets[rows])
             sampled = per_window if rows is None else positions
             if lens:
                 for i in range(L):
