@@ -11,7 +11,7 @@ from layerwise.memory import peak_memory, rss_bytes
 from layerwise.profile import profile
 from layerwise.trace import tap
 
-from .conftest import tiny_lm, tiny_windows
+from .conftest import tiny_lm, tiny_model, tiny_windows, write_gguf
 
 
 def _taylor_from_full_logits(lm, x: torch.Tensor) -> dict[str, float]:
@@ -50,3 +50,25 @@ def test_peak_memory_is_in_bytes_and_never_falls():
     after = peak_memory()["rss_bytes"]
     # The kernel's resident counters lag by a few pages; a unit slip (ru_maxrss is in KiB) would be a factor 1024.
     assert after >= before and after >= now - 2**20 and now >= big.numel() * 4
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_conversion_tensor_by_tensor_equals_transformers_gguf_loader(arch, tmp_path, monkeypatch):
+    """Shards of about 4 KiB: every tensor in its own file. The same weights, config and tokenizer as transformers'
+    from_pretrained(gguf_file=...), which held them all at once."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from layerwise import loading
+
+    monkeypatch.setenv("LAYERWISE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(loading, "SHARD_BYTES", 4096)
+    tokens = ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + [f"\u2581w{i}" for i in range(68)]
+    path = write_gguf(tiny_model(arch), tmp_path / "tiny.gguf", tokens)
+    lm = loading.load(str(path), device="cpu")
+    want = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32).state_dict()
+    got = lm.model.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    (cached,) = (loading.cache_root() / "models").iterdir()
+    assert len(list(cached.glob("model-*-of-*.safetensors"))) > 3 and (cached / "model.safetensors.index.json").exists()
+    theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file="tiny.gguf")
+    assert lm.tokenizer("a w3 b").input_ids == theirs("a w3 b").input_ids
