@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
 from layerwise.memory import peak_memory, rss_bytes
+from layerwise.metrics import lens as lens_m
 from layerwise.profile import profile
 from layerwise.trace import tap
 
@@ -34,13 +33,39 @@ def _taylor_from_full_logits(lm, x: torch.Tensor) -> dict[str, float]:
 @pytest.mark.parametrize("slice_rows", [7, 1000])
 def test_taylor_in_head_slices_equals_the_full_logits_backward(arch, slice_rows, monkeypatch):
     """7 rows a slice cuts 2 x 15 positions into uneven slices; 1000 keeps them in one."""
-    lp = sys.modules["layerwise.profile"]
-    monkeypatch.setattr(lp, "HEAD_SLICE_ELEMENTS", 97 * slice_rows)
+    monkeypatch.setattr(lens_m, "SLICE_ELEMENTS", 97 * slice_rows)
     lm, w = tiny_lm(arch), tiny_windows(2)
     prof = profile(lm, w, ablation="taylor", lens=False, batch_size=2, progress=False)
     want = _taylor_from_full_logits(lm, w.ids)
     for name, value in want.items():
         assert prof.unit(name).metrics["taylor_nll"] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+
+
+def _whole_tensor_readout(logits: torch.Tensor, targets: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The reference's NLL and a candidate's KL and NLL, as lens.py computed them before slicing: on whole tensors."""
+    z, zc = logits.float(), cand.float()
+    logp = torch.log_softmax(z, dim=-1)
+    p = logp.exp()
+    mass = p.sum(-1, dtype=torch.float64)
+    neg_entropy = torch.linalg.vecdot(p, z).double() - mass * torch.logsumexp(z, dim=-1).double()
+    lse = torch.logsumexp(zc, dim=-1)
+    kl = (neg_entropy - (torch.linalg.vecdot(p, zc).double() - mass * lse.double())).float()
+    return -logp.gather(-1, targets[:, None]).squeeze(-1), kl, lse - zc.gather(-1, targets[:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("rows", [3, 10**6])
+def test_readout_comparison_in_row_slices_equals_whole_tensors(rows, monkeypatch):
+    """3 rows a slice cuts 20 rows unevenly; 10**6 keeps them whole."""
+    monkeypatch.setattr(lens_m, "SLICE_ELEMENTS", 97 * rows)
+    g = torch.Generator().manual_seed(0)
+    logits, cand = torch.randn(2, 20, 97, generator=g) * 3
+    targets = torch.randint(0, 97, (20,), generator=g)
+    ref = lens_m.Reference.from_logits(logits, targets)
+    kl, nll = lens_m.compare(cand, ref)
+    for got, want in zip((ref.nll, kl, nll), _whole_tensor_readout(logits, targets, cand)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ref.probs, torch.softmax(logits, -1), rtol=0, atol=1e-7)
+    assert (lens_m.compare(logits, ref)[0].abs() < 1e-6).all()  # a readout equal to the reference is at KL 0
 
 
 def test_peak_memory_is_in_bytes_and_never_falls():

@@ -272,25 +272,21 @@ def _readout(an, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Ten
     return an.logits(h[:, :-1].flatten(0, 1)[rows])
 
 
-#: Logits one slice of the Taylor pass's head may hold, in elements (128 MiB of float32). Each slice reads the whole
-#: head matrix twice, so smaller slices cost time: at 2**25 a 262k-entry head took 1.3x the time of one whole batch.
-HEAD_SLICE_ELEMENTS = 2**25
-
-
 def _nll_grad(an, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The gradient of the summed next-token NLL with respect to the last block's output ``h`` (batch, seq, hidden).
 
-    The head and its gradient run on slices of positions: each position's loss depends on its own stream alone, so
-    the slices' gradients together are the gradient of the sum, and only one slice's logits exist at a time.
+    The head and its gradient run on slices of positions (:func:`~layerwise.metrics.lens.row_slices`): each
+    position's loss depends on its own stream alone, so the slices' gradients together are the gradient of the sum,
+    and only one slice's logits exist at a time. Each slice reads the whole head matrix twice, so smaller slices
+    cost time: with 128 MiB slices a 262k-entry head took 1.3x the time of one whole batch.
     """
     flat = h[:, :-1].detach().flatten(0, 1)
-    rows = max(1, HEAD_SLICE_ELEMENTS // an.head.weight.shape[0])
     parts = []
     with torch.enable_grad():
-        for start in range(0, flat.shape[0], rows):
-            z = flat[start:start + rows].detach().requires_grad_()
+        for s in lens_m.row_slices(flat.shape[0], an.head.weight.shape[0]):
+            z = flat[s].detach().requires_grad_()
             logp = torch.log_softmax(an.logits(z).float(), dim=-1)
-            loss = -logp.gather(-1, targets[start:start + rows, None]).sum()
+            loss = -logp.gather(-1, targets[s, None]).sum()
             parts.append(torch.autograd.grad(loss, z)[0])
     grad = torch.zeros_like(h)
     grad[:, :-1] = torch.cat(parts).view(h.shape[0], -1, h.shape[2])
