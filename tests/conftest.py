@@ -75,7 +75,7 @@ def records_peak(meta: dict) -> bool:
 
     p = meta["peak_memory"]
     in_bytes = rss_bytes() // 2 <= p["rss_bytes"] <= peak_memory()["rss_bytes"]
-    return in_bytes and (p["cuda_bytes"] is None) == (not torch.cuda.is_initialized()) and "ru_maxrss" in p["note"]
+    return in_bytes and (p["cuda_bytes"] is None) == (not torch.cuda.is_initialized()) and "peak resident set" in p["note"]
 
 
 def write_gguf(model, path, tokens: list[str]):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -73,8 +75,18 @@ def test_peak_memory_is_in_bytes_and_never_falls():
     big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
     now = rss_bytes()
     after = peak_memory()["rss_bytes"]
-    # The kernel's resident counters lag by a few pages; a unit slip (ru_maxrss is in KiB) would be a factor 1024.
+    # The kernel's resident counters lag by a few pages; a unit slip (KiB for bytes) would be a factor 1024.
     assert after >= before and after >= now - 2**20 and now >= big.numel() * 4
+
+
+def test_a_process_spawned_by_a_large_one_records_its_own_peak():
+    """ru_maxrss would count the parent's resident set, folded in when the child execs; the record must not."""
+    import subprocess
+
+    big = torch.ones(768 * 2**20 // 4)  # the parent holds 768 MiB
+    code = "from layerwise.memory import peak_memory; print(peak_memory()['rss_bytes'])"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert child < rss_bytes() - big.numel() * 4 // 2
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
