@@ -427,7 +427,8 @@ def _tail_margins(lm: LoadedModel, heads: list[list[int]], tails: list[tuple[lis
     """log p(positive tail | head) - log p(negative tail | head) per row: heads left-padded with a cache, tails right-padded after it."""
     x, mask = _pad(heads, 0, left=True)
     where = (mask.cumsum(1) - 1).clamp(min=0)
-    run = lm.model(input_ids=x.to(lm.device), attention_mask=mask.to(lm.device), position_ids=where.to(lm.device), use_cache=True)
+    run = lm.model(input_ids=x.to(lm.device), attention_mask=mask.to(lm.device), position_ids=where.to(lm.device), use_cache=True,
+                   logits_to_keep=1)  # only the head's last position is read: the rest would be (batch, seq, vocab) floats
     first = torch.log_softmax(run.logits[:, -1].float(), -1).cpu().repeat_interleave(2, 0)  # predicts each tail's first token
     seqs = [t for pair in tails for t in pair]  # positive, negative, ... matching the repeated cache rows
     logp = torch.zeros(len(seqs), dtype=torch.float64)
