@@ -272,27 +272,6 @@ def _readout(an, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Ten
     return an.logits(h[:, :-1].flatten(0, 1)[rows])
 
 
-def _nll_grad(an, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The gradient of the summed next-token NLL with respect to the last block's output ``h`` (batch, seq, hidden).
-
-    The head and its gradient run on slices of positions (:func:`~layerwise.metrics.lens.row_slices`): each
-    position's loss depends on its own stream alone, so the slices' gradients together are the gradient of the sum,
-    and only one slice's logits exist at a time. Each slice reads the whole head matrix twice, so smaller slices
-    cost time: with 128 MiB slices a 262k-entry head took 1.3x the time of one whole batch.
-    """
-    flat = h[:, :-1].detach().flatten(0, 1)
-    parts = []
-    with torch.enable_grad():
-        for s in lens_m.row_slices(flat.shape[0], an.head.weight.shape[0]):
-            z = flat[s].detach().requires_grad_()
-            logp = torch.log_softmax(an.logits(z).float(), dim=-1)
-            loss = -logp.gather(-1, targets[s, None]).sum()
-            parts.append(torch.autograd.grad(loss, z)[0])
-    grad = torch.zeros_like(h)
-    grad[:, :-1] = torch.cat(parts).view(h.shape[0], -1, h.shape[2])
-    return grad
-
-
 def _sampled_rows(batch: int, per_window: int, positions: int | None, g: torch.Generator) -> torch.Tensor | None:
     """``positions`` distinct predicted positions drawn uniformly in each window, as rows of the flattened batch (None: all)."""
     if positions is None or positions >= per_window:
@@ -435,7 +414,8 @@ def _taylor(an, updates: list[torch.Tensor], targets: torch.Tensor) -> torch.Ten
     in (attn, mlp, block) order per layer; ``updates`` holds each block's (attn, mlp, h_out) with their graph."""
     # Units skipped at run time add constant zeros, outside the graph: their estimate is 0.
     live = [u for u in updates if u.requires_grad]
-    found = iter(torch.autograd.grad(updates[-1], live, grad_outputs=_nll_grad(an, updates[-1], targets)))
+    d_out = lens_m.nll_grad(an.logits, an.head.weight.shape[0], updates[-1], targets)
+    found = iter(torch.autograd.grad(updates[-1], live, grad_outputs=d_out))
     grads = [next(found) if u.requires_grad else torch.zeros_like(u) for u in updates]
     est = []
     for i in range(len(updates) // 3):
