@@ -5,6 +5,9 @@ from a source one: the same metadata, some tensors removed, renamed or given
 other bytes and another GGML type. ``rewrite`` does the copying once, writes
 to a temporary file and renames it into place, so an interrupted export
 leaves nothing behind.
+
+Loading converts a GGUF file once; ``header`` and ``dequantize`` read what
+that needs, a tensor at a time, without parsing the tokenizer's arrays.
 """
 
 from __future__ import annotations
