@@ -66,3 +66,60 @@ def one_error_line(err: str) -> bool:
     """stderr holds exactly one `layerwise: error:` line and no traceback (progress bars may come before it)."""
     lines = err.replace("\r", "\n").splitlines()
     return sum(line.startswith("layerwise: error:") for line in lines) == 1 and "Traceback" not in err and lines[-1].startswith("layerwise: error:")
+
+
+def records_peak(meta: dict) -> bool:
+    """A result's meta holds the process's peak memory: in bytes (not ru_maxrss's KiB), at most the peak now, and a CUDA
+    figure exactly when this process has used CUDA."""
+    from layerwise.memory import peak_memory, rss_bytes
+
+    p = meta["peak_memory"]
+    in_bytes = rss_bytes() // 2 <= p["rss_bytes"] <= peak_memory()["rss_bytes"]
+    return in_bytes and (p["cuda_bytes"] is None) == (not torch.cuda.is_initialized()) and "peak resident set" in p["note"]
+
+
+def write_gguf(model, path, tokens: list[str]):
+    """A GGUF file of a llama or gemma3 transformers model, as llama.cpp names its tensors, matrices in Q8_0, with a
+    sentencepiece vocabulary of ``tokens`` (the first three: unknown, BOS, EOS).
+
+    Not llama.cpp's converter (q and k are not permuted), so the loaded model is not this one: enough to compare
+    two ways of converting the same file, and to measure them.
+    """
+    import gguf
+
+    cfg = model.config
+    arch = "gemma3" if cfg.model_type == "gemma3_text" else cfg.model_type
+    names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), cfg.num_hidden_layers)
+    w = gguf.GGUFWriter(str(path), arch=arch)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.head_dim)
+    if arch == "gemma3":
+        w.add_sliding_window(cfg.sliding_window)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([-float(i) for i in range(len(tokens))])
+    w.add_token_types([2, 3, 3] + [1] * (len(tokens) - 3))
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # a tied head is the embedding, listed once
+            data = p.float().numpy()
+            gname = names.get_name(name.removesuffix(".weight")) + ".weight"
+            if data.ndim == 1:  # llama.cpp stores Gemma's norm weights plus one
+                w.add_tensor(gname, data + 1 if arch == "gemma3" else data)
+            else:
+                w.add_tensor(gname, gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

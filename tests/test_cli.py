@@ -9,7 +9,7 @@ import pytest
 from layerwise import __version__, cli
 from layerwise.errors import LayerwiseError
 
-from .conftest import one_error_line, tiny_lm, tiny_windows
+from .conftest import one_error_line, records_peak, tiny_lm, tiny_windows
 
 
 @pytest.fixture
@@ -158,7 +158,7 @@ def test_profile_records_its_seed_and_how_it_was_run():
 
     prof = profile(tiny_lm("llama"), tiny_windows(2), ablation="none", lens=False, batch_size=1, seed=7, progress=False)
     m = prof.meta
-    assert (m["seed"], m["batch_size"], m["versions"]["layerwise"]) == (7, 1, __version__) and m["command"]
+    assert (m["seed"], m["batch_size"], m["versions"]["layerwise"]) == (7, 1, __version__) and m["command"] and records_peak(m)
     json.dumps(m)
 
 

@@ -11,7 +11,7 @@ from layerwise.loading import load
 from layerwise.profile import profile
 from layerwise.trace import skip
 
-from .conftest import tiny_lm, tiny_windows
+from .conftest import records_peak, tiny_lm, tiny_windows
 from .test_trace import _manual_llama
 
 
@@ -183,6 +183,7 @@ def test_run_measures_every_plan_and_writes_results(tmp_path):
     assert len(report.variants) == 8 and sorted(p.name for p in (tmp_path / "r").iterdir()) == ["eval.json", "plan.json"]
     meta = json.loads((tmp_path / "r" / "eval.json").read_text())["meta"]
     assert (meta["seed"], meta["batch_size"], meta["versions"]["layerwise"]) == (5, 4, __version__) and meta["command"]
+    assert records_peak(meta)
     assert json.loads((tmp_path / "r" / "plan.json").read_text())["meta"] == meta
     write_drop_report(DropReport.load(tmp_path / "r"), tmp_path / "r" / "report.html")
     again = DropReport.load(tmp_path / "r")

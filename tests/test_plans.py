@@ -9,7 +9,7 @@ import torch
 from layerwise import cli
 from layerwise.errors import LayerwiseError
 
-from .conftest import one_error_line, tiny_lm, tiny_windows
+from .conftest import one_error_line, records_peak, tiny_lm, tiny_windows
 
 
 def _split(n_calib: int = 4, n_eval: int = 3):
@@ -129,6 +129,7 @@ def test_quant_plan_round_trip(tmp_path, method):
     for name in ("plan.json", "eval.json", "measurement.json"):
         meta = json.loads((tmp_path / "run" / name).read_text())["meta"]
         assert (meta["seed"], meta["batch_size"], meta["model_hash"]) == (3, 2, "tiny") and meta["versions"]["torch"] and meta["command"], name
+    assert records_peak(json.loads((tmp_path / "run" / "eval.json").read_text())["meta"])
     with pytest.raises(LayerwiseError, match="made for another model"):
         plan.apply(_other(tiny_lm("llama")), w)
     if method == "gptq":

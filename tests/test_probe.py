@@ -14,7 +14,7 @@ from layerwise.cli import main
 from layerwise.errors import LayerwiseError
 from layerwise.probe import Examples, ProbeResult, best_unit, fit, probe, read_examples, split
 
-from .conftest import one_error_line, tiny_lm
+from .conftest import one_error_line, records_peak, tiny_lm
 
 
 def _ids(n: int, seed: int = 0) -> list[list[int]]:
@@ -202,7 +202,7 @@ def test_save_load_and_report_escape(tmp_path):
     res = probe(lm, Examples(labels=["<b>x</b>" if i % 2 else "a&b" for i in range(40)], ids=ids, source="<script>"), units="all", folds=2)
     res.save(tmp_path)
     back = ProbeResult.load(tmp_path)
-    assert back.to_dict() == json.loads(json.dumps(res.to_dict()))
+    assert back.to_dict() == json.loads(json.dumps(res.to_dict())) and records_peak(back.meta)
     tensors = load_file(tmp_path / "directions.safetensors")
     assert {"L0.probe", "L0.diffmean", "L1.attn.probe", "L1.mlp.diffmean"} <= set(tensors)
     torch.testing.assert_close(back.direction("L1.mlp", "diffmean"), res.direction("L1.mlp", "diffmean"))

@@ -10,7 +10,7 @@ from layerwise.features import Features, collect_ids
 from layerwise.steer import SteeringVector, export_gguf, fit_features, parse_layers, read_gguf, split
 from layerwise.trace import BlockTrace, run_blocks, tap
 
-from .conftest import tiny_lm, tiny_windows
+from .conftest import records_peak, tiny_lm, tiny_windows
 
 
 def _vector(lm, unit="L1", seed=0, alpha=0.5):
@@ -249,6 +249,7 @@ def test_run_reports_on_the_report_prompts_and_sweeps_the_dose_layers(tmp_path):
 
     saved = json.loads((tmp_path / "s" / "steer.json").read_text())
     assert saved["choice"]["prompts"]["report"] == report.prompts and saved["choice"]["split"]["n_prompts_report"] == 3
+    assert records_peak(saved["meta"])
     from layerwise.report.steer import dose_figure, render
 
     labels = dose_figure(report).axes[0].get_legend_handles_labels()[1]

@@ -12,7 +12,7 @@ from layerwise import tune
 from layerwise.errors import LayerwiseError
 from layerwise.profile import Profile, Unit
 
-from .conftest import tiny_lm, tiny_windows
+from .conftest import records_peak, tiny_lm, tiny_windows
 
 LAYERS = 4
 
@@ -292,6 +292,7 @@ def test_run_evaluates_both_domains_and_report_rerenders(tmp_path):
     assert len(full["restored_blocks"]) == 1 and full["second"]["restored"]["kl"] < full["second"]["tuned"]["kl"]
     assert rep.runs[0]["trainable_params_max"] < rep.runs[1]["trainable_params_max"]
     assert rep.runs[0]["optimizer_state_bytes_max"] < rep.runs[1]["optimizer_state_bytes_max"]
+    assert records_peak(json.loads((tmp_path / "tune.json").read_text())["meta"])
     assert any(not torch.equal(p, start[n]) for n, p in lm.model.named_parameters())
     assert not (tmp_path / "report.html").exists()  # results are JSON; the report module renders the page
     assert main(["report", str(tmp_path)]) == 0

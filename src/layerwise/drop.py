@@ -37,6 +37,7 @@ from .errors import LayerwiseError
 from .evaluate import KL_KEYS, folder_bytes, next_token_logits, param_count, quality, speed
 from .io import atomic_dir, load_result, write_json
 from .loading import LoadedModel
+from .memory import peak_memory
 from .metrics import stream as st
 from .plans import check_plan_model, load_plans, save_plans
 from .profile import APPLIES, METRICS, Profile, needs, needs_hint, order_by, profile, provenance
@@ -541,7 +542,8 @@ def run(lm: LoadedModel, windows: Windows, plans: list[DropPlan], *, out: str | 
     exports = export_plan(lm, plans[0], out, export) if out is not None else {}
     meta = {**lm.meta(), "data": windows.meta(), **provenance(seed=seed, batch_size=batch_size),
             "eval_windows": int(eval_ids.shape[0]), "with_speed": with_speed,
-            "wall_time_s": round(time.perf_counter() - start, 3), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "wall_time_s": round(time.perf_counter() - start, 3), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "peak_memory": peak_memory()}
     report = DropReport(meta=meta, original=original, variants=variants, exports=exports)
     if out is not None:
         report.save(out)

@@ -70,20 +70,25 @@ def quality(reference: LogitsFn, candidates: dict[str, LogitsFn], ids: torch.Ten
     def by_window(t: torch.Tensor) -> torch.Tensor:
         return st.window_means(t, per_window)
 
-    for batch in tqdm(torch.split(ids, batch_size), desc=desc, unit="batch", disable=not progress):
-        x = batch.to(device)
+    # A batch's reference and logits live only inside these calls, so the next batch's are never built beside them.
+    def add_candidate(name: str, logits: torch.Tensor, ref: lens_m.Reference) -> None:
+        kl, nll = lens_m.compare(logits, ref)
+        if not (torch.isfinite(nll).all() and torch.isfinite(kl).all()):
+            raise LayerwiseError(f"{name} produced NaN/inf logits; evaluate in `dtype` float32")
+        for m, v in zip(acc[name], (nll, kl)):
+            m.add(by_window(v))
+        deltas[name] += by_window(nll - ref.nll).tolist()
+        dp = torch.exp(-nll.double()) - torch.exp(-ref.nll.double())
+        divergence[name].add(kl, lens_m.top1(logits, ref), dp, per_window)
+
+    def add_batch(x: torch.Tensor) -> None:
         ref = lens_m.Reference.from_logits(reference(x), x[:, 1:].flatten())
         ref_nll.add(by_window(ref.nll))
         for name, fn in candidates.items():
-            logits = fn(x)
-            kl, nll = lens_m.compare(logits, ref)
-            if not (torch.isfinite(nll).all() and torch.isfinite(kl).all()):
-                raise LayerwiseError(f"{name} produced NaN/inf logits; evaluate in `dtype` float32")
-            for m, v in zip(acc[name], (nll, kl)):
-                m.add(by_window(v))
-            deltas[name] += by_window(nll - ref.nll).tolist()
-            dp = torch.exp(-nll.double()) - torch.exp(-ref.nll.double())
-            divergence[name].add(kl, lens_m.top1(logits, ref), dp, per_window)
+            add_candidate(name, fn(x), ref)
+
+    for batch in tqdm(torch.split(ids, batch_size), desc=desc, unit="batch", disable=not progress):
+        add_batch(batch.to(device))
     base = {"n_windows": ref_nll.n, "n_tokens": ref_nll.n * per_window, **_ppl("ref_", ref_nll)}
     out = {}
     for name, (nll, kl) in acc.items():

@@ -12,11 +12,12 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
 
+from . import ggufio
 from .anatomy import SPECS, Anatomy, supported
 from .errors import LayerwiseError
 from .io import atomic_dir, read_json, sha256_file, write_json
@@ -104,35 +105,104 @@ def _fingerprint(folder: Path) -> str:
 def _gguf_cache(gguf: Path, trust_remote_code: bool) -> tuple[Path, str]:
     """Convert a GGUF file once into a safetensors folder; return it and the GGUF hash."""
     try:
-        from gguf import GGUFReader
-
-        reader = GGUFReader(gguf)
-        arch_field = reader.get_field("general.architecture")
-        arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field else None
+        meta, tensors = ggufio.header(gguf)
     except Exception as exc:  # any parse failure means the file is not usable
         raise LayerwiseError(f"{gguf} is not a readable GGUF file ({exc.__class__.__name__}: {str(exc).splitlines()[0][:120] if str(exc) else 'no detail'}); re-download or re-export it") from None
     digest = sha256_file(gguf)
     target = cache_root() / "models" / f"{gguf.stem}-{digest[:16]}"
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
         return target, digest
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    except (ValueError, KeyError, OSError) as exc:
-        raise LayerwiseError(f"transformers cannot convert {gguf.name} (GGUF architecture {arch!r}): {str(exc).splitlines()[0][:160]}") from None
-    _check_model_type(model.config.model_type, str(gguf))
-    # transformers refuses save_pretrained while the GGUF quantizer marker is set;
-    # the weights are already dequantized, so clearing it is truthful.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
     with atomic_dir(target, "cache") as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        _convert(gguf, meta.get("general.architecture"), tensors, tmp, trust_remote_code)
         write_json(tmp / _SOURCE_FILE, {"gguf": str(gguf), "gguf_sha256": digest})
     return target, digest
+
+
+#: Bytes of weights one safetensors shard of a converted GGUF file holds (a bigger tensor has a shard to itself).
+SHARD_BYTES = 2**28
+
+
+def _convert(gguf: Path, arch: str | None, tensors: list[ggufio.TensorInfo], out: Path, trust_remote_code: bool) -> None:
+    """Write a GGUF file into ``out`` as a transformers checkpoint: the tokenizer, then the weights tensor by tensor.
+
+    transformers' own route (``from_pretrained(gguf_file=...)``, then ``save_pretrained``) dequantized every
+    weight into one dict beside the parsed metadata, built the model from it, and converted the tokenizer with the
+    model still held: 3.6 GB above the interpreter for a Gemma-3-270M-shaped file of 1.07 GB of float32 weights.
+    Here the tokenizer is written and let go first, then one tensor at a time is dequantized and written into its
+    shard, under the names and with the fixes (q/k permutation, Gemma's norm offset) transformers' GGUF loader
+    gives it: the same config, tokenizer and weights (in shards), with the largest tensor as the peak.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer.save_pretrained(out)
+        del tokenizer
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, OSError) as exc:
+        raise LayerwiseError(f"transformers cannot convert {gguf.name} (GGUF architecture {arch!r}): {str(exc).splitlines()[0][:160]}") from None
+    _check_model_type(config.model_type, str(gguf))
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    written = _save_shards(_gguf_weights(gguf, arch, tensors, skeleton), out)
+    missing = [n for n, _ in skeleton.named_parameters() if n not in written]
+    if missing:
+        raise LayerwiseError(f"{gguf.name} holds no tensor for {len(missing)} weights of a {config.model_type} model "
+                             f"({', '.join(missing[:3])}...); re-export it with llama.cpp's convert_hf_to_gguf.py")
+    config.architectures = [type(skeleton).__name__]
+    config.dtype = torch.float32
+    config.save_pretrained(out)
+    GenerationConfig.from_model_config(config).save_pretrained(out)
+
+
+def _gguf_weights(gguf: Path, arch: str | None, tensors: list[ggufio.TensorInfo],
+                  skeleton: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, float32 tensor)`` for every weight of the file, one dequantized at a time, as transformers names it."""
+    import numpy as np
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=skeleton.config.to_dict())
+    names = get_gguf_hf_weights_map(skeleton, processor)
+    moved: dict[str, dict] = {"tensors": {}}  # a processor that renames a tensor (GPT-2's output.weight) puts it here
+    for info in tensors:
+        weights = ggufio.dequantize(gguf, info)
+        result = processor.process(weights=weights, name=info.name, tensor_key_mapping=names, parsed_parameters=moved)
+        if result.name in names:
+            yield names[result.name], torch.from_numpy(np.ascontiguousarray(result.weights, dtype=np.float32))
+        yield from moved["tensors"].items()
+        moved["tensors"].clear()
+
+
+def _save_shards(weights: Iterable[tuple[str, torch.Tensor]], out: Path) -> set[str]:
+    """Write ``(name, tensor)`` pairs as safetensors shards of about :data:`SHARD_BYTES`, and the index transformers
+    reads (a single shard is ``model.safetensors``, with no index); return the names written."""
+    from safetensors.torch import save_file
+
+    shards: list[list[str]] = []
+    current: dict[str, torch.Tensor] = {}
+    total = 0
+
+    def flush() -> None:
+        save_file(current, str(out / f".shard-{len(shards)}.safetensors"), metadata={"format": "pt"})
+        shards.append(list(current))
+        current.clear()
+
+    for name, tensor in weights:
+        if current and sum(t.nbytes for t in current.values()) + tensor.nbytes > SHARD_BYTES:
+            flush()
+        current[name] = tensor
+        total += tensor.nbytes
+    flush()
+    if len(shards) == 1:
+        (out / ".shard-0.safetensors").rename(out / "model.safetensors")
+        return set(shards[0])
+    index = {}
+    for i, names in enumerate(shards):
+        final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        (out / f".shard-{i}.safetensors").rename(out / final)
+        index |= dict.fromkeys(names, final)
+    write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": index})
+    return set(index)
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

@@ -59,6 +59,7 @@ from .errors import LayerwiseError
 from .features import Features, Read, collect, collect_ids
 from .io import write_atomic, write_json
 from .loading import LoadedModel
+from .memory import peak_memory
 
 #: A unit reads the concept when its selectivity clears zero by this many fold standard errors ...
 MARGIN_SE = 2
@@ -415,7 +416,7 @@ def probe(lm: LoadedModel, examples: Examples | str, *, units: str | Sequence[st
     meta = {**lm.meta(), "data": ex.meta(), "read": read, "units": units if isinstance(units, str) else list(units), "folds": folds,
             "c": c, "chance": chance, "n_examples": len(y),
             "n_tokens_mean": float(feats.n_tokens.float().mean()), **prov, "wall_time_s": round(time.perf_counter() - start, 3),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "peak_memory": peak_memory()}
     return ProbeResult(meta=meta, classes=found, units=rows, best=best_unit(rows, len(y), chance), folds=fold.tolist(),
                        importance=importance, directions=directions)
 

@@ -6,6 +6,8 @@ and the Taylor estimate through one backward pass), reads the logit lens from
 the cached block outputs, and then ablates every unit exactly by re-running
 only the blocks after it from the cached residual stream (the three units of
 a block as one batch, since all three rejoin the stream at the next block).
+The head reads the last block's output a slice of positions at a time (or at
+the sampled positions), so a batch's full-vocabulary logits never exist at once.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from .data import Windows
 from .errors import LayerwiseError
 from .io import write_atomic, write_json
 from .loading import LoadedModel
+from .memory import peak_memory
 from .metrics import lens as lens_m
 from .metrics import stream as st
 from .metrics.agreement import spearman
@@ -362,29 +365,15 @@ def profile(
             if taylor:
                 updates.extend((tr.attn, tr.mlp, tr.h_out))
 
-        # Positions with a next token only; when nothing reads the logits, one position.
-        keep = torch.arange(x.shape[1] - 1, device=x.device) if need_ref or taylor else 1
+        # The head runs below on the last block's output (in slices, or at sampled positions), never on a whole batch
+        # at once: (batch, seq, vocab) logits and their gradient would be gigabytes with a 262k-token vocabulary.
         with torch.set_grad_enabled(taylor), tap(an, on_block, attn_weights=attention):
-            logits = model(input_ids=x, use_cache=False, logits_to_keep=keep).logits
-        targets = x[:, 1:].flatten().to(logits.device)
+            model(input_ids=x, use_cache=False, logits_to_keep=1)
+        targets = x[:, 1:].flatten().to(an.head.weight.device)
         per_window = x.shape[1] - 1
         n_tokens += targets.numel()
         if taylor:
-            logp = torch.log_softmax(logits.flatten(0, 1).float(), dim=-1)
-            loss = -logp.gather(-1, targets[:, None]).sum()
-            # Units skipped at run time add constant zeros, outside the graph: their estimate is 0.
-            live = [u for u in updates if u.requires_grad]
-            found = iter(torch.autograd.grad(loss, live))
-            grads = [next(found) if u.requires_grad else torch.zeros_like(u) for u in updates]
-            est = []
-            for i in range(L):
-                a, m = updates[3 * i].detach(), updates[3 * i + 1].detach()
-                # The MLP's update and the block's update a+m both move the stream at
-                # the block's output: removing them changes the loss by about -g_out.(update).
-                ga, g_out = grads[3 * i], grads[3 * i + 2]
-                est += [-(ga * a).sum(dim=(1, 2)), -(g_out * m).sum(dim=(1, 2)), -(g_out * (a + m)).sum(dim=(1, 2))]
-            taylor_acc.add(torch.stack(est, dim=-1).double() / per_window)
-            del grads, loss, logp
+            taylor_acc.add(_taylor(an, updates, targets).double() / per_window)
         updates.clear()
         with torch.no_grad():
             if not need_ref:
@@ -392,31 +381,9 @@ def profile(
                 continue
             rows = _sampled_rows(x.shape[0], per_window, positions, g)
             rows = rows.to(x.device) if rows is not None else None
-            flat = logits.detach().flatten(0, 1)
-            ref = lens_m.Reference.from_logits(flat, targets) if rows is None else lens_m.Reference.from_logits(flat[rows], targets[rows])
-            del logits, flat
-            sampled = per_window if rows is None else positions
-            if lens:
-                for i in range(L):
-                    z = _readout(an, h[i + 1], rows)
-                    kl, nll = lens_m.compare(z, ref)
-                    accs[i].lens.add(torch.stack((kl, lens_m.top1(z, ref), nll), dim=-1))
-            bar.update(1)
-            if ablation == "exact" and batch_no < n_ablated:
-                ablated_windows += x.shape[0]
-                stacked = tile_calls(calls, x.shape[0], len(KINDS))
-                for i in range(L):
-                    # All three units of block i rejoin the stream at block i + 1, so their
-                    # ablated streams run the later blocks as one batch (one pass, not three).
-                    with skip(an, [unit_name(i, "attn")]):
-                        no_attn = run_blocks(an, i, h[i], calls, stop=i + 1)
-                    starts = {"block": h[i], "attn": no_attn, "mlp": mid[i]}
-                    outs = run_blocks(an, i + 1, torch.cat([starts[k] for k in KINDS]), stacked).chunk(len(KINDS))
-                    for kind, out in zip(KINDS, outs):
-                        kl, nll = lens_m.compare(_readout(an, out, rows), ref)
-                        accs[i].abl_nll[kind].add(st.window_means(nll - ref.nll, sampled))
-                        accs[i].abl_kl[kind].add(st.window_means(kl, sampled))
-                        bar.update(1)
+            ablate = ablation == "exact" and batch_no < n_ablated
+            ablated_windows += x.shape[0] if ablate else 0
+            _readouts(an, accs, h, mid, calls, targets, rows, per_window if rows is None else positions, lens=lens, ablate=ablate, bar=bar)
     bar.close()
     units = _finalize(lm, accs, taylor_acc, ablation)
     prof = Profile(
@@ -434,11 +401,60 @@ def profile(
             **provenance(seed=seed, batch_size=batch_size),
             "wall_time_s": round(time.perf_counter() - start, 3),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "peak_memory": peak_memory(),
         },
         units=units,
     )
     prof.agreement = agreement(prof)
     return prof
+
+
+def _taylor(an, updates: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    """Per window, the first-order change of the summed NLL when each unit's update is removed, as (batch, 3 * layers)
+    in (attn, mlp, block) order per layer; ``updates`` holds each block's (attn, mlp, h_out) with their graph."""
+    # Units skipped at run time add constant zeros, outside the graph: their estimate is 0.
+    live = [u for u in updates if u.requires_grad]
+    d_out = lens_m.nll_grad(an.logits, an.head.weight.shape[0], updates[-1], targets)
+    found = iter(torch.autograd.grad(updates[-1], live, grad_outputs=d_out))
+    grads = [next(found) if u.requires_grad else torch.zeros_like(u) for u in updates]
+    est = []
+    for i in range(len(updates) // 3):
+        a, m = updates[3 * i].detach(), updates[3 * i + 1].detach()
+        # The MLP's update and the block's update a+m both move the stream at
+        # the block's output: removing them changes the loss by about -g_out.(update).
+        ga, g_out = grads[3 * i], grads[3 * i + 2]
+        est += [-(ga * a).sum(dim=(1, 2)), -(g_out * m).sum(dim=(1, 2)), -(g_out * (a + m)).sum(dim=(1, 2))]
+    return torch.stack(est, dim=-1)
+
+
+def _readouts(an, accs: list[_LayerAcc], h: list, mid: list, calls: list, targets: torch.Tensor, rows: torch.Tensor | None,
+              sampled: int, *, lens: bool, ablate: bool, bar) -> None:
+    """One batch's logit lens at every block output and, with ``ablate``, every unit's exact ablation, each against the
+    model's own readout at the same positions. The batch's reference distribution and readouts live only in this call,
+    so the next batch's passes never run beside them."""
+    L = an.n_layers
+    ref = lens_m.Reference.from_logits(_readout(an, h[L], rows), targets if rows is None else targets[rows])
+    if lens:
+        for i in range(L):
+            z = _readout(an, h[i + 1], rows)
+            kl, nll = lens_m.compare(z, ref)
+            accs[i].lens.add(torch.stack((kl, lens_m.top1(z, ref), nll), dim=-1))
+    bar.update(1)
+    if not ablate:
+        return
+    stacked = tile_calls(calls, h[0].shape[0], len(KINDS))
+    for i in range(L):
+        # All three units of block i rejoin the stream at block i + 1, so their
+        # ablated streams run the later blocks as one batch (one pass, not three).
+        with skip(an, [unit_name(i, "attn")]):
+            no_attn = run_blocks(an, i, h[i], calls, stop=i + 1)
+        starts = {"block": h[i], "attn": no_attn, "mlp": mid[i]}
+        outs = run_blocks(an, i + 1, torch.cat([starts[k] for k in KINDS]), stacked).chunk(len(KINDS))
+        for kind, out in zip(KINDS, outs):
+            kl, nll = lens_m.compare(_readout(an, out, rows), ref)
+            accs[i].abl_nll[kind].add(st.window_means(nll - ref.nll, sampled))
+            accs[i].abl_kl[kind].add(st.window_means(kl, sampled))
+            bar.update(1)
 
 
 def _finalize(lm: LoadedModel, accs: list[_LayerAcc], taylor_acc: st.Moments, ablation: Ablation) -> list[Unit]:

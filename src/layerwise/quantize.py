@@ -45,6 +45,7 @@ from .errors import LayerwiseError
 from .evaluate import KL_KEYS, LogitsFn, next_token_logits, quality
 from .io import write_atomic, write_json
 from .loading import LoadedModel
+from .memory import peak_memory
 from .plans import check_plan_model, load_plans, save_plans
 from .profile import Profile, needs, profile, provenance
 from .quant import gguf as qg
@@ -429,7 +430,8 @@ def run(lm: LoadedModel, windows: Windows, *, budgets: list[float], strategies: 
         key = label(allocs[0])
         exports = export_plan(lm, QuantPlan.from_json(meta, key, plan_json[key]), Path(out), export, eval_ids, windows,
                               batch_size=batch_size)
-    meta |= {"wall_time_s": round(time.perf_counter() - start, 3), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    meta |= {"wall_time_s": round(time.perf_counter() - start, 3), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+             "peak_memory": peak_memory()}
     report = QuantReport(meta, original, rows, plan_json, exports)
     if out is not None:
         report.save(out)

@@ -60,6 +60,7 @@ from .evaluate import next_token_logits, paired_difference, quality
 from .features import Features, collect, collect_ids, tokenize, unit_list
 from .io import atomic_dir, load_result, write_json
 from .loading import LoadedModel
+from .memory import peak_memory
 
 if TYPE_CHECKING:
     from .probe import ProbeResult
@@ -355,7 +356,7 @@ def run_meta(lm: LoadedModel, seed: int, batch_size: int, **extra: Any) -> dict:
     from .profile import provenance
 
     return {**lm.meta(), **provenance(seed=seed, batch_size=batch_size), **extra,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "peak_memory": peak_memory()}
 
 
 def parse_layers(spec: str, n_layers: int) -> list[tuple[str, ...]] | None:
@@ -432,7 +433,8 @@ def _tail_margins(lm: LoadedModel, heads: list[list[int]], tails: list[tuple[lis
     """log p(positive tail | head) - log p(negative tail | head) per row: heads left-padded with a cache, tails right-padded after it."""
     x, mask = _pad(heads, 0, left=True)
     where = (mask.cumsum(1) - 1).clamp(min=0)
-    run = lm.model(input_ids=x.to(lm.device), attention_mask=mask.to(lm.device), position_ids=where.to(lm.device), use_cache=True)
+    run = lm.model(input_ids=x.to(lm.device), attention_mask=mask.to(lm.device), position_ids=where.to(lm.device), use_cache=True,
+                   logits_to_keep=1)  # only the head's last position is read: the rest would be (batch, seq, vocab) floats
     first = torch.log_softmax(run.logits[:, -1].float(), -1).cpu().repeat_interleave(2, 0)  # predicts each tail's first token
     seqs = [t for pair in tails for t in pair]  # positive, negative, ... matching the repeated cache rows
     logp = torch.zeros(len(seqs), dtype=torch.float64)

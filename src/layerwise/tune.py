@@ -60,8 +60,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import resource
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -80,6 +78,7 @@ from .errors import LayerwiseError
 from .evaluate import Variant, next_token_logits, quality
 from .io import atomic_dir, load_result, write_json
 from .loading import LoadedModel
+from .memory import memory_bytes, peak_memory, rss_bytes
 from .profile import DIRECTION, METRICS, Profile, needs_hint, provenance
 
 MODES = ("full", "lisa", "importance", "top", "adaptive", "badam", "lora")
@@ -196,19 +195,6 @@ def _unique(params) -> list[nn.Parameter]:
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes the optimizer holds in state tensors right now."""
     return sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
-
-
-def _rss_bytes() -> int:
-    """Resident memory of this process now (Linux ``/proc``; elsewhere the peak so far)."""
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
-def memory_bytes(device: torch.device) -> int:
-    """Peak GPU memory allocated (CUDA), or the resident set size now (CPU)."""
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_bytes()
 
 
 class LayerSelector(TrainerCallback, ExportableState):
@@ -707,7 +693,7 @@ def train(lm: LoadedModel, data: TuneData | Windows, *, select: str = "lisa", un
     torch.manual_seed(seed)
     if lm.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(lm.device)
-    mem0 = torch.cuda.memory_allocated(lm.device) if lm.device.type == "cuda" else _rss_bytes()
+    mem0 = torch.cuda.memory_allocated(lm.device) if lm.device.type == "cuda" else rss_bytes()
     optimizer = torch.optim.AdamW(selector.param_groups(model, lr, rates), lr=lr, weight_decay=0.0)
     state, control = TrainerState(), TrainerControl()
     selector.on_train_begin(None, state, control, model=model, optimizer=optimizer)
@@ -897,6 +883,7 @@ def run(lm: LoadedModel, data: TuneData, selects: list[str], *, second: torch.Te
     meta = {**lm.meta(), "data": data.meta, "second_windows": 0 if second is None else int(second.shape[0]),
             "restore": restore, "restore_order": restore_order, **prov,
             "wall_time_s": round(time.perf_counter() - start, 3), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "peak_memory": peak_memory(),
             "memory_note": "memory_bytes: max_memory_allocated on CUDA; on CPU the resident set size sampled after every optimizer step"}
     report = TuneReport(meta=meta, runs=runs, exports=exports)
     if out is not None:

@@ -34,6 +34,7 @@ from ..data import Windows
 from ..errors import LayerwiseError
 from ..io import write_json
 from ..loading import LoadedModel
+from ..metrics.lens import nll_grad
 from ..trace import BlockTrace, hooks, tap
 from .gptq import Hessian, inverse_factor, quantize_gptq, quantize_gptq_many
 from .rtn import QConfig, QTensor, quantize_rtn
@@ -405,6 +406,7 @@ def _batch_pass(lm: LoadedModel, ids: torch.Tensor, layers: list[int]) -> tuple[
     updates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     calls: list[tuple[tuple, dict]] = [((), {})] * an.n_layers
     first: list[torch.Tensor] = []
+    last: list[torch.Tensor] = []
 
     def on_block(tr: BlockTrace) -> None:
         calls[tr.layer] = (tr.args, tr.kwargs)
@@ -412,19 +414,20 @@ def _batch_pass(lm: LoadedModel, ids: torch.Tensor, layers: list[int]) -> tuple[
             first.append(tr.h_in.detach())
         if tr.layer in wanted:
             updates[tr.layer] = (tr.attn, tr.mlp)
+        if tr.layer == an.n_layers - 1:
+            last.append(tr.h_out)
 
     with torch.enable_grad(), tap(an, on_block, mlp_hidden=False):
         embed = lm.model.get_input_embeddings()
         handle = embed.register_forward_hook(lambda _m, _a, out: out.requires_grad_())
-        try:
-            logits = lm.model(input_ids=ids, use_cache=False, logits_to_keep=torch.arange(ids.shape[1] - 1)).logits
+        try:  # the head is read below, on the last block's output in slices of positions (lens.nll_grad)
+            lm.model(input_ids=ids, use_cache=False, logits_to_keep=1)
         finally:
             handle.remove()
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        loss = -logp.gather(-1, ids[:, 1:, None].to(logp.device)).sum()
+        d_out = nll_grad(an.logits, an.head.weight.shape[0], last[0], ids[:, 1:].flatten())
         flat = [u for layer in layers for u in updates[layer]]
         live = [u for u in flat if u.requires_grad]
-        found = iter(torch.autograd.grad(loss, live))
+        found = iter(torch.autograd.grad(last[0], live, grad_outputs=d_out))
     grads = [next(found).detach() if u.requires_grad else torch.zeros_like(u) for u in flat]
     return first[0], calls, {layer: {"attn": grads[2 * i], "mlp": grads[2 * i + 1]} for i, layer in enumerate(layers)}
 
