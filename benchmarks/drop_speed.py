@@ -40,11 +40,20 @@ def main() -> None:
         plans += dp.sweep_plans(lm, w, ns=ns, units=[unit], orders=[order], prof=prof)
     keys = {f"{p.unit}/{p.order}/{len(p.units)}": p for p in plans}
     original, results = dp.measure(lm, keys, w.evaluation[:1], with_speed=True)
-    lines = ["", f"## Speed alone on the machine — {date.today()} — {platform.machine()}, {torch.get_num_threads()} threads, device {lm.device}",
-             "", f"Original: prefill {original['prefill_tok_s']:.0f} tok/s, generation {original['generate_tok_s']:.1f} tok/s "
-             "(best of 5, timed before and after the variants).", "",
-             "| plan | prefill speedup | generation speedup | parameters that compute |", "|---|---:|---:|---:|"]
-    lines += [f"| {k} | {r['prefill_speedup']:.2f}x | {r['generate_speedup']:.2f}x | {r['params_ratio']:.1%} |" for k, r in results.items()]
+    lines = [
+        "",
+        f"## Speed alone on the machine — {date.today()} — {platform.machine()}, {torch.get_num_threads()} threads, device {lm.device}",
+        "",
+        f"Original: prefill {original['prefill_tok_s']:.0f} tok/s, generation {original['generate_tok_s']:.1f} tok/s "
+        "(best of 5, timed before and after the variants).",
+        "",
+        "| plan | prefill speedup | generation speedup | parameters that compute |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {k} | {r['prefill_speedup']:.2f}x | {r['generate_speedup']:.2f}x | {r['params_ratio']:.1%} |"
+        for k, r in results.items()
+    ]
     path = Path(args.results)
     write_atomic(path, path.read_text() + "\n".join(lines) + "\n")
     print("\n".join(lines))

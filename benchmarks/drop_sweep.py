@@ -60,7 +60,9 @@ def main() -> None:
     # Speed depends on how many units of each kind go, not on which: time the first order's plans.
     firsts = [p for p in plans if p.order == ORDERS[p.unit][0] and not p.iterative]
     timed = dp.run(lm, w, firsts, eval_samples=1, with_speed=True)
-    report.original |= {k: v for k, v in timed.original.items() if k.endswith("tok_s") or k in ("prompt_len", "new_tokens")}
+    report.original |= {
+        k: v for k, v in timed.original.items() if k.endswith("tok_s") or k in ("prompt_len", "new_tokens")
+    }
     speeds = {v["key"]: v for v in timed.variants}
     for v in report.variants:
         if v["key"] in speeds:
@@ -91,14 +93,29 @@ def main() -> None:
     for v in report.variants:
         rows.setdefault((v["unit"], v["order"] + (" (iterative)" if v["iterative"] else "")), {})[v["n"]] = v
     for (unit, order), by_n in rows.items():
-        lines.append(f"| {unit} | {order} | " + " | ".join(f"{by_n[n]['ppl']:.2f}" if n in by_n else "–" for n in ns) + " |")
-    lines += ["", "## Speed against the original (real smaller model; first order of each unit kind)", "",
-              "| unit | " + " | ".join(f"n={n} prefill / generate" for n in ns) + " |", "|---|" + "---:|" * len(ns)]
+        lines.append(
+            f"| {unit} | {order} | " + " | ".join(f"{by_n[n]['ppl']:.2f}" if n in by_n else "–" for n in ns) + " |"
+        )
+    lines += [
+        "",
+        "## Speed against the original (real smaller model; first order of each unit kind)",
+        "",
+        "| unit | " + " | ".join(f"n={n} prefill / generate" for n in ns) + " |",
+        "|---|" + "---:|" * len(ns),
+    ]
     for unit, orders in ORDERS.items():
         by_n = rows[(unit, orders[0])]
-        lines.append(f"| {unit} | " + " | ".join(f"{by_n[n]['prefill_speedup']:.2f}x / {by_n[n]['generate_speedup']:.2f}x"
-                                              for n in ns if n in by_n) + " |")
-    best = {unit: {n: min(rows[(unit, o)][n]["ppl"] for o in ORDERS[unit] if n in rows[(unit, o)]) for n in ns} for unit in ("attn", "mlp")}
+        lines.append(
+            f"| {unit} | "
+            + " | ".join(
+                f"{by_n[n]['prefill_speedup']:.2f}x / {by_n[n]['generate_speedup']:.2f}x" for n in ns if n in by_n
+            )
+            + " |"
+        )
+    best = {
+        unit: {n: min(rows[(unit, o)][n]["ppl"] for o in ORDERS[unit] if n in rows[(unit, o)]) for n in ns}
+        for unit in ("attn", "mlp")
+    }
     lines += ["", "## LLM-Drop's finding (attention is more droppable than MLP), best order per n", ""]
     for n in ns:
         a, m = best["attn"][n], best["mlp"][n]

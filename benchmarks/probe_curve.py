@@ -41,17 +41,24 @@ def naive(lm, texts: list[str], batch_size: int) -> tuple[list[torch.Tensor], in
     ids, _ = tokenize(lm, texts)
     kept, held = [], 0
     for i in range(0, len(ids), batch_size):
-        rows = ids[i:i + batch_size]
+        rows = ids[i : i + batch_size]
         width = max(len(r) for r in rows)
         x = torch.tensor([r + [0] * (width - len(r)) for r in rows])
         mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
         with torch.no_grad():
-            hs = lm.model(input_ids=x.to(lm.device), attention_mask=mask.to(lm.device), output_hidden_states=True,
-                          logits_to_keep=1).hidden_states
+            hs = lm.model(
+                input_ids=x.to(lm.device),
+                attention_mask=mask.to(lm.device),
+                output_hidden_states=True,
+                logits_to_keep=1,
+            ).hidden_states
         kept.append(([h.detach() for h in hs], mask.sum(1) - 1))
         held += sum(h.numel() * h.element_size() for h in hs)
     layers = len(kept[0][0])
-    out = [torch.cat([hs[k][torch.arange(len(last)), last.to(hs[k].device)].float().cpu() for hs, last in kept]) for k in range(layers)]
+    out = [
+        torch.cat([hs[k][torch.arange(len(last)), last.to(hs[k].device)].float().cpu() for hs, last in kept])
+        for k in range(layers)
+    ]
     return out, held
 
 
@@ -81,7 +88,7 @@ def timed(fns: dict, repeat: int) -> tuple[dict[str, float], dict[str, object]]:
 class PeakRSS:
     """Highest resident set size while the block runs, sampled every few milliseconds, minus the size at its start."""
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         import threading
 
         self.start = self.peak = _rss()
@@ -132,20 +139,35 @@ def main() -> None:
     texts = ex.texts
     ours(lm, texts[: args.batch_size], args.batch_size)  # warm-up: first-call allocations are not the method's
     load_before = os.getloadavg()[0]
-    peak = {"ours": peak_bytes(lambda: ours(lm, texts, args.batch_size)), "naive": peak_bytes(lambda: naive(lm, texts, args.batch_size))}
-    times, outs = timed({"ours": lambda: ours(lm, texts, args.batch_size), "naive": lambda: naive(lm, texts, args.batch_size)}, args.repeat)
+    peak = {
+        "ours": peak_bytes(lambda: ours(lm, texts, args.batch_size)),
+        "naive": peak_bytes(lambda: naive(lm, texts, args.batch_size)),
+    }
+    times, outs = timed(
+        {"ours": lambda: ours(lm, texts, args.batch_size), "naive": lambda: naive(lm, texts, args.batch_size)},
+        args.repeat,
+    )
     (feats, held_ours), (hs, held_naive), t_ours, t_naive = outs["ours"], outs["naive"], times["ours"], times["naive"]
     L = lm.anatomy.n_layers
     agree = max(float((feats.values[f"L{k}"] - hs[k + 1]).abs().max()) for k in range(L - 1))
-    last_gap = float((feats.values[f"L{L - 1}"] - hs[L]).norm(dim=1).mean() / feats.values[f"L{L - 1}"].norm(dim=1).mean())
+    last_gap = float(
+        (feats.values[f"L{L - 1}"] - hs[L]).norm(dim=1).mean() / feats.values[f"L{L - 1}"].norm(dim=1).mean()
+    )
     w = lw.windows("builtin:pydoc", lm.tokenizer, seq_len=128, samples=args.profile_samples)
-    imp = importance_of(lw.profile(lm, w, ablation="taylor", lens=False, progress=False),
-                        f"taylor_nll on {args.profile_samples} builtin:pydoc windows of 128 tokens")
+    imp = importance_of(
+        lw.profile(lm, w, ablation="taylor", lens=False, progress=False),
+        f"taylor_nll on {args.profile_samples} builtin:pydoc windows of 128 tokens",
+    )
     runs = {}
     for read in ("last", "mean"):
         t = time.perf_counter()
         res = probe(lm, ex, read=read, folds=args.folds, importance=imp, features=feats if read == "last" else None)
-        runs[read] = {"seconds": round(time.perf_counter() - t, 2), "best": res.best, "units": res.units, "meta": res.meta}
+        runs[read] = {
+            "seconds": round(time.perf_counter() - t, 2),
+            "best": res.best,
+            "units": res.units,
+            "meta": res.meta,
+        }
         if read == "last":
             from layerwise.report.probe import curve_figure
 
@@ -154,16 +176,30 @@ def main() -> None:
             RESULTS.mkdir(exist_ok=True)
             fig.savefig(path, dpi=90, bbox_inches="tight")
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, device {lm.device}, torch {torch.__version__}"
-    cost = {"examples": len(texts), "tokens": int(feats.n_tokens.sum()), "ours_s": t_ours, "naive_s": t_naive,
-            "ours_peak_bytes": peak["ours"], "naive_peak_bytes": peak["naive"], "ours_held_bytes": held_ours, "naive_held_bytes": held_naive,
-            "max_abs_diff_blocks_0_to_L-2": agree, "repeat": args.repeat, "load_average": [load_before, os.getloadavg()[0]], "last_block_rel_gap_vs_hidden_states[-1]": last_gap}
-    write_json(RESULTS / "probe_curve.json", {"date": str(date.today()), "machine": machine, "cost": cost, "importance": imp, "runs": runs})
+    cost = {
+        "examples": len(texts),
+        "tokens": int(feats.n_tokens.sum()),
+        "ours_s": t_ours,
+        "naive_s": t_naive,
+        "ours_peak_bytes": peak["ours"],
+        "naive_peak_bytes": peak["naive"],
+        "ours_held_bytes": held_ours,
+        "naive_held_bytes": held_naive,
+        "max_abs_diff_blocks_0_to_L-2": agree,
+        "repeat": args.repeat,
+        "load_average": [load_before, os.getloadavg()[0]],
+        "last_block_rel_gap_vs_hidden_states[-1]": last_gap,
+    }
+    write_json(
+        RESULTS / "probe_curve.json",
+        {"date": str(date.today()), "machine": machine, "cost": cost, "importance": imp, "runs": runs},
+    )
     write_atomic(RESULTS / "probe_curve.md", _markdown(machine, cost, runs, imp))
     print((RESULTS / "probe_curve.md").read_text())
 
 
 def _markdown(machine: str, cost: dict, runs: dict, imp: dict) -> str:
-    mib = 2 ** 20
+    mib = 2**20
     last, mean = runs["last"], runs["mean"]
     lines = [
         f"# probe_curve — {date.today()} — {machine}",
@@ -195,14 +231,17 @@ def _markdown(machine: str, cost: dict, runs: dict, imp: dict) -> str:
         f"Mean read: best {mean['best']['unit'] or 'none'} ({mean['best']['why']}).",
         "",
         "| unit | accuracy (last) | AUC (last) | diff-of-means (last) | control (last) | selectivity (last) | accuracy (mean) | selectivity (mean) | "
-        + imp["metric"] + " |",
+        + imp["metric"]
+        + " |",
         "|---|" + "---:|" * 8,
     ]
     pm = lambda r, k: f"{r[k]:.3f} ± {r[k + '_se']:.3f}"  # noqa: E731
     for a, b in zip(last["units"], mean["units"]):
         v = imp["values"].get(a["unit"])
-        lines.append(f"| {a['unit']} | {pm(a, 'accuracy')} | {pm(a, 'auc')} | {pm(a, 'diffmean_accuracy')} | {pm(a, 'control')} | "
-                     f"{pm(a, 'selectivity')} | {pm(b, 'accuracy')} | {pm(b, 'selectivity')} | {'–' if v is None else f'{v:.4f}'} |")
+        lines.append(
+            f"| {a['unit']} | {pm(a, 'accuracy')} | {pm(a, 'auc')} | {pm(a, 'diffmean_accuracy')} | {pm(a, 'control')} | "
+            f"{pm(a, 'selectivity')} | {pm(b, 'accuracy')} | {pm(b, 'selectivity')} | {'–' if v is None else f'{v:.4f}'} |"
+        )
     lines += ["", "![probe curve](probe_curve.png)", ""]
     return "\n".join(lines)
 

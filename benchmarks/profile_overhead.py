@@ -69,7 +69,10 @@ def main() -> None:
     def hidden_states_bi():
         for x in batches:
             hs = model(input_ids=x, use_cache=False, output_hidden_states=True).hidden_states
-            [torch.nn.functional.cosine_similarity(hs[i], hs[i + 1], dim=-1).double().mean().item() for i in range(len(hs) - 1)]
+            [
+                torch.nn.functional.cosine_similarity(hs[i], hs[i + 1], dim=-1).double().mean().item()
+                for i in range(len(hs) - 1)
+            ]
 
     @torch.no_grad()
     def naive_ablation():
@@ -77,7 +80,9 @@ def main() -> None:
         for x in batches:
             targets = x[:, 1:].flatten()
             keep = torch.arange(x.shape[1] - 1)  # the same head rows layerwise reads
-            ref = Reference.from_logits(model(input_ids=x, use_cache=False, logits_to_keep=keep).logits.flatten(0, 1), targets)
+            ref = Reference.from_logits(
+                model(input_ids=x, use_cache=False, logits_to_keep=keep).logits.flatten(0, 1), targets
+            )
             for i in range(an.n_layers):
                 for k in KINDS:
                     with skip(an, [unit_name(i, k)]):
@@ -103,17 +108,24 @@ def main() -> None:
     t_exact = timed(prof("exact"))
     t_naive = timed(naive_ablation)
     t_abl = t_exact - t_taylor
-    print(f"# profile_overhead — {date.today()} — {platform.machine()}, {torch.get_num_threads()} threads, device {lm.device}, "
-          f"torch {torch.__version__}")
-    print(f"model {lm.source['model_id']} ({an.n_layers} blocks, hidden {an.embed.weight.shape[1]}, {args.dtype}), "
-          f"{args.samples} windows x {args.seq_len} tokens, batch {args.batch_size}\n")
+    print(
+        f"# profile_overhead — {date.today()} — {platform.machine()}, {torch.get_num_threads()} threads, device {lm.device}, "
+        f"torch {torch.__version__}"
+    )
+    print(
+        f"model {lm.source['model_id']} ({an.n_layers} blocks, hidden {an.embed.weight.shape[1]}, {args.dtype}), "
+        f"{args.samples} windows x {args.seq_len} tokens, batch {args.batch_size}\n"
+    )
     print("| pass | seconds | ratio to plain forward |")
     print("|---|---:|---:|")
-    for name, t in [("plain forward", t_plain), ("plain forward, no head (logits_to_keep=1)", t_no_head),
-                    ("output_hidden_states + bi", t_hs),
-                    ("layerwise --ablation none --no-lens (one-pass stream metrics + zd)", t_stream),
-                    ("layerwise --ablation none (+ logit lens at every block)", t_none),
-                    ("layerwise --ablation taylor (+ backward)", t_taylor)]:
+    for name, t in [
+        ("plain forward", t_plain),
+        ("plain forward, no head (logits_to_keep=1)", t_no_head),
+        ("output_hidden_states + bi", t_hs),
+        ("layerwise --ablation none --no-lens (one-pass stream metrics + zd)", t_stream),
+        ("layerwise --ablation none (+ logit lens at every block)", t_none),
+        ("layerwise --ablation taylor (+ backward)", t_taylor),
+    ]:
         print(f"| {name} | {t:.3f} | {t / t_plain:.2f}x |")
     print(f"\none-pass stream metrics against the blocks alone (no head): {t_stream / t_no_head:.2f}x")
     L = an.n_layers
@@ -121,10 +133,14 @@ def main() -> None:
     rerun = sum(3 * (L - 1 - i) + 0.6 for i in range(L))
     t_block, t_head = t_no_head / L, t_plain - t_no_head
     floor = (rerun * t_block + 3 * L * t_head) / (3 * L * (L * t_block + t_head))
-    print(f"\nexact ablation of all {3 * L} units: layerwise {t_abl:.2f} s, naive {t_naive:.2f} s, "
-          f"ratio {t_abl / t_naive:.2f}x (goal <= 0.6x)")
-    print(f"floor for this model if the KL/NLL kernel were free: {floor:.2f}x "
-          f"(one block {t_block * 1e3:.0f} ms, the head {t_head * 1e3:.0f} ms per batch)")
+    print(
+        f"\nexact ablation of all {3 * L} units: layerwise {t_abl:.2f} s, naive {t_naive:.2f} s, "
+        f"ratio {t_abl / t_naive:.2f}x (goal <= 0.6x)"
+    )
+    print(
+        f"floor for this model if the KL/NLL kernel were free: {floor:.2f}x "
+        f"(one block {t_block * 1e3:.0f} ms, the head {t_head * 1e3:.0f} ms per batch)"
+    )
 
 
 if __name__ == "__main__":

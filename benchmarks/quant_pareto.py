@@ -111,12 +111,15 @@ def verdict(rows: list[dict], budgets: list[float], others: list[str], baselines
         m = next((r for r in rows if r["strategy"] == "measured" and r["target_bpw"] == b), None)
         if m is None:
             continue
-        rivals = [r for r in rows if r["strategy"] in others and r["target_bpw"] == b] + [r for r in baselines if r["bpw"] <= b + 1e-9]
+        rivals = [r for r in rows if r["strategy"] in others and r["target_bpw"] == b] + [
+            r for r in baselines if r["bpw"] <= b + 1e-9
+        ]
         diffs = {r["plan"]: paired_difference(r["window_delta_nll"], m["window_delta_nll"]) for r in rivals}
         worse = [p for p, (d, _) in diffs.items() if d < 0]
         closest = min(diffs.items(), key=lambda kv: kv[1][0]) if diffs else None
-        line = f"- {b:g} bits: measured {m['ppl']:.2f}; " + (f"beaten by {', '.join(worse)}" if worse else
-                                                              f"best of {len(rivals) + 1} plans within the budget")
+        line = f"- {b:g} bits: measured {m['ppl']:.2f}; " + (
+            f"beaten by {', '.join(worse)}" if worse else f"best of {len(rivals) + 1} plans within the budget"
+        )
         if closest:
             (p, (d, se)) = closest
             line += f"; closest rival {p}: NLL {d:+.4f} ± {se or 0:.4f} against measured"
@@ -130,10 +133,17 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--methods", default="rtn,gptq", help="integer-code methods to run (the ordering curve comes with rtn)")
-    ap.add_argument("--gptq-budgets", default=",".join(f"{b:g}" for b in INT_BUDGETS),
-                    help="GPTQ budgets (each GPTQ plan is a full block-by-block GPTQ pass: minutes on a CPU)")
-    ap.add_argument("--skip-gguf", action="store_true", help="leave out the llama.cpp part (a machine without llama-cpp-python)")
+    ap.add_argument(
+        "--methods", default="rtn,gptq", help="integer-code methods to run (the ordering curve comes with rtn)"
+    )
+    ap.add_argument(
+        "--gptq-budgets",
+        default=",".join(f"{b:g}" for b in INT_BUDGETS),
+        help="GPTQ budgets (each GPTQ plan is a full block-by-block GPTQ pass: minutes on a CPU)",
+    )
+    ap.add_argument(
+        "--skip-gguf", action="store_true", help="leave out the llama.cpp part (a machine without llama-cpp-python)"
+    )
     ap.add_argument("--name", default="quant_pareto", help="stem of the result files")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
@@ -141,30 +151,55 @@ def main() -> None:
     w = lw.windows("builtin:pydoc", lm.tokenizer, seq_len=args.seq_len, samples=args.samples)
     eval_ids = w.evaluation[: args.eval_samples]
     prof = lw.profile(lm, w, ablation="none", lens=False)
-    result: dict = {"meta": {"date": str(date.today()), "machine": platform.machine(), "threads": torch.get_num_threads(),
-                             "device": str(lm.device), "torch": torch.__version__, "samples": args.samples,
-                             "eval_samples": args.eval_samples, "seq_len": args.seq_len}}
-    lines = [f"# quant_pareto — {date.today()} — {platform.machine()}, {torch.get_num_threads()} threads, device {lm.device}, torch {torch.__version__}",
-             "", f"Model SmolLM2-135M-Instruct (30 blocks). Calibration: {args.samples} windows x {args.seq_len} tokens; every row evaluated on "
-             f"the same {args.eval_samples} held-out windows. Cells: held-out perplexity (achieved bits per weight over the quantized "
-             "tensors, scales and zero points included). The default model was published as GGUF Q4_1 (4-bit codes on a group-32 grid), "
-             "so 4-bit group-32 formats are nearly lossless on it; the integer part therefore also offers group sizes 64 and 128.", ""]
+    result: dict = {
+        "meta": {
+            "date": str(date.today()),
+            "machine": platform.machine(),
+            "threads": torch.get_num_threads(),
+            "device": str(lm.device),
+            "torch": torch.__version__,
+            "samples": args.samples,
+            "eval_samples": args.eval_samples,
+            "seq_len": args.seq_len,
+        }
+    }
+    lines = [
+        f"# quant_pareto — {date.today()} — {platform.machine()}, {torch.get_num_threads()} threads, device {lm.device}, torch {torch.__version__}",
+        "",
+        f"Model SmolLM2-135M-Instruct (30 blocks). Calibration: {args.samples} windows x {args.seq_len} tokens; every row evaluated on "
+        f"the same {args.eval_samples} held-out windows. Cells: held-out perplexity (achieved bits per weight over the quantized "
+        "tensors, scales and zero points included). The default model was published as GGUF Q4_1 (4-bit codes on a group-32 grid), "
+        "so 4-bit group-32 formats are nearly lossless on it; the integer part therefore also offers group sizes 64 and 128.",
+        "",
+    ]
     ints = {}
     for method in args.methods.split(",") if args.methods else []:
         cands = qz.candidates_for(lm, "int", method=method)
         budgets = INT_BUDGETS if method == "rtn" else [float(b) for b in args.gptq_budgets.split(",")]
-        rows, original, plan_s, meas = family_rows(lm, w, cands, budgets, STRATEGIES, eval_ids, prof, int_uniforms(max(budgets) if method == "gptq" else None))
+        rows, original, plan_s, meas = family_rows(
+            lm, w, cands, budgets, STRATEGIES, eval_ids, prof, int_uniforms(max(budgets) if method == "gptq" else None)
+        )
         ints[method] = {"rows": rows, "original": original, "measure_and_plan_s": plan_s}
-        lines += [f"## Integer codes, {method.upper()} (original perplexity {original['ppl']:.2f})", "",
-                  f"Measurement of 120 fused groups x {len(cands.names)} configs plus all plans: {plan_s:.0f} s.", ""]
+        lines += [
+            f"## Integer codes, {method.upper()} (original perplexity {original['ppl']:.2f})",
+            "",
+            f"Measurement of 120 fused groups x {len(cands.names)} configs plus all plans: {plan_s:.0f} s.",
+            "",
+        ]
         lines += table(rows, budgets, STRATEGIES) + [""] + uniform_lines(rows) + [""]
-        lines += verdict(rows, budgets, ["ranked:bi", "ranked:random"], [r for r in rows if r["strategy"].startswith("uniform")]) + [""]
+        lines += verdict(
+            rows, budgets, ["ranked:bi", "ranked:random"], [r for r in rows if r["strategy"].startswith("uniform")]
+        ) + [""]
         if method == "rtn":
             order = qz.block_order(lm, w, "bi", prof)
             curve = lwq_curve(lm, w, meas, cands, eval_ids, order)
             result["lwq_curve"] = curve
-            lines += ["## Layer-Wise Quantization ordering curve (RTN, a4g64 -> a2g64)", "", "| blocks lowered | " +
-                      " | ".join(dict.fromkeys(r["order"] for r in curve)) + " |", "|---:|---:|---:|---:|"]
+            lines += [
+                "## Layer-Wise Quantization ordering curve (RTN, a4g64 -> a2g64)",
+                "",
+                "| blocks lowered | " + " | ".join(dict.fromkeys(r["order"] for r in curve)) + " |",
+                "|---:|---:|---:|---:|",
+            ]
             for k in sorted({r["k"] for r in curve}):
                 lines.append(f"| {k} | " + " | ".join(f"{r['ppl']:.2f}" for r in curve if r["k"] == k) + " |")
             lines.append("")
@@ -179,19 +214,33 @@ def gguf_part(lm, w, prof, eval_ids, lines: list[str], result: dict) -> tuple[st
     """llama.cpp's types: every strategy, Q4_K_M, and the files run in llama-cpp-python; returns the plot panel."""
     cands = qz.candidates_for(lm, "gguf")
     uniforms = [lambda m, c=t: fixed(m, {k: c for k in m.groups}, f"uniform:{c}") for t in qg.TYPES]
-    rows, original, plan_s, meas = family_rows(lm, w, cands, GGUF_BUDGETS, STRATEGIES + ["q4km"], eval_ids, prof, uniforms)
+    rows, original, plan_s, meas = family_rows(
+        lm, w, cands, GGUF_BUDGETS, STRATEGIES + ["q4km"], eval_ids, prof, uniforms
+    )
     q4 = next(r for r in rows if r["strategy"] == "q4km")
     same = qz.plans(lm, w, meas, cands, [q4["bpw"]], ["measured"])
     _, extra, _ = qz.evaluate(lm, w, meas, cands, same, eval_ids)
     rows += extra
-    lines += [f"## GGUF types made by llama.cpp (original perplexity {original['ppl']:.2f})", "",
-              f"Candidate files and measurement of 210 tensors x {len(cands.names)} types plus all plans: {plan_s:.0f} s. "
-              "llama.cpp stores other types where a row of 576 cannot hold 256-blocks (Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, "
-              "Q6_K -> Q8_0 for every tensor but ffn_down), so the cheapest plan is about 4.03 bits per weight.", ""]
+    lines += [
+        f"## GGUF types made by llama.cpp (original perplexity {original['ppl']:.2f})",
+        "",
+        f"Candidate files and measurement of 210 tensors x {len(cands.names)} types plus all plans: {plan_s:.0f} s. "
+        "llama.cpp stores other types where a row of 576 cannot hold 256-blocks (Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, "
+        "Q6_K -> Q8_0 for every tensor but ffn_down), so the cheapest plan is about 4.03 bits per weight.",
+        "",
+    ]
     lines += table(rows, GGUF_BUDGETS, STRATEGIES) + [""] + uniform_lines(rows) + [""]
-    lines += [f"q4km (llama.cpp's Q4_K_M rule): {q4['ppl']:.2f} at {q4['bpw']:.3f} bits per weight; measured at the same size: "
-              f"{extra[0]['ppl']:.2f} at {extra[0]['bpw']:.3f}.", ""]
-    lines += verdict(rows, GGUF_BUDGETS, ["ranked:bi", "ranked:random"], [r for r in rows if r["strategy"].startswith("uniform") or r["strategy"] == "q4km"]) + [""]
+    lines += [
+        f"q4km (llama.cpp's Q4_K_M rule): {q4['ppl']:.2f} at {q4['bpw']:.3f} bits per weight; measured at the same size: "
+        f"{extra[0]['ppl']:.2f} at {extra[0]['bpw']:.3f}.",
+        "",
+    ]
+    lines += verdict(
+        rows,
+        GGUF_BUDGETS,
+        ["ranked:bi", "ranked:random"],
+        [r for r in rows if r["strategy"].startswith("uniform") or r["strategy"] == "q4km"],
+    ) + [""]
     # Files in llama.cpp: the measured plan against the uniform type of the same budget.
     files = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -199,19 +248,38 @@ def gguf_part(lm, w, prof, eval_ids, lines: list[str], result: dict) -> tuple[st
             path = qg.export(cands, qg.tensor_types(meas, a, lm.anatomy), Path(tmp) / "m.gguf")
             nll = qg.llama_nll(path, eval_ids)
             ours = next(r for r in rows + extra if r["plan"] == qz.label(a))
-            files.append({"plan": qz.label(a), "bytes": path.stat().st_size, "llama_cpp_ppl": math.exp(sum(nll) / len(nll)), "layerwise_ppl": ours["ppl"]})
-    lines += ["### The GGUF files in llama-cpp-python", "", "| plan | file bytes | llama.cpp perplexity | layerwise perplexity (same weights) |",
-              "|---|---:|---:|---:|"]
-    lines += [f"| {f['plan']} | {f['bytes']} | {f['llama_cpp_ppl']:.2f} | {f['layerwise_ppl']:.2f} |" for f in files] + [""]
+            files.append(
+                {
+                    "plan": qz.label(a),
+                    "bytes": path.stat().st_size,
+                    "llama_cpp_ppl": math.exp(sum(nll) / len(nll)),
+                    "layerwise_ppl": ours["ppl"],
+                }
+            )
+    lines += [
+        "### The GGUF files in llama-cpp-python",
+        "",
+        "| plan | file bytes | llama.cpp perplexity | layerwise perplexity (same weights) |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {f['plan']} | {f['bytes']} | {f['llama_cpp_ppl']:.2f} | {f['layerwise_ppl']:.2f} |" for f in files
+    ] + [""]
     result["gguf"] = {"rows": rows, "original": original, "measure_and_plan_s": plan_s, "files": files}
     return "GGUF types (llama.cpp)", rows, original
 
 
-def plot_and_save(panels: list[tuple[str, list[dict], dict]], out: Path, name: str, lines: list[str], result: dict) -> None:
+def plot_and_save(
+    panels: list[tuple[str, list[dict], dict]], out: Path, name: str, lines: list[str], result: dict
+) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
     for ax, (title, rr, orig) in zip(axes.flat, panels):
         for fam in dict.fromkeys("uniform" if r["strategy"].startswith("uniform") else r["strategy"] for r in rr):
-            pts = sorted((r["bpw"], r["ppl"]) for r in rr if ("uniform" if r["strategy"].startswith("uniform") else r["strategy"]) == fam)
+            pts = sorted(
+                (r["bpw"], r["ppl"])
+                for r in rr
+                if ("uniform" if r["strategy"].startswith("uniform") else r["strategy"]) == fam
+            )
             ax.plot(*zip(*pts), marker="o", ms=3, lw=1 if fam != "uniform" else 0, label=fam)
         ax.axhline(orig["ppl"], color="k", lw=0.8, ls="--", label="original")
         ax.set_yscale("log")

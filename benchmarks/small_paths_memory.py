@@ -82,7 +82,7 @@ def vocabulary() -> list[str]:
     for word, count in words.items():
         for n in range(1, min(len(word), 16) + 1):
             for i in range(len(word) - n + 1):
-                grams[word[i:i + n]] += count
+                grams[word[i : i + n]] += count
     tokens = ["<unk>", "<bos>", "<eos>"] + [f"<0x{b:02X}>" for b in range(256)]
     tokens += [g for g, _ in sorted(grams.items(), key=lambda kv: (-kv[1], len(kv[0]), kv[0]))][: VOCAB - len(tokens)]
     return tokens + [f"<unused{i}>" for i in range(VOCAB - len(tokens))]
@@ -97,10 +97,20 @@ def gemma_shaped_gguf(path: Path) -> Path:
     sys.path.insert(0, str(REPO))
     from tests.conftest import write_gguf
 
-    cfg = tf.Gemma3TextConfig(vocab_size=VOCAB, hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
-                              num_key_value_heads=1, head_dim=256, sliding_window=512, max_position_embeddings=32768,
-                              query_pre_attn_scalar=256, rms_norm_eps=1e-6,
-                              layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(18)])
+    cfg = tf.Gemma3TextConfig(
+        vocab_size=VOCAB,
+        hidden_size=640,
+        intermediate_size=2048,
+        num_hidden_layers=18,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        sliding_window=512,
+        max_position_embeddings=32768,
+        query_pre_attn_scalar=256,
+        rms_norm_eps=1e-6,
+        layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(18)],
+    )
     torch.manual_seed(0)
     return write_gguf(tf.Gemma3ForCausalLM(cfg).eval(), path, vocabulary())
 
@@ -108,10 +118,12 @@ def gemma_shaped_gguf(path: Path) -> Path:
 #: The child's last line: its peak resident set as layerwise.memory reads it on Linux (VmHWM: ru_maxrss would count
 #: this driver's memory too, folded in when the child execs), its seconds, and its CPU seconds (user and system, all
 #: threads), which other jobs on the machine disturb far less than the seconds.
-REPORT = ("hwm = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
-          "use = resource.getrusage(resource.RUSAGE_SELF)\n"
-          "print(json.dumps({'peak_rss_bytes': hwm * 1024, 'seconds': time.perf_counter() - t, "
-          "'cpu_seconds': use.ru_utime + use.ru_stime}))")
+REPORT = (
+    "hwm = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
+    "use = resource.getrusage(resource.RUSAGE_SELF)\n"
+    "print(json.dumps({'peak_rss_bytes': hwm * 1024, 'seconds': time.perf_counter() - t, "
+    "'cpu_seconds': use.ru_utime + use.ru_stime}))"
+)
 
 
 def _python(code: str, src: Path, cache: Path | None = None) -> str:
@@ -127,7 +139,11 @@ def _python(code: str, src: Path, cache: Path | None = None) -> str:
 def run(path: str, src: Path, cache: Path, gguf: Path, model: Path) -> dict:
     """One path in a fresh process: its peak resident set and seconds."""
     work = textwrap.dedent(WORK[path].format(gguf=str(gguf), model=str(model), cache=str(cache))).strip()
-    out = _python("\n".join(["import json, resource, time", "t = time.perf_counter()", "import layerwise as lw", work, REPORT]), src, cache)
+    out = _python(
+        "\n".join(["import json, resource, time", "t = time.perf_counter()", "import layerwise as lw", work, REPORT]),
+        src,
+        cache,
+    )
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -142,19 +158,31 @@ def main() -> None:
         tmp_path = Path(tmp)
         subprocess.run(f"git -C {REPO} archive {BASELINE} src | tar -x -C {tmp}", shell=True, check=True)
         gguf = tmp_path / "gemma3-270m-shaped.Q8_0.gguf"  # built in a child, so that this driver stays small
-        _python(f"import sys; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); import small_paths_memory as b; "
-                f"b.gemma_shaped_gguf(b.Path({str(gguf)!r}))", REPO / "src")
+        _python(
+            f"import sys; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); import small_paths_memory as b; "
+            f"b.gemma_shaped_gguf(b.Path({str(gguf)!r}))",
+            REPO / "src",
+        )
         first = run("first_load", REPO / "src", tmp_path / "cache", gguf, gguf)  # converts what every other path loads
         (model,) = (tmp_path / "cache" / "models").iterdir()
         rows: dict[str, dict] = {"after": {}, "before": {}}
         for path in paths:  # a path's two versions back to back, so that other jobs on the machine slow both alike
             for version, src in (("after", REPO / "src"), ("before", tmp_path / "src")):
                 fresh = version == "before" or path != "first_load"
-                rows[version][path] = run(path, src, tmp_path / f"cache-{version}-{path}", gguf, model) if fresh else first
+                rows[version][path] = (
+                    run(path, src, tmp_path / f"cache-{version}-{path}", gguf, model) if fresh else first
+                )
                 print(version, path, rows[version][path], flush=True)
         size = gguf.stat().st_size
-    out = {"date": date.today().isoformat(), "machine": _machine(), "baseline": BASELINE, "gguf_bytes": size,
-           "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "rows": rows}
+    out = {
+        "date": date.today().isoformat(),
+        "machine": _machine(),
+        "baseline": BASELINE,
+        "gguf_bytes": size,
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg(),
+        "rows": rows,
+    }
     _write(out, paths, args.name)
 
 
@@ -162,34 +190,52 @@ def _machine() -> dict:
     import transformers
 
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "ram_gib": round(ram / 2**30, 1), "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__}
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "ram_gib": round(ram / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
 
 
 def _write(out: dict, paths: list[str], name: str) -> None:
     from layerwise.io import write_atomic, write_json
 
     m, rows = out["machine"], out["rows"]
-    lines = [f"# small_paths_memory — {out['date']} — {m['cpus']} cpus, {m['ram_gib']} GiB, torch {m['torch']}, "
-             f"transformers {m['transformers']}", "",
-             "Gemma-3-270M-shaped model (hidden 640, 18 layers, 262144-token vocabulary, random weights, Q8_0 GGUF), CPU. "
-             f"Each row is one fresh process; before = commit {out['baseline']}, after = this tree. "
-             f"Generated by `benchmarks/small_paths_memory.py --paths {','.join(paths)} --name {name}`.", "",
-             "| path | peak before (MiB) | peak after (MiB) | before / after | CPU s before | CPU s after | s before | s after |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# small_paths_memory — {out['date']} — {m['cpus']} cpus, {m['ram_gib']} GiB, torch {m['torch']}, "
+        f"transformers {m['transformers']}",
+        "",
+        "Gemma-3-270M-shaped model (hidden 640, 18 layers, 262144-token vocabulary, random weights, Q8_0 GGUF), CPU. "
+        f"Each row is one fresh process; before = commit {out['baseline']}, after = this tree. "
+        f"Generated by `benchmarks/small_paths_memory.py --paths {','.join(paths)} --name {name}`.",
+        "",
+        "| path | peak before (MiB) | peak after (MiB) | before / after | CPU s before | CPU s after | s before | s after |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for path in paths:
         b, a = rows["before"][path], rows["after"][path]
-        lines.append(f"| {path} | {b['peak_rss_bytes'] / 2**20:.0f} | {a['peak_rss_bytes'] / 2**20:.0f} | "
-                     f"{b['peak_rss_bytes'] / a['peak_rss_bytes']:.2f}x | {b['cpu_seconds']:.0f} | {a['cpu_seconds']:.0f} | "
-                     f"{b['seconds']:.0f} | {a['seconds']:.0f} |")
+        lines.append(
+            f"| {path} | {b['peak_rss_bytes'] / 2**20:.0f} | {a['peak_rss_bytes'] / 2**20:.0f} | "
+            f"{b['peak_rss_bytes'] / a['peak_rss_bytes']:.2f}x | {b['cpu_seconds']:.0f} | {a['cpu_seconds']:.0f} | "
+            f"{b['seconds']:.0f} | {a['seconds']:.0f} |"
+        )
     if "load" in paths:
-        lines += ["", "Every path after first_load loads the converted checkpoint first. The `load` row is the interpreter, the "
-                  "libraries and the tokenizer: the 1.07 GB of float32 weights are memory-mapped and count once a forward pass "
-                  "touches them, so a path that runs the model stands on about the `features` row."]
-    lines += ["", "Load average (1, 5, 15 min) at start "
-              f"{', '.join(f'{v:.1f}' for v in out['loadavg_start'])}, at end {', '.join(f'{v:.1f}' for v in out['loadavg_end'])}: "
-              f"where it is above {m['cpus']}, other jobs shared the cores, and the seconds (wall clock) are slower and noisy; "
-              "CPU seconds (user and system, all threads) less so, and the peaks not at all."]
+        lines += [
+            "",
+            "Every path after first_load loads the converted checkpoint first. The `load` row is the interpreter, the "
+            "libraries and the tokenizer: the 1.07 GB of float32 weights are memory-mapped and count once a forward pass "
+            "touches them, so a path that runs the model stands on about the `features` row.",
+        ]
+    lines += [
+        "",
+        "Load average (1, 5, 15 min) at start "
+        f"{', '.join(f'{v:.1f}' for v in out['loadavg_start'])}, at end {', '.join(f'{v:.1f}' for v in out['loadavg_end'])}: "
+        f"where it is above {m['cpus']}, other jobs shared the cores, and the seconds (wall clock) are slower and noisy; "
+        "CPU seconds (user and system, all threads) less so, and the peaks not at all.",
+    ]
     write_json(RESULTS / f"{name}.json", out)
     write_atomic(RESULTS / f"{name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

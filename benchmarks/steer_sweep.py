@@ -48,8 +48,14 @@ from layerwise.report.steer import dose_figure
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--alphas", default="0.0625,0.125,0.25,0.5", help="dose-response multiples at the auto block and --dose-layers")
-    ap.add_argument("--dose-layers", default="L6,L12,L18,L24", help="blocks swept over --alphas besides the auto block (fixed a priori)")
+    ap.add_argument(
+        "--alphas", default="0.0625,0.125,0.25,0.5", help="dose-response multiples at the auto block and --dose-layers"
+    )
+    ap.add_argument(
+        "--dose-layers",
+        default="L6,L12,L18,L24",
+        help="blocks swept over --alphas besides the auto block (fixed a priori)",
+    )
     ap.add_argument("--pairs", type=int, default=24)
     ap.add_argument("--report-prompts", type=int, default=40, help="fresh report prompts (sentiment.report_prompts)")
     ap.add_argument("--eval-samples", type=int, default=4)
@@ -64,11 +70,27 @@ def main() -> None:
     layers = ",".join(f"L{k}" for k in range(lm.anatomy.n_layers))
     report_prompts = sentiment.report_prompts(args.report_prompts, 0)
     t = time.perf_counter()
-    report = sv.run(lm, sentiment.pairs(args.pairs, 0), sentiment.PROMPTS, w.evaluation[:args.eval_samples], report_prompts=report_prompts,
-                    layers=layers, alpha="auto", sweep_alphas=alphas, sweep_layers=args.dose_layers, scorer=sentiment.vader_scorer(),
-                    new_tokens=args.new_tokens, progress=True,
-                    data={"pairs": "builtin:sentiment", "n_pairs": args.pairs, "prompts": "builtin:sentiment PROMPTS (calibration + development)",
-                          "report_prompts": f"builtin:sentiment report_prompts({args.report_prompts}, seed=0)", "eval": w.meta()})
+    report = sv.run(
+        lm,
+        sentiment.pairs(args.pairs, 0),
+        sentiment.PROMPTS,
+        w.evaluation[: args.eval_samples],
+        report_prompts=report_prompts,
+        layers=layers,
+        alpha="auto",
+        sweep_alphas=alphas,
+        sweep_layers=args.dose_layers,
+        scorer=sentiment.vader_scorer(),
+        new_tokens=args.new_tokens,
+        progress=True,
+        data={
+            "pairs": "builtin:sentiment",
+            "n_pairs": args.pairs,
+            "prompts": "builtin:sentiment PROMPTS (calibration + development)",
+            "report_prompts": f"builtin:sentiment report_prompts({args.report_prompts}, seed=0)",
+            "eval": w.meta(),
+        },
+    )
     wall = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
@@ -86,12 +108,16 @@ def _cell(r: dict, k: str) -> str:
 
 
 def _table(rows: list[dict], auto: dict, sep: dict[str, float]) -> list[str]:
-    lines = ["| key | held-out d | VADER shift ± se | margin shift ± se | proj shift ± se | Δnll ± se | KL |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| key | held-out d | VADER shift ± se | margin shift ± se | proj shift ± se | Δnll ± se | KL |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         mark = " (auto)" if r is auto else ""
-        lines.append(f"| {r['key']}{mark} | {sep[r['units'][0]]:.2f} | {_cell(r, 'score_shift')} | {_cell(r, 'margin_shift')} | "
-                     f"{_cell(r, 'proj_shift')} | {_cell(r, 'delta_nll')} | {r['kl']:.4f} |")
+        lines.append(
+            f"| {r['key']}{mark} | {sep[r['units'][0]]:.2f} | {_cell(r, 'score_shift')} | {_cell(r, 'margin_shift')} | "
+            f"{_cell(r, 'proj_shift')} | {_cell(r, 'delta_nll')} | {r['kl']:.4f} |"
+        )
     return lines
 
 
@@ -103,7 +129,9 @@ def _markdown(report: sv.SteerReport, args: argparse.Namespace, wall: float, pea
     best_cheaper = max((r for r in report.rows if r["kl"] <= auto["kl"]), key=lambda r: r["score_shift"])
     rank = sorted(same_alpha, key=lambda r: -r["score_shift"]).index(auto) + 1
     dose_units = [report.choice["chosen"][0], *[u.strip() for u in args.dose_layers.split(",") if u.strip()]]
-    dose = sorted((r for r in report.rows if r["units"][0] in dose_units), key=lambda r: (int(r["units"][0][1:]), r["alpha"]))
+    dose = sorted(
+        (r for r in report.rows if r["units"][0] in dose_units), key=lambda r: (int(r["units"][0][1:]), r["alpha"])
+    )
     sep = {r["units"][0]: r["d"] for r in report.choice["ranking"]}
     u, a, split = report.unsteered, report.choice["alpha"], report.choice["split"]
     lines = [

@@ -19,18 +19,50 @@ ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2"]
 def tiny_model(arch: str, layers: int = 3):
     import transformers as tf
 
-    common = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128, head_dim=8)
+    common = dict(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        head_dim=8,
+    )
     if arch == "gpt2":
-        cfg = tf.GPT2Config(vocab_size=97, n_embd=32, n_layer=layers, n_head=4, n_positions=128, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+        cfg = tf.GPT2Config(
+            vocab_size=97,
+            n_embd=32,
+            n_layer=layers,
+            n_head=4,
+            n_positions=128,
+            resid_pdrop=0,
+            embd_pdrop=0,
+            attn_pdrop=0,
+        )
         cls = tf.GPT2LMHeadModel
     elif arch == "gemma3_text":
-        cfg = tf.Gemma3TextConfig(**common, sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"][:layers] + ["full_attention"] * max(0, layers - 3))
+        cfg = tf.Gemma3TextConfig(
+            **common,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"][:layers]
+            + ["full_attention"] * max(0, layers - 3),
+        )
         cls = tf.Gemma3ForCausalLM
     else:
-        cfg_cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config}[arch]
+        cfg_cls = {
+            "llama": tf.LlamaConfig,
+            "mistral": tf.MistralConfig,
+            "qwen2": tf.Qwen2Config,
+            "qwen3": tf.Qwen3Config,
+        }[arch]
         cfg = cfg_cls(**common)
-        cls = {"llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM, "qwen2": tf.Qwen2ForCausalLM, "qwen3": tf.Qwen3ForCausalLM}[arch]
+        cls = {
+            "llama": tf.LlamaForCausalLM,
+            "mistral": tf.MistralForCausalLM,
+            "qwen2": tf.Qwen2ForCausalLM,
+            "qwen3": tf.Qwen3ForCausalLM,
+        }[arch]
     torch.manual_seed(0)
     model = cls(cfg).eval()
     with torch.no_grad():  # random norms/weights so no branch is trivially zero
@@ -42,12 +74,20 @@ def tiny_model(arch: str, layers: int = 3):
 
 def tiny_lm(arch: str, layers: int = 3) -> LoadedModel:
     model = tiny_model(arch, layers)
-    return LoadedModel(model=model, tokenizer=None, anatomy=Anatomy(model), source={"ref": f"tiny-{arch}", "model_hash": "tiny"})
+    return LoadedModel(
+        model=model, tokenizer=None, anatomy=Anatomy(model), source={"ref": f"tiny-{arch}", "model_hash": "tiny"}
+    )
 
 
 def tiny_windows(n: int = 3, seq_len: int = 16, seed: int = 0) -> Windows:
     g = torch.Generator().manual_seed(seed)
-    return Windows(ids=torch.randint(0, 97, (n, seq_len), generator=g), n_calib=n, source="random", data_hash="x", n_text_tokens=n * seq_len)
+    return Windows(
+        ids=torch.randint(0, 97, (n, seq_len), generator=g),
+        n_calib=n,
+        source="random",
+        data_hash="x",
+        n_text_tokens=n * seq_len,
+    )
 
 
 @pytest.fixture(params=ARCHS)
@@ -65,7 +105,11 @@ def real_cache(tmp_path_factory):
 def one_error_line(err: str) -> bool:
     """stderr holds exactly one `layerwise: error:` line and no traceback (progress bars may come before it)."""
     lines = err.replace("\r", "\n").splitlines()
-    return sum(line.startswith("layerwise: error:") for line in lines) == 1 and "Traceback" not in err and lines[-1].startswith("layerwise: error:")
+    return (
+        sum(line.startswith("layerwise: error:") for line in lines) == 1
+        and "Traceback" not in err
+        and lines[-1].startswith("layerwise: error:")
+    )
 
 
 def records_peak(meta: dict) -> bool:
@@ -75,7 +119,9 @@ def records_peak(meta: dict) -> bool:
 
     p = meta["peak_memory"]
     in_bytes = rss_bytes() // 2 <= p["rss_bytes"] <= peak_memory()["rss_bytes"]
-    return in_bytes and (p["cuda_bytes"] is None) == (not torch.cuda.is_initialized()) and "peak resident set" in p["note"]
+    return (
+        in_bytes and (p["cuda_bytes"] is None) == (not torch.cuda.is_initialized()) and "peak resident set" in p["note"]
+    )
 
 
 def write_gguf(model, path, tokens: list[str]):
@@ -89,7 +135,9 @@ def write_gguf(model, path, tokens: list[str]):
 
     cfg = model.config
     arch = "gemma3" if cfg.model_type == "gemma3_text" else cfg.model_type
-    names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), cfg.num_hidden_layers)
+    names = gguf.get_tensor_name_map(
+        next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), cfg.num_hidden_layers
+    )
     w = gguf.GGUFWriter(str(path), arch=arch)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -117,7 +165,11 @@ def write_gguf(model, path, tokens: list[str]):
             if data.ndim == 1:  # llama.cpp stores Gemma's norm weights plus one
                 w.add_tensor(gname, data + 1 if arch == "gemma3" else data)
             else:
-                w.add_tensor(gname, gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+                w.add_tensor(
+                    gname,
+                    gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0),
+                    raw_dtype=gguf.GGMLQuantizationType.Q8_0,
+                )
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -43,14 +43,20 @@ def home(tmp_path, monkeypatch):
     (tmp_path / "lib.so").write_bytes(b"\x7fELF" + BINARY)
     (tmp_path / "data.csv").write_bytes(b"\x7fELF" + BINARY)
     (tmp_path / "utf16.txt").write_bytes("plain words\n".encode("utf-16-le") * 50)
-    for name, rows in {"number.jsonl": ["3"], "strmsg.jsonl": [{"messages": ["hi", "there"]}],
-                       "nocontent.jsonl": [{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}]}.items():
+    for name, rows in {
+        "number.jsonl": ["3"],
+        "strmsg.jsonl": [{"messages": ["hi", "there"]}],
+        "nocontent.jsonl": [{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}],
+    }.items():
         (tmp_path / name).write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     (tmp_path / "badmodel").mkdir()
     (tmp_path / "badmodel" / "config.json").write_text("{not json")
     (tmp_path / "badmodel" / "model.safetensors").write_bytes(b"")
-    for name, doc in {"nogroups": {"kind": "quantize", "meta": {}, "plans": {"p": {"units": []}}},
-                      "nounits": {"kind": "drop", "meta": {}, "plans": {"p": {"order": "bi"}}}, "alist": [1, 2]}.items():
+    for name, doc in {
+        "nogroups": {"kind": "quantize", "meta": {}, "plans": {"p": {"units": []}}},
+        "nounits": {"kind": "drop", "meta": {}, "plans": {"p": {"order": "bi"}}},
+        "alist": [1, 2],
+    }.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "plan.json").write_text(json.dumps(doc))
     (tmp_path / "corrupt").mkdir()
@@ -78,35 +84,62 @@ CASES = (
     [(f"{c}-out-is-file", [*_base(c), "--out", "a_file"]) for c in COMMANDS]
     + [(f"{c}-out-under-file", [*_base(c), "--out", "a_file/sub"]) for c in COMMANDS]
     + [(f"{c}-out-in-proc", [*_base(c), "--out", "/proc/layerwise-out"]) for c in COMMANDS]
-    + [("report-out-is-folder", ["report", "corrupt", "--out", "mine"]), ("report-out-in-proc", ["report", "corrupt", "--out", "/proc/x.html"])]
-    + [(f"{c}-binary-data", [*_base(c), _data_flag(c), "lib.so"]) for c in ("profile", "drop", "quantize", "tune", "steer")]
+    + [
+        ("report-out-is-folder", ["report", "corrupt", "--out", "mine"]),
+        ("report-out-in-proc", ["report", "corrupt", "--out", "/proc/x.html"]),
+    ]
+    + [
+        (f"{c}-binary-data", [*_base(c), _data_flag(c), "lib.so"])
+        for c in ("profile", "drop", "quantize", "tune", "steer")
+    ]
     + [(f"{c}-utf16-no-bom", [*_base(c), _data_flag(c), "utf16.txt"]) for c in ("profile", "tune")]
-    + [(f"{c}-latin1-data", [*_base(c), _data_flag(c), "latin1.txt"]) for c in ("profile", "drop", "quantize", "tune", "steer")]
-    + [("tune-second-data-latin1", ["tune", "--second-data", "latin1.txt"]), ("tune-latin1-jsonl", ["tune", "--data", "latin1.jsonl"]),
-       ("profile-latin1-jsonl", ["profile", "--data", "latin1.jsonl"]), ("probe-latin1-jsonl", ["probe", "--data", "latin1.jsonl"]),
-       ("probe-latin1-csv", ["probe", "--data", "latin1.csv"]), ("probe-binary-csv", ["probe", "--data", "data.csv"]),
-       ("steer-latin1-pos", ["steer", "--pos", "latin1.txt", "--neg", "latin1.txt"]),
-       ("steer-latin1-prompts", ["steer", "--data", "builtin:sentiment", "--prompts", "latin1.txt"]),
-       ("steer-latin1-pairs", ["steer", "--data", "latin1.jsonl"]),
-       ("report-latin1-file", ["report", "latin1.txt"]), ("report-binary-file", ["report", "lib.so"]),
-       ("tune-jsonl-number", ["tune", "--data", "number.jsonl"]), ("tune-jsonl-string-message", ["tune", "--data", "strmsg.jsonl"]),
-       ("tune-jsonl-no-content", ["tune", "--data", "nocontent.jsonl"]),
-       ("drop-plan-without-units", ["drop", "--plan", "nounits/plan.json"]), ("quantize-plan-without-groups", ["quantize", "--plan", "nogroups"]),
-       ("drop-plan-is-a-list", ["drop", "--plan", "alist/plan.json"]), ("quantize-plan-corrupt", ["quantize", "--plan", "corrupt/plan.json"]),
-       ("report-corrupt-plan", ["report", "corrupt"]), ("report-plan-is-a-list", ["report", "alist"]),
-       ("quantize-bits-nan", ["quantize", "--bits", "nan"]), ("quantize-bits-inf", ["quantize", "--bits", "inf"]),
-       ("quantize-sweep-nan", ["quantize", "--sweep", "4,nan"]), ("tune-lr-nan", ["tune", "--lr", "nan"]),
-       ("probe-c-zero", ["probe", "--c", "0"]), ("steer-alpha-nan", ["steer", "--data", "builtin:sentiment", "--alpha", "nan"]),
-       ("steer-target-inf", ["steer", "--data", "builtin:sentiment", "--target", "inf"]),
-       ("tune-temperature-nan", ["tune", "--temperature", "nan"]), ("profile-positions-negative", ["profile", "--positions", "-1"]),
-       ("drop-sweep-zero", ["drop", "--sweep", "0,2"])]
+    + [
+        (f"{c}-latin1-data", [*_base(c), _data_flag(c), "latin1.txt"])
+        for c in ("profile", "drop", "quantize", "tune", "steer")
+    ]
+    + [
+        ("tune-second-data-latin1", ["tune", "--second-data", "latin1.txt"]),
+        ("tune-latin1-jsonl", ["tune", "--data", "latin1.jsonl"]),
+        ("profile-latin1-jsonl", ["profile", "--data", "latin1.jsonl"]),
+        ("probe-latin1-jsonl", ["probe", "--data", "latin1.jsonl"]),
+        ("probe-latin1-csv", ["probe", "--data", "latin1.csv"]),
+        ("probe-binary-csv", ["probe", "--data", "data.csv"]),
+        ("steer-latin1-pos", ["steer", "--pos", "latin1.txt", "--neg", "latin1.txt"]),
+        ("steer-latin1-prompts", ["steer", "--data", "builtin:sentiment", "--prompts", "latin1.txt"]),
+        ("steer-latin1-pairs", ["steer", "--data", "latin1.jsonl"]),
+        ("report-latin1-file", ["report", "latin1.txt"]),
+        ("report-binary-file", ["report", "lib.so"]),
+        ("tune-jsonl-number", ["tune", "--data", "number.jsonl"]),
+        ("tune-jsonl-string-message", ["tune", "--data", "strmsg.jsonl"]),
+        ("tune-jsonl-no-content", ["tune", "--data", "nocontent.jsonl"]),
+        ("drop-plan-without-units", ["drop", "--plan", "nounits/plan.json"]),
+        ("quantize-plan-without-groups", ["quantize", "--plan", "nogroups"]),
+        ("drop-plan-is-a-list", ["drop", "--plan", "alist/plan.json"]),
+        ("quantize-plan-corrupt", ["quantize", "--plan", "corrupt/plan.json"]),
+        ("report-corrupt-plan", ["report", "corrupt"]),
+        ("report-plan-is-a-list", ["report", "alist"]),
+        ("quantize-bits-nan", ["quantize", "--bits", "nan"]),
+        ("quantize-bits-inf", ["quantize", "--bits", "inf"]),
+        ("quantize-sweep-nan", ["quantize", "--sweep", "4,nan"]),
+        ("tune-lr-nan", ["tune", "--lr", "nan"]),
+        ("probe-c-zero", ["probe", "--c", "0"]),
+        ("steer-alpha-nan", ["steer", "--data", "builtin:sentiment", "--alpha", "nan"]),
+        ("steer-target-inf", ["steer", "--data", "builtin:sentiment", "--target", "inf"]),
+        ("tune-temperature-nan", ["tune", "--temperature", "nan"]),
+        ("profile-positions-negative", ["profile", "--positions", "-1"]),
+        ("drop-sweep-zero", ["drop", "--sweep", "0,2"]),
+    ]
     + [(f"{c}-batch-size-0", [*_base(c), "--batch-size", "0"]) for c in COMMANDS]
     + [(f"{c}-seed-word", [*_base(c), "--seed", "one"]) for c in COMMANDS]
     + [(f"{c}-seq-len-1", [*_base(c), "--seq-len", "1"]) for c in ("profile", "drop", "quantize", "tune", "steer")]
     + [(f"{c}-eval-samples-0", [*_base(c), "--eval-samples", "0"]) for c in ("drop", "quantize", "tune", "steer")]
-    + [("probe-folds-1", ["probe", "--folds", "1"]), ("probe-examples-1", ["probe", "--examples", "1"]),
-       ("tune-steps-0", ["tune", "--steps", "0"]), ("tune-grad-accum-0", ["tune", "--grad-accum", "0"]),
-       ("steer-new-tokens-0", ["steer", "--data", "builtin:sentiment", "--new-tokens", "0"])]
+    + [
+        ("probe-folds-1", ["probe", "--folds", "1"]),
+        ("probe-examples-1", ["probe", "--examples", "1"]),
+        ("tune-steps-0", ["tune", "--steps", "0"]),
+        ("tune-grad-accum-0", ["tune", "--grad-accum", "0"]),
+        ("steer-new-tokens-0", ["steer", "--data", "builtin:sentiment", "--new-tokens", "0"]),
+    ]
 )
 
 
@@ -123,7 +156,9 @@ def test_bad_input_fails_in_one_true_line_and_touches_nothing(home, argv, capsys
         raise SystemExit(cli.main(argv))
     err = capsys.readouterr().err
     assert e.value.code == 2 and one_error_line(err), err
-    other = r"layerwise (" + "|".join([*COMMANDS, "report"]) + r")\b([^);]*)"  # a hint that names another command's options
+    other = (
+        r"layerwise (" + "|".join([*COMMANDS, "report"]) + r")\b([^);]*)"
+    )  # a hint that names another command's options
     for cmd, options in [*re.findall(other, err), (argv[0], re.sub(other, "", err))]:
         named = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", options)) - {"--help"}
         assert named <= _options(cmd), f"names options {cmd} does not have: {named - _options(cmd)}"
@@ -145,7 +180,10 @@ def test_messages_of_the_probe_name_probe_options(home, capsys):
     assert cli.main(["probe", "--data", "three.csv", "--examples", "2"]) == 2
     err = capsys.readouterr().err
     assert one_error_line(err) and "--examples" in err and "`" not in err, err
-    assert cli._flags("`seq_len` 9 exceeds; lower `samples`", "probe") == "--profile-seq-len 9 exceeds; lower --profile-samples"
+    assert (
+        cli._flags("`seq_len` 9 exceeds; lower `samples`", "probe")
+        == "--profile-seq-len 9 exceeds; lower --profile-samples"
+    )
 
 
 # ---------------------------------------------------------------- section 1: never delete what the tool did not write
@@ -163,8 +201,13 @@ def test_atomic_dir_keeps_the_users_files_and_replaces_only_its_own(tmp_path):
         (tmp / "config.json").write_text("ckpt")
     with atomic_dir(out, "steer") as tmp:
         (tmp / "vector.safetensors").write_text("two")
-    assert _snapshot(out) | {MANIFEST: b""} == {"mine.txt": b"the user's", "report.html": b"written by another step",
-                                                 "vector.safetensors": b"two", "config.json": b"ckpt", MANIFEST: b""}
+    assert _snapshot(out) | {MANIFEST: b""} == {
+        "mine.txt": b"the user's",
+        "report.html": b"written by another step",
+        "vector.safetensors": b"two",
+        "config.json": b"ckpt",
+        MANIFEST: b"",
+    }
     with pytest.raises(RuntimeError), atomic_dir(out, "steer") as tmp:  # a failed run changes nothing
         (tmp / "vector.safetensors").write_text("three")
         raise RuntimeError
@@ -184,8 +227,8 @@ def test_atomic_dir_never_removes_what_a_forged_manifest_points_outside(tmp_path
 def test_steer_into_an_existing_folder_keeps_the_users_files(tmp_path, monkeypatch):
     from layerwise.steer import SteeringVector, run
 
-    from .test_steer import _char_lm
     from .conftest import tiny_windows
+    from .test_steer import _char_lm
 
     out = tmp_path / "s"
     out.mkdir()
@@ -195,7 +238,17 @@ def test_steer_into_an_existing_folder_keeps_the_users_files(tmp_path, monkeypat
     pairs = [(f"it was good {i}", f"it was bad {i}") for i in range(4)]
     lm = _char_lm()
     for layers in ("L1", "L2"):  # the second run replaces the first run's files and keeps the user's
-        run(lm, pairs, ["p a", "p b"], tiny_windows(1, 8).ids, report_prompts=["r"], layers=layers, alpha=0.5, new_tokens=1, out=out)
+        run(
+            lm,
+            pairs,
+            ["p a", "p b"],
+            tiny_windows(1, 8).ids,
+            report_prompts=["r"],
+            layers=layers,
+            alpha=0.5,
+            new_tokens=1,
+            out=out,
+        )
     assert (out / "my_notes.md").read_text() == "mine" and (out / "sub" / "data.bin").read_bytes() == b"\x00\x01"
     assert SteeringVector.load(out, lm).units == ["L2"]
     before, write = _snapshot(out), SteeringVector.write
@@ -206,15 +259,32 @@ def test_steer_into_an_existing_folder_keeps_the_users_files(tmp_path, monkeypat
 
     monkeypatch.setattr(SteeringVector, "write", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run(lm, pairs, ["p a", "p b"], tiny_windows(1, 8).ids, report_prompts=["r"], layers="L1", alpha=0.5, new_tokens=1, out=out)
+        run(
+            lm,
+            pairs,
+            ["p a", "p b"],
+            tiny_windows(1, 8).ids,
+            report_prompts=["r"],
+            layers="L1",
+            alpha=0.5,
+            new_tokens=1,
+            out=out,
+        )
     assert _snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["s"]
 
 
 # ---------------------------------------------------------------- section 2: output paths checked first
 
 
-@pytest.mark.parametrize("path,folder,match", [("a_file", True, "is a file; give a folder"), ("a_file/x", True, "a_file is a file"),
-                                               ("mine", False, "is a folder; give a file path"), ("/proc/nope/x", True, "cannot be written")])
+@pytest.mark.parametrize(
+    "path,folder,match",
+    [
+        ("a_file", True, "is a file; give a folder"),
+        ("a_file/x", True, "a_file is a file"),
+        ("mine", False, "is a folder; give a file path"),
+        ("/proc/nope/x", True, "cannot be written"),
+    ],
+)
 def test_check_out_refuses_what_cannot_be_written(home, path, folder, match):
     with pytest.raises(LayerwiseError, match=match):
         check_out(path, folder=folder)
@@ -226,8 +296,12 @@ def test_check_out_refuses_what_cannot_be_written(home, path, folder, match):
 
 def test_encodings_are_detected_or_named(tmp_path):
     text = "Grüße, déjà vu — ☃\n"
-    for enc, raw in {"utf-8": text.encode(), "utf-8-sig": text.encode("utf-8-sig"), "utf-16": text.encode("utf-16"),
-                     "utf-32": text.encode("utf-32")}.items():
+    for enc, raw in {
+        "utf-8": text.encode(),
+        "utf-8-sig": text.encode("utf-8-sig"),
+        "utf-16": text.encode("utf-16"),
+        "utf-32": text.encode("utf-32"),
+    }.items():
         (tmp_path / enc).write_bytes(raw)
         assert read_file(tmp_path / enc).text == text, enc
     latin = "Grüße, déjà vu\n"
@@ -274,8 +348,26 @@ def test_the_cli_notes_skipped_files_and_the_result_records_the_reading(home, mo
 
     lm.tokenizer = Tok()
     monkeypatch.setattr(layerwise, "load", lambda *a, **k: lm)
-    assert cli.main(["profile", "--data", "docs", "--samples", "2", "--seq-len", "16", "--ablation", "none", "--no-lens",
-                     "--json", "--out", "p"]) == 0
+    assert (
+        cli.main(
+            [
+                "profile",
+                "--data",
+                "docs",
+                "--samples",
+                "2",
+                "--seq-len",
+                "16",
+                "--ablation",
+                "none",
+                "--no-lens",
+                "--json",
+                "--out",
+                "p",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "layerwise: note: skipped 1 binary file in docs: x.png" in err
     assert json.loads((home / "p" / "profile.json").read_text())["meta"]["data"]["read"]["skipped_binary"] == ["x.png"]

@@ -36,12 +36,21 @@ def test_library_errors_name_api_arguments_and_the_cli_names_flags(tiny_cli, tmp
         dp.choose(lm, w, n=0)
     rc = cli.main(["drop", "--n", "1", "--unit", "mlp", "--order", "contiguous", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert rc == 2 and "--order contiguous removes a run of whole blocks; use it with --unit block" in err and "`" not in err
-    assert cli._flags("raise `budgets`; `family` int, `group_size` 64, `windows`") == "raise --bits or --sweep; --format int, --group-size 64, --data, --seq-len and --samples"
+    assert (
+        rc == 2
+        and "--order contiguous removes a run of whole blocks; use it with --unit block" in err
+        and "`" not in err
+    )
+    assert (
+        cli._flags("raise `budgets`; `family` int, `group_size` 64, `windows`")
+        == "raise --bits or --sweep; --format int, --group-size 64, --data, --seq-len and --samples"
+    )
 
 
-@pytest.mark.parametrize("order,kw", [("lens_kl:desc", {"lens": True}), ("lens_top1:asc", {"lens": True}),
-                                      ("taylor_nll", {"ablation": "taylor"})])
+@pytest.mark.parametrize(
+    "order,kw",
+    [("lens_kl:desc", {"lens": True}), ("lens_top1:asc", {"lens": True}), ("taylor_nll", {"ablation": "taylor"})],
+)
 def test_automatic_profile_measures_what_the_order_needs(order, kw):
     from layerwise.drop import choose, rank
     from layerwise.profile import profile
@@ -64,10 +73,32 @@ def test_attention_orders_are_measured_and_the_cli_loads_eager_attention(monkeyp
     desc = rank(prof, "attn", "attn_entropy:desc")
     assert [u for u, _ in desc] == [u for u, _ in rank(prof, "attn", "attn_entropy:asc")][::-1]
     asked = []
-    monkeypatch.setattr(cli, "_load", lambda args, attn_implementation=None: asked.append(attn_implementation) or (lm, w))
+    monkeypatch.setattr(
+        cli, "_load", lambda args, attn_implementation=None: asked.append(attn_implementation) or (lm, w)
+    )
     w.n_calib = 1
-    assert cli.main(["drop", "--n", "1", "--unit", "attn", "--order", "attn_sink:desc", "--no-speed", "--export", "none",
-                     "--eval-samples", "1", "--json", "--out", str(tmp_path / "o")]) == 0
+    assert (
+        cli.main(
+            [
+                "drop",
+                "--n",
+                "1",
+                "--unit",
+                "attn",
+                "--order",
+                "attn_sink:desc",
+                "--no-speed",
+                "--export",
+                "none",
+                "--eval-samples",
+                "1",
+                "--json",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 0
+    )
     assert asked == ["eager"]
 
 
@@ -75,8 +106,12 @@ def test_version_and_each_help_shows_defaults_and_only_its_examples(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"layerwise {__version__}"
-    own = {"profile": "layerwise profile --attention", "drop": "layerwise drop --n 6", "quantize": "layerwise quantize --bits 5",
-           "report": "layerwise report runs/profile"}
+    own = {
+        "profile": "layerwise profile --attention",
+        "drop": "layerwise drop --n 6",
+        "quantize": "layerwise quantize --bits 5",
+        "report": "layerwise report runs/profile",
+    }
     for cmd, example in own.items():
         with pytest.raises(SystemExit):
             cli.main([cmd, "--help"])
@@ -112,17 +147,21 @@ def test_interrupt_message_is_true_about_kept_files(monkeypatch, capsys, tmp_pat
 def test_summary_prints_unmeasured_values_as_dashes(capsys):
     from layerwise.profile import Profile, Unit
 
-    units = [Unit(f"L{i}", i, "block", {"ablate_nll": float(i), "bi": 0.5, "rel_update": v})
-             for i, v in enumerate([None, float("nan"), float("inf"), 0.25])]
+    units = [
+        Unit(f"L{i}", i, "block", {"ablate_nll": float(i), "bi": 0.5, "rel_update": v})
+        for i, v in enumerate([None, float("nan"), float("inf"), 0.25])
+    ]
     cli._summary(Profile(meta={}, units=units, agreement={"reference": "ablate_nll", "by_kind": {}}))
     out = capsys.readouterr().out
     assert "0.25" in out and out.count("–") >= 3 and "nan" not in out and "inf" not in out
 
 
 def test_importing_the_report_keeps_the_users_matplotlib_backend(tmp_path):
-    code = ("import matplotlib; matplotlib.use('svg'); import layerwise.report, layerwise.report.drop, layerwise.report.quant, "
-            "layerwise.report.tune, layerwise.report.probe, layerwise.report.steer, layerwise.report.summary; "
-            "import sys; sys.modules.get('matplotlib.pyplot') and sys.exit(3); print(matplotlib.get_backend())")
+    code = (
+        "import matplotlib; matplotlib.use('svg'); import layerwise.report, layerwise.report.drop, layerwise.report.quant, "
+        "layerwise.report.tune, layerwise.report.probe, layerwise.report.steer, layerwise.report.summary; "
+        "import sys; sys.modules.get('matplotlib.pyplot') and sys.exit(3); print(matplotlib.get_backend())"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "svg"
 
@@ -158,7 +197,11 @@ def test_profile_records_its_seed_and_how_it_was_run():
 
     prof = profile(tiny_lm("llama"), tiny_windows(2), ablation="none", lens=False, batch_size=1, seed=7, progress=False)
     m = prof.meta
-    assert (m["seed"], m["batch_size"], m["versions"]["layerwise"]) == (7, 1, __version__) and m["command"] and records_peak(m)
+    assert (
+        (m["seed"], m["batch_size"], m["versions"]["layerwise"]) == (7, 1, __version__)
+        and m["command"]
+        and records_peak(m)
+    )
     json.dumps(m)
 
 
@@ -168,7 +211,18 @@ def test_quantize_save_writes_json_only(tmp_path):
 
     lm, w = tiny_lm("llama"), tiny_windows(5)
     w.n_calib = 2
-    rep = qz.run(lm, w, budgets=[4.5], strategies=["uniform"], family="int", group_size=16, export=(), out=tmp_path, eval_samples=2, progress=False)
+    rep = qz.run(
+        lm,
+        w,
+        budgets=[4.5],
+        strategies=["uniform"],
+        family="int",
+        group_size=16,
+        export=(),
+        out=tmp_path,
+        eval_samples=2,
+        progress=False,
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json", "measurement.json", "plan.json"]
     page = write_quant_report(qz.QuantReport.load(tmp_path), tmp_path / "report.html")
     assert f"<td>{rep.rows[0]['plan']}</td>" in page.read_text()
@@ -177,7 +231,9 @@ def test_quantize_save_writes_json_only(tmp_path):
 def test_rank_direction_is_explicit_for_metrics_without_one():
     from layerwise.profile import Profile, Unit
 
-    prof = Profile(meta={}, units=[Unit(f"L{i}", i, "block", {"zd": v, "bi": v}) for i, v in enumerate([0.3, 0.1, 0.2])])
+    prof = Profile(
+        meta={}, units=[Unit(f"L{i}", i, "block", {"zd": v, "bi": v}) for i, v in enumerate([0.3, 0.1, 0.2])]
+    )
     assert prof.rank("zd:asc", "block") == ["L1", "L2", "L0"] and prof.rank("zd:desc", "block") == ["L0", "L2", "L1"]
     assert prof.rank("bi", "block") == prof.rank("bi:asc", "block")  # bi: larger is more important
     with pytest.raises(LayerwiseError, match="zd has no importance direction"):

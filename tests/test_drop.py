@@ -72,7 +72,9 @@ def test_layerwise_load_skips_saved_sublayers(tmp_path):
         want = _logits(lm.model, x)
         prompt = x[:, :6]
         with torch.no_grad():
-            skipped_gen = lm.model.generate(input_ids=prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+            skipped_gen = lm.model.generate(
+                input_ids=prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0
+            )
     save_checkpoint(lm, plan, tmp_path / "m")
     again = load(str(tmp_path / "m"), device="cpu")
     assert again.source["skipped_sublayers"] == ["L0.mlp", "L2.attn"]
@@ -180,7 +182,10 @@ def test_run_measures_every_plan_and_writes_results(tmp_path):
     assert plans[1].units[:1] == plans[0].units  # nested rankings
     report = run(lm, w, plans, out=tmp_path / "r", eval_samples=3, with_speed=True, seed=5, progress=False)
     # saving writes JSON only; the page is the report module's
-    assert len(report.variants) == 8 and sorted(p.name for p in (tmp_path / "r").iterdir()) == ["eval.json", "plan.json"]
+    assert len(report.variants) == 8 and sorted(p.name for p in (tmp_path / "r").iterdir()) == [
+        "eval.json",
+        "plan.json",
+    ]
     meta = json.loads((tmp_path / "r" / "eval.json").read_text())["meta"]
     assert (meta["seed"], meta["batch_size"], meta["versions"]["layerwise"]) == (5, 4, __version__) and meta["command"]
     assert records_peak(meta)
@@ -249,6 +254,8 @@ def test_quality_pairs_two_variants_window_by_window():
     d = torch.tensor(q["a"]["window_delta_nll"]) - torch.tensor(q["b"]["window_delta_nll"])
     assert d.abs().min() > 1e-4  # the variants differ well beyond float32 noise
     mean, se = paired_difference(q["a"]["window_delta_nll"], q["b"]["window_delta_nll"])
-    assert mean == pytest.approx(float(d.mean()), abs=1e-9) and se == pytest.approx(float(d.std()) / math.sqrt(6), rel=1e-6)
+    assert mean == pytest.approx(float(d.mean()), abs=1e-9) and se == pytest.approx(
+        float(d.std()) / math.sqrt(6), rel=1e-6
+    )
     with pytest.raises(LayerwiseError, match="same windows"):
         paired_difference(q["a"]["window_delta_nll"], q["b"]["window_delta_nll"][:-1])

@@ -12,14 +12,29 @@ from .conftest import one_error_line
 
 pytestmark = pytest.mark.real
 
-PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    if n < 2:\n        return n\n"
+PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    if n < 2:\n        return n\n'
 
 
 @pytest.fixture(scope="module")
 def dropped(tmp_path_factory, real_cache):
     out = tmp_path_factory.mktemp("drop") / "run"
-    rc = cli.main(["drop", "--units", "L4,L11,L20.attn,L26.mlp", "--seq-len", "64", "--samples", "2", "--eval-samples", "3",
-                   "--export", "hf,gguf", "--out", str(out)])
+    rc = cli.main(
+        [
+            "drop",
+            "--units",
+            "L4,L11,L20.attn,L26.mlp",
+            "--seq-len",
+            "64",
+            "--samples",
+            "2",
+            "--eval-samples",
+            "3",
+            "--export",
+            "hf,gguf",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     return out
 
@@ -78,8 +93,24 @@ def test_saved_plan_applies_and_exports_again(dropped, tmp_path):
         got = small(input_ids=ids, use_cache=False).logits
         want = AutoModelForCausalLM.from_pretrained(dropped / "model").eval()(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    assert cli.main(["drop", "--plan", str(dropped / "plan.json"), "--export", "gguf", "--seq-len", "32", "--samples", "1",
-                     "--out", str(tmp_path)]) == 0
+    assert (
+        cli.main(
+            [
+                "drop",
+                "--plan",
+                str(dropped / "plan.json"),
+                "--export",
+                "gguf",
+                "--seq-len",
+                "32",
+                "--samples",
+                "1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "model.gguf").read_bytes() == (dropped / "model.gguf").read_bytes()
 
 

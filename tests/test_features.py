@@ -26,8 +26,9 @@ def test_block_output_is_hidden_states_k_plus_1(arch):
             torch.testing.assert_close(f.values[f"L{k}"][j], hs[k + 1][0, -1], rtol=1e-4, atol=1e-5)
         # the last entry is normed, so it is not block 2's raw output; ours is h_2 + a_2 + m_2
         assert not torch.allclose(f.values["L2"][j], hs[3][0, -1], atol=1e-3)
-        torch.testing.assert_close(f.values["L2"][j], f.values["L1"][j] + f.values["L2.attn"][j] + f.values["L2.mlp"][j],
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            f.values["L2"][j], f.values["L1"][j] + f.values["L2.attn"][j] + f.values["L2.mlp"][j], rtol=1e-4, atol=1e-5
+        )
 
 
 def test_mean_read_and_padding_invariance():

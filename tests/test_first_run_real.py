@@ -38,10 +38,32 @@ def test_kl_statistics_on_the_real_model(real_cache):
 
 def test_sampled_profile_states_its_precision(tmp_path, real_cache):
     out = tmp_path / "p"
-    assert cli.main(["profile", "--seq-len", "64", "--samples", "4", "--batch-size", "2", "--positions", "16",
-                     "--ablation-samples", "2", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "profile",
+                "--seq-len",
+                "64",
+                "--samples",
+                "4",
+                "--batch-size",
+                "2",
+                "--positions",
+                "16",
+                "--ablation-samples",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     data = json.loads((out / "profile.json").read_text())
-    assert data["meta"]["positions"] == 16 and data["meta"]["ablation_windows"] == 2 and data["meta"]["n_windows_used"] == 4
+    assert (
+        data["meta"]["positions"] == 16
+        and data["meta"]["ablation_windows"] == 2
+        and data["meta"]["n_windows_used"] == 4
+    )
     ses = [u["details"]["ablate_nll_se"] for u in data["units"]]
     assert all(se is not None and se >= 0 for se in ses)
     page = (out / "report.html").read_text()

@@ -47,8 +47,12 @@ def test_jsonl(tmp_path):
 
 @pytest.mark.parametrize(
     "content,kwargs,match",
-    [("", {}, "empty"), ("abc", {}, "shorter than one window"), ("a" * 40, {"samples": 9}, "lower `samples`"),
-     ("a" * 40, {"max_len": 4}, "exceeds the model's context")],
+    [
+        ("", {}, "empty"),
+        ("abc", {}, "shorter than one window"),
+        ("a" * 40, {"samples": 9}, "lower `samples`"),
+        ("a" * 40, {"max_len": 4}, "exceeds the model's context"),
+    ],
 )
 def test_bad_data(tmp_path, content, kwargs, match):
     p = tmp_path / "t.txt"
@@ -104,8 +108,10 @@ def test_report_escapes_strings(tmp_path):
     from layerwise.report import render
 
     evil = "<script>alert(1)</script>"
-    prof = Profile(meta={"model_id": evil, "data": {"source": evil}},
-                   units=[Unit(f"L{i}", i, "block", {"bi": float(i), "ablate_nll": float(i)}) for i in range(3)],
-                   agreement={"reference": "ablate_nll", "by_kind": {"block": {"bi": {"rho": 1.0, "n": 3}}}})
+    prof = Profile(
+        meta={"model_id": evil, "data": {"source": evil}},
+        units=[Unit(f"L{i}", i, "block", {"bi": float(i), "ablate_nll": float(i)}) for i in range(3)],
+        agreement={"reference": "ablate_nll", "by_kind": {"block": {"bi": {"rho": 1.0, "n": 3}}}},
+    )
     page = render(prof)
     assert evil not in page and page.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 3  # title, model id, data source

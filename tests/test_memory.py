@@ -99,7 +99,9 @@ def test_conversion_tensor_by_tensor_equals_transformers_gguf_loader(arch, tmp_p
 
     monkeypatch.setenv("LAYERWISE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(loading, "SHARD_BYTES", 4096)
-    tokens = ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + [f"\u2581w{i}" for i in range(68)]
+    tokens = (
+        ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + [f"\u2581w{i}" for i in range(68)]
+    )
     path = write_gguf(tiny_model(arch), tmp_path / "tiny.gguf", tokens)
     lm = loading.load(str(path), device="cpu")
     want = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32).state_dict()

@@ -23,9 +23,14 @@ def test_geometry_matches_definitions():
     h, a, m = h.double(), a.double(), m.double()
     mid, out = h + a, h + a + m
     want = {
-        "bi": 1 - _cos(h, out), "attn_cos": _cos(h, mid), "mlp_cos": _cos(mid, out),
-        "block_rel": (out - h).norm(dim=-1) / h.norm(dim=-1), "attn_rel": a.norm(dim=-1) / h.norm(dim=-1),
-        "mlp_rel": m.norm(dim=-1) / mid.norm(dim=-1), "norm_in": h.norm(dim=-1), "norm_mid": mid.norm(dim=-1),
+        "bi": 1 - _cos(h, out),
+        "attn_cos": _cos(h, mid),
+        "mlp_cos": _cos(mid, out),
+        "block_rel": (out - h).norm(dim=-1) / h.norm(dim=-1),
+        "attn_rel": a.norm(dim=-1) / h.norm(dim=-1),
+        "mlp_rel": m.norm(dim=-1) / mid.norm(dim=-1),
+        "norm_in": h.norm(dim=-1),
+        "norm_mid": mid.norm(dim=-1),
     }
     for name, value in want.items():
         torch.testing.assert_close(cols[name], value, rtol=1e-4, atol=1e-5, msg=name)
@@ -110,7 +115,9 @@ def test_attention_metrics_match_probabilities(arch):
         for key, want in (("attn_entropy", ent), ("attn_distance", dist), ("attn_sink", p[..., 0])):
             per_head = want.mean(dim=(0, 2))
             assert details[f"{key}_per_head"] == pytest.approx(per_head.tolist(), rel=1e-4, abs=1e-6), key
-            assert prof.unit(f"L{tr.layer}.attn").metrics[key] == pytest.approx(per_head.mean().item(), rel=1e-4, abs=1e-6)
+            assert prof.unit(f"L{tr.layer}.attn").metrics[key] == pytest.approx(
+                per_head.mean().item(), rel=1e-4, abs=1e-6
+            )
     assert prof.unit("L0").metrics["attn_sink"] is None
 
 
@@ -136,6 +143,10 @@ def test_half_precision_profile_is_finite_and_close(dtype):
     # 3% for bfloat16's 8-bit mantissa, 1.5% for float16's 11 bits: a tolerance in each metric's own units.
     tol = {torch.bfloat16: 0.03, torch.float16: 0.015}[dtype]
     for m in ("bi", "sub_cos", "rel_update", "resid_norm", "ablate_nll", "lens_kl"):
-        pairs = [(u32.name, u32.metrics[m], u16.metrics[m]) for u32, u16 in zip(p32.units, p16.units) if u32.metrics[m] is not None]
+        pairs = [
+            (u32.name, u32.metrics[m], u16.metrics[m])
+            for u32, u16 in zip(p32.units, p16.units)
+            if u32.metrics[m] is not None
+        ]
         scale = max(abs(a) for _, a, _ in pairs)
         assert scale > 0 and all(abs(b - a) <= tol * scale for _, a, b in pairs), (m, [(n, a, b) for n, a, b in pairs])

@@ -42,14 +42,19 @@ def test_profile_summary_names_extremes_best_metric_and_valid_commands(prof):
     kind = sm.cheapest_kind(prof)
     first = _parses(cmds[0])
     assert (first.n, first.unit, first.order, first.profile, first.model) == (
-        4, kind, "ablate_nll", "runs/my profile/profile.json", "tiny <b>model</b>")
+        4,
+        kind,
+        "ablate_nll",
+        "runs/my profile/profile.json",
+        "tiny <b>model</b>",
+    )
     assert _parses(cmds[1]).order.partition(":")[0] == sm.best_metric(prof, kind)[0]
     q = _parses(cmds[-1])
     assert q.sweep == "4.6,5,5.5" and q.strategy.split(",")[0] == "measured"
     assert q.strategy.split(",")[1] == "ranked:" + sm.as_order(*sm.best_metric(prof, "block"))
     page = render(prof)
     assert "tiny <b>model</b>" not in page and "tiny &lt;b&gt;model&lt;/b&gt;" in page
-    assert page.index('class="summary"') < page.index("<img") and least[0][0] in page[:page.index("<img")]
+    assert page.index('class="summary"') < page.index("<img") and least[0][0] in page[: page.index("<img")]
 
 
 def test_orders_point_the_way_ablation_agreed():
@@ -69,8 +74,12 @@ def test_profile_without_causal_metric_says_how_to_get_one():
 
 
 def test_best_per_group_keeps_lowest_heldout_delta():
-    rows = [{"n": 2, "delta_nll": 0.3, "k": "a"}, {"n": 1, "delta_nll": 0.2, "k": "b"}, {"n": 2, "delta_nll": 0.1, "k": "c"},
-            {"n": 1, "delta_nll": None, "k": "d"}]
+    rows = [
+        {"n": 2, "delta_nll": 0.3, "k": "a"},
+        {"n": 1, "delta_nll": 0.2, "k": "b"},
+        {"n": 2, "delta_nll": 0.1, "k": "c"},
+        {"n": 1, "delta_nll": None, "k": "d"},
+    ]
     assert [r["k"] for r in sm.best_per(rows, "n")] == ["b", "c"]
 
 
@@ -85,13 +94,17 @@ def test_drop_page_opens_with_best_plan_and_its_export_command(tmp_path):
     plans = sweep_plans(lm, w, ns=[1, 2], units=["block"], orders=["ablate_nll", "random"], progress=False)
     report = run(lm, w, plans, out=tmp_path / "r", eval_samples=3, with_speed=False, progress=False)
     page = write_drop_report(DropReport.load(tmp_path / "r"), tmp_path / "r" / "report.html").read_text()
-    top = page[:page.index("<img")]
+    top = page[: page.index("<img")]
     for n in (1, 2):
         best = min((v for v in report.variants if v["n"] == n), key=lambda v: v["delta_nll"])
         assert f"<code>{best['key']}</code>" in top and f"{best['delta_nll']:+.4f}" in top
         cmd = sm.drop_export_command(report, best["key"], str(tmp_path / "r" / "plan.json"))
         args = _parses(cmd)
-        assert (args.plan, args.export, args.model) == (f"{tmp_path / 'r' / 'plan.json'}#{best['key']}", "hf", "tiny <i>")
+        assert (args.plan, args.export, args.model) == (
+            f"{tmp_path / 'r' / 'plan.json'}#{best['key']}",
+            "hf",
+            "tiny <i>",
+        )
         assert f"<code>{escape(cmd)}</code>" in top and "&lt;i&gt;" in escape(cmd)
     assert "tiny <i>" not in page
 
@@ -102,10 +115,19 @@ def test_quant_page_opens_with_best_plan_per_budget(tmp_path):
 
     lm, w = tiny_lm("llama"), tiny_windows(6)
     w.n_calib = 3
-    report = qz.run(lm, w, budgets=[4.5, 6], strategies=["measured", "uniform"], family="int", group_size=16, out=tmp_path, eval_samples=3,
-                    progress=False)
+    report = qz.run(
+        lm,
+        w,
+        budgets=[4.5, 6],
+        strategies=["measured", "uniform"],
+        family="int",
+        group_size=16,
+        out=tmp_path,
+        eval_samples=3,
+        progress=False,
+    )
     page = render(report, "r/plan.json")
-    top = page[:page.index("<img")]
+    top = page[: page.index("<img")]
     assert 'class="summary"' in top
     for b in (4.5, 6):
         best = min((r for r in report.rows if r["target_bpw"] == b), key=lambda r: r["delta_nll"])
@@ -113,25 +135,61 @@ def test_quant_page_opens_with_best_plan_per_budget(tmp_path):
         assert f"<code>{best['plan']}</code>" in top and f"{best['delta_nll']:+.4f}" in top
         why, cmd = sm.quant_export_command(report, best, "r/plan.json")
         args = _parses(cmd)  # integer codes with zero points cannot go to hf: measured again, symmetric
-        assert "zero points" in why and (args.symmetric, args.bits, args.strategy, args.export) == (True, b, best["strategy"], "hf")
+        assert "zero points" in why and (args.symmetric, args.bits, args.strategy, args.export) == (
+            True,
+            b,
+            best["strategy"],
+            "hf",
+        )
         assert escape(cmd) in top
     gguf = dict(report.rows[0], plan="q4km", strategy="q4km", target_bpw=None)
     report.meta["format"], report.plans["q4km"] = "gguf", {"groups": {}}
     assert sm.quant_export_command(report, gguf, "r/plan.json") == (
-        "write it", "layerwise quantize --model tiny-llama --plan 'r/plan.json#q4km' --export gguf,recipe")
+        "write it",
+        "layerwise quantize --model tiny-llama --plan 'r/plan.json#q4km' --export gguf,recipe",
+    )
 
 
 def test_steer_summary_reads_the_chosen_row_and_escapes():
     from layerwise.steer import SteerReport
 
-    rows = [{"key": "L1@0.5", "units": ["L1"], "alpha": 0.5, "margin_shift": 1.5, "margin_shift_se": 0.25, "delta_nll": 0.125,
-             "delta_nll_se": 0.0625, "kl": 0.03125},
-            {"key": "L2@0.5", "units": ["L2"], "alpha": 0.5, "margin_shift": 3.0, "margin_shift_se": 0.5, "delta_nll": 0.5,
-             "delta_nll_se": 0.25, "kl": 0.75}]
-    rep = SteerReport(meta={}, vector={}, choice={"chosen_key": "L1@0.5", "chosen": ["L1"], "alpha": {"alpha": 0.5}, "ranking": []},
-                      unsteered={}, rows=rows, prompts=[], exports={"gguf": {"path": "out/<x>.gguf"}})
+    rows = [
+        {
+            "key": "L1@0.5",
+            "units": ["L1"],
+            "alpha": 0.5,
+            "margin_shift": 1.5,
+            "margin_shift_se": 0.25,
+            "delta_nll": 0.125,
+            "delta_nll_se": 0.0625,
+            "kl": 0.03125,
+        },
+        {
+            "key": "L2@0.5",
+            "units": ["L2"],
+            "alpha": 0.5,
+            "margin_shift": 3.0,
+            "margin_shift_se": 0.5,
+            "delta_nll": 0.5,
+            "delta_nll_se": 0.25,
+            "kl": 0.75,
+        },
+    ]
+    rep = SteerReport(
+        meta={},
+        vector={},
+        choice={"chosen_key": "L1@0.5", "chosen": ["L1"], "alpha": {"alpha": 0.5}, "ranking": []},
+        unsteered={},
+        rows=rows,
+        prompts=[],
+        exports={"gguf": {"path": "out/<x>.gguf"}},
+    )
     text = sm.steer_summary(rep)
-    assert "<code>L1@0.5</code>" in text and "margin shift 1.5 ± 0.25" in text and "Δnll 0.125 ± 0.0625 nats, KL 0.03125" in text
+    assert (
+        "<code>L1@0.5</code>" in text
+        and "margin shift 1.5 ± 0.25" in text
+        and "Δnll 0.125 ± 0.0625 nats, KL 0.03125" in text
+    )
     assert "out/&lt;x&gt;.gguf" in text and "<x>" not in text
     rep.exports = {}
     assert "vector.safetensors" in sm.steer_summary(rep)

@@ -68,8 +68,10 @@ def test_drop_plan_round_trip(tmp_path):
     assert exports["hf"]["bytes"] > 0
     first, again = _tensors(tmp_path / "run" / "model"), _tensors(tmp_path / "again" / "model")
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
-    for call in (lambda: loaded.apply(_other(tiny_lm("llama", layers=4))),
-                 lambda: dp.export_plan(_other(tiny_lm("llama", layers=4)), loaded, tmp_path / "x", ("hf",))):
+    for call in (
+        lambda: loaded.apply(_other(tiny_lm("llama", layers=4))),
+        lambda: dp.export_plan(_other(tiny_lm("llama", layers=4)), loaded, tmp_path / "x", ("hf",)),
+    ):
         with pytest.raises(LayerwiseError, match="made for another model"):
             call()
     assert not (tmp_path / "x").exists()
@@ -97,8 +99,19 @@ def test_quant_plan_round_trip(tmp_path, method):
     from layerwise.quant.rtn import QConfig
 
     lm, w = tiny_lm("llama"), _split()
-    rep = qz.run(lm, w, budgets=[4.8], strategies=["measured"], family="int", method=method, out=tmp_path / "run",
-                 eval_samples=3, seed=3, batch_size=2, progress=False)
+    rep = qz.run(
+        lm,
+        w,
+        budgets=[4.8],
+        strategies=["measured"],
+        family="int",
+        method=method,
+        out=tmp_path / "run",
+        eval_samples=3,
+        seed=3,
+        batch_size=2,
+        progress=False,
+    )
     plan = qz.QuantPlan.load(tmp_path / "run" / "plan.json", "measured@4.8")
     assert qz.QuantPlan.load(plan.save(tmp_path / "alone")) == plan
     assert plan.method == method and all(isinstance(c, QConfig) and c.symmetric for c in plan.configs.values())
@@ -113,8 +126,12 @@ def test_quant_plan_round_trip(tmp_path, method):
         got = _logits(fresh.model, w.ids)
     torch.testing.assert_close(want, got, rtol=0, atol=1e-5)
     assert all(torch.equal(p, before[n]) for n, p in fresh.model.named_parameters())  # weights back after the with
-    q = quality(next_token_logits(fresh.model), {"p": next_token_logits(fresh.model, lambda: plan.apply(fresh, w))},
-                w.evaluation[:3], batch_size=2)
+    q = quality(
+        next_token_logits(fresh.model),
+        {"p": next_token_logits(fresh.model, lambda: plan.apply(fresh, w))},
+        w.evaluation[:3],
+        batch_size=2,
+    )
     assert q["p"]["ppl"] == pytest.approx(rep.rows[0]["ppl"], rel=1e-6)
     # exported again from the saved plan: the same tensors
     qz.export_plan(fresh, plan, tmp_path / "again", ("hf",), w.evaluation[:3], w)
@@ -128,7 +145,11 @@ def test_quant_plan_round_trip(tmp_path, method):
     # every result file says how it was made
     for name in ("plan.json", "eval.json", "measurement.json"):
         meta = json.loads((tmp_path / "run" / name).read_text())["meta"]
-        assert (meta["seed"], meta["batch_size"], meta["model_hash"]) == (3, 2, "tiny") and meta["versions"]["torch"] and meta["command"], name
+        assert (
+            (meta["seed"], meta["batch_size"], meta["model_hash"]) == (3, 2, "tiny")
+            and meta["versions"]["torch"]
+            and meta["command"]
+        ), name
     assert records_peak(json.loads((tmp_path / "run" / "eval.json").read_text())["meta"])
     with pytest.raises(LayerwiseError, match="made for another model"):
         plan.apply(_other(tiny_lm("llama")), w)
@@ -146,10 +167,16 @@ def test_cli_exports_saved_plans_without_measuring(tmp_path, monkeypatch, capsys
     lm, w = tiny_lm("llama", layers=4), _split()
     monkeypatch.setattr(cli, "_load", lambda args, attn_implementation=None: (lm, w))
     assert cli.main(["drop", "--n", "1", "--no-speed", "--eval-samples", "3", "--out", str(tmp_path / "d")]) == 0
-    assert cli.main(["quantize", "--format", "int", "--bits", "4.8", "--eval-samples", "3", "--out", str(tmp_path / "q")]) == 0
+    assert (
+        cli.main(["quantize", "--format", "int", "--bits", "4.8", "--eval-samples", "3", "--out", str(tmp_path / "q")])
+        == 0
+    )
     assert (tmp_path / "d" / "report.html").exists() and (tmp_path / "q" / "report.html").exists()
     meta = json.loads((tmp_path / "d" / "eval.json").read_text())["meta"]
-    assert meta["command"] == f"layerwise drop --n 1 --no-speed --eval-samples 3 --out {tmp_path / 'd'}" and meta["seed"] == 0
+    assert (
+        meta["command"] == f"layerwise drop --n 1 --no-speed --eval-samples 3 --out {tmp_path / 'd'}"
+        and meta["seed"] == 0
+    )
     capsys.readouterr()
 
     def no_measuring(*a, **k):
@@ -158,13 +185,31 @@ def test_cli_exports_saved_plans_without_measuring(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(qm, "measure", no_measuring)
     monkeypatch.setattr("layerwise.drop.profile", no_measuring)
     assert cli.main(["drop", "--plan", str(tmp_path / "d" / "plan.json"), "--out", str(tmp_path / "d2")]) == 0
-    assert cli.main(["quantize", "--plan", str(tmp_path / "q"), "--export", "hf", "--eval-samples", "3", "--out", str(tmp_path / "q2")]) == 0
+    assert (
+        cli.main(
+            [
+                "quantize",
+                "--plan",
+                str(tmp_path / "q"),
+                "--export",
+                "hf",
+                "--eval-samples",
+                "3",
+                "--out",
+                str(tmp_path / "q2"),
+            ]
+        )
+        == 0
+    )
     for run, again in (("d", "d2"), ("q", "q2")):
         first, second = _tensors(tmp_path / run / "model"), _tensors(tmp_path / again / "model")
         assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     capsys.readouterr()
     lm.source["model_hash"] = "another"
-    for argv in (["drop", "--plan", str(tmp_path / "d" / "plan.json")], ["quantize", "--plan", str(tmp_path / "q" / "plan.json")]):
+    for argv in (
+        ["drop", "--plan", str(tmp_path / "d" / "plan.json")],
+        ["quantize", "--plan", str(tmp_path / "q" / "plan.json")],
+    ):
         assert cli.main([*argv, "--out", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err
         assert one_error_line(err) and "the plan was made for another model" in err, err

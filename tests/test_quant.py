@@ -12,7 +12,9 @@ def _w(out=24, n=576, seed=0):
     return torch.randn(out, n, generator=g) * 0.05
 
 
-@pytest.mark.parametrize("bits,group,sym", [(4, 64, False), (3, 100, False), (2, 32, False), (8, 576, False), (4, 64, True), (3, 100, True)])
+@pytest.mark.parametrize(
+    "bits,group,sym", [(4, 64, False), (3, 100, False), (2, 32, False), (8, 576, False), (4, 64, True), (3, 100, True)]
+)
 def test_rtn_rounds_to_nearest_grid_point(bits, group, sym):
     w = _w()
     q = quantize_rtn(w, QConfig(bits, group, sym))
@@ -27,7 +29,11 @@ def test_rtn_rounds_to_nearest_grid_point(bits, group, sym):
     # the last, shorter group (576 = 5 * 100 + 76) has its own range
     if group == 100:
         tail = w[:, 500:]
-        want = (tail.abs().amax(1) / (2 ** (bits - 1) - 1)) if sym else (tail.amax(1).clamp(min=0) - tail.amin(1).clamp(max=0)) / (2**bits - 1)
+        want = (
+            (tail.abs().amax(1) / (2 ** (bits - 1) - 1))
+            if sym
+            else (tail.amax(1).clamp(min=0) - tail.amin(1).clamp(max=0)) / (2**bits - 1)
+        )
         torch.testing.assert_close(q.scales[:, -1], want.half().float())
 
 
@@ -79,7 +85,9 @@ def test_gptq_many_equals_one_config_at_a_time(sym):
     from layerwise.quant.gptq import inverse_factor, quantize_gptq_many
 
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(2048, 16, generator=g) @ torch.randn(16, 200, generator=g) + 0.1 * torch.randn(2048, 200, generator=g)
+    x = torch.randn(2048, 16, generator=g) @ torch.randn(16, 200, generator=g) + 0.1 * torch.randn(
+        2048, 200, generator=g
+    )
     acc = Hessian(200)
     acc.add(x)
     w = _w(out=12, n=200, seed=3)
@@ -107,7 +115,9 @@ def test_codes_rows_equal_each_matrix_alone(method):
     cands = GroupCandidates((QConfig(3, 32),), method)
     for w, got in zip(ws, cands.codes_rows(ws, "a3g32", acc.value)):
         want = cands.codes("", w, "a3g32", acc.value)
-        assert got.codes.shape == w.shape and torch.equal(got.codes, want.codes) and torch.equal(got.scales, want.scales)
+        assert (
+            got.codes.shape == w.shape and torch.equal(got.codes, want.codes) and torch.equal(got.scales, want.scales)
+        )
         assert torch.equal(got.zeros, want.zeros)
 
 
@@ -166,7 +176,9 @@ def test_measurement_matches_an_independent_forward(arch):
         g2 = kept["y"].grad.double()[:, :-1] ** 2
         want = 0.5 * float((g2 * (yq - y)[:, :-1] ** 2).sum()) / g2[..., 0].numel()
         assert entry["configs"][cfg.name]["err"] == pytest.approx(want, rel=1e-3)
-        assert entry["configs"][cfg.name]["bits"] == sum(cfg.storage_bits(*an.linear_weight(mod).shape) for _, mod in group)
+        assert entry["configs"][cfg.name]["bits"] == sum(
+            cfg.storage_bits(*an.linear_weight(mod).shape) for _, mod in group
+        )
 
 
 def test_measurement_resumes_and_refuses_stale_files(tmp_path):
@@ -321,10 +333,18 @@ def _split_windows(n_calib: int = 4, n_eval: int = 3):
 
     g = torch.Generator().manual_seed(1)
     n = n_calib + n_eval
-    return Windows(ids=torch.randint(0, 97, (n, 16), generator=g), n_calib=n_calib, source="random", data_hash="x", n_text_tokens=n * 16)
+    return Windows(
+        ids=torch.randint(0, 97, (n, 16), generator=g),
+        n_calib=n_calib,
+        source="random",
+        data_hash="x",
+        n_text_tokens=n * 16,
+    )
 
 
-@pytest.mark.parametrize("target, narrower", [(6.0, ("floor 5", {"a4g16", "a8g16"})), (4.0, ("band a2g16-a4g16", {"a2g16", "a4g16"}))])
+@pytest.mark.parametrize(
+    "target, narrower", [(6.0, ("floor 5", {"a4g16", "a8g16"})), (4.0, ("band a2g16-a4g16", {"a2g16", "a4g16"}))]
+)
 def test_measured_keeps_the_choice_with_the_least_calibration_loss(target, narrower):
     """The solver also runs on narrower choices (a floor on the width, the band that brackets the budget); the plan
     kept is the one the calibration windows prefer."""
@@ -341,9 +361,14 @@ def test_measured_keeps_the_choice_with_the_least_calibration_loss(target, narro
     meas = measure(lm, w, candidates=cands, progress=False)
     got = qz.measured(lm, w, meas, cands, target)
     plans = {"any width": solve(meas, target), narrower[0]: solve(meas, target, allowed=narrower[1])}
-    assert plans["any width"].configs != plans[narrower[0]].configs  # on this model the narrower choice matters, so both are run
+    assert (
+        plans["any width"].configs != plans[narrower[0]].configs
+    )  # on this model the narrower choice matters, so both are run
     assert got.bpw <= target + 1e-9 and got.configs in [a.configs for a in plans.values()]
-    runs = {k: next_token_logits(lm.model, lambda a=a: quantized(lm, plan_weights(lm, meas, a, cands))) for k, a in plans.items()}
+    runs = {
+        k: next_token_logits(lm.model, lambda a=a: quantized(lm, plan_weights(lm, meas, a, cands)))
+        for k, a in plans.items()
+    }
     q = quality(next_token_logits(lm.model), runs, w.calibration)
     assert got.meta["calibration_delta_nll"] == pytest.approx({k: v["delta_nll"] for k, v in q.items()}, abs=1e-9)
     best = min(plans, key=lambda k: q[k]["delta_nll"])
@@ -365,7 +390,17 @@ def test_hf_export_loads_in_plain_transformers_with_the_plans_weights(tmp_path, 
     from .conftest import tiny_lm
 
     lm, w = tiny_lm("llama"), _split_windows()
-    rep = qz.run(lm, w, budgets=[4.8], strategies=["measured"], family="int", method=method, out=tmp_path, eval_samples=3, progress=False)
+    rep = qz.run(
+        lm,
+        w,
+        budgets=[4.8],
+        strategies=["measured"],
+        family="int",
+        method=method,
+        out=tmp_path,
+        eval_samples=3,
+        progress=False,
+    )
     plan = next(iter(rep.plans.values()))
     configs = {g: e["config"] for g, e in plan["groups"].items()}
     assert all(c.startswith("s") for c in configs.values()) and len({c for c in configs.values()}) > 1
@@ -382,7 +417,11 @@ def test_hf_export_loads_in_plain_transformers_with_the_plans_weights(tmp_path, 
     assert rep.exports["hf"]["transformers_ppl"] == pytest.approx(rep.rows[0]["ppl"], rel=1e-5)
     # one config group per scheme, and fused shards (q/k/v, gate/up) under the same one
     qc = json.loads((tmp_path / "model" / "config.json").read_text())["quantization_config"]
-    scheme = {t: (g["weights"]["num_bits"], g["weights"]["group_size"], g["weights"]["symmetric"]) for g in qc["config_groups"].values() for t in g["targets"]}
+    scheme = {
+        t: (g["weights"]["num_bits"], g["weights"]["group_size"], g["weights"]["symmetric"])
+        for g in qc["config_groups"].values()
+        for t in g["targets"]
+    }
     for group, e in plan["groups"].items():
         assert {scheme[p] for p in e["modules"]} == {(int(e["config"][1]), int(e["config"].split("g")[1]), True)}
     assert qc["format"] == "pack-quantized" and "lm_head" in qc["ignore"]
@@ -395,16 +434,27 @@ def test_hf_export_refuses_what_cannot_load(tmp_path):
     from .conftest import tiny_lm
 
     w = _split_windows()
-    cases = [(tiny_lm("llama"), {"symmetric": False}, "symmetric codes only"),
-             (tiny_lm("llama"), {"group_size": 24}, "does not divide rows of 32"),
-             (tiny_lm("gpt2"), {}, "Conv1D"),
-             (tiny_lm("llama"), {"family": "gguf"}, "not available for `family` gguf")]
+    cases = [
+        (tiny_lm("llama"), {"symmetric": False}, "symmetric codes only"),
+        (tiny_lm("llama"), {"group_size": 24}, "does not divide rows of 32"),
+        (tiny_lm("gpt2"), {}, "Conv1D"),
+        (tiny_lm("llama"), {"family": "gguf"}, "not available for `family` gguf"),
+    ]
     bf16 = tiny_lm("llama")
     bf16.model.to(torch.bfloat16)
     cases.append((bf16, {}, "`dtype` float16 or float32"))
     for lm, kw, msg in cases:
         with pytest.raises(LayerwiseError, match=msg):
-            qz.run(lm, w, budgets=[4.8], strategies=["measured"], **{"family": "int", **kw}, export=("hf",), out=tmp_path, progress=False)
+            qz.run(
+                lm,
+                w,
+                budgets=[4.8],
+                strategies=["measured"],
+                **{"family": "int", **kw},
+                export=("hf",),
+                out=tmp_path,
+                progress=False,
+            )
         assert not (tmp_path / "measurement.json").exists()
 
 
@@ -429,15 +479,28 @@ def test_gptq_plans_are_scored_on_windows_they_were_not_fitted_to():
     c = w.calibration
     sums = dict.fromkeys(plans, 0.0)
     for fit, score in ((c[[0, 2]], c[[1, 3]]), (c[[1, 3]], c[[0, 2]])):
-        runs = {k: next_token_logits(lm.model, lambda a=a, fit=fit: quantized(lm, plan_weights(lm, meas, a, cands, replace(w, ids=fit, n_calib=2))))
-                for k, a in plans.items()}
+        runs = {
+            k: next_token_logits(
+                lm.model,
+                lambda a=a, fit=fit: quantized(lm, plan_weights(lm, meas, a, cands, replace(w, ids=fit, n_calib=2))),
+            )
+            for k, a in plans.items()
+        }
         q = quality(next_token_logits(lm.model), runs, score)
         for k in plans:
             sums[k] += q[k]["delta_nll"] / 2
     assert got == pytest.approx(sums, abs=1e-9)
-    own = quality(next_token_logits(lm.model), {k: next_token_logits(lm.model, lambda a=a: quantized(lm, plan_weights(lm, meas, a, cands, w)))
-                                                 for k, a in plans.items()}, c)
-    assert all(abs(got[k] - own[k]["delta_nll"]) > 1e-6 for k in plans)  # not the loss on the windows the plan was fitted to
+    own = quality(
+        next_token_logits(lm.model),
+        {
+            k: next_token_logits(lm.model, lambda a=a: quantized(lm, plan_weights(lm, meas, a, cands, w)))
+            for k, a in plans.items()
+        },
+        c,
+    )
+    assert all(
+        abs(got[k] - own[k]["delta_nll"]) > 1e-6 for k in plans
+    )  # not the loss on the windows the plan was fitted to
 
 
 def test_plan_scoring_and_held_out_evaluation_show_progress(capsys):

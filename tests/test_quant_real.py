@@ -20,8 +20,23 @@ def run(tmp_path_factory, real_cache):
     out = tmp_path_factory.mktemp("quant") / "run"
     # 256-token windows: on 64-token ones llama.cpp's own kernels already put the unquantized model 1.5% off
     # ours (0.5% at 256), which leaves the 2% check no room for the plan itself.
-    rc = cli.main(["quantize", "--bits", str(BITS), "--strategy", "measured", "--seq-len", "256", "--samples", "2",
-                   "--eval-samples", "3", "--out", str(out)])
+    rc = cli.main(
+        [
+            "quantize",
+            "--bits",
+            str(BITS),
+            "--strategy",
+            "measured",
+            "--seq-len",
+            "256",
+            "--samples",
+            "2",
+            "--eval-samples",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     return out
 
@@ -38,7 +53,18 @@ def test_plan_hits_the_budget_and_says_what_was_stored(run):
     assert abs(p["bpw"] - BITS) <= 0.02 and p["bpw"] <= BITS + 1e-9
     assert len(p["groups"]) == 30 * 7
     stored = {s for g in p["groups"].values() for s in g["stored"]}
-    assert len({g["config"] for g in p["groups"].values()}) > 1 and stored <= {"Q2_K", "Q3_K", "Q4_0", "Q4_K", "Q4_1", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"}
+    assert len({g["config"] for g in p["groups"].values()}) > 1 and stored <= {
+        "Q2_K",
+        "Q3_K",
+        "Q4_0",
+        "Q4_K",
+        "Q4_1",
+        "Q5_0",
+        "Q5_1",
+        "Q5_K",
+        "Q6_K",
+        "Q8_0",
+    }
     ev = json.loads((run / "eval.json").read_text())
     (row,) = ev["rows"]
     assert all(math.isfinite(row[k]) for k in ("ppl", "kl", "delta_nll", "predicted_delta_nll", "bpw_model"))
@@ -65,8 +91,24 @@ def test_saved_plan_applies_and_exports_again_without_measuring(run, tmp_path, c
     q = quality(next_token_logits(lm.model), {"p": next_token_logits(lm.model, lambda: plan.apply(lm))}, ids)
     assert q["p"]["ppl"] == pytest.approx(json.loads((run / "eval.json").read_text())["rows"][0]["ppl"], rel=1e-6)
     again = tmp_path / "again"
-    assert cli.main(["quantize", "--plan", str(run / "plan.json"), "--seq-len", "256", "--samples", "2", "--eval-samples", "1",
-                     "--out", str(again)]) == 0
+    assert (
+        cli.main(
+            [
+                "quantize",
+                "--plan",
+                str(run / "plan.json"),
+                "--seq-len",
+                "256",
+                "--samples",
+                "2",
+                "--eval-samples",
+                "1",
+                "--out",
+                str(again),
+            ]
+        )
+        == 0
+    )
     ours, theirs = _types(run / "model.gguf"), _types(again / "model.gguf")
     assert ours.keys() == theirs.keys() and all(bytes(theirs[k].data) == bytes(t.data) for k, t in ours.items())
     assert (again / "recipe.sh").read_text() == (run / "recipe.sh").read_text()
@@ -74,7 +116,22 @@ def test_saved_plan_applies_and_exports_again_without_measuring(run, tmp_path, c
     other["meta"]["model_hash"] = "another-model"
     (tmp_path / "other.json").write_text(json.dumps(other))
     capsys.readouterr()
-    assert cli.main(["quantize", "--plan", str(tmp_path / "other.json"), "--seq-len", "32", "--samples", "1", "--out", str(tmp_path / "x")]) == 2
+    assert (
+        cli.main(
+            [
+                "quantize",
+                "--plan",
+                str(tmp_path / "other.json"),
+                "--seq-len",
+                "32",
+                "--samples",
+                "1",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert one_error_line(err) and "made for another model" in err, err
 
@@ -106,7 +163,7 @@ def test_recipe_makes_the_same_file_with_llama_quantize(run, tmp_path):
     from layerwise.quant.gguf import llama_quantize
 
     args = shlex.split((run / "recipe.sh").read_text().replace("\\\n", " "))
-    overrides = [tuple(a.rsplit("=", 1)) for a in args[args.index("--tensor-type") + 1::2] if "=" in a]
+    overrides = [tuple(a.rsplit("=", 1)) for a in args[args.index("--tensor-type") + 1 :: 2] if "=" in a]
     assert len(overrides) == 210
     embd = args[args.index("--token-embedding-type") + 1]
     again = llama_quantize(args[-3], tmp_path / "again.gguf", args[-1], overrides, token_embedding_type=embd)
@@ -126,7 +183,22 @@ def test_hf_export_generates_the_fake_quantized_models_tokens(real_cache, tmp_pa
     from layerwise.quantize import QuantPlan
 
     out = tmp_path / "ct"
-    argv = ["--format", "int", "--method", "gptq", "--group-size", "64", "--bits", "5", "--seq-len", "64", "--samples", "2", "--eval-samples", "3"]
+    argv = [
+        "--format",
+        "int",
+        "--method",
+        "gptq",
+        "--group-size",
+        "64",
+        "--bits",
+        "5",
+        "--seq-len",
+        "64",
+        "--samples",
+        "2",
+        "--eval-samples",
+        "3",
+    ]
     assert cli.main(["quantize", *argv, "--out", str(out)]) == 0
     plan = next(iter(json.loads((out / "plan.json").read_text())["plans"].values()))
     bits = {g["config"] for g in plan["groups"].values()}
@@ -147,7 +219,9 @@ def test_hf_export_generates_the_fake_quantized_models_tokens(real_cache, tmp_pa
     files = list((out / "model").glob("*.safetensors"))
     assert sum(f.stat().st_size for f in files) == ev["exports"]["hf"]["bytes"]
     # the row's size is the tensors in that file (each file: 8-byte header length, the JSON header, then the tensors)
-    assert ev["rows"][0]["bytes"] == sum(f.stat().st_size - 8 - int.from_bytes(f.read_bytes()[:8], "little") for f in files)
+    assert ev["rows"][0]["bytes"] == sum(
+        f.stat().st_size - 8 - int.from_bytes(f.read_bytes()[:8], "little") for f in files
+    )
 
 
 def test_q4km_is_llama_cpp_rule(real_cache, tmp_path):
@@ -186,7 +260,9 @@ def test_quantize_bad_input_is_one_line(argv, match, tmp_path, capsys, real_cach
     out = tmp_path / "out"
     if argv[-1] in ("STALE", "CORRUPT"):  # a measurement.json left by another model, or cut short
         out.mkdir()
-        text = json.dumps({"meta": {"model_hash": "another-model"}, "groups": {}}) if argv[-1] == "STALE" else '{"meta": {'
+        text = (
+            json.dumps({"meta": {"model_hash": "another-model"}, "groups": {}}) if argv[-1] == "STALE" else '{"meta": {'
+        )
         (out / "measurement.json").write_text(text)
         argv = argv[:-1]
     rc = cli.main(["quantize", *argv, "--seq-len", "32", "--samples", "1", "--eval-samples", "1", "--out", str(out)])

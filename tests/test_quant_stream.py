@@ -32,7 +32,9 @@ def test_measurement_is_the_same_whatever_the_batch_size(method):
             for name, c in entry["configs"].items():
                 got = parts.groups[g]["configs"][name]
                 assert got["bits"] == c["bits"] and got["stored"] == c["stored"]
-                assert got["err"] == pytest.approx(c["err"], rel=1e-9) and got["rel"] == pytest.approx(c["rel"], rel=1e-9)
+                assert got["err"] == pytest.approx(c["err"], rel=1e-9) and got["rel"] == pytest.approx(
+                    c["rel"], rel=1e-9
+                )
 
 
 def test_gptq_sequential_pass_is_the_same_whatever_the_batch_size():
@@ -81,8 +83,13 @@ def _peak_growth(n: int) -> int:
     import layerwise
 
     src = str(Path(layerwise.__file__).resolve().parents[1])
-    out = subprocess.run([sys.executable, "-c", _PROBE.format(src=src, root=str(root), n=n)], capture_output=True, text=True,
-                         check=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE.format(src=src, root=str(root), n=n)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_growth"]
 
 

@@ -15,14 +15,16 @@ pytestmark = pytest.mark.real
 
 def test_profile_default_model_end_to_end(tmp_path, real_cache):
     out = tmp_path / "run"
-    rc = cli.main(["profile", "--seq-len", "64", "--samples", "2", "--batch-size", "2", "--attention", "--out", str(out)])
+    rc = cli.main(
+        ["profile", "--seq-len", "64", "--samples", "2", "--batch-size", "2", "--attention", "--out", str(out)]
+    )
     assert rc == 0
     data = json.loads((out / "profile.json").read_text())
     units = data["units"]
     assert sum(u["kind"] == "block" for u in units) == 30
     assert sum(u["kind"] in ("attn", "mlp") for u in units) == 60
-    from layerwise.profile import APPLIES
     from layerwise.anatomy import KINDS
+    from layerwise.profile import APPLIES
 
     for u in units:
         for m in METRICS:
@@ -32,7 +34,9 @@ def test_profile_default_model_end_to_end(tmp_path, real_cache):
             else:
                 assert v is None
     prof = Profile.load(out)
-    assert abs(prof.unit("L29").metrics["lens_kl"]) < 1e-3 < prof.unit("L28").metrics["lens_kl"]  # float32 noise vs a real gap
+    assert (
+        abs(prof.unit("L29").metrics["lens_kl"]) < 1e-3 < prof.unit("L28").metrics["lens_kl"]
+    )  # float32 noise vs a real gap
     assert data["meta"]["model_hash"] and data["meta"]["data"]["data_hash"]
     assert "rho" in data["agreement"]["by_kind"]["block"]["bi"]
     html = (out / "report.html").read_text()
@@ -110,7 +114,9 @@ def test_ctrl_c_leaves_no_partial_file(tmp_path, monkeypatch, capsys, real_cache
 
     monkeypatch.setattr(lio.os, "fsync", interrupt_html)
     out = tmp_path / "out"
-    rc = cli.main(["profile", "--seq-len", "32", "--samples", "1", "--ablation", "none", "--no-lens", "--out", str(out)])
+    rc = cli.main(
+        ["profile", "--seq-len", "32", "--samples", "1", "--ablation", "none", "--no-lens", "--out", str(out)]
+    )
     assert rc == 130 and "interrupted" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["profile.csv", "profile.json"]
     json.loads((out / "profile.json").read_text())

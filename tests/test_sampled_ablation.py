@@ -49,7 +49,11 @@ def test_ablation_on_the_first_windows_equals_a_profile_of_those_windows():
         for key in ("ablate_nll", "ablate_kl"):
             assert part.unit(u.name).metrics[key] == pytest.approx(u.metrics[key], rel=1e-6, abs=1e-9)
     # Everything else still uses every window: bi differs from the four-window profile.
-    assert any(part.unit(u.name).metrics["bi"] != pytest.approx(u.metrics["bi"], rel=1e-6) for u in first.units if u.kind == "block")
+    assert any(
+        part.unit(u.name).metrics["bi"] != pytest.approx(u.metrics["bi"], rel=1e-6)
+        for u in first.units
+        if u.kind == "block"
+    )
 
 
 def test_all_positions_is_the_unsampled_profile():

@@ -16,7 +16,12 @@ from .conftest import records_peak, tiny_lm, tiny_windows
 def _vector(lm, unit="L1", seed=0, alpha=0.5):
     g = torch.Generator().manual_seed(seed)
     d = torch.randn(32, generator=g)
-    return SteeringVector({unit: d / d.norm()}, {unit: 3.0}, alpha=alpha, model={"model_hash": "tiny", "n_layers": lm.anatomy.n_layers, "hidden_size": 32})
+    return SteeringVector(
+        {unit: d / d.norm()},
+        {unit: 3.0},
+        alpha=alpha,
+        model={"model_hash": "tiny", "n_layers": lm.anatomy.n_layers, "hidden_size": 32},
+    )
 
 
 def _ids(n=10, seed=3):
@@ -52,10 +57,31 @@ def test_generate_with_kv_cache_steers_prompt_and_new_tokens(arch):
     x = _ids(6)
     vec = _vector(lm, "L0", alpha=2.0)
     with torch.no_grad(), vec.apply(lm):
-        cached = lm.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
-        fresh = lm.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+        cached = lm.model.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=6,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=0,
+        )
+        fresh = lm.model.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=6,
+            do_sample=False,
+            use_cache=False,
+            pad_token_id=0,
+        )
     with torch.no_grad():
-        plain = lm.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+        plain = lm.model.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=6,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=0,
+        )
     assert torch.equal(cached, fresh)
     assert not torch.equal(cached, plain)
 
@@ -89,7 +115,9 @@ def test_hooks_removed_even_on_error_and_model_unchanged():
 def _features(diffs: torch.Tensor, base: torch.Tensor) -> Features:
     n = diffs.shape[0]
     pos, neg = base + diffs / 2, base - diffs / 2
-    return Features(units=["L0"], values={"L0": torch.cat([pos, neg])}, read="last", n_tokens=torch.ones(2 * n, dtype=torch.long))
+    return Features(
+        units=["L0"], values={"L0": torch.cat([pos, neg])}, read="last", n_tokens=torch.ones(2 * n, dtype=torch.long)
+    )
 
 
 def test_pca_is_not_centred_and_points_to_the_positives():
@@ -104,8 +132,12 @@ def test_pca_is_not_centred_and_points_to_the_positives():
     assert abs(float(centred @ u)) < 0.1
     dm = fit_features(_features(diffs, base), 40, method="diffmean")
     assert float(dm.directions["L0"] @ u) > 0.99
-    assert dm.separation["L0"]["pair_acc"] == 1.0 and dm.gaps["L0"] == pytest.approx(float(diffs.mean(0).norm()), rel=1e-5)
-    assert f.scales["L0"] == pytest.approx(float(torch.cat([base + diffs / 2, base - diffs / 2]).norm(dim=1).mean()), rel=1e-6)
+    assert dm.separation["L0"]["pair_acc"] == 1.0 and dm.gaps["L0"] == pytest.approx(
+        float(diffs.mean(0).norm()), rel=1e-5
+    )
+    assert f.scales["L0"] == pytest.approx(
+        float(torch.cat([base + diffs / 2, base - diffs / 2]).norm(dim=1).mean()), rel=1e-6
+    )
 
 
 def test_split_is_seeded_disjoint_and_complete():
@@ -118,7 +150,13 @@ def test_layer_specs():
     assert parse_layers("auto", 4) is None
     assert parse_layers("L1,L3", 4) == [("L1",), ("L3",)]
     assert parse_layers("L1-L3", 4) == [("L1", "L2", "L3")]
-    for bad, msg in (("L4", "does not exist"), ("L2-L1", "increasing"), ("L1.attn", "block"), ("x", "block name"), (",", "names no block")):
+    for bad, msg in (
+        ("L4", "does not exist"),
+        ("L2-L1", "increasing"),
+        ("L1.attn", "block"),
+        ("x", "block name"),
+        (",", "names no block"),
+    ):
         with pytest.raises(LayerwiseError, match=msg):
             parse_layers(bad, 4)
 
@@ -131,7 +169,11 @@ def test_save_load_gguf_and_model_check(tmp_path):
     vec.meta = {"seed": 0}
     vec.save(tmp_path / "v")
     back = SteeringVector.load(tmp_path / "v", lm)
-    assert torch.equal(back.directions["L2"], vec.directions["L2"]) and back.scales == vec.scales and back.meta == {"seed": 0}
+    assert (
+        torch.equal(back.directions["L2"], vec.directions["L2"])
+        and back.scales == vec.scales
+        and back.meta == {"seed": 0}
+    )
     path = export_gguf(back, lm, tmp_path / "cv.gguf", alpha=2.0)
     r = gguf.GGUFReader(str(path))
     assert bytes(r.get_field("general.architecture").parts[-1]).decode() == "controlvector"
@@ -184,7 +226,9 @@ def test_probe_method_reads_a_saved_probe(tmp_path):
     from layerwise.steer import _probe_directions
 
     lm = tiny_lm("llama")
-    g = torch.Generator().manual_seed(5)  # the last token tells positive from negative, so every block reads the concept
+    g = torch.Generator().manual_seed(
+        5
+    )  # the last token tells positive from negative, so every block reads the concept
     pos = [torch.randint(1, 97, (5,), generator=g).tolist() + [7] for _ in range(12)]
     neg = [torch.randint(1, 97, (5,), generator=g).tolist() + [90] for _ in range(12)]
     res = probe.probe(lm, probe.Examples(labels=[1] * 12 + [0] * 12, ids=pos + neg), folds=2)
@@ -221,7 +265,9 @@ def test_report_prompts_are_fresh_seeded_and_disjoint():
     got = report_prompts(seed=0)
     cities = random.Random(0).sample([c for c, _ in gazetteer()], 40)
     assert got == [REPORT_TEMPLATES[i % len(REPORT_TEMPLATES)].format(c) for i, c in enumerate(cities)]
-    assert len(set(got)) == 40 and not set(got) & set(PROMPTS) and report_prompts(seed=0) == got != report_prompts(seed=1)
+    assert (
+        len(set(got)) == 40 and not set(got) & set(PROMPTS) and report_prompts(seed=0) == got != report_prompts(seed=1)
+    )
     with pytest.raises(LayerwiseError, match="ask for 1 to that many"):
         report_prompts(0)
 
@@ -234,8 +280,18 @@ def test_run_reports_on_the_report_prompts_and_sweeps_the_dose_layers(tmp_path):
     lm = _char_lm()
     pairs = [(f"it was good {i}", f"it was bad {i}") for i in range(6)]
     prompts = [f"prompt {c}" for c in "abcdef"]
-    report = run(lm, pairs, prompts, tiny_windows(2, 8).ids, report_prompts=["fresh one", "fresh two", "fresh three"], layers="L0,L1,L2",
-                 sweep_alphas=[0.5, 1.0], sweep_layers="L1", new_tokens=2, out=tmp_path / "s")
+    report = run(
+        lm,
+        pairs,
+        prompts,
+        tiny_windows(2, 8).ids,
+        report_prompts=["fresh one", "fresh two", "fresh three"],
+        layers="L0,L1,L2",
+        sweep_alphas=[0.5, 1.0],
+        sweep_layers="L1",
+        new_tokens=2,
+        out=tmp_path / "s",
+    )
     sets = report.choice["prompts"]
     cal, dev = split(6, 1)
     assert sets["calibration"] == [prompts[i] for i in cal] and sets["development"] == [prompts[i] for i in dev]
@@ -255,7 +311,9 @@ def test_run_reports_on_the_report_prompts_and_sweeps_the_dose_layers(tmp_path):
     labels = dose_figure(report).axes[0].get_legend_handles_labels()[1]
     swept = sorted({best, "L1"}, key=lambda u: int(u[1:]))
     assert sorted(labels) == sorted(["other layers, one alpha", *swept, "chosen"]), labels
-    assert "3 report prompts" in render(report) and "3 other prompts calibrated alpha, 3 development prompts were not used" in render(report)
+    assert "3 report prompts" in render(
+        report
+    ) and "3 other prompts calibrated alpha, 3 development prompts were not used" in render(report)
     plain = run(lm, pairs, prompts, tiny_windows(2, 8).ids, layers="L1", alpha=0.5, new_tokens=2)
     assert plain.prompts == [prompts[i] for i in dev] and plain.choice["prompts"]["development"] == []
 
@@ -275,7 +333,9 @@ def test_margins_match_scoring_whole_sequences(arch):
         return float(sum(lp[len(p) - 1 + i, t] for i, t in enumerate(c)))
 
     for vec in (None, _vector(lm, "L1")):
-        with torch.no_grad(), (vec.apply(lm) if vec else torch.no_grad()):
-            want = torch.tensor([sum(whole(p, a) - whole(p, b) for a, b in conts) / len(conts) for p in prompts], dtype=torch.float64)
+        with torch.no_grad(), vec.apply(lm) if vec else torch.no_grad():
+            want = torch.tensor(
+                [sum(whole(p, a) - whole(p, b) for a, b in conts) / len(conts) for p in prompts], dtype=torch.float64
+            )
             got = margins(lm, prompts, conts, batch_size=4)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -19,8 +19,27 @@ PROMPT = "I watched the new movie last night, and honestly it was"
 @pytest.fixture(scope="module")
 def steered(tmp_path_factory, real_cache):
     out = tmp_path_factory.mktemp("steer") / "run"
-    rc = cli.main(["steer", "--data", "builtin:sentiment", "--n-pairs", "24", "--seq-len", "64", "--samples", "1", "--eval-samples", "4",
-                   "--new-tokens", "12", "--export", "gguf", "--out", str(out)])
+    rc = cli.main(
+        [
+            "steer",
+            "--data",
+            "builtin:sentiment",
+            "--n-pairs",
+            "24",
+            "--seq-len",
+            "64",
+            "--samples",
+            "1",
+            "--eval-samples",
+            "4",
+            "--new-tokens",
+            "12",
+            "--export",
+            "gguf",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     return out
 
@@ -86,7 +105,12 @@ def test_control_vector_steers_llama_cpp_like_layerwise(steered):
         return float((lp.exp() * (lp - lq)).sum(-1).mean())
 
     want = ours(vec)
-    off = {j: ours(SteeringVector({f"L{j}": vec.directions[unit]}, {f"L{j}": vec.scales[unit]}, vec.alpha, model=vec.model)) for j in (k - 1, k + 1)}
+    off = {
+        j: ours(
+            SteeringVector({f"L{j}": vec.directions[unit]}, {f"L{j}": vec.scales[unit]}, vec.alpha, model=vec.model)
+        )
+        for j in (k - 1, k + 1)
+    }
     here = kl(cpp, want)
     assert float(plain_cpp.abs().max()) > 0  # scores are real (logits_all), not zeros
     assert (cpp.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
@@ -113,7 +137,22 @@ def test_steer_bad_input_is_one_line(argv, match, tmp_path, capsys, real_cache):
     argv = [str(tmp_path / files[a]) if a in files else a for a in argv]
     if "--data" not in argv and "--pos" not in argv:
         argv = ["--data", "builtin:sentiment", *argv]
-    rc = cli.main(["steer", *argv, "--n-pairs", "4", "--seq-len", "32", "--samples", "1", "--eval-samples", "1", "--out", str(tmp_path / "out")])
+    rc = cli.main(
+        [
+            "steer",
+            *argv,
+            "--n-pairs",
+            "4",
+            "--seq-len",
+            "32",
+            "--samples",
+            "1",
+            "--eval-samples",
+            "1",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and one_error_line(err) and match in err, err
     assert not (tmp_path / "out").exists()

@@ -25,7 +25,11 @@ def _profile(lm, metric: str = "ablate_nll") -> Profile:
 
 def _setup(select: str, *, active: int = 2, interval: int = 2, train_embeddings: bool = True, lm=None):
     lm = lm or tiny_lm("llama", LAYERS)
-    weights = tune.importance_weights(_profile(lm), "ablate_nll", "block") if select.startswith(("importance", "top")) else None
+    weights = (
+        tune.importance_weights(_profile(lm), "ablate_nll", "block")
+        if select.startswith(("importance", "top"))
+        else None
+    )
     sel = tune.LayerSelector(select, "block", active, interval, 1.0, weights, seed=1, train_embeddings=train_embeddings)
     lm.model.requires_grad_(True)
     opt = torch.optim.AdamW(lm.model.parameters(), lr=1e-2)
@@ -41,7 +45,9 @@ def _step(lm, sel, opt, step: int, ids: torch.Tensor) -> dict[str, bool]:
     lm.model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
     trainable = {id(p) for p in lm.model.parameters() if p.requires_grad}
     for n, p in lm.model.named_parameters():
-        assert (p.grad is not None) == (id(p) in trainable), f"{n}: a frozen parameter got a gradient or a trained one none"
+        assert (p.grad is not None) == (id(p) in trainable), (
+            f"{n}: a frozen parameter got a gradient or a trained one none"
+        )
     sel.on_pre_optimizer_step(None, state, TrainerControl())
     opt.step()
     sel.on_optimizer_step(None, state, TrainerControl(), optimizer=opt)
@@ -56,8 +62,19 @@ def _expected(lm, sel) -> set[str]:
     return {n for n, p in lm.model.named_parameters() if id(p) in ids}
 
 
-@pytest.mark.parametrize("select", ["full", "lisa", "importance:ablate_nll", "top:ablate_nll", "adaptive",
-                                    "badam:ascending", "badam:descending", "badam:random"])
+@pytest.mark.parametrize(
+    "select",
+    [
+        "full",
+        "lisa",
+        "importance:ablate_nll",
+        "top:ablate_nll",
+        "adaptive",
+        "badam:ascending",
+        "badam:descending",
+        "badam:random",
+    ],
+)
 def test_each_step_changes_exactly_the_active_units(select):
     lm, sel, opt = _setup(select)
     ids = tiny_windows(2, 12).ids
@@ -90,7 +107,9 @@ def test_frozen_embeddings_stay_and_tied_weights_count_once():
     assert sel.trainable() == block + lm.model.model.embed_tokens.weight.numel() + lm.model.model.norm.weight.numel()
     lm, sel, opt = _setup("lisa", active=1, train_embeddings=False)
     changed = _step(lm, sel, opt, 0, tiny_windows(2, 12).ids)
-    assert not changed["model.embed_tokens.weight"] and not changed["lm_head.weight"] and not changed["model.norm.weight"]
+    assert (
+        not changed["model.embed_tokens.weight"] and not changed["lm_head.weight"] and not changed["model.norm.weight"]
+    )
     assert sel.trainable() == sum(p.numel() for p in sel.params[sel.current[0]])
 
 
@@ -116,10 +135,22 @@ def test_lisa_bug_impossible():
     with pytest.raises(LayerwiseError, match="optimizer was built without the parameters of 3 units"):
         sel.on_train_begin(None, TrainerState(), TrainerControl(), model=lm.model, optimizer=opt)
     start = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
-    run = tune.train(lm, tiny_windows(4, 12), select="badam:ascending", active=1, interval=2, steps=8, lr=1e-2, batch_size=2, progress=False)
+    run = tune.train(
+        lm,
+        tiny_windows(4, 12),
+        select="badam:ascending",
+        active=1,
+        interval=2,
+        steps=8,
+        lr=1e-2,
+        batch_size=2,
+        progress=False,
+    )
     assert [r["active"] for r in run.records] == [["L0"]] * 2 + [["L1"]] * 2 + [["L2"]] * 2 + [["L3"]] * 2
     for i in range(LAYERS):  # every block, even the last one switched on, was updated
-        assert not torch.equal(lm.model.model.layers[i].mlp.down_proj.weight, start[f"model.layers.{i}.mlp.down_proj.weight"])
+        assert not torch.equal(
+            lm.model.model.layers[i].mlp.down_proj.weight, start[f"model.layers.{i}.mlp.down_proj.weight"]
+        )
 
 
 def test_lora_trains_adapters_only_and_adaptive_over_lora_selects_blocks():
@@ -127,12 +158,25 @@ def test_lora_trains_adapters_only_and_adaptive_over_lora_selects_blocks():
     start = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     run = tune.train(lm, tiny_windows(4, 12), select="lora", steps=2, lr=1e-2, batch_size=2, progress=False)
     names = dict(run.model.named_parameters())
-    changed = {n for n, p in names.items() if "lora_" in n and not torch.allclose(p, torch.zeros_like(p)) and "lora_B" in n}
+    changed = {
+        n for n, p in names.items() if "lora_" in n and not torch.allclose(p, torch.zeros_like(p)) and "lora_B" in n
+    }
     assert len(changed) == 7 * LAYERS  # every linear map of every block has a trained adapter
     base = run.model.unload()
     assert all(torch.equal(p, start[n]) for n, p in base.named_parameters())
     lm = tiny_lm("llama", LAYERS)
-    run = tune.train(lm, tiny_windows(4, 12), select="adaptive", lora=True, active=1, interval=1, steps=3, lr=1e-2, batch_size=2, progress=False)
+    run = tune.train(
+        lm,
+        tiny_windows(4, 12),
+        select="adaptive",
+        lora=True,
+        active=1,
+        interval=1,
+        steps=3,
+        lr=1e-2,
+        batch_size=2,
+        progress=False,
+    )
     trained = {r["active"][0] for r in run.records}
     for i in range(LAYERS):
         b = [p for n, p in run.model.named_parameters() if f"layers.{i}." in n and "lora_B" in n]
@@ -156,9 +200,20 @@ def _trainer(tmp_path, model, sel, steps: int, optimizer=None):
     from transformers import Trainer, TrainingArguments
 
     ds = [{"input_ids": x, "labels": x} for x in tiny_windows(8, 12).ids]
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=2, learning_rate=1e-2,
-                             save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, logging_steps=100,
-                             disable_tqdm=True, seed=0, lr_scheduler_type="constant")
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        save_strategy="steps",
+        save_steps=2,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=100,
+        disable_tqdm=True,
+        seed=0,
+        lr_scheduler_type="constant",
+    )
     return Trainer(model=model, args=args, train_dataset=ds, callbacks=[sel], optimizers=(optimizer, None))
 
 
@@ -178,7 +233,9 @@ def test_callback_in_plain_trainer_and_resume_keeps_schedule(tmp_path, select):
     for i in range(LAYERS):
         moved = not torch.equal(model.model.layers[i].mlp.up_proj.weight, start[f"model.layers.{i}.mlp.up_proj.weight"])
         assert moved == (f"L{i}" in trained)
-    saved = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())["stateful_callbacks"]["LayerSelector"]
+    saved = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())["stateful_callbacks"][
+        "LayerSelector"
+    ]
     assert saved["attributes"]["current"] == first[1]
     again = tiny_lm("llama", LAYERS).model
     trainer = _trainer(tmp_path, again, tune.LayerSelector(select, active=1, interval=2, seed=3), 4)
@@ -197,8 +254,12 @@ def test_restoration_puts_blocks_back_and_snapshot_is_base():
     with snap.swapped(tune.block_params(run.model, order[0])):
         for n, p in lm.model.model.layers[order[0]].named_parameters():
             assert torch.equal(p, start[f"model.layers.{order[0]}.{n}"])
-    assert not torch.equal(lm.model.model.layers[order[0]].mlp.up_proj.weight, start[f"model.layers.{order[0]}.mlp.up_proj.weight"])
-    assert tune.restore_order(run.model, snap, "importance", {f"L{i}": float(i) for i in range(LAYERS)}) == list(range(LAYERS))
+    assert not torch.equal(
+        lm.model.model.layers[order[0]].mlp.up_proj.weight, start[f"model.layers.{order[0]}.mlp.up_proj.weight"]
+    )
+    assert tune.restore_order(run.model, snap, "importance", {f"L{i}": float(i) for i in range(LAYERS)}) == list(
+        range(LAYERS)
+    )
 
 
 def test_healing_a_dropped_checkpoint_keeps_its_layer_count(tmp_path):
@@ -209,7 +270,9 @@ def test_healing_a_dropped_checkpoint_keeps_its_layer_count(tmp_path):
     save_checkpoint(lm, DropPlan(["L1"], "block", "given"), tmp_path / "dropped")
     small = load(str(tmp_path / "dropped"), device="cpu")
     assert small.anatomy.n_layers == LAYERS - 1
-    tune.train(small, tiny_windows(4, 12), select="lisa", active=1, interval=1, steps=2, lr=1e-2, batch_size=2, progress=False)
+    tune.train(
+        small, tiny_windows(4, 12), select="lisa", active=1, interval=1, steps=2, lr=1e-2, batch_size=2, progress=False
+    )
     tune.save_model(small.model, None, tmp_path / "healed")
     again = load(str(tmp_path / "healed"), device="cpu")
     assert again.anatomy.n_layers == LAYERS - 1
@@ -256,14 +319,17 @@ def test_chat_data_trains_on_response_tokens_only(tmp_path):
     t = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="|")
     t.chat_template = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} | {% endfor %}{% if add_generation_prompt %}assistant : {% endif %}"
     path = tmp_path / "chat.jsonl"
-    rows = [{"prompt": "hi", "response": "there now"}, {"messages": [{"role": "user", "content": "bye"}, {"role": "assistant", "content": "hi"}]}]
+    rows = [
+        {"prompt": "hi", "response": "there now"},
+        {"messages": [{"role": "user", "content": "bye"}, {"role": "assistant", "content": "hi"}]},
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows * 6) + "\n")
     d = tune.tuning_data(str(path), t, seq_len=16, samples=4, eval_samples=4)
     assert d.meta["kind"] == "chat" and d.ids.shape == (4, 16) and d.meta["n_heldout_examples"] == 8
     first = [vocab[x] for x in "user : hi | assistant : there now |".split()]
     assert d.ids[0, : len(first)].tolist() == first
     assert d.labels[0, : len(first)].tolist() == [-100] * 6 + first[6:]  # "there now |" only
-    assert (d.labels[0, len(first):] == -100).all() and d.mask[0].sum() == len(first)
+    assert (d.labels[0, len(first) :] == -100).all() and d.mask[0].sum() == len(first)
     assert len(d.prompts) == 8 and d.prompts[0] == [{"role": "user", "content": "hi"}]
     with pytest.raises(LayerwiseError, match="leaves none held out"):
         tune.tuning_data(str(path), t, seq_len=16, samples=12)
@@ -283,12 +349,25 @@ def test_run_evaluates_both_domains_and_report_rerenders(tmp_path):
     w = tiny_windows(6, 12)
     data = tune.TuneData.from_windows(Windows(w.ids, 4, "random", "x", 72), eval_samples=2)
     start = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
-    rep = tune.run(lm, data, ["lisa", "full"], second=tiny_windows(3, 12, seed=1).ids, restore=1, out=tmp_path, progress=False,
-                   active=1, interval=1, steps=2, lr=1e-2)
+    rep = tune.run(
+        lm,
+        data,
+        ["lisa", "full"],
+        second=tiny_windows(3, 12, seed=1).ids,
+        restore=1,
+        out=tmp_path,
+        progress=False,
+        active=1,
+        interval=1,
+        steps=2,
+        lr=1e-2,
+    )
     assert [r["key"] for r in rep.runs] == ["lisa", "full"] and rep.exports == {}
     full = rep.runs[1]["eval"]
     assert full["train"]["tuned"]["n_windows"] == 2 and full["second"]["tuned"]["n_windows"] == 3
-    assert full["train"]["tuned"]["ref_nll"] == rep.runs[0]["eval"]["train"]["tuned"]["ref_nll"]  # both start from the base model
+    assert (
+        full["train"]["tuned"]["ref_nll"] == rep.runs[0]["eval"]["train"]["tuned"]["ref_nll"]
+    )  # both start from the base model
     assert len(full["restored_blocks"]) == 1 and full["second"]["restored"]["kl"] < full["second"]["tuned"]["kl"]
     assert rep.runs[0]["trainable_params_max"] < rep.runs[1]["trainable_params_max"]
     assert rep.runs[0]["optimizer_state_bytes_max"] < rep.runs[1]["optimizer_state_bytes_max"]
@@ -299,7 +378,7 @@ def test_run_evaluates_both_domains_and_report_rerenders(tmp_path):
     page = (tmp_path / "report.html").read_text()
     assert page.count("<img") == 2 and "full + restore" in page and "lisa + restore" in page
     best = max(rep.runs, key=lambda r: -r["eval"]["train"]["tuned"]["delta_nll"])  # the summary opens the page
-    top = page[:page.index("<img")]
+    top = page[: page.index("<img")]
     assert f"Best held-out gain: <code>{best['key']}</code>, {-best['eval']['train']['tuned']['delta_nll']:+.4f}" in top
 
 
@@ -342,15 +421,30 @@ def test_layer_rates_follow_the_profile_and_sit_in_the_optimizer_groups():
     """Hand computation from the Profile's values 1, 2, 3, 4 (L0..L3), and the rates read back after LISA switching."""
     lm = tiny_lm("llama", LAYERS)
     prof = _profile(lm)
-    assert tune.layer_rates(prof, "ablate_nll", "block", 1.0) == pytest.approx({"L0": 0.4, "L1": 0.8, "L2": 1.2, "L3": 1.6}, rel=1e-12)
+    assert tune.layer_rates(prof, "ablate_nll", "block", 1.0) == pytest.approx(
+        {"L0": 0.4, "L1": 0.8, "L2": 1.2, "L3": 1.6}, rel=1e-12
+    )
     inv = 1 / (1 + 1 / 2 + 1 / 3 + 1 / 4) * 4  # τ = -1: w ∝ 1/importance, mean 1
-    assert tune.layer_rates(prof, "ablate_nll", "block", -1.0) == pytest.approx({f"L{i}": inv / (i + 1) for i in range(LAYERS)}, rel=1e-12)
+    assert tune.layer_rates(prof, "ablate_nll", "block", -1.0) == pytest.approx(
+        {f"L{i}": inv / (i + 1) for i in range(LAYERS)}, rel=1e-12
+    )
     prof.units[0].metrics["ablate_nll"] = -1.0  # removal helped: floored at 1% of the largest (0.04)
     assert tune.layer_rates(prof, "ablate_nll", "block", 1.0) == pytest.approx(
-        {k: v / (9.04 / 4) for k, v in {"L0": 0.04, "L1": 2.0, "L2": 3.0, "L3": 4.0}.items()}, rel=1e-12)
+        {k: v / (9.04 / 4) for k, v in {"L0": 0.04, "L1": 2.0, "L2": 3.0, "L3": 4.0}.items()}, rel=1e-12
+    )
     data = tune.TuneData.from_windows(tiny_windows(6, 12), eval_samples=2)
-    rep = tune.run(lm, data, ["lisa", "top:ablate_nll"], prof=_profile(lm), layer_lr="ablate_nll:1", progress=False,
-                   active=2, interval=1, steps=3, lr=1e-2)
+    rep = tune.run(
+        lm,
+        data,
+        ["lisa", "top:ablate_nll"],
+        prof=_profile(lm),
+        layer_lr="ablate_nll:1",
+        progress=False,
+        active=2,
+        interval=1,
+        steps=3,
+        lr=1e-2,
+    )
     for r in rep.runs:
         assert r["key"].endswith("+layer_lr:ablate_nll:1") and r["layer_lr"] == "ablate_nll:1"
         assert r["unit_lr"] == pytest.approx({"L0": 4e-3, "L1": 8e-3, "L2": 1.2e-2, "L3": 1.6e-2}, rel=1e-12)
@@ -358,8 +452,21 @@ def test_layer_rates_follow_the_profile_and_sit_in_the_optimizer_groups():
 
     page = render(rep)
     assert page.count("<h2>Per-unit learning rates</h2>") == 1 and "L0 0.004, L1 0.008, L2 0.012, L3 0.016" in page
-    run = tune.train(lm, data, select="lisa", lora=True, active=1, interval=1, steps=2, lr=1e-2, rates={f"L{i}": 0.5 * i for i in range(LAYERS)}, progress=False)
-    assert run.unit_lr == pytest.approx({f"L{i}": 5e-3 * i for i in range(LAYERS)}, rel=1e-12)  # over LoRA: the units' adapters
+    run = tune.train(
+        lm,
+        data,
+        select="lisa",
+        lora=True,
+        active=1,
+        interval=1,
+        steps=2,
+        lr=1e-2,
+        rates={f"L{i}": 0.5 * i for i in range(LAYERS)},
+        progress=False,
+    )
+    assert run.unit_lr == pytest.approx(
+        {f"L{i}": 5e-3 * i for i in range(LAYERS)}, rel=1e-12
+    )  # over LoRA: the units' adapters
 
 
 def test_a_unit_at_twice_the_rate_moves_twice_as_far():
@@ -370,7 +477,13 @@ def test_a_unit_at_twice_the_rate_moves_twice_as_far():
     sel = tune.LayerSelector("lisa", "block", 2, 1, seed=3)
     lm.model.requires_grad_(True)
     opt = torch.optim.AdamW(sel.param_groups(lm.model, 1e-2, rates), lr=1e-2, weight_decay=0.0)
-    assert [(g["name"], g["lr"]) for g in opt.param_groups] == [("L0", 2e-2), ("L1", 1e-2), ("L2", 5e-3), ("L3", 5e-3), ("rest", 1e-2)]
+    assert [(g["name"], g["lr"]) for g in opt.param_groups] == [
+        ("L0", 2e-2),
+        ("L1", 1e-2),
+        ("L2", 5e-3),
+        ("L3", 5e-3),
+        ("rest", 1e-2),
+    ]
     sel.on_train_begin(None, TrainerState(), TrainerControl(), model=lm.model, optimizer=opt)
     ids, prev, fresh_seen = tiny_windows(2, 12).ids, set(), set()
     for step in range(6):
@@ -391,8 +504,12 @@ def test_layer_lr_bad_inputs_are_one_line_errors(capsys):
 
     from .conftest import one_error_line
 
-    for text, msg in (("nope", "layer_lr needs METRIC"), ("zd", "layer_lr needs METRIC"), ("ablate_nll:x", "exponent TAU must be a finite number"),
-                      ("ablate_nll:inf", "exponent TAU must be a finite number")):
+    for text, msg in (
+        ("nope", "layer_lr needs METRIC"),
+        ("zd", "layer_lr needs METRIC"),
+        ("ablate_nll:x", "exponent TAU must be a finite number"),
+        ("ablate_nll:inf", "exponent TAU must be a finite number"),
+    ):
         with pytest.raises(LayerwiseError, match=msg) as e:
             tune.parse_layer_lr(text)
         assert "\n" not in str(e.value)
@@ -434,13 +551,24 @@ def test_max_active_keeps_optimizer_state_within_the_share_of_full():
     lm = tiny_lm("llama", LAYERS)
     k = tune.max_active(lm.model, share=0.5)
     block = sum(p.numel() for p in lm.model.model.layers[0].parameters())
-    fixed = sum(p.numel() for p in {id(p): p for m in (lm.model.model.embed_tokens, lm.model.model.norm, lm.model.lm_head) for p in m.parameters()}.values())
+    fixed = sum(
+        p.numel()
+        for p in {
+            id(p): p
+            for m in (lm.model.model.embed_tokens, lm.model.model.norm, lm.model.lm_head)
+            for p in m.parameters()
+        }.values()
+    )
     total = sum(p.numel() for p in lm.model.parameters())
     assert fixed + k * block <= total / 2 < fixed + (k + 1) * block
     w = tiny_windows(4, 12)
     full = tune.train(lm, w, select="full", steps=1, progress=False).summary()["optimizer_state_bytes_max"]
-    sel = tune.train(lm, w, select="lisa", active=k, interval=1, steps=2, progress=False).summary()["optimizer_state_bytes_max"]
-    assert sel <= full / 2 and full == 8 * total + 4 * len(list(lm.model.parameters()))  # two moments + a step count per tensor
+    sel = tune.train(lm, w, select="lisa", active=k, interval=1, steps=2, progress=False).summary()[
+        "optimizer_state_bytes_max"
+    ]
+    assert sel <= full / 2 and full == 8 * total + 4 * len(
+        list(lm.model.parameters())
+    )  # two moments + a step count per tensor
     assert tune.max_active(lm.model, share=1.0) == LAYERS
     with pytest.raises(LayerwiseError, match="not even one block unit fits"):
         tune.max_active(lm.model, share=0.01)
@@ -454,7 +582,13 @@ def test_layer_rates_in_a_plain_trainer(tmp_path):
     trainer = _trainer(tmp_path, model, sel, 3, torch.optim.AdamW(sel.param_groups(model, 1e-2, rates), lr=1e-2))
     trainer.train()
     assert len({tuple(r["active"]) for r in sel.records}) > 1
-    assert {g["name"]: g["lr"] for g in trainer.optimizer.param_groups} == {"L0": 2e-2, "L1": 1e-2, "L2": 5e-3, "L3": 5e-3, "rest": 1e-2}
+    assert {g["name"]: g["lr"] for g in trainer.optimizer.param_groups} == {
+        "L0": 2e-2,
+        "L1": 1e-2,
+        "L2": 5e-3,
+        "L3": 5e-3,
+        "rest": 1e-2,
+    }
 
 
 def test_evaluation_after_training_shows_progress(capsys):
@@ -466,7 +600,15 @@ def test_evaluation_after_training_shows_progress(capsys):
     bars = ("evaluate full on train", "evaluate full on second")
     for progress in (True, False):
         capsys.readouterr()
-        tune.run(tiny_lm("llama", LAYERS), data, ["full"], second=tiny_windows(3, 12, seed=1).ids, progress=progress, steps=1, lr=1e-2)
+        tune.run(
+            tiny_lm("llama", LAYERS),
+            data,
+            ["full"],
+            second=tiny_windows(3, 12, seed=1).ids,
+            progress=progress,
+            steps=1,
+            lr=1e-2,
+        )
         err = capsys.readouterr().err
         if progress:
             assert all(f"{bar}: 100%" in err for bar in bars), err

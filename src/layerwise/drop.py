@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import random
 import time
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import ContextManager, Iterator, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -66,16 +67,18 @@ class DropPlan:
     scores: dict[str, float] | None = None  # the order's value for each chosen unit, when it has one
     model_hash: str | None = None
 
-    def apply(self, lm: LoadedModel) -> ContextManager[nn.Module]:
+    def apply(self, lm: LoadedModel) -> AbstractContextManager[nn.Module]:
         """The smaller model for the duration of a ``with`` (see :func:`applied`); refused for another model."""
         check_plan_model(self.model_hash, lm)
         return applied(lm, self)
 
     @classmethod
-    def load(cls, path: str | Path, key: str | None = None) -> "DropPlan":
+    def load(cls, path: str | Path, key: str | None = None) -> DropPlan:
         """A plan from a drop result's ``plan.json`` (or its folder); ``key`` picks one plan of a sweep."""
         meta, _, d = load_plans(path, "drop", key)
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__} | {"model_hash": meta.get("model_hash")})
+        return cls(
+            **{k: v for k, v in d.items() if k in cls.__dataclass_fields__} | {"model_hash": meta.get("model_hash")}
+        )
 
     @property
     def blocks(self) -> list[int]:
@@ -130,7 +133,9 @@ def _check_n(an: Anatomy, unit: str, n: int) -> None:
     if n < 1:
         raise LayerwiseError(f"`n` must be at least 1 (got {n})")
     if unit == "block" and n >= an.n_layers:
-        raise LayerwiseError(f"dropping {n} of {an.n_layers} blocks leaves no model; use `n` {an.n_layers - 1} or fewer")
+        raise LayerwiseError(
+            f"dropping {n} of {an.n_layers} blocks leaves no model; use `n` {an.n_layers - 1} or fewer"
+        )
     if n > pool:
         raise LayerwiseError(f"`n` {n} is more than the {pool} {unit} units this model has; use `n` {pool} or fewer")
 
@@ -144,26 +149,35 @@ def check_profile(prof: Profile, lm: LoadedModel) -> None:
             "profile this model, or leave out `prof`"
         )
     if prof.meta.get("n_layers") not in (None, lm.anatomy.n_layers):
-        raise LayerwiseError(f"the profile has {prof.meta['n_layers']} blocks but this model has {lm.anatomy.n_layers}; profile this model")
+        raise LayerwiseError(
+            f"the profile has {prof.meta['n_layers']} blocks but this model has {lm.anatomy.n_layers}; profile this model"
+        )
 
 
 def needed(orders: list[str]) -> dict:
     """:func:`profile` options that measure every metric these orders rank by (``random`` and ``contiguous`` need none)."""
     want = [needs(o) for o in orders if o not in SPECIAL_ORDERS]
-    return {"ablation": max((w["ablation"] for w in want), key=("none", "taylor", "exact").index, default="none"),
-            "lens": any(w["lens"] for w in want), "attention": any(w["attention"] for w in want)}
+    return {
+        "ablation": max((w["ablation"] for w in want), key=("none", "taylor", "exact").index, default="none"),
+        "lens": any(w["lens"] for w in want),
+        "attention": any(w["attention"] for w in want),
+    }
 
 
 def check_order(unit: str, order: str) -> tuple[str, int]:
     """The metric of a metric order and its sign (see :func:`order_by`), refused before anything is measured
     when it is unknown, has no direction, or does not describe ``unit``'s kinds."""
     if order.partition(":")[0] not in METRICS:
-        raise LayerwiseError(f"unknown `order` {order!r}; use a Profile metric ({', '.join(METRICS)}), random or contiguous")
+        raise LayerwiseError(
+            f"unknown `order` {order!r}; use a Profile metric ({', '.join(METRICS)}), random or contiguous"
+        )
     metric, sign = order_by(order)
     for kind in _KINDS.get(unit, ()):
         if kind not in APPLIES.get(metric, ("block", "attn", "mlp")):
             fits = [m for m in METRICS if kind in APPLIES.get(m, ("block", "attn", "mlp"))]
-            raise LayerwiseError(f"{metric} does not describe {kind} units; for `unit` {unit} order by one of {', '.join(fits)}")
+            raise LayerwiseError(
+                f"{metric} does not describe {kind} units; for `unit` {unit} order by one of {', '.join(fits)}"
+            )
     return metric, sign
 
 
@@ -173,7 +187,9 @@ def rank(prof: Profile, unit: str, order: str, exclude: set[str] = frozenset()) 
     kinds = _KINDS[unit]
     vals = [(u.name, u.metrics.get(metric)) for u in prof.units if u.kind in kinds and u.name not in exclude]
     if any(v is None for _, v in vals):
-        raise LayerwiseError(f"the profile has no {metric} values; re-profile with {needs_hint(metric)}, or leave out `prof` to measure them")
+        raise LayerwiseError(
+            f"the profile has no {metric} values; re-profile with {needs_hint(metric)}, or leave out `prof` to measure them"
+        )
     return sorted(((name, float(v)) for name, v in vals), key=lambda nv: sign * nv[1])  # type: ignore[arg-type]
 
 
@@ -280,8 +296,12 @@ def without_blocks(lm: LoadedModel, blocks: list[int]) -> Iterator[nn.Module]:
     parent = model.get_submodule(parent_path)
     old_layers = getattr(parent, attr)
     per_layer = {k: v for k, v in vars(cfg).items() if isinstance(v, list) and len(v) == L}
-    renumbered = [(m, m.layer_idx) for new, old in enumerate(keep) for m in old_layers[old].modules()
-                  if isinstance(getattr(m, "layer_idx", None), int)]
+    renumbered = [
+        (m, m.layer_idx)
+        for new, old in enumerate(keep)
+        for m in old_layers[old].modules()
+        if isinstance(getattr(m, "layer_idx", None), int)
+    ]
     index = {old: new for new, old in enumerate(keep)}
     try:
         setattr(parent, attr, nn.ModuleList([old_layers[i] for i in keep]))
@@ -340,10 +360,21 @@ def save_checkpoint(lm: LoadedModel, plan: DropPlan, out: str | Path) -> Path:
     """Write the smaller model as a plain Hugging Face checkpoint (safetensors) into ``out``, atomically."""
     validate(lm.anatomy, plan)
     if lm.anatomy.model_type == "gpt2" and getattr(lm.model.config, "scale_attn_by_inverse_layer_idx", False):
-        raise LayerwiseError("this GPT-2 scales attention by layer index, which renumbering would change; it cannot be saved with blocks dropped")
-    info = {"dropped": plan.units, "dropped_sublayers": renumbered_sublayers(plan), "order": plan.order,
-            "original_num_hidden_layers": lm.anatomy.n_layers, "source_model_hash": lm.source.get("model_hash")}
-    with without_blocks(lm, plan.blocks) as small, zeroed(lm.anatomy, plan.sublayers), atomic_dir(out, "checkpoint") as tmp:
+        raise LayerwiseError(
+            "this GPT-2 scales attention by layer index, which renumbering would change; it cannot be saved with blocks dropped"
+        )
+    info = {
+        "dropped": plan.units,
+        "dropped_sublayers": renumbered_sublayers(plan),
+        "order": plan.order,
+        "original_num_hidden_layers": lm.anatomy.n_layers,
+        "source_model_hash": lm.source.get("model_hash"),
+    }
+    with (
+        without_blocks(lm, plan.blocks) as small,
+        zeroed(lm.anatomy, plan.sublayers),
+        atomic_dir(out, "checkpoint") as tmp,
+    ):
         small.config.layerwise = info
         try:
             small.save_pretrained(tmp, safe_serialization=True)
@@ -401,14 +432,21 @@ def export_gguf(source: str | Path, plan: DropPlan, out: str | Path) -> Path:
     return ggufio.rewrite(source, out, tensor, field)
 
 
-
 def _effective_params(model: nn.Module, an: Anatomy, sublayers: list[str], *, in_bytes: bool = False) -> int:
     """Parameters that still compute: a skipped sublayer's whole branch counts for nothing."""
     return param_count(model, [an.branch(*an.check_unit(u)) for u in sublayers], in_bytes=in_bytes)
 
 
-def measure(lm: LoadedModel, plans: dict[str, DropPlan], eval_ids: torch.Tensor, *, batch_size: int = 4,
-            with_speed: bool = True, speed_repeats: int = 5, progress: bool = False) -> tuple[dict, dict[str, dict]]:
+def measure(
+    lm: LoadedModel,
+    plans: dict[str, DropPlan],
+    eval_ids: torch.Tensor,
+    *,
+    batch_size: int = 4,
+    with_speed: bool = True,
+    speed_repeats: int = 5,
+    progress: bool = False,
+) -> tuple[dict, dict[str, dict]]:
     """Held-out quality of each plan against the original, and parameters and speed of every model.
 
     Returns the original's figures and one dict per plan. Quality runs with
@@ -420,9 +458,16 @@ def measure(lm: LoadedModel, plans: dict[str, DropPlan], eval_ids: torch.Tensor,
     q = quality(next_token_logits(model), cands, eval_ids, batch_size=batch_size, device=lm.device)
     vocab = int(model.config.vocab_size)
     first = next(iter(q.values()))
-    original: dict = {"ppl": first["ref_ppl"], "ppl_se": first["ref_ppl_se"], "nll": first["ref_nll"], "params": param_count(model),
-                      "weight_bytes": param_count(model, in_bytes=True),
-                      "n_windows": first["n_windows"], "n_tokens": first["n_tokens"]}
+    original: dict = {
+        "ppl": first["ref_ppl"],
+        "ppl_se": first["ref_ppl_se"],
+        "nll": first["ref_nll"],
+        "params": param_count(model),
+        "weight_bytes": param_count(model, in_bytes=True),
+        "n_windows": first["n_windows"],
+        "n_tokens": first["n_tokens"],
+    }
+
     def original_speed() -> dict:
         return speed(model, vocab=vocab, device=lm.device, repeats=speed_repeats)
 
@@ -449,9 +494,19 @@ def measure(lm: LoadedModel, plans: dict[str, DropPlan], eval_ids: torch.Tensor,
     return original, results
 
 
-def sweep_plans(lm: LoadedModel, windows: Windows, *, ns: list[int], units: list[str], orders: list[str],
-                prof: Profile | None = None, iterative: bool = False, seed: int = 0, batch_size: int = 4,
-                progress: bool = True) -> list[DropPlan]:
+def sweep_plans(
+    lm: LoadedModel,
+    windows: Windows,
+    *,
+    ns: list[int],
+    units: list[str],
+    orders: list[str],
+    prof: Profile | None = None,
+    iterative: bool = False,
+    seed: int = 0,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> list[DropPlan]:
     """One plan per (unit kind, order, n). Rankings are nested: the n-unit plan is the first n of the largest."""
     if prof is None and any(o not in SPECIAL_ORDERS for o in orders) and not iterative:
         prof = profile(lm, windows, **needed(orders), batch_size=batch_size, progress=progress)
@@ -461,8 +516,18 @@ def sweep_plans(lm: LoadedModel, windows: Windows, *, ns: list[int], units: list
             if order == "contiguous":  # the best run of n is not nested in the best run of n + 1
                 plans += [choose(lm, windows, n=n, unit=unit, order=order, batch_size=batch_size) for n in ns]
                 continue
-            top = choose(lm, windows, n=max(ns), unit=unit, order=order, prof=prof, iterative=iterative, seed=seed,
-                         batch_size=batch_size, progress=progress)
+            top = choose(
+                lm,
+                windows,
+                n=max(ns),
+                unit=unit,
+                order=order,
+                prof=prof,
+                iterative=iterative,
+                seed=seed,
+                batch_size=batch_size,
+                progress=progress,
+            )
             for n in ns:
                 _check_n(lm.anatomy, unit, n)
                 scores = {u: top.scores[u] for u in top.units[:n]} if top.scores else None
@@ -486,12 +551,15 @@ class DropReport:
         """``eval.json`` and ``plan.json`` (every plan, for :meth:`DropPlan.load`) into ``out``, atomically; returns
         the eval path. The page is the report module's job (``layerwise.report.drop``), as for a Profile."""
         out = Path(out)
-        plans = {v["key"]: {k: v[k] for k in ("units", "unit", "order", "iterative", "seed", "scores")} for v in self.variants}
+        plans = {
+            v["key"]: {k: v[k] for k in ("units", "unit", "order", "iterative", "seed", "scores")}
+            for v in self.variants
+        }
         save_plans(out, "drop", self.meta, plans)
         return write_json(out / "eval.json", self.to_dict())
 
     @classmethod
-    def load(cls, path: str | Path) -> "DropReport":
+    def load(cls, path: str | Path) -> DropReport:
         """A saved result: its folder or its ``eval.json``."""
         return load_result(cls, path, "eval.json", "drop")
 
@@ -523,9 +591,19 @@ def export_plan(lm: LoadedModel, plan: DropPlan, out: str | Path, export: tuple[
     return exports
 
 
-def run(lm: LoadedModel, windows: Windows, plans: list[DropPlan], *, out: str | Path | None = None,
-        export: tuple[str, ...] = (), eval_samples: int = 16, batch_size: int = 4, with_speed: bool = True,
-        seed: int | None = None, progress: bool = True) -> DropReport:
+def run(
+    lm: LoadedModel,
+    windows: Windows,
+    plans: list[DropPlan],
+    *,
+    out: str | Path | None = None,
+    export: tuple[str, ...] = (),
+    eval_samples: int = 16,
+    batch_size: int = 4,
+    with_speed: bool = True,
+    seed: int | None = None,
+    progress: bool = True,
+) -> DropReport:
     """Evaluate every plan on held-out windows, write the exports (one plan only) and the results.
 
     ``seed`` is the one the plans were chosen with (``choose``'s), recorded with the results.
@@ -537,13 +615,31 @@ def run(lm: LoadedModel, windows: Windows, plans: list[DropPlan], *, out: str | 
     eval_ids = windows.evaluation[:eval_samples]
     keys = {p.key: p for p in plans}
     original, results = measure(lm, keys, eval_ids, batch_size=batch_size, with_speed=with_speed, progress=progress)
-    variants = [{"key": k, "n": len(p.units), "unit": p.unit, "order": p.order, "iterative": p.iterative,
-                 "units": p.units, "scores": p.scores, "seed": p.seed, **results[k]} for k, p in keys.items()]
+    variants = [
+        {
+            "key": k,
+            "n": len(p.units),
+            "unit": p.unit,
+            "order": p.order,
+            "iterative": p.iterative,
+            "units": p.units,
+            "scores": p.scores,
+            "seed": p.seed,
+            **results[k],
+        }
+        for k, p in keys.items()
+    ]
     exports = export_plan(lm, plans[0], out, export) if out is not None else {}
-    meta = {**lm.meta(), "data": windows.meta(), **provenance(seed=seed, batch_size=batch_size),
-            "eval_windows": int(eval_ids.shape[0]), "with_speed": with_speed,
-            "wall_time_s": round(time.perf_counter() - start, 3), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "peak_memory": peak_memory()}
+    meta = {
+        **lm.meta(),
+        "data": windows.meta(),
+        **provenance(seed=seed, batch_size=batch_size),
+        "eval_windows": int(eval_ids.shape[0]),
+        "with_speed": with_speed,
+        "wall_time_s": round(time.perf_counter() - start, 3),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "peak_memory": peak_memory(),
+    }
     report = DropReport(meta=meta, original=original, variants=variants, exports=exports)
     if out is not None:
         report.save(out)

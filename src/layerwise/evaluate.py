@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, ContextManager, Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -25,7 +25,7 @@ from .metrics import stream as st
 
 #: Maps a batch of input ids (batch, seq) to next-token logits (batch * (seq - 1), vocab).
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
-Variant = Callable[[], ContextManager]
+Variant = Callable[[], contextlib.AbstractContextManager]
 #: The llama.cpp-style statistics :func:`quality` adds for every candidate.
 KL_KEYS = dv.KEYS
 
@@ -45,8 +45,16 @@ def next_token_logits(model: torch.nn.Module, variant: Variant | None = None) ->
 _summary = st.mean_se
 
 
-def quality(reference: LogitsFn, candidates: dict[str, LogitsFn], ids: torch.Tensor, *, batch_size: int = 4,
-            device: str | torch.device = "cpu", progress: bool = False, desc: str = "evaluate") -> dict[str, dict]:
+def quality(
+    reference: LogitsFn,
+    candidates: dict[str, LogitsFn],
+    ids: torch.Tensor,
+    *,
+    batch_size: int = 4,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    desc: str = "evaluate",
+) -> dict[str, dict]:
     """Perplexity of the reference and of each candidate, paired NLL difference and KL(reference || candidate).
 
     The reference runs once per batch for all candidates. Standard errors are
@@ -60,7 +68,9 @@ def quality(reference: LogitsFn, candidates: dict[str, LogitsFn], ids: torch.Ten
     bar over the batches, named ``desc``.
     """
     if ids.shape[0] == 0:
-        raise LayerwiseError("no evaluation windows: the data is used up by calibration; use fewer `samples` or more data")
+        raise LayerwiseError(
+            "no evaluation windows: the data is used up by calibration; use fewer `samples` or more data"
+        )
     ref_nll = st.Moments()
     acc = {name: (st.Moments(), st.Moments()) for name in candidates}  # nll, kl
     deltas: dict[str, list[float]] = {name: [] for name in candidates}  # per window
@@ -120,12 +130,25 @@ def _moments(values: list[float]) -> st.Moments:
 
 def _ppl(prefix: str, nll: st.Moments) -> dict:
     mean, se = _summary(nll)
-    return {f"{prefix}nll": mean, f"{prefix}nll_se": se, f"{prefix}ppl": math.exp(mean),
-            f"{prefix}ppl_se": math.exp(mean) * se if se is not None else None}  # delta method
+    return {
+        f"{prefix}nll": mean,
+        f"{prefix}nll_se": se,
+        f"{prefix}ppl": math.exp(mean),
+        f"{prefix}ppl_se": math.exp(mean) * se if se is not None else None,
+    }  # delta method
 
 
-def speed(model: torch.nn.Module, *, vocab: int, variant: Variant | None = None, prompt_len: int = 128,
-          new_tokens: int = 32, repeats: int = 5, device: str | torch.device = "cpu", seed: int = 0) -> dict:
+def speed(
+    model: torch.nn.Module,
+    *,
+    vocab: int,
+    variant: Variant | None = None,
+    prompt_len: int = 128,
+    new_tokens: int = 32,
+    repeats: int = 5,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> dict:
     """Tokens per second for prefill (one prompt, no cache) and for greedy generation with a KV cache.
 
     The best of ``repeats`` runs after one warm-up (on a shared CPU the
@@ -153,12 +176,24 @@ def speed(model: torch.nn.Module, *, vocab: int, variant: Variant | None = None,
 
     with torch.no_grad(), variant() if variant else contextlib.nullcontext():
         t_prefill = timed(lambda: model(input_ids=prompt, use_cache=False, logits_to_keep=1))
-        t_gen = timed(lambda: model.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=new_tokens,
-                                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0))
+        t_gen = timed(
+            lambda: model.generate(
+                input_ids=prompt,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        )
     # generate() also prefills the prompt; count only the decoding steps.
     decode = max(t_gen - t_prefill, 1e-9)
-    return {"prefill_tok_s": prompt_len / t_prefill, "generate_tok_s": new_tokens / decode,
-            "prompt_len": prompt_len, "new_tokens": new_tokens}
+    return {
+        "prefill_tok_s": prompt_len / t_prefill,
+        "generate_tok_s": new_tokens / decode,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+    }
 
 
 def param_count(model: torch.nn.Module, zeroed: Iterable[torch.nn.Module] = (), *, in_bytes: bool = False) -> int:

@@ -19,8 +19,9 @@ averages its real tokens, leaving out a BOS token the tokenizer prepended
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 
@@ -52,7 +53,9 @@ def unit_list(anatomy: Anatomy, units: str | Sequence[str]) -> list[str]:
     """``"blocks"`` (every block output), ``"all"`` (blocks and both sublayers of each) or explicit unit names."""
     if isinstance(units, str):
         if units not in UNIT_SETS:
-            raise LayerwiseError(f"units={units!r} is not known; use 'blocks', 'all' or a list of unit names such as ['L3', 'L7.attn']")
+            raise LayerwiseError(
+                f"units={units!r} is not known; use 'blocks', 'all' or a list of unit names such as ['L3', 'L7.attn']"
+            )
         kinds = ("block",) if units == "blocks" else ("block", "attn", "mlp")
         return [unit_name(i, k) for i in range(anatomy.n_layers) for k in kinds]  # type: ignore[arg-type]
     names = list(units)
@@ -68,7 +71,9 @@ def tokenize(lm: LoadedModel, texts: Sequence[str]) -> tuple[list[list[int]], bo
     from .data import _default_bos
 
     if lm.tokenizer is None:
-        raise LayerwiseError("this model was loaded without a tokenizer (its folder has none); copy the tokenizer files beside its config.json")
+        raise LayerwiseError(
+            "this model was loaded without a tokenizer (its folder has none); copy the tokenizer files beside its config.json"
+        )
     for i, t in enumerate(texts):
         if not isinstance(t, str) or not t.strip():
             raise LayerwiseError(f"example {i} has an empty text; every example needs some text")
@@ -98,11 +103,20 @@ def check_fits(n_examples: int, n_units: int, hidden: int, max_bytes: int | None
 def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Example indices grouped by similar length, so padding wastes little compute."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def collect_ids(lm: LoadedModel, ids: Sequence[Sequence[int]], *, units: str | Sequence[str] = "blocks", read: Read = "last",
-                skip_first: bool = False, batch_size: int = 8, max_bytes: int | None = None, progress: bool = False) -> Features:
+def collect_ids(
+    lm: LoadedModel,
+    ids: Sequence[Sequence[int]],
+    *,
+    units: str | Sequence[str] = "blocks",
+    read: Read = "last",
+    skip_first: bool = False,
+    batch_size: int = 8,
+    max_bytes: int | None = None,
+    progress: bool = False,
+) -> Features:
     """Read every unit for every example (token id lists), right-padded in batches, in one forward per batch.
 
     ``skip_first`` leaves the first token out of ``read="mean"`` (a BOS).
@@ -117,7 +131,9 @@ def collect_ids(lm: LoadedModel, ids: Sequence[Sequence[int]], *, units: str | S
         raise LayerwiseError("every example needs at least one text token; remove empty examples")
     limit = lm.anatomy.context_length
     if limit is not None and max(lengths) > limit:
-        raise LayerwiseError(f"an example has {max(lengths)} tokens, more than the model's context of {limit}; shorten it")
+        raise LayerwiseError(
+            f"an example has {max(lengths)} tokens, more than the model's context of {limit}; shorten it"
+        )
     hidden = lm.anatomy.embed.weight.shape[1]
     check_fits(len(ids), len(names), hidden, max_bytes)
     out = {u: torch.empty(len(ids), hidden, dtype=torch.float32) for u in names}
@@ -135,8 +151,15 @@ def collect_ids(lm: LoadedModel, ids: Sequence[Sequence[int]], *, units: str | S
     return Features(units=names, values=out, read=read, n_tokens=torch.tensor(lengths))
 
 
-def _collect_batch(lm: LoadedModel, seqs: list[Sequence[int]], rows: list[int], wanted: dict[int, list[tuple[str, str]]],
-                   read: str, skip_first: bool, out: dict[str, torch.Tensor]) -> None:
+def _collect_batch(
+    lm: LoadedModel,
+    seqs: list[Sequence[int]],
+    rows: list[int],
+    wanted: dict[int, list[tuple[str, str]]],
+    read: str,
+    skip_first: bool,
+    out: dict[str, torch.Tensor],
+) -> None:
     """One forward over a right-padded batch; each wanted unit's readout lands in its rows of ``out``."""
     width = max(len(s) for s in seqs)
     x = torch.zeros(len(seqs), width, dtype=torch.long)
@@ -167,8 +190,18 @@ def _collect_batch(lm: LoadedModel, seqs: list[Sequence[int]], rows: list[int], 
         lm.model(input_ids=x.to(dev), attention_mask=mask.to(dev), use_cache=False, logits_to_keep=1)
 
 
-def collect(lm: LoadedModel, texts: Sequence[str], *, units: str | Sequence[str] = "blocks", read: Read = "last",
-            batch_size: int = 8, max_bytes: int | None = None, progress: bool = False) -> Features:
+def collect(
+    lm: LoadedModel,
+    texts: Sequence[str],
+    *,
+    units: str | Sequence[str] = "blocks",
+    read: Read = "last",
+    batch_size: int = 8,
+    max_bytes: int | None = None,
+    progress: bool = False,
+) -> Features:
     """Tokenize ``texts`` as prompts and read every unit for each (see the module docstring for where)."""
     ids, bos = tokenize(lm, texts)
-    return collect_ids(lm, ids, units=units, read=read, skip_first=bos, batch_size=batch_size, max_bytes=max_bytes, progress=progress)
+    return collect_ids(
+        lm, ids, units=units, read=read, skip_first=bos, batch_size=batch_size, max_bytes=max_bytes, progress=progress
+    )

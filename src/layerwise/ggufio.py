@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -116,7 +117,7 @@ def dequantize(path: str | Path, info: TensorInfo, rows: int = 4096) -> np.ndarr
     out = np.empty((info.rows, info.shape[-1]), dtype=np.float32)
     raw = np.memmap(path, dtype=np.uint8, mode="r", offset=info.offset, shape=(info.rows, info.row_bytes))
     for start in range(0, info.rows, rows):
-        out[start:start + rows] = gguf.quants.dequantize(raw[start:start + rows], qtype)
+        out[start : start + rows] = gguf.quants.dequantize(raw[start : start + rows], qtype)
     del raw
     return out.reshape(info.shape)
 
@@ -140,8 +141,12 @@ def tensor_bits(t) -> int:
     return int(t.n_bytes) * 8
 
 
-def rewrite(source: str | Path, out: str | Path, tensor: Callable[[Any], Tensor | None],
-            field: Callable[[str, Any], Any] = lambda _name, value: value) -> Path:
+def rewrite(
+    source: str | Path,
+    out: str | Path,
+    tensor: Callable[[Any], Tensor | None],
+    field: Callable[[str, Any], Any] = lambda _name, value: value,
+) -> Path:
     """Write ``out`` from ``source``: ``tensor`` maps each reader tensor to what to write (None drops it),
     ``field`` maps each metadata value (by key) to the value to write."""
     import gguf

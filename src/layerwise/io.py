@@ -7,9 +7,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, TypeVar
+from typing import Any, TypeVar
 
 from .errors import LayerwiseError
 
@@ -91,7 +92,9 @@ def _publish(tmp: Path, path: Path, owner: str) -> None:
     for rel in files:
         target = path / rel
         if target.is_dir():
-            raise LayerwiseError(f"{target} is a folder, where this run writes a file; move it or give `out` another folder")
+            raise LayerwiseError(
+                f"{target} is a folder, where this run writes a file; move it or give `out` another folder"
+            )
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp / rel, target)
     for rel in set(written.get(owner, [])) - set(files):
@@ -108,7 +111,11 @@ def _read_manifest(folder: Path) -> dict[str, list[str]]:
         return {}
     if not isinstance(found, dict):
         return {}
-    return {k: [f for f in v if isinstance(f, str) and ".." not in Path(f).parts] for k, v in found.items() if isinstance(v, list)}
+    return {
+        k: [f for f in v if isinstance(f, str) and ".." not in Path(f).parts]
+        for k, v in found.items()
+        if isinstance(v, list)
+    }
 
 
 def _write_manifest(folder: Path, written: dict[str, list[str]]) -> None:
@@ -136,7 +143,9 @@ def check_out(path: str | os.PathLike, *, folder: bool = True, option: str = "--
     try:
         fd, probe = tempfile.mkstemp(dir=base, prefix=".layerwise-check.")
     except OSError as exc:
-        raise LayerwiseError(f"{option} {path} cannot be written ({base}: {exc.strerror}); give a folder you can write to") from None
+        raise LayerwiseError(
+            f"{option} {path} cannot be written ({base}: {exc.strerror}); give a folder you can write to"
+        ) from None
     os.close(fd)
     os.unlink(probe)
     return path
@@ -159,7 +168,9 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
     except FileNotFoundError:
         raise LayerwiseError(f"{path} not found; give {what}") from None
     except (OSError, ValueError) as exc:  # ValueError: not UTF-8 (UnicodeDecodeError) or not JSON (JSONDecodeError)
-        raise LayerwiseError(f"{path} is not {what} ({exc.__class__.__name__}: {str(exc).splitlines()[0][:80]})") from None
+        raise LayerwiseError(
+            f"{path} is not {what} ({exc.__class__.__name__}: {str(exc).splitlines()[0][:80]})"
+        ) from None
 
 
 def load_result(cls: type[T], path: str | os.PathLike, name: str, what: str) -> T:

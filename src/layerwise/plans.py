@@ -32,10 +32,14 @@ def load_plans(path: str | Path, kind: str, key: str | None = None) -> tuple[dic
     try:
         meta, plans = d["meta"], d["plans"]
         found = d.get("kind", kind)  # files written before plans carried their kind are quantize plans
-        if not isinstance(plans, dict) or not all(isinstance(p, dict) and FIELDS.get(found, "") in p for p in plans.values()):
+        if not isinstance(plans, dict) or not all(
+            isinstance(p, dict) and FIELDS.get(found, "") in p for p in plans.values()
+        ):
             raise TypeError("malformed plans")
     except (KeyError, TypeError, AttributeError) as exc:
-        raise LayerwiseError(f"{path} is not a layerwise plan file ({exc.__class__.__name__}); give the plan.json a run wrote") from None
+        raise LayerwiseError(
+            f"{path} is not a layerwise plan file ({exc.__class__.__name__}); give the plan.json a run wrote"
+        ) from None
     if found != kind:
         raise LayerwiseError(f"{path} holds a {found} plan, not a {kind} plan; use it with `layerwise {found}`")
     if key is None and len(plans) != 1:
@@ -50,5 +54,7 @@ def check_plan_model(model_hash: str | None, lm: LoadedModel) -> None:
     """Refuse a plan made for other weights (when both hashes are known)."""
     have = lm.source.get("model_hash")
     if model_hash and have and model_hash != have:
-        raise LayerwiseError(f"the plan was made for another model (hash {str(model_hash)[:12]}, this model {str(have)[:12]}); "
-                             "load the model the plan was made for, or make a new plan")
+        raise LayerwiseError(
+            f"the plan was made for another model (hash {str(model_hash)[:12]}, this model {str(have)[:12]}); "
+            "load the model the plan was made for, or make a new plan"
+        )

@@ -45,11 +45,12 @@ import json
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from statistics import NormalDist
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,11 +66,17 @@ from .memory import peak_memory
 MARGIN_SE = 2
 #: ... and its accuracy beats chance in a one-sided binomial test at this level, Bonferroni-corrected over the units probed.
 ALPHA = 0.05
-BEST_RULE = ("a unit reads the concept when its selectivity clears zero by two standard errors (selectivity - 2 SE > 0) and its "
-             "accuracy beats chance by a one-sided binomial test at 5 %, Bonferroni-corrected over the units probed (accuracy - chance > "
-             "z * sqrt(chance * (1 - chance) / n), z the normal quantile at 1 - 0.05 / units); the best is the shallowest of those whose "
-             "selectivity is within one standard error of the highest of them; none when no unit reads it")
-_DEPTH = {"attn": 0, "mlp": 1, "block": 2}  # order within a layer: the attention update, the MLP update, then the block output
+BEST_RULE = (
+    "a unit reads the concept when its selectivity clears zero by two standard errors (selectivity - 2 SE > 0) and its "
+    "accuracy beats chance by a one-sided binomial test at 5 %, Bonferroni-corrected over the units probed (accuracy - chance > "
+    "z * sqrt(chance * (1 - chance) / n), z the normal quantile at 1 - 0.05 / units); the best is the shallowest of those whose "
+    "selectivity is within one standard error of the highest of them; none when no unit reads it"
+)
+_DEPTH = {
+    "attn": 0,
+    "mlp": 1,
+    "block": 2,
+}  # order within a layer: the attention update, the MLP update, then the block output
 
 
 @dataclass
@@ -87,11 +94,15 @@ class Examples:
         if rows is None:
             raise LayerwiseError("Examples needs texts or ids")
         if len(rows) != len(self.labels):
-            raise LayerwiseError(f"labels has {len(self.labels)} entries but there are {len(rows)} examples; give one label per example")
+            raise LayerwiseError(
+                f"labels has {len(self.labels)} entries but there are {len(rows)} examples; give one label per example"
+            )
         if self.texts is not None:
             for i, t in enumerate(self.texts):
                 if not isinstance(t, str) or not t.strip():
-                    raise LayerwiseError(f"example {i} ({self.source}) has an empty text; every example needs some text")
+                    raise LayerwiseError(
+                        f"example {i} ({self.source}) has an empty text; every example needs some text"
+                    )
         classes(self.labels)
 
     def __len__(self) -> int:
@@ -100,24 +111,35 @@ class Examples:
     def meta(self) -> dict:
         rows = self.texts if self.texts is not None else self.ids
         blob = json.dumps([rows, self.labels], sort_keys=True).encode()
-        return {"source": self.source, "n_examples": len(self), "data_hash": hashlib.sha256(blob).hexdigest()[:16],
-                **({"read": self.read} if self.read else {})}
+        return {
+            "source": self.source,
+            "n_examples": len(self),
+            "data_hash": hashlib.sha256(blob).hexdigest()[:16],
+            **({"read": self.read} if self.read else {}),
+        }
 
-    def subset(self, rows: Sequence[int]) -> "Examples":
+    def subset(self, rows: Sequence[int]) -> Examples:
         pick = lambda xs: None if xs is None else [xs[i] for i in rows]  # noqa: E731
-        return Examples(labels=pick(self.labels), texts=pick(self.texts), ids=pick(self.ids), source=self.source, read=self.read)
+        return Examples(
+            labels=pick(self.labels), texts=pick(self.texts), ids=pick(self.ids), source=self.source, read=self.read
+        )
 
 
 def classes(labels: Sequence) -> list:
     """The sorted distinct labels; one type throughout (str, int or bool), at least two of them."""
     if not labels:
         raise LayerwiseError("there are no examples; give at least two per class")
-    kinds = {bool if isinstance(v, bool) else int if isinstance(v, int) else str if isinstance(v, str) else None for v in labels}
+    kinds = {
+        bool if isinstance(v, bool) else int if isinstance(v, int) else str if isinstance(v, str) else None
+        for v in labels
+    }
     if None in kinds:
         bad = next(v for v in labels if not isinstance(v, (bool, int, str)))
         raise LayerwiseError(f"label {bad!r} is a {type(bad).__name__}; labels must be strings, integers or true/false")
     if len(kinds) > 1:
-        raise LayerwiseError(f"labels mix {' and '.join(sorted(k.__name__ for k in kinds))}; use one type for every label")
+        raise LayerwiseError(
+            f"labels mix {' and '.join(sorted(k.__name__ for k in kinds))}; use one type for every label"
+        )
     found = sorted(set(labels))
     if len(found) < 2:
         raise LayerwiseError(f"every example has the label {found[0]!r}; a probe needs at least two classes")
@@ -144,9 +166,15 @@ def read_examples(ref: str, *, n: int | None = None, seed: int = 0, encoding: st
     if not path.is_file():
         raise LayerwiseError(f"data {ref} is not a file; give a .jsonl or .csv file, or builtin:cities")
     if path.suffix not in (".jsonl", ".csv"):
-        raise LayerwiseError(f"data {ref} must end in .jsonl ({{\"text\": ..., \"label\": ...}} per line) or .csv (columns text,label)")
+        raise LayerwiseError(
+            f'data {ref} must end in .jsonl ({{"text": ..., "label": ...}} per line) or .csv (columns text,label)'
+        )
     f = read_file(path, encoding)
-    rows = [(o["text"], o["label"]) for _, o in parse_jsonl(f, ("text", "label"))] if path.suffix == ".jsonl" else _csv_rows(f)
+    rows = (
+        [(o["text"], o["label"]) for _, o in parse_jsonl(f, ("text", "label"))]
+        if path.suffix == ".jsonl"
+        else _csv_rows(f)
+    )
     ex = Examples(labels=[r[1] for r in rows], texts=[r[0] for r in rows], source=str(path), read=read_record([f]))
     if n is None or n >= len(ex):
         return ex
@@ -155,7 +183,9 @@ def read_examples(ref: str, *, n: int | None = None, seed: int = 0, encoding: st
     try:
         keep, _ = train_test_split(np.arange(len(ex)), train_size=n, stratify=_encode(ex.labels)[1], random_state=seed)
     except ValueError:  # a class too small to be split, or n below the number of classes
-        raise LayerwiseError(f"cannot draw a class-stratified subset of {n} examples from {ref}; use a larger `examples`, or all of them") from None
+        raise LayerwiseError(
+            f"cannot draw a class-stratified subset of {n} examples from {ref}; use a larger `examples`, or all of them"
+        ) from None
     return ex.subset(sorted(keep.tolist()))
 
 
@@ -163,7 +193,9 @@ def _csv_rows(f: TextFile) -> list[tuple[Any, Any]]:
     reader = csv.DictReader(io.StringIO(f.text, newline=""))
     missing = [k for k in ("text", "label") if k not in (reader.fieldnames or [])]
     if missing:
-        raise LayerwiseError(f"{f.path} has no {' or '.join(missing)} column; its first line must name the columns text,label")
+        raise LayerwiseError(
+            f"{f.path} has no {' or '.join(missing)} column; its first line must name the columns text,label"
+        )
     rows = []
     for row in reader:
         if row["label"] is None or not row["label"].strip():
@@ -186,9 +218,13 @@ def split(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
         raise LayerwiseError(f"folds must be at least 2 (got {folds})")
     counts = np.bincount(y)
     if counts.min() < folds:
-        raise LayerwiseError(f"the smallest class has {counts.min()} examples, fewer than folds={folds}; give more examples or fewer folds")
+        raise LayerwiseError(
+            f"the smallest class has {counts.min()} examples, fewer than folds={folds}; give more examples or fewer folds"
+        )
     fold = np.empty(len(y), dtype=np.int64)
-    for k, (_, test) in enumerate(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)):
+    for k, (_, test) in enumerate(
+        StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)
+    ):
         fold[test] = k
     return fold
 
@@ -231,7 +267,9 @@ def _model(c: float, seed: int):
 
 def _fit(x: np.ndarray, y: np.ndarray, c: float, seed: int):
     model = _model(c, seed)
-    with warnings.catch_warnings():  # a near-separable fold may stop short of tolerance; its score is still what it scores
+    with (
+        warnings.catch_warnings()
+    ):  # a near-separable fold may stop short of tolerance; its score is still what it scores
         warnings.simplefilter("ignore", category=UserWarning)
         from sklearn.exceptions import ConvergenceWarning
 
@@ -243,7 +281,9 @@ def fit(x: torch.Tensor, labels: Sequence, *, c: float = 1.0, seed: int = 0) -> 
     """Fit one probe on ``x`` (n, hidden) and return it in the residual-stream basis, ready to add to the stream."""
     found, y = _encode(labels)
     if x.ndim != 2 or x.shape[0] != len(y):
-        raise LayerwiseError(f"x must be (n_examples, hidden) with one row per label; got {tuple(x.shape)} for {len(y)} labels")
+        raise LayerwiseError(
+            f"x must be (n_examples, hidden) with one row per label; got {tuple(x.shape)} for {len(y)} labels"
+        )
     model = _fit(x.double().numpy(), y, c, seed)
     scaler, lr = model[0], model[1]
     weight = lr.coef_ / scaler.scale_
@@ -257,7 +297,9 @@ def diff_means(x: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
     return means[1] - means[0] if n_classes == 2 else means - means.mean(0)
 
 
-def _scores(x: np.ndarray, y: np.ndarray, fold: np.ndarray, n_classes: int, c: float, seed: int) -> dict[str, np.ndarray]:
+def _scores(
+    x: np.ndarray, y: np.ndarray, fold: np.ndarray, n_classes: int, c: float, seed: int
+) -> dict[str, np.ndarray]:
     """Per-fold accuracy and AUC of the probe, and accuracy of the nearest class mean."""
     from sklearn.metrics import roc_auc_score
 
@@ -267,7 +309,13 @@ def _scores(x: np.ndarray, y: np.ndarray, fold: np.ndarray, n_classes: int, c: f
         model = _fit(x[train], y[train], c, seed)
         out["accuracy"].append(float((model.predict(x[test]) == y[test]).mean()))
         proba = model.predict_proba(x[test])
-        out["auc"].append(float(roc_auc_score(y[test], proba[:, 1] if n_classes == 2 else proba, multi_class="ovr", labels=range(n_classes))))
+        out["auc"].append(
+            float(
+                roc_auc_score(
+                    y[test], proba[:, 1] if n_classes == 2 else proba, multi_class="ovr", labels=range(n_classes)
+                )
+            )
+        )
         means = np.stack([x[train][y[train] == j].mean(0) for j in range(n_classes)])
         nearest = ((x[test][:, None, :] - means[None]) ** 2).sum(-1).argmin(1)
         out["diffmean_accuracy"].append(float((nearest == y[test]).mean()))
@@ -280,7 +328,12 @@ def _mean_se(v: np.ndarray) -> tuple[float, float]:
 
 def _unit_row(name: str, layer: int, kind: str, real: dict, control: dict) -> dict:
     row: dict[str, Any] = {"unit": name, "layer": layer, "kind": kind}
-    series = {**real, "control": control["accuracy"], "control_auc": control["auc"], "selectivity": real["accuracy"] - control["accuracy"]}
+    series = {
+        **real,
+        "control": control["accuracy"],
+        "control_auc": control["auc"],
+        "selectivity": real["accuracy"] - control["accuracy"],
+    }
     for key, v in series.items():
         row[key], row[f"{key}_se"] = _mean_se(v)
         row[f"{key}_folds"] = v.tolist()
@@ -292,19 +345,25 @@ def best_unit(rows: list[dict], n: int, chance: float) -> dict:
     threshold = chance + NormalDist().inv_cdf(1 - ALPHA / len(rows)) * math.sqrt(chance * (1 - chance) / n)
     highest = max(rows, key=lambda r: r["selectivity"])
     clear = [r for r in rows if r["selectivity"] - MARGIN_SE * r["selectivity_se"] > 0 and r["accuracy"] > threshold]
-    margins = (f"selectivity more than {MARGIN_SE} SE above zero, accuracy above {threshold:.3f}: chance {chance:.3f} plus a "
-               f"binomial margin for {len(rows)} units")
+    margins = (
+        f"selectivity more than {MARGIN_SE} SE above zero, accuracy above {threshold:.3f}: chance {chance:.3f} plus a "
+        f"binomial margin for {len(rows)} units"
+    )
     found = {"rule": BEST_RULE, "highest": highest["unit"], "accuracy_threshold": threshold}
     if not clear:
         best_acc = max(rows, key=lambda r: r["accuracy"])
-        why = (f"no unit clears both margins ({margins}); the highest selectivity is {_selectivity(highest)}, "
-               f"the highest accuracy {best_acc['unit']}'s {best_acc['accuracy']:.3f}")
+        why = (
+            f"no unit clears both margins ({margins}); the highest selectivity is {_selectivity(highest)}, "
+            f"the highest accuracy {best_acc['unit']}'s {best_acc['accuracy']:.3f}"
+        )
         return {"unit": None, "why": why, **found}
     top = max(clear, key=lambda r: r["selectivity"])
     floor = top["selectivity"] - top["selectivity_se"]
     pick = min((r for r in clear if r["selectivity"] >= floor), key=lambda r: (r["layer"], _DEPTH[r["kind"]]))
-    why = (f"{pick['unit']} has selectivity {pick['selectivity']:.3f} ± {pick['selectivity_se']:.3f}; of the {len(clear)} units that "
-           f"clear both margins ({margins}), the highest is {_selectivity(top)}, and {pick['unit']} is the shallowest within one SE of it")
+    why = (
+        f"{pick['unit']} has selectivity {pick['selectivity']:.3f} ± {pick['selectivity_se']:.3f}; of the {len(clear)} units that "
+        f"clear both margins ({margins}), the highest is {_selectivity(top)}, and {pick['unit']} is the shallowest within one SE of it"
+    )
     return {"unit": pick["unit"], "why": why, **found}
 
 
@@ -357,13 +416,19 @@ class ProbeResult:
         from safetensors.torch import save
 
         out = Path(out)
-        meta = {"classes": json.dumps(self.classes), "read": str(self.meta.get("read")), "model_hash": str(self.meta.get("model_hash")),
-                "keys": "UNIT.probe: probe weight in the residual-stream basis; UNIT.probe_bias; UNIT.diffmean: difference of class means"}
-        write_atomic(out / "directions.safetensors", save({k: v.contiguous() for k, v in self.directions.items()}, metadata=meta))
+        meta = {
+            "classes": json.dumps(self.classes),
+            "read": str(self.meta.get("read")),
+            "model_hash": str(self.meta.get("model_hash")),
+            "keys": "UNIT.probe: probe weight in the residual-stream basis; UNIT.probe_bias; UNIT.diffmean: difference of class means",
+        }
+        write_atomic(
+            out / "directions.safetensors", save({k: v.contiguous() for k, v in self.directions.items()}, metadata=meta)
+        )
         return write_json(out / "probe.json", self.to_dict())
 
     @classmethod
-    def load(cls, path: str | Path) -> "ProbeResult":
+    def load(cls, path: str | Path) -> ProbeResult:
         """A saved result (its folder or its ``probe.json``), directions included."""
         from safetensors.torch import load_file
 
@@ -373,7 +438,9 @@ class ProbeResult:
             d = json.loads((folder / "probe.json").read_text())
             return cls(**d, directions=load_file(folder / "directions.safetensors"))
         except (OSError, ValueError, TypeError) as exc:
-            raise LayerwiseError(f"{folder} does not hold a layerwise probe result ({exc.__class__.__name__})") from None
+            raise LayerwiseError(
+                f"{folder} does not hold a layerwise probe result ({exc.__class__.__name__})"
+            ) from None
 
 
 def importance_of(prof, source: str) -> dict:
@@ -382,12 +449,26 @@ def importance_of(prof, source: str) -> dict:
         values = {u.name: u.metrics.get(metric) for u in prof.units if u.kind == "block"}
         if any(v is not None for v in values.values()):
             return {"metric": metric, "source": source, "values": values}
-    raise LayerwiseError("the profile holds no block importance (ablate_nll, taylor_nll or bi); profile the model again")
+    raise LayerwiseError(
+        "the profile holds no block importance (ablate_nll, taylor_nll or bi); profile the model again"
+    )
 
 
-def probe(lm: LoadedModel, examples: Examples | str, *, units: str | Sequence[str] = "blocks", read: Read = "last", folds: int = 5,
-          seed: int = 0, c: float = 1.0, batch_size: int = 8, max_bytes: int | None = None, importance: dict | None = None,
-          features: Features | None = None, progress: bool = False) -> ProbeResult:
+def probe(
+    lm: LoadedModel,
+    examples: Examples | str,
+    *,
+    units: str | Sequence[str] = "blocks",
+    read: Read = "last",
+    folds: int = 5,
+    seed: int = 0,
+    c: float = 1.0,
+    batch_size: int = 8,
+    max_bytes: int | None = None,
+    importance: dict | None = None,
+    features: Features | None = None,
+    progress: bool = False,
+) -> ProbeResult:
     """Probe every unit for the examples' labels (see the module docstring); nothing is written.
 
     ``examples`` is an :class:`Examples` or a data reference for :func:`read_examples`.
@@ -403,8 +484,10 @@ def probe(lm: LoadedModel, examples: Examples | str, *, units: str | Sequence[st
     if features is None:
         feats = collect(lm, ex.texts, **kw) if ex.texts is not None else collect_ids(lm, ex.ids, **kw)  # type: ignore[arg-type]
     elif features.n_examples != len(ex) or features.read != read:
-        raise LayerwiseError(f"features hold {features.n_examples} examples read at '{features.read}', "
-                             f"but there are {len(ex)} examples and read={read!r}; collect them again")
+        raise LayerwiseError(
+            f"features hold {features.n_examples} examples read at '{features.read}', "
+            f"but there are {len(ex)} examples and read={read!r}; collect them again"
+        )
     else:
         feats = features
     rows, directions = _probe_units(lm, feats, ex.labels, fold, c, seed, progress)
@@ -413,16 +496,35 @@ def probe(lm: LoadedModel, examples: Examples | str, *, units: str | Sequence[st
     prov = provenance(seed=seed, batch_size=batch_size)
     prov["versions"] |= _data_versions(ex)
     chance = float(np.bincount(y).max() / len(y))
-    meta = {**lm.meta(), "data": ex.meta(), "read": read, "units": units if isinstance(units, str) else list(units), "folds": folds,
-            "c": c, "chance": chance, "n_examples": len(y),
-            "n_tokens_mean": float(feats.n_tokens.float().mean()), **prov, "wall_time_s": round(time.perf_counter() - start, 3),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "peak_memory": peak_memory()}
-    return ProbeResult(meta=meta, classes=found, units=rows, best=best_unit(rows, len(y), chance), folds=fold.tolist(),
-                       importance=importance, directions=directions)
+    meta = {
+        **lm.meta(),
+        "data": ex.meta(),
+        "read": read,
+        "units": units if isinstance(units, str) else list(units),
+        "folds": folds,
+        "c": c,
+        "chance": chance,
+        "n_examples": len(y),
+        "n_tokens_mean": float(feats.n_tokens.float().mean()),
+        **prov,
+        "wall_time_s": round(time.perf_counter() - start, 3),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "peak_memory": peak_memory(),
+    }
+    return ProbeResult(
+        meta=meta,
+        classes=found,
+        units=rows,
+        best=best_unit(rows, len(y), chance),
+        folds=fold.tolist(),
+        importance=importance,
+        directions=directions,
+    )
 
 
-def _probe_units(lm: LoadedModel, feats: Features, labels: list, fold: np.ndarray, c: float, seed: int,
-                 progress: bool) -> tuple[list[dict], dict[str, torch.Tensor]]:
+def _probe_units(
+    lm: LoadedModel, feats: Features, labels: list, fold: np.ndarray, c: float, seed: int, progress: bool
+) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """Scores, control and final directions for every unit.
 
     BLAS runs one thread: these fits are small, and threads fighting over a busy machine made them 14x slower.
@@ -436,7 +538,15 @@ def _probe_units(lm: LoadedModel, feats: Features, labels: list, fold: np.ndarra
         for name in _units_bar(feats, progress):
             x = feats.values[name].double().numpy()
             layer, kind = lm.anatomy.check_unit(name)
-            rows.append(_unit_row(name, layer, kind, _scores(x, y, fold, len(found), c, seed), _scores(x, shuffled, fold, len(found), c, seed)))
+            rows.append(
+                _unit_row(
+                    name,
+                    layer,
+                    kind,
+                    _scores(x, y, fold, len(found), c, seed),
+                    _scores(x, shuffled, fold, len(found), c, seed),
+                )
+            )
             fitted = fit(feats.values[name], labels, c=c, seed=seed)
             directions[f"{name}.probe"] = fitted.weight[0] if len(found) == 2 else fitted.weight
             directions[f"{name}.probe_bias"] = fitted.bias

@@ -43,23 +43,55 @@ from .metrics.weights import z_fraction
 from .trace import BlockTrace, run_blocks, skip, tap, tile_calls
 
 METRICS: tuple[str, ...] = (
-    "bi", "sub_cos", "zd", "rel_update", "resid_norm", "max_abs", "kurtosis", "mlp_sparsity",
-    "lens_kl", "lens_top1", "lens_nll", "ablate_nll", "ablate_kl", "taylor_nll",
-    "attn_entropy", "attn_distance", "attn_sink",
+    "bi",
+    "sub_cos",
+    "zd",
+    "rel_update",
+    "resid_norm",
+    "max_abs",
+    "kurtosis",
+    "mlp_sparsity",
+    "lens_kl",
+    "lens_top1",
+    "lens_nll",
+    "ablate_nll",
+    "ablate_kl",
+    "taylor_nll",
+    "attn_entropy",
+    "attn_distance",
+    "attn_sink",
 )
 #: The attention-pattern metrics (``attention=True``); each is the mean over heads, per head in ``details``.
 ATTENTION = ("attn_entropy", "attn_distance", "attn_sink")
 #: Which unit kinds each metric describes (others get null).
 APPLIES: dict[str, tuple[Kind, ...]] = {
-    "bi": ("block",), "sub_cos": ("attn", "mlp"), "mlp_sparsity": ("mlp",),
-    "lens_kl": ("block",), "lens_top1": ("block",), "lens_nll": ("block",),
+    "bi": ("block",),
+    "sub_cos": ("attn", "mlp"),
+    "mlp_sparsity": ("mlp",),
+    "lens_kl": ("block",),
+    "lens_top1": ("block",),
+    "lens_nll": ("block",),
     **{m: ("attn",) for m in ATTENTION},
 }
 #: +1 if a larger value should mean a more important unit, -1 if smaller does, 0 if undecided.
 DIRECTION: dict[str, int] = {
-    "bi": 1, "sub_cos": -1, "zd": 0, "rel_update": 1, "resid_norm": 0, "max_abs": 0, "kurtosis": 0,
-    "mlp_sparsity": -1, "lens_kl": 0, "lens_top1": 0, "lens_nll": 0, "ablate_nll": 1, "ablate_kl": 1, "taylor_nll": 1,
-    "attn_entropy": 0, "attn_distance": 0, "attn_sink": 0,
+    "bi": 1,
+    "sub_cos": -1,
+    "zd": 0,
+    "rel_update": 1,
+    "resid_norm": 0,
+    "max_abs": 0,
+    "kurtosis": 0,
+    "mlp_sparsity": -1,
+    "lens_kl": 0,
+    "lens_top1": 0,
+    "lens_nll": 0,
+    "ablate_nll": 1,
+    "ablate_kl": 1,
+    "taylor_nll": 1,
+    "attn_entropy": 0,
+    "attn_distance": 0,
+    "attn_sink": 0,
 }
 Ablation = Literal["exact", "taylor", "none"]
 
@@ -77,11 +109,15 @@ def order_by(order: str) -> tuple[str, int]:
         raise LayerwiseError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
     if way:
         if way not in ("asc", "desc"):
-            raise LayerwiseError(f"unknown direction {way!r} in {order!r}; write {metric}:asc (lowest first) or {metric}:desc (highest first)")
+            raise LayerwiseError(
+                f"unknown direction {way!r} in {order!r}; write {metric}:asc (lowest first) or {metric}:desc (highest first)"
+            )
         return metric, 1 if way == "asc" else -1
     if not DIRECTION.get(metric):
-        raise LayerwiseError(f"{metric} has no importance direction; write {metric}:asc to take the lowest values as least important, "
-                             f"or {metric}:desc for the highest")
+        raise LayerwiseError(
+            f"{metric} has no importance direction; write {metric}:asc to take the lowest values as least important, "
+            f"or {metric}:desc for the highest"
+        )
     return metric, DIRECTION[metric]
 
 
@@ -117,18 +153,23 @@ class Profile:
         metric, sign = order_by(metric)
         vals = {k: v for k, v in self.values(metric, kind).items() if v is not None}
         if not vals:
-            raise LayerwiseError(f"this profile has no {metric} values for {kind} units; re-profile with {needs_hint(metric)}")
+            raise LayerwiseError(
+                f"this profile has no {metric} values for {kind} units; re-profile with {needs_hint(metric)}"
+            )
         return sorted(vals, key=lambda k: sign * vals[k])
 
     def to_dict(self) -> dict:
         return {
             "meta": self.meta,
-            "units": [{"name": u.name, "layer": u.layer, "kind": u.kind, "metrics": u.metrics, "details": u.details} for u in self.units],
+            "units": [
+                {"name": u.name, "layer": u.layer, "kind": u.kind, "metrics": u.metrics, "details": u.details}
+                for u in self.units
+            ],
             "agreement": self.agreement,
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Profile":
+    def from_dict(cls, d: dict) -> Profile:
         units = [Unit(u["name"], u["layer"], u["kind"], u["metrics"], u.get("details", {})) for u in d["units"]]
         return cls(meta=d["meta"], units=units, agreement=d.get("agreement", {}))
 
@@ -140,12 +181,14 @@ class Profile:
         w = csv.writer(buf)
         w.writerow(["name", "layer", "kind", *METRICS])
         for u in self.units:
-            w.writerow([u.name, u.layer, u.kind, *("" if u.metrics.get(m) is None else repr(u.metrics[m]) for m in METRICS)])
+            w.writerow(
+                [u.name, u.layer, u.kind, *("" if u.metrics.get(m) is None else repr(u.metrics[m]) for m in METRICS)]
+            )
         write_atomic(out / "profile.csv", buf.getvalue())
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Profile":
+    def load(cls, path: str | Path) -> Profile:
         path = Path(path)
         if path.is_dir():
             path = path / "profile.json"
@@ -195,7 +238,9 @@ class _Run:
         self.sparsity = st.Moments()
         self._held: list[tuple[torch.Tensor, ...]] = []
 
-    def hold(self, h: torch.Tensor, a: torch.Tensor, m: torch.Tensor, h_mid: torch.Tensor, mlp_hidden: torch.Tensor | None) -> None:
+    def hold(
+        self, h: torch.Tensor, a: torch.Tensor, m: torch.Tensor, h_mid: torch.Tensor, mlp_hidden: torch.Tensor | None
+    ) -> None:
         self._held.append((h, a, m, h_mid) + ((mlp_hidden,) if mlp_hidden is not None else ()))
 
     def reduce(self) -> None:
@@ -218,7 +263,7 @@ def _run_elements(device: torch.device) -> int:
     return 0 if device.type == "cpu" else 2**27
 
 
-def _runs(lm: LoadedModel, tokens: int) -> list[tuple["_Run", int]]:
+def _runs(lm: LoadedModel, tokens: int) -> list[tuple[_Run, int]]:
     """Each block's run and its row in it, for batches of ``tokens`` tokens."""
     an = lm.anatomy
     per_block = tokens * (4 * an.embed.weight.shape[1] + an.linear_weight(an.down_proj(0)).shape[1])
@@ -323,10 +368,14 @@ def profile(
     an, model = lm.anatomy, lm.model
     impl = getattr(model.config, "_attn_implementation", None)
     if attention and impl != "eager":
-        raise LayerwiseError(f"attention metrics need eager attention, but the model runs {impl!r}; load it with attn_implementation='eager' (the CLI does for --attention, and for orders by attn_* metrics)")
+        raise LayerwiseError(
+            f"attention metrics need eager attention, but the model runs {impl!r}; load it with attn_implementation='eager' (the CLI does for --attention, and for orders by attn_* metrics)"
+        )
     ctx = an.context_length
     if ctx is not None and windows.seq_len > ctx:
-        raise LayerwiseError(f"`seq_len` {windows.seq_len} exceeds the model's context of {ctx} tokens; use `seq_len` {ctx} or less")
+        raise LayerwiseError(
+            f"`seq_len` {windows.seq_len} exceeds the model's context of {ctx} tokens; use `seq_len` {ctx} or less"
+        )
     torch.manual_seed(seed)
     L = an.n_layers
     taylor_acc = st.Moments()  # columns: (attn, mlp, block) of each layer in turn
@@ -337,8 +386,15 @@ def profile(
     n_tokens = 0
     batches = list(torch.split(ids, batch_size))
     accs = [_LayerAcc(run, row) for run, row in _runs(lm, batches[0].numel())]
-    n_ablated = len(batches) if ablation_samples is None else min(len(batches), math.ceil(ablation_samples / batch_size))
-    bar = tqdm(total=len(batches) + (3 * L * n_ablated if ablation == "exact" else 0), desc="profile", unit="pass", disable=not progress)
+    n_ablated = (
+        len(batches) if ablation_samples is None else min(len(batches), math.ceil(ablation_samples / batch_size))
+    )
+    bar = tqdm(
+        total=len(batches) + (3 * L * n_ablated if ablation == "exact" else 0),
+        desc="profile",
+        unit="pass",
+        disable=not progress,
+    )
     g = torch.Generator().manual_seed(seed)
     ablated_windows = 0
     for batch_no, batch in enumerate(batches):
@@ -358,7 +414,9 @@ def profile(
                 accs[i].run.reduce()
             if attention:
                 if tr.attn_weights is None:
-                    raise LayerwiseError(f"{unit_name(i, 'attn')} returned no attention probabilities; load the model with attn_implementation='eager'")
+                    raise LayerwiseError(
+                        f"{unit_name(i, 'attn')} returned no attention probabilities; load the model with attn_implementation='eager'"
+                    )
                 accs[i].attention.add(st.attention_rows(tr.attn_weights))
             h[i], mid[i], h[i + 1] = tr.h_in.detach(), hmid.view_as(tr.h_in), tr.h_out.detach()
             calls[i] = (tr.args, tr.kwargs)
@@ -383,7 +441,19 @@ def profile(
             rows = rows.to(x.device) if rows is not None else None
             ablate = ablation == "exact" and batch_no < n_ablated
             ablated_windows += x.shape[0] if ablate else 0
-            _readouts(an, accs, h, mid, calls, targets, rows, per_window if rows is None else positions, lens=lens, ablate=ablate, bar=bar)
+            _readouts(
+                an,
+                accs,
+                h,
+                mid,
+                calls,
+                targets,
+                rows,
+                per_window if rows is None else positions,
+                lens=lens,
+                ablate=ablate,
+                bar=bar,
+            )
     bar.close()
     units = _finalize(lm, accs, taylor_acc, ablation)
     prof = Profile(
@@ -427,8 +497,20 @@ def _taylor(an, updates: list[torch.Tensor], targets: torch.Tensor) -> torch.Ten
     return torch.stack(est, dim=-1)
 
 
-def _readouts(an, accs: list[_LayerAcc], h: list, mid: list, calls: list, targets: torch.Tensor, rows: torch.Tensor | None,
-              sampled: int, *, lens: bool, ablate: bool, bar) -> None:
+def _readouts(
+    an,
+    accs: list[_LayerAcc],
+    h: list,
+    mid: list,
+    calls: list,
+    targets: torch.Tensor,
+    rows: torch.Tensor | None,
+    sampled: int,
+    *,
+    lens: bool,
+    ablate: bool,
+    bar,
+) -> None:
     """One batch's logit lens at every block output and, with ``ablate``, every unit's exact ablation, each against the
     model's own readout at the same positions. The batch's reference distribution and readouts live only in this call,
     so the next batch's passes never run beside them."""
@@ -486,8 +568,12 @@ def _finalize(lm: LoadedModel, accs: list[_LayerAcc], taylor_acc: st.Moments, ab
                 "resid_norm": _finite(norm_mean),
                 "max_abs": _finite(peak.value),
                 "kurtosis": _finite(acc.column(f"kurt_{stream}")[0]),
-                "mlp_sparsity": _finite(float(streamed["sparsity"].mean)) if kind == "mlp" and streamed["sparsity"].n else None,
-                "lens_kl": None, "lens_top1": None, "lens_nll": None,
+                "mlp_sparsity": _finite(float(streamed["sparsity"].mean))
+                if kind == "mlp" and streamed["sparsity"].n
+                else None,
+                "lens_kl": None,
+                "lens_top1": None,
+                "lens_nll": None,
                 "ablate_nll": _finite(float(acc.abl_nll[kind].mean)) if ablation == "exact" else None,
                 "ablate_kl": _finite(float(acc.abl_kl[kind].mean)) if ablation == "exact" else None,
                 "taylor_nll": _finite(taylor_means[3 * layer + taylor_order.index(kind)]) if taylor_means else None,
@@ -531,10 +617,20 @@ COMMAND: ContextVar[str | None] = ContextVar("layerwise_command", default=None)
 def provenance(*, seed: int | None, batch_size: int) -> dict:
     """What every result file records beside the model and the data: package versions, the command line, the seed
     and the batch size (batching changes float rounding, so it is part of what reproduces a number)."""
-    return {"versions": _versions(), "command": COMMAND.get() or shlex.join(sys.argv), "seed": seed, "batch_size": batch_size}
+    return {
+        "versions": _versions(),
+        "command": COMMAND.get() or shlex.join(sys.argv),
+        "seed": seed,
+        "batch_size": batch_size,
+    }
 
 
 def _versions() -> dict:
     import transformers
 
-    return {"layerwise": __version__, "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+    return {
+        "layerwise": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }

@@ -29,11 +29,12 @@ import json
 import math
 import random
 import time
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, replace
-from functools import partial
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
-from typing import ContextManager, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -49,23 +50,31 @@ from .memory import peak_memory
 from .plans import check_plan_model, load_plans, save_plans
 from .profile import Profile, needs, profile, provenance
 from .quant import gguf as qg
-from .quant.allocate import Allocation, check_budget, ranked, solve, uniform
 from .quant import hf
+from .quant.allocate import Allocation, check_budget, ranked, solve, uniform
 from .quant.apply import config_codes, config_weights, plan_weights, quantized
 from .quant.measure import Candidates, GroupCandidates, Measurement, bit_range, measure
-from .quant.rtn import QTensor
-from .quant.rtn import QConfig
+from .quant.rtn import QConfig, QTensor
 
 Family = Literal["gguf", "int"]
 EXPORTS = {"gguf": ("gguf", "recipe"), "int": ("hf",)}
 
 
-def candidates_for(lm: LoadedModel, family: Family, *, method: str = "rtn", group_size: int | None = None,
-                   symmetric: bool | None = None, sizes: tuple[int, ...] = (32, 64, 128)) -> Candidates:
+def candidates_for(
+    lm: LoadedModel,
+    family: Family,
+    *,
+    method: str = "rtn",
+    group_size: int | None = None,
+    symmetric: bool | None = None,
+    sizes: tuple[int, ...] = (32, 64, 128),
+) -> Candidates:
     """The candidate set of a family: GGUF types, or 2-8 bit integer codes at one group size (else at each of ``sizes``)."""
     if family == "gguf":
         if method != "rtn" or group_size is not None or symmetric is not None:
-            raise LayerwiseError("`method`, `group_size` and `symmetric` choose integer formats; GGUF types fix their own (use `family` int)")
+            raise LayerwiseError(
+                "`method`, `group_size` and `symmetric` choose integer formats; GGUF types fix their own (use `family` int)"
+            )
         return qg.GGUFCandidates.of(lm)
     if family != "int":
         raise LayerwiseError(f"unknown `family` {family!r}; use gguf or int")
@@ -84,12 +93,15 @@ def bracket(meas: Measurement, target: float) -> tuple[str, str]:
     below = [c for b, c in levels if b <= target + 1e-9]
     above = [c for b, c in levels if b > target + 1e-9]
     if not below:
-        raise LayerwiseError(f"{target} bits per weight is below the cheapest config ({levels[0][0]:.3f} with {levels[0][1]}); raise `budgets`")
+        raise LayerwiseError(
+            f"{target} bits per weight is below the cheapest config ({levels[0][0]:.3f} with {levels[0][1]}); raise `budgets`"
+        )
     return below[-1], (above[0] if above else below[-1])
 
 
-def block_order(lm: LoadedModel, windows: Windows, metric: str, prof: Profile | None, *, seed: int = 0,
-                progress: bool = True) -> list[int]:
+def block_order(
+    lm: LoadedModel, windows: Windows, metric: str, prof: Profile | None, *, seed: int = 0, progress: bool = True
+) -> list[int]:
     """Blocks from least to most important by ``metric`` (``random``: a seeded shuffle)."""
     if metric == "random":
         order = list(range(lm.anatomy.n_layers))
@@ -104,11 +116,21 @@ def block_order(lm: LoadedModel, windows: Windows, metric: str, prof: Profile | 
 def check_strategies(strategies: list[str]) -> None:
     for s in strategies:
         if s not in ("measured", "uniform", "q4km") and not s.startswith("ranked:"):
-            raise LayerwiseError(f"unknown `strategies` entry {s!r}; use measured, ranked:METRIC, ranked:random, uniform or q4km")
+            raise LayerwiseError(
+                f"unknown `strategies` entry {s!r}; use measured, ranked:METRIC, ranked:random, uniform or q4km"
+            )
 
 
-def measured(lm: LoadedModel, windows: Windows, meas: Measurement, cands: Candidates, target: float, *,
-             batch_size: int = 4, progress: bool = False) -> Allocation:
+def measured(
+    lm: LoadedModel,
+    windows: Windows,
+    meas: Measurement,
+    cands: Candidates,
+    target: float,
+    *,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> Allocation:
     """The solver's plan, with the solver's error model checked on the calibration windows.
 
     The solver adds up per-group predicted loss changes: a second-order model
@@ -126,7 +148,10 @@ def measured(lm: LoadedModel, windows: Windows, meas: Measurement, cands: Candid
     """
     levels = _uniform_bpw(meas)
     choices: dict[str, set[str] | None] = {"any width": None}
-    choices |= {f"floor {w}": {c for b, c in levels if int(b) >= w} for w in sorted({int(b) for b, _ in levels if b <= target + 1e-9})}
+    choices |= {
+        f"floor {w}": {c for b, c in levels if int(b) >= w}
+        for w in sorted({int(b) for b, _ in levels if b <= target + 1e-9})
+    }
     if levels[0][0] <= target + 1e-9:
         band = bracket(meas, target)
         choices[f"band {'-'.join(dict.fromkeys(band))}"] = set(band)
@@ -136,16 +161,36 @@ def measured(lm: LoadedModel, windows: Windows, meas: Measurement, cands: Candid
         tried.setdefault(tuple(sorted(a.configs.items())), (name, a))
     if len(tried) == 1:
         return next(iter(tried.values()))[1]
-    loss = calibration_loss(lm, windows, meas, cands, dict(tried.values()), batch_size=batch_size, progress=progress,
-                            what=f"plans at {target:g} bits")
+    loss = calibration_loss(
+        lm,
+        windows,
+        meas,
+        cands,
+        dict(tried.values()),
+        batch_size=batch_size,
+        progress=progress,
+        what=f"plans at {target:g} bits",
+    )
     best_name, best = min(tried.values(), key=lambda na: loss[na[0]])
-    best.meta |= {"choice": best_name, "calibration_delta_nll": loss,
-                  "predicted_delta_nll": {name: a.predicted_error for name, a in tried.values()}}
+    best.meta |= {
+        "choice": best_name,
+        "calibration_delta_nll": loss,
+        "predicted_delta_nll": {name: a.predicted_error for name, a in tried.values()},
+    }
     return best
 
 
-def calibration_loss(lm: LoadedModel, windows: Windows, meas: Measurement, cands: Candidates, allocs: dict[str, Allocation], *,
-                     batch_size: int = 4, progress: bool = False, what: str = "plans") -> dict[str, float]:
+def calibration_loss(
+    lm: LoadedModel,
+    windows: Windows,
+    meas: Measurement,
+    cands: Candidates,
+    allocs: dict[str, Allocation],
+    *,
+    batch_size: int = 4,
+    progress: bool = False,
+    what: str = "plans",
+) -> dict[str, float]:
     """Each plan's mean NLL increase over the calibration windows.
 
     Weights rounded to a grid (RTN, GGUF types) do not depend on data, so each
@@ -163,24 +208,55 @@ def calibration_loss(lm: LoadedModel, windows: Windows, meas: Measurement, cands
     deltas: dict[str, list[float]] = {name: [] for name in allocs}
     for fit, score in folds:
         part = replace(windows, ids=fit, n_calib=len(fit))
-        variants = _variants(lm, meas, cands, allocs, part, batch_size=batch_size, progress=progress, desc=f"make {what}")
-        q = quality(next_token_logits(lm.model), variants, score, batch_size=batch_size, device=lm.device, progress=progress,
-                    desc=f"score {what}")
+        variants = _variants(
+            lm, meas, cands, allocs, part, batch_size=batch_size, progress=progress, desc=f"make {what}"
+        )
+        q = quality(
+            next_token_logits(lm.model),
+            variants,
+            score,
+            batch_size=batch_size,
+            device=lm.device,
+            progress=progress,
+            desc=f"score {what}",
+        )
         for name in allocs:
             deltas[name] += q[name]["window_delta_nll"]
     return {name: sum(d) / len(d) for name, d in deltas.items()}
 
 
-def _variants(lm: LoadedModel, meas: Measurement, cands: Candidates, allocs: dict[str, Allocation], windows: Windows, *,
-              batch_size: int, progress: bool, desc: str) -> dict[str, LogitsFn]:
+def _variants(
+    lm: LoadedModel,
+    meas: Measurement,
+    cands: Candidates,
+    allocs: dict[str, Allocation],
+    windows: Windows,
+    *,
+    batch_size: int,
+    progress: bool,
+    desc: str,
+) -> dict[str, LogitsFn]:
     """Each plan's weights made (GPTQ: on ``windows``; a bar over the plans, named ``desc``) and the logits with them in place."""
-    made = {name: plan_weights(lm, meas, a, cands, windows, batch_size=batch_size)
-            for name, a in tqdm(allocs.items(), desc=desc, unit="plan", disable=not progress)}
+    made = {
+        name: plan_weights(lm, meas, a, cands, windows, batch_size=batch_size)
+        for name, a in tqdm(allocs.items(), desc=desc, unit="plan", disable=not progress)
+    }
     return {name: next_token_logits(lm.model, partial(quantized, lm, w)) for name, w in made.items()}
 
 
-def plans(lm: LoadedModel, windows: Windows, meas: Measurement, cands: Candidates, budgets: list[float], strategies: list[str], *,
-          prof: Profile | None = None, seed: int = 0, batch_size: int = 4, progress: bool = True) -> list[Allocation]:
+def plans(
+    lm: LoadedModel,
+    windows: Windows,
+    meas: Measurement,
+    cands: Candidates,
+    budgets: list[float],
+    strategies: list[str],
+    *,
+    prof: Profile | None = None,
+    seed: int = 0,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> list[Allocation]:
     """Every strategy at every budget (a rule that ignores the budget, like ``q4km``, once); duplicates removed."""
     check_strategies(strategies)
     out: list[Allocation] = []
@@ -190,7 +266,11 @@ def plans(lm: LoadedModel, windows: Windows, meas: Measurement, cands: Candidate
                 raise LayerwiseError("the q4km baseline is a GGUF rule; use it with `family` gguf")
             out.append(qg.q4km(meas, lm.anatomy))
             continue
-        order = block_order(lm, windows, strategy.split(":", 1)[1], prof, seed=seed, progress=progress) if strategy.startswith("ranked:") else []
+        order = (
+            block_order(lm, windows, strategy.split(":", 1)[1], prof, seed=seed, progress=progress)
+            if strategy.startswith("ranked:")
+            else []
+        )
         for b in budgets:
             if strategy == "measured":
                 out.append(measured(lm, windows, meas, cands, b, batch_size=batch_size, progress=progress))
@@ -222,13 +302,28 @@ def _other_bits(lm: LoadedModel, meas: Measurement, cands: Candidates) -> tuple[
         names = {lm.anatomy.gguf_name(p) for p in planned}
         rest = [t for t in qg.ggufio.reader(cands.source).tensors if t.name not in names]
         return sum(qg.ggufio.tensor_bits(t) for t in rest), sum(int(t.n_elements) for t in rest)
-    tensors = {(t.data_ptr(), t.numel()): t for name, t in lm.model.state_dict().items()
-               if not (name.endswith(".weight") and name.rsplit(".", 1)[0] in planned)}
-    return 8 * sum(t.numel() * t.element_size() for t in tensors.values()) + 128 * len(planned), sum(t.numel() for t in tensors.values())
+    tensors = {
+        (t.data_ptr(), t.numel()): t
+        for name, t in lm.model.state_dict().items()
+        if not (name.endswith(".weight") and name.rsplit(".", 1)[0] in planned)
+    }
+    return 8 * sum(t.numel() * t.element_size() for t in tensors.values()) + 128 * len(planned), sum(
+        t.numel() for t in tensors.values()
+    )
 
 
-def evaluate(lm: LoadedModel, windows: Windows, meas: Measurement, cands: Candidates, allocs: list[Allocation],
-             eval_ids: torch.Tensor, *, batch_size: int = 4, chunk: int = 4, progress: bool = False) -> tuple[dict, list[dict], dict]:
+def evaluate(
+    lm: LoadedModel,
+    windows: Windows,
+    meas: Measurement,
+    cands: Candidates,
+    allocs: list[Allocation],
+    eval_ids: torch.Tensor,
+    *,
+    batch_size: int = 4,
+    chunk: int = 4,
+    progress: bool = False,
+) -> tuple[dict, list[dict], dict]:
     """Held-out quality and size of every plan beside the original: (original, one row per plan, plans as JSON).
 
     Plans are evaluated a few at a time (each holds a dequantized copy of the
@@ -240,26 +335,72 @@ def evaluate(lm: LoadedModel, windows: Windows, meas: Measurement, cands: Candid
     q: dict[str, dict] = {}
     for i in range(0, len(allocs), chunk):
         part = f"plans {i + 1}-{min(i + chunk, len(allocs))} of {len(allocs)}"
-        variants = _variants(lm, meas, cands, {label(a): a for a in allocs[i:i + chunk]}, windows, batch_size=batch_size,
-                             progress=progress, desc=f"make {part}")
-        q |= quality(next_token_logits(lm.model), variants, eval_ids, batch_size=batch_size, device=lm.device, progress=progress,
-                     desc=f"evaluate {part}")
+        variants = _variants(
+            lm,
+            meas,
+            cands,
+            {label(a): a for a in allocs[i : i + chunk]},
+            windows,
+            batch_size=batch_size,
+            progress=progress,
+            desc=f"make {part}",
+        )
+        q |= quality(
+            next_token_logits(lm.model),
+            variants,
+            eval_ids,
+            batch_size=batch_size,
+            device=lm.device,
+            progress=progress,
+            desc=f"evaluate {part}",
+        )
         del variants
     first = next(iter(q.values()))
-    original = {"ppl": first["ref_ppl"], "ppl_se": first["ref_ppl_se"], "nll": first["ref_nll"], "n_windows": first["n_windows"],
-                "n_tokens": first["n_tokens"], "quantized_weights": quant_n, "other_weights": other_n}
+    original = {
+        "ppl": first["ref_ppl"],
+        "ppl_se": first["ref_ppl_se"],
+        "nll": first["ref_nll"],
+        "n_windows": first["n_windows"],
+        "n_tokens": first["n_tokens"],
+        "quantized_weights": quant_n,
+        "other_weights": other_n,
+    }
     rows, plan_json = [], {}
     for a in allocs:
         key = label(a)
         bits = a.bpw * quant_n
-        rows.append({"plan": key, "strategy": a.strategy, "target_bpw": a.target_bpw, "bpw": a.bpw,
-                     "bpw_model": (bits + other_bits) / (quant_n + other_n), "bytes": math.ceil((bits + other_bits) / 8),
-                     "predicted_delta_nll": a.predicted_error,
-                     **{k: q[key][k] for k in ("ppl", "ppl_se", "delta_nll", "delta_nll_se", "kl", "kl_se", *KL_KEYS, "window_delta_nll")}})
-        plan_json[key] = {"strategy": a.strategy, "target_bpw": a.target_bpw, "bpw": a.bpw, "meta": a.meta,
-                          "groups": {g: {"config": c, "layer": meas.groups[g]["layer"], "modules": meas.groups[g]["modules"],
-                                         "stored": meas.groups[g]["configs"][c]["stored"], "bits": meas.groups[g]["configs"][c]["bits"],
-                                         "numel": meas.groups[g]["numel"]} for g, c in a.configs.items()}}
+        rows.append(
+            {
+                "plan": key,
+                "strategy": a.strategy,
+                "target_bpw": a.target_bpw,
+                "bpw": a.bpw,
+                "bpw_model": (bits + other_bits) / (quant_n + other_n),
+                "bytes": math.ceil((bits + other_bits) / 8),
+                "predicted_delta_nll": a.predicted_error,
+                **{
+                    k: q[key][k]
+                    for k in ("ppl", "ppl_se", "delta_nll", "delta_nll_se", "kl", "kl_se", *KL_KEYS, "window_delta_nll")
+                },
+            }
+        )
+        plan_json[key] = {
+            "strategy": a.strategy,
+            "target_bpw": a.target_bpw,
+            "bpw": a.bpw,
+            "meta": a.meta,
+            "groups": {
+                g: {
+                    "config": c,
+                    "layer": meas.groups[g]["layer"],
+                    "modules": meas.groups[g]["modules"],
+                    "stored": meas.groups[g]["configs"][c]["stored"],
+                    "bits": meas.groups[g]["configs"][c]["bits"],
+                    "numel": meas.groups[g]["numel"],
+                }
+                for g, c in a.configs.items()
+            },
+        }
     return original, rows, plan_json
 
 
@@ -294,18 +435,27 @@ class QuantPlan:
     def family(self) -> Family:
         return "gguf" if self.method == "llama.cpp" else "int"
 
-    def apply(self, lm: LoadedModel, windows: Windows | None = None, *, batch_size: int = 4) -> ContextManager[None]:
+    def apply(
+        self, lm: LoadedModel, windows: Windows | None = None, *, batch_size: int = 4
+    ) -> AbstractContextManager[None]:
         """The model with the plan's weights for the duration of a ``with`` (GPTQ: fitted ``batch_size`` windows at a time)."""
         return quantized(lm, self.weights(lm, windows, batch_size=batch_size))
 
-    def weights(self, lm: LoadedModel, windows: Windows | None = None, *, batch_size: int = 4) -> dict[nn.Module, torch.Tensor]:
+    def weights(
+        self, lm: LoadedModel, windows: Windows | None = None, *, batch_size: int = 4
+    ) -> dict[nn.Module, torch.Tensor]:
         """Each quantized module's (out, in) weight as the plan stores it."""
         return config_weights(lm, self._names(), self.candidates(lm), self._windows(lm, windows), batch_size=batch_size)
 
     def codes(self, lm: LoadedModel, windows: Windows | None = None, *, batch_size: int = 4) -> dict[str, QTensor]:
         """Each module's integer codes, by module path (integer plans; what ``--export hf`` writes)."""
-        return config_codes(lm, self._names(), self.candidates(lm), self._windows(lm, windows),  # type: ignore[arg-type]
-                            batch_size=batch_size)
+        return config_codes(
+            lm,
+            self._names(),
+            self.candidates(lm),
+            self._windows(lm, windows),  # type: ignore[arg-type]
+            batch_size=batch_size,
+        )
 
     def candidates(self, lm: LoadedModel) -> Candidates:
         """The candidate set that makes the plan's weights (only its own configs)."""
@@ -325,34 +475,42 @@ class QuantPlan:
         if self.method != "gptq":
             return windows
         if windows is None:
-            raise LayerwiseError("a GPTQ plan is fitted to calibration windows; pass `windows` (the ones the plan was made with)")
+            raise LayerwiseError(
+                "a GPTQ plan is fitted to calibration windows; pass `windows` (the ones the plan was made with)"
+            )
         got = {k: windows.meta()[k] for k in ("data_hash", "n_calib", "seq_len")}
         if self.calibration and got != self.calibration:
-            raise LayerwiseError(f"the GPTQ plan was fitted to other calibration windows ({self.calibration}); "
-                                 "give the data, `seq_len` and `samples` it was made with")
+            raise LayerwiseError(
+                f"the GPTQ plan was fitted to other calibration windows ({self.calibration}); "
+                "give the data, `seq_len` and `samples` it was made with"
+            )
         return windows
 
     def save(self, folder: str | Path) -> Path:
         """``plan.json`` holding this plan alone, one entry per module, atomically (a run saves all its plans)."""
-        groups = {p: {"config": c.name, "modules": [p], "stored": [c.stored if isinstance(c, GGUFType) else c.name]}
-                  for p, c in self.configs.items()}
+        groups = {
+            p: {"config": c.name, "modules": [p], "stored": [c.stored if isinstance(c, GGUFType) else c.name]}
+            for p, c in self.configs.items()
+        }
         meta = {"model_hash": self.model_hash, "method": self.method, "data": self.calibration or {}}
         return save_plans(folder, "quantize", meta, {self.key or "plan": {"groups": groups}})
 
     @classmethod
-    def from_json(cls, meta: dict, key: str, entry: dict) -> "QuantPlan":
+    def from_json(cls, meta: dict, key: str, entry: dict) -> QuantPlan:
         """A plan from its ``plan.json`` entry and the run's metadata."""
         method = meta.get("method", "llama.cpp")
         configs: dict[str, QConfig | GGUFType] = {}
         for g in entry["groups"].values():
             for path, stored in zip(g["modules"], g["stored"]):
-                configs[path] = GGUFType(g["config"], stored) if method == "llama.cpp" else QConfig.from_name(g["config"])
+                configs[path] = (
+                    GGUFType(g["config"], stored) if method == "llama.cpp" else QConfig.from_name(g["config"])
+                )
         data = meta.get("data") or {}
         calibration = {k: data[k] for k in ("data_hash", "n_calib", "seq_len")} if method == "gptq" and data else None
         return cls(configs, method, meta.get("model_hash"), calibration, key)
 
     @classmethod
-    def load(cls, path: str | Path, key: str | None = None) -> "QuantPlan":
+    def load(cls, path: str | Path, key: str | None = None) -> QuantPlan:
         """A plan from a quantize result's ``plan.json`` (or its folder); ``key`` picks one plan of a sweep."""
         return cls.from_json(*load_plans(path, "quantize", key))
 
@@ -372,10 +530,13 @@ class QuantReport:
         The page is the report module's job (``layerwise.report.quant``), as for a Profile."""
         out = Path(out)
         save_plans(out, "quantize", self.meta, self.plans)
-        return write_json(out / "eval.json", {"meta": self.meta, "original": self.original, "rows": self.rows, "exports": self.exports})
+        return write_json(
+            out / "eval.json",
+            {"meta": self.meta, "original": self.original, "rows": self.rows, "exports": self.exports},
+        )
 
     @classmethod
-    def load(cls, out: str | Path) -> "QuantReport":
+    def load(cls, out: str | Path) -> QuantReport:
         out = Path(out)
         out = out.parent if out.is_file() else out
         try:
@@ -388,10 +549,24 @@ class QuantReport:
         return asdict(self)
 
 
-def run(lm: LoadedModel, windows: Windows, *, budgets: list[float], strategies: list[str], family: Family = "gguf",
-        method: str = "rtn", group_size: int | None = None, symmetric: bool | None = None, export: tuple[str, ...] | None = None,
-        out: str | Path | None = None, prof: Profile | None = None, eval_samples: int = 16, seed: int = 0,
-        batch_size: int = 4, progress: bool = True) -> QuantReport:
+def run(
+    lm: LoadedModel,
+    windows: Windows,
+    *,
+    budgets: list[float],
+    strategies: list[str],
+    family: Family = "gguf",
+    method: str = "rtn",
+    group_size: int | None = None,
+    symmetric: bool | None = None,
+    export: tuple[str, ...] | None = None,
+    out: str | Path | None = None,
+    prof: Profile | None = None,
+    eval_samples: int = 16,
+    seed: int = 0,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> QuantReport:
     """Measure, plan every strategy at every budget, evaluate each plan on held-out windows, export one plan."""
     start = time.perf_counter()
     if not budgets and any(s != "q4km" for s in strategies):
@@ -402,7 +577,9 @@ def run(lm: LoadedModel, windows: Windows, *, budgets: list[float], strategies: 
         export = EXPORTS[family] if n_plans == 1 and out is not None else ()
     _check_export(lm, family, export)
     if export and n_plans != 1:
-        raise LayerwiseError(f"`export` writes one model but this run makes {n_plans} plans; give one budget and one strategy")
+        raise LayerwiseError(
+            f"`export` writes one model but this run makes {n_plans} plans; give one budget and one strategy"
+        )
     if family == "int" and symmetric is None:
         symmetric = "hf" in export
     sizes = (32, 64, 128)
@@ -414,32 +591,67 @@ def run(lm: LoadedModel, windows: Windows, *, budgets: list[float], strategies: 
     lo, hi = bit_range(lm, cands)
     for b in budgets:
         check_budget(b, lo, hi)
-    meas = measure(lm, windows, candidates=cands, path=Path(out) / "measurement.json" if out else None, progress=progress,
-                   batch_size=batch_size)
+    meas = measure(
+        lm,
+        windows,
+        candidates=cands,
+        path=Path(out) / "measurement.json" if out else None,
+        progress=progress,
+        batch_size=batch_size,
+    )
     if out is not None:  # how it was made, as every result file says (the last command to complete it)
         meas.meta |= provenance(seed=seed, batch_size=batch_size)
         meas.save(Path(out) / "measurement.json")
-    allocs = plans(lm, windows, meas, cands, budgets, strategies, prof=prof, seed=seed, batch_size=batch_size, progress=progress)
+    allocs = plans(
+        lm, windows, meas, cands, budgets, strategies, prof=prof, seed=seed, batch_size=batch_size, progress=progress
+    )
     eval_ids = windows.evaluation[:eval_samples]
-    original, rows, plan_json = evaluate(lm, windows, meas, cands, allocs, eval_ids, batch_size=batch_size, progress=progress)
-    meta = {**lm.meta(), "data": windows.meta(), **provenance(seed=seed, batch_size=batch_size), "format": family,
-            "method": method if family == "int" else "llama.cpp", "candidates": list(cands.names),
-            "measurement_s": meas.meta.get("seconds"), "eval_windows": int(eval_ids.shape[0])}
+    original, rows, plan_json = evaluate(
+        lm, windows, meas, cands, allocs, eval_ids, batch_size=batch_size, progress=progress
+    )
+    meta = {
+        **lm.meta(),
+        "data": windows.meta(),
+        **provenance(seed=seed, batch_size=batch_size),
+        "format": family,
+        "method": method if family == "int" else "llama.cpp",
+        "candidates": list(cands.names),
+        "measurement_s": meas.meta.get("seconds"),
+        "eval_windows": int(eval_ids.shape[0]),
+    }
     exports: dict = {}
     if out is not None and export:
         key = label(allocs[0])
-        exports = export_plan(lm, QuantPlan.from_json(meta, key, plan_json[key]), Path(out), export, eval_ids, windows,
-                              batch_size=batch_size)
-    meta |= {"wall_time_s": round(time.perf_counter() - start, 3), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-             "peak_memory": peak_memory()}
+        exports = export_plan(
+            lm,
+            QuantPlan.from_json(meta, key, plan_json[key]),
+            Path(out),
+            export,
+            eval_ids,
+            windows,
+            batch_size=batch_size,
+        )
+    meta |= {
+        "wall_time_s": round(time.perf_counter() - start, 3),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "peak_memory": peak_memory(),
+    }
     report = QuantReport(meta, original, rows, plan_json, exports)
     if out is not None:
         report.save(out)
     return report
 
 
-def export_plan(lm: LoadedModel, plan: QuantPlan, out: str | Path, export: tuple[str, ...], eval_ids: torch.Tensor,
-                windows: Windows | None = None, *, batch_size: int = 4) -> dict:
+def export_plan(
+    lm: LoadedModel,
+    plan: QuantPlan,
+    out: str | Path,
+    export: tuple[str, ...],
+    eval_ids: torch.Tensor,
+    windows: Windows | None = None,
+    *,
+    batch_size: int = 4,
+) -> dict:
     """Write one plan's files (``windows``: a GPTQ plan's calibration windows); each model written is run in its
     consumer (llama.cpp, transformers) on the held-out ``eval_ids``. Nothing is measured again."""
     out = Path(out)
@@ -449,8 +661,11 @@ def export_plan(lm: LoadedModel, plan: QuantPlan, out: str | Path, export: tuple
         hf.check(lm, tuple(dict.fromkeys(plan.configs.values())))  # type: ignore[arg-type]
         path = hf.export(lm, plan.codes(lm, windows, batch_size=batch_size), out / "model")
         nll = hf.transformers_nll(path, eval_ids, device=lm.device)
-        exports["hf"] = {"path": str(path), "bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")),
-                         "transformers_ppl": math.exp(sum(nll) / len(nll))}
+        exports["hf"] = {
+            "path": str(path),
+            "bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")),
+            "transformers_ppl": math.exp(sum(nll) / len(nll)),
+        }
     if not {"gguf", "recipe"} & set(export):
         return exports
     types, cands = plan.gguf_types(lm), plan.candidates(lm)
@@ -460,8 +675,12 @@ def export_plan(lm: LoadedModel, plan: QuantPlan, out: str | Path, export: tuple
     if "gguf" in export:
         path = qg.export(cands, types, out / "model.gguf")  # type: ignore[arg-type]
         nll = qg.llama_nll(path, eval_ids)
-        exports["gguf"] = {"path": str(path), "bytes": path.stat().st_size, "llama_cpp_ppl": math.exp(sum(nll) / len(nll)),
-                           "stored_types": {t: s for t, (_, s) in types.items()}}
+        exports["gguf"] = {
+            "path": str(path),
+            "bytes": path.stat().st_size,
+            "llama_cpp_ppl": math.exp(sum(nll) / len(nll)),
+            "stored_types": {t: s for t, (_, s) in types.items()},
+        }
     return exports
 
 
@@ -469,4 +688,6 @@ def _check_export(lm: LoadedModel, family: Family, export: tuple[str, ...]) -> N
     unknown = set(export) - set(EXPORTS[family])
     if unknown:
         allowed = ", ".join(EXPORTS[family]) or "none yet"
-        raise LayerwiseError(f"`export` {', '.join(sorted(unknown))} is not available for `family` {family} (available: {allowed})")
+        raise LayerwiseError(
+            f"`export` {', '.join(sorted(unknown))} is not available for `family` {family} (available: {allowed})"
+        )

@@ -44,12 +44,13 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -73,8 +74,16 @@ DEFAULT_ALPHA = 0.25
 
 # ---------------------------------------------------------------- data
 
-def read_pairs(*, data: str | None = None, pos: str | None = None, neg: str | None = None, n: int = 64, seed: int = 0,
-               encoding: str | None = None) -> list[tuple[str, str]]:
+
+def read_pairs(
+    *,
+    data: str | None = None,
+    pos: str | None = None,
+    neg: str | None = None,
+    n: int = 64,
+    seed: int = 0,
+    encoding: str | None = None,
+) -> list[tuple[str, str]]:
     """Positive/negative pairs from ``builtin:sentiment``, a JSONL of ``{"positive", "negative"}``, or two line-paired text files.
 
     Files are decoded by :func:`layerwise.data.read_file`'s rule; blank lines are skipped, and messages name real line numbers.
@@ -89,10 +98,14 @@ def read_pairs(*, data: str | None = None, pos: str | None = None, neg: str | No
         rows = read_jsonl(data, encoding, fields=("positive", "negative"))
         return _checked([(str(r["positive"]), str(r["negative"])) for _, r in rows], data)
     if not (pos and neg):
-        raise LayerwiseError("steering needs contrastive texts: data=builtin:sentiment, data=pairs.jsonl, or both pos and neg files")
+        raise LayerwiseError(
+            "steering needs contrastive texts: data=builtin:sentiment, data=pairs.jsonl, or both pos and neg files"
+        )
     p, q = read_lines(pos, encoding), read_lines(neg, encoding)
     if len(p) != len(q):
-        raise LayerwiseError(f"{pos} has {len(p)} texts but {neg} has {len(q)}; line i of each must form a pair, so give them the same count")
+        raise LayerwiseError(
+            f"{pos} has {len(p)} texts but {neg} has {len(q)}; line i of each must form a pair, so give them the same count"
+        )
     return _checked([(a, b) for (_, a), (_, b) in zip(p, q)], f"{pos} and {neg}")
 
 
@@ -120,6 +133,7 @@ def split(n: int, seed: int) -> tuple[list[int], list[int]]:
 
 # ---------------------------------------------------------------- fitting
 
+
 def _fit(method: str, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     """A unit direction from paired readouts (rows of ``pos`` and ``neg`` are pairs)."""
     diff = (pos - neg).double()
@@ -130,7 +144,9 @@ def _fit(method: str, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
         d = d if float(diff.mean(0) @ d) >= 0 else -d
     norm = float(d.norm())
     if not math.isfinite(norm) or norm == 0:
-        raise LayerwiseError("the positive and negative texts read the same at this layer; give texts that differ in the concept")
+        raise LayerwiseError(
+            "the positive and negative texts read the same at this layer; give texts that differ in the concept"
+        )
     return (d / norm).float()
 
 
@@ -155,21 +171,48 @@ class Fit:
     read: str
     seed: int
 
-    def vector(self, units: Sequence[str], lm: LoadedModel, alpha: float, meta: dict) -> "SteeringVector":
-        return SteeringVector(directions={u: self.directions[u] for u in units}, scales={u: self.scales[u] for u in units},
-                              alpha=alpha, method=self.method, read=self.read, model=_model_id(lm), meta=meta)
+    def vector(self, units: Sequence[str], lm: LoadedModel, alpha: float, meta: dict) -> SteeringVector:
+        return SteeringVector(
+            directions={u: self.directions[u] for u in units},
+            scales={u: self.scales[u] for u in units},
+            alpha=alpha,
+            method=self.method,
+            read=self.read,
+            model=_model_id(lm),
+            meta=meta,
+        )
 
 
-def fit(lm: LoadedModel, pairs: Sequence[tuple[str, str]], *, method: str = "diffmean", read: str = "last", seed: int = 0,
-        probe: str | None = None, batch_size: int = 8, progress: bool = False) -> Fit:
+def fit(
+    lm: LoadedModel,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    method: str = "diffmean",
+    read: str = "last",
+    seed: int = 0,
+    probe: str | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> Fit:
     """Read every block output for every pair, fit each block's direction and measure its held-out separation."""
-    loaded = _probe_directions(probe, lm, unit_list(lm.anatomy, "blocks")) if method == "probe" else None  # refused before any reading
+    loaded = (
+        _probe_directions(probe, lm, unit_list(lm.anatomy, "blocks")) if method == "probe" else None
+    )  # refused before any reading
     pairs = _checked(list(pairs), "the pairs")
-    feats = collect(lm, [p for p, _ in pairs] + [q for _, q in pairs], units="blocks", read=read, batch_size=batch_size, progress=progress)
+    feats = collect(
+        lm,
+        [p for p, _ in pairs] + [q for _, q in pairs],
+        units="blocks",
+        read=read,
+        batch_size=batch_size,
+        progress=progress,
+    )
     return fit_features(feats, len(pairs), method=method, seed=seed, given=loaded)
 
 
-def fit_features(feats: Features, n: int, *, method: str = "diffmean", seed: int = 0, given: dict[str, torch.Tensor] | None = None) -> Fit:
+def fit_features(
+    feats: Features, n: int, *, method: str = "diffmean", seed: int = 0, given: dict[str, torch.Tensor] | None = None
+) -> Fit:
     """:func:`fit` on readouts already taken: rows ``:n`` positive, ``n:`` their paired negatives; ``given`` directions skip fitting."""
     if method not in METHODS:
         raise LayerwiseError(f"method={method!r} is not known; use one of {', '.join(METHODS)}")
@@ -178,7 +221,9 @@ def fit_features(feats: Features, n: int, *, method: str = "diffmean", seed: int
     for u in feats.units:
         x = feats.values[u]
         if not torch.isfinite(x).all():
-            raise LayerwiseError(f"non-finite activations (NaN/inf) at {u}; load the model with --dtype float32, or check the weights")
+            raise LayerwiseError(
+                f"non-finite activations (NaN/inf) at {u}; load the model with --dtype float32, or check the weights"
+            )
         pos, neg = x[:n], x[n:]
         if given:  # a probe's weight, its sign turned toward the positives of the calibration pairs
             d_cal = d = given[u] if float((pos[calib] - neg[calib]).mean(0) @ given[u]) >= 0 else -given[u]
@@ -191,7 +236,7 @@ def fit_features(feats: Features, n: int, *, method: str = "diffmean", seed: int
     return Fit(**out, calibration=calib, held_out=held, method=method, read=feats.read, seed=seed)
 
 
-def probe_result(folder: str | None) -> "ProbeResult":
+def probe_result(folder: str | None) -> ProbeResult:
     """A saved ``layerwise probe`` result to steer along, refused when it names no unit that reads the concept
     (imported here: the probe is its own action)."""
     if not folder:
@@ -199,11 +244,15 @@ def probe_result(folder: str | None) -> "ProbeResult":
     try:
         from .probe import ProbeResult  # type: ignore[attr-defined]
     except ImportError:
-        raise LayerwiseError("method='probe' needs layerwise's probe action (layerwise.probe), which this install lacks; use diffmean or pca") from None
+        raise LayerwiseError(
+            "method='probe' needs layerwise's probe action (layerwise.probe), which this install lacks; use diffmean or pca"
+        ) from None
     res = ProbeResult.load(folder)
     if res.best_unit() is None:
-        raise LayerwiseError(f"the probe in {folder} shows no unit that reads the concept: {res.best['why']}; "
-                             "use `method` diffmean, or probe again with more examples")
+        raise LayerwiseError(
+            f"the probe in {folder} shows no unit that reads the concept: {res.best['why']}; "
+            "use `method` diffmean, or probe again with more examples"
+        )
     return res
 
 
@@ -214,20 +263,28 @@ def _probe_directions(folder: str | None, lm: LoadedModel, units: list[str]) -> 
     for u in units:
         d = torch.as_tensor(res.direction(u), dtype=torch.float32).flatten().cpu()
         if d.numel() != _hidden(lm) or not torch.isfinite(d).all() or float(d.norm()) == 0:
-            raise LayerwiseError(f"the probe in {folder} has no usable direction for {u} on this model; probe this model's blocks")
+            raise LayerwiseError(
+                f"the probe in {folder} has no usable direction for {u} on this model; probe this model's blocks"
+            )
         out[u] = d / d.norm()
     return out
 
 
 # ---------------------------------------------------------------- the vector
 
+
 def _hidden(lm: LoadedModel) -> int:
     return int(lm.anatomy.embed.weight.shape[1])
 
 
 def _model_id(lm: LoadedModel) -> dict:
-    return {"model_hash": lm.source.get("model_hash"), "model_id": lm.source.get("model_id"), "n_layers": lm.anatomy.n_layers,
-            "hidden_size": _hidden(lm), "model_type": lm.anatomy.model_type}
+    return {
+        "model_hash": lm.source.get("model_hash"),
+        "model_id": lm.source.get("model_id"),
+        "n_layers": lm.anatomy.n_layers,
+        "hidden_size": _hidden(lm),
+        "model_type": lm.anatomy.model_type,
+    }
 
 
 def _check_alpha(alpha: float) -> float:
@@ -236,7 +293,9 @@ def _check_alpha(alpha: float) -> float:
     except (TypeError, ValueError):
         raise LayerwiseError(f"alpha must be a number (got {alpha!r})") from None
     if not math.isfinite(a):
-        raise LayerwiseError(f"alpha must be finite (got {alpha}); give a multiple of the layer's residual norm such as 0.25")
+        raise LayerwiseError(
+            f"alpha must be finite (got {alpha}); give a multiple of the layer's residual norm such as 0.25"
+        )
     return a
 
 
@@ -249,7 +308,9 @@ def _adder(delta: torch.Tensor, from_token: int) -> Callable:
         if from_token:
             pos = kwargs.get("position_ids")
             if pos is None:
-                raise LayerwiseError("from_token needs the token positions, which this architecture does not pass to its blocks; use from_token=0")
+                raise LayerwiseError(
+                    "from_token needs the token positions, which this architecture does not pass to its blocks; use from_token=0"
+                )
             add = add * (pos >= from_token).unsqueeze(-1).to(h.dtype)
         new = h + add
         return (new, *output[1:]) if isinstance(output, tuple) else new
@@ -282,11 +343,15 @@ class SteeringVector:
         """Refuse a model other than the one the vector was measured on (its hash, else its shape)."""
         want, got = self.model.get("model_hash"), lm.source.get("model_hash")
         if want and got and want != got:
-            raise LayerwiseError(f"this steering vector was measured on another model (hash {str(want)[:12]}, this model {str(got)[:12]}); "
-                                 "train a vector on this model")
+            raise LayerwiseError(
+                f"this steering vector was measured on another model (hash {str(want)[:12]}, this model {str(got)[:12]}); "
+                "train a vector on this model"
+            )
         if (self.model.get("hidden_size"), self.model.get("n_layers")) != (_hidden(lm), lm.anatomy.n_layers):
-            raise LayerwiseError(f"this steering vector is for a model with {self.model.get('n_layers')} blocks of width {self.model.get('hidden_size')}, "
-                                 f"this one has {lm.anatomy.n_layers} of width {_hidden(lm)}; train a vector on this model")
+            raise LayerwiseError(
+                f"this steering vector is for a model with {self.model.get('n_layers')} blocks of width {self.model.get('hidden_size')}, "
+                f"this one has {lm.anatomy.n_layers} of width {_hidden(lm)}; train a vector on this model"
+            )
 
     @contextmanager
     def apply(self, lm: LoadedModel, alpha: float | None = None, *, from_token: int = 0) -> Iterator[None]:
@@ -315,8 +380,15 @@ class SteeringVector:
                 h.remove()
 
     def to_dict(self) -> dict:
-        return {"units": self.units, "scales": self.scales, "alpha": self.alpha, "method": self.method, "read": self.read,
-                "model": self.model, "format": "layerwise steering vector: vector.safetensors holds one unit direction per unit name"}
+        return {
+            "units": self.units,
+            "scales": self.scales,
+            "alpha": self.alpha,
+            "method": self.method,
+            "read": self.read,
+            "model": self.model,
+            "format": "layerwise steering vector: vector.safetensors holds one unit direction per unit name",
+        }
 
     def save(self, out: str | Path, extra: dict | None = None) -> Path:
         """``vector.safetensors`` and ``steer.json`` (this vector, its provenance and ``extra``) into ``out``, atomically."""
@@ -331,7 +403,7 @@ class SteeringVector:
         write_json(folder / "steer.json", {"vector": self.to_dict(), "meta": self.meta, **(extra or {})})
 
     @classmethod
-    def load(cls, folder: str | Path, lm: LoadedModel | None = None) -> "SteeringVector":
+    def load(cls, folder: str | Path, lm: LoadedModel | None = None) -> SteeringVector:
         """The vector saved in ``folder``; with ``lm``, checked to come from that model."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -342,10 +414,19 @@ class SteeringVector:
             doc = json.loads((folder / "steer.json").read_text())
             v = doc["vector"]
             tensors = load_file(str(folder / "vector.safetensors"))
-            vec = cls(directions={u: tensors[u].float() for u in v["units"]}, scales={u: float(v["scales"][u]) for u in v["units"]},
-                      alpha=float(v["alpha"]), method=v["method"], read=v["read"], model=v["model"], meta=doc.get("meta", {}))
+            vec = cls(
+                directions={u: tensors[u].float() for u in v["units"]},
+                scales={u: float(v["scales"][u]) for u in v["units"]},
+                alpha=float(v["alpha"]),
+                method=v["method"],
+                read=v["read"],
+                model=v["model"],
+                meta=doc.get("meta", {}),
+            )
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
-            raise LayerwiseError(f"{folder} is not a layerwise steering vector ({exc.__class__.__name__}); give a folder written by `layerwise steer`") from None
+            raise LayerwiseError(
+                f"{folder} is not a layerwise steering vector ({exc.__class__.__name__}); give a folder written by `layerwise steer`"
+            ) from None
         if lm is not None:
             vec.check_model(lm)
         return vec
@@ -355,8 +436,13 @@ def run_meta(lm: LoadedModel, seed: int, batch_size: int, **extra: Any) -> dict:
     """Provenance every steering result carries: the model, package versions, the command line, the seed and the batch size."""
     from .profile import provenance
 
-    return {**lm.meta(), **provenance(seed=seed, batch_size=batch_size), **extra,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "peak_memory": peak_memory()}
+    return {
+        **lm.meta(),
+        **provenance(seed=seed, batch_size=batch_size),
+        **extra,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "peak_memory": peak_memory(),
+    }
 
 
 def parse_layers(spec: str, n_layers: int) -> list[tuple[str, ...]] | None:
@@ -369,9 +455,13 @@ def parse_layers(spec: str, n_layers: int) -> list[tuple[str, ...]] | None:
         try:
             lo, hi = (parse_unit(e.strip()) for e in (ends[0], ends[-1]))
         except (LayerwiseError, ValueError):
-            raise LayerwiseError(f"layers {part!r} is not a block name; write auto, L12, L10-L14 or L6,L12,L18") from None
+            raise LayerwiseError(
+                f"layers {part!r} is not a block name; write auto, L12, L10-L14 or L6,L12,L18"
+            ) from None
         if len(ends) > 2 or lo[1] != "block" or hi[1] != "block" or hi[0] < lo[0]:
-            raise LayerwiseError(f"layers {part!r} is not a block or an increasing range of blocks; write auto, L12, L10-L14 or L6,L12,L18")
+            raise LayerwiseError(
+                f"layers {part!r} is not a block or an increasing range of blocks; write auto, L12, L10-L14 or L6,L12,L18"
+            )
         for k in (lo[0], hi[0]):
             if k >= n_layers:
                 raise LayerwiseError(f"layer L{k} does not exist; this model has blocks L0 to L{n_layers - 1}")
@@ -384,22 +474,47 @@ def parse_layers(spec: str, n_layers: int) -> list[tuple[str, ...]] | None:
 def rank_variants(f: Fit, variants: list[tuple[str, ...]] | None) -> list[dict]:
     """Candidates (every block when ``variants`` is None), best held-out separation first; a range scores its blocks' mean d."""
     cands = [(u,) for u in f.directions] if variants is None else variants
-    rows = [{"units": list(v), "d": sum(f.separation[u]["d"] for u in v) / len(v),
-             "pair_acc": sum(f.separation[u]["pair_acc"] for u in v) / len(v)} for v in cands]
+    rows = [
+        {
+            "units": list(v),
+            "d": sum(f.separation[u]["d"] for u in v) / len(v),
+            "pair_acc": sum(f.separation[u]["pair_acc"] for u in v) / len(v),
+        }
+        for v in cands
+    ]
     return sorted(rows, key=lambda r: -r["d"])
 
 
-def train(lm: LoadedModel, positive: Sequence[str], negative: Sequence[str], *, method: str = "diffmean", layers: str = "auto",
-          read: str = "last", alpha: float = DEFAULT_ALPHA, seed: int = 0, probe: str | None = None, batch_size: int = 8) -> SteeringVector:
+def train(
+    lm: LoadedModel,
+    positive: Sequence[str],
+    negative: Sequence[str],
+    *,
+    method: str = "diffmean",
+    layers: str = "auto",
+    read: str = "last",
+    alpha: float = DEFAULT_ALPHA,
+    seed: int = 0,
+    probe: str | None = None,
+    batch_size: int = 8,
+) -> SteeringVector:
     """Fit a steering vector at the best-separating block (or the first given layer spec) from paired texts."""
     if len(positive) != len(negative):
-        raise LayerwiseError(f"{len(positive)} positive but {len(negative)} negative texts; give them in pairs (the same count)")
+        raise LayerwiseError(
+            f"{len(positive)} positive but {len(negative)} negative texts; give them in pairs (the same count)"
+        )
     f = fit(lm, list(zip(positive, negative)), method=method, read=read, seed=seed, probe=probe, batch_size=batch_size)
     ranking = rank_variants(f, parse_layers(layers, lm.anatomy.n_layers))
-    return f.vector(ranking[0]["units"], lm, _check_alpha(alpha), run_meta(lm, seed, batch_size, choice={"layers": layers, "ranking": ranking}))
+    return f.vector(
+        ranking[0]["units"],
+        lm,
+        _check_alpha(alpha),
+        run_meta(lm, seed, batch_size, choice={"layers": layers, "ranking": ranking}),
+    )
 
 
 # ---------------------------------------------------------------- measuring
+
 
 def _pad(seqs: Sequence[Sequence[int]], pad: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
@@ -413,7 +528,9 @@ def _pad(seqs: Sequence[Sequence[int]], pad: int, left: bool) -> tuple[torch.Ten
 
 
 @torch.no_grad()
-def margins(lm: LoadedModel, prompts: list[list[int]], conts: list[tuple[list[int], list[int]]], *, batch_size: int = 32) -> torch.Tensor:
+def margins(
+    lm: LoadedModel, prompts: list[list[int]], conts: list[tuple[list[int], list[int]]], *, batch_size: int = 32
+) -> torch.Tensor:
     """Per prompt, the mean over continuation pairs of log p(positive | prompt) - log p(negative | prompt) (summed over tokens).
 
     The tokens a pair shares before its texts differ have the same log-probability in both and cancel, so the prompt and
@@ -425,7 +542,12 @@ def margins(lm: LoadedModel, prompts: list[list[int]], conts: list[tuple[list[in
             k = next((i for i, (a, b) in enumerate(zip(pos, neg)) if a != b), min(len(pos), len(neg)))
             heads.append(p + pos[:k])
             tails.append((pos[k:], neg[k:]))
-    out = torch.cat([_tail_margins(lm, heads[i:i + batch_size], tails[i:i + batch_size]) for i in range(0, len(heads), batch_size)])
+    out = torch.cat(
+        [
+            _tail_margins(lm, heads[i : i + batch_size], tails[i : i + batch_size])
+            for i in range(0, len(heads), batch_size)
+        ]
+    )
     return out.view(len(prompts), len(conts)).mean(1)
 
 
@@ -433,9 +555,16 @@ def _tail_margins(lm: LoadedModel, heads: list[list[int]], tails: list[tuple[lis
     """log p(positive tail | head) - log p(negative tail | head) per row: heads left-padded with a cache, tails right-padded after it."""
     x, mask = _pad(heads, 0, left=True)
     where = (mask.cumsum(1) - 1).clamp(min=0)
-    run = lm.model(input_ids=x.to(lm.device), attention_mask=mask.to(lm.device), position_ids=where.to(lm.device), use_cache=True,
-                   logits_to_keep=1)  # only the head's last position is read: the rest would be (batch, seq, vocab) floats
-    first = torch.log_softmax(run.logits[:, -1].float(), -1).cpu().repeat_interleave(2, 0)  # predicts each tail's first token
+    run = lm.model(
+        input_ids=x.to(lm.device),
+        attention_mask=mask.to(lm.device),
+        position_ids=where.to(lm.device),
+        use_cache=True,
+        logits_to_keep=1,
+    )  # only the head's last position is read: the rest would be (batch, seq, vocab) floats
+    first = (
+        torch.log_softmax(run.logits[:, -1].float(), -1).cpu().repeat_interleave(2, 0)
+    )  # predicts each tail's first token
     seqs = [t for pair in tails for t in pair]  # positive, negative, ... matching the repeated cache rows
     logp = torch.zeros(len(seqs), dtype=torch.float64)
     width = max(len(t) for t in seqs)
@@ -445,11 +574,21 @@ def _tail_margins(lm: LoadedModel, heads: list[list[int]], tails: list[tuple[lis
         y, ymask = _pad([t or [0] for t in seqs], 0, left=False)
         ypos = where[:, -1:].repeat_interleave(2, 0) + 1 + torch.arange(y.shape[1])
         full = torch.cat([mask.repeat_interleave(2, 0), ymask], 1)
-        rest = torch.log_softmax(lm.model(input_ids=y.to(lm.device), attention_mask=full.to(lm.device), position_ids=ypos.to(lm.device),
-                                          past_key_values=cache, use_cache=True).logits.float(), -1).cpu()
+        rest = torch.log_softmax(
+            lm.model(
+                input_ids=y.to(lm.device),
+                attention_mask=full.to(lm.device),
+                position_ids=ypos.to(lm.device),
+                past_key_values=cache,
+                use_cache=True,
+            ).logits.float(),
+            -1,
+        ).cpu()
     for j, t in enumerate(seqs):
         if t:
-            logp[j] = float(first[j, t[0]]) + (float(rest[j, torch.arange(len(t) - 1), torch.tensor(t[1:])].sum()) if len(t) > 1 else 0.0)
+            logp[j] = float(first[j, t[0]]) + (
+                float(rest[j, torch.arange(len(t) - 1), torch.tensor(t[1:])].sum()) if len(t) > 1 else 0.0
+            )
     return logp[0::2] - logp[1::2]
 
 
@@ -459,9 +598,14 @@ def generate(lm: LoadedModel, prompts: list[list[int]], new_tokens: int) -> list
     tok = lm.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     x, mask = _pad(prompts, pad, left=True)
-    out = lm.model.generate(input_ids=x.to(lm.device), attention_mask=mask.to(lm.device), max_new_tokens=new_tokens,
-                            do_sample=False, pad_token_id=pad)
-    return [t.strip() for t in tok.batch_decode(out[:, x.shape[1]:], skip_special_tokens=True)]
+    out = lm.model.generate(
+        input_ids=x.to(lm.device),
+        attention_mask=mask.to(lm.device),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=pad,
+    )
+    return [t.strip() for t in tok.batch_decode(out[:, x.shape[1] :], skip_special_tokens=True)]
 
 
 def _mean_se(values: Sequence[float]) -> tuple[float, float | None]:
@@ -479,21 +623,39 @@ class Prompts:
     roles: dict[str, list[str]]  # calibration / development / report texts, saved in steer.json
 
 
-def prompt_sets(lm: LoadedModel, prompts: Sequence[str], pairs: Sequence[tuple[str, str]], held_pairs: list[int], *, seed: int,
-                report: Sequence[str] | None = None, max_continuations: int = 4) -> Prompts:
+def prompt_sets(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    pairs: Sequence[tuple[str, str]],
+    held_pairs: list[int],
+    *,
+    seed: int,
+    report: Sequence[str] | None = None,
+    max_continuations: int = 4,
+) -> Prompts:
     """Split ``prompts`` (:func:`split`, seed + 1) into calibration and development/report parts (module docstring), tokenize
     the report set (``report`` when given) and the held-out pairs as continuations (a leading space, no special tokens)."""
     prompts = list(prompts)
     cal, second = split(len(prompts), seed + 1)
-    roles = {"calibration": [prompts[i] for i in cal], "development": [prompts[i] for i in second] if report is not None else [],
-             "report": list(report) if report is not None else [prompts[i] for i in second]}
+    roles = {
+        "calibration": [prompts[i] for i in cal],
+        "development": [prompts[i] for i in second] if report is not None else [],
+        "report": list(report) if report is not None else [prompts[i] for i in second],
+    }
     if not roles["report"] or any(not p.strip() for p in roles["report"]):
-        raise LayerwiseError("the report prompts are empty or hold an empty line; give at least one prompt, one per line")
-    conts = [tuple(lm.tokenizer(" " + t, add_special_tokens=False)["input_ids"] for t in pairs[i]) for i in held_pairs[:max_continuations]]
+        raise LayerwiseError(
+            "the report prompts are empty or hold an empty line; give at least one prompt, one per line"
+        )
+    conts = [
+        tuple(lm.tokenizer(" " + t, add_special_tokens=False)["input_ids"] for t in pairs[i])
+        for i in held_pairs[:max_continuations]
+    ]
     return Prompts(tokenize(lm, roles["calibration"])[0], tokenize(lm, roles["report"])[0], conts, roles)  # type: ignore[arg-type]
 
 
-def choose_alpha(lm: LoadedModel, vec: SteeringVector, ps: Prompts, *, target: float = 2.0, grid: Sequence[float] = ALPHA_GRID) -> dict:
+def choose_alpha(
+    lm: LoadedModel, vec: SteeringVector, ps: Prompts, *, target: float = 2.0, grid: Sequence[float] = ALPHA_GRID
+) -> dict:
     """The smallest multiple on ``grid`` whose mean log-prob margin shift on the calibration prompts reaches ``target`` nats."""
     base = margins(lm, ps.calibration, ps.conts)
     tried = []
@@ -506,8 +668,18 @@ def choose_alpha(lm: LoadedModel, vec: SteeringVector, ps: Prompts, *, target: f
     return {"alpha": max(grid), "reached": False, "target": target, "tried": tried}
 
 
-def measure(lm: LoadedModel, f: Fit, configs: list[tuple[tuple[str, ...], float]], ps: Prompts, eval_ids: torch.Tensor, *,
-            new_tokens: int = 24, scorer: Callable[[str], float] | None = None, batch_size: int = 4, progress: bool = False) -> dict:
+def measure(
+    lm: LoadedModel,
+    f: Fit,
+    configs: list[tuple[tuple[str, ...], float]],
+    ps: Prompts,
+    eval_ids: torch.Tensor,
+    *,
+    new_tokens: int = 24,
+    scorer: Callable[[str], float] | None = None,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> dict:
     """Effect on the report prompts and cost on neutral windows for every (units, alpha), each ± SE.
 
     Effects, each the paired difference steered minus unsteered across the
@@ -525,8 +697,12 @@ def measure(lm: LoadedModel, f: Fit, configs: list[tuple[tuple[str, ...], float]
     def effects() -> dict:
         proj = collect_ids(lm, ps.report, units=[last], read="last").values[last] @ f.directions[last] / f.gaps[last]
         texts = generate(lm, ps.report, new_tokens) if scorer else []
-        return {"margin": margins(lm, ps.report, ps.conts).tolist(), "proj": proj.tolist(), "texts": texts,
-                "score": [scorer(t) for t in texts] if scorer else []}
+        return {
+            "margin": margins(lm, ps.report, ps.conts).tolist(),
+            "proj": proj.tolist(),
+            "texts": texts,
+            "score": [scorer(t) for t in texts] if scorer else [],
+        }
 
     base = effects()
     vecs = {_key(u, a): (f.vector(u, lm, a, {}), a) for u, a in configs}
@@ -541,11 +717,20 @@ def measure(lm: LoadedModel, f: Fit, configs: list[tuple[tuple[str, ...], float]
                 row[name], row[f"{name}_se"] = _mean_se(e[name])
         row["samples"] = e["texts"]
         rows.append(row)
-    cost = quality(next_token_logits(lm.model), {k: next_token_logits(lm.model, partial(v.apply, lm, a)) for k, (v, a) in vecs.items()},
-                   eval_ids, batch_size=batch_size, device=lm.device)
+    cost = quality(
+        next_token_logits(lm.model),
+        {k: next_token_logits(lm.model, partial(v.apply, lm, a)) for k, (v, a) in vecs.items()},
+        eval_ids,
+        batch_size=batch_size,
+        device=lm.device,
+    )
     for row in rows:
         row.update({k: v for k, v in cost[row["key"]].items() if k != "window_delta_nll"})
-    base_row = {k: v for k, v in next(iter(cost.values())).items() if k.startswith("ref_") or k.startswith("n_")} if cost else {}
+    base_row = (
+        {k: v for k, v in next(iter(cost.values())).items() if k.startswith("ref_") or k.startswith("n_")}
+        if cost
+        else {}
+    )
     for name in ("margin", "proj", "score"):
         if base[name]:
             base_row[name], base_row[f"{name}_se"] = _mean_se(base[name])
@@ -559,6 +744,7 @@ def _key(units: Sequence[str], alpha: float) -> str:
 
 
 # ---------------------------------------------------------------- export
+
 
 def export_gguf(vec: SteeringVector, lm: LoadedModel, path: str | Path, alpha: float | None = None) -> Path:
     """A llama.cpp control vector: ``direction.k`` = the vector added at block k's output (``alpha`` applied).
@@ -575,7 +761,9 @@ def export_gguf(vec: SteeringVector, lm: LoadedModel, path: str | Path, alpha: f
 
     vec.check_model(lm)
     if "L0" in vec.directions:
-        raise LayerwiseError("llama.cpp control vectors cannot steer L0 (its first slot, direction.1, is block 1's output); choose a layer from L1 on")
+        raise LayerwiseError(
+            "llama.cpp control vectors cannot steer L0 (its first slot, direction.1, is block 1's output); choose a layer from L1 on"
+        )
     hint = ggufio.arch(ggufio.reader(lm.source["gguf_path"])) if lm.source.get("gguf_path") else lm.anatomy.model_type
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -596,22 +784,27 @@ def export_gguf(vec: SteeringVector, lm: LoadedModel, path: str | Path, alpha: f
     return path
 
 
-def read_gguf(path: str | Path, n_layers: int) -> tuple[int, "Any"]:
+def read_gguf(path: str | Path, n_layers: int) -> tuple[int, Any]:
     """The file's directions as llama.cpp's loader lays them out: n_embd floats per layer, layer 1 first (``llama_set_adapter_cvec``'s data)."""
     import numpy as np
 
     from . import ggufio
 
     r = ggufio.reader(path)
-    dirs = {int(t.name.split(".")[1]): np.asarray(t.data, dtype=np.float32) for t in r.tensors if t.name.startswith("direction.")}
+    dirs = {
+        int(t.name.split(".")[1]): np.asarray(t.data, dtype=np.float32)
+        for t in r.tensors
+        if t.name.startswith("direction.")
+    }
     n_embd = len(next(iter(dirs.values())))
     data = np.zeros((n_layers - 1) * n_embd, dtype=np.float32)
     for k, d in dirs.items():
-        data[(k - 1) * n_embd:k * n_embd] = d
+        data[(k - 1) * n_embd : k * n_embd] = d
     return n_embd, data
 
 
 # ---------------------------------------------------------------- the action
+
 
 @dataclass
 class SteerReport:
@@ -626,20 +819,46 @@ class SteerReport:
     exports: dict
 
     def to_dict(self) -> dict:
-        return {"meta": self.meta, "vector": self.vector, "choice": self.choice, "unsteered": self.unsteered, "rows": self.rows,
-                "prompts": self.prompts, "exports": self.exports}
+        return {
+            "meta": self.meta,
+            "vector": self.vector,
+            "choice": self.choice,
+            "unsteered": self.unsteered,
+            "rows": self.rows,
+            "prompts": self.prompts,
+            "exports": self.exports,
+        }
 
     @classmethod
-    def load(cls, path: str | Path) -> "SteerReport":
+    def load(cls, path: str | Path) -> SteerReport:
         """A saved result: its folder or its ``steer.json``."""
         return load_result(cls, path, "steer.json", "steer")
 
 
-def run(lm: LoadedModel, pairs: Sequence[tuple[str, str]], prompts: Sequence[str], eval_ids: torch.Tensor, *, report_prompts: Sequence[str] | None = None,
-        method: str = "diffmean", layers: str = "auto", alpha: float | str = "auto", sweep_alphas: Sequence[float] = (),
-        sweep_layers: str | None = None, read: str = "last", seed: int = 0,
-        target: float = 2.0, probe: str | None = None, scorer: Callable[[str], float] | None = None, new_tokens: int = 24,
-        export: Sequence[str] = (), out: str | Path | None = None, batch_size: int = 4, progress: bool = False, data: dict | None = None) -> SteerReport:
+def run(
+    lm: LoadedModel,
+    pairs: Sequence[tuple[str, str]],
+    prompts: Sequence[str],
+    eval_ids: torch.Tensor,
+    *,
+    report_prompts: Sequence[str] | None = None,
+    method: str = "diffmean",
+    layers: str = "auto",
+    alpha: float | str = "auto",
+    sweep_alphas: Sequence[float] = (),
+    sweep_layers: str | None = None,
+    read: str = "last",
+    seed: int = 0,
+    target: float = 2.0,
+    probe: str | None = None,
+    scorer: Callable[[str], float] | None = None,
+    new_tokens: int = 24,
+    export: Sequence[str] = (),
+    out: str | Path | None = None,
+    batch_size: int = 4,
+    progress: bool = False,
+    data: dict | None = None,
+) -> SteerReport:
     """Fit, choose the layer and the strength, measure every swept (layer, alpha), write the vector, report and exports.
 
     ``prompts`` calibrate ``alpha="auto"``; effects are measured on ``report_prompts`` (module docstring: which set is which).
@@ -649,13 +868,17 @@ def run(lm: LoadedModel, pairs: Sequence[tuple[str, str]], prompts: Sequence[str
     start = time.perf_counter()
     unknown = set(export) - {"gguf"}
     if unknown:
-        raise LayerwiseError(f"unknown export {', '.join(sorted(unknown))}; the vector is always saved, and gguf adds a llama.cpp control vector")
+        raise LayerwiseError(
+            f"unknown export {', '.join(sorted(unknown))}; the vector is always saved, and gguf adds a llama.cpp control vector"
+        )
     sweep = [_check_alpha(a) for a in sweep_alphas]
     fixed = None if alpha == "auto" else _check_alpha(alpha)  # type: ignore[arg-type]
     variants = parse_layers(layers, lm.anatomy.n_layers)
     also_swept = None if sweep_layers is None else parse_layers(sweep_layers, lm.anatomy.n_layers) or []
     if "gguf" in export and any("L0" in v for v in variants or []):
-        raise LayerwiseError("llama.cpp control vectors cannot steer L0 (its first slot, direction.1, is block 1's output); choose layers from L1 on")
+        raise LayerwiseError(
+            "llama.cpp control vectors cannot steer L0 (its first slot, direction.1, is block 1's output); choose layers from L1 on"
+        )
     f = fit(lm, pairs, method=method, read=read, seed=seed, probe=probe, batch_size=2 * batch_size, progress=progress)
     ranking = rank_variants(f, variants)
     if "gguf" in export and variants is None:
@@ -671,20 +894,59 @@ def run(lm: LoadedModel, pairs: Sequence[tuple[str, str]], prompts: Sequence[str
     else:
         configs = [(v, a) for v in listed] + [(v, s) for v in [chosen, *also_swept] for s in sweep]
     configs = list(dict.fromkeys([*configs, (chosen, a)]))
-    m = measure(lm, f, configs, ps, eval_ids, new_tokens=new_tokens, scorer=scorer, batch_size=batch_size, progress=progress)
-    choice = {"layers": layers, "chosen": list(chosen), "chosen_key": _key(chosen, a), "alpha": alpha_choice, "ranking": ranking,
-              "split": {"rule": "torch.randperm(n) under manual_seed(seed); first ceil(n/2) calibrate, the rest are held out "
-                                "(pairs: rank the layers); prompts: seed + 1, the rest are development when report prompts are given, else the report set",
-                        "pairs_calibration": f.calibration, "pairs_held_out": f.held_out, "n_prompts_calibration": len(ps.calibration),
-                        "n_prompts_development": len(ps.roles["development"]), "n_prompts_report": len(ps.report),
-                        "n_continuation_pairs": len(ps.conts)},
-              "prompts": {"uses": {"calibration": "chooses alpha='auto'", "development": "not used by this run (the built-in demo's: looked at while the defaults were set)",
-                                   "report": "every reported effect"}, **ps.roles},
-              "scales": f.scales, "gaps": f.gaps}
-    meta = run_meta(lm, seed, batch_size, data=data or {}, method=method, read=read, target=target, new_tokens=new_tokens,
-                    eval_windows=int(eval_ids.shape[0]), eval_seq_len=int(eval_ids.shape[1]), wall_time_s=round(time.perf_counter() - start, 3))
+    m = measure(
+        lm, f, configs, ps, eval_ids, new_tokens=new_tokens, scorer=scorer, batch_size=batch_size, progress=progress
+    )
+    choice = {
+        "layers": layers,
+        "chosen": list(chosen),
+        "chosen_key": _key(chosen, a),
+        "alpha": alpha_choice,
+        "ranking": ranking,
+        "split": {
+            "rule": "torch.randperm(n) under manual_seed(seed); first ceil(n/2) calibrate, the rest are held out "
+            "(pairs: rank the layers); prompts: seed + 1, the rest are development when report prompts are given, else the report set",
+            "pairs_calibration": f.calibration,
+            "pairs_held_out": f.held_out,
+            "n_prompts_calibration": len(ps.calibration),
+            "n_prompts_development": len(ps.roles["development"]),
+            "n_prompts_report": len(ps.report),
+            "n_continuation_pairs": len(ps.conts),
+        },
+        "prompts": {
+            "uses": {
+                "calibration": "chooses alpha='auto'",
+                "development": "not used by this run (the built-in demo's: looked at while the defaults were set)",
+                "report": "every reported effect",
+            },
+            **ps.roles,
+        },
+        "scales": f.scales,
+        "gaps": f.gaps,
+    }
+    meta = run_meta(
+        lm,
+        seed,
+        batch_size,
+        data=data or {},
+        method=method,
+        read=read,
+        target=target,
+        new_tokens=new_tokens,
+        eval_windows=int(eval_ids.shape[0]),
+        eval_seq_len=int(eval_ids.shape[1]),
+        wall_time_s=round(time.perf_counter() - start, 3),
+    )
     vec = f.vector(chosen, lm, a, meta)
-    report = SteerReport(meta=meta, vector=vec.to_dict(), choice=choice, unsteered=m["unsteered"], rows=m["rows"], prompts=ps.roles["report"], exports={})
+    report = SteerReport(
+        meta=meta,
+        vector=vec.to_dict(),
+        choice=choice,
+        unsteered=m["unsteered"],
+        rows=m["rows"],
+        prompts=ps.roles["report"],
+        exports={},
+    )
     if out is not None:
         _write(vec, report, lm, Path(out), export)
     return report

@@ -7,9 +7,10 @@ leaves the model changed.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -84,7 +85,11 @@ def tap(
     def pre_block(i: int):
         def hook(_m: nn.Module, args: tuple, kwargs: dict):
             h = args[0] if args else kwargs["hidden_states"]
-            state[i] = {"h_in": h, "args": args[1:], "kwargs": {k: v for k, v in kwargs.items() if k != "hidden_states"}}
+            state[i] = {
+                "h_in": h,
+                "args": args[1:],
+                "kwargs": {k: v for k, v in kwargs.items() if k != "hidden_states"},
+            }
 
         return hook
 
@@ -107,7 +112,9 @@ def tap(
             for key in ("attn", "mlp"):  # a skipped block runs neither branch
                 if key not in s:
                     s[key] = torch.zeros_like(s["h_in"])
-            sentinels.append((i, torch.stack([t.detach().sum(dtype=torch.float32) for t in (s["attn"], s["mlp"], h_out)])))
+            sentinels.append(
+                (i, torch.stack([t.detach().sum(dtype=torch.float32) for t in (s["attn"], s["mlp"], h_out)]))
+            )
             on_block(
                 BlockTrace(
                     layer=i,
@@ -282,7 +289,9 @@ def scale_update(anatomy: Anatomy, unit: str, factor: float) -> Iterator[None]:
         handle.remove()
 
 
-def run_blocks(anatomy: Anatomy, start: int, h: torch.Tensor, calls: list[tuple[tuple, dict]], stop: int | None = None) -> torch.Tensor:
+def run_blocks(
+    anatomy: Anatomy, start: int, h: torch.Tensor, calls: list[tuple[tuple, dict]], stop: int | None = None
+) -> torch.Tensor:
     """Run blocks ``start..stop-1`` (to the last block by default) from residual ``h`` with each block's recorded extra inputs.
 
     ``calls[i]`` holds the positional and keyword arguments (masks, position

@@ -61,10 +61,10 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -110,7 +110,9 @@ def parse_select(text: str) -> Selection:
         raise LayerwiseError(f"unknown select {text!r}; use one of: {SELECT_HELP}")
     if mode in ("importance", "top"):
         if arg not in METRICS:
-            raise LayerwiseError(f"{mode} needs a Profile metric, e.g. {mode}:ablate_nll (got {text!r}); metrics: {', '.join(METRICS)}")
+            raise LayerwiseError(
+                f"{mode} needs a Profile metric, e.g. {mode}:ablate_nll (got {text!r}); metrics: {', '.join(METRICS)}"
+            )
         if not DIRECTION.get(arg):
             ok = [m for m in METRICS if DIRECTION.get(m)]
             raise LayerwiseError(f"{arg} has no agreed direction of importance; use one of {', '.join(ok)}")
@@ -137,7 +139,9 @@ def importance_weights(prof: Profile, metric: str, unit: str) -> dict[str, float
     sign = DIRECTION.get(metric) or 1
     vals = {k: v for k, v in prof.values(metric, unit).items()}  # type: ignore[arg-type]
     if not vals or any(v is None for v in vals.values()):
-        raise LayerwiseError(f"the profile has no {metric} values for {unit} units; re-profile with {needs_hint(metric)}")
+        raise LayerwiseError(
+            f"the profile has no {metric} values for {unit} units; re-profile with {needs_hint(metric)}"
+        )
     signed = {k: sign * float(v) for k, v in vals.items()}  # type: ignore[arg-type]
     top = max(max(signed.values()), 1e-12)
     return {k: max(v, 1e-6 * top) for k, v in signed.items()}
@@ -148,13 +152,17 @@ def parse_layer_lr(text: str) -> tuple[str, float]:
     metric, _, tau = text.strip().partition(":")
     if metric not in METRICS or not DIRECTION.get(metric):
         ok = ", ".join(m for m in METRICS if DIRECTION.get(m))
-        raise LayerwiseError(f"layer_lr needs METRIC[:TAU] with a metric of known direction ({ok}), e.g. ablate_nll:1 (got {text!r})")
+        raise LayerwiseError(
+            f"layer_lr needs METRIC[:TAU] with a metric of known direction ({ok}), e.g. ablate_nll:1 (got {text!r})"
+        )
     try:
         t = float(tau) if tau else 1.0
     except ValueError:
         t = math.nan
     if not math.isfinite(t):
-        raise LayerwiseError(f"the layer_lr exponent TAU must be a finite number, e.g. ablate_nll:1 or ablate_nll:-0.5 (got {text!r})")
+        raise LayerwiseError(
+            f"the layer_lr exponent TAU must be a finite number, e.g. ablate_nll:1 or ablate_nll:-0.5 (got {text!r})"
+        )
     return metric, t
 
 
@@ -213,12 +221,23 @@ class LayerSelector(TrainerCallback, ExportableState):
     optimizer come with the callback events.
     """
 
-    def __init__(self, select: str = "lisa", unit: str = "block", active: int = 2, interval: int = 20,
-                 temperature: float = 1.0, weights: dict[str, float] | None = None, seed: int = 0,
-                 train_embeddings: bool = True, ema: float = 0.9):
+    def __init__(
+        self,
+        select: str = "lisa",
+        unit: str = "block",
+        active: int = 2,
+        interval: int = 20,
+        temperature: float = 1.0,
+        weights: dict[str, float] | None = None,
+        seed: int = 0,
+        train_embeddings: bool = True,
+        ema: float = 0.9,
+    ):
         sel = parse_select(select)
         if sel.mode == "lora":
-            raise LayerwiseError("select 'lora' means select 'full' over a peft LoRA model: wrap the model with peft and use select='full' (train() does this)")
+            raise LayerwiseError(
+                "select 'lora' means select 'full' over a peft LoRA model: wrap the model with peft and use select='full' (train() does this)"
+            )
         if unit not in UNITS:
             raise LayerwiseError(f"unknown unit {unit!r}; use block, attn or mlp")
         if interval < 1:
@@ -228,9 +247,17 @@ class LayerSelector(TrainerCallback, ExportableState):
         if temperature < 0:
             raise LayerwiseError(f"temperature must be 0 or more (got {temperature})")
         if sel.mode in ("importance", "top") and not weights:
-            raise LayerwiseError(f"select {select} needs importance weights from a Profile (importance_weights(prof, metric, unit))")
+            raise LayerwiseError(
+                f"select {select} needs importance weights from a Profile (importance_weights(prof, metric, unit))"
+            )
         self.select, self.unit, self.active, self.interval = select, unit, active, interval
-        self.temperature, self.weights, self.seed, self.train_embeddings, self.ema = temperature, weights, seed, train_embeddings, ema
+        self.temperature, self.weights, self.seed, self.train_embeddings, self.ema = (
+            temperature,
+            weights,
+            seed,
+            train_embeddings,
+            ema,
+        )
         self.sel = sel
         self.scores: dict[str, float] = {}  # adaptive: EMA of each unit's first-order loss decrease
         self.current: list[str] | None = None  # units training now (saved with a Trainer checkpoint)
@@ -242,10 +269,20 @@ class LayerSelector(TrainerCallback, ExportableState):
 
     # ---- ExportableState: what a Trainer checkpoint keeps
     def state(self) -> dict:
-        return {"args": {"select": self.select, "unit": self.unit, "active": self.active, "interval": self.interval,
-                         "temperature": self.temperature, "weights": self.weights, "seed": self.seed,
-                         "train_embeddings": self.train_embeddings, "ema": self.ema},
-                "attributes": {"scores": self.scores, "current": self.current}}
+        return {
+            "args": {
+                "select": self.select,
+                "unit": self.unit,
+                "active": self.active,
+                "interval": self.interval,
+                "temperature": self.temperature,
+                "weights": self.weights,
+                "seed": self.seed,
+                "train_embeddings": self.train_embeddings,
+                "ema": self.ema,
+            },
+            "attributes": {"scores": self.scores, "current": self.current},
+        }
 
     # ---- binding to a model and its optimizer
     def units(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -280,7 +317,9 @@ class LayerSelector(TrainerCallback, ExportableState):
         units = self.units(model)
         missing = sorted(set(units) - set(rates), key=parse_unit)
         if missing:
-            raise LayerwiseError(f"the layer rates lack {len(missing)} {self.unit} units of this model (e.g. {missing[0]}); profile this model")
+            raise LayerwiseError(
+                f"the layer rates lack {len(missing)} {self.unit} units of this model (e.g. {missing[0]}); profile this model"
+            )
         groups = [{"params": ps, "lr": lr * rates[u], "name": u} for u, ps in units.items()]
         held = {id(p) for ps in units.values() for p in ps}
         rest = [p for p in rest if id(p) not in held]
@@ -291,19 +330,27 @@ class LayerSelector(TrainerCallback, ExportableState):
         if not self.train_embeddings:
             return []
         an, peft = Anatomy(_unwrap(model)), _is_peft(model)
-        return _unique(p for m in (an.embed, an.final_norm, an.head) for p in m.parameters() if (p.requires_grad or not peft))
+        return _unique(
+            p for m in (an.embed, an.final_norm, an.head) for p in m.parameters() if (p.requires_grad or not peft)
+        )
 
     def bind(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Find the units' parameters, freeze everything else for good, and check the optimizer holds them all."""
         self.params = self.units(model)
         if not self.params:
-            raise LayerwiseError(f"this model has no trainable {self.unit} units left; choose another unit, or a model with blocks")
+            raise LayerwiseError(
+                f"this model has no trainable {self.unit} units left; choose another unit, or a model with blocks"
+            )
         if self.sel.mode != "full" and self.active > len(self.params):
-            raise LayerwiseError(f"active={self.active} is more than the {len(self.params)} {self.unit} units this model has; use {len(self.params)} or fewer")
+            raise LayerwiseError(
+                f"active={self.active} is more than the {len(self.params)} {self.unit} units this model has; use {len(self.params)} or fewer"
+            )
         if self.weights is not None and self.sel.mode in ("importance", "top"):
             missing = set(self.params) - set(self.weights)
             if missing:
-                raise LayerwiseError(f"the importance weights lack {len(missing)} units of this model (e.g. {sorted(missing)[0]}); profile this model")
+                raise LayerwiseError(
+                    f"the importance weights lack {len(missing)} units of this model (e.g. {sorted(missing)[0]}); profile this model"
+                )
         self.always = self.always_params(model)
         keep = {id(p) for ps in self.params.values() for p in ps} | {id(p) for p in self.always}
         for p in model.parameters():
@@ -315,7 +362,8 @@ class LayerSelector(TrainerCallback, ExportableState):
         if lacking or any(id(p) not in held for p in self.always):
             raise LayerwiseError(
                 f"the optimizer was built without the parameters of {len(lacking)} units (e.g. {(lacking or ['embeddings'])[0]}), "
-                "so they could never train; build it while every unit is trainable (the selector freezes units itself)")
+                "so they could never train; build it while every unit is trainable (the selector freezes units itself)"
+            )
         self._model = model
 
     # ---- the schedule
@@ -352,7 +400,7 @@ class LayerSelector(TrainerCallback, ExportableState):
             order = [names[i] for i in perm]
         n_per = math.ceil(len(order) / self.active)
         start = (period % n_per) * self.active
-        return sorted(order[start:start + self.active], key=parse_unit)
+        return sorted(order[start : start + self.active], key=parse_unit)
 
     def switch(self, units: list[str], optimizer: torch.optim.Optimizer) -> None:
         """Train exactly ``units`` (plus the always-trained set); free the optimizer state of everything else."""
@@ -382,8 +430,10 @@ class LayerSelector(TrainerCallback, ExportableState):
             self.switch(self.choose(state.global_step), optimizer)
 
     def _grad_dots(self) -> dict[str, float]:
-        return {u: sum(float((p.grad.double() * p.detach().double()).sum()) for p in self.params[u] if p.grad is not None)
-                for u in self.current or []}
+        return {
+            u: sum(float((p.grad.double() * p.detach().double()).sum()) for p in self.params[u] if p.grad is not None)
+            for u in self.current or []
+        }
 
     def on_pre_optimizer_step(self, args, state: TrainerState, control: TrainerControl, **kw):
         if self.sel.mode == "adaptive":
@@ -394,9 +444,15 @@ class LayerSelector(TrainerCallback, ExportableState):
             for u, after in self._grad_dots().items():
                 gain = self._dots.get(u, after) - after
                 self.scores[u] = gain if u not in self.scores else self.ema * self.scores[u] + (1 - self.ema) * gain
-        self.records.append({"step": state.global_step, "active": list(self.current or []), "trainable_params": self.trainable(),
-                             "optimizer_state_bytes": optimizer_state_bytes(optimizer),
-                             "memory_bytes": memory_bytes(next(iter(self.params.values()))[0].device)})
+        self.records.append(
+            {
+                "step": state.global_step,
+                "active": list(self.current or []),
+                "trainable_params": self.trainable(),
+                "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+                "memory_bytes": memory_bytes(next(iter(self.params.values()))[0].device),
+            }
+        )
 
 
 # ---------------------------------------------------------------- data
@@ -420,16 +476,23 @@ class TuneData:
     meta: dict = field(default_factory=dict)
 
     @classmethod
-    def from_windows(cls, w: Windows, eval_samples: int = 16) -> "TuneData":
+    def from_windows(cls, w: Windows, eval_samples: int = 16) -> TuneData:
         """Text: train on every token of the calibration windows; evaluate on the windows after them."""
         ids = w.calibration
-        return cls(ids, ids.clone(), torch.ones_like(ids), w.evaluation[:eval_samples], [], {**w.meta(), "kind": "text"})
+        return cls(
+            ids, ids.clone(), torch.ones_like(ids), w.evaluation[:eval_samples], [], {**w.meta(), "kind": "text"}
+        )
 
     def as_windows(self) -> Windows:
         """The training examples as calibration windows (to measure a Profile on what is trained on)."""
         n = int(self.ids.shape[0])
-        return Windows(ids=self.ids, n_calib=n, source=str(self.meta.get("source")), data_hash=str(self.meta.get("data_hash")),
-                       n_text_tokens=int(self.mask.sum()))
+        return Windows(
+            ids=self.ids,
+            n_calib=n,
+            source=str(self.meta.get("source")),
+            data_hash=str(self.meta.get("data_hash")),
+            n_text_tokens=int(self.mask.sum()),
+        )
 
 
 def _conversations(f: TextFile) -> list[list[dict]] | None:
@@ -446,12 +509,18 @@ def _conversation(path: str, n: int, r: dict) -> list[dict]:
         return [{"role": "user", "content": str(r["prompt"])}, {"role": "assistant", "content": str(r["response"])}]
     msgs = r.get("messages")
     if not isinstance(msgs, list) or not msgs:
-        raise LayerwiseError(f"line {n} of {path} needs \"prompt\" and \"response\", or a \"messages\" list (or \"text\" on every line)")
+        raise LayerwiseError(
+            f'line {n} of {path} needs "prompt" and "response", or a "messages" list (or "text" on every line)'
+        )
     for m in msgs:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
-            raise LayerwiseError(f"line {n} of {path}: each message must be an object with \"role\" and \"content\" (got {json.dumps(m)[:60]})")
+            raise LayerwiseError(
+                f'line {n} of {path}: each message must be an object with "role" and "content" (got {json.dumps(m)[:60]})'
+            )
     if not any(m["role"] == "assistant" for m in msgs):
-        raise LayerwiseError(f"line {n} of {path}: the messages have no assistant turn, so there is nothing to train on")
+        raise LayerwiseError(
+            f"line {n} of {path}: the messages have no assistant turn, so there is nothing to train on"
+        )
     return [{"role": m["role"], "content": str(m["content"])} for m in msgs]
 
 
@@ -462,7 +531,9 @@ def _render(tokenizer, conv: list[dict], seq_len: int) -> tuple[list[int], list[
     for i, m in enumerate(conv):
         if m["role"] != "assistant":
             continue
-        start = len(tokenizer.apply_chat_template(conv[:i], tokenize=True, add_generation_prompt=True, return_dict=False))
+        start = len(
+            tokenizer.apply_chat_template(conv[:i], tokenize=True, add_generation_prompt=True, return_dict=False)
+        )
         end = len(tokenizer.apply_chat_template(conv[: i + 1], tokenize=True, return_dict=False))
         labels[start:end] = ids[start:end]
     ids, labels = ids[:seq_len], labels[:seq_len]
@@ -488,8 +559,15 @@ def read_tuning(ref: str, encoding: str | None = None) -> Corpus | Chats:
     return read_corpus(ref, encoding)
 
 
-def tuning_data(ref: str | Corpus | Chats, tokenizer, *, seq_len: int = 256, samples: int = 64, eval_samples: int = 16,
-                max_len: int | None = None) -> TuneData:
+def tuning_data(
+    ref: str | Corpus | Chats,
+    tokenizer,
+    *,
+    seq_len: int = 256,
+    samples: int = 64,
+    eval_samples: int = 16,
+    max_len: int | None = None,
+) -> TuneData:
     """Text trains on every token; JSONL prompt/response or messages trains on response tokens, with the chat template.
 
     The first ``samples`` windows (or conversations) train; the rest are held out.
@@ -500,16 +578,24 @@ def tuning_data(ref: str | Corpus | Chats, tokenizer, *, seq_len: int = 256, sam
     if isinstance(src, Corpus):
         w = windows(src, tokenizer, seq_len=seq_len, samples=samples, max_len=max_len)
         if w.evaluation.shape[0] == 0:
-            raise LayerwiseError(f"data {ref} gives {w.ids.shape[0]} windows and training takes them all; lower samples (--samples) so some are held out")
+            raise LayerwiseError(
+                f"data {ref} gives {w.ids.shape[0]} windows and training takes them all; lower samples (--samples) so some are held out"
+            )
         return TuneData.from_windows(w, eval_samples)
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise LayerwiseError(f"{ref} holds chat examples, but this model's tokenizer has no chat template; give plain text instead")
+        raise LayerwiseError(
+            f"{ref} holds chat examples, but this model's tokenizer has no chat template; give plain text instead"
+        )
     convs = src.convs
     if len(convs) <= samples:
-        raise LayerwiseError(f"{ref} has {len(convs)} examples; training on {samples} leaves none held out: lower samples (--samples) below {len(convs)}")
+        raise LayerwiseError(
+            f"{ref} has {len(convs)} examples; training on {samples} leaves none held out: lower samples (--samples) below {len(convs)}"
+        )
     rendered = [r for r in (_render(tokenizer, c, seq_len) for c in convs[:samples]) if r is not None]
     if not rendered:
-        raise LayerwiseError(f"no training example of {ref} keeps a response token within {seq_len} tokens; raise seq_len (--seq-len)")
+        raise LayerwiseError(
+            f"no training example of {ref} keeps a response token within {seq_len} tokens; raise seq_len (--seq-len)"
+        )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     n = len(rendered)
     ids = torch.full((n, seq_len), pad, dtype=torch.long)
@@ -520,9 +606,18 @@ def tuning_data(ref: str | Corpus | Chats, tokenizer, *, seq_len: int = 256, sam
     held = convs[samples:]
     texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in held]
     ev = windows(ref, tokenizer, seq_len=seq_len, samples=1, max_len=max_len, texts=texts)
-    meta = {"source": ref, "kind": "chat", "data_hash": ev.data_hash, "seq_len": seq_len, "n_train_examples": n,
-            "n_heldout_examples": len(held), "n_eval_windows": min(eval_samples, int(ev.ids.shape[0]))}
-    return TuneData(ids, labels, mask, ev.ids[:eval_samples], [c[:-1] for c in held if c[-1]["role"] == "assistant"], meta)
+    meta = {
+        "source": ref,
+        "kind": "chat",
+        "data_hash": ev.data_hash,
+        "seq_len": seq_len,
+        "n_train_examples": n,
+        "n_heldout_examples": len(held),
+        "n_eval_windows": min(eval_samples, int(ev.ids.shape[0])),
+    }
+    return TuneData(
+        ids, labels, mask, ev.ids[:eval_samples], [c[:-1] for c in held if c[-1]["role"] == "assistant"], meta
+    )
 
 
 # ---------------------------------------------------------------- weights kept from before training
@@ -537,7 +632,11 @@ class Snapshot:
     @contextlib.contextmanager
     def swapped(self, params: list[nn.Parameter] | None = None) -> Iterator[None]:
         """Put the saved values in for the duration (all of them by default); the trained ones come back after."""
-        chosen = [self.values[id(p)] for p in _unique(params) if id(p) in self.values] if params is not None else list(self.values.values())
+        chosen = (
+            [self.values[id(p)] for p in _unique(params) if id(p) in self.values]
+            if params is not None
+            else list(self.values.values())
+        )
         kept = [(p, p.detach().clone()) for p, _ in chosen]
         try:
             with torch.no_grad():
@@ -570,7 +669,9 @@ def restore_order(model: nn.Module, snap: Snapshot, order: str, weights: dict[st
     n = Anatomy(_unwrap(model)).n_layers
     if order == "importance":
         if not weights:
-            raise LayerwiseError("restore order 'importance' needs a Profile (--profile, or an importance:/top: select that measured one)")
+            raise LayerwiseError(
+                "restore order 'importance' needs a Profile (--profile, or an importance:/top: select that measured one)"
+            )
         return sorted(range(n), key=lambda i: weights.get(f"L{i}", 0.0))
     if order != "change":
         raise LayerwiseError(f"unknown restore order {order!r}; use change or importance")
@@ -604,12 +705,18 @@ class TuneRun:
     def summary(self) -> dict:
         steps = max(len(self.losses), 1)
         peak = max((r["memory_bytes"] for r in self.records), default=0)
-        return {"steps": len(self.losses), "loss": self.losses, "seconds_per_step": self.seconds / steps,
-                "memory_start_bytes": self.memory_start, "memory_added_bytes": max(peak - self.memory_start, 0),
-                "trainable_params_max": max((r["trainable_params"] for r in self.records), default=0),
-                "optimizer_state_bytes_max": max((r["optimizer_state_bytes"] for r in self.records), default=0),
-                "memory_bytes_max": max((r["memory_bytes"] for r in self.records), default=0),
-                "unit_lr": self.unit_lr, "records": self.records}
+        return {
+            "steps": len(self.losses),
+            "loss": self.losses,
+            "seconds_per_step": self.seconds / steps,
+            "memory_start_bytes": self.memory_start,
+            "memory_added_bytes": max(peak - self.memory_start, 0),
+            "trainable_params_max": max((r["trainable_params"] for r in self.records), default=0),
+            "optimizer_state_bytes_max": max((r["optimizer_state_bytes"] for r in self.records), default=0),
+            "memory_bytes_max": max((r["memory_bytes"] for r in self.records), default=0),
+            "unit_lr": self.unit_lr,
+            "records": self.records,
+        }
 
 
 def max_active(model: nn.Module, unit: str = "block", share: float = 0.5, train_embeddings: bool = True) -> int:
@@ -629,7 +736,9 @@ def max_active(model: nn.Module, unit: str = "block", share: float = 0.5, train_
     while k < len(sizes) and sum(sizes[: k + 1]) <= budget:
         k += 1
     if k == 0:
-        raise LayerwiseError(f"not even one {unit} unit fits in {share:g} of full fine-tuning's optimizer state; raise share or freeze embeddings")
+        raise LayerwiseError(
+            f"not even one {unit} unit fits in {share:g} of full fine-tuning's optimizer state; raise share or freeze embeddings"
+        )
     return k
 
 
@@ -648,7 +757,7 @@ def _batches(n: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
     while True:
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
         for i in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
-            yield perm[i:i + batch_size]
+            yield perm[i : i + batch_size]
         epoch += 1
 
 
@@ -661,12 +770,30 @@ def save_model(model: nn.Module, tokenizer, out: str | Path) -> Path:
     return Path(out)
 
 
-def train(lm: LoadedModel, data: TuneData | Windows, *, select: str = "lisa", unit: str = "block", active: int = 2,
-          interval: int = 20, temperature: float = 1.0, weights: dict[str, float] | None = None, steps: int = 100,
-          lr: float = 1e-4, batch_size: int = 4, grad_accum: int = 1, max_grad_norm: float = 1.0,
-          train_embeddings: bool = True, lora: bool = False, lora_rank: int = 8, seed: int = 0,
-          checkpoint: str | Path | None = None, save_every: int = 0, progress: bool = True,
-          rates: dict[str, float] | None = None) -> TuneRun:
+def train(
+    lm: LoadedModel,
+    data: TuneData | Windows,
+    *,
+    select: str = "lisa",
+    unit: str = "block",
+    active: int = 2,
+    interval: int = 20,
+    temperature: float = 1.0,
+    weights: dict[str, float] | None = None,
+    steps: int = 100,
+    lr: float = 1e-4,
+    batch_size: int = 4,
+    grad_accum: int = 1,
+    max_grad_norm: float = 1.0,
+    train_embeddings: bool = True,
+    lora: bool = False,
+    lora_rank: int = 8,
+    seed: int = 0,
+    checkpoint: str | Path | None = None,
+    save_every: int = 0,
+    progress: bool = True,
+    rates: dict[str, float] | None = None,
+) -> TuneRun:
     """Train ``lm.model`` in place with one selection strategy (AdamW, constant learning rate).
 
     ``select="lora"`` (or ``lora=True`` with any select, IST's setting for
@@ -683,12 +810,16 @@ def train(lm: LoadedModel, data: TuneData | Windows, *, select: str = "lisa", un
     sel = parse_select(select)
     data = TuneData.from_windows(data) if isinstance(data, Windows) else data
     if steps < 1 or grad_accum < 1 or batch_size < 1:
-        raise LayerwiseError(f"`steps`, `grad_accum` and `batch_size` must each be at least 1 (got {steps}, {grad_accum}, {batch_size})")
+        raise LayerwiseError(
+            f"`steps`, `grad_accum` and `batch_size` must each be at least 1 (got {steps}, {grad_accum}, {batch_size})"
+        )
     if data.ids.shape[0] == 0:
         raise LayerwiseError("no training examples; give more data")
     lm.model.requires_grad_(True)  # every unit in the optimizer; the selector freezes what does not train now
     model = with_lora(lm.model, lora_rank) if (lora or sel.mode == "lora") else lm.model
-    selector = LayerSelector("full" if sel.mode == "lora" else select, unit, active, interval, temperature, weights, seed, train_embeddings)
+    selector = LayerSelector(
+        "full" if sel.mode == "lora" else select, unit, active, interval, temperature, weights, seed, train_embeddings
+    )
     start = Snapshot([p for p in model.parameters() if p.requires_grad]) if _is_peft(model) else None
     torch.manual_seed(seed)
     if lm.device.type == "cuda":
@@ -710,7 +841,12 @@ def train(lm: LoadedModel, data: TuneData | Windows, *, select: str = "lisa", un
             for _ in range(grad_accum):
                 idx = next(order)
                 dev = lm.device
-                loss = model(input_ids=data.ids[idx].to(dev), attention_mask=data.mask[idx].to(dev), labels=data.labels[idx].to(dev), use_cache=False).loss
+                loss = model(
+                    input_ids=data.ids[idx].to(dev),
+                    attention_mask=data.mask[idx].to(dev),
+                    labels=data.labels[idx].to(dev),
+                    use_cache=False,
+                ).loss
                 if not torch.isfinite(loss):
                     _stop_on_nan(model, lm.tokenizer, step, checkpoint)
                 (loss / grad_accum).backward()
@@ -729,8 +865,17 @@ def train(lm: LoadedModel, data: TuneData | Windows, *, select: str = "lisa", un
         model.eval()
     optimizer.state.clear()
     unit_lr = {g["name"]: g["lr"] for g in optimizer.param_groups if g["name"] != "rest"} if rates is not None else {}
-    return TuneRun(sel.key + ("" if sel.mode == "lora" or not lora else "+lora"), losses, selector.records,
-                   time.perf_counter() - t0, selector, model, mem0, start, unit_lr)
+    return TuneRun(
+        sel.key + ("" if sel.mode == "lora" or not lora else "+lora"),
+        losses,
+        selector.records,
+        time.perf_counter() - t0,
+        selector,
+        model,
+        mem0,
+        start,
+        unit_lr,
+    )
 
 
 def _stop_on_nan(model: nn.Module, tokenizer, step: int, checkpoint: str | Path | None) -> None:
@@ -740,7 +885,9 @@ def _stop_on_nan(model: nn.Module, tokenizer, step: int, checkpoint: str | Path 
         kept = f"the weights after step {step} (the last good ones) are in {checkpoint}"
     else:
         kept = "no checkpoint was asked for"
-    raise LayerwiseError(f"the training loss became NaN/inf at step {step + 1}; {kept}; lower the learning rate (--lr) or use --dtype float32")
+    raise LayerwiseError(
+        f"the training loss became NaN/inf at step {step + 1}; {kept}; lower the learning rate (--lr) or use --dtype float32"
+    )
 
 
 # ---------------------------------------------------------------- evaluation
@@ -748,30 +895,75 @@ def _stop_on_nan(model: nn.Module, tokenizer, step: int, checkpoint: str | Path 
 
 def distinct_n(texts: list[str], n: int) -> float | None:
     """Distinct n-grams over all n-grams of whitespace tokens, pooled over responses (diversity)."""
-    grams = [tuple(w[i:i + n]) for w in (t.split() for t in texts) for i in range(len(w) - n + 1)]
+    grams = [tuple(w[i : i + n]) for w in (t.split() for t in texts) for i in range(len(w) - n + 1)]
     return len(set(grams)) / len(grams) if grams else None
 
 
-def diversity(model: nn.Module, tokenizer, prompts: list[list[dict]], *, variant=None, new_tokens: int = 48,
-              seed: int = 0, device: str | torch.device = "cpu", progress: bool = False, desc: str = "diversity") -> dict:
+def diversity(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[list[dict]],
+    *,
+    variant=None,
+    new_tokens: int = 48,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    desc: str = "diversity",
+) -> dict:
     """Distinct-1/2 of responses sampled (temperature 1, top-p 0.95, seeded) to held-out chat prompts (a bar over them: ``progress``)."""
     texts = []
-    with torch.no_grad(), (variant() if variant else contextlib.nullcontext()):
+    with torch.no_grad(), variant() if variant else contextlib.nullcontext():
         for i, conv in enumerate(tqdm(prompts, desc=desc, unit="prompt", disable=not progress)):
             x = tokenizer.apply_chat_template(conv, add_generation_prompt=True, return_tensors="pt", return_dict=True)
             torch.manual_seed(seed + i)
-            y = model.generate(input_ids=x["input_ids"].to(device), attention_mask=x["attention_mask"].to(device), do_sample=True,
-                               top_p=0.95, temperature=1.0, max_new_tokens=new_tokens, pad_token_id=tokenizer.eos_token_id)
-            texts.append(tokenizer.decode(y[0, x["input_ids"].shape[1]:], skip_special_tokens=True))
-    return {"distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2), "n_prompts": len(texts), "samples": texts[:4]}
+            y = model.generate(
+                input_ids=x["input_ids"].to(device),
+                attention_mask=x["attention_mask"].to(device),
+                do_sample=True,
+                top_p=0.95,
+                temperature=1.0,
+                max_new_tokens=new_tokens,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+            texts.append(tokenizer.decode(y[0, x["input_ids"].shape[1] :], skip_special_tokens=True))
+    return {
+        "distinct_1": distinct_n(texts, 1),
+        "distinct_2": distinct_n(texts, 2),
+        "n_prompts": len(texts),
+        "samples": texts[:4],
+    }
 
 
-_KEEP = ("ref_ppl", "ref_ppl_se", "ppl", "ppl_se", "ref_nll", "nll", "delta_nll", "delta_nll_se", "kl", "kl_se", "n_windows", "window_delta_nll")
+_KEEP = (
+    "ref_ppl",
+    "ref_ppl_se",
+    "ppl",
+    "ppl_se",
+    "ref_nll",
+    "nll",
+    "delta_nll",
+    "delta_nll_se",
+    "kl",
+    "kl_se",
+    "n_windows",
+    "window_delta_nll",
+)
 
 
-def evaluate(run: TuneRun, snap: Snapshot, data: TuneData, second: torch.Tensor | None, *, restored: list[int] = (),
-             tokenizer=None, batch_size: int = 4, device: str | torch.device = "cpu", diversity_prompts: int = 8,
-             progress: bool = False) -> dict:
+def evaluate(
+    run: TuneRun,
+    snap: Snapshot,
+    data: TuneData,
+    second: torch.Tensor | None,
+    *,
+    restored: list[int] = (),
+    tokenizer=None,
+    batch_size: int = 4,
+    device: str | torch.device = "cpu",
+    diversity_prompts: int = 8,
+    progress: bool = False,
+) -> dict:
     """The tuned model (and its restored variant) against the base model on both domains, same code as drop/quantize.
 
     The base model is the tuned one with every tunable tensor swapped back to
@@ -790,12 +982,24 @@ def evaluate(run: TuneRun, snap: Snapshot, data: TuneData, second: torch.Tensor 
     for dom, ids in domains.items():
         if ids is None or ids.shape[0] == 0:
             continue
-        q = quality(base, cands, ids, batch_size=batch_size, device=device, progress=progress, desc=f"evaluate {run.key} on {dom}")
+        q = quality(
+            base,
+            cands,
+            ids,
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+            desc=f"evaluate {run.key} on {dom}",
+        )
         out[dom] = {name: {k: r[k] for k in _KEEP} for name, r in q.items()}
     if data.prompts and tokenizer is not None:
         prompts = data.prompts[:diversity_prompts]
-        out["diversity"] = {name: diversity(model, tokenizer, prompts, variant=v, device=device, progress=progress,
-                                            desc=f"diversity {name}") for name, v in {"base": snap.swapped, **variants}.items()}
+        out["diversity"] = {
+            name: diversity(
+                model, tokenizer, prompts, variant=v, device=device, progress=progress, desc=f"diversity {name}"
+            )
+            for name, v in {"base": snap.swapped, **variants}.items()
+        }
     return out
 
 
@@ -819,15 +1023,28 @@ class TuneReport:
         return write_json(Path(out) / "tune.json", self.to_dict())
 
     @classmethod
-    def load(cls, path: str | Path) -> "TuneReport":
+    def load(cls, path: str | Path) -> TuneReport:
         """A saved result: its folder or its ``tune.json``."""
         return load_result(cls, path, "tune.json", "tune")
 
 
-def run(lm: LoadedModel, data: TuneData, selects: list[str], *, second: torch.Tensor | None = None,
-        prof: Profile | None = None, unit: str = "block", restore: int = 0, restore_order: str = "change",
-        out: str | Path | None = None, export: bool = True, batch_size: int = 4,
-        progress: bool = True, layer_lr: str | None = None, **train_kw) -> TuneReport:
+def run(
+    lm: LoadedModel,
+    data: TuneData,
+    selects: list[str],
+    *,
+    second: torch.Tensor | None = None,
+    prof: Profile | None = None,
+    unit: str = "block",
+    restore: int = 0,
+    restore_order: str = "change",
+    out: str | Path | None = None,
+    export: bool = True,
+    batch_size: int = 4,
+    progress: bool = True,
+    layer_lr: str | None = None,
+    **train_kw,
+) -> TuneReport:
     """Train each strategy from the same starting weights, evaluate it on both domains, and save.
 
     ``prof`` supplies importance for ``importance:``/``top:`` selects and for
@@ -863,43 +1080,79 @@ def run(lm: LoadedModel, data: TuneData, selects: list[str], *, second: torch.Te
         snap.reset()
         if lm.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        r = train(lm, data, select=sel.key, unit=unit, weights=weights, batch_size=batch_size, checkpoint=ckpt, progress=progress,
-                  rates=rates, **train_kw)
+        r = train(
+            lm,
+            data,
+            select=sel.key,
+            unit=unit,
+            weights=weights,
+            batch_size=batch_size,
+            checkpoint=ckpt,
+            progress=progress,
+            rates=rates,
+            **train_kw,
+        )
         block_w = importance_weights(prof, metric, "block") if restore and restore_order == "importance" else None
         restored = restore_order_blocks(r.model, r.start or snap, restore, restore_order, block_w)
-        ev = evaluate(r, snap, data, second, restored=restored, tokenizer=lm.tokenizer, batch_size=batch_size, device=lm.device,
-                      progress=progress)
+        ev = evaluate(
+            r,
+            snap,
+            data,
+            second,
+            restored=restored,
+            tokenizer=lm.tokenizer,
+            batch_size=batch_size,
+            device=lm.device,
+            progress=progress,
+        )
         key = r.key + (f"+layer_lr:{lr_spec[0]}:{lr_spec[1]:g}" if lr_spec else "")
-        runs.append({"key": key, "select": sel.key, "unit": unit, "layer_lr": layer_lr, **train_kw, **r.summary(), "eval": ev})
+        runs.append(
+            {"key": key, "select": sel.key, "unit": unit, "layer_lr": layer_lr, **train_kw, **r.summary(), "eval": ev}
+        )
         if single:
             params = [p for i in restored for p in block_params(r.model, i)]
             with (r.start or snap).swapped(params) if restored else contextlib.nullcontext():
                 path = save_model(r.model, lm.tokenizer, ckpt)  # type: ignore[arg-type]
-            exports["model"] = {"path": str(path), "kind": "peft-adapter" if _is_peft(r.model) else "hf", "restored_blocks": restored}
+            exports["model"] = {
+                "path": str(path),
+                "kind": "peft-adapter" if _is_peft(r.model) else "hf",
+                "restored_blocks": restored,
+            }
         if _is_peft(r.model):
             lm.model = r.model.unload()  # peft's LoRA layers out again, weights untouched
     prov = provenance(seed=train_kw.get("seed", 0), batch_size=batch_size)
     prov["versions"] |= _peft_version()
-    meta = {**lm.meta(), "data": data.meta, "second_windows": 0 if second is None else int(second.shape[0]),
-            "restore": restore, "restore_order": restore_order, **prov,
-            "wall_time_s": round(time.perf_counter() - start, 3), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "peak_memory": peak_memory(),
-            "memory_note": "memory_bytes: max_memory_allocated on CUDA; on CPU the resident set size sampled after every optimizer step"}
+    meta = {
+        **lm.meta(),
+        "data": data.meta,
+        "second_windows": 0 if second is None else int(second.shape[0]),
+        "restore": restore,
+        "restore_order": restore_order,
+        **prov,
+        "wall_time_s": round(time.perf_counter() - start, 3),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "peak_memory": peak_memory(),
+        "memory_note": "memory_bytes: max_memory_allocated on CUDA; on CPU the resident set size sampled after every optimizer step",
+    }
     report = TuneReport(meta=meta, runs=runs, exports=exports)
     if out is not None:
         report.save(out)
     return report
 
 
-def restore_order_blocks(model: nn.Module, snap: Snapshot, n: int, order: str, weights: dict[str, float] | None) -> list[int]:
+def restore_order_blocks(
+    model: nn.Module, snap: Snapshot, n: int, order: str, weights: dict[str, float] | None
+) -> list[int]:
     """The ``n`` blocks restoration puts back (none for ``n == 0``)."""
     return sorted(restore_order(model, snap, order, weights)[:n]) if n else []
 
 
 def _need(prof: Profile | None, metric: str) -> Profile:
     if prof is None:
-        raise LayerwiseError(f"ranking units by {metric} (importance:/top: selects, layer_lr, restore order importance) needs a Profile "
-                             "of this model: pass prof (CLI: --profile, or let it measure one)")
+        raise LayerwiseError(
+            f"ranking units by {metric} (importance:/top: selects, layer_lr, restore order importance) needs a Profile "
+            "of this model: pass prof (CLI: --profile, or let it measure one)"
+        )
     return prof
 
 
@@ -910,4 +1163,3 @@ def _peft_version() -> dict:
         return {"peft": peft.__version__}
     except ImportError:
         return {}
-

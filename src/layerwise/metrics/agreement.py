@@ -9,7 +9,9 @@ from scipy.stats import spearmanr
 
 def spearman(xs: list[float | None], ys: list[float | None]) -> tuple[float | None, int]:
     """Spearman rho over the pairs where both values are finite, and that count."""
-    pairs = [(x, y) for x, y in zip(xs, ys) if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)]
+    pairs = [
+        (x, y) for x, y in zip(xs, ys) if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)
+    ]
     if len(pairs) < 3:
         return None, len(pairs)
     a, b = zip(*pairs)

@@ -21,11 +21,30 @@ from . import stream as st
 #: KL percentiles reported, as in llama.cpp's output (plus its max); key suffix -> quantile.
 KL_PERCENTILES = {"max": 1.0, "p99_9": 0.999, "p99": 0.99, "p95": 0.95, "p90": 0.90, "median": 0.5}
 #: Δp percentiles reported, as llama.cpp prints them.
-DP_PERCENTILES = {"max": 1.0, "p99_9": 0.999, "p99": 0.99, "p95": 0.95, "p90": 0.90, "p75": 0.75, "median": 0.5,
-                  "p25": 0.25, "p10": 0.10, "p5": 0.05, "p1": 0.01, "p0_1": 0.001, "min": 0.0}
+DP_PERCENTILES = {
+    "max": 1.0,
+    "p99_9": 0.999,
+    "p99": 0.99,
+    "p95": 0.95,
+    "p90": 0.90,
+    "p75": 0.75,
+    "median": 0.5,
+    "p25": 0.25,
+    "p10": 0.10,
+    "p5": 0.05,
+    "p1": 0.01,
+    "p0_1": 0.001,
+    "min": 0.0,
+}
 #: Every key :meth:`Divergence.summary` returns, in display order.
 KEYS: tuple[str, ...] = (
-    *(f"kl_{k}" for k in KL_PERCENTILES), "same_top_p", "same_top_p_se", "dp_mean", "dp_mean_se", "dp_rms", "dp_rms_se",
+    *(f"kl_{k}" for k in KL_PERCENTILES),
+    "same_top_p",
+    "same_top_p_se",
+    "dp_mean",
+    "dp_mean_se",
+    "dp_rms",
+    "dp_rms_se",
     *(f"dp_{k}" for k in DP_PERCENTILES),
 )
 

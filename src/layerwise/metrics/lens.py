@@ -14,11 +14,10 @@ estimate and quantization's measurement backpropagate, reads the head the same w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-
 
 #: Logits one slice of rows may hold, in elements (128 MiB of float32).
 SLICE_ELEMENTS = 2**25
@@ -30,8 +29,9 @@ def row_slices(rows: int, vocab: int) -> list[slice]:
     return [slice(i, i + step) for i in range(0, rows, step)]
 
 
-def nll_grad(readout: Callable[[torch.Tensor], torch.Tensor], vocab: int, h: torch.Tensor,
-             targets: torch.Tensor) -> torch.Tensor:
+def nll_grad(
+    readout: Callable[[torch.Tensor], torch.Tensor], vocab: int, h: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
     """The gradient of the summed next-token NLL with respect to the stream ``h`` (batch, seq, hidden) that ``readout``
     (final norm, head) turns into ``vocab`` logits; ``targets`` are the next tokens of positions 0..seq-2, flattened.
 
@@ -65,7 +65,7 @@ class Reference:
     targets: torch.Tensor  # (tokens,)
 
     @classmethod
-    def from_logits(cls, logits: torch.Tensor, targets: torch.Tensor) -> "Reference":
+    def from_logits(cls, logits: torch.Tensor, targets: torch.Tensor) -> Reference:
         probs = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
         mass, neg_entropy, nll = [], [], []
         for s in row_slices(*logits.shape):
@@ -92,7 +92,9 @@ def compare(logits: torch.Tensor, ref: Reference) -> tuple[torch.Tensor, torch.T
     for s in row_slices(*logits.shape):
         z = logits[s].float()
         lse = torch.logsumexp(z, dim=-1)
-        kl.append((ref.neg_entropy[s] - (torch.linalg.vecdot(ref.probs[s], z).double() - ref.mass[s] * lse.double())).float())
+        kl.append(
+            (ref.neg_entropy[s] - (torch.linalg.vecdot(ref.probs[s], z).double() - ref.mass[s] * lse.double())).float()
+        )
         nll.append(lse - z.gather(-1, ref.targets[s, None]).squeeze(-1))
     return torch.cat(kl), torch.cat(nll)
 

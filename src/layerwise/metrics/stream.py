@@ -43,7 +43,7 @@ class Moments:
     def total(self) -> torch.Tensor:
         return self._sum.cpu() if self._sum is not None else torch.tensor(float("nan"), dtype=torch.float64)
 
-    def row(self, j: int) -> "Moments":
+    def row(self, j: int) -> Moments:
         """Row ``j`` of a state reduced from values of shape ``(n, rows, ...)`` (several blocks at once)."""
         out = Moments()
         out.n = self.n
@@ -86,7 +86,7 @@ class MaxAbs:
         cur = torch.maximum(hi, -lo).float()
         self._per_channel = cur if self._per_channel is None else torch.maximum(self._per_channel, cur)
 
-    def row(self, j: int) -> "MaxAbs":
+    def row(self, j: int) -> MaxAbs:
         """Row ``j`` of a state taken from values of shape ``(n, rows, channels)`` (several blocks at once)."""
         out = MaxAbs()
         out._per_channel = self._per_channel[j] if self._per_channel is not None else None
@@ -107,7 +107,12 @@ def to_host(stats: list[Moments | MaxAbs]) -> None:
     Reading results tensor by tensor would stall an accelerator once per
     read (hundreds of times per profile); one concatenated copy stalls it once.
     """
-    held = [(s, name, t) for s in stats for name in s.STATE if (t := getattr(s, name)) is not None and t.device.type != "cpu"]
+    held = [
+        (s, name, t)
+        for s in stats
+        for name in s.STATE
+        if (t := getattr(s, name)) is not None and t.device.type != "cpu"
+    ]
     if not held:
         return
     dev = held[0][2].device

@@ -46,7 +46,9 @@ def _options(meas: Measurement, allowed: set[str] | None) -> dict[str, list[tupl
     for g, entry in meas.groups.items():
         row = [(c, v["bits"], v["err"]) for c, v in entry["configs"].items() if allowed is None or c in allowed]
         if not row:
-            raise LayerwiseError(f"no candidate config in `allowed` was measured for {g}; allow at least one of {', '.join(entry['configs'])}")
+            raise LayerwiseError(
+                f"no candidate config in `allowed` was measured for {g}; allow at least one of {', '.join(entry['configs'])}"
+            )
         opts[g] = row
     return opts
 
@@ -54,13 +56,23 @@ def _options(meas: Measurement, allowed: set[str] | None) -> dict[str, list[tupl
 def check_budget(target_bpw: float, lo: float, hi: float) -> None:
     """A budget outside [cheapest, dearest] plan has no answer: say which way to move it."""
     if target_bpw < lo - 1e-9:
-        raise LayerwiseError(f"{target_bpw} bits per weight is below the cheapest plan ({lo:.3f}); ask for {lo:.3f} or more (`budgets`)")
+        raise LayerwiseError(
+            f"{target_bpw} bits per weight is below the cheapest plan ({lo:.3f}); ask for {lo:.3f} or more (`budgets`)"
+        )
     if target_bpw > hi + 1e-9:
-        raise LayerwiseError(f"{target_bpw} bits per weight is above the dearest plan ({hi:.3f}); ask for {hi:.3f} or less (`budgets`)")
+        raise LayerwiseError(
+            f"{target_bpw} bits per weight is above the dearest plan ({hi:.3f}); ask for {hi:.3f} or less (`budgets`)"
+        )
 
 
-def solve(meas: Measurement, target_bpw: float, *, weights: dict[str, float] | None = None,
-          allowed: set[str] | None = None, resolution: int = 20000) -> Allocation:
+def solve(
+    meas: Measurement,
+    target_bpw: float,
+    *,
+    weights: dict[str, float] | None = None,
+    allowed: set[str] | None = None,
+    resolution: int = 20000,
+) -> Allocation:
     """The measured plan: least weighted error within ``target_bpw`` bits per weight (exact DP)."""
     opts = _options(meas, allowed)
     names = list(opts)
@@ -106,7 +118,9 @@ def fixed(meas: Measurement, configs: dict[str, str], strategy: str) -> Allocati
     """A plan given group by group (a rule, not a solver), with what the measurement predicts for it."""
     for g, c in configs.items():
         if c not in meas.groups[g]["configs"]:
-            raise LayerwiseError(f"config {c} was not measured; measure it or pick one of {', '.join(meas.groups[g]['configs'])}")
+            raise LayerwiseError(
+                f"config {c} was not measured; measure it or pick one of {', '.join(meas.groups[g]['configs'])}"
+            )
     bpw, err = _bits_of(meas, configs)
     return Allocation(configs, strategy, None, bpw, err)
 
@@ -131,8 +145,12 @@ def ranked(meas: Measurement, order: list[int], target_bpw: float, low: str, hig
         configs = {g: (low if e["layer"] in lowered else high) for g, e in meas.groups.items()}
         bpw, err = _bits_of(meas, configs)
         if bpw <= target_bpw + 1e-9:
-            best = Allocation(configs, f"ranked:{metric}", target_bpw, bpw, err, {"lowered_blocks": sorted(lowered), "k": k})
+            best = Allocation(
+                configs, f"ranked:{metric}", target_bpw, bpw, err, {"lowered_blocks": sorted(lowered), "k": k}
+            )
             break
     if best is None:
-        raise LayerwiseError(f"even with every block at {low}, the plan exceeds {target_bpw} bits per weight; raise `budgets`")
+        raise LayerwiseError(
+            f"even with every block at {low}, the plan exceeds {target_bpw} bits per weight; raise `budgets`"
+        )
     return best

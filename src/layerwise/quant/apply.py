@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -16,30 +16,59 @@ from .measure import Candidates, GroupCandidates, Measurement, input_hessians, m
 from .rtn import QTensor
 
 
-def plan_weights(lm: LoadedModel, meas: Measurement, alloc: Allocation, candidates: Candidates,
-                 windows: Windows | None = None, *, batch_size: int = 4) -> dict[nn.Module, torch.Tensor]:
+def plan_weights(
+    lm: LoadedModel,
+    meas: Measurement,
+    alloc: Allocation,
+    candidates: Candidates,
+    windows: Windows | None = None,
+    *,
+    batch_size: int = 4,
+) -> dict[nn.Module, torch.Tensor]:
     """Each quantized module's (out, in) weight as the plan stores it (GPTQ: run on ``windows``, ``batch_size`` at a time)."""
     return config_weights(lm, _config(meas, alloc), candidates, windows, batch_size=batch_size)
 
 
-def config_weights(lm: LoadedModel, config: dict[str, str], candidates: Candidates,
-                   windows: Windows | None = None, *, batch_size: int = 4) -> dict[nn.Module, torch.Tensor]:
+def config_weights(
+    lm: LoadedModel,
+    config: dict[str, str],
+    candidates: Candidates,
+    windows: Windows | None = None,
+    *,
+    batch_size: int = 4,
+) -> dict[nn.Module, torch.Tensor]:
     """``plan_weights`` from each quantized module's config name, by module path (what a saved plan holds)."""
     if candidates.needs_hessian:
         made = {p: q.dequantize() for p, q in _sequential(lm, config, candidates, windows, batch_size).items()}  # type: ignore[arg-type]
     else:
-        made = {p: candidates.stored(p, matrix(lm.anatomy, lm.model.get_submodule(p)), c, None)[0] for p, c in config.items()}
+        made = {
+            p: candidates.stored(p, matrix(lm.anatomy, lm.model.get_submodule(p)), c, None)[0]
+            for p, c in config.items()
+        }
     return {lm.model.get_submodule(p): w for p, w in made.items()}
 
 
-def plan_codes(lm: LoadedModel, meas: Measurement, alloc: Allocation, candidates: GroupCandidates,
-               windows: Windows | None = None, *, batch_size: int = 4) -> dict[str, QTensor]:
+def plan_codes(
+    lm: LoadedModel,
+    meas: Measurement,
+    alloc: Allocation,
+    candidates: GroupCandidates,
+    windows: Windows | None = None,
+    *,
+    batch_size: int = 4,
+) -> dict[str, QTensor]:
     """Each quantized module's integer codes under the plan, by module path; they dequantize to ``plan_weights``."""
     return config_codes(lm, _config(meas, alloc), candidates, windows, batch_size=batch_size)
 
 
-def config_codes(lm: LoadedModel, config: dict[str, str], candidates: GroupCandidates,
-                 windows: Windows | None = None, *, batch_size: int = 4) -> dict[str, QTensor]:
+def config_codes(
+    lm: LoadedModel,
+    config: dict[str, str],
+    candidates: GroupCandidates,
+    windows: Windows | None = None,
+    *,
+    batch_size: int = 4,
+) -> dict[str, QTensor]:
     """``plan_codes`` from each quantized module's config name, by module path."""
     if candidates.needs_hessian:
         return _sequential(lm, config, candidates, windows, batch_size)
@@ -51,8 +80,9 @@ def _config(meas: Measurement, alloc: Allocation) -> dict[str, str]:
     return {p: alloc.configs[g] for g, e in meas.groups.items() for p in e["modules"]}
 
 
-def _sequential(lm: LoadedModel, config: dict[str, str], candidates: GroupCandidates, windows: Windows | None,
-                batch_size: int) -> dict[str, QTensor]:
+def _sequential(
+    lm: LoadedModel, config: dict[str, str], candidates: GroupCandidates, windows: Windows | None, batch_size: int
+) -> dict[str, QTensor]:
     """GPTQ as it is meant to run: block by block, each block's Hessians from the inputs that the
     already-quantized blocks before it produce.
 
@@ -70,7 +100,13 @@ def _sequential(lm: LoadedModel, config: dict[str, str], candidates: GroupCandid
     batches = torch.split(windows.calibration, batch_size)
     out: dict[str, QTensor] = {}
     for layer in range(an.n_layers):
-        groups = [g for g in ([(p, m) for p, m in ms if p in config] for _, ms in an.quant_groups(layer, fused=candidates.fused)) if g]
+        groups = [
+            g
+            for g in (
+                [(p, m) for p, m in ms if p in config] for _, ms in an.quant_groups(layer, fused=candidates.fused)
+            )
+            if g
+        ]
         if not groups:
             continue
         with replaced(an, {lm.model.get_submodule(p): q.dequantize() for p, q in out.items()}):

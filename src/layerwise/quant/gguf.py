@@ -57,8 +57,16 @@ def _ggml_type(name: str) -> int:
         raise LayerwiseError(f"unknown GGUF type {name!r}; use one of {', '.join(TYPES)}") from None
 
 
-def llama_quantize(source: str | Path, out: str | Path, base: str, overrides: list[tuple[str, str]] | None = None,
-                   *, token_embedding_type: str | None = None, pure: bool = True, threads: int | None = None) -> Path:
+def llama_quantize(
+    source: str | Path,
+    out: str | Path,
+    base: str,
+    overrides: list[tuple[str, str]] | None = None,
+    *,
+    token_embedding_type: str | None = None,
+    pure: bool = True,
+    threads: int | None = None,
+) -> Path:
     """Quantize ``source`` with llama.cpp: every tensor at ``base`` (``--pure``; with ``pure=False``, llama.cpp's
     own mix for that file type, e.g. Q4_K_M) except the (regex, type) ``overrides`` (first match wins);
     the token embedding at its own type when given."""
@@ -91,8 +99,10 @@ def llama_quantize(source: str | Path, out: str | Path, base: str, overrides: li
         rc = lc.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
             arch = ggufio.arch(ggufio.reader(source))
-            raise LayerwiseError(f"llama.cpp could not quantize {Path(source).name} (architecture {arch!r}) to {base} (error {rc}); "
-                                 "this llama.cpp build may not support that architecture: use `family` int")
+            raise LayerwiseError(
+                f"llama.cpp could not quantize {Path(source).name} (architecture {arch!r}) to {base} (error {rc}); "
+                "this llama.cpp build may not support that architecture: use `family` int"
+            )
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -103,8 +113,10 @@ def source_gguf(lm: LoadedModel) -> Path:
     """The GGUF file the model was loaded from; GGUF plans are built from it."""
     path = lm.source.get("gguf_path")
     if not path:
-        raise LayerwiseError("GGUF plans need a model loaded from a GGUF file (`ref` default or FILE.gguf); "
-                             "convert a Hugging Face directory with llama.cpp's convert_hf_to_gguf.py first")
+        raise LayerwiseError(
+            "GGUF plans need a model loaded from a GGUF file (`ref` default or FILE.gguf); "
+            "convert a Hugging Face directory with llama.cpp's convert_hf_to_gguf.py first"
+        )
     return Path(path)
 
 
@@ -127,13 +139,17 @@ def _row_order(w: torch.Tensor, src: torch.Tensor, name: str, dtype: torch.dtype
     rounded to the model's dtype first, so a bf16 or fp16 model matches exactly too."""
     w = w.detach().float().cpu()
     if w.shape != src.shape:
-        raise LayerwiseError(f"{name} in the GGUF file is {tuple(src.shape)}, the loaded model's is {tuple(w.shape)}; load the model from that GGUF file")
+        raise LayerwiseError(
+            f"{name} in the GGUF file is {tuple(src.shape)}, the loaded model's is {tuple(w.shape)}; load the model from that GGUF file"
+        )
     src = src.to(dtype).float()
     probe = torch.randn(w.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     p = torch.empty(w.shape[0], dtype=torch.long)
     p[torch.argsort(w.double() @ probe)] = torch.argsort(src.double() @ probe)
     if not torch.allclose(src[p], w, atol=1e-6 * float(w.abs().max()), rtol=0):
-        raise LayerwiseError(f"the weights of {name} in the GGUF file do not match the loaded model; load the model from that GGUF file")
+        raise LayerwiseError(
+            f"the weights of {name} in the GGUF file do not match the loaded model; load the model from that GGUF file"
+        )
     return p
 
 
@@ -150,7 +166,7 @@ class GGUFCandidates:
     _rows: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def of(cls, lm: LoadedModel, types: tuple[str, ...] = TYPES) -> "GGUFCandidates":
+    def of(cls, lm: LoadedModel, types: tuple[str, ...] = TYPES) -> GGUFCandidates:
         return cls(lm.anatomy, source_gguf(lm), candidate_files(lm, types))
 
     @property
@@ -169,12 +185,16 @@ class GGUFCandidates:
         try:
             return self._readers[file][name]
         except KeyError:
-            raise LayerwiseError(f"{name} is not in the GGUF file; llama.cpp names this architecture's tensors differently") from None
+            raise LayerwiseError(
+                f"{name} is not in the GGUF file; llama.cpp names this architecture's tensors differently"
+            ) from None
 
     def bits(self, path: str, shape: tuple[int, int], name: str) -> int:
         return ggufio.tensor_bits(self.tensor(name, self.anatomy.gguf_name(path)))
 
-    def stored(self, path: str, w: torch.Tensor, name: str, hessian: torch.Tensor | None) -> tuple[torch.Tensor, int, str]:
+    def stored(
+        self, path: str, w: torch.Tensor, name: str, hessian: torch.Tensor | None
+    ) -> tuple[torch.Tensor, int, str]:
         tname = self.anatomy.gguf_name(path)
         if tname not in self._rows:
             dtype = self.anatomy.model.get_submodule(path).weight.dtype
@@ -182,7 +202,9 @@ class GGUFCandidates:
         t = self.tensor(name, tname)
         return _dequantize(t)[self._rows[tname]], ggufio.tensor_bits(t), t.tensor_type.name
 
-    def stored_all(self, path: str, w: torch.Tensor, hessian: torch.Tensor | None) -> dict[str, tuple[torch.Tensor, int, str]]:
+    def stored_all(
+        self, path: str, w: torch.Tensor, hessian: torch.Tensor | None
+    ) -> dict[str, tuple[torch.Tensor, int, str]]:
         return {name: self.stored(path, w, name, hessian) for name in self.names}
 
 
@@ -234,7 +256,6 @@ def _natural(item) -> tuple:
     return (int(m.group(1)), m.group(2)) if m else (-1, item[0])
 
 
-
 def _more_bits(i: int, n: int) -> bool:
     """llama.cpp's ``use_more_bits``: the first and last eighth of the layers and every third one between."""
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
@@ -255,8 +276,14 @@ def q4km(meas: Measurement, anatomy: Anatomy) -> Allocation:
 def llama_nll(path: str | Path, ids: torch.Tensor, *, threads: int | None = None) -> list[float]:
     """Mean next-token NLL of each window when llama.cpp runs the GGUF file (its own kernels and types)."""
     lc = _llama_cpp()
-    llm = lc.Llama(model_path=str(path), n_ctx=int(ids.shape[1]), logits_all=True, verbose=False,
-                   n_threads=threads or os.cpu_count() or 1, n_batch=int(ids.shape[1]))
+    llm = lc.Llama(
+        model_path=str(path),
+        n_ctx=int(ids.shape[1]),
+        logits_all=True,
+        verbose=False,
+        n_threads=threads or os.cpu_count() or 1,
+        n_batch=int(ids.shape[1]),
+    )
     with contextlib.closing(llm):  # the model and its context are freed on error too
         out = []
         for row in ids.tolist():

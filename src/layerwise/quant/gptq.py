@@ -51,16 +51,21 @@ def inverse_factor(hessian: torch.Tensor, *, damp: float = 0.01) -> tuple[torch.
     try:
         return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True), dead
     except torch._C._LinAlgError:
-        raise LayerwiseError("GPTQ's Hessian is not positive definite even after damping; use more calibration tokens or `method` rtn") from None
+        raise LayerwiseError(
+            "GPTQ's Hessian is not positive definite even after damping; use more calibration tokens or `method` rtn"
+        ) from None
 
 
-def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, cfg: QConfig, *, block_size: int = 128, damp: float = 0.01) -> QTensor:
+def quantize_gptq(
+    w: torch.Tensor, hessian: torch.Tensor, cfg: QConfig, *, block_size: int = 128, damp: float = 0.01
+) -> QTensor:
     """GPTQ codes for ``w`` (out, in) given the input Hessian (in, in)."""
     return quantize_gptq_many(w, inverse_factor(hessian, damp=damp), [cfg], block_size=block_size)[0]
 
 
-def quantize_gptq_many(w: torch.Tensor, factor: tuple[torch.Tensor, torch.Tensor], cfgs: list[QConfig], *,
-                       block_size: int = 128) -> list[QTensor]:
+def quantize_gptq_many(
+    w: torch.Tensor, factor: tuple[torch.Tensor, torch.Tensor], cfgs: list[QConfig], *, block_size: int = 128
+) -> list[QTensor]:
     """GPTQ codes for ``w`` under each of several configs that share a group size and symmetry.
 
     ``factor`` is :func:`inverse_factor` of the layer's input Hessian. GPTQ
@@ -71,7 +76,9 @@ def quantize_gptq_many(w: torch.Tensor, factor: tuple[torch.Tensor, torch.Tensor
     """
     out, n = w.shape
     first = cfgs[0]
-    if any((c.group_size, c.symmetric, c.scale_bits) != (first.group_size, first.symmetric, first.scale_bits) for c in cfgs):
+    if any(
+        (c.group_size, c.symmetric, c.scale_bits) != (first.group_size, first.symmetric, first.scale_bits) for c in cfgs
+    ):
         raise ValueError("quantize_gptq_many takes configs that differ in bits only")
     first.check(n)
     U, dead = factor
@@ -94,7 +101,9 @@ def quantize_gptq_many(w: torch.Tensor, factor: tuple[torch.Tensor, torch.Tensor
             if col % g == 0:  # a group starts: its grid comes from the weights as corrected so far
                 end = min(col + g, n)
                 span = Wb[:, j : end - b0] if end <= b1 else torch.cat([Wb[:, j:], W[:, b1:end]], dim=1)
-                s, z = group_params(span.float(), QConfig(first.bits, span.shape[1], first.symmetric, first.scale_bits), bits)
+                s, z = group_params(
+                    span.float(), QConfig(first.bits, span.shape[1], first.symmetric, first.scale_bits), bits
+                )
                 scales[:, k] = s[:, 0].double()
                 if zeros is not None:
                     zeros[:, k] = z[:, 0].double()
@@ -107,5 +116,7 @@ def quantize_gptq_many(w: torch.Tensor, factor: tuple[torch.Tensor, torch.Tensor
             Err[:, j] = e
         W[:, b1:] -= Err @ U[b0:b1, b1:]
     rows = [slice(i * out, (i + 1) * out) for i in range(len(cfgs))]
-    return [QTensor(codes[r].to(torch.uint8), scales[r].float(), zeros[r].to(torch.uint8) if zeros is not None else None, c)
-            for r, c in zip(rows, cfgs)]
+    return [
+        QTensor(codes[r].to(torch.uint8), scales[r].float(), zeros[r].to(torch.uint8) if zeros is not None else None, c)
+        for r, c in zip(rows, cfgs)
+    ]

@@ -35,12 +35,19 @@ FORMAT = "pack-quantized"
 def row_widths(lm: LoadedModel) -> set[int]:
     """The input widths of every quantized linear map (a group size must divide each for compressed-tensors)."""
     an = lm.anatomy
-    return {int(an.linear_weight(m).shape[1]) for layer in range(an.n_layers) for _, ms in an.quant_groups(layer) for _, m in ms}
+    return {
+        int(an.linear_weight(m).shape[1])
+        for layer in range(an.n_layers)
+        for _, ms in an.quant_groups(layer)
+        for _, m in ms
+    }
 
 
 def _check_dtype(lm: LoadedModel) -> None:
     if lm.model.dtype == torch.bfloat16:
-        raise LayerwiseError("a bfloat16 model cannot hold the float16 scales exactly; load it with `dtype` float16 or float32 to export hf")
+        raise LayerwiseError(
+            "a bfloat16 model cannot hold the float16 scales exactly; load it with `dtype` float16 or float32 to export hf"
+        )
 
 
 def check(lm: LoadedModel, configs: tuple[QConfig, ...]) -> None:
@@ -48,10 +55,14 @@ def check(lm: LoadedModel, configs: tuple[QConfig, ...]) -> None:
     an = lm.anatomy
     _check_dtype(lm)
     if an.spec.transposed:
-        raise LayerwiseError(f"compressed-tensors quantizes torch.nn.Linear layers; {an.model_type}'s Conv1D layers cannot be exported as hf (leave hf out of `export`)")
+        raise LayerwiseError(
+            f"compressed-tensors quantizes torch.nn.Linear layers; {an.model_type}'s Conv1D layers cannot be exported as hf (leave hf out of `export`)"
+        )
     asym = sorted({c.name for c in configs if not c.symmetric})
     if asym:
-        raise LayerwiseError(f"`export` hf writes symmetric codes only (transformers cannot load compressed-tensors zero points); set `symmetric` (got {', '.join(asym)})")
+        raise LayerwiseError(
+            f"`export` hf writes symmetric codes only (transformers cannot load compressed-tensors zero points); set `symmetric` (got {', '.join(asym)})"
+        )
     widths = row_widths(lm)
     for c in configs:
         for w in widths:
@@ -59,21 +70,37 @@ def check(lm: LoadedModel, configs: tuple[QConfig, ...]) -> None:
         bad = sorted(w for w in widths if w % c.group_size)
         if bad:
             fits = [g for g in (32, 64, 128, 256) if all(w % g == 0 for w in widths)]
-            raise LayerwiseError(f"group size {c.group_size} does not divide rows of {bad[0]} weights, and compressed-tensors needs whole groups; use `group_size` {' or '.join(map(str, fits)) or 'that divides ' + str(bad[0])}")
+            raise LayerwiseError(
+                f"group size {c.group_size} does not divide rows of {bad[0]} weights, and compressed-tensors needs whole groups; use `group_size` {' or '.join(map(str, fits)) or 'that divides ' + str(bad[0])}"
+            )
 
 
 def quantization_config(codes: dict[str, QTensor], linear: list[str]):
     """One config group per (bits, group size), targeting modules by exact name; other Linear layers ignored."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme, QuantizationStatus
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        QuantizationStatus,
+    )
 
     by_scheme: dict[tuple[int, int], list[str]] = defaultdict(list)
     for path, q in codes.items():
         by_scheme[(q.config.bits, q.config.group_size)].append(path)
-    groups = {f"group_{i}": QuantizationScheme(targets=sorted(paths), format=FORMAT,
-                                               weights=QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=g))
-              for i, ((bits, g), paths) in enumerate(sorted(by_scheme.items()))}
-    return QuantizationConfig(config_groups=groups, format=FORMAT, quantization_status=QuantizationStatus.COMPRESSED,
-                              ignore=sorted(n for n in linear if n not in codes))
+    groups = {
+        f"group_{i}": QuantizationScheme(
+            targets=sorted(paths),
+            format=FORMAT,
+            weights=QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=g),
+        )
+        for i, ((bits, g), paths) in enumerate(sorted(by_scheme.items()))
+    }
+    return QuantizationConfig(
+        config_groups=groups,
+        format=FORMAT,
+        quantization_status=QuantizationStatus.COMPRESSED,
+        ignore=sorted(n for n in linear if n not in codes),
+    )
 
 
 def packed(q: QTensor) -> dict[str, torch.Tensor]:
@@ -85,9 +112,11 @@ def packed(q: QTensor) -> dict[str, torch.Tensor]:
         raise LayerwiseError("compressed-tensors export takes symmetric codes only")
     out_f, in_f = q.codes.shape
     signed = (q.codes.to(torch.int16) - 2 ** (cfg.bits - 1)).to(torch.int8)
-    return {"weight_packed": pack_to_int32(signed.cpu(), cfg.bits).contiguous(),
-            "weight_scale": q.scales.detach().cpu().half().contiguous(),
-            "weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64)}
+    return {
+        "weight_packed": pack_to_int32(signed.cpu(), cfg.bits).contiguous(),
+        "weight_scale": q.scales.detach().cpu().half().contiguous(),
+        "weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64),
+    }
 
 
 def export(lm: LoadedModel, codes: dict[str, QTensor], out: str | Path) -> Path:
@@ -119,6 +148,9 @@ def transformers_nll(path: str | Path, ids: torch.Tensor, *, device: str | torch
 
     model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).to(device).eval()
     logits = next_token_logits(model)
-    out = [float(torch.nn.functional.cross_entropy(logits(row[None].to(device)).float(), row[1:].to(device))) for row in ids]
+    out = [
+        float(torch.nn.functional.cross_entropy(logits(row[None].to(device)).float(), row[1:].to(device)))
+        for row in ids
+    ]
     del model
     return out

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal, Protocol
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
@@ -56,16 +57,20 @@ class Measurement:
         return write_json(path, {"meta": self.meta, "groups": self.groups})
 
     @classmethod
-    def load(cls, path: str | Path, expect: dict) -> "Measurement":
+    def load(cls, path: str | Path, expect: dict) -> Measurement:
         """Read a cached measurement, refusing one made for another model, data, method or candidate set."""
         try:
             d = json.loads(Path(path).read_text())
             meta, groups = d["meta"], d["groups"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise LayerwiseError(f"{path} is not a readable measurement ({exc.__class__.__name__}); delete it to measure again") from None
+            raise LayerwiseError(
+                f"{path} is not a readable measurement ({exc.__class__.__name__}); delete it to measure again"
+            ) from None
         for key, want in expect.items():
             if meta.get(key) != want:
-                raise LayerwiseError(f"{path} is stale: its {key} is {str(meta.get(key))[:40]!r}, not {str(want)[:40]!r}; delete it to measure again")
+                raise LayerwiseError(
+                    f"{path} is stale: its {key} is {str(meta.get(key))[:40]!r}, not {str(want)[:40]!r}; delete it to measure again"
+                )
         return cls(meta, groups)
 
 
@@ -109,11 +114,15 @@ class Candidates(Protocol):
         """Storage bits of an (out, in) weight under config ``name`` (cheap: no quantization)."""
         ...
 
-    def stored(self, path: str, w: torch.Tensor, name: str, hessian: torch.Tensor | None) -> tuple[torch.Tensor, int, str]:
+    def stored(
+        self, path: str, w: torch.Tensor, name: str, hessian: torch.Tensor | None
+    ) -> tuple[torch.Tensor, int, str]:
         """The (out, in) weight as it would be stored under config ``name``, its bits, and the stored config."""
         ...
 
-    def stored_all(self, path: str, w: torch.Tensor, hessian: torch.Tensor | None) -> dict[str, tuple[torch.Tensor, int, str]]:
+    def stored_all(
+        self, path: str, w: torch.Tensor, hessian: torch.Tensor | None
+    ) -> dict[str, tuple[torch.Tensor, int, str]]:
         """``stored`` under every config, by name (what a measurement needs; a set may batch the work)."""
         ...
 
@@ -154,7 +163,9 @@ class GroupCandidates:
         """The integer codes, scales and zero points of ``w`` under config ``name`` (what an export writes)."""
         cfg = self._config(name)
         if self.method == "gptq" and hessian is None:
-            raise LayerwiseError("GPTQ needs each layer's calibration inputs (its Hessian); apply a GPTQ plan with its calibration windows (QuantPlan.apply(lm, windows))")
+            raise LayerwiseError(
+                "GPTQ needs each layer's calibration inputs (its Hessian); apply a GPTQ plan with its calibration windows (QuantPlan.apply(lm, windows))"
+            )
         return quantize_gptq(w, hessian, cfg) if self.method == "gptq" else quantize_rtn(w, cfg)  # type: ignore[arg-type]
 
     def codes_rows(self, ws: list[torch.Tensor], name: str, hessian: torch.Tensor | None) -> list[QTensor]:
@@ -166,16 +177,22 @@ class GroupCandidates:
         stacked = self.codes("", torch.cat(ws), name, hessian)
         return stacked.split_rows([w.shape[0] for w in ws])
 
-    def stored(self, path: str, w: torch.Tensor, name: str, hessian: torch.Tensor | None) -> tuple[torch.Tensor, int, str]:
+    def stored(
+        self, path: str, w: torch.Tensor, name: str, hessian: torch.Tensor | None
+    ) -> tuple[torch.Tensor, int, str]:
         bits = self.bits(path, tuple(w.shape), name)  # type: ignore[arg-type]
         return self.codes(path, w, name, hessian).dequantize(), bits, name
 
-    def stored_all(self, path: str, w: torch.Tensor, hessian: torch.Tensor | None) -> dict[str, tuple[torch.Tensor, int, str]]:
+    def stored_all(
+        self, path: str, w: torch.Tensor, hessian: torch.Tensor | None
+    ) -> dict[str, tuple[torch.Tensor, int, str]]:
         """Every config; GPTQ runs one column sweep per group size for all its bit widths (see ``quantize_gptq_many``)."""
         if self.method != "gptq":
             return {name: self.stored(path, w, name, hessian) for name in self.names}
         if hessian is None:
-            raise LayerwiseError("GPTQ needs each layer's calibration inputs (its Hessian); apply a GPTQ plan with its calibration windows (QuantPlan.apply(lm, windows))")
+            raise LayerwiseError(
+                "GPTQ needs each layer's calibration inputs (its Hessian); apply a GPTQ plan with its calibration windows (QuantPlan.apply(lm, windows))"
+            )
         grids: dict[tuple, list[QConfig]] = {}
         for c in self.configs:
             grids.setdefault((c.group_size, c.symmetric, c.scale_bits), []).append(c)
@@ -185,7 +202,7 @@ class GroupCandidates:
         out = {}
         for cfgs in grids.values():
             for i in range(0, len(cfgs), per_sweep):
-                for c, qt in zip(cfgs[i:i + per_sweep], quantize_gptq_many(w, factor, cfgs[i:i + per_sweep])):
+                for c, qt in zip(cfgs[i : i + per_sweep], quantize_gptq_many(w, factor, cfgs[i : i + per_sweep])):
                     out[c.name] = (qt.dequantize(), self.bits(path, tuple(w.shape), c.name), c.name)  # type: ignore[arg-type]
         return {name: out[name] for name in self.names}
 
@@ -213,8 +230,14 @@ def measure(
     if batch_size < 1:
         raise LayerwiseError(f"batch_size must be at least 1, not {batch_size}")
     an = lm.anatomy
-    expect = {"model_hash": lm.source.get("model_hash"), "data_hash": windows.data_hash, "n_calib": windows.n_calib,
-              "seq_len": windows.seq_len, "objective": "fisher", "fused": candidates.fused} | candidates.key
+    expect = {
+        "model_hash": lm.source.get("model_hash"),
+        "data_hash": windows.data_hash,
+        "n_calib": windows.n_calib,
+        "seq_len": windows.seq_len,
+        "objective": "fisher",
+        "fused": candidates.fused,
+    } | candidates.key
     result = Measurement(expect | {"n_layers": an.n_layers})
     if path is not None and Path(path).exists():
         result = Measurement.load(path, expect)
@@ -227,15 +250,22 @@ def measure(
         for layers in runs:
             start = time.perf_counter()
             hessians = _group_hessians(lm, batches, layers, todo) if candidates.needs_hessian else {}
-            made = {g: {m: candidates.stored_all(p, matrix(an, m), hessians[g].value if hessians else None) for p, m in mods}
-                    for layer in layers for g, mods in todo[layer]}
+            made = {
+                g: {
+                    m: candidates.stored_all(p, matrix(an, m), hessians[g].value if hessians else None) for p, m in mods
+                }
+                for layer in layers
+                for g, mods in todo[layer]
+            }
             sums: dict[str, _Sums] = {}
             for batch in batches:
                 h, calls, grads = _batch_pass(lm, batch.to(lm.device), layers)
                 with torch.no_grad():
                     for layer in range(layers[0], layers[-1] + 1):
                         if layer in todo:
-                            h = _measure_layer(an, layer, h, calls[layer], todo[layer], candidates, made, grads.pop(layer), sums)
+                            h = _measure_layer(
+                                an, layer, h, calls[layer], todo[layer], candidates, made, grads.pop(layer), sums
+                            )
                             bar.update()
                         else:
                             h = first_tensor(an.blocks[layer](h, *calls[layer][0], **calls[layer][1]))
@@ -277,14 +307,26 @@ class _Sums:
 
     def entry(self, an: Anatomy, layer: int, mods: list, n_tokens: int) -> dict:
         """The measurement's record of this group: relative error and the Fisher-weighted loss change per token."""
-        return {"layer": layer, "sublayer": _sublayer(self.group), "modules": [p for p, _ in mods],
-                "numel": sum(an.linear_weight(m).numel() for _, m in mods),
-                "configs": {name: {"err": 0.5 * g2d2 / n_tokens, "rel": d2 / (self.denom or 1e-30),
-                                   "bits": self.meta[name][0], "stored": self.meta[name][1]}
-                            for name, (d2, g2d2) in self.configs.items()}}
+        return {
+            "layer": layer,
+            "sublayer": _sublayer(self.group),
+            "modules": [p for p, _ in mods],
+            "numel": sum(an.linear_weight(m).numel() for _, m in mods),
+            "configs": {
+                name: {
+                    "err": 0.5 * g2d2 / n_tokens,
+                    "rel": d2 / (self.denom or 1e-30),
+                    "bits": self.meta[name][0],
+                    "stored": self.meta[name][1],
+                }
+                for name, (d2, g2d2) in self.configs.items()
+            },
+        }
 
 
-def _group_hessians(lm: LoadedModel, batches: tuple[torch.Tensor, ...], layers: list[int], todo: dict) -> dict[str, Hessian]:
+def _group_hessians(
+    lm: LoadedModel, batches: tuple[torch.Tensor, ...], layers: list[int], todo: dict
+) -> dict[str, Hessian]:
     """Each group's input Hessian over every calibration batch (the maps of a group read one input)."""
     firsts = {group: mods[0][1] for layer in layers for group, mods in todo[layer]}
     by_module = input_hessians(lm, list(firsts.values()), batches, stop_after=lm.anatomy.blocks[layers[-1]])
@@ -295,8 +337,9 @@ class _Enough(Exception):
     """Raised by a hook to end a forward pass once the inputs it was run for are seen."""
 
 
-def input_hessians(lm: LoadedModel, modules: list[nn.Module], batches: tuple[torch.Tensor, ...], *,
-                   stop_after: nn.Module | None = None) -> dict[int, Hessian]:
+def input_hessians(
+    lm: LoadedModel, modules: list[nn.Module], batches: tuple[torch.Tensor, ...], *, stop_after: nn.Module | None = None
+) -> dict[int, Hessian]:
     """The running input Hessian of each module (by ``id``) over every batch, one batch in memory at a time.
 
     With ``stop_after``, each forward pass ends when that module has run: the
@@ -339,8 +382,17 @@ def hessian_hooks(modules: list[nn.Module], into: dict[int, Hessian]) -> Iterato
         yield
 
 
-def _measure_layer(an: Anatomy, layer: int, h: torch.Tensor, call: tuple[tuple, dict], groups, candidates: Candidates,
-                   made: dict, grads: dict[str, torch.Tensor], sums: dict[str, _Sums]) -> torch.Tensor:
+def _measure_layer(
+    an: Anatomy,
+    layer: int,
+    h: torch.Tensor,
+    call: tuple[tuple, dict],
+    groups,
+    candidates: Candidates,
+    made: dict,
+    grads: dict[str, torch.Tensor],
+    sums: dict[str, _Sums],
+) -> torch.Tensor:
     """Add one batch's errors of one block's groups to ``sums``, from its input ``h``; return the block's (unquantized) output."""
     inputs: dict[str, tuple[tuple, dict]] = {}
     outputs: dict[str, torch.Tensor] = {}
@@ -392,7 +444,9 @@ def bit_range(lm: LoadedModel, candidates: Candidates) -> tuple[float, float]:
     return lo / n, hi / n
 
 
-def _batch_pass(lm: LoadedModel, ids: torch.Tensor, layers: list[int]) -> tuple[torch.Tensor, list[tuple[tuple, dict]], dict]:
+def _batch_pass(
+    lm: LoadedModel, ids: torch.Tensor, layers: list[int]
+) -> tuple[torch.Tensor, list[tuple[tuple, dict]], dict]:
     """One forward and backward pass over a batch: the input of block ``layers[0]``, every block's other arguments
     (masks, positions), and for each of ``layers`` the gradient of the batch's summed NLL with respect to each
     sublayer's residual update.

@@ -39,7 +39,9 @@ class QConfig:
 
     def check(self, in_features: int) -> None:
         if self.group_size > in_features:
-            raise LayerwiseError(f"group size {self.group_size} is larger than a row of {in_features} weights; use `group_size` {in_features} or less")
+            raise LayerwiseError(
+                f"group size {self.group_size} is larger than a row of {in_features} weights; use `group_size` {in_features} or less"
+            )
 
     def storage_bits(self, out_features: int, in_features: int) -> int:
         """Exact bits to store a quantized (out, in) matrix: codes plus one scale and zero per group."""
@@ -54,7 +56,7 @@ class QConfig:
         return f"{'s' if self.symmetric else 'a'}{self.bits}g{self.group_size}"
 
     @classmethod
-    def from_name(cls, name: str) -> "QConfig":
+    def from_name(cls, name: str) -> QConfig:
         """The config a :attr:`name` stands for (``s4g32``: symmetric 4-bit codes in groups of 32)."""
         m = re.fullmatch(r"([as])(\d+)g(\d+)", name)
         if not m:
@@ -71,9 +73,12 @@ class QTensor:
     zeros: torch.Tensor | None  # (out, groups), as integer codes
     config: QConfig
 
-    def split_rows(self, sizes: list[int]) -> list["QTensor"]:
+    def split_rows(self, sizes: list[int]) -> list[QTensor]:
         """The codes of consecutive blocks of rows (matrices quantized as one row-stacked matrix), each on its own."""
-        parts = [[p.clone() for p in t.split(sizes)] if t is not None else [None] * len(sizes) for t in (self.codes, self.scales, self.zeros)]
+        parts = [
+            [p.clone() for p in t.split(sizes)] if t is not None else [None] * len(sizes)
+            for t in (self.codes, self.scales, self.zeros)
+        ]
         return [QTensor(c, s, z, self.config) for c, s, z in zip(*parts)]
 
     def dequantize(self) -> torch.Tensor:
@@ -86,7 +91,9 @@ class QTensor:
         return (codes - self.zeros.float().repeat_interleave(g, dim=1)[:, :n]) * scales
 
 
-def group_params(w: torch.Tensor, cfg: QConfig, bits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def group_params(
+    w: torch.Tensor, cfg: QConfig, bits: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale (and zero-point code) of every group of ``w`` (out, in), by METHODS.md's formulas.
 
     ``bits`` (out,) overrides ``cfg.bits`` row by row, so that one call serves
@@ -106,12 +113,15 @@ def group_params(w: torch.Tensor, cfg: QConfig, bits: torch.Tensor | None = None
         return scale.clamp_min(1e-12).half().float(), None
     lo, hi = blocks.amin(dim=-1).clamp(max=0), blocks.amax(dim=-1).clamp(min=0)
     scale = ((hi - lo) / qmax).clamp_min(1e-12).half().float()
-    zero = torch.minimum(torch.round(-lo / scale).clamp_min(0), torch.as_tensor(qmax, dtype=scale.dtype, device=scale.device))
+    zero = torch.minimum(
+        torch.round(-lo / scale).clamp_min(0), torch.as_tensor(qmax, dtype=scale.dtype, device=scale.device)
+    )
     return scale, zero
 
 
-def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, cfg: QConfig,
-                  bits: torch.Tensor | None = None) -> torch.Tensor:
+def quantize_with(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, cfg: QConfig, bits: torch.Tensor | None = None
+) -> torch.Tensor:
     """Codes of ``w`` for given group parameters (columns may be a slice: ``scale`` is per column then).
 
     ``bits`` (out,) overrides ``cfg.bits`` row by row, as in :func:`group_params`.

@@ -78,7 +78,7 @@ def _depth_plots(prof: Profile) -> str:
         ax.set_title(metric, fontsize=10)
         ax.set_xlabel("layer", fontsize=8)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(metrics):]:
+    for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")
     fig.tight_layout()
     return png(fig)
@@ -118,10 +118,20 @@ def _attention_heads(prof: Profile) -> str:
         im = ax.imshow(np.ma.masked_invalid(mat), aspect="auto", cmap="magma", interpolation="nearest")
         layer_ticks(ax, [u.name for u in attn], axis="y")
         ax.set_xlabel("head", fontsize=8)
-        ax.set_title({"attn_entropy": "entropy (nats)", "attn_distance": "query-key distance (tokens)", "attn_sink": "mass on the first token"}[key], fontsize=10)
+        ax.set_title(
+            {
+                "attn_entropy": "entropy (nats)",
+                "attn_distance": "query-key distance (tokens)",
+                "attn_sink": "mass on the first token",
+            }[key],
+            fontsize=10,
+        )
         fig.colorbar(im, ax=ax, fraction=0.05)
     fig.tight_layout()
-    return "<p>Low entropy and short distance mark local heads; high sink mass marks heads parked on the first token.</p>" + png(fig)
+    return (
+        "<p>Low entropy and short distance mark local heads; high sink mass marks heads parked on the first token.</p>"
+        + png(fig)
+    )
 
 
 def fmt(v: object) -> str:
@@ -137,7 +147,9 @@ def _agreement_table(prof: Profile) -> str:
     metrics = sorted({m for row in ag.values() for m in row}, key=METRICS.index)
     head = "".join(f"<th>{escape(k)}</th>" for k in KINDS)
     body = "".join(
-        f"<tr><td>{escape(m)}</td>" + "".join(f"<td>{fmt((ag.get(k, {}).get(m) or {}).get('rho'))}</td>" for k in KINDS) + "</tr>"
+        f"<tr><td>{escape(m)}</td>"
+        + "".join(f"<td>{fmt((ag.get(k, {}).get(m) or {}).get('rho'))}</td>" for k in KINDS)
+        + "</tr>"
         for m in metrics
     )
     ref = escape(str(prof.agreement.get("reference", "")))
@@ -152,11 +164,21 @@ def _ablation_note(prof: Profile) -> str:
     ses = sorted(se for u in prof.units if (se := u.details.get("ablate_nll_se")) is not None)
     windows, positions = m.get("ablation_windows") or m.get("n_windows_used"), m.get("positions")
     where = f"{fmt(positions)} random positions of each" if positions else "every position of each"
-    median = f"; the median standard error of <code>ablate_nll</code> across units is {fmt(ses[len(ses) // 2])} nats" if ses else ""
-    lens = f" The logit lens is scored at the same {fmt(positions)} positions of every window." if positions and m.get("lens") else ""
-    return (f"<p>Exact ablation scored at {where} of {fmt(windows)} windows (the ablated model runs every position; only "
-            f"the head is read at fewer){median}.{lens} Each unit's standard error is <code>ablate_nll_se</code> in "
-            "<code>profile.json</code>; <code>--positions 0 --ablation-samples 0</code> scores every position of every window.</p>")
+    median = (
+        f"; the median standard error of <code>ablate_nll</code> across units is {fmt(ses[len(ses) // 2])} nats"
+        if ses
+        else ""
+    )
+    lens = (
+        f" The logit lens is scored at the same {fmt(positions)} positions of every window."
+        if positions and m.get("lens")
+        else ""
+    )
+    return (
+        f"<p>Exact ablation scored at {where} of {fmt(windows)} windows (the ablated model runs every position; only "
+        f"the head is read at fewer){median}.{lens} Each unit's standard error is <code>ablate_nll_se</code> in "
+        "<code>profile.json</code>; <code>--positions 0 --ablation-samples 0</code> scores every position of every window.</p>"
+    )
 
 
 def _ranking_table(prof: Profile) -> str:
@@ -164,7 +186,10 @@ def _ranking_table(prof: Profile) -> str:
     rows = sorted((u for u in prof.units if u.metrics.get(ref) is not None), key=lambda u: u.metrics[ref])  # type: ignore[index]
     cols = [m for m in METRICS if any(u.metrics.get(m) is not None for u in rows)]
     head = "".join(f"<th>{escape(c)}</th>" for c in ["unit", *cols])
-    body = "".join("<tr><td>" + escape(u.name) + "</td>" + "".join(f"<td>{fmt(u.metrics.get(c))}</td>" for c in cols) + "</tr>" for u in rows)
+    body = "".join(
+        "<tr><td>" + escape(u.name) + "</td>" + "".join(f"<td>{fmt(u.metrics.get(c))}</td>" for c in cols) + "</tr>"
+        for u in rows
+    )
     return f"<p>Units from least to most important by <code>{escape(str(ref))}</code>.</p><table><tr>{head}</tr>{body}</table>"
 
 
@@ -192,12 +217,16 @@ def render(prof: Profile, path: str = "profile.json") -> str:
     commands name."""
     from .summary import profile_summary
 
-    return page("profile", prof.meta, f"""{profile_summary(prof, path)}
+    return page(
+        "profile",
+        prof.meta,
+        f"""{profile_summary(prof, path)}
 <h2>Metrics across depth</h2>{_depth_plots(prof)}
 <h2>All metrics, all units</h2>{_heatmap(prof)}
 <h2>Attention heads</h2>{_attention_heads(prof)}
 <h2>Which cheap metric tracks ablation?</h2>{_ablation_note(prof)}{_agreement_table(prof)}
-<h2>Ranking</h2>{_ranking_table(prof)}""")
+<h2>Ranking</h2>{_ranking_table(prof)}""",
+    )
 
 
 def write_report(prof: Profile, path: str | Path, folder: str | Path | None = None) -> Path:

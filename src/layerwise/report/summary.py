@@ -47,20 +47,30 @@ def reference(prof: Profile) -> str | None:
     return ref if any(u.metrics.get(ref) is not None for u in prof.units) else None
 
 
-def extremes(prof: Profile, k: int = _SHOWN) -> tuple[list[tuple[str, float, float | None]], list[tuple[str, float, float | None]]]:
+def extremes(
+    prof: Profile, k: int = _SHOWN
+) -> tuple[list[tuple[str, float, float | None]], list[tuple[str, float, float | None]]]:
     """The ``k`` least and ``k`` most important units by the reference metric: (name, cost, its SE or None)."""
     ref = reference(prof)
     if ref is None:
         return [], []
-    rows = sorted(((u.name, float(u.metrics[ref]), u.details.get(f"{ref}_se")) for u in prof.units
-                   if u.metrics.get(ref) is not None), key=lambda r: r[1])
+    rows = sorted(
+        (
+            (u.name, float(u.metrics[ref]), u.details.get(f"{ref}_se"))
+            for u in prof.units
+            if u.metrics.get(ref) is not None
+        ),
+        key=lambda r: r[1],
+    )
     return rows[:k], rows[::-1][:k]
 
 
 def best_metric(prof: Profile, kind: str) -> tuple[str, float] | None:
     """The cheap metric whose ranking of ``kind`` units agrees best with the reference (largest |Spearman rho|)."""
     row = prof.agreement.get("by_kind", {}).get(kind, {})
-    scored = [(m, v["rho"]) for m, v in row.items() if v.get("rho") is not None and m not in ("ablate_nll", "ablate_kl")]
+    scored = [
+        (m, v["rho"]) for m, v in row.items() if v.get("rho") is not None and m not in ("ablate_nll", "ablate_kl")
+    ]
     return max(scored, key=lambda mr: abs(mr[1]), default=None)
 
 
@@ -76,7 +86,9 @@ def cheapest_kind(prof: Profile, n: int = _DROP_N) -> str | None:
     ref = reference(prof)
     totals = {}
     for kind in ("block", "attn", "mlp"):
-        vals = sorted(float(u.metrics[ref]) for u in prof.units if u.kind == kind and ref and u.metrics.get(ref) is not None)
+        vals = sorted(
+            float(u.metrics[ref]) for u in prof.units if u.kind == kind and ref and u.metrics.get(ref) is not None
+        )
         if len(vals) > n:
             totals[kind] = sum(vals[:n])
     return min(totals, key=totals.get, default=None)  # type: ignore[arg-type]
@@ -89,17 +101,69 @@ def profile_commands(prof: Profile, path: str) -> list[tuple[str, str]]:
     model = _model_args(prof.meta)
     cmds = []
     if ref and kind:
-        cmds.append((f"Drop the {_DROP_N} cheapest {kind} units by {ref}",
-                     shlex.join(["layerwise", "drop", *model, "--n", str(_DROP_N), "--unit", kind, "--order", ref, "--profile", path])))
+        cmds.append(
+            (
+                f"Drop the {_DROP_N} cheapest {kind} units by {ref}",
+                shlex.join(
+                    [
+                        "layerwise",
+                        "drop",
+                        *model,
+                        "--n",
+                        str(_DROP_N),
+                        "--unit",
+                        kind,
+                        "--order",
+                        ref,
+                        "--profile",
+                        path,
+                    ]
+                ),
+            )
+        )
         if (best := best_metric(prof, kind)) is not None:
-            cmds.append((f"The same by {best[0]}, the cheap metric that agreed best (it needs no exact ablation)",
-                         shlex.join(["layerwise", "drop", *model, "--n", str(_DROP_N), "--unit", kind, "--order", as_order(*best),
-                                     "--profile", path])))
+            cmds.append(
+                (
+                    f"The same by {best[0]}, the cheap metric that agreed best (it needs no exact ablation)",
+                    shlex.join(
+                        [
+                            "layerwise",
+                            "drop",
+                            *model,
+                            "--n",
+                            str(_DROP_N),
+                            "--unit",
+                            kind,
+                            "--order",
+                            as_order(*best),
+                            "--profile",
+                            path,
+                        ]
+                    ),
+                )
+            )
     b = best_metric(prof, "block")
     strategies = ["measured"] + ([f"ranked:{as_order(*b)}"] if b else []) + ["uniform"]
-    cmds.append(("Quantize, comparing the measured plan" + (f" with blocks ranked by {b[0]}" if b else "") + " and uniform bits",
-                 shlex.join(["layerwise", "quantize", *model, "--sweep", _QUANT_SWEEP, "--strategy", ",".join(strategies),
-                             "--profile", path])))
+    cmds.append(
+        (
+            "Quantize, comparing the measured plan"
+            + (f" with blocks ranked by {b[0]}" if b else "")
+            + " and uniform bits",
+            shlex.join(
+                [
+                    "layerwise",
+                    "quantize",
+                    *model,
+                    "--sweep",
+                    _QUANT_SWEEP,
+                    "--strategy",
+                    ",".join(strategies),
+                    "--profile",
+                    path,
+                ]
+            ),
+        )
+    )
     return cmds
 
 
@@ -112,21 +176,35 @@ def profile_summary(prof: Profile, path: str = "profile.json") -> str:
     """The profile page's opening box; ``path`` is the profile.json the suggested commands read."""
     ref = reference(prof)
     if ref is None:
-        return box("Summary", ["No causal metric was measured (<code>--ablation none</code>); profile with "
-                               "<code>--ablation exact</code> to rank units and get suggestions."])
+        return box(
+            "Summary",
+            [
+                "No causal metric was measured (<code>--ablation none</code>); profile with "
+                "<code>--ablation exact</code> to rank units and get suggestions."
+            ],
+        )
     least, most = extremes(prof)
-    items = [f"Least important by <code>{escape(ref)}</code> (the rise in NLL, nats, on the profile's windows when the unit is removed): "
-             + ", ".join(_cost(r) for r in least) + ".",
-             "Most important: " + ", ".join(_cost(r) for r in most) + "."]
+    items = [
+        f"Least important by <code>{escape(ref)}</code> (the rise in NLL, nats, on the profile's windows when the unit is removed): "
+        + ", ".join(_cost(r) for r in least)
+        + ".",
+        "Most important: " + ", ".join(_cost(r) for r in most) + ".",
+    ]
     agree = []
     for kind in ("block", "attn", "mlp"):
         if (b := best_metric(prof, kind)) is not None:
             agree.append(f"{escape(kind)}: <code>{escape(b[0])}</code> (rho {b[1]:+.2f})")
     if agree:
-        items.append(f"Cheap metric that tracks <code>{escape(ref)}</code> best on this model, per unit kind: " + "; ".join(agree) + ".")
+        items.append(
+            f"Cheap metric that tracks <code>{escape(ref)}</code> best on this model, per unit kind: "
+            + "; ".join(agree)
+            + "."
+        )
     items += [f"{escape(why)}: {cmd(c)}" for why, c in profile_commands(prof, path)]
     if cheapest_kind(prof):
-        items.append("Single-unit costs do not add up exactly when several units go; the drop page reports the held-out cost.")
+        items.append(
+            "Single-unit costs do not add up exactly when several units go; the drop page reports the held-out cost."
+        )
     return box("Summary", items)
 
 
@@ -142,8 +220,10 @@ def best_per(rows: list[dict], group: str) -> list[dict]:
 
 def _cost_line(r: dict, original: dict) -> str:
     """Held-out cost of one plan against the original, as the page's table words it."""
-    return (f"Δnll {r['delta_nll']:+.4f} ± {fmt(r.get('delta_nll_se'))} nats, KL {fmt(r.get('kl'))}, perplexity "
-            f"{fmt(r.get('ppl'))} (original {fmt(original.get('ppl'))})")
+    return (
+        f"Δnll {r['delta_nll']:+.4f} ± {fmt(r.get('delta_nll_se'))} nats, KL {fmt(r.get('kl'))}, perplexity "
+        f"{fmt(r.get('ppl'))} (original {fmt(original.get('ppl'))})"
+    )
 
 
 def _files(exports: dict) -> list[str]:
@@ -156,23 +236,30 @@ def _write_it(exports: dict, command: str, why: str = "write it") -> str:
     return "" if exports else f"<br>No model saved (a sweep); {escape(why)} with {cmd(command)}"
 
 
-def drop_export_command(report: "DropReport", key: str, plan_path: str) -> str:
+def drop_export_command(report: DropReport, key: str, plan_path: str) -> str:
     export = "hf,gguf" if report.meta.get("gguf_path") else "hf"
-    return shlex.join(["layerwise", "drop", *_model_args(report.meta), "--plan", f"{plan_path}#{key}", "--export", export])
+    return shlex.join(
+        ["layerwise", "drop", *_model_args(report.meta), "--plan", f"{plan_path}#{key}", "--export", export]
+    )
 
 
-def drop_summary(report: "DropReport", plan_path: str = "plan.json") -> str:
+def drop_summary(report: DropReport, plan_path: str = "plan.json") -> str:
     """The drop page's opening box: the best held-out plan per unit count, its size and cost, and the file."""
     o, chosen = report.original, best_per(report.variants, "n")
-    items = [f"<b>{r['n']} unit{'s' if r['n'] != 1 else ''}</b>: <code>{escape(r['key'])}</code> drops "
-             f"{escape(', '.join(r['units']))}; {r['params_ratio']:.1%} of the parameters; {_cost_line(r, o)}."
-             + _write_it(report.exports, drop_export_command(report, r["key"], plan_path)) for r in chosen]
+    items = [
+        f"<b>{r['n']} unit{'s' if r['n'] != 1 else ''}</b>: <code>{escape(r['key'])}</code> drops "
+        f"{escape(', '.join(r['units']))}; {r['params_ratio']:.1%} of the parameters; {_cost_line(r, o)}."
+        + _write_it(report.exports, drop_export_command(report, r["key"], plan_path))
+        for r in chosen
+    ]
     if len(report.variants) > len(chosen):
-        items.append("Each count shows the plan with the lowest held-out Δnll of those compared; the table below has every plan.")
+        items.append(
+            "Each count shows the plan with the lowest held-out Δnll of those compared; the table below has every plan."
+        )
     return box("Summary", items + _files(report.exports))
 
 
-def quant_export_command(report: "QuantReport", row: dict, plan_path: str) -> tuple[str, str]:
+def quant_export_command(report: QuantReport, row: dict, plan_path: str) -> tuple[str, str]:
     """(why, command) that writes one row's plan: ``--plan ... --export`` of the saved plan, or, for integer codes
     with zero points (the hf export stores symmetric codes only), the same budget and strategy measured again
     with ``--symmetric``."""
@@ -182,22 +269,44 @@ def quant_export_command(report: "QuantReport", row: dict, plan_path: str) -> tu
     groups = report.plans.get(row["plan"], {}).get("groups", {})
     if meta.get("format") == "int" and any(str(g.get("config", "")).startswith("a") for g in groups.values()):
         method = ["--method", meta["method"]] if meta.get("method") in ("rtn", "gptq") else []
-        return ("its codes have zero points, which the hf export cannot store; measure it again with symmetric codes",
-                shlex.join(["layerwise", "quantize", *model, "--format", "int", *method, "--symmetric", "--bits", f"{row['target_bpw']:g}",
-                            "--strategy", row["strategy"], "--export", "hf"]))
+        return (
+            "its codes have zero points, which the hf export cannot store; measure it again with symmetric codes",
+            shlex.join(
+                [
+                    "layerwise",
+                    "quantize",
+                    *model,
+                    "--format",
+                    "int",
+                    *method,
+                    "--symmetric",
+                    "--bits",
+                    f"{row['target_bpw']:g}",
+                    "--strategy",
+                    row["strategy"],
+                    "--export",
+                    "hf",
+                ]
+            ),
+        )
     export = ",".join(EXPORTS.get(meta.get("format", "gguf"), ("gguf",)))
-    return "write it", shlex.join(["layerwise", "quantize", *model, "--plan", f"{plan_path}#{row['plan']}", "--export", export])
+    return "write it", shlex.join(
+        ["layerwise", "quantize", *model, "--plan", f"{plan_path}#{row['plan']}", "--export", export]
+    )
 
 
-def quant_summary(report: "QuantReport", plan_path: str = "plan.json") -> str:
+def quant_summary(report: QuantReport, plan_path: str = "plan.json") -> str:
     """The quantize page's opening box: the best held-out plan per budget, its size and cost, and the file."""
     o = report.original
     # uniform levels are fixed reference points (one per candidate), shown in the table and the plot, not chosen here
     budgeted = [r for r in report.rows if not r["strategy"].startswith("uniform")]
     chosen = best_per(budgeted, "target_bpw")
-    items = [f"<b>{'fixed' if r['target_bpw'] is None else fmt(r['target_bpw']) + ' bits'}</b>: <code>{escape(r['plan'])}</code>, "
-             f"{fmt(r['bpw'])} bits per weight ({fmt(r.get('bpw_model'))} over the whole model, {fmt(r.get('bytes'))} bytes); "
-             f"{_cost_line(r, o)}." + _write_it(report.exports, *quant_export_command(report, r, plan_path)[::-1]) for r in chosen]
+    items = [
+        f"<b>{'fixed' if r['target_bpw'] is None else fmt(r['target_bpw']) + ' bits'}</b>: <code>{escape(r['plan'])}</code>, "
+        f"{fmt(r['bpw'])} bits per weight ({fmt(r.get('bpw_model'))} over the whole model, {fmt(r.get('bytes'))} bytes); "
+        f"{_cost_line(r, o)}." + _write_it(report.exports, *quant_export_command(report, r, plan_path)[::-1])
+        for r in chosen
+    ]
     if len(budgeted) > len(chosen):
         items.append("Each budget shows the strategy with the lowest held-out Δnll; the table below has every plan.")
     return box("Summary", items + _files(report.exports))
@@ -215,12 +324,18 @@ def tune_summary(report) -> str:
     if best is None:
         return box("Summary", ["No strategy was evaluated on held-out windows."])
     t, s = best["eval"]["train"]["tuned"], (best["eval"].get("second") or {}).get("tuned")
-    items = [f"Best held-out gain: <code>{escape(best['key'])}</code>, {-t['delta_nll']:+.4f} ± {fmt(t.get('delta_nll_se'))} nats "
-             f"(perplexity {fmt(t.get('ref_ppl'))} → {fmt(t.get('ppl'))}) of {len(report.runs)} strateg{'y' if len(report.runs) == 1 else 'ies'} compared."]
+    items = [
+        f"Best held-out gain: <code>{escape(best['key'])}</code>, {-t['delta_nll']:+.4f} ± {fmt(t.get('delta_nll_se'))} nats "
+        f"(perplexity {fmt(t.get('ref_ppl'))} → {fmt(t.get('ppl'))}) of {len(report.runs)} strateg{'y' if len(report.runs) == 1 else 'ies'} compared."
+    ]
     if s:
-        items.append(f"Forgetting on the second corpus: {s['delta_nll']:+.4f} ± {fmt(s.get('delta_nll_se'))} nats, KL {fmt(s.get('kl'))}.")
-    items.append(f"Memory: {fmt(best.get('trainable_params_max'))} trainable parameters at most, optimizer state "
-                 f"{fmt(best.get('optimizer_state_bytes_max'))} bytes, peak {fmt(best.get('memory_bytes_max'))} bytes.")
+        items.append(
+            f"Forgetting on the second corpus: {s['delta_nll']:+.4f} ± {fmt(s.get('delta_nll_se'))} nats, KL {fmt(s.get('kl'))}."
+        )
+    items.append(
+        f"Memory: {fmt(best.get('trainable_params_max'))} trainable parameters at most, optimizer state "
+        f"{fmt(best.get('optimizer_state_bytes_max'))} bytes, peak {fmt(best.get('memory_bytes_max'))} bytes."
+    )
     return box("Summary", items + _files(report.exports))
 
 
@@ -228,12 +343,17 @@ def probe_summary(result) -> str:
     """The probe page's opening box: the unit where the concept becomes readable (or that no unit is shown to), its scores, and why."""
     best = result.best_unit()
     row = result.unit(best or result.best["highest"])
-    scores = (f"accuracy {fmt(row['accuracy'])} ± {fmt(row['accuracy_se'])}, control {fmt(row['control'])} ± {fmt(row['control_se'])}, "
-              f"selectivity {fmt(row['selectivity'])} ± {fmt(row['selectivity_se'])}")
-    head = (f"Best unit: <code>{escape(best)}</code>: {scores}." if best else
-            f"No best unit: no unit is shown to read the concept linearly. Highest selectivity at <code>{escape(row['unit'])}</code>: "
-            f"{scores}. If the concept is there, more examples shrink the standard errors; "
-            "<code>layerwise steer --method probe</code> refuses this probe.")
+    scores = (
+        f"accuracy {fmt(row['accuracy'])} ± {fmt(row['accuracy_se'])}, control {fmt(row['control'])} ± {fmt(row['control_se'])}, "
+        f"selectivity {fmt(row['selectivity'])} ± {fmt(row['selectivity_se'])}"
+    )
+    head = (
+        f"Best unit: <code>{escape(best)}</code>: {scores}."
+        if best
+        else f"No best unit: no unit is shown to read the concept linearly. Highest selectivity at <code>{escape(row['unit'])}</code>: "
+        f"{scores}. If the concept is there, more examples shrink the standard errors; "
+        "<code>layerwise steer --method probe</code> refuses this probe."
+    )
     return box("Summary", [head, f"Why: {escape(result.best['why'])} (rule: {escape(result.best['rule'])})."])
 
 
@@ -241,10 +361,17 @@ def steer_summary(report) -> str:
     """The steer page's opening box: the chosen layer and strength, its effect and cost, the file to use."""
     key = report.choice["chosen_key"]
     row = next((r for r in report.rows if r["key"] == key), None)
-    items = [f"Chosen: <code>{escape(key)}</code> (layers {escape(', '.join(report.choice['chosen']))}, "
-             f"alpha {fmt(report.choice['alpha'].get('alpha'))})."]
+    items = [
+        f"Chosen: <code>{escape(key)}</code> (layers {escape(', '.join(report.choice['chosen']))}, "
+        f"alpha {fmt(report.choice['alpha'].get('alpha'))})."
+    ]
     if row is not None:
         eff = "score_shift" if "score_shift" in row else "margin_shift"
-        items.append(f"Effect: {escape(eff.replace('_', ' '))} {fmt(row.get(eff))} ± {fmt(row.get(eff + '_se'))}; cost on neutral "
-                     f"text: Δnll {fmt(row.get('delta_nll'))} ± {fmt(row.get('delta_nll_se'))} nats, KL {fmt(row.get('kl'))}.")
-    return box("Summary", items + (_files(report.exports) or ["File to use: <code>vector.safetensors</code> in the result folder."]))
+        items.append(
+            f"Effect: {escape(eff.replace('_', ' '))} {fmt(row.get(eff))} ± {fmt(row.get(eff + '_se'))}; cost on neutral "
+            f"text: Δnll {fmt(row.get('delta_nll'))} ± {fmt(row.get('delta_nll_se'))} nats, KL {fmt(row.get('kl'))}."
+        )
+    return box(
+        "Summary",
+        items + (_files(report.exports) or ["File to use: <code>vector.safetensors</code> in the result folder."]),
+    )

@@ -17,10 +17,16 @@ from .summary import tune_summary
 if TYPE_CHECKING:
     from ..tune import TuneReport
 
-_MEMORY = ("trainable_params_max", "optimizer_state_bytes_max", "memory_added_bytes", "memory_bytes_max", "seconds_per_step")
+_MEMORY = (
+    "trainable_params_max",
+    "optimizer_state_bytes_max",
+    "memory_added_bytes",
+    "memory_bytes_max",
+    "seconds_per_step",
+)
 
 
-def loss_figure(report: "TuneReport"):
+def loss_figure(report: TuneReport):
     """Training loss against step, one line per strategy."""
     fig, ax = subplots(figsize=(7, 3.4))
     for r in report.runs:
@@ -32,7 +38,7 @@ def loss_figure(report: "TuneReport"):
     return fig
 
 
-def unit_map_figure(report: "TuneReport"):
+def unit_map_figure(report: TuneReport):
     """One panel per strategy: units (rows) × steps (columns), dark where the unit trained."""
     runs = report.runs
     fig, axes = subplots(1, len(runs), figsize=(3.2 * len(runs), 3.4), squeeze=False)
@@ -59,7 +65,7 @@ def _pm(v, se) -> str:
     return f"{fmt(v)} ± {fmt(se)}"
 
 
-def _domain_rows(report: "TuneReport") -> str:
+def _domain_rows(report: TuneReport) -> str:
     out = []
     for r in report.runs:
         ev = r["eval"]
@@ -69,39 +75,63 @@ def _domain_rows(report: "TuneReport") -> str:
                 continue
             label = r["key"] + (f" + restore {ev['restored_blocks']}" if name == "restored" else "")
             cells = [escape(label)]
-            cells += [f"{fmt(t['ref_ppl'])} → {fmt(t['ppl'])}", _pm(-t["delta_nll"], t["delta_nll_se"])] if t else ["–", "–"]
-            cells += [f"{fmt(s['ref_ppl'])} → {fmt(s['ppl'])}", _pm(s["delta_nll"], s["delta_nll_se"]), _pm(s["kl"], s["kl_se"])] if s else ["–"] * 3
+            cells += (
+                [f"{fmt(t['ref_ppl'])} → {fmt(t['ppl'])}", _pm(-t["delta_nll"], t["delta_nll_se"])] if t else ["–", "–"]
+            )
+            cells += (
+                [
+                    f"{fmt(s['ref_ppl'])} → {fmt(s['ppl'])}",
+                    _pm(s["delta_nll"], s["delta_nll_se"]),
+                    _pm(s["kl"], s["kl_se"]),
+                ]
+                if s
+                else ["–"] * 3
+            )
             out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return "".join(out)
 
 
-def _diversity(report: "TuneReport") -> str:
+def _diversity(report: TuneReport) -> str:
     rows = [(r["key"], who, d) for r in report.runs for who, d in (r["eval"].get("diversity") or {}).items()]
     if not rows:
         return "<p>Not chat data: no sampled responses.</p>"
-    body = "".join(f"<tr><td>{escape(k)}</td><td>{escape(w)}</td><td>{fmt(d['distinct_1'])}</td><td>{fmt(d['distinct_2'])}</td>"
-                   f"<td>{escape(' ‖ '.join(d['samples'][:2]))}</td></tr>" for k, w, d in rows)
+    body = "".join(
+        f"<tr><td>{escape(k)}</td><td>{escape(w)}</td><td>{fmt(d['distinct_1'])}</td><td>{fmt(d['distinct_2'])}</td>"
+        f"<td>{escape(' ‖ '.join(d['samples'][:2]))}</td></tr>"
+        for k, w, d in rows
+    )
     return f"<table><tr><th>strategy</th><th>model</th><th>distinct-1</th><th>distinct-2</th><th>samples</th></tr>{body}</table>"
 
 
-def _rates(report: "TuneReport") -> str:
+def _rates(report: TuneReport) -> str:
     """Per-unit learning rates (``layer_lr``), one row per strategy that used them."""
     rows = [(r["key"], r["unit_lr"]) for r in report.runs if r.get("unit_lr")]
     if not rows:
         return ""
-    body = "".join(f"<tr><td>{escape(k)}</td><td>{escape(', '.join(f'{u} {fmt(v)}' for u, v in sorted(lrs.items(), key=lambda x: parse_unit(x[0]))))}</td></tr>"
-                   for k, lrs in rows)
-    return ("<h2>Per-unit learning rates</h2><p>lr × w, w ∝ importance^τ with mean 1 over units; embeddings, norms and head at the base lr.</p>"
-            f"<table><tr><th>strategy</th><th>learning rate per unit</th></tr>{body}</table>")
+    body = "".join(
+        f"<tr><td>{escape(k)}</td><td>{escape(', '.join(f'{u} {fmt(v)}' for u, v in sorted(lrs.items(), key=lambda x: parse_unit(x[0]))))}</td></tr>"
+        for k, lrs in rows
+    )
+    return (
+        "<h2>Per-unit learning rates</h2><p>lr × w, w ∝ importance^τ with mean 1 over units; embeddings, norms and head at the base lr.</p>"
+        f"<table><tr><th>strategy</th><th>learning rate per unit</th></tr>{body}</table>"
+    )
 
 
-def render(report: "TuneReport") -> str:
+def render(report: TuneReport) -> str:
     mem_head = "".join(f"<th>{escape(c)}</th>" for c in ("strategy", *_MEMORY))
-    mem = "".join("<tr><td>" + escape(r["key"]) + "</td>" + "".join(f"<td>{fmt(r.get(c))}</td>" for c in _MEMORY) + "</tr>"
-                  for r in report.runs)
-    exports = "".join(f"<tr><td>{escape(k)}</td><td>{escape(str(v.get('path')))}</td><td>{escape(str(v.get('kind')))}</td></tr>"
-                      for k, v in report.exports.items())
-    return page("tune", report.meta, f"""{tune_summary(report)}
+    mem = "".join(
+        "<tr><td>" + escape(r["key"]) + "</td>" + "".join(f"<td>{fmt(r.get(c))}</td>" for c in _MEMORY) + "</tr>"
+        for r in report.runs
+    )
+    exports = "".join(
+        f"<tr><td>{escape(k)}</td><td>{escape(str(v.get('path')))}</td><td>{escape(str(v.get('kind')))}</td></tr>"
+        for k, v in report.exports.items()
+    )
+    return page(
+        "tune",
+        report.meta,
+        f"""{tune_summary(report)}
 <p>Gain: the drop in held-out NLL on the tuning data (windows never trained on);
 forgetting: the rise in NLL on the second corpus; KL(base ‖ tuned) on the second corpus. Every figure ± its standard error across windows.</p>
 <h2>Training loss</h2>{png(loss_figure(report))}
@@ -111,8 +141,9 @@ forgetting: the rise in NLL on the second corpus; KL(base ‖ tuned) on the seco
 {_rates(report)}
 <h2>Memory and time</h2><p>{escape(str(report.meta.get("memory_note", "")))}</p><table><tr>{mem_head}</tr>{mem}</table>
 <h2>Diversity of sampled responses</h2>{_diversity(report)}
-<h2>Files written</h2><table>{exports or "<tr><td>none</td></tr>"}</table>""")
+<h2>Files written</h2><table>{exports or "<tr><td>none</td></tr>"}</table>""",
+    )
 
 
-def write_tune_report(report: "TuneReport", path: str | Path) -> Path:
+def write_tune_report(report: TuneReport, path: str | Path) -> Path:
     return write_atomic(path, render(report))
