@@ -1,12 +1,11 @@
 """layerwise: measure how much every layer and sublayer of a transformer LM matters."""
 
-__version__ = "0.1.0"
-
-from .data import Windows, windows  # noqa: E402
-from .errors import LayerwiseError  # noqa: E402
-from .loading import LoadedModel, load  # noqa: E402
-from .probe import ProbeResult, probe  # noqa: E402
-from .profile import Profile, profile  # noqa: E402
+from .data import Windows, windows
+from .errors import LayerwiseError
+from .loading import LoadedModel, load
+from .probe import ProbeResult, probe
+from .profile import Profile, profile
+from .version import __version__
 
 __all__ = [
     "LayerwiseError",

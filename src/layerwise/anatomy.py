@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -121,7 +121,7 @@ def parse_unit(name: str) -> tuple[int, Kind]:
     m = _UNIT_RE.match(name)
     if not m:
         raise LayerwiseError(f"bad unit name {name!r}: use L<i>, L<i>.attn or L<i>.mlp (e.g. L7.attn)")
-    return int(m.group(1)), (m.group(2) or "block")  # type: ignore[return-value]
+    return int(m.group(1)), cast(Kind, m.group(2) or "block")
 
 
 def unit_name(layer: int, kind: Kind) -> str:
@@ -131,7 +131,7 @@ def unit_name(layer: int, kind: Kind) -> str:
 
 def first_tensor(output: object) -> torch.Tensor:
     """Attention modules return ``(output, weights)``; other modules a tensor."""
-    return output[0] if isinstance(output, tuple) else output  # type: ignore[return-value]
+    return cast(torch.Tensor, output[0] if isinstance(output, tuple) else output)
 
 
 class Anatomy:
@@ -147,7 +147,7 @@ class Anatomy:
         self.model = model
         self.model_type: str = model_type
         self.spec = SPECS[model_type]
-        self.blocks: nn.ModuleList = model.get_submodule(self.spec.layers)  # type: ignore[assignment]
+        self.blocks = cast(nn.ModuleList, model.get_submodule(self.spec.layers))
 
     @property
     def n_layers(self) -> int:
@@ -190,11 +190,10 @@ class Anatomy:
     @property
     def kv_shape(self) -> tuple[int, int]:
         """(key-value heads, head dimension) of one attention layer's cache entry."""
-        cfg = self.model.config
-        heads = cfg.num_attention_heads
-        return getattr(cfg, "num_key_value_heads", None) or heads, getattr(
-            cfg, "head_dim", None
-        ) or cfg.hidden_size // heads
+        cfg: Any = self.model.config
+        heads: int = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        return kv_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
 
     def quant_groups(self, layer: int, *, fused: bool = True) -> list[tuple[str, list[tuple[str, nn.Module]]]]:
         """``[(group name like "L3.attn.qkv", [(module path, module), ...]), ...]`` for one block.
@@ -222,7 +221,13 @@ class Anatomy:
 
     def linear_weight(self, module: nn.Module) -> torch.Tensor:
         """A linear map's weight as (out, in), whatever the storage convention."""
-        return module.weight.T if self.spec.transposed else module.weight
+        weight = module.get_parameter("weight")
+        return weight.T if self.spec.transposed else weight
+
+    def linear_shape(self, module: nn.Module) -> tuple[int, int]:
+        """(out, in) of a linear map (the head too: its rows are the vocabulary)."""
+        out_features, in_features = self.linear_weight(module).shape
+        return out_features, in_features
 
     def weight_matrices(self, layer: int, kind: Kind) -> list[tuple[str, torch.Tensor]]:
         """Named 2-D weights of a unit (Linear and GPT-2 Conv1D alike)."""
@@ -241,15 +246,15 @@ class Anatomy:
         return self.model.get_submodule(self.spec.head)
 
     @property
-    def embed(self) -> nn.Module:
-        return self.model.get_submodule(self.spec.embed)
+    def embed(self) -> nn.Embedding:
+        return cast(nn.Embedding, self.model.get_submodule(self.spec.embed))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Read the residual stream out as the model does: final norm, head, softcap."""
         norm, head = self.final_norm, self.head
         h = h.to(next(norm.parameters()).device)
         z = norm(h)
-        logits = head(z.to(head.weight.device))
+        logits = head(z.to(head.get_parameter("weight").device))
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap

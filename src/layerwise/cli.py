@@ -11,6 +11,7 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from .errors import LayerwiseError
 
@@ -69,7 +70,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpF
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (``main`` prints them): what is wrong and where the options are listed, no usage dump."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         message = re.sub(r"^argument ([^:]+): (must|takes) ", r"\1 \2 ", message)
         raise LayerwiseError(f"{message} (see {self.prog} --help)")
 
@@ -195,7 +196,7 @@ def _action(sub, name: str, help: str, samples_help: str) -> argparse.ArgumentPa
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
 
     p = _Parser(
         prog="layerwise",
@@ -961,7 +962,7 @@ def _steer(args: argparse.Namespace) -> int:
     pairs = sv.read_pairs(
         data=args.data, pos=args.pos, neg=args.neg, n=args.n_pairs, seed=args.seed, encoding=args.encoding
     )
-    prompts, report = _steer_prompts(args)
+    prompts, report_prompts = _steer_prompts(args)
     eval_text = read_corpus(args.eval_data, args.encoding)
     if args.method == "probe":  # a probe to refuse is refused before the model loads
         sv.probe_result(args.probe)
@@ -986,7 +987,7 @@ def _steer(args: argparse.Namespace) -> int:
         pairs,
         prompts,
         w.evaluation[: args.eval_samples],
-        report_prompts=report,
+        report_prompts=report_prompts,
         method=args.method,
         layers=args.layers,
         alpha=alpha,

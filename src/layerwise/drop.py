@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
@@ -43,6 +44,9 @@ from .metrics import stream as st
 from .plans import check_plan_model, load_plans, save_plans
 from .profile import APPLIES, METRICS, Profile, needs, needs_hint, order_by, profile, provenance
 from .trace import BlockTrace, skip, tap
+
+if TYPE_CHECKING:
+    from .loading import CausalLM
 
 UnitChoice = Literal["block", "attn", "mlp", "any"]
 UNIT_CHOICES: tuple[str, ...] = ("block", "attn", "mlp", "any")
@@ -181,7 +185,7 @@ def check_order(unit: str, order: str) -> tuple[str, int]:
     return metric, sign
 
 
-def rank(prof: Profile, unit: str, order: str, exclude: set[str] = frozenset()) -> list[tuple[str, float]]:
+def rank(prof: Profile, unit: str, order: str, exclude: Collection[str] = ()) -> list[tuple[str, float]]:
     """Candidate units from least to most important by ``order`` (a metric, or ``METRIC:asc|desc``), with their values."""
     metric, sign = check_order(unit, order)
     kinds = _KINDS[unit]
@@ -190,7 +194,7 @@ def rank(prof: Profile, unit: str, order: str, exclude: set[str] = frozenset()) 
         raise LayerwiseError(
             f"the profile has no {metric} values; re-profile with {needs_hint(metric)}, or leave out `prof` to measure them"
         )
-    return sorted(((name, float(v)) for name, v in vals), key=lambda nv: sign * nv[1])  # type: ignore[arg-type]
+    return sorted(((name, float(v)) for name, v in vals if v is not None), key=lambda nv: sign * nv[1])
 
 
 def contiguous_scores(lm: LoadedModel, windows: Windows, n: int, *, batch_size: int = 4) -> list[float]:
@@ -244,10 +248,10 @@ def choose(
     if order == "contiguous":
         if unit != "block":
             raise LayerwiseError("`order` contiguous removes a run of whole blocks; use it with `unit` block")
-        scores = contiguous_scores(lm, windows, n, batch_size=batch_size)
-        start = max(range(len(scores)), key=scores.__getitem__)
+        runs = contiguous_scores(lm, windows, n, batch_size=batch_size)
+        start = max(range(len(runs)), key=runs.__getitem__)
         units = [unit_name(i, "block") for i in range(start, start + n)]
-        return DropPlan(units, unit, order, scores={units[0]: scores[start]}, model_hash=made_for)
+        return DropPlan(units, unit, order, scores={units[0]: runs[start]}, model_hash=made_for)
     check_order(unit, order)
     if prof is not None:
         check_profile(prof, lm)
@@ -280,7 +284,7 @@ def _covered(units: list[str]) -> set[str]:
 
 
 @contextmanager
-def without_blocks(lm: LoadedModel, blocks: list[int]) -> Iterator[nn.Module]:
+def without_blocks(lm: LoadedModel, blocks: list[int]) -> Iterator[CausalLM]:
     """Make ``lm.model`` the smaller model for the duration: blocks cut out, config and ``layer_idx`` renumbered.
 
     Everything is put back on exit, so the original stays usable; this is how
@@ -334,8 +338,8 @@ def zeroed(an: Anatomy, sublayers: list[str]) -> Iterator[list[nn.Module]]:
         yield mods
     finally:
         with torch.no_grad():
-            for p, v in saved:
-                p.copy_(v)
+            for param, value in saved:
+                param.copy_(value)
 
 
 def renumbered_sublayers(plan: DropPlan) -> list[str]:
@@ -349,7 +353,7 @@ def renumbered_sublayers(plan: DropPlan) -> list[str]:
 
 
 @contextmanager
-def applied(lm: LoadedModel, plan: DropPlan) -> Iterator[nn.Module]:
+def applied(lm: LoadedModel, plan: DropPlan) -> Iterator[CausalLM]:
     """The real smaller model for the duration: blocks cut out, dropped sublayers skipped."""
     validate(lm.anatomy, plan)
     with without_blocks(lm, plan.blocks) as small, skip(Anatomy(small), renumbered_sublayers(plan)):
@@ -454,7 +458,7 @@ def measure(
     checks); speed and parameters come from the real smaller model.
     """
     an, model = lm.anatomy, lm.model
-    cands = {key: next_token_logits(model, lambda p=plan: skip(an, p.units)) for key, plan in plans.items()}
+    cands = {key: next_token_logits(model, partial(skip, an, plan.units)) for key, plan in plans.items()}
     q = quality(next_token_logits(model), cands, eval_ids, batch_size=batch_size, device=lm.device)
     vocab = int(model.config.vocab_size)
     first = next(iter(q.values()))

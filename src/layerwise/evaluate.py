@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -22,6 +23,9 @@ from .errors import LayerwiseError
 from .metrics import divergence as dv
 from .metrics import lens as lens_m
 from .metrics import stream as st
+
+if TYPE_CHECKING:
+    from .loading import CausalLM
 
 #: Maps a batch of input ids (batch, seq) to next-token logits (batch * (seq - 1), vocab).
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
@@ -139,7 +143,7 @@ def _ppl(prefix: str, nll: st.Moments) -> dict:
 
 
 def speed(
-    model: torch.nn.Module,
+    model: CausalLM,
     *,
     vocab: int,
     variant: Variant | None = None,

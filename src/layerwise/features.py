@@ -25,7 +25,7 @@ from typing import Literal
 
 import torch
 
-from .anatomy import Anatomy, unit_name
+from .anatomy import Anatomy, Kind, unit_name
 from .errors import LayerwiseError
 from .loading import LoadedModel
 from .trace import BlockTrace, tap
@@ -56,8 +56,8 @@ def unit_list(anatomy: Anatomy, units: str | Sequence[str]) -> list[str]:
             raise LayerwiseError(
                 f"units={units!r} is not known; use 'blocks', 'all' or a list of unit names such as ['L3', 'L7.attn']"
             )
-        kinds = ("block",) if units == "blocks" else ("block", "attn", "mlp")
-        return [unit_name(i, k) for i in range(anatomy.n_layers) for k in kinds]  # type: ignore[arg-type]
+        kinds: tuple[Kind, ...] = ("block",) if units == "blocks" else ("block", "attn", "mlp")
+        return [unit_name(i, k) for i in range(anatomy.n_layers) for k in kinds]
     names = list(units)
     if not names:
         raise LayerwiseError("units is empty; name at least one unit such as 'L3'")
@@ -137,7 +137,7 @@ def collect_ids(
     hidden = lm.anatomy.embed.weight.shape[1]
     check_fits(len(ids), len(names), hidden, max_bytes)
     out = {u: torch.empty(len(ids), hidden, dtype=torch.float32) for u in names}
-    wanted = {}
+    wanted: dict[int, list[tuple[str, Kind]]] = {}
     for u in names:
         layer, kind = lm.anatomy.check_unit(u)
         wanted.setdefault(layer, []).append((u, kind))
@@ -155,7 +155,7 @@ def _collect_batch(
     lm: LoadedModel,
     seqs: list[Sequence[int]],
     rows: list[int],
-    wanted: dict[int, list[tuple[str, str]]],
+    wanted: dict[int, list[tuple[str, Kind]]],
     read: str,
     skip_first: bool,
     out: dict[str, torch.Tensor],

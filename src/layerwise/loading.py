@@ -13,10 +13,9 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from . import ggufio
 from .anatomy import SPECS, Anatomy, supported
@@ -29,12 +28,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SOURCE_FILE = "layerwise-source.json"
 
+if TYPE_CHECKING:  # what AutoModelForCausalLM returns, for the type checker: a PreTrainedModel that also generates
+    from transformers import PreTrainedModel
+    from transformers.models.auto.modeling_auto import _BaseModelWithGenerate as CausalLM
+
 
 @dataclass
 class LoadedModel:
     """A model ready for analysis, with where it came from."""
 
-    model: nn.Module
+    model: CausalLM
     tokenizer: Any
     anatomy: Anatomy
     source: dict = field(default_factory=dict)
@@ -173,13 +176,13 @@ def _convert(
 
 
 def _gguf_weights(
-    gguf: Path, arch: str | None, tensors: list[ggufio.TensorInfo], skeleton: nn.Module
+    gguf: Path, arch: str | None, tensors: list[ggufio.TensorInfo], skeleton: PreTrainedModel
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, float32 tensor)`` for every weight of the file, one dequantized at a time, as transformers names it."""
     import numpy as np
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
-    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=skeleton.config.to_dict())
+    processor = TENSOR_PROCESSORS.get(arch or "", TensorProcessor)(config=skeleton.config.to_dict())
     names = get_gguf_hf_weights_map(skeleton, processor)
     moved: dict[str, dict] = {"tensors": {}}  # a processor that renames a tensor (GPT-2's output.weight) puts it here
     for info in tensors:
@@ -214,7 +217,7 @@ def _save_shards(weights: Iterable[tuple[str, torch.Tensor]], out: Path) -> set[
     if len(shards) == 1:
         (out / ".shard-0.safetensors").rename(out / "model.safetensors")
         return set(shards[0])
-    index = {}
+    index: dict[str, str] = {}
     for i, names in enumerate(shards):
         final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         (out / f".shard-{i}.safetensors").rename(out / final)

@@ -121,7 +121,11 @@ class Examples:
     def subset(self, rows: Sequence[int]) -> Examples:
         pick = lambda xs: None if xs is None else [xs[i] for i in rows]  # noqa: E731
         return Examples(
-            labels=pick(self.labels), texts=pick(self.texts), ids=pick(self.ids), source=self.source, read=self.read
+            labels=[self.labels[i] for i in rows],
+            texts=pick(self.texts),
+            ids=pick(self.ids),
+            source=self.source,
+            read=self.read,
         )
 
 
@@ -138,7 +142,7 @@ def classes(labels: Sequence) -> list:
         raise LayerwiseError(f"label {bad!r} is a {type(bad).__name__}; labels must be strings, integers or true/false")
     if len(kinds) > 1:
         raise LayerwiseError(
-            f"labels mix {' and '.join(sorted(k.__name__ for k in kinds))}; use one type for every label"
+            f"labels mix {' and '.join(sorted(k.__name__ for k in kinds if k is not None))}; use one type for every label"
         )
     found = sorted(set(labels))
     if len(found) < 2:
@@ -480,9 +484,9 @@ def probe(
     if c <= 0:
         raise LayerwiseError(f"c (the inverse L2 strength) must be positive (got {c})")
     found, y, fold = prepare(ex, folds, seed)
-    kw = dict(units=units, read=read, batch_size=batch_size, max_bytes=max_bytes, progress=progress)
+    kw: dict[str, Any] = dict(units=units, read=read, batch_size=batch_size, max_bytes=max_bytes, progress=progress)
     if features is None:
-        feats = collect(lm, ex.texts, **kw) if ex.texts is not None else collect_ids(lm, ex.ids, **kw)  # type: ignore[arg-type]
+        feats = collect(lm, ex.texts, **kw) if ex.texts is not None else collect_ids(lm, ex.ids or [], **kw)
     elif features.n_examples != len(ex) or features.read != read:
         raise LayerwiseError(
             f"features hold {features.n_examples} examples read at '{features.read}', "

@@ -24,12 +24,11 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
 from .anatomy import KINDS, Kind, unit_name
 from .data import Windows
 from .errors import LayerwiseError
@@ -41,6 +40,7 @@ from .metrics import stream as st
 from .metrics.agreement import spearman
 from .metrics.weights import z_fraction
 from .trace import BlockTrace, run_blocks, skip, tap, tile_calls
+from .version import __version__
 
 METRICS: tuple[str, ...] = (
     "bi",
@@ -285,9 +285,13 @@ class _LayerAcc:
     def stats(self) -> list[st.Moments | st.MaxAbs]:
         return [self.lens, self.attention, *self.abl_nll.values(), *self.abl_kl.values()]
 
-    def streamed(self) -> dict[str, st.Moments | st.MaxAbs]:
-        """This block's rows of its run's stream statistics: ``stream``, ``max_in``, ``max_mid``, ``sparsity``."""
-        return {name: getattr(self.run, name).row(self.row) for name in ("stream", "max_in", "max_mid", "sparsity")}
+    def peak(self, stream: str) -> st.MaxAbs:
+        """This block's row of its run's largest activations at its input (``in``) or after attention (``mid``)."""
+        return (self.run.max_in if stream == "in" else self.run.max_mid).row(self.row)
+
+    def sparsity(self) -> st.Moments:
+        """This block's row of its run's MLP activation sparsity."""
+        return self.run.sparsity.row(self.row)
 
     def column(self, name: str) -> tuple[float, float]:
         """Mean and standard deviation over tokens of one streamed column."""
@@ -427,7 +431,7 @@ def profile(
         # at once: (batch, seq, vocab) logits and their gradient would be gigabytes with a 262k-token vocabulary.
         with torch.set_grad_enabled(taylor), tap(an, on_block, attn_weights=attention):
             model(input_ids=x, use_cache=False, logits_to_keep=1)
-        targets = x[:, 1:].flatten().to(an.head.weight.device)
+        targets = x[:, 1:].flatten().to(an.head.get_parameter("weight").device)
         per_window = x.shape[1] - 1
         n_tokens += targets.numel()
         if taylor:
@@ -449,7 +453,7 @@ def profile(
                 calls,
                 targets,
                 rows,
-                per_window if rows is None else positions,
+                per_window if rows is None or positions is None else positions,
                 lens=lens,
                 ablate=ablate,
                 bar=bar,
@@ -484,7 +488,7 @@ def _taylor(an, updates: list[torch.Tensor], targets: torch.Tensor) -> torch.Ten
     in (attn, mlp, block) order per layer; ``updates`` holds each block's (attn, mlp, h_out) with their graph."""
     # Units skipped at run time add constant zeros, outside the graph: their estimate is 0.
     live = [u for u in updates if u.requires_grad]
-    d_out = lens_m.nll_grad(an.logits, an.head.weight.shape[0], updates[-1], targets)
+    d_out = lens_m.nll_grad(an.logits, an.head.get_parameter("weight").shape[0], updates[-1], targets)
     found = iter(torch.autograd.grad(updates[-1], live, grad_outputs=d_out))
     grads = [next(found) if u.requires_grad else torch.zeros_like(u) for u in updates]
     est = []
@@ -552,12 +556,12 @@ def _finalize(lm: LoadedModel, accs: list[_LayerAcc], taylor_acc: st.Moments, ab
     units = []
     for layer, acc in enumerate(accs):
         lens = acc.lens.mean.tolist() if acc.lens.n else None
-        streamed = acc.streamed()
+        sparsity = acc.sparsity()
         for kind in KINDS:
             # A block and its attention read h; the MLP reads h' = h + a.
             stream = "in" if kind != "mlp" else "mid"
             norm_mean, norm_std = acc.column(f"norm_{stream}")
-            peak = streamed["max_in" if stream == "in" else "max_mid"]
+            peak = acc.peak(stream)
             similarity = acc.column({"block": "bi", "attn": "attn_cos", "mlp": "mlp_cos"}[kind])[0]
             names = [n for n, _ in mats[(layer, kind)]]
             metrics: dict[str, float | None] = {
@@ -568,9 +572,7 @@ def _finalize(lm: LoadedModel, accs: list[_LayerAcc], taylor_acc: st.Moments, ab
                 "resid_norm": _finite(norm_mean),
                 "max_abs": _finite(peak.value),
                 "kurtosis": _finite(acc.column(f"kurt_{stream}")[0]),
-                "mlp_sparsity": _finite(float(streamed["sparsity"].mean))
-                if kind == "mlp" and streamed["sparsity"].n
-                else None,
+                "mlp_sparsity": _finite(float(sparsity.mean)) if kind == "mlp" and sparsity.n else None,
                 "lens_kl": None,
                 "lens_top1": None,
                 "lens_nll": None,
@@ -580,7 +582,7 @@ def _finalize(lm: LoadedModel, accs: list[_LayerAcc], taylor_acc: st.Moments, ab
             }
             if kind == "block" and lens:
                 metrics |= {key: _finite(v) for key, v in zip(("lens_kl", "lens_top1", "lens_nll"), lens)}
-            details = {"resid_norm_std": _finite(norm_std), "max_abs_channel": peak.channel}
+            details: dict[str, Any] = {"resid_norm_std": _finite(norm_std), "max_abs_channel": peak.channel}
             metrics |= {key: None for key in ATTENTION}
             if kind == "attn" and acc.attention.n:
                 per_head = acc.attention.mean.view(len(ATTENTION), -1)

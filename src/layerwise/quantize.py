@@ -449,13 +449,10 @@ class QuantPlan:
 
     def codes(self, lm: LoadedModel, windows: Windows | None = None, *, batch_size: int = 4) -> dict[str, QTensor]:
         """Each module's integer codes, by module path (integer plans; what ``--export hf`` writes)."""
-        return config_codes(
-            lm,
-            self._names(),
-            self.candidates(lm),
-            self._windows(lm, windows),  # type: ignore[arg-type]
-            batch_size=batch_size,
-        )
+        cands = self.candidates(lm)
+        if not isinstance(cands, GroupCandidates):
+            raise LayerwiseError("a GGUF plan has no integer codes; export it with --export gguf")
+        return config_codes(lm, self._names(), cands, self._windows(lm, windows), batch_size=batch_size)
 
     def candidates(self, lm: LoadedModel) -> Candidates:
         """The candidate set that makes the plan's weights (only its own configs)."""
@@ -582,7 +579,7 @@ def run(
         )
     if family == "int" and symmetric is None:
         symmetric = "hf" in export
-    sizes = (32, 64, 128)
+    sizes: tuple[int, ...] = (32, 64, 128)
     if "hf" in export:  # only whole groups load: keep the default sizes that tile every row
         sizes = tuple(g for g in sizes if all(w % g == 0 for w in hf.row_widths(lm))) or sizes
     cands = candidates_for(lm, family, method=method, group_size=group_size, symmetric=symmetric, sizes=sizes)

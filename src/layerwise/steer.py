@@ -58,7 +58,7 @@ from .anatomy import first_tensor, parse_unit
 from .data import read_jsonl, read_lines
 from .errors import LayerwiseError
 from .evaluate import next_token_logits, paired_difference, quality
-from .features import Features, collect, collect_ids, tokenize, unit_list
+from .features import Features, Read, collect, collect_ids, tokenize, unit_list
 from .io import atomic_dir, load_result, write_json
 from .loading import LoadedModel
 from .memory import peak_memory
@@ -188,7 +188,7 @@ def fit(
     pairs: Sequence[tuple[str, str]],
     *,
     method: str = "diffmean",
-    read: str = "last",
+    read: Read = "last",
     seed: int = 0,
     probe: str | None = None,
     batch_size: int = 8,
@@ -242,7 +242,7 @@ def probe_result(folder: str | None) -> ProbeResult:
     if not folder:
         raise LayerwiseError("method='probe' needs probe=DIR, a folder saved by `layerwise probe`")
     try:
-        from .probe import ProbeResult  # type: ignore[attr-defined]
+        from .probe import ProbeResult
     except ImportError:
         raise LayerwiseError(
             "method='probe' needs layerwise's probe action (layerwise.probe), which this install lacks; use diffmean or pca"
@@ -287,7 +287,7 @@ def _model_id(lm: LoadedModel) -> dict:
     }
 
 
-def _check_alpha(alpha: float) -> float:
+def _check_alpha(alpha: float | str) -> float:
     try:
         a = float(alpha)
     except (TypeError, ValueError):
@@ -492,7 +492,7 @@ def train(
     *,
     method: str = "diffmean",
     layers: str = "auto",
-    read: str = "last",
+    read: Read = "last",
     alpha: float = DEFAULT_ALPHA,
     seed: int = 0,
     probe: str | None = None,
@@ -650,7 +650,7 @@ def prompt_sets(
         tuple(lm.tokenizer(" " + t, add_special_tokens=False)["input_ids"] for t in pairs[i])
         for i in held_pairs[:max_continuations]
     ]
-    return Prompts(tokenize(lm, roles["calibration"])[0], tokenize(lm, roles["report"])[0], conts, roles)  # type: ignore[arg-type]
+    return Prompts(tokenize(lm, roles["calibration"])[0], tokenize(lm, roles["report"])[0], conts, roles)
 
 
 def choose_alpha(
@@ -847,7 +847,7 @@ def run(
     alpha: float | str = "auto",
     sweep_alphas: Sequence[float] = (),
     sweep_layers: str | None = None,
-    read: str = "last",
+    read: Read = "last",
     seed: int = 0,
     target: float = 2.0,
     probe: str | None = None,
@@ -872,7 +872,7 @@ def run(
             f"unknown export {', '.join(sorted(unknown))}; the vector is always saved, and gguf adds a llama.cpp control vector"
         )
     sweep = [_check_alpha(a) for a in sweep_alphas]
-    fixed = None if alpha == "auto" else _check_alpha(alpha)  # type: ignore[arg-type]
+    fixed = None if alpha == "auto" else _check_alpha(alpha)
     variants = parse_layers(layers, lm.anatomy.n_layers)
     also_swept = None if sweep_layers is None else parse_layers(sweep_layers, lm.anatomy.n_layers) or []
     if "gguf" in export and any("L0" in v for v in variants or []):

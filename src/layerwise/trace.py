@@ -56,9 +56,10 @@ def _first_nonfinite(sentinels: list[tuple[int, torch.Tensor]]) -> str | None:
         return None
     flags = torch.isfinite(torch.stack([s.to(sentinels[0][1].device) for _, s in sentinels])).cpu()
     for (layer, _), ok in zip(sentinels, flags):
-        for kind, good in zip(("attn", "mlp", "block"), ok.tolist()):
+        order: tuple[Kind, ...] = ("attn", "mlp", "block")
+        for kind, good in zip(order, ok.tolist()):
             if not good:
-                return unit_name(layer, kind)  # type: ignore[arg-type]
+                return unit_name(layer, kind)
     return None
 
 
@@ -160,13 +161,12 @@ def _override_forward(module: nn.Module, fn: Callable[..., Any]) -> Callable[[],
     accelerate's device hooks also live in the instance ``forward``; the old
     instance attribute, if any, is restored exactly.
     """
-    had = "forward" in module.__dict__
     old = module.__dict__.get("forward")
-    module.forward = fn  # type: ignore[method-assign]
+    module.forward = fn
 
     def restore() -> None:
-        if had:
-            module.forward = old  # type: ignore[method-assign]
+        if old is not None:
+            module.forward = old
         else:
             del module.forward
 

@@ -61,10 +61,11 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeGuard, cast
 
 import torch
 from torch import nn
@@ -72,7 +73,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback, TrainerControl, TrainerState
 from transformers.trainer_callback import ExportableState
 
-from .anatomy import Anatomy, parse_unit, unit_name
+from .anatomy import Anatomy, Kind, parse_unit, unit_name
 from .data import Corpus, TextFile, Windows, parse_jsonl, read_corpus, read_file, windows
 from .errors import LayerwiseError
 from .evaluate import Variant, next_token_logits, quality
@@ -80,6 +81,13 @@ from .io import atomic_dir, load_result, write_json
 from .loading import LoadedModel
 from .memory import memory_bytes, peak_memory, rss_bytes
 from .profile import DIRECTION, METRICS, Profile, needs_hint, provenance
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+    from .loading import CausalLM
+
+    Tunable = CausalLM | PeftModel  # a transformers model, or one peft wraps (LoRA)
 
 MODES = ("full", "lisa", "importance", "top", "adaptive", "badam", "lora")
 SELECT_HELP = "full, lora, lisa, importance:METRIC, top:METRIC, adaptive, badam:ascending|descending|random"
@@ -137,12 +145,12 @@ def importance_weights(prof: Profile, metric: str, unit: str) -> dict[str, float
     if unit not in UNITS:
         raise LayerwiseError(f"unknown unit {unit!r}; use block, attn or mlp")
     sign = DIRECTION.get(metric) or 1
-    vals = {k: v for k, v in prof.values(metric, unit).items()}  # type: ignore[arg-type]
+    vals = prof.values(metric, cast(Kind, unit))
     if not vals or any(v is None for v in vals.values()):
         raise LayerwiseError(
             f"the profile has no {metric} values for {unit} units; re-profile with {needs_hint(metric)}"
         )
-    signed = {k: sign * float(v) for k, v in vals.items()}  # type: ignore[arg-type]
+    signed = {k: sign * float(v) for k, v in vals.items() if v is not None}
     top = max(max(signed.values()), 1e-12)
     return {k: max(v, 1e-6 * top) for k, v in signed.items()}
 
@@ -188,10 +196,11 @@ def layer_rates(prof: Profile, metric: str, unit: str, tau: float = 1.0) -> dict
 
 def _unwrap(model: nn.Module) -> nn.Module:
     """The transformers model inside a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if get_base else model
 
 
-def _is_peft(model: nn.Module) -> bool:
+def _is_peft(model: nn.Module) -> TypeGuard[PeftModel]:
     return hasattr(model, "peft_config")
 
 
@@ -250,7 +259,8 @@ class LayerSelector(TrainerCallback, ExportableState):
             raise LayerwiseError(
                 f"select {select} needs importance weights from a Profile (importance_weights(prof, metric, unit))"
             )
-        self.select, self.unit, self.active, self.interval = select, unit, active, interval
+        self.select, self.active, self.interval = select, active, interval
+        self.unit = cast(Kind, unit)
         self.temperature, self.weights, self.seed, self.train_embeddings, self.ema = (
             temperature,
             weights,
@@ -291,15 +301,15 @@ class LayerSelector(TrainerCallback, ExportableState):
         an = Anatomy(base)
         peft = _is_peft(model)
         skipped = set((getattr(base.config, "layerwise", None) or {}).get("dropped_sublayers") or [])
-        kinds = ("attn", "mlp") if self.unit == "block" else (self.unit,)
+        kinds: tuple[Kind, ...] = ("attn", "mlp") if self.unit == "block" else (self.unit,)
         out = {}
         for i in range(an.n_layers):
             if all(unit_name(i, k) in skipped for k in kinds):
                 continue  # a sublayer `layerwise drop` removed computes nothing; training it is pointless
-            mod = an.blocks[i] if self.unit == "block" else an.branch(i, self.unit)  # type: ignore[arg-type]
+            mod = an.blocks[i] if self.unit == "block" else an.branch(i, self.unit)
             ps = [p for p in mod.parameters() if p.requires_grad or not peft]
             if ps:
-                out[unit_name(i, self.unit)] = ps  # type: ignore[arg-type]
+                out[unit_name(i, self.unit)] = ps
         return out
 
     def param_groups(self, model: nn.Module, lr: float, rates: dict[str, float] | None = None) -> list[dict]:
@@ -382,14 +392,15 @@ class LayerSelector(TrainerCallback, ExportableState):
     def choose(self, step: int) -> list[str]:
         """The units that train during ``step`` (a function of seed and step, plus the learned scores for adaptive)."""
         names, period, mode = list(self.params), step // self.interval, self.sel.mode
+        weights = self.weights or {}  # importance and top have them (checked when made)
         if mode == "full":
             return names
         if mode == "lisa":
             return self._draw([1.0] * len(names), period)
         if mode == "importance":
-            return self._draw([self.weights[u] for u in names], period)  # type: ignore[index]
+            return self._draw([weights[u] for u in names], period)
         if mode == "top":
-            return sorted(sorted(names, key=lambda u: -self.weights[u])[: self.active], key=parse_unit)  # type: ignore[index]
+            return sorted(sorted(names, key=lambda u: -weights[u])[: self.active], key=parse_unit)
         if mode == "adaptive":
             best = max(self.scores.values(), default=1.0)
             return self._draw([max(self.scores.get(u, best), 1e-12 * max(best, 1e-30)) for u in names], period)
@@ -697,7 +708,7 @@ class TuneRun:
     records: list[dict]
     seconds: float
     selector: LayerSelector
-    model: nn.Module
+    model: Tunable
     memory_start: int
     start: Snapshot | None = None  # a peft model's adapter weights before training (the base model is them at init)
     unit_lr: dict[str, float] = field(default_factory=dict)  # each unit's learning rate, read back from the optimizer
@@ -742,7 +753,7 @@ def max_active(model: nn.Module, unit: str = "block", share: float = 0.5, train_
     return k
 
 
-def with_lora(model: nn.Module, rank: int = 8) -> nn.Module:
+def with_lora(model: CausalLM, rank: int = 8) -> PeftModel:
     """A peft LoRA model over every linear map of the blocks (peft's ``all-linear`` leaves the head out)."""
     try:
         from peft import LoraConfig, get_peft_model
@@ -761,10 +772,10 @@ def _batches(n: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
         epoch += 1
 
 
-def save_model(model: nn.Module, tokenizer, out: str | Path) -> Path:
+def save_model(model: Tunable, tokenizer, out: str | Path) -> Path:
     """A plain HF checkpoint (safetensors), or a PEFT adapter for a peft model, written atomically."""
     with atomic_dir(out, "checkpoint") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out)
@@ -878,7 +889,7 @@ def train(
     )
 
 
-def _stop_on_nan(model: nn.Module, tokenizer, step: int, checkpoint: str | Path | None) -> None:
+def _stop_on_nan(model: Tunable, tokenizer, step: int, checkpoint: str | Path | None) -> None:
     """The loss is not finite before this step's update: the weights are the last good ones; keep them and stop."""
     if checkpoint is not None:
         save_model(model, tokenizer, checkpoint)
@@ -900,7 +911,7 @@ def distinct_n(texts: list[str], n: int) -> float | None:
 
 
 def diversity(
-    model: nn.Module,
+    model: Tunable,
     tokenizer,
     prompts: list[list[dict]],
     *,
@@ -957,7 +968,7 @@ def evaluate(
     data: TuneData,
     second: torch.Tensor | None,
     *,
-    restored: list[int] = (),
+    restored: Sequence[int] = (),
     tokenizer=None,
     batch_size: int = 4,
     device: str | torch.device = "cpu",
@@ -1068,8 +1079,7 @@ def run(
 
         check_profile(prof, lm)
     rates = layer_rates(_need(prof, lr_spec[0]), lr_spec[0], unit, lr_spec[1]) if lr_spec else None
-    single = out is not None and export and len(sels) == 1
-    ckpt = Path(out) / "model" if single else None
+    ckpt = Path(out) / "model" if out is not None and export and len(sels) == 1 else None
     start = time.perf_counter()
     snap = Snapshot(list(lm.model.parameters()))
     runs, exports = [], {}
@@ -1092,7 +1102,11 @@ def run(
             rates=rates,
             **train_kw,
         )
-        block_w = importance_weights(prof, metric, "block") if restore and restore_order == "importance" else None
+        block_w = (
+            importance_weights(_need(prof, metric), metric, "block")
+            if restore and restore_order == "importance"
+            else None
+        )
         restored = restore_order_blocks(r.model, r.start or snap, restore, restore_order, block_w)
         ev = evaluate(
             r,
@@ -1109,10 +1123,10 @@ def run(
         runs.append(
             {"key": key, "select": sel.key, "unit": unit, "layer_lr": layer_lr, **train_kw, **r.summary(), "eval": ev}
         )
-        if single:
+        if ckpt is not None:
             params = [p for i in restored for p in block_params(r.model, i)]
             with (r.start or snap).swapped(params) if restored else contextlib.nullcontext():
-                path = save_model(r.model, lm.tokenizer, ckpt)  # type: ignore[arg-type]
+                path = save_model(r.model, lm.tokenizer, ckpt)
             exports["model"] = {
                 "path": str(path),
                 "kind": "peft-adapter" if _is_peft(r.model) else "hf",

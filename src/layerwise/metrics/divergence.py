@@ -141,8 +141,8 @@ class Divergence:
         out["same_top_p"], out["same_top_p_se"] = st.mean_se(self.same_top)
         out["dp_mean"], out["dp_mean_se"] = st.mean_se(self.dp_mean)
         ms, ms_se = st.mean_se(self.dp_square)
-        out["dp_rms"] = math.sqrt(ms)
-        out["dp_rms_se"] = ms_se / (2 * out["dp_rms"]) if ms_se is not None and ms > 0 else None  # delta method
+        out["dp_rms"] = rms = math.sqrt(ms)
+        out["dp_rms_se"] = ms_se / (2 * rms) if ms_se is not None and ms > 0 else None  # delta method
         out |= {f"dp_{k}": self.dp.quantile(q) for k, q in DP_PERCENTILES.items()}
         out["kl_max"], out["dp_max"], out["dp_min"] = self.kl.max, self.dp.max, self.dp.min
         return {k: out[k] for k in KEYS}

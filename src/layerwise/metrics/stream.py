@@ -32,7 +32,7 @@ class Moments:
     def add(self, values: torch.Tensor) -> None:
         v = values.detach().double()
         s, q = v.sum(dim=0), (v * v).sum(dim=0)
-        if self._sum is None:
+        if self._sum is None or self._squares is None:
             self._sum, self._squares = s, q
         else:
             self._sum += s

@@ -197,7 +197,7 @@ class GGUFCandidates:
     ) -> tuple[torch.Tensor, int, str]:
         tname = self.anatomy.gguf_name(path)
         if tname not in self._rows:
-            dtype = self.anatomy.model.get_submodule(path).weight.dtype
+            dtype = self.anatomy.model.get_parameter(f"{path}.weight").dtype
             self._rows[tname] = _row_order(w, _dequantize(self.tensor("source", tname)), tname, dtype)
         t = self.tensor(name, tname)
         return _dequantize(t)[self._rows[tname]], ggufio.tensor_bits(t), t.tensor_type.name

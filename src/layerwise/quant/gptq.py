@@ -50,7 +50,7 @@ def inverse_factor(hessian: torch.Tensor, *, damp: float = 0.01) -> tuple[torch.
     H += damp * torch.mean(torch.diag(H)) * torch.eye(n, dtype=H.dtype, device=H.device)
     try:
         return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True), dead
-    except torch._C._LinAlgError:
+    except torch.linalg.LinAlgError:
         raise LayerwiseError(
             "GPTQ's Hessian is not positive definite even after damping; use more calibration tokens or `method` rtn"
         ) from None
@@ -105,7 +105,7 @@ def quantize_gptq_many(
                     span.float(), QConfig(first.bits, span.shape[1], first.symmetric, first.scale_bits), bits
                 )
                 scales[:, k] = s[:, 0].double()
-                if zeros is not None:
+                if zeros is not None and z is not None:
                     zeros[:, k] = z[:, 0].double()
             s = scales[:, k]
             z = zeros[:, k] if zeros is not None else None

@@ -125,7 +125,7 @@ def export(lm: LoadedModel, codes: dict[str, QTensor], out: str | Path) -> Path:
 
     _check_dtype(lm)
     linear = [n for n, m in lm.model.named_modules() if isinstance(m, torch.nn.Linear)]
-    state = {}
+    state: dict[str, torch.Tensor] = {}
     for name, t in lm.model.state_dict().items():
         module, _, leaf = name.rpartition(".")
         if module in codes and leaf == "weight":
@@ -146,7 +146,8 @@ def transformers_nll(path: str | Path, ids: torch.Tensor, *, device: str | torch
 
     from ..evaluate import next_token_logits
 
-    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).to(device).eval()
+    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+    model.to(device).eval()
     logits = next_token_logits(model)
     out = [
         float(torch.nn.functional.cross_entropy(logits(row[None].to(device)).float(), row[1:].to(device)))

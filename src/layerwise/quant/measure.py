@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..anatomy import Anatomy, first_tensor
+from ..anatomy import Anatomy, Kind, first_tensor, parse_unit
 from ..data import Windows
 from ..errors import LayerwiseError
 from ..io import write_json
@@ -86,29 +86,43 @@ def replaced(an: Anatomy, weights: dict[nn.Module, torch.Tensor]) -> Iterator[No
     try:
         with torch.no_grad():
             for m, w in weights.items():
-                saved.append((m, m.weight.detach().clone()))
-                m.weight.copy_((w.T if an.spec.transposed else w).to(m.weight.dtype))
+                weight = m.get_parameter("weight")
+                saved.append((weight, weight.detach().clone()))
+                weight.copy_((w.T if an.spec.transposed else w).to(weight.dtype))
         yield
     finally:
         with torch.no_grad():
-            for m, w in saved:
-                m.weight.copy_(w)
+            for weight, w in saved:
+                weight.copy_(w)
 
 
-def _sublayer(group: str) -> str:
-    return group.split(".")[1]
+def _sublayer(group: str) -> Kind:
+    """The sublayer a quantization group belongs to (``L3.attn.qkv`` -> ``attn``)."""
+    return parse_unit(".".join(group.split(".")[:2]))[1]
 
 
 class Candidates(Protocol):
     """The configs a plan chooses from, and how a weight is stored under each."""
 
-    names: tuple[str, ...]
-    #: Whether engines fuse q/k/v and gate/up (one config per fused group) or type each tensor alone.
-    fused: bool
-    #: Whether ``stored`` needs the layer's input Hessian (GPTQ).
-    needs_hessian: bool
-    #: What identifies this candidate set in a cached measurement.
-    key: dict
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The configs' names, in the order plans index them."""
+        ...
+
+    @property
+    def fused(self) -> bool:
+        """Whether engines fuse q/k/v and gate/up (one config per fused group) or type each tensor alone."""
+        ...
+
+    @property
+    def needs_hessian(self) -> bool:
+        """Whether ``stored`` needs the layer's input Hessian (GPTQ)."""
+        ...
+
+    @property
+    def key(self) -> dict:
+        """What identifies this candidate set in a cached measurement."""
+        ...
 
     def bits(self, path: str, shape: tuple[int, int], name: str) -> int:
         """Storage bits of an (out, in) weight under config ``name`` (cheap: no quantization)."""
@@ -180,7 +194,7 @@ class GroupCandidates:
     def stored(
         self, path: str, w: torch.Tensor, name: str, hessian: torch.Tensor | None
     ) -> tuple[torch.Tensor, int, str]:
-        bits = self.bits(path, tuple(w.shape), name)  # type: ignore[arg-type]
+        bits = self.bits(path, (w.shape[0], w.shape[1]), name)
         return self.codes(path, w, name, hessian).dequantize(), bits, name
 
     def stored_all(
@@ -203,7 +217,7 @@ class GroupCandidates:
         for cfgs in grids.values():
             for i in range(0, len(cfgs), per_sweep):
                 for c, qt in zip(cfgs[i : i + per_sweep], quantize_gptq_many(w, factor, cfgs[i : i + per_sweep])):
-                    out[c.name] = (qt.dequantize(), self.bits(path, tuple(w.shape), c.name), c.name)  # type: ignore[arg-type]
+                    out[c.name] = (qt.dequantize(), self.bits(path, (w.shape[0], w.shape[1]), c.name), c.name)
         return {name: out[name] for name in self.names}
 
 
@@ -438,8 +452,8 @@ def bit_range(lm: LoadedModel, candidates: Candidates) -> tuple[float, float]:
     lo = hi = n = 0
     for layer in range(an.n_layers):
         for _, mods in an.quant_groups(layer, fused=candidates.fused):
-            shapes = [(p, tuple(an.linear_weight(m).shape)) for p, m in mods]
-            per = [sum(candidates.bits(p, s, c) for p, s in shapes) for c in candidates.names]  # type: ignore[arg-type]
+            shapes = [(p, an.linear_shape(m)) for p, m in mods]
+            per = [sum(candidates.bits(p, s, c) for p, s in shapes) for c in candidates.names]
             lo, hi, n = lo + min(per), hi + max(per), n + sum(s[0] * s[1] for _, s in shapes)
     return lo / n, hi / n
 
@@ -478,7 +492,7 @@ def _batch_pass(
             lm.model(input_ids=ids, use_cache=False, logits_to_keep=1)
         finally:
             handle.remove()
-        d_out = nll_grad(an.logits, an.head.weight.shape[0], last[0], ids[:, 1:].flatten())
+        d_out = nll_grad(an.logits, an.head.get_parameter("weight").shape[0], last[0], ids[:, 1:].flatten())
         flat = [u for layer in layers for u in updates[layer]]
         live = [u for u in flat if u.requires_grad]
         found = iter(torch.autograd.grad(last[0], live, grad_outputs=d_out))
@@ -486,8 +500,8 @@ def _batch_pass(
     return first[0], calls, {layer: {"attn": grads[2 * i], "mlp": grads[2 * i + 1]} for i, layer in enumerate(layers)}
 
 
-def run_update(an: Anatomy, layer: int, kind: str, call: tuple[tuple, dict]) -> torch.Tensor:
+def run_update(an: Anatomy, layer: int, kind: Kind, call: tuple[tuple, dict]) -> torch.Tensor:
     """A sublayer's residual update for recorded inputs (branch, then Gemma's post-norm where there is one)."""
-    y = first_tensor(an.branch(layer, kind)(*call[0], **call[1]))  # type: ignore[arg-type]
-    update = an.update_module(layer, kind)  # type: ignore[arg-type]
-    return y if update is an.branch(layer, kind) else first_tensor(update(y))  # type: ignore[arg-type]
+    y = first_tensor(an.branch(layer, kind)(*call[0], **call[1]))
+    update = an.update_module(layer, kind)
+    return y if update is an.branch(layer, kind) else first_tensor(update(y))

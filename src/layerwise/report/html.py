@@ -60,8 +60,7 @@ def png(fig: Figure) -> str:
 
 
 def _series(prof: Profile, metric: str, kind: str) -> tuple[list[int], list[float]]:
-    pts = [(u.layer, u.metrics.get(metric)) for u in prof.units if u.kind == kind]
-    pts = [(x, y) for x, y in pts if y is not None]
+    pts = [(u.layer, y) for u in prof.units if u.kind == kind and (y := u.metrics.get(metric)) is not None]
     return [x for x, _ in pts], [y for _, y in pts]
 
 
@@ -183,7 +182,8 @@ def _ablation_note(prof: Profile) -> str:
 
 def _ranking_table(prof: Profile) -> str:
     ref = prof.agreement.get("reference", "ablate_nll")
-    rows = sorted((u for u in prof.units if u.metrics.get(ref) is not None), key=lambda u: u.metrics[ref])  # type: ignore[index]
+    valued = [(v, u) for u in prof.units if (v := u.metrics.get(ref)) is not None]
+    rows = [u for _, u in sorted(valued, key=lambda vu: vu[0])]
     cols = [m for m in METRICS if any(u.metrics.get(m) is not None for u in rows)]
     head = "".join(f"<th>{escape(c)}</th>" for c in ["unit", *cols])
     body = "".join(

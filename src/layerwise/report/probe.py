@@ -38,9 +38,10 @@ def curve_figure(result: ProbeResult):
                 label=key.replace("_", " ") + tag,
             )
     ax.axhline(result.meta.get("chance", 0.5), color="grey", lw=0.8, ls=":", label="chance")
-    if result.best_unit() is not None:
-        best = result.unit(result.best_unit())
-        ax.axvline(best["layer"], color="C3", lw=0.8, ls="--", label=f"best: {result.best_unit()}")
+    best_name = result.best_unit()
+    if best_name is not None:
+        best = result.unit(best_name)
+        ax.axvline(best["layer"], color="C3", lw=0.8, ls="--", label=f"best: {best_name}")
     ax.set_xlabel("layer (L{k}: output of block k)", fontsize=8)
     ax.set_ylabel("cross-validated accuracy", fontsize=8)
     ax.set_ylim(min(0.0, min(r["selectivity"] for r in result.units) - 0.05), 1.02)

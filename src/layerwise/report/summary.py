@@ -55,11 +55,7 @@ def extremes(
     if ref is None:
         return [], []
     rows = sorted(
-        (
-            (u.name, float(u.metrics[ref]), u.details.get(f"{ref}_se"))
-            for u in prof.units
-            if u.metrics.get(ref) is not None
-        ),
+        ((u.name, float(v), u.details.get(f"{ref}_se")) for u in prof.units if (v := u.metrics.get(ref)) is not None),
         key=lambda r: r[1],
     )
     return rows[:k], rows[::-1][:k]
@@ -86,12 +82,10 @@ def cheapest_kind(prof: Profile, n: int = _DROP_N) -> str | None:
     ref = reference(prof)
     totals = {}
     for kind in ("block", "attn", "mlp"):
-        vals = sorted(
-            float(u.metrics[ref]) for u in prof.units if u.kind == kind and ref and u.metrics.get(ref) is not None
-        )
+        vals = sorted(float(v) for u in prof.units if u.kind == kind and ref and (v := u.metrics.get(ref)) is not None)
         if len(vals) > n:
             totals[kind] = sum(vals[:n])
-    return min(totals, key=totals.get, default=None)  # type: ignore[arg-type]
+    return min(totals, key=totals.__getitem__, default=None)
 
 
 def profile_commands(prof: Profile, path: str) -> list[tuple[str, str]]:
