@@ -46,9 +46,6 @@ def next_token_logits(model: torch.nn.Module, variant: Variant | None = None) ->
     return fn
 
 
-_summary = st.mean_se
-
-
 def quality(
     reference: LogitsFn,
     candidates: dict[str, LogitsFn],
@@ -107,8 +104,8 @@ def quality(
     out = {}
     for name, (nll, kl) in acc.items():
         out[name] = {**base, **_ppl("", nll)}
-        out[name]["delta_nll"], out[name]["delta_nll_se"] = _summary(_moments(deltas[name]))
-        out[name]["kl"], out[name]["kl_se"] = _summary(kl)
+        out[name]["delta_nll"], out[name]["delta_nll_se"] = st.mean_se(deltas[name])
+        out[name]["kl"], out[name]["kl_se"] = st.mean_se(kl)
         out[name] |= divergence[name].summary()
         out[name]["window_delta_nll"] = deltas[name]
     return out
@@ -123,17 +120,11 @@ def paired_difference(a: list[float], b: list[float]) -> tuple[float, float | No
     """
     if len(a) != len(b) or not a:
         raise LayerwiseError("a paired difference needs both variants evaluated on the same windows")
-    return _summary(_moments([x - y for x, y in zip(a, b)]))
-
-
-def _moments(values: list[float]) -> st.Moments:
-    m = st.Moments()
-    m.add(torch.tensor(values, dtype=torch.float64))
-    return m
+    return st.mean_se([x - y for x, y in zip(a, b)])
 
 
 def _ppl(prefix: str, nll: st.Moments) -> dict:
-    mean, se = _summary(nll)
+    mean, se = st.mean_se(nll)
     return {
         f"{prefix}nll": mean,
         f"{prefix}nll_se": se,

@@ -1,18 +1,30 @@
-"""Atomic output: an interrupted run never leaves a half-written file."""
+"""Files in and out, and what every result records.
+
+Output is atomic: an interrupted run never leaves a half-written file, and a
+folder keeps every file it did not write (:func:`atomic_dir`). Every result
+records its :func:`provenance`, and anything made for one model's weights
+(a profile, a plan, a steering vector) is refused on another by
+:func:`check_same_model`.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import platform
+import shlex
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import LayerwiseError
+from .version import __version__
 
 T = TypeVar("T")
 
@@ -182,3 +194,41 @@ def load_result(cls: type[T], path: str | os.PathLike, name: str, what: str) -> 
         return cls(**d)
     except TypeError as exc:
         raise LayerwiseError(f"{path} is not a layerwise {what} result ({exc.__class__.__name__})") from None
+
+
+#: The command line results record: the CLI sets its own (``layerwise ...``, also when called in-process);
+#: else ``sys.argv``.
+COMMAND: ContextVar[str | None] = ContextVar("layerwise_command", default=None)
+
+
+def provenance(*, seed: int | None, batch_size: int) -> dict:
+    """What every result file records beside the model and the data: package versions, the command line, the seed
+    and the batch size (batching changes float rounding, so it is part of what reproduces a number)."""
+    return {
+        "versions": _versions(),
+        "command": COMMAND.get() or shlex.join(sys.argv),
+        "seed": seed,
+        "batch_size": batch_size,
+    }
+
+
+def _versions() -> dict:
+    import torch
+    import transformers
+
+    return {
+        "layerwise": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def check_same_model(made_on: str | None, have: str | None, what: str, fix: str) -> None:
+    """Refuse ``what`` (made on the weights hashed ``made_on``) on a model hashed ``have``, when both are known:
+    a profile's ranking, a plan's choices or a vector's direction mean nothing on other weights.
+
+    ``what`` reads before "another model" (``"the plan was made for"``); ``fix`` says what to do instead.
+    """
+    if made_on and have and made_on != have:
+        raise LayerwiseError(f"{what} another model (hash {made_on[:12]}, this model {have[:12]}); {fix}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import LayerwiseError
-from .io import read_json, write_json
+from .io import check_same_model, read_json, write_json
 from .loading import LoadedModel
 
 
@@ -52,9 +52,9 @@ def load_plans(path: str | Path, kind: str, key: str | None = None) -> tuple[dic
 
 def check_plan_model(model_hash: str | None, lm: LoadedModel) -> None:
     """Refuse a plan made for other weights (when both hashes are known)."""
-    have = lm.source.get("model_hash")
-    if model_hash and have and model_hash != have:
-        raise LayerwiseError(
-            f"the plan was made for another model (hash {str(model_hash)[:12]}, this model {str(have)[:12]}); "
-            "load the model the plan was made for, or make a new plan"
-        )
+    check_same_model(
+        model_hash,
+        lm.source.get("model_hash"),
+        "the plan was made for",
+        "load the model the plan was made for, or make a new plan",
+    )

@@ -9,6 +9,8 @@ does not grow with the number of calibration tokens.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 #: Columns of :func:`geometry`, in order.
@@ -68,8 +70,12 @@ def window_means(t: torch.Tensor, per_window: int) -> torch.Tensor:
     return t.reshape(-1, per_window).double().mean(dim=1)
 
 
-def mean_se(m: Moments) -> tuple[float, float | None]:
-    """Mean and its standard error (None with a single sample)."""
+def mean_se(m: Moments | Sequence[float]) -> tuple[float, float | None]:
+    """Mean and its standard error (None with a single sample), of streamed moments or of a few values in hand
+    (per-window differences, per-fold accuracies): the one place a standard error is computed."""
+    if not isinstance(m, Moments):
+        values, m = m, Moments()
+        m.add(torch.as_tensor(values, dtype=torch.float64))
     return float(m.mean), (float(m.std) / m.n**0.5 if m.n > 1 else None)
 
 
