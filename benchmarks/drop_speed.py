@@ -42,7 +42,8 @@ def main() -> None:
     original, results = dp.measure(lm, keys, w.evaluation[:1], with_speed=True)
     lines = [
         "",
-        f"## Speed alone on the machine — {date.today()} — {platform.machine()}, {torch.get_num_threads()} threads, device {lm.device}",
+        f"## Speed alone on the machine — {date.today()} — {platform.machine()}, {torch.get_num_threads()} "
+        f"threads, device {lm.device}",
         "",
         f"Original: prefill {original['prefill_tok_s']:.0f} tok/s, generation {original['generate_tok_s']:.1f} tok/s "
         "(best of 5, timed before and after the variants).",

@@ -76,13 +76,16 @@ def main() -> None:
 
     o = report.original
     lines = [
-        f"# drop_sweep — {date.today()} — {platform.machine()}, {torch.get_num_threads()} threads, device {lm.device}, torch {torch.__version__}",
+        f"# drop_sweep — {date.today()} — {platform.machine()}, {torch.get_num_threads()} threads, device "
+        f"{lm.device}, torch {torch.__version__}",
         "",
-        f"Model SmolLM2-135M-Instruct (30 blocks). Orders from one profile of {args.samples} calibration windows x {args.seq_len} "
-        f"tokens ({t_prof:.0f} s with exact ablation); every row evaluated on the same {o['n_windows']} held-out windows "
-        f"({o['n_tokens']} predicted tokens); {t_eval:.0f} s for the quality of all {len(plans)} plans.",
+        f"Model SmolLM2-135M-Instruct (30 blocks). Orders from one profile of {args.samples} calibration windows "
+        f"x {args.seq_len} tokens ({t_prof:.0f} s with exact ablation); every row evaluated on the same "
+        f"{o['n_windows']} held-out windows ({o['n_tokens']} predicted tokens); {t_eval:.0f} s for the quality of "
+        f"all {len(plans)} plans.",
         f"Original: perplexity {o['ppl']:.3f} ± {o['ppl_se'] or 0:.3f}, prefill {o['prefill_tok_s']:.0f} tok/s "
-        f"({o['prompt_len']}-token prompt), generation {o['generate_tok_s']:.1f} tok/s (greedy, KV cache, {o['new_tokens']} tokens).",
+        f"({o['prompt_len']}-token prompt), generation {o['generate_tok_s']:.1f} tok/s (greedy, KV cache, "
+        f"{o['new_tokens']} tokens).",
         "",
         "## Held-out perplexity by units dropped",
         "",

@@ -1,8 +1,10 @@
 """Probe curve on builtin:cities across every block of the default model, and the cost of collecting its features.
 
 Rows:
-  layerwise features   features.collect: one vector per example and block (last token), read by hooks in one pass per batch
-  naive hidden states  model(..., output_hidden_states=True), every token of every layer kept, last token read afterwards
+  layerwise features   features.collect: one vector per example and block (last token), read by hooks in one pass
+                       per batch
+  naive hidden states  model(..., output_hidden_states=True), every token of every layer kept, last token read
+                       afterwards
                        (what most probing scripts do; here with logits_to_keep=1, so the LM head on every token, which
                        those scripts also pay, is left out: the comparison is only the cost of keeping the states)
 Time is the best of ``--repeat`` runs of each in this process; peak memory is the growth of the resident set while
@@ -205,42 +207,48 @@ def _markdown(machine: str, cost: dict, runs: dict, imp: dict) -> str:
         f"# probe_curve — {date.today()} — {machine}",
         "",
         f"Model SmolLM2-135M-Instruct, {cost['examples']} builtin:cities statements ({cost['tokens']} tokens), "
-        f"{last['meta']['folds']}-fold cross-validation by example (stratified, seed {last['meta']['seed']}), C = {last['meta']['c']} "
-        f"(scikit-learn's default, not tuned), chance {last['meta']['chance']:.3f}. Best unit: {last['best']['rule']}. "
-        f"Importance: {imp['source']} (a different corpus).",
+        f"{last['meta']['folds']}-fold cross-validation by example (stratified, seed {last['meta']['seed']}), C = "
+        f"{last['meta']['c']} (scikit-learn's default, not tuned), chance {last['meta']['chance']:.3f}. Best "
+        f"unit: {last['best']['rule']}. Importance: {imp['source']} (a different corpus).",
         "",
         "## Feature collection (every block, last token)",
         "",
-        f"Best of {cost['repeat']} interleaved runs each. The machine was shared: 1-minute load average {cost['load_average'][0]:.1f} "
-        f"at the start, {cost['load_average'][1]:.1f} at the end, on {os.cpu_count()} cores, so absolute times are inflated; the ratio is the result.",
+        f"Best of {cost['repeat']} interleaved runs each. The machine was shared: 1-minute load average "
+        f"{cost['load_average'][0]:.1f} at the start, {cost['load_average'][1]:.1f} at the end, on "
+        f"{os.cpu_count()} cores, so absolute times are inflated; the ratio is the result.",
         "",
         "| approach | time (s) | peak memory growth (MiB) | held (MiB) |",
         "|---|---:|---:|---:|",
-        f"| layerwise features | {cost['ours_s']:.2f} | {cost['ours_peak_bytes'] / mib:.1f} | {cost['ours_held_bytes'] / mib:.1f} |",
-        f"| naive output_hidden_states | {cost['naive_s']:.2f} | {cost['naive_peak_bytes'] / mib:.1f} | {cost['naive_held_bytes'] / mib:.1f} |",
+        f"| layerwise features | {cost['ours_s']:.2f} | {cost['ours_peak_bytes'] / mib:.1f} | "
+        f"{cost['ours_held_bytes'] / mib:.1f} |",
+        f"| naive output_hidden_states | {cost['naive_s']:.2f} | {cost['naive_peak_bytes'] / mib:.1f} | "
+        f"{cost['naive_held_bytes'] / mib:.1f} |",
         f"| ratio naive / layerwise | {cost['naive_s'] / cost['ours_s']:.2f}x | "
-        f"{cost['naive_peak_bytes'] / max(cost['ours_peak_bytes'], 1):.2f}x | {cost['naive_held_bytes'] / cost['ours_held_bytes']:.2f}x |",
+        f"{cost['naive_peak_bytes'] / max(cost['ours_peak_bytes'], 1):.2f}x | "
+        f"{cost['naive_held_bytes'] / cost['ours_held_bytes']:.2f}x |",
         "",
-        f"Same readouts: max |difference| {cost['max_abs_diff_blocks_0_to_L-2']:.2e} for L0..L28 against output_hidden_states[k + 1]; "
-        f"for the last block the tuple's entry is after the final norm (relative gap {cost['last_block_rel_gap_vs_hidden_states[-1]']:.2f}), "
-        "so a naive probe of 'the last layer' reads a different vector.",
+        f"Same readouts: max |difference| {cost['max_abs_diff_blocks_0_to_L-2']:.2e} for L0..L28 against "
+        "output_hidden_states[k + 1]; for the last block the tuple's entry is after the final norm (relative gap "
+        f"{cost['last_block_rel_gap_vs_hidden_states[-1]']:.2f}), so a naive probe of 'the last layer' reads a "
+        "different vector.",
         "",
-        f"## Probe curve (probes: {last['seconds']:.1f} s last-token read on the features above, {mean['seconds']:.1f} s mean read with its features)",
+        f"## Probe curve (probes: {last['seconds']:.1f} s last-token read on the features above, "
+        f"{mean['seconds']:.1f} s mean read with its features)",
         "",
         f"Last-token read: best {last['best']['unit'] or 'none'} ({last['best']['why']}). "
         f"Mean read: best {mean['best']['unit'] or 'none'} ({mean['best']['why']}).",
         "",
-        "| unit | accuracy (last) | AUC (last) | diff-of-means (last) | control (last) | selectivity (last) | accuracy (mean) | selectivity (mean) | "
-        + imp["metric"]
-        + " |",
+        "| unit | accuracy (last) | AUC (last) | diff-of-means (last) | control (last) | selectivity (last) | "
+        "accuracy (mean) | selectivity (mean) | " + imp["metric"] + " |",
         "|---|" + "---:|" * 8,
     ]
     pm = lambda r, k: f"{r[k]:.3f} ± {r[k + '_se']:.3f}"  # noqa: E731
     for a, b in zip(last["units"], mean["units"]):
         v = imp["values"].get(a["unit"])
         lines.append(
-            f"| {a['unit']} | {pm(a, 'accuracy')} | {pm(a, 'auc')} | {pm(a, 'diffmean_accuracy')} | {pm(a, 'control')} | "
-            f"{pm(a, 'selectivity')} | {pm(b, 'accuracy')} | {pm(b, 'selectivity')} | {'–' if v is None else f'{v:.4f}'} |"
+            f"| {a['unit']} | {pm(a, 'accuracy')} | {pm(a, 'auc')} | {pm(a, 'diffmean_accuracy')} | "
+            f"{pm(a, 'control')} | {pm(a, 'selectivity')} | {pm(b, 'accuracy')} | {pm(b, 'selectivity')} | "
+            f"{'–' if v is None else f'{v:.4f}'} |"
         )
     lines += ["", "![probe curve](probe_curve.png)", ""]
     return "\n".join(lines)

@@ -109,8 +109,8 @@ def main() -> None:
     t_naive = timed(naive_ablation)
     t_abl = t_exact - t_taylor
     print(
-        f"# profile_overhead — {date.today()} — {platform.machine()}, {torch.get_num_threads()} threads, device {lm.device}, "
-        f"torch {torch.__version__}"
+        f"# profile_overhead — {date.today()} — {platform.machine()}, {torch.get_num_threads()} threads, device "
+        f"{lm.device}, torch {torch.__version__}"
     )
     print(
         f"model {lm.source['model_id']} ({an.n_layers} blocks, hidden {an.embed.weight.shape[1]}, {args.dtype}), "

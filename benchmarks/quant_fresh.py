@@ -144,11 +144,13 @@ def main() -> None:
     lines = [
         f"# quant_fresh — {date.today()} — {platform.machine()}, {dev}, torch {torch.__version__}",
         "",
-        f"Model SmolLM2-135M-Instruct. Calibration (the method's input, as in quant_pareto): the first {args.samples} windows "
-        f"of builtin:pydoc x {args.seq_len} tokens. Development windows, never reported here: pydoc evaluation windows 0-{args.skip - 1}. "
-        f"Report sets, used for nothing but this table: pydoc evaluation windows {args.skip}-{args.skip + len(fresh) - 1} "
-        f"({len(fresh)} windows) and the first {len(second)} windows of {args.second} (text sha256 {second_w.data_hash[:16]}). "
-        "Cells: perplexity (bits per weight); uniform plans are listed where they fit the largest budget, as rivals."
+        "Model SmolLM2-135M-Instruct. Calibration (the method's input, as in quant_pareto): the first "
+        f"{args.samples} windows of builtin:pydoc x {args.seq_len} tokens. Development windows, never reported "
+        f"here: pydoc evaluation windows 0-{args.skip - 1}. Report sets, used for nothing but this table: pydoc "
+        f"evaluation windows {args.skip}-{args.skip + len(fresh) - 1} "
+        f"({len(fresh)} windows) and the first {len(second)} windows of {args.second} (text sha256 "
+        f"{second_w.data_hash[:16]}). Cells: perplexity (bits per weight); uniform plans are listed where they "
+        "fit the largest budget, as rivals."
         + (
             ""
             if "gptq" in args.methods

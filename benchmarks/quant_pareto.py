@@ -13,7 +13,8 @@ original model is the baseline. Three parts:
    plans, and llama.cpp's own Q4_K_M rule; the measured plan and the uniform
    type of the same size are exported and run in llama-cpp-python.
 
-Usage: python benchmarks/quant_pareto.py [--samples 8 --eval-samples 8 --device cpu] [--methods rtn,gptq] [--skip-gguf] [--name quant_pareto]
+Usage: python benchmarks/quant_pareto.py [--samples 8 --eval-samples 8 --device cpu] [--methods rtn,gptq] [--skip-gguf]
+       [--name quant_pareto]
 Writes benchmarks/results/NAME.md, NAME.png and NAME.json.
 """
 
@@ -47,7 +48,8 @@ STRATEGIES = ["measured", "ranked:bi", "ranked:random"]
 
 
 def family_rows(lm, w, cands, budgets, strategies, eval_ids, prof, extra=()):
-    """Measure once, plan every strategy at every budget, evaluate: (rows, original, seconds to measure and plan, measurement)."""
+    """Measure once, plan every strategy at every budget, evaluate: (rows, original, seconds to measure and plan,
+    measurement)."""
     t = time.perf_counter()
     meas = measure(lm, w, candidates=cands)
     allocs = qz.plans(lm, w, meas, cands, budgets, strategies, prof=prof)
@@ -58,7 +60,8 @@ def family_rows(lm, w, cands, budgets, strategies, eval_ids, prof, extra=()):
 
 
 def int_uniforms(within: float | None = None) -> list:
-    """Uniform integer plans as rivals: every bit width and group size, or only those within ``within`` bits per weight."""
+    """Uniform integer plans as rivals: every bit width and group size, or only those within ``within`` bits per
+    weight."""
     configs = [f"a{b}g{g}" for b in (2, 3, 4, 5, 8) for g in (32, 64, 128)]
     if within is not None:  # a uniform plan above every budget is no rival (and a GPTQ one costs a pass)
         configs = [c for c in configs if QConfig(int(c[1]), int(c[3:])).bits_per_weight(576) <= within]
@@ -164,12 +167,15 @@ def main() -> None:
         }
     }
     lines = [
-        f"# quant_pareto — {date.today()} — {platform.machine()}, {torch.get_num_threads()} threads, device {lm.device}, torch {torch.__version__}",
+        f"# quant_pareto — {date.today()} — {platform.machine()}, {torch.get_num_threads()} threads, device "
+        f"{lm.device}, torch {torch.__version__}",
         "",
-        f"Model SmolLM2-135M-Instruct (30 blocks). Calibration: {args.samples} windows x {args.seq_len} tokens; every row evaluated on "
-        f"the same {args.eval_samples} held-out windows. Cells: held-out perplexity (achieved bits per weight over the quantized "
-        "tensors, scales and zero points included). The default model was published as GGUF Q4_1 (4-bit codes on a group-32 grid), "
-        "so 4-bit group-32 formats are nearly lossless on it; the integer part therefore also offers group sizes 64 and 128.",
+        f"Model SmolLM2-135M-Instruct (30 blocks). Calibration: {args.samples} windows x {args.seq_len} tokens; "
+        f"every row evaluated on the same {args.eval_samples} held-out windows. Cells: held-out perplexity "
+        "(achieved bits per weight over the quantized tensors, scales and zero points included). The default "
+        "model was published as GGUF Q4_1 (4-bit codes on a group-32 grid), "
+        "so 4-bit group-32 formats are nearly lossless on it; the integer part therefore also offers group sizes "
+        "64 and 128.",
         "",
     ]
     ints = {}
@@ -225,14 +231,15 @@ def gguf_part(lm, w, prof, eval_ids, lines: list[str], result: dict) -> tuple[st
         f"## GGUF types made by llama.cpp (original perplexity {original['ppl']:.2f})",
         "",
         f"Candidate files and measurement of 210 tensors x {len(cands.names)} types plus all plans: {plan_s:.0f} s. "
-        "llama.cpp stores other types where a row of 576 cannot hold 256-blocks (Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, "
-        "Q6_K -> Q8_0 for every tensor but ffn_down), so the cheapest plan is about 4.03 bits per weight.",
+        "llama.cpp stores other types where a row of 576 cannot hold 256-blocks (Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, "
+        "Q5_K -> Q5_1, Q6_K -> Q8_0 for every tensor but ffn_down), so the cheapest plan is about 4.03 bits per "
+        "weight.",
         "",
     ]
     lines += table(rows, GGUF_BUDGETS, STRATEGIES) + [""] + uniform_lines(rows) + [""]
     lines += [
-        f"q4km (llama.cpp's Q4_K_M rule): {q4['ppl']:.2f} at {q4['bpw']:.3f} bits per weight; measured at the same size: "
-        f"{extra[0]['ppl']:.2f} at {extra[0]['bpw']:.3f}.",
+        f"q4km (llama.cpp's Q4_K_M rule): {q4['ppl']:.2f} at {q4['bpw']:.3f} bits per weight; measured at the "
+        f"same size: {extra[0]['ppl']:.2f} at {extra[0]['bpw']:.3f}.",
         "",
     ]
     lines += verdict(

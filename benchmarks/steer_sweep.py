@@ -135,24 +135,30 @@ def _markdown(report: sv.SteerReport, args: argparse.Namespace, wall: float, pea
     sep = {r["units"][0]: r["d"] for r in report.choice["ranking"]}
     u, a, split = report.unsteered, report.choice["alpha"], report.choice["split"]
     lines = [
-        f"# steer_sweep — {date.today()} — {platform.machine()}, {torch.get_num_threads()} threads, device {lm.device}, torch {torch.__version__}",
+        f"# steer_sweep — {date.today()} — {platform.machine()}, {torch.get_num_threads()} threads, device "
+        f"{lm.device}, torch {torch.__version__}",
         "",
         f"Model SmolLM2-135M-Instruct ({lm.anatomy.n_layers} blocks). builtin:sentiment: {args.pairs} AFINN pairs "
         f"({len(split['pairs_calibration'])} calibrate the directions, {len(split['pairs_held_out'])} rank them).",
-        f"Prompts: calibration = {split['n_prompts_calibration']} of sentiment.PROMPTS (choose alpha); development = the other "
-        f"{split['n_prompts_development']} (looked at while the defaults were set, unused here); report = {split['n_prompts_report']} fresh "
-        f"sentiment.report_prompts (seed 0), built after the defaults were fixed: every effect below is on them "
-        f"({args.new_tokens} greedy tokens scored by VADER). Cost on {u['n_windows']} pydoc windows x {args.seq_len} tokens. "
+        f"Prompts: calibration = {split['n_prompts_calibration']} of sentiment.PROMPTS (choose alpha); "
+        f"development = the other {split['n_prompts_development']} (looked at while the defaults were set, unused "
+        f"here); report = {split['n_prompts_report']} fresh sentiment.report_prompts (seed 0), built after the "
+        f"defaults were fixed: every effect below is on them ({args.new_tokens} greedy tokens scored by VADER). "
+        f"Cost on {u['n_windows']} pydoc windows x {args.seq_len} tokens. "
         f"{len(report.rows)} (layer, alpha) rows in {wall:.0f} s, peak RSS {peak:.2f} GiB.",
         f"Unsteered: VADER {_cell(u, 'score')}, pydoc NLL {u['ref_nll']:.4f} ± {u['ref_nll_se']:.4f}.",
         "",
         f"Auto choice: {report.choice['chosen_key']} (held-out Cohen's d {report.choice['ranking'][0]['d']:.2f}; alpha "
-        f"{a['alpha']:g} = smallest on the grid with margin shift >= {a['target']:g} nats on calibration prompts, reached: {a['reached']}).",
-        f"- auto: VADER shift {_cell(auto, 'score_shift')}, margin shift {_cell(auto, 'margin_shift')}, KL {auto['kl']:.4f}, Δnll {_cell(auto, 'delta_nll')}",
-        f"- best block at the same alpha: {best_at_alpha['key']}, VADER shift {_cell(best_at_alpha, 'score_shift')}, KL {best_at_alpha['kl']:.4f}; "
-        f"auto ranks {rank} of {len(same_alpha)}, ratio auto/best {auto['score_shift'] / best_at_alpha['score_shift']:.2f}",
-        f"- best row with KL <= auto's: {best_cheaper['key']}, VADER shift {_cell(best_cheaper, 'score_shift')}, KL {best_cheaper['kl']:.4f}; "
-        f"ratio auto/best {auto['score_shift'] / best_cheaper['score_shift']:.2f}",
+        f"{a['alpha']:g} = smallest on the grid with margin shift >= {a['target']:g} nats on calibration prompts, "
+        f"reached: {a['reached']}).",
+        f"- auto: VADER shift {_cell(auto, 'score_shift')}, margin shift {_cell(auto, 'margin_shift')}, KL "
+        f"{auto['kl']:.4f}, Δnll {_cell(auto, 'delta_nll')}",
+        f"- best block at the same alpha: {best_at_alpha['key']}, VADER shift "
+        f"{_cell(best_at_alpha, 'score_shift')}, KL {best_at_alpha['kl']:.4f}; "
+        f"auto ranks {rank} of {len(same_alpha)}, ratio auto/best "
+        f"{auto['score_shift'] / best_at_alpha['score_shift']:.2f}",
+        f"- best row with KL <= auto's: {best_cheaper['key']}, VADER shift {_cell(best_cheaper, 'score_shift')}, "
+        f"KL {best_cheaper['kl']:.4f}; ratio auto/best {auto['score_shift'] / best_cheaper['score_shift']:.2f}",
         "",
         f"## Dose-response (alphas {args.alphas} at the auto block and {args.dose_layers}; steer_sweep.png)",
         "",

@@ -82,14 +82,14 @@ def verdicts(runs: dict[str, dict]) -> list[str]:
         mem = imp["optimizer_state_bytes_max"] / max(lisa["optimizer_state_bytes_max"], 1)
         ok = d + 2 * se >= 0
         out.append(
-            f"importance sampling vs LISA: gain difference {d:+.4f} ± {se:.4f} nats (paired), optimizer state ×{mem:.2f} — "
-            + ("MET (not worse beyond 2 SE)" if ok else "NOT MET (worse beyond 2 SE)")
+            f"importance sampling vs LISA: gain difference {d:+.4f} ± {se:.4f} nats (paired), optimizer state "
+            f"×{mem:.2f} — " + ("MET (not worse beyond 2 SE)" if ok else "NOT MET (worse beyond 2 SE)")
         )
     if imp and LAYER_LR_KEY in runs:
         d, se = _paired_gain(runs[LAYER_LR_KEY], imp)
         out.append(
-            f"per-unit learning rates ({LAYER_LR}) vs the same importance sampling at one rate: gain difference {d:+.4f} ± {se:.4f} nats "
-            "(paired; no goal set, reported as measured)"
+            f"per-unit learning rates ({LAYER_LR}) vs the same importance sampling at one rate: gain difference "
+            f"{d:+.4f} ± {se:.4f} nats (paired; no goal set, reported as measured)"
         )
     if full:
         sel = [runs[k] for k in SELECTIVE if k in runs]
@@ -98,11 +98,13 @@ def verdicts(runs: dict[str, dict]) -> list[str]:
         mem = best["optimizer_state_bytes_max"] / max(full["optimizer_state_bytes_max"], 1)
         ok = d + 2 * se >= 0 and mem <= 0.5
         out.append(
-            f"best selective ({best['key']}) vs full: gain difference {d:+.4f} ± {se:.4f} nats (paired), optimizer state ×{mem:.2f} of full — "
+            f"best selective ({best['key']}) vs full: gain difference {d:+.4f} ± {se:.4f} nats (paired), "
+            f"optimizer state ×{mem:.2f} of full — "
             + ("MET" if ok else "NOT MET")
             + " (goal: within 2 SE of full's gain at ≤ 0.5× its optimizer state)"
             + (
-                f"; but full fine-tuning's held-out gain is {_gain(full)[0]:+.4f} ≤ 0 (it overfit), so matching it says little"
+                f"; but full fine-tuning's held-out gain is {_gain(full)[0]:+.4f} ≤ 0 (it overfit), so matching "
+                "it says little"
                 if _gain(full)[0] <= 0
                 else ""
             )
@@ -115,7 +117,8 @@ def verdicts(runs: dict[str, dict]) -> list[str]:
         g, g_r = _gain(r)[0], _gain(r, "restored")[0]
         if f <= 2 * fse:
             out.append(
-                f"restoration on {key}: no forgetting to recover (second-corpus Δnll {f:+.4f} ± {fse:.4f}); gain kept {g_r / g:.0%}"
+                f"restoration on {key}: no forgetting to recover (second-corpus Δnll {f:+.4f} ± {fse:.4f}); gain "
+                f"kept {g_r / g:.0%}"
                 if g > 0
                 else f"restoration on {key}: no forgetting and no gain to judge"
             )
@@ -123,16 +126,16 @@ def verdicts(runs: dict[str, dict]) -> list[str]:
         rec = (f - fr) / f
         if g <= 0:
             out.append(
-                f"restoration on {key}: recovers {rec:.0%} of forgetting ({f:+.4f} → {fr:+.4f}); the tuned model had no held-out gain "
-                f"({g:+.4f}; restored {g_r:+.4f}), so the goal (≥ 50% recovered, ≥ 80% of the gain kept) is not judged"
+                f"restoration on {key}: recovers {rec:.0%} of forgetting ({f:+.4f} → {fr:+.4f}); the tuned model "
+                f"had no held-out gain ({g:+.4f}; restored {g_r:+.4f}), so the goal (≥ 50% recovered, ≥ 80% of "
+                "the gain kept) is not judged"
             )
             continue
         kept = g_r / g
         ok = rec >= 0.5 and kept >= 0.8
         out.append(
-            f"restoration on {key}: recovers {rec:.0%} of forgetting ({f:+.4f} → {fr:+.4f}), keeps {kept:.0%} of gain — "
-            + ("MET" if ok else "NOT MET")
-            + " (goal: ≥ 50% recovered, ≥ 80% kept)"
+            f"restoration on {key}: recovers {rec:.0%} of forgetting ({f:+.4f} → {fr:+.4f}), keeps {kept:.0%} of "
+            "gain — " + ("MET" if ok else "NOT MET") + " (goal: ≥ 50% recovered, ≥ 80% kept)"
         )
     return out
 
@@ -218,20 +221,29 @@ def main() -> None:
         if lm.device.type == "cuda"
         else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     )
+    active_rule = (
+        "--active"
+        if args.active
+        else "by the rule fixed before the run: the most blocks whose optimizer state is ≤ half of full fine-tuning’s"
+    )
     md = [
         f"# {args.name} — {date.today()} — {device}, torch {torch.__version__}",
         "",
-        f"Model SmolLM2-135M-Instruct (30 blocks, {args.dtype}). Every strategy: {args.steps} AdamW steps (lr {args.lr}, constant), "
-        f"batch {args.batch_size} × {args.seq_len} tokens from the same {args.samples} training windows of builtin:pydoc in the same seeded order; "
-        f"selective strategies train {active} blocks at a time ({'--active' if args.active else 'by the rule fixed before the run: the most blocks whose optimizer state is ≤ half of full fine-tuning’s'}), "
+        f"Model SmolLM2-135M-Instruct (30 blocks, {args.dtype}). Every strategy: {args.steps} AdamW steps (lr "
+        f"{args.lr}, constant), batch {args.batch_size} × {args.seq_len} tokens from the same {args.samples} "
+        "training windows of builtin:pydoc in the same seeded order; "
+        f"selective strategies train {active} blocks at a time ({active_rule}), "
         f"re-chosen every {interval} steps, with embeddings/head (tied: one tensor) and final norm. "
         f"Importance from one Profile of the first {calib.n_calib} training windows (exact ablation, {t_prof:.0f} s). "
-        f"Gain: drop in NLL on {data.eval_ids.shape[0]} held-out pydoc windows; forgetting: rise in NLL on {second.shape[0]} windows of "
-        f"{args.second_data}; each ± SE across windows. Restoration: the {args.restore} blocks whose weights changed most put back. "
+        f"Gain: drop in NLL on {data.eval_ids.shape[0]} held-out pydoc windows; forgetting: rise in NLL on "
+        f"{second.shape[0]} windows of {args.second_data}; each ± SE across windows. Restoration: the "
+        f"{args.restore} blocks whose weights changed most put back. "
         f"Row `{LAYER_LR_KEY}`: per-block learning rates lr × w, w ∝ ablate_nll importance^1 with mean 1 over blocks "
-        f"(block rates {min(lrs.values()):.2g} to {max(lrs.values()):.2g} for lr {args.lr:g}), embeddings/head/norm at lr; τ = 1 fixed before the run.",
+        f"(block rates {min(lrs.values()):.2g} to {max(lrs.values()):.2g} for lr {args.lr:g}), "
+        "embeddings/head/norm at lr; τ = 1 fixed before the run.",
         "",
-        "| strategy | gain (nats) | forgetting (nats) | KL on 2nd corpus | + restore: gain | + restore: forgetting | trainable params | optimizer state MB | memory added MB | s/step |",
+        "| strategy | gain (nats) | forgetting (nats) | KL on 2nd corpus | + restore: gain | + restore: "
+        "forgetting | trainable params | optimizer state MB | memory added MB | s/step |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report.runs:
@@ -241,8 +253,9 @@ def main() -> None:
         fr, frse = _forget(r, "restored")
         kl = r["eval"]["second"]["tuned"]["kl"]
         md.append(
-            f"| {r['key']} | {g:+.4f} ± {gse:.4f} | {f:+.4f} ± {fse:.4f} | {kl:.4f} | {gr:+.4f} ± {grse:.4f} | {fr:+.4f} ± {frse:.4f} | "
-            f"{r['trainable_params_max']:,} | {r['optimizer_state_bytes_max'] / 1e6:.1f} | {r['memory_added_bytes'] / 1e6:.0f} | {r['seconds_per_step']:.2f} |"
+            f"| {r['key']} | {g:+.4f} ± {gse:.4f} | {f:+.4f} ± {fse:.4f} | {kl:.4f} | {gr:+.4f} ± {grse:.4f} | "
+            f"{fr:+.4f} ± {frse:.4f} | {r['trainable_params_max']:,} | {r['optimizer_state_bytes_max'] / 1e6:.1f} "
+            f"| {r['memory_added_bytes'] / 1e6:.0f} | {r['seconds_per_step']:.2f} |"
         )
     md += [
         "",
@@ -250,8 +263,9 @@ def main() -> None:
         + (
             "peak `max_memory_allocated` during the run minus the allocation at its start."
             if lm.device.type == "cuda"
-            else "largest resident set size sampled after each optimizer step minus the RSS at the run's start; in one process "
-            "the allocator keeps freed pages, so later strategies can show less than they use (optimizer-state bytes are exact)."
+            else "largest resident set size sampled after each optimizer step minus the RSS at the run's start; "
+            "in one process the allocator keeps freed pages, so later strategies can show less than they use "
+            "(optimizer-state bytes are exact)."
         ),
         f"Seconds per step are wall time on this machine, 1-minute load average {load_before:.1f} at the start and "
         f"{os.getloadavg()[0]:.1f} at the end: on a shared machine they compare strategies only roughly.",

@@ -158,9 +158,10 @@ def test_summary_prints_unmeasured_values_as_dashes(capsys):
 
 def test_importing_the_report_keeps_the_users_matplotlib_backend(tmp_path):
     code = (
-        "import matplotlib; matplotlib.use('svg'); import layerwise.report, layerwise.report.drop, layerwise.report.quant, "
-        "layerwise.report.tune, layerwise.report.probe, layerwise.report.steer, layerwise.report.summary; "
-        "import sys; sys.modules.get('matplotlib.pyplot') and sys.exit(3); print(matplotlib.get_backend())"
+        "import matplotlib; matplotlib.use('svg'); import layerwise.report, layerwise.report.drop, "
+        "layerwise.report.quant, layerwise.report.tune, layerwise.report.probe, layerwise.report.steer, "
+        "layerwise.report.summary; import sys; sys.modules.get('matplotlib.pyplot') and sys.exit(3); "
+        "print(matplotlib.get_backend())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "svg"

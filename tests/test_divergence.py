@@ -14,7 +14,8 @@ from .conftest import tiny_lm
 
 
 def _exact(values: np.ndarray, q: float) -> float:
-    """The smallest value with at least a fraction q of the values at or below it (what Histogram.quantile estimates)."""
+    """The smallest value with at least a fraction q of the values at or below it (what Histogram.quantile
+    estimates)."""
     return float(np.percentile(values, 100 * q, method="inverted_cdf"))
 
 

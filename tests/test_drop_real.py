@@ -80,7 +80,8 @@ def test_checkpoint_loads_in_plain_transformers_and_layerwise(dropped):
 
 
 def test_saved_plan_applies_and_exports_again(dropped, tmp_path):
-    """DropPlan.load(...).apply(lm) gives the saved checkpoint's logits; --plan writes the same GGUF file, measuring nothing."""
+    """DropPlan.load(...).apply(lm) gives the saved checkpoint's logits; --plan writes the same GGUF file, measuring
+    nothing."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import layerwise as lw

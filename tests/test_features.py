@@ -15,7 +15,8 @@ def _seqs():
 
 
 def test_block_output_is_hidden_states_k_plus_1(arch):
-    """L{k} is block k's output: output_hidden_states[k + 1] for every block but the last (that entry is after the final norm)."""
+    """L{k} is block k's output: output_hidden_states[k + 1] for every block but the last (that entry is after the final
+    norm)."""
     lm = tiny_lm(arch, layers=3)
     seqs = _seqs()
     f = collect_ids(lm, seqs, units="all", read="last", batch_size=2)

@@ -1,4 +1,5 @@
-"""Real default model: the llama.cpp-style statistics against exact ones, and a sampled profile's page states its precision."""
+"""Real default model: the llama.cpp-style statistics against exact ones, and a sampled profile's page states its
+precision."""
 
 from __future__ import annotations
 

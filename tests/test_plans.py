@@ -1,5 +1,6 @@
 """Saved plans, on tiny models: each kind saved by a run, loaded back with one call, applied to a freshly loaded
-model with the weights and logits of the run that made it, exported again without measuring, refused for another model."""
+model with the weights and logits of the run that made it, exported again without measuring, refused for another
+model."""
 
 import json
 

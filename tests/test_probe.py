@@ -1,4 +1,5 @@
-"""Probes on tiny models: a planted feature is found at its layer, controls sit at chance, folds split by example, bad input."""
+"""Probes on tiny models: a planted feature is found at its layer, controls sit at chance, folds split by example, bad
+input."""
 
 import json
 import re
@@ -103,7 +104,8 @@ def test_folds_split_examples_never_tokens():
 
 
 def test_fit_direction_is_in_the_stream_basis():
-    """The fitted weight (standardization folded back) scores raw stream vectors exactly as the sklearn pipeline does."""
+    """The fitted weight (standardization folded back) scores raw stream vectors exactly as the sklearn pipeline
+    does."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(80, 6, generator=g) * torch.tensor([1.0, 50.0, 0.1, 3.0, 1.0, 7.0]) + 4.0
     labels = ["no" if v < 0 else "yes" for v in ((x[:, 1] - 4) / 50 + (x[:, 2] - 4) / 0.1).tolist()]
@@ -167,7 +169,8 @@ def _no_signal(n: int = 60) -> Examples:
 
 
 def test_no_signal_names_no_unit_and_says_so(tmp_path, capsys):
-    """Labels with no signal: best is null with the reason, in probe.json, on the page, in the CLI summary; old files still load."""
+    """Labels with no signal: best is null with the reason, in probe.json, on the page, in the CLI summary; old files
+    still load."""
     from layerwise.cli import _probe_summary
     from layerwise.report.probe import render
 
@@ -199,7 +202,8 @@ def test_no_signal_names_no_unit_and_says_so(tmp_path, capsys):
 
 
 def test_steer_refuses_a_probe_that_names_no_unit(tmp_path, capsys):
-    """steer --method probe on such a probe: one line naming the fix, exit 2, before any model loads; the API refuses it too."""
+    """steer --method probe on such a probe: one line naming the fix, exit 2, before any model loads; the API refuses it
+    too."""
     from layerwise.steer import fit
 
     lm = tiny_lm("llama", layers=3)

@@ -377,7 +377,8 @@ def test_measured_keeps_the_choice_with_the_least_calibration_loss(target, narro
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_hf_export_loads_in_plain_transformers_with_the_plans_weights(tmp_path, method):
-    """The compressed-tensors checkpoint holds the plan's own codes: transformers' weights equal the fake-quantized ones."""
+    """The compressed-tensors checkpoint holds the plan's own codes: transformers' weights equal the fake-quantized
+    ones."""
     import json
 
     from transformers import AutoModelForCausalLM
@@ -504,8 +505,8 @@ def test_gptq_plans_are_scored_on_windows_they_were_not_fitted_to():
 
 
 def test_plan_scoring_and_held_out_evaluation_show_progress(capsys):
-    """After the measurement, making and scoring the measured plans on the calibration windows and evaluating them held out
-    each show a bar (stderr); with progress=False (the CLI's --json) none."""
+    """After the measurement, making and scoring the measured plans on the calibration windows and evaluating them held
+    out each show a bar (stderr); with progress=False (the CLI's --json) none."""
     from layerwise import quantize as qz
     from layerwise.quant.measure import GroupCandidates, measure
 

@@ -175,7 +175,8 @@ def test_recipe_makes_the_same_file_with_llama_quantize(run, tmp_path):
 
 
 def test_hf_export_generates_the_fake_quantized_models_tokens(real_cache, tmp_path):
-    """compressed-tensors checkpoint of a mixed-bit GPTQ plan: plain transformers loads it and decodes as layerwise does."""
+    """compressed-tensors checkpoint of a mixed-bit GPTQ plan: plain transformers loads it and decodes as layerwise
+    does."""
     import torch
     from transformers import AutoModelForCausalLM
 

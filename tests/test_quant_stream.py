@@ -1,4 +1,5 @@
-"""Quantization measurement and GPTQ's sequential pass stream by batch: same results, memory flat in the number of windows."""
+"""Quantization measurement and GPTQ's sequential pass stream by batch: same results, memory flat in the number of
+windows."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def test_measurement_is_the_same_whatever_the_batch_size(method):
 
     lm, w = tiny_lm("qwen2"), tiny_windows(5)
     whole = measure(lm, w, candidates=SMALL, method=method, progress=False, batch_size=5)
-    # 5 batches of one window; batches of 2, 2 and 1; the same with every block a run of its own (one gradient pass each)
+    # 5 batches of one window; batches of 2, 2 and 1; the same with every block a run of its own (one gradient pass
+    # each)
     for b, cache in ((1, 2**31), (2, 2**31), (2, 1)):
         parts = measure(lm, w, candidates=SMALL, method=method, progress=False, batch_size=b, cache_bytes=cache)
         assert parts.meta["batch_size"] == b
@@ -66,7 +68,7 @@ from layerwise.quant.rtn import QConfig
 import transformers as tf
 torch.manual_seed(0)
 model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=8192, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)).eval()
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)).eval()
 lm = LoadedModel(model=model, tokenizer=None, anatomy=Anatomy(model), source={{"ref": "probe", "model_hash": "probe"}})
 ids = torch.randint(0, 8192, ({n}, 64), generator=torch.Generator().manual_seed(0))
 w = Windows(ids=ids, n_calib={n}, source="random", data_hash="x", n_text_tokens=ids.numel())

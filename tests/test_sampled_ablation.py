@@ -1,4 +1,5 @@
-"""Exact ablation scored at sampled positions and on the first windows: exact at what it samples, with its standard error."""
+"""Exact ablation scored at sampled positions and on the first windows: exact at what it samples, with its standard
+error."""
 
 from __future__ import annotations
 

@@ -29,7 +29,8 @@ def _ids(n=10, seed=3):
 
 
 def test_apply_adds_the_vector_at_the_block_output(arch):
-    """Steered logits equal a hand-written forward: block k's output plus alpha * scale * direction, then the later blocks."""
+    """Steered logits equal a hand-written forward: block k's output plus alpha * scale * direction, then the later
+    blocks."""
     lm = tiny_lm(arch)
     x = _ids()
     vec = _vector(lm, "L1")
@@ -121,7 +122,8 @@ def _features(diffs: torch.Tensor, base: torch.Tensor) -> Features:
 
 
 def test_pca_is_not_centred_and_points_to_the_positives():
-    """Paired differences that share one shift u (plus noise along v) give u: a centred PCA would return the noise axis v."""
+    """Paired differences that share one shift u (plus noise along v) give u: a centred PCA would return the noise axis
+    v."""
     g = torch.Generator().manual_seed(0)
     u, v = torch.eye(32)[0], torch.eye(32)[1]
     diffs = 2.0 * u + torch.randn(40, 1, generator=g) * 0.5 * v
@@ -256,7 +258,8 @@ def _char_lm():
 
 
 def test_report_prompts_are_fresh_seeded_and_disjoint():
-    """The report set follows its documented rule: distinct gazetteer cities drawn by random.Random(seed), templates in turn."""
+    """The report set follows its documented rule: distinct gazetteer cities drawn by random.Random(seed), templates in
+    turn."""
     import random
 
     from layerwise.corpora.cities import gazetteer
@@ -320,7 +323,8 @@ def test_run_reports_on_the_report_prompts_and_sweeps_the_dose_layers(tmp_path):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
 def test_margins_match_scoring_whole_sequences(arch):
-    """The shared-prefix shortcut (one cached run per prompt and shared part) equals scoring each full sequence alone, steered too."""
+    """The shared-prefix shortcut (one cached run per prompt and shared part) equals scoring each full sequence alone,
+    steered too."""
     from layerwise.steer import margins
 
     lm = tiny_lm(arch)

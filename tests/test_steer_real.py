@@ -45,8 +45,9 @@ def steered(tmp_path_factory, real_cache):
 
 
 def test_demo_moves_the_independent_score_at_a_finite_cost(steered):
-    """On the fresh report prompts, at the chosen layer and strength, VADER's score of the continuations rises by more than
-    its SE; pydoc NLL stays finite. The calibration prompts (alpha) come from PROMPTS, disjoint from the report set."""
+    """On the fresh report prompts, at the chosen layer and strength, VADER's score of the continuations rises by more
+    than its SE; pydoc NLL stays finite. The calibration prompts (alpha) come from PROMPTS, disjoint from the report
+    set."""
     from layerwise.corpora.sentiment import PROMPTS, report_prompts
 
     doc = json.loads((steered / "steer.json").read_text())
@@ -70,7 +71,8 @@ def test_demo_moves_the_independent_score_at_a_finite_cost(steered):
 
 
 def test_control_vector_steers_llama_cpp_like_layerwise(steered):
-    """llama.cpp with the exported file predicts like layerwise steered at the same block, not like the unsteered model or a block off."""
+    """llama.cpp with the exported file predicts like layerwise steered at the same block, not like the unsteered model
+    or a block off."""
     import llama_cpp
 
     import layerwise as lw

@@ -219,7 +219,8 @@ def _trainer(tmp_path, model, sel, steps: int, optimizer=None):
 
 @pytest.mark.parametrize("select", ["lisa", "adaptive"])
 def test_callback_in_plain_trainer_and_resume_keeps_schedule(tmp_path, select):
-    """The documented example: a LayerSelector in a plain HF Trainer; resuming from its checkpoint keeps the schedule."""
+    """The documented example: a LayerSelector in a plain HF Trainer; resuming from its checkpoint keeps the
+    schedule."""
     model = tiny_lm("llama", LAYERS).model
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     sel = tune.LayerSelector(select, active=1, interval=2, seed=3)
@@ -317,7 +318,10 @@ def test_chat_data_trains_on_response_tokens_only(tmp_path):
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     t = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="|")
-    t.chat_template = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} | {% endfor %}{% if add_generation_prompt %}assistant : {% endif %}"
+    t.chat_template = (
+        "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} | {% endfor %}"
+        "{% if add_generation_prompt %}assistant : {% endif %}"
+    )
     path = tmp_path / "chat.jsonl"
     rows = [
         {"prompt": "hi", "response": "there now"},
@@ -341,7 +345,8 @@ def test_chat_data_trains_on_response_tokens_only(tmp_path):
 
 
 def test_run_evaluates_both_domains_and_report_rerenders(tmp_path):
-    """run() on a tiny model: two strategies from the same start, restored variants, tune.json and a page `layerwise report` redraws."""
+    """run() on a tiny model: two strategies from the same start, restored variants, tune.json and a page
+    `layerwise report` redraws."""
     from layerwise.cli import main
     from layerwise.data import Windows
 
@@ -412,7 +417,8 @@ def test_sublayer_units_train_their_branch_only(unit):
 
 
 def _moved(before: dict[str, torch.Tensor], lm, params) -> float:
-    """The largest change of any element of these parameters (AdamW's first step moves the largest-gradient one by lr)."""
+    """The largest change of any element of these parameters (AdamW's first step moves the largest-gradient one by
+    lr)."""
     names = {id(p): n for n, p in lm.model.named_parameters()}
     return max(float((p.detach() - before[names[id(p)]]).abs().max()) for p in params)
 
@@ -530,7 +536,8 @@ def test_layer_lr_bad_inputs_are_one_line_errors(capsys):
 
 
 def test_bf16_model_trains_and_saves_in_bf16(tmp_path):
-    """CPU check of the bf16 path (no CUDA here): a model loaded in bf16 trains in bf16, its loss falls, the checkpoint is bf16."""
+    """CPU check of the bf16 path (no CUDA here): a model loaded in bf16 trains in bf16, its loss falls, the checkpoint
+    is bf16."""
     from safetensors import safe_open
 
     lm = tiny_lm("llama", LAYERS)
@@ -547,7 +554,8 @@ def test_bf16_model_trains_and_saves_in_bf16(tmp_path):
 
 
 def test_max_active_keeps_optimizer_state_within_the_share_of_full():
-    """Counted as the selector counts: k blocks + embeddings/norm/head against everything; checked against real runs' state bytes."""
+    """Counted as the selector counts: k blocks + embeddings/norm/head against everything; checked against real runs'
+    state bytes."""
     lm = tiny_lm("llama", LAYERS)
     k = tune.max_active(lm.model, share=0.5)
     block = sum(p.numel() for p in lm.model.model.layers[0].parameters())
@@ -575,7 +583,8 @@ def test_max_active_keeps_optimizer_state_within_the_share_of_full():
 
 
 def test_layer_rates_in_a_plain_trainer(tmp_path):
-    """The README's recipe: the Trainer's optimizer built from the selector's groups keeps each unit's rate through LISA switches."""
+    """The README's recipe: the Trainer's optimizer built from the selector's groups keeps each unit's rate through LISA
+    switches."""
     model = tiny_lm("llama", LAYERS).model
     sel = tune.LayerSelector("lisa", active=1, interval=1, seed=3)
     rates = {"L0": 2.0, "L1": 1.0, "L2": 0.5, "L3": 0.5}

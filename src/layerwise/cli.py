@@ -16,6 +16,7 @@ from typing import NoReturn
 from .errors import LayerwiseError
 
 #: Each subcommand's examples (its --help shows only its own; the top-level help shows them all).
+#: A backslash at the end of a line here is Python's: the line goes on unbroken in the help.
 EXAMPLES: dict[str, str] = {
     "profile": """\
   layerwise profile                                   # default model (SmolLM2-135M-Instruct), builtin:pydoc
@@ -49,11 +50,13 @@ EXAMPLES: dict[str, str] = {
   layerwise probe --data labeled.jsonl --read mean --units all --folds 5 --profile runs/profile/profile.json
 """,
     "steer": """\
-  layerwise steer --data builtin:sentiment --export gguf --out runs/steer     # layer and strength chosen, llama.cpp control vector
+  layerwise steer --data builtin:sentiment --export gguf --out runs/steer     # layer and strength chosen, \
+llama.cpp control vector
   layerwise steer --pos pos.txt --neg neg.txt --layers L6,L12,L18 --sweep-alpha 0.125,0.25,0.5 --out runs/steer-sweep
 """,
     "report": """\
-  layerwise report runs/profile/profile.json          # re-render the page from saved results (any command's folder or JSON)
+  layerwise report runs/profile/profile.json          # re-render the page from saved results (any command's \
+folder or JSON)
 """,
 }
 
@@ -68,7 +71,8 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpF
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (``main`` prints them): what is wrong and where the options are listed, no usage dump."""
+    """argparse with one-line errors (``main`` prints them): what is wrong and where the options are listed, no usage
+    dump."""
 
     def error(self, message: str) -> NoReturn:
         message = re.sub(r"^argument ([^:]+): (must|takes) ", r"\1 \2 ", message)
@@ -146,7 +150,8 @@ FLAGS = {
     "examples": "--examples",
 }
 
-#: Where a subcommand's flag for an API argument differs from FLAGS: probe's measured profile has its own window options.
+#: Where a subcommand's flag for an API argument differs from FLAGS: probe's measured profile has its own window
+#: options.
 COMMAND_FLAGS = {
     "probe": {
         "seq_len": "--profile-seq-len",
@@ -253,7 +258,8 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--units", help="drop exactly these units, e.g. L3,L7.attn")
     what.add_argument(
         "--plan",
-        help="a saved drop plan (plan.json of an earlier run; FILE#KEY picks one of a sweep): export it, measure nothing",
+        help="a saved drop plan (plan.json of an earlier run; FILE#KEY picks one of a sweep): export it, measure "
+        "nothing",
     )
     dr.add_argument(
         "--unit",
@@ -293,8 +299,8 @@ def _parser() -> argparse.ArgumentParser:
     qz.add_argument(
         "--strategy",
         default="measured",
-        help="measured, ranked:METRIC (e.g. ranked:bi; ranked:zd:asc or :desc for a metric with no importance direction), "
-        "ranked:random, uniform or q4km; comma-separated",
+        help="measured, ranked:METRIC (e.g. ranked:bi; ranked:zd:asc or :desc for a metric with no importance "
+        "direction), ranked:random, uniform or q4km; comma-separated",
     )
     qz.add_argument(
         "--format",
@@ -314,7 +320,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     qz.add_argument(
         "--export",
-        help="gguf,recipe (--format gguf) or hf (--format int: compressed-tensors); the format's all for one plan; none",
+        help="gguf,recipe (--format gguf) or hf (--format int: compressed-tensors); the format's all for one "
+        "plan; none",
     )
     qz.add_argument("--profile", help="profile.json for ranked:METRIC (must come from this model); measured if absent")
     qz.add_argument("--seed", type=_count(0), default=0, help="for ranked:random")
@@ -360,7 +367,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     tu.add_argument(
         "--profile",
-        help="profile.json for importance:/top:/--restore-order importance (must come from this model); measured if absent",
+        help="profile.json for importance:/top:/--restore-order importance (must come from this model); measured "
+        "if absent",
     )
     tu.add_argument(
         "--second-data", default="builtin:fortunes", help="a different corpus, for forgetting and KL to the base model"
@@ -427,7 +435,8 @@ def _probe_parser(sub) -> None:
     )
     pb.add_argument(
         "--profile",
-        help="profile.json of this model for the importance curve; if absent, a cheap one is measured (taylor_nll on builtin:pydoc)",
+        help="profile.json of this model for the importance curve; if absent, a cheap one is measured (taylor_nll "
+        "on builtin:pydoc)",
     )
     pb.add_argument(
         "--profile-samples",
@@ -447,7 +456,8 @@ def _probe_parser(sub) -> None:
 
 
 def _steer_parser(sub) -> None:
-    """``layerwise steer``: --data names the contrastive pairs here; --eval-data the neutral text that measures the cost."""
+    """``layerwise steer``: --data names the contrastive pairs here; --eval-data the neutral text that measures the
+    cost."""
     st = _action(
         sub,
         "steer",
@@ -538,7 +548,8 @@ def _num(v: float | None) -> str:
 
 
 def _load(args: argparse.Namespace, attn_implementation: str | None = None):
-    """The model and the windows the shared options name; the data is read and checked first, so a bad file costs no load."""
+    """The model and the windows the shared options name; the data is read and checked first, so a bad file costs no
+    load."""
     from . import load, windows
     from .data import read_corpus
 
@@ -917,7 +928,8 @@ def _importance(args: argparse.Namespace, lm, given, importance_of):
     prof = profile(lm, w, ablation="taylor", lens=False, batch_size=args.batch_size, progress=not args.json)
     return importance_of(
         prof,
-        f"layerwise profile --ablation taylor --no-lens on {args.profile_samples} builtin:pydoc windows of {args.profile_seq_len} tokens",
+        f"layerwise profile --ablation taylor --no-lens on {args.profile_samples} builtin:pydoc windows of "
+        f"{args.profile_seq_len} tokens",
     )
 
 
@@ -1022,7 +1034,8 @@ def _steer(args: argparse.Namespace) -> int:
 
 
 def _steer_prompts(args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
-    """Calibration (+ development) prompts and the report prompts (None: the half of --prompts that does not calibrate)."""
+    """Calibration (+ development) prompts and the report prompts (None: the half of --prompts that does not
+    calibrate)."""
     from . import steer as sv
     from .corpora import sentiment
 
@@ -1047,7 +1060,8 @@ def _steer_summary(report) -> None:
     from rich.table import Table
 
     t = Table(
-        title=f"steering, chosen {report.choice['chosen_key']} (alpha x mean residual norm); effects on {len(report.prompts)} report prompts"
+        title=f"steering, chosen {report.choice['chosen_key']} (alpha x mean residual norm); effects on "
+        f"{len(report.prompts)} report prompts"
     )
     for c in ("key", "score shift ± se", "margin shift ± se", "proj shift ± se", "Δnll ± se", "KL"):
         t.add_column(c, justify="right")
@@ -1081,7 +1095,8 @@ def _report(args: argparse.Namespace) -> int:
     plan = read_json(folder / "plan.json", "a layerwise plan file") if (folder / "plan.json").exists() else {}
     if not isinstance(plan, dict):
         raise LayerwiseError(
-            f"{folder / 'plan.json'} is not a layerwise plan file (a JSON {type(plan).__name__}); give a folder a run wrote"
+            f"{folder / 'plan.json'} is not a layerwise plan file (a JSON {type(plan).__name__}); give a folder a "
+            "run wrote"
         )
     kind = plan.get("kind", "quantize") if plan else None
     if (folder / "steer.json").exists():

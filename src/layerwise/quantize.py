@@ -69,11 +69,13 @@ def candidates_for(
     symmetric: bool | None = None,
     sizes: tuple[int, ...] = (32, 64, 128),
 ) -> Candidates:
-    """The candidate set of a family: GGUF types, or 2-8 bit integer codes at one group size (else at each of ``sizes``)."""
+    """The candidate set of a family: GGUF types, or 2-8 bit integer codes at one group size (else at each of
+    ``sizes``)."""
     if family == "gguf":
         if method != "rtn" or group_size is not None or symmetric is not None:
             raise LayerwiseError(
-                "`method`, `group_size` and `symmetric` choose integer formats; GGUF types fix their own (use `family` int)"
+                "`method`, `group_size` and `symmetric` choose integer formats; GGUF types fix their own (use "
+                "`family` int)"
             )
         return qg.GGUFCandidates.of(lm)
     if family != "int":
@@ -94,7 +96,8 @@ def bracket(meas: Measurement, target: float) -> tuple[str, str]:
     above = [c for b, c in levels if b > target + 1e-9]
     if not below:
         raise LayerwiseError(
-            f"{target} bits per weight is below the cheapest config ({levels[0][0]:.3f} with {levels[0][1]}); raise `budgets`"
+            f"{target} bits per weight is below the cheapest config ({levels[0][0]:.3f} with {levels[0][1]}); "
+            "raise `budgets`"
         )
     return below[-1], (above[0] if above else below[-1])
 
@@ -236,7 +239,8 @@ def _variants(
     progress: bool,
     desc: str,
 ) -> dict[str, LogitsFn]:
-    """Each plan's weights made (GPTQ: on ``windows``; a bar over the plans, named ``desc``) and the logits with them in place."""
+    """Each plan's weights made (GPTQ: on ``windows``; a bar over the plans, named ``desc``) and the logits with them in
+    place."""
     made = {
         name: plan_weights(lm, meas, a, cands, windows, batch_size=batch_size)
         for name, a in tqdm(allocs.items(), desc=desc, unit="plan", disable=not progress)
@@ -438,7 +442,8 @@ class QuantPlan:
     def apply(
         self, lm: LoadedModel, windows: Windows | None = None, *, batch_size: int = 4
     ) -> AbstractContextManager[None]:
-        """The model with the plan's weights for the duration of a ``with`` (GPTQ: fitted ``batch_size`` windows at a time)."""
+        """The model with the plan's weights for the duration of a ``with`` (GPTQ: fitted ``batch_size`` windows at a
+        time)."""
         return quantized(lm, self.weights(lm, windows, batch_size=batch_size))
 
     def weights(

@@ -84,9 +84,11 @@ def read_pairs(
     seed: int = 0,
     encoding: str | None = None,
 ) -> list[tuple[str, str]]:
-    """Positive/negative pairs from ``builtin:sentiment``, a JSONL of ``{"positive", "negative"}``, or two line-paired text files.
+    """Positive/negative pairs from ``builtin:sentiment``, a JSONL of ``{"positive", "negative"}``, or two line-paired
+    text files.
 
-    Files are decoded by :func:`layerwise.data.read_file`'s rule; blank lines are skipped, and messages name real line numbers.
+    Files are decoded by :func:`layerwise.data.read_file`'s rule; blank lines are skipped, and messages name real line
+    numbers.
     """
     if data and (pos or neg):
         raise LayerwiseError("give either data (builtin:sentiment or pairs.jsonl) or pos and neg text files, not both")
@@ -104,7 +106,8 @@ def read_pairs(
     p, q = read_lines(pos, encoding), read_lines(neg, encoding)
     if len(p) != len(q):
         raise LayerwiseError(
-            f"{pos} has {len(p)} texts but {neg} has {len(q)}; line i of each must form a pair, so give them the same count"
+            f"{pos} has {len(p)} texts but {neg} has {len(q)}; line i of each must form a pair, so give them the "
+            "same count"
         )
     return _checked([(a, b) for (_, a), (_, b) in zip(p, q)], f"{pos} and {neg}")
 
@@ -123,7 +126,8 @@ def _checked(pairs: list[tuple[str, str]], where: str) -> list[tuple[str, str]]:
 
 
 def split(n: int, seed: int) -> tuple[list[int], list[int]]:
-    """The documented split: indices permuted by ``torch.randperm(n)`` under ``manual_seed(seed)``; the first ceil(n/2) calibrate, the rest are held out."""
+    """The documented split: indices permuted by ``torch.randperm(n)`` under ``manual_seed(seed)``; the first ceil(n/2)
+    calibrate, the rest are held out."""
     if n < 2:
         raise LayerwiseError(f"{n} items cannot be split into calibration and held-out parts; give at least 2")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
@@ -213,7 +217,8 @@ def fit(
 def fit_features(
     feats: Features, n: int, *, method: str = "diffmean", seed: int = 0, given: dict[str, torch.Tensor] | None = None
 ) -> Fit:
-    """:func:`fit` on readouts already taken: rows ``:n`` positive, ``n:`` their paired negatives; ``given`` directions skip fitting."""
+    """:func:`fit` on readouts already taken: rows ``:n`` positive, ``n:`` their paired negatives; ``given`` directions
+    skip fitting."""
     if method not in METHODS:
         raise LayerwiseError(f"method={method!r} is not known; use one of {', '.join(METHODS)}")
     calib, held = split(n, seed)
@@ -245,7 +250,8 @@ def probe_result(folder: str | None) -> ProbeResult:
         from .probe import ProbeResult
     except ImportError:
         raise LayerwiseError(
-            "method='probe' needs layerwise's probe action (layerwise.probe), which this install lacks; use diffmean or pca"
+            "method='probe' needs layerwise's probe action (layerwise.probe), which this install lacks; use "
+            "diffmean or pca"
         ) from None
     res = ProbeResult.load(folder)
     if res.best_unit() is None:
@@ -309,7 +315,8 @@ def _adder(delta: torch.Tensor, from_token: int) -> Callable:
             pos = kwargs.get("position_ids")
             if pos is None:
                 raise LayerwiseError(
-                    "from_token needs the token positions, which this architecture does not pass to its blocks; use from_token=0"
+                    "from_token needs the token positions, which this architecture does not pass to its blocks; "
+                    "use from_token=0"
                 )
             add = add * (pos >= from_token).unsqueeze(-1).to(h.dtype)
         new = h + add
@@ -344,13 +351,14 @@ class SteeringVector:
         want, got = self.model.get("model_hash"), lm.source.get("model_hash")
         if want and got and want != got:
             raise LayerwiseError(
-                f"this steering vector was measured on another model (hash {str(want)[:12]}, this model {str(got)[:12]}); "
-                "train a vector on this model"
+                f"this steering vector was measured on another model (hash {str(want)[:12]}, this model "
+                f"{str(got)[:12]}); train a vector on this model"
             )
         if (self.model.get("hidden_size"), self.model.get("n_layers")) != (_hidden(lm), lm.anatomy.n_layers):
             raise LayerwiseError(
-                f"this steering vector is for a model with {self.model.get('n_layers')} blocks of width {self.model.get('hidden_size')}, "
-                f"this one has {lm.anatomy.n_layers} of width {_hidden(lm)}; train a vector on this model"
+                f"this steering vector is for a model with {self.model.get('n_layers')} blocks of width "
+                f"{self.model.get('hidden_size')}, this one has {lm.anatomy.n_layers} of width {_hidden(lm)}; "
+                "train a vector on this model"
             )
 
     @contextmanager
@@ -391,7 +399,8 @@ class SteeringVector:
         }
 
     def save(self, out: str | Path, extra: dict | None = None) -> Path:
-        """``vector.safetensors`` and ``steer.json`` (this vector, its provenance and ``extra``) into ``out``, atomically."""
+        """``vector.safetensors`` and ``steer.json`` (this vector, its provenance and ``extra``) into ``out``,
+        atomically."""
         with atomic_dir(out, "steer") as tmp:
             self.write(tmp, extra)
         return Path(out)
@@ -425,7 +434,8 @@ class SteeringVector:
             )
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
             raise LayerwiseError(
-                f"{folder} is not a layerwise steering vector ({exc.__class__.__name__}); give a folder written by `layerwise steer`"
+                f"{folder} is not a layerwise steering vector ({exc.__class__.__name__}); give a folder written "
+                "by `layerwise steer`"
             ) from None
         if lm is not None:
             vec.check_model(lm)
@@ -433,7 +443,8 @@ class SteeringVector:
 
 
 def run_meta(lm: LoadedModel, seed: int, batch_size: int, **extra: Any) -> dict:
-    """Provenance every steering result carries: the model, package versions, the command line, the seed and the batch size."""
+    """Provenance every steering result carries: the model, package versions, the command line, the seed and the batch
+    size."""
     from .profile import provenance
 
     return {
@@ -446,7 +457,8 @@ def run_meta(lm: LoadedModel, seed: int, batch_size: int, **extra: Any) -> dict:
 
 
 def parse_layers(spec: str, n_layers: int) -> list[tuple[str, ...]] | None:
-    """``auto`` -> None; ``L12`` / ``L6,L12`` -> one single-block variant each; ``L10-L14`` -> one variant steering that whole range."""
+    """``auto`` -> None; ``L12`` / ``L6,L12`` -> one single-block variant each; ``L10-L14`` -> one variant steering that
+    whole range."""
     if spec == "auto":
         return None
     variants = []
@@ -460,7 +472,8 @@ def parse_layers(spec: str, n_layers: int) -> list[tuple[str, ...]] | None:
             ) from None
         if len(ends) > 2 or lo[1] != "block" or hi[1] != "block" or hi[0] < lo[0]:
             raise LayerwiseError(
-                f"layers {part!r} is not a block or an increasing range of blocks; write auto, L12, L10-L14 or L6,L12,L18"
+                f"layers {part!r} is not a block or an increasing range of blocks; write auto, L12, L10-L14 or "
+                "L6,L12,L18"
             )
         for k in (lo[0], hi[0]):
             if k >= n_layers:
@@ -472,7 +485,8 @@ def parse_layers(spec: str, n_layers: int) -> list[tuple[str, ...]] | None:
 
 
 def rank_variants(f: Fit, variants: list[tuple[str, ...]] | None) -> list[dict]:
-    """Candidates (every block when ``variants`` is None), best held-out separation first; a range scores its blocks' mean d."""
+    """Candidates (every block when ``variants`` is None), best held-out separation first; a range scores its blocks'
+    mean d."""
     cands = [(u,) for u in f.directions] if variants is None else variants
     rows = [
         {
@@ -531,7 +545,8 @@ def _pad(seqs: Sequence[Sequence[int]], pad: int, left: bool) -> tuple[torch.Ten
 def margins(
     lm: LoadedModel, prompts: list[list[int]], conts: list[tuple[list[int], list[int]]], *, batch_size: int = 32
 ) -> torch.Tensor:
-    """Per prompt, the mean over continuation pairs of log p(positive | prompt) - log p(negative | prompt) (summed over tokens).
+    """Per prompt, the mean over continuation pairs of log p(positive | prompt) - log p(negative | prompt) (summed over
+    tokens).
 
     The tokens a pair shares before its texts differ have the same log-probability in both and cancel, so the prompt and
     that shared part are run once (their KV cache kept) and only the two differing tails are scored from it.
@@ -552,7 +567,8 @@ def margins(
 
 
 def _tail_margins(lm: LoadedModel, heads: list[list[int]], tails: list[tuple[list[int], list[int]]]) -> torch.Tensor:
-    """log p(positive tail | head) - log p(negative tail | head) per row: heads left-padded with a cache, tails right-padded after it."""
+    """log p(positive tail | head) - log p(negative tail | head) per row: heads left-padded with a cache, tails
+    right-padded after it."""
     x, mask = _pad(heads, 0, left=True)
     where = (mask.cumsum(1) - 1).clamp(min=0)
     run = lm.model(
@@ -615,7 +631,8 @@ def _mean_se(values: Sequence[float]) -> tuple[float, float | None]:
 
 @dataclass
 class Prompts:
-    """Token ids of the calibration and report prompts, of the continuation pairs scored after them, and every set's texts by role."""
+    """Token ids of the calibration and report prompts, of the continuation pairs scored after them, and every set's
+    texts by role."""
 
     calibration: list[list[int]]
     report: list[list[int]]
@@ -633,8 +650,9 @@ def prompt_sets(
     report: Sequence[str] | None = None,
     max_continuations: int = 4,
 ) -> Prompts:
-    """Split ``prompts`` (:func:`split`, seed + 1) into calibration and development/report parts (module docstring), tokenize
-    the report set (``report`` when given) and the held-out pairs as continuations (a leading space, no special tokens)."""
+    """Split ``prompts`` (:func:`split`, seed + 1) into calibration and development/report parts (module docstring),
+    tokenize the report set (``report`` when given) and the held-out pairs as continuations (a leading space, no
+    special tokens)."""
     prompts = list(prompts)
     cal, second = split(len(prompts), seed + 1)
     roles = {
@@ -656,7 +674,8 @@ def prompt_sets(
 def choose_alpha(
     lm: LoadedModel, vec: SteeringVector, ps: Prompts, *, target: float = 2.0, grid: Sequence[float] = ALPHA_GRID
 ) -> dict:
-    """The smallest multiple on ``grid`` whose mean log-prob margin shift on the calibration prompts reaches ``target`` nats."""
+    """The smallest multiple on ``grid`` whose mean log-prob margin shift on the calibration prompts reaches ``target``
+    nats."""
     base = margins(lm, ps.calibration, ps.conts)
     tried = []
     for a in sorted(grid):
@@ -762,7 +781,8 @@ def export_gguf(vec: SteeringVector, lm: LoadedModel, path: str | Path, alpha: f
     vec.check_model(lm)
     if "L0" in vec.directions:
         raise LayerwiseError(
-            "llama.cpp control vectors cannot steer L0 (its first slot, direction.1, is block 1's output); choose a layer from L1 on"
+            "llama.cpp control vectors cannot steer L0 (its first slot, direction.1, is block 1's output); choose "
+            "a layer from L1 on"
         )
     hint = ggufio.arch(ggufio.reader(lm.source["gguf_path"])) if lm.source.get("gguf_path") else lm.anatomy.model_type
     path = Path(path)
@@ -785,7 +805,8 @@ def export_gguf(vec: SteeringVector, lm: LoadedModel, path: str | Path, alpha: f
 
 
 def read_gguf(path: str | Path, n_layers: int) -> tuple[int, Any]:
-    """The file's directions as llama.cpp's loader lays them out: n_embd floats per layer, layer 1 first (``llama_set_adapter_cvec``'s data)."""
+    """The file's directions as llama.cpp's loader lays them out: n_embd floats per layer, layer 1 first
+    (``llama_set_adapter_cvec``'s data)."""
     import numpy as np
 
     from . import ggufio
@@ -808,7 +829,8 @@ def read_gguf(path: str | Path, n_layers: int) -> tuple[int, Any]:
 
 @dataclass
 class SteerReport:
-    """What ``layerwise steer`` measured: the choice, every (layer, alpha) evaluated, the unsteered baseline, files written."""
+    """What ``layerwise steer`` measured: the choice, every (layer, alpha) evaluated, the unsteered baseline, files
+    written."""
 
     meta: dict
     vector: dict
@@ -861,15 +883,16 @@ def run(
 ) -> SteerReport:
     """Fit, choose the layer and the strength, measure every swept (layer, alpha), write the vector, report and exports.
 
-    ``prompts`` calibrate ``alpha="auto"``; effects are measured on ``report_prompts`` (module docstring: which set is which).
-    ``sweep_alphas`` are measured at every variant of ``layers``; with ``sweep_layers`` (a layer spec) they are measured at
-    the chosen units and those layers instead, and every variant of ``layers`` once at the chosen alpha.
+    ``prompts`` calibrate ``alpha="auto"``; effects are measured on ``report_prompts`` (module docstring: which set is
+    which). ``sweep_alphas`` are measured at every variant of ``layers``; with ``sweep_layers`` (a layer spec) they are
+    measured at the chosen units and those layers instead, and every variant of ``layers`` once at the chosen alpha.
     """
     start = time.perf_counter()
     unknown = set(export) - {"gguf"}
     if unknown:
         raise LayerwiseError(
-            f"unknown export {', '.join(sorted(unknown))}; the vector is always saved, and gguf adds a llama.cpp control vector"
+            f"unknown export {', '.join(sorted(unknown))}; the vector is always saved, and gguf adds a llama.cpp "
+            "control vector"
         )
     sweep = [_check_alpha(a) for a in sweep_alphas]
     fixed = None if alpha == "auto" else _check_alpha(alpha)
@@ -877,7 +900,8 @@ def run(
     also_swept = None if sweep_layers is None else parse_layers(sweep_layers, lm.anatomy.n_layers) or []
     if "gguf" in export and any("L0" in v for v in variants or []):
         raise LayerwiseError(
-            "llama.cpp control vectors cannot steer L0 (its first slot, direction.1, is block 1's output); choose layers from L1 on"
+            "llama.cpp control vectors cannot steer L0 (its first slot, direction.1, is block 1's output); choose "
+            "layers from L1 on"
         )
     f = fit(lm, pairs, method=method, read=read, seed=seed, probe=probe, batch_size=2 * batch_size, progress=progress)
     ranking = rank_variants(f, variants)
@@ -905,7 +929,8 @@ def run(
         "ranking": ranking,
         "split": {
             "rule": "torch.randperm(n) under manual_seed(seed); first ceil(n/2) calibrate, the rest are held out "
-            "(pairs: rank the layers); prompts: seed + 1, the rest are development when report prompts are given, else the report set",
+            "(pairs: rank the layers); prompts: seed + 1, the rest are development when report prompts are given, "
+            "else the report set",
             "pairs_calibration": f.calibration,
             "pairs_held_out": f.held_out,
             "n_prompts_calibration": len(ps.calibration),

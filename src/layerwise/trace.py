@@ -146,7 +146,8 @@ def tap(
         bad = _first_nonfinite(sentinels)
         if bad is not None:
             raise LayerwiseError(
-                f"non-finite activations (NaN/inf) in the output of {bad}; load the model with `dtype` float32, or check the weights"
+                f"non-finite activations (NaN/inf) in the output of {bad}; load the model with `dtype` float32, "
+                "or check the weights"
             )
     finally:
         for h in handles:
@@ -292,7 +293,8 @@ def scale_update(anatomy: Anatomy, unit: str, factor: float) -> Iterator[None]:
 def run_blocks(
     anatomy: Anatomy, start: int, h: torch.Tensor, calls: list[tuple[tuple, dict]], stop: int | None = None
 ) -> torch.Tensor:
-    """Run blocks ``start..stop-1`` (to the last block by default) from residual ``h`` with each block's recorded extra inputs.
+    """Run blocks ``start..stop-1`` (to the last block by default) from residual ``h`` with each block's recorded extra
+    inputs.
 
     ``calls[i]`` holds the positional and keyword arguments (masks, position
     embeddings) that the model passed to block i in a full forward pass, so

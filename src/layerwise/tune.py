@@ -245,7 +245,8 @@ class LayerSelector(TrainerCallback, ExportableState):
         sel = parse_select(select)
         if sel.mode == "lora":
             raise LayerwiseError(
-                "select 'lora' means select 'full' over a peft LoRA model: wrap the model with peft and use select='full' (train() does this)"
+                "select 'lora' means select 'full' over a peft LoRA model: wrap the model with peft and use "
+                "select='full' (train() does this)"
             )
         if unit not in UNITS:
             raise LayerwiseError(f"unknown unit {unit!r}; use block, attn or mlp")
@@ -313,7 +314,8 @@ class LayerSelector(TrainerCallback, ExportableState):
         return out
 
     def param_groups(self, model: nn.Module, lr: float, rates: dict[str, float] | None = None) -> list[dict]:
-        """Optimizer parameter groups: one per unit at ``lr × rates[unit]``, then the rest (embeddings, norms, head) at ``lr``.
+        """Optimizer parameter groups: one per unit at ``lr × rates[unit]``, then the rest (embeddings, norms, head) at
+        ``lr``.
 
         Build the optimizer from these before training (``AdamW(sel.param_groups(model, lr, rates))``)
         to give units their own rates; every group carries its unit's ``name``.
@@ -328,7 +330,8 @@ class LayerSelector(TrainerCallback, ExportableState):
         missing = sorted(set(units) - set(rates), key=parse_unit)
         if missing:
             raise LayerwiseError(
-                f"the layer rates lack {len(missing)} {self.unit} units of this model (e.g. {missing[0]}); profile this model"
+                f"the layer rates lack {len(missing)} {self.unit} units of this model (e.g. {missing[0]}); "
+                "profile this model"
             )
         groups = [{"params": ps, "lr": lr * rates[u], "name": u} for u, ps in units.items()]
         held = {id(p) for ps in units.values() for p in ps}
@@ -336,7 +339,8 @@ class LayerSelector(TrainerCallback, ExportableState):
         return groups + ([{"params": rest, "lr": lr, "name": "rest"}] if rest else [])
 
     def always_params(self, model: nn.Module) -> list[nn.Parameter]:
-        """Embeddings, final norm and head (tied ones once), trained with every unit; none with ``train_embeddings=False``."""
+        """Embeddings, final norm and head (tied ones once), trained with every unit; none with
+        ``train_embeddings=False``."""
         if not self.train_embeddings:
             return []
         an, peft = Anatomy(_unwrap(model)), _is_peft(model)
@@ -353,13 +357,15 @@ class LayerSelector(TrainerCallback, ExportableState):
             )
         if self.sel.mode != "full" and self.active > len(self.params):
             raise LayerwiseError(
-                f"active={self.active} is more than the {len(self.params)} {self.unit} units this model has; use {len(self.params)} or fewer"
+                f"active={self.active} is more than the {len(self.params)} {self.unit} units this model has; use "
+                f"{len(self.params)} or fewer"
             )
         if self.weights is not None and self.sel.mode in ("importance", "top"):
             missing = set(self.params) - set(self.weights)
             if missing:
                 raise LayerwiseError(
-                    f"the importance weights lack {len(missing)} units of this model (e.g. {sorted(missing)[0]}); profile this model"
+                    f"the importance weights lack {len(missing)} units of this model (e.g. {sorted(missing)[0]}); "
+                    "profile this model"
                 )
         self.always = self.always_params(model)
         keep = {id(p) for ps in self.params.values() for p in ps} | {id(p) for p in self.always}
@@ -371,8 +377,9 @@ class LayerSelector(TrainerCallback, ExportableState):
         lacking = [u for u, ps in self.params.items() if any(id(p) not in held for p in ps)]
         if lacking or any(id(p) not in held for p in self.always):
             raise LayerwiseError(
-                f"the optimizer was built without the parameters of {len(lacking)} units (e.g. {(lacking or ['embeddings'])[0]}), "
-                "so they could never train; build it while every unit is trainable (the selector freezes units itself)"
+                f"the optimizer was built without the parameters of {len(lacking)} units (e.g. "
+                f"{(lacking or ['embeddings'])[0]}), so they could never train; build it while every unit is "
+                "trainable (the selector freezes units itself)"
             )
         self._model = model
 
@@ -526,7 +533,8 @@ def _conversation(path: str, n: int, r: dict) -> list[dict]:
     for m in msgs:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
             raise LayerwiseError(
-                f'line {n} of {path}: each message must be an object with "role" and "content" (got {json.dumps(m)[:60]})'
+                f'line {n} of {path}: each message must be an object with "role" and "content" (got '
+                f"{json.dumps(m)[:60]})"
             )
     if not any(m["role"] == "assistant" for m in msgs):
         raise LayerwiseError(
@@ -590,7 +598,8 @@ def tuning_data(
         w = windows(src, tokenizer, seq_len=seq_len, samples=samples, max_len=max_len)
         if w.evaluation.shape[0] == 0:
             raise LayerwiseError(
-                f"data {ref} gives {w.ids.shape[0]} windows and training takes them all; lower samples (--samples) so some are held out"
+                f"data {ref} gives {w.ids.shape[0]} windows and training takes them all; lower samples "
+                "(--samples) so some are held out"
             )
         return TuneData.from_windows(w, eval_samples)
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
@@ -600,7 +609,8 @@ def tuning_data(
     convs = src.convs
     if len(convs) <= samples:
         raise LayerwiseError(
-            f"{ref} has {len(convs)} examples; training on {samples} leaves none held out: lower samples (--samples) below {len(convs)}"
+            f"{ref} has {len(convs)} examples; training on {samples} leaves none held out: lower samples "
+            f"(--samples) below {len(convs)}"
         )
     rendered = [r for r in (_render(tokenizer, c, seq_len) for c in convs[:samples]) if r is not None]
     if not rendered:
@@ -681,7 +691,8 @@ def restore_order(model: nn.Module, snap: Snapshot, order: str, weights: dict[st
     if order == "importance":
         if not weights:
             raise LayerwiseError(
-                "restore order 'importance' needs a Profile (--profile, or an importance:/top: select that measured one)"
+                "restore order 'importance' needs a Profile (--profile, or an importance:/top: select that "
+                "measured one)"
             )
         return sorted(range(n), key=lambda i: weights.get(f"L{i}", 0.0))
     if order != "change":
@@ -748,7 +759,8 @@ def max_active(model: nn.Module, unit: str = "block", share: float = 0.5, train_
         k += 1
     if k == 0:
         raise LayerwiseError(
-            f"not even one {unit} unit fits in {share:g} of full fine-tuning's optimizer state; raise share or freeze embeddings"
+            f"not even one {unit} unit fits in {share:g} of full fine-tuning's optimizer state; raise share or "
+            "freeze embeddings"
         )
     return k
 
@@ -897,7 +909,8 @@ def _stop_on_nan(model: Tunable, tokenizer, step: int, checkpoint: str | Path | 
     else:
         kept = "no checkpoint was asked for"
     raise LayerwiseError(
-        f"the training loss became NaN/inf at step {step + 1}; {kept}; lower the learning rate (--lr) or use --dtype float32"
+        f"the training loss became NaN/inf at step {step + 1}; {kept}; lower the learning rate (--lr) or use "
+        "--dtype float32"
     )
 
 
@@ -922,7 +935,8 @@ def diversity(
     progress: bool = False,
     desc: str = "diversity",
 ) -> dict:
-    """Distinct-1/2 of responses sampled (temperature 1, top-p 0.95, seeded) to held-out chat prompts (a bar over them: ``progress``)."""
+    """Distinct-1/2 of responses sampled (temperature 1, top-p 0.95, seeded) to held-out chat prompts (a bar over them:
+    ``progress``)."""
     texts = []
     with torch.no_grad(), variant() if variant else contextlib.nullcontext():
         for i, conv in enumerate(tqdm(prompts, desc=desc, unit="prompt", disable=not progress)):
@@ -1014,7 +1028,7 @@ def evaluate(
     return out
 
 
-# ---------------------------------------------------------------- a whole command: several strategies, evaluated and saved
+# ------------------------------------------------------------- a whole command: several strategies, evaluated and saved
 
 
 @dataclass
@@ -1146,7 +1160,10 @@ def run(
         "wall_time_s": round(time.perf_counter() - start, 3),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "peak_memory": peak_memory(),
-        "memory_note": "memory_bytes: max_memory_allocated on CUDA; on CPU the resident set size sampled after every optimizer step",
+        "memory_note": (
+            "memory_bytes: max_memory_allocated on CUDA; on CPU the resident set size sampled after "
+            "every optimizer step"
+        ),
     }
     report = TuneReport(meta=meta, runs=runs, exports=exports)
     if out is not None:

@@ -47,7 +47,8 @@ def _options(meas: Measurement, allowed: set[str] | None) -> dict[str, list[tupl
         row = [(c, v["bits"], v["err"]) for c, v in entry["configs"].items() if allowed is None or c in allowed]
         if not row:
             raise LayerwiseError(
-                f"no candidate config in `allowed` was measured for {g}; allow at least one of {', '.join(entry['configs'])}"
+                f"no candidate config in `allowed` was measured for {g}; allow at least one of "
+                f"{', '.join(entry['configs'])}"
             )
         opts[g] = row
     return opts

@@ -1,4 +1,5 @@
-"""A plan made concrete: every quantized module's stored weight (for fake-quantized evaluation) or its codes (for export)."""
+"""A plan made concrete: every quantized module's stored weight (for fake-quantized evaluation) or its codes (for
+export)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def plan_weights(
     *,
     batch_size: int = 4,
 ) -> dict[nn.Module, torch.Tensor]:
-    """Each quantized module's (out, in) weight as the plan stores it (GPTQ: run on ``windows``, ``batch_size`` at a time)."""
+    """Each quantized module's (out, in) weight as the plan stores it (GPTQ: run on ``windows``, ``batch_size`` at a
+    time)."""
     return config_weights(lm, _config(meas, alloc), candidates, windows, batch_size=batch_size)
 
 

@@ -140,7 +140,8 @@ def _row_order(w: torch.Tensor, src: torch.Tensor, name: str, dtype: torch.dtype
     w = w.detach().float().cpu()
     if w.shape != src.shape:
         raise LayerwiseError(
-            f"{name} in the GGUF file is {tuple(src.shape)}, the loaded model's is {tuple(w.shape)}; load the model from that GGUF file"
+            f"{name} in the GGUF file is {tuple(src.shape)}, the loaded model's is {tuple(w.shape)}; load the "
+            "model from that GGUF file"
         )
     src = src.to(dtype).float()
     probe = torch.randn(w.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(0))

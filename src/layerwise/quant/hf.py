@@ -46,7 +46,8 @@ def row_widths(lm: LoadedModel) -> set[int]:
 def _check_dtype(lm: LoadedModel) -> None:
     if lm.model.dtype == torch.bfloat16:
         raise LayerwiseError(
-            "a bfloat16 model cannot hold the float16 scales exactly; load it with `dtype` float16 or float32 to export hf"
+            "a bfloat16 model cannot hold the float16 scales exactly; load it with `dtype` float16 or float32 to "
+            "export hf"
         )
 
 
@@ -56,12 +57,14 @@ def check(lm: LoadedModel, configs: tuple[QConfig, ...]) -> None:
     _check_dtype(lm)
     if an.spec.transposed:
         raise LayerwiseError(
-            f"compressed-tensors quantizes torch.nn.Linear layers; {an.model_type}'s Conv1D layers cannot be exported as hf (leave hf out of `export`)"
+            f"compressed-tensors quantizes torch.nn.Linear layers; {an.model_type}'s Conv1D layers cannot be "
+            "exported as hf (leave hf out of `export`)"
         )
     asym = sorted({c.name for c in configs if not c.symmetric})
     if asym:
         raise LayerwiseError(
-            f"`export` hf writes symmetric codes only (transformers cannot load compressed-tensors zero points); set `symmetric` (got {', '.join(asym)})"
+            "`export` hf writes symmetric codes only (transformers cannot load compressed-tensors zero points); "
+            f"set `symmetric` (got {', '.join(asym)})"
         )
     widths = row_widths(lm)
     for c in configs:
@@ -71,7 +74,9 @@ def check(lm: LoadedModel, configs: tuple[QConfig, ...]) -> None:
         if bad:
             fits = [g for g in (32, 64, 128, 256) if all(w % g == 0 for w in widths)]
             raise LayerwiseError(
-                f"group size {c.group_size} does not divide rows of {bad[0]} weights, and compressed-tensors needs whole groups; use `group_size` {' or '.join(map(str, fits)) or 'that divides ' + str(bad[0])}"
+                f"group size {c.group_size} does not divide rows of {bad[0]} weights, and compressed-tensors "
+                "needs whole groups; use `group_size` "
+                f"{' or '.join(map(str, fits)) or 'that divides ' + str(bad[0])}"
             )
 
 
@@ -120,7 +125,8 @@ def packed(q: QTensor) -> dict[str, torch.Tensor]:
 
 
 def export(lm: LoadedModel, codes: dict[str, QTensor], out: str | Path) -> Path:
-    """Write the model with ``codes`` in place of those modules' weights, as a compressed-tensors checkpoint, atomically."""
+    """Write the model with ``codes`` in place of those modules' weights, as a compressed-tensors checkpoint,
+    atomically."""
     from compressed_tensors.compressors import ModelCompressor
 
     _check_dtype(lm)
@@ -141,7 +147,8 @@ def export(lm: LoadedModel, codes: dict[str, QTensor], out: str | Path) -> Path:
 
 
 def transformers_nll(path: str | Path, ids: torch.Tensor, *, device: str | torch.device = "cpu") -> list[float]:
-    """Mean next-token NLL of each window when plain transformers loads the checkpoint (compressed-tensors decompresses it)."""
+    """Mean next-token NLL of each window when plain transformers loads the checkpoint (compressed-tensors decompresses
+    it)."""
     from transformers import AutoModelForCausalLM
 
     from ..evaluate import next_token_logits

@@ -41,7 +41,8 @@ from .gptq import Hessian, inverse_factor, quantize_gptq, quantize_gptq_many
 from .rtn import QConfig, QTensor, quantize_rtn
 
 Method = Literal["rtn", "gptq"]
-#: Rows one GPTQ sweep stacks on the CPU (measured on 2 cores: 576-row matrices gain from six bit widths at once, 1536-row ones lose).
+#: Rows one GPTQ sweep stacks on the CPU (measured on 2 cores: 576-row matrices gain from six bit widths at once,
+#: 1536-row ones lose).
 _CPU_SWEEP_ROWS = 4096
 DEFAULT_CANDIDATES: tuple[QConfig, ...] = tuple(QConfig(b, g) for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128))
 
@@ -69,7 +70,8 @@ class Measurement:
         for key, want in expect.items():
             if meta.get(key) != want:
                 raise LayerwiseError(
-                    f"{path} is stale: its {key} is {str(meta.get(key))[:40]!r}, not {str(want)[:40]!r}; delete it to measure again"
+                    f"{path} is stale: its {key} is {str(meta.get(key))[:40]!r}, not {str(want)[:40]!r}; delete "
+                    "it to measure again"
                 )
         return cls(meta, groups)
 
@@ -178,7 +180,8 @@ class GroupCandidates:
         cfg = self._config(name)
         if self.method == "gptq" and hessian is None:
             raise LayerwiseError(
-                "GPTQ needs each layer's calibration inputs (its Hessian); apply a GPTQ plan with its calibration windows (QuantPlan.apply(lm, windows))"
+                "GPTQ needs each layer's calibration inputs (its Hessian); apply a GPTQ plan with its calibration "
+                "windows (QuantPlan.apply(lm, windows))"
             )
         return quantize_gptq(w, hessian, cfg) if self.method == "gptq" else quantize_rtn(w, cfg)  # type: ignore[arg-type]
 
@@ -200,12 +203,14 @@ class GroupCandidates:
     def stored_all(
         self, path: str, w: torch.Tensor, hessian: torch.Tensor | None
     ) -> dict[str, tuple[torch.Tensor, int, str]]:
-        """Every config; GPTQ runs one column sweep per group size for all its bit widths (see ``quantize_gptq_many``)."""
+        """Every config; GPTQ runs one column sweep per group size for all its bit widths (see
+        ``quantize_gptq_many``)."""
         if self.method != "gptq":
             return {name: self.stored(path, w, name, hessian) for name in self.names}
         if hessian is None:
             raise LayerwiseError(
-                "GPTQ needs each layer's calibration inputs (its Hessian); apply a GPTQ plan with its calibration windows (QuantPlan.apply(lm, windows))"
+                "GPTQ needs each layer's calibration inputs (its Hessian); apply a GPTQ plan with its calibration "
+                "windows (QuantPlan.apply(lm, windows))"
             )
         grids: dict[tuple, list[QConfig]] = {}
         for c in self.configs:
@@ -312,7 +317,8 @@ def _runs(an: Anatomy, todo: dict, n_configs: int, cache_bytes: int) -> list[lis
 
 @dataclass
 class _Sums:
-    """One group's running sums over calibration batches: ``sum y^2`` and, per config, ``sum d^2`` and ``sum g^2 d^2``."""
+    """One group's running sums over calibration batches: ``sum y^2`` and, per config, ``sum d^2`` and
+    ``sum g^2 d^2``."""
 
     group: str
     denom: float = 0.0
@@ -407,7 +413,8 @@ def _measure_layer(
     grads: dict[str, torch.Tensor],
     sums: dict[str, _Sums],
 ) -> torch.Tensor:
-    """Add one batch's errors of one block's groups to ``sums``, from its input ``h``; return the block's (unquantized) output."""
+    """Add one batch's errors of one block's groups to ``sums``, from its input ``h``; return the block's (unquantized)
+    output."""
     inputs: dict[str, tuple[tuple, dict]] = {}
     outputs: dict[str, torch.Tensor] = {}
 

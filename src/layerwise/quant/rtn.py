@@ -40,7 +40,8 @@ class QConfig:
     def check(self, in_features: int) -> None:
         if self.group_size > in_features:
             raise LayerwiseError(
-                f"group size {self.group_size} is larger than a row of {in_features} weights; use `group_size` {in_features} or less"
+                f"group size {self.group_size} is larger than a row of {in_features} weights; use `group_size` "
+                f"{in_features} or less"
             )
 
     def storage_bits(self, out_features: int, in_features: int) -> int:

@@ -103,7 +103,8 @@ def render(report: DropReport, plan_path: str = "plan.json") -> str:
         "drop",
         report.meta,
         f"""{drop_summary(report, plan_path)}
-<p>Held-out windows: {fmt(o.get("n_windows"))} ({fmt(o.get("n_tokens"))} predicted tokens). Standard errors are across windows;
+<p>Held-out windows: {fmt(o.get("n_windows"))} ({fmt(o.get("n_tokens"))} predicted tokens). Standard errors are \
+across windows;
 <code>delta_nll</code> is the paired difference from the original.</p>
 <h2>Perplexity against units dropped</h2>{png(curves_figure(report))}
 <h2>Speed against the original</h2>{_speed(report)}

@@ -152,7 +152,10 @@ def _agreement_table(prof: Profile) -> str:
         for m in metrics
     )
     ref = escape(str(prof.agreement.get("reference", "")))
-    return f"<p>Spearman rho of each metric with <code>{ref}</code>, per unit kind.</p><table><tr><th>metric</th>{head}</tr>{body}</table>"
+    return (
+        f"<p>Spearman rho of each metric with <code>{ref}</code>, per unit kind.</p>"
+        f"<table><tr><th>metric</th>{head}</tr>{body}</table>"
+    )
 
 
 def _ablation_note(prof: Profile) -> str:
@@ -176,7 +179,8 @@ def _ablation_note(prof: Profile) -> str:
     return (
         f"<p>Exact ablation scored at {where} of {fmt(windows)} windows (the ablated model runs every position; only "
         f"the head is read at fewer){median}.{lens} Each unit's standard error is <code>ablate_nll_se</code> in "
-        "<code>profile.json</code>; <code>--positions 0 --ablation-samples 0</code> scores every position of every window.</p>"
+        "<code>profile.json</code>; <code>--positions 0 --ablation-samples 0</code> scores every position of "
+        "every window.</p>"
     )
 
 
@@ -190,11 +194,15 @@ def _ranking_table(prof: Profile) -> str:
         "<tr><td>" + escape(u.name) + "</td>" + "".join(f"<td>{fmt(u.metrics.get(c))}</td>" for c in cols) + "</tr>"
         for u in rows
     )
-    return f"<p>Units from least to most important by <code>{escape(str(ref))}</code>.</p><table><tr>{head}</tr>{body}</table>"
+    return (
+        f"<p>Units from least to most important by <code>{escape(str(ref))}</code>.</p>"
+        f"<table><tr>{head}</tr>{body}</table>"
+    )
 
 
 def page(command: str, meta: dict, body: str, *, left_columns: int = 1) -> str:
-    """The page every layerwise command writes: title from the model id, one style, ``body``, then the run's metadata."""
+    """The page every layerwise command writes: title from the model id, one style, ``body``, then the run's
+    metadata."""
     title = escape(str(meta.get("model_id", "model")))
     left = ",".join(f"td:nth-child({i + 1})" for i in range(left_columns))
     rows = "".join(f"<tr><td>{escape(str(k))}</td><td>{escape(str(v))}</td></tr>" for k, v in meta.items())

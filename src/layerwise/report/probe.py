@@ -88,8 +88,10 @@ def render(result: ProbeResult) -> str:
         m,
         f"""{probe_summary(result)}
 <p>{fmt(m.get("n_examples"))} examples from <code>{escape(str(m["data"]["source"]))}</code>, classes {classes};
-read at the <code>{escape(str(m.get("read")))}</code> token(s) of each example; {fmt(m.get("folds"))}-fold cross-validation by example.
-Control: the same probe on shuffled labels; selectivity = accuracy − control. ± is the standard error across folds. {imp_note}</p>
+read at the <code>{escape(str(m.get("read")))}</code> token(s) of each example; {fmt(m.get("folds"))}-fold \
+cross-validation by example.
+Control: the same probe on shuffled labels; selectivity = accuracy − control. ± is the standard error across \
+folds. {imp_note}</p>
 <h2>Where the concept becomes readable</h2>{png(curve_figure(result))}
 <h2>Every unit</h2><table><tr>{head}</tr>{body}</table>""",
     )

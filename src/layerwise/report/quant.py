@@ -106,16 +106,20 @@ def render(report: QuantReport, plan_path: str = "plan.json") -> str:
         "quantize",
         report.meta,
         f"""{quant_summary(report, plan_path)}
-<p>Held-out windows: {fmt(o.get("n_windows"))} ({fmt(o.get("n_tokens"))} predicted tokens). Standard errors are across windows;
-<code>delta_nll</code> is the paired difference from the original and <code>predicted_delta_nll</code> what the measurement
-predicted for it. <code>bpw</code> counts codes, scales and zero points over the quantized tensors; <code>bpw_model</code>
+<p>Held-out windows: {fmt(o.get("n_windows"))} ({fmt(o.get("n_tokens"))} predicted tokens). Standard errors are \
+across windows;
+<code>delta_nll</code> is the paired difference from the original and <code>predicted_delta_nll</code> what the \
+measurement
+predicted for it. <code>bpw</code> counts codes, scales and zero points over the quantized tensors; \
+<code>bpw_model</code>
 adds every other tensor as stored.</p>
 <h2>Perplexity against bits per weight</h2>{png(curve_figure(report))}
 <h2>Every plan</h2><table><tr>{head}</tr>{body}</table>
 <h2>KL statistics, as llama.cpp reports them</h2>{kl_table(report.rows, "plan")}
 <h2>Bits by block</h2>{charts}
 <h2>Original model</h2><table>{orig}</table>
-<h2>Files written</h2><table><tr><th>export</th><th>path</th><th>bytes</th><th>perplexity where it is loaded</th></tr>{exports or "<tr><td>none</td></tr>"}</table>""",
+<h2>Files written</h2><table><tr><th>export</th><th>path</th><th>bytes</th><th>perplexity where it is loaded</th></tr>\
+{exports or "<tr><td>none</td></tr>"}</table>""",
     )
 
 

@@ -37,7 +37,8 @@ def effect_name(report: SteerReport) -> str:
 
 
 def dose_figure(report: SteerReport):
-    """Effect against KL and against delta NLL, one line per layer through its alphas; the chosen (layer, alpha) starred.
+    """Effect against KL and against delta NLL, one line per layer through its alphas; the chosen (layer, alpha)
+    starred.
 
     Layers measured at a single alpha (a per-block sweep) are grey points, so the swept layers' lines stay readable.
     """
@@ -117,7 +118,8 @@ def _samples(report: SteerReport) -> str:
 
 
 def _roles(report: SteerReport) -> str:
-    """How many prompts each set held, from ``choice.prompts`` (absent in results saved before the sets were recorded)."""
+    """How many prompts each set held, from ``choice.prompts`` (absent in results saved before the sets were
+    recorded)."""
     roles = report.choice.get("prompts")
     if not roles:
         return ""
@@ -148,18 +150,27 @@ def render(report: SteerReport) -> str:
         f"<tr><td>{escape(k)}</td><td>{escape(str(v.get('path')))}</td><td>{fmt(v.get('bytes'))}</td></tr>"
         for k, v in report.exports.items()
     )
+    strength = (
+        "Given."
+        if a.get("given")
+        else f"Smallest multiple reaching {fmt(a.get('target'))} nats of margin on the calibration prompts "
+        f"(reached: {escape(str(a.get('reached')))})."
+    )
     return page(
         "steer",
         report.meta,
         f"""{steer_summary(report)}
 <p>Chosen: <code>{escape(report.choice["chosen_key"])}</code> (alpha in multiples of the layer's mean residual norm).
-Effects are paired differences steered minus unsteered over {len(report.prompts)} report prompts (± SE across prompts){_roles(report)};
-<code>score</code> is the independent scorer on greedy continuations, <code>margin</code> the log-prob of positive over negative continuations,
-<code>proj</code> the last block's projection on its direction in units of the positive-negative gap. Cost is NLL and KL to the unsteered model on held-out neutral windows (± SE across windows).</p>
+Effects are paired differences steered minus unsteered over {len(report.prompts)} report prompts (± SE across \
+prompts){_roles(report)};
+<code>score</code> is the independent scorer on greedy continuations, <code>margin</code> the log-prob of positive \
+over negative continuations,
+<code>proj</code> the last block's projection on its direction in units of the positive-negative gap. Cost is NLL \
+and KL to the unsteered model on held-out neutral windows (± SE across windows).</p>
 <h2>Effect against cost (dose-response per layer)</h2>{png(dose_figure(report))}
 <h2>Which layer separates the concept (held-out pairs)</h2>{png(separation_figure(report))}
 <table><tr><th>units</th><th>Cohen's d</th><th>pair accuracy</th></tr>{rank}</table>
-<h2>Strength</h2><p>{"Given." if a.get("given") else f"Smallest multiple reaching {fmt(a.get('target'))} nats of margin on the calibration prompts (reached: {escape(str(a.get('reached')))})."}</p>
+<h2>Strength</h2><p>{strength}</p>
 <table><tr><th>alpha</th><th>margin shift</th></tr>{tried}</table>
 <h2>Generations</h2>{_samples(report)}
 <h2>Every (layer, alpha)</h2><table><tr>{head}</tr>{body}</table>

@@ -179,9 +179,8 @@ def profile_summary(prof: Profile, path: str = "profile.json") -> str:
         )
     least, most = extremes(prof)
     items = [
-        f"Least important by <code>{escape(ref)}</code> (the rise in NLL, nats, on the profile's windows when the unit is removed): "
-        + ", ".join(_cost(r) for r in least)
-        + ".",
+        f"Least important by <code>{escape(ref)}</code> (the rise in NLL, nats, on the profile's windows when the "
+        "unit is removed): " + ", ".join(_cost(r) for r in least) + ".",
         "Most important: " + ", ".join(_cost(r) for r in most) + ".",
     ]
     agree = []
@@ -296,8 +295,9 @@ def quant_summary(report: QuantReport, plan_path: str = "plan.json") -> str:
     budgeted = [r for r in report.rows if not r["strategy"].startswith("uniform")]
     chosen = best_per(budgeted, "target_bpw")
     items = [
-        f"<b>{'fixed' if r['target_bpw'] is None else fmt(r['target_bpw']) + ' bits'}</b>: <code>{escape(r['plan'])}</code>, "
-        f"{fmt(r['bpw'])} bits per weight ({fmt(r.get('bpw_model'))} over the whole model, {fmt(r.get('bytes'))} bytes); "
+        f"<b>{'fixed' if r['target_bpw'] is None else fmt(r['target_bpw']) + ' bits'}</b>: "
+        f"<code>{escape(r['plan'])}</code>, {fmt(r['bpw'])} bits per weight ({fmt(r.get('bpw_model'))} over the "
+        f"whole model, {fmt(r.get('bytes'))} bytes); "
         f"{_cost_line(r, o)}." + _write_it(report.exports, *quant_export_command(report, r, plan_path)[::-1])
         for r in chosen
     ]
@@ -319,12 +319,14 @@ def tune_summary(report) -> str:
         return box("Summary", ["No strategy was evaluated on held-out windows."])
     t, s = best["eval"]["train"]["tuned"], (best["eval"].get("second") or {}).get("tuned")
     items = [
-        f"Best held-out gain: <code>{escape(best['key'])}</code>, {-t['delta_nll']:+.4f} ± {fmt(t.get('delta_nll_se'))} nats "
-        f"(perplexity {fmt(t.get('ref_ppl'))} → {fmt(t.get('ppl'))}) of {len(report.runs)} strateg{'y' if len(report.runs) == 1 else 'ies'} compared."
+        f"Best held-out gain: <code>{escape(best['key'])}</code>, {-t['delta_nll']:+.4f} ± "
+        f"{fmt(t.get('delta_nll_se'))} nats (perplexity {fmt(t.get('ref_ppl'))} → {fmt(t.get('ppl'))}) of "
+        f"{len(report.runs)} strateg{'y' if len(report.runs) == 1 else 'ies'} compared."
     ]
     if s:
         items.append(
-            f"Forgetting on the second corpus: {s['delta_nll']:+.4f} ± {fmt(s.get('delta_nll_se'))} nats, KL {fmt(s.get('kl'))}."
+            f"Forgetting on the second corpus: {s['delta_nll']:+.4f} ± {fmt(s.get('delta_nll_se'))} nats, KL "
+            f"{fmt(s.get('kl'))}."
         )
     items.append(
         f"Memory: {fmt(best.get('trainable_params_max'))} trainable parameters at most, optimizer state "
@@ -334,19 +336,20 @@ def tune_summary(report) -> str:
 
 
 def probe_summary(result) -> str:
-    """The probe page's opening box: the unit where the concept becomes readable (or that no unit is shown to), its scores, and why."""
+    """The probe page's opening box: the unit where the concept becomes readable (or that no unit is shown to), its
+    scores, and why."""
     best = result.best_unit()
     row = result.unit(best or result.best["highest"])
     scores = (
-        f"accuracy {fmt(row['accuracy'])} ± {fmt(row['accuracy_se'])}, control {fmt(row['control'])} ± {fmt(row['control_se'])}, "
-        f"selectivity {fmt(row['selectivity'])} ± {fmt(row['selectivity_se'])}"
+        f"accuracy {fmt(row['accuracy'])} ± {fmt(row['accuracy_se'])}, control {fmt(row['control'])} ± "
+        f"{fmt(row['control_se'])}, selectivity {fmt(row['selectivity'])} ± {fmt(row['selectivity_se'])}"
     )
     head = (
         f"Best unit: <code>{escape(best)}</code>: {scores}."
         if best
-        else f"No best unit: no unit is shown to read the concept linearly. Highest selectivity at <code>{escape(row['unit'])}</code>: "
-        f"{scores}. If the concept is there, more examples shrink the standard errors; "
-        "<code>layerwise steer --method probe</code> refuses this probe."
+        else "No best unit: no unit is shown to read the concept linearly. Highest selectivity at "
+        f"<code>{escape(row['unit'])}</code>: {scores}. If the concept is there, more examples shrink the "
+        "standard errors; <code>layerwise steer --method probe</code> refuses this probe."
     )
     return box("Summary", [head, f"Why: {escape(result.best['why'])} (rule: {escape(result.best['rule'])})."])
 
@@ -362,8 +365,9 @@ def steer_summary(report) -> str:
     if row is not None:
         eff = "score_shift" if "score_shift" in row else "margin_shift"
         items.append(
-            f"Effect: {escape(eff.replace('_', ' '))} {fmt(row.get(eff))} ± {fmt(row.get(eff + '_se'))}; cost on neutral "
-            f"text: Δnll {fmt(row.get('delta_nll'))} ± {fmt(row.get('delta_nll_se'))} nats, KL {fmt(row.get('kl'))}."
+            f"Effect: {escape(eff.replace('_', ' '))} {fmt(row.get(eff))} ± {fmt(row.get(eff + '_se'))}; cost on "
+            f"neutral text: Δnll {fmt(row.get('delta_nll'))} ± {fmt(row.get('delta_nll_se'))} nats, KL "
+            f"{fmt(row.get('kl'))}."
         )
     return box(
         "Summary",

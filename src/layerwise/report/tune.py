@@ -100,7 +100,10 @@ def _diversity(report: TuneReport) -> str:
         f"<td>{escape(' ‖ '.join(d['samples'][:2]))}</td></tr>"
         for k, w, d in rows
     )
-    return f"<table><tr><th>strategy</th><th>model</th><th>distinct-1</th><th>distinct-2</th><th>samples</th></tr>{body}</table>"
+    return (
+        "<table><tr><th>strategy</th><th>model</th><th>distinct-1</th><th>distinct-2</th><th>samples</th></tr>"
+        f"{body}</table>"
+    )
 
 
 def _rates(report: TuneReport) -> str:
@@ -108,12 +111,14 @@ def _rates(report: TuneReport) -> str:
     rows = [(r["key"], r["unit_lr"]) for r in report.runs if r.get("unit_lr")]
     if not rows:
         return ""
-    body = "".join(
-        f"<tr><td>{escape(k)}</td><td>{escape(', '.join(f'{u} {fmt(v)}' for u, v in sorted(lrs.items(), key=lambda x: parse_unit(x[0]))))}</td></tr>"
-        for k, lrs in rows
-    )
+
+    def in_unit_order(lrs: dict) -> str:
+        return ", ".join(f"{u} {fmt(v)}" for u, v in sorted(lrs.items(), key=lambda x: parse_unit(x[0])))
+
+    body = "".join(f"<tr><td>{escape(k)}</td><td>{escape(in_unit_order(lrs))}</td></tr>" for k, lrs in rows)
     return (
-        "<h2>Per-unit learning rates</h2><p>lr × w, w ∝ importance^τ with mean 1 over units; embeddings, norms and head at the base lr.</p>"
+        "<h2>Per-unit learning rates</h2><p>lr × w, w ∝ importance^τ with mean 1 over units; embeddings, norms "
+        "and head at the base lr.</p>"
         f"<table><tr><th>strategy</th><th>learning rate per unit</th></tr>{body}</table>"
     )
 
@@ -133,7 +138,8 @@ def render(report: TuneReport) -> str:
         report.meta,
         f"""{tune_summary(report)}
 <p>Gain: the drop in held-out NLL on the tuning data (windows never trained on);
-forgetting: the rise in NLL on the second corpus; KL(base ‖ tuned) on the second corpus. Every figure ± its standard error across windows.</p>
+forgetting: the rise in NLL on the second corpus; KL(base ‖ tuned) on the second corpus. Every figure ± its standard \
+error across windows.</p>
 <h2>Training loss</h2>{png(loss_figure(report))}
 <h2>What trained at every step</h2>{png(unit_map_figure(report))}
 <h2>Both domains</h2><table><tr><th>strategy</th><th>tuning data ppl (base → tuned)</th><th>gain (nats)</th>
