@@ -52,26 +52,25 @@ def test_library_errors_name_api_arguments_and_the_cli_names_flags(tiny_cli, tmp
     [("lens_kl:desc", {"lens": True}), ("lens_top1:asc", {"lens": True}), ("taylor_nll", {"ablation": "taylor"})],
 )
 def test_automatic_profile_measures_what_the_order_needs(order, kw):
-    from layerwise.drop import choose, rank
+    from layerwise.drop import choose
     from layerwise.profile import profile
 
     lm, w = tiny_lm("llama", layers=4), tiny_windows(2)
     plan = choose(lm, w, n=2, unit="block", order=order, progress=False)
     prof = profile(lm, w, **{"ablation": "none", "lens": False, **kw}, progress=False)
-    assert plan.units == [u for u, _ in rank(prof, "block", order)[:2]]
+    assert plan.units == prof.rank(order, "block")[:2]
 
 
 def test_attention_orders_are_measured_and_the_cli_loads_eager_attention(monkeypatch, tmp_path):
-    from layerwise.drop import choose, rank
+    from layerwise.drop import choose
     from layerwise.profile import profile
 
     lm, w = tiny_lm("llama", layers=4), tiny_windows(2)
     lm.model.config._attn_implementation = "eager"
     plan = choose(lm, w, n=2, unit="attn", order="attn_entropy:asc", progress=False)
     prof = profile(lm, w, ablation="none", lens=False, attention=True, progress=False)
-    assert plan.units == [u for u, _ in rank(prof, "attn", "attn_entropy:asc")[:2]]
-    desc = rank(prof, "attn", "attn_entropy:desc")
-    assert [u for u, _ in desc] == [u for u, _ in rank(prof, "attn", "attn_entropy:asc")][::-1]
+    assert plan.units == prof.rank("attn_entropy:asc", "attn")[:2]
+    assert prof.rank("attn_entropy:desc", "attn") == prof.rank("attn_entropy:asc", "attn")[::-1]
     asked = []
     monkeypatch.setattr(
         cli, "_load", lambda args, attn_implementation=None: asked.append(attn_implementation) or (lm, w)
@@ -242,11 +241,10 @@ def test_rank_direction_is_explicit_for_metrics_without_one():
 
 
 def test_a_profile_without_the_orders_metric_says_how_to_get_it():
-    from layerwise.drop import rank
     from layerwise.profile import Profile, Unit
 
     prof = Profile(meta={}, units=[Unit(f"L{i}", i, "block", {"lens_kl": None, "ablate_nll": None}) for i in range(2)])
     with pytest.raises(LayerwiseError, match=r"re-profile with lens=True \(layerwise profile without --no-lens\)"):
-        rank(prof, "block", "lens_kl:asc")
+        prof.rank("lens_kl:asc", "block")
     with pytest.raises(LayerwiseError, match=r"ablation='exact' \(layerwise profile --ablation exact\)"):
-        rank(prof, "block", "ablate_nll")
+        prof.rank("ablate_nll", "block")

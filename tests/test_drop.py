@@ -5,7 +5,7 @@ import contextlib
 import pytest
 import torch
 
-from layerwise.drop import DropPlan, applied, choose, contiguous_scores, rank, save_checkpoint, without_blocks
+from layerwise.drop import DropPlan, applied, choose, contiguous_scores, save_checkpoint, without_blocks
 from layerwise.errors import LayerwiseError
 from layerwise.loading import load
 from layerwise.profile import profile
@@ -100,7 +100,7 @@ def test_orders():
     by_bi = choose(lm, w, n=2, unit="block", order="bi", prof=prof, progress=False)
     bi = {u.name: u.metrics["bi"] for u in prof.units if u.kind == "block"}
     assert by_bi.units == sorted(bi, key=bi.get)[:2]
-    joint = rank(prof, "any", "sub_cos")
+    joint = prof.ranked("sub_cos", "any")
     assert {u for u, _ in joint} == {f"L{i}.{k}" for i in range(4) for k in ("attn", "mlp")}
     assert [v for _, v in joint] == sorted((v for _, v in joint), reverse=True)  # most redundant (highest cos) first
     r1 = choose(lm, w, n=3, unit="mlp", order="random", seed=7)
@@ -127,7 +127,7 @@ def test_iterative_remeasures_with_drops_applied():
     # the second pick is the least important unit once the first is gone
     with skip(lm.anatomy, plan.units[:1]):
         again = profile(lm, w, ablation="exact", lens=False, progress=False)
-    assert plan.units[1] == rank(again, "any", "ablate_nll", exclude={plan.units[0]})[0][0]
+    assert plan.units[1] == again.rank("ablate_nll", "any", exclude={plan.units[0]})[0]
 
 
 @pytest.mark.parametrize(

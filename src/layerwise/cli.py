@@ -641,7 +641,7 @@ def _drop(args: argparse.Namespace) -> int:
     if plan is not None:
         return _exported(dp.export_plan(lm, plan, args.out, export), args)
     if prof is not None:
-        dp.check_profile(prof, lm)
+        prof.check(lm)
     common = dict(
         prof=prof, iterative=args.iterative, seed=args.seed, batch_size=args.batch_size, progress=not args.json
     )
@@ -911,11 +911,8 @@ def _importance(args: argparse.Namespace, lm, given, importance_of):
     from . import profile, windows
 
     if given is not None:
-        from .drop import check_profile
-
-        prof = given
-        check_profile(prof, lm)
-        return importance_of(prof, args.profile)
+        given.check(lm)
+        return importance_of(given, args.profile)
     if args.profile_samples <= 0:
         return None
     w = windows(
@@ -1160,7 +1157,7 @@ def _notes() -> logging.Handler:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .profile import COMMAND
+    from .io import COMMAND
 
     try:
         args = _parser().parse_args(argv)

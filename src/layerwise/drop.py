@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
@@ -33,16 +33,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import ggufio
-from .anatomy import Anatomy, Kind, parse_unit, unit_name
+from .anatomy import Anatomy, parse_unit, unit_name
 from .data import Windows
 from .errors import LayerwiseError
 from .evaluate import KL_KEYS, folder_bytes, next_token_logits, param_count, quality, speed
-from .io import atomic_dir, load_result, write_json
+from .io import atomic_dir, load_result, provenance, write_json
 from .loading import LoadedModel
 from .memory import peak_memory
 from .metrics import stream as st
 from .plans import check_plan_model, load_plans, save_plans
-from .profile import APPLIES, METRICS, Profile, needs, needs_hint, order_by, profile, provenance
+from .profile import UNIT_KINDS, Profile, check_order, needs, profile
 from .trace import BlockTrace, skip, tap
 
 if TYPE_CHECKING:
@@ -51,8 +51,6 @@ if TYPE_CHECKING:
 UnitChoice = Literal["block", "attn", "mlp", "any"]
 UNIT_CHOICES: tuple[str, ...] = ("block", "attn", "mlp", "any")
 SPECIAL_ORDERS = ("random", "contiguous")
-#: Unit kinds each ``--unit`` choice draws from; ``any`` ranks attention and MLP sublayers jointly (LLM-Drop).
-_KINDS: dict[str, tuple[Kind, ...]] = {"block": ("block",), "attn": ("attn",), "mlp": ("mlp",), "any": ("attn", "mlp")}
 
 
 @dataclass(frozen=True)
@@ -127,9 +125,9 @@ def validate(an: Anatomy, plan: DropPlan) -> None:
 
 
 def candidates(an: Anatomy, unit: str) -> list[str]:
-    if unit not in _KINDS:
+    if unit not in UNIT_KINDS:
         raise LayerwiseError(f"unknown `unit` {unit!r}; use one of {', '.join(UNIT_CHOICES)}")
-    return [unit_name(i, k) for i in range(an.n_layers) for k in _KINDS[unit]]
+    return [unit_name(i, k) for i in range(an.n_layers) for k in UNIT_KINDS[unit]]
 
 
 def _check_n(an: Anatomy, unit: str, n: int) -> None:
@@ -144,21 +142,6 @@ def _check_n(an: Anatomy, unit: str, n: int) -> None:
         raise LayerwiseError(f"`n` {n} is more than the {pool} {unit} units this model has; use `n` {pool} or fewer")
 
 
-def check_profile(prof: Profile, lm: LoadedModel) -> None:
-    """A Profile must come from the same weights, or its ranking means nothing here."""
-    want, got = lm.source.get("model_hash"), prof.meta.get("model_hash")
-    if want and got and want != got:
-        raise LayerwiseError(
-            f"the profile was measured on another model (hash {str(got)[:12]}, this model {str(want)[:12]}); "
-            "profile this model, or leave out `prof`"
-        )
-    if prof.meta.get("n_layers") not in (None, lm.anatomy.n_layers):
-        raise LayerwiseError(
-            f"the profile has {prof.meta['n_layers']} blocks but this model has {lm.anatomy.n_layers}; profile "
-            "this model"
-        )
-
-
 def needed(orders: list[str]) -> dict:
     """:func:`profile` options that measure every metric these orders rank by (``random`` and ``contiguous`` need
     none)."""
@@ -168,37 +151,6 @@ def needed(orders: list[str]) -> dict:
         "lens": any(w["lens"] for w in want),
         "attention": any(w["attention"] for w in want),
     }
-
-
-def check_order(unit: str, order: str) -> tuple[str, int]:
-    """The metric of a metric order and its sign (see :func:`order_by`), refused before anything is measured
-    when it is unknown, has no direction, or does not describe ``unit``'s kinds."""
-    if order.partition(":")[0] not in METRICS:
-        raise LayerwiseError(
-            f"unknown `order` {order!r}; use a Profile metric ({', '.join(METRICS)}), random or contiguous"
-        )
-    metric, sign = order_by(order)
-    for kind in _KINDS.get(unit, ()):
-        if kind not in APPLIES.get(metric, ("block", "attn", "mlp")):
-            fits = [m for m in METRICS if kind in APPLIES.get(m, ("block", "attn", "mlp"))]
-            raise LayerwiseError(
-                f"{metric} does not describe {kind} units; for `unit` {unit} order by one of {', '.join(fits)}"
-            )
-    return metric, sign
-
-
-def rank(prof: Profile, unit: str, order: str, exclude: Collection[str] = ()) -> list[tuple[str, float]]:
-    """Candidate units from least to most important by ``order`` (a metric, or ``METRIC:asc|desc``), with their
-    values."""
-    metric, sign = check_order(unit, order)
-    kinds = _KINDS[unit]
-    vals = [(u.name, u.metrics.get(metric)) for u in prof.units if u.kind in kinds and u.name not in exclude]
-    if any(v is None for _, v in vals):
-        raise LayerwiseError(
-            f"the profile has no {metric} values; re-profile with {needs_hint(metric)}, or leave out `prof` to "
-            "measure them"
-        )
-    return sorted(((name, float(v)) for name, v in vals if v is not None), key=lambda nv: sign * nv[1])
 
 
 def contiguous_scores(lm: LoadedModel, windows: Windows, n: int, *, batch_size: int = 4) -> list[float]:
@@ -258,12 +210,12 @@ def choose(
         return DropPlan(units, unit, order, scores={units[0]: runs[start]}, model_hash=made_for)
     check_order(unit, order)
     if prof is not None:
-        check_profile(prof, lm)
+        prof.check(lm)
     elif not iterative:
         prof = profile(lm, windows, **needs(order), batch_size=batch_size, progress=progress)
     if not iterative:
         assert prof is not None
-        chosen = rank(prof, unit, order)[:n]
+        chosen = prof.ranked(order, unit)[:n]
         return DropPlan([u for u, _ in chosen], unit, order, scores=dict(chosen), model_hash=made_for)
     chosen_units: list[str] = []
     scores: dict[str, float] = {}
@@ -271,7 +223,7 @@ def choose(
         if step > 0 or prof is None:
             with skip(an, chosen_units):
                 prof = profile(lm, windows, **needs(order), batch_size=batch_size, progress=False)
-        name, value = rank(prof, unit, order, exclude=_covered(chosen_units))[0]
+        name, value = prof.ranked(order, unit, exclude=_covered(chosen_units))[0]
         chosen_units.append(name)
         scores[name] = value
     return DropPlan(chosen_units, unit, order, iterative=True, scores=scores, model_hash=made_for)

@@ -61,6 +61,7 @@ from .features import Features, Read, collect, collect_ids
 from .io import write_atomic, write_json
 from .loading import LoadedModel
 from .memory import peak_memory
+from .metrics import stream as st
 
 #: A unit reads the concept when its selectivity clears zero by this many fold standard errors ...
 MARGIN_SE = 2
@@ -329,10 +330,6 @@ def _scores(
     return {k: np.array(v) for k, v in out.items()}
 
 
-def _mean_se(v: np.ndarray) -> tuple[float, float]:
-    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v)))
-
-
 def _unit_row(name: str, layer: int, kind: str, real: dict, control: dict) -> dict:
     row: dict[str, Any] = {"unit": name, "layer": layer, "kind": kind}
     series = {
@@ -342,7 +339,7 @@ def _unit_row(name: str, layer: int, kind: str, real: dict, control: dict) -> di
         "selectivity": real["accuracy"] - control["accuracy"],
     }
     for key, v in series.items():
-        row[key], row[f"{key}_se"] = _mean_se(v)
+        row[key], row[f"{key}_se"] = st.mean_se(v.tolist())
         row[f"{key}_folds"] = v.tolist()
     return row
 
@@ -506,7 +503,7 @@ def probe(
     else:
         feats = features
     rows, directions = _probe_units(lm, feats, ex.labels, fold, c, seed, progress)
-    from .profile import provenance
+    from .io import provenance
 
     prov = provenance(seed=seed, batch_size=batch_size)
     prov["versions"] |= _data_versions(ex)

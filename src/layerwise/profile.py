@@ -16,11 +16,8 @@ import csv
 import io
 import json
 import math
-import platform
-import shlex
-import sys
 import time
-from contextvars import ContextVar
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,7 +29,7 @@ from tqdm.auto import tqdm
 from .anatomy import KINDS, Kind, unit_name
 from .data import Windows
 from .errors import LayerwiseError
-from .io import write_atomic, write_json
+from .io import check_same_model, provenance, write_atomic, write_json
 from .loading import LoadedModel
 from .memory import peak_memory
 from .metrics import lens as lens_m
@@ -40,7 +37,6 @@ from .metrics import stream as st
 from .metrics.agreement import spearman
 from .metrics.weights import z_fraction
 from .trace import BlockTrace, run_blocks, skip, tap, tile_calls
-from .version import __version__
 
 METRICS: tuple[str, ...] = (
     "bi",
@@ -122,6 +118,33 @@ def order_by(order: str) -> tuple[str, int]:
     return metric, DIRECTION[metric]
 
 
+#: Unit kinds each unit choice (drop's ``--unit``) draws from; ``any`` ranks attention and MLP sublayers jointly
+#: (LLM-Drop).
+UNIT_KINDS: dict[str, tuple[Kind, ...]] = {
+    "block": ("block",),
+    "attn": ("attn",),
+    "mlp": ("mlp",),
+    "any": ("attn", "mlp"),
+}
+
+
+def check_order(unit: str, order: str) -> tuple[str, int]:
+    """The metric of a metric order and its sign (see :func:`order_by`), refused before anything is measured
+    when it is unknown, has no direction, or does not describe ``unit``'s kinds."""
+    if order.partition(":")[0] not in METRICS:
+        raise LayerwiseError(
+            f"unknown `order` {order!r}; use a Profile metric ({', '.join(METRICS)}), random or contiguous"
+        )
+    metric, sign = order_by(order)
+    for kind in UNIT_KINDS.get(unit, ()):
+        if kind not in APPLIES.get(metric, ("block", "attn", "mlp")):
+            fits = [m for m in METRICS if kind in APPLIES.get(m, ("block", "attn", "mlp"))]
+            raise LayerwiseError(
+                f"{metric} does not describe {kind} units; for `unit` {unit} order by one of {', '.join(fits)}"
+            )
+    return metric, sign
+
+
 @dataclass
 class Unit:
     name: str
@@ -149,16 +172,37 @@ class Profile:
         """``{unit name: value}`` for one metric over the units of one kind, in depth order."""
         return {u.name: u.metrics.get(metric) for u in self.units if u.kind == kind}
 
-    def rank(self, metric: str, kind: Kind) -> list[str]:
-        """Unit names of one kind from least to most important by ``metric`` (``METRIC:asc|desc``, see
-        :func:`order_by`)."""
-        metric, sign = order_by(metric)
-        vals = {k: v for k, v in self.values(metric, kind).items() if v is not None}
-        if not vals:
+    def ranked(self, order: str, unit: str = "block", exclude: Collection[str] = ()) -> list[tuple[str, float]]:
+        """Units of a unit choice (``block``, ``attn``, ``mlp``, or ``any`` sublayer) from least to most important by
+        ``order`` (a metric, or ``METRIC:asc|desc``, see :func:`order_by`), with their values; ``exclude`` leaves
+        some out (an iterative drop's earlier picks)."""
+        metric, sign = check_order(unit, order)
+        kinds = UNIT_KINDS[unit]
+        vals = [(u.name, u.metrics.get(metric)) for u in self.units if u.kind in kinds and u.name not in exclude]
+        if not vals or any(v is None for _, v in vals):
             raise LayerwiseError(
-                f"this profile has no {metric} values for {kind} units; re-profile with {needs_hint(metric)}"
+                f"the profile has no {metric} values; re-profile with {needs_hint(metric)}, or leave out `prof` to "
+                "measure them"
             )
-        return sorted(vals, key=lambda k: sign * vals[k])
+        return sorted(((name, float(v)) for name, v in vals if v is not None), key=lambda nv: sign * nv[1])
+
+    def rank(self, order: str, unit: str = "block", exclude: Collection[str] = ()) -> list[str]:
+        """The unit names of :meth:`ranked`, least important first."""
+        return [name for name, _ in self.ranked(order, unit, exclude)]
+
+    def check(self, lm: LoadedModel) -> None:
+        """Refuse a model other than the one this profile measured: its ranking means nothing on other weights."""
+        check_same_model(
+            self.meta.get("model_hash"),
+            lm.source.get("model_hash"),
+            "the profile was measured on",
+            "profile this model, or leave out `prof`",
+        )
+        if self.meta.get("n_layers") not in (None, lm.anatomy.n_layers):
+            raise LayerwiseError(
+                f"the profile has {self.meta['n_layers']} blocks but this model has {lm.anatomy.n_layers}; profile "
+                "this model"
+            )
 
     def to_dict(self) -> dict:
         return {
@@ -307,7 +351,8 @@ def _finite(x: float) -> float | None:
 
 
 def _se(m: st.Moments) -> float | None:
-    return _finite(float(m.std) / math.sqrt(m.n)) if m.n > 1 else None
+    se = st.mean_se(m)[1]
+    return None if se is None else _finite(se)
 
 
 def _readout(an, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -616,30 +661,3 @@ def agreement(prof: Profile) -> dict:
             row[metric] = {"rho": rho, "n": n}
         by_kind[kind] = row
     return {"reference": ref, "by_kind": by_kind, "direction": DIRECTION}
-
-
-#: The command line results record: the CLI sets its own (``layerwise ...``, also when called in-process); else
-#: ``sys.argv``.
-COMMAND: ContextVar[str | None] = ContextVar("layerwise_command", default=None)
-
-
-def provenance(*, seed: int | None, batch_size: int) -> dict:
-    """What every result file records beside the model and the data: package versions, the command line, the seed
-    and the batch size (batching changes float rounding, so it is part of what reproduces a number)."""
-    return {
-        "versions": _versions(),
-        "command": COMMAND.get() or shlex.join(sys.argv),
-        "seed": seed,
-        "batch_size": batch_size,
-    }
-
-
-def _versions() -> dict:
-    import transformers
-
-    return {
-        "layerwise": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }

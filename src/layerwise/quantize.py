@@ -40,15 +40,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .anatomy import parse_unit
 from .data import Windows
-from .drop import check_profile, rank
 from .errors import LayerwiseError
 from .evaluate import KL_KEYS, LogitsFn, next_token_logits, quality
-from .io import write_atomic, write_json
+from .io import provenance, write_atomic, write_json
 from .loading import LoadedModel
 from .memory import peak_memory
 from .plans import check_plan_model, load_plans, save_plans
-from .profile import Profile, needs, profile, provenance
+from .profile import Profile, needs, profile
 from .quant import gguf as qg
 from .quant import hf
 from .quant.allocate import Allocation, check_budget, ranked, solve, uniform
@@ -112,8 +112,8 @@ def block_order(
         return order
     if prof is None:
         prof = profile(lm, windows, **needs(metric), progress=progress)
-    check_profile(prof, lm)
-    return [int(u[1:]) for u, _ in rank(prof, "block", metric)]
+    prof.check(lm)
+    return [parse_unit(u)[0] for u in prof.rank(metric, "block")]
 
 
 def check_strategies(strategies: list[str]) -> None:

@@ -59,9 +59,10 @@ from .data import read_jsonl, read_lines
 from .errors import LayerwiseError
 from .evaluate import next_token_logits, paired_difference, quality
 from .features import Features, Read, collect, collect_ids, tokenize, unit_list
-from .io import atomic_dir, load_result, write_json
+from .io import atomic_dir, check_same_model, load_result, write_json
 from .loading import LoadedModel
 from .memory import peak_memory
+from .metrics import stream as st
 
 if TYPE_CHECKING:
     from .probe import ProbeResult
@@ -348,12 +349,12 @@ class SteeringVector:
 
     def check_model(self, lm: LoadedModel) -> None:
         """Refuse a model other than the one the vector was measured on (its hash, else its shape)."""
-        want, got = self.model.get("model_hash"), lm.source.get("model_hash")
-        if want and got and want != got:
-            raise LayerwiseError(
-                f"this steering vector was measured on another model (hash {str(want)[:12]}, this model "
-                f"{str(got)[:12]}); train a vector on this model"
-            )
+        check_same_model(
+            self.model.get("model_hash"),
+            lm.source.get("model_hash"),
+            "this steering vector was measured on",
+            "train a vector on this model",
+        )
         if (self.model.get("hidden_size"), self.model.get("n_layers")) != (_hidden(lm), lm.anatomy.n_layers):
             raise LayerwiseError(
                 f"this steering vector is for a model with {self.model.get('n_layers')} blocks of width "
@@ -445,7 +446,7 @@ class SteeringVector:
 def run_meta(lm: LoadedModel, seed: int, batch_size: int, **extra: Any) -> dict:
     """Provenance every steering result carries: the model, package versions, the command line, the seed and the batch
     size."""
-    from .profile import provenance
+    from .io import provenance
 
     return {
         **lm.meta(),
@@ -624,11 +625,6 @@ def generate(lm: LoadedModel, prompts: list[list[int]], new_tokens: int) -> list
     return [t.strip() for t in tok.batch_decode(out[:, x.shape[1] :], skip_special_tokens=True)]
 
 
-def _mean_se(values: Sequence[float]) -> tuple[float, float | None]:
-    t = torch.tensor(list(values), dtype=torch.float64)
-    return float(t.mean()), (float(t.std() / math.sqrt(len(t))) if len(t) > 1 else None)
-
-
 @dataclass
 class Prompts:
     """Token ids of the calibration and report prompts, of the continuation pairs scored after them, and every set's
@@ -733,7 +729,7 @@ def measure(
         for name in ("margin", "proj", "score"):
             if e[name]:
                 row[f"{name}_shift"], row[f"{name}_shift_se"] = paired_difference(e[name], base[name])
-                row[name], row[f"{name}_se"] = _mean_se(e[name])
+                row[name], row[f"{name}_se"] = st.mean_se(e[name])
         row["samples"] = e["texts"]
         rows.append(row)
     cost = quality(
@@ -752,7 +748,7 @@ def measure(
     )
     for name in ("margin", "proj", "score"):
         if base[name]:
-            base_row[name], base_row[f"{name}_se"] = _mean_se(base[name])
+            base_row[name], base_row[f"{name}_se"] = st.mean_se(base[name])
     base_row["samples"] = base["texts"]
     return {"unsteered": base_row, "rows": rows}
 

@@ -77,10 +77,10 @@ from .anatomy import Anatomy, Kind, parse_unit, unit_name
 from .data import Corpus, TextFile, Windows, parse_jsonl, read_corpus, read_file, windows
 from .errors import LayerwiseError
 from .evaluate import Variant, next_token_logits, quality
-from .io import atomic_dir, load_result, write_json
+from .io import atomic_dir, load_result, provenance, write_json
 from .loading import LoadedModel
 from .memory import memory_bytes, peak_memory, rss_bytes
-from .profile import DIRECTION, METRICS, Profile, needs_hint, provenance
+from .profile import DIRECTION, METRICS, Profile, needs_hint
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -1089,9 +1089,7 @@ def run(
     if restore_order not in RESTORE_ORDERS:
         raise LayerwiseError(f"unknown restore order {restore_order!r}; use change or importance")
     if prof is not None:
-        from .drop import check_profile
-
-        check_profile(prof, lm)
+        prof.check(lm)
     rates = layer_rates(_need(prof, lr_spec[0]), lr_spec[0], unit, lr_spec[1]) if lr_spec else None
     ckpt = Path(out) / "model" if out is not None and export and len(sels) == 1 else None
     start = time.perf_counter()
