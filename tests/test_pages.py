@@ -30,7 +30,7 @@ def prof():
 
 
 def test_profile_summary_names_extremes_best_metric_and_valid_commands(prof):
-    from layerwise.report.html import render
+    from layerwise.report.profile import render
 
     least, most = sm.extremes(prof)
     costs = sorted(u.metrics["ablate_nll"] for u in prof.units)
@@ -196,7 +196,7 @@ def test_steer_summary_reads_the_chosen_row_and_escapes():
 
 
 def test_layer_axes_stay_readable_at_many_layers():
-    from layerwise.report.html import MAX_TICKS, layer_ticks, subplots
+    from layerwise.report.page import MAX_TICKS, layer_ticks, subplots
 
     names = [n for k in range(40) for n in (f"L{k}", f"L{k}.attn", f"L{k}.mlp")]
     fig, ax = subplots(figsize=(8, 2))

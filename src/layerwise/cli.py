@@ -699,6 +699,7 @@ def _drop_summary(report) -> None:
 
 def _quantize(args: argparse.Namespace) -> int:
     from . import quantize as qz
+    from .plans import EXPORTS
     from .profile import Profile
     from .report.quant import write_quant_report
 
@@ -712,7 +713,7 @@ def _quantize(args: argparse.Namespace) -> int:
     lm, w = _load(args)
     export = None if args.export is None else (() if args.export == "none" else tuple(_split(args.export)))
     if plan is not None:
-        formats = qz.EXPORTS[plan.family] if export is None else export
+        formats = EXPORTS[plan.family] if export is None else export
         return _exported(
             qz.export_plan(
                 lm, plan, args.out, formats, w.evaluation[: args.eval_samples], w, batch_size=args.batch_size

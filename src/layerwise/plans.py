@@ -14,6 +14,10 @@ from .errors import LayerwiseError
 from .io import check_same_model, read_json, write_json
 from .loading import LoadedModel
 
+#: The files a quantization plan of each format exports (``--export``): a GGUF file and llama.cpp's recipe, or a
+#: compressed-tensors checkpoint; the page's commands and the CLI's default both read it here.
+EXPORTS = {"gguf": ("gguf", "recipe"), "int": ("hf",)}
+
 
 def save_plans(folder: str | Path, kind: str, meta: dict, plans: dict[str, dict]) -> Path:
     """Write ``plan.json`` into ``folder`` atomically."""

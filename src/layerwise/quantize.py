@@ -47,7 +47,7 @@ from .evaluate import KL_KEYS, LogitsFn, next_token_logits, quality
 from .io import provenance, write_atomic, write_json
 from .loading import LoadedModel
 from .memory import peak_memory
-from .plans import check_plan_model, load_plans, save_plans
+from .plans import EXPORTS, check_plan_model, load_plans, save_plans
 from .profile import Profile, needs, profile
 from .quant import gguf as qg
 from .quant import hf
@@ -57,7 +57,6 @@ from .quant.measure import Candidates, GroupCandidates, Measurement, bit_range, 
 from .quant.rtn import QConfig, QTensor
 
 Family = Literal["gguf", "int"]
-EXPORTS = {"gguf": ("gguf", "recipe"), "int": ("hf",)}
 
 
 def candidates_for(

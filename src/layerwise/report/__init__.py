@@ -1,5 +1,5 @@
 """Rendering only: the report reads a Profile and never runs the model."""
 
-from .html import render, write_report
+from .profile import render, write_report
 
 __all__ = ["render", "write_report"]

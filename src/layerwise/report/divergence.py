@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from html import escape
 
-from .html import fmt
+from .page import fmt
 
 #: Columns shown, with their headings as ``llama-perplexity --kl-divergence`` names them.
 _SHOWN = (

@@ -10,7 +10,7 @@ from matplotlib.ticker import MaxNLocator
 
 from ..io import write_atomic
 from .divergence import kl_table
-from .html import fmt, page, plain_log_axis, png, subplots
+from .page import fmt, page, plain_log_axis, png, subplots
 from .summary import drop_summary
 
 if TYPE_CHECKING:

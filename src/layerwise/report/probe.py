@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..io import write_atomic
-from .html import fmt, page, png, subplots
+from .page import fmt, page, png, subplots
 from .summary import probe_summary
 
 if TYPE_CHECKING:

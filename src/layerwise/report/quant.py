@@ -10,7 +10,7 @@ import numpy as np
 
 from ..io import write_atomic
 from .divergence import kl_table
-from .html import fmt, layer_ticks, page, plain_log_axis, png, subplots
+from .page import fmt, layer_ticks, page, plain_log_axis, png, subplots
 from .summary import quant_summary
 
 if TYPE_CHECKING:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import matplotlib
 
 from ..io import write_atomic
-from .html import fmt, page, png, subplots
+from .page import fmt, page, png, subplots
 from .summary import steer_summary
 
 if TYPE_CHECKING:

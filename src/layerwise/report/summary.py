@@ -12,8 +12,9 @@ import shlex
 from html import escape
 from typing import TYPE_CHECKING
 
+from ..plans import EXPORTS
 from ..profile import DIRECTION, Profile
-from .html import fmt
+from .page import fmt
 
 if TYPE_CHECKING:
     from ..drop import DropReport
@@ -256,8 +257,6 @@ def quant_export_command(report: QuantReport, row: dict, plan_path: str) -> tupl
     """(why, command) that writes one row's plan: ``--plan ... --export`` of the saved plan, or, for integer codes
     with zero points (the hf export stores symmetric codes only), the same budget and strategy measured again
     with ``--symmetric``."""
-    from ..quantize import EXPORTS
-
     meta, model = report.meta, _model_args(report.meta)
     groups = report.plans.get(row["plan"], {}).get("groups", {})
     if meta.get("format") == "int" and any(str(g.get("config", "")).startswith("a") for g in groups.values()):

@@ -11,7 +11,7 @@ from matplotlib.ticker import MaxNLocator
 
 from ..anatomy import parse_unit
 from ..io import write_atomic
-from .html import fmt, page, png, subplots
+from .page import fmt, page, png, subplots
 from .summary import tune_summary
 
 if TYPE_CHECKING:
