@@ -145,12 +145,13 @@ def test_interrupt_message_is_true_about_kept_files(monkeypatch, capsys, tmp_pat
 
 def test_summary_prints_unmeasured_values_as_dashes(capsys):
     from layerwise.profile import Profile, Unit
+    from layerwise.results import print_tables
 
     units = [
         Unit(f"L{i}", i, "block", {"ablate_nll": float(i), "bi": 0.5, "rel_update": v})
         for i, v in enumerate([None, float("nan"), float("inf"), 0.25])
     ]
-    cli._summary(Profile(meta={}, units=units, agreement={"reference": "ablate_nll", "by_kind": {}}))
+    print_tables("profile", Profile(meta={}, units=units, agreement={"reference": "ablate_nll", "by_kind": {}}))
     out = capsys.readouterr().out
     assert "0.25" in out and out.count("–") >= 3 and "nan" not in out and "inf" not in out
 

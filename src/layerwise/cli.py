@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from .errors import LayerwiseError
+from .results import print_tables
 
 #: Each subcommand's examples (its --help shows only its own; the top-level help shows them all).
 #: A backslash at the end of a line here is Python's: the line goes on unbroken in the help.
@@ -513,40 +514,6 @@ def _steer_parser(sub) -> None:
     )
 
 
-def _summary(prof) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    ref = prof.agreement.get("reference", "ablate_nll")
-    console = Console(stderr=False)
-    ranked = sorted((u for u in prof.units if u.metrics.get(ref) is not None), key=lambda u: u.metrics[ref])
-    t = Table(title=f"least and most important units by {ref}")
-    for c in ("unit", ref, "bi / sub_cos", "rel_update"):
-        t.add_column(c, justify="right")
-    for u in ranked[:5] + ranked[-5:]:
-        sim = u.metrics.get("bi") if u.kind == "block" else u.metrics.get("sub_cos")
-        t.add_row(u.name, _num(u.metrics[ref]), _num(sim), _num(u.metrics.get("rel_update")))
-    console.print(t)
-    a = Table(title=f"Spearman rho with {ref}")
-    a.add_column("metric")
-    kinds = list(prof.agreement.get("by_kind", {}))
-    for k in kinds:
-        a.add_column(k, justify="right")
-    metrics = sorted({m for row in prof.agreement.get("by_kind", {}).values() for m in row})
-    for m in metrics:
-        cells = []
-        for k in kinds:
-            rho = (prof.agreement["by_kind"][k].get(m) or {}).get("rho")
-            cells.append("–" if rho is None else f"{rho:+.2f}")
-        a.add_row(m, *cells)
-    console.print(a)
-
-
-def _num(v: float | None) -> str:
-    """A metric for a table cell; a value the profile could not measure (stored as null) shows as a dash."""
-    return "–" if v is None or not math.isfinite(v) else f"{v:.4g}"
-
-
 def _load(args: argparse.Namespace, attn_implementation: str | None = None):
     """The model and the windows the shared options name; the data is read and checked first, so a bad file costs no
     load."""
@@ -589,7 +556,7 @@ def _profile(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"profile": str(path), "report": str(html), **prof.to_dict()}))
     else:
-        _summary(prof)
+        print_tables("profile", prof)
         print(f"wrote {path}, {out / 'profile.csv'} and {html}")
     return 0
 
@@ -668,33 +635,10 @@ def _drop(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_dict()))
         return 0
-    _drop_summary(report)
+    print_tables("drop", report)
     written = [str(out / "eval.json"), str(out / "plan.json"), str(html)] + [v["path"] for v in report.exports.values()]
     print("wrote " + ", ".join(written))
     return 0
-
-
-def _drop_summary(report) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    o = report.original
-    t = Table(title=f"held-out perplexity (original {o['ppl']:.3f} ± {o['ppl_se'] or 0:.3f})")
-    for c in ("plan", "units", "ppl", "Δnll ± se", "KL", "params", "prefill ×", "generate ×"):
-        t.add_column(c, justify="right")
-    for v in report.variants:
-        speed = [f"{v[k]:.2f}" if v.get(k) is not None else "–" for k in ("prefill_speedup", "generate_speedup")]
-        units = ", ".join(v["units"]) if len(v["units"]) <= 6 else f"{len(v['units'])} units"
-        t.add_row(
-            v["key"],
-            units,
-            f"{v['ppl']:.3f}",
-            f"{v['delta_nll']:+.4f} ± {v['delta_nll_se'] or 0:.4f}",
-            f"{v['kl']:.4f}",
-            f"{v['params_ratio']:.1%}",
-            *speed,
-        )
-    Console().print(t)
 
 
 def _quantize(args: argparse.Namespace) -> int:
@@ -753,24 +697,8 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _quant_summary(report) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    o = report.original
-    t = Table(title=f"held-out perplexity (original {o['ppl']:.3f} ± {o['ppl_se'] or 0:.3f})")
-    for c in ("plan", "bits/weight", "model bits/weight", "ppl", "Δnll ± se", "predicted Δnll", "KL"):
-        t.add_column(c, justify="right")
-    for r in report.rows:
-        t.add_row(
-            r["plan"],
-            f"{r['bpw']:.3f}",
-            f"{r['bpw_model']:.3f}",
-            f"{r['ppl']:.3f}",
-            f"{r['delta_nll']:+.4f} ± {r['delta_nll_se'] or 0:.4f}",
-            f"{r['predicted_delta_nll']:.4f}",
-            f"{r['kl']:.4f}",
-        )
-    Console().print(t)
+    """The registry's table, then where each export went and what its runtime measured."""
+    print_tables("quantize", report)
     for name, e in report.exports.items():
         ppl = [
             f"{who} perplexity {e[k]:.3f}"
@@ -836,38 +764,13 @@ def _tune(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_dict()))
         return 0
-    _tune_summary(report)
+    print_tables("tune", report)
     out = Path(args.out)
     print(
         "wrote "
         + ", ".join([str(out / "tune.json"), str(out / "report.html")] + [v["path"] for v in report.exports.values()])
     )
     return 0
-
-
-def _tune_summary(report) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title="held-out gain on the tuning data and forgetting on the second corpus (nats per token, ± se)")
-    for c in ("strategy", "gain", "forgetting", "KL", "trainable", "optimizer state MB", "s/step"):
-        t.add_column(c, justify="right")
-    for r in report.runs:
-        for name in ("tuned", "restored"):
-            tr, se = r["eval"].get("train", {}).get(name), r["eval"].get("second", {}).get(name)
-            if tr is None:
-                continue
-            fg = f"{se['delta_nll']:+.4f} ± {se['delta_nll_se'] or 0:.4f}" if se else "–"
-            t.add_row(
-                r["key"] + (" restored" if name == "restored" else ""),
-                f"{-tr['delta_nll']:+.4f} ± {tr['delta_nll_se'] or 0:.4f}",
-                fg,
-                f"{se['kl']:.4f}" if se else "–",
-                f"{r['trainable_params_max']:,}",
-                f"{r['optimizer_state_bytes_max'] / 1e6:.1f}",
-                f"{r['seconds_per_step']:.2f}",
-            )
-    Console().print(t)
 
 
 def _probe(args: argparse.Namespace) -> int:
@@ -932,22 +835,8 @@ def _importance(args: argparse.Namespace, lm, given, importance_of):
 
 
 def _probe_summary(res) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    best = res.best_unit() or "none"
-    t = Table(title=f"cross-validated probes ({res.meta['folds']} folds, chance {res.meta['chance']:.3f}); best {best}")
-    for c in ("unit", "accuracy", "AUC", "diff-of-means", "control", "selectivity"):
-        t.add_column(c, justify="right")
-    for r in res.units:
-        t.add_row(
-            r["unit"],
-            *(
-                f"{r[k]:.3f}±{r[k + '_se']:.3f}"
-                for k in ("accuracy", "auc", "diffmean_accuracy", "control", "selectivity")
-            ),
-        )
-    Console().print(t)
+    """The registry's table, then why the best unit is best, or why there is none."""
+    print_tables("probe", res)
     print(
         res.best["why"]
         if res.best_unit()
@@ -1020,7 +909,7 @@ def _steer(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_dict()))
         return 0
-    _steer_summary(report)
+    print_tables("steer", report)
     print(
         "wrote "
         + ", ".join(
@@ -1053,81 +942,11 @@ def _number(text: str, option: str, what: str) -> float:
     return value
 
 
-def _steer_summary(report) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(
-        title=f"steering, chosen {report.choice['chosen_key']} (alpha x mean residual norm); effects on "
-        f"{len(report.prompts)} report prompts"
-    )
-    for c in ("key", "score shift ± se", "margin shift ± se", "proj shift ± se", "Δnll ± se", "KL"):
-        t.add_column(c, justify="right")
-
-    def pm(r: dict, k: str) -> str:
-        return "–" if k not in r else f"{r[k]:+.3f} ± {r.get(k + '_se') or 0:.3f}"
-
-    for r in report.rows:
-        t.add_row(
-            r["key"],
-            pm(r, "score_shift"),
-            pm(r, "margin_shift"),
-            pm(r, "proj_shift"),
-            pm(r, "delta_nll"),
-            f"{r['kl']:.4f}",
-        )
-    Console().print(t)
-
-
 def _report(args: argparse.Namespace) -> int:
     """Re-render the page of a saved profile, drop, quantize, tune, probe or steer result (its folder or its JSON)."""
-    from .io import read_json
+    from .results import render
 
-    src = Path(args.profile)
-    if not src.exists():
-        raise LayerwiseError(
-            f"{src} does not exist; give a result folder or its JSON file (profile.json, eval.json, ...)"
-        )
-    folder = src if src.is_dir() else src.parent
-    out = Path(args.out) if args.out else folder / "report.html"
-    plan = read_json(folder / "plan.json", "a layerwise plan file") if (folder / "plan.json").exists() else {}
-    if not isinstance(plan, dict):
-        raise LayerwiseError(
-            f"{folder / 'plan.json'} is not a layerwise plan file (a JSON {type(plan).__name__}); give a folder a "
-            "run wrote"
-        )
-    kind = plan.get("kind", "quantize") if plan else None
-    if (folder / "steer.json").exists():
-        from .report.steer import write_steer_report
-        from .steer import SteerReport
-
-        path = write_steer_report(SteerReport.load(folder), out)
-    elif (folder / "tune.json").exists():
-        from .report.tune import write_tune_report
-        from .tune import TuneReport
-
-        path = write_tune_report(TuneReport.load(folder), out)
-    elif (folder / "probe.json").exists():
-        from .probe import ProbeResult
-        from .report.probe import write_probe_report
-
-        path = write_probe_report(ProbeResult.load(folder), out)
-    elif kind == "quantize":
-        from .quantize import QuantReport
-        from .report.quant import write_quant_report
-
-        path = write_quant_report(QuantReport.load(folder), out, folder)
-    elif (folder / "eval.json").exists() and not (folder / "profile.json").exists():
-        from .drop import DropReport
-        from .report.drop import write_drop_report
-
-        path = write_drop_report(DropReport.load(folder), out, folder)
-    else:
-        from .profile import Profile
-        from .report import write_report
-
-        path = write_report(Profile.load(args.profile), out, folder)
-    print(f"wrote {path}")
+    print(f"wrote {render(args.profile, args.out)}")
     return 0
 
 

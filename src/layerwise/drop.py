@@ -506,7 +506,7 @@ class DropReport:
     exports: dict
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"kind": "drop", **asdict(self)}
 
     def save(self, out: str | Path) -> Path:
         """``eval.json`` and ``plan.json`` (every plan, for :meth:`DropPlan.load`) into ``out``, atomically; returns

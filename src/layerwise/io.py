@@ -190,6 +190,9 @@ def load_result(cls: type[T], path: str | os.PathLike, name: str, what: str) -> 
     path = Path(path)
     path = path / name if path.is_dir() else path
     d = read_json(path, f"a layerwise {what} result")
+    kind = d.pop("kind", what) if isinstance(d, dict) else what
+    if kind != what:
+        raise LayerwiseError(f"{path} is a layerwise {kind} result, not a {what} result; give a {what} result")
     try:
         return cls(**d)
     except TypeError as exc:

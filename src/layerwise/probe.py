@@ -414,7 +414,7 @@ class ProbeResult:
         return LinearProbe(t, torch.zeros(len(self.classes)), self.classes).direction(cls)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = {"kind": "probe", **asdict(self)}
         d.pop("directions")
         return d
 
@@ -447,6 +447,7 @@ class ProbeResult:
         folder = path if path.is_dir() else path.parent
         try:
             d = json.loads((folder / "probe.json").read_text())
+            d.pop("kind", None)
             return cls(**d, directions=load_file(folder / "directions.safetensors"))
         except (OSError, ValueError, TypeError) as exc:
             raise LayerwiseError(

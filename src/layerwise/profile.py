@@ -206,6 +206,7 @@ class Profile:
 
     def to_dict(self) -> dict:
         return {
+            "kind": "profile",
             "meta": self.meta,
             "units": [
                 {"name": u.name, "layer": u.layer, "kind": u.kind, "metrics": u.metrics, "details": u.details}

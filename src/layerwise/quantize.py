@@ -533,7 +533,13 @@ class QuantReport:
         save_plans(out, "quantize", self.meta, self.plans)
         return write_json(
             out / "eval.json",
-            {"meta": self.meta, "original": self.original, "rows": self.rows, "exports": self.exports},
+            {
+                "kind": "quantize",
+                "meta": self.meta,
+                "original": self.original,
+                "rows": self.rows,
+                "exports": self.exports,
+            },
         )
 
     @classmethod
@@ -547,7 +553,7 @@ class QuantReport:
             raise LayerwiseError(f"{out} holds no layerwise quantize result ({exc.__class__.__name__})") from None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"kind": "quantize", **asdict(self)}
 
 
 def run(

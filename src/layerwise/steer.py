@@ -410,7 +410,9 @@ class SteeringVector:
         from safetensors.torch import save_file
 
         save_file({u: self.directions[u].contiguous() for u in self.units}, str(folder / "vector.safetensors"))
-        write_json(folder / "steer.json", {"vector": self.to_dict(), "meta": self.meta, **(extra or {})})
+        write_json(
+            folder / "steer.json", {"kind": "steer", "vector": self.to_dict(), "meta": self.meta, **(extra or {})}
+        )
 
     @classmethod
     def load(cls, folder: str | Path, lm: LoadedModel | None = None) -> SteeringVector:
@@ -838,6 +840,7 @@ class SteerReport:
 
     def to_dict(self) -> dict:
         return {
+            "kind": "steer",
             "meta": self.meta,
             "vector": self.vector,
             "choice": self.choice,

@@ -1040,7 +1040,7 @@ class TuneReport:
     exports: dict
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"kind": "tune", **asdict(self)}
 
     def save(self, out: str | Path) -> Path:
         """``tune.json`` into ``out``, atomically; returns its path. The page is the report module's job
