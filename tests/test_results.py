@@ -57,3 +57,12 @@ def test_a_result_names_a_kind_it_is_not_loaded_as(tmp_path):
     (folder / "tune.json").write_text(json.dumps({**doc, "kind": "future"}))
     with pytest.raises(LayerwiseError, match="'future' result, which this layerwise does not know"):
         results.kind_of(folder)
+
+
+def test_a_folder_without_a_result_says_so(tmp_path):
+    with pytest.raises(LayerwiseError, match="holds no layerwise result"):
+        results.load(tmp_path)
+    from layerwise import steer
+
+    with pytest.raises(LayerwiseError, match="holds a tune result; give a folder `layerwise probe` saved"):
+        steer.probe_result(str(OLD / "tune"))

@@ -83,11 +83,12 @@ def kind_of(path: str | Path) -> str:
         kind = _named_kind(f)
         if kind is not None:
             return kind
-    return _legacy_kind(folder)
+    return _legacy_kind(folder, path.is_file())
 
 
-def _legacy_kind(folder: Path) -> str:
-    """A layerwise 0.1.0 result's kind, from the files its command wrote."""
+def _legacy_kind(folder: Path, given_file: bool) -> str:
+    """A layerwise 0.1.0 result's kind, from the files its command wrote (a JSON file given by name and otherwise
+    unrecognised is taken for a profile, as 0.1.0 did)."""
     for name, kind in (("steer.json", "steer"), ("tune.json", "tune"), ("probe.json", "probe")):
         if (folder / name).exists():
             return kind
@@ -101,7 +102,11 @@ def _legacy_kind(folder: Path) -> str:
         return "quantize"
     if (folder / "eval.json").exists() and not (folder / "profile.json").exists():
         return "drop"
-    return "profile"
+    if given_file or (folder / "profile.json").exists():
+        return "profile"
+    raise LayerwiseError(
+        f"{folder} holds no layerwise result (none of {', '.join(_FILES)}); give a folder a layerwise command wrote"
+    )
 
 
 def load(path: str | Path) -> Any:

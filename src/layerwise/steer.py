@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import results
 from .anatomy import first_tensor, parse_unit
 from .data import read_jsonl, read_lines
 from .errors import LayerwiseError
@@ -243,18 +244,15 @@ def fit_features(
 
 
 def probe_result(folder: str | None) -> ProbeResult:
-    """A saved ``layerwise probe`` result to steer along, refused when it names no unit that reads the concept
-    (imported here: the probe is its own action)."""
+    """A saved ``layerwise probe`` result to steer along (read through the result contract, not the probe action),
+    refused when it names no unit that reads the concept."""
     if not folder:
         raise LayerwiseError("method='probe' needs probe=DIR, a folder saved by `layerwise probe`")
-    try:
-        from .probe import ProbeResult
-    except ImportError:
+    if results.kind_of(folder) != "probe":
         raise LayerwiseError(
-            "method='probe' needs layerwise's probe action (layerwise.probe), which this install lacks; use "
-            "diffmean or pca"
-        ) from None
-    res = ProbeResult.load(folder)
+            f"{folder} holds a {results.kind_of(folder)} result; give a folder `layerwise probe` saved"
+        )
+    res = results.load(folder)
     if res.best_unit() is None:
         raise LayerwiseError(
             f"the probe in {folder} shows no unit that reads the concept: {res.best['why']}; "
