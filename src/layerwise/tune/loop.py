@@ -1,0 +1,237 @@
+"""The plain training loop that drives :class:`LayerSelector`: LoRA wrapping, checkpoints written atomically,
+a stop with a clear message when the loss turns NaN, and the most units that fit a share of full
+fine-tuning's optimizer memory (:func:`max_active`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import TrainerControl, TrainerState
+
+from ..data import Windows
+from ..errors import LayerwiseError
+from ..io import atomic_dir
+from ..loading import LoadedModel
+from ..memory import rss_bytes
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+    from ..loading import CausalLM
+
+    #: A transformers model, or one peft wraps (LoRA).
+    Tunable = CausalLM | PeftModel
+from .data import TuneData
+from .selection import LayerSelector, _is_peft, parse_select
+from .snapshot import Snapshot
+
+
+@dataclass
+class TuneRun:
+    """One strategy's training: per-step loss and records, the selector, and the model it trained."""
+
+    key: str
+    losses: list[float]
+    records: list[dict]
+    seconds: float
+    selector: LayerSelector
+    model: Tunable
+    memory_start: int
+    start: Snapshot | None = None  # a peft model's adapter weights before training (the base model is them at init)
+    unit_lr: dict[str, float] = field(default_factory=dict)  # each unit's learning rate, read back from the optimizer
+
+    def summary(self) -> dict:
+        steps = max(len(self.losses), 1)
+        peak = max((r["memory_bytes"] for r in self.records), default=0)
+        return {
+            "steps": len(self.losses),
+            "loss": self.losses,
+            "seconds_per_step": self.seconds / steps,
+            "memory_start_bytes": self.memory_start,
+            "memory_added_bytes": max(peak - self.memory_start, 0),
+            "trainable_params_max": max((r["trainable_params"] for r in self.records), default=0),
+            "optimizer_state_bytes_max": max((r["optimizer_state_bytes"] for r in self.records), default=0),
+            "memory_bytes_max": max((r["memory_bytes"] for r in self.records), default=0),
+            "unit_lr": self.unit_lr,
+            "records": self.records,
+        }
+
+
+def max_active(model: nn.Module, unit: str = "block", share: float = 0.5, train_embeddings: bool = True) -> int:
+    """The most units that may train at once with optimizer state at most ``share`` of full fine-tuning's.
+
+    AdamW keeps two moments per trainable parameter, so its state is in
+    proportion to the trainable count, counted as the selector counts it:
+    the units' parameters plus embeddings, final norm and head (tied once),
+    against every unit and those for ``full``. The largest units are assumed
+    drawn together, so the bound holds whichever are sampled.
+    """
+    sel = LayerSelector("full", unit, train_embeddings=train_embeddings)
+    sizes = sorted((sum(p.numel() for p in ps) for ps in sel.units(model).values()), reverse=True)
+    fixed = sum(p.numel() for p in sel.always_params(model))
+    budget = share * (sum(sizes) + fixed) - fixed
+    k = 0
+    while k < len(sizes) and sum(sizes[: k + 1]) <= budget:
+        k += 1
+    if k == 0:
+        raise LayerwiseError(
+            f"not even one {unit} unit fits in {share:g} of full fine-tuning's optimizer state; raise share or "
+            "freeze embeddings"
+        )
+    return k
+
+
+def with_lora(model: CausalLM, rank: int = 8) -> PeftModel:
+    """A peft LoRA model over every linear map of the blocks (peft's ``all-linear`` leaves the head out)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise LayerwiseError("select lora (and adaptive over LoRA) needs peft: pip install peft") from None
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear"))
+
+
+def _batches(n: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Example indices, a fresh seeded permutation per pass over the data."""
+    epoch = 0
+    while True:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+        for i in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
+            yield perm[i : i + batch_size]
+        epoch += 1
+
+
+def save_model(model: Tunable, tokenizer, out: str | Path) -> Path:
+    """A plain HF checkpoint (safetensors), or a PEFT adapter for a peft model, written atomically."""
+    with atomic_dir(out, "checkpoint") as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out)
+
+
+def train(
+    lm: LoadedModel,
+    data: TuneData | Windows,
+    *,
+    select: str = "lisa",
+    unit: str = "block",
+    active: int = 2,
+    interval: int = 20,
+    temperature: float = 1.0,
+    weights: dict[str, float] | None = None,
+    steps: int = 100,
+    lr: float = 1e-4,
+    batch_size: int = 4,
+    grad_accum: int = 1,
+    max_grad_norm: float = 1.0,
+    train_embeddings: bool = True,
+    lora: bool = False,
+    lora_rank: int = 8,
+    seed: int = 0,
+    checkpoint: str | Path | None = None,
+    save_every: int = 0,
+    progress: bool = True,
+    rates: dict[str, float] | None = None,
+) -> TuneRun:
+    """Train ``lm.model`` in place with one selection strategy (AdamW, constant learning rate).
+
+    ``select="lora"`` (or ``lora=True`` with any select, IST's setting for
+    ``adaptive``) wraps the model in a peft LoRA adapter first; the returned
+    run's ``model`` is then the peft model. A non-finite loss stops with the
+    step named; the weights then are still those of the last good step, and
+    are written to ``checkpoint`` when one is given (so are they every
+    ``save_every`` steps, atomically, so Ctrl-C leaves the last complete one).
+    ``rates`` (from :func:`layer_rates`) gives every unit its own learning
+    rate ``lr × rates[unit]`` in its own parameter group (on a LoRA model:
+    its adapters'); embeddings, norms and head keep ``lr``. The rates the
+    optimizer held at the end are in the run's ``unit_lr``.
+    """
+    sel = parse_select(select)
+    data = TuneData.from_windows(data) if isinstance(data, Windows) else data
+    if steps < 1 or grad_accum < 1 or batch_size < 1:
+        raise LayerwiseError(
+            f"`steps`, `grad_accum` and `batch_size` must each be at least 1 (got {steps}, {grad_accum}, {batch_size})"
+        )
+    if data.ids.shape[0] == 0:
+        raise LayerwiseError("no training examples; give more data")
+    lm.model.requires_grad_(True)  # every unit in the optimizer; the selector freezes what does not train now
+    model = with_lora(lm.model, lora_rank) if (lora or sel.mode == "lora") else lm.model
+    selector = LayerSelector(
+        "full" if sel.mode == "lora" else select, unit, active, interval, temperature, weights, seed, train_embeddings
+    )
+    start = Snapshot([p for p in model.parameters() if p.requires_grad]) if _is_peft(model) else None
+    torch.manual_seed(seed)
+    if lm.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(lm.device)
+    mem0 = torch.cuda.memory_allocated(lm.device) if lm.device.type == "cuda" else rss_bytes()
+    optimizer = torch.optim.AdamW(selector.param_groups(model, lr, rates), lr=lr, weight_decay=0.0)
+    state, control = TrainerState(), TrainerControl()
+    selector.on_train_begin(None, state, control, model=model, optimizer=optimizer)
+    model.train()
+    order = _batches(int(data.ids.shape[0]), min(batch_size, int(data.ids.shape[0])), seed)
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    bar = tqdm(range(steps), desc=f"tune {sel.key}", disable=not progress)
+    try:
+        for step in bar:
+            state.global_step = step
+            selector.on_step_begin(None, state, control, model=model, optimizer=optimizer)
+            total = 0.0
+            for _ in range(grad_accum):
+                idx = next(order)
+                dev = lm.device
+                loss = model(
+                    input_ids=data.ids[idx].to(dev),
+                    attention_mask=data.mask[idx].to(dev),
+                    labels=data.labels[idx].to(dev),
+                    use_cache=False,
+                ).loss
+                if not torch.isfinite(loss):
+                    _stop_on_nan(model, lm.tokenizer, step, checkpoint)
+                (loss / grad_accum).backward()
+                total += float(loss.detach()) / grad_accum
+            if max_grad_norm:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_grad_norm)
+            selector.on_pre_optimizer_step(None, state, control, model=model, optimizer=optimizer)
+            optimizer.step()
+            selector.on_optimizer_step(None, state, control, model=model, optimizer=optimizer)
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(total)
+            bar.set_postfix(loss=f"{total:.3f}")
+            if checkpoint is not None and save_every and (step + 1) % save_every == 0:
+                save_model(model, lm.tokenizer, checkpoint)
+    finally:
+        model.eval()
+    optimizer.state.clear()
+    unit_lr = {g["name"]: g["lr"] for g in optimizer.param_groups if g["name"] != "rest"} if rates is not None else {}
+    return TuneRun(
+        sel.key + ("" if sel.mode == "lora" or not lora else "+lora"),
+        losses,
+        selector.records,
+        time.perf_counter() - t0,
+        selector,
+        model,
+        mem0,
+        start,
+        unit_lr,
+    )
+
+
+def _stop_on_nan(model: Tunable, tokenizer, step: int, checkpoint: str | Path | None) -> None:
+    """The loss is not finite before this step's update: the weights are the last good ones; keep them and stop."""
+    if checkpoint is not None:
+        save_model(model, tokenizer, checkpoint)
+        kept = f"the weights after step {step} (the last good ones) are in {checkpoint}"
+    else:
+        kept = "no checkpoint was asked for"
+    raise LayerwiseError(
+        f"the training loss became NaN/inf at step {step + 1}; {kept}; lower the learning rate (--lr) or use "
+        "--dtype float32"
+    )
