@@ -225,7 +225,7 @@ def test_bad_input_is_one_clear_error(tmp_path):
 def test_probe_method_reads_a_saved_probe(tmp_path):
     """--method probe takes each block's weight from a saved `layerwise probe` result, turned toward the positives."""
     probe = pytest.importorskip("layerwise.probe", reason="layerwise probe (issue 15) is merged separately")
-    from layerwise.steer import _probe_directions
+    from layerwise.steer.fitting import _probe_directions
 
     lm = tiny_lm("llama")
     g = torch.Generator().manual_seed(

@@ -857,7 +857,7 @@ def _steer(args: argparse.Namespace) -> int:
     ]
     for a in [alpha, *sweep]:
         if a != "auto":
-            sv._check_alpha(a)
+            sv.check_alpha(a)
     pairs = sv.read_pairs(
         data=args.data, pos=args.pos, neg=args.neg, n=args.n_pairs, seed=args.seed, encoding=args.encoding
     )
