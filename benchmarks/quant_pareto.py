@@ -38,6 +38,7 @@ from layerwise import quantize as qz
 from layerwise.evaluate import paired_difference
 from layerwise.io import write_atomic, write_json
 from layerwise.quant import gguf as qg
+from layerwise.quant import strategies
 from layerwise.quant.allocate import fixed
 from layerwise.quant.measure import measure
 from layerwise.quant.rtn import QConfig
@@ -197,7 +198,7 @@ def main() -> None:
             rows, budgets, ["ranked:bi", "ranked:random"], [r for r in rows if r["strategy"].startswith("uniform")]
         ) + [""]
         if method == "rtn":
-            order = qz.block_order(lm, w, "bi", prof)
+            order = strategies.block_order(lm, w, "bi", prof)
             curve = lwq_curve(lm, w, meas, cands, eval_ids, order)
             result["lwq_curve"] = curve
             lines += [

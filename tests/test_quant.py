@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from layerwise.errors import LayerwiseError
-from layerwise.quant import Hessian, QConfig, quantize_gptq, quantize_rtn
+from layerwise.quant import Hessian, QConfig, quantize_gptq, quantize_rtn, strategies
 
 
 def _w(out=24, n=576, seed=0):
@@ -348,7 +348,6 @@ def _split_windows(n_calib: int = 4, n_eval: int = 3):
 def test_measured_keeps_the_choice_with_the_least_calibration_loss(target, narrower):
     """The solver also runs on narrower choices (a floor on the width, the band that brackets the budget); the plan
     kept is the one the calibration windows prefer."""
-    from layerwise import quantize as qz
     from layerwise.evaluate import next_token_logits, quality
     from layerwise.quant.allocate import solve
     from layerwise.quant.apply import plan_weights, quantized
@@ -359,7 +358,7 @@ def test_measured_keeps_the_choice_with_the_least_calibration_loss(target, narro
     lm, w = tiny_lm("llama"), _split_windows()
     cands = GroupCandidates(SMALL)  # uniform plans at 3.125, 5.25 and 9.5 bits per weight
     meas = measure(lm, w, candidates=cands, progress=False)
-    got = qz.measured(lm, w, meas, cands, target)
+    got = strategies.measured(lm, w, meas, cands, target)
     plans = {"any width": solve(meas, target), narrower[0]: solve(meas, target, allowed=narrower[1])}
     assert (
         plans["any width"].configs != plans[narrower[0]].configs
@@ -464,7 +463,6 @@ def test_gptq_plans_are_scored_on_windows_they_were_not_fitted_to():
     made on the even calibration windows and scored on the odd ones, and the other way round."""
     from dataclasses import replace
 
-    from layerwise import quantize as qz
     from layerwise.evaluate import next_token_logits, quality
     from layerwise.quant.allocate import solve
     from layerwise.quant.apply import plan_weights, quantized
@@ -476,7 +474,7 @@ def test_gptq_plans_are_scored_on_windows_they_were_not_fitted_to():
     cands = GroupCandidates(SMALL, method="gptq")
     meas = measure(lm, w, candidates=cands, progress=False)
     plans = {"any width": solve(meas, 4.0), "band": solve(meas, 4.0, allowed={"a2g16", "a4g16"})}
-    got = qz.calibration_loss(lm, w, meas, cands, plans)
+    got = strategies.calibration_loss(lm, w, meas, cands, plans)
     c = w.calibration
     sums = dict.fromkeys(plans, 0.0)
     for fit, score in ((c[[0, 2]], c[[1, 3]]), (c[[1, 3]], c[[0, 2]])):
