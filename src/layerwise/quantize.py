@@ -33,7 +33,7 @@ from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -50,7 +50,7 @@ from .quant import gguf as qg
 from .quant import hf
 from .quant.allocate import Allocation, check_budget
 from .quant.apply import config_codes, config_weights, quantized
-from .quant.measure import Candidates, GroupCandidates, Measurement, bit_range, measure
+from .quant.measure import Candidates, GroupCandidates, Measurement, Method, bit_range, measure
 from .quant.rtn import QConfig, QTensor
 from .quant.strategies import check_strategies, label, plan_variants, plans
 
@@ -78,7 +78,8 @@ def candidates_for(
     if family != "int":
         raise LayerwiseError(f"unknown `family` {family!r}; use gguf or int")
     sizes = (group_size,) if group_size else sizes
-    return GroupCandidates(tuple(QConfig(b, g, bool(symmetric)) for b in (2, 3, 4, 5, 6, 8) for g in sizes), method)  # type: ignore[arg-type]
+    configs = tuple(QConfig(b, g, bool(symmetric)) for b in (2, 3, 4, 5, 6, 8) for g in sizes)
+    return GroupCandidates(configs, cast(Method, method))
 
 
 def _other_bits(lm: LoadedModel, meas: Measurement, cands: Candidates) -> tuple[int, int]:
@@ -249,11 +250,18 @@ class QuantPlan:
         check_plan_model(self.model_hash, lm)
         if self.family == "gguf":
             return qg.GGUFCandidates.of(lm, tuple(dict.fromkeys(c.name for c in self.configs.values())))
-        return GroupCandidates(tuple(dict.fromkeys(self.configs.values())), self.method)  # type: ignore[arg-type]
+        return GroupCandidates(self.int_configs(), cast(Method, self.method))
+
+    def int_configs(self) -> tuple[QConfig, ...]:
+        """The integer configs the plan uses, each once (an integer plan's candidates)."""
+        configs = tuple(dict.fromkeys(self.configs.values()))
+        if not all(isinstance(c, QConfig) for c in configs):
+            raise LayerwiseError("a GGUF plan has no integer configs; export it with --export gguf")
+        return cast(tuple[QConfig, ...], configs)
 
     def gguf_types(self, lm: LoadedModel) -> dict[str, tuple[str, str]]:
         """Per GGUF tensor name: (the plan's type, the type llama.cpp stored), for the GGUF export and recipe."""
-        return {lm.anatomy.gguf_name(p): (c.name, c.stored) for p, c in self.configs.items()}  # type: ignore[union-attr]
+        return {lm.anatomy.gguf_name(p): (c.name, c.stored) for p, c in self.configs.items() if isinstance(c, GGUFType)}
 
     def _names(self) -> dict[str, str]:
         return {p: c.name for p, c in self.configs.items()}
@@ -379,8 +387,8 @@ def run(
     if "hf" in export:  # only whole groups load: keep the default sizes that tile every row
         sizes = tuple(g for g in sizes if all(w % g == 0 for w in hf.row_widths(lm))) or sizes
     cands = candidates_for(lm, family, method=method, group_size=group_size, symmetric=symmetric, sizes=sizes)
-    if "hf" in export:
-        hf.check(lm, cands.configs)  # type: ignore[attr-defined]
+    if "hf" in export and isinstance(cands, GroupCandidates):
+        hf.check(lm, cands.configs)
     lo, hi = bit_range(lm, cands)
     for b in budgets:
         check_budget(b, lo, hi)
@@ -451,7 +459,7 @@ def export_plan(
     _check_export(lm, plan.family, export)
     exports: dict = {}
     if "hf" in export:
-        hf.check(lm, tuple(dict.fromkeys(plan.configs.values())))  # type: ignore[arg-type]
+        hf.check(lm, plan.int_configs())
         path = hf.export(lm, plan.codes(lm, windows, batch_size=batch_size), out / "model")
         nll = hf.transformers_nll(path, eval_ids, device=lm.device)
         exports["hf"] = {
@@ -462,11 +470,13 @@ def export_plan(
     if not {"gguf", "recipe"} & set(export):
         return exports
     types, cands = plan.gguf_types(lm), plan.candidates(lm)
+    if not isinstance(cands, qg.GGUFCandidates):
+        raise LayerwiseError("an integer plan has no GGUF types; export it with --export hf")
     if "recipe" in export:
-        path = write_atomic(out / "recipe.sh", qg.recipe(types, cands.source))  # type: ignore[attr-defined]
+        path = write_atomic(out / "recipe.sh", qg.recipe(types, cands.source))
         exports["recipe"] = {"path": str(path)}
     if "gguf" in export:
-        path = qg.export(cands, types, out / "model.gguf")  # type: ignore[arg-type]
+        path = qg.export(cands, types, out / "model.gguf")
         nll = qg.llama_nll(path, eval_ids)
         exports["gguf"] = {
             "path": str(path),

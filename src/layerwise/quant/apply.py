@@ -40,8 +40,8 @@ def config_weights(
     batch_size: int = 4,
 ) -> dict[nn.Module, torch.Tensor]:
     """``plan_weights`` from each quantized module's config name, by module path (what a saved plan holds)."""
-    if candidates.needs_hessian:
-        made = {p: q.dequantize() for p, q in _sequential(lm, config, candidates, windows, batch_size).items()}  # type: ignore[arg-type]
+    if isinstance(candidates, GroupCandidates) and candidates.needs_hessian:
+        made = {p: q.dequantize() for p, q in _sequential(lm, config, candidates, windows, batch_size).items()}
     else:
         made = {
             p: candidates.stored(p, matrix(lm.anatomy, lm.model.get_submodule(p)), c, None)[0]

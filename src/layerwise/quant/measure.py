@@ -178,12 +178,14 @@ class GroupCandidates:
     def codes(self, path: str, w: torch.Tensor, name: str, hessian: torch.Tensor | None) -> QTensor:
         """The integer codes, scales and zero points of ``w`` under config ``name`` (what an export writes)."""
         cfg = self._config(name)
-        if self.method == "gptq" and hessian is None:
+        if self.method == "rtn":
+            return quantize_rtn(w, cfg)
+        if hessian is None:
             raise LayerwiseError(
                 "GPTQ needs each layer's calibration inputs (its Hessian); apply a GPTQ plan with its calibration "
                 "windows (QuantPlan.apply(lm, windows))"
             )
-        return quantize_gptq(w, hessian, cfg) if self.method == "gptq" else quantize_rtn(w, cfg)  # type: ignore[arg-type]
+        return quantize_gptq(w, hessian, cfg)
 
     def codes_rows(self, ws: list[torch.Tensor], name: str, hessian: torch.Tensor | None) -> list[QTensor]:
         """``codes`` of several (out, in) weights that read the same inputs, quantized as one row-stacked matrix.
