@@ -56,3 +56,37 @@ def test_cities_curve_on_the_default_model(real_cache, tmp_path):
     page = (out / "report.html").read_text()
     assert f"Best unit: <code>{res.best_unit()}</code>" in page and page.count("data:image/png") == 1
     assert json.loads((out / "probe.json").read_text())["best"]["rule"] == res.best["rule"]
+
+
+def test_no_unit_is_named_for_labels_the_model_cannot_read(real_cache, tmp_path, capsys):
+    """Real text (Python's reference topics) with seeded coin-flip labels: no concept, so no best unit, and steer
+    refuses the probe in one line before loading the model."""
+    import random
+    from pydoc_data.topics import topics
+
+    rng = random.Random(0)
+    data = tmp_path / "coin.jsonl"
+    texts = [topics[k][:160] for k in sorted(topics)[:80]]
+    data.write_text("".join(json.dumps({"text": t, "label": rng.random() < 0.5}) + "\n" for t in texts))
+    out = tmp_path / "probe"
+    assert main(["probe", "--data", str(data), "--folds", "3", "--profile-samples", "0", "--out", str(out)]) == 0
+    res = ProbeResult.load(out)
+    assert res.best_unit() is None and res.best["why"]
+    assert json.loads((out / "probe.json").read_text())["best"]["unit"] is None
+    assert "no best unit" in capsys.readouterr().out
+    rc = main(
+        [
+            "steer",
+            "--data",
+            "builtin:sentiment",
+            "--method",
+            "probe",
+            "--probe",
+            str(out),
+            "--out",
+            str(tmp_path / "steer"),
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "shows no unit that reads the concept" in err
+    assert not (tmp_path / "steer").exists()

@@ -19,6 +19,8 @@ PROMPT = "I watched the new movie last night, and honestly it was"
 @pytest.fixture(scope="module")
 def steered(tmp_path_factory, real_cache):
     out = tmp_path_factory.mktemp("steer") / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's own file")  # an existing --out folder keeps what steer did not write
     rc = cli.main(
         [
             "steer",
@@ -42,6 +44,12 @@ def steered(tmp_path_factory, real_cache):
     )
     assert rc == 0
     return out
+
+
+def test_an_existing_out_folder_keeps_the_users_file(steered):
+    assert (steered / "notes.txt").read_text() == "the user's own file"
+    written = json.loads((steered / ".layerwise-files.json").read_text())
+    assert "notes.txt" not in json.dumps(written) and "steer.json" in json.dumps(written)
 
 
 def test_demo_moves_the_independent_score_at_a_finite_cost(steered):
