@@ -416,7 +416,15 @@ def measure(
     """
     an, model = lm.anatomy, lm.model
     cands = {key: next_token_logits(model, partial(skip, an, plan.units)) for key, plan in plans.items()}
-    q = quality(next_token_logits(model), cands, eval_ids, batch_size=batch_size, device=lm.device)
+    q = quality(
+        next_token_logits(model),
+        cands,
+        eval_ids,
+        batch_size=batch_size,
+        device=lm.device,
+        progress=progress,
+        desc="held-out quality",
+    )
     vocab = int(model.config.vocab_size)
     first = next(iter(q.values()))
     original: dict = {

@@ -226,6 +226,8 @@ def measure(
         eval_ids,
         batch_size=batch_size,
         device=lm.device,
+        progress=progress,
+        desc="cost on neutral text",
     )
     for row in rows:
         row.update({k: v for k, v in cost[row["key"]].items() if k != "window_delta_nll"})
