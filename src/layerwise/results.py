@@ -109,16 +109,17 @@ def _legacy_kind(folder: Path, given_file: bool) -> str:
     )
 
 
-def load(path: str | Path) -> Any:
-    """The result at ``path`` (a folder, or the JSON file of one), as its kind's typed object."""
-    return _attribute(REGISTRY[kind_of(path)].result).load(Path(path))
+def load(path: str | Path, kind: str | None = None) -> Any:
+    """The result at ``path`` (a folder, or the JSON file of one), as its kind's typed object (``kind``: already
+    known from :func:`kind_of`, so its file is not read twice)."""
+    return _attribute(REGISTRY[kind or kind_of(path)].result).load(Path(path))
 
 
 def render(path: str | Path, out: str | Path | None = None) -> Path:
     """Write the page of the result at ``path`` to ``out`` (default: ``report.html`` in the result's folder)."""
     kind, folder = kind_of(path), _folder(path)
     entry = REGISTRY[kind]
-    result = load(path)
+    result = load(path, kind)
     out = Path(out) if out else folder / "report.html"
     page = _attribute(entry.page)
     return page(result, out, folder) if entry.names_folder else page(result, out)

@@ -131,11 +131,10 @@ def probe_result(folder: str | None) -> ProbeResult:
     refused when it names no unit that reads the concept."""
     if not folder:
         raise LayerwiseError("method='probe' needs probe=DIR, a folder saved by `layerwise probe`")
-    if results.kind_of(folder) != "probe":
-        raise LayerwiseError(
-            f"{folder} holds a {results.kind_of(folder)} result; give a folder `layerwise probe` saved"
-        )
-    res = results.load(folder)
+    kind = results.kind_of(folder)
+    if kind != "probe":
+        raise LayerwiseError(f"{folder} holds a {kind} result; give a folder `layerwise probe` saved")
+    res = results.load(folder, kind)
     if res.best_unit() is None:
         raise LayerwiseError(
             f"the probe in {folder} shows no unit that reads the concept: {res.best['why']}; "
