@@ -37,7 +37,7 @@ def main() -> None:
     prof = lw.profile(lm, w, ablation="none", lens=False)
     plans = []
     for unit, order in FIRST_ORDER.items():
-        plans += dp.sweep_plans(lm, w, ns=ns, units=[unit], orders=[order], prof=prof)
+        plans += dp.sweep_plans(lm, w, sweep=ns, unit=[unit], order=[order], prof=prof)
     keys = {f"{p.unit}/{p.order}/{len(p.units)}": p for p in plans}
     original, results = dp.measure(lm, keys, w.evaluation[:1], with_speed=True)
     lines = [

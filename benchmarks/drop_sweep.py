@@ -52,14 +52,14 @@ def main() -> None:
     t_prof = time.perf_counter() - t
     plans = []
     for unit, orders in ORDERS.items():
-        plans += dp.sweep_plans(lm, w, ns=ns, units=[unit], orders=orders, prof=prof, seed=0)
-    plans += dp.sweep_plans(lm, w, ns=ns, units=["any"], orders=["sub_cos"], iterative=True)
+        plans += dp.sweep_plans(lm, w, sweep=ns, unit=[unit], order=orders, prof=prof, seed=0)
+    plans += dp.sweep_plans(lm, w, sweep=ns, unit=["any"], order=["sub_cos"], iterative=True)
     t = time.perf_counter()
-    report = dp.run(lm, w, plans, eval_samples=args.eval_samples, with_speed=False)
+    report = dp.run(lm, w, plans=plans, eval_samples=args.eval_samples, with_speed=False)
     t_eval = time.perf_counter() - t
     # Speed depends on how many units of each kind go, not on which: time the first order's plans.
     firsts = [p for p in plans if p.order == ORDERS[p.unit][0] and not p.iterative]
-    timed = dp.run(lm, w, firsts, eval_samples=1, with_speed=True)
+    timed = dp.run(lm, w, plans=firsts, eval_samples=1, with_speed=True)
     report.original |= {
         k: v for k, v in timed.original.items() if k.endswith("tok_s") or k in ("prompt_len", "new_tokens")
     }

@@ -210,9 +210,9 @@ def main() -> None:
         lr=args.lr,
         seed=0,
     )  # the command line is recorded from sys.argv
-    report = tune.run(lm, data, selects, **kw)
+    report = tune.run(lm, data, select=selects, **kw)
     base.reset()
-    report.runs += tune.run(lm, data, [LAYER_LR_SELECT], layer_lr=LAYER_LR, **kw).runs
+    report.runs += tune.run(lm, data, select=[LAYER_LR_SELECT], layer_lr=LAYER_LR, **kw).runs
     runs = {r["key"]: r for r in report.runs}
     lrs = runs[LAYER_LR_KEY]["unit_lr"]
     lines = verdicts(runs)

@@ -90,6 +90,17 @@ def tiny_windows(n: int = 3, seq_len: int = 16, seed: int = 0) -> Windows:
     )
 
 
+@pytest.fixture
+def tiny_cli(monkeypatch):
+    """The CLI running on a tiny 6-block model with 2 calibration and 3 held-out windows."""
+    from layerwise import cli
+
+    lm, w = tiny_lm("llama", layers=6), tiny_windows(5)
+    w.n_calib = 2
+    monkeypatch.setattr(cli, "_load", lambda args, attn_implementation=None: (lm, w))
+    return lm, w
+
+
 @pytest.fixture(params=ARCHS)
 def arch(request):
     return request.param

@@ -12,15 +12,6 @@ from layerwise.errors import LayerwiseError
 from .conftest import one_error_line, records_peak, tiny_lm, tiny_windows
 
 
-@pytest.fixture
-def tiny_cli(monkeypatch):
-    """The CLI running on a tiny 6-block model with 2 calibration and 3 held-out windows."""
-    lm, w = tiny_lm("llama", layers=6), tiny_windows(5)
-    w.n_calib = 2
-    monkeypatch.setattr(cli, "_load", lambda args, attn_implementation=None: (lm, w))
-    return lm, w
-
-
 def test_drop_n_zero_is_refused_not_replaced_by_four(tiny_cli, tmp_path, capsys):
     rc = cli.main(["drop", "--n", "0", "--no-speed", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
@@ -215,9 +206,9 @@ def test_quantize_save_writes_json_only(tmp_path):
     rep = qz.run(
         lm,
         w,
-        budgets=[4.5],
-        strategies=["uniform"],
-        family="int",
+        bits=4.5,
+        strategy=["uniform"],
+        format="int",
         group_size=16,
         export=(),
         out=tmp_path,

@@ -103,15 +103,13 @@ def test_drop_and_quantize_results_carry_and_show_the_statistics(tmp_path):
     run(
         lm,
         w,
-        [DropPlan(["L1"], "block", "given")],
+        plans=[DropPlan(["L1"], "block", "given")],
         out=tmp_path / "d",
         eval_samples=3,
         with_speed=False,
         progress=False,
     )
-    qz.run(
-        lm, w, budgets=[4.8], strategies=["measured"], family="int", out=tmp_path / "q", eval_samples=3, progress=False
-    )
+    qz.run(lm, w, bits=4.8, strategy="measured", format="int", out=tmp_path / "q", eval_samples=3, progress=False)
     from layerwise import cli
 
     for folder, rows in (("d", "variants"), ("q", "rows")):

@@ -177,10 +177,10 @@ def test_run_measures_every_plan_and_writes_results(tmp_path):
     lm = tiny_lm("llama", layers=4)
     w = tiny_windows(6)
     w.n_calib = 2  # windows 2..5 are held out
-    plans = sweep_plans(lm, w, ns=[1, 2], units=["attn", "block"], orders=["ablate_nll", "random"], progress=False)
+    plans = sweep_plans(lm, w, sweep=[1, 2], unit=["attn", "block"], order=["ablate_nll", "random"], progress=False)
     assert [len(p.units) for p in plans] == [1, 2] * 4
     assert plans[1].units[:1] == plans[0].units  # nested rankings
-    report = run(lm, w, plans, out=tmp_path / "r", eval_samples=3, with_speed=True, seed=5, progress=False)
+    report = run(lm, w, plans=plans, out=tmp_path / "r", eval_samples=3, with_speed=True, seed=5, progress=False)
     # saving writes JSON only; the page is the report module's
     assert len(report.variants) == 8 and sorted(p.name for p in (tmp_path / "r").iterdir()) == [
         "eval.json",
@@ -216,14 +216,16 @@ def test_run_exports_and_refuses_bad_exports(tmp_path):
     w = tiny_windows(3)
     w.n_calib = 1
     plan = DropPlan(["L1"], "block", "given")
-    report = run(lm, w, [plan], out=tmp_path / "r", export=("hf",), eval_samples=2, with_speed=False, progress=False)
+    report = run(
+        lm, w, plans=[plan], out=tmp_path / "r", export=("hf",), eval_samples=2, with_speed=False, progress=False
+    )
     assert report.exports["hf"]["bytes"] > 0 and (tmp_path / "r" / "model" / "config.json").exists()
     with pytest.raises(LayerwiseError, match="convert_hf_to_gguf"):
-        run(lm, w, [plan], out=tmp_path / "g", export=("gguf",), eval_samples=2, with_speed=False, progress=False)
+        run(lm, w, plans=[plan], out=tmp_path / "g", export=("gguf",), eval_samples=2, with_speed=False, progress=False)
     with pytest.raises(LayerwiseError, match="unknown `export`"):
-        run(lm, w, [plan], export=("onnx",), with_speed=False, progress=False)
+        run(lm, w, plans=[plan], export=("onnx",), with_speed=False, progress=False)
     with pytest.raises(LayerwiseError, match="one plan, not a sweep"):
-        run(lm, w, [plan, plan], export=("hf",), with_speed=False, progress=False)
+        run(lm, w, plans=[plan, plan], export=("hf",), with_speed=False, progress=False)
     assert not (tmp_path / "g").exists()
 
 

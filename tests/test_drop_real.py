@@ -52,6 +52,22 @@ def test_drop_cli_writes_results(dropped):
     assert "L20.attn" in (dropped / "again.html").read_text()
 
 
+def test_config_runs_the_recorded_drop_again(dropped, tmp_path):
+    """``--config RESULT`` on the default model: the recorded flags and inputs (model, data, windows) come back, the
+    flags given beside it win, and the same units measure the same quality on the same held-out windows."""
+    first = json.loads((dropped / "eval.json").read_text())
+    assert first["meta"]["config"]["units"] == ["L4", "L11", "L20.attn", "L26.mlp"]
+    assert first["meta"]["config"]["inputs"]["seq_len"] == 64
+    argv = ["drop", "--config", str(dropped), "--export", "none", "--no-speed", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    again = json.loads((tmp_path / "eval.json").read_text())
+    assert again["meta"]["config"] == {**first["meta"]["config"], "export": [], "with_speed": False}
+    assert again["meta"]["data"] == first["meta"]["data"] and again["meta"]["model_hash"] == first["meta"]["model_hash"]
+    (a,), (b,) = first["variants"], again["variants"]
+    assert a["units"] == b["units"] and math.isclose(a["delta_nll"], b["delta_nll"], rel_tol=1e-6, abs_tol=1e-7)
+    assert math.isclose(a["kl"], b["kl"], rel_tol=1e-6, abs_tol=1e-9) and not (tmp_path / "model").exists()
+
+
 def test_checkpoint_loads_in_plain_transformers_and_layerwise(dropped):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -50,7 +50,7 @@ def test_profile_summary_names_extremes_best_metric_and_valid_commands(prof):
     )
     assert _parses(cmds[1]).order.partition(":")[0] == sm.best_metric(prof, kind)[0]
     q = _parses(cmds[-1])
-    assert q.sweep == "4.6,5,5.5" and q.strategy.split(",")[0] == "measured"
+    assert q.sweep == (4.6, 5, 5.5) and q.strategy.split(",")[0] == "measured"
     assert q.strategy.split(",")[1] == "ranked:" + sm.as_order(*sm.best_metric(prof, "block"))
     page = render(prof)
     assert "tiny <b>model</b>" not in page and "tiny &lt;b&gt;model&lt;/b&gt;" in page
@@ -91,8 +91,8 @@ def test_drop_page_opens_with_best_plan_and_its_export_command(tmp_path):
     lm.source["ref"] = "tiny <i>"
     w = tiny_windows(5)
     w.n_calib = 2
-    plans = sweep_plans(lm, w, ns=[1, 2], units=["block"], orders=["ablate_nll", "random"], progress=False)
-    report = run(lm, w, plans, out=tmp_path / "r", eval_samples=3, with_speed=False, progress=False)
+    plans = sweep_plans(lm, w, sweep=[1, 2], unit=["block"], order=["ablate_nll", "random"], progress=False)
+    report = run(lm, w, plans=plans, out=tmp_path / "r", eval_samples=3, with_speed=False, progress=False)
     page = write_drop_report(DropReport.load(tmp_path / "r"), tmp_path / "r" / "report.html").read_text()
     top = page[: page.index("<img")]
     for n in (1, 2):
@@ -102,7 +102,7 @@ def test_drop_page_opens_with_best_plan_and_its_export_command(tmp_path):
         args = _parses(cmd)
         assert (args.plan, args.export, args.model) == (
             f"{tmp_path / 'r' / 'plan.json'}#{best['key']}",
-            "hf",
+            ("hf",),
             "tiny <i>",
         )
         assert f"<code>{escape(cmd)}</code>" in top and "&lt;i&gt;" in escape(cmd)
@@ -118,9 +118,9 @@ def test_quant_page_opens_with_best_plan_per_budget(tmp_path):
     report = qz.run(
         lm,
         w,
-        budgets=[4.5, 6],
-        strategies=["measured", "uniform"],
-        family="int",
+        sweep=[4.5, 6],
+        strategy=["measured", "uniform"],
+        format="int",
         group_size=16,
         out=tmp_path,
         eval_samples=3,
@@ -139,7 +139,7 @@ def test_quant_page_opens_with_best_plan_per_budget(tmp_path):
             True,
             b,
             best["strategy"],
-            "hf",
+            ("hf",),
         )
         assert escape(cmd) in top
     gguf = dict(report.rows[0], plan="q4km", strategy="q4km", target_bpw=None)

@@ -52,7 +52,7 @@ def test_drop_plan_round_trip(tmp_path):
     lm, w = tiny_lm("llama", layers=4), _split()
     plan = dp.choose(lm, w, n=2, unit="any", order="sub_cos", progress=False)
     assert plan.model_hash == "tiny"
-    dp.run(lm, w, [plan], out=tmp_path / "run", export=("hf",), eval_samples=3, with_speed=False, progress=False)
+    dp.run(lm, w, plans=[plan], out=tmp_path / "run", export=("hf",), eval_samples=3, with_speed=False, progress=False)
     loaded = dp.DropPlan.load(tmp_path / "run" / "plan.json")
     assert loaded == plan and dp.DropPlan.load(plan.save(tmp_path / "alone")) == plan
     fresh = tiny_lm("llama", layers=4)  # the same weights, loaded again
@@ -82,8 +82,8 @@ def test_drop_plan_of_a_sweep_is_picked_by_key(tmp_path):
     from layerwise import drop as dp
 
     lm, w = tiny_lm("llama", layers=4), _split()
-    plans = dp.sweep_plans(lm, w, ns=[1, 2], units=["block"], orders=["bi"], progress=False)
-    dp.run(lm, w, plans, out=tmp_path, eval_samples=3, with_speed=False, progress=False)
+    plans = dp.sweep_plans(lm, w, sweep=[1, 2], unit=["block"], order=["bi"], progress=False)
+    dp.run(lm, w, plans=plans, out=tmp_path, eval_samples=3, with_speed=False, progress=False)
     with pytest.raises(LayerwiseError, match="holds 2 plans; choose one with `key`"):
         dp.DropPlan.load(tmp_path)
     assert dp.DropPlan.load(tmp_path, "block/bi/2").units == plans[1].units
@@ -103,9 +103,9 @@ def test_quant_plan_round_trip(tmp_path, method):
     rep = qz.run(
         lm,
         w,
-        budgets=[4.8],
-        strategies=["measured"],
-        family="int",
+        bits=4.8,
+        strategy=["measured"],
+        format="int",
         method=method,
         out=tmp_path / "run",
         eval_samples=3,

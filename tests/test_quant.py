@@ -393,9 +393,9 @@ def test_hf_export_loads_in_plain_transformers_with_the_plans_weights(tmp_path, 
     rep = qz.run(
         lm,
         w,
-        budgets=[4.8],
-        strategies=["measured"],
-        family="int",
+        bits=4.8,
+        strategy=["measured"],
+        format="int",
         method=method,
         out=tmp_path,
         eval_samples=3,
@@ -438,7 +438,7 @@ def test_hf_export_refuses_what_cannot_load(tmp_path):
         (tiny_lm("llama"), {"symmetric": False}, "symmetric codes only"),
         (tiny_lm("llama"), {"group_size": 24}, "does not divide rows of 32"),
         (tiny_lm("gpt2"), {}, "Conv1D"),
-        (tiny_lm("llama"), {"family": "gguf"}, "not available for `family` gguf"),
+        (tiny_lm("llama"), {"format": "gguf"}, "not available for `family` gguf"),
     ]
     bf16 = tiny_lm("llama")
     bf16.model.to(torch.bfloat16)
@@ -448,9 +448,9 @@ def test_hf_export_refuses_what_cannot_load(tmp_path):
             qz.run(
                 lm,
                 w,
-                budgets=[4.8],
-                strategies=["measured"],
-                **{"family": "int", **kw},
+                bits=4.8,
+                strategy=["measured"],
+                **{"format": "int", **kw},
                 export=("hf",),
                 out=tmp_path,
                 progress=False,

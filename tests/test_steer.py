@@ -290,7 +290,7 @@ def test_run_reports_on_the_report_prompts_and_sweeps_the_dose_layers(tmp_path):
         tiny_windows(2, 8).ids,
         report_prompts=["fresh one", "fresh two", "fresh three"],
         layers="L0,L1,L2",
-        sweep_alphas=[0.5, 1.0],
+        sweep_alpha=[0.5, 1.0],
         sweep_layers="L1",
         new_tokens=2,
         out=tmp_path / "s",

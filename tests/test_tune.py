@@ -301,7 +301,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     other = _profile(lm)
     other.meta["model_hash"] = "another"
     with pytest.raises(LayerwiseError, match="measured on another model"):
-        tune.run(lm, tune.TuneData.from_windows(w), ["top:ablate_nll"], prof=other, progress=False)
+        tune.run(lm, tune.TuneData.from_windows(w), select=["top:ablate_nll"], prof=other, progress=False)
     with pytest.raises(LayerwiseError, match=r"loss became NaN/inf at step 1; the weights after step 0 .* are in"):
         with torch.no_grad():
             lm.model.model.norm.weight.fill_(float("nan"))
@@ -357,7 +357,7 @@ def test_run_evaluates_both_domains_and_report_rerenders(tmp_path):
     rep = tune.run(
         lm,
         data,
-        ["lisa", "full"],
+        select=["lisa", "full"],
         second=tiny_windows(3, 12, seed=1).ids,
         restore=1,
         out=tmp_path,
@@ -442,7 +442,7 @@ def test_layer_rates_follow_the_profile_and_sit_in_the_optimizer_groups():
     rep = tune.run(
         lm,
         data,
-        ["lisa", "top:ablate_nll"],
+        select=["lisa", "top:ablate_nll"],
         prof=_profile(lm),
         layer_lr="ablate_nll:1",
         progress=False,
@@ -525,9 +525,9 @@ def test_layer_lr_bad_inputs_are_one_line_errors(capsys):
     other = _profile(lm)
     other.meta["model_hash"] = "another"
     with pytest.raises(LayerwiseError, match="measured on another model"):
-        tune.run(lm, data, ["lisa"], prof=other, layer_lr="ablate_nll", progress=False)
+        tune.run(lm, data, select=["lisa"], prof=other, layer_lr="ablate_nll", progress=False)
     with pytest.raises(LayerwiseError, match="ranking units by ablate_nll .* needs a Profile of this model: pass prof"):
-        tune.run(lm, data, ["lisa"], layer_lr="ablate_nll", progress=False)
+        tune.run(lm, data, select=["lisa"], layer_lr="ablate_nll", progress=False)
     with pytest.raises(LayerwiseError, match=r"the layer rates lack 1 block units of this model \(e.g. L3\)"):
         tune.train(lm, data, select="lisa", steps=1, rates={"L0": 1.0, "L1": 1.0, "L2": 1.0}, progress=False)
     assert main(["tune", "--layer-lr", "ablate_nll:fast", "--model", "/nonexistent"]) == 2
@@ -612,7 +612,7 @@ def test_evaluation_after_training_shows_progress(capsys):
         tune.run(
             tiny_lm("llama", LAYERS),
             data,
-            ["full"],
+            select=["full"],
             second=tiny_windows(3, 12, seed=1).ids,
             progress=progress,
             steps=1,

@@ -10,11 +10,17 @@ import re
 import shlex
 import sys
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from .errors import LayerwiseError
 from .results import print_tables
+
+if TYPE_CHECKING:
+    from .configs import Config
+
+C = TypeVar("C", bound="Config")
 
 #: Each subcommand's examples (its --help shows only its own; the top-level help shows them all).
 #: A backslash at the end of a line here is Python's: the line goes on unbroken in the help.
@@ -66,14 +72,16 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpF
     """Defaults shown after each option (where there is one to show), examples kept as written."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False):
+        if action.default in (None, False, ()):
             return action.help
         return super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (``main`` prints them): what is wrong and where the options are listed, no usage
-    dump."""
+    dump. ``commands`` holds each subcommand's parser, by name."""
+
+    commands: dict[str, argparse.ArgumentParser]
 
     def error(self, message: str) -> NoReturn:
         message = re.sub(r"^argument ([^:]+): (must|takes) ", r"\1 \2 ", message)
@@ -110,6 +118,48 @@ def _real(low: float | None = None, *, above: bool = False) -> Callable[[str], f
         return value
 
     return parse
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _sweep(cast: type, what: str) -> Callable[[str], tuple]:
+    """An argparse type: a --sweep list, sorted and without repeats; each finite and positive."""
+
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(sorted({cast(t) for t in _split(text)}))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes comma-separated {what} (got {text!r})") from None
+        if not values or not all(math.isfinite(v) and v > 0 for v in values):
+            raise argparse.ArgumentTypeError(f"takes comma-separated positive {what} (got {text!r})")
+        return values
+
+    return parse
+
+
+def _alphas(text: str) -> tuple[float | str, ...]:
+    """An argparse type: comma-separated finite multiples, in the order given."""
+    return tuple(_alpha(t) for t in _split(text))
+
+
+def _alpha(text: str) -> float | str:
+    """An argparse type: auto, or a finite multiple of the layer's residual norm."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes auto or multiples such as 0.25 (got {text!r})") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"takes finite multiples such as 0.25 (got {text!r})")
+    return value
+
+
+def _exports(text: str) -> tuple[str, ...]:
+    """An argparse type: comma-separated formats; ``none`` for none."""
+    return () if text == "none" else tuple(_split(text))
 
 
 def _examples(*cmds: str) -> str:
@@ -149,6 +199,35 @@ FLAGS = {
     "steps": "--steps",
     "grad_accum": "--grad-accum",
     "examples": "--examples",
+    "bits": "--bits",
+    "plan": "--plan",
+    "strategy": "--strategy",
+    "format": "--format",
+    "with_speed": "--no-speed",
+    "select": "--select",
+    "active": "--active",
+    "interval": "--interval",
+    "temperature": "--temperature",
+    "lr": "--lr",
+    "max_grad_norm": "--max-grad-norm",
+    "train_embeddings": "--freeze-embeddings",
+    "lora_rank": "--lora-rank",
+    "restore": "--restore",
+    "restore_order": "--restore-order",
+    "layer_lr": "--layer-lr",
+    "save_every": "--save-every",
+    "folds": "--folds",
+    "c": "--c",
+    "read": "--read",
+    "profile_samples": "--profile-samples",
+    "profile_seq_len": "--profile-seq-len",
+    "layers": "--layers",
+    "alpha": "--alpha",
+    "sweep_alpha": "--sweep-alpha",
+    "sweep_layers": "--sweep-layers",
+    "target": "--target",
+    "new_tokens": "--new-tokens",
+    "config": "--config",
 }
 
 #: Where a subcommand's flag for an API argument differs from FLAGS: probe's measured profile has its own window
@@ -198,10 +277,20 @@ def _action(sub, name: str, help: str, samples_help: str) -> argparse.ArgumentPa
     p = sub.add_parser(name, help=help, description=help, epilog=_examples(name), formatter_class=_Help)
     _inputs(p, samples_help=samples_help, out=f"runs/{name}")
     p.add_argument("--eval-samples", type=_count(1), default=16, help="held-out windows for perplexity and KL")
+    _config_option(p, name)
     return p
 
 
-def _parser() -> argparse.ArgumentParser:
+def _config_option(p: argparse.ArgumentParser, name: str) -> None:
+    p.add_argument(
+        "--config",
+        metavar="RESULT",
+        help=f"run again as a recorded {name} run: its result folder or JSON file (or a JSON object of its config's "
+        "fields) gives every option's default; options given here still win",
+    )
+
+
+def _parser() -> _Parser:
     from .version import __version__
 
     p = _Parser(
@@ -255,7 +344,11 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument(
         "--n", type=_count(1), help="how many units to drop (4 when neither --sweep, --units nor --plan is given)"
     )
-    what.add_argument("--sweep", help="comma-separated counts, e.g. 1,2,4,8: evaluate each, save no model")
+    what.add_argument(
+        "--sweep",
+        type=_sweep(int, "whole numbers, e.g. 1,2,4"),
+        help="comma-separated counts, e.g. 1,2,4,8: evaluate each, save no model",
+    )
     what.add_argument("--units", help="drop exactly these units, e.g. L3,L7.attn")
     what.add_argument(
         "--plan",
@@ -277,8 +370,15 @@ def _parser() -> argparse.ArgumentParser:
     dr.add_argument("--iterative", action="store_true", help="re-measure the order's metric after each drop")
     dr.add_argument("--profile", help="profile.json to rank by (must come from this model); measured if absent")
     dr.add_argument("--seed", type=_count(0), default=0, help="for --order random")
-    dr.add_argument("--export", default="hf", help="hf, gguf (GGUF source models only), both as hf,gguf, or none")
-    dr.add_argument("--no-speed", action="store_true", help="skip the tokens-per-second measurement")
+    dr.add_argument(
+        "--export",
+        type=_exports,
+        help="hf, gguf (GGUF source models only), both as hf,gguf, or none (default: hf for one plan, none for a "
+        "sweep)",
+    )
+    dr.add_argument(
+        "--no-speed", dest="with_speed", action="store_false", help="skip the tokens-per-second measurement"
+    )
     qz = _action(
         sub,
         "quantize",
@@ -291,7 +391,11 @@ def _parser() -> argparse.ArgumentParser:
         type=_real(0, above=True),
         help="target bits per weight over the quantized tensors, scales included (e.g. 4.6)",
     )
-    budget.add_argument("--sweep", help="comma-separated budgets, e.g. 4.6,5,5.5: evaluate each, export nothing")
+    budget.add_argument(
+        "--sweep",
+        type=_sweep(float, "bits per weight, e.g. 4.6,5,5.5"),
+        help="comma-separated budgets, e.g. 4.6,5,5.5: evaluate each, export nothing",
+    )
     budget.add_argument(
         "--plan",
         help="a saved quantize plan (plan.json of an earlier run; FILE#KEY picks one of a sweep): "
@@ -321,6 +425,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     qz.add_argument(
         "--export",
+        type=_exports,
         help="gguf,recipe (--format gguf) or hf (--format int: compressed-tensors); the format's all for one "
         "plan; none",
     )
@@ -352,7 +457,15 @@ def _parser() -> argparse.ArgumentParser:
     tu.add_argument("--steps", type=_count(1), default=100, help="optimizer steps per strategy")
     tu.add_argument("--lr", type=_real(0, above=True), default=1e-4)
     tu.add_argument("--grad-accum", type=_count(1), default=1, help="micro-batches per optimizer step")
-    tu.add_argument("--freeze-embeddings", action="store_true", help="keep embeddings, final norm and head frozen")
+    tu.add_argument(
+        "--max-grad-norm", type=_real(0), default=1.0, help="clip the gradient to this norm (0: no clipping)"
+    )
+    tu.add_argument(
+        "--freeze-embeddings",
+        dest="train_embeddings",
+        action="store_false",
+        help="keep embeddings, final norm and head frozen",
+    )
     tu.add_argument(
         "--lora", action="store_true", help="any --select over a peft LoRA adapter (adaptive over LoRA is IST)"
     )
@@ -389,6 +502,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     rp.add_argument("profile", metavar="RESULT", help="profile.json, eval.json or the folder holding them")
     rp.add_argument("--out", help="HTML path (default: report.html beside the profile)")
+    p.commands = dict(sub.choices)
     return p
 
 
@@ -454,6 +568,7 @@ def _probe_parser(sub) -> None:
     )
     pb.add_argument("--out", default="runs/probe")
     pb.add_argument("--json", action="store_true", help="print machine-readable results")
+    _config_option(pb, "probe")
 
 
 def _steer_parser(sub) -> None:
@@ -497,20 +612,35 @@ def _steer_parser(sub) -> None:
         default="auto",
         help="auto (best held-out separation), L12, L10-L14 (one vector over the range) or L6,L12,L18 (each)",
     )
-    st.add_argument("--alpha", default="auto", help="auto or a multiple of the layer's mean residual norm, e.g. 0.25")
+    st.add_argument(
+        "--alpha", type=_alpha, default="auto", help="auto or a multiple of the layer's mean residual norm, e.g. 0.25"
+    )
     st.add_argument(
         "--target",
         type=_real(0, above=True),
         default=2.0,
         help="--alpha auto: log-prob margin (nats) to reach on the calibration prompts",
     )
-    st.add_argument("--sweep-alpha", help="comma-separated multiples to evaluate at every layer, e.g. 0,0.125,0.25,0.5")
+    st.add_argument(
+        "--sweep-alpha",
+        type=_alphas,
+        default=(),
+        help="comma-separated multiples to evaluate at every layer, e.g. 0,0.125,0.25,0.5",
+    )
+    st.add_argument(
+        "--sweep-layers",
+        help="with --sweep-alpha: sweep at the chosen layer and these (a --layers spec) instead of at every --layers "
+        "variant, which is then measured once at the chosen alpha",
+    )
     st.add_argument(
         "--new-tokens", type=_count(1), default=24, help="tokens generated per prompt for the independent scorer"
     )
     st.add_argument("--seed", type=_count(0), default=0, help="pair and prompt splits, and builtin:sentiment's draw")
     st.add_argument(
-        "--export", default="none", help="gguf (a llama.cpp control vector) or none; vector.safetensors is always saved"
+        "--export",
+        type=_exports,
+        default=(),
+        help="gguf (a llama.cpp control vector) or none (the default); vector.safetensors is always saved",
     )
 
 
@@ -561,21 +691,6 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _split(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _sweep(text: str, cast: type, what: str) -> list:
-    """The values of a --sweep list, sorted and without repeats; each finite and positive."""
-    try:
-        values = sorted({cast(t) for t in _split(text)})
-    except ValueError:
-        raise LayerwiseError(f"--sweep takes comma-separated {what} (got {text!r})") from None
-    if not values or not all(math.isfinite(v) and v > 0 for v in values):
-        raise LayerwiseError(f"--sweep takes comma-separated positive {what} (got {text!r})")
-    return values
-
-
 def _plan_ref(text: str) -> tuple[str, str | None]:
     """``FILE`` or ``FILE#KEY`` (one plan of a sweep)."""
     path, _, key = text.partition("#")
@@ -593,43 +708,29 @@ def _exported(exports: dict, args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(args: argparse.Namespace, cls: type[C]) -> C:
+    """The action's config from the parsed options: its fields by name, every other model and data option as its
+    ``inputs`` (what the command loaded)."""
+    names = {f.name for f in fields(cls)} - {"inputs"}
+    inputs = {k: v for k, v in vars(args).items() if k not in names | {"cmd", "out", "json", "config"}}
+    return cls.of(inputs=inputs, **{k: getattr(args, k) for k in names if hasattr(args, k)})
+
+
 def _drop(args: argparse.Namespace) -> int:
     from . import drop as dp
+    from .configs import DropConfig
     from .profile import Profile, needs
     from .report.drop import write_drop_report
 
+    cfg = _config(args, DropConfig)
     # attention metrics are read from eager attention's probabilities; the automatic profile measures them then
-    eager = not args.profile and any(needs(o)["attention"] for o in _split(args.order))
-    plan = dp.DropPlan.load(*_plan_ref(args.plan)) if args.plan else None  # a bad file fails before the model loads
-    prof = Profile.load(args.profile) if args.profile else None
-    ns = _sweep(args.sweep, int, "whole numbers, e.g. 1,2,4") if args.sweep else []
+    eager = not cfg.profile and any(needs(o)["attention"] for o in cfg.order)
+    plan = dp.DropPlan.load(*_plan_ref(cfg.plan)) if cfg.plan else None  # a bad file fails before the model loads
+    prof = Profile.load(cfg.profile) if cfg.profile else None
     lm, w = _load(args, attn_implementation="eager" if eager else None)
-    export = () if args.sweep or args.export == "none" else tuple(_split(args.export))
     if plan is not None:
-        return _exported(dp.export_plan(lm, plan, args.out, export), args)
-    if prof is not None:
-        prof.check(lm)
-    common = dict(
-        prof=prof, iterative=args.iterative, seed=args.seed, batch_size=args.batch_size, progress=not args.json
-    )
-    if args.sweep:
-        plans = dp.sweep_plans(lm, w, ns=ns, units=_split(args.unit), orders=_split(args.order), **common)
-    elif args.units:
-        plans = [dp.given(lm.anatomy, _split(args.units))]
-    else:
-        plans = [dp.choose(lm, w, n=4 if args.n is None else args.n, unit=args.unit, order=args.order, **common)]
-    report = dp.run(
-        lm,
-        w,
-        plans,
-        out=args.out,
-        export=export,
-        eval_samples=args.eval_samples,
-        batch_size=args.batch_size,
-        with_speed=not args.no_speed,
-        seed=args.seed,
-        progress=not args.json,
-    )
+        return _exported(dp.export_plan(lm, plan, args.out, ("hf",) if cfg.export is None else cfg.export), args)
+    report = dp.run(lm, w, cfg, prof=prof, out=args.out, progress=not args.json)
     out = Path(args.out)
     html = write_drop_report(report, out / "report.html")
     if args.json:
@@ -643,44 +744,22 @@ def _drop(args: argparse.Namespace) -> int:
 
 def _quantize(args: argparse.Namespace) -> int:
     from . import quantize as qz
+    from .configs import QuantizeConfig
     from .plans import EXPORTS
     from .profile import Profile
     from .report.quant import write_quant_report
 
-    plan = qz.QuantPlan.load(*_plan_ref(args.plan)) if args.plan else None  # bad files fail before the model loads
-    prof = Profile.load(args.profile) if args.profile else None
-    budgets = (
-        _sweep(args.sweep, float, "bits per weight, e.g. 4.6,5,5.5")
-        if args.sweep
-        else ([args.bits] if args.bits is not None else [])
-    )
+    cfg = _config(args, QuantizeConfig)
+    plan = qz.QuantPlan.load(*_plan_ref(cfg.plan)) if cfg.plan else None  # bad files fail before the model loads
+    prof = Profile.load(cfg.profile) if cfg.profile else None
     lm, w = _load(args)
-    export = None if args.export is None else (() if args.export == "none" else tuple(_split(args.export)))
     if plan is not None:
-        formats = EXPORTS[plan.family] if export is None else export
+        formats = EXPORTS[plan.family] if cfg.export is None else cfg.export
         return _exported(
-            qz.export_plan(
-                lm, plan, args.out, formats, w.evaluation[: args.eval_samples], w, batch_size=args.batch_size
-            ),
+            qz.export_plan(lm, plan, args.out, formats, w.evaluation[: cfg.eval_samples], w, batch_size=cfg.batch_size),
             args,
         )
-    report = qz.run(
-        lm,
-        w,
-        budgets=budgets,
-        strategies=_split(args.strategy),
-        family=args.format,
-        method=args.method,
-        group_size=args.group_size,
-        symmetric=args.symmetric,
-        export=export,
-        out=args.out,
-        prof=prof,
-        eval_samples=args.eval_samples,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        progress=not args.json,
-    )
+    report = qz.run(lm, w, cfg, prof=prof, out=args.out, progress=not args.json)
     out = Path(args.out)
     html = write_quant_report(report, out / "report.html")
     if args.json:
@@ -712,52 +791,30 @@ def _quant_summary(report) -> None:
 def _tune(args: argparse.Namespace) -> int:
     from . import load, windows
     from . import tune as tn
+    from .configs import TuneConfig
     from .data import read_corpus
     from .profile import Profile, profile
 
-    sels = [tn.parse_select(s) for s in _split(args.select)]  # a typo fails before the model loads
-    lr_metric = [tn.parse_layer_lr(args.layer_lr)[0]] if args.layer_lr else []
+    cfg = _config(args, TuneConfig)
+    sels = [tn.parse_select(s) for s in cfg.select]  # a typo fails before the model loads
+    lr_metric = [tn.parse_layer_lr(cfg.layer_lr)[0]] if cfg.layer_lr else []
     source, second_text = tn.read_tuning(args.data, args.encoding), read_corpus(args.second_data, args.encoding)
-    prof = Profile.load(args.profile) if args.profile else None
+    prof = Profile.load(cfg.profile) if cfg.profile else None
     lm = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    ctx = lm.anatomy.context_length
+    ctx, n_eval = lm.anatomy.context_length, cfg.eval_samples
     data = tn.tuning_data(
-        source, lm.tokenizer, seq_len=args.seq_len, samples=args.samples, eval_samples=args.eval_samples, max_len=ctx
+        source, lm.tokenizer, seq_len=args.seq_len, samples=args.samples, eval_samples=n_eval, max_len=ctx
     )
-    second = windows(second_text, lm.tokenizer, seq_len=args.seq_len, samples=1, max_len=ctx).ids[: args.eval_samples]
+    second = windows(second_text, lm.tokenizer, seq_len=args.seq_len, samples=1, max_len=ctx).ids[:n_eval]
     metrics = (
         [s.metric for s in sels if s.metric]
-        or (["ablate_nll"] if args.restore and args.restore_order == "importance" else [])
+        or (["ablate_nll"] if cfg.restore and cfg.restore_order == "importance" else [])
     ) + lr_metric
     if prof is None and metrics:
         from .drop import needed
 
-        prof = profile(lm, data.as_windows(), **needed(metrics), batch_size=args.batch_size, progress=not args.json)
-    report = tn.run(
-        lm,
-        data,
-        _split(args.select),
-        second=second,
-        prof=prof,
-        unit=args.unit,
-        restore=args.restore,
-        restore_order=args.restore_order,
-        out=args.out,
-        layer_lr=args.layer_lr,
-        batch_size=args.batch_size,
-        progress=not args.json,
-        active=args.active,
-        interval=args.interval,
-        temperature=args.temperature,
-        steps=args.steps,
-        lr=args.lr,
-        grad_accum=args.grad_accum,
-        train_embeddings=not args.freeze_embeddings,
-        lora=args.lora,
-        lora_rank=args.lora_rank,
-        seed=args.seed,
-        save_every=args.save_every,
-    )
+        prof = profile(lm, data.as_windows(), **needed(metrics), batch_size=cfg.batch_size, progress=not args.json)
+    report = tn.run(lm, data, cfg, second=second, prof=prof, out=args.out, progress=not args.json)
     from .report.tune import write_tune_report
 
     write_tune_report(report, Path(args.out) / "report.html")
@@ -776,27 +833,18 @@ def _tune(args: argparse.Namespace) -> int:
 def _probe(args: argparse.Namespace) -> int:
     """Read and check the data first (bad data fails before the model loads), then probe, then write."""
     from . import load
-    from .probe import importance_of, prepare, probe, read_examples
+    from .configs import ProbeConfig
+    from .probe import importance_for, prepare, probe, read_examples
     from .profile import Profile
 
-    units = args.units if args.units in ("blocks", "all") else _split(args.units)
-    ex = read_examples(args.data, n=args.examples, seed=args.seed, encoding=args.encoding)
-    prepare(ex, args.folds, args.seed)
-    given = Profile.load(args.profile) if args.profile else None
+    cfg = _config(args, ProbeConfig)
+    ex = read_examples(args.data, n=args.examples, seed=cfg.seed, encoding=args.encoding)
+    prepare(ex, cfg.folds, cfg.seed)
+    if cfg.profile:
+        Profile.load(cfg.profile)
     lm = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    importance = _importance(args, lm, given, importance_of)
-    res = probe(
-        lm,
-        ex,
-        units=units,
-        read=args.read,
-        folds=args.folds,
-        seed=args.seed,
-        c=args.c,
-        batch_size=args.batch_size,
-        importance=importance,
-        progress=not args.json,
-    )
+    importance = importance_for(lm, cfg, progress=not args.json)
+    res = probe(lm, ex, cfg, importance=importance, progress=not args.json)
     out = Path(args.out)
     path = res.save(out)
     from .report.probe import write_probe_report
@@ -808,30 +856,6 @@ def _probe(args: argparse.Namespace) -> int:
     _probe_summary(res)
     print(f"wrote {path}, {out / 'directions.safetensors'} and {out / 'report.html'}")
     return 0
-
-
-def _importance(args: argparse.Namespace, lm, given, importance_of):
-    """The importance curve for the page: the ``given`` profile, or one measured on builtin:pydoc windows, or none."""
-    from . import profile, windows
-
-    if given is not None:
-        given.check(lm)
-        return importance_of(given, args.profile)
-    if args.profile_samples <= 0:
-        return None
-    w = windows(
-        "builtin:pydoc",
-        lm.tokenizer,
-        seq_len=args.profile_seq_len,
-        samples=args.profile_samples,
-        max_len=lm.anatomy.context_length,
-    )
-    prof = profile(lm, w, ablation="taylor", lens=False, batch_size=args.batch_size, progress=not args.json)
-    return importance_of(
-        prof,
-        f"layerwise profile --ablation taylor --no-lens on {args.profile_samples} builtin:pydoc windows of "
-        f"{args.profile_seq_len} tokens",
-    )
 
 
 def _probe_summary(res) -> None:
@@ -848,23 +872,20 @@ def _probe_summary(res) -> None:
 def _steer(args: argparse.Namespace) -> int:
     from . import load, windows
     from . import steer as sv
+    from .configs import SteerConfig
     from .data import read_corpus
 
-    alpha = args.alpha if args.alpha == "auto" else _number(args.alpha, "--alpha", "auto or a multiple such as 0.25")
-    sweep = [
-        _number(t, "--sweep-alpha", "comma-separated multiples such as 0,0.25,0.5")
-        for t in _split(args.sweep_alpha or "")
-    ]
-    for a in [alpha, *sweep]:
+    cfg = _config(args, SteerConfig)
+    for a in [cfg.alpha, *cfg.sweep_alpha]:
         if a != "auto":
             sv.check_alpha(a)
     pairs = sv.read_pairs(
-        data=args.data, pos=args.pos, neg=args.neg, n=args.n_pairs, seed=args.seed, encoding=args.encoding
+        data=args.data, pos=args.pos, neg=args.neg, n=args.n_pairs, seed=cfg.seed, encoding=args.encoding
     )
     prompts, report_prompts = _steer_prompts(args)
     eval_text = read_corpus(args.eval_data, args.encoding)
-    if args.method == "probe":  # a probe to refuse is refused before the model loads
-        sv.probe_result(args.probe)
+    if cfg.method == "probe":  # a probe to refuse is refused before the model loads
+        sv.probe_result(cfg.probe)
     scorer = None
     if args.data == "builtin:sentiment":
         from .corpora.sentiment import vader_scorer
@@ -877,7 +898,7 @@ def _steer(args: argparse.Namespace) -> int:
         "n_pairs": len(pairs),
         "prompts": args.prompts or "builtin:sentiment PROMPTS",
         "report_prompts": args.report_prompts
-        or ("half of --prompts" if args.prompts else f"builtin:sentiment report_prompts(seed={args.seed})"),
+        or ("half of --prompts" if args.prompts else f"builtin:sentiment report_prompts(seed={cfg.seed})"),
         "scorer": "vaderSentiment compound" if scorer else None,
         "eval": w.meta(),
     }
@@ -885,23 +906,13 @@ def _steer(args: argparse.Namespace) -> int:
         lm,
         pairs,
         prompts,
-        w.evaluation[: args.eval_samples],
+        w.evaluation,
+        cfg,
         report_prompts=report_prompts,
-        method=args.method,
-        layers=args.layers,
-        alpha=alpha,
-        sweep_alphas=sweep,
-        read=args.read,
-        seed=args.seed,
-        target=args.target,
-        probe=args.probe,
         scorer=scorer,
-        new_tokens=args.new_tokens,
-        export=() if args.export == "none" else tuple(_split(args.export)),
-        out=args.out,
-        batch_size=args.batch_size,
-        progress=not args.json,
         data=data,
+        out=args.out,
+        progress=not args.json,
     )
     from .report.steer import write_steer_report
 
@@ -930,16 +941,6 @@ def _steer_prompts(args: argparse.Namespace) -> tuple[list[str], list[str] | Non
     if args.prompts:
         return sv.read_prompts(args.prompts, args.encoding), report
     return list(sentiment.PROMPTS), report if report is not None else sentiment.report_prompts(seed=args.seed)
-
-
-def _number(text: str, option: str, what: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise LayerwiseError(f"{option} takes {what} (got {text!r})") from None
-    if not math.isfinite(value):
-        raise LayerwiseError(f"{option} takes {what}, finite (got {text!r})")
-    return value
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -976,15 +977,39 @@ def _notes() -> logging.Handler:
     return handler
 
 
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """The options; with ``--config``, the recorded run's settings are the defaults and the options given still win
+    (one given from a group of alternatives, such as --sweep for a recorded --n, replaces the recorded one)."""
+    from .configs import flat, read_config
+
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "config", None):
+        return args
+    try:
+        recorded = flat(read_config(args.config, args.cmd))
+    except LayerwiseError as exc:
+        raise LayerwiseError(f"--config: {_flags(str(exc), args.cmd)}") from None
+    sub = parser.commands[args.cmd]
+    given = {t.split("=", 1)[0] for t in argv if t.startswith("-")}
+    for group in sub._mutually_exclusive_groups:
+        if any(given & set(a.option_strings) for a in group._group_actions):
+            for a in group._group_actions:
+                recorded.pop(a.dest, None)
+    sub.set_defaults(**recorded)
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .io import COMMAND
 
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        args = _parser().parse_args(argv)
+        args = _parse(argv)
     except LayerwiseError as exc:
         print(f"layerwise: error: {exc}", file=sys.stderr)
         return 2
-    token = COMMAND.set(shlex.join(["layerwise", *(sys.argv[1:] if argv is None else argv)]))
+    token = COMMAND.set(shlex.join(["layerwise", *argv]))
     handler = _notes()
     try:
         _check_out(args)

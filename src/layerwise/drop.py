@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from . import ggufio
 from .anatomy import Anatomy, parse_unit, unit_name
+from .configs import DropConfig
 from .data import Windows
 from .errors import LayerwiseError
 from .evaluate import KL_KEYS, folder_bytes, next_token_logits, param_count, quality, speed
@@ -176,24 +177,31 @@ def contiguous_scores(lm: LoadedModel, windows: Windows, n: int, *, batch_size: 
 def choose(
     lm: LoadedModel,
     windows: Windows,
+    config: DropConfig | None = None,
     *,
-    n: int,
-    unit: str = "block",
-    order: str = "bi",
     prof: Profile | None = None,
-    iterative: bool = False,
-    seed: int = 0,
-    batch_size: int = 4,
     progress: bool = True,
+    **settings: Any,
 ) -> DropPlan:
-    """Pick ``n`` units to drop.
+    """Pick the config's ``n`` units (4 when not given) of its ``unit`` kind to drop, in its ``order``.
 
     Metric orders use ``prof`` when given (after checking it belongs to this
     model) and otherwise measure one on the calibration windows, with exact
     ablation only when the metric needs it. ``iterative`` re-measures after
     each drop with the dropped units skipped, then takes the next least
-    important unit.
+    important unit. ``settings`` are config fields (``n=6, order="bi"``).
     """
+    cfg = DropConfig.of(config, **settings)
+    if len(cfg.unit) != 1 or len(cfg.order) != 1:
+        raise LayerwiseError("one plan takes one `unit` and one `order`; give several with `sweep`")
+    return _ranked(lm, windows, cfg, 4 if cfg.n is None else cfg.n, prof, progress)
+
+
+def _ranked(
+    lm: LoadedModel, windows: Windows, cfg: DropConfig, n: int, prof: Profile | None, progress: bool
+) -> DropPlan:
+    """The ``n`` least important units of the config's first unit kind by its first order."""
+    unit, order, iterative, seed, batch_size = cfg.unit[0], cfg.order[0], cfg.iterative, cfg.seed, cfg.batch_size
     an, made_for = lm.anatomy, lm.source.get("model_hash")
     pool = candidates(an, unit)
     _check_n(an, unit, n)
@@ -466,42 +474,49 @@ def measure(
 def sweep_plans(
     lm: LoadedModel,
     windows: Windows,
+    config: DropConfig | None = None,
     *,
-    ns: list[int],
-    units: list[str],
-    orders: list[str],
     prof: Profile | None = None,
-    iterative: bool = False,
-    seed: int = 0,
-    batch_size: int = 4,
     progress: bool = True,
+    **settings: Any,
 ) -> list[DropPlan]:
-    """One plan per (unit kind, order, n). Rankings are nested: the n-unit plan is the first n of the largest."""
-    if prof is None and any(o not in SPECIAL_ORDERS for o in orders) and not iterative:
-        prof = profile(lm, windows, **needed(orders), batch_size=batch_size, progress=progress)
+    """One plan per (unit kind, order, n) of the config's ``sweep``. Rankings are nested: the n-unit plan is the first
+    n of the largest."""
+    cfg = DropConfig.of(config, **settings)
+    ns = sorted(set(cfg.sweep or ()))
+    if not ns:
+        raise LayerwiseError("give `sweep`, the counts of units to drop, e.g. 1,2,4")
+    if prof is None and any(o not in SPECIAL_ORDERS for o in cfg.order) and not cfg.iterative:
+        prof = profile(lm, windows, **needed(list(cfg.order)), batch_size=cfg.batch_size, progress=progress)
     plans = []
-    for unit in units:
-        for order in orders:
+    for unit in cfg.unit:
+        for order in cfg.order:
+            one = replace(cfg, unit=(unit,), order=(order,))
             if order == "contiguous":  # the best run of n is not nested in the best run of n + 1
-                plans += [choose(lm, windows, n=n, unit=unit, order=order, batch_size=batch_size) for n in ns]
+                plans += [_ranked(lm, windows, one, n, None, False) for n in ns]
                 continue
-            top = choose(
-                lm,
-                windows,
-                n=max(ns),
-                unit=unit,
-                order=order,
-                prof=prof,
-                iterative=iterative,
-                seed=seed,
-                batch_size=batch_size,
-                progress=progress,
-            )
+            top = _ranked(lm, windows, one, max(ns), prof, progress)
             for n in ns:
                 _check_n(lm.anatomy, unit, n)
                 scores = {u: top.scores[u] for u in top.units[:n]} if top.scores else None
                 plans.append(replace(top, units=top.units[:n], scores=scores))
     return plans
+
+
+def chosen_plans(
+    lm: LoadedModel, windows: Windows, config: DropConfig, *, prof: Profile | None = None, progress: bool = True
+) -> list[DropPlan]:
+    """The plans a config asks for: its ``sweep``'s, its given ``units``, or the ``n`` it ranks (4 when none is
+    given). ``prof`` (else the config's ``profile`` file) ranks by metric, after checking it is this model's."""
+    if prof is None and config.profile:
+        prof = Profile.load(config.profile)
+    if prof is not None:
+        prof.check(lm)
+    if config.sweep:
+        return sweep_plans(lm, windows, config, prof=prof, progress=progress)
+    if config.units:
+        return [given(lm.anatomy, list(config.units))]
+    return [choose(lm, windows, config, prof=prof, progress=progress)]
 
 
 @dataclass
@@ -563,24 +578,28 @@ def export_plan(lm: LoadedModel, plan: DropPlan, out: str | Path, export: tuple[
 def run(
     lm: LoadedModel,
     windows: Windows,
-    plans: list[DropPlan],
+    config: DropConfig | None = None,
     *,
+    plans: list[DropPlan] | None = None,
+    prof: Profile | None = None,
     out: str | Path | None = None,
-    export: tuple[str, ...] = (),
-    eval_samples: int = 16,
-    batch_size: int = 4,
-    with_speed: bool = True,
-    seed: int | None = None,
     progress: bool = True,
+    **settings: Any,
 ) -> DropReport:
-    """Evaluate every plan on held-out windows, write the exports (one plan only) and the results.
+    """Choose the config's plans (or take ``plans`` already chosen), evaluate each on held-out windows, write the
+    exports (one plan only) and the results, which record the config.
 
-    ``seed`` is the one the plans were chosen with (``choose``'s), recorded with the results.
+    ``settings`` are config fields (``n=6, order="bi", eval_samples=8``).
     """
+    cfg = DropConfig.of(config, **settings)
+    start = time.perf_counter()
+    if plans is None:
+        plans = chosen_plans(lm, windows, cfg, prof=prof, progress=progress)
+    export = cfg.export if cfg.export is not None else (("hf",) if len(plans) == 1 and out is not None else ())
+    eval_samples, batch_size, with_speed = cfg.eval_samples, cfg.batch_size, cfg.with_speed
     if export and len(plans) != 1:
         raise LayerwiseError("`export` writes one model; give one plan, not a sweep")
     check_export(lm, export)
-    start = time.perf_counter()
     eval_ids = windows.evaluation[:eval_samples]
     keys = {p.key: p for p in plans}
     original, results = measure(lm, keys, eval_ids, batch_size=batch_size, with_speed=with_speed, progress=progress)
@@ -602,7 +621,8 @@ def run(
     meta = {
         **lm.meta(),
         "data": windows.meta(),
-        **provenance(seed=seed, batch_size=batch_size),
+        **provenance(seed=cfg.seed, batch_size=batch_size),
+        "config": cfg.to_dict(),
         "eval_windows": int(eval_ids.shape[0]),
         "with_speed": with_speed,
         "wall_time_s": round(time.perf_counter() - start, 3),

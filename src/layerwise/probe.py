@@ -55,9 +55,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .configs import ProbeConfig
 from .data import TextFile, parse_jsonl, read_file, read_record
 from .errors import LayerwiseError
-from .features import Features, Read, collect, collect_ids
+from .features import Features, collect, collect_ids
 from .io import write_atomic, write_json
 from .loading import LoadedModel
 from .memory import peak_memory
@@ -466,34 +467,50 @@ def importance_of(prof, source: str) -> dict:
     )
 
 
+def importance_for(lm: LoadedModel, config: ProbeConfig, *, progress: bool = False) -> dict | None:
+    """The importance curve the config asks for: its ``profile`` file (checked against this model), else a profile
+    measured on ``profile_samples`` builtin:pydoc windows (taylor_nll), else none when that is 0."""
+    from .data import windows
+    from .profile import Profile, profile
+
+    if config.profile:
+        given = Profile.load(config.profile)
+        given.check(lm)
+        return importance_of(given, config.profile)
+    if config.profile_samples <= 0:
+        return None
+    n, seq_len = config.profile_samples, config.profile_seq_len
+    w = windows("builtin:pydoc", lm.tokenizer, seq_len=seq_len, samples=n, max_len=lm.anatomy.context_length)
+    prof = profile(lm, w, ablation="taylor", lens=False, batch_size=config.batch_size, progress=progress)
+    return importance_of(
+        prof, f"layerwise profile --ablation taylor --no-lens on {n} builtin:pydoc windows of {seq_len} tokens"
+    )
+
+
 def probe(
     lm: LoadedModel,
     examples: Examples | str,
+    config: ProbeConfig | None = None,
     *,
-    units: str | Sequence[str] = "blocks",
-    read: Read = "last",
-    folds: int = 5,
-    seed: int = 0,
-    c: float = 1.0,
-    batch_size: int = 8,
-    max_bytes: int | None = None,
     importance: dict | None = None,
     features: Features | None = None,
     progress: bool = False,
+    **settings: Any,
 ) -> ProbeResult:
-    """Probe every unit for the examples' labels (see the module docstring); nothing is written.
+    """Probe every unit for the examples' labels (see the module docstring); nothing is written. The result records
+    the config.
 
     ``examples`` is an :class:`Examples` or a data reference for :func:`read_examples`.
-    ``importance`` (from :func:`importance_of`) is carried to the page. ``features`` already collected for these
-    examples (by :func:`layerwise.features.collect` with the same ``units`` and ``read``) are used instead of a new
-    pass.
+    ``importance`` (from :func:`importance_of` or :func:`importance_for`) is carried to the page. ``features``
+    already collected for these examples (by :func:`layerwise.features.collect` with the same ``units`` and
+    ``read``) are used instead of a new pass. ``settings`` are config fields (``units="all", folds=5``).
     """
+    cfg = ProbeConfig.of(config, **settings)
+    units, read, folds, seed, c, batch_size = cfg.unit_spec, cfg.read, cfg.folds, cfg.seed, cfg.c, cfg.batch_size
     start = time.perf_counter()
     ex = read_examples(examples, seed=seed) if isinstance(examples, str) else examples
-    if c <= 0:
-        raise LayerwiseError(f"c (the inverse L2 strength) must be positive (got {c})")
     found, y, fold = prepare(ex, folds, seed)
-    kw: dict[str, Any] = dict(units=units, read=read, batch_size=batch_size, max_bytes=max_bytes, progress=progress)
+    kw: dict[str, Any] = dict(units=units, read=read, batch_size=batch_size, max_bytes=cfg.max_bytes, progress=progress)
     if features is None:
         feats = collect(lm, ex.texts, **kw) if ex.texts is not None else collect_ids(lm, ex.ids or [], **kw)
     elif features.n_examples != len(ex) or features.read != read:
@@ -513,13 +530,14 @@ def probe(
         **lm.meta(),
         "data": ex.meta(),
         "read": read,
-        "units": units if isinstance(units, str) else list(units),
+        "units": units,
         "folds": folds,
         "c": c,
         "chance": chance,
         "n_examples": len(y),
         "n_tokens_mean": float(feats.n_tokens.float().mean()),
         **prov,
+        "config": cfg.to_dict(),
         "wall_time_s": round(time.perf_counter() - start, 3),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "peak_memory": peak_memory(),

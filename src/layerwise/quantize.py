@@ -33,11 +33,12 @@ from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
 
+from .configs import QuantizeConfig
 from .data import Windows
 from .errors import LayerwiseError
 from .evaluate import KL_KEYS, next_token_logits, quality
@@ -353,27 +354,30 @@ class QuantReport:
 def run(
     lm: LoadedModel,
     windows: Windows,
+    config: QuantizeConfig | None = None,
     *,
-    budgets: list[float],
-    strategies: list[str],
-    family: Family = "gguf",
-    method: str = "rtn",
-    group_size: int | None = None,
-    symmetric: bool | None = None,
-    export: tuple[str, ...] | None = None,
-    out: str | Path | None = None,
     prof: Profile | None = None,
-    eval_samples: int = 16,
-    seed: int = 0,
-    batch_size: int = 4,
+    out: str | Path | None = None,
     progress: bool = True,
+    **settings: Any,
 ) -> QuantReport:
-    """Measure, plan every strategy at every budget, evaluate each plan on held-out windows, export one plan."""
+    """Measure, plan every strategy at every budget, evaluate each plan on held-out windows, export one plan; the
+    results record the config.
+
+    ``settings`` are config fields (``bits=4.8, format="int"``); ``prof`` (else the config's ``profile`` file)
+    ranks units for ``ranked:METRIC`` strategies.
+    """
     start = time.perf_counter()
+    cfg = QuantizeConfig.of(config, **settings)
+    budgets, strategies, family, method = cfg.budgets, list(cfg.strategy), cfg.format, cfg.method
+    seed, batch_size, symmetric = cfg.seed, cfg.batch_size, cfg.symmetric
+    if prof is None and cfg.profile:
+        prof = Profile.load(cfg.profile)
     if not budgets and any(s != "q4km" for s in strategies):
         raise LayerwiseError("give `budgets` (or use only the q4km strategy)")
     check_strategies(strategies)
     n_plans = sum(1 if s == "q4km" else len(budgets) for s in strategies)
+    export = cfg.export
     if export is None:
         export = EXPORTS[family] if n_plans == 1 and out is not None else ()
     _check_export(lm, family, export)
@@ -386,7 +390,7 @@ def run(
     sizes: tuple[int, ...] = (32, 64, 128)
     if "hf" in export:  # only whole groups load: keep the default sizes that tile every row
         sizes = tuple(g for g in sizes if all(w % g == 0 for w in hf.row_widths(lm))) or sizes
-    cands = candidates_for(lm, family, method=method, group_size=group_size, symmetric=symmetric, sizes=sizes)
+    cands = candidates_for(lm, family, method=method, group_size=cfg.group_size, symmetric=symmetric, sizes=sizes)
     if "hf" in export and isinstance(cands, GroupCandidates):
         hf.check(lm, cands.configs)
     lo, hi = bit_range(lm, cands)
@@ -406,7 +410,7 @@ def run(
     allocs = plans(
         lm, windows, meas, cands, budgets, strategies, prof=prof, seed=seed, batch_size=batch_size, progress=progress
     )
-    eval_ids = windows.evaluation[:eval_samples]
+    eval_ids = windows.evaluation[: cfg.eval_samples]
     original, rows, plan_json = evaluate(
         lm, windows, meas, cands, allocs, eval_ids, batch_size=batch_size, progress=progress
     )
@@ -414,6 +418,7 @@ def run(
         **lm.meta(),
         "data": windows.meta(),
         **provenance(seed=seed, batch_size=batch_size),
+        "config": cfg.to_dict(),
         "format": family,
         "method": method if family == "int" else "llama.cpp",
         "candidates": list(cands.names),

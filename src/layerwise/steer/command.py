@@ -7,11 +7,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from ..configs import SteerConfig
 from ..errors import LayerwiseError
-from ..features import Read
 from ..io import atomic_dir, load_result
 from ..loading import LoadedModel
 from .export import export_gguf
@@ -56,31 +57,34 @@ def run(
     pairs: Sequence[tuple[str, str]],
     prompts: Sequence[str],
     eval_ids: torch.Tensor,
+    config: SteerConfig | None = None,
     *,
     report_prompts: Sequence[str] | None = None,
-    method: str = "diffmean",
-    layers: str = "auto",
-    alpha: float | str = "auto",
-    sweep_alphas: Sequence[float] = (),
-    sweep_layers: str | None = None,
-    read: Read = "last",
-    seed: int = 0,
-    target: float = 2.0,
-    probe: str | None = None,
     scorer: Callable[[str], float] | None = None,
-    new_tokens: int = 24,
-    export: Sequence[str] = (),
-    out: str | Path | None = None,
-    batch_size: int = 4,
-    progress: bool = False,
     data: dict | None = None,
+    out: str | Path | None = None,
+    progress: bool = False,
+    **settings: Any,
 ) -> SteerReport:
-    """Fit, choose the layer and the strength, measure every swept (layer, alpha), write the vector, report and exports.
+    """Fit, choose the layer and the strength, measure every swept (layer, alpha), write the vector, report and exports;
+    the result records the config.
 
     ``prompts`` calibrate ``alpha="auto"``; effects are measured on ``report_prompts`` (module docstring: which set is
-    which). ``sweep_alphas`` are measured at every variant of ``layers``; with ``sweep_layers`` (a layer spec) they are
-    measured at the chosen units and those layers instead, and every variant of ``layers`` once at the chosen alpha.
+    which) and the cost on the first ``eval_samples`` of ``eval_ids``. ``sweep_alpha`` values are measured at every
+    variant of ``layers``; with ``sweep_layers`` (a layer spec) they are measured at the chosen units and those layers
+    instead, and every variant of ``layers`` once at the chosen alpha. ``settings`` are config fields
+    (``layers="L6", alpha=0.25``); ``data`` describes where the pairs and prompts came from, for the record.
     """
+    cfg = SteerConfig.of(config, **settings)
+    method, layers, alpha, read, seed, batch_size = (
+        cfg.method,
+        cfg.layers,
+        cfg.alpha,
+        cfg.read,
+        cfg.seed,
+        cfg.batch_size,
+    )
+    export, sweep_layers, eval_ids = cfg.export, cfg.sweep_layers, eval_ids[: cfg.eval_samples]
     start = time.perf_counter()
     unknown = set(export) - {"gguf"}
     if unknown:
@@ -88,7 +92,7 @@ def run(
             f"unknown export {', '.join(sorted(unknown))}; the vector is always saved, and gguf adds a llama.cpp "
             "control vector"
         )
-    sweep = [check_alpha(a) for a in sweep_alphas]
+    sweep = [check_alpha(a) for a in cfg.sweep_alpha]
     fixed = None if alpha == "auto" else check_alpha(alpha)
     variants = parse_layers(layers, lm.anatomy.n_layers)
     also_swept = None if sweep_layers is None else parse_layers(sweep_layers, lm.anatomy.n_layers) or []
@@ -97,14 +101,18 @@ def run(
             "llama.cpp control vectors cannot steer L0 (its first slot, direction.1, is block 1's output); choose "
             "layers from L1 on"
         )
-    f = fit(lm, pairs, method=method, read=read, seed=seed, probe=probe, batch_size=2 * batch_size, progress=progress)
+    f = fit(
+        lm, pairs, method=method, read=read, seed=seed, probe=cfg.probe, batch_size=2 * batch_size, progress=progress
+    )
     ranking = rank_variants(f, variants)
     if "gguf" in export and variants is None:
         ranking = [r for r in ranking if r["units"] != ["L0"]]  # llama.cpp cannot take it
     chosen = tuple(ranking[0]["units"])
     ps = prompt_sets(lm, prompts, pairs, f.held_out, seed=seed, report=report_prompts)
     probe_vec = f.vector(chosen, lm, DEFAULT_ALPHA, {})
-    alpha_choice = choose_alpha(lm, probe_vec, ps, target=target) if fixed is None else {"alpha": fixed, "given": True}
+    alpha_choice = (
+        choose_alpha(lm, probe_vec, ps, target=cfg.target) if fixed is None else {"alpha": fixed, "given": True}
+    )
     a = float(alpha_choice["alpha"])
     listed = variants or [chosen]
     if also_swept is None:
@@ -113,7 +121,7 @@ def run(
         configs = [(v, a) for v in listed] + [(v, s) for v in [chosen, *also_swept] for s in sweep]
     configs = list(dict.fromkeys([*configs, (chosen, a)]))
     m = measure(
-        lm, f, configs, ps, eval_ids, new_tokens=new_tokens, scorer=scorer, batch_size=batch_size, progress=progress
+        lm, f, configs, ps, eval_ids, new_tokens=cfg.new_tokens, scorer=scorer, batch_size=batch_size, progress=progress
     )
     choice = {
         "layers": layers,
@@ -150,8 +158,9 @@ def run(
         data=data or {},
         method=method,
         read=read,
-        target=target,
-        new_tokens=new_tokens,
+        target=cfg.target,
+        new_tokens=cfg.new_tokens,
+        config=cfg.to_dict(),
         eval_windows=int(eval_ids.shape[0]),
         eval_seq_len=int(eval_ids.shape[1]),
         wall_time_s=round(time.perf_counter() - start, 3),

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..configs import TuneConfig
 from ..errors import LayerwiseError
 from ..io import load_result, provenance, write_json
 from ..loading import LoadedModel
@@ -54,34 +56,55 @@ class TuneReport:
         return load_result(cls, path, "tune.json", "tune")
 
 
+#: The settings every run's row repeats, so that a row read alone says how it was trained.
+TRAIN_SETTINGS = (
+    "active",
+    "interval",
+    "temperature",
+    "steps",
+    "lr",
+    "grad_accum",
+    "train_embeddings",
+    "lora",
+    "lora_rank",
+    "seed",
+    "save_every",
+)
+
+
 def run(
     lm: LoadedModel,
     data: TuneData,
-    selects: list[str],
+    config: TuneConfig | None = None,
     *,
     second: torch.Tensor | None = None,
     prof: Profile | None = None,
-    unit: str = "block",
-    restore: int = 0,
-    restore_order: str = "change",
     out: str | Path | None = None,
     export: bool = True,
-    batch_size: int = 4,
     progress: bool = True,
-    layer_lr: str | None = None,
-    **train_kw,
+    **settings: Any,
 ) -> TuneReport:
-    """Train each strategy from the same starting weights, evaluate it on both domains, and save.
+    """Train each of the config's strategies from the same starting weights, evaluate it on both domains, and save;
+    the results record the config.
 
-    ``prof`` supplies importance for ``importance:``/``top:`` selects and for
+    ``prof`` (else the config's ``profile`` file) supplies importance for ``importance:``/``top:`` selects and for
     ``restore_order="importance"`` (by the select's metric, else ``ablate_nll``).
     With one strategy the model is saved to ``out/model`` (restoration
     applied when asked); a checkpoint is kept there during training too.
     ``layer_lr="METRIC[:TAU]"`` gives every strategy per-unit learning rates
     from ``prof`` (:func:`layer_rates`); the run's key then ends in
     ``+layer_lr:METRIC:TAU`` and its ``unit_lr`` holds the rates.
+    ``settings`` are config fields (``select="lisa,full", steps=50``).
     """
-    sels = [parse_select(s) for s in selects]
+    cfg = TuneConfig.of(config, **settings)
+    unit, restore, restore_order, layer_lr, batch_size = (
+        cfg.unit,
+        cfg.restore,
+        cfg.restore_order,
+        cfg.layer_lr,
+        cfg.batch_size,
+    )
+    sels = [parse_select(s) for s in cfg.select]
     lr_spec = parse_layer_lr(layer_lr) if layer_lr else None
     if not sels:
         raise LayerwiseError(f"select names no strategy; use one of: {SELECT_HELP}")
@@ -89,6 +112,8 @@ def run(
         raise LayerwiseError(f"restore={restore} would put back all {lm.anatomy.n_layers} blocks; use fewer")
     if restore_order not in RESTORE_ORDERS:
         raise LayerwiseError(f"unknown restore order {restore_order!r}; use change or importance")
+    if prof is None and cfg.profile:
+        prof = Profile.load(cfg.profile)
     if prof is not None:
         prof.check(lm)
     rates = layer_rates(_need(prof, lr_spec[0]), lr_spec[0], unit, lr_spec[1]) if lr_spec else None
@@ -104,16 +129,7 @@ def run(
         if lm.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         r = train(
-            lm,
-            data,
-            select=sel.key,
-            unit=unit,
-            weights=weights,
-            batch_size=batch_size,
-            checkpoint=ckpt,
-            progress=progress,
-            rates=rates,
-            **train_kw,
+            lm, data, replace(cfg, select=(sel.key,)), weights=weights, checkpoint=ckpt, progress=progress, rates=rates
         )
         block_w = (
             importance_weights(_need(prof, metric), metric, "block")
@@ -133,8 +149,9 @@ def run(
             progress=progress,
         )
         key = r.key + (f"+layer_lr:{lr_spec[0]}:{lr_spec[1]:g}" if lr_spec else "")
+        trained = {k: getattr(cfg, k) for k in TRAIN_SETTINGS}
         runs.append(
-            {"key": key, "select": sel.key, "unit": unit, "layer_lr": layer_lr, **train_kw, **r.summary(), "eval": ev}
+            {"key": key, "select": sel.key, "unit": unit, "layer_lr": layer_lr, **trained, **r.summary(), "eval": ev}
         )
         if ckpt is not None:
             params = [p for i in restored for p in block_params(r.model, i)]
@@ -147,7 +164,7 @@ def run(
             }
         if _is_peft(r.model):
             lm.model = r.model.unload()  # peft's LoRA layers out again, weights untouched
-    prov = provenance(seed=train_kw.get("seed", 0), batch_size=batch_size)
+    prov = provenance(seed=cfg.seed, batch_size=batch_size)
     prov["versions"] |= _peft_version()
     meta = {
         **lm.meta(),
@@ -156,6 +173,7 @@ def run(
         "restore": restore,
         "restore_order": restore_order,
         **prov,
+        "config": cfg.to_dict(),
         "wall_time_s": round(time.perf_counter() - start, 3),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "peak_memory": peak_memory(),

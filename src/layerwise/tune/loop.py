@@ -8,13 +8,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import TrainerControl, TrainerState
 
+from ..configs import TuneConfig
 from ..data import Windows
 from ..errors import LayerwiseError
 from ..io import atomic_dir
@@ -119,28 +120,16 @@ def save_model(model: Tunable, tokenizer, out: str | Path) -> Path:
 def train(
     lm: LoadedModel,
     data: TuneData | Windows,
+    config: TuneConfig | None = None,
     *,
-    select: str = "lisa",
-    unit: str = "block",
-    active: int = 2,
-    interval: int = 20,
-    temperature: float = 1.0,
     weights: dict[str, float] | None = None,
-    steps: int = 100,
-    lr: float = 1e-4,
-    batch_size: int = 4,
-    grad_accum: int = 1,
-    max_grad_norm: float = 1.0,
-    train_embeddings: bool = True,
-    lora: bool = False,
-    lora_rank: int = 8,
-    seed: int = 0,
-    checkpoint: str | Path | None = None,
-    save_every: int = 0,
-    progress: bool = True,
     rates: dict[str, float] | None = None,
+    checkpoint: str | Path | None = None,
+    progress: bool = True,
+    **settings: Any,
 ) -> TuneRun:
-    """Train ``lm.model`` in place with one selection strategy (AdamW, constant learning rate).
+    """Train ``lm.model`` in place with the config's one selection strategy (AdamW, constant learning rate);
+    ``settings`` are config fields (``select="lisa", steps=50``).
 
     ``select="lora"`` (or ``lora=True`` with any select, IST's setting for
     ``adaptive``) wraps the model in a peft LoRA adapter first; the returned
@@ -153,18 +142,25 @@ def train(
     its adapters'); embeddings, norms and head keep ``lr``. The rates the
     optimizer held at the end are in the run's ``unit_lr``.
     """
+    cfg = TuneConfig.of(config, **settings)
+    if len(cfg.select) != 1:
+        raise LayerwiseError(f"train runs one strategy; `select` names {len(cfg.select)} ({', '.join(cfg.select)})")
+    select, unit, seed, steps, lr, batch_size = cfg.select[0], cfg.unit, cfg.seed, cfg.steps, cfg.lr, cfg.batch_size
     sel = parse_select(select)
     data = TuneData.from_windows(data) if isinstance(data, Windows) else data
-    if steps < 1 or grad_accum < 1 or batch_size < 1:
-        raise LayerwiseError(
-            f"`steps`, `grad_accum` and `batch_size` must each be at least 1 (got {steps}, {grad_accum}, {batch_size})"
-        )
     if data.ids.shape[0] == 0:
         raise LayerwiseError("no training examples; give more data")
     lm.model.requires_grad_(True)  # every unit in the optimizer; the selector freezes what does not train now
-    model = with_lora(lm.model, lora_rank) if (lora or sel.mode == "lora") else lm.model
+    model = with_lora(lm.model, cfg.lora_rank) if (cfg.lora or sel.mode == "lora") else lm.model
     selector = LayerSelector(
-        "full" if sel.mode == "lora" else select, unit, active, interval, temperature, weights, seed, train_embeddings
+        "full" if sel.mode == "lora" else select,
+        unit,
+        cfg.active,
+        cfg.interval,
+        cfg.temperature,
+        weights,
+        seed,
+        cfg.train_embeddings,
     )
     start = Snapshot([p for p in model.parameters() if p.requires_grad]) if _is_peft(model) else None
     torch.manual_seed(seed)
@@ -184,7 +180,7 @@ def train(
             state.global_step = step
             selector.on_step_begin(None, state, control, model=model, optimizer=optimizer)
             total = 0.0
-            for _ in range(grad_accum):
+            for _ in range(cfg.grad_accum):
                 idx = next(order)
                 dev = lm.device
                 loss = model(
@@ -195,24 +191,25 @@ def train(
                 ).loss
                 if not torch.isfinite(loss):
                     _stop_on_nan(model, lm.tokenizer, step, checkpoint)
-                (loss / grad_accum).backward()
-                total += float(loss.detach()) / grad_accum
-            if max_grad_norm:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_grad_norm)
+                (loss / cfg.grad_accum).backward()
+                total += float(loss.detach()) / cfg.grad_accum
+            if cfg.max_grad_norm:
+                clip = [p for p in model.parameters() if p.grad is not None]
+                torch.nn.utils.clip_grad_norm_(clip, cfg.max_grad_norm)
             selector.on_pre_optimizer_step(None, state, control, model=model, optimizer=optimizer)
             optimizer.step()
             selector.on_optimizer_step(None, state, control, model=model, optimizer=optimizer)
             optimizer.zero_grad(set_to_none=True)
             losses.append(total)
             bar.set_postfix(loss=f"{total:.3f}")
-            if checkpoint is not None and save_every and (step + 1) % save_every == 0:
+            if checkpoint is not None and cfg.save_every and (step + 1) % cfg.save_every == 0:
                 save_model(model, lm.tokenizer, checkpoint)
     finally:
         model.eval()
     optimizer.state.clear()
     unit_lr = {g["name"]: g["lr"] for g in optimizer.param_groups if g["name"] != "rest"} if rates is not None else {}
     return TuneRun(
-        sel.key + ("" if sel.mode == "lora" or not lora else "+lora"),
+        sel.key + ("" if sel.mode == "lora" or not cfg.lora else "+lora"),
         losses,
         selector.records,
         time.perf_counter() - t0,
