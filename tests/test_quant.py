@@ -523,3 +523,18 @@ def test_plan_scoring_and_held_out_evaluation_show_progress(capsys):
             assert all(f"{bar}: 100%" in err for bar in bars), err
         else:
             assert "%|" not in err and not any(bar in err for bar in bars), err
+
+
+def test_each_export_runs_its_held_out_windows_with_a_bar(tmp_path, capsys):
+    """Running a written model in its consumer, window by window, shows a bar (stderr); progress=False shows none."""
+    from layerwise.quant.hf import transformers_nll
+
+    from .conftest import tiny_model
+
+    tiny_model("llama").save_pretrained(tmp_path / "m")
+    ids = _split_windows().evaluation
+    for progress in (True, False):
+        capsys.readouterr()
+        nll = transformers_nll(tmp_path / "m", ids, progress=progress)
+        err = capsys.readouterr().err
+        assert len(nll) == ids.shape[0] and ("transformers perplexity: 100%" in err) == progress, err

@@ -37,6 +37,7 @@ EXAMPLES: dict[str, str] = {
   layerwise drop --n 4 --order lens_kl:desc                            # a metric with no importance direction needs one
   layerwise drop --sweep 1,2,4,6,8,12 --unit attn,mlp,block --order sub_cos,ablate_nll,random --out runs/drop-sweep
   layerwise drop --plan runs/drop6/plan.json --export hf,gguf --out runs/drop6-again  # a saved plan, not measured again
+  layerwise drop --config runs/drop6 --n 8 --out runs/drop8            # the recorded run again, with one change
 """,
     "quantize": """\
   layerwise quantize --bits 5 --strategy measured --out runs/q5        # mixed GGUF types + llama-quantize recipe
@@ -72,7 +73,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpF
     """Defaults shown after each option (where there is one to show), examples kept as written."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False, ()):
+        if action.default in (None, False, ()) or action.nargs == 0:  # a switch's default is its absence
             return action.help
         return super()._get_help_string(action)
 
@@ -756,7 +757,16 @@ def _quantize(args: argparse.Namespace) -> int:
     if plan is not None:
         formats = EXPORTS[plan.family] if cfg.export is None else cfg.export
         return _exported(
-            qz.export_plan(lm, plan, args.out, formats, w.evaluation[: cfg.eval_samples], w, batch_size=cfg.batch_size),
+            qz.export_plan(
+                lm,
+                plan,
+                args.out,
+                formats,
+                w.evaluation[: cfg.eval_samples],
+                w,
+                batch_size=cfg.batch_size,
+                progress=not args.json,
+            ),
             args,
         )
     report = qz.run(lm, w, cfg, prof=prof, out=args.out, progress=not args.json)

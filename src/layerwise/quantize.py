@@ -436,6 +436,7 @@ def run(
             eval_ids,
             windows,
             batch_size=batch_size,
+            progress=progress,
         )
     meta |= {
         "wall_time_s": round(time.perf_counter() - start, 3),
@@ -457,16 +458,18 @@ def export_plan(
     windows: Windows | None = None,
     *,
     batch_size: int = 4,
+    progress: bool = False,
 ) -> dict:
     """Write one plan's files (``windows``: a GPTQ plan's calibration windows); each model written is run in its
-    consumer (llama.cpp, transformers) on the held-out ``eval_ids``. Nothing is measured again."""
+    consumer (llama.cpp, transformers) on the held-out ``eval_ids``, with a bar over the windows when ``progress``.
+    Nothing is measured again."""
     out = Path(out)
     _check_export(lm, plan.family, export)
     exports: dict = {}
     if "hf" in export:
         hf.check(lm, plan.int_configs())
         path = hf.export(lm, plan.codes(lm, windows, batch_size=batch_size), out / "model")
-        nll = hf.transformers_nll(path, eval_ids, device=lm.device)
+        nll = hf.transformers_nll(path, eval_ids, device=lm.device, progress=progress)
         exports["hf"] = {
             "path": str(path),
             "bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")),
@@ -482,7 +485,7 @@ def export_plan(
         exports["recipe"] = {"path": str(path)}
     if "gguf" in export:
         path = qg.export(cands, types, out / "model.gguf")
-        nll = qg.llama_nll(path, eval_ids)
+        nll = qg.llama_nll(path, eval_ids, progress=progress)
         exports["gguf"] = {
             "path": str(path),
             "bytes": path.stat().st_size,

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .. import ggufio
 from ..anatomy import Anatomy
@@ -274,8 +275,11 @@ def q4km(meas: Measurement, anatomy: Anatomy) -> Allocation:
     return fixed(meas, configs, "q4km")
 
 
-def llama_nll(path: str | Path, ids: torch.Tensor, *, threads: int | None = None) -> list[float]:
-    """Mean next-token NLL of each window when llama.cpp runs the GGUF file (its own kernels and types)."""
+def llama_nll(
+    path: str | Path, ids: torch.Tensor, *, threads: int | None = None, progress: bool = False
+) -> list[float]:
+    """Mean next-token NLL of each window when llama.cpp runs the GGUF file (its own kernels and types); ``progress``
+    shows a bar over the windows."""
     lc = _llama_cpp()
     llm = lc.Llama(
         model_path=str(path),
@@ -287,7 +291,7 @@ def llama_nll(path: str | Path, ids: torch.Tensor, *, threads: int | None = None
     )
     with contextlib.closing(llm):  # the model and its context are freed on error too
         out = []
-        for row in ids.tolist():
+        for row in tqdm(ids.tolist(), desc="llama.cpp perplexity", unit="window", disable=not progress):
             llm.reset()
             llm.eval(row)
             logits = torch.from_numpy(np.asarray(llm.scores[: len(row) - 1], dtype=np.float32))

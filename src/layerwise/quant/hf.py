@@ -23,6 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import LayerwiseError
 from ..io import atomic_dir
@@ -146,9 +147,11 @@ def export(lm: LoadedModel, codes: dict[str, QTensor], out: str | Path) -> Path:
     return Path(out)
 
 
-def transformers_nll(path: str | Path, ids: torch.Tensor, *, device: str | torch.device = "cpu") -> list[float]:
+def transformers_nll(
+    path: str | Path, ids: torch.Tensor, *, device: str | torch.device = "cpu", progress: bool = False
+) -> list[float]:
     """Mean next-token NLL of each window when plain transformers loads the checkpoint (compressed-tensors decompresses
-    it)."""
+    it); ``progress`` shows a bar over the windows."""
     from transformers import AutoModelForCausalLM
 
     from ..evaluate import next_token_logits
@@ -158,7 +161,7 @@ def transformers_nll(path: str | Path, ids: torch.Tensor, *, device: str | torch
     logits = next_token_logits(model)
     out = [
         float(torch.nn.functional.cross_entropy(logits(row[None].to(device)).float(), row[1:].to(device)))
-        for row in ids
+        for row in tqdm(ids, desc="transformers perplexity", unit="window", disable=not progress)
     ]
     del model
     return out
