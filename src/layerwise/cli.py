@@ -30,6 +30,7 @@ EXAMPLES: dict[str, str] = {
   layerwise profile --model ./my-llama --data notes.txt --seq-len 512 --samples 32 --out runs/p
   layerwise profile --model model.gguf --ablation taylor --device cuda --dtype bfloat16
   layerwise profile --attention --ablation none        # attention entropy / distance / sink per head
+  layerwise profile --model ./big-model --offload disk  # weights read block by block from the checkpoint
 """,
     "drop": """\
   layerwise drop --n 6 --unit block --order bi --out runs/drop6        # ShortGPT
@@ -229,6 +230,7 @@ FLAGS = {
     "target": "--target",
     "new_tokens": "--new-tokens",
     "config": "--config",
+    "offload": "--offload",
 }
 
 #: Where a subcommand's flag for an API argument differs from FLAGS: probe's measured profile has its own window
@@ -317,6 +319,13 @@ def _parser() -> _Parser:
         type=_count(0),
         default=64,
         help="score the logit lens and exact ablation at this many random positions per window (default 64; 0: all)",
+    )
+    pr.add_argument(
+        "--offload",
+        default="none",
+        choices=["none", "disk"],
+        help="disk: keep the weights in the checkpoint and read one block at a time (a model larger than memory; "
+        "the same numbers)",
     )
     pr.add_argument(
         "--ablation-samples",
@@ -658,6 +667,7 @@ def _load(args: argparse.Namespace, attn_implementation: str | None = None):
         dtype=args.dtype,
         trust_remote_code=args.trust_remote_code,
         attn_implementation=attn_implementation,
+        offload=getattr(args, "offload", "none"),
     )
     return lm, windows(
         corpus, lm.tokenizer, seq_len=args.seq_len, samples=args.samples, max_len=lm.anatomy.context_length

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -32,6 +32,8 @@ if TYPE_CHECKING:  # what AutoModelForCausalLM returns, for the type checker: a 
     from transformers import PreTrainedModel
     from transformers.models.auto.modeling_auto import _BaseModelWithGenerate as CausalLM
 
+    from .engine import Streamed
+
 
 @dataclass
 class LoadedModel:
@@ -41,19 +43,26 @@ class LoadedModel:
     tokenizer: Any
     anatomy: Anatomy
     source: dict = field(default_factory=dict)
+    #: The engine reading weights from disk block by block (None: the model is resident).
+    streamed: Streamed | None = None
 
     @property
     def device(self) -> torch.device:
-        return self.anatomy.embed.weight.device
+        return self.streamed.device if self.streamed is not None else self.anatomy.embed.weight.device
 
     def meta(self) -> dict:
         return {
             **self.source,
             "model_type": self.anatomy.model_type,
             "n_layers": self.anatomy.n_layers,
-            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
-            "n_params": sum(p.numel() for p in self.model.parameters()),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "n_params": self.streamed.n_params if self.streamed else sum(p.numel() for p in self.model.parameters()),
         }
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype when they run."""
+        return self.streamed.dtype if self.streamed is not None else next(self.model.parameters()).dtype
 
 
 def cache_root() -> Path:
@@ -293,6 +302,44 @@ def _resolve(ref: str, trust_remote_code: bool) -> tuple[str, dict]:
     )
 
 
+#: Where the weights stay while a model runs: all in memory (``none``), or in the checkpoint on disk (``disk``).
+Offload = Literal["none", "disk"]
+
+
+def _skip_dropped(anatomy: Anatomy, source: dict) -> None:
+    """A checkpoint saved by `layerwise drop` carries zeroed sublayers; skip them so the speedup is real."""
+    dropped = (getattr(anatomy.model.config, "layerwise", None) or {}).get("dropped_sublayers") or []
+    if dropped:
+        install_skips(anatomy, dropped)
+        source["skipped_sublayers"] = list(dropped)
+
+
+def _streamed(
+    target: str, source: dict, dev: str, dtype: torch.dtype, trust_remote_code: bool, attn_implementation: str | None
+) -> LoadedModel:
+    """A skeleton model whose weights the engine reads from ``target`` block by block."""
+    from transformers import AutoTokenizer
+
+    from .engine import Checkpoint, Streamed, skeleton
+
+    if source["kind"] == "hub":
+        raise LayerwiseError(
+            "`offload` disk reads the weights from a local checkpoint; download the model (hf download REPO "
+            "--local-dir DIR) and pass DIR as `ref`"
+        )
+    model = skeleton(target, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
+    anatomy = Anatomy(model)
+    streamed = Streamed(model, Checkpoint.of(target), device="cuda:0" if dev == "cuda" else dev, dtype=dtype)
+    tokenizer = (
+        None
+        if _lacks_tokenizer(target, source)
+        else AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
+    )
+    source |= {"device": str(streamed.device), "offload": "disk"}
+    _skip_dropped(anatomy, source)
+    return LoadedModel(model=model, tokenizer=tokenizer, anatomy=anatomy, source=source, streamed=streamed)
+
+
 def load(
     ref: str = "default",
     *,
@@ -300,18 +347,26 @@ def load(
     dtype: str = "float32",
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    offload: Offload = "none",
 ) -> LoadedModel:
     """Load a model for analysis.
 
     ``ref`` is ``default``, a Hugging Face directory (safetensors only), a hub
     id, or a ``.gguf`` file. On CUDA the model is placed with accelerate's
     ``device_map="auto"``, which spreads a model too big for one GPU.
+    ``offload="disk"`` keeps the weights in the checkpoint: the model is a skeleton on the meta device, and
+    :class:`layerwise.engine.Streamed` reads one block's weights at a time while it runs (so far ``profile`` runs
+    such a model).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = _dtype(dtype)
     dev = resolve_device(device)
+    if offload not in ("none", "disk"):
+        raise LayerwiseError(f"unknown `offload` {offload!r}; use none (weights in memory) or disk")
     target, source = _resolve(ref, trust_remote_code)
+    if offload == "disk":
+        return _streamed(target, source, dev, torch_dtype, trust_remote_code, attn_implementation)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -340,9 +395,5 @@ def load(
     model.eval()
     anatomy = Anatomy(model)
     source["device"] = str(anatomy.embed.weight.device)
-    # A checkpoint saved by `layerwise drop` carries zeroed sublayers; skip them so the speedup is real.
-    dropped = (getattr(model.config, "layerwise", None) or {}).get("dropped_sublayers") or []
-    if dropped:
-        install_skips(anatomy, dropped)
-        source["skipped_sublayers"] = list(dropped)
+    _skip_dropped(anatomy, source)
     return LoadedModel(model=model, tokenizer=tokenizer, anatomy=anatomy, source=source)

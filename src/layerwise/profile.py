@@ -413,6 +413,9 @@ def profile(
     (``ablate_nll_se``) include the sampling. None means all. ``seed`` also
     seeds torch before the pass, so a model that samples inside its forward
     runs the same way twice.
+
+    A model loaded with ``offload="disk"`` is profiled block by block, one block's weights read at a time
+    (:mod:`layerwise.profile_streamed`), with the same numbers.
     """
     if ablation not in ("exact", "taylor", "none"):
         raise LayerwiseError(f"unknown `ablation` {ablation!r}; use exact, taylor or none")
@@ -451,7 +454,25 @@ def profile(
         disable=not progress,
     )
     g = torch.Generator().manual_seed(seed)
-    ablated_windows = 0
+    ablated_windows, zd_of = 0, None
+    if lm.streamed is not None:
+        from .profile_streamed import streamed_pass
+
+        ablated_windows, zd_of = streamed_pass(
+            lm,
+            batches,
+            accs,
+            taylor_acc,
+            ablation=ablation,
+            lens=lens,
+            attention=attention,
+            positions=positions,
+            n_ablated=n_ablated if ablation == "exact" else 0,
+            g=g,
+            bar=bar,
+        )
+        n_tokens = sum(int(b[:, 1:].numel()) for b in batches)
+        batches = []
     for batch_no, batch in enumerate(batches):
         x = batch.to(lm.device)
         h: list[torch.Tensor | None] = [None] * (L + 1)
@@ -461,19 +482,7 @@ def profile(
 
         def on_block(tr: BlockTrace) -> None:
             i = tr.layer
-            hin, a, m = (t.detach().flatten(0, 1) for t in (tr.h_in, tr.attn, tr.mlp))
-            hmid = hin + a
-            hidden = tr.mlp_hidden.detach().flatten(0, 1) if tr.mlp_hidden is not None else None
-            accs[i].run.hold(hin, a, m, hmid, hidden)
-            if i == L - 1 or accs[i + 1].run is not accs[i].run:
-                accs[i].run.reduce()
-            if attention:
-                if tr.attn_weights is None:
-                    raise LayerwiseError(
-                        f"{unit_name(i, 'attn')} returned no attention probabilities; load the model with "
-                        "attn_implementation='eager'"
-                    )
-                accs[i].attention.add(st.attention_rows(tr.attn_weights))
+            hmid = _observe(accs, tr, attention)
             h[i], mid[i], h[i + 1] = tr.h_in.detach(), hmid.view_as(tr.h_in), tr.h_out.detach()
             calls[i] = (tr.args, tr.kwargs)
             if taylor:
@@ -511,7 +520,7 @@ def profile(
                 bar=bar,
             )
     bar.close()
-    units = _finalize(lm, accs, taylor_acc, ablation)
+    units = _finalize(lm, accs, taylor_acc, ablation, zd_of)
     prof = Profile(
         meta={
             **lm.meta(),
@@ -533,6 +542,25 @@ def profile(
     )
     prof.agreement = agreement(prof)
     return prof
+
+
+def _observe(accs: list[_LayerAcc], tr: BlockTrace, attention: bool) -> torch.Tensor:
+    """Feed one block's trace to its statistics; return the stream between its sublayers, flattened."""
+    i, L = tr.layer, len(accs)
+    hin, a, m = (t.detach().flatten(0, 1) for t in (tr.h_in, tr.attn, tr.mlp))
+    hmid = hin + a
+    hidden = tr.mlp_hidden.detach().flatten(0, 1) if tr.mlp_hidden is not None else None
+    accs[i].run.hold(hin, a, m, hmid, hidden)
+    if i == L - 1 or accs[i + 1].run is not accs[i].run:
+        accs[i].run.reduce()
+    if attention:
+        if tr.attn_weights is None:
+            raise LayerwiseError(
+                f"{unit_name(i, 'attn')} returned no attention probabilities; load the model with "
+                "attn_implementation='eager'"
+            )
+        accs[i].attention.add(st.attention_rows(tr.attn_weights))
+    return hmid
 
 
 def _taylor(an, updates: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
@@ -595,14 +623,22 @@ def _readouts(
             bar.update(1)
 
 
-def _finalize(lm: LoadedModel, accs: list[_LayerAcc], taylor_acc: st.Moments, ablation: Ablation) -> list[Unit]:
+def zd_scores(an, layers) -> dict[str, float]:
+    """zd of every weight matrix of these blocks, each matrix once (a block shares its sublayers' matrices)."""
+    unique = {name: w for layer in layers for name, w in an.weight_matrices(layer, "block")}
+    return dict(zip(unique, st.host_floats([z_fraction(w) for w in unique.values()])))
+
+
+def _finalize(
+    lm: LoadedModel, accs: list[_LayerAcc], taylor_acc: st.Moments, ablation: Ablation, zd_of: dict | None = None
+) -> list[Unit]:
     an = lm.anatomy
     runs = list({id(acc.run): acc.run for acc in accs}.values())
     st.to_host([s for acc in accs for s in acc.stats()] + [s for run in runs for s in run.stats()] + [taylor_acc])
     # zd: each matrix once (a block shares its sublayers' matrices), all scores in one copy.
     mats = {(layer, kind): an.weight_matrices(layer, kind) for layer in range(len(accs)) for kind in KINDS}
-    unique = {name: w for pairs in mats.values() for name, w in pairs}
-    zd_of = dict(zip(unique, st.host_floats([z_fraction(w) for w in unique.values()])))
+    if zd_of is None:
+        zd_of = zd_scores(an, range(len(accs)))
     taylor_means = taylor_acc.mean.tolist() if taylor_acc.n else None
     taylor_order = ("attn", "mlp", "block")
     units = []

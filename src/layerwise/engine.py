@@ -1,0 +1,171 @@
+"""Block-sequential running of a model whose weights stay on disk.
+
+The model is built on the meta device (a skeleton: modules and shapes, no weights). Each block's weights are read
+from the safetensors checkpoint only while that block runs, placed on the device in the compute dtype, and given
+back afterwards, so the weights in memory are one block's (plus the embedding, the final norm and the head while
+they are used). Every batch of windows passes a block before the next block is read: the windows' hidden states are
+carried from block to block.
+
+The extra inputs each block takes (masks, position embeddings) are the model's own: a dry pass runs the model with
+every block skipped (``trace.install_skips``) and records what each block was called with, so no architecture's
+signature is known here. The numbers are those of the resident model: the same modules run on the same inputs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .anatomy import Anatomy
+from .errors import LayerwiseError
+from .trace import hooks, install_skips
+
+if TYPE_CHECKING:
+    from .loading import CausalLM
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where each tensor of a safetensors checkpoint lives; tensors are read one at a time."""
+
+    files: dict[str, Path]
+
+    @classmethod
+    def of(cls, folder: str | Path) -> Checkpoint:
+        """The checkpoint in ``folder``: its index (``model.safetensors.index.json``), else its one shard."""
+        from safetensors import safe_open
+
+        folder = Path(folder)
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            return cls({name: folder / file for name, file in weight_map.items()})
+        files: dict[str, Path] = {}
+        for shard in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(shard), "pt") as fh:
+                files |= dict.fromkeys(fh.keys(), shard)
+        if not files:
+            raise LayerwiseError(f"{folder} holds no safetensors weights; give a Hugging Face model directory")
+        return cls(files)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[name]), "pt") as fh:
+            return fh.get_tensor(name)
+
+
+def skeleton(
+    folder: str | Path, *, trust_remote_code: bool = False, attn_implementation: str | None = None
+) -> CausalLM:
+    """The model of ``folder``'s config on the meta device (buffers such as rotary tables are real), in eval mode."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
+    return model.eval()
+
+
+class Streamed:
+    """A skeleton model whose weights are read from ``checkpoint`` one part at a time onto ``device`` in ``dtype``."""
+
+    def __init__(
+        self, model: CausalLM, checkpoint: Checkpoint, *, device: str | torch.device = "cpu", dtype=torch.float32
+    ) -> None:
+        self.model, self.checkpoint = model, checkpoint
+        self.anatomy = Anatomy(model)
+        self.device, self.dtype = torch.device(device), dtype
+        self.keys = {name: self._key(name) for name, _ in model.named_parameters(remove_duplicate=False)}
+
+    @property
+    def n_params(self) -> int:
+        """Parameters in the checkpoint's tensors (a tied head counted once, as the resident model counts it)."""
+        shapes = {key: self.model.get_parameter(name).numel() for name, key in self.keys.items()}
+        return sum(shapes.values())
+
+    def _key(self, name: str) -> str:
+        """The checkpoint's name for a parameter: its own, without the base model's prefix, or (tied) the input
+        embedding's."""
+        files = self.checkpoint.files
+        prefix = f"{getattr(self.model, 'base_model_prefix', '')}."
+        candidates = [name, name.removeprefix(prefix)]
+        out = self.model.get_output_embeddings()
+        tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
+        if out is not None and tied and name.startswith(self._path(out)):
+            candidates.append(f"{self._path(self.model.get_input_embeddings())}.weight")
+        for key in candidates:
+            if key in files:
+                return key
+        raise LayerwiseError(f"the checkpoint holds no tensor for {name}; give the complete checkpoint folder")
+
+    def _path(self, module: nn.Module) -> str:
+        return next(n for n, m in self.model.named_modules() if m is module)
+
+    def names(self, *modules: nn.Module) -> list[str]:
+        """The parameter names of these modules."""
+        return [
+            f"{path}.{n}"
+            for path in (self._path(m) for m in modules)
+            for n, _ in self.model.get_submodule(path).named_parameters(remove_duplicate=False)
+        ]
+
+    @property
+    def stem(self) -> list[str]:
+        """Parameters outside the blocks and the head: embeddings (token, position) and the final norm."""
+        inside = tuple(f"{self._path(m)}." for m in (*self.anatomy.blocks, self.anatomy.head))
+        return [n for n in self.keys if not n.startswith(inside)]
+
+    @contextmanager
+    def onloaded(self, names: list[str]) -> Iterator[None]:
+        """These parameters read from the checkpoint for the ``with``, and given back to the meta device on exit (also
+        on error)."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        try:
+            for name in names:
+                value = self.checkpoint.tensor(self.keys[name]).to(self.dtype)
+                set_module_tensor_to_device(self.model, name, self.device, value=value)
+            yield
+        finally:
+            for name in names:
+                set_module_tensor_to_device(self.model, name, "meta")
+
+    def calls(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
+        """The first block's input for ``ids`` and what every block is called with besides it, from a dry pass with
+        every block skipped (only the stem's weights are read)."""
+        an = self.anatomy
+        found: list[Any] = [None] * an.n_layers
+        first: list[torch.Tensor] = []
+
+        def record(i: int) -> Callable:
+            def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+                if i == 0:
+                    first.append(args[0] if args else kwargs["hidden_states"])
+                found[i] = (args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"})
+
+            return hook
+
+        restore = install_skips(an, [f"L{i}" for i in range(an.n_layers)])
+        try:
+            with hooks() as keep, self.onloaded(self.stem), torch.no_grad():
+                for i, block in enumerate(an.blocks):
+                    keep(block.register_forward_pre_hook(record(i), with_kwargs=True))
+                self._dry(ids)
+        finally:
+            restore()
+        return first[0], found
+
+    def _dry(self, ids: torch.Tensor) -> None:
+        """The model's own forward up to the blocks; the head is never reached (its input is discarded)."""
+        base = self.model.get_submodule(self.anatomy.spec.layers.rsplit(".", 1)[0])
+        base(input_ids=ids.to(self.device), use_cache=False)
