@@ -95,3 +95,27 @@ def test_default_model_profiles_the_same_from_disk(tmp_path, real_cache):
     streamed = Profile.load(tmp_path / "profile.json")
     _same_metrics(resident, streamed)
     assert json.loads((tmp_path / "profile.json").read_text())["meta"]["offload"] == "disk"
+
+
+def test_every_other_action_refuses_a_model_on_disk_in_one_line(tmp_path):
+    """Only profile reads weights block by block so far; every action says so before touching a weight."""
+    from layerwise import drop, quantize, steer, tune
+    from layerwise.probe import Examples, probe
+
+    disk = _streamed(tiny_lm("llama", layers=2), tmp_path / "m")
+    w = tiny_windows(4)
+    calls = [
+        lambda: drop.run(disk, w, n=1),
+        lambda: drop.choose(disk, w, n=1),
+        lambda: drop.sweep_plans(disk, w, sweep=[1]),
+        lambda: drop.export_plan(disk, drop.DropPlan(["L1"], "block", "given"), tmp_path / "d", ("hf",)),
+        lambda: quantize.run(disk, w, bits=4.8, format="int"),
+        lambda: tune.run(disk, tune.TuneData.from_windows(w), select="full"),
+        lambda: tune.train(disk, w, select="full"),
+        lambda: probe(disk, Examples(labels=[0, 1] * 5, ids=[[1, 2, 3]] * 10)),
+        lambda: steer.run(disk, [("a", "b")] * 4, ["p"], w.ids),
+    ]
+    for call in calls:
+        with pytest.raises(LayerwiseError, match=r"needs the weights in memory, .* load it with `offload` none$"):
+            call()
+    assert not (tmp_path / "d").exists()

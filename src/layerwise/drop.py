@@ -191,6 +191,7 @@ def choose(
     each drop with the dropped units skipped, then takes the next least
     important unit. ``settings`` are config fields (``n=6, order="bi"``).
     """
+    lm.check_resident("drop")
     cfg = DropConfig.of(config, **settings)
     if len(cfg.unit) != 1 or len(cfg.order) != 1:
         raise LayerwiseError("one plan takes one `unit` and one `order`; give several with `sweep`")
@@ -482,6 +483,7 @@ def sweep_plans(
 ) -> list[DropPlan]:
     """One plan per (unit kind, order, n) of the config's ``sweep``. Rankings are nested: the n-unit plan is the first
     n of the largest."""
+    lm.check_resident("drop")
     cfg = DropConfig.of(config, **settings)
     ns = sorted(set(cfg.sweep or ()))
     if not ns:
@@ -562,6 +564,7 @@ def check_export(lm: LoadedModel, export: tuple[str, ...]) -> None:
 
 def export_plan(lm: LoadedModel, plan: DropPlan, out: str | Path, export: tuple[str, ...]) -> dict:
     """Write the plan's smaller model into ``out`` in each format (``model/``, ``model.gguf``); what was written."""
+    lm.check_resident("drop")
     check_plan_model(plan.model_hash, lm)
     check_export(lm, export)
     exports: dict = {}
@@ -591,6 +594,7 @@ def run(
 
     ``settings`` are config fields (``n=6, order="bi", eval_samples=8``).
     """
+    lm.check_resident("drop")
     cfg = DropConfig.of(config, **settings)
     start = time.perf_counter()
     if plans is None:

@@ -59,6 +59,14 @@ class LoadedModel:
             "n_params": self.streamed.n_params if self.streamed else sum(p.numel() for p in self.model.parameters()),
         }
 
+    def check_resident(self, what: str) -> None:
+        """Refuse ``what`` on a model whose weights stay on disk: so far only ``profile`` runs such a model."""
+        if self.streamed is not None:
+            raise LayerwiseError(
+                f"{what} needs the weights in memory, and this model was loaded with `offload` disk (so far only "
+                "profile reads weights block by block); load it with `offload` none"
+            )
+
     @property
     def dtype(self) -> torch.dtype:
         """The weights' dtype when they run."""

@@ -367,6 +367,7 @@ def run(
     ``settings`` are config fields (``bits=4.8, format="int"``); ``prof`` (else the config's ``profile`` file)
     ranks units for ``ranked:METRIC`` strategies.
     """
+    lm.check_resident("quantize")
     start = time.perf_counter()
     cfg = QuantizeConfig.of(config, **settings)
     budgets, strategies, family, method = cfg.budgets, list(cfg.strategy), cfg.format, cfg.method
@@ -463,6 +464,7 @@ def export_plan(
     """Write one plan's files (``windows``: a GPTQ plan's calibration windows); each model written is run in its
     consumer (llama.cpp, transformers) on the held-out ``eval_ids``, with a bar over the windows when ``progress``.
     Nothing is measured again."""
+    lm.check_resident("quantize")
     out = Path(out)
     _check_export(lm, plan.family, export)
     exports: dict = {}

@@ -96,6 +96,7 @@ def run(
     ``+layer_lr:METRIC:TAU`` and its ``unit_lr`` holds the rates.
     ``settings`` are config fields (``select="lisa,full", steps=50``).
     """
+    lm.check_resident("tune")
     cfg = TuneConfig.of(config, **settings)
     unit, restore, restore_order, layer_lr, batch_size = (
         cfg.unit,

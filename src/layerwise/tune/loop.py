@@ -142,6 +142,7 @@ def train(
     its adapters'); embeddings, norms and head keep ``lr``. The rates the
     optimizer held at the end are in the run's ``unit_lr``.
     """
+    lm.check_resident("tune")
     cfg = TuneConfig.of(config, **settings)
     if len(cfg.select) != 1:
         raise LayerwiseError(f"train runs one strategy; `select` names {len(cfg.select)} ({', '.join(cfg.select)})")
