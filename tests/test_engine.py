@@ -119,3 +119,19 @@ def test_every_other_action_refuses_a_model_on_disk_in_one_line(tmp_path):
         with pytest.raises(LayerwiseError, match=r"needs the weights in memory, .* load it with `offload` none$"):
             call()
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_bfloat16_checkpoint_runs_in_the_dtype_asked_for(dtype, tmp_path):
+    """Weights stored in bfloat16 and read block by block run in `dtype`, as the loaded model does (they were once
+    left in the checkpoint's dtype, which a float32 run from disk does not match)."""
+    import torch
+
+    lm = tiny_lm("llama", layers=3)
+    lm.model.to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    resident, disk = (load(str(tmp_path / "m"), dtype=dtype, offload=o) for o in ("none", "disk"))
+    w = tiny_windows(4)
+    w.n_calib = 4
+    a, b = (profile(m, w, batch_size=2, ablation="taylor", progress=False) for m in (resident, disk))
+    _same_metrics(a, b)
+    assert a.meta["dtype"] == b.meta["dtype"] == dtype

@@ -63,16 +63,21 @@ class Checkpoint:
 
 
 def skeleton(
-    folder: str | Path, *, trust_remote_code: bool = False, attn_implementation: str | None = None
+    folder: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
 ) -> CausalLM:
-    """The model of ``folder``'s config on the meta device (buffers such as rotary tables are real), in eval mode."""
+    """The model of ``folder``'s config on the meta device (buffers such as rotary tables are real), in eval mode,
+    built for ``dtype`` (not the checkpoint's dtype: buffers and casts follow it as in a model loaded in ``dtype``)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype, **kwargs)
     return model.eval()
 
 
@@ -134,7 +139,7 @@ class Streamed:
         try:
             for name in names:
                 value = self.checkpoint.tensor(self.keys[name]).to(self.dtype)
-                set_module_tensor_to_device(self.model, name, self.device, value=value)
+                set_module_tensor_to_device(self.model, name, self.device, value=value, dtype=self.dtype)
             yield
         finally:
             for name in names:

@@ -335,7 +335,7 @@ def _streamed(
             "`offload` disk reads the weights from a local checkpoint; download the model (hf download REPO "
             "--local-dir DIR) and pass DIR as `ref`"
         )
-    model = skeleton(target, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
+    model = skeleton(target, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
     anatomy = Anatomy(model)
     streamed = Streamed(model, Checkpoint.of(target), device="cuda:0" if dev == "cuda" else dev, dtype=dtype)
     tokenizer = (
