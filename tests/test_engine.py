@@ -1,7 +1,6 @@
 """The block-streamed engine (issue 23, section 1): weights read from the checkpoint one block at a time give the
 resident model's numbers exactly, and are given back after each block."""
 
-import json
 import math
 
 import pytest
@@ -82,19 +81,39 @@ def test_a_checkpoint_without_a_weight_is_one_line(tmp_path):
 
 
 @pytest.mark.real
-def test_default_model_profiles_the_same_from_disk(tmp_path, real_cache):
-    """``layerwise profile --offload disk`` on the default model gives the resident profile's every metric."""
-    argv = ["--seq-len", "64", "--samples", "2", "--positions", "16", "--ablation-samples", "1"]
-    assert cli.main(["profile", *argv, "--offload", "disk", "--out", str(tmp_path), "--json"]) == 0
-    lm = load("default")
+def test_default_model_profiles_the_same_from_disk(tmp_path, real_cache, capsys):
+    """On the default model, a ``--max-memory`` budget under the planned in-memory peak and over the planned from-disk
+    one reads the weights block by block, and gives the in-memory profile's every metric; the plan is printed first
+    and recorded. A budget under both is refused in one line before the model loads."""
+    import torch
+
     from layerwise import windows
+    from layerwise.loading import checkpoint_folder
+    from layerwise.memory_plan import profile_plan
     from layerwise.profile import Profile
 
+    argv = ["--seq-len", "64", "--samples", "2", "--positions", "16", "--ablation-samples", "1", "--batch-size", "2"]
+    plan = profile_plan(
+        checkpoint_folder("default")[0],
+        dtype=torch.float32,
+        windows=2,
+        seq_len=64,
+        batch_size=2,
+        ablation="exact",
+        ablation_windows=2,
+    )
+    budget = (plan.streamed + plan.resident) // 2
+    assert cli.main(["profile", *argv, "--max-memory", str(budget), "--out", str(tmp_path / "p"), "--json"]) == 0
+    assert "runs reading one block at a time from disk" in capsys.readouterr().err
+    streamed = Profile.load(tmp_path / "p" / "profile.json")
+    assert streamed.meta["offload"] == "disk" and streamed.meta["memory_plan"]["streamed"] == plan.streamed
+    lm = load("default")
     w = windows("builtin:pydoc", lm.tokenizer, seq_len=64, samples=2, max_len=lm.anatomy.context_length)
-    resident = profile(lm, w, positions=16, ablation_samples=1, progress=False)
-    streamed = Profile.load(tmp_path / "profile.json")
-    _same_metrics(resident, streamed)
-    assert json.loads((tmp_path / "profile.json").read_text())["meta"]["offload"] == "disk"
+    _same_metrics(profile(lm, w, positions=16, ablation_samples=1, batch_size=2, progress=False), streamed)
+    rc = cli.main(["profile", *argv, "--max-memory", "1MiB", "--out", str(tmp_path / "never")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "even reading one block at a time, over the 1 MiB budget; lower --batch-size" in err, err
+    assert not (tmp_path / "never").exists()
 
 
 def test_every_other_action_refuses_a_model_on_disk_in_one_line(tmp_path):
@@ -135,3 +154,35 @@ def test_a_bfloat16_checkpoint_runs_in_the_dtype_asked_for(dtype, tmp_path):
     a, b = (profile(m, w, batch_size=2, ablation="taylor", progress=False) for m in (resident, disk))
     _same_metrics(a, b)
     assert a.meta["dtype"] == b.meta["dtype"] == dtype
+
+
+def test_the_memory_plan_chooses_where_the_weights_stay_and_refuses_what_cannot_fit(tmp_path):
+    import torch
+
+    from layerwise.memory_plan import RUNTIME, MemoryPlan, parse_bytes, profile_plan
+
+    assert [parse_bytes(t) for t in ("4GiB", "512 MiB", "3.5GB", "1000")] == [
+        4 * 2**30,
+        512 * 2**20,
+        3_500_000_000,
+        1000,
+    ]
+    with pytest.raises(LayerwiseError, match=r"^`max_memory` takes a size such as 4GiB"):
+        parse_bytes("lots")
+    lm = tiny_lm("llama", layers=3)
+    lm.model.save_pretrained(tmp_path)
+    kw = dict(windows=4, seq_len=16, batch_size=2, ablation="exact", ablation_windows=2)
+    plan = profile_plan(tmp_path, dtype=torch.float32, **kw)
+    n = sum(p.numel() for p in lm.model.parameters())
+    assert plan.runtime == RUNTIME and plan.weights == 4 * n
+    assert plan.files == sum(f.stat().st_size for f in tmp_path.glob("*.safetensors"))
+    hidden, layers = lm.anatomy.embed.weight.shape[1], 3
+    assert plan.states == (layers * 4 + 3 * layers * 2) * 16 * hidden * 4
+    assert profile_plan(tmp_path, dtype=torch.bfloat16, **kw).weights == 2 * n
+    small = MemoryPlan(runtime=10, weights=100, files=50, block=20, stem=30, states=5, work=40, block_work=4)
+    assert (small.resident, small.streamed) == (200, 69)
+    assert [small.choose("auto", b) for b in (200, 199, 69)] == ["none", "disk", "disk"]
+    assert small.choose("none", 1) == "none" and small.choose("disk", 10**9) == "disk"
+    with pytest.raises(LayerwiseError, match=r"^the profile needs about 0 MiB even reading one block at a time, over"):
+        small.choose("auto", 68)
+    assert "runs reading one block at a time from disk" in small.line("disk", 100)

@@ -231,6 +231,8 @@ FLAGS = {
     "new_tokens": "--new-tokens",
     "config": "--config",
     "offload": "--offload",
+    "max_memory": "--max-memory",
+    "ablation_samples": "--ablation-samples",
 }
 
 #: Where a subcommand's flag for an API argument differs from FLAGS: probe's measured profile has its own window
@@ -322,10 +324,15 @@ def _parser() -> _Parser:
     )
     pr.add_argument(
         "--offload",
-        default="none",
-        choices=["none", "disk"],
-        help="disk: keep the weights in the checkpoint and read one block at a time (a model larger than memory; "
-        "the same numbers)",
+        default="auto",
+        choices=["auto", "none", "disk"],
+        help="disk: keep the weights in the checkpoint and read one block at a time (the same numbers); none: every "
+        "weight in memory; auto: in memory when the planned peak fits --max-memory, else from disk",
+    )
+    pr.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="memory budget, e.g. 4GiB or 512MiB (default: what the device has free)",
     )
     pr.add_argument(
         "--ablation-samples",
@@ -674,10 +681,38 @@ def _load(args: argparse.Namespace, attn_implementation: str | None = None):
     )
 
 
+def _memory_plan(args: argparse.Namespace) -> tuple[str, dict | None]:
+    """Where the profile's weights stay (``none``: memory, ``disk``), from its memory plan, printed first; the plan
+    as the result records it (None for a hub model, which is loaded into memory)."""
+    from .loading import DTYPES, checkpoint_folder, resolve_device
+    from .memory_plan import available, parse_bytes, profile_plan
+
+    target, source = checkpoint_folder(args.model, args.trust_remote_code)
+    if source["kind"] == "hub":
+        return ("disk" if args.offload == "disk" else "none"), None
+    device = resolve_device(args.device)
+    budget = parse_bytes(args.max_memory) if args.max_memory else available(device)
+    ablated = args.samples if not args.ablation_samples else min(args.samples, args.ablation_samples)
+    plan = profile_plan(
+        target,
+        dtype=DTYPES[args.dtype],
+        windows=args.samples,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        ablation=args.ablation,
+        ablation_windows=-(-ablated // args.batch_size) * args.batch_size,
+        trust_remote_code=args.trust_remote_code,
+    )
+    mode = plan.choose(args.offload, budget)
+    print(f"layerwise: {plan.line(mode, budget)}", file=sys.stderr)
+    return mode, {**plan.to_dict(), "budget": budget, "offload": mode}
+
+
 def _profile(args: argparse.Namespace) -> int:
     from . import profile
     from .report import write_report
 
+    args.offload, plan = _memory_plan(args)
     lm, w = _load(args, attn_implementation="eager" if args.attention else None)
     prof = profile(
         lm,
@@ -691,6 +726,8 @@ def _profile(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.json,
     )
+    if plan is not None:
+        prof.meta["memory_plan"] = plan
     out = Path(args.out)
     path = prof.save(out)
     html = write_report(prof, out / "report.html")

@@ -253,8 +253,9 @@ def _lacks_tokenizer(target: str, source: dict) -> bool:
     return source["kind"] == "hf-dir" and not any((Path(target) / f).exists() for f in _TOKENIZER_FILES)
 
 
-def _resolve(ref: str, trust_remote_code: bool) -> tuple[str, dict]:
-    """Map a model reference to something ``from_pretrained`` takes, plus provenance."""
+def checkpoint_folder(ref: str, trust_remote_code: bool = False) -> tuple[str, dict]:
+    """Map a model reference to something ``from_pretrained`` takes (the folder a GGUF file is converted into; a hub
+    id stays a hub id), plus provenance."""
     if ref == "default":
         gguf = default_gguf()
         folder, digest = _gguf_cache(gguf, trust_remote_code)
@@ -372,7 +373,7 @@ def load(
     dev = resolve_device(device)
     if offload not in ("none", "disk"):
         raise LayerwiseError(f"unknown `offload` {offload!r}; use none (weights in memory) or disk")
-    target, source = _resolve(ref, trust_remote_code)
+    target, source = checkpoint_folder(ref, trust_remote_code)
     if offload == "disk":
         return _streamed(target, source, dev, torch_dtype, trust_remote_code, attn_implementation)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
