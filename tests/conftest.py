@@ -97,7 +97,7 @@ def tiny_cli(monkeypatch):
 
     lm, w = tiny_lm("llama", layers=6), tiny_windows(5)
     w.n_calib = 2
-    monkeypatch.setattr(cli, "_load", lambda args, attn_implementation=None: (lm, w))
+    monkeypatch.setattr(cli, "_load", lambda args, attn_implementation=None, **_: (lm, w))
     return lm, w
 
 

@@ -166,7 +166,7 @@ def test_cli_exports_saved_plans_without_measuring(tmp_path, monkeypatch, capsys
     import layerwise.quant.measure as qm
 
     lm, w = tiny_lm("llama", layers=4), _split()
-    monkeypatch.setattr(cli, "_load", lambda args, attn_implementation=None: (lm, w))
+    monkeypatch.setattr(cli, "_load", lambda args, attn_implementation=None, **_: (lm, w))
     assert cli.main(["drop", "--n", "1", "--no-speed", "--eval-samples", "3", "--out", str(tmp_path / "d")]) == 0
     assert (
         cli.main(["quantize", "--format", "int", "--bits", "4.8", "--eval-samples", "3", "--out", str(tmp_path / "q")])

@@ -134,11 +134,11 @@ def test_streaming_state_does_not_grow(monkeypatch):
     state_bytes = []
     finalize = lp._finalize
 
-    def measured(lm, accs, taylor_acc, ablation):
+    def measured(lm, accs, taylor_acc, ablation, zd_of=None):
         stats = [s for acc in accs for s in acc.stats()] + [s for acc in accs for s in acc.run.stats()] + [taylor_acc]
         tensors = [getattr(s, k) for s in stats for k in s.STATE if getattr(s, k) is not None]
         state_bytes.append(sum({id(t): t.numel() * t.element_size() for t in tensors}.values()))
-        return finalize(lm, accs, taylor_acc, ablation)
+        return finalize(lm, accs, taylor_acc, ablation, zd_of)
 
     monkeypatch.setattr(lp, "_finalize", measured)
     lm = tiny_lm("llama")

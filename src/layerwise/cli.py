@@ -661,13 +661,13 @@ def _steer_parser(sub) -> None:
     )
 
 
-def _load(args: argparse.Namespace, attn_implementation: str | None = None):
-    """The model and the windows the shared options name; the data is read and checked first, so a bad file costs no
-    load."""
+def _load(args: argparse.Namespace, attn_implementation: str | None = None, corpus=None):
+    """The model and the windows the shared options name; the data is read and checked first (or was, as
+    ``corpus``), so a bad file costs no load."""
     from . import load, windows
     from .data import read_corpus
 
-    corpus = read_corpus(args.data, args.encoding)
+    corpus = read_corpus(args.data, args.encoding) if corpus is None else corpus
     lm = load(
         args.model,
         device=args.device,
@@ -710,10 +710,12 @@ def _memory_plan(args: argparse.Namespace) -> tuple[str, dict | None]:
 
 def _profile(args: argparse.Namespace) -> int:
     from . import profile
+    from .data import read_corpus
     from .report import write_report
 
+    corpus = read_corpus(args.data, args.encoding)  # bad data fails before the plan and the load
     args.offload, plan = _memory_plan(args)
-    lm, w = _load(args, attn_implementation="eager" if args.attention else None)
+    lm, w = _load(args, attn_implementation="eager" if args.attention else None, corpus=corpus)
     prof = profile(
         lm,
         w,

@@ -298,6 +298,14 @@ class Windows:
         }
 
 
+def check_context(seq_len: int, max_len: int | None) -> None:
+    """Refuse windows longer than the model's context (``max_len``; None: unknown)."""
+    if max_len is not None and seq_len > max_len:
+        raise LayerwiseError(
+            f"`seq_len` {seq_len} exceeds the model's context of {max_len} tokens; use `seq_len` {max_len} or less"
+        )
+
+
 def _default_bos(tokenizer) -> int | None:
     """The BOS id if this tokenizer prepends one by default, else None."""
     bos = tokenizer.bos_token_id
@@ -326,10 +334,7 @@ def windows(
     """
     if seq_len < 2:
         raise LayerwiseError(f"`seq_len` must be at least 2 (got {seq_len})")
-    if max_len is not None and seq_len > max_len:
-        raise LayerwiseError(
-            f"`seq_len` {seq_len} exceeds the model's context of {max_len} tokens; use `seq_len` {max_len} or less"
-        )
+    check_context(seq_len, max_len)
     if samples < 1:
         raise LayerwiseError(f"`samples` must be at least 1 (got {samples})")
     corpus = ref if isinstance(ref, Corpus) else read_corpus(ref, encoding) if texts is None else Corpus(ref, texts, {})

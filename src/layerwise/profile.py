@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .anatomy import KINDS, Kind, unit_name
-from .data import Windows
+from .data import Windows, check_context
 from .errors import LayerwiseError
 from .io import check_same_model, provenance, write_atomic, write_json
 from .loading import LoadedModel
@@ -429,11 +429,7 @@ def profile(
             f"attention metrics need eager attention, but the model runs {impl!r}; load it with "
             "attn_implementation='eager' (the CLI does for --attention, and for orders by attn_* metrics)"
         )
-    ctx = an.context_length
-    if ctx is not None and windows.seq_len > ctx:
-        raise LayerwiseError(
-            f"`seq_len` {windows.seq_len} exceeds the model's context of {ctx} tokens; use `seq_len` {ctx} or less"
-        )
+    check_context(windows.seq_len, an.context_length)
     torch.manual_seed(seed)
     L = an.n_layers
     taylor_acc = st.Moments()  # columns: (attn, mlp, block) of each layer in turn
