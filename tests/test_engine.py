@@ -180,9 +180,9 @@ def test_the_memory_plan_chooses_where_the_weights_stay_and_refuses_what_cannot_
     assert plan.states == (layers * 4 + 3 * layers * 2) * 16 * hidden * 4
     assert profile_plan(tmp_path, dtype=torch.bfloat16, **kw).weights == 2 * n
     small = MemoryPlan(runtime=10, weights=100, files=50, block=20, stem=30, states=5, work=40, block_work=4)
-    assert (small.resident, small.streamed) == (200, 69)
-    assert [small.choose("auto", b) for b in (200, 199, 69)] == ["none", "disk", "disk"]
+    assert (small.resident, small.streamed) == (220, 75)  # with 10 % headroom
+    assert [small.choose("auto", b) for b in (220, 219, 75)] == ["none", "disk", "disk"]
     assert small.choose("none", 1) == "none" and small.choose("disk", 10**9) == "disk"
     with pytest.raises(LayerwiseError, match=r"^the profile needs about 0 MiB even reading one block at a time, over"):
-        small.choose("auto", 68)
+        small.choose("auto", 74)
     assert "runs reading one block at a time from disk" in small.line("disk", 100)

@@ -151,12 +151,9 @@ def _alpha(text: str) -> float | str:
     if text == "auto":
         return text
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"takes auto or multiples such as 0.25 (got {text!r})") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"takes finite multiples such as 0.25 (got {text!r})")
-    return value
+        return _real()(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"takes auto or a finite number such as 0.25 (got {text!r})") from None
 
 
 def _exports(text: str) -> tuple[str, ...]:
