@@ -30,8 +30,9 @@ from .errors import LayerwiseError
 #: The interpreter, torch, transformers, layerwise and SmolLM2's tokenizer, before any weight, with what the
 #: components below leave out (the dry pass's copies): about 1000 MiB in benchmarks/results/offload_profile.md.
 RUNTIME = 1000 * 2**20
-#: Headroom on the sum: the allocator's slack and the resident set's variation between identical runs (the same
-#: 1.7B-shaped profile from disk peaked at 1817 MiB in one run and at 2272 MiB in the next).
+#: Headroom on the sum, for the allocator's slack. It does not cover the resident set's variation between identical
+#: runs from disk: the same 1.7B-shaped profile peaked at 1817, 2272 and 2632 MiB in three runs, the last 11 % above
+#: its plan (benchmarks/results/offload_profile.md); what varies is still to be found.
 SLACK = 1.1
 #: Floats one token keeps per block for a backward pass: about eight hidden-sized and four MLP-sized vectors.
 _SAVED = (8, 4)
