@@ -90,6 +90,7 @@ class Streamed:
         self.model, self.checkpoint = model, checkpoint
         self.anatomy = Anatomy(model)
         self.device, self.dtype = torch.device(device), dtype
+        self.paths = {m: n for n, m in model.named_modules()}
         self.keys = {name: self._key(name) for name, _ in model.named_parameters(remove_duplicate=False)}
 
     @property
@@ -106,28 +107,25 @@ class Streamed:
         candidates = [name, name.removeprefix(prefix)]
         out = self.model.get_output_embeddings()
         tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
-        if out is not None and tied and name.startswith(self._path(out)):
-            candidates.append(f"{self._path(self.model.get_input_embeddings())}.weight")
+        if out is not None and tied and name.startswith(self.paths[out]):
+            candidates.append(f"{self.paths[self.model.get_input_embeddings()]}.weight")
         for key in candidates:
             if key in files:
                 return key
         raise LayerwiseError(f"the checkpoint holds no tensor for {name}; give the complete checkpoint folder")
 
-    def _path(self, module: nn.Module) -> str:
-        return next(n for n, m in self.model.named_modules() if m is module)
-
     def names(self, *modules: nn.Module) -> list[str]:
         """The parameter names of these modules."""
         return [
             f"{path}.{n}"
-            for path in (self._path(m) for m in modules)
+            for path in (self.paths[m] for m in modules)
             for n, _ in self.model.get_submodule(path).named_parameters(remove_duplicate=False)
         ]
 
     @property
     def stem(self) -> list[str]:
         """Parameters outside the blocks and the head: embeddings (token, position) and the final norm."""
-        inside = tuple(f"{self._path(m)}." for m in (*self.anatomy.blocks, self.anatomy.head))
+        inside = tuple(f"{self.paths[m]}." for m in (*self.anatomy.blocks, self.anatomy.head))
         return [n for n in self.keys if not n.startswith(inside)]
 
     @contextmanager

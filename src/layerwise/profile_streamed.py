@@ -52,7 +52,7 @@ def streamed_pass(
     starts = [s.calls(b) for b in batches]
     h = [h0 for h0, _ in starts]
     calls = [c for _, c in starts]
-    stacked = [tile_calls(c, int(b.shape[0]), len(KINDS)) for c, b in zip(calls, batches)]
+    stacked = [tile_calls(c, int(b.shape[0]), len(KINDS)) for c, b in zip(calls[:n_ablated], batches)]
     inputs: list[list[torch.Tensor]] = []
     ablated: list[dict[int, torch.Tensor]] = [{} for _ in batches]
     zd: dict[str, float] = {}
