@@ -319,13 +319,7 @@ def _parser() -> _Parser:
         default=64,
         help="score the logit lens and exact ablation at this many random positions per window (default 64; 0: all)",
     )
-    pr.add_argument(
-        "--offload",
-        default="auto",
-        choices=["auto", "none", "disk"],
-        help="disk: keep the weights in the checkpoint and read one block at a time (the same numbers); none: every "
-        "weight in memory; auto: in memory when the planned peak fits --max-memory, else from disk",
-    )
+    _offload(pr, "auto")
     pr.add_argument(
         "--max-memory",
         metavar="SIZE",
@@ -391,8 +385,12 @@ def _parser() -> _Parser:
         "sweep)",
     )
     dr.add_argument(
-        "--no-speed", dest="with_speed", action="store_false", help="skip the tokens-per-second measurement"
+        "--no-speed",
+        dest="with_speed",
+        action="store_false",
+        help="skip the tokens-per-second measurement (never measured with --offload disk)",
     )
+    _offload(dr, "none")
     qz = _action(
         sub,
         "quantize",
@@ -658,6 +656,19 @@ def _steer_parser(sub) -> None:
     )
 
 
+def _offload(p: argparse.ArgumentParser, default: str) -> None:
+    """``--offload``: ``auto`` is offered where the command plans its memory (so far, profile)."""
+    choices = ["auto", "none", "disk"] if default == "auto" else ["none", "disk"]
+    auto = "; auto: in memory when the planned peak fits --max-memory, else from disk" if default == "auto" else ""
+    p.add_argument(
+        "--offload",
+        default=default,
+        choices=choices,
+        help="disk: keep the weights in the checkpoint and read one block at a time (the same numbers); none: every "
+        f"weight in memory{auto} (default {default})",
+    )
+
+
 def _load(args: argparse.Namespace, attn_implementation: str | None = None, corpus=None):
     """The model and the windows the shared options name; the data is read and checked first (or was, as
     ``corpus``), so a bad file costs no load."""
@@ -777,6 +788,8 @@ def _drop(args: argparse.Namespace) -> int:
     lm, w = _load(args, attn_implementation="eager" if eager else None)
     if plan is not None:
         return _exported(dp.export_plan(lm, plan, args.out, ("hf",) if cfg.export is None else cfg.export), args)
+    if lm.streamed is not None and cfg.with_speed:
+        print("layerwise: no speed is measured: the weights are read from disk block by block", file=sys.stderr)
     report = dp.run(lm, w, cfg, prof=prof, out=args.out, progress=not args.json)
     out = Path(args.out)
     html = write_drop_report(report, out / "report.html")

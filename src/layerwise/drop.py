@@ -18,8 +18,10 @@ into a copy of the source GGUF file, for llama.cpp.
 
 from __future__ import annotations
 
+import copy
 import random
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -36,8 +38,18 @@ from . import ggufio
 from .anatomy import Anatomy, parse_unit, unit_name
 from .configs import DropConfig
 from .data import Windows
+from .engine import Streamed
 from .errors import LayerwiseError
-from .evaluate import KL_KEYS, folder_bytes, next_token_logits, param_count, quality, speed
+from .evaluate import (
+    KL_KEYS,
+    BlockVariant,
+    folder_bytes,
+    next_token_logits,
+    param_count,
+    quality,
+    speed,
+    streamed_quality,
+)
 from .io import atomic_dir, load_result, provenance, write_json
 from .loading import LoadedModel
 from .memory import peak_memory
@@ -191,7 +203,6 @@ def choose(
     each drop with the dropped units skipped, then takes the next least
     important unit. ``settings`` are config fields (``n=6, order="bi"``).
     """
-    lm.check_resident("drop")
     cfg = DropConfig.of(config, **settings)
     if len(cfg.unit) != 1 or len(cfg.order) != 1:
         raise LayerwiseError("one plan takes one `unit` and one `order`; give several with `sweep`")
@@ -213,6 +224,11 @@ def _ranked(
     if order == "contiguous":
         if unit != "block":
             raise LayerwiseError("`order` contiguous removes a run of whole blocks; use it with `unit` block")
+        if lm.streamed is not None:
+            raise LayerwiseError(
+                "`order` contiguous compares whole streams of the model in memory; with `offload` disk rank by a "
+                "profile metric (e.g. bi) or load the model with `offload` none"
+            )
         runs = contiguous_scores(lm, windows, n, batch_size=batch_size)
         start = max(range(len(runs)), key=runs.__getitem__)
         units = [unit_name(i, "block") for i in range(start, start + n)]
@@ -340,19 +356,69 @@ def save_checkpoint(lm: LoadedModel, plan: DropPlan, out: str | Path) -> Path:
         "original_num_hidden_layers": lm.anatomy.n_layers,
         "source_model_hash": lm.source.get("model_hash"),
     }
+    names = {id(p): n for n, p in lm.model.named_parameters(remove_duplicate=False)}  # before the renumbering
     with (
         without_blocks(lm, plan.blocks) as small,
-        zeroed(lm.anatomy, plan.sublayers),
+        zeroed(lm.anatomy, plan.sublayers) as zero,
         atomic_dir(out, "checkpoint") as tmp,
     ):
         small.config.layerwise = info
         try:
-            small.save_pretrained(tmp, safe_serialization=True)
+            if lm.streamed is None:
+                small.save_pretrained(tmp, safe_serialization=True)
+            else:
+                zeros = {names[id(p)] for m in zero for p in m.parameters()}
+                _copy_streamed(lm.streamed, small, names, zeros, tmp)
         finally:
             del small.config.layerwise
         if lm.tokenizer is not None:
             lm.tokenizer.save_pretrained(tmp)
     return Path(out)
+
+
+def _copy_streamed(
+    s: Streamed, small: CausalLM, names: dict[int, str], zeros: set[str], out: Path, shard_bytes: int = 2**30
+) -> None:
+    """Write ``small`` (the skeleton with blocks cut out) as a checkpoint by copying each tensor from the source
+    checkpoint in its stored dtype, ``zeros`` (original names) as zeros, ``shard_bytes`` at most in memory.
+
+    ``names`` gives each parameter's original name; a tied head (the embedding's tensor) is written once, as
+    ``save_pretrained`` does.
+    """
+    from safetensors.torch import save_file
+
+    shard: dict[str, torch.Tensor] = {}
+    files: list[list[str]] = []
+    written: set[str] = set()
+    stored: Counter[torch.dtype] = Counter()  # weights per stored dtype
+
+    def flush() -> None:
+        save_file(shard, str(out / f"part-{len(files)}.safetensors"), metadata={"format": "pt"})
+        files.append(list(shard))
+        shard.clear()
+
+    for new, param in small.named_parameters(remove_duplicate=False):
+        key = s.keys[names[id(param)]]
+        if key in written:
+            continue
+        written.add(key)
+        t = s.checkpoint.tensor(key)
+        stored[t.dtype] += t.numel()
+        shard[new] = torch.zeros_like(t) if names[id(param)] in zeros else t
+        if sum(v.numel() * v.element_size() for v in shard.values()) >= shard_bytes:
+            flush()
+    if shard or not files:
+        flush()
+    final = [f"model-{k + 1:05d}-of-{len(files):05d}.safetensors" for k in range(len(files))]
+    for k, name in enumerate(final):
+        (out / f"part-{k}.safetensors").rename(out / name)
+    index = {"metadata": {}, "weight_map": {key: name for keys, name in zip(files, final) for key in keys}}
+    write_json(out / "model.safetensors.index.json", index)
+    config = copy.deepcopy(small.config)  # the skeleton's own config keeps its compute dtype
+    config.dtype = stored.most_common(1)[0][0]
+    config.save_pretrained(out)
+    if small.generation_config is not None:
+        small.generation_config.save_pretrained(out)
 
 
 #: llama.cpp's tensor names for a branch's output projection.
@@ -421,19 +487,28 @@ def measure(
 
     Returns the original's figures and one dict per plan. Quality runs with
     the units skipped (the same numbers as the saved model, which a test
-    checks); speed and parameters come from the real smaller model.
+    checks); speed and parameters come from the real smaller model. A model whose weights stay on disk is
+    evaluated block by block (:func:`streamed_quality`) and has no speed: its rate would be the disk's.
     """
     an, model = lm.anatomy, lm.model
-    cands = {key: next_token_logits(model, partial(skip, an, plan.units)) for key, plan in plans.items()}
-    q = quality(
-        next_token_logits(model),
-        cands,
-        eval_ids,
-        batch_size=batch_size,
-        device=lm.device,
-        progress=progress,
-        desc="held-out quality",
-    )
+    if lm.streamed is not None:
+        if with_speed:
+            raise LayerwiseError(
+                "speed is not measured on a model read from disk block by block; turn `with_speed` off"
+            )
+        variants: dict[str, BlockVariant] = {key: partial(_skipped_in, an, plan.units) for key, plan in plans.items()}
+        q = streamed_quality(lm, variants, eval_ids, batch_size=batch_size, progress=progress, desc="held-out quality")
+    else:
+        cands = {key: next_token_logits(model, partial(skip, an, plan.units)) for key, plan in plans.items()}
+        q = quality(
+            next_token_logits(model),
+            cands,
+            eval_ids,
+            batch_size=batch_size,
+            device=lm.device,
+            progress=progress,
+            desc="held-out quality",
+        )
     vocab = int(model.config.vocab_size)
     first = next(iter(q.values()))
     original: dict = {
@@ -472,6 +547,11 @@ def measure(
     return original, results
 
 
+def _skipped_in(an: Anatomy, units: list[str], layer: int) -> AbstractContextManager[None]:
+    """The plan's units of block ``layer`` skipped (a streamed model runs one block at a time)."""
+    return skip(an, [u for u in units if parse_unit(u)[0] == layer])
+
+
 def sweep_plans(
     lm: LoadedModel,
     windows: Windows,
@@ -483,7 +563,6 @@ def sweep_plans(
 ) -> list[DropPlan]:
     """One plan per (unit kind, order, n) of the config's ``sweep``. Rankings are nested: the n-unit plan is the first
     n of the largest."""
-    lm.check_resident("drop")
     cfg = DropConfig.of(config, **settings)
     ns = sorted(set(cfg.sweep or ()))
     if not ns:
@@ -564,7 +643,6 @@ def check_export(lm: LoadedModel, export: tuple[str, ...]) -> None:
 
 def export_plan(lm: LoadedModel, plan: DropPlan, out: str | Path, export: tuple[str, ...]) -> dict:
     """Write the plan's smaller model into ``out`` in each format (``model/``, ``model.gguf``); what was written."""
-    lm.check_resident("drop")
     check_plan_model(plan.model_hash, lm)
     check_export(lm, export)
     exports: dict = {}
@@ -594,13 +672,13 @@ def run(
 
     ``settings`` are config fields (``n=6, order="bi", eval_samples=8``).
     """
-    lm.check_resident("drop")
     cfg = DropConfig.of(config, **settings)
     start = time.perf_counter()
     if plans is None:
         plans = chosen_plans(lm, windows, cfg, prof=prof, progress=progress)
     export = cfg.export if cfg.export is not None else (("hf",) if len(plans) == 1 and out is not None else ())
-    eval_samples, batch_size, with_speed = cfg.eval_samples, cfg.batch_size, cfg.with_speed
+    eval_samples, batch_size = cfg.eval_samples, cfg.batch_size
+    with_speed = cfg.with_speed and lm.streamed is None  # a model read from disk runs at the disk's rate
     if export and len(plans) != 1:
         raise LayerwiseError("`export` writes one model; give one plan, not a sweep")
     check_export(lm, export)

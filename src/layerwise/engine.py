@@ -78,15 +78,39 @@ def skeleton(
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype, **kwargs)
+    model.tie_weights()  # a tied head is the embedding's parameter, counted once, as in the loaded model
     return model.eval()
 
 
+def return_freed_memory() -> None:
+    """Make glibc give every large freed buffer back to the system at once (a fixed mmap threshold of 64 KiB).
+
+    By default glibc raises its threshold to the size of the largest buffer freed, up to 32 MiB, and serves later
+    buffers below it from heaps it keeps: a streamed run frees one block's weights and one batch's activations after
+    another, and its resident set grew to twice what it holds (1.7B shape from disk: 2.6 GiB against 1.2 GiB with
+    the fixed threshold, ``benchmarks/scale.py``). Elsewhere than glibc this does nothing.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    m_mmap_threshold = -3
+    if hasattr(libc, "mallopt"):
+        libc.mallopt(m_mmap_threshold, 64 * 1024)
+
+
 class Streamed:
-    """A skeleton model whose weights are read from ``checkpoint`` one part at a time onto ``device`` in ``dtype``."""
+    """A skeleton model whose weights are read from ``checkpoint`` one part at a time onto ``device`` in ``dtype``.
+
+    Making one sets glibc to give freed buffers back at once (:func:`return_freed_memory`), for the process."""
 
     def __init__(
         self, model: CausalLM, checkpoint: Checkpoint, *, device: str | torch.device = "cpu", dtype=torch.float32
     ) -> None:
+        return_freed_memory()
         self.model, self.checkpoint = model, checkpoint
         self.anatomy = Anatomy(model)
         self.device, self.dtype = torch.device(device), dtype
@@ -130,18 +154,20 @@ class Streamed:
 
     @contextmanager
     def onloaded(self, names: list[str]) -> Iterator[None]:
-        """These parameters read from the checkpoint for the ``with``, and given back to the meta device on exit (also
-        on error)."""
+        """These parameters read from the checkpoint for the ``with``; on exit (also on error) the skeleton's own
+        meta parameters are put back, so ties and every parameter's identity outlast the read."""
         from accelerate.utils import set_module_tensor_to_device
 
+        kept = {name: self.model.get_parameter(name) for name in names}
         try:
             for name in names:
                 value = self.checkpoint.tensor(self.keys[name]).to(self.dtype)
                 set_module_tensor_to_device(self.model, name, self.device, value=value, dtype=self.dtype)
             yield
         finally:
-            for name in names:
-                set_module_tensor_to_device(self.model, name, "meta")
+            for name, param in kept.items():
+                path, _, attr = name.rpartition(".")
+                self.model.get_submodule(path).register_parameter(attr, param)
 
     def calls(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
         """The first block's input for ``ids`` and what every block is called with besides it, from a dry pass with

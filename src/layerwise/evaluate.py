@@ -23,13 +23,16 @@ from .errors import LayerwiseError
 from .metrics import divergence as dv
 from .metrics import lens as lens_m
 from .metrics import stream as st
+from .trace import readout, run_blocks
 
 if TYPE_CHECKING:
-    from .loading import CausalLM
+    from .loading import CausalLM, LoadedModel
 
 #: Maps a batch of input ids (batch, seq) to next-token logits (batch * (seq - 1), vocab).
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 Variant = Callable[[], contextlib.AbstractContextManager]
+#: A variant of a streamed model, by block: ``variant(i)`` is active while block ``i`` runs the variant's stream.
+BlockVariant = Callable[[int], contextlib.AbstractContextManager]
 #: The llama.cpp-style statistics :func:`quality` adds for every candidate.
 KL_KEYS = dv.KEYS
 
@@ -68,47 +71,102 @@ def quality(
     :mod:`layerwise.metrics.divergence` for their precision). ``progress`` shows a
     bar over the batches, named ``desc``.
     """
+    _check_windows(ids)
+    acc = _Quality(list(candidates), ids.shape[1] - 1)
+    for batch in tqdm(torch.split(ids, batch_size), desc=desc, unit="batch", disable=not progress):
+        x = batch.to(device)
+        # A batch's reference and logits live only inside these calls, so the next batch's are never built beside them.
+        ref = acc.reference(x, reference(x))
+        for name, fn in candidates.items():
+            acc.candidate(name, fn(x), ref)
+    return acc.summary()
+
+
+def streamed_quality(
+    lm: LoadedModel,
+    variants: dict[str, BlockVariant],
+    ids: torch.Tensor,
+    *,
+    batch_size: int = 4,
+    progress: bool = False,
+    desc: str = "evaluate",
+) -> dict[str, dict]:
+    """:func:`quality` of each variant against the original, for a model whose weights stay on disk.
+
+    Block-major: every batch of windows passes block ``i`` while its weights are read, the original's stream and
+    each variant's (``variants[name](i)`` is active while that variant runs block ``i``), then the head is read once
+    for every stream's logits. The hidden states of every window are kept for the original and each variant.
+    """
+    assert lm.streamed is not None
+    _check_windows(ids)
+    s, an = lm.streamed, lm.anatomy
+    batches = torch.split(ids, batch_size)
+    starts = [s.calls(b) for b in batches]
+    calls = [c for _, c in starts]
+    streams = {name: [h0 for h0, _ in starts] for name in (None, *variants)}
+    with torch.no_grad(), tqdm(total=an.n_layers, desc=desc, unit="block", disable=not progress) as bar:
+        for i, block in enumerate(an.blocks):
+            with s.onloaded(s.names(block)):
+                for name, h in streams.items():
+                    with variants[name](i) if name is not None else contextlib.nullcontext():
+                        h[:] = [run_blocks(an, i, hb, call, stop=i + 1) for hb, call in zip(h, calls)]
+            bar.update()
+    acc = _Quality(list(variants), ids.shape[1] - 1)
+    with s.onloaded(s.names(an.final_norm, an.head)), torch.no_grad():
+        for b, x in enumerate(batches):
+            ref = acc.reference(x.to(s.device), readout(an, streams[None][b]))
+            for name in variants:
+                acc.candidate(name, readout(an, streams[name][b]), ref)
+    return acc.summary()
+
+
+def _check_windows(ids: torch.Tensor) -> None:
     if ids.shape[0] == 0:
         raise LayerwiseError(
             "no evaluation windows: the data is used up by calibration; use fewer `samples` or more data"
         )
-    ref_nll = st.Moments()
-    acc = {name: (st.Moments(), st.Moments()) for name in candidates}  # nll, kl
-    deltas: dict[str, list[float]] = {name: [] for name in candidates}  # per window
-    divergence = {name: dv.Divergence() for name in candidates}
-    per_window = ids.shape[1] - 1
 
-    def by_window(t: torch.Tensor) -> torch.Tensor:
-        return st.window_means(t, per_window)
 
-    # A batch's reference and logits live only inside these calls, so the next batch's are never built beside them.
-    def add_candidate(name: str, logits: torch.Tensor, ref: lens_m.Reference) -> None:
+class _Quality:
+    """:func:`quality`'s running sums: one reference and its candidates a batch at a time."""
+
+    def __init__(self, names: list[str], per_window: int) -> None:
+        self.per_window = per_window
+        self.ref_nll = st.Moments()
+        self.acc = {name: (st.Moments(), st.Moments()) for name in names}  # nll, kl
+        self.deltas: dict[str, list[float]] = {name: [] for name in names}  # per window
+        self.divergence = {name: dv.Divergence() for name in names}
+
+    def _by_window(self, t: torch.Tensor) -> torch.Tensor:
+        return st.window_means(t, self.per_window)
+
+    def reference(self, x: torch.Tensor, logits: torch.Tensor) -> lens_m.Reference:
+        """The original's logits on the batch ``x``, added; the reference candidates are compared with."""
+        ref = lens_m.Reference.from_logits(logits, x[:, 1:].flatten())
+        self.ref_nll.add(self._by_window(ref.nll))
+        return ref
+
+    def candidate(self, name: str, logits: torch.Tensor, ref: lens_m.Reference) -> None:
         kl, nll = lens_m.compare(logits, ref)
         if not (torch.isfinite(nll).all() and torch.isfinite(kl).all()):
             raise LayerwiseError(f"{name} produced NaN/inf logits; evaluate in `dtype` float32")
-        for m, v in zip(acc[name], (nll, kl)):
-            m.add(by_window(v))
-        deltas[name] += by_window(nll - ref.nll).tolist()
+        for m, v in zip(self.acc[name], (nll, kl)):
+            m.add(self._by_window(v))
+        self.deltas[name] += self._by_window(nll - ref.nll).tolist()
         dp = torch.exp(-nll.double()) - torch.exp(-ref.nll.double())
-        divergence[name].add(kl, lens_m.top1(logits, ref), dp, per_window)
+        self.divergence[name].add(kl, lens_m.top1(logits, ref), dp, self.per_window)
 
-    def add_batch(x: torch.Tensor) -> None:
-        ref = lens_m.Reference.from_logits(reference(x), x[:, 1:].flatten())
-        ref_nll.add(by_window(ref.nll))
-        for name, fn in candidates.items():
-            add_candidate(name, fn(x), ref)
-
-    for batch in tqdm(torch.split(ids, batch_size), desc=desc, unit="batch", disable=not progress):
-        add_batch(batch.to(device))
-    base = {"n_windows": ref_nll.n, "n_tokens": ref_nll.n * per_window, **_ppl("ref_", ref_nll)}
-    out = {}
-    for name, (nll, kl) in acc.items():
-        out[name] = {**base, **_ppl("", nll)}
-        out[name]["delta_nll"], out[name]["delta_nll_se"] = st.mean_se(deltas[name])
-        out[name]["kl"], out[name]["kl_se"] = st.mean_se(kl)
-        out[name] |= divergence[name].summary()
-        out[name]["window_delta_nll"] = deltas[name]
-    return out
+    def summary(self) -> dict[str, dict]:
+        n = self.ref_nll.n
+        base = {"n_windows": n, "n_tokens": n * self.per_window, **_ppl("ref_", self.ref_nll)}
+        out = {}
+        for name, (nll, kl) in self.acc.items():
+            out[name] = {**base, **_ppl("", nll)}
+            out[name]["delta_nll"], out[name]["delta_nll_se"] = st.mean_se(self.deltas[name])
+            out[name]["kl"], out[name]["kl_se"] = st.mean_se(kl)
+            out[name] |= self.divergence[name].summary()
+            out[name]["window_delta_nll"] = self.deltas[name]
+        return out
 
 
 def paired_difference(a: list[float], b: list[float]) -> tuple[float, float | None]:

@@ -36,7 +36,7 @@ from .metrics import lens as lens_m
 from .metrics import stream as st
 from .metrics.agreement import spearman
 from .metrics.weights import z_fraction
-from .trace import BlockTrace, run_blocks, skip, tap, tile_calls
+from .trace import BlockTrace, readout, run_blocks, skip, tap, tile_calls
 
 METRICS: tuple[str, ...] = (
     "bi",
@@ -356,20 +356,6 @@ def _se(m: st.Moments) -> float | None:
     return None if se is None else _finite(se)
 
 
-def _readout(an, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Next-token logits from a residual stream at every position but the last, as (tokens, vocab), or at ``rows`` of
-    them.
-
-    The last position has no target; dropping it before the head keeps the
-    logits contiguous and saves one head row per window. With ``rows`` the
-    head runs only there: on a small model with a large vocabulary the head
-    costs as much as 10-18 blocks, and it runs once per readout.
-    """
-    if rows is None:
-        return an.logits(h[:, :-1]).flatten(0, 1)
-    return an.logits(h[:, :-1].flatten(0, 1)[rows])
-
-
 def _sampled_rows(batch: int, per_window: int, positions: int | None, g: torch.Generator) -> torch.Tensor | None:
     """``positions`` distinct predicted positions drawn uniformly in each window, as rows of the flattened batch (None:
     all)."""
@@ -595,10 +581,10 @@ def _readouts(
     model's own readout at the same positions. The batch's reference distribution and readouts live only in this call,
     so the next batch's passes never run beside them."""
     L = an.n_layers
-    ref = lens_m.Reference.from_logits(_readout(an, h[L], rows), targets if rows is None else targets[rows])
+    ref = lens_m.Reference.from_logits(readout(an, h[L], rows), targets if rows is None else targets[rows])
     if lens:
         for i in range(L):
-            z = _readout(an, h[i + 1], rows)
+            z = readout(an, h[i + 1], rows)
             kl, nll = lens_m.compare(z, ref)
             accs[i].lens.add(torch.stack((kl, lens_m.top1(z, ref), nll), dim=-1))
     bar.update(1)
@@ -613,7 +599,7 @@ def _readouts(
         starts = {"block": h[i], "attn": no_attn, "mlp": mid[i]}
         outs = run_blocks(an, i + 1, torch.cat([starts[k] for k in KINDS]), stacked).chunk(len(KINDS))
         for kind, out in zip(KINDS, outs):
-            kl, nll = lens_m.compare(_readout(an, out, rows), ref)
+            kl, nll = lens_m.compare(readout(an, out, rows), ref)
             accs[i].abl_nll[kind].add(st.window_means(nll - ref.nll, sampled))
             accs[i].abl_kl[kind].add(st.window_means(kl, sampled))
             bar.update(1)

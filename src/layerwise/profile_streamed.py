@@ -17,15 +17,18 @@ states of the calibration windows once per block. Spilling them to a file is sti
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 import torch
 from tqdm.auto import tqdm
 
-from .anatomy import KINDS, unit_name
+from .anatomy import KINDS, Anatomy, unit_name
 from .loading import LoadedModel
 from .metrics import lens as lens_m
 from .metrics import stream as st
-from .profile import _LayerAcc, _observe, _readout, _sampled_rows, zd_scores
-from .trace import BlockTrace, run_blocks, skip, tap, tile_calls
+from .profile import _LayerAcc, _observe, _sampled_rows, zd_scores
+from .trace import BlockTrace, readout, run_blocks, skip, tap, tile_calls
 
 
 def streamed_pass(
@@ -92,10 +95,10 @@ def streamed_pass(
             rows = rows.to(s.device) if rows is not None else None
             sampled = per_window if rows is None or positions is None else positions
             tg = targets[b] if rows is None else targets[b][rows]
-            ref = lens_m.Reference.from_logits(_readout(an, h[b], rows), tg)
+            ref = lens_m.Reference.from_logits(readout(an, h[b], rows), tg)
             if lens:
                 for i in range(L):
-                    z = _readout(an, inputs[i + 1][b].to(s.device) if i + 1 < L else h[b], rows)
+                    z = readout(an, inputs[i + 1][b].to(s.device) if i + 1 < L else h[b], rows)
                     kl, nll = lens_m.compare(z, ref)
                     accs[i].lens.add(torch.stack((kl, lens_m.top1(z, ref), nll), dim=-1))
             bar.update(1)
@@ -104,7 +107,7 @@ def streamed_pass(
             done += int(batch.shape[0])
             for i in range(L):
                 for kind, out in zip(KINDS, ablated[b][i].chunk(len(KINDS))):
-                    kl, nll = lens_m.compare(_readout(an, out, rows), ref)
+                    kl, nll = lens_m.compare(readout(an, out, rows), ref)
                     accs[i].abl_nll[kind].add(st.window_means(nll - ref.nll, sampled))
                     accs[i].abl_kl[kind].add(st.window_means(kl, sampled))
                     bar.update(1)
@@ -119,34 +122,104 @@ def _taylor(
     targets: list[torch.Tensor],
     taylor_acc: st.Moments,
 ) -> None:
-    """The Taylor estimate of every unit's ablation, by a backward pass one block at a time in reverse from each
-    block's saved ``inputs``; ``h`` holds the last block's outputs."""
-    s, an = lm.streamed, lm.anatomy
-    assert s is not None
-    L, vocab = an.n_layers, an.linear_shape(an.head)[0]
-    with s.onloaded(s.names(an.final_norm, an.head)):
-        grads = [lens_m.nll_grad(an.logits, vocab, hb, t) for hb, t in zip(h, targets)]
+    """The Taylor estimate of every unit's ablation, from the gradients of a backward pass one block at a time;
+    ``inputs`` holds each block's input, ``h`` the last block's outputs."""
     est: list[list[torch.Tensor]] = [[] for _ in h]
-    for i in reversed(range(L)):
-        block = an.blocks[i]
-        with s.onloaded(s.names(block)):
-            for b in range(len(h)):
-                hin = inputs[i][b].to(s.device).detach().requires_grad_()
-                seen: dict[str, torch.Tensor] = {}
-
-                def grab(tr: BlockTrace) -> None:
-                    seen.update(a=tr.attn, m=tr.mlp)
-
-                with torch.enable_grad(), tap(an, grab):
-                    out = run_blocks(an, i, hin, calls[b], stop=i + 1)
-                g_out = grads[b]
-                a, m = seen["a"], seen["m"]
-                ga, g_in = torch.autograd.grad(out, [a, hin], grad_outputs=g_out, allow_unused=True)
-                ga = torch.zeros_like(a) if ga is None else ga
-                a, m = a.detach(), m.detach()
-                part = [-(ga * a).sum(dim=(1, 2)), -(g_out * m).sum(dim=(1, 2)), -(g_out * (a + m)).sum(dim=(1, 2))]
-                est[b] = part + est[b]
-                grads[b] = g_in
+    for _i, grads in backward(lm, inputs, h, calls, targets):
+        for b, g in enumerate(grads):
+            part = [
+                -(g.ga * g.a).sum(dim=(1, 2)),
+                -(g.gm * g.m).sum(dim=(1, 2)),
+                -(g.g_out * (g.a + g.m)).sum(dim=(1, 2)),
+            ]
+            est[b] = part + est[b]
     for b, parts in enumerate(est):
         per_window = inputs[0][b].shape[1] - 1
         taylor_acc.add(torch.stack(parts, dim=-1).double() / per_window)
+
+
+def block_inputs(
+    lm: LoadedModel, batches: list[torch.Tensor] | tuple[torch.Tensor, ...], *, start: int = 0
+) -> tuple[list[list[torch.Tensor]], list[torch.Tensor], list[list[tuple[tuple, dict]]]]:
+    """A forward pass block by block: every block's input for each batch from block ``start`` on (in CPU memory
+    off an accelerator; empty before ``start``), the last block's outputs, and what each block is called with."""
+    s, an = lm.streamed, lm.anatomy
+    assert s is not None
+    starts = [s.calls(b) for b in batches]
+    h = [h0 for h0, _ in starts]
+    calls = [c for _, c in starts]
+    inputs: list[list[torch.Tensor]] = []
+    with torch.no_grad():
+        for i, block in enumerate(an.blocks):
+            inputs.append([x.to("cpu") for x in h] if i >= start else [])
+            with s.onloaded(s.names(block)):
+                h = [run_blocks(an, i, hb, call, stop=i + 1) for hb, call in zip(h, calls)]
+    return inputs, h, calls
+
+
+@dataclass
+class BlockGrads:
+    """One batch's pass through one block: its sublayers' residual updates (``a``, ``m``) and the gradients of the
+    summed next-token NLL at them and at the block's output (``g_out``)."""
+
+    a: torch.Tensor
+    m: torch.Tensor
+    ga: torch.Tensor
+    gm: torch.Tensor
+    g_out: torch.Tensor
+
+
+def backward(
+    lm: LoadedModel,
+    inputs: list[list[torch.Tensor]],
+    h: list[torch.Tensor],
+    calls: list[list[tuple[tuple, dict]]],
+    targets: list[torch.Tensor],
+    *,
+    stop: int = 0,
+) -> Iterator[tuple[int, list[BlockGrads]]]:
+    """A backward pass one block at a time, from the last down to block ``stop``: yields each block's index and
+    every batch's :class:`BlockGrads` while that block's weights are still read.
+
+    Each block's forward is recomputed from its saved input (``inputs[i][b]``; ``h[b]`` is the last block's
+    output): the gradient at a block's input is the gradient at the previous block's output.
+    """
+    s, an = lm.streamed, lm.anatomy
+    assert s is not None
+    vocab = an.linear_shape(an.head)[0]
+    with s.onloaded(s.names(an.final_norm, an.head)):
+        g_outs = [lens_m.nll_grad(an.logits, vocab, hb, t) for hb, t in zip(h, targets)]
+    for i in reversed(range(stop, an.n_layers)):
+        with s.onloaded(s.names(an.blocks[i])):
+            found = [_block_grads(an, i, inputs[i][b].to(s.device), calls[b], g_outs[b]) for b in range(len(h))]
+            yield i, [g for g, _ in found]
+        g_outs = [g_in for _, g_in in found]
+
+
+def _block_grads(
+    an: Anatomy, i: int, h_in: torch.Tensor, calls: list[tuple[tuple, dict]], g_out: torch.Tensor
+) -> tuple[BlockGrads, torch.Tensor]:
+    """One batch's gradients through block ``i`` given the gradient at its output; and the gradient at its input."""
+    hin = h_in.detach().requires_grad_()
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(tr: BlockTrace) -> None:
+        seen.update(a=tr.attn, m=tr.mlp)
+
+    with torch.enable_grad(), tap(an, grab):
+        out = run_blocks(an, i, hin, calls, stop=i + 1)
+    a, m = seen["a"], seen["m"]
+    live = [t for t in (a, m, hin) if t.requires_grad]  # a skipped branch's zero update has no gradient
+    found = dict(zip(map(id, live), torch.autograd.grad(out, live, grad_outputs=g_out, allow_unused=True)))
+    ga, gm, g_in = (found.get(id(t)) for t in (a, m, hin))
+    zero = torch.zeros_like
+    return (
+        BlockGrads(
+            a.detach(),
+            m.detach(),
+            zero(a) if ga is None else ga,
+            zero(m) if gm is None else gm,
+            g_out,
+        ),
+        zero(hin) if g_in is None else g_in,
+    )

@@ -306,6 +306,20 @@ def run_blocks(
     return h
 
 
+def readout(an: Anatomy, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token logits from a residual stream at every position but the last, as (tokens, vocab), or at ``rows`` of
+    them.
+
+    The last position has no target; dropping it before the head keeps the
+    logits contiguous and saves one head row per window. With ``rows`` the
+    head runs only there: on a small model with a large vocabulary the head
+    costs as much as 10-18 blocks, and it runs once per readout.
+    """
+    if rows is None:
+        return an.logits(h[:, :-1]).flatten(0, 1)
+    return an.logits(h[:, :-1].flatten(0, 1)[rows])
+
+
 def tile_calls(calls: list[tuple[tuple, dict]], batch: int, times: int) -> list[tuple[tuple, dict]]:
     """Recorded block arguments for ``times`` copies of the batch stacked along dim 0.
 

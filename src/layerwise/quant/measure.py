@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -265,8 +265,12 @@ def measure(
     every = {layer: an.quant_groups(layer, fused=candidates.fused) for layer in range(an.n_layers)}
     todo = {layer: groups for layer, groups in every.items() if not all(g in result.groups for g, _ in groups)}
     batches = torch.split(windows.calibration, batch_size)
-    runs = _runs(an, todo, len(candidates.names), cache_bytes)
     n_tokens = windows.calibration.shape[0] * (windows.seq_len - 1)
+    if lm.streamed is not None and todo:
+        with tqdm(total=len(todo), desc="measure", unit="block", disable=not progress) as bar:
+            _measure_streamed(lm, batches, todo, candidates, result, n_tokens, path=path, bar=bar)
+        return result
+    runs = _runs(an, todo, len(candidates.names), cache_bytes)
     with tqdm(total=len(batches) * len(todo), desc="measure", disable=not progress) as bar:
         for layers in runs:
             start = time.perf_counter()
@@ -300,6 +304,68 @@ def measure(
     return result
 
 
+def _measure_streamed(
+    lm: LoadedModel,
+    batches: tuple[torch.Tensor, ...],
+    todo: dict,
+    candidates: Candidates,
+    result: Measurement,
+    n_tokens: int,
+    *,
+    path: str | Path | None,
+    bar: tqdm,
+) -> None:
+    """:func:`measure` of a model whose weights stay on disk: a forward pass block by block keeps each block's input,
+    then a backward pass block by block (:func:`layerwise.profile_streamed.backward`) measures each block while its
+    weights are read, with the gradients at its sublayers. One config of one group is made at a time, so the weights
+    held are one block's and one group's candidate; ``result`` is saved after each block."""
+    from ..profile_streamed import backward, block_inputs
+
+    an, device = lm.anatomy, lm.device
+    start = time.perf_counter()
+    inputs, h, calls = block_inputs(lm, batches, start=min(todo))
+    targets = [b[:, 1:].flatten().to(device) for b in batches]
+    for layer, grads in backward(lm, inputs, h, calls, targets, stop=min(todo)):
+        if layer not in todo:
+            continue
+        with torch.no_grad():
+            hs = [x.to(device) for x in inputs[layer]]
+            hessians = _block_hessians(an, layer, hs, calls, todo[layer]) if candidates.needs_hessian else {}
+            ios = [sublayer_io(an, layer, x, c[layer]) for x, c in zip(hs, calls)]
+            for group, mods in todo[layer]:
+                kind = _sublayer(group)
+                acc = _Sums(group)
+                for _, _, outputs in ios:
+                    acc.add_reference(outputs[kind])
+                hessian = hessians[group].value if hessians else None
+                for name in candidates.names:
+                    stored = [candidates.stored(p, matrix(an, m), name, hessian) for p, m in mods]
+                    with replaced(an, {m: w for (_, m), (w, _, _) in zip(mods, stored)}):
+                        for (_, branch, outputs), g in zip(ios, grads):
+                            y = run_update(an, layer, kind, branch[kind])
+                            acc.add(name, y, outputs[kind], g.ga if kind == "attn" else g.gm, stored)
+                result.groups[group] = acc.entry(an, layer, mods, n_tokens)
+        result.meta["seconds"] = round(result.meta.get("seconds", 0.0) + time.perf_counter() - start, 3)
+        start = time.perf_counter()
+        result.meta["batch_size"] = int(batches[0].shape[0])
+        if path is not None:
+            result.save(path)
+        bar.update()
+
+
+def _block_hessians(
+    an: Anatomy, layer: int, hs: list[torch.Tensor], calls: list[list[tuple[tuple, dict]]], groups: list
+) -> dict[str, Hessian]:
+    """Each group's input Hessian over every batch of block ``layer``'s inputs ``hs`` (a group's maps read one
+    input)."""
+    firsts = {group: mods[0][1] for group, mods in groups}
+    into: dict[int, Hessian] = {}
+    with hessian_hooks(list(firsts.values()), into):
+        for x, c in zip(hs, calls):
+            an.blocks[layer](x, *c[layer][0], **c[layer][1])
+    return {group: into[id(m)] for group, m in firsts.items()}
+
+
 def _runs(an: Anatomy, todo: dict, n_configs: int, cache_bytes: int) -> list[list[int]]:
     """The layers to measure, in runs of consecutive layers whose candidate weights (float32) fit in ``cache_bytes``.
 
@@ -326,6 +392,23 @@ class _Sums:
     denom: float = 0.0
     configs: dict[str, list[float]] = field(default_factory=dict)  # name -> [d2, g2d2]
     meta: dict[str, tuple[int, list[str]]] = field(default_factory=dict)  # name -> (bits, stored configs)
+
+    def add_reference(self, ref: torch.Tensor) -> None:
+        """One batch's unquantized residual update: the denominator of the relative error."""
+        r = ref.double()
+        self.denom += float((r * r).sum())
+
+    def add(
+        self, name: str, y: torch.Tensor, ref: torch.Tensor, grad: torch.Tensor, stored: list[tuple[Any, int, str]]
+    ) -> None:
+        """One batch's error under config ``name``: the update ``y`` against ``ref``, weighted by the loss's gradient
+        at the update (``grad``); ``stored`` is each weight's (weight, bits, stored config)."""
+        d2 = (y.double() - ref.double()) ** 2
+        g2 = grad[:, :-1].double() ** 2
+        # Second-order loss change (diagonal empirical Fisher): 1/2 sum_d g_d^2 delta_d^2, per token.
+        d2_sum, g2d2 = self.configs.setdefault(name, [0.0, 0.0])
+        self.configs[name] = [d2_sum + float(d2.sum()), g2d2 + float((g2 * d2[:, :-1]).sum())]
+        self.meta[name] = (sum(bits for _, bits, _ in stored), [c for _, _, c in stored])
 
     def entry(self, an: Anatomy, layer: int, mods: list, n_tokens: int) -> dict:
         """The measurement's record of this group: relative error and the Fisher-weighted loss change per token."""
@@ -404,19 +487,11 @@ def hessian_hooks(modules: list[nn.Module], into: dict[int, Hessian]) -> Iterato
         yield
 
 
-def _measure_layer(
-    an: Anatomy,
-    layer: int,
-    h: torch.Tensor,
-    call: tuple[tuple, dict],
-    groups,
-    candidates: Candidates,
-    made: dict,
-    grads: dict[str, torch.Tensor],
-    sums: dict[str, _Sums],
-) -> torch.Tensor:
-    """Add one batch's errors of one block's groups to ``sums``, from its input ``h``; return the block's (unquantized)
-    output."""
+def sublayer_io(
+    an: Anatomy, layer: int, h: torch.Tensor, call: tuple[tuple, dict]
+) -> tuple[torch.Tensor, dict[str, tuple[tuple, dict]], dict[str, torch.Tensor]]:
+    """Block ``layer`` run on ``h``: its output, each sublayer's branch inputs (what ``run_update`` takes) and each
+    sublayer's residual update."""
     inputs: dict[str, tuple[tuple, dict]] = {}
     outputs: dict[str, torch.Tensor] = {}
 
@@ -437,21 +512,32 @@ def _measure_layer(
             keep(an.branch(layer, kind).register_forward_pre_hook(branch_in(kind), with_kwargs=True))
             keep(an.update_module(layer, kind).register_forward_hook(update_out(kind)))
         out = first_tensor(an.blocks[layer](h, *call[0], **call[1]))
+    return out, inputs, outputs
+
+
+def _measure_layer(
+    an: Anatomy,
+    layer: int,
+    h: torch.Tensor,
+    call: tuple[tuple, dict],
+    groups,
+    candidates: Candidates,
+    made: dict,
+    grads: dict[str, torch.Tensor],
+    sums: dict[str, _Sums],
+) -> torch.Tensor:
+    """Add one batch's errors of one block's groups to ``sums``, from its input ``h``; return the block's (unquantized)
+    output."""
+    out, inputs, outputs = sublayer_io(an, layer, h, call)
     for group, mods in groups:
         kind = _sublayer(group)
-        ref = outputs[kind].double()
         acc = sums.setdefault(group, _Sums(group))
-        acc.denom += float((ref * ref).sum())
-        g2 = grads[kind][:, :-1].double() ** 2
+        acc.add_reference(outputs[kind])
         per = made[group]
         for name in candidates.names:
             with replaced(an, {m: per[m][name][0] for _, m in mods}):
                 y = run_update(an, layer, kind, inputs[kind])
-            d2 = (y.double() - ref) ** 2
-            # Second-order loss change (diagonal empirical Fisher): 1/2 sum_d g_d^2 delta_d^2, per token.
-            d2_sum, g2d2 = acc.configs.setdefault(name, [0.0, 0.0])
-            acc.configs[name] = [d2_sum + float(d2.sum()), g2d2 + float((g2 * d2[:, :-1]).sum())]
-            acc.meta[name] = (sum(per[m][name][1] for _, m in mods), [per[m][name][2] for _, m in mods])
+            acc.add(name, y, outputs[kind], grads[kind], [per[m][name] for _, m in mods])
     return out
 
 
