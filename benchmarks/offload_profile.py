@@ -23,7 +23,7 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from small_paths_memory import REPORT, RESULTS, _machine, _python  # noqa: E402
+from small_paths_memory import REPORT, RESULTS, _machine, _python, heading  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 #: Llama shapes (hidden, layers, heads, key-value heads, MLP width); SmolLM2's 49152-token vocabulary, tied head.
@@ -110,10 +110,8 @@ def main() -> None:
 def _write(out: dict) -> None:
     from layerwise.io import write_atomic, write_json
 
-    m = out["machine"]
     lines = [
-        f"# offload_profile — {out['date']} — {m['cpus']} cpus, {m['ram_gib']} GiB, torch {m['torch']}, "
-        f"transformers {m['transformers']}",
+        heading("offload_profile", out),
         "",
         "Random-weight Llama checkpoints (bfloat16 safetensors) at SmolLM2 shapes, profiled in float32 on the CPU with "
         f"`layerwise profile {' '.join(out['args'])}`, each run a fresh process: weights in memory (`--offload none`) "

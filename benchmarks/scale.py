@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import shapes  # noqa: E402
-from small_paths_memory import REPORT, RESULTS, _machine, _python  # noqa: E402
+from small_paths_memory import REPORT, RESULTS, _machine, _python, heading  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SEQ, SAMPLES, BATCH = 128, 4, 2
@@ -139,10 +139,8 @@ def _mib(n: float) -> str:
 def _write(out: dict) -> None:
     from layerwise.io import write_atomic, write_json
 
-    m = out["machine"]
     lines = [
-        f"# scale — {out['date']} — {m['cpus']} cpus, {m['ram_gib']} GiB, torch {m['torch']}, "
-        f"transformers {m['transformers']}",
+        heading("scale", out),
         "",
         "Random-weight Llama checkpoints (bfloat16 safetensors, SmolLM2's 49152-token vocabulary) run in float32 on "
         f"the CPU, {out['samples']} windows of {out['seq_len']} tokens of the built-in corpus, batch "

@@ -200,13 +200,21 @@ def _machine() -> dict:
     }
 
 
+def heading(name: str, out: dict) -> str:
+    """A results page's first line: the benchmark, the date and the machine."""
+    m = out["machine"]
+    return (
+        f"# {name} — {out['date']} — {m['cpus']} cpus, {m['ram_gib']} GiB, torch {m['torch']}, "
+        f"transformers {m['transformers']}"
+    )
+
+
 def _write(out: dict, paths: list[str], name: str) -> None:
     from layerwise.io import write_atomic, write_json
 
-    m, rows = out["machine"], out["rows"]
+    rows = out["rows"]
     lines = [
-        f"# small_paths_memory — {out['date']} — {m['cpus']} cpus, {m['ram_gib']} GiB, torch {m['torch']}, "
-        f"transformers {m['transformers']}",
+        heading("small_paths_memory", out),
         "",
         "Gemma-3-270M-shaped model (hidden 640, 18 layers, 262144-token vocabulary, random weights, Q8_0 GGUF), CPU. "
         f"Each row is one fresh process; before = commit {out['baseline']}, after = this tree. "
@@ -234,8 +242,8 @@ def _write(out: dict, paths: list[str], name: str) -> None:
         "",
         "Load average (1, 5, 15 min) at start "
         f"{', '.join(f'{v:.1f}' for v in out['loadavg_start'])}, at end "
-        f"{', '.join(f'{v:.1f}' for v in out['loadavg_end'])}: where it is above {m['cpus']}, other jobs shared "
-        "the cores, and the seconds (wall clock) are slower and noisy; "
+        f"{', '.join(f'{v:.1f}' for v in out['loadavg_end'])}: where it is above {out['machine']['cpus']}, other "
+        "jobs shared the cores, and the seconds (wall clock) are slower and noisy; "
         "CPU seconds (user and system, all threads) less so, and the peaks not at all.",
     ]
     write_json(RESULTS / f"{name}.json", out)

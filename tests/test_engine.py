@@ -117,15 +117,14 @@ def test_default_model_profiles_the_same_from_disk(tmp_path, real_cache, capsys)
 
 
 def test_every_other_action_refuses_a_model_on_disk_in_one_line(tmp_path):
-    """Only profile and drop read weights block by block so far; every other action says so before touching a
-    weight."""
-    from layerwise import quantize, steer, tune
+    """Only profile, drop and quantize read weights block by block so far; every other action says so before
+    touching a weight."""
+    from layerwise import steer, tune
     from layerwise.probe import Examples, probe
 
     disk = _streamed(tiny_lm("llama", layers=2), tmp_path / "m")
     w = tiny_windows(4)
     calls = [
-        lambda: quantize.run(disk, w, bits=4.8, format="int"),
         lambda: tune.run(disk, tune.TuneData.from_windows(w), select="full"),
         lambda: tune.train(disk, w, select="full"),
         lambda: probe(disk, Examples(labels=[0, 1] * 5, ids=[[1, 2, 3]] * 10)),
@@ -273,4 +272,33 @@ def test_streamed_quant_measurement_equals_the_resident_one(method, tmp_path):
     (tmp_path / "meas.json").write_text(json.dumps(saved))
     again = measure(disk, w, path=tmp_path / "meas.json", **kw)
     assert again.groups == b.groups
+    assert all(p.device.type == "meta" for p in disk.model.parameters())
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_streamed_quantize_plans_and_evaluates_as_the_resident_one(method, tmp_path):
+    """quantize from disk (measurement, the measured strategy's plans scored on calibration windows, GPTQ weights
+    made block by block from the quantized stream, held-out evaluation) chooses the resident run's plans and gives
+    their figures to 1e-5; hf export is refused in one line before anything is measured."""
+    from layerwise import quantize as qz
+
+    lm, w = tiny_lm("llama", layers=3), tiny_windows(8)
+    w.n_calib = 4
+    disk = _streamed(lm, tmp_path / "m")
+    kw = dict(bits=4.8, strategy=["measured", "uniform", "ranked:bi"], format="int", method=method, group_size=32)
+    kw |= dict(eval_samples=4, batch_size=2, progress=False)
+    resident, streamed = (qz.run(m, w, **kw) for m in (lm, disk))
+    keys = ("plan", "bpw", "bpw_model", "bytes", "ppl", "delta_nll", "kl", "same_top_p")
+    for a, b in zip(resident.rows, streamed.rows, strict=True):
+        ra, rb = ({k: r[k] for k in keys} for r in (a, b))
+        assert ra.pop("plan") == rb.pop("plan")
+        assert ra == pytest.approx(rb, rel=1e-5, abs=1e-9), a["plan"]
+    assert resident.plans.keys() == streamed.plans.keys()
+    for key, plan in resident.plans.items():
+        assert {g: e["config"] for g, e in plan["groups"].items()} == {
+            g: e["config"] for g, e in streamed.plans[key]["groups"].items()
+        }
+    with pytest.raises(LayerwiseError, match=r"^`export` hf needs the weights in memory, .* `offload` none to export$"):
+        qz.run(disk, w, bits=4.8, format="int", export=("hf",), out=tmp_path / "q", progress=False)
+    assert not (tmp_path / "q").exists()
     assert all(p.device.type == "meta" for p in disk.model.parameters())

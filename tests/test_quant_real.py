@@ -273,3 +273,22 @@ def test_quantize_bad_input_is_one_line(argv, match, tmp_path, capsys, real_cach
     err = capsys.readouterr().err
     assert rc == 2 and one_error_line(err) and match in err, err
     assert not any(p.suffix in (".gguf", ".html") for p in out.rglob("*")) if out.exists() else True
+
+
+def test_quantize_from_disk_makes_the_same_plan_and_file(run, tmp_path):
+    """The fixture's run again with the weights read block by block from disk: the same plan, its held-out figures
+    to 1e-5 and the same GGUF file, byte for byte."""
+    out = tmp_path / "disk"
+    argv = ["--bits", str(BITS), "--strategy", "measured", "--seq-len", "256", "--samples", "2", "--eval-samples", "3"]
+    assert cli.main(["quantize", *argv, "--offload", "disk", "--export", "gguf", "--out", str(out)]) == 0
+    a, b = (json.loads((d / "eval.json").read_text()) for d in (run, out))
+    assert b["meta"]["offload"] == "disk" and "offload" not in a["meta"]
+    (ra,), (rb,) = a["rows"], b["rows"]
+    assert ra["plan"] == rb["plan"] and ra["bytes"] == rb["bytes"]
+    for k in ("ppl", "delta_nll", "kl", "predicted_delta_nll"):
+        assert ra[k] == pytest.approx(rb[k], rel=1e-5), k
+    plans = [json.loads((d / "plan.json").read_text())["plans"] for d in (run, out)]
+    assert [{g: e["config"] for g, e in next(iter(p.values()))["groups"].items()} for p in plans] == [
+        {g: e["config"] for g, e in next(iter(plans[0].values()))["groups"].items()}
+    ] * 2
+    assert (run / "model.gguf").read_bytes() == (out / "model.gguf").read_bytes()

@@ -443,6 +443,7 @@ def _parser() -> _Parser:
     )
     qz.add_argument("--profile", help="profile.json for ranked:METRIC (must come from this model); measured if absent")
     qz.add_argument("--seed", type=_count(0), default=0, help="for ranked:random")
+    _offload(qz, "none")
     tu = _action(
         sub,
         "tune",
@@ -657,7 +658,8 @@ def _steer_parser(sub) -> None:
 
 
 def _offload(p: argparse.ArgumentParser, default: str) -> None:
-    """``--offload``: ``auto`` is offered where the command plans its memory (so far, profile)."""
+    """``--offload``: ``auto`` is offered where the command plans its memory (so far, profile); drop and quantize
+    take none or disk."""
     choices = ["auto", "none", "disk"] if default == "auto" else ["none", "disk"]
     auto = "; auto: in memory when the planned peak fits --max-memory, else from disk" if default == "auto" else ""
     p.add_argument(

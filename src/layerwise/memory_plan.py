@@ -30,9 +30,9 @@ from .errors import LayerwiseError
 #: The interpreter, torch, transformers, layerwise and SmolLM2's tokenizer, before any weight, with what the
 #: components below leave out (the dry pass's copies): about 1000 MiB in benchmarks/results/offload_profile.md.
 RUNTIME = 1000 * 2**20
-#: Headroom on the sum, for the allocator's slack. It does not cover the resident set's variation between identical
-#: runs from disk: the same 1.7B-shaped profile peaked at 1817, 2272 and 2632 MiB in three runs, the last 11 % above
-#: its plan (benchmarks/results/offload_profile.md); what varies is still to be found.
+#: Headroom on the sum, for the allocator's slack. The resident set of identical runs from disk once varied by
+#: 800 MiB (1.7B shape: 1817 to 2632 MiB), glibc keeping freed buffers; the engine now has it give them back
+#: (:func:`layerwise.engine.return_freed_memory`), and the same run peaks at 1.2 GiB.
 SLACK = 1.1
 #: Floats one token keeps per block for a backward pass: about eight hidden-sized and four MLP-sized vectors.
 _SAVED = (8, 4)

@@ -41,7 +41,7 @@ from torch import nn
 from .configs import QuantizeConfig
 from .data import Windows
 from .errors import LayerwiseError
-from .evaluate import KL_KEYS, next_token_logits, quality
+from .evaluate import KL_KEYS
 from .io import provenance, write_atomic, write_json
 from .loading import LoadedModel
 from .memory import peak_memory
@@ -53,7 +53,7 @@ from .quant.allocate import Allocation, check_budget
 from .quant.apply import config_codes, config_weights, quantized
 from .quant.measure import Candidates, GroupCandidates, Measurement, Method, bit_range, measure
 from .quant.rtn import QConfig, QTensor
-from .quant.strategies import check_strategies, label, plan_variants, plans
+from .quant.strategies import check_strategies, label, plan_quality, plans
 
 Family = Literal["gguf", "int"]
 
@@ -93,11 +93,16 @@ def _other_bits(lm: LoadedModel, meas: Measurement, cands: Candidates) -> tuple[
         names = {lm.anatomy.gguf_name(p) for p in planned}
         rest = [t for t in qg.ggufio.reader(cands.source).tensors if t.name not in names]
         return sum(qg.ggufio.tensor_bits(t) for t in rest), sum(int(t.n_elements) for t in rest)
-    tensors = {
-        (t.data_ptr(), t.numel()): t
-        for name, t in lm.model.state_dict().items()
-        if not (name.endswith(".weight") and name.rsplit(".", 1)[0] in planned)
-    }
+
+    def kept(name: str) -> bool:
+        return not (name.endswith(".weight") and name.rsplit(".", 1)[0] in planned)
+
+    tensors: dict[object, torch.Tensor]
+    if lm.streamed is not None:  # a skeleton's tensors have no storage: tied ones share a checkpoint tensor
+        keys = lm.streamed.keys
+        tensors = {keys[n]: lm.model.get_parameter(n) for n in keys if kept(n)}
+    else:
+        tensors = {(t.data_ptr(), t.numel()): t for name, t in lm.model.state_dict().items() if kept(name)}
     return 8 * sum(t.numel() * t.element_size() for t in tensors.values()) + 128 * len(planned), sum(
         t.numel() for t in tensors.values()
     )
@@ -126,26 +131,10 @@ def evaluate(
     q: dict[str, dict] = {}
     for i in range(0, len(allocs), chunk):
         part = f"plans {i + 1}-{min(i + chunk, len(allocs))} of {len(allocs)}"
-        variants = plan_variants(
-            lm,
-            meas,
-            cands,
-            {label(a): a for a in allocs[i : i + chunk]},
-            windows,
-            batch_size=batch_size,
-            progress=progress,
-            desc=f"make {part}",
+        chosen = {label(a): a for a in allocs[i : i + chunk]}
+        q |= plan_quality(
+            lm, meas, cands, chosen, windows, eval_ids, batch_size=batch_size, progress=progress, what=part
         )
-        q |= quality(
-            next_token_logits(lm.model),
-            variants,
-            eval_ids,
-            batch_size=batch_size,
-            device=lm.device,
-            progress=progress,
-            desc=f"evaluate {part}",
-        )
-        del variants
     first = next(iter(q.values()))
     original = {
         "ppl": first["ref_ppl"],
@@ -367,7 +356,6 @@ def run(
     ``settings`` are config fields (``bits=4.8, format="int"``); ``prof`` (else the config's ``profile`` file)
     ranks units for ``ranked:METRIC`` strategies.
     """
-    lm.check_resident("quantize")
     start = time.perf_counter()
     cfg = QuantizeConfig.of(config, **settings)
     budgets, strategies, family, method = cfg.budgets, list(cfg.strategy), cfg.format, cfg.method
@@ -464,7 +452,6 @@ def export_plan(
     """Write one plan's files (``windows``: a GPTQ plan's calibration windows); each model written is run in its
     consumer (llama.cpp, transformers) on the held-out ``eval_ids``, with a bar over the windows when ``progress``.
     Nothing is measured again."""
-    lm.check_resident("quantize")
     out = Path(out)
     _check_export(lm, plan.family, export)
     exports: dict = {}
@@ -498,6 +485,11 @@ def export_plan(
 
 
 def _check_export(lm: LoadedModel, family: Family, export: tuple[str, ...]) -> None:
+    if "hf" in export and lm.streamed is not None:
+        raise LayerwiseError(
+            "`export` hf needs the weights in memory, and this model was loaded with `offload` disk (its "
+            "evaluation reads them block by block); give `export` none, or load it with `offload` none to export"
+        )
     unknown = set(export) - set(EXPORTS[family])
     if unknown:
         allowed = ", ".join(EXPORTS[family]) or "none yet"

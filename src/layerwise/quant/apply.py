@@ -4,7 +4,7 @@ export)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import nn
@@ -12,8 +12,10 @@ from torch import nn
 from ..data import Windows
 from ..errors import LayerwiseError
 from ..loading import LoadedModel
+from ..trace import run_blocks
 from .allocate import Allocation
-from .measure import Candidates, GroupCandidates, Measurement, input_hessians, matrix, replaced
+from .gptq import Hessian
+from .measure import Candidates, GroupCandidates, Measurement, hessian_hooks, input_hessians, matrix, replaced
 from .rtn import QTensor
 
 
@@ -28,7 +30,7 @@ def plan_weights(
 ) -> dict[nn.Module, torch.Tensor]:
     """Each quantized module's (out, in) weight as the plan stores it (GPTQ: run on ``windows``, ``batch_size`` at a
     time)."""
-    return config_weights(lm, _config(meas, alloc), candidates, windows, batch_size=batch_size)
+    return config_weights(lm, weight_config(meas, alloc), candidates, windows, batch_size=batch_size)
 
 
 def config_weights(
@@ -60,7 +62,7 @@ def plan_codes(
     batch_size: int = 4,
 ) -> dict[str, QTensor]:
     """Each quantized module's integer codes under the plan, by module path; they dequantize to ``plan_weights``."""
-    return config_codes(lm, _config(meas, alloc), candidates, windows, batch_size=batch_size)
+    return config_codes(lm, weight_config(meas, alloc), candidates, windows, batch_size=batch_size)
 
 
 def config_codes(
@@ -77,7 +79,7 @@ def config_codes(
     return {p: candidates.codes(p, matrix(lm.anatomy, lm.model.get_submodule(p)), c, None) for p, c in config.items()}
 
 
-def _config(meas: Measurement, alloc: Allocation) -> dict[str, str]:
+def weight_config(meas: Measurement, alloc: Allocation) -> dict[str, str]:
     """The plan's config of every quantized module, by module path."""
     return {p: alloc.configs[g] for g, e in meas.groups.items() for p in e["modules"]}
 
@@ -117,6 +119,68 @@ def _sequential(
             codes = candidates.codes_rows([matrix(an, m) for _, m in g], config[g[0][0]], hess[id(g[0][1])].value)
             out |= {p: q for (p, _), q in zip(g, codes)}
     return out
+
+
+class BlockPlan:
+    """A plan applied to a model whose weights stay on disk, one block at a time (an
+    :data:`layerwise.evaluate.BlockVariant`): ``plan(i)``, called for every block in order while its weights are
+    read, makes that block's quantized weights and puts them in place for the ``with``.
+
+    GPTQ weights are made as :func:`_sequential` makes them: block ``i``'s Hessians come from the calibration
+    windows carried through the blocks before it already quantized (kept here, one stream of hidden states), so
+    the weights are those of the model in memory.
+    """
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        config: dict[str, str],
+        candidates: Candidates,
+        windows: Windows | None = None,
+        *,
+        batch_size: int = 4,
+    ) -> None:
+        self.lm, self.config, self.candidates = lm, config, candidates
+        self.gptq = isinstance(candidates, GroupCandidates) and candidates.needs_hessian
+        if self.gptq and windows is None:
+            raise LayerwiseError("GPTQ plans are made on calibration windows; pass the windows")
+        self.batches = torch.split(windows.calibration, batch_size) if self.gptq and windows is not None else ()
+        self.stream: list[torch.Tensor] = []
+        self.calls: list[list[tuple[tuple, dict]]] = []
+
+    def __call__(self, layer: int) -> AbstractContextManager[None]:
+        an, fused = self.lm.anatomy, self.candidates.fused
+        groups = [
+            g
+            for g in ([(p, m) for p, m in ms if p in self.config] for _, ms in an.quant_groups(layer, fused=fused))
+            if g
+        ]
+        if not self.gptq:
+            mods = [(p, m) for g in groups for p, m in g]
+            return replaced(an, {m: self.candidates.stored(p, matrix(an, m), self.config[p], None)[0] for p, m in mods})
+        weights = self._gptq(layer, groups)
+        with torch.no_grad(), replaced(an, weights):  # the stream goes on through the quantized block
+            self.stream = [run_blocks(an, layer, h, c, stop=layer + 1) for h, c in zip(self.stream, self.calls)]
+        return replaced(an, weights)
+
+    def _gptq(self, layer: int, groups: list[list[tuple[str, nn.Module]]]) -> dict[nn.Module, torch.Tensor]:
+        """Block ``layer``'s GPTQ weights, from the Hessians of its inputs in the quantized stream."""
+        an, s = self.lm.anatomy, self.lm.streamed
+        assert s is not None and isinstance(self.candidates, GroupCandidates)
+        if layer == 0:
+            starts = [s.calls(b) for b in self.batches]
+            self.stream, self.calls = [h for h, _ in starts], [c for _, c in starts]
+        into: dict[int, Hessian] = {}
+        with torch.no_grad(), hessian_hooks([g[0][1] for g in groups], into):
+            for h, c in zip(self.stream, self.calls):
+                run_blocks(an, layer, h, c, stop=layer + 1)
+        weights: dict[nn.Module, torch.Tensor] = {}
+        for g in groups:
+            codes = self.candidates.codes_rows(
+                [matrix(an, m) for _, m in g], self.config[g[0][0]], into[id(g[0][1])].value
+            )
+            weights |= {m: q.dequantize() for (_, m), q in zip(g, codes)}
+        return weights
 
 
 @contextmanager

@@ -10,17 +10,18 @@ import random
 from dataclasses import replace
 from functools import partial
 
+import torch
 from tqdm.auto import tqdm
 
 from ..anatomy import parse_unit
 from ..data import Windows
 from ..errors import LayerwiseError
-from ..evaluate import LogitsFn, next_token_logits, quality
+from ..evaluate import BlockVariant, LogitsFn, next_token_logits, quality, streamed_quality
 from ..loading import LoadedModel
 from ..profile import Profile, needs, profile
 from . import gguf as qg
 from .allocate import Allocation, ranked, solve, uniform
-from .apply import plan_weights, quantized
+from .apply import BlockPlan, plan_weights, quantized, weight_config
 from .measure import Candidates, Measurement
 
 
@@ -151,17 +152,8 @@ def calibration_loss(
     deltas: dict[str, list[float]] = {name: [] for name in allocs}
     for fit, score in folds:
         part = replace(windows, ids=fit, n_calib=len(fit))
-        variants = plan_variants(
-            lm, meas, cands, allocs, part, batch_size=batch_size, progress=progress, desc=f"make {what}"
-        )
-        q = quality(
-            next_token_logits(lm.model),
-            variants,
-            score,
-            batch_size=batch_size,
-            device=lm.device,
-            progress=progress,
-            desc=f"score {what}",
+        q = plan_quality(
+            lm, meas, cands, allocs, part, score, batch_size=batch_size, progress=progress, what=what, verb="score"
         )
         for name in allocs:
             deltas[name] += q[name]["window_delta_nll"]
@@ -186,6 +178,42 @@ def plan_variants(
         for name, a in tqdm(allocs.items(), desc=desc, unit="plan", disable=not progress)
     }
     return {name: next_token_logits(lm.model, partial(quantized, lm, w)) for name, w in made.items()}
+
+
+def plan_quality(
+    lm: LoadedModel,
+    meas: Measurement,
+    cands: Candidates,
+    allocs: dict[str, Allocation],
+    windows: Windows,
+    ids: torch.Tensor,
+    *,
+    batch_size: int,
+    progress: bool,
+    what: str,
+    verb: str = "evaluate",
+) -> dict[str, dict]:
+    """:func:`layerwise.evaluate.quality` of each plan (its weights made on ``windows`` for GPTQ) on ``ids``: with the
+    plans' weights made whole in memory, or block by block for a model whose weights stay on disk (bars named
+    after ``what``)."""
+    if lm.streamed is not None:
+        blocks: dict[str, BlockVariant] = {
+            name: BlockPlan(lm, weight_config(meas, a), cands, windows, batch_size=batch_size)
+            for name, a in allocs.items()
+        }
+        return streamed_quality(lm, blocks, ids, batch_size=batch_size, progress=progress, desc=f"{verb} {what}")
+    variants = plan_variants(
+        lm, meas, cands, allocs, windows, batch_size=batch_size, progress=progress, desc=f"make {what}"
+    )
+    return quality(
+        next_token_logits(lm.model),
+        variants,
+        ids,
+        batch_size=batch_size,
+        device=lm.device,
+        progress=progress,
+        desc=f"{verb} {what}",
+    )
 
 
 def plans(
