@@ -302,3 +302,41 @@ def test_streamed_quantize_plans_and_evaluates_as_the_resident_one(method, tmp_p
         qz.run(disk, w, bits=4.8, format="int", export=("hf",), out=tmp_path / "q", progress=False)
     assert not (tmp_path / "q").exists()
     assert all(p.device.type == "meta" for p in disk.model.parameters())
+
+
+def test_a_missing_or_truncated_shard_is_one_line_before_anything_runs(tmp_path, capsys):
+    """Every shard's header is read when the checkpoint is opened: a shard cut short, a shard the index names but
+    the folder lacks, a tensor the index puts in the wrong shard and an unreadable index are each one line, from
+    the API and from the CLI (exit 2, no result folder)."""
+    import json
+
+    lm = tiny_lm("llama", layers=4)
+    lm.model.save_pretrained(tmp_path / "m", max_shard_size="20KB")
+    folder = tmp_path / "m"
+    shards = sorted(folder.glob("*.safetensors"))
+    assert len(shards) > 2
+    Checkpoint.of(folder)
+    data = shards[1].read_bytes()
+    shards[1].write_bytes(data[:-100])
+    with pytest.raises(LayerwiseError, match=r"is not a whole safetensors file \(.*\); download it again$"):
+        Checkpoint.of(folder)
+    capsys.readouterr()
+    argv = ["--seq-len", "16", "--samples", "2", "--offload", "disk", "--out", str(tmp_path / "never")]
+    rc = cli.main(["profile", "--model", str(folder), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "is not a whole safetensors file" in err[0], err
+    assert not (tmp_path / "never").exists()
+    shards[1].unlink()
+    with pytest.raises(LayerwiseError, match=r"is missing; the checkpoint's index names it: download the complete"):
+        Checkpoint.of(folder)
+    shards[1].write_bytes(data)
+    index = folder / "model.safetensors.index.json"
+    saved = json.loads(index.read_text())
+    name = next(n for n, f in saved["weight_map"].items() if f != shards[0].name)
+    saved["weight_map"][name] = shards[0].name
+    index.write_text(json.dumps(saved))
+    with pytest.raises(LayerwiseError, match=rf"lacks {name}, which its index names; download the shard again$"):
+        Checkpoint.of(folder)
+    index.write_text("{")
+    with pytest.raises(LayerwiseError, match=r"is not a readable safetensors index; download it again$"):
+        Checkpoint.of(folder)

@@ -39,20 +39,25 @@ class Checkpoint:
 
     @classmethod
     def of(cls, folder: str | Path) -> Checkpoint:
-        """The checkpoint in ``folder``: its index (``model.safetensors.index.json``), else its one shard."""
-        from safetensors import safe_open
-
+        """The checkpoint in ``folder``: its index (``model.safetensors.index.json``), else its shards. Every shard
+        is opened (its header read) first, so a missing, truncated or incomplete one is refused in one line before
+        anything runs."""
         folder = Path(folder)
         index = folder / "model.safetensors.index.json"
-        if index.is_file():
+        if not index.is_file():
+            files = {key: shard for shard in sorted(folder.glob("*.safetensors")) for key in _keys(shard)}
+            if not files:
+                raise LayerwiseError(f"{folder} holds no safetensors weights; give a Hugging Face model directory")
+            return cls(files)
+        try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            return cls({name: folder / file for name, file in weight_map.items()})
-        files: dict[str, Path] = {}
-        for shard in sorted(folder.glob("*.safetensors")):
-            with safe_open(str(shard), "pt") as fh:
-                files |= dict.fromkeys(fh.keys(), shard)
-        if not files:
-            raise LayerwiseError(f"{folder} holds no safetensors weights; give a Hugging Face model directory")
+            files = {name: folder / file for name, file in weight_map.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise LayerwiseError(f"{index} is not a readable safetensors index; download it again") from None
+        held = {shard: _keys(shard) for shard in set(files.values())}
+        for name, shard in files.items():
+            if name not in held[shard]:
+                raise LayerwiseError(f"{shard} lacks {name}, which its index names; download the shard again")
         return cls(files)
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -60,6 +65,20 @@ class Checkpoint:
 
         with safe_open(str(self.files[name]), "pt") as fh:
             return fh.get_tensor(name)
+
+
+def _keys(shard: Path) -> set[str]:
+    """The tensor names a shard holds, from its header; one line when it is missing or not whole."""
+    from safetensors import SafetensorError, safe_open
+
+    if not shard.is_file():
+        raise LayerwiseError(f"{shard} is missing; the checkpoint's index names it: download the complete checkpoint")
+    try:
+        with safe_open(str(shard), "pt") as fh:
+            return set(fh.keys())
+    except (SafetensorError, OSError) as exc:
+        reason = str(exc).splitlines()[0][:120] if str(exc) else exc.__class__.__name__
+        raise LayerwiseError(f"{shard} is not a whole safetensors file ({reason}); download it again") from None
 
 
 def skeleton(
