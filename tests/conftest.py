@@ -90,6 +90,22 @@ def tiny_windows(n: int = 3, seq_len: int = 16, seed: int = 0) -> Windows:
     )
 
 
+def tiny_folder(path, arch: str = "llama", layers: int = 4):
+    """A tiny model saved as a Hugging Face folder with a character-level tokenizer of its 97 tokens (printable
+    ASCII and an unknown token), so that the CLI can load it and read any corpus; returns the folder."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(["<unk>", *string.printable[:96]])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tiny_model(arch, layers).save_pretrained(path)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<unk>").save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def tiny_cli(monkeypatch):
     """The CLI running on a tiny 6-block model with 2 calibration and 3 held-out windows."""
@@ -98,6 +114,7 @@ def tiny_cli(monkeypatch):
     lm, w = tiny_lm("llama", layers=6), tiny_windows(5)
     w.n_calib = 2
     monkeypatch.setattr(cli, "_load", lambda args, attn_implementation=None, **_: (lm, w))
+    monkeypatch.setattr(cli, "_memory_plan", lambda args, make: ("none", None))  # the tiny model is in memory
     return lm, w
 
 

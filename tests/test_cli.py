@@ -64,8 +64,9 @@ def test_attention_orders_are_measured_and_the_cli_loads_eager_attention(monkeyp
     assert prof.rank("attn_entropy:desc", "attn") == prof.rank("attn_entropy:asc", "attn")[::-1]
     asked = []
     monkeypatch.setattr(
-        cli, "_load", lambda args, attn_implementation=None: asked.append(attn_implementation) or (lm, w)
+        cli, "_load", lambda args, attn_implementation=None, **_: asked.append(attn_implementation) or (lm, w)
     )
+    monkeypatch.setattr(cli, "_memory_plan", lambda args, make: ("none", None))
     w.n_calib = 1
     assert (
         cli.main(

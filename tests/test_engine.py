@@ -11,7 +11,7 @@ from layerwise.errors import LayerwiseError
 from layerwise.loading import LoadedModel
 from layerwise.profile import profile
 
-from .conftest import tiny_lm, tiny_windows
+from .conftest import tiny_folder, tiny_lm, tiny_windows
 
 
 def _streamed(lm: LoadedModel, folder, attn_implementation=None) -> LoadedModel:
@@ -340,3 +340,45 @@ def test_a_missing_or_truncated_shard_is_one_line_before_anything_runs(tmp_path,
     index.write_text("{")
     with pytest.raises(LayerwiseError, match=r"is not a readable safetensors index; download it again$"):
         Checkpoint.of(folder)
+
+
+def test_drop_and_quantize_plan_their_memory_and_run_from_disk_when_it_does_not_fit(tmp_path, capsys):
+    """drop and quantize print their plan first and, with a budget between the planned peak from disk and the one
+    in memory, read the weights block by block; the result records the plan. The plans count what each keeps: the
+    original's and every plan's stream of the held-out windows (drop), every block's input and one block's
+    sublayer streams, or each evaluated plan's stream (quantize)."""
+    import json
+
+    import torch
+
+    from layerwise.memory_plan import Shape, drop_plan, quantize_plan
+
+    folder = tiny_folder(tmp_path / "m")
+    shape = Shape.of(folder, dtype=torch.float32, seq_len=16)
+    unit = 16 * shape.hidden * 4  # one window's hidden states
+    kw = dict(dtype=torch.float32, seq_len=16, batch_size=2, calibration=4, evaluation=3)
+    assert drop_plan(folder, plans=2, ablation=None, **kw).states == 3 * 3 * unit
+    assert drop_plan(folder, plans=1, ablation="taylor", **kw).states == 4 * 4 * unit  # the profile's inputs
+    q = quantize_plan(folder, configs=3, gptq=False, **kw)
+    assert q.states == max((4 + 6) * 4, 5 * 3) * unit and q.extra > 0
+    assert quantize_plan(folder, configs=3, gptq=True, **kw).states == max((4 + 6) * 4, 5 * 3 + 4 * 4) * unit
+    plan = drop_plan(folder, plans=1, ablation=None, **{**kw, "calibration": 2})
+    budget = (plan.streamed + plan.resident) // 2
+    argv = ["--model", str(folder), "--seq-len", "16", "--samples", "2", "--eval-samples", "3", "--batch-size", "2"]
+    argv += ["--max-memory", str(budget), "--json"]
+    capsys.readouterr()
+    assert cli.main(["drop", *argv, "--units", "L1", "--out", str(tmp_path / "d")]) == 0
+    err = capsys.readouterr().err
+    assert "runs reading one block at a time from disk" in err and "no speed is measured" in err
+    meta = json.loads((tmp_path / "d" / "eval.json").read_text())["meta"]
+    assert meta["offload"] == "disk" and meta["memory_plan"]["streamed"] == plan.streamed
+    qplan = quantize_plan(folder, configs=18, gptq=False, **{**kw, "calibration": 2})
+    qargv = [*argv[:-3], "--max-memory", str((qplan.streamed + qplan.resident) // 2), "--format", "int"]
+    qargv += ["--bits", "5", "--group-size", "32", "--strategy", "uniform", "--export", "none", "--json"]
+    assert cli.main(["quantize", *qargv, "--out", str(tmp_path / "q")]) == 0
+    assert "runs reading one block at a time from disk" in capsys.readouterr().err
+    meta = json.loads((tmp_path / "q" / "eval.json").read_text())["meta"]
+    assert meta["offload"] == "disk" and meta["memory_plan"]["streamed"] == qplan.streamed
+    rc = cli.main(["drop", *argv[:-3], "--max-memory", "1MiB", "--units", "L1", "--out", str(tmp_path / "never")])
+    assert rc == 2 and "drop needs about" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()

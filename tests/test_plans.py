@@ -167,6 +167,7 @@ def test_cli_exports_saved_plans_without_measuring(tmp_path, monkeypatch, capsys
 
     lm, w = tiny_lm("llama", layers=4), _split()
     monkeypatch.setattr(cli, "_load", lambda args, attn_implementation=None, **_: (lm, w))
+    monkeypatch.setattr(cli, "_memory_plan", lambda args, make: ("none", None))
     assert cli.main(["drop", "--n", "1", "--no-speed", "--eval-samples", "3", "--out", str(tmp_path / "d")]) == 0
     assert (
         cli.main(["quantize", "--format", "int", "--bits", "4.8", "--eval-samples", "3", "--out", str(tmp_path / "q")])

@@ -11,6 +11,7 @@ import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import fields
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TypeVar
 
@@ -18,7 +19,8 @@ from .errors import LayerwiseError
 from .results import print_tables
 
 if TYPE_CHECKING:
-    from .configs import Config
+    from .configs import Config, DropConfig, QuantizeConfig
+    from .memory_plan import MemoryPlan
 
 C = TypeVar("C", bound="Config")
 
@@ -319,12 +321,7 @@ def _parser() -> _Parser:
         default=64,
         help="score the logit lens and exact ablation at this many random positions per window (default 64; 0: all)",
     )
-    _offload(pr, "auto")
-    pr.add_argument(
-        "--max-memory",
-        metavar="SIZE",
-        help="memory budget, e.g. 4GiB or 512MiB (default: what the device has free)",
-    )
+    _offload(pr)
     pr.add_argument(
         "--ablation-samples",
         type=_count(0),
@@ -390,7 +387,7 @@ def _parser() -> _Parser:
         action="store_false",
         help="skip the tokens-per-second measurement (never measured with --offload disk)",
     )
-    _offload(dr, "none")
+    _offload(dr)
     qz = _action(
         sub,
         "quantize",
@@ -443,7 +440,7 @@ def _parser() -> _Parser:
     )
     qz.add_argument("--profile", help="profile.json for ranked:METRIC (must come from this model); measured if absent")
     qz.add_argument("--seed", type=_count(0), default=0, help="for ranked:random")
-    _offload(qz, "none")
+    _offload(qz)
     tu = _action(
         sub,
         "tune",
@@ -657,23 +654,26 @@ def _steer_parser(sub) -> None:
     )
 
 
-def _offload(p: argparse.ArgumentParser, default: str) -> None:
-    """``--offload``: ``auto`` is offered where the command plans its memory (so far, profile); drop and quantize
-    take none or disk."""
-    choices = ["auto", "none", "disk"] if default == "auto" else ["none", "disk"]
-    auto = "; auto: in memory when the planned peak fits --max-memory, else from disk" if default == "auto" else ""
+def _offload(p: argparse.ArgumentParser) -> None:
+    """``--offload`` and ``--max-memory``, for the commands that plan their memory (profile, drop, quantize)."""
     p.add_argument(
         "--offload",
-        default=default,
-        choices=choices,
+        default="auto",
+        choices=["auto", "none", "disk"],
         help="disk: keep the weights in the checkpoint and read one block at a time (the same numbers); none: every "
-        f"weight in memory{auto} (default {default})",
+        "weight in memory; auto: in memory when the planned peak fits --max-memory, else from disk",
+    )
+    p.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="memory budget, e.g. 4GiB or 512MiB (default: what the device has free)",
     )
 
 
-def _load(args: argparse.Namespace, attn_implementation: str | None = None, corpus=None):
+def _load(args: argparse.Namespace, attn_implementation: str | None = None, corpus=None, plan: dict | None = None):
     """The model and the windows the shared options name; the data is read and checked first (or was, as
-    ``corpus``), so a bad file costs no load."""
+    ``corpus``), so a bad file costs no load. A memory ``plan`` goes into the model's source, so every result
+    records it."""
     from . import load, windows
     from .data import read_corpus
 
@@ -686,36 +686,78 @@ def _load(args: argparse.Namespace, attn_implementation: str | None = None, corp
         attn_implementation=attn_implementation,
         offload=getattr(args, "offload", "none"),
     )
+    if plan is not None:
+        lm.source["memory_plan"] = plan
     return lm, windows(
         corpus, lm.tokenizer, seq_len=args.seq_len, samples=args.samples, max_len=lm.anatomy.context_length
     )
 
 
-def _memory_plan(args: argparse.Namespace) -> tuple[str, dict | None]:
-    """Where the profile's weights stay (``none``: memory, ``disk``), from its memory plan, printed first; the plan
-    as the result records it (None for a hub model, which is loaded into memory)."""
+def _memory_plan(args: argparse.Namespace, make: Callable[..., MemoryPlan]) -> tuple[str, dict | None]:
+    """Where the command's weights stay (``none``: memory, ``disk``), from the memory plan ``make`` returns (called
+    with the checkpoint folder, the compute dtype and the trust setting), printed first; the plan as the result
+    records it (None for a hub model, which is loaded into memory)."""
     from .loading import DTYPES, checkpoint_folder, resolve_device
-    from .memory_plan import available, parse_bytes, profile_plan
+    from .memory_plan import available, parse_bytes
 
     target, source = checkpoint_folder(args.model, args.trust_remote_code)
     if source["kind"] == "hub":
         return ("disk" if args.offload == "disk" else "none"), None
     device = resolve_device(args.device)
     budget = parse_bytes(args.max_memory) if args.max_memory else available(device)
+    plan = make(target, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code)
+    mode = plan.choose(args.offload, budget)
+    print(f"layerwise: {plan.line(mode, budget)}", file=sys.stderr)
+    return mode, {**plan.to_dict(), "budget": budget, "offload": mode}
+
+
+def _profile_plan(args: argparse.Namespace) -> Callable[..., MemoryPlan]:
+    from .memory_plan import profile_plan
+
     ablated = args.samples if not args.ablation_samples else min(args.samples, args.ablation_samples)
-    plan = profile_plan(
-        target,
-        dtype=DTYPES[args.dtype],
+    return partial(
+        profile_plan,
         windows=args.samples,
         seq_len=args.seq_len,
         batch_size=args.batch_size,
         ablation=args.ablation,
         ablation_windows=-(-ablated // args.batch_size) * args.batch_size,
-        trust_remote_code=args.trust_remote_code,
     )
-    mode = plan.choose(args.offload, budget)
-    print(f"layerwise: {plan.line(mode, budget)}", file=sys.stderr)
-    return mode, {**plan.to_dict(), "budget": budget, "offload": mode}
+
+
+def _drop_plan(args: argparse.Namespace, cfg: DropConfig) -> Callable[..., MemoryPlan]:
+    from .drop import needed
+    from .memory_plan import drop_plan
+
+    orders = [o for o in cfg.order if o not in ("random", "contiguous")]
+    return partial(
+        drop_plan,
+        seq_len=args.seq_len,
+        batch_size=cfg.batch_size,
+        calibration=args.samples,
+        evaluation=cfg.eval_samples,
+        plans=len(cfg.sweep or (1,)) * len(cfg.unit) * len(cfg.order),
+        ablation=needed(orders)["ablation"] if orders and not cfg.profile and not cfg.units else None,
+    )
+
+
+def _quantize_plan(args: argparse.Namespace, cfg: QuantizeConfig) -> Callable[..., MemoryPlan]:
+    from .memory_plan import quantize_plan
+
+    return partial(
+        quantize_plan,
+        seq_len=args.seq_len,
+        batch_size=cfg.batch_size,
+        calibration=args.samples,
+        evaluation=cfg.eval_samples,
+        configs=18 if cfg.format == "int" else 10,
+        gptq=cfg.format == "int" and cfg.method == "gptq",
+    )
+
+
+def _exporting(args: argparse.Namespace) -> str:
+    """Where a saved plan's export reads the weights: in memory unless ``--offload disk`` is given."""
+    return "disk" if args.offload == "disk" else "none"
 
 
 def _profile(args: argparse.Namespace) -> int:
@@ -724,8 +766,8 @@ def _profile(args: argparse.Namespace) -> int:
     from .report import write_report
 
     corpus = read_corpus(args.data, args.encoding)  # bad data fails before the plan and the load
-    args.offload, plan = _memory_plan(args)
-    lm, w = _load(args, attn_implementation="eager" if args.attention else None, corpus=corpus)
+    args.offload, plan = _memory_plan(args, _profile_plan(args))
+    lm, w = _load(args, attn_implementation="eager" if args.attention else None, corpus=corpus, plan=plan)
     prof = profile(
         lm,
         w,
@@ -738,8 +780,6 @@ def _profile(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.json,
     )
-    if plan is not None:
-        prof.meta["memory_plan"] = plan
     out = Path(args.out)
     path = prof.save(out)
     html = write_report(prof, out / "report.html")
@@ -787,7 +827,8 @@ def _drop(args: argparse.Namespace) -> int:
     eager = not cfg.profile and any(needs(o)["attention"] for o in cfg.order)
     plan = dp.DropPlan.load(*_plan_ref(cfg.plan)) if cfg.plan else None  # a bad file fails before the model loads
     prof = Profile.load(cfg.profile) if cfg.profile else None
-    lm, w = _load(args, attn_implementation="eager" if eager else None)
+    args.offload, memory = _memory_plan(args, _drop_plan(args, cfg)) if plan is None else (_exporting(args), None)
+    lm, w = _load(args, attn_implementation="eager" if eager else None, plan=memory)
     if plan is not None:
         return _exported(dp.export_plan(lm, plan, args.out, ("hf",) if cfg.export is None else cfg.export), args)
     if lm.streamed is not None and cfg.with_speed:
@@ -814,7 +855,8 @@ def _quantize(args: argparse.Namespace) -> int:
     cfg = _config(args, QuantizeConfig)
     plan = qz.QuantPlan.load(*_plan_ref(cfg.plan)) if cfg.plan else None  # bad files fail before the model loads
     prof = Profile.load(cfg.profile) if cfg.profile else None
-    lm, w = _load(args)
+    args.offload, memory = _memory_plan(args, _quantize_plan(args, cfg)) if plan is None else (_exporting(args), None)
+    lm, w = _load(args, plan=memory)
     if plan is not None:
         formats = EXPORTS[plan.family] if cfg.export is None else cfg.export
         return _exported(

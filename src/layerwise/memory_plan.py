@@ -1,4 +1,5 @@
-"""A profile's memory, planned from the model's config and the run's settings before any weight is read.
+"""A command's memory (profile, drop, quantize), planned from the model's config and the run's settings before any
+weight is read.
 
 The plan adds up what the run holds at its peak, two ways: with every weight in memory, and with the weights read
 one block at a time (:mod:`layerwise.engine`). The run takes the first way when its peak fits the budget
@@ -11,10 +12,12 @@ that does not fit. Each figure is an estimate; ``benchmarks/offload_profile.py``
   resident set counts while they are read;
 - ``block`` and ``stem``: the largest block's weights, and the embedding or the head (read alone), each with its
   pages, when reading from disk;
-- ``states``: what the block-by-block pass keeps, each block's input for every calibration window and, for exact
-  ablation, the ablated streams it carries;
-- ``work``: one batch's working memory, the forward's saved activations (the whole model's for the Taylor estimate
-  when resident, one block's from disk) and the head's reference distribution.
+- ``states``: what the block-by-block pass keeps: each block's input for every calibration window and, for exact
+  ablation, the ablated streams it carries (profile, quantize's measurement); the original's and each variant's
+  stream for every held-out window (drop's and quantize's evaluation);
+- ``work``: one batch's working memory, the forward's saved activations (the whole model's for a backward pass
+  when resident, one block's from disk) and the head's distributions;
+- ``extra``: what only the in-memory run holds besides (quantize: its candidates and each plan's weights).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -69,7 +73,8 @@ def _size(n: int) -> str:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """What a profile holds at its peak (bytes), in memory and from disk; see the module docstring."""
+    """What a command holds at its peak (bytes), in memory and from disk; see the module docstring. ``extra`` is
+    what only the in-memory run holds besides the weights (quantize: its candidates and plans' weights)."""
 
     runtime: int
     weights: int
@@ -79,10 +84,13 @@ class MemoryPlan:
     states: int
     work: int
     block_work: int
+    extra: int = 0
+    what: str = "the profile"
+    fix: str = "`batch_size`, `samples` or `seq_len` (or `ablation_samples` for exact ablation)"
 
     @property
     def resident(self) -> int:
-        return int(SLACK * (self.runtime + self.weights + self.files + self.work))
+        return int(SLACK * (self.runtime + self.weights + self.files + self.work + self.extra))
 
     @property
     def streamed(self) -> int:
@@ -94,9 +102,8 @@ class MemoryPlan:
         mode = offload if offload != "auto" else ("none" if self.resident <= budget else "disk")
         if mode == "disk" and self.streamed > budget:
             raise LayerwiseError(
-                f"the profile needs about {_size(self.streamed)} even reading one block at a time, over the "
-                f"{_size(budget)} budget; lower `batch_size`, `samples` or `seq_len` (or `ablation_samples` for "
-                "exact ablation), or raise `max_memory`"
+                f"{self.what} needs about {_size(self.streamed)} even reading one block at a time, over the "
+                f"{_size(budget)} budget; lower {self.fix}, or raise `max_memory`"
             )
         return mode
 
@@ -113,6 +120,70 @@ class MemoryPlan:
         return {**asdict(self), "resident": self.resident, "streamed": self.streamed}
 
 
+@dataclass(frozen=True)
+class Shape:
+    """The sizes of a checkpoint that a plan adds up (bytes, weights in the compute dtype), from its config and its
+    shards' headers: no weight is read."""
+
+    layers: int
+    hidden: int
+    mlp: int
+    vocab: int
+    size: int  # bytes per value in the compute dtype
+    weights: int
+    files: int
+    block: int  # the largest block's weights, with their pages as stored
+    stem: int  # the embedding or the head, read alone, with its pages
+
+    @classmethod
+    def of(cls, folder: str | Path, *, dtype: torch.dtype, seq_len: int, trust_remote_code: bool = False) -> Shape:
+        from .anatomy import Anatomy
+        from .data import check_context
+        from .engine import Checkpoint, Streamed, skeleton
+
+        model = skeleton(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+        an = Anatomy(model)
+        check_context(seq_len, an.context_length)
+        ckpt = Checkpoint.of(folder)
+        s = Streamed(model, ckpt)
+        size = torch.finfo(dtype).bits // 8
+        files = sum(f.stat().st_size for f in set(ckpt.files.values()))
+        stored = files / max(1, s.n_params)  # bytes per weight as stored
+
+        def held(names: list[str]) -> int:
+            return int(sum(model.get_parameter(name).numel() for name in names) * (size + stored))
+
+        return cls(
+            layers=an.n_layers,
+            hidden=an.embed.weight.shape[1],
+            mlp=an.linear_shape(an.down_proj(0))[1],
+            vocab=an.linear_shape(an.head)[0],
+            size=size,
+            weights=s.n_params * size,
+            files=files,
+            block=max(held(s.names(b)) for b in an.blocks),
+            stem=max(held(s.names(an.embed)), held(s.names(an.head))),
+        )
+
+    def states(self, streams: int, windows: int, seq_len: int) -> int:
+        """``streams`` hidden states of ``windows`` windows: a block's input each, or each variant's stream."""
+        return streams * windows * seq_len * self.hidden * self.size
+
+    def work(self, tokens: int, blocks: int = 1) -> int:
+        """The activations that ``blocks`` blocks keep for a backward pass over ``tokens`` tokens."""
+        return tokens * (_SAVED[0] * self.hidden + _SAVED[1] * self.mlp) * self.size * blocks
+
+    def logits(self, tokens: int) -> int:
+        """One float32 distribution over the vocabulary per token (a reference, or a candidate's logits)."""
+        return tokens * self.vocab * 4
+
+    def plan(self, **parts: Any) -> MemoryPlan:
+        """A plan of this checkpoint's weights with ``parts`` (states, work, block_work, extra, what, fix)."""
+        return MemoryPlan(
+            runtime=RUNTIME, weights=self.weights, files=self.files, block=self.block, stem=self.stem, **parts
+        )
+
+
 def profile_plan(
     folder: str | Path,
     *,
@@ -125,41 +196,78 @@ def profile_plan(
     trust_remote_code: bool = False,
 ) -> MemoryPlan:
     """The memory plan of profiling the checkpoint in ``folder`` on ``windows`` calibration windows."""
-    from .anatomy import Anatomy
-    from .data import check_context
-    from .engine import Checkpoint, Streamed, skeleton
+    shape = Shape.of(folder, dtype=dtype, seq_len=seq_len, trust_remote_code=trust_remote_code)
+    return shape.plan(**_profile_parts(shape, windows, seq_len, batch_size, ablation, ablation_windows))
 
-    model = skeleton(folder, dtype=dtype, trust_remote_code=trust_remote_code)
-    an = Anatomy(model)
-    check_context(seq_len, an.context_length)
-    ckpt = Checkpoint.of(folder)
-    s = Streamed(model, ckpt)
-    size = torch.finfo(dtype).bits // 8
-    files = {f: f.stat().st_size for f in set(ckpt.files.values())}
-    stored = sum(files.values()) / max(1, s.n_params)  # bytes per weight as stored
 
-    def held(names: list[str]) -> int:
-        n = sum(model.get_parameter(name).numel() for name in names)
-        return int(n * (size + stored))
-
-    hidden = an.embed.weight.shape[1]
-    mlp = an.linear_shape(an.down_proj(0))[1]
-    vocab = an.linear_shape(an.head)[0]
-    token_block = (_SAVED[0] * hidden + _SAVED[1] * mlp) * size
-    tokens = batch_size * seq_len
-    reference = tokens * vocab * 4
+def _profile_parts(shape: Shape, windows: int, seq_len: int, batch_size: int, ablation: str, ablated: int) -> dict:
+    tokens, L = batch_size * seq_len, shape.layers
+    states = shape.states(L, windows, seq_len) + (shape.states(3 * L, ablated, seq_len) if ablation == "exact" else 0)
     taylor = ablation in ("exact", "taylor")
-    L = an.n_layers
-    states = L * windows * seq_len * hidden * size
-    if ablation == "exact":
-        states += 3 * L * ablation_windows * seq_len * hidden * size
-    return MemoryPlan(
-        runtime=RUNTIME,
-        weights=s.n_params * size,
-        files=sum(files.values()),
-        block=max(held(s.names(b)) for b in an.blocks),
-        stem=max(held(s.names(an.embed)), held(s.names(an.head))),
-        states=states,
-        work=tokens * token_block * (L if taylor else 1) + reference,
-        block_work=tokens * token_block + reference,
+    return {
+        "states": states,
+        "work": shape.work(tokens, L if taylor else 1) + shape.logits(tokens),
+        "block_work": shape.work(tokens) + shape.logits(tokens),
+    }
+
+
+def drop_plan(
+    folder: str | Path,
+    *,
+    dtype: torch.dtype,
+    seq_len: int,
+    batch_size: int,
+    calibration: int,
+    evaluation: int,
+    plans: int,
+    ablation: str | None,
+    trust_remote_code: bool = False,
+) -> MemoryPlan:
+    """The memory plan of ``drop``: the profile it measures to rank units (``ablation`` its kind; None when it
+    measures none) on ``calibration`` windows, then ``plans`` evaluated block by block beside the original on
+    ``evaluation`` held-out windows (every stream kept), two distributions a batch."""
+    shape = Shape.of(folder, dtype=dtype, seq_len=seq_len, trust_remote_code=trust_remote_code)
+    tokens = batch_size * seq_len
+    evaluate = {
+        "states": shape.states(1 + plans, evaluation, seq_len),
+        "work": shape.work(tokens) + 2 * shape.logits(tokens),
+        "block_work": shape.work(tokens) + 2 * shape.logits(tokens),
+    }
+    if ablation is not None:
+        measure = _profile_parts(shape, calibration, seq_len, batch_size, ablation, calibration)
+        evaluate = {k: max(v, measure[k]) for k, v in evaluate.items()}
+    return shape.plan(**evaluate, what="drop", fix="`batch_size`, `eval_samples`, `samples` or `seq_len`")
+
+
+def quantize_plan(
+    folder: str | Path,
+    *,
+    dtype: torch.dtype,
+    seq_len: int,
+    batch_size: int,
+    calibration: int,
+    evaluation: int,
+    configs: int,
+    gptq: bool,
+    chunk: int = 4,
+    cache_bytes: int = 2**31,
+    trust_remote_code: bool = False,
+) -> MemoryPlan:
+    """The memory plan of ``quantize``: the measurement (from disk: every block's input and one block's sublayer
+    inputs, updates and gradients; in memory: up to ``cache_bytes`` of ``configs`` candidates), then ``chunk``
+    plans at a time evaluated beside the original on ``evaluation`` windows (from disk: every stream kept, and for
+    GPTQ each plan's calibration stream; in memory: each plan's weights)."""
+    shape = Shape.of(folder, dtype=dtype, seq_len=seq_len, trust_remote_code=trust_remote_code)
+    tokens, L = batch_size * seq_len, shape.layers
+    streams = shape.states(L + 6, calibration, seq_len)
+    plans = shape.states(1 + chunk, evaluation, seq_len) + (shape.states(chunk, calibration, seq_len) if gptq else 0)
+    f32 = shape.weights * 4 // shape.size  # the weights in float32, as candidates and plans' weights are made
+    candidates = max(configs * f32 // L, min(cache_bytes, configs * f32))  # a run of blocks, at least one
+    return shape.plan(
+        states=max(streams, plans),
+        work=shape.work(tokens, L) + 2 * shape.logits(tokens),
+        block_work=shape.work(tokens) + 2 * shape.logits(tokens),
+        extra=max(candidates, chunk * f32),
+        what="quantize",
+        fix="`batch_size`, `samples`, `eval_samples` or `seq_len`",
     )
