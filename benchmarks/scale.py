@@ -14,10 +14,12 @@ windows for the drop evaluation, as every command splits them.
   measure   `measure(...)`: RTN at 3, 4 and 8 bits (group 128) of every quantization group, 4 windows of 128
   drop      `layerwise drop --units L<middle> --eval-samples 4 --seq-len 128 --export none --no-speed`
 
-Peak memory is the process's VmHWM (see small_paths_memory.py); profile's plan is the one it printed and recorded.
+Peak memory is the process's VmHWM (see small_paths_memory.py); profile's and drop's plans are the ones they printed
+and recorded.
 
-Usage: python benchmarks/scale.py [--shapes 135m,360m,1.7b,7b] [--jobs profile,measure,drop]
-(about 60 minutes on 2 cores, 14 GB of disk for the 7B checkpoint). Writes benchmarks/results/scale.md and .json.
+Usage: python benchmarks/scale.py [--shapes 135m,360m,1.7b,7b] [--jobs profile,measure,drop] [--resume]
+(the 7B shape alone takes about an hour on 2 cores, exact ablation most of it, and 14 GB of disk). Writes
+benchmarks/results/scale.md and .json after every job; --resume goes on from them.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 
@@ -84,10 +86,10 @@ def job(name: str, model: Path, shape: str, offload: str, out: Path) -> dict:
         .splitlines()[-1]
     )
     row["tokens_per_s"] = SAMPLES * SEQ / row["seconds"]
-    if name == "profile":
-        row["planned_bytes"] = json.loads((out / "profile.json").read_text())["meta"]["memory_plan"][
-            "resident" if offload == "none" else "streamed"
-        ]
+    result = {"profile": "profile.json", "drop": "eval.json"}.get(name)  # the commands that plan their memory
+    if result:
+        plan = json.loads((out / result).read_text())["meta"]["memory_plan"]
+        row["planned_bytes"] = plan["resident" if offload == "none" else "streamed"]
     return row
 
 
@@ -102,33 +104,30 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=",".join(shapes.SHAPES))
     ap.add_argument("--jobs", default=",".join(JOBS))
+    ap.add_argument("--resume", action="store_true", help="keep the jobs scale.json already holds; run the rest")
     args = ap.parse_args()
-    load_start = os.getloadavg()
-    rows = []
+    out = json.loads((RESULTS / "scale.json").read_text()) if args.resume else {"rows": []}
+    out |= {"date": date.today().isoformat(), "machine": _machine(), "seq_len": SEQ, "samples": SAMPLES}
+    out |= {"batch_size": BATCH, "loadavg_start": out.get("loadavg_start", os.getloadavg())}
     with tempfile.TemporaryDirectory() as tmp:
         for shape in args.shapes.split(","):
+            row = next((r for r in out["rows"] if r["shape"] == shape), None)
+            if row is None:
+                row = {"shape": shape, "params": shapes.n_params(shape), "layers": shapes.SHAPES[shape][1], "jobs": {}}
+                out["rows"].append(row)
+            ways = ("disk", "none") if fits(row["params"]) else ("disk",)
+            todo = [(n, o) for n in args.jobs.split(",") for o in ways if f"{n}/{o}" not in row["jobs"]]
+            if not todo:
+                continue
             model = Path(tmp) / shape
-            t = time.perf_counter()
-            n_params = shapes.write(shape, model)
-            row: dict = {"shape": shape, "params": n_params, "layers": shapes.SHAPES[shape][1], "jobs": {}}
-            row["write_s"] = time.perf_counter() - t
-            for name in args.jobs.split(","):
-                for offload in ("disk", "none") if fits(n_params) else ("disk",):
-                    row["jobs"][f"{name}/{offload}"] = job(name, model, shape, offload, Path(tmp) / f"{shape}-{name}")
-                    print(shape, name, offload, row["jobs"][f"{name}/{offload}"], flush=True)
-            rows.append(row)
-            for f in model.iterdir():
-                f.unlink()
-    out = {
-        "date": date.today().isoformat(),
-        "machine": _machine(),
-        "seq_len": SEQ,
-        "samples": SAMPLES,
-        "batch_size": BATCH,
-        "loadavg_start": load_start,
-        "loadavg_end": os.getloadavg(),
-        "rows": rows,
-    }
+            shapes.write(shape, model)
+            for name, offload in todo:
+                row["jobs"][f"{name}/{offload}"] = job(name, model, shape, offload, Path(tmp) / f"{shape}-{name}")
+                print(shape, name, offload, row["jobs"][f"{name}/{offload}"], flush=True)
+                out["loadavg_end"] = os.getloadavg()
+                _write(out)  # after every job, so that --resume goes on from here
+            shutil.rmtree(model)
+    out["rows"].sort(key=lambda r: list(shapes.SHAPES).index(r["shape"]))
     _write(out)
 
 

@@ -43,6 +43,18 @@ def config(shape: str):
     )
 
 
+def n_params(shape: str) -> int:
+    """The parameters of ``shape`` (a tied head counted once), from its skeleton."""
+    import transformers as tf
+    from accelerate import init_empty_weights
+
+    cfg = config(shape)
+    with init_empty_weights():
+        skeleton = tf.LlamaForCausalLM(cfg)
+    skeleton.tie_weights()
+    return sum(p.numel() for p in skeleton.parameters())
+
+
 def write(shape: str, out: Path, *, dtype=torch.bfloat16, shard_bytes: int = 2**30, seed: int = 0) -> int:
     """Write a random checkpoint of ``shape`` to ``out`` (safetensors shards, their index, the config and the default
     model's tokenizer); return its parameter count."""
