@@ -125,7 +125,7 @@ def main() -> None:
                 row["jobs"][f"{name}/{offload}"] = job(name, model, shape, offload, Path(tmp) / f"{shape}-{name}")
                 print(shape, name, offload, row["jobs"][f"{name}/{offload}"], flush=True)
                 out["loadavg_end"] = os.getloadavg()
-                _write(out)  # after every job, so that --resume goes on from here
+                _write(out, show=False)  # after every job, so that --resume goes on from here
             shutil.rmtree(model)
     out["rows"].sort(key=lambda r: list(shapes.SHAPES).index(r["shape"]))
     _write(out)
@@ -135,7 +135,7 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.0f}"
 
 
-def _write(out: dict) -> None:
+def _write(out: dict, show: bool = True) -> None:
     from layerwise.io import write_atomic, write_json
 
     lines = [
@@ -162,7 +162,8 @@ def _write(out: dict) -> None:
                 )
                 times = f"{mem['seconds']:.0f} | {d['seconds'] / mem['seconds']:.2f}x"
             else:
-                resident, times = "not run (weights exceed memory) | — | —", "— | —"
+                why = "not run (weights exceed memory)" if not fits(r["params"]) else "still to run"
+                resident, times = f"{why} | — | —", "— | —"
             lines.append(
                 f"| {r['shape']} | {r['params'] / 1e9:.2f} B | {r['layers']} | {name} | {_mib(d['peak_rss_bytes'])} | "
                 f"{plan} | {resident} | {d['seconds']:.0f} | {times} | {d['tokens_per_s']:.1f} |"
@@ -177,7 +178,8 @@ def _write(out: dict) -> None:
     ]
     write_json(RESULTS / "scale.json", out)
     write_atomic(RESULTS / "scale.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    if show:
+        print("\n".join(lines))
 
 
 def _growth(rows: list[dict]) -> list[str]:
