@@ -2,6 +2,7 @@
 resident model's numbers exactly, and are given back after each block."""
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -117,17 +118,15 @@ def test_default_model_profiles_the_same_from_disk(tmp_path, real_cache, capsys)
 
 
 def test_every_other_action_refuses_a_model_on_disk_in_one_line(tmp_path):
-    """Only profile, drop and quantize read weights block by block so far; every other action says so before
+    """Only profile, drop, quantize and probe read weights block by block so far; every other action says so before
     touching a weight."""
     from layerwise import steer, tune
-    from layerwise.probe import Examples, probe
 
     disk = _streamed(tiny_lm("llama", layers=2), tmp_path / "m")
     w = tiny_windows(4)
     calls = [
         lambda: tune.run(disk, tune.TuneData.from_windows(w), select="full"),
         lambda: tune.train(disk, w, select="full"),
-        lambda: probe(disk, Examples(labels=[0, 1] * 5, ids=[[1, 2, 3]] * 10)),
         lambda: steer.run(disk, [("a", "b")] * 4, ["p"], w.ids),
     ]
     for call in calls:
@@ -382,3 +381,85 @@ def test_drop_and_quantize_plan_their_memory_and_run_from_disk_when_it_does_not_
     rc = cli.main(["drop", *argv[:-3], "--max-memory", "1MiB", "--units", "L1", "--out", str(tmp_path / "never")])
     assert rc == 2 and "drop needs about" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+_WIDE_RUN = """
+import json, torch
+import layerwise as lw
+from layerwise.memory import _peak_rss, rss_bytes
+from layerwise.memory_plan import RUNTIME, SLACK, profile_plan
+plan = profile_plan({folder!r}, dtype=torch.float32, windows=2, seq_len=32, batch_size=2, ablation="taylor",
+                    ablation_windows=0)
+lm = lw.load({folder!r}, offload="disk")
+w = lw.windows("builtin:pydoc", lm.tokenizer, seq_len=32, samples=2)
+with open("/proc/self/clear_refs", "w") as fh:  # the peak resident set starts again from here
+    fh.write("5")
+base = rss_bytes()
+lw.profile(lm, w, batch_size=2, ablation="taylor", progress=False)
+print(json.dumps({{"used": _peak_rss()[0] - base, "budget": plan.streamed - int(SLACK * RUNTIME),
+                  "weights": plan.weights}}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the peak resident set is reset on Linux only")
+def test_a_wide_model_ten_times_its_budget_profiles_from_disk_within_the_plan(tmp_path):
+    """A 28-block model of width 512 (450 MiB of float32 weights), profiled from disk in a fresh process: what the
+    run adds to the resident set once the interpreter, torch and the tokenizer are loaded stays under what its plan
+    counts for it (the plan's peak from disk without :data:`RUNTIME`), which is a tenth of the weights."""
+    import json
+    import subprocess
+    import sys
+
+    import transformers as tf
+
+    from . import conftest
+
+    cfg = tf.LlamaConfig(
+        vocab_size=97, hidden_size=512, intermediate_size=2048, num_hidden_layers=28, num_attention_heads=4
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(conftest, "tiny_model", lambda arch, layers: tf.LlamaForCausalLM(cfg).eval())
+        folder = str(tiny_folder(tmp_path / "wide"))
+    run = subprocess.run([sys.executable, "-c", _WIDE_RUN.format(folder=folder)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    found = json.loads(run.stdout.splitlines()[-1])
+    assert found["weights"] >= 10 * found["budget"]
+    assert 0 < found["used"] <= found["budget"], found
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
+def test_streamed_features_and_probe_equal_the_resident_ones(arch, tmp_path):
+    """Readouts of examples of different lengths (right-padded in batches) at every block and sublayer, the last
+    token's and the mean, and the probe fitted on them, from disk as in memory; blocks after the last unit read are
+    never read from disk."""
+    import torch
+
+    from layerwise.features import collect_ids
+    from layerwise.probe import Examples, probe
+
+    lm = tiny_lm(arch, layers=3)
+    disk = _streamed(lm, tmp_path / arch)
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(1, 97, (n,), generator=g).tolist() for n in [3, 9, 5, 12, 4, 7, 6, 8]]
+    for read in ("last", "mean"):
+        kw = dict(units="all", read=read, skip_first=True, batch_size=3)
+        a, b = collect_ids(lm, ids, **kw), collect_ids(disk, ids, **kw)
+        for u in a.units:
+            assert torch.allclose(a.values[u], b.values[u], rtol=1e-5, atol=1e-6), (read, u)
+    ex = Examples(labels=[0, 1] * 4, ids=ids)
+    ra, rb = (probe(m, ex, folds=2, batch_size=3, profile_samples=0) for m in (lm, disk))
+    assert [r["unit"] for r in ra.units] == [r["unit"] for r in rb.units]
+    for x, y in zip(ra.units, rb.units):
+        for key in ("accuracy", "auc", "control", "selectivity"):
+            assert math.isclose(x[key], y[key], rel_tol=1e-5, abs_tol=1e-6), (x["unit"], key)
+    read: list[str] = []
+    real = Checkpoint.tensor
+
+    def spy(self, name):
+        read.append(name)
+        return real(self, name)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Checkpoint, "tensor", spy)
+        collect_ids(disk, ids, units=["L0"], batch_size=3)
+    assert read and not any(".layers.1." in n or ".h.1." in n for n in read)

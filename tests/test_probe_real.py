@@ -90,3 +90,34 @@ def test_no_unit_is_named_for_labels_the_model_cannot_read(real_cache, tmp_path,
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "shows no unit that reads the concept" in err
     assert not (tmp_path / "steer").exists()
+
+
+UNITS = "L0,L7.attn,L14.mlp,L29"
+
+
+def test_probe_from_disk_reads_what_the_model_in_memory_reads(real_cache, tmp_path, capsys):
+    """`probe --offload disk` reads the default model's weights block by block, prints and records its plan, and
+    its readouts at blocks and sublayers are the in-memory model's: so are the probes' scores."""
+    from layerwise import load
+    from layerwise.features import collect
+    from layerwise.probe import probe, read_examples
+
+    out = tmp_path / "probe"
+    argv = ["probe", "--data", "builtin:cities", "--examples", "60", "--folds", "3", "--units", UNITS]
+    assert main([*argv, "--profile-samples", "0", "--offload", "disk", "--out", str(out), "--json"]) == 0
+    assert "runs reading one block at a time from disk" in capsys.readouterr().err
+    disk = ProbeResult.load(out)
+    assert disk.meta["offload"] == "disk" and disk.meta["memory_plan"]["kept"] == 60 * 4 * 576 * 4
+    ex = read_examples("builtin:cities", n=60, seed=0)
+    lm = load("default")
+    resident = probe(lm, ex, units=UNITS.split(","), folds=3, profile_samples=0)
+    for a, b in zip(resident.units, disk.units, strict=True):
+        assert a["unit"] == b["unit"] and math.isclose(a["auc"], b["auc"], rel_tol=1e-4), (
+            a["unit"],
+            a["auc"],
+            b["auc"],
+        )
+    streamed = collect(load("default", offload="disk"), ex.texts, units=UNITS.split(","))
+    for unit, values in streamed.values.items():
+        want = collect(lm, ex.texts, units=[unit]).values[unit]
+        assert (values - want).abs().max() <= 1e-5 * want.abs().max(), unit

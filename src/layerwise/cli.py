@@ -19,8 +19,11 @@ from .errors import LayerwiseError
 from .results import print_tables
 
 if TYPE_CHECKING:
-    from .configs import Config, DropConfig, QuantizeConfig
+    import torch
+
+    from .configs import Config, DropConfig, ProbeConfig, QuantizeConfig
     from .memory_plan import MemoryPlan
+    from .probe import Examples
 
 C = TypeVar("C", bound="Config")
 
@@ -578,6 +581,7 @@ def _probe_parser(sub) -> None:
     )
     pb.add_argument("--out", default="runs/probe")
     pb.add_argument("--json", action="store_true", help="print machine-readable results")
+    _offload(pb)
     _config_option(pb, "probe")
 
 
@@ -655,7 +659,8 @@ def _steer_parser(sub) -> None:
 
 
 def _offload(p: argparse.ArgumentParser) -> None:
-    """``--offload`` and ``--max-memory``, for the commands that plan their memory (profile, drop, quantize)."""
+    """``--offload`` and ``--max-memory``, for the commands that plan their memory (profile, drop, quantize,
+    probe)."""
     p.add_argument(
         "--offload",
         default="auto",
@@ -753,6 +758,39 @@ def _quantize_plan(args: argparse.Namespace, cfg: QuantizeConfig) -> Callable[..
         configs=18 if cfg.format == "int" else 10,
         gptq=cfg.format == "int" and cfg.method == "gptq",
     )
+
+
+def _probe_plan(cfg: ProbeConfig, ex: Examples) -> Callable[..., MemoryPlan]:
+    """The probe's plan, with the examples' token lengths as the checkpoint's tokenizer gives them."""
+    from .memory_plan import probe_plan
+
+    def make(folder: str, *, dtype: torch.dtype, trust_remote_code: bool) -> MemoryPlan:
+        if ex.ids is not None:
+            lengths = [len(x) for x in ex.ids]
+        else:
+            lengths = [len(x) for x in _tokenizer(folder, trust_remote_code)(list(ex.texts or []))["input_ids"]]
+        return probe_plan(
+            folder,
+            dtype=dtype,
+            lengths=lengths,
+            batch_size=cfg.batch_size,
+            units=cfg.unit_spec,
+            profile_windows=0 if cfg.profile else cfg.profile_samples,
+            profile_seq_len=cfg.profile_seq_len,
+            trust_remote_code=trust_remote_code,
+        )
+
+    return make
+
+
+def _tokenizer(folder: str, trust_remote_code: bool):
+    """The checkpoint's tokenizer, or one line saying it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        raise LayerwiseError(f"{folder} has no tokenizer; copy the tokenizer files beside its config.json") from None
 
 
 def _exporting(args: argparse.Namespace) -> str:
@@ -955,7 +993,12 @@ def _probe(args: argparse.Namespace) -> int:
     prepare(ex, cfg.folds, cfg.seed)
     if cfg.profile:
         Profile.load(cfg.profile)
-    lm = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    args.offload, plan = _memory_plan(args, _probe_plan(cfg, ex))
+    lm = load(
+        args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code, offload=args.offload
+    )
+    if plan is not None:
+        lm.source["memory_plan"] = plan
     importance = importance_for(lm, cfg, progress=not args.json)
     res = probe(lm, ex, cfg, importance=importance, progress=not args.json)
     out = Path(args.out)

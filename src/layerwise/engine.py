@@ -188,9 +188,11 @@ class Streamed:
                 path, _, attr = name.rpartition(".")
                 self.model.get_submodule(path).register_parameter(attr, param)
 
-    def calls(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
-        """The first block's input for ``ids`` and what every block is called with besides it, from a dry pass with
-        every block skipped (only the stem's weights are read)."""
+    def calls(
+        self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
+        """The first block's input for ``ids`` (padded where ``attention_mask`` is 0) and what every block is called
+        with besides it, from a dry pass with every block skipped (only the stem's weights are read)."""
         an = self.anatomy
         found: list[Any] = [None] * an.n_layers
         first: list[torch.Tensor] = []
@@ -208,12 +210,13 @@ class Streamed:
             with hooks() as keep, self.onloaded(self.stem), torch.no_grad():
                 for i, block in enumerate(an.blocks):
                     keep(block.register_forward_pre_hook(record(i), with_kwargs=True))
-                self._dry(ids)
+                self._dry(ids, attention_mask)
         finally:
             restore()
         return first[0], found
 
-    def _dry(self, ids: torch.Tensor) -> None:
+    def _dry(self, ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         """The model's own forward up to the blocks; the head is never reached (its input is discarded)."""
         base = self.model.get_submodule(self.anatomy.spec.layers.rsplit(".", 1)[0])
-        base(input_ids=ids.to(self.device), use_cache=False)
+        mask = None if attention_mask is None else attention_mask.to(self.device)
+        base(input_ids=ids.to(self.device), attention_mask=mask, use_cache=False)

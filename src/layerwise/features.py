@@ -19,7 +19,7 @@ averages its real tokens, leaving out a BOS token the tokenizer prepended
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,7 +28,7 @@ import torch
 from .anatomy import Anatomy, Kind, unit_name
 from .errors import LayerwiseError
 from .loading import LoadedModel
-from .trace import BlockTrace, tap
+from .trace import BlockTrace, run_blocks, tap
 
 Read = Literal["last", "mean"]
 READS: tuple[str, ...] = ("last", "mean")
@@ -118,7 +118,8 @@ def collect_ids(
     max_bytes: int | None = None,
     progress: bool = False,
 ) -> Features:
-    """Read every unit for every example (token id lists), right-padded in batches, in one forward per batch.
+    """Read every unit for every example (token id lists), right-padded in batches, in one forward per batch (or,
+    from a model on disk, block by block with every batch).
 
     ``skip_first`` leaves the first token out of ``read="mean"`` (a BOS).
     """
@@ -142,53 +143,101 @@ def collect_ids(
     for u in names:
         layer, kind = lm.anatomy.check_unit(u)
         wanted.setdefault(layer, []).append((u, kind))
-    batches = _batches(lengths, batch_size)
-    if progress:
-        from tqdm import tqdm
-
-        batches = tqdm(batches, desc="features", unit="batch")
-    for rows in batches:
-        _collect_batch(lm, [ids[i] for i in rows], rows, wanted, read, skip_first, out)
+    batches = [_Batch.of([ids[i] for i in rows], rows, read, skip_first) for rows in _batches(lengths, batch_size)]
+    run = _collect_streamed if lm.streamed is not None else _collect_resident
+    run(lm, batches, wanted, out, progress)
     return Features(units=names, values=out, read=read, n_tokens=torch.tensor(lengths))
 
 
-def _collect_batch(
+def _collect_resident(
     lm: LoadedModel,
-    seqs: list[Sequence[int]],
-    rows: list[int],
+    batches: list[_Batch],
     wanted: dict[int, list[tuple[str, Kind]]],
-    read: str,
-    skip_first: bool,
     out: dict[str, torch.Tensor],
+    progress: bool,
 ) -> None:
-    """One forward over a right-padded batch; each wanted unit's readout lands in its rows of ``out``."""
-    width = max(len(s) for s in seqs)
-    x = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for j, s in enumerate(seqs):
-        x[j, : len(s)] = torch.tensor(list(s))
-        mask[j, : len(s)] = 1
-    dev = lm.device
-    last = mask.sum(1) - 1
-    weights = mask.clone().float()
-    if skip_first:
-        weights[:, 0] = 0
-    weights = (weights / weights.sum(1, keepdim=True)).to(dev)
-    index = torch.tensor(rows)
+    """One forward per batch; each wanted unit's readout lands in its rows of ``out``."""
+    todo: Sequence[_Batch] = batches
+    if progress:
+        from tqdm import tqdm
 
-    def readout(t: torch.Tensor) -> torch.Tensor:
+        todo = tqdm(batches, desc="features", unit="batch")
+    for batch in todo:
+        with torch.no_grad(), tap(lm.anatomy, batch.on_block(wanted, out), mlp_hidden=False):
+            lm.model(
+                input_ids=batch.ids.to(lm.device),
+                attention_mask=batch.mask.to(lm.device),
+                use_cache=False,
+                logits_to_keep=1,
+            )
+
+
+@dataclass
+class _Batch:
+    """Examples right-padded to one width, and how one vector is read from each (``read``)."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    rows: torch.Tensor  # where the examples' readouts go in the features
+    read: str
+    weights: torch.Tensor  # each real token's share of the mean (the first left out when it is a BOS)
+
+    @classmethod
+    def of(cls, seqs: list[Sequence[int]], rows: list[int], read: str, skip_first: bool) -> _Batch:
+        width = max(len(s) for s in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for j, s in enumerate(seqs):
+            ids[j, : len(s)] = torch.tensor(list(s))
+            mask[j, : len(s)] = 1
+        weights = mask.clone().float()
+        if skip_first:
+            weights[:, 0] = 0
+        return cls(ids, mask, torch.tensor(rows), read, weights / weights.sum(1, keepdim=True))
+
+    def readout(self, t: torch.Tensor) -> torch.Tensor:
         t = t.float()
-        if read == "last":
-            return t[torch.arange(t.shape[0], device=t.device), last.to(t.device)]
-        return torch.einsum("bt,btd->bd", weights.to(t.device), t)
+        if self.read == "last":
+            last = (self.mask.sum(1) - 1).to(t.device)
+            return t[torch.arange(t.shape[0], device=t.device), last]
+        return torch.einsum("bt,btd->bd", self.weights.to(t.device), t)
 
-    def on_block(tr: BlockTrace) -> None:
-        for u, kind in wanted.get(tr.layer, ()):
-            src = {"block": tr.h_out, "attn": tr.attn, "mlp": tr.mlp}[kind]
-            out[u][index] = readout(src.detach()).cpu()
+    def on_block(self, wanted: dict[int, list[tuple[str, Kind]]], out: dict[str, torch.Tensor]) -> Callable:
+        """A tap that writes each wanted unit's readout of this batch into its rows of ``out``."""
 
-    with torch.no_grad(), tap(lm.anatomy, on_block, mlp_hidden=False):
-        lm.model(input_ids=x.to(dev), attention_mask=mask.to(dev), use_cache=False, logits_to_keep=1)
+        def hook(tr: BlockTrace) -> None:
+            for u, kind in wanted.get(tr.layer, ()):
+                src = {"block": tr.h_out, "attn": tr.attn, "mlp": tr.mlp}[kind]
+                out[u][self.rows] = self.readout(src.detach()).cpu()
+
+        return hook
+
+
+def _collect_streamed(
+    lm: LoadedModel,
+    batches: list[_Batch],
+    wanted: dict[int, list[tuple[str, Kind]]],
+    out: dict[str, torch.Tensor],
+    progress: bool,
+) -> None:
+    """The same readouts from a model on disk: every batch passes block ``i`` while its weights are read, up to the
+    last block a unit is read at; every batch's hidden states are carried from block to block."""
+    s, an = lm.streamed, lm.anatomy
+    assert s is not None
+    starts = [s.calls(b.ids, b.mask) for b in batches]
+    h = [h0 for h0, _ in starts]
+    calls = [c for _, c in starts]
+    blocks: Sequence[int] = range(max(wanted) + 1)
+    if progress:
+        from tqdm import tqdm
+
+        blocks = tqdm(blocks, desc="features, block by block", unit="block")
+    with torch.no_grad():
+        for i in blocks:
+            with s.onloaded(s.names(an.blocks[i])):
+                for k, batch in enumerate(batches):
+                    with tap(an, batch.on_block(wanted, out), mlp_hidden=False):
+                        h[k] = run_blocks(an, i, h[k], calls[k], stop=i + 1)
 
 
 def collect(

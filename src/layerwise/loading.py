@@ -60,12 +60,12 @@ class LoadedModel:
         }
 
     def check_resident(self, what: str) -> None:
-        """Refuse ``what`` on a model whose weights stay on disk: so far profile, drop and quantize run such a
-        model."""
+        """Refuse ``what`` on a model whose weights stay on disk: so far profile, drop, quantize and probe run such
+        a model."""
         if self.streamed is not None:
             raise LayerwiseError(
                 f"{what} needs the weights in memory, and this model was loaded with `offload` disk (so far profile, "
-                "drop and quantize read weights block by block); load it with `offload` none"
+                "drop, quantize and probe read weights block by block); load it with `offload` none"
             )
 
     @property
@@ -365,8 +365,8 @@ def load(
     id, or a ``.gguf`` file. On CUDA the model is placed with accelerate's
     ``device_map="auto"``, which spreads a model too big for one GPU.
     ``offload="disk"`` keeps the weights in the checkpoint: the model is a skeleton on the meta device, and
-    :class:`layerwise.engine.Streamed` reads one block's weights at a time while it runs (so far profile, drop and
-    quantize run such a model).
+    :class:`layerwise.engine.Streamed` reads one block's weights at a time while it runs (so far profile, drop,
+    quantize and probe run such a model).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

@@ -17,7 +17,8 @@ that does not fit. Each figure is an estimate; ``benchmarks/offload_profile.py``
   stream for every held-out window (drop's and quantize's evaluation);
 - ``work``: one batch's working memory, the forward's saved activations (the whole model's for a backward pass
   when resident, one block's from disk) and the head's distributions;
-- ``extra``: what only the in-memory run holds besides (quantize: its candidates and each plan's weights).
+- ``extra``: what only the in-memory run holds besides (quantize: its candidates and each plan's weights);
+- ``kept``: what both runs hold besides (probe: every example's readout at every unit).
 """
 
 from __future__ import annotations
@@ -73,8 +74,7 @@ def _size(n: int) -> str:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """What a command holds at its peak (bytes), in memory and from disk; see the module docstring. ``extra`` is
-    what only the in-memory run holds besides the weights (quantize: its candidates and plans' weights)."""
+    """What a command holds at its peak (bytes), in memory and from disk; see the module docstring."""
 
     runtime: int
     weights: int
@@ -85,16 +85,17 @@ class MemoryPlan:
     work: int
     block_work: int
     extra: int = 0
+    kept: int = 0
     what: str = "the profile"
     fix: str = "`batch_size`, `samples` or `seq_len` (or `ablation_samples` for exact ablation)"
 
     @property
     def resident(self) -> int:
-        return int(SLACK * (self.runtime + self.weights + self.files + self.work + self.extra))
+        return int(SLACK * (self.runtime + self.weights + self.files + self.work + self.extra + self.kept))
 
     @property
     def streamed(self) -> int:
-        return int(SLACK * (self.runtime + self.block + self.stem + self.states + self.block_work))
+        return int(SLACK * (self.runtime + self.block + self.stem + self.states + self.block_work + self.kept))
 
     def choose(self, offload: str, budget: int) -> str:
         """``none`` (weights in memory) or ``disk``: ``offload`` when forced, else the first whose peak fits
@@ -178,7 +179,7 @@ class Shape:
         return tokens * self.vocab * 4
 
     def plan(self, **parts: Any) -> MemoryPlan:
-        """A plan of this checkpoint's weights with ``parts`` (states, work, block_work, extra, what, fix)."""
+        """A plan of this checkpoint's weights with ``parts`` (states, work, block_work, extra, kept, what, fix)."""
         return MemoryPlan(
             runtime=RUNTIME, weights=self.weights, files=self.files, block=self.block, stem=self.stem, **parts
         )
@@ -270,4 +271,39 @@ def quantize_plan(
         extra=max(candidates, chunk * f32),
         what="quantize",
         fix="`batch_size`, `samples`, `eval_samples` or `seq_len`",
+    )
+
+
+def probe_plan(
+    folder: str | Path,
+    *,
+    dtype: torch.dtype,
+    lengths: list[int],
+    batch_size: int,
+    units: str | list[str],
+    profile_windows: int,
+    profile_seq_len: int,
+    trust_remote_code: bool = False,
+) -> MemoryPlan:
+    """The memory plan of ``probe``: the cheap profile it measures for its importance curve (``profile_windows``
+    windows, Taylor; 0 when it measures none), then the readouts of examples of these token ``lengths`` (from disk:
+    every batch's hidden states, right-padded as :func:`layerwise.features.collect_ids` batches them), and the
+    readouts themselves (``units``: blocks, all, or names), which both ways keep."""
+    from .features import _batches
+
+    seq_len = profile_seq_len if profile_windows else 1
+    shape = Shape.of(folder, dtype=dtype, seq_len=seq_len, trust_remote_code=trust_remote_code)
+    groups = _batches(lengths, batch_size)
+    widest = max(len(rows) * max(lengths[i] for i in rows) for rows in groups)
+    states = sum(len(rows) * max(lengths[i] for i in rows) for rows in groups) * shape.hidden * shape.size
+    parts = {"states": states, "work": shape.work(widest), "block_work": shape.work(widest)}
+    if profile_windows:
+        profile = _profile_parts(shape, profile_windows, profile_seq_len, batch_size, "taylor", 0)
+        parts = {k: max(v, profile[k]) for k, v in parts.items()}
+    n_units = len(units) if not isinstance(units, str) else shape.layers * (3 if units == "all" else 1)
+    return shape.plan(
+        **parts,
+        kept=len(lengths) * n_units * shape.hidden * 4,
+        what="probe",
+        fix="`batch_size`, `examples`, `units` or `profile_samples`",
     )

@@ -505,7 +505,6 @@ def probe(
     already collected for these examples (by :func:`layerwise.features.collect` with the same ``units`` and
     ``read``) are used instead of a new pass. ``settings`` are config fields (``units="all", folds=5``).
     """
-    lm.check_resident("probe")
     cfg = ProbeConfig.of(config, **settings)
     units, read, folds, seed, c, batch_size = cfg.unit_spec, cfg.read, cfg.folds, cfg.seed, cfg.c, cfg.batch_size
     start = time.perf_counter()
