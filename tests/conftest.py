@@ -203,3 +203,15 @@ def write_gguf(model, path, tokens: list[str]):
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def same_checkpoint(a, b) -> None:
+    """Two safetensors checkpoints hold the same tensors (however sharded) and the same config."""
+    import json
+
+    from safetensors.torch import load_file
+
+    ta, tb = ({k: v for f in sorted(p.glob("*.safetensors")) for k, v in load_file(f).items()} for p in (a, b))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), sorted(ta.keys() ^ tb.keys())
+    ca, cb = (json.loads((p / "config.json").read_text()) for p in (a, b))
+    assert ca | {"_name_or_path": None} == cb | {"_name_or_path": None}

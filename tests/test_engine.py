@@ -12,7 +12,7 @@ from layerwise.errors import LayerwiseError
 from layerwise.loading import LoadedModel
 from layerwise.profile import profile
 
-from .conftest import tiny_folder, tiny_lm, tiny_windows
+from .conftest import same_checkpoint, tiny_folder, tiny_lm, tiny_windows
 
 
 def _streamed(lm: LoadedModel, folder, attn_implementation=None) -> LoadedModel:
@@ -117,17 +117,15 @@ def test_default_model_profiles_the_same_from_disk(tmp_path, real_cache, capsys)
     assert not (tmp_path / "never").exists()
 
 
-def test_every_other_action_refuses_a_model_on_disk_in_one_line(tmp_path):
-    """Only profile, drop, quantize and probe read weights block by block so far; every other action says so before
-    touching a weight."""
-    from layerwise import steer, tune
+def test_tune_refuses_a_model_on_disk_in_one_line(tmp_path):
+    """Every action but tune reads weights block by block so far; tune says so before touching a weight."""
+    from layerwise import tune
 
     disk = _streamed(tiny_lm("llama", layers=2), tmp_path / "m")
     w = tiny_windows(4)
     calls = [
         lambda: tune.run(disk, tune.TuneData.from_windows(w), select="full"),
         lambda: tune.train(disk, w, select="full"),
-        lambda: steer.run(disk, [("a", "b")] * 4, ["p"], w.ids),
     ]
     for call in calls:
         with pytest.raises(LayerwiseError, match=r"needs the weights in memory, .* load it with `offload` none$"):
@@ -220,7 +218,6 @@ def test_streamed_drop_evaluates_and_exports_as_the_resident_one(arch, tmp_path)
     assert ia == ib and ia["dropped_sublayers"] == ["L2.attn"]
     sa, sb = ra.state_dict(), da.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert (tmp_path / "d" / "model" / "model.safetensors.index.json").is_file()
     assert all(p.device.type == "meta" for p in disk.model.parameters())
 
 
@@ -278,13 +275,15 @@ def test_streamed_quant_measurement_equals_the_resident_one(method, tmp_path):
 def test_streamed_quantize_plans_and_evaluates_as_the_resident_one(method, tmp_path):
     """quantize from disk (measurement, the measured strategy's plans scored on calibration windows, GPTQ weights
     made block by block from the quantized stream, held-out evaluation) chooses the resident run's plans and gives
-    their figures to 1e-5; hf export is refused in one line before anything is measured."""
+    their figures to 1e-5; the compressed-tensors export, written block by block as each block's codes are made,
+    holds the in-memory export's every tensor and config."""
     from layerwise import quantize as qz
 
     lm, w = tiny_lm("llama", layers=3), tiny_windows(8)
     w.n_calib = 4
     disk = _streamed(lm, tmp_path / "m")
     kw = dict(bits=4.8, strategy=["measured", "uniform", "ranked:bi"], format="int", method=method, group_size=32)
+    kw |= dict(symmetric=True)  # as the hf export needs
     kw |= dict(eval_samples=4, batch_size=2, progress=False)
     resident, streamed = (qz.run(m, w, **kw) for m in (lm, disk))
     keys = ("plan", "bpw", "bpw_model", "bytes", "ppl", "delta_nll", "kl", "same_top_p")
@@ -297,9 +296,13 @@ def test_streamed_quantize_plans_and_evaluates_as_the_resident_one(method, tmp_p
         assert {g: e["config"] for g, e in plan["groups"].items()} == {
             g: e["config"] for g, e in streamed.plans[key]["groups"].items()
         }
-    with pytest.raises(LayerwiseError, match=r"^`export` hf needs the weights in memory, .* `offload` none to export$"):
-        qz.run(disk, w, bits=4.8, format="int", export=("hf",), out=tmp_path / "q", progress=False)
-    assert not (tmp_path / "q").exists()
+    key = next(iter(resident.plans))
+    plan = qz.QuantPlan.from_json({**resident.meta, "model_hash": None}, key, resident.plans[key])  # tiny's is fake
+    exports = [
+        qz.export_plan(m, plan, tmp_path / name, ("hf",), w.evaluation, w) for m, name in ((lm, "r"), (disk, "d"))
+    ]
+    assert "transformers_ppl" in exports[0]["hf"] and "not measured from disk" in exports[1]["hf"]["not_measured"]
+    same_checkpoint(tmp_path / "r" / "model", tmp_path / "d" / "model")
     assert all(p.device.type == "meta" for p in disk.model.parameters())
 
 
@@ -463,3 +466,111 @@ def test_streamed_features_and_probe_equal_the_resident_ones(arch, tmp_path):
         mp.setattr(Checkpoint, "tensor", spy)
         collect_ids(disk, ids, units=["L0"], batch_size=3)
     assert read and not any(".layers.1." in n or ".h.1." in n for n in read)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
+def test_streamed_steering_measures_as_the_resident_one(arch, tmp_path):
+    """From disk, steer's three measurements give the in-memory model's: log-prob margins (no cache: each head
+    runs with each tail), greedy continuations (every prompt a step at a time, a KV cache filled block by block;
+    a row that reaches an end-of-text token is padded after it, as generate pads it), steered too; and a whole
+    run's choice, effects and cost."""
+    import torch
+
+    from layerwise.steer import generate, margins, run
+    from layerwise.steer.vector import SteeringVector
+
+    folder = tiny_folder(tmp_path / arch, arch, layers=3)
+    lm, disk = load(str(folder)), load(str(folder), offload="disk")
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (3, 6, 4)]
+    conts = [([5, 6, 7, 8], [5, 6, 9]), ([11], [12, 13]), ([20, 21], [22, 21])]
+    d = torch.randn(32, generator=g)
+    shape = {"model_hash": lm.source["model_hash"], "n_layers": 3, "hidden_size": 32}
+    vec = SteeringVector({"L1": d / d.norm()}, {"L1": 3.0}, alpha=1.0, model=shape)
+    first = generate(lm, prompts, 1)[0]
+    for m in (lm, disk):  # the first prompt's first new token ends its row
+        m.model.generation_config.eos_token_id = lm.tokenizer.convert_tokens_to_ids(first)
+    for steer in (False, True):
+        with vec.apply(lm) if steer else torch.no_grad(), vec.apply(disk) if steer else torch.no_grad():
+            got, want = margins(disk, prompts, conts, batch_size=2), margins(lm, prompts, conts)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            texts = generate(lm, prompts, 6)
+            assert generate(disk, prompts, 6) == texts
+            assert steer or texts[0] == first, texts  # padded after its end
+    pairs = [(f"it was good {i}", f"it was bad {i}") for i in range(6)]
+    kw = dict(report_prompts=["fresh one", "fresh two"], layers="L0,L1,L2", new_tokens=2, batch_size=2)
+    ids = tiny_windows(3, 12).ids
+    a, b = (run(m, pairs, [f"prompt {c}" for c in "abcdef"], ids, **kw) for m in (lm, disk))
+    assert a.choice["chosen"] == b.choice["chosen"] and a.choice["alpha"]["alpha"] == b.choice["alpha"]["alpha"]
+    for x, y in zip(a.rows, b.rows, strict=True):
+        assert x["key"] == y["key"]
+        for key in ("margin_shift", "proj_shift", "delta_nll", "kl", "same_top_p"):
+            assert math.isclose(x[key], y[key], rel_tol=1e-4, abs_tol=1e-5), (x["key"], key, x[key], y[key])
+    assert b.meta["offload"] == "disk"
+
+
+def test_probe_and_steer_plan_their_memory_and_run_from_disk_when_it_does_not_fit(tmp_path, capsys):
+    """probe and steer print their plan first and, with a budget between the planned peak from disk and the one in
+    memory, read the weights block by block; the result records the plan. The plans count every batch's hidden
+    states at its padded width and the readouts kept."""
+    import json
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from layerwise.memory_plan import Shape, probe_plan, steer_plan
+
+    folder = tiny_folder(tmp_path / "m")
+    data = tmp_path / "d.jsonl"
+    texts = [f"example {'x' * (i % 5)} {i}" for i in range(12)]
+    data.write_text("".join(json.dumps({"text": t, "label": i % 2}) + "\n" for i, t in enumerate(texts)))
+    lengths = [len(x) for x in AutoTokenizer.from_pretrained(folder)(texts)["input_ids"]]
+    kw = dict(dtype=torch.float32, lengths=lengths, batch_size=4)
+    plan = probe_plan(folder, units="all", profile_windows=0, profile_seq_len=16, **kw)
+    widths = sorted(lengths)
+    padded = sum(len(widths[i : i + 4]) * max(widths[i : i + 4]) for i in range(0, 12, 4))
+    hidden = Shape.of(folder, dtype=torch.float32, seq_len=16).hidden
+    assert plan.states == padded * hidden * 4 and plan.kept == 12 * 3 * 4 * hidden * 4
+    argv = ["--model", str(folder), "--max-memory", str((plan.streamed + plan.resident) // 2), "--json"]
+    probe_argv = ["--data", str(data), "--folds", "2", "--units", "all", "--batch-size", "4", "--profile-samples", "0"]
+    assert cli.main(["probe", *argv, *probe_argv, "--out", str(tmp_path / "p")]) == 0
+    assert "runs reading one block at a time from disk" in capsys.readouterr().err
+    meta = json.loads((tmp_path / "p" / "probe.json").read_text())["meta"]
+    assert meta["offload"] == "disk" and meta["memory_plan"]["streamed"] == plan.streamed
+
+    from layerwise.steer import read_pairs
+
+    pairs = read_pairs(data="builtin:sentiment", n=8, seed=0)
+    lengths = [len(x) for x in AutoTokenizer.from_pretrained(folder)([t for p in pairs for t in p])["input_ids"]]
+    splan = steer_plan(
+        folder,
+        dtype=torch.float32,
+        lengths=lengths,
+        batch_size=2,
+        eval_windows=2,
+        seq_len=16,
+        layers="L1,L2",
+        sweep_layers=None,
+        sweep=0,
+    )
+    assert splan.states >= 4 * 2 * 16 * hidden * 4 and splan.kept == 16 * 4 * hidden * 4  # 2 layers, the chosen
+    argv = ["--model", str(folder), "--max-memory", str((splan.streamed + splan.resident) // 2), "--json"]
+    steer_argv = [
+        "--data",
+        "builtin:sentiment",
+        "--n-pairs",
+        "8",
+        "--layers",
+        "L1,L2",
+        "--batch-size",
+        "2",
+        "--eval-samples",
+        "2",
+        "--seq-len",
+        "16",
+    ]
+    steer_argv += ["--samples", "4", "--new-tokens", "2", "--alpha", "0.5"]
+    assert cli.main(["steer", *argv, *steer_argv, "--out", str(tmp_path / "s")]) == 0
+    assert "runs reading one block at a time from disk" in capsys.readouterr().err
+    meta = json.loads((tmp_path / "s" / "steer.json").read_text())["meta"]
+    assert meta["offload"] == "disk" and meta["memory_plan"]["streamed"] == splan.streamed

@@ -8,7 +8,7 @@ import pytest
 
 from layerwise import cli
 
-from .conftest import one_error_line
+from .conftest import one_error_line, same_checkpoint
 
 pytestmark = pytest.mark.real
 
@@ -226,6 +226,10 @@ def test_hf_export_generates_the_fake_quantized_models_tokens(real_cache, tmp_pa
     assert ev["rows"][0]["bytes"] == sum(
         f.stat().st_size - 8 - int.from_bytes(f.read_bytes()[:8], "little") for f in files
     )
+    again = tmp_path / "again"  # the saved plan exported from disk: each block's GPTQ codes made as it is read
+    plan_argv = ["--plan", str(out / "plan.json"), *argv[-6:], "--offload", "disk", "--out", str(again)]
+    assert cli.main(["quantize", *plan_argv]) == 0
+    same_checkpoint(out / "model", again / "model")
 
 
 def test_q4km_is_llama_cpp_rule(real_cache, tmp_path):

@@ -166,3 +166,29 @@ def test_steer_bad_input_is_one_line(argv, match, tmp_path, capsys, real_cache):
     err = capsys.readouterr().err
     assert rc == 2 and one_error_line(err) and match in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_vector_measures_the_same_from_disk(steered):
+    """The demo's vector on the default model read block by block from disk: the log-prob margins, the greedy
+    steered continuations and the cost on neutral windows are the in-memory model's."""
+    from layerwise import load, windows
+    from layerwise.corpora.sentiment import report_prompts
+    from layerwise.features import tokenize
+    from layerwise.steer import SteeringVector, generate, margins
+    from layerwise.steer.measuring import _cost
+
+    lm, disk = load("default"), load("default", offload="disk")
+    vec = SteeringVector.load(steered)
+    prompts = tokenize(lm, report_prompts(seed=0)[:4])[0]
+    conts = [tuple(lm.tokenizer(" " + t, add_special_tokens=False)["input_ids"] for t in ("great", "terrible"))]
+    ids = windows("builtin:pydoc", lm.tokenizer, seq_len=64, samples=2).calibration
+    found = []
+    for m in (lm, disk):
+        with vec.apply(m):
+            found.append((margins(m, prompts, conts), generate(m, prompts, 8)))
+        found.append(_cost(m, {"v": (vec, vec.alpha)}, ids, 2, False)["v"])
+    (ma, ta), ca, (mb, tb), cb = found
+    torch.testing.assert_close(mb, ma, rtol=1e-4, atol=1e-4)
+    assert tb == ta and all(ta), ta
+    for key in ("delta_nll", "kl", "same_top_p"):
+        assert math.isclose(ca[key], cb[key], rel_tol=1e-4, abs_tol=1e-5), (key, ca[key], cb[key])

@@ -21,7 +21,7 @@ from .results import print_tables
 if TYPE_CHECKING:
     import torch
 
-    from .configs import Config, DropConfig, ProbeConfig, QuantizeConfig
+    from .configs import Config, DropConfig, ProbeConfig, QuantizeConfig, SteerConfig
     from .memory_plan import MemoryPlan
     from .probe import Examples
 
@@ -234,6 +234,7 @@ FLAGS = {
     "config": "--config",
     "offload": "--offload",
     "max_memory": "--max-memory",
+    "n_pairs": "--n-pairs",
     "ablation_samples": "--ablation-samples",
 }
 
@@ -656,11 +657,11 @@ def _steer_parser(sub) -> None:
         default=(),
         help="gguf (a llama.cpp control vector) or none (the default); vector.safetensors is always saved",
     )
+    _offload(st)
 
 
 def _offload(p: argparse.ArgumentParser) -> None:
-    """``--offload`` and ``--max-memory``, for the commands that plan their memory (profile, drop, quantize,
-    probe)."""
+    """``--offload`` and ``--max-memory``, for the commands that plan their memory (every one but tune)."""
     p.add_argument(
         "--offload",
         default="auto",
@@ -777,6 +778,28 @@ def _probe_plan(cfg: ProbeConfig, ex: Examples) -> Callable[..., MemoryPlan]:
             units=cfg.unit_spec,
             profile_windows=0 if cfg.profile else cfg.profile_samples,
             profile_seq_len=cfg.profile_seq_len,
+            trust_remote_code=trust_remote_code,
+        )
+
+    return make
+
+
+def _steer_plan(args: argparse.Namespace, cfg: SteerConfig, pairs: list) -> Callable[..., MemoryPlan]:
+    """The steer's plan, with the pairs' token lengths as the checkpoint's tokenizer gives them."""
+    from .memory_plan import steer_plan
+
+    def make(folder: str, *, dtype: torch.dtype, trust_remote_code: bool) -> MemoryPlan:
+        texts = [t for pair in pairs for t in pair]
+        return steer_plan(
+            folder,
+            dtype=dtype,
+            lengths=[len(x) for x in _tokenizer(folder, trust_remote_code)(texts)["input_ids"]],
+            batch_size=cfg.batch_size,
+            eval_windows=cfg.eval_samples,
+            seq_len=args.seq_len,
+            layers=cfg.layers,
+            sweep_layers=cfg.sweep_layers,
+            sweep=len(cfg.sweep_alpha),
             trust_remote_code=trust_remote_code,
         )
 
@@ -935,7 +958,11 @@ def _quant_summary(report) -> None:
             for k, who in (("llama_cpp_ppl", "llama.cpp"), ("transformers_ppl", "transformers"))
             if k in e
         ]
-        extra = ", " + ", ".join(ppl) if ppl else ""
+        extra = (
+            ", " + ", ".join([*ppl, *([e["not_measured"]] if "not_measured" in e else [])])
+            if ppl or e.get("not_measured")
+            else ""
+        )
         print(f"{name}: {e['path']}{extra}")
 
 
@@ -1047,7 +1074,12 @@ def _steer(args: argparse.Namespace) -> int:
         from .corpora.sentiment import vader_scorer
 
         scorer = vader_scorer()
-    lm = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    args.offload, plan = _memory_plan(args, _steer_plan(args, cfg, pairs))
+    lm = load(
+        args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code, offload=args.offload
+    )
+    if plan is not None:
+        lm.source["memory_plan"] = plan
     w = windows(eval_text, lm.tokenizer, seq_len=args.seq_len, samples=args.samples, max_len=lm.anatomy.context_length)
     data = {
         "pairs": args.data or f"{args.pos} / {args.neg}",

@@ -50,7 +50,7 @@ from .evaluate import (
     speed,
     streamed_quality,
 )
-from .io import atomic_dir, load_result, provenance, write_json
+from .io import atomic_dir, load_result, provenance, save_shards, write_json
 from .loading import LoadedModel
 from .memory import peak_memory
 from .metrics import stream as st
@@ -385,35 +385,19 @@ def _copy_streamed(
     ``names`` gives each parameter's original name; a tied head (the embedding's tensor) is written once, as
     ``save_pretrained`` does.
     """
-    from safetensors.torch import save_file
-
-    shard: dict[str, torch.Tensor] = {}
-    files: list[list[str]] = []
-    written: set[str] = set()
     stored: Counter[torch.dtype] = Counter()  # weights per stored dtype
 
-    def flush() -> None:
-        save_file(shard, str(out / f"part-{len(files)}.safetensors"), metadata={"format": "pt"})
-        files.append(list(shard))
-        shard.clear()
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        written: set[str] = set()
+        for new, param in small.named_parameters(remove_duplicate=False):
+            key = s.keys[names[id(param)]]
+            if key not in written:
+                written.add(key)
+                t = s.checkpoint.tensor(key)
+                stored[t.dtype] += t.numel()
+                yield new, torch.zeros_like(t) if names[id(param)] in zeros else t
 
-    for new, param in small.named_parameters(remove_duplicate=False):
-        key = s.keys[names[id(param)]]
-        if key in written:
-            continue
-        written.add(key)
-        t = s.checkpoint.tensor(key)
-        stored[t.dtype] += t.numel()
-        shard[new] = torch.zeros_like(t) if names[id(param)] in zeros else t
-        if sum(v.numel() * v.element_size() for v in shard.values()) >= shard_bytes:
-            flush()
-    if shard or not files:
-        flush()
-    final = [f"model-{k + 1:05d}-of-{len(files):05d}.safetensors" for k in range(len(files))]
-    for k, name in enumerate(final):
-        (out / f"part-{k}.safetensors").rename(out / name)
-    index = {"metadata": {}, "weight_map": {key: name for keys, name in zip(files, final) for key in keys}}
-    write_json(out / "model.safetensors.index.json", index)
+    save_shards(tensors(), out, shard_bytes=shard_bytes)
     config = copy.deepcopy(small.config)  # the skeleton's own config keeps its compute dtype
     config.dtype = stored.most_common(1)[0][0]
     config.save_pretrained(out)

@@ -25,7 +25,7 @@ from torch import nn
 
 from .anatomy import Anatomy
 from .errors import LayerwiseError
-from .trace import hooks, install_skips
+from .trace import hooks, install_skips, run_blocks
 
 if TYPE_CHECKING:
     from .loading import CausalLM
@@ -98,6 +98,10 @@ def skeleton(
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype, **kwargs)
     model.tie_weights()  # a tied head is the embedding's parameter, counted once, as in the loaded model
+    if (Path(folder) / "generation_config.json").is_file():  # its end-of-text tokens, as from_pretrained reads them
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(folder)
     return model.eval()
 
 
@@ -188,11 +192,11 @@ class Streamed:
                 path, _, attr = name.rpartition(".")
                 self.model.get_submodule(path).register_parameter(attr, param)
 
-    def calls(
-        self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
-        """The first block's input for ``ids`` (padded where ``attention_mask`` is 0) and what every block is called
-        with besides it, from a dry pass with every block skipped (only the stem's weights are read)."""
+    def calls(self, input_ids: torch.Tensor, **inputs: Any) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
+        """The first block's input for ``input_ids`` and what every block is called with besides it, from a dry pass
+        with every block skipped (only the stem's weights are read). ``inputs`` are the model's other keyword
+        inputs (``attention_mask``, ``position_ids``, and ``cache`` with ``use_cache=True`` for a step of
+        generation: each block updates its layer of that cache as it runs)."""
         an = self.anatomy
         found: list[Any] = [None] * an.n_layers
         first: list[torch.Tensor] = []
@@ -210,13 +214,52 @@ class Streamed:
             with hooks() as keep, self.onloaded(self.stem), torch.no_grad():
                 for i, block in enumerate(an.blocks):
                     keep(block.register_forward_pre_hook(record(i), with_kwargs=True))
-                self._dry(ids, attention_mask)
+                self._dry(input_ids, inputs)
         finally:
             restore()
         return first[0], found
 
-    def _dry(self, ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    def _dry(self, ids: torch.Tensor, inputs: dict[str, Any]) -> None:
         """The model's own forward up to the blocks; the head is never reached (its input is discarded)."""
         base = self.model.get_submodule(self.anatomy.spec.layers.rsplit(".", 1)[0])
-        mask = None if attention_mask is None else attention_mask.to(self.device)
-        base(input_ids=ids.to(self.device), attention_mask=mask, use_cache=False)
+        moved = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        base(input_ids=ids.to(self.device), **{"use_cache": False, **moved})
+
+    def last_hidden(self, batches: list[dict[str, Any]]) -> list[torch.Tensor]:
+        """Each batch (the model's keyword inputs, ``input_ids`` among them) through every block, block-major:
+        every batch passes block ``i`` while its weights are read. Returns each batch's last block output."""
+        starts = [self.calls(**inputs) for inputs in batches]
+        h = [h0 for h0, _ in starts]
+        with torch.no_grad():
+            for i, block in enumerate(self.anatomy.blocks):
+                with self.onloaded(self.names(block)):
+                    h = [run_blocks(self.anatomy, i, hb, c, stop=i + 1) for hb, (_, c) in zip(h, starts)]
+        return h
+
+    def greedy(self, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, *, pad: int) -> torch.Tensor:
+        """Greedy continuations of left-padded prompts (``mask`` 0 on the padding), as ``generate`` makes them: up
+        to ``new_tokens`` new tokens per row, ``pad`` after a row's end-of-text token, ending when every row has
+        ended. All rows take each step together, so a step reads every block and the head once; a KV cache keeps
+        what earlier steps computed, each block updating its own layer of it."""
+        from transformers import DynamicCache
+
+        an = self.anatomy
+        eos = self.model.generation_config.eos_token_id
+        ends = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos))
+        cache = DynamicCache(config=self.model.config)
+        pos = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)
+        done = torch.zeros(ids.shape[0], dtype=torch.bool)
+        step, out = ids, []
+        for _ in range(new_tokens):
+            inputs = {"attention_mask": mask, "position_ids": pos, "cache": cache, "use_cache": True}
+            (h,) = self.last_hidden([{"input_ids": step, **inputs}])
+            with self.onloaded(self.names(an.final_norm, an.head)), torch.no_grad():
+                token = an.logits(h[:, -1]).argmax(-1).cpu()
+            token = token.masked_fill(done, pad)
+            out.append(token)
+            done |= torch.isin(token, ends)
+            if bool(done.all()):
+                break
+            step, pos = token[:, None], pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        return torch.stack(out, 1)

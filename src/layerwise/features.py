@@ -138,32 +138,43 @@ def collect_ids(
         )
     hidden = lm.anatomy.embed.weight.shape[1]
     check_fits(len(ids), len(names), hidden, max_bytes)
-    out = {u: torch.empty(len(ids), hidden, dtype=torch.float32) for u in names}
-    wanted: dict[int, list[tuple[str, Kind]]] = {}
+    reads = _Readouts({u: torch.empty(len(ids), hidden, dtype=torch.float32) for u in names}, {})
     for u in names:
         layer, kind = lm.anatomy.check_unit(u)
-        wanted.setdefault(layer, []).append((u, kind))
+        reads.wanted.setdefault(layer, []).append((u, kind))
     batches = [_Batch.of([ids[i] for i in rows], rows, read, skip_first) for rows in _batches(lengths, batch_size)]
     run = _collect_streamed if lm.streamed is not None else _collect_resident
-    run(lm, batches, wanted, out, progress)
-    return Features(units=names, values=out, read=read, n_tokens=torch.tensor(lengths))
+    run(lm, batches, reads, progress)
+    return Features(units=names, values=reads.out, read=read, n_tokens=torch.tensor(lengths))
 
 
-def _collect_resident(
-    lm: LoadedModel,
-    batches: list[_Batch],
-    wanted: dict[int, list[tuple[str, Kind]]],
-    out: dict[str, torch.Tensor],
-    progress: bool,
-) -> None:
-    """One forward per batch; each wanted unit's readout lands in its rows of ``out``."""
+@dataclass
+class _Readouts:
+    """Every unit's readouts (``out[unit]``: one row per example), and the units read at each block."""
+
+    out: dict[str, torch.Tensor]
+    wanted: dict[int, list[tuple[str, Kind]]]
+
+    def tap(self, batch: _Batch) -> Callable[[BlockTrace], None]:
+        """A tap that writes each wanted unit's readout of ``batch`` into its rows."""
+
+        def hook(tr: BlockTrace) -> None:
+            for u, kind in self.wanted.get(tr.layer, ()):
+                src = {"block": tr.h_out, "attn": tr.attn, "mlp": tr.mlp}[kind]
+                self.out[u][batch.rows] = batch.readout(src.detach()).cpu()
+
+        return hook
+
+
+def _collect_resident(lm: LoadedModel, batches: list[_Batch], reads: _Readouts, progress: bool) -> None:
+    """One forward per batch."""
     todo: Sequence[_Batch] = batches
     if progress:
         from tqdm import tqdm
 
         todo = tqdm(batches, desc="features", unit="batch")
     for batch in todo:
-        with torch.no_grad(), tap(lm.anatomy, batch.on_block(wanted, out), mlp_hidden=False):
+        with torch.no_grad(), tap(lm.anatomy, reads.tap(batch), mlp_hidden=False):
             lm.model(
                 input_ids=batch.ids.to(lm.device),
                 attention_mask=batch.mask.to(lm.device),
@@ -202,32 +213,16 @@ class _Batch:
             return t[torch.arange(t.shape[0], device=t.device), last]
         return torch.einsum("bt,btd->bd", self.weights.to(t.device), t)
 
-    def on_block(self, wanted: dict[int, list[tuple[str, Kind]]], out: dict[str, torch.Tensor]) -> Callable:
-        """A tap that writes each wanted unit's readout of this batch into its rows of ``out``."""
 
-        def hook(tr: BlockTrace) -> None:
-            for u, kind in wanted.get(tr.layer, ()):
-                src = {"block": tr.h_out, "attn": tr.attn, "mlp": tr.mlp}[kind]
-                out[u][self.rows] = self.readout(src.detach()).cpu()
-
-        return hook
-
-
-def _collect_streamed(
-    lm: LoadedModel,
-    batches: list[_Batch],
-    wanted: dict[int, list[tuple[str, Kind]]],
-    out: dict[str, torch.Tensor],
-    progress: bool,
-) -> None:
+def _collect_streamed(lm: LoadedModel, batches: list[_Batch], reads: _Readouts, progress: bool) -> None:
     """The same readouts from a model on disk: every batch passes block ``i`` while its weights are read, up to the
     last block a unit is read at; every batch's hidden states are carried from block to block."""
     s, an = lm.streamed, lm.anatomy
     assert s is not None
-    starts = [s.calls(b.ids, b.mask) for b in batches]
+    starts = [s.calls(b.ids, attention_mask=b.mask) for b in batches]
     h = [h0 for h0, _ in starts]
     calls = [c for _, c in starts]
-    blocks: Sequence[int] = range(max(wanted) + 1)
+    blocks: Sequence[int] = range(max(reads.wanted) + 1)
     if progress:
         from tqdm import tqdm
 
@@ -236,7 +231,7 @@ def _collect_streamed(
         for i in blocks:
             with s.onloaded(s.names(an.blocks[i])):
                 for k, batch in enumerate(batches):
-                    with tap(an, batch.on_block(wanted, out), mlp_hidden=False):
+                    with tap(an, reads.tap(batch), mlp_hidden=False):
                         h[k] = run_blocks(an, i, h[k], calls[k], stop=i + 1)
 
 

@@ -17,14 +17,17 @@ import shlex
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import LayerwiseError
 from .version import __version__
+
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 
@@ -235,3 +238,36 @@ def check_same_model(made_on: str | None, have: str | None, what: str, fix: str)
     """
     if made_on and have and made_on != have:
         raise LayerwiseError(f"{what} another model (hash {made_on[:12]}, this model {have[:12]}); {fix}")
+
+
+def save_shards(weights: Iterable[tuple[str, torch.Tensor]], out: Path, *, shard_bytes: int) -> set[str]:
+    """Write ``(name, tensor)`` pairs, as they come, into safetensors shards of about ``shard_bytes`` (a bigger
+    tensor has a shard to itself) inside ``out``, and the index transformers reads (a single shard is
+    ``model.safetensors``, with no index); return the names written. Only one shard is held at a time."""
+    from safetensors.torch import save_file
+
+    shards: list[list[str]] = []
+    current: dict[str, torch.Tensor] = {}
+    total = 0
+
+    def flush() -> None:
+        save_file(current, str(out / f".shard-{len(shards)}.safetensors"), metadata={"format": "pt"})
+        shards.append(list(current))
+        current.clear()
+
+    for name, tensor in weights:
+        if current and sum(t.nbytes for t in current.values()) + tensor.nbytes > shard_bytes:
+            flush()
+        current[name] = tensor
+        total += tensor.nbytes
+    flush()
+    if len(shards) == 1:
+        (out / ".shard-0.safetensors").rename(out / "model.safetensors")
+        return set(shards[0])
+    index: dict[str, str] = {}
+    for i, names in enumerate(shards):
+        final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        (out / f".shard-{i}.safetensors").rename(out / final)
+        index |= dict.fromkeys(names, final)
+    write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": index})
+    return set(index)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -20,7 +20,7 @@ import torch
 from . import ggufio
 from .anatomy import SPECS, Anatomy, supported
 from .errors import LayerwiseError
-from .io import atomic_dir, read_json, sha256_file, write_json
+from .io import atomic_dir, read_json, save_shards, sha256_file, write_json
 from .trace import install_skips
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -60,12 +60,12 @@ class LoadedModel:
         }
 
     def check_resident(self, what: str) -> None:
-        """Refuse ``what`` on a model whose weights stay on disk: so far profile, drop, quantize and probe run such
-        a model."""
+        """Refuse ``what`` on a model whose weights stay on disk: so far every action but tune runs such a
+        model."""
         if self.streamed is not None:
             raise LayerwiseError(
-                f"{what} needs the weights in memory, and this model was loaded with `offload` disk (so far profile, "
-                "drop, quantize and probe read weights block by block); load it with `offload` none"
+                f"{what} needs the weights in memory, and this model was loaded with `offload` disk (so far every "
+                "action but tune reads weights block by block); load it with `offload` none"
             )
 
     @property
@@ -182,7 +182,7 @@ def _convert(
     _check_model_type(config.model_type, str(gguf))
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    written = _save_shards(_gguf_weights(gguf, arch, tensors, skeleton), out)
+    written = save_shards(_gguf_weights(gguf, arch, tensors, skeleton), out, shard_bytes=SHARD_BYTES)
     missing = [n for n, _ in skeleton.named_parameters() if n not in written]
     if missing:
         raise LayerwiseError(
@@ -212,38 +212,6 @@ def _gguf_weights(
             yield names[result.name], torch.from_numpy(np.ascontiguousarray(result.weights, dtype=np.float32))
         yield from moved["tensors"].items()
         moved["tensors"].clear()
-
-
-def _save_shards(weights: Iterable[tuple[str, torch.Tensor]], out: Path) -> set[str]:
-    """Write ``(name, tensor)`` pairs as safetensors shards of about :data:`SHARD_BYTES`, and the index transformers
-    reads (a single shard is ``model.safetensors``, with no index); return the names written."""
-    from safetensors.torch import save_file
-
-    shards: list[list[str]] = []
-    current: dict[str, torch.Tensor] = {}
-    total = 0
-
-    def flush() -> None:
-        save_file(current, str(out / f".shard-{len(shards)}.safetensors"), metadata={"format": "pt"})
-        shards.append(list(current))
-        current.clear()
-
-    for name, tensor in weights:
-        if current and sum(t.nbytes for t in current.values()) + tensor.nbytes > SHARD_BYTES:
-            flush()
-        current[name] = tensor
-        total += tensor.nbytes
-    flush()
-    if len(shards) == 1:
-        (out / ".shard-0.safetensors").rename(out / "model.safetensors")
-        return set(shards[0])
-    index: dict[str, str] = {}
-    for i, names in enumerate(shards):
-        final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        (out / f".shard-{i}.safetensors").rename(out / final)
-        index |= dict.fromkeys(names, final)
-    write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": index})
-    return set(index)
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -365,8 +333,8 @@ def load(
     id, or a ``.gguf`` file. On CUDA the model is placed with accelerate's
     ``device_map="auto"``, which spreads a model too big for one GPU.
     ``offload="disk"`` keeps the weights in the checkpoint: the model is a skeleton on the meta device, and
-    :class:`layerwise.engine.Streamed` reads one block's weights at a time while it runs (so far profile, drop,
-    quantize and probe run such a model).
+    :class:`layerwise.engine.Streamed` reads one block's weights at a time while it runs (every action but
+    tune runs such a model).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

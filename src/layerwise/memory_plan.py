@@ -289,14 +289,9 @@ def probe_plan(
     windows, Taylor; 0 when it measures none), then the readouts of examples of these token ``lengths`` (from disk:
     every batch's hidden states, right-padded as :func:`layerwise.features.collect_ids` batches them), and the
     readouts themselves (``units``: blocks, all, or names), which both ways keep."""
-    from .features import _batches
-
     seq_len = profile_seq_len if profile_windows else 1
     shape = Shape.of(folder, dtype=dtype, seq_len=seq_len, trust_remote_code=trust_remote_code)
-    groups = _batches(lengths, batch_size)
-    widest = max(len(rows) * max(lengths[i] for i in rows) for rows in groups)
-    states = sum(len(rows) * max(lengths[i] for i in rows) for rows in groups) * shape.hidden * shape.size
-    parts = {"states": states, "work": shape.work(widest), "block_work": shape.work(widest)}
+    parts = _feature_parts(shape, lengths, batch_size)
     if profile_windows:
         profile = _profile_parts(shape, profile_windows, profile_seq_len, batch_size, "taylor", 0)
         parts = {k: max(v, profile[k]) for k, v in parts.items()}
@@ -306,4 +301,55 @@ def probe_plan(
         kept=len(lengths) * n_units * shape.hidden * 4,
         what="probe",
         fix="`batch_size`, `examples`, `units` or `profile_samples`",
+    )
+
+
+def _feature_parts(shape: Shape, lengths: list[int], batch_size: int) -> dict:
+    """Reading examples of these token ``lengths``: from disk, every batch's hidden states, right-padded as
+    :func:`layerwise.features.collect_ids` batches them; one batch's work."""
+    from .features import _batches
+
+    widths = [len(rows) * max(lengths[i] for i in rows) for rows in _batches(lengths, batch_size)]
+    return {
+        "states": sum(widths) * shape.hidden * shape.size,
+        "work": shape.work(max(widths)),
+        "block_work": shape.work(max(widths)),
+    }
+
+
+def steer_plan(
+    folder: str | Path,
+    *,
+    dtype: torch.dtype,
+    lengths: list[int],
+    batch_size: int,
+    eval_windows: int,
+    seq_len: int,
+    layers: str,
+    sweep_layers: str | None,
+    sweep: int,
+    trust_remote_code: bool = False,
+) -> MemoryPlan:
+    """The memory plan of ``steer``: every pair's texts (of these token ``lengths``) read at every block, in
+    batches of ``2 * batch_size``, their readouts kept; then the cost, each measured (layers, alpha) steered beside
+    the original on ``eval_windows`` windows (from disk every stream kept), two distributions a batch. The margins
+    and the continuations, on a few short prompts, hold less."""
+    from .steer.vector import parse_layers
+
+    shape = Shape.of(folder, dtype=dtype, seq_len=seq_len, trust_remote_code=trust_remote_code)
+    listed = len(parse_layers(layers, shape.layers) or [()])
+    also = None if sweep_layers is None else len(parse_layers(sweep_layers, shape.layers) or [])
+    steered = 1 + (listed * max(1, sweep) if also is None else listed + (1 + also) * sweep)
+    tokens = batch_size * seq_len
+    cost = {
+        "states": shape.states(1 + steered, eval_windows, seq_len),
+        "work": shape.work(tokens) + 2 * shape.logits(tokens),
+        "block_work": shape.work(tokens) + 2 * shape.logits(tokens),
+    }
+    features = _feature_parts(shape, lengths, 2 * batch_size)
+    return shape.plan(
+        **{k: max(v, features[k]) for k, v in cost.items()},
+        kept=len(lengths) * shape.layers * shape.hidden * 4,
+        what="steer",
+        fix="`batch_size`, `eval_samples`, `n_pairs` or `seq_len`",
     )

@@ -50,7 +50,7 @@ from .profile import Profile
 from .quant import gguf as qg
 from .quant import hf
 from .quant.allocate import Allocation, check_budget
-from .quant.apply import config_codes, config_weights, quantized
+from .quant.apply import BlockPlan, config_codes, config_weights, quantized
 from .quant.measure import Candidates, GroupCandidates, Measurement, Method, bit_range, measure
 from .quant.rtn import QConfig, QTensor
 from .quant.strategies import check_strategies, label, plan_quality, plans
@@ -235,6 +235,11 @@ class QuantPlan:
             raise LayerwiseError("a GGUF plan has no integer codes; export it with --export gguf")
         return config_codes(lm, self._names(), cands, self._windows(lm, windows), batch_size=batch_size)
 
+    def block_plan(self, lm: LoadedModel, windows: Windows | None = None, *, batch_size: int = 4) -> BlockPlan:
+        """The plan for a model whose weights stay on disk, made one block at a time as they are read: its weights
+        (a :data:`layerwise.evaluate.BlockVariant`) or its codes."""
+        return BlockPlan(lm, self._names(), self.candidates(lm), self._windows(lm, windows), batch_size=batch_size)
+
     def candidates(self, lm: LoadedModel) -> Candidates:
         """The candidate set that makes the plan's weights (only its own configs)."""
         check_plan_model(self.model_hash, lm)
@@ -369,7 +374,7 @@ def run(
     export = cfg.export
     if export is None:
         export = EXPORTS[family] if n_plans == 1 and out is not None else ()
-    _check_export(lm, family, export)
+    _check_export(family, export)
     if export and n_plans != 1:
         raise LayerwiseError(
             f"`export` writes one model but this run makes {n_plans} plans; give one budget and one strategy"
@@ -453,17 +458,20 @@ def export_plan(
     consumer (llama.cpp, transformers) on the held-out ``eval_ids``, with a bar over the windows when ``progress``.
     Nothing is measured again."""
     out = Path(out)
-    _check_export(lm, plan.family, export)
+    _check_export(plan.family, export)
     exports: dict = {}
     if "hf" in export:
         hf.check(lm, plan.int_configs())
-        path = hf.export(lm, plan.codes(lm, windows, batch_size=batch_size), out / "model")
-        nll = hf.transformers_nll(path, eval_ids, device=lm.device, progress=progress)
-        exports["hf"] = {
-            "path": str(path),
-            "bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")),
-            "transformers_ppl": math.exp(sum(nll) / len(nll)),
-        }
+        if lm.streamed is not None:
+            path = hf.export_streamed(lm, plan.block_plan(lm, windows, batch_size=batch_size), out / "model")
+            found: dict[str, str | float] = {
+                "not_measured": "transformers perplexity: not measured from disk (it loads the whole model)"
+            }
+        else:
+            path = hf.export(lm, plan.codes(lm, windows, batch_size=batch_size), out / "model")
+            nll = hf.transformers_nll(path, eval_ids, device=lm.device, progress=progress)
+            found = {"transformers_ppl": math.exp(sum(nll) / len(nll))}
+        exports["hf"] = {"path": str(path), "bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")), **found}
     if not {"gguf", "recipe"} & set(export):
         return exports
     types, cands = plan.gguf_types(lm), plan.candidates(lm)
@@ -484,12 +492,7 @@ def export_plan(
     return exports
 
 
-def _check_export(lm: LoadedModel, family: Family, export: tuple[str, ...]) -> None:
-    if "hf" in export and lm.streamed is not None:
-        raise LayerwiseError(
-            "`export` hf needs the weights in memory, and this model was loaded with `offload` disk (its "
-            "evaluation reads them block by block); give `export` none, or load it with `offload` none to export"
-        )
+def _check_export(family: Family, export: tuple[str, ...]) -> None:
     unknown = set(export) - set(EXPORTS[family])
     if unknown:
         allowed = ", ".join(EXPORTS[family]) or "none yet"

@@ -149,22 +149,34 @@ class BlockPlan:
         self.calls: list[list[tuple[tuple, dict]]] = []
 
     def __call__(self, layer: int) -> AbstractContextManager[None]:
-        an, fused = self.lm.anatomy, self.candidates.fused
-        groups = [
-            g
-            for g in ([(p, m) for p, m in ms if p in self.config] for _, ms in an.quant_groups(layer, fused=fused))
-            if g
-        ]
+        an = self.lm.anatomy
         if not self.gptq:
-            mods = [(p, m) for g in groups for p, m in g]
+            mods = [(p, m) for g in self._groups(layer) for p, m in g]
             return replaced(an, {m: self.candidates.stored(p, matrix(an, m), self.config[p], None)[0] for p, m in mods})
-        weights = self._gptq(layer, groups)
+        return replaced(an, {self.lm.model.get_submodule(p): q.dequantize() for p, q in self.codes(layer).items()})
+
+    def codes(self, layer: int) -> dict[str, QTensor]:
+        """Block ``layer``'s integer codes by module path, made while its weights are read (GPTQ: the quantized
+        stream then goes on through the block)."""
+        an, cands = self.lm.anatomy, self.candidates
+        if not isinstance(cands, GroupCandidates):
+            raise LayerwiseError("a GGUF plan has no integer codes; export it with --export gguf")
+        groups = self._groups(layer)
+        if not self.gptq:
+            return {p: cands.codes(p, matrix(an, m), self.config[p], None) for g in groups for p, m in g}
+        codes = self._gptq(layer, groups)
+        weights = {self.lm.model.get_submodule(p): q.dequantize() for p, q in codes.items()}
         with torch.no_grad(), replaced(an, weights):  # the stream goes on through the quantized block
             self.stream = [run_blocks(an, layer, h, c, stop=layer + 1) for h, c in zip(self.stream, self.calls)]
-        return replaced(an, weights)
+        return codes
 
-    def _gptq(self, layer: int, groups: list[list[tuple[str, nn.Module]]]) -> dict[nn.Module, torch.Tensor]:
-        """Block ``layer``'s GPTQ weights, from the Hessians of its inputs in the quantized stream."""
+    def _groups(self, layer: int) -> list[list[tuple[str, nn.Module]]]:
+        """Block ``layer``'s quantized modules, in the groups that share an input (fused when the candidates are)."""
+        quant_groups = self.lm.anatomy.quant_groups(layer, fused=self.candidates.fused)
+        return [g for g in ([(p, m) for p, m in ms if p in self.config] for _, ms in quant_groups) if g]
+
+    def _gptq(self, layer: int, groups: list[list[tuple[str, nn.Module]]]) -> dict[str, QTensor]:
+        """Block ``layer``'s GPTQ codes, from the Hessians of its inputs in the quantized stream."""
         an, s = self.lm.anatomy, self.lm.streamed
         assert s is not None and isinstance(self.candidates, GroupCandidates)
         if layer == 0:
@@ -174,13 +186,13 @@ class BlockPlan:
         with torch.no_grad(), hessian_hooks([g[0][1] for g in groups], into):
             for h, c in zip(self.stream, self.calls):
                 run_blocks(an, layer, h, c, stop=layer + 1)
-        weights: dict[nn.Module, torch.Tensor] = {}
+        codes: dict[str, QTensor] = {}
         for g in groups:
-            codes = self.candidates.codes_rows(
+            made = self.candidates.codes_rows(
                 [matrix(an, m) for _, m in g], self.config[g[0][0]], into[id(g[0][1])].value
             )
-            weights |= {m: q.dequantize() for (_, m), q in zip(g, codes)}
-        return weights
+            codes |= {p: q for (p, _), q in zip(g, made)}
+        return codes
 
 
 @contextmanager

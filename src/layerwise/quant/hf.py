@@ -20,6 +20,7 @@ short last group are written but do not load.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 from ..errors import LayerwiseError
 from ..io import atomic_dir
 from ..loading import LoadedModel
+from .apply import BlockPlan
 from .rtn import QConfig, QTensor
 
 FORMAT = "pack-quantized"
@@ -81,8 +83,9 @@ def check(lm: LoadedModel, configs: tuple[QConfig, ...]) -> None:
             )
 
 
-def quantization_config(codes: dict[str, QTensor], linear: list[str]):
-    """One config group per (bits, group size), targeting modules by exact name; other Linear layers ignored."""
+def quantization_config(configs: dict[str, QConfig], linear: list[str]):
+    """One config group per (bits, group size) of the quantized modules' ``configs`` (by module path), targeting
+    modules by exact name; other Linear layers ignored."""
     from compressed_tensors.quantization import (
         QuantizationArgs,
         QuantizationConfig,
@@ -91,8 +94,8 @@ def quantization_config(codes: dict[str, QTensor], linear: list[str]):
     )
 
     by_scheme: dict[tuple[int, int], list[str]] = defaultdict(list)
-    for path, q in codes.items():
-        by_scheme[(q.config.bits, q.config.group_size)].append(path)
+    for path, c in configs.items():
+        by_scheme[(c.bits, c.group_size)].append(path)
     groups = {
         f"group_{i}": QuantizationScheme(
             targets=sorted(paths),
@@ -105,7 +108,7 @@ def quantization_config(codes: dict[str, QTensor], linear: list[str]):
         config_groups=groups,
         format=FORMAT,
         quantization_status=QuantizationStatus.COMPRESSED,
-        ignore=sorted(n for n in linear if n not in codes),
+        ignore=sorted(n for n in linear if n not in configs),
     )
 
 
@@ -128,10 +131,7 @@ def packed(q: QTensor) -> dict[str, torch.Tensor]:
 def export(lm: LoadedModel, codes: dict[str, QTensor], out: str | Path) -> Path:
     """Write the model with ``codes`` in place of those modules' weights, as a compressed-tensors checkpoint,
     atomically."""
-    from compressed_tensors.compressors import ModelCompressor
-
     _check_dtype(lm)
-    linear = [n for n, m in lm.model.named_modules() if isinstance(m, torch.nn.Linear)]
     state: dict[str, torch.Tensor] = {}
     for name, t in lm.model.state_dict().items():
         module, _, leaf = name.rpartition(".")
@@ -141,10 +141,66 @@ def export(lm: LoadedModel, codes: dict[str, QTensor], out: str | Path) -> Path:
             state[name] = t
     with atomic_dir(out, "checkpoint") as tmp:
         lm.model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        ModelCompressor(quantization_config=quantization_config(codes, linear)).update_config(str(tmp))
-        if lm.tokenizer is not None:
-            lm.tokenizer.save_pretrained(tmp)
+        _finish(lm, {p: q.config for p, q in codes.items()}, tmp)
     return Path(out)
+
+
+def export_streamed(lm: LoadedModel, plan: BlockPlan, out: str | Path, *, shard_bytes: int = 2**30) -> Path:
+    """:func:`export` for a model whose weights stay on disk: block by block, each block's codes made by ``plan``
+    while its weights are read (GPTQ from the quantized stream, as in memory), and every tensor written as it comes,
+    in shards of about ``shard_bytes``: the in-memory export's tensors and config."""
+    from ..io import save_shards
+
+    _check_dtype(lm)
+    configs: dict[str, QConfig] = {}
+    with atomic_dir(out, "checkpoint") as tmp:
+        save_shards(_block_tensors(lm, plan, configs), tmp, shard_bytes=shard_bytes)
+        lm.model.config.save_pretrained(tmp)
+        lm.model.generation_config.save_pretrained(tmp)
+        _finish(lm, configs, tmp)
+    return Path(out)
+
+
+def _block_tensors(lm: LoadedModel, plan: BlockPlan, configs: dict[str, QConfig]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the checkpoint in the compute dtype, a quantized module's weight as its packed codes (its
+    config added to ``configs``): the embeddings and final norm, each block, then an untied head."""
+    s, an = lm.streamed, lm.anatomy
+    assert s is not None
+    written: set[str] = set()
+
+    def own(names: list[str]) -> list[str]:  # a tied head is the embedding's tensor: written once
+        fresh = [n for n in names if s.keys[n] not in written]
+        written.update(s.keys[n] for n in fresh)
+        return fresh
+
+    def read(names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        return ((n, lm.model.get_parameter(n).detach().cpu()) for n in names)
+
+    with s.onloaded(s.stem):
+        yield from read(own(s.stem))
+    for i, block in enumerate(an.blocks):
+        with s.onloaded(s.names(block)):
+            codes = plan.codes(i)
+            for name in own(s.names(block)):
+                path, _, leaf = name.rpartition(".")
+                if path in codes and leaf == "weight":
+                    configs[path] = codes[path].config
+                    yield from ((f"{path}.{k}", v) for k, v in packed(codes[path]).items())
+                else:
+                    yield from read([name])
+    head = own(s.names(an.head))
+    with s.onloaded(head):
+        yield from read(head)
+
+
+def _finish(lm: LoadedModel, configs: dict[str, QConfig], folder: Path) -> None:
+    """The quantization config in the checkpoint's config, and the tokenizer beside it."""
+    from compressed_tensors.compressors import ModelCompressor
+
+    linear = [n for n, m in lm.model.named_modules() if isinstance(m, torch.nn.Linear)]
+    ModelCompressor(quantization_config=quantization_config(configs, linear)).update_config(str(folder))
+    if lm.tokenizer is not None:
+        lm.tokenizer.save_pretrained(folder)
 
 
 def transformers_nll(

@@ -75,7 +75,6 @@ def run(
     instead, and every variant of ``layers`` once at the chosen alpha. ``settings`` are config fields
     (``layers="L6", alpha=0.25``); ``data`` describes where the pairs and prompts came from, for the record.
     """
-    lm.check_resident("steer")
     cfg = SteerConfig.of(config, **settings)
     method, layers, alpha, read, seed, batch_size = (
         cfg.method,

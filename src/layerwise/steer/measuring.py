@@ -10,7 +10,7 @@ from functools import partial
 import torch
 
 from ..errors import LayerwiseError
-from ..evaluate import next_token_logits, paired_difference, quality
+from ..evaluate import BlockVariant, next_token_logits, paired_difference, quality, streamed_quality
 from ..features import collect_ids, tokenize
 from ..loading import LoadedModel
 from ..metrics import stream as st
@@ -46,13 +46,41 @@ def margins(
             k = next((i for i, (a, b) in enumerate(zip(pos, neg)) if a != b), min(len(pos), len(neg)))
             heads.append(p + pos[:k])
             tails.append((pos[k:], neg[k:]))
-    out = torch.cat(
-        [
-            _tail_margins(lm, heads[i : i + batch_size], tails[i : i + batch_size])
-            for i in range(0, len(heads), batch_size)
-        ]
-    )
+    if lm.streamed is not None:
+        out = _streamed_margins(lm, heads, tails, batch_size)
+    else:
+        out = torch.cat(
+            [
+                _tail_margins(lm, heads[i : i + batch_size], tails[i : i + batch_size])
+                for i in range(0, len(heads), batch_size)
+            ]
+        )
     return out.view(len(prompts), len(conts)).mean(1)
+
+
+def _streamed_margins(
+    lm: LoadedModel, heads: list[list[int]], tails: list[tuple[list[int], list[int]]], batch_size: int
+) -> torch.Tensor:
+    """:func:`_tail_margins` for a model on disk, with no cache: each head runs with each of its tails (the
+    same positions, right-padded), every batch passing each block while its weights are read; then the head reads
+    only the tails' positions."""
+    s, an = lm.streamed, lm.anatomy
+    assert s is not None
+    seqs = [(head, tail) for head, pair in zip(heads, tails) for tail in pair]
+    chunks = [seqs[i : i + 2 * batch_size] for i in range(0, len(seqs), 2 * batch_size)]
+    padded = [_pad([h + t for h, t in chunk], 0, left=False) for chunk in chunks]
+    hidden = s.last_hidden([{"input_ids": x, "attention_mask": mask} for x, mask in padded])
+    logp = torch.zeros(len(seqs), dtype=torch.float64)
+    row = 0
+    with s.onloaded(s.names(an.final_norm, an.head)), torch.no_grad():
+        for chunk, h in zip(chunks, hidden):
+            for j, (head, tail) in enumerate(chunk):
+                if tail:
+                    where = torch.arange(len(head) - 1, len(head) + len(tail) - 1)
+                    z = torch.log_softmax(an.logits(h[j, where]).float(), -1).cpu()
+                    logp[row + j] = float(z[torch.arange(len(tail)), torch.tensor(tail)].double().sum())
+            row += len(chunk)
+    return logp[0::2] - logp[1::2]
 
 
 def _tail_margins(lm: LoadedModel, heads: list[list[int]], tails: list[tuple[list[int], list[int]]]) -> torch.Tensor:
@@ -103,14 +131,17 @@ def generate(lm: LoadedModel, prompts: list[list[int]], new_tokens: int) -> list
     tok = lm.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     x, mask = _pad(prompts, pad, left=True)
-    out = lm.model.generate(
-        input_ids=x.to(lm.device),
-        attention_mask=mask.to(lm.device),
-        max_new_tokens=new_tokens,
-        do_sample=False,
-        pad_token_id=pad,
-    )
-    return [t.strip() for t in tok.batch_decode(out[:, x.shape[1] :], skip_special_tokens=True)]
+    if lm.streamed is not None:
+        new = lm.streamed.greedy(x, mask, new_tokens, pad=pad)
+    else:
+        new = lm.model.generate(
+            input_ids=x.to(lm.device),
+            attention_mask=mask.to(lm.device),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )[:, x.shape[1] :]
+    return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
 
 
 @dataclass
@@ -220,15 +251,7 @@ def measure(
                 row[name], row[f"{name}_se"] = st.mean_se(e[name])
         row["samples"] = e["texts"]
         rows.append(row)
-    cost = quality(
-        next_token_logits(lm.model),
-        {k: next_token_logits(lm.model, partial(v.apply, lm, a)) for k, (v, a) in vecs.items()},
-        eval_ids,
-        batch_size=batch_size,
-        device=lm.device,
-        progress=progress,
-        desc="cost on neutral text",
-    )
+    cost = _cost(lm, vecs, eval_ids, batch_size, progress)
     for row in rows:
         row.update({k: v for k, v in cost[row["key"]].items() if k != "window_delta_nll"})
     base_row = (
@@ -241,6 +264,31 @@ def measure(
             base_row[name], base_row[f"{name}_se"] = st.mean_se(base[name])
     base_row["samples"] = base["texts"]
     return {"unsteered": base_row, "rows": rows}
+
+
+def _cost(
+    lm: LoadedModel, vecs: dict[str, tuple[SteeringVector, float]], ids: torch.Tensor, batch_size: int, progress: bool
+) -> dict[str, dict]:
+    """Each steered model's quality on neutral windows against the unsteered one (from disk: block by block, the
+    vector's hooks in place while each steered stream runs a block)."""
+    desc = "cost on neutral text"
+    if lm.streamed is not None:
+        steered = {k: _in_every_block(lm, v, a) for k, (v, a) in vecs.items()}
+        return streamed_quality(lm, steered, ids, batch_size=batch_size, progress=progress, desc=desc)
+    return quality(
+        next_token_logits(lm.model),
+        {k: next_token_logits(lm.model, partial(v.apply, lm, a)) for k, (v, a) in vecs.items()},
+        ids,
+        batch_size=batch_size,
+        device=lm.device,
+        progress=progress,
+        desc=desc,
+    )
+
+
+def _in_every_block(lm: LoadedModel, vec: SteeringVector, alpha: float) -> BlockVariant:
+    """The vector's hooks in place while the steered stream runs any block (they act at the blocks it steers)."""
+    return lambda _i: vec.apply(lm, alpha)
 
 
 def _key(units: Sequence[str], alpha: float) -> str:
