@@ -574,3 +574,24 @@ def test_probe_and_steer_plan_their_memory_and_run_from_disk_when_it_does_not_fi
     assert "runs reading one block at a time from disk" in capsys.readouterr().err
     meta = json.loads((tmp_path / "s" / "steer.json").read_text())["meta"]
     assert meta["offload"] == "disk" and meta["memory_plan"]["streamed"] == splan.streamed
+
+
+def test_a_checkpoint_is_hashed_once_for_the_plan_and_the_load(tmp_path):
+    """The memory plan and the load both name the checkpoint; its files are read for their hash once while they
+    are unchanged, and again when one changes."""
+    import os
+
+    from layerwise import io
+    from layerwise.loading import checkpoint_folder
+
+    folder = tiny_folder(tmp_path / "m")
+    io._sha256.cache_clear()
+    first = checkpoint_folder(str(folder))[1]["model_hash"]
+    misses = io._sha256.cache_info().misses
+    assert checkpoint_folder(str(folder))[1]["model_hash"] == first and io._sha256.cache_info().misses == misses
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of the last weight, the size unchanged
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
+    assert checkpoint_folder(str(folder))[1]["model_hash"] != first

@@ -9,6 +9,7 @@ records its :func:`provenance`, and anything made for one model's weights
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -166,11 +167,19 @@ def check_out(path: str | os.PathLike, *, folder: bool = True, option: str = "--
     return path
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file's bytes, read in chunks so memory stays small."""
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks so memory stays small. A file is read once per process while
+    its size and modification time stay the same: a command that plans its memory and then loads the model names
+    a 7B checkpoint's 14 GB twice."""
+    st = os.stat(path)
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
-        while block := fh.read(chunk):
+        while block := fh.read(1 << 22):
             h.update(block)
     return h.hexdigest()
 
