@@ -958,11 +958,8 @@ def _quant_summary(report) -> None:
             for k, who in (("llama_cpp_ppl", "llama.cpp"), ("transformers_ppl", "transformers"))
             if k in e
         ]
-        extra = (
-            ", " + ", ".join([*ppl, *([e["not_measured"]] if "not_measured" in e else [])])
-            if ppl or e.get("not_measured")
-            else ""
-        )
+        ppl += [e["not_measured"]] if "not_measured" in e else []
+        extra = ", " + ", ".join(ppl) if ppl else ""
         print(f"{name}: {e['path']}{extra}")
 
 

@@ -101,7 +101,7 @@ def check_fits(n_examples: int, n_units: int, hidden: int, max_bytes: int | None
     return need
 
 
-def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+def by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Example indices grouped by similar length, so padding wastes little compute."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -142,7 +142,7 @@ def collect_ids(
     for u in names:
         layer, kind = lm.anatomy.check_unit(u)
         reads.wanted.setdefault(layer, []).append((u, kind))
-    batches = [_Batch.of([ids[i] for i in rows], rows, read, skip_first) for rows in _batches(lengths, batch_size)]
+    batches = [_Batch.of([ids[i] for i in rows], rows, read, skip_first) for rows in by_length(lengths, batch_size)]
     run = _collect_streamed if lm.streamed is not None else _collect_resident
     run(lm, batches, reads, progress)
     return Features(units=names, values=reads.out, read=read, n_tokens=torch.tensor(lengths))

@@ -257,7 +257,7 @@ def save_shards(weights: Iterable[tuple[str, torch.Tensor]], out: Path, *, shard
 
     shards: list[list[str]] = []
     current: dict[str, torch.Tensor] = {}
-    total = 0
+    total = held = 0  # bytes written in all, and in the shard being filled
 
     def flush() -> None:
         save_file(current, str(out / f".shard-{len(shards)}.safetensors"), metadata={"format": "pt"})
@@ -265,9 +265,11 @@ def save_shards(weights: Iterable[tuple[str, torch.Tensor]], out: Path, *, shard
         current.clear()
 
     for name, tensor in weights:
-        if current and sum(t.nbytes for t in current.values()) + tensor.nbytes > shard_bytes:
+        if current and held + tensor.nbytes > shard_bytes:
             flush()
+            held = 0
         current[name] = tensor
+        held += tensor.nbytes
         total += tensor.nbytes
     flush()
     if len(shards) == 1:

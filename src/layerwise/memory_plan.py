@@ -307,9 +307,9 @@ def probe_plan(
 def _feature_parts(shape: Shape, lengths: list[int], batch_size: int) -> dict:
     """Reading examples of these token ``lengths``: from disk, every batch's hidden states, right-padded as
     :func:`layerwise.features.collect_ids` batches them; one batch's work."""
-    from .features import _batches
+    from .features import by_length
 
-    widths = [len(rows) * max(lengths[i] for i in rows) for rows in _batches(lengths, batch_size)]
+    widths = [len(rows) * max(lengths[i] for i in rows) for rows in by_length(lengths, batch_size)]
     return {
         "states": sum(widths) * shape.hidden * shape.size,
         "work": shape.work(max(widths)),
