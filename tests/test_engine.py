@@ -85,7 +85,9 @@ def test_a_checkpoint_without_a_weight_is_one_line(tmp_path):
 def test_default_model_profiles_the_same_from_disk(tmp_path, real_cache, capsys):
     """On the default model, a ``--max-memory`` budget under the planned in-memory peak and over the planned from-disk
     one reads the weights block by block, and gives the in-memory profile's every metric; the plan is printed first
-    and recorded. A budget under both is refused in one line before the model loads."""
+    and recorded. A budget under that, over the plan's peak with the hidden states spilled, spills them to a file
+    in ``--out`` (removed after), with the same metrics. A budget under every way is refused in one line before the
+    model loads."""
     import torch
 
     from layerwise import windows
@@ -108,12 +110,23 @@ def test_default_model_profiles_the_same_from_disk(tmp_path, real_cache, capsys)
     assert "runs reading one block at a time from disk" in capsys.readouterr().err
     streamed = Profile.load(tmp_path / "p" / "profile.json")
     assert streamed.meta["offload"] == "disk" and streamed.meta["memory_plan"]["streamed"] == plan.streamed
+    spill = (plan.spilled + plan.streamed) // 2  # under the kept states: they go to a file in --out
+    assert cli.main(["profile", *argv, "--max-memory", str(spill), "--out", str(tmp_path / "s"), "--json"]) == 0
+    assert "its hidden states spilled to a file in the output folder" in capsys.readouterr().err
+    spilled = Profile.load(tmp_path / "s" / "profile.json")
+    assert spilled.meta["memory_plan"]["offload"] == "spill" and not list((tmp_path / "s").glob(".layerwise-*"))
     lm = load("default")
     w = windows("builtin:pydoc", lm.tokenizer, seq_len=64, samples=2, max_len=lm.anatomy.context_length)
-    _same_metrics(profile(lm, w, positions=16, ablation_samples=1, batch_size=2, progress=False), streamed)
+    resident = profile(lm, w, positions=16, ablation_samples=1, batch_size=2, progress=False)
+    _same_metrics(resident, streamed)
+    _same_metrics(resident, spilled)
     rc = cli.main(["profile", *argv, "--max-memory", "1MiB", "--out", str(tmp_path / "never")])
     err = capsys.readouterr().err
-    assert rc == 2 and "even reading one block at a time, over the 1 MiB budget; lower --batch-size" in err, err
+    assert (
+        rc == 2
+        and "even reading one block at a time, its hidden states in a file, over the 1 MiB budget; lower --batch-size"
+        in err
+    )
     assert not (tmp_path / "never").exists()
 
 
@@ -597,3 +610,118 @@ def test_a_checkpoint_is_hashed_once_for_the_plan_and_the_load(tmp_path):
     weights.write_bytes(bytes(data))
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
     assert checkpoint_folder(str(folder))[1]["model_hash"] != first
+
+
+class _Spies:
+    """How many tensors a test's passes spilled, and the files they spilled to."""
+
+    def __init__(self, mp: pytest.MonkeyPatch) -> None:
+        from layerwise import engine
+
+        self.spilled, self.files = 0, set()
+        keep = engine.States.keep
+
+        def spy(store, x, **kw):
+            kept = keep(store, x, **kw)
+            if isinstance(kept, engine.Spilled):
+                self.spilled += 1
+                self.files.add(store.path)
+            return kept
+
+        mp.setattr(engine.States, "keep", spy)
+
+
+def test_spilled_hidden_states_give_the_same_numbers_and_leave_no_file(tmp_path, monkeypatch):
+    """With ``spill``, every hidden state a pass carries (profile: block inputs, the last outputs, the ablated
+    streams, the backward pass's gradients; the quantization measurement; held-out evaluation) goes to a file in
+    the folder and is read back when used: the profile, the measurement and a drop evaluation are those of the run
+    that keeps them in memory, exactly. Each pass removes its file, and the folder it made for it."""
+    from layerwise import drop
+    from layerwise.quant.measure import measure
+    from layerwise.quant.rtn import QConfig
+
+    lm, w = tiny_lm("llama", layers=3), tiny_windows(8)
+    w.n_calib = 5
+    lm.model.save_pretrained(tmp_path / "m")
+    memory = load(str(tmp_path / "m"), offload="disk")
+    spilled = load(str(tmp_path / "m"), offload="disk", spill=tmp_path / "out" / "spill")
+    assert spilled.meta()["spill"] == str(tmp_path / "out" / "spill")
+    spies = _Spies(monkeypatch)
+    kw = dict(batch_size=2, positions=5, ablation_samples=2, progress=False)
+    a, b = (profile(m, w, **kw) for m in (memory, spilled))
+    _same_metrics(a, b)
+    assert a.to_dict()["units"] == b.to_dict()["units"]
+    n = spies.spilled
+    assert n >= 3 * (3 + 1) + 3 * 2  # each block's input and the last output, the ablated streams, the gradients
+    mkw = dict(candidates=(QConfig(2, 16), QConfig(4, 16)), method="gptq", batch_size=2, progress=False)
+    assert measure(memory, w, **mkw).groups == measure(spilled, w, **mkw).groups
+    plans = [drop.given(lm.anatomy, u) for u in (["L1"], ["L0.attn", "L2.mlp"])]
+    dkw = dict(plans=plans, eval_samples=3, batch_size=2, progress=False)
+    da, db = (drop.run(m, w, **dkw) for m in (memory, spilled))
+    assert _drop_figures(da) == _drop_figures(db)
+    assert spies.spilled > n and len(spies.files) == 3
+    assert not any(f.exists() for f in spies.files) and not (tmp_path / "out" / "spill").exists()
+    assert (tmp_path / "out").is_dir()  # made by the test's spill folder's parent: kept
+    with pytest.raises(LayerwiseError, match=r"^`spill` keeps the hidden states of a model read from disk; give"):
+        load(str(tmp_path / "m"), spill=tmp_path)
+
+
+def _limit_file_size(limit: int):
+    """A child's ``preexec_fn``: no file it writes grows past ``limit`` bytes (a write beyond fails with EFBIG, as
+    on a full disk; the signal that would kill it is ignored)."""
+    import resource
+    import signal
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_budget_under_the_kept_states_spills_them_to_the_output_folder(tmp_path, capsys):
+    """A ``--max-memory`` budget under the planned peak from disk and over the planned peak spilling the hidden
+    states runs the profile with its states in a file in ``--out``: the same profile as keeping them in memory, the
+    plan's choice recorded, no file left but the results. A disk that fills while spilling is one line, and the run
+    leaves no folder; a disk too small for the plan's states is refused before anything runs."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+
+    from layerwise.memory_plan import profile_plan
+    from layerwise.profile import Profile
+
+    folder = tiny_folder(tmp_path / "m")
+    plan = profile_plan(
+        folder, dtype=torch.float32, windows=8, seq_len=16, batch_size=2, ablation="exact", ablation_windows=8
+    )
+    assert plan.live and plan.spilled < plan.streamed
+    budget = (plan.spilled + plan.streamed) // 2
+    argv = ["profile", "--model", str(folder), "--seq-len", "16", "--samples", "8", "--batch-size", "2", "--json"]
+    argv += ["--ablation-samples", "8"]
+    for out, memory in (("kept", str(plan.streamed)), ("spilled", str(budget))):
+        assert cli.main([*argv, "--max-memory", memory, "--offload", "disk", "--out", str(tmp_path / out)]) == 0
+    assert "its hidden states spilled to a file in the output folder" in capsys.readouterr().err
+    kept, spilled = (Profile.load(tmp_path / out / "profile.json") for out in ("kept", "spilled"))
+    _same_metrics(kept, spilled)
+    assert spilled.meta["memory_plan"]["offload"] == "spill" and kept.meta["memory_plan"]["offload"] == "disk"
+    assert spilled.meta["spill"] == str(tmp_path / "spilled") and "spill" not in kept.meta
+    assert sorted(p.name for p in (tmp_path / "spilled").iterdir()) == sorted(
+        p.name for p in (tmp_path / "kept").iterdir()
+    )
+    main = "import sys; from layerwise.cli import main; sys.exit(main())"
+    full = [sys.executable, "-c", main, *argv, "--max-memory", str(budget), "--out", str(tmp_path / "full")]
+    run = subprocess.run(full, capture_output=True, text=True, preexec_fn=_limit_file_size(32 * 1024))
+    lines = [line for line in run.stderr.splitlines() if line.startswith("layerwise: error")]
+    assert run.returncode == 2 and len(lines) == 1, run.stderr[-2000:]
+    assert "is full: spilling hidden states there stopped after 0 MiB; free space on it" in lines[0]
+    assert "Traceback" not in run.stderr and not (tmp_path / "full").exists()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("shutil.disk_usage", lambda _: type("U", (), {"free": plan.states - 1})())
+        assert cli.main([*argv, "--max-memory", str(budget), "--out", str(tmp_path / "small")]) == 2
+    err = capsys.readouterr().err
+    assert "the profile spills about" in err and "give --out on a larger disk, or lower --batch-size" in err, err
+    assert not (tmp_path / "small").exists()
+    assert json.loads((tmp_path / "spilled" / "profile.json").read_text())["meta"]["offload"] == "disk"

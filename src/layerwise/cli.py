@@ -691,6 +691,7 @@ def _load(args: argparse.Namespace, attn_implementation: str | None = None, corp
         trust_remote_code=args.trust_remote_code,
         attn_implementation=attn_implementation,
         offload=getattr(args, "offload", "none"),
+        spill=getattr(args, "spill", None),
     )
     if plan is not None:
         lm.source["memory_plan"] = plan
@@ -714,7 +715,10 @@ def _memory_plan(args: argparse.Namespace, make: Callable[..., MemoryPlan]) -> t
     plan = make(target, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code)
     mode = plan.choose(args.offload, budget)
     print(f"layerwise: {plan.line(mode, budget)}", file=sys.stderr)
-    return mode, {**plan.to_dict(), "budget": budget, "offload": mode}
+    if mode == "spill":
+        plan.check_spill(Path(args.out))
+        args.spill = args.out
+    return ("disk" if mode == "spill" else mode), {**plan.to_dict(), "budget": budget, "offload": mode}
 
 
 def _profile_plan(args: argparse.Namespace) -> Callable[..., MemoryPlan]:

@@ -13,7 +13,10 @@ signature is known here. The numbers are those of the resident model: the same m
 
 from __future__ import annotations
 
+import errno
 import json
+import math
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -125,16 +128,102 @@ def return_freed_memory() -> None:
         libc.mallopt(m_mmap_threshold, 64 * 1024)
 
 
+@dataclass(frozen=True)
+class Spilled:
+    """Where a spilled tensor lies in its :class:`States` file."""
+
+    offset: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+#: A hidden state a pass keeps: in CPU memory, or where it was spilled.
+Kept = torch.Tensor | Spilled
+
+#: Errors of a write that found the disk (or the user's quota, or the file size limit) full.
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class States:
+    """The hidden states a streamed pass carries from block to block: in CPU memory, or spilled to a file.
+
+    ``keep(x)`` gives what ``load`` reads ``x`` back from: ``x`` itself in CPU memory, or the :class:`Spilled` slot
+    it was written to in a file of ``folder`` (when given). ``keep(x, over=old)`` writes into ``old``'s slot when it
+    is as large, so a stream carried through every block takes one slot. The file is written and read with plain
+    ``pwrite``/``pread`` (not a memory map), so a tensor read back is in memory only while the pass holds it, and the
+    resident set counts nothing else. :meth:`close` removes the file (the pass calls it also on error or Ctrl-C).
+    """
+
+    def __init__(self, device: torch.device, folder: Path | None = None) -> None:
+        self.device, self.folder = device, folder
+        self.path: Path | None = None
+        self._fd, self.end = -1, 0
+        if folder is not None:
+            import tempfile
+
+            fd, name = tempfile.mkstemp(prefix=".layerwise-states-", suffix=".bin", dir=folder)
+            self._fd, self.path = fd, Path(name)
+
+    def keep(self, x: torch.Tensor, *, over: Kept | None = None) -> Kept:
+        """``x`` kept (off an accelerator), in ``over``'s slot when it is spilled and as large."""
+        if self.path is None:
+            return x.detach().to("cpu")
+        data = x.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        offset = over.offset if isinstance(over, Spilled) and over.nbytes == data.nbytes else self.end
+        try:
+            done = 0
+            while done < data.nbytes:
+                done += os.pwrite(self._fd, data.data[done:], offset + done)
+        except OSError as exc:
+            if exc.errno not in _FULL:
+                raise
+            raise LayerwiseError(
+                f"the disk under {self.folder} is full: spilling hidden states there stopped after "
+                f"{self.end / 2**20:.0f} MiB; free space on it, or run on fewer or shorter windows"
+            ) from None
+        self.end = max(self.end, offset + data.nbytes)
+        return Spilled(offset, tuple(x.shape), x.dtype)
+
+    def load(self, kept: Kept) -> torch.Tensor:
+        """A kept tensor on the device."""
+        if isinstance(kept, torch.Tensor):
+            return kept.to(self.device)
+        buf = torch.empty(kept.nbytes, dtype=torch.uint8)
+        if os.preadv(self._fd, [buf.numpy().data], kept.offset) != kept.nbytes:
+            raise LayerwiseError(f"{self.path} was cut short while the run read it back; run it again")
+        return buf.view(kept.dtype).reshape(kept.shape).to(self.device)
+
+    def close(self) -> None:
+        """Remove the file (if any); the store keeps nothing after."""
+        if self.path is not None:
+            os.close(self._fd)
+            self.path.unlink(missing_ok=True)
+            self.path = None
+
+
 class Streamed:
     """A skeleton model whose weights are read from ``checkpoint`` one part at a time onto ``device`` in ``dtype``.
 
-    Making one sets glibc to give freed buffers back at once (:func:`return_freed_memory`), for the process."""
+    ``spill``: the folder where each pass keeps the hidden states it carries (:class:`States`); None keeps them in
+    CPU memory. Making one sets glibc to give freed buffers back at once (:func:`return_freed_memory`), for the
+    process."""
 
     def __init__(
-        self, model: CausalLM, checkpoint: Checkpoint, *, device: str | torch.device = "cpu", dtype=torch.float32
+        self,
+        model: CausalLM,
+        checkpoint: Checkpoint,
+        *,
+        device: str | torch.device = "cpu",
+        dtype=torch.float32,
+        spill: str | Path | None = None,
     ) -> None:
         return_freed_memory()
         self.model, self.checkpoint = model, checkpoint
+        self.spill = None if spill is None else Path(spill)
         self.anatomy = Anatomy(model)
         self.device, self.dtype = torch.device(device), dtype
         self.paths = {m: n for n, m in model.named_modules()}
@@ -191,6 +280,21 @@ class Streamed:
             for name, param in kept.items():
                 path, _, attr = name.rpartition(".")
                 self.model.get_submodule(path).register_parameter(attr, param)
+
+    @contextmanager
+    def states(self) -> Iterator[States]:
+        """A pass's store of hidden states (a file in :attr:`spill`, created if missing, when set), emptied on exit,
+        also on error."""
+        made = self.spill is not None and not self.spill.exists()
+        if self.spill is not None:
+            self.spill.mkdir(parents=True, exist_ok=True)
+        store = States(self.device, self.spill)
+        try:
+            yield store
+        finally:
+            store.close()
+            if made and self.spill is not None and not any(self.spill.iterdir()):
+                self.spill.rmdir()  # the folder made for the spill only
 
     def calls(self, input_ids: torch.Tensor, **inputs: Any) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
         """The first block's input for ``input_ids`` and what every block is called with besides it, from a dry pass

@@ -95,28 +95,34 @@ def streamed_quality(
 
     Block-major: every batch of windows passes block ``i`` while its weights are read, the original's stream and
     each variant's (``variants[name](i)`` is active while that variant runs block ``i``), then the head is read once
-    for every stream's logits. The hidden states of every window are kept for the original and each variant.
+    for every stream's logits. The hidden states of every window are kept for the original and each variant (in CPU
+    memory, or in a file in the engine's ``spill`` folder).
     """
     assert lm.streamed is not None
     _check_windows(ids)
     s, an = lm.streamed, lm.anatomy
     batches = torch.split(ids, batch_size)
-    starts = [s.calls(b) for b in batches]
-    calls = [c for _, c in starts]
-    streams = {name: [h0 for h0, _ in starts] for name in (None, *variants)}
-    with torch.no_grad(), tqdm(total=an.n_layers, desc=desc, unit="block", disable=not progress) as bar:
-        for i, block in enumerate(an.blocks):
-            with s.onloaded(s.names(block)):
-                for name, h in streams.items():
-                    with variants[name](i) if name is not None else contextlib.nullcontext():
-                        h[:] = [run_blocks(an, i, hb, call, stop=i + 1) for hb, call in zip(h, calls)]
-            bar.update()
     acc = _Quality(list(variants), ids.shape[1] - 1)
-    with s.onloaded(s.names(an.final_norm, an.head)), torch.no_grad():
-        for b, x in enumerate(batches):
-            ref = acc.reference(x.to(s.device), readout(an, streams[None][b]))
-            for name in variants:
-                acc.candidate(name, readout(an, streams[name][b]), ref)
+    with s.states() as store:
+        starts = [s.calls(b) for b in batches]
+        calls = [c for _, c in starts]
+        streams = {name: [store.keep(h0) for h0, _ in starts] for name in (None, *variants)}
+        del starts
+        with torch.no_grad(), tqdm(total=an.n_layers, desc=desc, unit="block", disable=not progress) as bar:
+            for i, block in enumerate(an.blocks):
+                with s.onloaded(s.names(block)):
+                    for name, h in streams.items():
+                        with variants[name](i) if name is not None else contextlib.nullcontext():
+                            h[:] = [
+                                store.keep(run_blocks(an, i, store.load(k), call, stop=i + 1), over=k)
+                                for k, call in zip(h, calls)
+                            ]
+                bar.update()
+        with s.onloaded(s.names(an.final_norm, an.head)), torch.no_grad():
+            for b, x in enumerate(batches):
+                ref = acc.reference(x.to(s.device), readout(an, store.load(streams[None][b])))
+                for name in variants:
+                    acc.candidate(name, readout(an, store.load(streams[name][b])), ref)
     return acc.summary()
 
 

@@ -293,9 +293,16 @@ def _skip_dropped(anatomy: Anatomy, source: dict) -> None:
 
 
 def _streamed(
-    target: str, source: dict, dev: str, dtype: torch.dtype, trust_remote_code: bool, attn_implementation: str | None
+    target: str,
+    source: dict,
+    dev: str,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+    attn_implementation: str | None,
+    spill: str | Path | None,
 ) -> LoadedModel:
-    """A skeleton model whose weights the engine reads from ``target`` block by block."""
+    """A skeleton model whose weights the engine reads from ``target`` block by block (its passes' hidden states
+    kept in a file in ``spill`` when given)."""
     from transformers import AutoTokenizer
 
     from .engine import Checkpoint, Streamed, skeleton
@@ -307,13 +314,16 @@ def _streamed(
         )
     model = skeleton(target, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
     anatomy = Anatomy(model)
-    streamed = Streamed(model, Checkpoint.of(target), device="cuda:0" if dev == "cuda" else dev, dtype=dtype)
+    device = "cuda:0" if dev == "cuda" else dev
+    streamed = Streamed(model, Checkpoint.of(target), device=device, dtype=dtype, spill=spill)
     tokenizer = (
         None
         if _lacks_tokenizer(target, source)
         else AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
     )
     source |= {"device": str(streamed.device), "offload": "disk"}
+    if spill is not None:
+        source["spill"] = str(spill)
     _skip_dropped(anatomy, source)
     return LoadedModel(model=model, tokenizer=tokenizer, anatomy=anatomy, source=source, streamed=streamed)
 
@@ -326,6 +336,7 @@ def load(
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
     offload: Offload = "none",
+    spill: str | Path | None = None,
 ) -> LoadedModel:
     """Load a model for analysis.
 
@@ -334,7 +345,9 @@ def load(
     ``device_map="auto"``, which spreads a model too big for one GPU.
     ``offload="disk"`` keeps the weights in the checkpoint: the model is a skeleton on the meta device, and
     :class:`layerwise.engine.Streamed` reads one block's weights at a time while it runs (every action but
-    tune runs such a model).
+    tune runs such a model). ``spill``, with ``offload="disk"``: a folder where each pass keeps the hidden states it
+    carries from block to block (profile, the quantization measurement, held-out evaluation), in a file removed when
+    the pass ends, instead of in memory.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -343,8 +356,10 @@ def load(
     if offload not in ("none", "disk"):
         raise LayerwiseError(f"unknown `offload` {offload!r}; use none (weights in memory) or disk")
     target, source = checkpoint_folder(ref, trust_remote_code)
+    if spill is not None and offload != "disk":
+        raise LayerwiseError("`spill` keeps the hidden states of a model read from disk; give `offload` disk with it")
     if offload == "disk":
-        return _streamed(target, source, dev, torch_dtype, trust_remote_code, attn_implementation)
+        return _streamed(target, source, dev, torch_dtype, trust_remote_code, attn_implementation, spill)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

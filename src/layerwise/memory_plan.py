@@ -18,7 +18,11 @@ that does not fit. Each figure is an estimate; ``benchmarks/offload_profile.py``
 - ``work``: one batch's working memory, the forward's saved activations (the whole model's for a backward pass
   when resident, one block's from disk) and the head's distributions;
 - ``extra``: what only the in-memory run holds besides (quantize: its candidates and each plan's weights);
-- ``kept``: what both runs hold besides (probe: every example's readout at every unit).
+- ``kept``: what both runs hold besides (probe: every example's readout at every unit);
+- ``live``: the hidden states still in memory when the carried ones are spilled to a file
+  (:class:`layerwise.engine.States`): a few batches' streams, and what a block's step holds for every window (the
+  quantization measurement's sublayer streams and gradients, GPTQ's calibration streams); 0 for a command that
+  does not spill.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ RUNTIME = 1000 * 2**20
 #: 800 MiB (1.7B shape: 1817 to 2632 MiB), glibc keeping freed buffers; the engine now has it give them back
 #: (:func:`layerwise.engine.return_freed_memory`), and the same run peaks at 1.2 GiB.
 SLACK = 1.1
+#: Hidden-state streams of one batch a spilling pass holds at once: the block's input and output, its ablated
+#: streams (three windows each) carried and started, and its gradients.
+_LIVE = 16
 #: Floats one token keeps per block for a backward pass: about eight hidden-sized and four MLP-sized vectors.
 _SAVED = (8, 4)
 _UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 10**3, "KIB": 2**10, "M": 2**20, "MB": 10**6, "MIB": 2**20}
@@ -86,6 +93,7 @@ class MemoryPlan:
     block_work: int
     extra: int = 0
     kept: int = 0
+    live: int = 0
     what: str = "the profile"
     fix: str = "`batch_size`, `samples` or `seq_len` (or `ablation_samples` for exact ablation)"
 
@@ -97,28 +105,55 @@ class MemoryPlan:
     def streamed(self) -> int:
         return int(SLACK * (self.runtime + self.block + self.stem + self.states + self.block_work + self.kept))
 
+    @property
+    def spilled(self) -> int:
+        """The peak from disk with the carried hidden states in a file (only ``live`` of them in memory)."""
+        return int(SLACK * (self.runtime + self.block + self.stem + self.live + self.block_work + self.kept))
+
     def choose(self, offload: str, budget: int) -> str:
-        """``none`` (weights in memory) or ``disk``: ``offload`` when forced, else the first whose peak fits
+        """``none`` (weights in memory), ``disk`` or ``spill`` (from disk, the hidden states in a file):
+        ``offload`` when forced (``disk`` spills when its states do not fit), else the first whose peak fits
         ``budget``; one line naming the fix when the run cannot fit it."""
         mode = offload if offload != "auto" else ("none" if self.resident <= budget else "disk")
-        if mode == "disk" and self.streamed > budget:
+        if mode != "disk" or self.streamed <= budget:
+            return mode
+        if self.live and self.spilled <= budget:
+            return "spill"
+        raise LayerwiseError(
+            f"{self.what} needs about {_size(self.spilled if self.live else self.streamed)} even reading one block "
+            f"at a time{', its hidden states in a file' if self.live else ''}, over the {_size(budget)} budget; "
+            f"lower {self.fix}, or raise `max_memory`"
+        )
+
+    def check_spill(self, out: Path) -> None:
+        """Refuse in one line, before the run, to spill more hidden states than the disk under ``out`` has room
+        for."""
+        import shutil
+
+        there = next(p for p in (out, *out.parents) if p.exists())
+        free = shutil.disk_usage(there).free
+        if free < self.states:
             raise LayerwiseError(
-                f"{self.what} needs about {_size(self.streamed)} even reading one block at a time, over the "
-                f"{_size(budget)} budget; lower {self.fix}, or raise `max_memory`"
+                f"{self.what} spills about {_size(self.states)} of hidden states into `out`, and the disk under "
+                f"{there} has {_size(free)} free; free space there, give `out` on a larger disk, or lower {self.fix}"
             )
-        return mode
 
     def line(self, mode: str, budget: int) -> str:
         """The plan in one line, as the CLI prints it before the run."""
-        where = "in memory" if mode == "none" else "reading one block at a time from disk"
+        where = {
+            "none": "in memory",
+            "disk": "reading one block at a time from disk",
+            "spill": "reading one block at a time from disk, its hidden states spilled to a file in the output folder",
+        }[mode]
+        spilled = f", {_size(self.spilled)} spilling its hidden states" if self.live else ""
         return (
             f"memory: weights {_size(self.weights)}, largest block {_size(self.block)}, hidden states kept from "
             f"disk {_size(self.states)}, one batch's work {_size(self.work)}; peak about {_size(self.resident)} in "
-            f"memory, {_size(self.streamed)} from disk; budget {_size(budget)}: runs {where}"
+            f"memory, {_size(self.streamed)} from disk{spilled}; budget {_size(budget)}: runs {where}"
         )
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "resident": self.resident, "streamed": self.streamed}
+        return {**asdict(self), "resident": self.resident, "streamed": self.streamed, "spilled": self.spilled}
 
 
 @dataclass(frozen=True)
@@ -207,6 +242,7 @@ def _profile_parts(shape: Shape, windows: int, seq_len: int, batch_size: int, ab
     taylor = ablation in ("exact", "taylor")
     return {
         "states": states,
+        "live": shape.states(_LIVE, batch_size, seq_len),
         "work": shape.work(tokens, L if taylor else 1) + shape.logits(tokens),
         "block_work": shape.work(tokens) + shape.logits(tokens),
     }
@@ -231,6 +267,7 @@ def drop_plan(
     tokens = batch_size * seq_len
     evaluate = {
         "states": shape.states(1 + plans, evaluation, seq_len),
+        "live": shape.states(2, batch_size, seq_len),
         "work": shape.work(tokens) + 2 * shape.logits(tokens),
         "block_work": shape.work(tokens) + 2 * shape.logits(tokens),
     }
@@ -264,8 +301,11 @@ def quantize_plan(
     plans = shape.states(1 + chunk, evaluation, seq_len) + (shape.states(chunk, calibration, seq_len) if gptq else 0)
     f32 = shape.weights * 4 // shape.size  # the weights in float32, as candidates and plans' weights are made
     candidates = max(configs * f32 // L, min(cache_bytes, configs * f32))  # a run of blocks, at least one
+    # spilled, what a block's measurement holds for every window, GPTQ's calibration streams and a batch's streams
+    live = shape.states(6, calibration, seq_len) + (shape.states(chunk, calibration, seq_len) if gptq else 0)
     return shape.plan(
         states=max(streams, plans),
+        live=live + shape.states(2, batch_size, seq_len),
         work=shape.work(tokens, L) + 2 * shape.logits(tokens),
         block_work=shape.work(tokens) + 2 * shape.logits(tokens),
         extra=max(candidates, chunk * f32),

@@ -11,8 +11,8 @@ so the numbers are the resident pass's:
 - the Taylor estimate by a backward pass block by block in reverse, each block's forward recomputed from its saved
   input: the gradient at a block's input is the gradient at the previous block's output.
 
-Each block's input is kept for the readouts and the backward pass in CPU memory (off an accelerator): the hidden
-states of the calibration windows once per block. Spilling them to a file is still to come.
+Each block's input is kept for the readouts and the backward pass (:class:`layerwise.engine.States`): the hidden
+states of the calibration windows once per block, in CPU memory, or in a file in the engine's ``spill`` folder.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .anatomy import KINDS, Anatomy, unit_name
+from .engine import Kept, States
 from .loading import LoadedModel
 from .metrics import lens as lens_m
 from .metrics import stream as st
@@ -49,22 +50,43 @@ def streamed_pass(
     positions and its bar); return the number of windows ablated and every weight matrix's zd (read while its block
     is)."""
     assert lm.streamed is not None
+    with lm.streamed.states() as store:
+        return _pass(lm, store, batches, accs, taylor_acc, ablation, lens, attention, positions, n_ablated, g, bar)
+
+
+def _pass(
+    lm: LoadedModel,
+    store: States,
+    batches: list[torch.Tensor],
+    accs: list[_LayerAcc],
+    taylor_acc: st.Moments,
+    ablation: str,
+    lens: bool,
+    attention: bool,
+    positions: int | None,
+    n_ablated: int,
+    g: torch.Generator,
+    bar: tqdm,
+) -> tuple[int, dict[str, float]]:
+    """:func:`streamed_pass` with its hidden states kept in ``store``."""
     s, an = lm.streamed, lm.anatomy
+    assert s is not None
     L = an.n_layers
     exact = ablation == "exact"
     starts = [s.calls(b) for b in batches]
-    h = [h0 for h0, _ in starts]
     calls = [c for _, c in starts]
+    inputs = [[store.keep(h0) for h0, _ in starts]]  # block i's input for each batch; then the last block's output
+    del starts
     stacked = [tile_calls(c, int(b.shape[0]), len(KINDS)) for c, b in zip(calls[:n_ablated], batches)]
-    inputs: list[list[torch.Tensor]] = []
-    ablated: list[dict[int, torch.Tensor]] = [{} for _ in batches]
+    ablated: list[dict[int, Kept]] = [{} for _ in batches]
     zd: dict[str, float] = {}
     with torch.no_grad():
         for i, block in enumerate(an.blocks):
             with s.onloaded(s.names(block)):
                 zd |= zd_scores(an, [i])
-                inputs.append([x.to("cpu") for x in h])  # kept off the accelerator: one copy per block
+                outs = []
                 for b in range(len(batches)):
+                    h = store.load(inputs[i][b])
                     mid: dict[str, torch.Tensor] = {}
 
                     def on_block(tr: BlockTrace) -> None:
@@ -72,18 +94,21 @@ def streamed_pass(
                         mid["h"] = (tr.h_in + tr.attn).detach()
 
                     with tap(an, on_block, attn_weights=attention):
-                        out = run_blocks(an, i, h[b], calls[b], stop=i + 1)
+                        out = run_blocks(an, i, h, calls[b], stop=i + 1)
                     if exact and b < n_ablated:
-                        for j, stream in ablated[b].items():
-                            ablated[b][j] = run_blocks(an, i, stream, stacked[b], stop=i + 1)
+                        for j, kept in ablated[b].items():
+                            carried = run_blocks(an, i, store.load(kept), stacked[b], stop=i + 1)
+                            ablated[b][j] = store.keep(carried, over=kept)
                         with skip(an, [unit_name(i, "attn")]):
-                            no_attn = run_blocks(an, i, h[b], calls[b], stop=i + 1)
-                        begin = {"block": h[b], "attn": no_attn, "mlp": mid["h"]}
-                        ablated[b][i] = torch.cat([begin[k] for k in KINDS])
-                    h[b] = out
+                            no_attn = run_blocks(an, i, h, calls[b], stop=i + 1)
+                        begin = {"block": h, "attn": no_attn, "mlp": mid["h"]}
+                        ablated[b][i] = store.keep(torch.cat([begin[k] for k in KINDS]))
+                    outs.append(store.keep(out))
+                inputs.append(outs)
+    last = inputs.pop()
     targets = [b[:, 1:].flatten().to(s.device) for b in batches]
     if ablation in ("exact", "taylor"):
-        _taylor(lm, inputs, h, calls, targets, taylor_acc)
+        _taylor(lm, store, inputs, last, calls, targets, taylor_acc)
     if not (lens or exact):
         bar.update(len(batches))
         return 0, zd
@@ -95,10 +120,10 @@ def streamed_pass(
             rows = rows.to(s.device) if rows is not None else None
             sampled = per_window if rows is None or positions is None else positions
             tg = targets[b] if rows is None else targets[b][rows]
-            ref = lens_m.Reference.from_logits(readout(an, h[b], rows), tg)
+            ref = lens_m.Reference.from_logits(readout(an, store.load(last[b]), rows), tg)
             if lens:
                 for i in range(L):
-                    z = readout(an, inputs[i + 1][b].to(s.device) if i + 1 < L else h[b], rows)
+                    z = readout(an, store.load(inputs[i + 1][b] if i + 1 < L else last[b]), rows)
                     kl, nll = lens_m.compare(z, ref)
                     accs[i].lens.add(torch.stack((kl, lens_m.top1(z, ref), nll), dim=-1))
             bar.update(1)
@@ -106,7 +131,7 @@ def streamed_pass(
                 continue
             done += int(batch.shape[0])
             for i in range(L):
-                for kind, out in zip(KINDS, ablated[b][i].chunk(len(KINDS))):
+                for kind, out in zip(KINDS, store.load(ablated[b][i]).chunk(len(KINDS))):
                     kl, nll = lens_m.compare(readout(an, out, rows), ref)
                     accs[i].abl_nll[kind].add(st.window_means(nll - ref.nll, sampled))
                     accs[i].abl_kl[kind].add(st.window_means(kl, sampled))
@@ -116,16 +141,17 @@ def streamed_pass(
 
 def _taylor(
     lm: LoadedModel,
-    inputs: list[list[torch.Tensor]],
-    h: list[torch.Tensor],
+    store: States,
+    inputs: list[list[Kept]],
+    h: list[Kept],
     calls: list[list[tuple[tuple, dict]]],
     targets: list[torch.Tensor],
     taylor_acc: st.Moments,
 ) -> None:
     """The Taylor estimate of every unit's ablation, from the gradients of a backward pass one block at a time;
-    ``inputs`` holds each block's input, ``h`` the last block's outputs."""
+    ``inputs`` holds each block's input, ``h`` the last block's outputs (in ``store``)."""
     est: list[list[torch.Tensor]] = [[] for _ in h]
-    for _i, grads in backward(lm, inputs, h, calls, targets):
+    for _i, grads in backward(lm, store, inputs, h, calls, targets):
         for b, g in enumerate(grads):
             part = [
                 -(g.ga * g.a).sum(dim=(1, 2)),
@@ -134,26 +160,31 @@ def _taylor(
             ]
             est[b] = part + est[b]
     for b, parts in enumerate(est):
-        per_window = inputs[0][b].shape[1] - 1
+        per_window = targets[b].numel() // parts[0].numel()
         taylor_acc.add(torch.stack(parts, dim=-1).double() / per_window)
 
 
 def block_inputs(
-    lm: LoadedModel, batches: list[torch.Tensor] | tuple[torch.Tensor, ...], *, start: int = 0
-) -> tuple[list[list[torch.Tensor]], list[torch.Tensor], list[list[tuple[tuple, dict]]]]:
-    """A forward pass block by block: every block's input for each batch from block ``start`` on (in CPU memory
-    off an accelerator; empty before ``start``), the last block's outputs, and what each block is called with."""
+    lm: LoadedModel, store: States, batches: list[torch.Tensor] | tuple[torch.Tensor, ...], *, start: int = 0
+) -> tuple[list[list[Kept]], list[Kept], list[list[tuple[tuple, dict]]]]:
+    """A forward pass block by block: every block's input for each batch from block ``start`` on (kept in ``store``;
+    empty before ``start``), the last block's outputs, and what each block is called with."""
     s, an = lm.streamed, lm.anatomy
     assert s is not None
     starts = [s.calls(b) for b in batches]
-    h = [h0 for h0, _ in starts]
+    h = [store.keep(h0) for h0, _ in starts]
     calls = [c for _, c in starts]
-    inputs: list[list[torch.Tensor]] = []
+    del starts
+    inputs: list[list[Kept]] = []
     with torch.no_grad():
         for i, block in enumerate(an.blocks):
-            inputs.append([x.to("cpu") for x in h] if i >= start else [])
+            inputs.append(list(h) if i >= start else [])
             with s.onloaded(s.names(block)):
-                h = [run_blocks(an, i, hb, call, stop=i + 1) for hb, call in zip(h, calls)]
+                # a block's kept input stays: its output takes a slot of its own, else the carried stream's slot
+                h = [
+                    store.keep(run_blocks(an, i, store.load(k), call, stop=i + 1), over=None if i >= start else k)
+                    for k, call in zip(h, calls)
+                ]
     return inputs, h, calls
 
 
@@ -171,29 +202,43 @@ class BlockGrads:
 
 def backward(
     lm: LoadedModel,
-    inputs: list[list[torch.Tensor]],
-    h: list[torch.Tensor],
+    store: States,
+    inputs: list[list[Kept]],
+    h: list[Kept],
     calls: list[list[tuple[tuple, dict]]],
     targets: list[torch.Tensor],
     *,
     stop: int = 0,
-) -> Iterator[tuple[int, list[BlockGrads]]]:
+) -> Iterator[tuple[int, Iterator[BlockGrads]]]:
     """A backward pass one block at a time, from the last down to block ``stop``: yields each block's index and
-    every batch's :class:`BlockGrads` while that block's weights are still read.
+    its batches' :class:`BlockGrads`, made one batch at a time as they are taken, while that block's weights are
+    read.
 
     Each block's forward is recomputed from its saved input (``inputs[i][b]``; ``h[b]`` is the last block's
-    output): the gradient at a block's input is the gradient at the previous block's output.
+    output, both in ``store``): the gradient at a block's input is the gradient at the previous block's output.
     """
     s, an = lm.streamed, lm.anatomy
     assert s is not None
     vocab = an.linear_shape(an.head)[0]
     with s.onloaded(s.names(an.final_norm, an.head)):
-        g_outs = [lens_m.nll_grad(an.logits, vocab, hb, t) for hb, t in zip(h, targets)]
+        g_outs = [store.keep(lens_m.nll_grad(an.logits, vocab, store.load(k), t)) for k, t in zip(h, targets)]
     for i in reversed(range(stop, an.n_layers)):
         with s.onloaded(s.names(an.blocks[i])):
-            found = [_block_grads(an, i, inputs[i][b].to(s.device), calls[b], g_outs[b]) for b in range(len(h))]
-            yield i, [g for g, _ in found]
-        g_outs = [g_in for _, g_in in found]
+            per_batch = _through(an, i, store, inputs[i], calls, g_outs)
+            yield i, per_batch
+            for _ in per_batch:  # the batches the caller left: their gradients carried on all the same
+                pass
+
+
+def _through(
+    an: Anatomy, i: int, store: States, inputs: list[Kept], calls: list[list[tuple[tuple, dict]]], g_outs: list[Kept]
+) -> Iterator[BlockGrads]:
+    """Each batch's gradients through block ``i``, one batch at a time; the gradient at its input replaces the one
+    at its output in ``g_outs`` (in ``store``)."""
+    for b, kept in enumerate(inputs):
+        grads, g_in = _block_grads(an, i, store.load(kept), calls[b], store.load(g_outs[b]))
+        g_outs[b] = store.keep(g_in, over=g_outs[b])
+        yield grads
 
 
 def _block_grads(

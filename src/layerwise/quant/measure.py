@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -39,6 +39,9 @@ from ..metrics.lens import nll_grad
 from ..trace import BlockTrace, hooks, tap
 from .gptq import Hessian, inverse_factor, quantize_gptq, quantize_gptq_many
 from .rtn import QConfig, QTensor, quantize_rtn
+
+if TYPE_CHECKING:
+    from ..profile_streamed import BlockGrads
 
 Method = Literal["rtn", "gptq"]
 #: Rows one GPTQ sweep stacks on the CPU (measured on 2 cores: 576-row matrices gain from six bit widths at once,
@@ -321,36 +324,54 @@ def _measure_streamed(
     held are one block's and one group's candidate; ``result`` is saved after each block."""
     from ..profile_streamed import backward, block_inputs
 
+    assert lm.streamed is not None
     an, device = lm.anatomy, lm.device
     start = time.perf_counter()
-    inputs, h, calls = block_inputs(lm, batches, start=min(todo))
-    targets = [b[:, 1:].flatten().to(device) for b in batches]
-    for layer, grads in backward(lm, inputs, h, calls, targets, stop=min(todo)):
-        if layer not in todo:
-            continue
-        with torch.no_grad():
-            hs = [x.to(device) for x in inputs[layer]]
-            hessians = _block_hessians(an, layer, hs, calls, todo[layer]) if candidates.needs_hessian else {}
-            ios = [sublayer_io(an, layer, x, c[layer]) for x, c in zip(hs, calls)]
-            for group, mods in todo[layer]:
-                kind = _sublayer(group)
-                acc = _Sums(group)
-                for _, _, outputs in ios:
-                    acc.add_reference(outputs[kind])
-                hessian = hessians[group].value if hessians else None
-                for name in candidates.names:
-                    stored = [candidates.stored(p, matrix(an, m), name, hessian) for p, m in mods]
-                    with replaced(an, {m: w for (_, m), (w, _, _) in zip(mods, stored)}):
-                        for (_, branch, outputs), g in zip(ios, grads):
-                            y = run_update(an, layer, kind, branch[kind])
-                            acc.add(name, y, outputs[kind], g.ga if kind == "attn" else g.gm, stored)
-                result.groups[group] = acc.entry(an, layer, mods, n_tokens)
-        result.meta["seconds"] = round(result.meta.get("seconds", 0.0) + time.perf_counter() - start, 3)
-        start = time.perf_counter()
-        result.meta["batch_size"] = int(batches[0].shape[0])
-        if path is not None:
-            result.save(path)
-        bar.update()
+    with lm.streamed.states() as store:
+        inputs, h, calls = block_inputs(lm, store, batches, start=min(todo))
+        targets = [b[:, 1:].flatten().to(device) for b in batches]
+        for layer, grads in backward(lm, store, inputs, h, calls, targets, stop=min(todo)):
+            if layer not in todo:
+                continue
+            hs = [store.load(x) for x in inputs[layer]]
+            _measure_block(an, layer, hs, calls, list(grads), todo[layer], candidates, result, n_tokens)
+            result.meta["seconds"] = round(result.meta.get("seconds", 0.0) + time.perf_counter() - start, 3)
+            start = time.perf_counter()
+            result.meta["batch_size"] = int(batches[0].shape[0])
+            if path is not None:
+                result.save(path)
+            bar.update()
+
+
+def _measure_block(
+    an: Anatomy,
+    layer: int,
+    hs: list[torch.Tensor],
+    calls: list[list[tuple[tuple, dict]]],
+    grads: list[BlockGrads],
+    groups: list,
+    candidates: Candidates,
+    result: Measurement,
+    n_tokens: int,
+) -> None:
+    """Block ``layer``'s ``groups`` measured into ``result``, while its weights are read, from its inputs ``hs``
+    (every batch's) and the backward pass's gradients ``grads``."""
+    with torch.no_grad():
+        hessians = _block_hessians(an, layer, hs, calls, groups) if candidates.needs_hessian else {}
+        ios = [sublayer_io(an, layer, x, c[layer]) for x, c in zip(hs, calls)]
+        for group, mods in groups:
+            kind = _sublayer(group)
+            acc = _Sums(group)
+            for _, _, outputs in ios:
+                acc.add_reference(outputs[kind])
+            hessian = hessians[group].value if hessians else None
+            for name in candidates.names:
+                stored = [candidates.stored(p, matrix(an, m), name, hessian) for p, m in mods]
+                with replaced(an, {m: w for (_, m), (w, _, _) in zip(mods, stored)}):
+                    for (_, branch, outputs), g in zip(ios, grads):
+                        y = run_update(an, layer, kind, branch[kind])
+                        acc.add(name, y, outputs[kind], g.ga if kind == "attn" else g.gm, stored)
+            result.groups[group] = acc.entry(an, layer, mods, n_tokens)
 
 
 def _block_hessians(
