@@ -725,3 +725,64 @@ def test_a_budget_under_the_kept_states_spills_them_to_the_output_folder(tmp_pat
     assert "the profile spills about" in err and "give --out on a larger disk, or lower --batch-size" in err, err
     assert not (tmp_path / "small").exists()
     assert json.loads((tmp_path / "spilled" / "profile.json").read_text())["meta"]["offload"] == "disk"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_a_gguf_file_is_read_from_disk_without_converting_its_weights(arch, tmp_path, monkeypatch):
+    """``offload="disk"`` on a GGUF file writes only its config and tokenizer to the cache and dequantizes each
+    tensor from the file as its block is read, with transformers' fixes (Gemma's norm offset): every tensor equals
+    the conversion's, and the profile equals the in-memory one. Once the whole conversion exists, it is read
+    instead."""
+    import torch
+    from safetensors.torch import load_file
+
+    from layerwise import loading
+    from layerwise.engine import Checkpoint, GGUFCheckpoint
+
+    from .conftest import tiny_model, write_gguf
+
+    monkeypatch.setenv("LAYERWISE_CACHE", str(tmp_path / "cache"))
+    tokens = (
+        ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + [f"\u2581w{i}" for i in range(68)]
+    )
+    path = write_gguf(tiny_model(arch, layers=3), tmp_path / "tiny.gguf", tokens)
+    disk = load(str(path), offload="disk")
+    (header,) = (loading.cache_root() / "models").iterdir()
+    assert header.name.endswith("-header") and not list(header.glob("*.safetensors"))
+    assert isinstance(disk.streamed.checkpoint, GGUFCheckpoint)
+    resident = load(str(path))
+    folder = Path(loading.checkpoint_folder(str(path))[0])
+    converted = {k: v for f in folder.glob("*.safetensors") for k, v in load_file(f).items()}
+    ckpt = disk.streamed.checkpoint
+    assert converted.keys() == ckpt.sources.keys()
+    assert all(torch.equal(ckpt.tensor(k), v) for k, v in converted.items())
+    w = tiny_windows(4)
+    w.n_calib = 4
+    kw = dict(batch_size=2, positions=5, progress=False)
+    _same_metrics(profile(resident, w, **kw), profile(disk, w, **kw))
+    assert isinstance(load(str(path), offload="disk").streamed.checkpoint, Checkpoint)  # the conversion, now there
+
+
+@pytest.mark.real
+def test_the_default_gguf_file_is_read_from_disk_as_it_is_converted(tmp_path, real_cache, monkeypatch):
+    """The default model read from disk with no conversion in the cache reads the GGUF file itself: every tensor is
+    the conversion's, and the profile is the in-memory one's."""
+    import torch
+    from safetensors.torch import load_file
+
+    from layerwise import windows
+    from layerwise.engine import GGUFCheckpoint
+    from layerwise.loading import checkpoint_folder
+
+    folder = Path(checkpoint_folder("default")[0])
+    converted = {k: v for f in folder.glob("*.safetensors") for k, v in load_file(f).items()}
+    lm = load("default")
+    monkeypatch.setenv("LAYERWISE_CACHE", str(tmp_path))
+    disk = load("default", offload="disk")
+    ckpt = disk.streamed.checkpoint
+    assert isinstance(ckpt, GGUFCheckpoint) and not list(tmp_path.rglob("*.safetensors"))
+    assert converted.keys() == ckpt.sources.keys()
+    assert all(torch.equal(ckpt.tensor(k), v) for k, v in converted.items())
+    w = windows("builtin:pydoc", lm.tokenizer, seq_len=32, samples=2, max_len=lm.anatomy.context_length)
+    kw = dict(batch_size=2, ablation="taylor", progress=False)
+    _same_metrics(profile(lm, w, **kw), profile(disk, w, **kw))

@@ -707,7 +707,7 @@ def _memory_plan(args: argparse.Namespace, make: Callable[..., MemoryPlan]) -> t
     from .loading import DTYPES, checkpoint_folder, resolve_device
     from .memory_plan import available, parse_bytes
 
-    target, source = checkpoint_folder(args.model, args.trust_remote_code)
+    target, source = checkpoint_folder(args.model, args.trust_remote_code, weights=False)
     if source["kind"] == "hub":
         return ("disk" if args.offload == "disk" else "none"), None
     device = resolve_device(args.device)

@@ -70,6 +70,90 @@ class Checkpoint:
             return fh.get_tensor(name)
 
 
+#: In the folder a GGUF file is converted into: which file, and its hash.
+SOURCE_FILE = "layerwise-source.json"
+
+
+@dataclass(frozen=True)
+class GGUFCheckpoint:
+    """The tensors of a GGUF file under the names transformers gives them, each dequantized to float32 only when
+    read, with the fixes transformers' GGUF loader applies (q/k permutation, Gemma's norm offset): what the
+    conversion to safetensors writes, without writing it. A model read from disk then needs no float32 copy of a
+    quantized file (a 70B Q4 file's would be 280 GB)."""
+
+    path: Path
+    #: Every parameter the file holds, by transformers' name (all in ``path``, as :class:`Checkpoint`'s files).
+    files: dict[str, Path]
+    sources: dict[str, str]  # transformers' name -> the GGUF tensor it is made from
+    infos: dict[str, Any]  # GGUF name -> ggufio.TensorInfo
+    processor: Any
+    names: dict[str, str]  # GGUF name -> transformers' name, for the processor
+
+    @classmethod
+    def of(cls, gguf: Path, model: CausalLM) -> GGUFCheckpoint:
+        """``gguf``'s tensors for ``model`` (a skeleton of the file's config); one line when the file lacks one."""
+        from transformers.modeling_gguf_pytorch_utils import (
+            TENSOR_PROCESSORS,
+            TensorProcessor,
+            get_gguf_hf_weights_map,
+        )
+
+        from . import ggufio
+
+        meta, tensors = ggufio.header(gguf)
+        processor = TENSOR_PROCESSORS.get(meta.get("general.architecture") or "", TensorProcessor)(
+            config=model.config.to_dict()
+        )
+        names = get_gguf_hf_weights_map(model, processor)
+        ckpt = cls(gguf, {}, {}, {t.name: t for t in tensors}, processor, names)
+        for t in tensors:
+            # a tensor the processor renames (GPT-2's output.weight) is processed once here to learn its names
+            made = [names[t.name]] if t.name in names else list(ckpt._processed(t.name)[1])
+            ckpt.sources.update(dict.fromkeys(made, t.name))
+        missing = [n for n, _ in model.named_parameters() if n not in ckpt.sources]
+        if missing:
+            raise LayerwiseError(
+                f"{gguf.name} holds no tensor for {len(missing)} weights of a {model.config.model_type} model "
+                f"({', '.join(missing[:3])}...); re-export it with llama.cpp's convert_hf_to_gguf.py"
+            )
+        ckpt.files.update(dict.fromkeys(ckpt.sources, gguf))
+        return ckpt
+
+    def _processed(self, gguf_name: str) -> tuple[Any, dict[str, torch.Tensor]]:
+        """One GGUF tensor dequantized and processed: the result, and the tensors the processor put by name."""
+        from . import ggufio
+
+        moved: dict[str, dict] = {"tensors": {}}
+        weights = ggufio.dequantize(self.path, self.infos[gguf_name])
+        result = self.processor.process(
+            weights=weights, name=gguf_name, tensor_key_mapping=self.names, parsed_parameters=moved
+        )
+        return result, moved["tensors"]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        import numpy as np
+
+        result, moved = self._processed(self.sources[name])
+        if name in moved:
+            return moved[name].float()
+        return torch.from_numpy(np.ascontiguousarray(result.weights, dtype=np.float32))
+
+
+def open_checkpoint(folder: str | Path, model: CausalLM) -> Checkpoint | GGUFCheckpoint:
+    """The weights of ``folder`` for ``model`` (its skeleton): its safetensors, or, for the folder a GGUF file's
+    config and tokenizer were written to without weights, the GGUF file it names."""
+    from .io import read_json
+
+    folder = Path(folder)
+    source = folder / SOURCE_FILE
+    if source.is_file() and not any(folder.glob("*.safetensors")):
+        gguf = Path(read_json(source, "the record of a converted GGUF file")["gguf"])
+        if not gguf.is_file():
+            raise LayerwiseError(f"{gguf}, the GGUF file {folder} was made from, is gone; load the file again")
+        return GGUFCheckpoint.of(gguf, model)
+    return Checkpoint.of(folder)
+
+
 def _keys(shard: Path) -> set[str]:
     """The tensor names a shard holds, from its header; one line when it is missing or not whole."""
     from safetensors import SafetensorError, safe_open
@@ -215,7 +299,7 @@ class Streamed:
     def __init__(
         self,
         model: CausalLM,
-        checkpoint: Checkpoint,
+        checkpoint: Checkpoint | GGUFCheckpoint,
         *,
         device: str | torch.device = "cpu",
         dtype=torch.float32,

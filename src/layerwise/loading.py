@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -19,6 +18,7 @@ import torch
 
 from . import ggufio
 from .anatomy import SPECS, Anatomy, supported
+from .engine import SOURCE_FILE, GGUFCheckpoint
 from .errors import LayerwiseError
 from .io import atomic_dir, read_json, save_shards, sha256_file, write_json
 from .trace import install_skips
@@ -26,10 +26,8 @@ from .trace import install_skips
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_SOURCE_FILE = "layerwise-source.json"
 
 if TYPE_CHECKING:  # what AutoModelForCausalLM returns, for the type checker: a PreTrainedModel that also generates
-    from transformers import PreTrainedModel
     from transformers.models.auto.modeling_auto import _BaseModelWithGenerate as CausalLM
 
     from .engine import Streamed
@@ -133,8 +131,10 @@ def _fingerprint(folder: Path) -> str:
     return h.hexdigest()
 
 
-def _gguf_cache(gguf: Path, trust_remote_code: bool) -> tuple[Path, str]:
-    """Convert a GGUF file once into a safetensors folder; return it and the GGUF hash."""
+def _gguf_cache(gguf: Path, trust_remote_code: bool, *, weights: bool = True) -> tuple[Path, str]:
+    """Convert a GGUF file once into a safetensors folder; return it and the GGUF hash. Without ``weights`` (a model
+    read from disk reads the file itself, :class:`layerwise.engine.GGUFCheckpoint`), a folder of its config and
+    tokenizer only is enough, unless the whole conversion is already there."""
     try:
         meta, tensors = ggufio.header(gguf)
     except Exception as exc:  # any parse failure means the file is not usable
@@ -143,12 +143,17 @@ def _gguf_cache(gguf: Path, trust_remote_code: bool) -> tuple[Path, str]:
             f"{str(exc).splitlines()[0][:120] if str(exc) else 'no detail'}); re-download or re-export it"
         ) from None
     digest = sha256_file(gguf)
-    target = cache_root() / "models" / f"{gguf.stem}-{digest[:16]}"
-    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+    whole = cache_root() / "models" / f"{gguf.stem}-{digest[:16]}"
+    if (whole / "config.json").exists() and any(whole.glob("*.safetensors")):
+        return whole, digest
+    target = whole if weights else whole.with_name(f"{whole.name}-header")
+    if (target / "config.json").exists():
+        if read_json(target / SOURCE_FILE, "the record of a converted GGUF file").get("gguf") != str(gguf):
+            write_json(target / SOURCE_FILE, {"gguf": str(gguf), "gguf_sha256": digest})  # the same file, moved
         return target, digest
     with atomic_dir(target, "cache") as tmp:
-        _convert(gguf, meta.get("general.architecture"), tensors, tmp, trust_remote_code)
-        write_json(tmp / _SOURCE_FILE, {"gguf": str(gguf), "gguf_sha256": digest})
+        _convert(gguf, meta.get("general.architecture"), tmp, trust_remote_code, weights=weights)
+        write_json(tmp / SOURCE_FILE, {"gguf": str(gguf), "gguf_sha256": digest})
     return target, digest
 
 
@@ -156,17 +161,17 @@ def _gguf_cache(gguf: Path, trust_remote_code: bool) -> tuple[Path, str]:
 SHARD_BYTES = 2**28
 
 
-def _convert(
-    gguf: Path, arch: str | None, tensors: list[ggufio.TensorInfo], out: Path, trust_remote_code: bool
-) -> None:
-    """Write a GGUF file into ``out`` as a transformers checkpoint: the tokenizer, then the weights tensor by tensor.
+def _convert(gguf: Path, arch: str | None, out: Path, trust_remote_code: bool, *, weights: bool) -> None:
+    """Write a GGUF file into ``out`` as a transformers checkpoint: the tokenizer, the config, then (``weights``)
+    the weights tensor by tensor.
 
     transformers' own route (``from_pretrained(gguf_file=...)``, then ``save_pretrained``) dequantized every
     weight into one dict beside the parsed metadata, built the model from it, and converted the tokenizer with the
     model still held: 3.6 GB above the interpreter for a Gemma-3-270M-shaped file of 1.07 GB of float32 weights.
     Here the tokenizer is written and let go first, then one tensor at a time is dequantized and written into its
     shard, under the names and with the fixes (q/k permutation, Gemma's norm offset) transformers' GGUF loader
-    gives it: the same config, tokenizer and weights (in shards), with the largest tensor as the peak.
+    gives it (:class:`layerwise.engine.GGUFCheckpoint`): the same config, tokenizer and weights (in shards), with
+    the largest tensor as the peak.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -182,36 +187,13 @@ def _convert(
     _check_model_type(config.model_type, str(gguf))
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    written = save_shards(_gguf_weights(gguf, arch, tensors, skeleton), out, shard_bytes=SHARD_BYTES)
-    missing = [n for n, _ in skeleton.named_parameters() if n not in written]
-    if missing:
-        raise LayerwiseError(
-            f"{gguf.name} holds no tensor for {len(missing)} weights of a {config.model_type} model "
-            f"({', '.join(missing[:3])}...); re-export it with llama.cpp's convert_hf_to_gguf.py"
-        )
+    ckpt = GGUFCheckpoint.of(gguf, skeleton)  # refuses a file that lacks a weight
+    if weights:
+        save_shards(((name, ckpt.tensor(name)) for name in ckpt.sources), out, shard_bytes=SHARD_BYTES)
     config.architectures = [type(skeleton).__name__]
     config.dtype = torch.float32
     config.save_pretrained(out)
     GenerationConfig.from_model_config(config).save_pretrained(out)
-
-
-def _gguf_weights(
-    gguf: Path, arch: str | None, tensors: list[ggufio.TensorInfo], skeleton: PreTrainedModel
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, float32 tensor)`` for every weight of the file, one dequantized at a time, as transformers names it."""
-    import numpy as np
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
-
-    processor = TENSOR_PROCESSORS.get(arch or "", TensorProcessor)(config=skeleton.config.to_dict())
-    names = get_gguf_hf_weights_map(skeleton, processor)
-    moved: dict[str, dict] = {"tensors": {}}  # a processor that renames a tensor (GPT-2's output.weight) puts it here
-    for info in tensors:
-        weights = ggufio.dequantize(gguf, info)
-        result = processor.process(weights=weights, name=info.name, tensor_key_mapping=names, parsed_parameters=moved)
-        if result.name in names:
-            yield names[result.name], torch.from_numpy(np.ascontiguousarray(result.weights, dtype=np.float32))
-        yield from moved["tensors"].items()
-        moved["tensors"].clear()
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -222,12 +204,13 @@ def _lacks_tokenizer(target: str, source: dict) -> bool:
     return source["kind"] == "hf-dir" and not any((Path(target) / f).exists() for f in _TOKENIZER_FILES)
 
 
-def checkpoint_folder(ref: str, trust_remote_code: bool = False) -> tuple[str, dict]:
+def checkpoint_folder(ref: str, trust_remote_code: bool = False, *, weights: bool = True) -> tuple[str, dict]:
     """Map a model reference to something ``from_pretrained`` takes (the folder a GGUF file is converted into; a hub
-    id stays a hub id), plus provenance."""
+    id stays a hub id), plus provenance. Without ``weights``, a GGUF file's folder may hold only its config and
+    tokenizer (for a plan, or a model read from disk)."""
     if ref == "default":
         gguf = default_gguf()
-        folder, digest = _gguf_cache(gguf, trust_remote_code)
+        folder, digest = _gguf_cache(gguf, trust_remote_code, weights=weights)
         return str(folder), {
             "ref": ref,
             "kind": "gguf",
@@ -239,7 +222,7 @@ def checkpoint_folder(ref: str, trust_remote_code: bool = False) -> tuple[str, d
     if path.suffix == ".gguf":
         if not path.is_file():
             raise LayerwiseError(f"model file not found: {ref}")
-        folder, digest = _gguf_cache(path.resolve(), trust_remote_code)
+        folder, digest = _gguf_cache(path.resolve(), trust_remote_code, weights=weights)
         return str(folder), {
             "ref": ref,
             "kind": "gguf",
@@ -305,7 +288,7 @@ def _streamed(
     kept in a file in ``spill`` when given)."""
     from transformers import AutoTokenizer
 
-    from .engine import Checkpoint, Streamed, skeleton
+    from .engine import Streamed, open_checkpoint, skeleton
 
     if source["kind"] == "hub":
         raise LayerwiseError(
@@ -315,7 +298,7 @@ def _streamed(
     model = skeleton(target, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
     anatomy = Anatomy(model)
     device = "cuda:0" if dev == "cuda" else dev
-    streamed = Streamed(model, Checkpoint.of(target), device=device, dtype=dtype, spill=spill)
+    streamed = Streamed(model, open_checkpoint(target, model), device=device, dtype=dtype, spill=spill)
     tokenizer = (
         None
         if _lacks_tokenizer(target, source)
@@ -344,7 +327,8 @@ def load(
     id, or a ``.gguf`` file. On CUDA the model is placed with accelerate's
     ``device_map="auto"``, which spreads a model too big for one GPU.
     ``offload="disk"`` keeps the weights in the checkpoint: the model is a skeleton on the meta device, and
-    :class:`layerwise.engine.Streamed` reads one block's weights at a time while it runs (every action but
+    :class:`layerwise.engine.Streamed` reads one block's weights at a time while it runs (from a GGUF file itself,
+    dequantized as read, unless it was converted already) (every action but
     tune runs such a model). ``spill``, with ``offload="disk"``: a folder where each pass keeps the hidden states it
     carries from block to block (profile, the quantization measurement, held-out evaluation), in a file removed when
     the pass ends, instead of in memory.
@@ -355,7 +339,7 @@ def load(
     dev = resolve_device(device)
     if offload not in ("none", "disk"):
         raise LayerwiseError(f"unknown `offload` {offload!r}; use none (weights in memory) or disk")
-    target, source = checkpoint_folder(ref, trust_remote_code)
+    target, source = checkpoint_folder(ref, trust_remote_code, weights=offload != "disk")
     if spill is not None and offload != "disk":
         raise LayerwiseError("`spill` keeps the hidden states of a model read from disk; give `offload` disk with it")
     if offload == "disk":

@@ -175,16 +175,18 @@ class Shape:
     def of(cls, folder: str | Path, *, dtype: torch.dtype, seq_len: int, trust_remote_code: bool = False) -> Shape:
         from .anatomy import Anatomy
         from .data import check_context
-        from .engine import Checkpoint, Streamed, skeleton
+        from .engine import GGUFCheckpoint, Streamed, open_checkpoint, skeleton
 
         model = skeleton(folder, dtype=dtype, trust_remote_code=trust_remote_code)
         an = Anatomy(model)
         check_context(seq_len, an.context_length)
-        ckpt = Checkpoint.of(folder)
+        ckpt = open_checkpoint(folder, model)
         s = Streamed(model, ckpt)
         size = torch.finfo(dtype).bits // 8
         files = sum(f.stat().st_size for f in set(ckpt.files.values()))
         stored = files / max(1, s.n_params)  # bytes per weight as stored
+        if isinstance(ckpt, GGUFCheckpoint):  # loaded in memory from the float32 safetensors it is converted to
+            files = 4 * s.n_params
 
         def held(names: list[str]) -> int:
             return int(sum(model.get_parameter(name).numel() for name in names) * (size + stored))
