@@ -77,8 +77,8 @@ def test_a_checkpoint_without_a_weight_is_one_line(tmp_path):
         LayerwiseError, match=r"^the checkpoint holds no tensor for model.layers.1.mlp.down_proj.weight"
     ):
         Streamed(skeleton(tmp_path), Checkpoint.of(tmp_path))
-    with pytest.raises(LayerwiseError, match="unknown `offload` 'cpu'"):
-        load(str(tmp_path), offload="cpu")
+    with pytest.raises(LayerwiseError, match="unknown `offload` 'gpu'; use none .weights in memory., cpu or disk$"):
+        load(str(tmp_path), offload="gpu")
 
 
 @pytest.mark.real
@@ -191,6 +191,11 @@ def test_the_memory_plan_chooses_where_the_weights_stay_and_refuses_what_cannot_
     with pytest.raises(LayerwiseError, match=r"^the profile needs about 0 MiB even reading one block at a time, over"):
         small.choose("auto", 74)
     assert "runs reading one block at a time from disk" in small.line("disk", 100)
+    assert small.held == int(1.1 * (10 + 100 + 50 + 5))  # every weight and the states, in the machine's memory
+    assert [small.choose("auto", 75, host=h) for h in (small.held, small.held - 1)] == ["cpu", "disk"]
+    assert small.choose("cpu", 75) == "cpu" and "one block at a time on the device" in small.line("cpu", 75)
+    with pytest.raises(LayerwiseError, match=r"^the profile needs about 0 MiB on the device even one block at a time"):
+        small.choose("cpu", 74)
 
 
 def _drop_figures(report) -> list[dict]:
@@ -247,7 +252,7 @@ def test_streamed_drop_ranks_by_a_streamed_profile_and_refuses_contiguous(tmp_pa
     with pytest.raises(LayerwiseError, match=r"^`order` contiguous compares whole streams .* `offload` none$"):
         drop.choose(disk, w, n=2, order=("contiguous",))
     with pytest.raises(
-        LayerwiseError, match="^speed is not measured on a model read from disk .* turn `with_speed` off$"
+        LayerwiseError, match="^speed is not measured on a model run one block at a time .* turn `with_speed` off$"
     ):
         drop.measure(disk, {"p": drop.given(lm.anatomy, ["L1"])}, w.evaluation[:2])
 
@@ -314,7 +319,7 @@ def test_streamed_quantize_plans_and_evaluates_as_the_resident_one(method, tmp_p
     exports = [
         qz.export_plan(m, plan, tmp_path / name, ("hf",), w.evaluation, w) for m, name in ((lm, "r"), (disk, "d"))
     ]
-    assert "transformers_ppl" in exports[0]["hf"] and "not measured from disk" in exports[1]["hf"]["not_measured"]
+    assert "transformers_ppl" in exports[0]["hf"] and "not measured when blocks run" in exports[1]["hf"]["not_measured"]
     same_checkpoint(tmp_path / "r" / "model", tmp_path / "d" / "model")
     assert all(p.device.type == "meta" for p in disk.model.parameters())
 
@@ -766,7 +771,8 @@ def test_a_gguf_file_is_read_from_disk_without_converting_its_weights(arch, tmp_
 @pytest.mark.real
 def test_the_default_gguf_file_is_read_from_disk_as_it_is_converted(tmp_path, real_cache, monkeypatch):
     """The default model read from disk with no conversion in the cache reads the GGUF file itself: every tensor is
-    the conversion's, and the profile is the in-memory one's."""
+    the conversion's, and the profile is the in-memory one's; so is the profile with the weights read once into
+    memory (``offload="cpu"``) and run one block at a time."""
     import torch
     from safetensors.torch import load_file
 
@@ -785,4 +791,35 @@ def test_the_default_gguf_file_is_read_from_disk_as_it_is_converted(tmp_path, re
     assert all(torch.equal(ckpt.tensor(k), v) for k, v in converted.items())
     w = windows("builtin:pydoc", lm.tokenizer, seq_len=32, samples=2, max_len=lm.anatomy.context_length)
     kw = dict(batch_size=2, ablation="taylor", progress=False)
-    _same_metrics(profile(lm, w, **kw), profile(disk, w, **kw))
+    resident = profile(lm, w, **kw)
+    _same_metrics(resident, profile(disk, w, **kw))
+    _same_metrics(resident, profile(load("default", offload="cpu"), w, **kw))  # read once, held in memory
+
+
+def test_weights_held_in_memory_run_one_block_at_a_time_as_from_disk(tmp_path, monkeypatch):
+    """``offload="cpu"`` reads every weight once, then runs the blocks one at a time as from disk without reading
+    the checkpoint again: the profile, a quantization measurement and a drop evaluation are the resident model's."""
+    from layerwise import drop, engine
+    from layerwise.quant.measure import measure
+    from layerwise.quant.rtn import QConfig
+
+    lm, w = tiny_lm("llama", layers=3), tiny_windows(8)
+    w.n_calib = 5
+    lm.model.save_pretrained(tmp_path / "m")
+    held = load(str(tmp_path / "m"), offload="cpu")
+    assert held.streamed.offload == "cpu" and held.meta()["offload"] == "cpu"
+    assert all(p.device.type == "meta" for p in held.model.parameters())
+    monkeypatch.setattr(engine.Checkpoint, "tensor", lambda *_: pytest.fail("the checkpoint was read again"))
+    kw = dict(batch_size=2, positions=5, ablation_samples=2, progress=False)
+    _same_metrics(profile(lm, w, **kw), profile(held, w, **kw))
+    mkw = dict(candidates=(QConfig(2, 16), QConfig(4, 16)), method="gptq", batch_size=2, progress=False)
+    a, b = measure(lm, w, **mkw), measure(held, w, **mkw)
+    for g, ea in a.groups.items():
+        for c, va in ea["configs"].items():
+            assert va["rel"] == pytest.approx(b.groups[g]["configs"][c]["rel"], rel=1e-5)
+    plans = [drop.given(lm.anatomy, u) for u in (["L1"], ["L0.attn", "L2.mlp"])]
+    dkw = dict(plans=plans, eval_samples=3, batch_size=2, progress=False)
+    for x, y in zip(_drop_figures(drop.run(lm, w, with_speed=False, **dkw)), _drop_figures(drop.run(held, w, **dkw))):
+        assert x.pop("key") == y.pop("key") and x == pytest.approx(y, rel=1e-5, abs=1e-9)
+    with pytest.raises(LayerwiseError, match="loaded with `offload` cpu .* load it with `offload` none$"):
+        held.check_resident("tune")

@@ -665,9 +665,11 @@ def _offload(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--offload",
         default="auto",
-        choices=["auto", "none", "disk"],
-        help="disk: keep the weights in the checkpoint and read one block at a time (the same numbers); none: every "
-        "weight in memory; auto: in memory when the planned peak fits --max-memory, else from disk",
+        choices=["auto", "none", "cpu", "disk"],
+        help="disk: keep the weights in the checkpoint and read one block at a time (the same numbers); cpu: every "
+        "weight in the machine's memory, one block at a time on the GPU; none: every weight on the device; auto: "
+        "on the device when the planned peak fits --max-memory, else cpu (on a GPU, when the machine has room), "
+        "else disk",
     )
     p.add_argument(
         "--max-memory",
@@ -709,11 +711,11 @@ def _memory_plan(args: argparse.Namespace, make: Callable[..., MemoryPlan]) -> t
 
     target, source = checkpoint_folder(args.model, args.trust_remote_code, weights=False)
     if source["kind"] == "hub":
-        return ("disk" if args.offload == "disk" else "none"), None
+        return (args.offload if args.offload != "auto" else "none"), None
     device = resolve_device(args.device)
     budget = parse_bytes(args.max_memory) if args.max_memory else available(device)
     plan = make(target, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code)
-    mode = plan.choose(args.offload, budget)
+    mode = plan.choose(args.offload, budget, available("cpu") if device.startswith("cuda") else None)
     print(f"layerwise: {plan.line(mode, budget)}", file=sys.stderr)
     if mode == "spill":
         plan.check_spill(Path(args.out))
@@ -821,8 +823,8 @@ def _tokenizer(folder: str, trust_remote_code: bool):
 
 
 def _exporting(args: argparse.Namespace) -> str:
-    """Where a saved plan's export reads the weights: in memory unless ``--offload disk`` is given."""
-    return "disk" if args.offload == "disk" else "none"
+    """Where a saved plan's export reads the weights: on the device unless ``--offload`` disk or cpu is given."""
+    return args.offload if args.offload in ("disk", "cpu") else "none"
 
 
 def _profile(args: argparse.Namespace) -> int:
@@ -897,7 +899,7 @@ def _drop(args: argparse.Namespace) -> int:
     if plan is not None:
         return _exported(dp.export_plan(lm, plan, args.out, ("hf",) if cfg.export is None else cfg.export), args)
     if lm.streamed is not None and cfg.with_speed:
-        print("layerwise: no speed is measured: the weights are read from disk block by block", file=sys.stderr)
+        print("layerwise: no speed is measured: the model runs one block at a time", file=sys.stderr)
     report = dp.run(lm, w, cfg, prof=prof, out=args.out, progress=not args.json)
     out = Path(args.out)
     html = write_drop_report(report, out / "report.html")

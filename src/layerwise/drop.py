@@ -226,8 +226,8 @@ def _ranked(
             raise LayerwiseError("`order` contiguous removes a run of whole blocks; use it with `unit` block")
         if lm.streamed is not None:
             raise LayerwiseError(
-                "`order` contiguous compares whole streams of the model in memory; with `offload` disk rank by a "
-                "profile metric (e.g. bi) or load the model with `offload` none"
+                f"`order` contiguous compares whole streams of the model in memory; with `offload` "
+                f"{lm.streamed.offload} rank by a profile metric (e.g. bi) or load the model with `offload` none"
             )
         runs = contiguous_scores(lm, windows, n, batch_size=batch_size)
         start = max(range(len(runs)), key=runs.__getitem__)
@@ -478,7 +478,8 @@ def measure(
     if lm.streamed is not None:
         if with_speed:
             raise LayerwiseError(
-                "speed is not measured on a model read from disk block by block; turn `with_speed` off"
+                "speed is not measured on a model run one block at a time (it would time the weights' reads); "
+                "turn `with_speed` off"
             )
         variants: dict[str, BlockVariant] = {key: partial(_skipped_in, an, plan.units) for key, plan in plans.items()}
         q = streamed_quality(lm, variants, eval_ids, batch_size=batch_size, progress=progress, desc="held-out quality")

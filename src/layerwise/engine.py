@@ -139,6 +139,27 @@ class GGUFCheckpoint:
         return torch.from_numpy(np.ascontiguousarray(result.weights, dtype=np.float32))
 
 
+@dataclass(frozen=True)
+class HeldCheckpoint:
+    """Every tensor of a checkpoint read once into CPU memory in the compute dtype (pinned, for fast copies, when
+    the device is a GPU), each block copied onto the device only while it runs: ``offload="cpu"``, for a model that
+    fits the machine's memory but not the device's."""
+
+    files: dict[str, Path]
+    tensors: dict[str, torch.Tensor]
+
+    @classmethod
+    def of(cls, ckpt: Checkpoint | GGUFCheckpoint, dtype: torch.dtype, *, pin: bool) -> HeldCheckpoint:
+        tensors = {}
+        for key in ckpt.files:
+            t = ckpt.tensor(key).to(dtype)
+            tensors[key] = t.pin_memory() if pin else t
+        return cls(dict(ckpt.files), tensors)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+
 def open_checkpoint(folder: str | Path, model: CausalLM) -> Checkpoint | GGUFCheckpoint:
     """The weights of ``folder`` for ``model`` (its skeleton): its safetensors, or, for the folder a GGUF file's
     config and tokenizer were written to without weights, the GGUF file it names."""
@@ -299,7 +320,7 @@ class Streamed:
     def __init__(
         self,
         model: CausalLM,
-        checkpoint: Checkpoint | GGUFCheckpoint,
+        checkpoint: Checkpoint | GGUFCheckpoint | HeldCheckpoint,
         *,
         device: str | torch.device = "cpu",
         dtype=torch.float32,
@@ -312,6 +333,11 @@ class Streamed:
         self.device, self.dtype = torch.device(device), dtype
         self.paths = {m: n for n, m in model.named_modules()}
         self.keys = {name: self._key(name) for name, _ in model.named_parameters(remove_duplicate=False)}
+
+    @property
+    def offload(self) -> str:
+        """Where the weights stay between blocks: ``disk`` (the checkpoint) or ``cpu`` (memory, off the device)."""
+        return "cpu" if isinstance(self.checkpoint, HeldCheckpoint) else "disk"
 
     @property
     def n_params(self) -> int:

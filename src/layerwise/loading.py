@@ -41,7 +41,7 @@ class LoadedModel:
     tokenizer: Any
     anatomy: Anatomy
     source: dict = field(default_factory=dict)
-    #: The engine reading weights from disk block by block (None: the model is resident).
+    #: The engine running the model one block at a time, weights from disk or CPU memory (None: it is resident).
     streamed: Streamed | None = None
 
     @property
@@ -58,12 +58,12 @@ class LoadedModel:
         }
 
     def check_resident(self, what: str) -> None:
-        """Refuse ``what`` on a model whose weights stay on disk: so far every action but tune runs such a
+        """Refuse ``what`` on a model whose blocks run one at a time: so far every action but tune runs such a
         model."""
         if self.streamed is not None:
             raise LayerwiseError(
-                f"{what} needs the weights in memory, and this model was loaded with `offload` disk (so far every "
-                "action but tune reads weights block by block); load it with `offload` none"
+                f"{what} needs the weights in memory, and this model was loaded with `offload` {self.streamed.offload} "
+                "(so far every action but tune runs blocks one at a time); load it with `offload` none"
             )
 
     @property
@@ -263,8 +263,9 @@ def checkpoint_folder(ref: str, trust_remote_code: bool = False, *, weights: boo
     )
 
 
-#: Where the weights stay while a model runs: all in memory (``none``), or in the checkpoint on disk (``disk``).
-Offload = Literal["none", "disk"]
+#: Where the weights stay while a model runs: all in memory (``none``), in the checkpoint on disk (``disk``), or in
+#: CPU memory with one block at a time on the device (``cpu``).
+Offload = Literal["none", "disk", "cpu"]
 
 
 def _skip_dropped(anatomy: Anatomy, source: dict) -> None:
@@ -283,28 +284,31 @@ def _streamed(
     trust_remote_code: bool,
     attn_implementation: str | None,
     spill: str | Path | None,
+    offload: str,
 ) -> LoadedModel:
-    """A skeleton model whose weights the engine reads from ``target`` block by block (its passes' hidden states
-    kept in a file in ``spill`` when given)."""
+    """A skeleton model whose weights the engine reads from ``target`` block by block (``offload`` cpu: read once
+    into CPU memory first; its passes' hidden states kept in a file in ``spill`` when given)."""
     from transformers import AutoTokenizer
 
-    from .engine import Streamed, open_checkpoint, skeleton
+    from .engine import HeldCheckpoint, Streamed, open_checkpoint, skeleton
 
     if source["kind"] == "hub":
         raise LayerwiseError(
-            "`offload` disk reads the weights from a local checkpoint; download the model (hf download REPO "
+            f"`offload` {offload} reads the weights from a local checkpoint; download the model (hf download REPO "
             "--local-dir DIR) and pass DIR as `ref`"
         )
     model = skeleton(target, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
     anatomy = Anatomy(model)
     device = "cuda:0" if dev == "cuda" else dev
-    streamed = Streamed(model, open_checkpoint(target, model), device=device, dtype=dtype, spill=spill)
+    found = open_checkpoint(target, model)
+    held = HeldCheckpoint.of(found, dtype, pin=device.startswith("cuda")) if offload == "cpu" else None
+    streamed = Streamed(model, held or found, device=device, dtype=dtype, spill=spill)
     tokenizer = (
         None
         if _lacks_tokenizer(target, source)
         else AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
     )
-    source |= {"device": str(streamed.device), "offload": "disk"}
+    source |= {"device": str(streamed.device), "offload": offload}
     if spill is not None:
         source["spill"] = str(spill)
     _skip_dropped(anatomy, source)
@@ -328,22 +332,25 @@ def load(
     ``device_map="auto"``, which spreads a model too big for one GPU.
     ``offload="disk"`` keeps the weights in the checkpoint: the model is a skeleton on the meta device, and
     :class:`layerwise.engine.Streamed` reads one block's weights at a time while it runs (from a GGUF file itself,
-    dequantized as read, unless it was converted already) (every action but
-    tune runs such a model). ``spill``, with ``offload="disk"``: a folder where each pass keeps the hidden states it
-    carries from block to block (profile, the quantization measurement, held-out evaluation), in a file removed when
-    the pass ends, instead of in memory.
+    dequantized as read, unless it was converted already); every action but tune runs such a model.
+    ``offload="cpu"`` reads every weight once into CPU memory and copies one block at a time onto the device, for a
+    model that fits the machine but not the GPU. ``spill``, with either: a folder where each pass keeps the hidden
+    states it carries from block to block (profile, the quantization measurement, held-out evaluation), in a file
+    removed when the pass ends, instead of in memory.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = _dtype(dtype)
     dev = resolve_device(device)
-    if offload not in ("none", "disk"):
-        raise LayerwiseError(f"unknown `offload` {offload!r}; use none (weights in memory) or disk")
-    target, source = checkpoint_folder(ref, trust_remote_code, weights=offload != "disk")
-    if spill is not None and offload != "disk":
-        raise LayerwiseError("`spill` keeps the hidden states of a model read from disk; give `offload` disk with it")
-    if offload == "disk":
-        return _streamed(target, source, dev, torch_dtype, trust_remote_code, attn_implementation, spill)
+    if offload not in ("none", "disk", "cpu"):
+        raise LayerwiseError(f"unknown `offload` {offload!r}; use none (weights in memory), cpu or disk")
+    target, source = checkpoint_folder(ref, trust_remote_code, weights=offload == "none")
+    if spill is not None and offload == "none":
+        raise LayerwiseError(
+            "`spill` keeps the hidden states of a model run block by block; give `offload` disk or cpu with it"
+        )
+    if offload != "none":
+        return _streamed(target, source, dev, torch_dtype, trust_remote_code, attn_implementation, spill, offload)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

@@ -110,13 +110,27 @@ class MemoryPlan:
         """The peak from disk with the carried hidden states in a file (only ``live`` of them in memory)."""
         return int(SLACK * (self.runtime + self.block + self.stem + self.live + self.block_work + self.kept))
 
-    def choose(self, offload: str, budget: int) -> str:
-        """``none`` (weights in memory), ``disk`` or ``spill`` (from disk, the hidden states in a file):
-        ``offload`` when forced (``disk`` spills when its states do not fit), else the first whose peak fits
-        ``budget``; one line naming the fix when the run cannot fit it."""
-        mode = offload if offload != "auto" else ("none" if self.resident <= budget else "disk")
-        if mode != "disk" or self.streamed <= budget:
-            return mode
+    @property
+    def held(self) -> int:
+        """The machine's memory ``offload`` cpu holds: every weight, read once, and the hidden states kept."""
+        return int(SLACK * (self.runtime + self.weights + self.files + self.states + self.kept))
+
+    def choose(self, offload: str, budget: int, host: int | None = None) -> str:
+        """``none`` (weights in memory), ``cpu`` (weights in the machine's memory, one block at a time on the
+        device), ``disk`` or ``spill`` (from disk, the hidden states in a file): ``offload`` when forced (``disk``
+        spills when its states do not fit), else the first whose peak fits ``budget`` (``cpu`` only for an
+        accelerator, ``host`` being what the machine has free); one line naming the fix when the run cannot fit
+        it."""
+        if offload == "auto":
+            fits_host = host is not None and self.held <= host
+            offload = "none" if self.resident <= budget else "cpu" if fits_host else "disk"
+        if offload not in ("disk", "cpu") or self.streamed <= budget:
+            return offload
+        if offload == "cpu":
+            raise LayerwiseError(
+                f"{self.what} needs about {_size(self.streamed)} on the device even one block at a time, over the "
+                f"{_size(budget)} budget; lower {self.fix}, or raise `max_memory`"
+            )
         if self.live and self.spilled <= budget:
             return "spill"
         raise LayerwiseError(
@@ -142,6 +156,7 @@ class MemoryPlan:
         """The plan in one line, as the CLI prints it before the run."""
         where = {
             "none": "in memory",
+            "cpu": "its weights in the machine's memory, one block at a time on the device",
             "disk": "reading one block at a time from disk",
             "spill": "reading one block at a time from disk, its hidden states spilled to a file in the output folder",
         }[mode]

@@ -465,7 +465,8 @@ def export_plan(
         if lm.streamed is not None:
             path = hf.export_streamed(lm, plan.block_plan(lm, windows, batch_size=batch_size), out / "model")
             found: dict[str, str | float] = {
-                "not_measured": "transformers perplexity: not measured from disk (it loads the whole model)"
+                "not_measured": "transformers perplexity: not measured when blocks run one at a time (it loads the "
+                "whole model)"
             }
         else:
             path = hf.export(lm, plan.codes(lm, windows, batch_size=batch_size), out / "model")
