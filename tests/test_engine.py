@@ -638,10 +638,14 @@ class _Spies:
 
 def test_spilled_hidden_states_give_the_same_numbers_and_leave_no_file(tmp_path, monkeypatch):
     """With ``spill``, every hidden state a pass carries (profile: block inputs, the last outputs, the ablated
-    streams, the backward pass's gradients; the quantization measurement; held-out evaluation) goes to a file in
-    the folder and is read back when used: the profile, the measurement and a drop evaluation are those of the run
-    that keeps them in memory, exactly. Each pass removes its file, and the folder it made for it."""
+    streams, the backward pass's gradients; the quantization measurement; held-out evaluation; the features probe
+    and steer read) goes to a file in the folder and is read back when used: the profile, the measurement, a drop
+    evaluation and the features are those of the run that keeps them in memory, exactly. Each pass removes its
+    file, and the folder it made for it."""
+    import torch
+
     from layerwise import drop
+    from layerwise.features import collect_ids
     from layerwise.quant.measure import measure
     from layerwise.quant.rtn import QConfig
 
@@ -664,10 +668,17 @@ def test_spilled_hidden_states_give_the_same_numbers_and_leave_no_file(tmp_path,
     dkw = dict(plans=plans, eval_samples=3, batch_size=2, progress=False)
     da, db = (drop.run(m, w, **dkw) for m in (memory, spilled))
     assert _drop_figures(da) == _drop_figures(db)
-    assert spies.spilled > n and len(spies.files) == 3
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(1, 97, (n,), generator=g).tolist() for n in [3, 9, 5, 12, 4]]
+    fa, fb = (collect_ids(m, ids, units="all", read="mean", batch_size=2) for m in (memory, spilled))
+    assert all(torch.equal(fa.values[u], fb.values[u]) for u in fa.units)
+    assert spies.spilled > n and len(spies.files) == 4
     assert not any(f.exists() for f in spies.files) and not (tmp_path / "out" / "spill").exists()
     assert (tmp_path / "out").is_dir()  # made by the test's spill folder's parent: kept
-    with pytest.raises(LayerwiseError, match=r"^`spill` keeps the hidden states of a model read from disk; give"):
+    with pytest.raises(
+        LayerwiseError,
+        match=r"^`spill` keeps the hidden states of a model run block by block; give `offload` disk or cpu",
+    ):
         load(str(tmp_path / "m"), spill=tmp_path)
 
 

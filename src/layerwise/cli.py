@@ -1025,7 +1025,12 @@ def _probe(args: argparse.Namespace) -> int:
         Profile.load(cfg.profile)
     args.offload, plan = _memory_plan(args, _probe_plan(cfg, ex))
     lm = load(
-        args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code, offload=args.offload
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+        offload=args.offload,
+        spill=getattr(args, "spill", None),
     )
     if plan is not None:
         lm.source["memory_plan"] = plan
@@ -1079,7 +1084,12 @@ def _steer(args: argparse.Namespace) -> int:
         scorer = vader_scorer()
     args.offload, plan = _memory_plan(args, _steer_plan(args, cfg, pairs))
     lm = load(
-        args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code, offload=args.offload
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+        offload=args.offload,
+        spill=getattr(args, "spill", None),
     )
     if plan is not None:
         lm.source["memory_plan"] = plan

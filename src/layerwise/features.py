@@ -216,23 +216,25 @@ class _Batch:
 
 def _collect_streamed(lm: LoadedModel, batches: list[_Batch], reads: _Readouts, progress: bool) -> None:
     """The same readouts from a model on disk: every batch passes block ``i`` while its weights are read, up to the
-    last block a unit is read at; every batch's hidden states are carried from block to block."""
+    last block a unit is read at; every batch's hidden states are carried from block to block (in the engine's
+    store: in memory, or spilled)."""
     s, an = lm.streamed, lm.anatomy
     assert s is not None
-    starts = [s.calls(b.ids, attention_mask=b.mask) for b in batches]
-    h = [h0 for h0, _ in starts]
-    calls = [c for _, c in starts]
     blocks: Sequence[int] = range(max(reads.wanted) + 1)
     if progress:
         from tqdm import tqdm
 
         blocks = tqdm(blocks, desc="features, block by block", unit="block")
-    with torch.no_grad():
+    with s.states() as store, torch.no_grad():
+        starts = [s.calls(b.ids, attention_mask=b.mask) for b in batches]
+        h = [store.keep(h0) for h0, _ in starts]
+        calls = [c for _, c in starts]
+        del starts
         for i in blocks:
             with s.onloaded(s.names(an.blocks[i])):
                 for k, batch in enumerate(batches):
                     with tap(an, reads.tap(batch), mlp_hidden=False):
-                        h[k] = run_blocks(an, i, h[k], calls[k], stop=i + 1)
+                        h[k] = store.keep(run_blocks(an, i, store.load(h[k]), calls[k], stop=i + 1), over=h[k])
 
 
 def collect(

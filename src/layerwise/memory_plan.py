@@ -369,6 +369,7 @@ def _feature_parts(shape: Shape, lengths: list[int], batch_size: int) -> dict:
     widths = [len(rows) * max(lengths[i] for i in rows) for rows in by_length(lengths, batch_size)]
     return {
         "states": sum(widths) * shape.hidden * shape.size,
+        "live": 2 * max(widths) * shape.hidden * shape.size,  # spilled: a batch's input and output
         "work": shape.work(max(widths)),
         "block_work": shape.work(max(widths)),
     }
@@ -400,6 +401,7 @@ def steer_plan(
     tokens = batch_size * seq_len
     cost = {
         "states": shape.states(1 + steered, eval_windows, seq_len),
+        "live": shape.states(2, batch_size, seq_len),
         "work": shape.work(tokens) + 2 * shape.logits(tokens),
         "block_work": shape.work(tokens) + 2 * shape.logits(tokens),
     }
