@@ -641,7 +641,7 @@ def test_spilled_hidden_states_give_the_same_numbers_and_leave_no_file(tmp_path,
     streams, the backward pass's gradients; the quantization measurement; held-out evaluation; the features probe
     and steer read) goes to a file in the folder and is read back when used: the profile, the measurement, a drop
     evaluation and the features are those of the run that keeps them in memory, exactly. Each pass removes its
-    file, and the folder it made for it."""
+    file, and the folder it made for it, also when Ctrl-C stops it."""
     import torch
 
     from layerwise import drop
@@ -675,6 +675,18 @@ def test_spilled_hidden_states_give_the_same_numbers_and_leave_no_file(tmp_path,
     assert spies.spilled > n and len(spies.files) == 4
     assert not any(f.exists() for f in spies.files) and not (tmp_path / "out" / "spill").exists()
     assert (tmp_path / "out").is_dir()  # made by the test's spill folder's parent: kept
+    from layerwise import profile_streamed
+
+    def interrupted(_an, layers: list[int]) -> dict:
+        if layers == [2]:
+            raise KeyboardInterrupt
+        return {}
+
+    monkeypatch.setattr(profile_streamed, "zd_scores", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        profile(spilled, w, **kw)  # Ctrl-C at the third block, the states of two written
+    assert len(spies.files) == 5 and not any(f.exists() for f in spies.files)
+    assert not (tmp_path / "out" / "spill").exists()
     with pytest.raises(
         LayerwiseError,
         match=r"^`spill` keeps the hidden states of a model run block by block; give `offload` disk or cpu",
