@@ -21,14 +21,14 @@ def _streamed(lm: LoadedModel, folder, attn_implementation=None) -> LoadedModel:
     return load(str(folder), offload="disk", attn_implementation=attn_implementation)
 
 
-def _same_metrics(a, b) -> None:
+def _same_metrics(a, b, rel: float = 1e-6, abs_: float = 1e-9) -> None:
     for ua, ub in zip(a.units, b.units, strict=True):
         assert ua.name == ub.name
         for key, va in ua.metrics.items():
             vb = ub.metrics[key]
             assert (va is None) == (vb is None), (ua.name, key)
             if va is not None:
-                assert math.isclose(va, vb, rel_tol=1e-6, abs_tol=1e-9), (ua.name, key, va, vb)
+                assert math.isclose(va, vb, rel_tol=rel, abs_tol=abs_), (ua.name, key, va, vb)
         assert ua.details == ub.details, ua.name
 
 
@@ -784,6 +784,8 @@ def test_a_gguf_file_is_read_from_disk_without_converting_its_weights(arch, tmp_
     ckpt = disk.streamed.checkpoint
     assert converted.keys() == ckpt.sources.keys()
     assert all(torch.equal(ckpt.tensor(k), v) for k, v in converted.items())
+    for k in (k for k, v in converted.items() if v.shape[0] == 97):  # the embedding (and the head), in slices
+        assert torch.equal(torch.cat([ckpt.rows(k, a, min(a + 13, 97)) for a in range(0, 97, 13)]), converted[k])
     w = tiny_windows(4)
     w.n_calib = 4
     kw = dict(batch_size=2, positions=5, progress=False)
@@ -795,7 +797,8 @@ def test_a_gguf_file_is_read_from_disk_without_converting_its_weights(arch, tmp_
 def test_the_default_gguf_file_is_read_from_disk_as_it_is_converted(tmp_path, real_cache, monkeypatch):
     """The default model read from disk with no conversion in the cache reads the GGUF file itself: every tensor is
     the conversion's, and the profile is the in-memory one's; so is the profile with the weights read once into
-    memory (``offload="cpu"``) and run one block at a time."""
+    memory (``offload="cpu"``) and run one block at a time, and the one with the embedding and the head read in
+    slices."""
     import torch
     from safetensors.torch import load_file
 
@@ -812,11 +815,20 @@ def test_the_default_gguf_file_is_read_from_disk_as_it_is_converted(tmp_path, re
     assert isinstance(ckpt, GGUFCheckpoint) and not list(tmp_path.rglob("*.safetensors"))
     assert converted.keys() == ckpt.sources.keys()
     assert all(torch.equal(ckpt.tensor(k), v) for k, v in converted.items())
+    embedding = "model.embed_tokens.weight"
+    assert torch.equal(ckpt.rows(embedding, 6000, 9000), converted[embedding][6000:9000])
     w = windows("builtin:pydoc", lm.tokenizer, seq_len=32, samples=2, max_len=lm.anatomy.context_length)
     kw = dict(batch_size=2, ablation="taylor", progress=False)
     resident = profile(lm, w, **kw)
     _same_metrics(resident, profile(disk, w, **kw))
     _same_metrics(resident, profile(load("default", offload="cpu"), w, **kw))  # read once, held in memory
+    # the embedding and the head read in two slices, as a large vocabulary's are (without the lens, whose readouts
+    # would each dequantize the whole head again). The gradient through the head, summed over the slices in
+    # another order, differs by float32 rounding (3e-7 of its largest entry, measured); the Taylor estimate, a
+    # signed sum over tokens, then moves by up to 5e-7 nats (1e-4 of L1.attn's small value)
+    disk.streamed.rows = 24576
+    kw["lens"] = False
+    _same_metrics(profile(lm, w, **kw), profile(disk, w, **kw), rel=1e-5, abs_=1e-6)
 
 
 def test_weights_held_in_memory_run_one_block_at_a_time_as_from_disk(tmp_path, monkeypatch):
@@ -846,3 +858,70 @@ def test_weights_held_in_memory_run_one_block_at_a_time_as_from_disk(tmp_path, m
         assert x.pop("key") == y.pop("key") and x == pytest.approx(y, rel=1e-5, abs=1e-9)
     with pytest.raises(LayerwiseError, match="loaded with `offload` cpu .* load it with `offload` none$"):
         held.check_resident("tune")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2", "qwen3"])
+def test_the_embedding_and_head_read_in_slices_give_the_resident_numbers(arch, tmp_path, monkeypatch):
+    """With the embedding and the head read ``rows`` at a time (a large vocabulary's way), neither matrix is ever
+    read whole, and the profile (logit lens, exact ablation, the Taylor estimate's gradient through the head),
+    held-out quality and steer's margins and greedy continuations are the resident model's."""
+    import torch
+
+    from layerwise import drop, engine
+    from layerwise.steer import generate, margins
+
+    folder = tiny_folder(tmp_path / arch, arch, layers=3)
+    lm, disk = load(str(folder)), load(str(folder), offload="disk")
+    assert disk.streamed.rows is None  # a 97-token vocabulary is read whole by default
+    disk.streamed.rows = 13
+    whole = [n for n, p in lm.model.named_parameters() if p.shape[0] == 97]
+    real = engine.Checkpoint.tensor
+
+    def never_whole(self, name):
+        assert name not in whole, name
+        return real(self, name)
+
+    monkeypatch.setattr(engine.Checkpoint, "tensor", never_whole)
+    w = tiny_windows(8)
+    w.n_calib = 5
+    kw = dict(batch_size=2, positions=5, ablation_samples=2, progress=False)
+    # the head's slices sum the Taylor estimate's gradient in another order: float32 rounding
+    _same_metrics(profile(lm, w, **kw), profile(disk, w, **kw), rel=1e-5, abs_=1e-6)
+    plans = [drop.given(lm.anatomy, u) for u in (["L1"], ["L0.attn", "L2.mlp"])]
+    dkw = dict(plans=plans, eval_samples=3, batch_size=2, progress=False)
+    for x, y in zip(_drop_figures(drop.run(lm, w, with_speed=False, **dkw)), _drop_figures(drop.run(disk, w, **dkw))):
+        assert x.pop("key") == y.pop("key") and x == pytest.approx(y, rel=1e-5, abs=1e-9)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (3, 6, 4)]
+    conts = [([5, 6, 7, 8], [5, 6, 9]), ([11], [12, 13]), ([20, 21], [22, 21])]
+    got, want = margins(disk, prompts, conts, batch_size=2), margins(lm, prompts, conts)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert generate(disk, prompts, 4) == generate(lm, prompts, 4)
+    assert all(p.device.type == "meta" for p in disk.model.parameters())
+    assert disk.anatomy.embed.padding_idx == lm.anatomy.embed.padding_idx
+
+
+def test_a_vocabulary_larger_than_a_block_is_read_in_slices_and_planned_so(tmp_path, monkeypatch):
+    """The embedding and the head are read in slices when they are larger than both the largest block and
+    ``SLICE_BYTES``; each slice is then a block's size, and the plan counts one slice for them."""
+    import torch
+    import transformers as tf
+
+    from layerwise import engine
+    from layerwise.memory_plan import Shape
+
+    from . import conftest
+
+    cfg = tf.LlamaConfig(
+        vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
+    monkeypatch.setattr(conftest, "tiny_model", lambda arch, layers: tf.LlamaForCausalLM(cfg).eval())
+    folder = tiny_folder(tmp_path / "m")
+    block = 4 * (4 * 32 * 32 + 3 * 32 * 64 + 2 * 32)  # float32 bytes of the largest block
+    assert engine.slice_rows(load(str(folder)).model, torch.float32) is None  # 512 KiB < SLICE_BYTES
+    monkeypatch.setattr(engine, "SLICE_BYTES", 1)
+    disk = load(str(folder), offload="disk")
+    assert disk.streamed.rows == block // (32 * 4)
+    shape = Shape.of(folder, dtype=torch.float32, seq_len=16)
+    stored = shape.files / sum(p.numel() for p in load(str(folder)).model.parameters())
+    assert shape.stem == int(disk.streamed.rows * 32 * (4 + stored))

@@ -220,9 +220,10 @@ class Anatomy:
         return f"blk.{layer}.{names[rel]}.weight"
 
     def linear_weight(self, module: nn.Module) -> torch.Tensor:
-        """A linear map's weight as (out, in), whatever the storage convention."""
+        """A linear map's weight as (out, in), whatever the storage convention (GPT-2's Conv1D blocks store it (in,
+        out); its head is a plain Linear)."""
         weight = module.get_parameter("weight")
-        return weight.T if self.spec.transposed else weight
+        return weight.T if self.spec.transposed and not isinstance(module, nn.Linear) else weight
 
     def linear_shape(self, module: nn.Module) -> tuple[int, int]:
         """(out, in) of a linear map (the head too: its rows are the vocabulary)."""
@@ -254,7 +255,8 @@ class Anatomy:
         norm, head = self.final_norm, self.head
         h = h.to(next(norm.parameters()).device)
         z = norm(h)
-        logits = head(z.to(head.get_parameter("weight").device))
+        where = head.get_parameter("weight").device  # meta: the engine reads the head a slice at a time
+        logits = head(z if where.type == "meta" else z.to(where))
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap

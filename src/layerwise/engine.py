@@ -13,6 +13,7 @@ signature is known here. The numbers are those of the resident model: the same m
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -21,7 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -68,6 +69,13 @@ class Checkpoint:
 
         with safe_open(str(self.files[name]), "pt") as fh:
             return fh.get_tensor(name)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a matrix, read alone."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[name]), "pt") as fh:
+            return fh.get_slice(name)[start:stop]
 
 
 #: In the folder a GGUF file is converted into: which file, and its hash.
@@ -138,6 +146,13 @@ class GGUFCheckpoint:
             return moved[name].float()
         return torch.from_numpy(np.ascontiguousarray(result.weights, dtype=np.float32))
 
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of the embedding or the head, dequantized alone: transformers' processors leave these
+        two as llama.cpp stores them (a test checks the rows against the whole tensor on each file it reads)."""
+        from . import ggufio
+
+        return torch.from_numpy(ggufio.dequantize(self.path, self.infos[self.sources[name]], span=(start, stop)))
+
 
 @dataclass(frozen=True)
 class HeldCheckpoint:
@@ -158,6 +173,9 @@ class HeldCheckpoint:
 
     def tensor(self, name: str) -> torch.Tensor:
         return self.tensors[name]
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.tensors[name][start:stop]
 
 
 def open_checkpoint(folder: str | Path, model: CausalLM) -> Checkpoint | GGUFCheckpoint:
@@ -310,12 +328,47 @@ class States:
             self.path = None
 
 
+#: The least a slice of the embedding or the head holds when they are read in slices (:func:`slice_rows`).
+SLICE_BYTES = 256 * 2**20
+
+
+def slice_rows(model: CausalLM, dtype: torch.dtype) -> int | None:
+    """Rows of the embedding and of the head read at a time: None (each read whole) unless the matrix is larger
+    than both the largest block and :data:`SLICE_BYTES` (Gemma 3's 262k-row head is six of its 4B model's blocks);
+    then slices that size, so neither sets the peak above a block's."""
+    an = Anatomy(model)
+    vocab, hidden = an.linear_shape(an.head)
+    block = max(sum(p.numel() for p in b.parameters()) for b in an.blocks) * dtype.itemsize
+    limit = max(block, SLICE_BYTES)
+    if vocab * hidden * dtype.itemsize <= limit or getattr(an.head, "bias", None) is not None:
+        return None
+    return max(1, limit // (hidden * dtype.itemsize))
+
+
+class _SlicedHead(torch.autograd.Function):
+    """The head's logits from its rows read a slice at a time, forward and backward (each reads every slice
+    again), so no more than one slice of the matrix is held."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, read: Callable, spans: list[tuple[int, int]]) -> torch.Tensor:
+        ctx.read, ctx.spans = read, spans
+        return torch.cat([nn.functional.linear(x, read(a, b)) for a, b in spans], -1)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (grad,) = grads
+        total = sum(grad[..., a:b] @ ctx.read(a, b) for a, b in ctx.spans)
+        assert isinstance(total, torch.Tensor)
+        return total, None, None
+
+
 class Streamed:
     """A skeleton model whose weights are read from ``checkpoint`` one part at a time onto ``device`` in ``dtype``.
 
     ``spill``: the folder where each pass keeps the hidden states it carries (:class:`States`); None keeps them in
-    CPU memory. Making one sets glibc to give freed buffers back at once (:func:`return_freed_memory`), for the
-    process."""
+    CPU memory. ``rows``: how many rows of the embedding and the head are read at a time (None: each whole; see
+    :func:`slice_rows`). Making one sets glibc to give freed buffers back at once (:func:`return_freed_memory`),
+    for the process."""
 
     def __init__(
         self,
@@ -325,9 +378,10 @@ class Streamed:
         device: str | torch.device = "cpu",
         dtype=torch.float32,
         spill: str | Path | None = None,
+        rows: int | None = None,
     ) -> None:
         return_freed_memory()
-        self.model, self.checkpoint = model, checkpoint
+        self.model, self.checkpoint, self.rows = model, checkpoint, rows
         self.spill = None if spill is None else Path(spill)
         self.anatomy = Anatomy(model)
         self.device, self.dtype = torch.device(device), dtype
@@ -414,6 +468,11 @@ class Streamed:
         an = self.anatomy
         found: list[Any] = [None] * an.n_layers
         first: list[torch.Tensor] = []
+        names, embedded = self.stem, cast(contextlib.AbstractContextManager, contextlib.nullcontext())
+        if self.rows is not None:  # the embedding's rows these ids use, gathered a slice at a time
+            weight = f"{self.paths[an.embed]}.weight"
+            names = [n for n in names if n != weight]
+            input_ids, embedded = self._gathered(weight, input_ids)
 
         def record(i: int) -> Callable:
             def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -425,13 +484,62 @@ class Streamed:
 
         restore = install_skips(an, [f"L{i}" for i in range(an.n_layers)])
         try:
-            with hooks() as keep, self.onloaded(self.stem), torch.no_grad():
+            with hooks() as keep, self.onloaded(names), embedded, torch.no_grad():
                 for i, block in enumerate(an.blocks):
                     keep(block.register_forward_pre_hook(record(i), with_kwargs=True))
                 self._dry(input_ids, inputs)
         finally:
             restore()
         return first[0], found
+
+    def _gathered(self, weight: str, ids: torch.Tensor) -> tuple[torch.Tensor, contextlib.AbstractContextManager]:
+        """``ids`` renumbered into the rows they use, and the embedding holding those rows only while in the
+        ``with``: the module's own forward then gives the same vectors (its scaling too)."""
+        used, renumbered = torch.unique(ids, return_inverse=True)
+        key, vocab = self.keys[weight], self.anatomy.embed.weight.shape[0]
+        assert self.rows is not None
+        parts = []
+        for start in range(0, vocab, self.rows):
+            want = used[(used >= start) & (used < start + self.rows)]
+            if len(want):
+                parts.append(self.checkpoint.rows(key, start, min(start + self.rows, vocab))[want - start])
+        return renumbered.view(ids.shape), self._embedding(torch.cat(parts).to(self.device, self.dtype))
+
+    @contextmanager
+    def _embedding(self, rows: torch.Tensor) -> Iterator[None]:
+        """The embedding module holding ``rows`` (and no padding row: it only marks a row gradients skip)."""
+        emb = self.anatomy.embed
+        kept, pad = emb.get_parameter("weight"), emb.padding_idx
+        emb.register_parameter("weight", nn.Parameter(rows, requires_grad=False))
+        emb.padding_idx = None
+        try:
+            yield
+        finally:
+            emb.register_parameter("weight", kept)
+            emb.padding_idx = pad
+
+    @contextmanager
+    def head(self) -> Iterator[None]:
+        """The final norm and the head ready for ``Anatomy.logits`` in the ``with``: the head read whole, or (with
+        :attr:`rows`) a slice at a time at each use."""
+        an = self.anatomy
+        if self.rows is None:
+            with self.onloaded(self.names(an.final_norm, an.head)):
+                yield
+            return
+        key, vocab = self.keys[f"{self.paths[an.head]}.weight"], an.linear_shape(an.head)[0]
+        spans = [(a, min(a + self.rows, vocab)) for a in range(0, vocab, self.rows)]
+
+        def read(start: int, stop: int) -> torch.Tensor:
+            return self.checkpoint.rows(key, start, stop).to(self.device, self.dtype)
+
+        head = an.head
+        with self.onloaded(self.names(an.final_norm)):
+            head.forward = lambda x: _SlicedHead.apply(x, read, spans)
+            try:
+                yield
+            finally:
+                del head.forward
 
     def _dry(self, ids: torch.Tensor, inputs: dict[str, Any]) -> None:
         """The model's own forward up to the blocks; the head is never reached (its input is discarded)."""
@@ -467,7 +575,7 @@ class Streamed:
         for _ in range(new_tokens):
             inputs = {"attention_mask": mask, "position_ids": pos, "cache": cache, "use_cache": True}
             (h,) = self.last_hidden([{"input_ids": step, **inputs}])
-            with self.onloaded(self.names(an.final_norm, an.head)), torch.no_grad():
+            with self.head(), torch.no_grad():
                 token = an.logits(h[:, -1]).argmax(-1).cpu()
             token = token.masked_fill(done, pad)
             out.append(token)

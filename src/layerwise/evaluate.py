@@ -118,7 +118,7 @@ def streamed_quality(
                                 for k, call in zip(h, calls)
                             ]
                 bar.update()
-        with s.onloaded(s.names(an.final_norm, an.head)), torch.no_grad():
+        with s.head(), torch.no_grad():
             for b, x in enumerate(batches):
                 ref = acc.reference(x.to(s.device), readout(an, store.load(streams[None][b])))
                 for name in variants:

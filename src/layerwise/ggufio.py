@@ -109,18 +109,20 @@ def header(path: str | Path) -> tuple[dict[str, Any], list[TensorInfo]]:
     return meta, tensors
 
 
-def dequantize(path: str | Path, info: TensorInfo, rows: int = 4096) -> np.ndarray:
-    """One tensor as float32, dequantized ``rows`` rows at a time into its own array, so the transient copies are
-    a slice's, not the tensor's."""
+def dequantize(path: str | Path, info: TensorInfo, rows: int = 4096, span: tuple[int, int] | None = None) -> np.ndarray:
+    """One tensor as float32 (or its rows ``span``, for a 2-D one), dequantized ``rows`` rows at a time into its
+    own array, so the transient copies are a slice's, not the tensor's."""
     import gguf
 
     qtype = gguf.GGMLQuantizationType(info.ggml_type)
-    out = np.empty((info.rows, info.shape[-1]), dtype=np.float32)
-    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=info.offset, shape=(info.rows, info.row_bytes))
-    for start in range(0, info.rows, rows):
+    first, stop = span or (0, info.rows)
+    out = np.empty((stop - first, info.shape[-1]), dtype=np.float32)
+    offset = info.offset + first * info.row_bytes
+    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=(stop - first, info.row_bytes))
+    for start in range(0, stop - first, rows):
         out[start : start + rows] = gguf.quants.dequantize(raw[start : start + rows], qtype)
     del raw
-    return out.reshape(info.shape)
+    return out if span else out.reshape(info.shape)
 
 
 def reader(path: str | Path):

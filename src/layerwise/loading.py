@@ -290,7 +290,7 @@ def _streamed(
     into CPU memory first; its passes' hidden states kept in a file in ``spill`` when given)."""
     from transformers import AutoTokenizer
 
-    from .engine import HeldCheckpoint, Streamed, open_checkpoint, skeleton
+    from .engine import HeldCheckpoint, Streamed, open_checkpoint, skeleton, slice_rows
 
     if source["kind"] == "hub":
         raise LayerwiseError(
@@ -302,7 +302,8 @@ def _streamed(
     device = "cuda:0" if dev == "cuda" else dev
     found = open_checkpoint(target, model)
     held = HeldCheckpoint.of(found, dtype, pin=device.startswith("cuda")) if offload == "cpu" else None
-    streamed = Streamed(model, held or found, device=device, dtype=dtype, spill=spill)
+    rows = slice_rows(model, dtype)
+    streamed = Streamed(model, held or found, device=device, dtype=dtype, spill=spill, rows=rows)
     tokenizer = (
         None
         if _lacks_tokenizer(target, source)

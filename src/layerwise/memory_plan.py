@@ -190,7 +190,7 @@ class Shape:
     def of(cls, folder: str | Path, *, dtype: torch.dtype, seq_len: int, trust_remote_code: bool = False) -> Shape:
         from .anatomy import Anatomy
         from .data import check_context
-        from .engine import GGUFCheckpoint, Streamed, open_checkpoint, skeleton
+        from .engine import GGUFCheckpoint, Streamed, open_checkpoint, skeleton, slice_rows
 
         model = skeleton(folder, dtype=dtype, trust_remote_code=trust_remote_code)
         an = Anatomy(model)
@@ -215,7 +215,9 @@ class Shape:
             weights=s.n_params * size,
             files=files,
             block=max(held(s.names(b)) for b in an.blocks),
-            stem=max(held(s.names(an.embed)), held(s.names(an.head))),
+            stem=max(held(s.names(an.embed)), held(s.names(an.head)))
+            if (rows := slice_rows(model, dtype)) is None
+            else int(rows * an.embed.weight.shape[1] * (size + stored)),  # one slice of either
         )
 
     def states(self, streams: int, windows: int, seq_len: int) -> int:

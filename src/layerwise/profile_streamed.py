@@ -113,7 +113,7 @@ def _pass(
         bar.update(len(batches))
         return 0, zd
     done = 0
-    with s.onloaded(s.names(an.final_norm, an.head)), torch.no_grad():
+    with s.head(), torch.no_grad():
         for b, batch in enumerate(batches):
             per_window = batch.shape[1] - 1
             rows = _sampled_rows(batch.shape[0], per_window, positions, g)
@@ -220,7 +220,7 @@ def backward(
     s, an = lm.streamed, lm.anatomy
     assert s is not None
     vocab = an.linear_shape(an.head)[0]
-    with s.onloaded(s.names(an.final_norm, an.head)):
+    with s.head():
         g_outs = [store.keep(lens_m.nll_grad(an.logits, vocab, store.load(k), t)) for k, t in zip(h, targets)]
     for i in reversed(range(stop, an.n_layers)):
         with s.onloaded(s.names(an.blocks[i])):

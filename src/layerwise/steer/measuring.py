@@ -72,7 +72,7 @@ def _streamed_margins(
     hidden = s.last_hidden([{"input_ids": x, "attention_mask": mask} for x, mask in padded])
     logp = torch.zeros(len(seqs), dtype=torch.float64)
     row = 0
-    with s.onloaded(s.names(an.final_norm, an.head)), torch.no_grad():
+    with s.head(), torch.no_grad():
         for chunk, h in zip(chunks, hidden):
             for j, (head, tail) in enumerate(chunk):
                 if tail:
