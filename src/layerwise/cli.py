@@ -975,13 +975,17 @@ def _tune(args: argparse.Namespace) -> int:
     from .configs import TuneConfig
     from .data import read_corpus
     from .profile import Profile, profile
+    from .tune.parallel import is_main_process, process_device
 
     cfg = _config(args, TuneConfig)
     sels = [tn.parse_select(s) for s in cfg.select]  # a typo fails before the model loads
     lr_metric = [tn.parse_layer_lr(cfg.layer_lr)[0]] if cfg.layer_lr else []
     source, second_text = tn.read_tuning(args.data, args.encoding), read_corpus(args.second_data, args.encoding)
     prof = Profile.load(cfg.profile) if cfg.profile else None
-    lm = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    device = process_device(args.device)  # under accelerate launch or torchrun: this process's own device
+    lm = load(args.model, device=device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    main = is_main_process(device)  # of several processes, only the first shows progress and writes
+    progress = not args.json and main
     ctx, n_eval = lm.anatomy.context_length, cfg.eval_samples
     data = tn.tuning_data(
         source, lm.tokenizer, seq_len=args.seq_len, samples=args.samples, eval_samples=n_eval, max_len=ctx
@@ -994,8 +998,10 @@ def _tune(args: argparse.Namespace) -> int:
     if prof is None and metrics:
         from .drop import needed
 
-        prof = profile(lm, data.as_windows(), **needed(metrics), batch_size=cfg.batch_size, progress=not args.json)
-    report = tn.run(lm, data, cfg, second=second, prof=prof, out=args.out, progress=not args.json)
+        prof = profile(lm, data.as_windows(), **needed(metrics), batch_size=cfg.batch_size, progress=progress)
+    report = tn.run(lm, data, cfg, second=second, prof=prof, out=args.out, progress=progress)
+    if not main:
+        return 0
     from .report.tune import write_tune_report
 
     write_tune_report(report, Path(args.out) / "report.html")

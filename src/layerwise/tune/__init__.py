@@ -1,8 +1,9 @@
 """Layer-selective fine-tuning: train only the units that matter, with optimizer memory really saved.
 
 One concern a module: :mod:`.selection` (which units train when), :mod:`.data` (what trains), :mod:`.snapshot`
-(the weights from before, and restoring blocks), :mod:`.loop` (the plain training loop), :mod:`.evaluation`
-(gain and forgetting) and :mod:`.command` (a whole ``layerwise tune`` run).
+(the weights from before, and restoring blocks), :mod:`.loop` (the plain training loop), :mod:`.parallel` (the same
+loop over several processes, DDP), :mod:`.evaluation` (gain and forgetting) and :mod:`.command` (a whole
+``layerwise tune`` run).
 
 Selection lives in one place, :class:`LayerSelector`, a ``transformers``
 ``TrainerCallback``: a user adds it to their own ``Trainer``, and the plain

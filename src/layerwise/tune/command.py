@@ -22,6 +22,7 @@ from ..profile import Profile
 from .data import TuneData
 from .evaluation import evaluate
 from .loop import save_model, train
+from .parallel import is_main_process, processes
 from .selection import (
     RESTORE_ORDERS,
     SELECT_HELP,
@@ -94,10 +95,14 @@ def run(
     ``layer_lr="METRIC[:TAU]"`` gives every strategy per-unit learning rates
     from ``prof`` (:func:`layer_rates`); the run's key then ends in
     ``+layer_lr:METRIC:TAU`` and its ``unit_lr`` holds the rates.
+    Started as several processes, each trains with DDP (:func:`train`) and
+    evaluates the same weights alike; only the first shows progress and writes.
     ``settings`` are config fields (``select="lisa,full", steps=50``).
     """
     lm.check_resident("tune")
     cfg = TuneConfig.of(config, **settings)
+    main = is_main_process(lm.device)
+    progress = progress and main
     unit, restore, restore_order, layer_lr, batch_size = (
         cfg.unit,
         cfg.restore,
@@ -173,6 +178,7 @@ def run(
         "second_windows": 0 if second is None else int(second.shape[0]),
         "restore": restore,
         "restore_order": restore_order,
+        "processes": processes(lm.device).num_processes,  # DDP: each trained batch_size examples a step
         **prov,
         "config": cfg.to_dict(),
         "wall_time_s": round(time.perf_counter() - start, 3),
@@ -184,7 +190,7 @@ def run(
         ),
     }
     report = TuneReport(meta=meta, runs=runs, exports=exports)
-    if out is not None:
+    if out is not None and main:
         report.save(out)
     return report
 

@@ -1,14 +1,15 @@
-"""The plain training loop that drives :class:`LayerSelector`: LoRA wrapping, checkpoints written atomically,
-a stop with a clear message when the loss turns NaN, and the most units that fit a share of full
-fine-tuning's optimizer memory (:func:`max_active`)."""
+"""The plain training loop that drives :class:`LayerSelector`: LoRA wrapping, data parallelism over several
+processes (:mod:`.parallel`), checkpoints written atomically, a stop with a clear message when the loss turns
+NaN, and the most units that fit a share of full fine-tuning's optimizer memory (:func:`max_active`)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ from ..loading import LoadedModel
 from ..memory import rss_bytes
 
 if TYPE_CHECKING:
+    from accelerate import Accelerator
     from peft import PeftModel
 
     from ..loading import CausalLM
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     #: A transformers model, or one peft wraps (LoRA).
     Tunable = CausalLM | PeftModel
 from .data import TuneData
+from .parallel import accelerator, is_main_process
 from .selection import LayerSelector, _is_peft, parse_select
 from .snapshot import Snapshot
 
@@ -109,7 +112,10 @@ def _batches(n: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
 
 
 def save_model(model: Tunable, tokenizer, out: str | Path) -> Path:
-    """A plain HF checkpoint (safetensors), or a PEFT adapter for a peft model, written atomically."""
+    """A plain HF checkpoint (safetensors), or a PEFT adapter for a peft model, written atomically; of several
+    processes (which hold the same weights) only the first writes it."""
+    if not is_main_process(next(model.parameters()).device):
+        return Path(out)
     with atomic_dir(out, "checkpoint") as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer is not None:
@@ -141,17 +147,27 @@ def train(
     rate ``lr × rates[unit]`` in its own parameter group (on a LoRA model:
     its adapters'); embeddings, norms and head keep ``lr``. The rates the
     optimizer held at the end are in the run's ``unit_lr``.
+
+    Started as several processes (``accelerate launch``, ``torchrun``), it
+    trains with DDP (:mod:`.parallel`): ``batch_size`` examples per process
+    and step, every process a different slice of one seeded global batch,
+    gradients averaged, so the weights stay the same in every process and
+    equal one process's with ``batch_size × processes`` examples (the loss
+    being a mean over equally many tokens per process: text windows; chat
+    examples weigh their tokens per process). Losses are the mean over
+    processes; only the first process writes checkpoints.
     """
     lm.check_resident("tune")
     cfg = TuneConfig.of(config, **settings)
     if len(cfg.select) != 1:
         raise LayerwiseError(f"train runs one strategy; `select` names {len(cfg.select)} ({', '.join(cfg.select)})")
-    select, unit, seed, steps, lr, batch_size = cfg.select[0], cfg.unit, cfg.seed, cfg.steps, cfg.lr, cfg.batch_size
+    select, unit, seed, steps, lr = cfg.select[0], cfg.unit, cfg.seed, cfg.steps, cfg.lr
     sel = parse_select(select)
     data = TuneData.from_windows(data) if isinstance(data, Windows) else data
-    if data.ids.shape[0] == 0:
-        raise LayerwiseError("no training examples; give more data")
+    acc = accelerator(lm.device)
+    per_process = _per_process(int(data.ids.shape[0]), cfg.batch_size, acc.num_processes)
     lm.model.requires_grad_(True)  # every unit in the optimizer; the selector freezes what does not train now
+    torch.manual_seed(seed)  # LoRA's initial adapters too: the same in every process
     model = with_lora(lm.model, cfg.lora_rank) if (cfg.lora or sel.mode == "lora") else lm.model
     selector = LayerSelector(
         "full" if sel.mode == "lora" else select,
@@ -164,39 +180,33 @@ def train(
         cfg.train_embeddings,
     )
     start = Snapshot([p for p in model.parameters() if p.requires_grad]) if _is_peft(model) else None
-    torch.manual_seed(seed)
     if lm.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(lm.device)
     mem0 = torch.cuda.memory_allocated(lm.device) if lm.device.type == "cuda" else rss_bytes()
     optimizer = torch.optim.AdamW(selector.param_groups(model, lr, rates), lr=lr, weight_decay=0.0)
+    selector.bind(model, optimizer)  # what never trains is frozen now, so DDP leaves it out of its buckets
+    ddp = acc.prepare_model(model)  # before the selector switches units off (see .parallel)
     state, control = TrainerState(), TrainerControl()
     selector.on_train_begin(None, state, control, model=model, optimizer=optimizer)
     model.train()
-    order = _batches(int(data.ids.shape[0]), min(batch_size, int(data.ids.shape[0])), seed)
+    order = _batches(int(data.ids.shape[0]), per_process * acc.num_processes, seed)
     losses: list[float] = []
     t0 = time.perf_counter()
-    bar = tqdm(range(steps), desc=f"tune {sel.key}", disable=not progress)
+    bar = tqdm(range(steps), desc=f"tune {sel.key}", disable=not progress or not acc.is_main_process)
     try:
         for step in bar:
             state.global_step = step
             selector.on_step_begin(None, state, control, model=model, optimizer=optimizer)
             total = 0.0
-            for _ in range(cfg.grad_accum):
-                idx = next(order)
-                dev = lm.device
-                loss = model(
-                    input_ids=data.ids[idx].to(dev),
-                    attention_mask=data.mask[idx].to(dev),
-                    labels=data.labels[idx].to(dev),
-                    use_cache=False,
-                ).loss
-                if not torch.isfinite(loss):
+            for i in range(cfg.grad_accum):  # gradients are all-reduced after the last micro-batch only
+                with acc.no_sync(ddp) if i < cfg.grad_accum - 1 else contextlib.nullcontext():
+                    loss = _backward(acc, ddp, data, next(order), cfg.grad_accum, lm.device)
+                if loss is None:
                     _stop_on_nan(model, lm.tokenizer, step, checkpoint)
-                (loss / cfg.grad_accum).backward()
-                total += float(loss.detach()) / cfg.grad_accum
+                total += loss / cfg.grad_accum
             if cfg.max_grad_norm:
                 clip = [p for p in model.parameters() if p.grad is not None]
-                torch.nn.utils.clip_grad_norm_(clip, cfg.max_grad_norm)
+                acc.clip_grad_norm_(clip, cfg.max_grad_norm)
             selector.on_pre_optimizer_step(None, state, control, model=model, optimizer=optimizer)
             optimizer.step()
             selector.on_optimizer_step(None, state, control, model=model, optimizer=optimizer)
@@ -207,6 +217,9 @@ def train(
                 save_model(model, lm.tokenizer, checkpoint)
     finally:
         model.eval()
+        del ddp
+        if acc.num_processes > 1:  # DDP's hooks on the parameters go with its last reference, the accelerator's
+            acc.free_memory()  # (a garbage-collection pass, so only when there is a DDP to drop)
     optimizer.state.clear()
     unit_lr = {g["name"]: g["lr"] for g in optimizer.param_groups if g["name"] != "rest"} if rates is not None else {}
     return TuneRun(
@@ -222,7 +235,35 @@ def train(
     )
 
 
-def _stop_on_nan(model: Tunable, tokenizer, step: int, checkpoint: str | Path | None) -> None:
+def _per_process(n: int, batch_size: int, processes: int) -> int:
+    """Examples per process and micro-batch: ``batch_size``, or fewer when the data has fewer for each process."""
+    if n == 0:
+        raise LayerwiseError("no training examples; give more data")
+    if n < processes:
+        raise LayerwiseError(f"{processes} processes need a training example each, and there are {n}; give more data")
+    return min(batch_size, n // processes)
+
+
+def _backward(
+    acc: Accelerator, ddp: nn.Module, data: TuneData, batch: torch.Tensor, accum: int, dev: torch.device
+) -> float | None:
+    """Forward and backward this process's slice of ``batch``; the loss averaged over processes, or None (in every
+    process alike, before any gradient) when it is not finite."""
+    with acc.split_between_processes(batch) as idx:
+        loss = ddp(
+            input_ids=data.ids[idx].to(dev),
+            attention_mask=data.mask[idx].to(dev),
+            labels=data.labels[idx].to(dev),
+            use_cache=False,
+        ).loss
+    mean = acc.reduce(loss.detach(), "mean")
+    if not torch.isfinite(mean):
+        return None
+    acc.backward(loss / accum)
+    return float(mean)
+
+
+def _stop_on_nan(model: Tunable, tokenizer, step: int, checkpoint: str | Path | None) -> NoReturn:
     """The loss is not finite before this step's update: the weights are the last good ones; keep them and stop."""
     if checkpoint is not None:
         save_model(model, tokenizer, checkpoint)
