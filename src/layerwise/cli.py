@@ -678,14 +678,11 @@ def _offload(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _load(args: argparse.Namespace, attn_implementation: str | None = None, corpus=None, plan: dict | None = None):
-    """The model and the windows the shared options name; the data is read and checked first (or was, as
-    ``corpus``), so a bad file costs no load. A memory ``plan`` goes into the model's source, so every result
-    records it."""
-    from . import load, windows
-    from .data import read_corpus
+def _load_model(args: argparse.Namespace, plan: dict | None, attn_implementation: str | None = None):
+    """The model the shared options name, where the memory plan put it; the ``plan`` goes into the model's source,
+    so every result records it."""
+    from . import load
 
-    corpus = read_corpus(args.data, args.encoding) if corpus is None else corpus
     lm = load(
         args.model,
         device=args.device,
@@ -697,6 +694,17 @@ def _load(args: argparse.Namespace, attn_implementation: str | None = None, corp
     )
     if plan is not None:
         lm.source["memory_plan"] = plan
+    return lm
+
+
+def _load(args: argparse.Namespace, attn_implementation: str | None = None, corpus=None, plan: dict | None = None):
+    """The model and the windows the shared options name; the data is read and checked first (or was, as
+    ``corpus``), so a bad file costs no load."""
+    from . import windows
+    from .data import read_corpus
+
+    corpus = read_corpus(args.data, args.encoding) if corpus is None else corpus
+    lm = _load_model(args, plan, attn_implementation)
     return lm, windows(
         corpus, lm.tokenizer, seq_len=args.seq_len, samples=args.samples, max_len=lm.anatomy.context_length
     )
@@ -1019,7 +1027,6 @@ def _tune(args: argparse.Namespace) -> int:
 
 def _probe(args: argparse.Namespace) -> int:
     """Read and check the data first (bad data fails before the model loads), then probe, then write."""
-    from . import load
     from .configs import ProbeConfig
     from .probe import importance_for, prepare, probe, read_examples
     from .profile import Profile
@@ -1030,16 +1037,7 @@ def _probe(args: argparse.Namespace) -> int:
     if cfg.profile:
         Profile.load(cfg.profile)
     args.offload, plan = _memory_plan(args, _probe_plan(cfg, ex))
-    lm = load(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        trust_remote_code=args.trust_remote_code,
-        offload=args.offload,
-        spill=getattr(args, "spill", None),
-    )
-    if plan is not None:
-        lm.source["memory_plan"] = plan
+    lm = _load_model(args, plan)
     importance = importance_for(lm, cfg, progress=not args.json)
     res = probe(lm, ex, cfg, importance=importance, progress=not args.json)
     out = Path(args.out)
@@ -1067,8 +1065,8 @@ def _probe_summary(res) -> None:
 
 
 def _steer(args: argparse.Namespace) -> int:
-    from . import load, windows
     from . import steer as sv
+    from . import windows
     from .configs import SteerConfig
     from .data import read_corpus
 
@@ -1089,16 +1087,7 @@ def _steer(args: argparse.Namespace) -> int:
 
         scorer = vader_scorer()
     args.offload, plan = _memory_plan(args, _steer_plan(args, cfg, pairs))
-    lm = load(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        trust_remote_code=args.trust_remote_code,
-        offload=args.offload,
-        spill=getattr(args, "spill", None),
-    )
-    if plan is not None:
-        lm.source["memory_plan"] = plan
+    lm = _load_model(args, plan)
     w = windows(eval_text, lm.tokenizer, seq_len=args.seq_len, samples=args.samples, max_len=lm.anatomy.context_length)
     data = {
         "pairs": args.data or f"{args.pos} / {args.neg}",

@@ -49,94 +49,75 @@ def streamed_pass(
     """Feed ``accs`` and ``taylor_acc`` from a block-major pass (``profile``'s settings, its generator of sampled
     positions and its bar); return the number of windows ablated and every weight matrix's zd (read while its block
     is)."""
-    assert lm.streamed is not None
-    with lm.streamed.states() as store:
-        return _pass(lm, store, batches, accs, taylor_acc, ablation, lens, attention, positions, n_ablated, g, bar)
-
-
-def _pass(
-    lm: LoadedModel,
-    store: States,
-    batches: list[torch.Tensor],
-    accs: list[_LayerAcc],
-    taylor_acc: st.Moments,
-    ablation: str,
-    lens: bool,
-    attention: bool,
-    positions: int | None,
-    n_ablated: int,
-    g: torch.Generator,
-    bar: tqdm,
-) -> tuple[int, dict[str, float]]:
-    """:func:`streamed_pass` with its hidden states kept in ``store``."""
     s, an = lm.streamed, lm.anatomy
     assert s is not None
-    L = an.n_layers
-    exact = ablation == "exact"
-    starts = [s.calls(b) for b in batches]
-    calls = [c for _, c in starts]
-    inputs = [[store.keep(h0) for h0, _ in starts]]  # block i's input for each batch; then the last block's output
-    del starts
-    stacked = [tile_calls(c, int(b.shape[0]), len(KINDS)) for c, b in zip(calls[:n_ablated], batches)]
-    ablated: list[dict[int, Kept]] = [{} for _ in batches]
-    zd: dict[str, float] = {}
-    with torch.no_grad():
-        for i, block in enumerate(an.blocks):
-            with s.onloaded(s.names(block)):
-                zd |= zd_scores(an, [i])
-                outs = []
-                for b in range(len(batches)):
-                    h = store.load(inputs[i][b])
-                    mid: dict[str, torch.Tensor] = {}
+    with s.states() as store:
+        L = an.n_layers
+        exact = ablation == "exact"
+        starts = [s.calls(b) for b in batches]
+        calls = [c for _, c in starts]
+        inputs = [[store.keep(h0) for h0, _ in starts]]  # block i's input for each batch; then the last block's output
+        del starts
+        stacked = [tile_calls(c, int(b.shape[0]), len(KINDS)) for c, b in zip(calls[:n_ablated], batches)]
+        ablated: list[dict[int, Kept]] = [{} for _ in batches]
+        zd: dict[str, float] = {}
+        with torch.no_grad():
+            for i, block in enumerate(an.blocks):
+                with s.onloaded(s.names(block)):
+                    zd |= zd_scores(an, [i])
+                    outs = []
+                    for b in range(len(batches)):
+                        h = store.load(inputs[i][b])
+                        mid: dict[str, torch.Tensor] = {}
 
-                    def on_block(tr: BlockTrace) -> None:
-                        _observe(accs, tr, attention)
-                        mid["h"] = (tr.h_in + tr.attn).detach()
+                        def on_block(tr: BlockTrace) -> None:
+                            _observe(accs, tr, attention)
+                            mid["h"] = (tr.h_in + tr.attn).detach()
 
-                    with tap(an, on_block, attn_weights=attention):
-                        out = run_blocks(an, i, h, calls[b], stop=i + 1)
-                    if exact and b < n_ablated:
-                        for j, kept in ablated[b].items():
-                            carried = run_blocks(an, i, store.load(kept), stacked[b], stop=i + 1)
-                            ablated[b][j] = store.keep(carried, over=kept)
-                        with skip(an, [unit_name(i, "attn")]):
-                            no_attn = run_blocks(an, i, h, calls[b], stop=i + 1)
-                        begin = {"block": h, "attn": no_attn, "mlp": mid["h"]}
-                        ablated[b][i] = store.keep(torch.cat([begin[k] for k in KINDS]))
-                    outs.append(store.keep(out))
-                inputs.append(outs)
-    last = inputs.pop()
-    targets = [b[:, 1:].flatten().to(s.device) for b in batches]
-    if ablation in ("exact", "taylor"):
-        _taylor(lm, store, inputs, last, calls, targets, taylor_acc)
-    if not (lens or exact):
-        bar.update(len(batches))
-        return 0, zd
-    done = 0
-    with s.head(), torch.no_grad():
-        for b, batch in enumerate(batches):
-            per_window = batch.shape[1] - 1
-            rows = _sampled_rows(batch.shape[0], per_window, positions, g)
-            rows = rows.to(s.device) if rows is not None else None
-            sampled = per_window if rows is None or positions is None else positions
-            tg = targets[b] if rows is None else targets[b][rows]
-            ref = lens_m.Reference.from_logits(readout(an, store.load(last[b]), rows), tg)
-            if lens:
+                        with tap(an, on_block, attn_weights=attention):
+                            out = run_blocks(an, i, h, calls[b], stop=i + 1)
+                        if exact and b < n_ablated:
+                            for j, kept in ablated[b].items():
+                                carried = run_blocks(an, i, store.load(kept), stacked[b], stop=i + 1)
+                                ablated[b][j] = store.keep(carried, over=kept)
+                            with skip(an, [unit_name(i, "attn")]):
+                                no_attn = run_blocks(an, i, h, calls[b], stop=i + 1)
+                            begin = {"block": h, "attn": no_attn, "mlp": mid["h"]}
+                            ablated[b][i] = store.keep(torch.cat([begin[k] for k in KINDS]))
+                        outs.append(store.keep(out))
+                    inputs.append(outs)
+        last = inputs.pop()
+        targets = [b[:, 1:].flatten().to(s.device) for b in batches]
+        if ablation in ("exact", "taylor"):
+            _taylor(lm, store, inputs, last, calls, targets, taylor_acc)
+        if not (lens or exact):
+            bar.update(len(batches))
+            return 0, zd
+        done = 0
+        with s.head(), torch.no_grad():
+            for b, batch in enumerate(batches):
+                per_window = batch.shape[1] - 1
+                rows = _sampled_rows(batch.shape[0], per_window, positions, g)
+                rows = rows.to(s.device) if rows is not None else None
+                sampled = per_window if rows is None or positions is None else positions
+                tg = targets[b] if rows is None else targets[b][rows]
+                ref = lens_m.Reference.from_logits(readout(an, store.load(last[b]), rows), tg)
+                if lens:
+                    for i in range(L):
+                        z = readout(an, store.load(inputs[i + 1][b] if i + 1 < L else last[b]), rows)
+                        kl, nll = lens_m.compare(z, ref)
+                        accs[i].lens.add(torch.stack((kl, lens_m.top1(z, ref), nll), dim=-1))
+                bar.update(1)
+                if not (exact and b < n_ablated):
+                    continue
+                done += int(batch.shape[0])
                 for i in range(L):
-                    z = readout(an, store.load(inputs[i + 1][b] if i + 1 < L else last[b]), rows)
-                    kl, nll = lens_m.compare(z, ref)
-                    accs[i].lens.add(torch.stack((kl, lens_m.top1(z, ref), nll), dim=-1))
-            bar.update(1)
-            if not (exact and b < n_ablated):
-                continue
-            done += int(batch.shape[0])
-            for i in range(L):
-                for kind, out in zip(KINDS, store.load(ablated[b][i]).chunk(len(KINDS))):
-                    kl, nll = lens_m.compare(readout(an, out, rows), ref)
-                    accs[i].abl_nll[kind].add(st.window_means(nll - ref.nll, sampled))
-                    accs[i].abl_kl[kind].add(st.window_means(kl, sampled))
-                    bar.update(1)
-    return done, zd
+                    for kind, out in zip(KINDS, store.load(ablated[b][i]).chunk(len(KINDS))):
+                        kl, nll = lens_m.compare(readout(an, out, rows), ref)
+                        accs[i].abl_nll[kind].add(st.window_means(nll - ref.nll, sampled))
+                        accs[i].abl_kl[kind].add(st.window_means(kl, sampled))
+                        bar.update(1)
+        return done, zd
 
 
 def _taylor(
