@@ -778,8 +778,10 @@ def test_a_gguf_file_is_read_from_disk_without_converting_its_weights(arch, tmp_
     (header,) = (loading.cache_root() / "models").iterdir()
     assert header.name.endswith("-header") and not list(header.glob("*.safetensors"))
     assert isinstance(disk.streamed.checkpoint, GGUFCheckpoint)
-    resident = load(str(path))
+    resident = load(str(path))  # converted now, its config and tokenizer copied from the header folder
     folder = Path(loading.checkpoint_folder(str(path))[0])
+    assert (folder / "tokenizer.json").read_bytes() == (header / "tokenizer.json").read_bytes()
+    assert resident.tokenizer("a w3 b").input_ids == disk.tokenizer("a w3 b").input_ids
     converted = {k: v for f in folder.glob("*.safetensors") for k, v in load_file(f).items()}
     ckpt = disk.streamed.checkpoint
     assert converted.keys() == ckpt.sources.keys()

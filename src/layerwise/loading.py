@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -151,8 +152,16 @@ def _gguf_cache(gguf: Path, trust_remote_code: bool, *, weights: bool = True) ->
         if read_json(target / SOURCE_FILE, "the record of a converted GGUF file").get("gguf") != str(gguf):
             write_json(target / SOURCE_FILE, {"gguf": str(gguf), "gguf_sha256": digest})  # the same file, moved
         return target, digest
+    header = whole.with_name(f"{whole.name}-header")
     with atomic_dir(target, "cache") as tmp:
-        _convert(gguf, meta.get("general.architecture"), tmp, trust_remote_code, weights=weights)
+        if weights and (header / "config.json").exists():  # the config and tokenizer a plan had converted
+            for f in header.iterdir():
+                if f.is_file() and not f.name.startswith(".") and f.name != SOURCE_FILE:
+                    shutil.copy2(f, tmp)
+        else:
+            _convert(gguf, meta.get("general.architecture"), tmp, trust_remote_code)
+        if weights:
+            _write_weights(gguf, tmp, trust_remote_code)
         write_json(tmp / SOURCE_FILE, {"gguf": str(gguf), "gguf_sha256": digest})
     return target, digest
 
@@ -161,17 +170,16 @@ def _gguf_cache(gguf: Path, trust_remote_code: bool, *, weights: bool = True) ->
 SHARD_BYTES = 2**28
 
 
-def _convert(gguf: Path, arch: str | None, out: Path, trust_remote_code: bool, *, weights: bool) -> None:
-    """Write a GGUF file into ``out`` as a transformers checkpoint: the tokenizer, the config, then (``weights``)
-    the weights tensor by tensor.
+def _convert(gguf: Path, arch: str | None, out: Path, trust_remote_code: bool) -> None:
+    """Write a GGUF file's tokenizer and config into ``out``, as a transformers checkpoint has them, having checked
+    that the file holds every weight (:func:`_write_weights` writes them, one tensor at a time).
 
     transformers' own route (``from_pretrained(gguf_file=...)``, then ``save_pretrained``) dequantized every
     weight into one dict beside the parsed metadata, built the model from it, and converted the tokenizer with the
     model still held: 3.6 GB above the interpreter for a Gemma-3-270M-shaped file of 1.07 GB of float32 weights.
-    Here the tokenizer is written and let go first, then one tensor at a time is dequantized and written into its
-    shard, under the names and with the fixes (q/k permutation, Gemma's norm offset) transformers' GGUF loader
-    gives it (:class:`layerwise.engine.GGUFCheckpoint`): the same config, tokenizer and weights (in shards), with
-    the largest tensor as the peak.
+    Here the tokenizer is written and let go first; the weights follow one tensor at a time, under the names and
+    with the fixes (q/k permutation, Gemma's norm offset) transformers' GGUF loader gives them
+    (:class:`layerwise.engine.GGUFCheckpoint`), with the largest tensor as the peak.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -187,13 +195,22 @@ def _convert(gguf: Path, arch: str | None, out: Path, trust_remote_code: bool, *
     _check_model_type(config.model_type, str(gguf))
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    ckpt = GGUFCheckpoint.of(gguf, skeleton)  # refuses a file that lacks a weight
-    if weights:
-        save_shards(((name, ckpt.tensor(name)) for name in ckpt.sources), out, shard_bytes=SHARD_BYTES)
+    GGUFCheckpoint.of(gguf, skeleton)  # refuses a file that lacks a weight
     config.architectures = [type(skeleton).__name__]
     config.dtype = torch.float32
     config.save_pretrained(out)
     GenerationConfig.from_model_config(config).save_pretrained(out)
+
+
+def _write_weights(gguf: Path, out: Path, trust_remote_code: bool) -> None:
+    """The GGUF file's weights into shards in ``out`` (which holds its config), one tensor dequantized at a time."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(out, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    ckpt = GGUFCheckpoint.of(gguf, skeleton)
+    save_shards(((name, ckpt.tensor(name)) for name in ckpt.sources), out, shard_bytes=SHARD_BYTES)
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
