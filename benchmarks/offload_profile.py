@@ -23,7 +23,7 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from small_paths_memory import REPORT, RESULTS, _machine, _python, heading  # noqa: E402
+from small_paths_memory import REPORT, _machine, _python, heading, load_average, publish  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 #: Llama shapes (hidden, layers, heads, key-value heads, MLP width); SmolLM2's 49152-token vocabulary, tied head.
@@ -108,7 +108,6 @@ def main() -> None:
 
 
 def _write(out: dict) -> None:
-    from layerwise.io import write_atomic, write_json
 
     lines = [
         heading("offload_profile", out),
@@ -135,13 +134,9 @@ def _write(out: dict) -> None:
         "From disk, the weights in memory are one block's at a time (the embedding and the final norm for the first "
         "pass, the head for the readouts), plus the hidden states kept for the readouts and the backward pass: each "
         "block's input for every calibration window (layers x windows x seq-len x hidden floats), which is what "
-        "grows with depth and data there. Load average (1, 5, 15 min) at start "
-        f"{', '.join(f'{v:.1f}' for v in out['loadavg_start'])}, at end "
-        f"{', '.join(f'{v:.1f}' for v in out['loadavg_end'])}.",
+        f"grows with depth and data there. {load_average(out)}.",
     ]
-    write_json(RESULTS / "offload_profile.json", out)
-    write_atomic(RESULTS / "offload_profile.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    publish("offload_profile", out, lines)
 
 
 if __name__ == "__main__":

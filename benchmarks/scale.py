@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import shapes  # noqa: E402
-from small_paths_memory import REPORT, RESULTS, _machine, _python, heading  # noqa: E402
+from small_paths_memory import REPORT, RESULTS, _machine, _python, heading, load_average, publish  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SEQ, SAMPLES, BATCH = 128, 4, 2
@@ -136,7 +136,6 @@ def _mib(n: float) -> str:
 
 
 def _write(out: dict, show: bool = True) -> None:
-    from layerwise.io import write_atomic, write_json
 
     lines = [
         heading("scale", out),
@@ -172,14 +171,9 @@ def _write(out: dict, show: bool = True) -> None:
         "",
         *_growth(out["rows"]),
         "",
-        "Load average (1, 5, 15 min) at start "
-        f"{', '.join(f'{v:.1f}' for v in out['loadavg_start'])}, at end "
-        f"{', '.join(f'{v:.1f}' for v in out['loadavg_end'])}.",
+        f"{load_average(out)}.",
     ]
-    write_json(RESULTS / "scale.json", out)
-    write_atomic(RESULTS / "scale.md", "\n".join(lines) + "\n")
-    if show:
-        print("\n".join(lines))
+    publish("scale", out, lines, show=show)
 
 
 def _growth(rows: list[dict]) -> list[str]:

@@ -200,6 +200,22 @@ def _machine() -> dict:
     }
 
 
+def load_average(out: dict) -> str:
+    """The machine's load average (1, 5, 15 min) at the run's start and end, as the pages state it."""
+    start, end = (", ".join(f"{v:.1f}" for v in out[k]) for k in ("loadavg_start", "loadavg_end"))
+    return f"Load average (1, 5, 15 min) at start {start}, at end {end}"
+
+
+def publish(name: str, out: dict, lines: list[str], *, show: bool = True) -> None:
+    """Write a benchmark's results, ``name``.json (``out``) and ``name``.md (``lines``), atomically; print the page."""
+    from layerwise.io import write_atomic, write_json
+
+    write_json(RESULTS / f"{name}.json", out)
+    write_atomic(RESULTS / f"{name}.md", "\n".join(lines) + "\n")
+    if show:
+        print("\n".join(lines))
+
+
 def heading(name: str, out: dict) -> str:
     """A results page's first line: the benchmark, the date and the machine."""
     m = out["machine"]
@@ -210,7 +226,6 @@ def heading(name: str, out: dict) -> str:
 
 
 def _write(out: dict, paths: list[str], name: str) -> None:
-    from layerwise.io import write_atomic, write_json
 
     rows = out["rows"]
     lines = [
@@ -240,15 +255,11 @@ def _write(out: dict, paths: list[str], name: str) -> None:
         ]
     lines += [
         "",
-        "Load average (1, 5, 15 min) at start "
-        f"{', '.join(f'{v:.1f}' for v in out['loadavg_start'])}, at end "
-        f"{', '.join(f'{v:.1f}' for v in out['loadavg_end'])}: where it is above {out['machine']['cpus']}, other "
+        f"{load_average(out)}: where it is above {out['machine']['cpus']}, other "
         "jobs shared the cores, and the seconds (wall clock) are slower and noisy; "
         "CPU seconds (user and system, all threads) less so, and the peaks not at all.",
     ]
-    write_json(RESULTS / f"{name}.json", out)
-    write_atomic(RESULTS / f"{name}.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    publish(name, out, lines)
 
 
 if __name__ == "__main__":

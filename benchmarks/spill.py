@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from offload_profile import largest_difference  # noqa: E402
-from small_paths_memory import REPORT, RESULTS, _machine, _python, heading  # noqa: E402
+from small_paths_memory import REPORT, _machine, _python, heading, load_average, publish  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 ARGS = "--seq-len 256 --batch-size 4 --ablation taylor --positions 64".split()
@@ -113,7 +113,6 @@ def _mib(n: float) -> str:
 
 
 def _write(out: dict) -> None:
-    from layerwise.io import write_atomic, write_json
 
     lines = [
         heading("spill", out),
@@ -156,13 +155,9 @@ def _write(out: dict) -> None:
         f"Direct / converted: time {d['seconds'] / c['seconds']:.2f}x, "
         f"peak {d['peak_rss_bytes'] / c['peak_rss_bytes']:.2f}x, "
         f"cache {d['cache_bytes'] / c['cache_bytes']:.3f}x; largest relative difference between the two profiles "
-        f"{g['max_rel']:.1e}. Load average (1, 5, 15 min) at start "
-        f"{', '.join(f'{v:.1f}' for v in out['loadavg_start'])}, at end "
-        f"{', '.join(f'{v:.1f}' for v in out['loadavg_end'])}.",
+        f"{g['max_rel']:.1e}. {load_average(out)}.",
     ]
-    write_json(RESULTS / "spill.json", out)
-    write_atomic(RESULTS / "spill.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    publish("spill", out, lines)
 
 
 if __name__ == "__main__":
