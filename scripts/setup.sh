@@ -26,7 +26,8 @@ LLAMA_CMAKE="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML
 llama_wheel() {  # build (once) and install llama-cpp-python==$LLAMA_VERSION with $LLAMA_CMAKE
     local dir whl
     dir="${LAYERWISE_CACHE:-$HOME/.cache/layerwise}/wheels/llama-$(echo "$LLAMA_VERSION $LLAMA_CMAKE" | sha256sum | cut -c1-12)"
-    whl=$(ls "$dir"/llama_cpp_python-"$LLAMA_VERSION"-*.whl 2>/dev/null | head -n 1)
+    # no wheel yet: ls fails, which pipefail would turn into set-up's silent end
+    whl=$(ls "$dir"/llama_cpp_python-"$LLAMA_VERSION"-*.whl 2>/dev/null | head -n 1 || true)
     if [ -z "$whl" ]; then
         echo "setup: building llama-cpp-python $LLAMA_VERSION from source (10-20 min on 2 cores, once)"
         CMAKE_ARGS="$LLAMA_CMAKE" pip_install_cmd wheel --no-deps --no-cache-dir -w "$dir" "llama-cpp-python==$LLAMA_VERSION"
