@@ -73,15 +73,13 @@ def test_profile_stream_metrics_match_traced_tensors(monkeypatch, blocks_per_run
 
     Blocks are reduced one at a time (the CPU's way), in runs of two, and all together (an accelerator's way).
     """
-    import importlib
-
-    lp = importlib.import_module("layerwise.profile")  # the package's `profile` attribute is the function
+    from layerwise import reducers
 
     lm = tiny_lm("gemma3_text")
     w = tiny_windows(2)
     an = lm.anatomy
     per_block = w.calibration.numel() * (4 * an.embed.weight.shape[1] + an.linear_weight(an.down_proj(0)).shape[1])
-    monkeypatch.setattr(lp, "_run_elements", lambda device: per_block * blocks_per_run)
+    monkeypatch.setattr(reducers, "_run_elements", lambda device: per_block * blocks_per_run)
     prof = profile(lm, w, ablation="none", lens=False, progress=False)
     traces = []
     with torch.no_grad(), tap(lm.anatomy, traces.append):

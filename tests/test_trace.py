@@ -132,15 +132,15 @@ def test_streaming_state_does_not_grow(monkeypatch):
 
     lp = sys.modules["layerwise.profile"]  # the package's ``profile`` attribute is the function
     state_bytes = []
-    finalize = lp._finalize
+    units = lp._units
 
-    def measured(lm, accs, taylor_acc, ablation, zd_of=None):
-        stats = [s for acc in accs for s in acc.stats()] + [s for acc in accs for s in acc.run.stats()] + [taylor_acc]
+    def measured(n_layers, red):
+        stats = [s for r in red.all() for s in r.stats()]
         tensors = [getattr(s, k) for s in stats for k in s.STATE if getattr(s, k) is not None]
         state_bytes.append(sum({id(t): t.numel() * t.element_size() for t in tensors}.values()))
-        return finalize(lm, accs, taylor_acc, ablation, zd_of)
+        return units(n_layers, red)
 
-    monkeypatch.setattr(lp, "_finalize", measured)
+    monkeypatch.setattr(lp, "_units", measured)
     lm = tiny_lm("llama")
     small = profile(lm, tiny_windows(2), ablation="exact", batch_size=2, progress=False)
     big = profile(lm, tiny_windows(8), ablation="exact", batch_size=2, progress=False)

@@ -192,8 +192,10 @@ def test_gradient_accumulation_matches_one_big_batch():
     tune.train(b, ids, select="full", steps=1, lr=1e-2, batch_size=2, grad_accum=2, max_grad_norm=0, progress=False)
     start = tiny_lm("llama", LAYERS).model
     for (n, p), q, s in zip(a.model.named_parameters(), b.model.parameters(), start.parameters()):
-        # Adam's first step moves each weight by about lr = 1e-2; the two runs agree to a thousandth of that
-        assert (p - s).abs().max() > 5e-3 and torch.allclose(p, q, rtol=0, atol=1e-5), n
+        # Adam's first step moves each weight by about lr = 1e-2; the two runs agree to a hundredth of that. Adam
+        # divides each step by its gradient's size, so a gradient near zero, summed over two micro-batches in
+        # another order, moves its weight by more than rounding: 2e-5 on one weight of 2048, measured
+        assert (p - s).abs().max() > 5e-3 and torch.allclose(p, q, rtol=0, atol=1e-4), n
 
 
 def _trainer(tmp_path, model, sel, steps: int, optimizer=None):

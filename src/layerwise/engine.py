@@ -1,10 +1,10 @@
 """Block-sequential running of a model whose weights stay on disk.
 
-The model is built on the meta device (a skeleton: modules and shapes, no weights). Each block's weights are read
-from the safetensors checkpoint only while that block runs, placed on the device in the compute dtype, and given
-back afterwards, so the weights in memory are one block's (plus the embedding, the final norm and the head while
-they are used). Every batch of windows passes a block before the next block is read: the windows' hidden states are
-carried from block to block.
+The model is built on the meta device (a skeleton: modules and shapes, no weights). Each block's weights are placed
+on the device in the compute dtype only while that block runs, and given back afterwards, so the weights in memory
+are one block's and the next one's, read from the checkpoint in a background thread meanwhile
+(:meth:`Streamed.blocks`; plus the embedding, the final norm and the head while they are used). Every batch of
+windows passes a block before the next block is placed: the windows' hidden states are carried from block to block.
 
 The extra inputs each block takes (masks, position embeddings) are the model's own: a dry pass runs the model with
 every block skipped (``trace.install_skips``) and records what each block was called with, so no architecture's
@@ -18,7 +18,8 @@ import errno
 import json
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -367,8 +368,9 @@ class Streamed:
 
     ``spill``: the folder where each pass keeps the hidden states it carries (:class:`States`); None keeps them in
     CPU memory. ``rows``: how many rows of the embedding and the head are read at a time (None: each whole; see
-    :func:`slice_rows`). Making one sets glibc to give freed buffers back at once (:func:`return_freed_memory`),
-    for the process."""
+    :func:`slice_rows`). ``prefetch``: :meth:`blocks` reads the next block in a background thread while the current
+    one runs (one more block in host memory), else each block only when it is reached. Making one sets glibc to give
+    freed buffers back at once (:func:`return_freed_memory`), for the process."""
 
     def __init__(
         self,
@@ -379,9 +381,10 @@ class Streamed:
         dtype=torch.float32,
         spill: str | Path | None = None,
         rows: int | None = None,
+        prefetch: bool = True,
     ) -> None:
         return_freed_memory()
-        self.model, self.checkpoint, self.rows = model, checkpoint, rows
+        self.model, self.checkpoint, self.rows, self.prefetch = model, checkpoint, rows, prefetch
         self.spill = None if spill is None else Path(spill)
         self.anatomy = Anatomy(model)
         self.device, self.dtype = torch.device(device), dtype
@@ -428,22 +431,65 @@ class Streamed:
         inside = tuple(f"{self.paths[m]}." for m in (*self.anatomy.blocks, self.anatomy.head))
         return [n for n in self.keys if not n.startswith(inside)]
 
+    def _tensor(self, name: str) -> torch.Tensor:
+        """A parameter's tensor read from the checkpoint, in the compute dtype, in host memory."""
+        return self.checkpoint.tensor(self.keys[name]).to(self.dtype)
+
+    def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """A block's tensors read ahead of its turn, pinned when the device is a GPU so that placing them copies at
+        full speed (a :class:`HeldCheckpoint`'s are pinned already: then nothing is copied here)."""
+        pin = self.device.type == "cuda"
+        values = {}
+        for name in names:
+            value = self._tensor(name)
+            values[name] = value.pin_memory() if pin else value
+        return values
+
     @contextmanager
-    def onloaded(self, names: list[str]) -> Iterator[None]:
-        """These parameters read from the checkpoint for the ``with``; on exit (also on error) the skeleton's own
-        meta parameters are put back, so ties and every parameter's identity outlast the read."""
+    def onloaded(self, names: list[str], values: dict[str, torch.Tensor] | None = None) -> Iterator[None]:
+        """These parameters placed on the device for the ``with``: ``values`` when they were read already (taken out
+        of the dict as they are placed, so a host copy is freed once on the device), else each read from the
+        checkpoint in turn; on exit (also on error) the skeleton's own meta parameters are put back, so ties and
+        every parameter's identity outlast the read."""
         from accelerate.utils import set_module_tensor_to_device
 
         kept = {name: self.model.get_parameter(name) for name in names}
         try:
             for name in names:
-                value = self.checkpoint.tensor(self.keys[name]).to(self.dtype)
+                value = values.pop(name) if values is not None else self._tensor(name)
                 set_module_tensor_to_device(self.model, name, self.device, value=value, dtype=self.dtype)
             yield
         finally:
             for name, param in kept.items():
                 path, _, attr = name.rpartition(".")
                 self.model.get_submodule(path).register_parameter(attr, param)
+
+    def blocks(self, order: Iterable[int] | None = None) -> Iterator[int]:
+        """Each block of ``order`` (default: first to last; ``reversed(range(a, b))`` for a backward pass) onloaded
+        in turn, its index yielded while its weights are placed.
+
+        With :attr:`prefetch` the next block's tensors are read (from disk, dequantized, converted) in a background
+        thread while the caller runs the current one, so reading overlaps compute; the thread and any read in flight
+        are finished when the loop ends, also when the caller breaks out or raises. Use it directly in a ``for``
+        (never kept in a variable), so that leaving the loop closes it at once."""
+        order = list(range(self.anatomy.n_layers) if order is None else order)
+        if not self.prefetch:
+            for i in order:
+                with self.onloaded(self.names(self.anatomy.blocks[i])):
+                    yield i
+            return
+        names = [self.names(self.anatomy.blocks[i]) for i in order]
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerwise-prefetch")
+        try:
+            ahead: Future[dict[str, torch.Tensor]] | None = pool.submit(self._read, names[0]) if order else None
+            for k, i in enumerate(order):
+                assert ahead is not None
+                values = ahead.result()
+                ahead = pool.submit(self._read, names[k + 1]) if k + 1 < len(order) else None
+                with self.onloaded(names[k], values):
+                    yield i
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     @contextmanager
     def states(self) -> Iterator[States]:
@@ -549,13 +595,13 @@ class Streamed:
 
     def last_hidden(self, batches: list[dict[str, Any]]) -> list[torch.Tensor]:
         """Each batch (the model's keyword inputs, ``input_ids`` among them) through every block, block-major:
-        every batch passes block ``i`` while its weights are read. Returns each batch's last block output."""
+        every batch passes block ``i`` while its weights are placed (:meth:`blocks`). Returns each batch's last
+        block output."""
         starts = [self.calls(**inputs) for inputs in batches]
         h = [h0 for h0, _ in starts]
         with torch.no_grad():
-            for i, block in enumerate(self.anatomy.blocks):
-                with self.onloaded(self.names(block)):
-                    h = [run_blocks(self.anatomy, i, hb, c, stop=i + 1) for hb, (_, c) in zip(h, starts)]
+            for i in self.blocks():
+                h = [run_blocks(self.anatomy, i, hb, c, stop=i + 1) for hb, (_, c) in zip(h, starts)]
         return h
 
     def greedy(self, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, *, pad: int) -> torch.Tensor:

@@ -109,14 +109,13 @@ def streamed_quality(
         streams = {name: [store.keep(h0) for h0, _ in starts] for name in (None, *variants)}
         del starts
         with torch.no_grad(), tqdm(total=an.n_layers, desc=desc, unit="block", disable=not progress) as bar:
-            for i, block in enumerate(an.blocks):
-                with s.onloaded(s.names(block)):
-                    for name, h in streams.items():
-                        with variants[name](i) if name is not None else contextlib.nullcontext():
-                            h[:] = [
-                                store.keep(run_blocks(an, i, store.load(k), call, stop=i + 1), over=k)
-                                for k, call in zip(h, calls)
-                            ]
+            for i in s.blocks():
+                for name, h in streams.items():
+                    with variants[name](i) if name is not None else contextlib.nullcontext():
+                        h[:] = [
+                            store.keep(run_blocks(an, i, store.load(k), call, stop=i + 1), over=k)
+                            for k, call in zip(h, calls)
+                        ]
                 bar.update()
         with s.head(), torch.no_grad():
             for b, x in enumerate(batches):

@@ -220,21 +220,20 @@ def _collect_streamed(lm: LoadedModel, batches: list[_Batch], reads: _Readouts, 
     store: in memory, or spilled)."""
     s, an = lm.streamed, lm.anatomy
     assert s is not None
-    blocks: Sequence[int] = range(max(reads.wanted) + 1)
-    if progress:
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        blocks = tqdm(blocks, desc="features, block by block", unit="block")
-    with s.states() as store, torch.no_grad():
+    stop = max(reads.wanted) + 1
+    bar = tqdm(total=stop, desc="features, block by block", unit="block", disable=not progress)
+    with s.states() as store, torch.no_grad(), bar:
         starts = [s.calls(b.ids, attention_mask=b.mask) for b in batches]
         h = [store.keep(h0) for h0, _ in starts]
         calls = [c for _, c in starts]
         del starts
-        for i in blocks:
-            with s.onloaded(s.names(an.blocks[i])):
-                for k, batch in enumerate(batches):
-                    with tap(an, reads.tap(batch), mlp_hidden=False):
-                        h[k] = store.keep(run_blocks(an, i, store.load(h[k]), calls[k], stop=i + 1), over=h[k])
+        for i in s.blocks(range(stop)):
+            for k, batch in enumerate(batches):
+                with tap(an, reads.tap(batch), mlp_hidden=False):
+                    h[k] = store.keep(run_blocks(an, i, store.load(h[k]), calls[k], stop=i + 1), over=h[k])
+            bar.update()
 
 
 def collect(

@@ -302,9 +302,11 @@ def _streamed(
     attn_implementation: str | None,
     spill: str | Path | None,
     offload: str,
+    prefetch: bool,
 ) -> LoadedModel:
     """A skeleton model whose weights the engine reads from ``target`` block by block (``offload`` cpu: read once
-    into CPU memory first; its passes' hidden states kept in a file in ``spill`` when given)."""
+    into CPU memory first; its passes' hidden states kept in a file in ``spill`` when given; the next block read
+    while one runs with ``prefetch``)."""
     from transformers import AutoTokenizer
 
     from .engine import HeldCheckpoint, Streamed, open_checkpoint, skeleton, slice_rows
@@ -320,7 +322,7 @@ def _streamed(
     found = open_checkpoint(target, model)
     held = HeldCheckpoint.of(found, dtype, pin=device.startswith("cuda")) if offload == "cpu" else None
     rows = slice_rows(model, dtype)
-    streamed = Streamed(model, held or found, device=device, dtype=dtype, spill=spill, rows=rows)
+    streamed = Streamed(model, held or found, device=device, dtype=dtype, spill=spill, rows=rows, prefetch=prefetch)
     tokenizer = (
         None
         if _lacks_tokenizer(target, source)
@@ -342,6 +344,7 @@ def load(
     attn_implementation: str | None = None,
     offload: Offload = "none",
     spill: str | Path | None = None,
+    prefetch: bool = True,
 ) -> LoadedModel:
     """Load a model for analysis.
 
@@ -354,7 +357,9 @@ def load(
     ``offload="cpu"`` reads every weight once into CPU memory and copies one block at a time onto the device, for a
     model that fits the machine but not the GPU. ``spill``, with either: a folder where each pass keeps the hidden
     states it carries from block to block (profile, the quantization measurement, held-out evaluation), in a file
-    removed when the pass ends, instead of in memory.
+    removed when the pass ends, instead of in memory. ``prefetch``, with either: read the next block's weights in a
+    background thread while a block runs (one more block in memory), so reading and dequantizing overlap compute;
+    off, each block is read only when it is reached.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -368,7 +373,9 @@ def load(
             "`spill` keeps the hidden states of a model run block by block; give `offload` disk or cpu with it"
         )
     if offload != "none":
-        return _streamed(target, source, dev, torch_dtype, trust_remote_code, attn_implementation, spill, offload)
+        return _streamed(
+            target, source, dev, torch_dtype, trust_remote_code, attn_implementation, spill, offload, prefetch
+        )
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

@@ -11,7 +11,8 @@ that does not fit. Each figure is an estimate; ``benchmarks/offload_profile.py``
 - ``weights``: every weight in the compute dtype, and ``files``, the checkpoint's pages, which loading maps and the
   resident set counts while they are read;
 - ``block`` and ``stem``: the largest block's weights, and the embedding or the head (read alone), each with its
-  pages, when reading from disk;
+  pages, when reading from disk; the block counted twice, the one running and the next one read ahead in host
+  memory meanwhile (:meth:`layerwise.engine.Streamed.blocks`);
 - ``states``: what the block-by-block pass keeps: each block's input for every calibration window and, for exact
   ablation, the ablated streams it carries (profile, quantize's measurement); the original's and each variant's
   stream for every held-out window (drop's and quantize's evaluation);
@@ -102,17 +103,24 @@ class MemoryPlan:
         return int(SLACK * (self.runtime + self.weights + self.files + self.work + self.extra + self.kept))
 
     @property
+    def blocks(self) -> int:
+        """The block weights a run from disk holds: the block running and the next one, read ahead meanwhile."""
+        return 2 * self.block
+
+    @property
     def streamed(self) -> int:
-        return int(SLACK * (self.runtime + self.block + self.stem + self.states + self.block_work + self.kept))
+        """The peak from disk, the carried hidden states in memory."""
+        return int(SLACK * (self.runtime + self.blocks + self.stem + self.states + self.block_work + self.kept))
 
     @property
     def spilled(self) -> int:
         """The peak from disk with the carried hidden states in a file (only ``live`` of them in memory)."""
-        return int(SLACK * (self.runtime + self.block + self.stem + self.live + self.block_work + self.kept))
+        return int(SLACK * (self.runtime + self.blocks + self.stem + self.live + self.block_work + self.kept))
 
     @property
     def held(self) -> int:
-        """The machine's memory ``offload`` cpu holds: every weight, read once, and the hidden states kept."""
+        """The machine's memory ``offload`` cpu holds: every weight, read once, and the hidden states kept (a block
+        read ahead is one of those weights, not a copy: nothing more)."""
         return int(SLACK * (self.runtime + self.weights + self.files + self.states + self.kept))
 
     def choose(self, offload: str, budget: int, host: int | None = None) -> str:
@@ -162,8 +170,9 @@ class MemoryPlan:
         }[mode]
         spilled = f", {_size(self.spilled)} spilling its hidden states" if self.live else ""
         return (
-            f"memory: weights {_size(self.weights)}, largest block {_size(self.block)}, hidden states kept from "
-            f"disk {_size(self.states)}, one batch's work {_size(self.work)}; peak about {_size(self.resident)} in "
+            f"memory: weights {_size(self.weights)}, largest block {_size(self.block)} (two held from disk, the "
+            f"next read ahead), hidden states kept from disk {_size(self.states)}, one batch's work "
+            f"{_size(self.work)}; peak about {_size(self.resident)} in "
             f"memory, {_size(self.streamed)} from disk{spilled}; budget {_size(budget)}: runs {where}"
         )
 

@@ -1,13 +1,12 @@
 """Profile: one row per unit, one column per metric, plus how it was made.
 
-:func:`profile` makes one streaming pass over the calibration windows. For
-each batch it runs the model once with taps on every block (stream metrics,
-and the Taylor estimate through one backward pass), reads the logit lens from
-the cached block outputs, and then ablates every unit exactly by re-running
-only the blocks after it from the cached residual stream (the three units of
-a block as one batch, since all three rejoin the stream at the next block).
-The head reads the last block's output a slice of positions at a time (or at
-the sampled positions), so a batch's full-vocabulary logits never exist at once.
+:func:`profile` makes one streaming pass over the calibration windows that feeds each metric family's reducer
+(:mod:`layerwise.reducers`). For each batch it runs the model once with taps on every block (stream metrics,
+attention, and the Taylor estimate through one backward pass), reads the logit lens from the cached block outputs,
+and then ablates every unit exactly by re-running only the blocks after it from the cached residual stream (the
+three units of a block as one batch, since all three rejoin the stream at the next block). The head reads the last
+block's output a slice of positions at a time (or at the sampled positions), so a batch's full-vocabulary logits
+never exist at once.
 """
 
 from __future__ import annotations
@@ -15,9 +14,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,7 +24,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from .anatomy import KINDS, Kind, unit_name
+from .anatomy import KINDS, Anatomy, Kind, unit_name
 from .data import Windows, check_context
 from .errors import LayerwiseError
 from .io import check_same_model, provenance, write_atomic, write_json
@@ -35,7 +33,16 @@ from .memory import peak_memory
 from .metrics import lens as lens_m
 from .metrics import stream as st
 from .metrics.agreement import spearman
-from .metrics.weights import z_fraction
+from .reducers import (
+    ATTENTION,
+    AttentionPatterns,
+    ExactAblation,
+    LogitLens,
+    Reducers,
+    StreamStats,
+    TaylorEstimate,
+    WeightZD,
+)
 from .trace import BlockTrace, readout, run_blocks, skip, tap, tile_calls
 
 METRICS: tuple[str, ...] = (
@@ -57,8 +64,6 @@ METRICS: tuple[str, ...] = (
     "attn_distance",
     "attn_sink",
 )
-#: The attention-pattern metrics (``attention=True``); each is the mean over heads, per head in ``details``.
-ATTENTION = ("attn_entropy", "attn_distance", "attn_sink")
 #: Which unit kinds each metric describes (others get null).
 APPLIES: dict[str, tuple[Kind, ...]] = {
     "bi": ("block",),
@@ -264,98 +269,6 @@ def needs_hint(metric: str) -> str:
     return f"ablation={n['ablation']!r} (layerwise profile --ablation {n['ablation']})"
 
 
-class _Run:
-    """Stream statistics of a run of consecutive blocks, reduced together.
-
-    During a pass each block's ``h``, ``a``, ``m``, ``h'`` and MLP hidden
-    activations are held until the run's last block has run; then one set of
-    kernels reduces the whole run, stacked along a block axis. On a GPU a
-    small block's time goes to launching kernels, so statistics taken block
-    by block would cost more than the blocks themselves; a run needs one set
-    of launches for all its blocks. On the CPU a run is one block, which
-    keeps the tensors in cache.
-    """
-
-    #: Per-token columns streamed into ``stream``: the block geometry, then the kurtosis of h and h'.
-    COLUMNS = (*st.GEOMETRY, "kurt_in", "kurt_mid")
-
-    def __init__(self) -> None:
-        self.stream = st.Moments()
-        self.max_in, self.max_mid = st.MaxAbs(), st.MaxAbs()
-        self.sparsity = st.Moments()
-        self._held: list[tuple[torch.Tensor, ...]] = []
-
-    def hold(
-        self, h: torch.Tensor, a: torch.Tensor, m: torch.Tensor, h_mid: torch.Tensor, mlp_hidden: torch.Tensor | None
-    ) -> None:
-        self._held.append((h, a, m, h_mid) + ((mlp_hidden,) if mlp_hidden is not None else ()))
-
-    def reduce(self) -> None:
-        """Add every held block to the running sums, as (tokens, blocks, ...) tensors, and let them go."""
-        h, a, m, h_mid, *hidden = (torch.stack(ts, dim=1) if len(ts) > 1 else ts[0][:, None] for ts in zip(*self._held))
-        self._held.clear()
-        cols = (st.geometry(h, a, m), st.excess_kurtosis(h)[..., None], st.excess_kurtosis(h_mid)[..., None])
-        self.stream.add(torch.cat(cols, dim=-1))
-        self.max_in.add(h)
-        self.max_mid.add(h_mid)
-        if hidden:
-            self.sparsity.add(st.lazy_fraction(hidden[0]))
-
-    def stats(self) -> list[st.Moments | st.MaxAbs]:
-        return [self.stream, self.max_in, self.max_mid, self.sparsity]
-
-
-def _run_elements(device: torch.device) -> int:
-    """Activations a run may hold, in elements: 512 MiB of float32 on an accelerator, one block on the CPU."""
-    return 0 if device.type == "cpu" else 2**27
-
-
-def _runs(lm: LoadedModel, tokens: int) -> list[tuple[_Run, int]]:
-    """Each block's run and its row in it, for batches of ``tokens`` tokens."""
-    an = lm.anatomy
-    per_block = tokens * (4 * an.embed.weight.shape[1] + an.linear_weight(an.down_proj(0)).shape[1])
-    size = max(1, _run_elements(lm.device) // per_block)
-    runs = [_Run() for _ in range(0, an.n_layers, size)]
-    return [(runs[i // size], i % size) for i in range(an.n_layers)]
-
-
-class _LayerAcc:
-    """Everything measured of one block and its two sublayers; fixed size whatever the number of tokens."""
-
-    def __init__(self, run: _Run, row: int) -> None:
-        self.run, self.row = run, row
-        self.lens = st.Moments()  # columns: kl, top1, nll
-        self.attention = st.Moments()  # columns: entropy, distance, sink, each per head
-        self.abl_nll = {k: st.Moments() for k in KINDS}  # per-window means, for the standard error
-        self.abl_kl = {k: st.Moments() for k in KINDS}
-
-    def stats(self) -> list[st.Moments | st.MaxAbs]:
-        return [self.lens, self.attention, *self.abl_nll.values(), *self.abl_kl.values()]
-
-    def peak(self, stream: str) -> st.MaxAbs:
-        """This block's row of its run's largest activations at its input (``in``) or after attention (``mid``)."""
-        return (self.run.max_in if stream == "in" else self.run.max_mid).row(self.row)
-
-    def sparsity(self) -> st.Moments:
-        """This block's row of its run's MLP activation sparsity."""
-        return self.run.sparsity.row(self.row)
-
-    def column(self, name: str) -> tuple[float, float]:
-        """Mean and standard deviation over tokens of one streamed column."""
-        j = _Run.COLUMNS.index(name)
-        stream = self.run.stream.row(self.row)
-        return float(stream.mean[j]), float(stream.std[j])
-
-
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
-
-
-def _se(m: st.Moments) -> float | None:
-    se = st.mean_se(m)[1]
-    return None if se is None else _finite(se)
-
-
 def _sampled_rows(batch: int, per_window: int, positions: int | None, g: torch.Generator) -> torch.Tensor | None:
     """``positions`` distinct predicted positions drawn uniformly in each window, as rows of the flattened batch (None:
     all)."""
@@ -400,152 +313,176 @@ def profile(
     seeds torch before the pass, so a model that samples inside its forward
     runs the same way twice.
 
-    A model loaded with ``offload="disk"`` is profiled block by block, one block's weights read at a time
-    (:mod:`layerwise.profile_streamed`), with the same numbers.
+    Each metric family is a reducer (:mod:`layerwise.reducers`) fed by one pass: batch by batch through the whole
+    model here, or, for a model loaded with ``offload="disk"``, block by block with one block's weights read at a
+    time (:mod:`layerwise.profile_streamed`), with the same numbers.
     """
-    if ablation not in ("exact", "taylor", "none"):
-        raise LayerwiseError(f"unknown `ablation` {ablation!r}; use exact, taylor or none")
-    for name, value in (("positions", positions), ("ablation_samples", ablation_samples)):
-        if value is not None and value < 1:
-            raise LayerwiseError(f"`{name}` must be at least 1 (or None for all), not {value}")
-    an, model = lm.anatomy, lm.model
-    impl = getattr(model.config, "_attn_implementation", None)
-    if attention and impl != "eager":
-        raise LayerwiseError(
-            f"attention metrics need eager attention, but the model runs {impl!r}; load it with "
-            "attn_implementation='eager' (the CLI does for --attention, and for orders by attn_* metrics)"
-        )
-    check_context(windows.seq_len, an.context_length)
+    _check(lm, windows, ablation, attention, positions, ablation_samples)
     torch.manual_seed(seed)
-    L = an.n_layers
-    taylor_acc = st.Moments()  # columns: (attn, mlp, block) of each layer in turn
-    taylor = ablation in ("exact", "taylor")
-    need_ref = lens or ablation == "exact"
     start = time.perf_counter()
     ids = windows.calibration
-    n_tokens = 0
     batches = list(torch.split(ids, batch_size))
-    accs = [_LayerAcc(run, row) for run, row in _runs(lm, batches[0].numel())]
-    n_ablated = (
-        len(batches) if ablation_samples is None else min(len(batches), math.ceil(ablation_samples / batch_size))
-    )
-    bar = tqdm(
-        total=len(batches) + (3 * L * n_ablated if ablation == "exact" else 0),
-        desc="profile",
-        unit="pass",
-        disable=not progress,
-    )
-    g = torch.Generator().manual_seed(seed)
-    ablated_windows, zd_of = 0, None
-    if lm.streamed is not None:
-        from .profile_streamed import streamed_pass
+    red = _reducers(lm, int(batches[0].numel()), ablation=ablation, lens=lens, attention=attention)
+    n_ablated = 0
+    if red.ablation is not None:
+        n_ablated = len(batches) if ablation_samples is None else min(len(batches), -(-ablation_samples // batch_size))
+    sample = Positions(positions, torch.Generator().manual_seed(seed))
+    L = lm.anatomy.n_layers
+    with tqdm(total=len(batches) + 3 * L * n_ablated, desc="profile", unit="pass", disable=not progress) as bar:
+        if lm.streamed is not None:
+            from .profile_streamed import streamed_pass
 
-        ablated_windows, zd_of = streamed_pass(
-            lm,
-            batches,
-            accs,
-            taylor_acc,
-            ablation=ablation,
-            lens=lens,
-            attention=attention,
-            positions=positions,
-            n_ablated=n_ablated if ablation == "exact" else 0,
-            g=g,
-            bar=bar,
-        )
-        n_tokens = sum(int(b[:, 1:].numel()) for b in batches)
-        batches = []
-    for batch_no, batch in enumerate(batches):
-        x = batch.to(lm.device)
-        h: list[torch.Tensor | None] = [None] * (L + 1)
-        mid: list[torch.Tensor | None] = [None] * L
-        calls: list[tuple[tuple, dict]] = [((), {})] * L
-        updates: list[torch.Tensor] = []
-
-        def on_block(tr: BlockTrace) -> None:
-            i = tr.layer
-            hmid = _observe(accs, tr, attention)
-            h[i], mid[i], h[i + 1] = tr.h_in.detach(), hmid.view_as(tr.h_in), tr.h_out.detach()
-            calls[i] = (tr.args, tr.kwargs)
-            if taylor:
-                updates.extend((tr.attn, tr.mlp, tr.h_out))
-
-        # The head runs below on the last block's output (in slices, or at sampled positions), never on a whole batch
-        # at once: (batch, seq, vocab) logits and their gradient would be gigabytes with a 262k-token vocabulary.
-        with torch.set_grad_enabled(taylor), tap(an, on_block, attn_weights=attention):
-            model(input_ids=x, use_cache=False, logits_to_keep=1)
-        targets = x[:, 1:].flatten().to(an.head.get_parameter("weight").device)
-        per_window = x.shape[1] - 1
-        n_tokens += targets.numel()
-        if taylor:
-            taylor_acc.add(_taylor(an, updates, targets).double() / per_window)
-        updates.clear()
-        with torch.no_grad():
-            if not need_ref:
-                bar.update(1)
-                continue
-            rows = _sampled_rows(x.shape[0], per_window, positions, g)
-            rows = rows.to(x.device) if rows is not None else None
-            ablate = ablation == "exact" and batch_no < n_ablated
-            ablated_windows += x.shape[0] if ablate else 0
-            _readouts(
-                an,
-                accs,
-                h,
-                mid,
-                calls,
-                targets,
-                rows,
-                per_window if rows is None or positions is None else positions,
-                lens=lens,
-                ablate=ablate,
-                bar=bar,
-            )
-    bar.close()
-    units = _finalize(lm, accs, taylor_acc, ablation, zd_of)
+            streamed_pass(lm, batches, red, n_ablated=n_ablated, sample=sample, bar=bar)
+        else:
+            for b, batch in enumerate(batches):
+                _resident_batch(lm, batch.to(lm.device), red, ablate=b < n_ablated, sample=sample, bar=bar)
+            red.zd.add(lm.anatomy, range(L))
     prof = Profile(
         meta={
             **lm.meta(),
             "data": windows.meta(),
             "n_windows_used": int(ids.shape[0]),
             "n_tokens": int(ids.numel()),
-            "n_predicted_tokens": n_tokens,
+            "n_predicted_tokens": sum(int(b[:, 1:].numel()) for b in batches),
             "ablation": ablation,
             "lens": lens,
             "attention": attention,
             "positions": positions,
-            "ablation_windows": ablated_windows if ablation == "exact" else None,
+            "ablation_windows": None if red.ablation is None else red.ablation.windows,
             **provenance(seed=seed, batch_size=batch_size),
             "wall_time_s": round(time.perf_counter() - start, 3),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "peak_memory": peak_memory(),
         },
-        units=units,
+        units=_units(lm.anatomy.n_layers, red),
     )
     prof.agreement = agreement(prof)
     return prof
 
 
-def _observe(accs: list[_LayerAcc], tr: BlockTrace, attention: bool) -> torch.Tensor:
-    """Feed one block's trace to its statistics; return the stream between its sublayers, flattened."""
-    i, L = tr.layer, len(accs)
-    hin, a, m = (t.detach().flatten(0, 1) for t in (tr.h_in, tr.attn, tr.mlp))
-    hmid = hin + a
-    hidden = tr.mlp_hidden.detach().flatten(0, 1) if tr.mlp_hidden is not None else None
-    accs[i].run.hold(hin, a, m, hmid, hidden)
-    if i == L - 1 or accs[i + 1].run is not accs[i].run:
-        accs[i].run.reduce()
-    if attention:
-        if tr.attn_weights is None:
-            raise LayerwiseError(
-                f"{unit_name(i, 'attn')} returned no attention probabilities; load the model with "
-                "attn_implementation='eager'"
-            )
-        accs[i].attention.add(st.attention_rows(tr.attn_weights))
-    return hmid
+def _check(
+    lm: LoadedModel,
+    windows: Windows,
+    ablation: str,
+    attention: bool,
+    positions: int | None,
+    ablation_samples: int | None,
+) -> None:
+    """Refuse settings :func:`profile` cannot measure, before anything runs."""
+    if ablation not in ("exact", "taylor", "none"):
+        raise LayerwiseError(f"unknown `ablation` {ablation!r}; use exact, taylor or none")
+    for name, value in (("positions", positions), ("ablation_samples", ablation_samples)):
+        if value is not None and value < 1:
+            raise LayerwiseError(f"`{name}` must be at least 1 (or None for all), not {value}")
+    impl = getattr(lm.model.config, "_attn_implementation", None)
+    if attention and impl != "eager":
+        raise LayerwiseError(
+            f"attention metrics need eager attention, but the model runs {impl!r}; load it with "
+            "attn_implementation='eager' (the CLI does for --attention, and for orders by attn_* metrics)"
+        )
+    check_context(windows.seq_len, lm.anatomy.context_length)
 
 
-def _taylor(an, updates: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+def _reducers(lm: LoadedModel, tokens: int, *, ablation: str, lens: bool, attention: bool) -> Reducers:
+    """The reducers a run's settings ask for; ``tokens`` a batch."""
+    L = lm.anatomy.n_layers
+    return Reducers(
+        stream=StreamStats(lm.anatomy, lm.device, tokens, runs=lm.streamed is None),
+        zd=WeightZD(),
+        lens=LogitLens(L) if lens else None,
+        attention=AttentionPatterns(L) if attention else None,
+        ablation=ExactAblation(L) if ablation == "exact" else None,
+        taylor=TaylorEstimate() if ablation in ("exact", "taylor") else None,
+    )
+
+
+@dataclass
+class Positions:
+    """The predicted positions the head-based readouts score: ``count`` a window, drawn with ``g`` (None: all)."""
+
+    count: int | None
+    g: torch.Generator
+
+    def draw(self, batch: int, per_window: int, device: torch.device) -> tuple[torch.Tensor | None, int]:
+        """The rows of a flattened batch to score (None: all), and how many a window."""
+        rows = _sampled_rows(batch, per_window, self.count, self.g)
+        return (None, per_window) if rows is None else (rows.to(device), rows.numel() // batch)
+
+
+def _resident_batch(
+    lm: LoadedModel, x: torch.Tensor, red: Reducers, *, ablate: bool, sample: Positions, bar: tqdm
+) -> None:
+    """Feed one batch through the whole model to the reducers: the blocks' traces, the Taylor estimate through one
+    backward pass, and the head's readouts of the cached block outputs and (``ablate``) of every unit's ablation."""
+    an, L = lm.anatomy, lm.anatomy.n_layers
+    h: list[torch.Tensor] = [x] * (L + 1)
+    mid: list[torch.Tensor] = [x] * L
+    calls: list[tuple[tuple, dict]] = [((), {})] * L
+    updates: list[torch.Tensor] = []
+
+    def on_block(tr: BlockTrace) -> None:
+        i = tr.layer
+        mid[i] = red.block(tr).view_as(tr.h_in)
+        h[i], h[i + 1], calls[i] = tr.h_in.detach(), tr.h_out.detach(), (tr.args, tr.kwargs)
+        if red.taylor is not None:
+            updates.extend((tr.attn, tr.mlp, tr.h_out))
+
+    # The head runs below on the last block's output (in slices, or at sampled positions), never on a whole batch
+    # at once: (batch, seq, vocab) logits and their gradient would be gigabytes with a 262k-token vocabulary.
+    with torch.set_grad_enabled(red.taylor is not None), tap(an, on_block, attn_weights=red.attention is not None):
+        lm.model(input_ids=x, use_cache=False, logits_to_keep=1)
+    targets = x[:, 1:].flatten().to(an.head.get_parameter("weight").device)
+    if red.taylor is not None:
+        red.taylor.add(_taylor(an, updates, targets), x.shape[1] - 1)
+    updates.clear()
+    stacked = tile_calls(calls, x.shape[0], len(KINDS))
+
+    def ablated(i: int) -> torch.Tensor:
+        # All three units of block i rejoin the stream at block i + 1, so their
+        # ablated streams run the later blocks as one batch (one pass, not three).
+        with skip(an, [unit_name(i, "attn")]):
+            no_attn = run_blocks(an, i, h[i], calls, stop=i + 1)
+        starts = {"block": h[i], "attn": no_attn, "mlp": mid[i]}
+        return run_blocks(an, i + 1, torch.cat([starts[k] for k in KINDS]), stacked)
+
+    with torch.no_grad():
+        read(an, red, h[L], h[1:].__getitem__, ablated if ablate else None, targets, sample, bar)
+
+
+def read(
+    an: Anatomy,
+    red: Reducers,
+    last: torch.Tensor,
+    outputs: Callable[[int], torch.Tensor],
+    ablated: Callable[[int], torch.Tensor] | None,
+    targets: torch.Tensor,
+    sample: Positions,
+    bar: tqdm,
+) -> None:
+    """One batch's head readouts, each against the model's own (of ``last``, the last block's output) at the same
+    sampled positions: the logit lens at each block's output (``outputs(i)``) and, given ``ablated``, the exact
+    ablation of every unit (``ablated(i)``: block ``i``'s three ablated streams after the last block, in
+    :data:`KINDS` order). Nothing is drawn when no reducer reads the head. The readouts live only in this call, so
+    the next batch's passes never run beside them."""
+    if red.lens is None and red.ablation is None:
+        bar.update(1)
+        return
+    rows, sampled = sample.draw(last.shape[0], last.shape[1] - 1, last.device)
+    ref = lens_m.Reference.from_logits(readout(an, last, rows), targets if rows is None else targets[rows])
+    if red.lens is not None:
+        for i in range(an.n_layers):
+            red.lens.add(i, readout(an, outputs(i), rows), ref)
+    bar.update(1)
+    if ablated is None or red.ablation is None:
+        return
+    red.ablation.windows += last.shape[0]
+    for i in range(an.n_layers):
+        for kind, out in zip(KINDS, ablated(i).chunk(len(KINDS))):
+            red.ablation.add(i, kind, readout(an, out, rows), ref, sampled)
+            bar.update(1)
+
+
+def _taylor(an: Anatomy, updates: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
     """Per window, the first-order change of the summed NLL when each unit's update is removed, as (batch, 3 * layers)
     in (attn, mlp, block) order per layer; ``updates`` holds each block's (attn, mlp, h_out) with their graph."""
     # Units skipped at run time add constant zeros, outside the graph: their estimate is 0.
@@ -563,105 +500,22 @@ def _taylor(an, updates: list[torch.Tensor], targets: torch.Tensor) -> torch.Ten
     return torch.stack(est, dim=-1)
 
 
-def _readouts(
-    an,
-    accs: list[_LayerAcc],
-    h: list,
-    mid: list,
-    calls: list,
-    targets: torch.Tensor,
-    rows: torch.Tensor | None,
-    sampled: int,
-    *,
-    lens: bool,
-    ablate: bool,
-    bar,
-) -> None:
-    """One batch's logit lens at every block output and, with ``ablate``, every unit's exact ablation, each against the
-    model's own readout at the same positions. The batch's reference distribution and readouts live only in this call,
-    so the next batch's passes never run beside them."""
-    L = an.n_layers
-    ref = lens_m.Reference.from_logits(readout(an, h[L], rows), targets if rows is None else targets[rows])
-    if lens:
-        for i in range(L):
-            z = readout(an, h[i + 1], rows)
-            kl, nll = lens_m.compare(z, ref)
-            accs[i].lens.add(torch.stack((kl, lens_m.top1(z, ref), nll), dim=-1))
-    bar.update(1)
-    if not ablate:
-        return
-    stacked = tile_calls(calls, h[0].shape[0], len(KINDS))
-    for i in range(L):
-        # All three units of block i rejoin the stream at block i + 1, so their
-        # ablated streams run the later blocks as one batch (one pass, not three).
-        with skip(an, [unit_name(i, "attn")]):
-            no_attn = run_blocks(an, i, h[i], calls, stop=i + 1)
-        starts = {"block": h[i], "attn": no_attn, "mlp": mid[i]}
-        outs = run_blocks(an, i + 1, torch.cat([starts[k] for k in KINDS]), stacked).chunk(len(KINDS))
-        for kind, out in zip(KINDS, outs):
-            kl, nll = lens_m.compare(readout(an, out, rows), ref)
-            accs[i].abl_nll[kind].add(st.window_means(nll - ref.nll, sampled))
-            accs[i].abl_kl[kind].add(st.window_means(kl, sampled))
-            bar.update(1)
-
-
-def zd_scores(an, layers) -> dict[str, float]:
-    """zd of every weight matrix of these blocks, each matrix once (a block shares its sublayers' matrices)."""
-    unique = {name: w for layer in layers for name, w in an.weight_matrices(layer, "block")}
-    return dict(zip(unique, st.host_floats([z_fraction(w) for w in unique.values()])))
-
-
-def _finalize(
-    lm: LoadedModel, accs: list[_LayerAcc], taylor_acc: st.Moments, ablation: Ablation, zd_of: dict | None = None
-) -> list[Unit]:
-    an = lm.anatomy
-    runs = list({id(acc.run): acc.run for acc in accs}.values())
-    st.to_host([s for acc in accs for s in acc.stats()] + [s for run in runs for s in run.stats()] + [taylor_acc])
-    # zd: each matrix once (a block shares its sublayers' matrices), all scores in one copy.
-    mats = {(layer, kind): an.weight_matrices(layer, kind) for layer in range(len(accs)) for kind in KINDS}
-    if zd_of is None:
-        zd_of = zd_scores(an, range(len(accs)))
-    taylor_means = taylor_acc.mean.tolist() if taylor_acc.n else None
-    taylor_order = ("attn", "mlp", "block")
+def _units(n_layers: int, red: Reducers) -> list[Unit]:
+    """Every unit's row, from each reducer's (a metric no reducer measured is null)."""
+    found = red.all()
+    st.to_host([s for r in found for s in r.stats()])  # one copy from the device for every sum
+    rows = [r.rows() for r in found]
     units = []
-    for layer, acc in enumerate(accs):
-        lens = acc.lens.mean.tolist() if acc.lens.n else None
-        sparsity = acc.sparsity()
+    for layer in range(n_layers):
         for kind in KINDS:
-            # A block and its attention read h; the MLP reads h' = h + a.
-            stream = "in" if kind != "mlp" else "mid"
-            norm_mean, norm_std = acc.column(f"norm_{stream}")
-            peak = acc.peak(stream)
-            similarity = acc.column({"block": "bi", "attn": "attn_cos", "mlp": "mlp_cos"}[kind])[0]
-            names = [n for n, _ in mats[(layer, kind)]]
-            metrics: dict[str, float | None] = {
-                "bi": _finite(similarity) if kind == "block" else None,
-                "sub_cos": _finite(similarity) if kind != "block" else None,
-                "zd": _finite(sum(zd_of[n] for n in names) / len(names)) if names else None,
-                "rel_update": _finite(acc.column(f"{kind}_rel")[0]),
-                "resid_norm": _finite(norm_mean),
-                "max_abs": _finite(peak.value),
-                "kurtosis": _finite(acc.column(f"kurt_{stream}")[0]),
-                "mlp_sparsity": _finite(float(sparsity.mean)) if kind == "mlp" and sparsity.n else None,
-                "lens_kl": None,
-                "lens_top1": None,
-                "lens_nll": None,
-                "ablate_nll": _finite(float(acc.abl_nll[kind].mean)) if ablation == "exact" else None,
-                "ablate_kl": _finite(float(acc.abl_kl[kind].mean)) if ablation == "exact" else None,
-                "taylor_nll": _finite(taylor_means[3 * layer + taylor_order.index(kind)]) if taylor_means else None,
-            }
-            if kind == "block" and lens:
-                metrics |= {key: _finite(v) for key, v in zip(("lens_kl", "lens_top1", "lens_nll"), lens)}
-            details: dict[str, Any] = {"resid_norm_std": _finite(norm_std), "max_abs_channel": peak.channel}
-            metrics |= {key: None for key in ATTENTION}
-            if kind == "attn" and acc.attention.n:
-                per_head = acc.attention.mean.view(len(ATTENTION), -1)
-                for key, heads in zip(ATTENTION, per_head):
-                    metrics[key] = _finite(float(heads.mean()))
-                    details[f"{key}_per_head"] = [_finite(v) for v in heads.tolist()]
-            if ablation == "exact":
-                details |= {"ablate_nll_se": _se(acc.abl_nll[kind]), "ablate_kl_se": _se(acc.abl_kl[kind])}
-            units.append(Unit(unit_name(layer, kind), layer, kind, metrics, details))
+            name = unit_name(layer, kind)
+            metrics: dict[str, float | None] = dict.fromkeys(METRICS)
+            details: dict[str, Any] = {}
+            for got in rows:
+                m, d = got.get(name, ({}, {}))
+                metrics |= m
+                details |= d
+            units.append(Unit(name, layer, kind, metrics, details))
     return units
 
 

@@ -1,13 +1,15 @@
 """The profile pass over a model whose weights stay on disk (:mod:`layerwise.engine`).
 
 Block-major where the resident pass is batch-major: every batch passes block ``i`` while its weights are read, then
-block ``i + 1``. The same statistics are fed in the same order (each block's running sums see the batches in order),
+block ``i + 1`` (:meth:`layerwise.engine.Streamed.blocks`, which reads the next block meanwhile). It feeds the same
+reducers as the resident pass (:mod:`layerwise.reducers`), each block's running sums the batches in the same order,
 so the numbers are the resident pass's:
 
-- stream statistics and attention patterns from the same taps on the block;
+- stream statistics and attention patterns from the same taps on the block, zd from its weights while read;
 - exact ablation: the three ablated streams of block ``i`` (block skipped, attention skipped, MLP skipped) start
   after block ``i`` as one batch, as in the resident pass, and are carried through each later block as it is read;
-- the logit lens and the ablations' readouts once the last block has run, with the head read once;
+- the logit lens and the ablations' readouts once the last block has run, with the head read once, by the same
+  function as the resident pass (:func:`layerwise.profile.read`);
 - the Taylor estimate by a backward pass block by block in reverse, each block's forward recomputed from its saved
   input: the gradient at a block's input is the gradient at the previous block's output.
 
@@ -17,7 +19,7 @@ states of the calibration windows once per block, in CPU memory, or in a file in
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -27,97 +29,106 @@ from .anatomy import KINDS, Anatomy, unit_name
 from .engine import Kept, States
 from .loading import LoadedModel
 from .metrics import lens as lens_m
-from .metrics import stream as st
-from .profile import _LayerAcc, _observe, _sampled_rows, zd_scores
-from .trace import BlockTrace, readout, run_blocks, skip, tap, tile_calls
+from .profile import Positions, read
+from .reducers import Reducers, TaylorEstimate
+from .trace import BlockTrace, run_blocks, skip, tap, tile_calls
 
 
 def streamed_pass(
-    lm: LoadedModel,
-    batches: list[torch.Tensor],
-    accs: list[_LayerAcc],
-    taylor_acc: st.Moments,
-    *,
-    ablation: str,
-    lens: bool,
-    attention: bool,
-    positions: int | None,
-    n_ablated: int,
-    g: torch.Generator,
-    bar: tqdm,
-) -> tuple[int, dict[str, float]]:
-    """Feed ``accs`` and ``taylor_acc`` from a block-major pass (``profile``'s settings, its generator of sampled
-    positions and its bar); return the number of windows ablated and every weight matrix's zd (read while its block
-    is)."""
+    lm: LoadedModel, batches: list[torch.Tensor], red: Reducers, *, n_ablated: int, sample: Positions, bar: tqdm
+) -> None:
+    """Feed ``red`` from a block-major pass, with exact ablation on the first ``n_ablated`` batches (``profile``'s
+    sampled positions and bar)."""
     s, an = lm.streamed, lm.anatomy
     assert s is not None
     with s.states() as store:
-        L = an.n_layers
-        exact = ablation == "exact"
-        starts = [s.calls(b) for b in batches]
-        calls = [c for _, c in starts]
-        inputs = [[store.keep(h0) for h0, _ in starts]]  # block i's input for each batch; then the last block's output
-        del starts
-        stacked = [tile_calls(c, int(b.shape[0]), len(KINDS)) for c, b in zip(calls[:n_ablated], batches)]
-        ablated: list[dict[int, Kept]] = [{} for _ in batches]
-        zd: dict[str, float] = {}
-        with torch.no_grad():
-            for i, block in enumerate(an.blocks):
-                with s.onloaded(s.names(block)):
-                    zd |= zd_scores(an, [i])
-                    outs = []
-                    for b in range(len(batches)):
-                        h = store.load(inputs[i][b])
-                        mid: dict[str, torch.Tensor] = {}
-
-                        def on_block(tr: BlockTrace) -> None:
-                            _observe(accs, tr, attention)
-                            mid["h"] = (tr.h_in + tr.attn).detach()
-
-                        with tap(an, on_block, attn_weights=attention):
-                            out = run_blocks(an, i, h, calls[b], stop=i + 1)
-                        if exact and b < n_ablated:
-                            for j, kept in ablated[b].items():
-                                carried = run_blocks(an, i, store.load(kept), stacked[b], stop=i + 1)
-                                ablated[b][j] = store.keep(carried, over=kept)
-                            with skip(an, [unit_name(i, "attn")]):
-                                no_attn = run_blocks(an, i, h, calls[b], stop=i + 1)
-                            begin = {"block": h, "attn": no_attn, "mlp": mid["h"]}
-                            ablated[b][i] = store.keep(torch.cat([begin[k] for k in KINDS]))
-                        outs.append(store.keep(out))
-                    inputs.append(outs)
+        inputs, calls, carried = _forward(lm, store, batches, red, n_ablated)
         last = inputs.pop()
         targets = [b[:, 1:].flatten().to(s.device) for b in batches]
-        if ablation in ("exact", "taylor"):
-            _taylor(lm, store, inputs, last, calls, targets, taylor_acc)
-        if not (lens or exact):
+        if red.taylor is not None:
+            _taylor(lm, store, inputs, last, calls, targets, red.taylor)
+        if red.lens is None and red.ablation is None:
             bar.update(len(batches))
-            return 0, zd
-        done = 0
+            return
+        L = an.n_layers
         with s.head(), torch.no_grad():
-            for b, batch in enumerate(batches):
-                per_window = batch.shape[1] - 1
-                rows = _sampled_rows(batch.shape[0], per_window, positions, g)
-                rows = rows.to(s.device) if rows is not None else None
-                sampled = per_window if rows is None or positions is None else positions
-                tg = targets[b] if rows is None else targets[b][rows]
-                ref = lens_m.Reference.from_logits(readout(an, store.load(last[b]), rows), tg)
-                if lens:
-                    for i in range(L):
-                        z = readout(an, store.load(inputs[i + 1][b] if i + 1 < L else last[b]), rows)
-                        kl, nll = lens_m.compare(z, ref)
-                        accs[i].lens.add(torch.stack((kl, lens_m.top1(z, ref), nll), dim=-1))
-                bar.update(1)
-                if not (exact and b < n_ablated):
-                    continue
-                done += int(batch.shape[0])
-                for i in range(L):
-                    for kind, out in zip(KINDS, store.load(ablated[b][i]).chunk(len(KINDS))):
-                        kl, nll = lens_m.compare(readout(an, out, rows), ref)
-                        accs[i].abl_nll[kind].add(st.window_means(nll - ref.nll, sampled))
-                        accs[i].abl_kl[kind].add(st.window_means(kl, sampled))
-                        bar.update(1)
-        return done, zd
+            for b in range(len(batches)):
+
+                def output(i: int, b: int = b) -> torch.Tensor:
+                    return store.load(inputs[i + 1][b] if i + 1 < L else last[b])
+
+                ablated = carried.read(b) if b < n_ablated else None
+                read(an, red, store.load(last[b]), output, ablated, targets[b], sample, bar)
+
+
+def _forward(
+    lm: LoadedModel, store: States, batches: list[torch.Tensor], red: Reducers, n_ablated: int
+) -> tuple[list[list[Kept]], list[list[tuple[tuple, dict]]], _Carried]:
+    """Every batch through each block in turn while its weights are read, feeding the reducers that read traces
+    and zd: each block's input for every batch and, last, the last block's outputs (in ``store``); what each block
+    is called with; and the ablated streams carried to the end."""
+    s, an = lm.streamed, lm.anatomy
+    assert s is not None
+    starts = [s.calls(b) for b in batches]
+    calls = [c for _, c in starts]
+    inputs = [[store.keep(h0) for h0, _ in starts]]
+    del starts
+    carried = _Carried(an, store, calls[:n_ablated])
+    with torch.no_grad():
+        for i in s.blocks():
+            red.zd.add(an, [i])
+            outs = []
+            for b, kept in enumerate(inputs[i]):
+                h = store.load(kept)
+                out, mid = _traced(an, i, h, calls[b], red)
+                outs.append(store.keep(out))
+                carried.step(i, b, h, mid)
+            inputs.append(outs)
+    return inputs, calls, carried
+
+
+def _traced(
+    an: Anatomy, i: int, h: torch.Tensor, calls: list[tuple[tuple, dict]], red: Reducers
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch's input ``h`` through block ``i`` with its trace fed to ``red``: the block's output, and the
+    stream between its sublayers."""
+    mid: list[torch.Tensor] = []
+
+    def on_block(tr: BlockTrace) -> None:
+        mid.append(red.block(tr).view_as(tr.h_in))
+
+    with tap(an, on_block, attn_weights=red.attention is not None):
+        out = run_blocks(an, i, h, calls, stop=i + 1)
+    return out, mid[0]
+
+
+class _Carried:
+    """Exact ablation from disk: each batch's ablated streams (a unit's, three windows a window: block, attention
+    and MLP skipped) start after their block, as in the resident pass, and are carried together through each later
+    block as it is read, to be read out after the last."""
+
+    def __init__(self, an: Anatomy, store: States, calls: list[list[tuple[tuple, dict]]]) -> None:
+        self.an, self.store, self.calls = an, store, calls
+        self.stacked: list[list[tuple[tuple, dict]] | None] = [None] * len(calls)
+        self.streams: list[dict[int, Kept]] = [{} for _ in calls]
+
+    def step(self, i: int, b: int, h: torch.Tensor, mid: torch.Tensor) -> None:
+        """Block ``i`` with batch ``b``'s input ``h`` (and stream after attention ``mid``): the earlier units'
+        streams carried through it, and its own three started."""
+        if b >= len(self.calls):
+            return
+        an, store, calls = self.an, self.store, self.calls[b]
+        stacked = self.stacked[b] = self.stacked[b] or tile_calls(calls, int(h.shape[0]), len(KINDS))
+        for j, kept in self.streams[b].items():
+            self.streams[b][j] = store.keep(run_blocks(an, i, store.load(kept), stacked, stop=i + 1), over=kept)
+        with skip(an, [unit_name(i, "attn")]):
+            no_attn = run_blocks(an, i, h, calls, stop=i + 1)
+        begin = {"block": h, "attn": no_attn, "mlp": mid}
+        self.streams[b][i] = store.keep(torch.cat([begin[k] for k in KINDS]))
+
+    def read(self, b: int) -> Callable[[int], torch.Tensor]:
+        """Batch ``b``'s streams of block ``i``'s units after the last block, by ``i``."""
+        return lambda i: self.store.load(self.streams[b][i])
 
 
 def _taylor(
@@ -127,7 +138,7 @@ def _taylor(
     h: list[Kept],
     calls: list[list[tuple[tuple, dict]]],
     targets: list[torch.Tensor],
-    taylor_acc: st.Moments,
+    taylor: TaylorEstimate,
 ) -> None:
     """The Taylor estimate of every unit's ablation, from the gradients of a backward pass one block at a time;
     ``inputs`` holds each block's input, ``h`` the last block's outputs (in ``store``)."""
@@ -141,8 +152,7 @@ def _taylor(
             ]
             est[b] = part + est[b]
     for b, parts in enumerate(est):
-        per_window = targets[b].numel() // parts[0].numel()
-        taylor_acc.add(torch.stack(parts, dim=-1).double() / per_window)
+        taylor.add(torch.stack(parts, dim=-1), targets[b].numel() // parts[0].numel())
 
 
 def block_inputs(
@@ -158,14 +168,13 @@ def block_inputs(
     del starts
     inputs: list[list[Kept]] = []
     with torch.no_grad():
-        for i, block in enumerate(an.blocks):
+        for i in s.blocks():
             inputs.append(list(h) if i >= start else [])
-            with s.onloaded(s.names(block)):
-                # a block's kept input stays: its output takes a slot of its own, else the carried stream's slot
-                h = [
-                    store.keep(run_blocks(an, i, store.load(k), call, stop=i + 1), over=None if i >= start else k)
-                    for k, call in zip(h, calls)
-                ]
+            # a block's kept input stays: its output takes a slot of its own, else the carried stream's slot
+            h = [
+                store.keep(run_blocks(an, i, store.load(k), call, stop=i + 1), over=None if i >= start else k)
+                for k, call in zip(h, calls)
+            ]
     return inputs, h, calls
 
 
@@ -203,12 +212,11 @@ def backward(
     vocab = an.linear_shape(an.head)[0]
     with s.head():
         g_outs = [store.keep(lens_m.nll_grad(an.logits, vocab, store.load(k), t)) for k, t in zip(h, targets)]
-    for i in reversed(range(stop, an.n_layers)):
-        with s.onloaded(s.names(an.blocks[i])):
-            per_batch = _through(an, i, store, inputs[i], calls, g_outs)
-            yield i, per_batch
-            for _ in per_batch:  # the batches the caller left: their gradients carried on all the same
-                pass
+    for i in s.blocks(reversed(range(stop, an.n_layers))):
+        per_batch = _through(an, i, store, inputs[i], calls, g_outs)
+        yield i, per_batch
+        for _ in per_batch:  # the batches the caller left: their gradients carried on all the same
+            pass
 
 
 def _through(

@@ -20,7 +20,8 @@ short last group are written but do not load.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
+from contextlib import closing
 from pathlib import Path
 
 import torch
@@ -153,15 +154,18 @@ def export_streamed(lm: LoadedModel, plan: BlockPlan, out: str | Path, *, shard_
 
     _check_dtype(lm)
     configs: dict[str, QConfig] = {}
-    with atomic_dir(out, "checkpoint") as tmp:
-        save_shards(_block_tensors(lm, plan, configs), tmp, shard_bytes=shard_bytes)
+    # closed at once on an error (a full disk): the block read ahead dropped, the skeleton's parameters put back
+    with atomic_dir(out, "checkpoint") as tmp, closing(_block_tensors(lm, plan, configs)) as tensors:
+        save_shards(tensors, tmp, shard_bytes=shard_bytes)
         lm.model.config.save_pretrained(tmp)
         lm.model.generation_config.save_pretrained(tmp)
         _finish(lm, configs, tmp)
     return Path(out)
 
 
-def _block_tensors(lm: LoadedModel, plan: BlockPlan, configs: dict[str, QConfig]) -> Iterator[tuple[str, torch.Tensor]]:
+def _block_tensors(
+    lm: LoadedModel, plan: BlockPlan, configs: dict[str, QConfig]
+) -> Generator[tuple[str, torch.Tensor], None, None]:
     """Every tensor of the checkpoint in the compute dtype, a quantized module's weight as its packed codes (its
     config added to ``configs``): the embeddings and final norm, each block, then an untied head."""
     s, an = lm.streamed, lm.anatomy
@@ -178,16 +182,15 @@ def _block_tensors(lm: LoadedModel, plan: BlockPlan, configs: dict[str, QConfig]
 
     with s.onloaded(s.stem):
         yield from read(own(s.stem))
-    for i, block in enumerate(an.blocks):
-        with s.onloaded(s.names(block)):
-            codes = plan.codes(i)
-            for name in own(s.names(block)):
-                path, _, leaf = name.rpartition(".")
-                if path in codes and leaf == "weight":
-                    configs[path] = codes[path].config
-                    yield from ((f"{path}.{k}", v) for k, v in packed(codes[path]).items())
-                else:
-                    yield from read([name])
+    for i in s.blocks():
+        codes = plan.codes(i)
+        for name in own(s.names(an.blocks[i])):
+            path, _, leaf = name.rpartition(".")
+            if path in codes and leaf == "weight":
+                configs[path] = codes[path].config
+                yield from ((f"{path}.{k}", v) for k, v in packed(codes[path]).items())
+            else:
+                yield from read([name])
     head = own(s.names(an.head))
     with s.onloaded(head):
         yield from read(head)
