@@ -8,16 +8,20 @@ float32 conversion, on the default model (SmolLM2-135M-Instruct, the GGUF file o
 2. GGUF. The same profile from disk on 8 windows with an empty cache (the file read directly, each tensor dequantized
    as its block is read; only the config and tokenizer cached) against the converted cache (float32 safetensors),
    and what each leaves in the cache.
+3. The quantization measurement from disk (`measure`, RTN 4-bit group 128, batch 4) on 8, 32 and 64 windows, its
+   hidden states kept in memory against spilled to a file (`load(..., spill=folder)`): every block's input, and each
+   block's sublayer inputs, updates and gradients, which spilled are read back one batch at a time.
 
 Every run is a fresh process in float32 on the CPU: `--seq-len 256 --batch-size 4 --ablation taylor --positions 64`,
 logit lens included (calibration windows only; nothing is evaluated). Peak memory is the process's VmHWM.
 
-Usage: python benchmarks/spill.py   (about 10 minutes on 2 cores)
-Writes benchmarks/results/spill.md and .json.
+Usage: python benchmarks/spill.py [--parts spill,gguf,measure]   (about 25 minutes on 2 cores)
+Writes benchmarks/results/spill.md and .json; the parts not run are kept from the .json.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -27,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from offload_profile import largest_difference  # noqa: E402
-from small_paths_memory import REPORT, _machine, _python, heading, load_average, publish  # noqa: E402
+from small_paths_memory import REPORT, RESULTS, _machine, _python, heading, load_average, publish  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 ARGS = "--seq-len 256 --batch-size 4 --ablation taylor --positions 64".split()
@@ -46,6 +50,16 @@ from layerwise.memory_plan import profile_plan
 p = profile_plan(checkpoint_folder("default", weights=False)[0], dtype=torch.float32, windows={samples}, seq_len=256,
                  batch_size=4, ablation="taylor", ablation_windows=0)
 print(json.dumps(p.to_dict()))
+"""
+
+MEASURE = """
+import layerwise as lw
+from layerwise.quant.measure import measure
+from layerwise.quant.rtn import QConfig
+lm = lw.load("default", offload="disk", spill={spill!r})
+w = lw.windows("builtin:pydoc", lm.tokenizer, seq_len=256, samples={samples})
+m = measure(lm, w, candidates=(QConfig(4, 128),), batch_size=4, progress=False)
+open({out!r}, "w").write(json.dumps(m.groups))
 """
 
 
@@ -84,27 +98,45 @@ def gguf(tmp: Path, converted: Path) -> dict:
     }
 
 
+def measuring(tmp: Path, cache: Path) -> list[dict]:
+    """Each window count's quantization measurement from disk, its hidden states kept, then spilled; the largest
+    relative difference between the two measurements' errors."""
+    rows = []
+    for samples in WINDOWS:
+        found = {}
+        for way, spill in (("kept", None), ("spilled", str(tmp / f"spill-{samples}"))):
+            out = tmp / f"measure-{way}-{samples}.json"
+            code = MEASURE.format(spill=spill, samples=samples, out=str(out))
+            text = _python(
+                "\n".join(["import json, resource, time", "t = time.perf_counter()", code, REPORT]), REPO / "src", cache
+            )
+            found[way] = (json.loads(text.strip().splitlines()[-1]), json.loads(out.read_text()))
+        (kept, a), (spilled, b) = found["kept"], found["spilled"]
+        errs = [(x["configs"][c]["err"], b[g]["configs"][c]["err"]) for g, x in a.items() for c in x["configs"]]
+        diff = max(abs(x - y) / max(abs(x), 1e-30) for x, y in errs)
+        rows.append({"windows": samples, "kept": kept, "spilled": spilled, "max_rel": diff})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def _bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def main() -> None:
-    load_start = os.getloadavg()
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parts", default="spill,gguf,measure", help="the parts to run; the rest kept from spill.json")
+    parts = ap.parse_args().parts.split(",")
+    out = json.loads((RESULTS / "spill.json").read_text()) if set(parts) != {"spill", "gguf", "measure"} else {}
+    out |= {"date": date.today().isoformat(), "machine": _machine(), "args": ARGS, "loadavg_start": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         cache = tmp / "cache"
         _python("import layerwise as lw; lw.load('default')", REPO / "src", cache)  # the conversion, once
-        rows = spilling(tmp, cache)
-        direct = gguf(tmp, cache)
-    out = {
-        "date": date.today().isoformat(),
-        "machine": _machine(),
-        "args": ARGS,
-        "loadavg_start": load_start,
-        "loadavg_end": os.getloadavg(),
-        "rows": rows,
-        "gguf": direct,
-    }
+        for part, key, fn in (("spill", "rows", spilling), ("gguf", "gguf", gguf), ("measure", "measure", measuring)):
+            if part in parts:
+                out[key] = fn(tmp, cache)
+    out["loadavg_end"] = os.getloadavg()
     _write(out)
 
 
@@ -155,7 +187,27 @@ def _write(out: dict) -> None:
         f"Direct / converted: time {d['seconds'] / c['seconds']:.2f}x, "
         f"peak {d['peak_rss_bytes'] / c['peak_rss_bytes']:.2f}x, "
         f"cache {d['cache_bytes'] / c['cache_bytes']:.3f}x; largest relative difference between the two profiles "
-        f"{g['max_rel']:.1e}. {load_average(out)}.",
+        f"{g['max_rel']:.1e}.",
+        "",
+        "## The quantization measurement from disk, its hidden states kept against spilled",
+        "",
+        "`measure(lm, windows, candidates=(QConfig(4, 128),), batch_size=4)` on `load('default', offload='disk')`, "
+        "against the same with `spill=` a folder. Kept, every block's input and each block's sublayer inputs, updates "
+        "and gradients for every window stay in memory; spilled, they lie in the file and are read back one batch at "
+        "a time.",
+        "",
+        "| windows | peak kept (MiB) | peak spilled (MiB) | kept / spilled | s kept | s spilled | spilled / kept time "
+        "| largest relative difference |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *(
+            f"| {r['windows']} | {_mib(r['kept']['peak_rss_bytes'])} | {_mib(r['spilled']['peak_rss_bytes'])} | "
+            f"{r['kept']['peak_rss_bytes'] / r['spilled']['peak_rss_bytes']:.2f}x | {r['kept']['seconds']:.0f} | "
+            f"{r['spilled']['seconds']:.0f} | {r['spilled']['seconds'] / r['kept']['seconds']:.2f}x | "
+            f"{r['max_rel']:.1e} |"
+            for r in out["measure"]
+        ),
+        "",
+        f"{load_average(out)}.",
     ]
     publish("spill", out, lines)
 

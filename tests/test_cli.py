@@ -101,6 +101,7 @@ def test_version_and_each_help_shows_defaults_and_only_its_examples(capsys):
         "profile": "layerwise profile --attention",
         "drop": "layerwise drop --n 6",
         "quantize": "layerwise quantize --bits 5",
+        "imatrix": "layerwise imatrix --samples 64",
         "report": "layerwise report runs/profile",
     }
     for cmd, example in own.items():

@@ -309,6 +309,67 @@ def test_streamed_quant_measurement_equals_the_resident_one(method, tmp_path):
     assert all(p.device.type == "meta" for p in disk.model.parameters())
 
 
+def _live_reads(monkeypatch) -> list[int]:
+    """Counts, while patched, the tensors read back from a spill file that are still alive: ``[now, most]``."""
+    import weakref
+
+    from layerwise.engine import Spilled, States
+
+    live = [0, 0]
+    load = States.load
+
+    def counted(self, kept):
+        t = load(self, kept)
+        if isinstance(kept, Spilled):
+            live[0] += 1
+            live[1] = max(live)
+            weakref.finalize(t, _release, live)
+        return t
+
+    monkeypatch.setattr(States, "load", counted)
+    return live
+
+
+def _release(live: list[int]) -> None:
+    live[0] -= 1
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_streamed_quant_measurement_holds_one_batch_at_a_time(method, tmp_path, monkeypatch):
+    """From disk with the hidden states spilled, each batch's sublayer inputs, updates and gradients are kept in the
+    spill file and read back one batch at a time: as many tensors read back are alive at once with six batches as
+    with two, and the GPTQ plan's quantized stream lies in the file too."""
+    import torch
+
+    from layerwise.quant.allocate import fixed
+    from layerwise.quant.apply import BlockPlan, weight_config
+    from layerwise.quant.measure import GroupCandidates, measure
+    from layerwise.quant.rtn import QConfig
+
+    lm = tiny_lm("llama", layers=2)
+    lm.model.save_pretrained(tmp_path / "m")
+    disk = load(str(tmp_path / "m"), offload="disk", spill=tmp_path / "spill")
+    cands = GroupCandidates((QConfig(2, 16), QConfig(4, 16)), method)
+    live = _live_reads(monkeypatch)
+    most = []
+    for n in (2, 6):
+        w = tiny_windows(n + 1)
+        w.n_calib = n
+        live[:] = [0, 0]
+        meas = measure(disk, w, candidates=cands, batch_size=1, progress=False)
+        most.append(live[1])
+    assert most[0] == most[1] > 0
+    alloc = fixed(meas, {g: cands.names[0] for g in meas.groups}, "uniform")
+    assert disk.streamed is not None
+    with BlockPlan(disk, weight_config(meas, alloc), cands, w, batch_size=1) as plan:
+        for i in disk.streamed.blocks():
+            plan.codes(i)
+            if method == "gptq" and i == 0:
+                assert len(plan.stream) == 6 and all(not isinstance(k, torch.Tensor) for k in plan.stream)
+                assert len(list((tmp_path / "spill").glob("*.bin"))) == 1
+    assert not list((tmp_path / "spill").glob("*"))
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_streamed_quantize_plans_and_evaluates_as_the_resident_one(method, tmp_path):
     """quantize from disk (measurement, the measured strategy's plans scored on calibration windows, GPTQ weights
@@ -386,7 +447,7 @@ def test_drop_and_quantize_plan_their_memory_and_run_from_disk_when_it_does_not_
     """drop and quantize print their plan first and, with a budget between the planned peak from disk and the one
     in memory, read the weights block by block; the result records the plan. The plans count what each keeps: the
     original's and every plan's stream of the held-out windows (drop), every block's input and one block's
-    sublayer streams, or each evaluated plan's stream (quantize)."""
+    sublayer streams, or each evaluated plan's stream (quantize); spilled, one batch's streams."""
     import json
 
     import torch
@@ -402,6 +463,8 @@ def test_drop_and_quantize_plan_their_memory_and_run_from_disk_when_it_does_not_
     q = quantize_plan(folder, configs=3, gptq=False, **kw)
     assert q.states == max((4 + 6) * 4, 5 * 3) * unit and q.extra > 0
     assert quantize_plan(folder, configs=3, gptq=True, **kw).states == max((4 + 6) * 4, 5 * 3 + 4 * 4) * unit
+    # spilled, one batch's streams stay in memory however many windows are calibrated on
+    assert {quantize_plan(folder, configs=3, gptq=True, **{**kw, "calibration": n}).live for n in (4, 64)} == {q.live}
     plan = drop_plan(folder, plans=1, ablation=None, **{**kw, "calibration": 2})
     budget = (plan.streamed + plan.resident) // 2
     argv = ["--model", str(folder), "--seq-len", "16", "--samples", "2", "--eval-samples", "3", "--batch-size", "2"]

@@ -159,19 +159,53 @@ def test_gguf_export_holds_the_plan_and_runs_in_llama_cpp(run):
 
 
 def test_recipe_makes_the_same_file_with_llama_quantize(run, tmp_path):
-    """The recipe's --tensor-type lines, given to llama.cpp's quantizer, reproduce the export byte for byte."""
+    """The recipe's --tensor-type lines and its importance matrix (the run's imatrix.gguf, named from the folder the
+    recipe runs in), given to llama.cpp's quantizer, reproduce the export byte for byte."""
     from layerwise.quant.gguf import llama_quantize
+    from layerwise.quant.imatrix import Imatrix
 
     args = shlex.split((run / "recipe.sh").read_text().replace("\\\n", " "))
     overrides = [tuple(a.rsplit("=", 1)) for a in args[args.index("--tensor-type") + 1 :: 2] if "=" in a]
-    assert len(overrides) == 210
+    assert len(overrides) == 210 and args[args.index("--imatrix") + 1] == "imatrix.gguf"
     embd = args[args.index("--token-embedding-type") + 1]
-    again = llama_quantize(args[-3], tmp_path / "again.gguf", args[-1], overrides, token_embedding_type=embd)
+    im = Imatrix.load(run / "imatrix.gguf")
+    again = llama_quantize(
+        args[-3], tmp_path / "again.gguf", args[-1], overrides, token_embedding_type=embd, imatrix=im
+    )
+    listed = [tuple(ln.rsplit("=", 1)) for ln in (run / "tensor-types.txt").read_text().split()]
+    assert listed == overrides  # the same types for llama-quantize --tensor-type-file
     ours, theirs = _types(run / "model.gguf"), _types(again)
     assert set(ours) == set(theirs)
     for name, t in ours.items():
         assert theirs[name].tensor_type == t.tensor_type, name
         assert bytes(theirs[name].data) == bytes(t.data), name
+
+
+def test_imatrix_is_made_on_the_calibration_windows_and_weighs_llama_cpps_rounding(run, tmp_path):
+    """The run made llama.cpp's importance matrix on its calibration windows and kept it beside the plan (llama.cpp's
+    reader reads it); the types it chose from were quantized with it, and a tensor quantized with it differs from
+    the same tensor without it."""
+    from layerwise import load
+    from layerwise.quant.gguf import llama_quantize, source_gguf
+    from layerwise.quant.imatrix import Imatrix
+
+    from .test_imatrix import _llama_cpp_reads
+
+    meta = json.loads((run / "eval.json").read_text())["meta"]
+    im = Imatrix.load(run / "imatrix.gguf")
+    assert meta["imatrix"]["digest"] == im.digest and im.meta["data"] == meta["data"]
+    assert im.chunk_count == 2 and im.chunk_size == 256 and len(im.sums) == 210
+    seen = _llama_cpp_reads(run / "imatrix.gguf")
+    assert seen["type"] == "imatrix" and len(seen["tensors"]) == 420
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["meta"]["imatrix"]["file"] == "imatrix.gguf"
+    src = source_gguf(load("default"))
+    plain, weighed = (
+        llama_quantize(src, tmp_path / f"{k}.gguf", "Q4_0", imatrix=i) for k, i in (("a", None), ("b", im))
+    )
+    a, b = _types(plain), _types(weighed)
+    assert bytes(a["token_embd.weight"].data) == bytes(b["token_embd.weight"].data)  # no entry: no weighing
+    assert bytes(a["blk.0.attn_q.weight"].data) != bytes(b["blk.0.attn_q.weight"].data)
 
 
 def test_hf_export_generates_the_fake_quantized_models_tokens(real_cache, tmp_path):
@@ -260,12 +294,22 @@ def test_q4km_is_llama_cpp_rule(real_cache, tmp_path):
         (["--bits", "5", "--format", "int", "--no-symmetric", "--export", "hf"], "symmetric codes only"),
         (["--bits", "5", "--format", "int", "--export", "gguf"], "not available for --format int"),
         (["--bits", "5", "--group-size", "64"], "use --format int"),
+        (["--bits", "5", "--imatrix", "MISSING"], "cannot read the importance matrix"),
+        (["--bits", "5", "--imatrix", "WRONG"], "it was made for another model"),
+        (["--bits", "5", "--format", "int", "--imatrix", "MISSING"], "integer formats do not use one"),
         (["--bits", "5", "STALE"], "is stale"),
         (["--bits", "5", "CORRUPT"], "not a readable measurement"),
     ],
 )
 def test_quantize_bad_input_is_one_line(argv, match, tmp_path, capsys, real_cache):
     out = tmp_path / "out"
+    if "WRONG" in argv:  # an importance matrix of another model
+        from layerwise.quant.imatrix import compute
+
+        from .conftest import tiny_lm, tiny_windows
+
+        wrong = compute(tiny_lm("llama", layers=2), tiny_windows(2), progress=False).save(tmp_path / "wrong.gguf")
+        argv = [str(wrong) if a == "WRONG" else a for a in argv]
     if argv[-1] in ("STALE", "CORRUPT"):  # a measurement.json left by another model, or cut short
         out.mkdir()
         text = (

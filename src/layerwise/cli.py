@@ -52,6 +52,11 @@ EXAMPLES: dict[str, str] = {
   layerwise quantize --format int --method gptq --bits 4.5 --out runs/q45-ct  # compressed-tensors checkpoint
   layerwise quantize --plan runs/q5/plan.json --export gguf --out runs/q5-again  # a saved plan, not measured again
   layerwise quantize --plan "runs/q-sweep/plan.json#measured@5" --export recipe   # one plan of a sweep
+  layerwise quantize --bits 4.5 --imatrix runs/imatrix/imatrix.gguf --out runs/q45  # llama-imatrix's file works too
+""",
+    "imatrix": """\
+  layerwise imatrix --samples 64 --out runs/imatrix      # runs/imatrix/imatrix.gguf, for llama-quantize --imatrix
+  layerwise imatrix --model ./big-model.gguf --offload disk --data notes.txt --out runs/imatrix-notes
 """,
     "tune": """\
   layerwise tune --select lisa --active 2 --interval 20 --steps 200 --out runs/tune     # LISA, optimizer state freed
@@ -236,6 +241,7 @@ FLAGS = {
     "max_memory": "--max-memory",
     "n_pairs": "--n-pairs",
     "ablation_samples": "--ablation-samples",
+    "imatrix": "--imatrix",
 }
 
 #: Where a subcommand's flag for an API argument differs from FLAGS: probe's measured profile has its own window
@@ -444,6 +450,13 @@ def _parser() -> _Parser:
     )
     qz.add_argument("--profile", help="profile.json for ranked:METRIC (must come from this model); measured if absent")
     qz.add_argument("--seed", type=_count(0), default=0, help="for ranked:random")
+    qz.add_argument(
+        "--imatrix",
+        default="auto",
+        metavar="auto|none|FILE",
+        help="--format gguf: the importance matrix llama.cpp weighs rounding by: auto (made on the calibration "
+        "windows, kept as imatrix.gguf in --out), none, or a file (llama-imatrix's GGUF or legacy .dat)",
+    )
     _offload(qz)
     tu = _action(
         sub,
@@ -507,6 +520,16 @@ def _parser() -> _Parser:
     tu.add_argument("--seed", type=_count(0), default=0)
     _probe_parser(sub)
     _steer_parser(sub)
+    im = sub.add_parser(
+        "imatrix",
+        help="llama.cpp's importance matrix (llama-quantize --imatrix), from the calibration windows",
+        description="llama.cpp's importance matrix of every quantized matrix, in the GGUF format llama-quantize "
+        "--imatrix reads, from every token of the calibration windows.",
+        epilog=_examples("imatrix"),
+        formatter_class=_Help,
+    )
+    _inputs(im, samples_help="calibration windows (every token counts)", out="runs/imatrix")
+    _offload(im)
     rp = sub.add_parser(
         "report",
         help="re-render report.html from a saved profile, drop, quantize, tune, probe or steer result",
@@ -866,6 +889,24 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _imatrix(args: argparse.Namespace) -> int:
+    from .data import read_corpus
+    from .memory_plan import imatrix_plan
+    from .quant.imatrix import compute
+
+    corpus = read_corpus(args.data, args.encoding)
+    plan = partial(imatrix_plan, windows=args.samples, seq_len=args.seq_len, batch_size=args.batch_size)
+    args.offload, memory = _memory_plan(args, plan)
+    lm, w = _load(args, corpus=corpus, plan=memory)
+    im = compute(lm, w, batch_size=args.batch_size, dataset=w.source, progress=not args.json)
+    path = im.save(Path(args.out) / "imatrix.gguf")
+    if args.json:
+        print(json.dumps({"imatrix": str(path), "entries": len(im.sums), "chunks": im.chunk_count}))
+    else:
+        print(f"wrote {path}: {len(im.sums)} matrices, {im.chunk_count} windows of {im.chunk_size} tokens")
+    return 0
+
+
 def _plan_ref(text: str) -> tuple[str, str | None]:
     """``FILE`` or ``FILE#KEY`` (one plan of a sweep)."""
     path, _, key = text.partition("#")
@@ -954,8 +995,9 @@ def _quantize(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict()))
         return 0
     _quant_summary(report)
+    im = (report.meta.get("imatrix") or {}).get("file")
     written = (
-        [str(out / n) for n in ("plan.json", "eval.json", "measurement.json")]
+        [str(out / n) for n in ("plan.json", "eval.json", "measurement.json", *([im] if im else []))]
         + [str(html)]
         + [v["path"] for v in report.exports.values()]
     )
@@ -1216,6 +1258,7 @@ def main(argv: list[str] | None = None) -> int:
             "tune": _tune,
             "probe": _probe,
             "steer": _steer,
+            "imatrix": _imatrix,
             "report": _report,
         }[args.cmd](args)
     except LayerwiseError as exc:

@@ -159,6 +159,8 @@ class QuantizeConfig(Config):
     seed: int = 0
     eval_samples: int = 16
     batch_size: int = 4
+    #: GGUF types' importance matrix: auto (made on the calibration windows), none, or a file (GGUF or legacy .dat).
+    imatrix: str = "auto"
 
     AT_LEAST: typing.ClassVar[dict[str, float]] = {"group_size": 1, "seed": 0, "eval_samples": 1, "batch_size": 1}
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
 from .anatomy import Anatomy
 from .errors import LayerwiseError
@@ -320,6 +321,18 @@ class States:
         if os.preadv(self._fd, [buf.numpy().data], kept.offset) != kept.nbytes:
             raise LayerwiseError(f"{self.path} was cut short while the run read it back; run it again")
         return buf.view(kept.dtype).reshape(kept.shape).to(self.device)
+
+    def keep_all(self, tree: Any, *, over: Any = None) -> Any:
+        """``tree`` (nested tuples, lists and dicts) with every tensor kept, each in the slot of the same place in
+        ``over`` (a tree this kept before, of the same structure) when it fits."""
+        leaves, spec = tree_flatten(tree)
+        olds = tree_flatten(over)[0] if over is not None else [None] * len(leaves)
+        kept = [self.keep(x, over=o) if isinstance(x, torch.Tensor) else x for x, o in zip(leaves, olds, strict=True)]
+        return tree_unflatten(kept, spec)
+
+    def load_all(self, tree: Any) -> Any:
+        """A tree from :meth:`keep_all` with every kept tensor read back onto the device."""
+        return tree_map_only((torch.Tensor, Spilled), self.load, tree)
 
     def close(self) -> None:
         """Remove the file (if any); the store keeps nothing after."""

@@ -21,8 +21,8 @@ that does not fit. Each figure is an estimate; ``benchmarks/offload_profile.py``
 - ``extra``: what only the in-memory run holds besides (quantize: its candidates and each plan's weights);
 - ``kept``: what both runs hold besides (probe: every example's readout at every unit);
 - ``live``: the hidden states still in memory when the carried ones are spilled to a file
-  (:class:`layerwise.engine.States`): a few batches' streams, and what a block's step holds for every window (the
-  quantization measurement's sublayer streams and gradients, GPTQ's calibration streams); 0 for a command that
+  (:class:`layerwise.engine.States`): one batch's streams at a time (the quantization measurement's sublayer
+  inputs, updates and gradients, and GPTQ's calibration stream, are spilled with the rest); 0 for a command that
   does not spill.
 """
 
@@ -329,16 +329,39 @@ def quantize_plan(
     plans = shape.states(1 + chunk, evaluation, seq_len) + (shape.states(chunk, calibration, seq_len) if gptq else 0)
     f32 = shape.weights * 4 // shape.size  # the weights in float32, as candidates and plans' weights are made
     candidates = max(configs * f32 // L, min(cache_bytes, configs * f32))  # a run of blocks, at least one
-    # spilled, what a block's measurement holds for every window, GPTQ's calibration streams and a batch's streams
-    live = shape.states(6, calibration, seq_len) + (shape.states(chunk, calibration, seq_len) if gptq else 0)
     return shape.plan(
         states=max(streams, plans),
-        live=live + shape.states(2, batch_size, seq_len),
+        # spilled: one batch's streams (a block's input and output, its sublayers' inputs, updates and gradients)
+        live=shape.states(_LIVE, batch_size, seq_len),
         work=shape.work(tokens, L) + 2 * shape.logits(tokens),
         block_work=shape.work(tokens) + 2 * shape.logits(tokens),
         extra=max(candidates, chunk * f32),
         what="quantize",
         fix="`batch_size`, `samples`, `eval_samples` or `seq_len`",
+    )
+
+
+def imatrix_plan(
+    folder: str | Path,
+    *,
+    dtype: torch.dtype,
+    windows: int,
+    seq_len: int,
+    batch_size: int,
+    trust_remote_code: bool = False,
+) -> MemoryPlan:
+    """The memory plan of ``imatrix``: one forward pass, ``batch_size`` windows at a time (from disk: every window's
+    hidden state carried from block to block), each quantized matrix's running sums (a few floats per column)."""
+    shape = Shape.of(folder, dtype=dtype, seq_len=seq_len, trust_remote_code=trust_remote_code)
+    tokens = batch_size * seq_len
+    return shape.plan(
+        states=shape.states(1, windows, seq_len),
+        live=shape.states(2, batch_size, seq_len),
+        work=shape.work(tokens) + shape.logits(batch_size),
+        block_work=shape.work(tokens),
+        kept=shape.layers * 7 * 2 * max(shape.hidden, shape.mlp) * 8,
+        what="imatrix",
+        fix="`batch_size`, `samples` or `seq_len`",
     )
 
 

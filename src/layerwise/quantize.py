@@ -51,11 +51,17 @@ from .quant import gguf as qg
 from .quant import hf
 from .quant.allocate import Allocation, check_budget
 from .quant.apply import BlockPlan, config_codes, config_weights, quantized
+from .quant.imatrix import Imatrix, tensor_columns
+from .quant.imatrix import compute as imatrix_compute
 from .quant.measure import Candidates, GroupCandidates, Measurement, Method, bit_range, measure
 from .quant.rtn import QConfig, QTensor
 from .quant.strategies import check_strategies, label, plan_quality, plans
 
 Family = Literal["gguf", "int"]
+#: The importance matrix's file in a run's folder, beside the plans made with it.
+IMATRIX_FILE = "imatrix.gguf"
+#: The plan's types as ``llama-quantize --tensor-type-file`` reads them, beside ``recipe.sh``.
+TENSOR_TYPE_FILE = "tensor-types.txt"
 
 
 def candidates_for(
@@ -66,16 +72,17 @@ def candidates_for(
     group_size: int | None = None,
     symmetric: bool | None = None,
     sizes: tuple[int, ...] = (32, 64, 128),
+    imatrix: Imatrix | None = None,
 ) -> Candidates:
-    """The candidate set of a family: GGUF types, or 2-8 bit integer codes at one group size (else at each of
-    ``sizes``)."""
+    """The candidate set of a family: GGUF types (each made with ``imatrix`` when given), or 2-8 bit integer codes
+    at one group size (else at each of ``sizes``)."""
     if family == "gguf":
         if method != "rtn" or group_size is not None or symmetric is not None:
             raise LayerwiseError(
                 "`method`, `group_size` and `symmetric` choose integer formats; GGUF types fix their own (use "
                 "`family` int)"
             )
-        return qg.GGUFCandidates.of(lm)
+        return qg.GGUFCandidates.of(lm, imatrix=imatrix)
     if family != "int":
         raise LayerwiseError(f"unknown `family` {family!r}; use gguf or int")
     sizes = (group_size,) if group_size else sizes
@@ -210,6 +217,7 @@ class QuantPlan:
     model_hash: str | None = None
     calibration: dict | None = None  # data_hash, n_calib and seq_len of the windows a GPTQ plan was fitted to
     key: str = ""
+    imatrix: Path | None = None  # the importance matrix a GGUF plan's types were made with
 
     @property
     def family(self) -> Family:
@@ -244,7 +252,8 @@ class QuantPlan:
         """The candidate set that makes the plan's weights (only its own configs)."""
         check_plan_model(self.model_hash, lm)
         if self.family == "gguf":
-            return qg.GGUFCandidates.of(lm, tuple(dict.fromkeys(c.name for c in self.configs.values())))
+            im = Imatrix.load(self.imatrix) if self.imatrix is not None else None
+            return qg.GGUFCandidates.of(lm, tuple(dict.fromkeys(c.name for c in self.configs.values())), im)
         return GroupCandidates(self.int_configs(), cast(Method, self.method))
 
     def int_configs(self) -> tuple[QConfig, ...]:
@@ -283,11 +292,14 @@ class QuantPlan:
             for p, c in self.configs.items()
         }
         meta = {"model_hash": self.model_hash, "method": self.method, "data": self.calibration or {}}
+        if self.imatrix is not None:  # beside the plan, which names it
+            meta["imatrix"] = keep_imatrix(Imatrix.load(self.imatrix), Path(folder))
         return save_plans(folder, "quantize", meta, {self.key or "plan": {"groups": groups}})
 
     @classmethod
-    def from_json(cls, meta: dict, key: str, entry: dict) -> QuantPlan:
-        """A plan from its ``plan.json`` entry and the run's metadata."""
+    def from_json(cls, meta: dict, key: str, entry: dict, folder: Path | None = None) -> QuantPlan:
+        """A plan from its ``plan.json`` entry and the run's metadata (``folder``: where the plan file is, and the
+        importance matrix it names)."""
         method = meta.get("method", "llama.cpp")
         configs: dict[str, QConfig | GGUFType] = {}
         for g in entry["groups"].values():
@@ -297,12 +309,15 @@ class QuantPlan:
                 )
         data = meta.get("data") or {}
         calibration = {k: data[k] for k in ("data_hash", "n_calib", "seq_len")} if method == "gptq" and data else None
-        return cls(configs, method, meta.get("model_hash"), calibration, key)
+        im = meta.get("imatrix") or {}
+        imatrix = (folder or Path()) / im["file"] if "file" in im else None
+        return cls(configs, method, meta.get("model_hash"), calibration, key, imatrix)
 
     @classmethod
     def load(cls, path: str | Path, key: str | None = None) -> QuantPlan:
         """A plan from a quantize result's ``plan.json`` (or its folder); ``key`` picks one plan of a sweep."""
-        return cls.from_json(*load_plans(path, "quantize", key))
+        path = Path(path)
+        return cls.from_json(*load_plans(path, "quantize", key), folder=path if path.is_dir() else path.parent)
 
 
 @dataclass
@@ -384,7 +399,10 @@ def run(
     sizes: tuple[int, ...] = (32, 64, 128)
     if "hf" in export:  # only whole groups load: keep the default sizes that tile every row
         sizes = tuple(g for g in sizes if all(w % g == 0 for w in hf.row_widths(lm))) or sizes
-    cands = candidates_for(lm, family, method=method, group_size=cfg.group_size, symmetric=symmetric, sizes=sizes)
+    im = resolve_imatrix(lm, windows, cfg.imatrix, out, batch_size=batch_size, progress=progress, family=family)
+    cands = candidates_for(
+        lm, family, method=method, group_size=cfg.group_size, symmetric=symmetric, sizes=sizes, imatrix=im
+    )
     if "hf" in export and isinstance(cands, GroupCandidates):
         hf.check(lm, cands.configs)
     lo, hi = bit_range(lm, cands)
@@ -416,6 +434,8 @@ def run(
         "format": family,
         "method": method if family == "int" else "llama.cpp",
         "candidates": list(cands.names),
+        # written with the results, so that a failed run leaves no file behind
+        "imatrix": None if im is None else keep_imatrix(im, Path(out)) if out is not None else {"digest": im.digest},
         "measurement_s": meas.meta.get("seconds"),
         "eval_windows": int(eval_ids.shape[0]),
     }
@@ -424,7 +444,7 @@ def run(
         key = label(allocs[0])
         exports = export_plan(
             lm,
-            QuantPlan.from_json(meta, key, plan_json[key]),
+            QuantPlan.from_json(meta, key, plan_json[key], Path(out)),
             Path(out),
             export,
             eval_ids,
@@ -463,7 +483,8 @@ def export_plan(
     if "hf" in export:
         hf.check(lm, plan.int_configs())
         if lm.streamed is not None:
-            path = hf.export_streamed(lm, plan.block_plan(lm, windows, batch_size=batch_size), out / "model")
+            with plan.block_plan(lm, windows, batch_size=batch_size) as blocks:
+                path = hf.export_streamed(lm, blocks, out / "model")
             found: dict[str, str | float] = {
                 "not_measured": "transformers perplexity: not measured when blocks run one at a time (it loads the "
                 "whole model)"
@@ -478,9 +499,15 @@ def export_plan(
     types, cands = plan.gguf_types(lm), plan.candidates(lm)
     if not isinstance(cands, qg.GGUFCandidates):
         raise LayerwiseError("an integer plan has no GGUF types; export it with --export hf")
+    im = keep_imatrix(cands.imatrix, out) if cands.imatrix is not None else None
     if "recipe" in export:
-        path = write_atomic(out / "recipe.sh", qg.recipe(types, cands.source))
-        exports["recipe"] = {"path": str(path)}
+        path = write_atomic(out / "recipe.sh", qg.recipe(types, cands.source, imatrix=im["file"] if im else None))
+        listed = write_atomic(out / TENSOR_TYPE_FILE, qg.tensor_type_file(types))
+        exports["recipe"] = {
+            "path": str(path),
+            "tensor_type_file": str(listed),
+            **({"imatrix": str(out / im["file"])} if im else {}),
+        }
     if "gguf" in export:
         path = qg.export(cands, types, out / "model.gguf")
         nll = qg.llama_nll(path, eval_ids, progress=progress)
@@ -491,6 +518,46 @@ def export_plan(
             "stored_types": {t: s for t, (_, s) in types.items()},
         }
     return exports
+
+
+def resolve_imatrix(
+    lm: LoadedModel,
+    windows: Windows,
+    setting: str,
+    out: str | Path | None,
+    *,
+    batch_size: int,
+    progress: bool,
+    family: Family = "gguf",
+) -> Imatrix | None:
+    """The importance matrix ``setting`` asks for: ``none``; ``auto`` (GGUF types only), made on the calibration
+    windows, or the one a previous run of this folder made on the same model and windows; or a file (llama.cpp's
+    GGUF or legacy format), checked against the model."""
+    if family != "gguf":
+        if setting not in ("auto", "none"):
+            raise LayerwiseError("`imatrix` weighs llama.cpp's GGUF types; integer formats do not use one")
+        return None
+    if setting == "none":
+        return None
+    if setting != "auto":
+        im = Imatrix.load(setting)
+        im.check(tensor_columns(lm), setting)
+        return im
+    made = Path(out) / IMATRIX_FILE if out is not None else None
+    if made is not None and made.is_file():
+        im = Imatrix.load(made)
+        if im.meta.get("model_hash") == lm.source.get("model_hash") and im.meta.get("data") == windows.meta():
+            return im
+    return imatrix_compute(lm, windows, batch_size=batch_size, dataset=windows.source, progress=progress)
+
+
+def keep_imatrix(im: Imatrix, folder: Path) -> dict:
+    """``im`` written into ``folder`` (llama.cpp's GGUF format) unless the same matrix is there: what a plan
+    records of it."""
+    path = folder / IMATRIX_FILE
+    if not (path.is_file() and Imatrix.load(path).digest == im.digest):
+        im.save(path)
+    return {"file": IMATRIX_FILE, "digest": im.digest, "datasets": im.datasets, "chunks": im.chunk_count}
 
 
 def _check_export(family: Family, export: tuple[str, ...]) -> None:

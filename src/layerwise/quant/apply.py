@@ -4,12 +4,13 @@ export)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 
 import torch
 from torch import nn
 
 from ..data import Windows
+from ..engine import Kept, States
 from ..errors import LayerwiseError
 from ..loading import LoadedModel
 from ..trace import run_blocks
@@ -127,8 +128,9 @@ class BlockPlan:
     read, makes that block's quantized weights and puts them in place for the ``with``.
 
     GPTQ weights are made as :func:`_sequential` makes them: block ``i``'s Hessians come from the calibration
-    windows carried through the blocks before it already quantized (kept here, one stream of hidden states), so
-    the weights are those of the model in memory.
+    windows carried through the blocks before it already quantized (one stream of hidden states, kept in the
+    engine's store: spilled to its file when it has one), so the weights are those of the model in memory. Use it
+    in a ``with``: leaving it (or passing the last block) empties the store, also on error.
     """
 
     def __init__(
@@ -145,8 +147,16 @@ class BlockPlan:
         if self.gptq and windows is None:
             raise LayerwiseError("GPTQ plans are made on calibration windows; pass the windows")
         self.batches = torch.split(windows.calibration, batch_size) if self.gptq and windows is not None else ()
-        self.stream: list[torch.Tensor] = []
+        self.stream: list[Kept] = []
         self.calls: list[list[tuple[tuple, dict]]] = []
+        self.states: States | None = None
+        self._store = ExitStack()
+
+    def __enter__(self) -> BlockPlan:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._store.close()
 
     def __call__(self, layer: int) -> AbstractContextManager[None]:
         an = self.lm.anatomy
@@ -164,28 +174,45 @@ class BlockPlan:
         groups = self._groups(layer)
         if not self.gptq:
             return {p: cands.codes(p, matrix(an, m), self.config[p], None) for g in groups for p, m in g}
-        codes = self._gptq(layer, groups)
+        store = self._stream(layer)
+        codes = self._gptq(layer, groups, store)
+        if layer == an.n_layers - 1:  # nothing reads the stream after the last block
+            self._store.close()
+            self.stream, self.states = [], None
+            return codes
         weights = {self.lm.model.get_submodule(p): q.dequantize() for p, q in codes.items()}
         with torch.no_grad(), replaced(an, weights):  # the stream goes on through the quantized block
-            self.stream = [run_blocks(an, layer, h, c, stop=layer + 1) for h, c in zip(self.stream, self.calls)]
+            self.stream = [
+                store.keep(run_blocks(an, layer, store.load(k), c, stop=layer + 1), over=k)
+                for k, c in zip(self.stream, self.calls)
+            ]
         return codes
+
+    def _stream(self, layer: int) -> States:
+        """The store of the quantized stream; at block 0 a fresh one, holding the windows' first block inputs."""
+        s = self.lm.streamed
+        assert s is not None
+        if layer == 0:
+            self._store.close()
+            store = self._store.enter_context(s.states())
+            starts = [s.calls(b) for b in self.batches]
+            self.stream, self.calls, self.states = [store.keep(h) for h, _ in starts], [c for _, c in starts], store
+        assert self.states is not None
+        return self.states
 
     def _groups(self, layer: int) -> list[list[tuple[str, nn.Module]]]:
         """Block ``layer``'s quantized modules, in the groups that share an input (fused when the candidates are)."""
         quant_groups = self.lm.anatomy.quant_groups(layer, fused=self.candidates.fused)
         return [g for g in ([(p, m) for p, m in ms if p in self.config] for _, ms in quant_groups) if g]
 
-    def _gptq(self, layer: int, groups: list[list[tuple[str, nn.Module]]]) -> dict[str, QTensor]:
+    def _gptq(self, layer: int, groups: list[list[tuple[str, nn.Module]]], store: States) -> dict[str, QTensor]:
         """Block ``layer``'s GPTQ codes, from the Hessians of its inputs in the quantized stream."""
-        an, s = self.lm.anatomy, self.lm.streamed
-        assert s is not None and isinstance(self.candidates, GroupCandidates)
-        if layer == 0:
-            starts = [s.calls(b) for b in self.batches]
-            self.stream, self.calls = [h for h, _ in starts], [c for _, c in starts]
+        an = self.lm.anatomy
+        assert isinstance(self.candidates, GroupCandidates)
         into: dict[int, Hessian] = {}
         with torch.no_grad(), hessian_hooks([g[0][1] for g in groups], into):
-            for h, c in zip(self.stream, self.calls):
-                run_blocks(an, layer, h, c, stop=layer + 1)
+            for k, c in zip(self.stream, self.calls):
+                run_blocks(an, layer, store.load(k), c, stop=layer + 1)
         codes: dict[str, QTensor] = {}
         for g in groups:
             made = self.candidates.codes_rows(

@@ -33,6 +33,7 @@ from ..anatomy import Anatomy
 from ..errors import LayerwiseError
 from ..loading import LoadedModel, cache_root
 from .allocate import Allocation, fixed
+from .imatrix import Imatrix, tensor_columns
 from .measure import Measurement
 
 #: Candidate types, cheapest first (bits per weight with scales: 2.625 ... 8.5).
@@ -67,10 +68,12 @@ def llama_quantize(
     token_embedding_type: str | None = None,
     pure: bool = True,
     threads: int | None = None,
+    imatrix: Imatrix | None = None,
 ) -> Path:
     """Quantize ``source`` with llama.cpp: every tensor at ``base`` (``--pure``; with ``pure=False``, llama.cpp's
     own mix for that file type, e.g. Q4_K_M) except the (regex, type) ``overrides`` (first match wins);
-    the token embedding at its own type when given."""
+    the token embedding at its own type when given; each tensor's rounding weighted by ``imatrix`` when given
+    (``llama-quantize --imatrix``)."""
     import ctypes
 
     lc = _llama_cpp()
@@ -93,6 +96,8 @@ def llama_quantize(
         arr[len(overrides)].pattern = None
         params.tt_overrides = ctypes.cast(arr, type(params.tt_overrides))
         keep.append(arr)
+    if imatrix is not None:
+        params.imatrix = _imatrix_array(lc, imatrix, keep)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.part")
@@ -110,6 +115,23 @@ def llama_quantize(
     return out
 
 
+def _imatrix_array(lc, imatrix: Imatrix, keep: list):
+    """llama.cpp's importance data (name, values, size per tensor, then an empty entry), its buffers added to
+    ``keep`` so that they outlive the call."""
+    import ctypes
+
+    entries = imatrix.importance()
+    arr = (lc.llama_model_imatrix_data * (len(entries) + 1))()
+    for i, (name, values) in enumerate(sorted(entries.items())):
+        keep += [name.encode(), values]
+        arr[i].name = keep[-2]
+        arr[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        arr[i].size = values.size
+    arr[len(entries)].name = None
+    keep.append(arr)
+    return ctypes.cast(arr, ctypes.POINTER(lc.llama_model_imatrix_data))
+
+
 def source_gguf(lm: LoadedModel) -> Path:
     """The GGUF file the model was loaded from; GGUF plans are built from it."""
     path = lm.source.get("gguf_path")
@@ -121,15 +143,18 @@ def source_gguf(lm: LoadedModel) -> Path:
     return Path(path)
 
 
-def candidate_files(lm: LoadedModel, types: tuple[str, ...] = TYPES) -> dict[str, Path]:
-    """One llama.cpp-quantized copy of the source per type, made once and cached by the source's hash."""
+def candidate_files(lm: LoadedModel, types: tuple[str, ...] = TYPES, imatrix: Imatrix | None = None) -> dict[str, Path]:
+    """One llama.cpp-quantized copy of the source per type (with ``imatrix`` when given), made once and cached by
+    the source's hash and the importance matrix's."""
     src = source_gguf(lm)
     folder = cache_root() / "gguf" / str(lm.source["model_hash"])[:16]
+    if imatrix is not None:
+        folder = folder / f"imatrix-{imatrix.digest[:16]}"
     files = {}
     for t in types:
         files[t] = folder / f"{t}.gguf"
         if not files[t].exists():
-            llama_quantize(src, files[t], t)
+            llama_quantize(src, files[t], t, imatrix=imatrix)
     return files
 
 
@@ -162,14 +187,18 @@ class GGUFCandidates:
     anatomy: Anatomy
     source: Path
     files: dict[str, Path]
+    imatrix: Imatrix | None = None  # what llama.cpp weighed each tensor's rounding by
     fused: bool = False  # llama.cpp types each tensor on its own
     needs_hessian: bool = False
     _readers: dict = field(default_factory=dict, repr=False)
     _rows: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def of(cls, lm: LoadedModel, types: tuple[str, ...] = TYPES) -> GGUFCandidates:
-        return cls(lm.anatomy, source_gguf(lm), candidate_files(lm, types))
+    def of(cls, lm: LoadedModel, types: tuple[str, ...] = TYPES, imatrix: Imatrix | None = None) -> GGUFCandidates:
+        """Every type's file quantized from the model's source (with ``imatrix``, checked against the model)."""
+        if imatrix is not None:
+            imatrix.check(tensor_columns(lm), "given")
+        return cls(lm.anatomy, source_gguf(lm), candidate_files(lm, types, imatrix), imatrix)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -177,7 +206,8 @@ class GGUFCandidates:
 
     @property
     def key(self) -> dict:
-        return {"method": "llama.cpp", "candidates": list(self.names)}
+        im = self.imatrix.digest if self.imatrix is not None else None
+        return {"method": "llama.cpp", "candidates": list(self.names), "imatrix": im}
 
     def tensor(self, file: str, name: str):
         """A tensor of one candidate file (or of the source, ``file="source"``)."""
@@ -238,14 +268,23 @@ def export(cands: GGUFCandidates, types: dict[str, tuple[str, str]], out: str | 
     return ggufio.rewrite(cands.source, out, tensor)
 
 
-def recipe(types: dict[str, tuple[str, str]], source: str | Path, out: str = "model-mixed.gguf") -> str:
-    """``llama-quantize`` arguments that make the same file from the source (stored types, so no fallback is needed)."""
+def recipe(
+    types: dict[str, tuple[str, str]], source: str | Path, out: str = "model-mixed.gguf", imatrix: str | None = None
+) -> str:
+    """``llama-quantize`` arguments that make the same file from the source (stored types, so no fallback is needed),
+    with the importance matrix file ``imatrix`` (a path from the folder the recipe runs in) when given."""
     tr = ggufio.reader(source)
     embd = next((t.tensor_type.name for t in tr.tensors if t.name == "token_embd.weight"), "Q8_0")
     lines = ["llama-quantize --allow-requantize --pure", f"  --token-embedding-type {embd.lower()}"]
+    lines += [f"  --imatrix {shlex.quote(imatrix)}"] if imatrix is not None else []
     lines += [f"  --tensor-type {shlex.quote(pattern)}={t.lower()}" for pattern, t in recipe_overrides(types)]
     lines.append(f"  {shlex.quote(str(source))} {shlex.quote(out)} Q8_0")
     return " \\\n".join(lines) + "\n"
+
+
+def tensor_type_file(types: dict[str, tuple[str, str]]) -> str:
+    """The recipe's tensor types as ``llama-quantize --tensor-type-file`` reads them: one ``pattern=type`` a line."""
+    return "".join(f"{pattern}={t.lower()}\n" for pattern, t in recipe_overrides(types))
 
 
 def recipe_overrides(types: dict[str, tuple[str, str]]) -> list[tuple[str, str]]:

@@ -41,6 +41,7 @@ from .gptq import Hessian, inverse_factor, quantize_gptq, quantize_gptq_many
 from .rtn import QConfig, QTensor, quantize_rtn
 
 if TYPE_CHECKING:
+    from ..engine import Kept, States
     from ..profile_streamed import BlockGrads
 
 Method = Literal["rtn", "gptq"]
@@ -330,11 +331,12 @@ def _measure_streamed(
     with lm.streamed.states() as store:
         inputs, h, calls = block_inputs(lm, store, batches, start=min(todo))
         targets = [b[:, 1:].flatten().to(device) for b in batches]
+        records: list[Any] = [None] * len(batches)
         for layer, grads in backward(lm, store, inputs, h, calls, targets, stop=min(todo)):
             if layer not in todo:
                 continue
-            hs = [store.load(x) for x in inputs[layer]]
-            _measure_block(an, layer, hs, calls, list(grads), todo[layer], candidates, result, n_tokens)
+            hessians = _keep_records(an, layer, store, inputs[layer], calls, grads, todo[layer], candidates, records)
+            _measure_block(an, layer, store, records, todo[layer], candidates, hessians, result, n_tokens)
             result.meta["seconds"] = round(result.meta.get("seconds", 0.0) + time.perf_counter() - start, 3)
             start = time.perf_counter()
             result.meta["batch_size"] = int(batches[0].shape[0])
@@ -343,48 +345,58 @@ def _measure_streamed(
             bar.update()
 
 
+def _keep_records(
+    an: Anatomy,
+    layer: int,
+    store: States,
+    inputs: list[Kept],
+    calls: list[list[tuple[tuple, dict]]],
+    grads: Iterator[BlockGrads],
+    groups: list,
+    candidates: Candidates,
+    records: list[Any],
+) -> dict[str, Hessian]:
+    """Each batch's record of block ``layer`` kept in ``store`` (in ``records``, over the previous block's slots):
+    each sublayer's branch inputs, its residual update and the loss's gradient there. Batches pass one at a time,
+    so what is held does not grow with the number of windows. Returns the groups' input Hessians when the
+    candidates need them (gathered in the same pass)."""
+    firsts = {group: mods[0][1] for group, mods in groups} if candidates.needs_hessian else {}
+    into: dict[int, Hessian] = {}
+    with torch.no_grad(), hessian_hooks(list(firsts.values()), into):
+        for b, (kept, g) in enumerate(zip(inputs, grads, strict=True)):
+            _, branch, outputs = sublayer_io(an, layer, store.load(kept), calls[b][layer])
+            record = (branch, outputs, {"attn": g.ga, "mlp": g.gm})
+            records[b] = store.keep_all(record, over=records[b])
+    return {group: into[id(m)] for group, m in firsts.items()}
+
+
 def _measure_block(
     an: Anatomy,
     layer: int,
-    hs: list[torch.Tensor],
-    calls: list[list[tuple[tuple, dict]]],
-    grads: list[BlockGrads],
+    store: States,
+    records: list[Any],
     groups: list,
     candidates: Candidates,
+    hessians: dict[str, Hessian],
     result: Measurement,
     n_tokens: int,
 ) -> None:
-    """Block ``layer``'s ``groups`` measured into ``result``, while its weights are read, from its inputs ``hs``
-    (every batch's) and the backward pass's gradients ``grads``."""
+    """Block ``layer``'s ``groups`` measured into ``result``, while its weights are read, from each batch's record
+    (:func:`_keep_records`), read back one batch and one sublayer at a time."""
     with torch.no_grad():
-        hessians = _block_hessians(an, layer, hs, calls, groups) if candidates.needs_hessian else {}
-        ios = [sublayer_io(an, layer, x, c[layer]) for x, c in zip(hs, calls)]
         for group, mods in groups:
             kind = _sublayer(group)
             acc = _Sums(group)
-            for _, _, outputs in ios:
-                acc.add_reference(outputs[kind])
+            for _, outputs, _ in records:
+                acc.add_reference(store.load(outputs[kind]))
             hessian = hessians[group].value if hessians else None
             for name in candidates.names:
                 stored = [candidates.stored(p, matrix(an, m), name, hessian) for p, m in mods]
                 with replaced(an, {m: w for (_, m), (w, _, _) in zip(mods, stored)}):
-                    for (_, branch, outputs), g in zip(ios, grads):
-                        y = run_update(an, layer, kind, branch[kind])
-                        acc.add(name, y, outputs[kind], g.ga if kind == "attn" else g.gm, stored)
+                    for branch, outputs, grad in records:
+                        y = run_update(an, layer, kind, store.load_all(branch[kind]))
+                        acc.add(name, y, store.load(outputs[kind]), store.load(grad[kind]), stored)
             result.groups[group] = acc.entry(an, layer, mods, n_tokens)
-
-
-def _block_hessians(
-    an: Anatomy, layer: int, hs: list[torch.Tensor], calls: list[list[tuple[tuple, dict]]], groups: list
-) -> dict[str, Hessian]:
-    """Each group's input Hessian over every batch of block ``layer``'s inputs ``hs`` (a group's maps read one
-    input)."""
-    firsts = {group: mods[0][1] for group, mods in groups}
-    into: dict[int, Hessian] = {}
-    with hessian_hooks(list(firsts.values()), into):
-        for x, c in zip(hs, calls):
-            an.blocks[layer](x, *c[layer][0], **c[layer][1])
-    return {group: into[id(m)] for group, m in firsts.items()}
 
 
 def _runs(an: Anatomy, todo: dict, n_configs: int, cache_bytes: int) -> list[list[int]]:

@@ -7,6 +7,7 @@ dearest single config within the budget; ``q4km`` is llama.cpp's Q4_K_M rule."""
 from __future__ import annotations
 
 import random
+from contextlib import ExitStack
 from dataclasses import replace
 from functools import partial
 
@@ -197,11 +198,12 @@ def plan_quality(
     plans' weights made whole in memory, or block by block for a model whose weights stay on disk (bars named
     after ``what``)."""
     if lm.streamed is not None:
-        blocks: dict[str, BlockVariant] = {
-            name: BlockPlan(lm, weight_config(meas, a), cands, windows, batch_size=batch_size)
-            for name, a in allocs.items()
-        }
-        return streamed_quality(lm, blocks, ids, batch_size=batch_size, progress=progress, desc=f"{verb} {what}")
+        with ExitStack() as stack:
+            blocks: dict[str, BlockVariant] = {
+                name: stack.enter_context(BlockPlan(lm, weight_config(meas, a), cands, windows, batch_size=batch_size))
+                for name, a in allocs.items()
+            }
+            return streamed_quality(lm, blocks, ids, batch_size=batch_size, progress=progress, desc=f"{verb} {what}")
     variants = plan_variants(
         lm, meas, cands, allocs, windows, batch_size=batch_size, progress=progress, desc=f"make {what}"
     )

@@ -302,6 +302,12 @@ def quant_summary(report: QuantReport, plan_path: str = "plan.json") -> str:
     ]
     if len(budgeted) > len(chosen):
         items.append("Each budget shows the strategy with the lowest held-out Δnll; the table below has every plan.")
+    im = report.meta.get("imatrix")
+    if im and im.get("file"):
+        items.append(
+            f"Every GGUF type was made with llama.cpp's importance matrix <code>{escape(im['file'])}</code> "
+            f"({im.get('chunks', '?')} calibration windows of {escape(', '.join(im.get('datasets') or ['?']))})."
+        )
     return box("Summary", items + _files(report.exports))
 
 
