@@ -538,3 +538,29 @@ def test_each_export_runs_its_held_out_windows_with_a_bar(tmp_path, capsys):
         nll = transformers_nll(tmp_path / "m", ids, progress=progress)
         err = capsys.readouterr().err
         assert len(nll) == ids.shape[0] and ("transformers perplexity: 100%" in err) == progress, err
+
+
+def test_ties_keep_the_named_groups_together_and_split_the_rest():
+    """``--tie gate,up`` keeps each block's gate and up in one group and types every other map alone; a tie that is
+    not a whole group of maps that run together is refused in one line."""
+    from .conftest import tiny_lm
+
+    an = tiny_lm("llama").anatomy
+    tied = an.ties(("gate", "up"))
+    assert tied == ("mlp.gate_up",) and an.ties(("q", "k", "v", "gate", "up")) == ("attn.qkv", "mlp.gate_up")
+    names = [g for g, _ in an.quant_groups(1, fused=tied)]
+    assert names == [
+        "L1.attn.q_proj",
+        "L1.attn.k_proj",
+        "L1.attn.v_proj",
+        "L1.attn.o_proj",
+        "L1.mlp.gate_up",
+        "L1.mlp.down_proj",
+    ]
+    assert [g for g, _ in an.quant_groups(1, fused=())] == [g for g, _ in an.quant_groups(1, fused=False)]
+    with pytest.raises(
+        LayerwiseError,
+        match=r"^`tie` names maps that run together.*\(q,k,v or gate,up for llama\); "
+        r"q,k is not such a group$",
+    ):
+        an.ties(("q", "k"))

@@ -208,6 +208,42 @@ def test_imatrix_is_made_on_the_calibration_windows_and_weighs_llama_cpps_roundi
     assert bytes(a["blk.0.attn_q.weight"].data) != bytes(b["blk.0.attn_q.weight"].data)
 
 
+def test_size_target_is_the_gguf_files_size(run, tmp_path):
+    """--size plans the file's size, metadata and every tensor included: the GGUF file written is at most that and
+    within 1% of it. The fixture's measurement and importance matrix are reused (nothing is measured again)."""
+    import shutil
+
+    out = tmp_path / "sized"
+    out.mkdir()
+    for name in ("measurement.json", "imatrix.gguf"):
+        shutil.copy(run / name, out / name)
+    size = (run / "model.gguf").stat().st_size - 3 * 2**20
+    argv = ["--size", str(size), "--seq-len", "256", "--samples", "2", "--eval-samples", "3", "--export", "gguf"]
+    assert cli.main(["quantize", *argv, "--out", str(out)]) == 0
+    written = (out / "model.gguf").stat().st_size
+    assert 0.99 * size <= written <= size, (written, size)
+    (row,) = json.loads((out / "eval.json").read_text())["rows"]
+    assert row["target_bpw"] < BITS and row["plan"].startswith("measured@")
+
+
+def test_tie_gives_gate_and_up_one_type(run, tmp_path):
+    """--tie gate,up: each block's ffn_gate and ffn_up get one type, in the plan and in the GGUF file written (the
+    imatrix reused from the fixture's run: the same windows)."""
+    import shutil
+
+    out = tmp_path / "tied"
+    out.mkdir()
+    shutil.copy(run / "imatrix.gguf", out / "imatrix.gguf")
+    argv = ["--bits", str(BITS), "--tie", "gate,up", "--seq-len", "256", "--samples", "2", "--eval-samples", "3"]
+    assert cli.main(["quantize", *argv, "--export", "gguf", "--out", str(out)]) == 0
+    (plan,) = json.loads((out / "plan.json").read_text())["plans"].values()
+    assert len(plan["groups"]) == 30 * 6 and abs(plan["bpw"] - BITS) <= 0.02
+    types = _types(out / "model.gguf")
+    for i in range(30):
+        assert types[f"blk.{i}.ffn_gate.weight"].tensor_type == types[f"blk.{i}.ffn_up.weight"].tensor_type, i
+        assert f"L{i}.mlp.gate_up" in plan["groups"]
+
+
 def test_hf_export_generates_the_fake_quantized_models_tokens(real_cache, tmp_path):
     """compressed-tensors checkpoint of a mixed-bit GPTQ plan: plain transformers loads it and decodes as layerwise
     does. The plan ranks groups at random: the measured strategy's choice among GPTQ plans (each made twice, cross-
@@ -294,6 +330,10 @@ def test_q4km_is_llama_cpp_rule(real_cache, tmp_path):
         (["--bits", "5", "--format", "int", "--no-symmetric", "--export", "hf"], "symmetric codes only"),
         (["--bits", "5", "--format", "int", "--export", "gguf"], "not available for --format int"),
         (["--bits", "5", "--group-size", "64"], "use --format int"),
+        (["--size", "1MB"], "smaller than the cheapest plan's"),
+        (["--bits", "5", "--tie", "q,k"], "q,k is not such a group"),
+        (["--bits", "5", "--tie", "gate,up", "--strategy", "q4km"], "leave out --tie"),
+        (["--size", "90MB", "--format", "int"], "targets a GGUF file's size"),
         (["--bits", "5", "--imatrix", "MISSING"], "cannot read the importance matrix"),
         (["--bits", "5", "--imatrix", "WRONG"], "it was made for another model"),
         (["--bits", "5", "--format", "int", "--imatrix", "MISSING"], "integer formats do not use one"),

@@ -195,16 +195,24 @@ class Anatomy:
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
         return kv_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
 
-    def quant_groups(self, layer: int, *, fused: bool = True) -> list[tuple[str, list[tuple[str, nn.Module]]]]:
+    def quant_groups(
+        self, layer: int, *, fused: bool | tuple[str, ...] = True
+    ) -> list[tuple[str, list[tuple[str, nn.Module]]]]:
         """``[(group name like "L3.attn.qkv", [(module path, module), ...]), ...]`` for one block.
 
         ``fused=False`` gives every linear map a group of its own (``L3.attn.q_proj``):
-        llama.cpp stores and types each tensor separately.
+        llama.cpp stores and types each tensor separately. A tuple of group names (``("mlp.gate_up",)``) keeps
+        those together and splits the rest.
         """
         block = self.blocks[layer]
-        groups = [(g, list(paths)) for g, paths in self.spec.quant_groups]
-        if not fused:
-            groups = [(f"{g.split('.')[0]}.{p.rsplit('.', 1)[-1]}", [p]) for g, paths in groups for p in paths]
+        kept = {g for g, _ in self.spec.quant_groups} if fused is True else set(fused or ())
+        groups = [
+            one
+            for g, paths in self.spec.quant_groups
+            for one in (
+                [(g, list(paths))] if g in kept else [(f"{g.split('.')[0]}.{p.rsplit('.', 1)[-1]}", [p]) for p in paths]
+            )
+        ]
         return [
             (f"L{layer}.{g}", [(f"{self.spec.layers}.{layer}.{p}", block.get_submodule(p)) for p in paths])
             for g, paths in groups
@@ -229,6 +237,24 @@ class Anatomy:
         """(out, in) of a linear map (the head too: its rows are the vocabulary)."""
         out_features, in_features = self.linear_weight(module).shape
         return out_features, in_features
+
+    def ties(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        """The quantization groups whose maps ``names`` lists by short name (``q,k,v``, ``gate,up``: each map's last
+        name without ``_proj``): the groups a plan gives one type. One line naming the ties there are otherwise."""
+        short = {
+            g: [p.rsplit(".", 1)[-1].removesuffix("_proj") for p in paths]
+            for g, paths in self.spec.quant_groups
+            if len(paths) > 1
+        }
+        tied = tuple(g for g, members in short.items() if set(members) <= set(names))
+        left = set(names) - {m for g in tied for m in short[g]}
+        if left:
+            there = " or ".join(",".join(m) for m in short.values()) or "none"
+            raise LayerwiseError(
+                f"`tie` names maps that run together, all of a group ({there} for {self.model_type}); "
+                f"{','.join(n for n in names if n in left)} is not such a group"
+            )
+        return tied
 
     def weight_matrices(self, layer: int, kind: Kind) -> list[tuple[str, torch.Tensor]]:
         """Named 2-D weights of a unit (Linear and GPT-2 Conv1D alike)."""

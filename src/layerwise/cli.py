@@ -53,6 +53,7 @@ EXAMPLES: dict[str, str] = {
   layerwise quantize --plan runs/q5/plan.json --export gguf --out runs/q5-again  # a saved plan, not measured again
   layerwise quantize --plan "runs/q-sweep/plan.json#measured@5" --export recipe   # one plan of a sweep
   layerwise quantize --bits 4.5 --imatrix runs/imatrix/imatrix.gguf --out runs/q45  # llama-imatrix's file works too
+  layerwise quantize --size 95MB --out runs/q95mb                    # the GGUF file's size, metadata included
 """,
     "imatrix": """\
   layerwise imatrix --samples 64 --out runs/imatrix      # runs/imatrix/imatrix.gguf, for llama-quantize --imatrix
@@ -242,6 +243,8 @@ FLAGS = {
     "n_pairs": "--n-pairs",
     "ablation_samples": "--ablation-samples",
     "imatrix": "--imatrix",
+    "size": "--size",
+    "tie": "--tie",
 }
 
 #: Where a subcommand's flag for an API argument differs from FLAGS: probe's measured profile has its own window
@@ -420,6 +423,12 @@ def _parser() -> _Parser:
         help="a saved quantize plan (plan.json of an earlier run; FILE#KEY picks one of a sweep): "
         "export it (--export), measure nothing",
     )
+    budget.add_argument(
+        "--size",
+        metavar="SIZE",
+        help="--format gguf: the GGUF file's size to plan for, every tensor and the metadata included (e.g. 90MB "
+        "or 0.1GiB), instead of --bits",
+    )
     qz.add_argument(
         "--strategy",
         default="measured",
@@ -450,6 +459,13 @@ def _parser() -> _Parser:
     )
     qz.add_argument("--profile", help="profile.json for ranked:METRIC (must come from this model); measured if absent")
     qz.add_argument("--seed", type=_count(0), default=0, help="for ranked:random")
+    qz.add_argument(
+        "--tie",
+        metavar="MAPS",
+        default=(),
+        help="--format gguf: give maps that run together one type: gate,up (llama.cpp users report faster prompt "
+        "processing when ffn_gate and ffn_up match), q,k,v, or both as q,k,v,gate,up",
+    )
     qz.add_argument(
         "--imatrix",
         default="auto",
@@ -918,10 +934,13 @@ def _exported(exports: dict, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"exports": exports}))
     else:
-        print(
-            "wrote " + ", ".join(v["path"] for v in exports.values()) if exports else "nothing to export; give --export"
-        )
+        print("wrote " + ", ".join(_written(exports)) if exports else "nothing to export; give --export")
     return 0
+
+
+def _written(exports: dict) -> list[str]:
+    """Every file an export wrote: each one's path, and the recipe's tensor-type file and importance matrix."""
+    return [p for v in exports.values() for p in (v["path"], v.get("tensor_type_file"), v.get("imatrix")) if p]
 
 
 def _config(args: argparse.Namespace, cls: type[C]) -> C:
@@ -996,11 +1015,8 @@ def _quantize(args: argparse.Namespace) -> int:
         return 0
     _quant_summary(report)
     im = (report.meta.get("imatrix") or {}).get("file")
-    written = (
-        [str(out / n) for n in ("plan.json", "eval.json", "measurement.json", *([im] if im else []))]
-        + [str(html)]
-        + [v["path"] for v in report.exports.values()]
-    )
+    written = [str(out / n) for n in ("plan.json", "eval.json", "measurement.json", *([im] if im else []))]
+    written += [p for p in [str(html), *_written(report.exports)] if p not in written]
     print("wrote " + ", ".join(written))
     return 0
 

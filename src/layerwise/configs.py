@@ -148,6 +148,8 @@ class QuantizeConfig(Config):
     bits: float | None = None
     sweep: tuple[float, ...] | None = None
     plan: str | None = None
+    #: The GGUF file's size to plan for, all tensors and metadata included (``90MB``, ``0.1GiB``): beside ``bits``.
+    size: str | None = None
     strategy: tuple[str, ...] = ("measured",)
     format: Literal["gguf", "int"] = "gguf"
     method: Literal["rtn", "gptq"] = "rtn"
@@ -161,6 +163,8 @@ class QuantizeConfig(Config):
     batch_size: int = 4
     #: GGUF types' importance matrix: auto (made on the calibration windows), none, or a file (GGUF or legacy .dat).
     imatrix: str = "auto"
+    #: GGUF: maps given one type because they run together, by short name (``gate,up``, ``q,k,v``).
+    tie: tuple[str, ...] = ()
 
     AT_LEAST: typing.ClassVar[dict[str, float]] = {"group_size": 1, "seed": 0, "eval_samples": 1, "batch_size": 1}
 
@@ -169,9 +173,19 @@ class QuantizeConfig(Config):
         budgets = [self.bits] if self.bits is not None else list(self.sweep or ())
         if any(b <= 0 for b in budgets):
             raise LayerwiseError(f"`budgets` must be positive bits per weight (got {', '.join(map(str, budgets))})")
-        chosen = [k for k in ("bits", "sweep", "plan") if getattr(self, k) is not None]
+        chosen = [k for k in ("bits", "sweep", "plan", "size") if getattr(self, k) is not None]
         if len(chosen) > 1:
-            raise LayerwiseError(f"give one of `bits`, `sweep` and `plan`, not {' and '.join(chosen)}")
+            raise LayerwiseError(f"give one of `bits`, `sweep`, `size` and `plan`, not {' and '.join(chosen)}")
+        if self.size is not None:
+            from .memory_plan import parse_bytes
+
+            parse_bytes(self.size, "size")
+            if self.format != "gguf":
+                raise LayerwiseError("`size` targets a GGUF file's size; for integer formats give `bits`")
+        if self.tie and self.format != "gguf":
+            raise LayerwiseError("integer formats always give q/k/v and gate/up one config each; leave out `tie`")
+        if self.tie and "q4km" in self.strategy:
+            raise LayerwiseError("the q4km baseline types each tensor on its own; leave out `tie` to compare with it")
 
     @property
     def budgets(self) -> list[float]:

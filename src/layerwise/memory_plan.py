@@ -53,11 +53,11 @@ _UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 10**3, "KIB": 2**10, "M": 2**20, "MB"
 _UNITS |= {"G": 2**30, "GB": 10**9, "GIB": 2**30, "T": 2**40, "TB": 10**12, "TIB": 2**40}
 
 
-def parse_bytes(text: str) -> int:
-    """``4GiB``, ``512MiB``, ``3.5GB`` or a number of bytes."""
+def parse_bytes(text: str, what: str = "max_memory") -> int:
+    """``4GiB``, ``512MiB``, ``3.5GB`` or a number of bytes (``what``: the option, for the error)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
     if not m or m.group(2).upper() not in _UNITS:
-        raise LayerwiseError(f"`max_memory` takes a size such as 4GiB, 512MiB or 3.5GB (got {text!r})")
+        raise LayerwiseError(f"`{what}` takes a size such as 4GiB, 512MiB or 3.5GB (got {text!r})")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 

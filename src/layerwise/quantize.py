@@ -45,6 +45,7 @@ from .evaluate import KL_KEYS
 from .io import provenance, write_atomic, write_json
 from .loading import LoadedModel
 from .memory import peak_memory
+from .memory_plan import parse_bytes
 from .plans import EXPORTS, check_plan_model, load_plans, save_plans
 from .profile import Profile
 from .quant import gguf as qg
@@ -73,16 +74,17 @@ def candidates_for(
     symmetric: bool | None = None,
     sizes: tuple[int, ...] = (32, 64, 128),
     imatrix: Imatrix | None = None,
+    tie: tuple[str, ...] = (),
 ) -> Candidates:
-    """The candidate set of a family: GGUF types (each made with ``imatrix`` when given), or 2-8 bit integer codes
-    at one group size (else at each of ``sizes``)."""
+    """The candidate set of a family: GGUF types (each made with ``imatrix`` when given; the groups ``tie`` names
+    typed as one), or 2-8 bit integer codes at one group size (else at each of ``sizes``)."""
     if family == "gguf":
         if method != "rtn" or group_size is not None or symmetric is not None:
             raise LayerwiseError(
                 "`method`, `group_size` and `symmetric` choose integer formats; GGUF types fix their own (use "
                 "`family` int)"
             )
-        return qg.GGUFCandidates.of(lm, imatrix=imatrix)
+        return qg.GGUFCandidates.of(lm, imatrix=imatrix, tie=tie)
     if family != "int":
         raise LayerwiseError(f"unknown `family` {family!r}; use gguf or int")
     sizes = (group_size,) if group_size else sizes
@@ -382,10 +384,10 @@ def run(
     seed, batch_size, symmetric = cfg.seed, cfg.batch_size, cfg.symmetric
     if prof is None and cfg.profile:
         prof = Profile.load(cfg.profile)
-    if not budgets and any(s != "q4km" for s in strategies):
-        raise LayerwiseError("give `budgets` (or use only the q4km strategy)")
+    if not budgets and cfg.size is None and any(s != "q4km" for s in strategies):
+        raise LayerwiseError("give `budgets` or `size` (or use only the q4km strategy)")
     check_strategies(strategies)
-    n_plans = sum(1 if s == "q4km" else len(budgets) for s in strategies)
+    n_plans = sum(1 if s == "q4km" else len(budgets) or int(cfg.size is not None) for s in strategies)
     export = cfg.export
     if export is None:
         export = EXPORTS[family] if n_plans == 1 and out is not None else ()
@@ -401,11 +403,20 @@ def run(
         sizes = tuple(g for g in sizes if all(w % g == 0 for w in hf.row_widths(lm))) or sizes
     im = resolve_imatrix(lm, windows, cfg.imatrix, out, batch_size=batch_size, progress=progress, family=family)
     cands = candidates_for(
-        lm, family, method=method, group_size=cfg.group_size, symmetric=symmetric, sizes=sizes, imatrix=im
+        lm,
+        family,
+        method=method,
+        group_size=cfg.group_size,
+        symmetric=symmetric,
+        sizes=sizes,
+        imatrix=im,
+        tie=lm.anatomy.ties(cfg.tie),
     )
     if "hf" in export and isinstance(cands, GroupCandidates):
         hf.check(lm, cands.configs)
     lo, hi = bit_range(lm, cands)
+    if cfg.size is not None:
+        budgets = [size_budget(lm, cands, parse_bytes(cfg.size, "size"), lo, hi)]
     for b in budgets:
         check_budget(b, lo, hi)
     meas = measure(
@@ -518,6 +529,25 @@ def export_plan(
             "stored_types": {t: s for t, (_, s) in types.items()},
         }
     return exports
+
+
+def size_budget(lm: LoadedModel, cands: Candidates, size: int, lo: float, hi: float) -> float:
+    """The bits per weight over the quantized tensors that keep a plan's GGUF file within ``size`` bytes, all
+    tensors and metadata included (rounded down at the fourth decimal; at most the dearest plan's, ``hi``); one
+    line naming the smallest size there is when even the cheapest plan (``lo``) does not fit."""
+    if not isinstance(cands, qg.GGUFCandidates):
+        raise LayerwiseError("`size` targets a GGUF file's size; for integer formats give `bits`")
+    an = lm.anatomy
+    mods = [p for layer in range(an.n_layers) for _, ms in an.quant_groups(layer, fused=False) for p, _ in ms]
+    n = sum(math.prod(an.linear_shape(lm.model.get_submodule(p))) for p in mods)
+    fixed = qg.fixed_bytes(cands.source, {an.gguf_name(p) for p in mods})
+    smallest = fixed + math.ceil(lo * n / 8)
+    if size < smallest:
+        raise LayerwiseError(
+            f"a {size}-byte file is smaller than the cheapest plan's ({smallest} bytes); ask for {smallest} or more "
+            "(`size`)"
+        )
+    return max(math.floor(min(8 * (size - fixed) / n, hi) * 1e4) / 1e4, lo)
 
 
 def resolve_imatrix(

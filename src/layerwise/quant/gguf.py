@@ -188,17 +188,25 @@ class GGUFCandidates:
     source: Path
     files: dict[str, Path]
     imatrix: Imatrix | None = None  # what llama.cpp weighed each tensor's rounding by
-    fused: bool = False  # llama.cpp types each tensor on its own
+    # llama.cpp types each tensor on its own; these groups (``mlp.gate_up``) get one type, as they run together
+    fused: tuple[str, ...] = ()
     needs_hessian: bool = False
     _readers: dict = field(default_factory=dict, repr=False)
     _rows: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def of(cls, lm: LoadedModel, types: tuple[str, ...] = TYPES, imatrix: Imatrix | None = None) -> GGUFCandidates:
-        """Every type's file quantized from the model's source (with ``imatrix``, checked against the model)."""
+    def of(
+        cls,
+        lm: LoadedModel,
+        types: tuple[str, ...] = TYPES,
+        imatrix: Imatrix | None = None,
+        tie: tuple[str, ...] = (),
+    ) -> GGUFCandidates:
+        """Every type's file quantized from the model's source (with ``imatrix``, checked against the model); the
+        groups ``tie`` names (``("mlp.gate_up",)``) typed as one."""
         if imatrix is not None:
             imatrix.check(tensor_columns(lm), "given")
-        return cls(lm.anatomy, source_gguf(lm), candidate_files(lm, types, imatrix), imatrix)
+        return cls(lm.anatomy, source_gguf(lm), candidate_files(lm, types, imatrix), imatrix, tie)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -282,6 +290,16 @@ def recipe(
     return " \\\n".join(lines) + "\n"
 
 
+def fixed_bytes(source: str | Path, planned: set[str]) -> int:
+    """The bytes a plan's GGUF file holds besides its planned tensors' data, at most: the header and metadata (the
+    export copies the source's), every other tensor as the source stores it, and each tensor's alignment padding
+    (the planned ones' at its largest)."""
+    meta, infos = ggufio.header(source)
+    align = int(meta.get("general.alignment", 32))
+    others = sum(-(-t.rows * t.row_bytes // align) * align for t in infos if t.name not in planned)
+    return min(t.offset for t in infos) + others + (align - 1) * len(planned)
+
+
 def tensor_type_file(types: dict[str, tuple[str, str]]) -> str:
     """The recipe's tensor types as ``llama-quantize --tensor-type-file`` reads them: one ``pattern=type`` a line."""
     return "".join(f"{pattern}={t.lower()}\n" for pattern, t in recipe_overrides(types))
@@ -307,6 +325,8 @@ def q4km(meas: Measurement, anatomy: Anatomy) -> Allocation:
     ``ffn_down`` where :func:`_more_bits` says so, Q4_K for every other tensor."""
     n = anatomy.n_layers
     configs = {}
+    if any(len(e["modules"]) > 1 for e in meas.groups.values()):
+        raise LayerwiseError("the q4km baseline types each tensor on its own; leave out `tie` to compare with it")
     for g, entry in meas.groups.items():
         (path,) = entry["modules"]
         kind = anatomy.gguf_name(path).split(".")[2]

@@ -116,8 +116,9 @@ class Candidates(Protocol):
         ...
 
     @property
-    def fused(self) -> bool:
-        """Whether engines fuse q/k/v and gate/up (one config per fused group) or type each tensor alone."""
+    def fused(self) -> bool | tuple[str, ...]:
+        """Whether engines fuse q/k/v and gate/up (one config per fused group) or type each tensor alone; or the
+        groups given one config (:meth:`layerwise.anatomy.Anatomy.quant_groups`)."""
         ...
 
     @property
@@ -261,7 +262,7 @@ def measure(
         "n_calib": windows.n_calib,
         "seq_len": windows.seq_len,
         "objective": "fisher",
-        "fused": candidates.fused,
+        "fused": candidates.fused if isinstance(candidates.fused, bool) else list(candidates.fused) or False,
     } | candidates.key
     result = Measurement(expect | {"n_layers": an.n_layers})
     if path is not None and Path(path).exists():
