@@ -564,3 +564,58 @@ def test_ties_keep_the_named_groups_together_and_split_the_rest():
         r"q,k is not such a group$",
     ):
         an.ties(("q", "k"))
+
+
+class _Twinned:
+    """Integer candidates that declare their third config a twin of the second (as llama.cpp's fallback types are),
+    though the two differ: a measurement that copies the record instead of measuring it shows here."""
+
+    def __init__(self):
+        from layerwise.quant.measure import GroupCandidates
+
+        self.inner = GroupCandidates(SMALL)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def twins(self, paths):
+        return {SMALL[2].name: SMALL[1].name}
+
+
+@pytest.mark.parametrize("offload", [None, "disk"])
+def test_twins_are_measured_once_and_share_the_record(offload, tmp_path):
+    """A config that stores a group as an earlier one does gets that one's record, in memory and from disk; the
+    others are measured as before."""
+    from layerwise import load
+    from layerwise.quant.measure import measure
+
+    from .conftest import tiny_lm, tiny_windows
+
+    lm, w = tiny_lm("llama", layers=2), tiny_windows(2)
+    plain = measure(lm, w, candidates=SMALL, progress=False)
+    if offload:
+        lm.model.save_pretrained(tmp_path / "m")
+        lm = load(str(tmp_path / "m"), offload="disk")
+    twinned = measure(lm, w, candidates=_Twinned(), progress=False)
+    a, b, c = (cfg.name for cfg in SMALL)
+    for g, entry in twinned.groups.items():
+        assert list(entry["configs"]) == [a, b, c]
+        assert entry["configs"][c] == entry["configs"][b]
+        assert plain.groups[g]["configs"][c]["err"] < entry["configs"][c]["err"]  # the copy, not a measurement
+        for name in (a, b):
+            assert entry["configs"][name]["err"] == pytest.approx(plain.groups[g]["configs"][name]["err"], rel=1e-6)
+
+
+def test_gguf_candidate_types_and_what_needs_an_importance_matrix():
+    """Without an importance matrix the K- and legacy types; with one, the IQ types too; cheapest first. Asking for a
+    type llama.cpp only makes with a matrix, without one, or for an unknown type, is one clear error."""
+    from layerwise.quant.gguf import IQ_TYPES, TYPES, candidate_types
+
+    assert candidate_types(None, None) == TYPES
+    both = candidate_types(None, object())  # type: ignore[arg-type]
+    assert set(both) == set(TYPES + IQ_TYPES) and both[:3] == ("IQ1_S", "IQ1_M", "IQ2_XXS") and both[-1] == "Q8_0"
+    assert candidate_types(("q4_k", "IQ4_XS", "Q4_K"), None) == ("IQ4_XS", "Q4_K")
+    with pytest.raises(LayerwiseError, match=r"makes IQ1_S, IQ2_XXS only with an importance matrix: give `imatrix`"):
+        candidate_types(("IQ2_XXS", "Q4_K", "IQ1_S"), None)
+    with pytest.raises(LayerwiseError, match="unknown GGUF type 'Q9_K' in `types`"):
+        candidate_types(("Q9_K",), None)

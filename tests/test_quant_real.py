@@ -7,6 +7,7 @@ import shlex
 import pytest
 
 from layerwise import cli
+from layerwise.quant.gguf import IQ_TYPES, TYPES
 
 from .conftest import one_error_line, same_checkpoint
 
@@ -53,18 +54,7 @@ def test_plan_hits_the_budget_and_says_what_was_stored(run):
     assert abs(p["bpw"] - BITS) <= 0.02 and p["bpw"] <= BITS + 1e-9
     assert len(p["groups"]) == 30 * 7
     stored = {s for g in p["groups"].values() for s in g["stored"]}
-    assert len({g["config"] for g in p["groups"].values()}) > 1 and stored <= {
-        "Q2_K",
-        "Q3_K",
-        "Q4_0",
-        "Q4_K",
-        "Q4_1",
-        "Q5_0",
-        "Q5_1",
-        "Q5_K",
-        "Q6_K",
-        "Q8_0",
-    }
+    assert len({g["config"] for g in p["groups"].values()}) > 1 and stored <= set(TYPES + IQ_TYPES)
     ev = json.loads((run / "eval.json").read_text())
     (row,) = ev["rows"]
     assert all(math.isfinite(row[k]) for k in ("ppl", "kl", "delta_nll", "predicted_delta_nll", "bpw_model"))
@@ -161,20 +151,25 @@ def test_gguf_export_holds_the_plan_and_runs_in_llama_cpp(run):
 def test_recipe_makes_the_same_file_with_llama_quantize(run, tmp_path):
     """The recipe's --tensor-type lines and its importance matrix (the run's imatrix.gguf, named from the folder the
     recipe runs in), given to llama.cpp's quantizer, reproduce the export byte for byte."""
+    _recipe_reproduces(run, tmp_path)
+
+
+def _recipe_reproduces(folder, tmp_path) -> None:
+    """The folder's recipe, run by llama.cpp's quantizer, writes its model.gguf byte for byte."""
     from layerwise.quant.gguf import llama_quantize
     from layerwise.quant.imatrix import Imatrix
 
-    args = shlex.split((run / "recipe.sh").read_text().replace("\\\n", " "))
+    args = shlex.split((folder / "recipe.sh").read_text().replace("\\\n", " "))
     overrides = [tuple(a.rsplit("=", 1)) for a in args[args.index("--tensor-type") + 1 :: 2] if "=" in a]
     assert len(overrides) == 210 and args[args.index("--imatrix") + 1] == "imatrix.gguf"
     embd = args[args.index("--token-embedding-type") + 1]
-    im = Imatrix.load(run / "imatrix.gguf")
+    im = Imatrix.load(folder / "imatrix.gguf")
     again = llama_quantize(
         args[-3], tmp_path / "again.gguf", args[-1], overrides, token_embedding_type=embd, imatrix=im
     )
-    listed = [tuple(ln.rsplit("=", 1)) for ln in (run / "tensor-types.txt").read_text().split()]
+    listed = [tuple(ln.rsplit("=", 1)) for ln in (folder / "tensor-types.txt").read_text().split()]
     assert listed == overrides  # the same types for llama-quantize --tensor-type-file
-    ours, theirs = _types(run / "model.gguf"), _types(again)
+    ours, theirs = _types(folder / "model.gguf"), _types(again)
     assert set(ours) == set(theirs)
     for name, t in ours.items():
         assert theirs[name].tensor_type == t.tensor_type, name
@@ -208,6 +203,35 @@ def test_imatrix_is_made_on_the_calibration_windows_and_weighs_llama_cpps_roundi
     assert bytes(a["blk.0.attn_q.weight"].data) != bytes(b["blk.0.attn_q.weight"].data)
 
 
+def test_iq_types_join_with_the_imatrix_and_fallbacks_are_measured_once(run):
+    """With the importance matrix the IQ types are candidates too. In rows of 576 (not a multiple of 256) llama.cpp
+    stores every IQ type as IQ4_NL (and Q4_K as Q5_0): the measurement records what was stored, measures each stored
+    tensor once and gives its twins the same record, which equals IQ4_NL measured alone. In ffn_down's rows of 1536
+    each IQ type is stored as asked and measured: fewer bits, more error."""
+    from layerwise import load, windows
+    from layerwise.quant.gguf import GGUFCandidates
+    from layerwise.quant.imatrix import Imatrix
+    from layerwise.quant.measure import measure
+
+    meas = json.loads((run / "measurement.json").read_text())
+    assert meas["meta"]["candidates"][:3] == ["IQ1_S", "IQ1_M", "IQ2_XXS"] and set(IQ_TYPES + TYPES) == set(
+        meas["meta"]["candidates"]
+    )
+    q = meas["groups"]["L3.attn.q_proj"]["configs"]
+    assert {q[t]["stored"][0] for t in IQ_TYPES} == {"IQ4_NL"} and all(q[t] == q["IQ4_NL"] for t in IQ_TYPES)
+    assert q["Q4_K"] == q["Q5_0"] and q["Q4_K"]["stored"] == ["Q5_0"] and q["Q4_K"] != q["Q4_1"]
+    down = meas["groups"]["L3.mlp.down_proj"]["configs"]
+    assert [down[t]["stored"] for t in IQ_TYPES] == [[t] for t in IQ_TYPES]
+    ladder = ("IQ1_S", "IQ2_XXS", "IQ3_XXS", "IQ4_XS")
+    assert [down[t]["bits"] for t in ladder] == sorted(down[t]["bits"] for t in ladder)
+    assert [down[t]["err"] for t in ladder] == sorted((down[t]["err"] for t in ladder), reverse=True)
+    lm = load("default")
+    w = windows("builtin:pydoc", lm.tokenizer, seq_len=256, samples=2)
+    alone = measure(lm, w, candidates=GGUFCandidates.of(lm, ("IQ4_NL",), Imatrix.load(run / "imatrix.gguf")))
+    for g, entry in alone.groups.items():
+        assert entry["configs"]["IQ4_NL"]["err"] == pytest.approx(meas["groups"][g]["configs"]["IQ4_NL"]["err"], 1e-6)
+
+
 def test_size_target_is_the_gguf_files_size(run, tmp_path):
     """--size plans the file's size, metadata and every tensor included: the GGUF file written is at most that and
     within 1% of it. The fixture's measurement and importance matrix are reused (nothing is measured again)."""
@@ -224,6 +248,35 @@ def test_size_target_is_the_gguf_files_size(run, tmp_path):
     assert 0.99 * size <= written <= size, (written, size)
     (row,) = json.loads((out / "eval.json").read_text())["rows"]
     assert row["target_bpw"] < BITS and row["plan"].startswith("measured@")
+
+
+def test_embedding_type_is_counted_written_and_evaluated(run, tmp_path):
+    """--embedding Q4_K: the file's token embedding is what llama.cpp stores for Q4_K in rows of 576 (Q5_0, the same
+    bytes as its quantizer's --token-embedding-type), the size target counts it, the recipe makes the same file,
+    the plan keeps it, and the held-out evaluation runs the model with it (the tied head too): llama.cpp's
+    perplexity of the file agrees with ours."""
+    import shutil
+
+    from layerwise.quantize import QuantPlan
+
+    out = tmp_path / "emb"
+    out.mkdir()
+    for name in ("measurement.json", "imatrix.gguf"):
+        shutil.copy(run / name, out / name)
+    size = (run / "model.gguf").stat().st_size - 8 * 2**20  # Q5_0 takes 10.1 MiB off the Q8_0 embedding
+    argv = ["--size", str(size), "--embedding", "q4_k", "--seq-len", "256", "--samples", "2", "--eval-samples", "3"]
+    assert cli.main(["quantize", *argv, "--out", str(out)]) == 0
+    written = (out / "model.gguf").stat().st_size
+    assert 0.99 * size <= written <= size, (written, size)
+    tensors = _types(out / "model.gguf")
+    assert tensors["token_embd.weight"].tensor_type.name == "Q5_0"
+    ev = json.loads((out / "eval.json").read_text())
+    (row,) = ev["rows"]
+    assert ev["meta"]["embedding"] == {"type": "Q4_K", "stored": "Q5_0"} and row["target_bpw"] > BITS
+    assert row["bytes"] == sum(int(t.n_bytes) for t in tensors.values())
+    assert abs(ev["exports"]["gguf"]["llama_cpp_ppl"] / row["ppl"] - 1) < 0.02, (row, ev["exports"])
+    assert QuantPlan.load(out).embedding == "Q4_K"
+    _recipe_reproduces(out, tmp_path)
 
 
 def test_tie_gives_gate_and_up_one_type(run, tmp_path):
@@ -337,6 +390,12 @@ def test_q4km_is_llama_cpp_rule(real_cache, tmp_path):
         (["--bits", "5", "--imatrix", "MISSING"], "cannot read the importance matrix"),
         (["--bits", "5", "--imatrix", "WRONG"], "it was made for another model"),
         (["--bits", "5", "--format", "int", "--imatrix", "MISSING"], "integer formats do not use one"),
+        (["--bits", "5", "--imatrix", "none", "--types", "Q4_K,IQ2_XXS"], "IQ2_XXS only with an importance matrix"),
+        (["--bits", "5", "--types", "Q4_K,Q9_K"], "unknown GGUF type 'Q9_K' in --types"),
+        (["--bits", "5", "--format", "int", "--types", "Q4_K"], "integer formats choose among bits"),
+        (["--bits", "5", "--embedding", "Q9"], "unknown GGUF type 'Q9' in --embedding"),
+        (["--bits", "5", "--embedding", "q4_k", "--offload", "disk"], "leave out --offload disk, or --embedding"),
+        (["--bits", "5", "--format", "int", "--embedding", "q4_k"], "integer formats keep the embedding"),
         (["--bits", "5", "STALE"], "is stale"),
         (["--bits", "5", "CORRUPT"], "not a readable measurement"),
     ],
@@ -357,7 +416,8 @@ def test_quantize_bad_input_is_one_line(argv, match, tmp_path, capsys, real_cach
         )
         (out / "measurement.json").write_text(text)
         argv = argv[:-1]
-    rc = cli.main(["quantize", *argv, "--seq-len", "32", "--samples", "1", "--eval-samples", "1", "--out", str(out)])
+    # the fixture's windows: its importance matrix, so the candidate files it made are reused, not made again
+    rc = cli.main(["quantize", *argv, "--seq-len", "256", "--samples", "2", "--eval-samples", "1", "--out", str(out)])
     err = capsys.readouterr().err
     assert rc == 2 and one_error_line(err) and match in err, err
     assert not any(p.suffix in (".gguf", ".html") for p in out.rglob("*")) if out.exists() else True
@@ -380,3 +440,20 @@ def test_quantize_from_disk_makes_the_same_plan_and_file(run, tmp_path):
         {g: e["config"] for g, e in next(iter(plans[0].values()))["groups"].items()}
     ] * 2
     assert (run / "model.gguf").read_bytes() == (out / "model.gguf").read_bytes()
+
+
+def test_llama_cpp_failure_says_why_in_one_line(tmp_path, real_cache, capfd):
+    """When llama.cpp's quantizer fails, its own reason (from the log it writes past Python) ends the one-line
+    error, the log stays off the terminal, and no partial file is left."""
+    from layerwise import load
+    from layerwise.errors import LayerwiseError
+    from layerwise.quant.gguf import llama_quantize, source_gguf
+    from layerwise.quant.imatrix import compute
+
+    from .conftest import tiny_lm, tiny_windows
+
+    wrong = compute(tiny_lm("llama", layers=2), tiny_windows(2), progress=False)  # widths of another model
+    with pytest.raises(LayerwiseError, match=r"could not quantize .* to Q4_0 \(.*imatrix size \d+ is different"):
+        llama_quantize(source_gguf(load("default")), tmp_path / "x.gguf", "Q4_0", imatrix=wrong)
+    assert "converting to" not in capfd.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -245,6 +245,8 @@ FLAGS = {
     "imatrix": "--imatrix",
     "size": "--size",
     "tie": "--tie",
+    "types": "--types",
+    "embedding": "--embedding",
 }
 
 #: Where a subcommand's flag for an API argument differs from FLAGS: probe's measured profile has its own window
@@ -465,6 +467,18 @@ def _parser() -> _Parser:
         default=(),
         help="--format gguf: give maps that run together one type: gate,up (llama.cpp users report faster prompt "
         "processing when ffn_gate and ffn_up match), q,k,v, or both as q,k,v,gate,up",
+    )
+    qz.add_argument(
+        "--types",
+        metavar="TYPES",
+        help="--format gguf: the candidate types, e.g. Q4_K,Q5_K,IQ4_XS (default: Q2_K to Q8_0, and IQ1_S to IQ4_NL "
+        "with an importance matrix)",
+    )
+    qz.add_argument(
+        "--embedding",
+        metavar="TYPE",
+        help="--format gguf: the token embedding's type (as llama-quantize --token-embedding-type; the output head's "
+        "too where the model ties them), counted in the size; default: as the source stores it",
     )
     qz.add_argument(
         "--imatrix",
@@ -809,9 +823,16 @@ def _quantize_plan(args: argparse.Namespace, cfg: QuantizeConfig) -> Callable[..
         batch_size=cfg.batch_size,
         calibration=args.samples,
         evaluation=cfg.eval_samples,
-        configs=18 if cfg.format == "int" else 10,
+        configs=18 if cfg.format == "int" else _gguf_types(cfg),
         gptq=cfg.format == "int" and cfg.method == "gptq",
     )
+
+
+def _gguf_types(cfg: QuantizeConfig) -> int:
+    """How many GGUF types the run measures (what the memory plan counts)."""
+    from .quant.gguf import IQ_TYPES, TYPES
+
+    return len(cfg.types) if cfg.types else len(TYPES) + (len(IQ_TYPES) if cfg.imatrix != "none" else 0)
 
 
 def _probe_plan(cfg: ProbeConfig, ex: Examples) -> Callable[..., MemoryPlan]:

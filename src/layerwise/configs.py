@@ -165,6 +165,10 @@ class QuantizeConfig(Config):
     imatrix: str = "auto"
     #: GGUF: maps given one type because they run together, by short name (``gate,up``, ``q,k,v``).
     tie: tuple[str, ...] = ()
+    #: GGUF: the candidate types (``Q4_K,IQ4_XS``); None: every K- and legacy type, and the IQ types with an imatrix.
+    types: tuple[str, ...] | None = None
+    #: GGUF: the token embedding's type (llama-quantize's ``--token-embedding-type``); None: as the source stores it.
+    embedding: str | None = None
 
     AT_LEAST: typing.ClassVar[dict[str, float]] = {"group_size": 1, "seed": 0, "eval_samples": 1, "batch_size": 1}
 
@@ -182,6 +186,10 @@ class QuantizeConfig(Config):
             parse_bytes(self.size, "size")
             if self.format != "gguf":
                 raise LayerwiseError("`size` targets a GGUF file's size; for integer formats give `bits`")
+        if self.types is not None and self.format != "gguf":
+            raise LayerwiseError("`types` are GGUF types; integer formats choose among bits and `group_size`")
+        if self.embedding is not None and self.format != "gguf":
+            raise LayerwiseError("`embedding` is a GGUF type; integer formats keep the embedding as the model has it")
         if self.tie and self.format != "gguf":
             raise LayerwiseError("integer formats always give q/k/v and gate/up one config each; leave out `tie`")
         if self.tie and "q4km" in self.strategy:

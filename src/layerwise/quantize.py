@@ -75,16 +75,20 @@ def candidates_for(
     sizes: tuple[int, ...] = (32, 64, 128),
     imatrix: Imatrix | None = None,
     tie: tuple[str, ...] = (),
+    types: tuple[str, ...] | None = None,
+    embedding: str | None = None,
 ) -> Candidates:
-    """The candidate set of a family: GGUF types (each made with ``imatrix`` when given; the groups ``tie`` names
-    typed as one), or 2-8 bit integer codes at one group size (else at each of ``sizes``)."""
+    """The candidate set of a family: GGUF ``types`` (by default every one there is: the IQ types need ``imatrix``;
+    each made with ``imatrix`` when given; the groups ``tie`` names typed as one; the token embedding at type
+    ``embedding``, else as the source stores it), or 2-8 bit integer codes at one group size (else at each of
+    ``sizes``)."""
     if family == "gguf":
         if method != "rtn" or group_size is not None or symmetric is not None:
             raise LayerwiseError(
                 "`method`, `group_size` and `symmetric` choose integer formats; GGUF types fix their own (use "
                 "`family` int)"
             )
-        return qg.GGUFCandidates.of(lm, imatrix=imatrix, tie=tie)
+        return qg.GGUFCandidates.of(lm, types, imatrix=imatrix, tie=tie, embedding=embedding)
     if family != "int":
         raise LayerwiseError(f"unknown `family` {family!r}; use gguf or int")
     sizes = (group_size,) if group_size else sizes
@@ -99,8 +103,7 @@ def _other_bits(lm: LoadedModel, meas: Measurement, cands: Candidates) -> tuple[
     int64 ``weight_shape`` pair beside each quantized weight)."""
     planned = {p for e in meas.groups.values() for p in e["modules"]}
     if isinstance(cands, qg.GGUFCandidates):
-        names = {lm.anatomy.gguf_name(p) for p in planned}
-        rest = [t for t in qg.ggufio.reader(cands.source).tensors if t.name not in names]
+        rest = cands.kept({lm.anatomy.gguf_name(p) for p in planned})
         return sum(qg.ggufio.tensor_bits(t) for t in rest), sum(int(t.n_elements) for t in rest)
 
     def kept(name: str) -> bool:
@@ -220,6 +223,7 @@ class QuantPlan:
     calibration: dict | None = None  # data_hash, n_calib and seq_len of the windows a GPTQ plan was fitted to
     key: str = ""
     imatrix: Path | None = None  # the importance matrix a GGUF plan's types were made with
+    embedding: str | None = None  # the GGUF type of the token embedding, when not the source's
 
     @property
     def family(self) -> Family:
@@ -255,7 +259,8 @@ class QuantPlan:
         check_plan_model(self.model_hash, lm)
         if self.family == "gguf":
             im = Imatrix.load(self.imatrix) if self.imatrix is not None else None
-            return qg.GGUFCandidates.of(lm, tuple(dict.fromkeys(c.name for c in self.configs.values())), im)
+            types = tuple(dict.fromkeys(c.name for c in self.configs.values()))
+            return qg.GGUFCandidates.of(lm, types, im, embedding=self.embedding)
         return GroupCandidates(self.int_configs(), cast(Method, self.method))
 
     def int_configs(self) -> tuple[QConfig, ...]:
@@ -294,6 +299,8 @@ class QuantPlan:
             for p, c in self.configs.items()
         }
         meta = {"model_hash": self.model_hash, "method": self.method, "data": self.calibration or {}}
+        if self.embedding is not None:
+            meta["embedding"] = {"type": self.embedding}
         if self.imatrix is not None:  # beside the plan, which names it
             meta["imatrix"] = keep_imatrix(Imatrix.load(self.imatrix), Path(folder))
         return save_plans(folder, "quantize", meta, {self.key or "plan": {"groups": groups}})
@@ -313,7 +320,8 @@ class QuantPlan:
         calibration = {k: data[k] for k in ("data_hash", "n_calib", "seq_len")} if method == "gptq" and data else None
         im = meta.get("imatrix") or {}
         imatrix = (folder or Path()) / im["file"] if "file" in im else None
-        return cls(configs, method, meta.get("model_hash"), calibration, key, imatrix)
+        embedding = (meta.get("embedding") or {}).get("type")
+        return cls(configs, method, meta.get("model_hash"), calibration, key, imatrix, embedding)
 
     @classmethod
     def load(cls, path: str | Path, key: str | None = None) -> QuantPlan:
@@ -411,6 +419,8 @@ def run(
         sizes=sizes,
         imatrix=im,
         tie=lm.anatomy.ties(cfg.tie),
+        types=cfg.types,
+        embedding=cfg.embedding,
     )
     if "hf" in export and isinstance(cands, GroupCandidates):
         hf.check(lm, cands.configs)
@@ -447,6 +457,7 @@ def run(
         "candidates": list(cands.names),
         # written with the results, so that a failed run leaves no file behind
         "imatrix": None if im is None else keep_imatrix(im, Path(out)) if out is not None else {"digest": im.digest},
+        "embedding": embedding_record(cands),
         "measurement_s": meas.meta.get("seconds"),
         "eval_windows": int(eval_ids.shape[0]),
     }
@@ -512,7 +523,8 @@ def export_plan(
         raise LayerwiseError("an integer plan has no GGUF types; export it with --export hf")
     im = keep_imatrix(cands.imatrix, out) if cands.imatrix is not None else None
     if "recipe" in export:
-        path = write_atomic(out / "recipe.sh", qg.recipe(types, cands.source, imatrix=im["file"] if im else None))
+        made = qg.recipe(types, cands.source, imatrix=im["file"] if im else None, embedding=cands.embedding)
+        path = write_atomic(out / "recipe.sh", made)
         listed = write_atomic(out / TENSOR_TYPE_FILE, qg.tensor_type_file(types))
         exports["recipe"] = {
             "path": str(path),
@@ -540,7 +552,7 @@ def size_budget(lm: LoadedModel, cands: Candidates, size: int, lo: float, hi: fl
     an = lm.anatomy
     mods = [p for layer in range(an.n_layers) for _, ms in an.quant_groups(layer, fused=False) for p, _ in ms]
     n = sum(math.prod(an.linear_shape(lm.model.get_submodule(p))) for p in mods)
-    fixed = qg.fixed_bytes(cands.source, {an.gguf_name(p) for p in mods})
+    fixed = qg.fixed_bytes(cands.source, {an.gguf_name(p) for p in mods}, cands.embedding)
     smallest = fixed + math.ceil(lo * n / 8)
     if size < smallest:
         raise LayerwiseError(
@@ -579,6 +591,14 @@ def resolve_imatrix(
         if im.meta.get("model_hash") == lm.source.get("model_hash") and im.meta.get("data") == windows.meta():
             return im
     return imatrix_compute(lm, windows, batch_size=batch_size, dataset=windows.source, progress=progress)
+
+
+def embedding_record(cands: Candidates) -> dict | None:
+    """What a GGUF plan records of its token embedding when it is not the source's: the type asked and the type
+    llama.cpp stored (its fallback where rows do not fit the type's blocks)."""
+    if not isinstance(cands, qg.GGUFCandidates) or cands.embedding is None:
+        return None
+    return {"type": cands.embedding.stem, "stored": qg.embedding_type(cands.embedding)}
 
 
 def keep_imatrix(im: Imatrix, folder: Path) -> dict:

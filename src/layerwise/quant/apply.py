@@ -50,7 +50,7 @@ def config_weights(
             p: candidates.stored(p, matrix(lm.anatomy, lm.model.get_submodule(p)), c, None)[0]
             for p, c in config.items()
         }
-    return {lm.model.get_submodule(p): w for p, w in made.items()}
+    return {lm.model.get_submodule(p): w for p, w in made.items()} | candidates.outside(lm)
 
 
 def plan_codes(

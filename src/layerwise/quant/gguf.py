@@ -21,11 +21,13 @@ import contextlib
 import os
 import re
 import shlex
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from .. import ggufio
@@ -36,10 +38,18 @@ from .allocate import Allocation, fixed
 from .imatrix import Imatrix, tensor_columns
 from .measure import Measurement
 
-#: Candidate types, cheapest first (bits per weight with scales: 2.625 ... 8.5).
+#: Candidate types made without an importance matrix, cheapest first (bits per weight with scales: 2.625 ... 8.5).
 TYPES: tuple[str, ...] = ("Q2_K", "Q3_K", "Q4_0", "Q4_K", "Q4_1", "Q5_0", "Q5_K", "Q5_1", "Q6_K", "Q8_0")
-#: llama.cpp file types (``LLAMA_FTYPE_MOSTLY_*``) whose base type is the K-type of the same name.
-_FTYPE = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
+#: llama.cpp's IQ types, cheapest first (1.5625 ... 4.5 bits per weight): candidates too when there is an
+#: importance matrix. Their 256-wide blocks fall back to IQ4_NL in rows of another width (SmolLM2's 576).
+IQ_TYPES: tuple[str, ...] = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS", "IQ4_NL")
+#: The token embedding's name in GGUF files (it serves as the output head too where the model ties the two).
+EMBEDDING = "token_embd.weight"
+#: The types llama.cpp refuses to make without an importance matrix (its ``tensor_requires_imatrix``; not for the
+#: token embedding, which has no entry in one).
+NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS"})
+#: llama.cpp file types (``LLAMA_FTYPE_MOSTLY_*``) whose base type is the tensor type named, where the names differ.
+_FTYPE = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "IQ2_S": "IQ2_M"}
 
 
 def _llama_cpp():
@@ -56,7 +66,43 @@ def _ggml_type(name: str) -> int:
     try:
         return int(gguf.GGMLQuantizationType[name.upper()])
     except KeyError:
-        raise LayerwiseError(f"unknown GGUF type {name!r}; use one of {', '.join(TYPES)}") from None
+        raise LayerwiseError(f"unknown GGUF type {name!r}; use one of {', '.join(TYPES + IQ_TYPES)}") from None
+
+
+def _nominal_bits(name: str) -> float:
+    """Bits per weight of a type's blocks, scales included (``Q4_K``: 4.5)."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]]
+    return 8 * size / block
+
+
+def candidate_types(asked: tuple[str, ...] | None, imatrix: Imatrix | None) -> tuple[str, ...]:
+    """The types to measure, cheapest first: those ``asked`` (checked), else every K- and legacy type and, with an
+    importance matrix, every IQ type."""
+    if asked is None:
+        asked = TYPES + IQ_TYPES if imatrix is not None else TYPES
+    names = tuple(dict.fromkeys(_known(t, "types") for t in asked))
+    check_imatrix(names, imatrix)
+    return tuple(sorted(names, key=_nominal_bits))
+
+
+def _known(name: str, option: str) -> str:
+    """A quantized type's name (upper case), or one line naming the types there are."""
+    if name.upper() not in TYPES + IQ_TYPES:
+        raise LayerwiseError(f"unknown GGUF type {name!r} in `{option}`; use any of {', '.join(TYPES + IQ_TYPES)}")
+    return name.upper()
+
+
+def check_imatrix(types: Iterable[str], imatrix: Imatrix | None, option: str = "types") -> None:
+    """Refuse, before anything is made, a type llama.cpp only makes with an importance matrix when there is none
+    (``option``: where the type was asked for)."""
+    needs = sorted(NEEDS_IMATRIX.intersection(types))
+    if needs and imatrix is None:
+        raise LayerwiseError(
+            f"llama.cpp makes {', '.join(needs)} only with an importance matrix: give `imatrix` auto or a file, or "
+            f"leave {', '.join(needs)} out of `{option}`"
+        )
 
 
 def llama_quantize(
@@ -70,17 +116,22 @@ def llama_quantize(
     threads: int | None = None,
     imatrix: Imatrix | None = None,
 ) -> Path:
-    """Quantize ``source`` with llama.cpp: every tensor at ``base`` (``--pure``; with ``pure=False``, llama.cpp's
-    own mix for that file type, e.g. Q4_K_M) except the (regex, type) ``overrides`` (first match wins);
-    the token embedding at its own type when given; each tensor's rounding weighted by ``imatrix`` when given
-    (``llama-quantize --imatrix``)."""
+    """Quantize ``source`` with llama.cpp: every tensor at type ``base`` (``--pure``; with ``pure=False``,
+    llama.cpp's own mix for that type's file type, e.g. Q4_K_M, or for the file type ``base`` names, e.g. IQ3_M)
+    except the (regex, type) ``overrides`` (first match wins); the token embedding at its own type when given; each
+    tensor's rounding weighted by ``imatrix`` when given (``llama-quantize --imatrix``)."""
     import ctypes
 
     lc = _llama_cpp()
-    if base not in TYPES:
-        raise LayerwiseError(f"unknown GGUF type {base!r}; use one of {', '.join(TYPES)}")
+    ftype = getattr(lc, f"LLAMA_FTYPE_MOSTLY_{_FTYPE.get(base, base)}", None)
+    if base not in TYPES + IQ_TYPES and (pure or ftype is None):
+        raise LayerwiseError(
+            f"unknown GGUF type {base!r}; use one of {', '.join(TYPES + IQ_TYPES)}"
+            + ("" if pure else " or a llama.cpp file type (Q4_K_M, IQ3_M, ...)")
+        )
+    check_imatrix([base, *(t for _, t in overrides or ())], imatrix)
     params = lc.llama_model_quantize_default_params()
-    params.ftype = getattr(lc, f"LLAMA_FTYPE_MOSTLY_{_FTYPE.get(base, base)}")
+    params.ftype = ftype
     params.allow_requantize = True
     params.pure = pure
     params.nthread = threads or os.cpu_count() or 1
@@ -102,17 +153,42 @@ def llama_quantize(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.part")
     try:
-        rc = lc.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
+        with _stderr_kept() as log:
+            rc = lc.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
             arch = ggufio.arch(ggufio.reader(source))
+            said = next((ln.strip() for ln in reversed(log) if "error" in ln.lower() or "failed" in ln.lower()), "")
             raise LayerwiseError(
-                f"llama.cpp could not quantize {Path(source).name} (architecture {arch!r}) to {base} (error {rc}); "
-                "this llama.cpp build may not support that architecture: use `family` int"
+                f"llama.cpp could not quantize {Path(source).name} (architecture {arch!r}) to {base}"
+                f"{f' ({said})' if said else f' (error {rc})'}; if this llama.cpp build does not support that "
+                "architecture, use `family` int"
             )
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+@contextlib.contextmanager
+def _stderr_kept() -> Iterator[list[str]]:
+    """The process's standard error (file descriptor 2) into a list while the block runs: llama.cpp's quantizer
+    writes a few lines per tensor there (every fallback type too, which the plan records), past Python's logging."""
+    import sys
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    lines: list[str] = []
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            lines += tmp.read().decode(errors="replace").splitlines()
 
 
 def _imatrix_array(lc, imatrix: Imatrix, keep: list):
@@ -150,12 +226,16 @@ def candidate_files(lm: LoadedModel, types: tuple[str, ...] = TYPES, imatrix: Im
     folder = cache_root() / "gguf" / str(lm.source["model_hash"])[:16]
     if imatrix is not None:
         folder = folder / f"imatrix-{imatrix.digest[:16]}"
-    files = {}
-    for t in types:
-        files[t] = folder / f"{t}.gguf"
-        if not files[t].exists():
-            llama_quantize(src, files[t], t, imatrix=imatrix)
+    files = {t: folder / f"{t}.gguf" for t in types}
+    todo = [t for t in types if not files[t].exists()]
+    for t in tqdm(todo, desc="GGUF candidates", unit="type", disable=not todo):
+        llama_quantize(src, files[t], t, imatrix=imatrix)  # the token embedding too: `embedding` may take it
     return files
+
+
+def embedding_type(source: str | Path) -> str | None:
+    """The type a GGUF file stores its token embedding in."""
+    return next((t.tensor_type.name for t in ggufio.reader(source).tensors if t.name == EMBEDDING), None)
 
 
 def _row_order(w: torch.Tensor, src: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
@@ -190,23 +270,37 @@ class GGUFCandidates:
     imatrix: Imatrix | None = None  # what llama.cpp weighed each tensor's rounding by
     # llama.cpp types each tensor on its own; these groups (``mlp.gate_up``) get one type, as they run together
     fused: tuple[str, ...] = ()
+    # the file whose token embedding the plan's file takes (``embedding``: a type's file); None: the source's
+    embedding: Path | None = None
     needs_hessian: bool = False
     _readers: dict = field(default_factory=dict, repr=False)
     _rows: dict = field(default_factory=dict, repr=False)
+    _sizes: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def of(
         cls,
         lm: LoadedModel,
-        types: tuple[str, ...] = TYPES,
+        types: tuple[str, ...] | None = None,
         imatrix: Imatrix | None = None,
         tie: tuple[str, ...] = (),
+        embedding: str | None = None,
     ) -> GGUFCandidates:
-        """Every type's file quantized from the model's source (with ``imatrix``, checked against the model); the
-        groups ``tie`` names (``("mlp.gate_up",)``) typed as one."""
+        """Each of ``types`` (by default :func:`candidate_types`'s) in a file quantized from the model's source
+        (with ``imatrix``, checked against the model); the groups ``tie`` names (``("mlp.gate_up",)``) typed as
+        one; the token embedding of the plan's file at type ``embedding`` (None: as the source stores it)."""
+        types = candidate_types(types, imatrix)
         if imatrix is not None:
             imatrix.check(tensor_columns(lm), "given")
-        return cls(lm.anatomy, source_gguf(lm), candidate_files(lm, types, imatrix), imatrix, tie)
+        emb = None
+        if embedding is not None:
+            if lm.streamed is not None:
+                raise LayerwiseError(
+                    "`embedding` is evaluated with the model in memory; leave out `offload` disk, or `embedding`"
+                )
+            check_imatrix([_known(embedding, "embedding")], imatrix, "embedding")  # its whole file is made at it
+            emb = candidate_files(lm, (embedding.upper(),), imatrix)[embedding.upper()]
+        return cls(lm.anatomy, source_gguf(lm), candidate_files(lm, types, imatrix), imatrix, tie, emb)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -218,9 +312,11 @@ class GGUFCandidates:
         return {"method": "llama.cpp", "candidates": list(self.names), "imatrix": im}
 
     def tensor(self, file: str, name: str):
-        """A tensor of one candidate file (or of the source, ``file="source"``)."""
+        """A tensor of one candidate file (or of the source, ``file="source"``, or of the embedding's,
+        ``"embedding"``)."""
         if file not in self._readers:
-            r = ggufio.reader(self.source if file == "source" else self.files[file])
+            path = {"source": self.source, "embedding": self.embedding}.get(file) or self.files[file]
+            r = ggufio.reader(path)
             self._readers[file] = {t.name: t for t in r.tensors}
         try:
             return self._readers[file][name]
@@ -230,7 +326,39 @@ class GGUFCandidates:
             ) from None
 
     def bits(self, path: str, shape: tuple[int, int], name: str) -> int:
-        return ggufio.tensor_bits(self.tensor(name, self.anatomy.gguf_name(path)))
+        """From the file's header alone: a plan's range and a size's budget are known, and bad ones refused, without
+        parsing every file's metadata (gguf's reader takes seconds a file)."""
+        if name not in self._sizes:
+            self._sizes[name] = {t.name: t.rows * t.row_bytes for t in ggufio.header(self.files[name])[1]}
+        return 8 * self._sizes[name][self.anatomy.gguf_name(path)]
+
+    def kept(self, planned: set[str]) -> list:
+        """The tensors the plan's file holds besides the ``planned`` ones, as it stores them: the source's, the token
+        embedding from ``embedding``'s file when there is one."""
+        own = "embedding" if self.embedding is not None else "source"
+        tensors = ggufio.reader(self.source).tensors
+        return [self.tensor(own, t.name) if t.name == EMBEDDING else t for t in tensors if t.name not in planned]
+
+    def outside(self, lm: LoadedModel) -> dict[nn.Module, torch.Tensor]:
+        """The token embedding as the plan's file stores it, when that is not as the source does (``embedding``)."""
+        if self.embedding is None:
+            return {}
+        module = lm.model.get_input_embeddings()
+        w = module.get_parameter("weight")
+        rows = _row_order(w, _dequantize(self.tensor("source", EMBEDDING)), EMBEDDING, w.dtype)
+        return {module: _dequantize(self.tensor("embedding", EMBEDDING))[rows]}
+
+    def twins(self, paths: list[str]) -> dict[str, str]:
+        """Types whose files hold the same bytes as an earlier type's for every one of ``paths`` (llama.cpp's
+        fallback in rows its blocks do not tile: Q4_K stored as Q5_0, IQ2_XXS as IQ4_NL), each with the first such
+        type."""
+        out: dict[str, str] = {}
+        for i, name in enumerate(self.names):
+            mine = [self.tensor(name, self.anatomy.gguf_name(p)) for p in paths]
+            same = (o for o in self.names[:i] if o not in out and all(_same(t, self.tensor(o, t.name)) for t in mine))
+            if (first := next(same, None)) is not None:
+                out[name] = first
+        return out
 
     def stored(
         self, path: str, w: torch.Tensor, name: str, hessian: torch.Tensor | None
@@ -246,6 +374,11 @@ class GGUFCandidates:
         self, path: str, w: torch.Tensor, hessian: torch.Tensor | None
     ) -> dict[str, tuple[torch.Tensor, int, str]]:
         return {name: self.stored(path, w, name, hessian) for name in self.names}
+
+
+def _same(a, b) -> bool:
+    """Whether two stored tensors hold the same type and bytes."""
+    return a.tensor_type == b.tensor_type and np.array_equal(a.data, b.data)
 
 
 def _dequantize(t) -> torch.Tensor:
@@ -265,24 +398,28 @@ def tensor_types(meas: Measurement, alloc: Allocation, anatomy: Anatomy) -> dict
 
 
 def export(cands: GGUFCandidates, types: dict[str, tuple[str, str]], out: str | Path) -> Path:
-    """Write the plan as one GGUF file: each planned tensor's bytes from its type's file, the rest from the source."""
+    """Write the plan as one GGUF file: each planned tensor's bytes from its type's file, the rest as
+    :meth:`GGUFCandidates.kept` gives them."""
+    kept = {t.name: t for t in cands.kept(set(types))}
 
     def tensor(t) -> ggufio.Tensor:
-        if t.name in types:
-            c = cands.tensor(types[t.name][0], t.name)
-            return c.name, c.data, c.tensor_type
-        return t.name, t.data, t.tensor_type
+        c = cands.tensor(types[t.name][0], t.name) if t.name in types else kept[t.name]
+        return c.name, c.data, c.tensor_type
 
     return ggufio.rewrite(cands.source, out, tensor)
 
 
 def recipe(
-    types: dict[str, tuple[str, str]], source: str | Path, out: str = "model-mixed.gguf", imatrix: str | None = None
+    types: dict[str, tuple[str, str]],
+    source: str | Path,
+    out: str = "model-mixed.gguf",
+    imatrix: str | None = None,
+    embedding: str | Path | None = None,
 ) -> str:
     """``llama-quantize`` arguments that make the same file from the source (stored types, so no fallback is needed),
-    with the importance matrix file ``imatrix`` (a path from the folder the recipe runs in) when given."""
-    tr = ggufio.reader(source)
-    embd = next((t.tensor_type.name for t in tr.tensors if t.name == "token_embd.weight"), "Q8_0")
+    with the importance matrix file ``imatrix`` (a path from the folder the recipe runs in) when given, and the
+    token embedding as the file ``embedding`` (else the source) stores it."""
+    embd = embedding_type(embedding or source) or "Q8_0"
     lines = ["llama-quantize --allow-requantize --pure", f"  --token-embedding-type {embd.lower()}"]
     lines += [f"  --imatrix {shlex.quote(imatrix)}"] if imatrix is not None else []
     lines += [f"  --tensor-type {shlex.quote(pattern)}={t.lower()}" for pattern, t in recipe_overrides(types)]
@@ -290,14 +427,18 @@ def recipe(
     return " \\\n".join(lines) + "\n"
 
 
-def fixed_bytes(source: str | Path, planned: set[str]) -> int:
+def fixed_bytes(source: str | Path, planned: set[str], embedding: str | Path | None = None) -> int:
     """The bytes a plan's GGUF file holds besides its planned tensors' data, at most: the header and metadata (the
-    export copies the source's), every other tensor as the source stores it, and each tensor's alignment padding
-    (the planned ones' at its largest)."""
+    export copies the source's), every other tensor as the source stores it (the token embedding as the file
+    ``embedding`` does, when given), and each tensor's alignment padding (the planned ones' at its largest)."""
     meta, infos = ggufio.header(source)
+    start = min(t.offset for t in infos)
+    if embedding is not None:
+        emb = next(t for t in ggufio.header(embedding)[1] if t.name == EMBEDDING)
+        infos = [emb if t.name == EMBEDDING else t for t in infos]
     align = int(meta.get("general.alignment", 32))
     others = sum(-(-t.rows * t.row_bytes // align) * align for t in infos if t.name not in planned)
-    return min(t.offset for t in infos) + others + (align - 1) * len(planned)
+    return start + others + (align - 1) * len(planned)
 
 
 def tensor_type_file(types: dict[str, tuple[str, str]]) -> str:

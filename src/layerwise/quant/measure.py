@@ -87,14 +87,16 @@ def matrix(an: Anatomy, module: nn.Module) -> torch.Tensor:
 
 @contextmanager
 def replaced(an: Anatomy, weights: dict[nn.Module, torch.Tensor]) -> Iterator[None]:
-    """Temporarily give each module a new (out, in) weight; the originals come back on exit."""
+    """Temporarily give each module a new weight, (out, in) for a linear map, as stored for an embedding; the
+    originals come back on exit."""
     saved = []
     try:
         with torch.no_grad():
             for m, w in weights.items():
                 weight = m.get_parameter("weight")
                 saved.append((weight, weight.detach().clone()))
-                weight.copy_((w.T if an.spec.transposed else w).to(weight.dtype))
+                flip = an.spec.transposed and not isinstance(m, (nn.Linear, nn.Embedding))  # GPT-2's Conv1D
+                weight.copy_((w.T if flip else w).to(weight.dtype))
         yield
     finally:
         with torch.no_grad():
@@ -139,6 +141,16 @@ class Candidates(Protocol):
         self, path: str, w: torch.Tensor, name: str, hessian: torch.Tensor | None
     ) -> tuple[torch.Tensor, int, str]:
         """The (out, in) weight as it would be stored under config ``name``, its bits, and the stored config."""
+        ...
+
+    def twins(self, paths: list[str]) -> dict[str, str]:
+        """Configs that store every one of ``paths`` exactly as an earlier config does, each with that config: a
+        measurement measures it once and gives both the result."""
+        ...
+
+    def outside(self, lm: LoadedModel) -> dict[nn.Module, torch.Tensor]:
+        """Weights outside the plan that its model stores otherwise than the loaded one (a GGUF file's token
+        embedding at another type), for the fake-quantized model (:func:`replaced`)."""
         ...
 
     def stored_all(
@@ -206,6 +218,12 @@ class GroupCandidates:
     ) -> tuple[torch.Tensor, int, str]:
         bits = self.bits(path, (w.shape[0], w.shape[1]), name)
         return self.codes(path, w, name, hessian).dequantize(), bits, name
+
+    def twins(self, paths: list[str]) -> dict[str, str]:
+        return {}  # each config has its own bits or grid
+
+    def outside(self, lm: LoadedModel) -> dict[nn.Module, torch.Tensor]:
+        return {}  # the checkpoint keeps every other weight as the model has it
 
     def stored_all(
         self, path: str, w: torch.Tensor, hessian: torch.Tensor | None
@@ -287,7 +305,11 @@ def measure(
                 for layer in layers
                 for g, mods in todo[layer]
             }
-            sums: dict[str, _Sums] = {}
+            sums = {
+                g: _Sums(g, candidates.names, candidates.twins([p for p, _ in mods]))
+                for layer in layers
+                for g, mods in todo[layer]
+            }
             for batch in batches:
                 h, calls, grads = _batch_pass(lm, batch.to(lm.device), layers)
                 with torch.no_grad():
@@ -387,11 +409,11 @@ def _measure_block(
     with torch.no_grad():
         for group, mods in groups:
             kind = _sublayer(group)
-            acc = _Sums(group)
+            acc = _Sums(group, candidates.names, candidates.twins([p for p, _ in mods]))
             for _, outputs, _ in records:
                 acc.add_reference(store.load(outputs[kind]))
             hessian = hessians[group].value if hessians else None
-            for name in candidates.names:
+            for name in acc.measured:
                 stored = [candidates.stored(p, matrix(an, m), name, hessian) for p, m in mods]
                 with replaced(an, {m: w for (_, m), (w, _, _) in zip(mods, stored)}):
                     for branch, outputs, grad in records:
@@ -420,12 +442,19 @@ def _runs(an: Anatomy, todo: dict, n_configs: int, cache_bytes: int) -> list[lis
 @dataclass
 class _Sums:
     """One group's running sums over calibration batches: ``sum y^2`` and, per config, ``sum d^2`` and
-    ``sum g^2 d^2``."""
+    ``sum g^2 d^2``; a config that stores the group as another does (``twins``) takes that one's sums."""
 
     group: str
+    names: tuple[str, ...]
+    twins: dict[str, str]
     denom: float = 0.0
     configs: dict[str, list[float]] = field(default_factory=dict)  # name -> [d2, g2d2]
     meta: dict[str, tuple[int, list[str]]] = field(default_factory=dict)  # name -> (bits, stored configs)
+
+    @property
+    def measured(self) -> list[str]:
+        """The configs to run: each but the twins."""
+        return [name for name in self.names if name not in self.twins]
 
     def add_reference(self, ref: torch.Tensor) -> None:
         """One batch's unquantized residual update: the denominator of the relative error."""
@@ -446,20 +475,21 @@ class _Sums:
 
     def entry(self, an: Anatomy, layer: int, mods: list, n_tokens: int) -> dict:
         """The measurement's record of this group: relative error and the Fisher-weighted loss change per token."""
+        configs = {
+            name: {
+                "err": 0.5 * g2d2 / n_tokens,
+                "rel": d2 / (self.denom or 1e-30),
+                "bits": self.meta[name][0],
+                "stored": self.meta[name][1],
+            }
+            for name, (d2, g2d2) in self.configs.items()
+        }
         return {
             "layer": layer,
             "sublayer": _sublayer(self.group),
             "modules": [p for p, _ in mods],
             "numel": sum(an.linear_weight(m).numel() for _, m in mods),
-            "configs": {
-                name: {
-                    "err": 0.5 * g2d2 / n_tokens,
-                    "rel": d2 / (self.denom or 1e-30),
-                    "bits": self.meta[name][0],
-                    "stored": self.meta[name][1],
-                }
-                for name, (d2, g2d2) in self.configs.items()
-            },
+            "configs": {name: dict(configs[self.twins.get(name, name)]) for name in self.names},
         }
 
 
@@ -565,10 +595,10 @@ def _measure_layer(
     out, inputs, outputs = sublayer_io(an, layer, h, call)
     for group, mods in groups:
         kind = _sublayer(group)
-        acc = sums.setdefault(group, _Sums(group))
+        acc = sums[group]
         acc.add_reference(outputs[kind])
         per = made[group]
-        for name in candidates.names:
+        for name in acc.measured:
             with replaced(an, {m: per[m][name][0] for _, m in mods}):
                 y = run_update(an, layer, kind, inputs[kind])
             acc.add(name, y, outputs[kind], grads[kind], [per[m][name] for _, m in mods])
