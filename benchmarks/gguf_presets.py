@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from small_paths_memory import _machine, heading, load_average, publish  # noqa: E402
+from small_paths_memory import RESULTS, _machine, heading, load_average, publish  # noqa: E402
 
 PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "IQ3_M", "IQ4_XS")
 SEQ, GENERATE = 256, 32
@@ -173,7 +173,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--presets", default=",".join(PRESETS))
     ap.add_argument("--tie", default="Q4_K_M", help="the preset whose size a --tie gate,up plan is made at too")
+    ap.add_argument("--page", action="store_true", help="only render the page again from the saved json")
     args = ap.parse_args()
+    if args.page:
+        write(json.loads((RESULTS / "gguf_presets.json").read_text()), show=False)
+        return
     out: dict = {"date": date.today().isoformat(), "machine": _machine(), "loadavg_start": os.getloadavg()}
     out["args"] = vars(args)
     lm = lw.load("default")
@@ -224,7 +228,7 @@ def main() -> None:
     write(out)
 
 
-def write(out: dict) -> None:
+def write(out: dict, *, show: bool = True) -> None:
     a, files, q, sp = out["args"], out["files"], out["quality"], out["speed"]
     lines = [
         heading("gguf_presets", out),
@@ -237,9 +241,11 @@ def write(out: dict) -> None:
         f"measurement, {out['measure_s']:.0f} s). Report, used for nothing else: pydoc evaluation windows "
         f"{a['skip']}-{a['skip'] + a['report'] - 1} and builtin:fortunes windows {a['fortunes_skip']}-"
         f"{a['fortunes_skip'] + a['report'] - 1}. KL is KL(reference || file) per predicted token, against the "
-        f"model's own file (Q4_1 matrices, Q8_0 embedding: {files['reference']['bytes'] / 2**20:.2f} MiB). "
-        f"{load_average(out)} Peak resident set: {out['peak_rss_mib']:.0f} MiB.",
+        f"model's own file ({', '.join(files['reference']['types'])} matrices, {files['reference']['embedding']} "
+        f"embedding: {files['reference']['bytes'] / 2**20:.2f} MiB). "
+        f"{load_average(out)}. Peak resident set: {out['peak_rss_mib']:.0f} MiB.",
         "",
+        *_source_note(out),
     ]
     for corpus in q:
         lines += [
@@ -291,7 +297,25 @@ def write(out: dict) -> None:
         "weights, so the IQ types' low-bit rungs reach a quarter of the plan here. The table above lists what each "
         "file stores.",
     ]
-    publish("gguf_presets", out, lines)
+    publish("gguf_presets", out, lines, show=show)
+
+
+def _source_note(out: dict) -> list[str]:
+    """Where layerwise's file holds the reference's own matrices: the source's type is a candidate, which
+    requantizes without loss, so a plan that can afford it everywhere reproduces the reference exactly."""
+    own = out["files"]["reference"]["types"]
+    same = [r["preset"] for r in out["rows"] if out["files"].get(f"layerwise@{r['preset']}", {}).get("types") == own]
+    if not same:
+        return []
+    kinds = ", ".join(own)
+    return [
+        f"The model's file stores its block matrices as {kinds}, and {kinds} is one of the candidates: requantized to "
+        "its own type a matrix is unchanged, so the measurement gives it no error. At the sizes of "
+        f"{', '.join(same)}, the measured plan affords {kinds} everywhere and its file holds the reference's own "
+        "matrices (KL 0), smaller than the preset's, which requantizes them to other types. A model converted from "
+        "16-bit weights has no such free type; the smaller presets are where the comparison tells.",
+        "",
+    ]
 
 
 def _tie_line(sp: dict, preset: str) -> list[str]:
