@@ -153,7 +153,7 @@ def llama_quantize(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.part")
     try:
-        with _stderr_kept() as log:
+        with _log_kept(lc) as log:
             rc = lc.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
             arch = ggufio.arch(ggufio.reader(source))
@@ -170,25 +170,27 @@ def llama_quantize(
 
 
 @contextlib.contextmanager
-def _stderr_kept() -> Iterator[list[str]]:
-    """The process's standard error (file descriptor 2) into a list while the block runs: llama.cpp's quantizer
-    writes a few lines per tensor there (every fallback type too, which the plan records), past Python's logging."""
-    import sys
-    import tempfile
+def _log_kept(lc) -> Iterator[list[str]]:
+    """llama.cpp's log into a list while the block runs, the callback before it put back after: the quantizer logs
+    a few lines per tensor (every fallback type too, which the plan records) through the process-wide callback, which
+    llama-cpp-python points at Python's standard error, and its reason for failing comes the same way."""
+    import ctypes
 
-    sys.stderr.flush()
-    saved = os.dup(2)
+    before, data = lc.llama_log_callback(), ctypes.c_void_p()
+    lc.llama_log_get(ctypes.byref(before), ctypes.byref(data))
+    parts: list[str] = []
     lines: list[str] = []
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield lines
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            lines += tmp.read().decode(errors="replace").splitlines()
+
+    @lc.llama_log_callback
+    def keep(level: int, text: bytes, user_data: object) -> None:
+        parts.append(text.decode(errors="replace"))
+
+    lc.llama_log_set(keep, None)
+    try:
+        yield lines
+    finally:
+        lc.llama_log_set(before, data)
+        lines += "".join(parts).splitlines()
 
 
 def _imatrix_array(lc, imatrix: Imatrix, keep: list):
