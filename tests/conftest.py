@@ -14,6 +14,36 @@ from layerwise.data import Windows  # noqa: E402
 from layerwise.loading import LoadedModel  # noqa: E402
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2"]
+#: Mixture-of-experts architectures: 4 experts, 2 per token; Qwen3-MoE and DeepSeek-V3 with a dense first block.
+MOE_ARCHS = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss", "deepseek_v3"]
+_MOE = {
+    "qwen3_moe": ("Qwen3Moe", dict(num_experts=4, moe_intermediate_size=16, mlp_only_layers=[0])),
+    "qwen2_moe": ("Qwen2Moe", dict(num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24)),
+    "mixtral": ("Mixtral", dict(num_local_experts=4)),
+    "olmoe": ("Olmoe", dict(num_experts=4, pad_token_id=0, eos_token_id=1, bos_token_id=2)),
+    "gpt_oss": (
+        "GptOss",
+        dict(num_local_experts=4, sliding_window=4, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    ),
+    "deepseek_v3": (
+        "DeepseekV3",
+        dict(
+            n_routed_experts=4,
+            moe_intermediate_size=16,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=2,
+            topk_group=1,
+            kv_lora_rank=8,
+            q_lora_rank=8,
+            qk_rope_head_dim=4,
+            qk_nope_head_dim=4,
+            v_head_dim=8,
+            head_dim=4,
+            num_key_value_heads=4,  # latent attention has a key and a value per head
+        ),
+    ),
+}
 
 
 def tiny_model(arch: str, layers: int = 3):
@@ -49,6 +79,10 @@ def tiny_model(arch: str, layers: int = 3):
             + ["full_attention"] * max(0, layers - 3),
         )
         cls = tf.Gemma3ForCausalLM
+    elif arch in _MOE:
+        prefix, extra = _MOE[arch]
+        cfg = getattr(tf, f"{prefix}Config")(**common | dict(num_experts_per_tok=2) | extra)
+        cls = getattr(tf, f"{prefix}ForCausalLM")
     else:
         cfg_cls = {
             "llama": tf.LlamaConfig,

@@ -12,7 +12,7 @@ from layerwise.errors import LayerwiseError
 from layerwise.loading import LoadedModel
 from layerwise.profile import profile
 
-from .conftest import same_checkpoint, tiny_folder, tiny_lm, tiny_windows
+from .conftest import MOE_ARCHS, same_checkpoint, tiny_folder, tiny_lm, tiny_windows
 
 
 def _streamed(lm: LoadedModel, folder, attn_implementation=None) -> LoadedModel:
@@ -36,7 +36,7 @@ def _same_metrics(a, b, rel: float = 1e-6, abs_: float = 1e-9) -> None:
                     assert x == y, (ua.name, key, x, y)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2", "qwen3", *MOE_ARCHS])
 @pytest.mark.parametrize("kw", [{}, {"positions": 5, "ablation_samples": 2}])
 def test_streamed_profile_equals_the_resident_one(arch, kw, tmp_path):
     """Every metric (stream statistics, zd, logit lens, exact ablation, Taylor estimate) and every detail, also with
@@ -223,7 +223,7 @@ def _drop_figures(report) -> list[dict]:
     return [{k: v.get(k) for k in keys} for v in report.variants]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "qwen3_moe", "mixtral", "deepseek_v3"])
 def test_streamed_drop_evaluates_and_exports_as_the_resident_one(arch, tmp_path):
     """Held-out quality of block, attention and MLP drops equals the resident model's (1e-5 relative), without a
     speed; the exported smaller checkpoint, copied tensor by tensor from the source, holds the resident export's
@@ -542,7 +542,7 @@ def test_a_wide_model_ten_times_its_budget_runs_from_disk_within_the_plan(tmp_pa
         assert 0 < found[name]["used"] <= found[name]["budget"], found
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2", "qwen2_moe"])
 def test_streamed_features_and_probe_equal_the_resident_ones(arch, tmp_path):
     """Readouts of examples of different lengths (right-padded in batches) at every block and sublayer, the last
     token's and the mean, and the probe fitted on them, from disk as in memory; blocks after the last unit read are
@@ -580,7 +580,7 @@ def test_streamed_features_and_probe_equal_the_resident_ones(arch, tmp_path):
     assert read and not any(".layers.1." in n or ".h.1." in n for n in read)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2", "gpt_oss"])
 def test_streamed_steering_measures_as_the_resident_one(arch, tmp_path):
     """From disk, steer's three measurements give the in-memory model's: log-prob margins (no cache: each head
     runs with each tail), greedy continuations (every prompt a step at a time, a KV cache filled block by block;

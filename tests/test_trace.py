@@ -8,7 +8,7 @@ from layerwise.errors import LayerwiseError
 from layerwise.profile import profile
 from layerwise.trace import run_blocks, scale_update, skip, tap
 
-from .conftest import tiny_lm, tiny_model, tiny_windows
+from .conftest import ARCHS, MOE_ARCHS, tiny_lm, tiny_model, tiny_windows
 
 
 def _trace(lm, x):
@@ -18,6 +18,7 @@ def _trace(lm, x):
     return traces, logits
 
 
+@pytest.mark.parametrize("arch", ARCHS + MOE_ARCHS)
 def test_updates_reconstruct_final_stream(arch):
     lm = tiny_lm(arch)
     x = tiny_windows(2).ids
@@ -31,6 +32,7 @@ def test_updates_reconstruct_final_stream(arch):
     assert torch.allclose(lm.anatomy.logits(h), logits, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ARCHS + MOE_ARCHS)
 def test_bi_matches_independent_computation(arch):
     lm = tiny_lm(arch)
     w = tiny_windows(2)
@@ -42,6 +44,7 @@ def test_bi_matches_independent_computation(arch):
         assert prof.unit(f"L{i}").metrics["bi"] == pytest.approx(1 - cos.mean().item(), abs=1e-5)
 
 
+@pytest.mark.parametrize("arch", ARCHS + MOE_ARCHS)
 def test_lens_is_exact_at_last_layer(arch):
     prof = profile(tiny_lm(arch), tiny_windows(2), ablation="none", progress=False)
     last = prof.unit("L2").metrics
@@ -79,6 +82,7 @@ def test_skip_equals_hand_written_forward(drop):
     assert "forward" not in lm.anatomy.blocks[1].__dict__  # nothing left behind
 
 
+@pytest.mark.parametrize("arch", ARCHS + MOE_ARCHS)
 def test_exact_ablation_equals_naive_full_forward(arch):
     lm = tiny_lm(arch)
     w = tiny_windows(3)  # batches of 2 and 1: the stacked replay must tile masks and positions right

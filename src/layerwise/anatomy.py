@@ -3,7 +3,9 @@
 Every other part of layerwise talks about *units* (``L7``, ``L7.attn``,
 ``L7.mlp``) and asks an :class:`Anatomy` for the modules behind them. Adding
 an architecture means adding one :class:`Spec` to ``SPECS`` and one tiny-model
-test.
+test. In a mixture-of-experts block ``L7.mlp`` is the whole sparse MLP, and its
+parts are units of their own: ``L7.mlp.e3`` (expert 3), ``L7.mlp.shared`` (the
+always-on shared experts) and ``L7.router``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,26 @@ from .errors import LayerwiseError
 Kind = Literal["block", "attn", "mlp"]
 KINDS: tuple[Kind, ...] = ("block", "attn", "mlp")
 _UNIT_RE = re.compile(r"^L(\d+)(?:\.(attn|mlp))?$")
+Part = Literal["expert", "shared", "router"]
+_PART_RE = re.compile(r"^L(\d+)\.(?:mlp\.e(\d+)|mlp\.(shared)|(router))$")
+
+
+@dataclass(frozen=True)
+class MoE:
+    """Where a sparse MLP keeps its parts, relative to a block. transformers stores a layer's experts as one module
+    whose 3-D weights hold one matrix per expert along the first axis; the router is a linear map with a row per
+    expert; shared experts are a plain MLP every token passes."""
+
+    experts: str = "mlp.experts"
+    router: str = "mlp.gate"
+    shared: str | None = None
+    #: gpt-oss stores each expert's matrices as (in, out).
+    transposed: bool = False
+    #: gpt-oss's sparse MLP returns (update, router scores).
+    pair_out: bool = False
+    #: How the config says which blocks are sparse: every block ("all"), all but those Qwen's ``mlp_only_layers``
+    #: lists ("listed", with ``decoder_sparse_step``), or all after DeepSeek's ``first_k_dense_replace`` ("prefix").
+    layout: Literal["all", "listed", "prefix"] = "all"
 
 
 @dataclass(frozen=True)
@@ -62,6 +84,8 @@ class Spec:
     )
     #: GPT-2's Conv1D stores weights as (in, out), the transpose of nn.Linear.
     transposed: bool = False
+    #: The sparse MLP's parts, in models whose blocks (all, or every k-th) route tokens to experts.
+    moe: MoE | None = None
 
 
 _LLAMA_LIKE = Spec(
@@ -84,6 +108,12 @@ SPECS: dict[str, Spec] = {
     "gemma3_text": replace(
         _LLAMA_LIKE, attn_update="post_attention_layernorm", mlp_update="post_feedforward_layernorm"
     ),
+    "qwen3_moe": replace(_LLAMA_LIKE, moe=MoE(layout="listed")),
+    "qwen2_moe": replace(_LLAMA_LIKE, moe=MoE(shared="mlp.shared_expert", layout="listed")),
+    "mixtral": replace(_LLAMA_LIKE, moe=MoE()),
+    "olmoe": replace(_LLAMA_LIKE, moe=MoE()),
+    "gpt_oss": replace(_LLAMA_LIKE, moe=MoE(router="mlp.router", transposed=True, pair_out=True)),
+    "deepseek_v3": replace(_LLAMA_LIKE, moe=MoE(shared="mlp.shared_experts", layout="prefix")),
     "gpt2": Spec(
         layers="transformer.h",
         attn="attn",
@@ -119,6 +149,10 @@ def supported() -> list[str]:
 def parse_unit(name: str) -> tuple[int, Kind]:
     """``"L7.attn"`` -> ``(7, "attn")``; ``"L7"`` -> ``(7, "block")``."""
     m = _UNIT_RE.match(name)
+    if not m and parse_part(name):
+        raise LayerwiseError(
+            f"{name} is a part of a sparse MLP; this takes blocks and sublayers: L<i>, L<i>.attn or L<i>.mlp"
+        )
     if not m:
         raise LayerwiseError(f"bad unit name {name!r}: use L<i>, L<i>.attn or L<i>.mlp (e.g. L7.attn)")
     return int(m.group(1)), cast(Kind, m.group(2) or "block")
@@ -127,6 +161,31 @@ def parse_unit(name: str) -> tuple[int, Kind]:
 def unit_name(layer: int, kind: Kind) -> str:
     """Inverse of :func:`parse_unit`."""
     return f"L{layer}" if kind == "block" else f"L{layer}.{kind}"
+
+
+def parse_part(name: str) -> tuple[int, Part, int | None] | None:
+    """``"L7.mlp.e3"`` -> ``(7, "expert", 3)``, ``"L7.mlp.shared"`` -> ``(7, "shared", None)``, ``"L7.router"`` ->
+    ``(7, "router", None)``; None for any other name."""
+    m = _PART_RE.match(name)
+    if not m:
+        return None
+    part: Part = "expert" if m.group(2) is not None else "shared" if m.group(3) else "router"
+    return int(m.group(1)), part, None if m.group(2) is None else int(m.group(2))
+
+
+def part_name(layer: int, part: Part, expert: int | None = None) -> str:
+    """Inverse of :func:`parse_part`."""
+    return (
+        f"L{layer}.router" if part == "router" else f"L{layer}.mlp." + ("shared" if part == "shared" else f"e{expert}")
+    )
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def first_tensor(output: object) -> torch.Tensor:
@@ -148,6 +207,11 @@ class Anatomy:
         self.model_type: str = model_type
         self.spec = SPECS[model_type]
         self.blocks = cast(nn.ModuleList, model.get_submodule(self.spec.layers))
+        moe = self.spec.moe
+        #: The blocks whose MLP routes tokens to experts: every block, or every k-th, or all but the first few.
+        self.moe_layers: list[int] = (
+            [] if moe is None else [i for i, b in enumerate(self.blocks) if _has(b, moe.experts)]
+        )
 
     @property
     def n_layers(self) -> int:
@@ -178,14 +242,107 @@ class Anatomy:
         return self.blocks[layer].get_submodule(path) if path else self.branch(layer, kind)
 
     def down_proj(self, layer: int) -> nn.Module:
-        """The MLP's output projection; its input is the MLP hidden activation."""
+        """A dense MLP's output projection; its input is the MLP hidden activation."""
+        if layer in self.moe_layers:
+            raise LayerwiseError(f"L{layer}.mlp routes to experts and has no single output projection")
         return self.blocks[layer].get_submodule(self.spec.down_proj)
 
-    def out_proj(self, layer: int, kind: Kind) -> nn.Module:
-        """The last linear map of a branch: zeroing it (and its bias) makes the branch add nothing."""
+    def mlp_width(self, layer: int) -> int:
+        """The widest hidden activation a token makes in this block's MLP: a dense MLP's width; in a sparse one,
+        its chosen experts' and its shared experts' together."""
+        if layer not in self.moe_layers:
+            return self.linear_shape(self.down_proj(layer))[1]
+        shared = self.shared(layer)
+        wide = 0 if shared is None else self.linear_shape(shared.get_submodule("down_proj"))[1]
+        down = next(w for n, w in self.expert_matrices(layer, 0) if n.endswith(".down_proj.0"))
+        return self.top_k * down.shape[1] + wide
+
+    def out_params(self, layer: int, kind: Kind) -> list[nn.Parameter]:
+        """The last linear map of a branch (weight and bias; every expert's and the shared experts' in a sparse
+        MLP): zeroing them makes the branch add nothing."""
         if kind == "block":
             raise LayerwiseError("a block has no single output projection; name L{i}.attn or L{i}.mlp")
-        return self.blocks[layer].get_submodule(self.spec.attn_out if kind == "attn" else self.spec.down_proj)
+        block, moe = self.blocks[layer], self.spec.moe
+        if kind == "mlp" and moe is not None and layer in self.moe_layers:
+            experts = self.experts(layer)
+            shared = [] if moe.shared is None else list(block.get_submodule(f"{moe.shared}.down_proj").parameters())
+            return [p for n, p in experts.named_parameters() if n.startswith("down_proj")] + shared
+        return list(block.get_submodule(self.spec.attn_out if kind == "attn" else self.spec.down_proj).parameters())
+
+    @property
+    def top_k(self) -> int:
+        """Experts each token is routed to."""
+        return int(getattr(self.model.config, "num_experts_per_tok", 1))
+
+    def experts(self, layer: int) -> nn.Module:
+        """The module holding a sparse MLP's routed experts."""
+        return self.blocks[layer].get_submodule(self._moe(layer).experts)
+
+    def router(self, layer: int) -> nn.Module:
+        """The linear map that scores each expert for each token (one row per expert)."""
+        return self.blocks[layer].get_submodule(self._moe(layer).router)
+
+    def shared(self, layer: int) -> nn.Module | None:
+        """The shared experts every token passes, where the architecture has them."""
+        path = self._moe(layer).shared
+        return None if path is None else self.blocks[layer].get_submodule(path)
+
+    def n_experts(self, layer: int) -> int:
+        """Routed experts in this block (from the weights, so a model with experts dropped counts right)."""
+        return next(p for p in self.experts(layer).parameters() if p.ndim == 3).shape[0]
+
+    def expert_matrices(self, layer: int, expert: int) -> list[tuple[str, torch.Tensor]]:
+        """One expert's matrices as (out, in) views into its layer's 3-D weights, named
+        ``<weight path>.<expert>``."""
+        moe, prefix = self._moe(layer), f"{self.spec.layers}.{layer}.{self._moe(layer).experts}."
+        return [
+            (f"{prefix}{n}.{expert}", p[expert].T if moe.transposed else p[expert])
+            for n, p in self.experts(layer).named_parameters()
+            if p.ndim == 3
+        ]
+
+    def parts(self) -> list[str]:
+        """The parts of every sparse MLP in depth order: L1.router, L1.mlp.e0, ..., L1.mlp.shared, L2.router, ..."""
+        return [
+            name
+            for i in self.moe_layers
+            for name in (
+                part_name(i, "router"),
+                *(part_name(i, "expert", j) for j in range(self.n_experts(i))),
+                *([part_name(i, "shared")] if self.shared(i) is not None else []),
+            )
+        ]
+
+    def check_part(self, name: str) -> tuple[int, Part, int | None]:
+        """A sparse MLP's part by name, or one line saying which parts there are."""
+        parsed = parse_part(name)
+        if parsed is None:
+            raise LayerwiseError(f"bad part name {name!r}: use L<i>.mlp.e<j>, L<i>.mlp.shared or L<i>.router")
+        layer, part, expert = parsed
+        if layer not in self.moe_layers:
+            where = ", ".join(f"L{i}" for i in self.moe_layers) or "none in this model"
+            raise LayerwiseError(f"{name}: L{layer} has no experts (blocks with experts: {where})")
+        if part == "expert" and not (expert is not None and expert < self.n_experts(layer)):
+            raise LayerwiseError(f"{name}: L{layer} has experts e0..e{self.n_experts(layer) - 1}")
+        if part == "shared" and self.shared(layer) is None:
+            raise LayerwiseError(f"{name}: {self.model_type} has no shared experts")
+        return parsed
+
+    def sparse_config(self, keep: list[int]) -> dict[str, Any]:
+        """The config entries that keep blocks ``keep`` (in this order, renumbered from 0) dense or sparse as they
+        are now: what a checkpoint with other blocks cut out needs to reload with its experts where they were."""
+        moe = self.spec.moe
+        if moe is None or moe.layout == "all":
+            return {}
+        sparse = [i in self.moe_layers for i in keep]
+        if moe.layout == "listed":
+            return {"mlp_only_layers": [j for j, s in enumerate(sparse) if not s], "decoder_sparse_step": 1}
+        return {"first_k_dense_replace": sparse.index(True) if any(sparse) else len(sparse)}
+
+    def _moe(self, layer: int) -> MoE:
+        if self.spec.moe is None or layer not in self.moe_layers:
+            raise LayerwiseError(f"L{layer}.mlp has no experts")
+        return self.spec.moe
 
     @property
     def kv_shape(self) -> tuple[int, int]:
@@ -204,6 +361,11 @@ class Anatomy:
         llama.cpp stores and types each tensor separately. A tuple of group names (``("mlp.gate_up",)``) keeps
         those together and splits the rest.
         """
+        if self.spec.moe is not None:
+            raise LayerwiseError(
+                f"quantize does not plan {self.model_type} models yet: their experts are not quantization groups "
+                "(profile, drop, tune, probe and steer run on them)"
+            )
         block = self.blocks[layer]
         kept = {g for g, _ in self.spec.quant_groups} if fused is True else set(fused or ())
         groups = [
@@ -257,12 +419,15 @@ class Anatomy:
         return tied
 
     def weight_matrices(self, layer: int, kind: Kind) -> list[tuple[str, torch.Tensor]]:
-        """Named 2-D weights of a unit (Linear and GPT-2 Conv1D alike)."""
+        """Named 2-D weights of a unit (Linear and GPT-2 Conv1D alike; each expert's matrix of a 3-D expert weight,
+        named ``<weight path>.<expert>``)."""
         root = self.blocks[layer] if kind == "block" else self.branch(layer, kind)
         prefix = f"{self.spec.layers}.{layer}." + (
             "" if kind == "block" else (self.spec.attn if kind == "attn" else self.spec.mlp) + "."
         )
-        return [(prefix + n, p) for n, p in root.named_parameters() if p.ndim == 2]
+        experts = {id(p) for i in self.moe_layers for p in self.experts(i).parameters()}  # 2-D there: biases
+        stacked = [(f"{prefix}{n}.{j}", p[j]) for n, p in root.named_parameters() if p.ndim == 3 for j in range(len(p))]
+        return [(prefix + n, p) for n, p in root.named_parameters() if p.ndim == 2 and id(p) not in experts] + stacked
 
     @property
     def final_norm(self) -> nn.Module:

@@ -281,6 +281,8 @@ def without_blocks(lm: LoadedModel, blocks: list[int]) -> Iterator[CausalLM]:
     parent = model.get_submodule(parent_path)
     old_layers = getattr(parent, attr)
     per_layer = {k: v for k, v in vars(cfg).items() if isinstance(v, list) and len(v) == L}
+    sparse = an.sparse_config(keep)
+    before = {k: getattr(cfg, k) for k in sparse}
     renumbered = [
         (m, m.layer_idx)
         for new, old in enumerate(keep)
@@ -293,30 +295,32 @@ def without_blocks(lm: LoadedModel, blocks: list[int]) -> Iterator[CausalLM]:
         cfg.num_hidden_layers = len(keep)
         for k, v in per_layer.items():
             setattr(cfg, k, [v[i] for i in keep])
+        for k, v in sparse.items():
+            setattr(cfg, k, v)
         for m, old in renumbered:
             m.layer_idx = index[old]
         yield model
     finally:
         setattr(parent, attr, old_layers)
         cfg.num_hidden_layers = L
-        for k, v in per_layer.items():
+        for k, v in (per_layer | before).items():
             setattr(cfg, k, v)
         for m, old in renumbered:
             m.layer_idx = old
 
 
 @contextmanager
-def zeroed(an: Anatomy, sublayers: list[str]) -> Iterator[list[nn.Module]]:
-    """Zero the output projection (weight and bias) of each sublayer for the duration; yield those modules."""
+def zeroed(an: Anatomy, sublayers: list[str]) -> Iterator[list[nn.Parameter]]:
+    """Zero the output projection (weight and bias; every expert's in a sparse MLP) of each sublayer for the
+    duration; yield those parameters."""
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-    mods = [an.out_proj(*an.check_unit(u)) for u in sublayers]
+    params = [p for u in sublayers for p in an.out_params(*an.check_unit(u))]
     try:
         with torch.no_grad():
-            for m in mods:
-                for p in m.parameters(recurse=False):
-                    saved.append((p, p.detach().clone()))
-                    p.zero_()
-        yield mods
+            for p in params:
+                saved.append((p, p.detach().clone()))
+                p.zero_()
+        yield params
     finally:
         with torch.no_grad():
             for param, value in saved:
@@ -367,7 +371,7 @@ def save_checkpoint(lm: LoadedModel, plan: DropPlan, out: str | Path) -> Path:
             if lm.streamed is None:
                 small.save_pretrained(tmp, safe_serialization=True)
             else:
-                zeros = {names[id(p)] for m in zero for p in m.parameters()}
+                zeros = {names[id(p)] for p in zero}
                 _copy_streamed(lm.streamed, small, names, zeros, tmp)
         finally:
             del small.config.layerwise

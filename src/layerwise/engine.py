@@ -166,7 +166,9 @@ class HeldCheckpoint:
     tensors: dict[str, torch.Tensor]
 
     @classmethod
-    def of(cls, ckpt: Checkpoint | GGUFCheckpoint, dtype: torch.dtype, *, pin: bool) -> HeldCheckpoint:
+    def of(
+        cls, ckpt: Checkpoint | ConvertedCheckpoint | GGUFCheckpoint, dtype: torch.dtype, *, pin: bool
+    ) -> HeldCheckpoint:
         tensors = {}
         for key in ckpt.files:
             t = ckpt.tensor(key).to(dtype)
@@ -180,9 +182,69 @@ class HeldCheckpoint:
         return self.tensors[name][start:stop]
 
 
-def open_checkpoint(folder: str | Path, model: CausalLM) -> Checkpoint | GGUFCheckpoint:
-    """The weights of ``folder`` for ``model`` (its skeleton): its safetensors, or, for the folder a GGUF file's
-    config and tokenizer were written to without weights, the GGUF file it names."""
+@dataclass(frozen=True)
+class ConvertedCheckpoint:
+    """A checkpoint whose tensors transformers converts as it loads them, seen under the model's names: a
+    mixture-of-experts checkpoint stores each expert's matrices apart (Mixtral's under older names too), and the
+    model holds one 3-D weight per layer. Each such weight is made when it is read, from its sources in expert order,
+    by transformers' own conversion operations, so the streamed engine reads what ``from_pretrained`` would load."""
+
+    base: Checkpoint
+    #: Every parameter by the model's name; a made one under its first source's file.
+    files: dict[str, Path]
+    #: The model's name -> the checkpoint's, for tensors only renamed.
+    renamed: dict[str, str]
+    #: The model's name -> (the converter, its sources by source pattern in expert order), for tensors made.
+    made: dict[str, tuple[Any, dict[str, list[str]]]]
+
+    @classmethod
+    def of(cls, ckpt: Checkpoint, model: CausalLM) -> Checkpoint | ConvertedCheckpoint:
+        """``ckpt`` seen through ``model``'s conversions; ``ckpt`` itself when they change no name."""
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+        transforms = get_model_conversion_mapping(model)
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        own = dict.fromkeys((n for n, _ in model.named_parameters(remove_duplicate=False)), True)
+        renamed: dict[str, str] = {}
+        sources: dict[str, dict[str, list[str]]] = {}
+        for key in sorted(ckpt.files, key=dot_natural_key):
+            name, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, own)
+            if pattern is None:
+                renamed[name] = key
+            else:
+                sources.setdefault(name, {}).setdefault(pattern, []).append(key)
+        if not sources and all(name == key for name, key in renamed.items()):
+            return ckpt
+        made = {
+            name: (next(c for c in converters if set(by) <= set(c.source_patterns)), by) for name, by in sources.items()
+        }
+        files = {name: ckpt.files[key] for name, key in renamed.items()}
+        files |= {name: ckpt.files[next(iter(by.values()))[0]] for name, by in sources.items()}
+        return cls(ckpt, files, renamed, made)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name in self.renamed:
+            return self.base.tensor(self.renamed[name])
+        converter, by = self.made[name]
+        tensors: dict[str, Any] = {p: [self.base.tensor(k) for k in keys] for p, keys in by.items()}
+        for op in converter.operations:
+            tensors = op.convert(
+                tensors, source_patterns=converter.source_patterns, target_patterns=converter.target_patterns
+            )
+        (made,) = tensors.values()
+        return made
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows of the embedding or the head (never made from parts)."""
+        return self.base.rows(self.renamed[name], start, stop)
+
+
+def open_checkpoint(folder: str | Path, model: CausalLM) -> Checkpoint | ConvertedCheckpoint | GGUFCheckpoint:
+    """The weights of ``folder`` for ``model`` (its skeleton): its safetensors (seen through transformers'
+    conversions: a mixture-of-experts checkpoint's experts fused as the model holds them), or, for the folder a GGUF
+    file's config and tokenizer were written to without weights, the GGUF file it names."""
     from .io import read_json
 
     folder = Path(folder)
@@ -192,7 +254,7 @@ def open_checkpoint(folder: str | Path, model: CausalLM) -> Checkpoint | GGUFChe
         if not gguf.is_file():
             raise LayerwiseError(f"{gguf}, the GGUF file {folder} was made from, is gone; load the file again")
         return GGUFCheckpoint.of(gguf, model)
-    return Checkpoint.of(folder)
+    return ConvertedCheckpoint.of(Checkpoint.of(folder), model)
 
 
 def _keys(shard: Path) -> set[str]:
@@ -388,7 +450,7 @@ class Streamed:
     def __init__(
         self,
         model: CausalLM,
-        checkpoint: Checkpoint | GGUFCheckpoint | HeldCheckpoint,
+        checkpoint: Checkpoint | ConvertedCheckpoint | GGUFCheckpoint | HeldCheckpoint,
         *,
         device: str | torch.device = "cpu",
         dtype=torch.float32,

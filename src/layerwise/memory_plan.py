@@ -218,7 +218,7 @@ class Shape:
         return cls(
             layers=an.n_layers,
             hidden=an.embed.weight.shape[1],
-            mlp=an.linear_shape(an.down_proj(0))[1],
+            mlp=max(an.mlp_width(i) for i in range(an.n_layers)),
             vocab=an.linear_shape(an.head)[0],
             size=size,
             weights=s.n_params * size,

@@ -105,7 +105,8 @@ class StreamStats:
     """
 
     def __init__(self, an: Anatomy, device: torch.device, tokens: int, *, runs: bool) -> None:
-        per_block = tokens * (4 * an.embed.weight.shape[1] + an.linear_weight(an.down_proj(0)).shape[1])
+        per_block = tokens * (4 * an.embed.weight.shape[1] + an.mlp_width(0))
+        runs = runs and not an.moe_layers  # a run stacks its blocks' MLP activations, which a sparse MLP keeps inside
         size = max(1, _run_elements(device) // per_block) if runs else 1
         made = [_Run() for _ in range(0, an.n_layers, size)]
         self._of = [(made[i // size], i % size) for i in range(an.n_layers)]

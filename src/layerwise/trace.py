@@ -26,7 +26,7 @@ class BlockTrace:
     ``h_in`` is the residual entering the block (h_l), ``attn`` and ``mlp``
     the two branch updates (a_l, m_l), ``h_out`` the block output (h_{l+1});
     ``h_mid = h_in + attn`` is the stream between the two sublayers.
-    ``mlp_hidden`` is the input of the MLP's output projection and
+    ``mlp_hidden`` is the input of a dense MLP's output projection (None in a sparse MLP) and
     ``attn_weights`` the attention probabilities when eager attention ran.
     """
 
@@ -137,7 +137,7 @@ def tap(
             handles.append(block.register_forward_pre_hook(pre_block(i), with_kwargs=True))
             handles.append(anatomy.update_module(i, "attn").register_forward_hook(grab(i, "attn")))
             handles.append(anatomy.update_module(i, "mlp").register_forward_hook(grab(i, "mlp")))
-            if mlp_hidden:
+            if mlp_hidden and i not in anatomy.moe_layers:  # a sparse MLP's activations stay inside its experts
                 handles.append(anatomy.down_proj(i).register_forward_pre_hook(grab_input(i)))
             if attn_weights:
                 handles.append(anatomy.branch(i, "attn").register_forward_hook(grab(i, "attn_weights", 1)))
@@ -200,11 +200,13 @@ def _cache_filler(anatomy: Anatomy, layer: int) -> Callable[[dict, torch.Tensor]
 def _skipped(anatomy: Anatomy, layer: int, kind: Kind) -> Callable[..., Any]:
     """The forward that replaces a skipped unit: identity for a block, a zero update for a branch."""
     fill = _cache_filler(anatomy, layer)
+    moe = anatomy.spec.moe
+    pair = moe is not None and moe.pair_out and layer in anatomy.moe_layers
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         h = _hidden_arg(args, kwargs)
         if kind == "mlp":
-            return torch.zeros_like(h)
+            return (torch.zeros_like(h), None) if pair else torch.zeros_like(h)
         fill(kwargs, h)
         return h if kind == "block" else (torch.zeros_like(h), None)
 

@@ -1,0 +1,126 @@
+"""Mixture-of-experts models on tiny random configs of every supported architecture: the parts of a sparse MLP by
+name, their checkpoints read as transformers loads them, and block and MLP drops that reload in plain
+transformers with every block's experts where they were."""
+
+import pytest
+import torch
+
+from layerwise.anatomy import Anatomy, first_tensor, parse_part, parse_unit, part_name
+from layerwise.drop import DropPlan, save_checkpoint
+from layerwise.engine import Checkpoint, ConvertedCheckpoint
+from layerwise.errors import LayerwiseError
+from layerwise.trace import skip
+
+from .conftest import MOE_ARCHS, tiny_folder, tiny_lm, tiny_windows
+
+#: The blocks with experts in the tiny models of 3 blocks (Qwen3-MoE's first is listed dense, DeepSeek-V3's first k).
+SPARSE = {"qwen3_moe": [1, 2], "deepseek_v3": [1, 2]}
+
+
+def test_part_names_round_trip_and_a_part_is_not_a_sublayer():
+    for name, parsed in {
+        "L3.mlp.e12": (3, "expert", 12),
+        "L0.mlp.shared": (0, "shared", None),
+        "L7.router": (7, "router", None),
+    }.items():
+        assert parse_part(name) == parsed and part_name(*parsed) == name
+    assert parse_part("L3.mlp") is None and parse_part("L3.mlp.e") is None
+    with pytest.raises(LayerwiseError, match="L3.mlp.e1 is a part of a sparse MLP; this takes blocks and sublayers"):
+        parse_unit("L3.mlp.e1")
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_anatomy_names_each_sparse_mlp_s_experts_router_and_shared_experts(arch):
+    lm = tiny_lm(arch)
+    an, cfg = lm.anatomy, lm.model.config
+    assert an.moe_layers == SPARSE.get(arch, [0, 1, 2])
+    shared = arch in ("qwen2_moe", "deepseek_v3")
+    first = an.moe_layers[0]
+    assert an.parts()[: 6 + shared] == [
+        f"L{first}.router",
+        *(f"L{first}.mlp.e{j}" for j in range(4)),
+        *([f"L{first}.mlp.shared"] if shared else []),
+        f"L{first + 1}.router",
+    ]
+    assert an.router(first).weight.shape == (4, cfg.hidden_size) and an.top_k == 2
+    assert an.check_part(f"L{first}.mlp.e3") == (first, "expert", 3)
+    with pytest.raises(LayerwiseError, match=f"L{first} has experts e0..e3"):
+        an.check_part(f"L{first}.mlp.e4")
+    if not shared:
+        with pytest.raises(LayerwiseError, match="has no shared experts"):
+            an.check_part(f"L{first}.mlp.shared")
+    if first:
+        with pytest.raises(LayerwiseError, match=r"L0 has no experts \(blocks with experts: L1, L2\)"):
+            an.check_part("L0.mlp.e0")
+    # each expert's matrices as (out, in): gate and up stacked, then down
+    (gate_up, w_gate_up), (down, w_down) = an.expert_matrices(first, 2)
+    width = w_down.shape[1]
+    assert gate_up.endswith("experts.gate_up_proj.2") and down.endswith("experts.down_proj.2")
+    assert w_gate_up.shape == (2 * width, cfg.hidden_size) and w_down.shape == (cfg.hidden_size, width)
+    wide = an.mlp_width(first)
+    assert wide == 2 * width + (an.linear_shape(an.shared(first).down_proj)[1] if shared else 0)
+    # the router, the shared experts' maps (and Qwen2-MoE's gate for them), each expert's two matrices
+    assert len(an.weight_matrices(first, "mlp")) == {"qwen2_moe": 1 + 4, "deepseek_v3": 1 + 3}.get(arch, 1) + 2 * 4
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_zeroing_a_sparse_mlp_s_output_parameters_silences_it(arch):
+    lm = tiny_lm(arch)
+    an = lm.anatomy
+    layer = an.moe_layers[0]
+    x = torch.randn(2, 5, lm.model.config.hidden_size)
+    mlp = an.branch(layer, "mlp")
+    with torch.no_grad():
+        assert first_tensor(mlp(x)).abs().max() > 0
+        for p in an.out_params(layer, "mlp"):
+            p.zero_()
+        assert not first_tensor(mlp(x)).any()
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_a_hub_format_checkpoint_is_read_as_transformers_loads_it(arch, tmp_path):
+    """The experts stored one tensor each (Mixtral's as w1/w2/w3 under block_sparse_moe) are read fused, equal to the
+    model's own weights; a dense checkpoint is read as it is."""
+    lm = tiny_lm(arch)
+    ckpt = Checkpoint.of(tiny_folder(tmp_path / arch, arch, layers=3))
+    seen = ConvertedCheckpoint.of(ckpt, lm.model)
+    own = dict(lm.model.named_parameters()) | dict(lm.model.named_buffers())  # DeepSeek's routing bias is a buffer
+    if lm.model.config.tie_word_embeddings:
+        del own["lm_head.weight"]
+    assert set(seen.files) <= set(own) and set(own) - set(seen.files) <= {n for n, _ in lm.model.named_buffers()}
+    for name in seen.files:
+        assert torch.equal(seen.tensor(name), own[name]), name
+    if arch != "gpt_oss":  # gpt-oss's checkpoints hold the fused weights themselves
+        assert isinstance(seen, ConvertedCheckpoint) and seen.made
+    dense = tiny_lm("llama")
+    assert ConvertedCheckpoint.of(Checkpoint.of(tiny_folder(tmp_path / "dense")), dense.model).__class__ is Checkpoint
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_a_saved_drop_reloads_with_every_block_s_experts_where_they_were(arch, tmp_path):
+    """Dropping the first block (dense in Qwen3-MoE's and DeepSeek-V3's tiny models) and a sparse MLP: the
+    checkpoint's config keeps each remaining block dense or sparse, plain transformers reloads it and computes what
+    the skipped model computed, with the dropped MLP's experts zeroed."""
+    from transformers import AutoModelForCausalLM
+
+    lm = tiny_lm(arch, layers=4)
+    x = tiny_windows(2).ids
+    plan = DropPlan(["L0", "L2.mlp"], "any", "given")
+    with torch.no_grad(), skip(lm.anatomy, plan.units):
+        want = lm.model(input_ids=x, use_cache=False).logits
+    layout = ("num_hidden_layers", "mlp_only_layers", "decoder_sparse_step", "first_k_dense_replace")
+    config = [getattr(lm.model.config, k, None) for k in layout]
+    save_checkpoint(lm, plan, tmp_path / "m")
+    assert [getattr(lm.model.config, k, None) for k in layout] == config  # put back
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    an = Anatomy(again)
+    assert an.moe_layers == [i - 1 for i in lm.anatomy.moe_layers if i]
+    assert all(not p.any() for p in an.out_params(1, "mlp"))
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=x, use_cache=False).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_quantize_refuses_a_mixture_of_experts_model_in_one_line():
+    lm = tiny_lm("qwen3_moe")
+    with pytest.raises(LayerwiseError, match="quantize does not plan qwen3_moe models yet"):
+        lm.anatomy.quant_groups(1)
