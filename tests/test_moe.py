@@ -2,6 +2,8 @@
 name, their checkpoints read as transformers loads them, and block and MLP drops that reload in plain
 transformers with every block's experts where they were."""
 
+import math
+
 import pytest
 import torch
 
@@ -124,3 +126,106 @@ def test_quantize_refuses_a_mixture_of_experts_model_in_one_line():
     lm = tiny_lm("qwen3_moe")
     with pytest.raises(LayerwiseError, match="quantize does not plan qwen3_moe models yet"):
         lm.anatomy.quant_groups(1)
+
+
+def test_routing_columns_and_the_layer_summary_by_hand():
+    """Three tokens, four experts, two each: expert 3 never chosen, expert 0 always; the third token's last expert
+    carries 5% of its chosen weight (skippable), the others' 25% or more."""
+    from layerwise.metrics.routing import layer_summary, routing_columns
+
+    weights = torch.tensor([[0.6, 0.4], [0.75, 0.25], [0.95, 0.05]])
+    indices = torch.tensor([[0, 1], [0, 2], [0, 1]])
+    cols = routing_columns(weights, indices, 4)
+    assert cols.shape == (3, 9) and cols[:, :4].sum(-1).tolist() == [2, 2, 2] and cols[:, -1].tolist() == [0, 0, 1]
+    experts, layer = layer_summary(cols.mean(0).tolist(), 4)
+    assert [e["route_share"] for e in experts] == pytest.approx([1, 2 / 3, 1 / 3, 0])
+    assert [e["gate_mean"] for e in experts[:3]] == pytest.approx([2.3 / 3, 0.45 / 2, 0.25]) and experts[3][
+        "gate_mean"
+    ] is None
+    load = [1 / 2, 1 / 3, 1 / 6]
+    entropy = -sum(p * math.log(p) for p in load) / math.log(4)
+    assert layer == pytest.approx({"route_entropy": entropy, "load_imbalance": 2.0, "route_skip": 1 / 3})
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_the_profile_s_routing_counts_what_the_routers_choose(arch):
+    """Each expert's route_share and gate_mean in the profile equal a count made apart: every sparse MLP's input
+    caught in a plain forward and routed again by its router."""
+    from layerwise.profile import profile
+
+    lm, w = tiny_lm(arch), tiny_windows(3)
+    an = lm.anatomy
+    seen: dict[int, list[torch.Tensor]] = {i: [] for i in an.moe_layers}
+    handles = [an.branch(i, "mlp").register_forward_pre_hook(lambda m, a, i=i: seen[i].append(a[0])) for i in seen]
+    with torch.no_grad():
+        lm.model(input_ids=w.calibration, use_cache=False)
+    for h in handles:
+        h.remove()
+    prof = profile(lm, w, ablation="none", lens=False, batch_size=2, progress=False)
+    for i, xs in seen.items():
+        with torch.no_grad():
+            _, weights, idx = an.router(i)(torch.cat(xs).reshape(-1, lm.model.config.hidden_size))
+        for j in range(4):
+            mine = (idx == j).any(-1)
+            got = prof.unit(f"L{i}.mlp.e{j}").metrics
+            assert got["route_share"] == pytest.approx(mine.double().mean().item(), abs=1e-12)
+            gates = weights[idx == j].double()
+            assert got["gate_mean"] == (pytest.approx(gates.mean().item(), rel=1e-5) if gates.numel() else None)
+        assert prof.unit(f"L{i}.router").metrics["route_entropy"] is not None
+    assert prof.unit("L1.mlp").kind == "mlp" and prof.unit("L1.router").kind == "router"
+
+
+def test_a_planted_dead_and_a_planted_dominant_expert_are_found():
+    """gpt-oss's router has a bias: -1e4 on expert 1 means it is never routed to, +1e4 on expert 2 that every token
+    is; the profile gives them shares 0 and 1, and the layer an uneven load."""
+    from layerwise.profile import profile
+
+    lm, w = tiny_lm("gpt_oss"), tiny_windows(3)
+    router = lm.anatomy.router(1)
+    kw = dict(ablation="none", lens=False, progress=False)
+    seen: list[torch.Tensor] = []
+    hook = lm.anatomy.branch(1, "mlp").register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        lm.model(input_ids=w.calibration, use_cache=False)
+    hook.remove()
+    mean = torch.cat(seen).reshape(-1, 32).mean(0)
+    with torch.no_grad():  # route by what tells the tokens apart, not by their common part or the random bias
+        weight = torch.randn(4, 32, generator=torch.Generator().manual_seed(0)) * 5
+        router.weight.copy_(weight - torch.outer(weight @ mean, mean) / mean.dot(mean))
+        router.bias.zero_()
+    before = profile(lm, w, **kw)
+    assert all(0 < before.unit(f"L1.mlp.e{j}").metrics["route_share"] < 1 for j in range(4))
+    with torch.no_grad():
+        router.bias[1], router.bias[2] = -1e4, 1e4
+    prof = profile(lm, w, **kw)
+    shares = [prof.unit(f"L1.mlp.e{j}").metrics["route_share"] for j in range(4)]
+    assert shares[1] == 0 and shares[2] == 1 and prof.unit("L1.mlp.e1").metrics["gate_mean"] is None
+    imbalance = [p.unit("L1.router").metrics["load_imbalance"] for p in (before, prof)]
+    assert imbalance[0] < 2.0 == pytest.approx(imbalance[1])  # the planted expert takes half of every token's picks
+
+
+def test_the_profile_page_maps_the_routing_of_a_sparse_model_only():
+    from layerwise.profile import profile
+    from layerwise.report.profile import render
+
+    kw = dict(ablation="none", lens=False, progress=False)
+    sparse = profile(tiny_lm("olmoe"), tiny_windows(2), **kw)
+    assert "<h2>Routing</h2>" in render(sparse) and sparse.unit("L0.mlp.e0").metrics["route_share"] is not None
+    assert "<h2>Routing</h2>" not in render(profile(tiny_lm("llama"), tiny_windows(2), **kw))
+
+
+def test_an_mxfp4_checkpoint_read_from_disk_is_refused_in_one_line(tmp_path):
+    """gpt-oss's published files store the experts as MXFP4 blocks and scales: reading them from disk says so."""
+    from safetensors.torch import load_file, save_file
+
+    from layerwise.loading import load
+
+    folder = tiny_folder(tmp_path / "m", "gpt_oss", layers=2)
+    weights = load_file(folder / "model.safetensors")
+    for key in [k for k in weights if k.endswith("experts.gate_up_proj")]:
+        packed = weights.pop(key)
+        weights[f"{key}_blocks"] = torch.zeros(*packed.shape[:2], 4, 16, dtype=torch.uint8)
+        weights[f"{key}_scales"] = torch.zeros(*packed.shape[:2], 4, dtype=torch.uint8)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LayerwiseError, match=r"stores .*gate_up_proj quantized \(gate_up_proj_blocks, _scales\)"):
+        load(str(folder), offload="disk")

@@ -490,6 +490,11 @@ class Streamed:
         for key in candidates:
             if key in files:
                 return key
+        if any(k.startswith(f"{name}_") for k in files):  # gpt-oss's MXFP4 files: {name}_blocks and {name}_scales
+            raise LayerwiseError(
+                f"the checkpoint stores {name} quantized ({name.rsplit('.', 1)[-1]}_blocks, _scales), which a model "
+                "read from disk cannot read yet; load it without `offload`, or save a dequantized copy first"
+            )
         raise LayerwiseError(f"the checkpoint holds no tensor for {name}; give the complete checkpoint folder")
 
     def names(self, *modules: nn.Module) -> list[str]:

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from .anatomy import KINDS, Anatomy, Kind, unit_name
+from .anatomy import KINDS, Anatomy, Kind, Part, unit_name
 from .data import Windows, check_context
 from .errors import LayerwiseError
 from .io import check_same_model, provenance, write_atomic, write_json
@@ -35,10 +35,12 @@ from .metrics import stream as st
 from .metrics.agreement import spearman
 from .reducers import (
     ATTENTION,
+    ROUTING,
     AttentionPatterns,
     ExactAblation,
     LogitLens,
     Reducers,
+    Routing,
     StreamStats,
     TaylorEstimate,
     WeightZD,
@@ -63,9 +65,10 @@ METRICS: tuple[str, ...] = (
     "attn_entropy",
     "attn_distance",
     "attn_sink",
+    *ROUTING,
 )
 #: Which unit kinds each metric describes (others get null).
-APPLIES: dict[str, tuple[Kind, ...]] = {
+APPLIES: dict[str, tuple[str, ...]] = {
     "bi": ("block",),
     "sub_cos": ("attn", "mlp"),
     "mlp_sparsity": ("mlp",),
@@ -73,6 +76,11 @@ APPLIES: dict[str, tuple[Kind, ...]] = {
     "lens_top1": ("block",),
     "lens_nll": ("block",),
     **{m: ("attn",) for m in ATTENTION},
+    "route_share": ("expert",),
+    "gate_mean": ("expert",),
+    "route_entropy": ("router",),
+    "load_imbalance": ("router",),
+    "route_skip": ("router",),
 }
 #: +1 if a larger value should mean a more important unit, -1 if smaller does, 0 if undecided.
 DIRECTION: dict[str, int] = {
@@ -93,6 +101,11 @@ DIRECTION: dict[str, int] = {
     "attn_entropy": 0,
     "attn_distance": 0,
     "attn_sink": 0,
+    "route_share": 1,
+    "gate_mean": 1,
+    "route_entropy": 0,
+    "load_imbalance": 0,
+    "route_skip": 0,
 }
 Ablation = Literal["exact", "taylor", "none"]
 
@@ -154,7 +167,7 @@ def check_order(unit: str, order: str) -> tuple[str, int]:
 class Unit:
     name: str
     layer: int
-    kind: Kind
+    kind: Kind | Part
     metrics: dict[str, float | None]
     details: dict = field(default_factory=dict)
 
@@ -354,7 +367,7 @@ def profile(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "peak_memory": peak_memory(),
         },
-        units=_units(lm.anatomy.n_layers, red),
+        units=_units(lm.anatomy, red),
     )
     prof.agreement = agreement(prof)
     return prof
@@ -393,6 +406,7 @@ def _reducers(lm: LoadedModel, tokens: int, *, ablation: str, lens: bool, attent
         attention=AttentionPatterns(L) if attention else None,
         ablation=ExactAblation(L) if ablation == "exact" else None,
         taylor=TaylorEstimate() if ablation in ("exact", "taylor") else None,
+        routing=Routing(lm.anatomy) if lm.anatomy.moe_layers else None,
     )
 
 
@@ -500,15 +514,19 @@ def _taylor(an: Anatomy, updates: list[torch.Tensor], targets: torch.Tensor) -> 
     return torch.stack(est, dim=-1)
 
 
-def _units(n_layers: int, red: Reducers) -> list[Unit]:
-    """Every unit's row, from each reducer's (a metric no reducer measured is null)."""
+def _units(an: Anatomy, red: Reducers) -> list[Unit]:
+    """Every unit's row, each block's then the parts of its sparse MLP, from each reducer's (a metric no reducer
+    measured is null)."""
     found = red.all()
     st.to_host([s for r in found for s in r.stats()])  # one copy from the device for every sum
     rows = [r.rows() for r in found]
+    parts: dict[int, list[tuple[str, Part]]] = {}
+    for name in an.parts():
+        layer, part, _ = an.check_part(name)
+        parts.setdefault(layer, []).append((name, part))
     units = []
-    for layer in range(n_layers):
-        for kind in KINDS:
-            name = unit_name(layer, kind)
+    for layer in range(an.n_layers):
+        for name, kind in [(unit_name(layer, k), k) for k in KINDS] + parts.get(layer, []):
             metrics: dict[str, float | None] = dict.fromkeys(METRICS)
             details: dict[str, Any] = {}
             for got in rows:

@@ -16,13 +16,16 @@ from typing import Any, Protocol
 
 import torch
 
-from .anatomy import KINDS, Anatomy, Kind, unit_name
+from .anatomy import KINDS, Anatomy, Kind, part_name, unit_name
 from .errors import LayerwiseError
 from .metrics import lens as lens_m
 from .metrics import stream as st
+from .metrics.routing import layer_summary, routing_columns
 from .metrics.weights import z_fraction
 from .trace import BlockTrace
 
+#: The routing metrics of a sparse MLP: per expert (share, gate), then per layer's router.
+ROUTING = ("route_share", "gate_mean", "route_entropy", "load_imbalance", "route_skip")
 #: The attention-pattern metrics; each is the mean over heads, per head in ``details``.
 ATTENTION = ("attn_entropy", "attn_distance", "attn_sink")
 #: One unit's metrics and details, as one reducer measured them.
@@ -296,6 +299,33 @@ class WeightZD:
         }
 
 
+class Routing:
+    """Each sparse MLP's routing: every expert's share of the tokens and mean gate weight, and the layer's load
+    entropy, imbalance and skippable share (:mod:`layerwise.metrics.routing`), from the router's choices in the
+    traced pass."""
+
+    def __init__(self, an: Anatomy) -> None:
+        self._experts = {i: an.n_experts(i) for i in an.moe_layers}
+        self._acc = {i: st.Moments() for i in an.moe_layers}
+
+    def block(self, tr: BlockTrace) -> None:
+        if tr.routing is not None:
+            self._acc[tr.layer].add(routing_columns(*tr.routing, self._experts[tr.layer]))
+
+    def stats(self) -> list[Stat]:
+        return list(self._acc.values())
+
+    def rows(self) -> dict[str, Row]:
+        rows: dict[str, Row] = {}
+        for i, acc in self._acc.items():
+            if not acc.n:
+                continue
+            experts, layer = layer_summary(acc.mean.tolist(), self._experts[i])
+            rows[part_name(i, "router")] = (dict(layer), {})
+            rows |= {part_name(i, "expert", j): (m, {}) for j, m in enumerate(experts)}
+        return rows
+
+
 @dataclass
 class Reducers:
     """The reducers of one profile run, those its settings ask for (None: not measured)."""
@@ -306,14 +336,17 @@ class Reducers:
     attention: AttentionPatterns | None
     ablation: ExactAblation | None
     taylor: TaylorEstimate | None
+    routing: Routing | None = None
 
     def block(self, tr: BlockTrace) -> torch.Tensor:
         """Feed one block's trace to the reducers that read traces; return the stream between its sublayers."""
         if self.attention is not None:
             self.attention.block(tr)
+        if self.routing is not None:
+            self.routing.block(tr)
         return self.stream.block(tr)
 
     def all(self) -> list[Reducer]:
         """Every reducer of the run, in the order their details are listed."""
-        found = (self.stream, self.zd, self.lens, self.attention, self.ablation, self.taylor)
+        found = (self.stream, self.zd, self.lens, self.attention, self.ablation, self.taylor, self.routing)
         return [r for r in found if r is not None]

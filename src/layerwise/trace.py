@@ -26,8 +26,10 @@ class BlockTrace:
     ``h_in`` is the residual entering the block (h_l), ``attn`` and ``mlp``
     the two branch updates (a_l, m_l), ``h_out`` the block output (h_{l+1});
     ``h_mid = h_in + attn`` is the stream between the two sublayers.
-    ``mlp_hidden`` is the input of a dense MLP's output projection (None in a sparse MLP) and
-    ``attn_weights`` the attention probabilities when eager attention ran.
+    ``mlp_hidden`` is the input of a dense MLP's output projection (None in a sparse MLP),
+    ``attn_weights`` the attention probabilities when eager attention ran and
+    ``routing`` a sparse MLP's chosen experts' gate weights and indices, each
+    (tokens, k) (None in a dense block).
     """
 
     layer: int
@@ -39,6 +41,7 @@ class BlockTrace:
     attn_weights: torch.Tensor | None
     args: tuple
     kwargs: dict
+    routing: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def h_mid(self) -> torch.Tensor:
@@ -106,6 +109,12 @@ def tap(
 
         return hook
 
+    def routed(i: int):
+        def hook(_m: nn.Module, _args: tuple, output: tuple) -> None:
+            state[i]["routing"] = (output[1], output[2])  # transformers' routers return (logits, weights, indices)
+
+        return hook
+
     def post_block(i: int):
         def hook(_m: nn.Module, _args: tuple, _kwargs: dict, output: Any):
             s = state.pop(i)
@@ -127,6 +136,7 @@ def tap(
                     attn_weights=s.get("attn_weights"),
                     args=s["args"],
                     kwargs=s["kwargs"],
+                    routing=s.get("routing"),
                 )
             )
 
@@ -141,6 +151,8 @@ def tap(
                 handles.append(anatomy.down_proj(i).register_forward_pre_hook(grab_input(i)))
             if attn_weights:
                 handles.append(anatomy.branch(i, "attn").register_forward_hook(grab(i, "attn_weights", 1)))
+            if i in anatomy.moe_layers:
+                handles.append(anatomy.router(i).register_forward_hook(routed(i)))
             handles.append(block.register_forward_hook(post_block(i), with_kwargs=True))
         yield
         bad = _first_nonfinite(sentinels)

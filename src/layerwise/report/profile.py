@@ -10,6 +10,7 @@ import numpy as np
 
 from ..anatomy import KINDS
 from ..io import write_atomic
+from ..metrics.routing import SKIP_SHARE
 from ..profile import ATTENTION, METRICS, Profile
 from .page import fmt, layer_ticks, page, png, subplots
 from .summary import profile_summary
@@ -21,12 +22,13 @@ def _series(prof: Profile, metric: str, kind: str) -> tuple[list[int], list[floa
 
 
 def _depth_plots(prof: Profile) -> str:
-    metrics = [m for m in METRICS if any(u.metrics.get(m) is not None for u in prof.units)]
+    """Each metric of the blocks, sublayers and routers against depth (the experts' are in the routing section)."""
+    metrics = [m for m in METRICS if any(u.metrics.get(m) is not None for u in prof.units if u.kind != "expert")]
     cols = 3
     rows = math.ceil(len(metrics) / cols)
     fig, axes = subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
     for ax, metric in zip(axes.flat, metrics):
-        for kind, style in zip(KINDS, ("-k", "-o", "-s")):
+        for kind, style in zip((*KINDS, "router"), ("-k", "-o", "-s", "-^")):
             xs, ys = _series(prof, metric, kind)
             if xs:
                 ax.plot(xs, ys, style, ms=3, lw=1, label=kind)
@@ -40,9 +42,10 @@ def _depth_plots(prof: Profile) -> str:
 
 
 def _heatmap(prof: Profile) -> str:
-    metrics = [m for m in METRICS if any(u.metrics.get(m) is not None for u in prof.units)]
-    mat = np.full((len(metrics), len(prof.units)), np.nan)
-    for j, u in enumerate(prof.units):
+    units = [u for u in prof.units if u.kind in KINDS]  # a sparse MLP's parts: the routing section
+    metrics = [m for m in METRICS if any(u.metrics.get(m) is not None for u in units)]
+    mat = np.full((len(metrics), len(units)), np.nan)
+    for j, u in enumerate(units):
         for i, m in enumerate(metrics):
             v = u.metrics.get(m)
             if v is not None:
@@ -53,10 +56,10 @@ def _heatmap(prof: Profile) -> str:
         if ok.sum() > 1:
             ranks = row[ok].argsort().argsort()
             row[ok] = ranks / (ok.sum() - 1)
-    fig, ax = subplots(figsize=(max(8, len(prof.units) * 0.12), 0.35 * len(metrics) + 1.2))
+    fig, ax = subplots(figsize=(max(8, len(units) * 0.12), 0.35 * len(metrics) + 1.2))
     ax.imshow(np.ma.masked_invalid(mat), aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(len(metrics)), metrics, fontsize=8)
-    layer_ticks(ax, [u.name for u in prof.units])
+    layer_ticks(ax, [u.name for u in units])
     ax.set_xlabel("unit (ticks at each layer's first unit: block, attn, mlp)", fontsize=8)
     ax.set_title("metrics across units (rank-normalised per row)", fontsize=10)
     return png(fig)
@@ -85,6 +88,35 @@ def _attention_heads(prof: Profile) -> str:
     fig.tight_layout()
     return (
         "<p>Low entropy and short distance mark local heads; high sink mass marks heads parked on the first token.</p>"
+        + png(fig)
+    )
+
+
+def _routing(prof: Profile) -> str:
+    """Layer-by-expert maps of each expert's share of the tokens and mean gate weight, when the model routes."""
+    experts = [u for u in prof.units if u.kind == "expert"]
+    if not experts:
+        return ""
+    layers = sorted({u.layer for u in experts})
+    width = max(int(u.name.rsplit(".e", 1)[1]) for u in experts) + 1
+    fig, axes = subplots(1, 2, figsize=(max(8.0, 0.25 * width * 2 + 3), 0.22 * len(layers) + 1.8), squeeze=False)
+    for ax, key, title in zip(
+        axes.flat, ("route_share", "gate_mean"), ("share of tokens routed to it", "mean gate weight where chosen")
+    ):
+        mat = np.full((len(layers), width), np.nan)
+        for u in experts:
+            v = u.metrics.get(key)
+            mat[layers.index(u.layer), int(u.name.rsplit(".e", 1)[1])] = np.nan if v is None else v
+        im = ax.imshow(np.ma.masked_invalid(mat), aspect="auto", cmap="viridis", interpolation="nearest")
+        layer_ticks(ax, [f"L{i}" for i in layers], axis="y")
+        ax.set_xlabel("expert", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    return (
+        "<h2>Routing</h2><p>Each sparse MLP's experts: blank where an expert was never chosen. The routers' load "
+        "entropy (1 is even), imbalance (the busiest expert's load over the mean) and skippable share (tokens whose "
+        f"last chosen expert carries under {SKIP_SHARE:g} of their chosen weight) are plotted across depth above.</p>"
         + png(fig)
     )
 
@@ -157,7 +189,7 @@ def render(prof: Profile, path: str = "profile.json") -> str:
         f"""{profile_summary(prof, path)}
 <h2>Metrics across depth</h2>{_depth_plots(prof)}
 <h2>All metrics, all units</h2>{_heatmap(prof)}
-<h2>Attention heads</h2>{_attention_heads(prof)}
+{_routing(prof)}<h2>Attention heads</h2>{_attention_heads(prof)}
 <h2>Which cheap metric tracks ablation?</h2>{_ablation_note(prof)}{_agreement_table(prof)}
 <h2>Ranking</h2>{_ranking_table(prof)}""",
     )
