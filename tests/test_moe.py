@@ -229,3 +229,67 @@ def test_an_mxfp4_checkpoint_read_from_disk_is_refused_in_one_line(tmp_path):
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(LayerwiseError, match=r"stores .*gate_up_proj quantized \(gate_up_proj_blocks, _scales\)"):
         load(str(folder), offload="disk")
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(input_ids=x, use_cache=False).logits
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_routing_rules_reproduce_the_model_s_routers(arch):
+    """Each architecture's routing rule, run by layerwise from the router's logits, gives the model's own outputs;
+    an expert taken out is never chosen, and the model is put back after."""
+    from layerwise.experts import without_experts
+
+    lm, x = tiny_lm(arch), tiny_windows(2).ids
+    an, want = lm.anatomy, _logits(lm.model, x)
+    with without_experts(an, {i: [] for i in an.moe_layers}):
+        torch.testing.assert_close(_logits(lm.model, x), want, rtol=1e-6, atol=1e-6)
+    picked: list[torch.Tensor] = []
+    hook = an.router(an.moe_layers[-1]).register_forward_hook(lambda m, a, out: picked.append(out[2]))
+    _logits(lm.model, x)
+    busy = int(picked[0][0, 0])  # an expert the first token chose
+    with without_experts(an, {an.moe_layers[-1]: [busy]}):
+        assert not torch.allclose(_logits(lm.model, x), want, atol=1e-6)
+    hook.remove()
+    assert not (picked[1] == busy).any()
+    torch.testing.assert_close(_logits(lm.model, x), want, rtol=0, atol=0)
+    assert "forward" not in an.router(an.moe_layers[-1]).__dict__
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss"])
+def test_an_expert_out_of_routing_computes_as_a_model_without_it(arch):
+    """A hand-made model with expert 1 deleted from every sparse MLP (router rows and expert weights cut, one
+    expert fewer in its config) computes what the model computes with expert 1 out of routing."""
+    from layerwise.experts import without_experts
+
+    lm, x = tiny_lm(arch), tiny_windows(2).ids
+    an, cfg = lm.anatomy, lm.model.config
+    with without_experts(an, dict.fromkeys(an.moe_layers, [1])):
+        want = _logits(lm.model, x)
+    keep = [0, 2, 3]
+    small_cfg = cfg.__class__(**cfg.to_dict())
+    setattr(small_cfg, "num_local_experts" if hasattr(cfg, "num_local_experts") else "num_experts", 3)
+    small = lm.model.__class__(small_cfg).eval()
+    state = lm.model.state_dict()
+    for i in an.moe_layers:
+        for name, p in [*an.router(i).named_parameters(), *an.experts(i).named_parameters()]:
+            owner = an.router(i) if any(q is p for q in an.router(i).parameters()) else an.experts(i)
+            path = next(n for n, m in lm.model.named_modules() if m is owner)
+            state[f"{path}.{name}"] = p.detach()[keep]
+    small.load_state_dict(state)
+    torch.testing.assert_close(_logits(small, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_taking_out_too_many_or_missing_experts_is_refused_in_one_line():
+    from layerwise.experts import without_experts
+
+    an = tiny_lm("mixtral").anatomy
+    with pytest.raises(LayerwiseError, match="L1 would keep 1 of its 4 experts, fewer than the 2 each token"):
+        with without_experts(an, {0: [1], 1: [0, 1, 2]}):
+            pass
+    with pytest.raises(LayerwiseError, match="L0 has experts e0..e3"):
+        with without_experts(an, {0: [4]}):
+            pass
+    assert all("forward" not in an.router(i).__dict__ for i in an.moe_layers)

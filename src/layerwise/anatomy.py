@@ -39,6 +39,10 @@ class MoE:
     transposed: bool = False
     #: gpt-oss's sparse MLP returns (update, router scores).
     pair_out: bool = False
+    #: How the router turns its logits into each token's experts and weights: softmax over every expert, then the
+    #: top k ("softmax_topk", renormalized where the router says so); the top k logits, then softmax over them
+    #: (gpt-oss); sigmoid scores chosen by group and corrected by a bias (DeepSeek-V3).
+    rule: Literal["softmax_topk", "topk_softmax", "sigmoid_groups"] = "softmax_topk"
     #: How the config says which blocks are sparse: every block ("all"), all but those Qwen's ``mlp_only_layers``
     #: lists ("listed", with ``decoder_sparse_step``), or all after DeepSeek's ``first_k_dense_replace`` ("prefix").
     layout: Literal["all", "listed", "prefix"] = "all"
@@ -112,8 +116,8 @@ SPECS: dict[str, Spec] = {
     "qwen2_moe": replace(_LLAMA_LIKE, moe=MoE(shared="mlp.shared_expert", layout="listed")),
     "mixtral": replace(_LLAMA_LIKE, moe=MoE()),
     "olmoe": replace(_LLAMA_LIKE, moe=MoE()),
-    "gpt_oss": replace(_LLAMA_LIKE, moe=MoE(router="mlp.router", transposed=True, pair_out=True)),
-    "deepseek_v3": replace(_LLAMA_LIKE, moe=MoE(shared="mlp.shared_experts", layout="prefix")),
+    "gpt_oss": replace(_LLAMA_LIKE, moe=MoE(router="mlp.router", transposed=True, pair_out=True, rule="topk_softmax")),
+    "deepseek_v3": replace(_LLAMA_LIKE, moe=MoE(shared="mlp.shared_experts", layout="prefix", rule="sigmoid_groups")),
     "gpt2": Spec(
         layers="transformer.h",
         attn="attn",

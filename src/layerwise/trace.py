@@ -168,7 +168,7 @@ def tap(
         sentinels.clear()
 
 
-def _override_forward(module: nn.Module, fn: Callable[..., Any]) -> Callable[[], None]:
+def override_forward(module: nn.Module, fn: Callable[..., Any]) -> Callable[[], None]:
     """Temporarily shadow ``module.forward``; return the function that undoes it.
 
     accelerate's device hooks also live in the instance ``forward``; the old
@@ -244,7 +244,7 @@ def install_skips(anatomy: Anatomy, units: Iterable[str]) -> Callable[[], None]:
         for name in units:
             layer, kind = anatomy.check_unit(name)
             module = anatomy.blocks[layer] if kind == "block" else anatomy.branch(layer, kind)
-            undo.append(_override_forward(module, _skipped(anatomy, layer, kind)))
+            undo.append(override_forward(module, _skipped(anatomy, layer, kind)))
     except BaseException:
         restore()
         raise

@@ -1,0 +1,91 @@
+"""Experts taken out of routing: each token's router chooses among the experts left, weighted by the model's own
+rule, as if the removed experts had never been there.
+
+A router's logits for the removed experts become -inf before the rule runs, so a softmax router's weights are a
+softmax over the experts left (what deleting the rows would give), a top-k router never picks them, and DeepSeek's
+grouped choice leaves them out of their group's score. Nothing else changes: the experts' weights stay in place and
+the model is put back on exit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from .anatomy import Anatomy
+from .errors import LayerwiseError
+from .trace import override_forward
+
+
+def route(router: Any, logits: torch.Tensor, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate weights and expert indices, each (tokens, k), that ``router`` gives from its ``logits`` under its
+    architecture's ``rule`` (:class:`layerwise.anatomy.MoE`), with transformers' dtypes."""
+    k = router.top_k
+    if rule == "topk_softmax":
+        top, idx = torch.topk(logits, k, dim=-1)
+        return torch.softmax(top, dim=1, dtype=top.dtype), idx
+    if rule == "sigmoid_groups":
+        return _grouped(router, logits)
+    top, idx = torch.topk(torch.softmax(logits.float(), dim=-1), k, dim=-1)
+    if not hasattr(router, "norm_topk_prob"):  # Mixtral: always renormalized, kept in float32
+        return top / top.sum(-1, keepdim=True), idx
+    if router.norm_topk_prob:
+        top = top / top.sum(-1, keepdim=True)
+    return top.to(logits.dtype), idx
+
+
+def _grouped(router: Any, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's choice: sigmoid scores plus a correction bias, the best groups by their two best scores, the
+    top k within them; weights are the uncorrected scores, renormalized where the router says so, then scaled."""
+    scores = logits.sigmoid()
+    choice = (scores + router.e_score_correction_bias).masked_fill(logits == -torch.inf, -torch.inf)
+    n, groups = logits.shape[-1], router.num_group
+    by_group = choice.view(-1, groups, n // groups).topk(2, dim=-1)[0].sum(-1)
+    chosen = torch.topk(by_group, k=router.topk_group, dim=-1, sorted=False)[1]
+    keep = torch.zeros_like(by_group).scatter_(1, chosen, 1).bool()
+    choice = choice.masked_fill(~keep.repeat_interleave(n // groups, dim=-1), -torch.inf)
+    idx = torch.topk(choice, k=router.top_k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, idx)
+    if router.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * router.routed_scaling_factor, idx
+
+
+@contextmanager
+def without_experts(an: Anatomy, removed: Mapping[int, list[int]]) -> Iterator[None]:
+    """Run the model with these experts (``{layer: [expert, ...]}``) out of routing; one line when an expert does
+    not exist or a layer would keep fewer experts than each token is routed to."""
+    rule = an.spec.moe.rule if an.spec.moe is not None else ""
+    undo = []
+    try:
+        for layer, experts in removed.items():
+            for j in experts:
+                an.check_part(f"L{layer}.mlp.e{j}")
+            left = an.n_experts(layer) - len(set(experts))
+            if left < an.top_k:
+                raise LayerwiseError(
+                    f"L{layer} would keep {left} of its {an.n_experts(layer)} experts, fewer than the {an.top_k} each "
+                    "token is routed to; remove fewer"
+                )
+            undo.append(override_forward(an.router(layer), _masked(an.router(layer), sorted(set(experts)), rule)))
+        yield
+    finally:
+        for fn in reversed(undo):
+            fn()
+
+
+def _masked(router: nn.Module, experts: list[int], rule: str) -> Any:
+    """A router forward with ``experts``' logits at -inf before the rule chooses."""
+    original = router.forward
+    gone = torch.tensor(experts, dtype=torch.long)
+
+    def forward(hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = original(hidden_states)[0]
+        logits = logits.index_fill(-1, gone.to(logits.device), -torch.inf)
+        return (logits, *route(router, logits, rule))
+
+    return forward
