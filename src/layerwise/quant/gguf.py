@@ -347,8 +347,14 @@ class GGUFCandidates:
             return {}
         module = lm.model.get_input_embeddings()
         w = module.get_parameter("weight")
-        rows = _row_order(w, _dequantize(self.tensor("source", EMBEDDING)), EMBEDDING, w.dtype)
-        return {module: _dequantize(self.tensor("embedding", EMBEDDING))[rows]}
+        return {module: _dequantize(self.tensor("embedding", EMBEDDING))[self._order(EMBEDDING, w, w.dtype)]}
+
+    def _order(self, tname: str, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The rows of the file's ``tname`` in the order of the model's weight ``w`` (q and k permuted back), worked
+        out once from the source."""
+        if tname not in self._rows:
+            self._rows[tname] = _row_order(w, _dequantize(self.tensor("source", tname)), tname, dtype)
+        return self._rows[tname]
 
     def twins(self, paths: list[str]) -> dict[str, str]:
         """Types whose files hold the same bytes as an earlier type's for every one of ``paths`` (llama.cpp's
@@ -366,11 +372,9 @@ class GGUFCandidates:
         self, path: str, w: torch.Tensor, name: str, hessian: torch.Tensor | None
     ) -> tuple[torch.Tensor, int, str]:
         tname = self.anatomy.gguf_name(path)
-        if tname not in self._rows:
-            dtype = self.anatomy.model.get_parameter(f"{path}.weight").dtype
-            self._rows[tname] = _row_order(w, _dequantize(self.tensor("source", tname)), tname, dtype)
+        rows = self._order(tname, w, self.anatomy.model.get_parameter(f"{path}.weight").dtype)
         t = self.tensor(name, tname)
-        return _dequantize(t)[self._rows[tname]], ggufio.tensor_bits(t), t.tensor_type.name
+        return _dequantize(t)[rows], ggufio.tensor_bits(t), t.tensor_type.name
 
     def stored_all(
         self, path: str, w: torch.Tensor, hessian: torch.Tensor | None
