@@ -293,3 +293,24 @@ def test_taking_out_too_many_or_missing_experts_is_refused_in_one_line():
         with without_experts(an, {0: [4]}):
             pass
     assert all("forward" not in an.router(i).__dict__ for i in an.moe_layers)
+
+
+def test_each_part_s_zd_is_the_mean_over_its_own_matrices():
+    from layerwise.metrics.weights import z_fraction
+    from layerwise.profile import profile
+
+    lm = tiny_lm("qwen2_moe")
+    prof = profile(lm, tiny_windows(2), ablation="none", lens=False, progress=False)
+    blk = lm.model.model.layers[1].mlp
+    mine = {
+        "L1.mlp.e2": [blk.experts.gate_up_proj[2], blk.experts.down_proj[2]],
+        "L1.router": [blk.gate.weight],
+        "L1.mlp.shared": [
+            blk.shared_expert.gate_proj.weight,
+            blk.shared_expert.up_proj.weight,
+            blk.shared_expert.down_proj.weight,
+        ],
+    }
+    for name, ws in mine.items():
+        want = sum(float(z_fraction(w)) for w in ws) / len(ws)
+        assert prof.unit(name).metrics["zd"] == pytest.approx(want, rel=1e-6), name

@@ -305,6 +305,16 @@ class Anatomy:
             if p.ndim == 3
         ]
 
+    def part_matrices(self, layer: int, part: Part, expert: int | None = None) -> list[tuple[str, torch.Tensor]]:
+        """A sparse MLP's part's weight matrices, named as :meth:`weight_matrices` names them: an expert's two, the
+        router's, or the shared experts' maps."""
+        moe, prefix = self._moe(layer), f"{self.spec.layers}.{layer}."
+        if part == "expert":
+            return self.expert_matrices(layer, int(expert or 0))
+        path = moe.router if part == "router" else moe.shared
+        module = self.blocks[layer].get_submodule(path or "")
+        return [(f"{prefix}{path}.{n}", p) for n, p in module.named_parameters() if p.ndim == 2]
+
     def parts(self) -> list[str]:
         """The parts of every sparse MLP in depth order: L1.router, L1.mlp.e0, ..., L1.mlp.shared, L2.router, ..."""
         return [

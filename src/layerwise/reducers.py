@@ -274,7 +274,8 @@ def zd_scores(an: Anatomy, layers: Any) -> dict[str, float]:
 
 
 class WeightZD:
-    """zd of each unit: the mean over its weight matrices, each read while its block's weights are at hand."""
+    """zd of each unit (and each part of a sparse MLP): the mean over its weight matrices, each read while its
+    block's weights are at hand."""
 
     def __init__(self) -> None:
         self._scores: dict[str, float] = {}
@@ -287,6 +288,9 @@ class WeightZD:
         for layer in layers:
             for kind in KINDS:
                 self._matrices[unit_name(layer, kind)] = [n for n, _ in an.weight_matrices(layer, kind)]
+        for name in an.parts():
+            if (part := an.check_part(name))[0] in layers:
+                self._matrices[name] = [n for n, _ in an.part_matrices(*part)]
 
     def stats(self) -> list[Stat]:
         return []
