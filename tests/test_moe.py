@@ -314,3 +314,68 @@ def test_each_part_s_zd_is_the_mean_over_its_own_matrices():
     for name, ws in mine.items():
         want = sum(float(z_fraction(w)) for w in ws) / len(ws)
         assert prof.unit(name).metrics["zd"] == pytest.approx(want, rel=1e-6), name
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_expert_ablation_equals_a_full_forward_without_the_expert(arch, tmp_path):
+    """Every expert's ablate_nll and ablate_kl equal a whole forward with it out of routing (batches of 2 and 1:
+    the stacked copies tile masks and positions right), from disk as in memory."""
+    from layerwise.experts import without_experts
+    from layerwise.profile import profile
+
+    from .test_engine import _same_metrics, _streamed
+
+    lm, w = tiny_lm(arch), tiny_windows(3)
+    prof = profile(lm, w, batch_size=2, lens=False, expert_ablation=True, progress=False)
+    x = w.ids
+    with torch.no_grad():
+        full = torch.log_softmax(_logits(lm.model, x)[:, :-1], -1)
+        nll_full = -full.gather(-1, x[:, 1:, None]).mean()
+        for i in lm.anatomy.moe_layers:
+            for j in range(4):
+                with without_experts(lm.anatomy, {i: [j]}):
+                    lp = torch.log_softmax(_logits(lm.model, x)[:, :-1], -1)
+                got = prof.unit(f"L{i}.mlp.e{j}").metrics
+                assert got["ablate_nll"] == pytest.approx(
+                    (-lp.gather(-1, x[:, 1:, None]).mean() - nll_full).item(), abs=1e-5
+                )
+                assert got["ablate_kl"] == pytest.approx((full.exp() * (full - lp)).sum(-1).mean().item(), abs=1e-5)
+    assert "expert" in prof.agreement["by_kind"] and prof.meta["expert_ablation"] is True
+    disk = _streamed(lm, tmp_path / arch)
+    _same_metrics(prof, profile(disk, w, batch_size=2, lens=False, expert_ablation=True, progress=False))
+
+
+def test_expert_ablation_needs_experts_and_exact_ablation():
+    from layerwise.profile import profile
+
+    with pytest.raises(LayerwiseError, match="`expert_ablation` .*; this model has no experts"):
+        profile(tiny_lm("llama"), tiny_windows(2), expert_ablation=True, progress=False)
+    with pytest.raises(LayerwiseError, match="`expert_ablation` .*; not with `ablation` taylor"):
+        profile(tiny_lm("mixtral"), tiny_windows(2), ablation="taylor", expert_ablation=True, progress=False)
+
+
+def test_the_agreement_table_gains_the_experts_rows():
+    """With expert ablation, which routing statistic tracks it: rho of route_share, gate_mean, zd and ablate_kl over
+    the experts, as spearman gives it from their values."""
+    from layerwise.metrics.agreement import spearman
+    from layerwise.profile import profile
+
+    prof = profile(tiny_lm("olmoe"), tiny_windows(2), lens=False, expert_ablation=True, progress=False)
+    row = prof.agreement["by_kind"]["expert"]
+    assert set(row) == {"route_share", "gate_mean", "zd", "ablate_kl"}
+    experts = [u for u in prof.units if u.kind == "expert"]
+    xs, ys = ([u.metrics[m] for u in experts] for m in ("route_share", "ablate_nll"))
+    assert row["route_share"] == dict(zip(("rho", "n"), spearman(xs, ys))) and row["route_share"]["n"] == 12
+
+
+def test_the_profile_plan_counts_one_carried_stream_per_ablated_expert(tmp_path):
+    import torch
+
+    from layerwise.memory_plan import Shape, profile_plan
+
+    folder = tiny_folder(tmp_path / "m", "qwen3_moe", layers=3)
+    kw = dict(dtype=torch.float32, windows=8, seq_len=16, batch_size=2, ablation="exact", ablation_windows=4)
+    shape = Shape.of(folder, dtype=torch.float32, seq_len=16)
+    assert shape.experts == 4 * 2  # two sparse blocks of four
+    plain, experts = (profile_plan(folder, **kw, expert_ablation=e) for e in (False, True))
+    assert experts.states - plain.states == shape.states(8, 4, 16)

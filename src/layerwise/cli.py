@@ -242,6 +242,7 @@ FLAGS = {
     "max_memory": "--max-memory",
     "n_pairs": "--n-pairs",
     "ablation_samples": "--ablation-samples",
+    "expert_ablation": "--expert-ablation",
     "imatrix": "--imatrix",
     "size": "--size",
     "tie": "--tie",
@@ -342,6 +343,12 @@ def _parser() -> _Parser:
         type=_count(0),
         default=4,
         help="exact ablation on the first N calibration windows, whole batches (default 4; 0: all --samples)",
+    )
+    pr.add_argument(
+        "--expert-ablation",
+        action="store_true",
+        help="mixture-of-experts models: ablate every expert exactly too (out of routing; E/3 extra passes of the "
+        "later blocks per sparse block and ablated batch)",
     )
     pr.add_argument(
         "--seed",
@@ -795,6 +802,7 @@ def _profile_plan(args: argparse.Namespace) -> Callable[..., MemoryPlan]:
         batch_size=args.batch_size,
         ablation=args.ablation,
         ablation_windows=-(-ablated // args.batch_size) * args.batch_size,
+        expert_ablation=args.expert_ablation,
     )
 
 
@@ -912,6 +920,7 @@ def _profile(args: argparse.Namespace) -> int:
         attention=args.attention,
         positions=args.positions or None,
         ablation_samples=args.ablation_samples or None,
+        expert_ablation=args.expert_ablation,
         seed=args.seed,
         progress=not args.json,
     )

@@ -194,12 +194,13 @@ class Shape:
     files: int
     block: int  # the largest block's weights, with their pages as stored
     stem: int  # the embedding or the head, read alone, with its pages
+    experts: int = 0  # routed experts over all sparse blocks (a mixture-of-experts model)
 
     @classmethod
     def of(cls, folder: str | Path, *, dtype: torch.dtype, seq_len: int, trust_remote_code: bool = False) -> Shape:
         from .anatomy import Anatomy
         from .data import check_context
-        from .engine import GGUFCheckpoint, Streamed, open_checkpoint, skeleton, slice_rows
+        from .engine import ConvertedCheckpoint, GGUFCheckpoint, Streamed, open_checkpoint, skeleton, slice_rows
 
         model = skeleton(folder, dtype=dtype, trust_remote_code=trust_remote_code)
         an = Anatomy(model)
@@ -207,7 +208,8 @@ class Shape:
         ckpt = open_checkpoint(folder, model)
         s = Streamed(model, ckpt)
         size = torch.finfo(dtype).bits // 8
-        files = sum(f.stat().st_size for f in set(ckpt.files.values()))
+        shards = ckpt.base.files if isinstance(ckpt, ConvertedCheckpoint) else ckpt.files  # every shard, once
+        files = sum(f.stat().st_size for f in set(shards.values()))
         stored = files / max(1, s.n_params)  # bytes per weight as stored
         if isinstance(ckpt, GGUFCheckpoint):  # loaded in memory from the float32 safetensors it is converted to
             files = 4 * s.n_params
@@ -227,6 +229,7 @@ class Shape:
             stem=max(held(s.names(an.embed)), held(s.names(an.head)))
             if (rows := slice_rows(model, dtype)) is None
             else int(rows * an.embed.weight.shape[1] * (size + stored)),  # one slice of either
+            experts=sum(map(an.n_experts, an.moe_layers)),
         )
 
     def states(self, streams: int, windows: int, seq_len: int) -> int:
@@ -257,16 +260,22 @@ def profile_plan(
     batch_size: int,
     ablation: str,
     ablation_windows: int,
+    expert_ablation: bool = False,
     trust_remote_code: bool = False,
 ) -> MemoryPlan:
-    """The memory plan of profiling the checkpoint in ``folder`` on ``windows`` calibration windows."""
+    """The memory plan of profiling the checkpoint in ``folder`` on ``windows`` calibration windows (every expert
+    ablated too: one more carried stream an expert)."""
     shape = Shape.of(folder, dtype=dtype, seq_len=seq_len, trust_remote_code=trust_remote_code)
-    return shape.plan(**_profile_parts(shape, windows, seq_len, batch_size, ablation, ablation_windows))
+    parts = _profile_parts(shape, windows, seq_len, batch_size, ablation, ablation_windows, experts=expert_ablation)
+    return shape.plan(**parts)
 
 
-def _profile_parts(shape: Shape, windows: int, seq_len: int, batch_size: int, ablation: str, ablated: int) -> dict:
+def _profile_parts(
+    shape: Shape, windows: int, seq_len: int, batch_size: int, ablation: str, ablated: int, *, experts: bool = False
+) -> dict:
     tokens, L = batch_size * seq_len, shape.layers
-    states = shape.states(L, windows, seq_len) + (shape.states(3 * L, ablated, seq_len) if ablation == "exact" else 0)
+    carried = 3 * L + (shape.experts if experts else 0)  # the ablated streams, carried to the last block
+    states = shape.states(L, windows, seq_len) + (shape.states(carried, ablated, seq_len) if ablation == "exact" else 0)
     taylor = ablation in ("exact", "taylor")
     return {
         "states": states,

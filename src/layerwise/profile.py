@@ -15,7 +15,7 @@ import csv
 import io
 import json
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,9 +24,10 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from .anatomy import KINDS, Anatomy, Kind, Part, unit_name
+from .anatomy import KINDS, Anatomy, Kind, Part, part_name, unit_name
 from .data import Windows, check_context
 from .errors import LayerwiseError
+from .experts import COPIES, chunks, experts_apart
 from .io import check_same_model, provenance, write_atomic, write_json
 from .loading import LoadedModel
 from .memory import peak_memory
@@ -301,6 +302,7 @@ def profile(
     attention: bool = False,
     positions: int | None = None,
     ablation_samples: int | None = None,
+    expert_ablation: bool = False,
     seed: int = 0,
     progress: bool = True,
 ) -> Profile:
@@ -326,11 +328,15 @@ def profile(
     seeds torch before the pass, so a model that samples inside its forward
     runs the same way twice.
 
+    ``expert_ablation=True`` (with exact ablation, on a mixture-of-experts model) also ablates every expert exactly:
+    taken out of routing (:mod:`layerwise.experts`) in its block, then the later blocks and the head, on the same
+    windows and positions; it costs E / 3 passes of the blocks from each sparse block on, per ablated batch.
+
     Each metric family is a reducer (:mod:`layerwise.reducers`) fed by one pass: batch by batch through the whole
     model here, or, for a model loaded with ``offload="disk"``, block by block with one block's weights read at a
     time (:mod:`layerwise.profile_streamed`), with the same numbers.
     """
-    _check(lm, windows, ablation, attention, positions, ablation_samples)
+    _check(lm, windows, ablation, attention, positions, ablation_samples, expert_ablation)
     torch.manual_seed(seed)
     start = time.perf_counter()
     ids = windows.calibration
@@ -338,10 +344,12 @@ def profile(
     red = _reducers(lm, int(batches[0].numel()), ablation=ablation, lens=lens, attention=attention)
     n_ablated = 0
     if red.ablation is not None:
+        red.ablation.experts = expert_ablation
         n_ablated = len(batches) if ablation_samples is None else min(len(batches), -(-ablation_samples // batch_size))
     sample = Positions(positions, torch.Generator().manual_seed(seed))
     L = lm.anatomy.n_layers
-    with tqdm(total=len(batches) + 3 * L * n_ablated, desc="profile", unit="pass", disable=not progress) as bar:
+    units = 3 * L + (sum(map(lm.anatomy.n_experts, lm.anatomy.moe_layers)) if expert_ablation else 0)
+    with tqdm(total=len(batches) + units * n_ablated, desc="profile", unit="pass", disable=not progress) as bar:
         if lm.streamed is not None:
             from .profile_streamed import streamed_pass
 
@@ -362,6 +370,7 @@ def profile(
             "attention": attention,
             "positions": positions,
             "ablation_windows": None if red.ablation is None else red.ablation.windows,
+            "expert_ablation": expert_ablation,
             **provenance(seed=seed, batch_size=batch_size),
             "wall_time_s": round(time.perf_counter() - start, 3),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -380,10 +389,16 @@ def _check(
     attention: bool,
     positions: int | None,
     ablation_samples: int | None,
+    expert_ablation: bool = False,
 ) -> None:
     """Refuse settings :func:`profile` cannot measure, before anything runs."""
     if ablation not in ("exact", "taylor", "none"):
         raise LayerwiseError(f"unknown `ablation` {ablation!r}; use exact, taylor or none")
+    if expert_ablation and (ablation != "exact" or not lm.anatomy.moe_layers):
+        raise LayerwiseError(
+            "`expert_ablation` ablates the experts of a mixture-of-experts model with `ablation` exact; "
+            + ("this model has no experts" if not lm.anatomy.moe_layers else f"not with `ablation` {ablation}")
+        )
     for name, value in (("positions", positions), ("ablation_samples", ablation_samples)):
         if value is not None and value < 1:
             raise LayerwiseError(f"`{name}` must be at least 1 (or None for all), not {value}")
@@ -404,7 +419,7 @@ def _reducers(lm: LoadedModel, tokens: int, *, ablation: str, lens: bool, attent
         zd=WeightZD(),
         lens=LogitLens(L) if lens else None,
         attention=AttentionPatterns(L) if attention else None,
-        ablation=ExactAblation(L) if ablation == "exact" else None,
+        ablation=ExactAblation() if ablation == "exact" else None,
         taylor=TaylorEstimate() if ablation in ("exact", "taylor") else None,
         routing=Routing(lm.anatomy) if lm.anatomy.moe_layers else None,
     )
@@ -459,8 +474,26 @@ def _resident_batch(
         starts = {"block": h[i], "attn": no_attn, "mlp": mid[i]}
         return run_blocks(an, i + 1, torch.cat([starts[k] for k in KINDS]), stacked)
 
+    def experts_ablated() -> Iterator[tuple[int, list[int], torch.Tensor]]:
+        tiled = {n: tile_calls(calls, x.shape[0], n) for n in range(1, COPIES + 1)}
+        for i in an.moe_layers:
+            for each in chunks(an, i):
+                with experts_apart(an, i, each):
+                    out = run_blocks(an, i, h[i].repeat(len(each), 1, 1), tiled[len(each)], stop=i + 1)
+                yield i, each, run_blocks(an, i + 1, out, tiled[len(each)])
+
     with torch.no_grad():
-        read(an, red, h[L], h[1:].__getitem__, ablated if ablate else None, targets, sample, bar)
+        read(
+            an,
+            red,
+            h[L],
+            h[1:].__getitem__,
+            ablated if ablate else None,
+            targets,
+            sample,
+            bar,
+            experts_ablated if ablate else None,
+        )
 
 
 def read(
@@ -472,12 +505,14 @@ def read(
     targets: torch.Tensor,
     sample: Positions,
     bar: tqdm,
+    experts: Callable[[], Iterable[tuple[int, list[int], torch.Tensor]]] | None = None,
 ) -> None:
     """One batch's head readouts, each against the model's own (of ``last``, the last block's output) at the same
     sampled positions: the logit lens at each block's output (``outputs(i)``) and, given ``ablated``, the exact
     ablation of every unit (``ablated(i)``: block ``i``'s three ablated streams after the last block, in
-    :data:`KINDS` order). Nothing is drawn when no reducer reads the head. The readouts live only in this call, so
-    the next batch's passes never run beside them."""
+    :data:`KINDS` order) and, when the ablation reducer asks, of every expert (``experts()``: each sparse block's
+    experts, a group at a time, with their stacked streams after the last block). Nothing is drawn when no reducer
+    reads the head. The readouts live only in this call, so the next batch's passes never run beside them."""
     if red.lens is None and red.ablation is None:
         bar.update(1)
         return
@@ -492,8 +527,13 @@ def read(
     red.ablation.windows += last.shape[0]
     for i in range(an.n_layers):
         for kind, out in zip(KINDS, ablated(i).chunk(len(KINDS))):
-            red.ablation.add(i, kind, readout(an, out, rows), ref, sampled)
+            red.ablation.add(unit_name(i, kind), readout(an, out, rows), ref, sampled)
             bar.update(1)
+    if experts is not None and red.ablation.experts:
+        for i, each, outs in experts():
+            for j, out in zip(each, outs.chunk(len(each))):
+                red.ablation.add(part_name(i, "expert", j), readout(an, out, rows), ref, sampled)
+                bar.update(1)
 
 
 def _taylor(an: Anatomy, updates: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
@@ -538,17 +578,21 @@ def _units(an: Anatomy, red: Reducers) -> list[Unit]:
 
 
 def agreement(prof: Profile) -> dict:
-    """Spearman rho of every metric with the causal reference, per unit kind."""
+    """Spearman rho of every metric with the causal reference, per unit kind (experts too, when ablated)."""
     ref = "ablate_nll" if any(u.metrics.get("ablate_nll") is not None for u in prof.units) else "taylor_nll"
     by_kind: dict[str, dict] = {}
-    for kind in KINDS:
+    ablated = any(u.kind == "expert" and u.metrics.get(ref) is not None for u in prof.units)
+    for kind in (*KINDS, "expert") if ablated else KINDS:
         us = [u for u in prof.units if u.kind == kind]
         ys = [u.metrics.get(ref) for u in us]
         row = {}
         for metric in METRICS:
-            if metric == ref or kind not in APPLIES.get(metric, KINDS):
+            xs = [u.metrics.get(metric) for u in us]
+            # an expert's metrics: those measured on experts (routing, zd, the ablation's KL)
+            fits = kind in APPLIES.get(metric, KINDS) if kind in KINDS else any(x is not None for x in xs)
+            if metric == ref or not fits:
                 continue
-            rho, n = spearman([u.metrics.get(metric) for u in us], ys)
+            rho, n = spearman(xs, ys)
             row[metric] = {"rho": rho, "n": n}
         by_kind[kind] = row
     return {"reference": ref, "by_kind": by_kind, "direction": DIRECTION}

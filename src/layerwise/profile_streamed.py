@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .anatomy import KINDS, Anatomy, unit_name
 from .engine import Kept, States
+from .experts import chunks, experts_apart
 from .loading import LoadedModel
 from .metrics import lens as lens_m
 from .profile import Positions, read
@@ -57,8 +58,9 @@ def streamed_pass(
                 def output(i: int, b: int = b) -> torch.Tensor:
                     return store.load(inputs[i + 1][b] if i + 1 < L else last[b])
 
-                ablated = carried.read(b) if b < n_ablated else None
-                read(an, red, store.load(last[b]), output, ablated, targets[b], sample, bar)
+                ablate = b < n_ablated
+                args = (carried.read(b) if ablate else None, targets[b], sample, bar)
+                read(an, red, store.load(last[b]), output, *args, carried.experts(b) if ablate else None)
 
 
 def _forward(
@@ -73,7 +75,7 @@ def _forward(
     calls = [c for _, c in starts]
     inputs = [[store.keep(h0) for h0, _ in starts]]
     del starts
-    carried = _Carried(an, store, calls[:n_ablated])
+    carried = _Carried(an, store, calls[:n_ablated], experts=red.ablation is not None and red.ablation.experts)
     with torch.no_grad():
         for i in s.blocks():
             red.zd.add(an, [i])
@@ -104,31 +106,54 @@ def _traced(
 
 class _Carried:
     """Exact ablation from disk: each batch's ablated streams (a unit's, three windows a window: block, attention
-    and MLP skipped) start after their block, as in the resident pass, and are carried together through each later
-    block as it is read, to be read out after the last."""
+    and MLP skipped; with ``experts``, each sparse block's experts out of routing, a group at a time) start after
+    their block, as in the resident pass, and are carried together through each later block as it is read, to be
+    read out after the last."""
 
-    def __init__(self, an: Anatomy, store: States, calls: list[list[tuple[tuple, dict]]]) -> None:
-        self.an, self.store, self.calls = an, store, calls
-        self.stacked: list[list[tuple[tuple, dict]] | None] = [None] * len(calls)
+    def __init__(
+        self, an: Anatomy, store: States, calls: list[list[tuple[tuple, dict]]], *, experts: bool = False
+    ) -> None:
+        self.an, self.store, self.calls, self.with_experts = an, store, calls, experts
+        self.tiled: list[dict[int, list[tuple[tuple, dict]]]] = [{} for _ in calls]
         self.streams: list[dict[int, Kept]] = [{} for _ in calls]
+        self.expert_streams: list[dict[tuple[int, tuple[int, ...]], Kept]] = [{} for _ in calls]
+
+    def _tiled(self, b: int, copies: int, batch: int) -> list[tuple[tuple, dict]]:
+        """Batch ``b``'s block arguments for ``copies`` stacked copies, made once."""
+        tiles = self.tiled[b]
+        tiles[copies] = tiles.get(copies) or tile_calls(self.calls[b], batch, copies)
+        return tiles[copies]
 
     def step(self, i: int, b: int, h: torch.Tensor, mid: torch.Tensor) -> None:
         """Block ``i`` with batch ``b``'s input ``h`` (and stream after attention ``mid``): the earlier units'
         streams carried through it, and its own three started."""
         if b >= len(self.calls):
             return
-        an, store, calls = self.an, self.store, self.calls[b]
-        stacked = self.stacked[b] = self.stacked[b] or tile_calls(calls, int(h.shape[0]), len(KINDS))
+        an, store, calls, n = self.an, self.store, self.calls[b], int(h.shape[0])
         for j, kept in self.streams[b].items():
-            self.streams[b][j] = store.keep(run_blocks(an, i, store.load(kept), stacked, stop=i + 1), over=kept)
+            self.streams[b][j] = store.keep(
+                run_blocks(an, i, store.load(kept), self._tiled(b, len(KINDS), n), stop=i + 1), over=kept
+            )
+        for key, kept in self.expert_streams[b].items():
+            tiled = self._tiled(b, len(key[1]), n)
+            self.expert_streams[b][key] = store.keep(run_blocks(an, i, store.load(kept), tiled, stop=i + 1), over=kept)
         with skip(an, [unit_name(i, "attn")]):
             no_attn = run_blocks(an, i, h, calls, stop=i + 1)
         begin = {"block": h, "attn": no_attn, "mlp": mid}
         self.streams[b][i] = store.keep(torch.cat([begin[k] for k in KINDS]))
+        if self.with_experts and i in an.moe_layers:
+            for each in chunks(an, i):
+                with experts_apart(an, i, each):
+                    out = run_blocks(an, i, h.repeat(len(each), 1, 1), self._tiled(b, len(each), n), stop=i + 1)
+                self.expert_streams[b][(i, tuple(each))] = store.keep(out)
 
     def read(self, b: int) -> Callable[[int], torch.Tensor]:
         """Batch ``b``'s streams of block ``i``'s units after the last block, by ``i``."""
         return lambda i: self.store.load(self.streams[b][i])
+
+    def experts(self, b: int) -> Callable[[], Iterator[tuple[int, list[int], torch.Tensor]]]:
+        """Batch ``b``'s experts' streams after the last block: (block, experts, their stacked streams)."""
+        return lambda: ((i, list(each), self.store.load(kept)) for (i, each), kept in self.expert_streams[b].items())
 
 
 def _taylor(

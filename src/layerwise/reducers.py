@@ -215,31 +215,32 @@ class LogitLens:
 
 
 class ExactAblation:
-    """Each unit's exact ablation: the change of NLL and the KL of the model's output when the unit is skipped,
-    per window (for the standard error across windows), from the readouts of the ablated streams."""
+    """Each unit's exact ablation: the change of NLL and the KL of the model's output when the unit is skipped (an
+    expert: taken out of routing), per window (for the standard error across windows), from the readouts of the
+    ablated streams."""
 
-    def __init__(self, n_layers: int) -> None:
+    def __init__(self, *, experts: bool = False) -> None:
         self.windows = 0  # windows ablated so far
-        self._nll = [{k: st.Moments() for k in KINDS} for _ in range(n_layers)]
-        self._kl = [{k: st.Moments() for k in KINDS} for _ in range(n_layers)]
+        self.experts = experts  # every expert of every sparse MLP too
+        self._nll: dict[str, st.Moments] = {}
+        self._kl: dict[str, st.Moments] = {}
 
-    def add(self, layer: int, kind: Kind, z: torch.Tensor, ref: lens_m.Reference, sampled: int) -> None:
-        """The readout ``z`` of one batch with unit (``layer``, ``kind``) skipped; ``sampled`` positions a window."""
+    def add(self, unit: str, z: torch.Tensor, ref: lens_m.Reference, sampled: int) -> None:
+        """The readout ``z`` of one batch with ``unit`` ablated; ``sampled`` positions a window."""
         kl, nll = lens_m.compare(z, ref)
-        self._nll[layer][kind].add(st.window_means(nll - ref.nll, sampled))
-        self._kl[layer][kind].add(st.window_means(kl, sampled))
+        self._nll.setdefault(unit, st.Moments()).add(st.window_means(nll - ref.nll, sampled))
+        self._kl.setdefault(unit, st.Moments()).add(st.window_means(kl, sampled))
 
     def stats(self) -> list[Stat]:
-        return [m for sums in (self._nll, self._kl) for layer in sums for m in layer.values()]
+        return [*self._nll.values(), *self._kl.values()]
 
     def rows(self) -> dict[str, Row]:
         return {
-            unit_name(layer, kind): (
-                {"ablate_nll": finite(float(nll[kind].mean)), "ablate_kl": finite(float(kl[kind].mean))},
-                {"ablate_nll_se": _se(nll[kind]), "ablate_kl_se": _se(kl[kind])},
+            unit: (
+                {"ablate_nll": finite(float(nll.mean)), "ablate_kl": finite(float(self._kl[unit].mean))},
+                {"ablate_nll_se": _se(nll), "ablate_kl_se": _se(self._kl[unit])},
             )
-            for layer, (nll, kl) in enumerate(zip(self._nll, self._kl))
-            for kind in KINDS
+            for unit, nll in self._nll.items()
         }
 
 

@@ -124,10 +124,11 @@ def _routing(prof: Profile) -> str:
 def _agreement_table(prof: Profile) -> str:
     ag = prof.agreement.get("by_kind", {})
     metrics = sorted({m for row in ag.values() for m in row}, key=METRICS.index)
-    head = "".join(f"<th>{escape(k)}</th>" for k in KINDS)
+    kinds = [k for k in ag if k in (*KINDS, "expert")]
+    head = "".join(f"<th>{escape(k)}</th>" for k in kinds)
     body = "".join(
         f"<tr><td>{escape(m)}</td>"
-        + "".join(f"<td>{fmt((ag.get(k, {}).get(m) or {}).get('rho'))}</td>" for k in KINDS)
+        + "".join(f"<td>{fmt((ag.get(k, {}).get(m) or {}).get('rho'))}</td>" for k in kinds)
         + "</tr>"
         for m in metrics
     )
