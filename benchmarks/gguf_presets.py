@@ -23,8 +23,9 @@ For each preset (Q2_K, Q3_K_S, Q3_K_M, Q4_K_S, Q4_K_M, Q5_K_M, IQ3_M, IQ4_XS):
    matrix and the measurement are made once) plans the blocks' 210 matrices to fill the preset's file size. The
    token embedding (tied to the output head in this model) is not a unit of layerwise's plans: it takes the type
    the preset stores it in, and the size counts it.
-   At ``--tie``'s preset (Q3_K_M by default) a second plan ties ffn_gate and ffn_up to one type per block (``--tie gate,up``,
-   which llama.cpp users report speeds prompt processing): its speed and quality are listed beside the others.
+   At ``--tie``'s preset (Q3_K_M by default) a second plan ties ffn_gate and ffn_up to one type per block
+   (``--tie gate,up``, which llama.cpp users report speeds prompt processing): its speed and quality are listed
+   beside the others.
 3. Every file and the reference run in llama.cpp (llama-cpp-python, every position's logits) on the report windows:
    mean KL(reference || file) per predicted token and its 99th percentile, how often the top token is the
    reference's, perplexity; then prompt processing (one 256-token window, no logits but the last) and generation
