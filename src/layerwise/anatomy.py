@@ -46,6 +46,8 @@ class MoE:
     #: How the config says which blocks are sparse: every block ("all"), all but those Qwen's ``mlp_only_layers``
     #: lists ("listed", with ``decoder_sparse_step``), or all after DeepSeek's ``first_k_dense_replace`` ("prefix").
     layout: Literal["all", "listed", "prefix"] = "all"
+    #: The config entry holding the routed experts' count (one count for every sparse block).
+    count: str = "num_experts"
 
 
 @dataclass(frozen=True)
@@ -114,10 +116,16 @@ SPECS: dict[str, Spec] = {
     ),
     "qwen3_moe": replace(_LLAMA_LIKE, moe=MoE(layout="listed")),
     "qwen2_moe": replace(_LLAMA_LIKE, moe=MoE(shared="mlp.shared_expert", layout="listed")),
-    "mixtral": replace(_LLAMA_LIKE, moe=MoE()),
+    "mixtral": replace(_LLAMA_LIKE, moe=MoE(count="num_local_experts")),
     "olmoe": replace(_LLAMA_LIKE, moe=MoE()),
-    "gpt_oss": replace(_LLAMA_LIKE, moe=MoE(router="mlp.router", transposed=True, pair_out=True, rule="topk_softmax")),
-    "deepseek_v3": replace(_LLAMA_LIKE, moe=MoE(shared="mlp.shared_experts", layout="prefix", rule="sigmoid_groups")),
+    "gpt_oss": replace(
+        _LLAMA_LIKE,
+        moe=MoE(router="mlp.router", transposed=True, pair_out=True, rule="topk_softmax", count="num_local_experts"),
+    ),
+    "deepseek_v3": replace(
+        _LLAMA_LIKE,
+        moe=MoE(shared="mlp.shared_experts", layout="prefix", rule="sigmoid_groups", count="n_routed_experts"),
+    ),
     "gpt2": Spec(
         layers="transformer.h",
         attn="attn",
@@ -286,6 +294,16 @@ class Anatomy:
         """The linear map that scores each expert for each token (one row per expert)."""
         return self.blocks[layer].get_submodule(self._moe(layer).router)
 
+    def router_bias(self, layer: int) -> torch.Tensor | None:
+        """The router's per-expert bias that decides which experts are chosen (gpt-oss's logit bias, DeepSeek-V3's
+        correction bias), where it has one: -inf there and an expert is never chosen, under every runtime."""
+        router = self.router(layer)
+        for name in ("e_score_correction_bias", "bias"):
+            t = getattr(router, name, None)
+            if isinstance(t, torch.Tensor):
+                return t
+        return None
+
     def shared(self, layer: int) -> nn.Module | None:
         """The shared experts every token passes, where the architecture has them."""
         path = self._moe(layer).shared
@@ -294,6 +312,15 @@ class Anatomy:
     def n_experts(self, layer: int) -> int:
         """Routed experts in this block (from the weights, so a model with experts dropped counts right)."""
         return next(p for p in self.experts(layer).parameters() if p.ndim == 3).shape[0]
+
+    def by_expert(self, layer: int) -> list[torch.Tensor]:
+        """Every tensor of this block indexed by expert along its first axis: the experts' weights and biases, the
+        router's rows, bias and correction bias (what deleting an expert cuts)."""
+        return [
+            t
+            for m in (self.experts(layer), self.router(layer))
+            for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))
+        ]
 
     def expert_matrices(self, layer: int, expert: int) -> list[tuple[str, torch.Tensor]]:
         """One expert's matrices as (out, in) views into its layer's 3-D weights, named

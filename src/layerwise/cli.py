@@ -179,6 +179,7 @@ def _examples(*cmds: str) -> str:
 #: The flag that sets each API argument named in a LayerwiseError (see ``errors.py``).
 FLAGS = {
     "n": "--n",
+    "per_layer": "--per-layer",
     "unit": "--unit",
     "units": "--units",
     "order": "--order",
@@ -376,7 +377,12 @@ def _parser() -> _Parser:
         type=_sweep(int, "whole numbers, e.g. 1,2,4"),
         help="comma-separated counts, e.g. 1,2,4,8: evaluate each, save no model",
     )
-    what.add_argument("--units", help="drop exactly these units, e.g. L3,L7.attn")
+    what.add_argument(
+        "--per-layer",
+        type=_count(1),
+        help="with --unit expert: drop this many experts from every sparse block (a checkpoint with one expert count)",
+    )
+    what.add_argument("--units", help="drop exactly these units, e.g. L3,L7.attn, or experts, e.g. L1.mlp.e3")
     what.add_argument(
         "--plan",
         help="a saved drop plan (plan.json of an earlier run; FILE#KEY picks one of a sweep): export it, measure "
@@ -385,7 +391,8 @@ def _parser() -> _Parser:
     dr.add_argument(
         "--unit",
         default="block",
-        help="block, attn, mlp or any (attn and mlp ranked jointly); comma-separated with --sweep",
+        help="block, attn, mlp, any (attn and mlp ranked jointly) or expert (every sparse block's routed experts "
+        "ranked jointly); comma-separated with --sweep",
     )
     dr.add_argument(
         "--order",
@@ -811,6 +818,7 @@ def _drop_plan(args: argparse.Namespace, cfg: DropConfig) -> Callable[..., Memor
     from .memory_plan import drop_plan
 
     orders = [o for o in cfg.order if o not in ("random", "contiguous")]
+    need = needed(orders, cfg.unit)
     return partial(
         drop_plan,
         seq_len=args.seq_len,
@@ -818,7 +826,8 @@ def _drop_plan(args: argparse.Namespace, cfg: DropConfig) -> Callable[..., Memor
         calibration=args.samples,
         evaluation=cfg.eval_samples,
         plans=len(cfg.sweep or (1,)) * len(cfg.unit) * len(cfg.order),
-        ablation=needed(orders)["ablation"] if orders and not cfg.profile and not cfg.units else None,
+        ablation=need["ablation"] if orders and not cfg.profile and not cfg.units else None,
+        expert_ablation=need["expert_ablation"],
     )
 
 
@@ -964,8 +973,16 @@ def _exported(exports: dict, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"exports": exports}))
     else:
+        _export_notes(exports)
         print("wrote " + ", ".join(_written(exports)) if exports else "nothing to export; give --export")
     return 0
+
+
+def _export_notes(exports: dict) -> None:
+    """What an export could not write as the plan measured it, on stderr."""
+    for v in exports.values():
+        if v.get("note"):
+            print(f"layerwise: {v['note']}", file=sys.stderr)
 
 
 def _written(exports: dict) -> list[str]:
@@ -1005,6 +1022,7 @@ def _drop(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict()))
         return 0
     print_tables("drop", report)
+    _export_notes(report.exports)
     written = [str(out / "eval.json"), str(out / "plan.json"), str(html)] + [v["path"] for v in report.exports.values()]
     print("wrote " + ", ".join(written))
     return 0

@@ -117,6 +117,8 @@ class DropConfig(Config):
     how the result is checked and exported."""
 
     n: int | None = None
+    #: Experts dropped from every sparse block (``unit`` expert): a plan whose checkpoint keeps one expert count.
+    per_layer: int | None = None
     sweep: tuple[int, ...] | None = None
     units: tuple[str, ...] | None = None
     plan: str | None = None
@@ -131,13 +133,22 @@ class DropConfig(Config):
     eval_samples: int = 16
     batch_size: int = 4
 
-    AT_LEAST: typing.ClassVar[dict[str, float]] = {"n": 1, "sweep": 1, "seed": 0, "eval_samples": 1, "batch_size": 1}
+    AT_LEAST: typing.ClassVar[dict[str, float]] = {
+        "n": 1,
+        "per_layer": 1,
+        "sweep": 1,
+        "seed": 0,
+        "eval_samples": 1,
+        "batch_size": 1,
+    }
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        chosen = [k for k in ("n", "sweep", "units", "plan") if getattr(self, k) is not None]
+        chosen = [k for k in ("n", "per_layer", "sweep", "units", "plan") if getattr(self, k) is not None]
         if len(chosen) > 1:
-            raise LayerwiseError(f"give one of `n`, `sweep`, `units` and `plan`, not {' and '.join(chosen)}")
+            raise LayerwiseError(
+                f"give one of `n`, `per_layer`, `sweep`, `units` and `plan`, not {' and '.join(chosen)}"
+            )
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import copy
 import random
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import ggufio
-from .anatomy import Anatomy, parse_unit, unit_name
+from .anatomy import Anatomy, parse_part, parse_unit, unit_name
 from .configs import DropConfig
 from .data import Windows
 from .engine import Streamed
@@ -50,7 +50,8 @@ from .evaluate import (
     speed,
     streamed_quality,
 )
-from .io import atomic_dir, load_result, provenance, save_shards, write_json
+from .experts import check_removable, cut, shut, without_experts
+from .io import atomic_dir, load_result, provenance, read_json, save_shards, write_json
 from .loading import LoadedModel
 from .memory import peak_memory
 from .metrics import stream as st
@@ -61,8 +62,8 @@ from .trace import BlockTrace, skip, tap
 if TYPE_CHECKING:
     from .loading import CausalLM
 
-UnitChoice = Literal["block", "attn", "mlp", "any"]
-UNIT_CHOICES: tuple[str, ...] = ("block", "attn", "mlp", "any")
+UnitChoice = Literal["block", "attn", "mlp", "any", "expert"]
+UNIT_CHOICES: tuple[str, ...] = ("block", "attn", "mlp", "any", "expert")
 SPECIAL_ORDERS = ("random", "contiguous")
 
 
@@ -97,14 +98,19 @@ class DropPlan:
 
     @property
     def blocks(self) -> list[int]:
-        return sorted(parse_unit(u)[0] for u in self.units if parse_unit(u)[1] == "block")
+        return sorted(parse_unit(u)[0] for u in _sublayers(self.units) if parse_unit(u)[1] == "block")
 
     @property
     def sublayers(self) -> list[str]:
         """Dropped sublayers that do not sit inside a dropped block, in depth order."""
         blocks = set(self.blocks)
-        subs = [u for u in self.units if parse_unit(u)[1] != "block" and parse_unit(u)[0] not in blocks]
+        subs = [u for u in _sublayers(self.units) if parse_unit(u)[1] != "block" and parse_unit(u)[0] not in blocks]
         return sorted(subs, key=lambda u: (parse_unit(u)[0], parse_unit(u)[1]))
+
+    @property
+    def experts(self) -> dict[int, list[int]]:
+        """Dropped experts by block, each block's in the order they were chosen."""
+        return _experts(self.units)
 
     @property
     def key(self) -> str:
@@ -119,6 +125,28 @@ class DropPlan:
         return save_plans(folder, "drop", {"model_hash": self.model_hash}, {self.key: self.to_dict()})
 
 
+def _sublayers(units: list[str]) -> list[str]:
+    """The blocks and sublayers among ``units`` (the rest name experts)."""
+    return [u for u in units if parse_part(u) is None]
+
+
+def _experts(units: list[str]) -> dict[int, list[int]]:
+    """``{block: [expert, ...]}`` for the experts among ``units``, in their order."""
+    out: dict[int, list[int]] = {}
+    for u in units:
+        parsed = parse_part(u)
+        if parsed is not None:
+            out.setdefault(parsed[0], []).append(int(parsed[2] or 0))
+    return out
+
+
+@contextmanager
+def dropped(an: Anatomy, units: list[str]) -> Iterator[None]:
+    """These units out of the forward for the duration: blocks and sublayers skipped, experts out of routing."""
+    with skip(an, _sublayers(units)), without_experts(an, _experts(units)):
+        yield
+
+
 def given(an: Anatomy, units: list[str]) -> DropPlan:
     """A plan from unit names the user wrote (``--units L3,L7.attn``), checked against this model."""
     names = list(dict.fromkeys(u.strip() for u in units if u.strip()))
@@ -130,9 +158,21 @@ def given(an: Anatomy, units: list[str]) -> DropPlan:
 
 
 def validate(an: Anatomy, plan: DropPlan) -> None:
-    """Every unit exists in this model, and at least one block survives."""
-    for u in plan.units:
+    """Every unit exists in this model, at least one block survives, and every sparse block keeps as many experts
+    as each token is routed to."""
+    subs = _sublayers(plan.units)
+    if subs and len(subs) < len(plan.units):
+        raise LayerwiseError("a plan drops experts, or blocks and sublayers, not both; drop them in two runs")
+    for u in subs:
         an.check_unit(u)
+    for u in plan.units[len(subs) :]:
+        layer, part, _ = an.check_part(u)
+        if part != "expert":
+            raise LayerwiseError(
+                f"{u}: drop removes routed experts (L<i>.mlp.e<j>); drop L{layer}.mlp for the whole sparse MLP"
+            )
+    for layer, experts in plan.experts.items():
+        check_removable(an, layer, experts)
     if len(plan.blocks) >= an.n_layers:
         raise LayerwiseError(f"the plan drops all {an.n_layers} blocks, which leaves no model; drop fewer blocks")
 
@@ -140,11 +180,50 @@ def validate(an: Anatomy, plan: DropPlan) -> None:
 def candidates(an: Anatomy, unit: str) -> list[str]:
     if unit not in UNIT_KINDS:
         raise LayerwiseError(f"unknown `unit` {unit!r}; use one of {', '.join(UNIT_CHOICES)}")
-    return [unit_name(i, k) for i in range(an.n_layers) for k in UNIT_KINDS[unit]]
+    if unit == "expert":
+        if not an.moe_layers:
+            raise LayerwiseError(f"`unit` expert needs a model with experts; this {an.model_type} model has none")
+        return [u for u in an.parts() if (parse_part(u) or (0, ""))[1] == "expert"]
+    return [unit_name(i, k) for i in range(an.n_layers) for k in UNIT_KINDS[unit]]  # type: ignore[arg-type]
+
+
+def _room(an: Anatomy, per_layer: int | None) -> dict[int, int]:
+    """How many experts each sparse block can give up: ``per_layer``, or all but the ``top_k`` each token needs."""
+    most = {i: an.n_experts(i) - an.top_k for i in an.moe_layers}
+    if per_layer is not None and per_layer > min(most.values(), default=0):
+        raise LayerwiseError(
+            f"`per_layer` {per_layer} leaves a block fewer experts than the {an.top_k} each token is routed to; use "
+            f"`per_layer` {min(most.values())} or fewer"
+        )
+    return most if per_layer is None else dict.fromkeys(most, per_layer)
+
+
+def _pick(
+    an: Anatomy, ranked: list[str], n: int, per_layer: int | None = None, taken: Collection[str] = ()
+) -> list[str]:
+    """The first ``n`` units of ``ranked`` (least important first) that can go beside ``taken``: experts only while
+    their block has room (:func:`_room`)."""
+    room = _room(an, per_layer) if an.moe_layers else {}
+    for u in taken:
+        parsed = parse_part(u)
+        if parsed is not None:
+            room[parsed[0]] -= 1
+    out: list[str] = []
+    for u in ranked:
+        parsed = parse_part(u)
+        if len(out) == n:
+            break
+        if parsed is None or room[parsed[0]] > 0:
+            out.append(u)
+            if parsed is not None:
+                room[parsed[0]] -= 1
+    return out
 
 
 def _check_n(an: Anatomy, unit: str, n: int) -> None:
     pool = len(candidates(an, unit))
+    if unit == "expert":
+        pool = sum(_room(an, None).values())
     if n < 1:
         raise LayerwiseError(f"`n` must be at least 1 (got {n})")
     if unit == "block" and n >= an.n_layers:
@@ -152,17 +231,23 @@ def _check_n(an: Anatomy, unit: str, n: int) -> None:
             f"dropping {n} of {an.n_layers} blocks leaves no model; use `n` {an.n_layers - 1} or fewer"
         )
     if n > pool:
-        raise LayerwiseError(f"`n` {n} is more than the {pool} {unit} units this model has; use `n` {pool} or fewer")
+        what = (
+            "experts this model can lose (each block keeps top-k)"
+            if unit == "expert"
+            else f"{unit} units this model has"
+        )
+        raise LayerwiseError(f"`n` {n} is more than the {pool} {what}; use `n` {pool} or fewer")
 
 
-def needed(orders: list[str]) -> dict:
+def needed(orders: list[str], units: tuple[str, ...] = ()) -> dict:
     """:func:`profile` options that measure every metric these orders rank by (``random`` and ``contiguous`` need
-    none)."""
-    want = [needs(o) for o in orders if o not in SPECIAL_ORDERS]
+    none), for every expert too when ``units`` has ``expert``."""
+    want = [needs(o, "expert" in units) for o in orders if o not in SPECIAL_ORDERS]
     return {
         "ablation": max((w["ablation"] for w in want), key=("none", "taylor", "exact").index, default="none"),
         "lens": any(w["lens"] for w in want),
         "attention": any(w["attention"] for w in want),
+        "expert_ablation": any(w.get("expert_ablation", False) for w in want),
     }
 
 
@@ -206,7 +291,18 @@ def choose(
     cfg = DropConfig.of(config, **settings)
     if len(cfg.unit) != 1 or len(cfg.order) != 1:
         raise LayerwiseError("one plan takes one `unit` and one `order`; give several with `sweep`")
-    return _ranked(lm, windows, cfg, 4 if cfg.n is None else cfg.n, prof, progress)
+    return _ranked(lm, windows, cfg, _count(lm.anatomy, cfg), prof, progress)
+
+
+def _count(an: Anatomy, cfg: DropConfig) -> int:
+    """How many units one plan drops: ``n`` (4 when not given), or ``per_layer`` experts from every sparse block."""
+    if cfg.per_layer is None:
+        return 4 if cfg.n is None else cfg.n
+    if cfg.unit != ("expert",):
+        raise LayerwiseError("`per_layer` counts the experts dropped from each sparse block; use it with `unit` expert")
+    candidates(an, "expert")
+    _room(an, cfg.per_layer)
+    return cfg.per_layer * len(an.moe_layers)
 
 
 def _ranked(
@@ -220,7 +316,8 @@ def _ranked(
     if order in SPECIAL_ORDERS and iterative:
         raise LayerwiseError(f"`iterative` re-measures a metric after each drop; it does not apply to `order` {order}")
     if order == "random":
-        return DropPlan(random.Random(seed).sample(pool, n), unit, order, seed=seed, model_hash=made_for)
+        shuffled = random.Random(seed).sample(pool, len(pool))
+        return DropPlan(_pick(an, shuffled, n, cfg.per_layer), unit, order, seed=seed, model_hash=made_for)
     if order == "contiguous":
         if unit != "block":
             raise LayerwiseError("`order` contiguous removes a run of whole blocks; use it with `unit` block")
@@ -237,27 +334,29 @@ def _ranked(
     if prof is not None:
         prof.check(lm)
     elif not iterative:
-        prof = profile(lm, windows, **needs(order), batch_size=batch_size, progress=progress)
+        prof = profile(lm, windows, **needs(order, unit == "expert"), batch_size=batch_size, progress=progress)
     if not iterative:
         assert prof is not None
-        chosen = prof.ranked(order, unit)[:n]
-        return DropPlan([u for u, _ in chosen], unit, order, scores=dict(chosen), model_hash=made_for)
+        values = dict(prof.ranked(order, unit))
+        units = _pick(an, list(values), n, cfg.per_layer)
+        return DropPlan(units, unit, order, scores={u: values[u] for u in units}, model_hash=made_for)
     chosen_units: list[str] = []
     scores: dict[str, float] = {}
     for step in tqdm(range(n), desc="iterative drop", disable=not progress):
         if step > 0 or prof is None:
-            with skip(an, chosen_units):
-                prof = profile(lm, windows, **needs(order), batch_size=batch_size, progress=False)
-        name, value = prof.ranked(order, unit, exclude=_covered(chosen_units))[0]
+            with dropped(an, chosen_units):
+                prof = profile(lm, windows, **needs(order, unit == "expert"), batch_size=batch_size, progress=False)
+        values = dict(prof.ranked(order, unit, exclude=_covered(chosen_units)))
+        name = _pick(an, list(values), 1, cfg.per_layer, chosen_units)[0]
         chosen_units.append(name)
-        scores[name] = value
+        scores[name] = values[name]
     return DropPlan(chosen_units, unit, order, iterative=True, scores=scores, model_hash=made_for)
 
 
 def _covered(units: list[str]) -> set[str]:
     """Units already gone: the chosen ones and the sublayers of chosen blocks."""
     out = set(units)
-    for u in units:
+    for u in _sublayers(units):
         layer, kind = parse_unit(u)
         if kind == "block":
             out |= {unit_name(layer, "attn"), unit_name(layer, "mlp")}
@@ -339,54 +438,143 @@ def renumbered_sublayers(plan: DropPlan) -> list[str]:
 
 @contextmanager
 def applied(lm: LoadedModel, plan: DropPlan) -> Iterator[CausalLM]:
-    """The real smaller model for the duration: blocks cut out, dropped sublayers skipped."""
+    """The real smaller model for the duration, as its checkpoint holds it: blocks cut out, dropped sublayers skipped,
+    dropped experts deleted or, those a checkpoint can only list (:func:`saved_experts`), out of routing."""
     validate(lm.anatomy, plan)
-    with without_blocks(lm, plan.blocks) as small, skip(Anatomy(small), renumbered_sublayers(plan)):
+    deleted, masked = saved_experts(lm.anatomy, plan)
+    with (
+        without_blocks(lm, plan.blocks) as small,
+        skip(Anatomy(small), renumbered_sublayers(plan)),
+        cut(lm.anatomy, deleted),
+        without_experts(lm.anatomy, masked),
+    ):
         yield small
 
 
+@contextmanager
+def _set(obj: object, values: dict[str, Any]) -> Iterator[None]:
+    """Attributes of ``obj`` set for the duration, then put back as they were (or deleted if they were not)."""
+    before = {k: getattr(obj, k) for k in values if hasattr(obj, k)}
+    try:
+        for k, v in values.items():
+            setattr(obj, k, v)
+        yield
+    finally:
+        for k in values:
+            if k in before:
+                setattr(obj, k, before[k])
+            else:
+                delattr(obj, k)
+
+
+def saved_experts(an: Anatomy, plan: DropPlan) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+    """The experts a checkpoint deletes, and those it can only list, by block (numbered as saved).
+
+    transformers' config holds one expert count, so every sparse block deletes as many as the block that drops
+    fewest (none under DeepSeek's grouped routing, whose equal groups deleting would reshape). A block's further
+    experts stay in the file, listed in ``config.layerwise["masked_experts"]`` for :func:`layerwise.load` to route
+    around; nothing pads the file silently.
+    """
+    experts, cfg = plan.experts, an.model.config
+    grouped = an.spec.moe is not None and an.spec.moe.rule == "sigmoid_groups" and getattr(cfg, "n_group", 1) > 1
+    m = 0 if grouped or len(experts) < len(an.moe_layers) else min(map(len, experts.values()), default=0)
+    masked = {}
+    for i, v in experts.items():
+        keep = [j for j in range(an.n_experts(i)) if j not in v[:m]]
+        if v[m:]:
+            masked[i] = sorted(keep.index(j) for j in v[m:])
+    return {i: v[:m] for i, v in experts.items() if m}, masked
+
+
 def save_checkpoint(lm: LoadedModel, plan: DropPlan, out: str | Path) -> Path:
-    """Write the smaller model as a plain Hugging Face checkpoint (safetensors) into ``out``, atomically."""
+    """Write the smaller model as a plain Hugging Face checkpoint (safetensors) into ``out``, atomically.
+
+    Dropped experts are deleted where the config's one expert count allows (:func:`saved_experts`); the rest get a
+    -inf router bias where the router has one (:func:`layerwise.experts.shut`) and are otherwise listed in
+    ``config.layerwise["masked_experts"]`` for :func:`layerwise.load` to route around.
+    """
     validate(lm.anatomy, plan)
     if lm.anatomy.model_type == "gpt2" and getattr(lm.model.config, "scale_attn_by_inverse_layer_idx", False):
         raise LayerwiseError(
             "this GPT-2 scales attention by layer index, which renumbering would change; it cannot be saved with "
             "blocks dropped"
         )
-    info = {
-        "dropped": plan.units,
-        "dropped_sublayers": renumbered_sublayers(plan),
-        "order": plan.order,
-        "original_num_hidden_layers": lm.anatomy.n_layers,
-        "source_model_hash": lm.source.get("model_hash"),
-    }
-    names = {id(p): n for n, p in lm.model.named_parameters(remove_duplicate=False)}  # before the renumbering
+    an = lm.anatomy
+    deleted, masked = saved_experts(an, plan)
+    # original names, before the renumbering
+    names = {id(t): n for n, t in (*lm.model.named_parameters(remove_duplicate=False), *lm.model.named_buffers())}
+    kept = {names[id(t)]: _kept(an, i, v) for i, v in deleted.items() for t in an.by_expert(i)}
+    counts = {_count_key(an): len(next(iter(kept.values())))} if kept else {}
     with (
         without_blocks(lm, plan.blocks) as small,
-        zeroed(lm.anatomy, plan.sublayers) as zero,
+        zeroed(an, plan.sublayers) as zero,
+        cut(an, deleted),
+        shut(an, masked) as listed,
+        _set(small.config, {"layerwise": _record(lm, plan, listed), **counts}),
         atomic_dir(out, "checkpoint") as tmp,
     ):
-        small.config.layerwise = info
-        try:
-            if lm.streamed is None:
-                small.save_pretrained(tmp, safe_serialization=True)
-            else:
-                zeros = {names[id(p)] for p in zero}
-                _copy_streamed(lm.streamed, small, names, zeros, tmp)
-        finally:
-            del small.config.layerwise
+        if lm.streamed is None:
+            small.save_pretrained(tmp, safe_serialization=True)
+        else:
+            edits: dict[str, list[Callable[[torch.Tensor], torch.Tensor]]] = {}
+            for p in zero:
+                edits.setdefault(names[id(p)], []).append(torch.zeros_like)
+            for name, keep in kept.items():
+                edits.setdefault(name, []).append(partial(_rows, keep))
+            for i, experts in masked.items():  # a parameter bias: the skeleton's is empty, shut edits nothing
+                bias = an.router_bias(i)
+                if bias is not None and i not in listed:
+                    edits.setdefault(names[id(bias)], []).append(partial(_shut, experts))
+            _copy_streamed(lm.streamed, small, names, edits, tmp)
         if lm.tokenizer is not None:
             lm.tokenizer.save_pretrained(tmp)
     return Path(out)
 
 
+def _record(lm: LoadedModel, plan: DropPlan, masked: dict[int, list[int]]) -> dict:
+    """What a dropped checkpoint's config says of the drop (``config.layerwise``)."""
+    return {
+        "dropped": plan.units,
+        "dropped_sublayers": renumbered_sublayers(plan),
+        "order": plan.order,
+        "original_num_hidden_layers": lm.anatomy.n_layers,
+        "source_model_hash": lm.source.get("model_hash"),
+        **({"masked_experts": {str(i): v for i, v in masked.items()}} if masked else {}),
+    }
+
+
+def _kept(an: Anatomy, layer: int, deleted: list[int]) -> list[int]:
+    return [j for j in range(an.n_experts(layer)) if j not in deleted]
+
+
+def _rows(keep: list[int], t: torch.Tensor) -> torch.Tensor:
+    return t[keep]
+
+
+def _shut(experts: list[int], t: torch.Tensor) -> torch.Tensor:
+    return t.index_fill(0, torch.tensor(experts), -torch.inf)
+
+
+def _count_key(an: Anatomy) -> str:
+    """The config entry holding the routed experts' count."""
+    if an.spec.moe is None:
+        raise LayerwiseError(f"this {an.model_type} model has no experts")
+    return an.spec.moe.count
+
+
 def _copy_streamed(
-    s: Streamed, small: CausalLM, names: dict[int, str], zeros: set[str], out: Path, shard_bytes: int = 2**30
+    s: Streamed,
+    small: CausalLM,
+    names: dict[int, str],
+    edits: dict[str, list[Callable[[torch.Tensor], torch.Tensor]]],
+    out: Path,
+    shard_bytes: int = 2**30,
 ) -> None:
     """Write ``small`` (the skeleton with blocks cut out) as a checkpoint by copying each tensor from the source
-    checkpoint in its stored dtype, ``zeros`` (original names) as zeros, ``shard_bytes`` at most in memory.
+    checkpoint in its stored dtype, through its ``edits`` (by original name) in order, and the buffers the source
+    holds from the skeleton, ``shard_bytes`` at most in memory.
 
-    ``names`` gives each parameter's original name; a tied head (the embedding's tensor) is written once, as
+    ``names`` gives each tensor's original name; a tied head (the embedding's tensor) is written once, as
     ``save_pretrained`` does.
     """
     stored: Counter[torch.dtype] = Counter()  # weights per stored dtype
@@ -398,8 +586,13 @@ def _copy_streamed(
             if key not in written:
                 written.add(key)
                 t = s.checkpoint.tensor(key)
+                for edit in edits.get(names[id(param)], []):
+                    t = edit(t)
                 stored[t.dtype] += t.numel()
-                yield new, torch.zeros_like(t) if names[id(param)] in zeros else t
+                yield new, t
+        for new, buf in small.named_buffers():
+            if names.get(id(buf)) in s.buffers:
+                yield new, buf.detach().cpu()
 
     save_shards(tensors(), out, shard_bytes=shard_bytes)
     config = copy.deepcopy(small.config)  # the skeleton's own config keeps its compute dtype
@@ -488,7 +681,7 @@ def measure(
         variants: dict[str, BlockVariant] = {key: partial(_skipped_in, an, plan.units) for key, plan in plans.items()}
         q = streamed_quality(lm, variants, eval_ids, batch_size=batch_size, progress=progress, desc="held-out quality")
     else:
-        cands = {key: next_token_logits(model, partial(skip, an, plan.units)) for key, plan in plans.items()}
+        cands = {key: next_token_logits(model, partial(dropped, an, plan.units)) for key, plan in plans.items()}
         q = quality(
             next_token_logits(model),
             cands,
@@ -537,8 +730,8 @@ def measure(
 
 
 def _skipped_in(an: Anatomy, units: list[str], layer: int) -> AbstractContextManager[None]:
-    """The plan's units of block ``layer`` skipped (a streamed model runs one block at a time)."""
-    return skip(an, [u for u in units if parse_unit(u)[0] == layer])
+    """The plan's units of block ``layer`` dropped (a streamed model runs one block at a time)."""
+    return dropped(an, [u for u in units if (parse_part(u) or parse_unit(u))[0] == layer])
 
 
 def sweep_plans(
@@ -557,7 +750,7 @@ def sweep_plans(
     if not ns:
         raise LayerwiseError("give `sweep`, the counts of units to drop, e.g. 1,2,4")
     if prof is None and any(o not in SPECIAL_ORDERS for o in cfg.order) and not cfg.iterative:
-        prof = profile(lm, windows, **needed(list(cfg.order)), batch_size=cfg.batch_size, progress=progress)
+        prof = profile(lm, windows, **needed(list(cfg.order), cfg.unit), batch_size=cfg.batch_size, progress=progress)
     plans = []
     for unit in cfg.unit:
         for order in cfg.order:
@@ -638,6 +831,15 @@ def export_plan(lm: LoadedModel, plan: DropPlan, out: str | Path, export: tuple[
     if "hf" in export:
         folder = save_checkpoint(lm, plan, Path(out) / "model")
         exports["hf"] = {"path": str(folder), "bytes": folder_bytes(folder)}
+        listed = read_json(folder / "config.json", "the saved config").get("layerwise", {}).get("masked_experts")
+        if listed:
+            n = sum(map(len, listed.values()))
+            exports["hf"]["note"] = (
+                f"transformers' config holds one expert count per model and these routers have no bias to shut "
+                f"experts off, so {folder} keeps {n} dropped expert(s) in the file, listed in its config's "
+                "layerwise.masked_experts: layerwise.load routes around them, plain transformers would route to "
+                "them; --per-layer N drops as many experts from every sparse block and deletes them all"
+            )
     if "gguf" in export:
         src = Path(lm.source["gguf_path"])
         path = export_gguf(src, plan, Path(out) / "model.gguf")

@@ -465,6 +465,12 @@ class Streamed:
         self.device, self.dtype = torch.device(device), dtype
         self.paths = {m: n for n, m in model.named_modules()}
         self.keys = {name: self._key(name) for name, _ in model.named_parameters(remove_duplicate=False)}
+        #: Buffers the checkpoint holds (DeepSeek-V3's routing correction bias), read once into the skeleton: they
+        #: are state, not weights a block streams, and the skeleton's own are only their initial values.
+        self.buffers = {name: key for name, _ in model.named_buffers() if (key := self._find(name)) is not None}
+        with torch.no_grad():
+            for name, key in self.buffers.items():
+                model.get_buffer(name).copy_(checkpoint.tensor(key))
 
     @property
     def offload(self) -> str:
@@ -477,9 +483,9 @@ class Streamed:
         shapes = {key: self.model.get_parameter(name).numel() for name, key in self.keys.items()}
         return sum(shapes.values())
 
-    def _key(self, name: str) -> str:
-        """The checkpoint's name for a parameter: its own, without the base model's prefix, or (tied) the input
-        embedding's."""
+    def _find(self, name: str) -> str | None:
+        """The checkpoint's name for a tensor of the model: its own, without the base model's prefix, or (a tied
+        head) the input embedding's; None when it has none."""
         files = self.checkpoint.files
         prefix = f"{getattr(self.model, 'base_model_prefix', '')}."
         candidates = [name, name.removeprefix(prefix)]
@@ -487,9 +493,13 @@ class Streamed:
         tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
         if out is not None and tied and name.startswith(self.paths[out]):
             candidates.append(f"{self.paths[self.model.get_input_embeddings()]}.weight")
-        for key in candidates:
-            if key in files:
-                return key
+        return next((key for key in candidates if key in files), None)
+
+    def _key(self, name: str) -> str:
+        """The checkpoint's name for a parameter, or one line saying why it has none."""
+        key, files = self._find(name), self.checkpoint.files
+        if key is not None:
+            return key
         if any(k.startswith(f"{name}_") for k in files):  # gpt-oss's MXFP4 files: {name}_blocks and {name}_scales
             raise LayerwiseError(
                 f"the checkpoint stores {name} quantized ({name.rsplit('.', 1)[-1]}_blocks, _scales), which a model "

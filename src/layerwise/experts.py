@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch import nn
 
 from .anatomy import Anatomy
 from .errors import LayerwiseError
@@ -58,22 +59,77 @@ def _grouped(router: Any, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 def without_experts(an: Anatomy, removed: Mapping[int, list[int]]) -> Iterator[None]:
     """Run the model with these experts (``{layer: [expert, ...]}``) out of routing; one line when an expert does
     not exist or a layer would keep fewer experts than each token is routed to."""
-    undo = []
+    undo = mask_experts(an, removed)
     try:
-        for layer, experts in removed.items():
-            for j in experts:
-                an.check_part(f"L{layer}.mlp.e{j}")
-            left = an.n_experts(layer) - len(set(experts))
-            if left < an.top_k:
-                raise LayerwiseError(
-                    f"L{layer} would keep {left} of its {an.n_experts(layer)} experts, fewer than the {an.top_k} each "
-                    "token is routed to; remove fewer"
-                )
-            undo.append(_mask_router(an, layer, [sorted(set(experts))]))
         yield
     finally:
+        undo()
+
+
+def mask_experts(an: Anatomy, removed: Mapping[int, list[int]]) -> Callable[[], None]:
+    """Take these experts out of routing until the returned function is called (what :func:`without_experts` does
+    for a ``with``, and :func:`layerwise.load` for the life of a checkpoint whose drop lists masked experts)."""
+    undo: list[Callable[[], None]] = []
+
+    def restore() -> None:
         for fn in reversed(undo):
             fn()
+
+    try:
+        for layer, experts in removed.items():
+            check_removable(an, layer, experts)
+            undo.append(_mask_router(an, layer, [sorted(set(experts))]))
+    except BaseException:
+        restore()
+        raise
+    return restore
+
+
+def check_removable(an: Anatomy, layer: int, experts: list[int]) -> None:
+    """One line when an expert does not exist or block ``layer`` would keep fewer experts than each token is routed
+    to."""
+    for j in experts:
+        an.check_part(f"L{layer}.mlp.e{j}")
+    left = an.n_experts(layer) - len(set(experts))
+    if left < an.top_k:
+        raise LayerwiseError(
+            f"L{layer} would keep {left} of its {an.n_experts(layer)} experts, fewer than the {an.top_k} each token "
+            "is routed to; remove fewer"
+        )
+
+
+@contextmanager
+def cut(an: Anatomy, removed: Mapping[int, list[int]]) -> Iterator[None]:
+    """Delete these experts for the duration: their slices of every tensor indexed by expert (:meth:`Anatomy.
+    by_expert`) cut out, in place so that parameters keep their identity, and each module's expert count lowered;
+    the rest renumbered in order. The model computes as with them out of routing (a test checks it on every
+    architecture whose routing does not group experts); everything is put back on exit."""
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    counts: list[tuple[nn.Module, int]] = []
+    groups = int(getattr(an.model.config, "n_group", 1) or 1)
+    if any(removed.values()) and groups > 1:
+        raise LayerwiseError(
+            f"this {an.model_type} model routes within {groups} equal groups of experts, which "
+            "deleting experts would reshape; take them out of routing instead (without_experts)"
+        )
+    try:
+        for layer, experts in removed.items():
+            check_removable(an, layer, experts)
+            keep = [j for j in range(an.n_experts(layer)) if j not in set(experts)]
+            for m in an.branch(layer, "mlp").modules():
+                n = getattr(m, "num_experts", None)
+                if isinstance(n, int):
+                    counts.append((m, n))
+                    setattr(m, "num_experts", len(keep))
+            for t in an.by_expert(layer):
+                saved.append((t, t.data))
+                t.data = t.data[keep]
+        yield
+    finally:
+        for t, data in reversed(saved):
+            t.data = data
+        for m, n in counts:
+            setattr(m, "num_experts", n)
 
 
 @contextmanager
@@ -103,6 +159,29 @@ def _mask_router(an: Anatomy, layer: int, removed: list[list[int]]) -> Callable[
         return (logits, *route(router, logits, rule))
 
     return override_forward(router, forward)
+
+
+@contextmanager
+def shut(an: Anatomy, removed: Mapping[int, list[int]]) -> Iterator[dict[int, list[int]]]:
+    """Set the router's bias (:meth:`Anatomy.router_bias`) to -inf at these experts for the duration, in place: the
+    same routing as :func:`without_experts` in any runtime that reads the weights. Yields the experts of blocks
+    whose router has no such bias, which stay routable."""
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    left = {}
+    try:
+        for layer, experts in removed.items():
+            bias = an.router_bias(layer)
+            if bias is None:
+                left[layer] = experts
+                continue
+            saved.append((bias, bias.detach().clone()))
+            with torch.no_grad():
+                bias[experts] = -torch.inf
+        yield left
+    finally:
+        with torch.no_grad():
+            for bias, value in saved:
+                bias.copy_(value)
 
 
 #: Experts ablated in one stacked pass: as many copies of a batch as a block's three unit ablations make, so the

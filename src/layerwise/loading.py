@@ -21,6 +21,7 @@ from . import ggufio
 from .anatomy import SPECS, Anatomy, supported
 from .engine import SOURCE_FILE, GGUFCheckpoint
 from .errors import LayerwiseError
+from .experts import mask_experts
 from .io import atomic_dir, read_json, save_shards, sha256_file, write_json
 from .trace import install_skips
 
@@ -286,11 +287,17 @@ Offload = Literal["none", "disk", "cpu"]
 
 
 def _skip_dropped(anatomy: Anatomy, source: dict) -> None:
-    """A checkpoint saved by `layerwise drop` carries zeroed sublayers; skip them so the speedup is real."""
-    dropped = (getattr(anatomy.model.config, "layerwise", None) or {}).get("dropped_sublayers") or []
+    """A checkpoint saved by `layerwise drop` carries zeroed sublayers, which are skipped so the speedup is real,
+    and may list experts its config's one expert count kept in the file, which are taken out of routing."""
+    info = getattr(anatomy.model.config, "layerwise", None) or {}
+    dropped = info.get("dropped_sublayers") or []
     if dropped:
         install_skips(anatomy, dropped)
         source["skipped_sublayers"] = list(dropped)
+    masked = {int(k): v for k, v in (info.get("masked_experts") or {}).items()}
+    if masked:
+        mask_experts(anatomy, masked)
+        source["masked_experts"] = {f"L{k}": v for k, v in masked.items()}
 
 
 def _streamed(

@@ -295,11 +295,13 @@ def drop_plan(
     evaluation: int,
     plans: int,
     ablation: str | None,
+    expert_ablation: bool = False,
     trust_remote_code: bool = False,
 ) -> MemoryPlan:
-    """The memory plan of ``drop``: the profile it measures to rank units (``ablation`` its kind; None when it
-    measures none) on ``calibration`` windows, then ``plans`` evaluated block by block beside the original on
-    ``evaluation`` held-out windows (every stream kept), two distributions a batch."""
+    """The memory plan of ``drop``: the profile it measures to rank units (``ablation`` its kind, with every expert
+    ablated when ``expert_ablation``; None when it measures none) on ``calibration`` windows, then ``plans``
+    evaluated block by block beside the original on ``evaluation`` held-out windows (every stream kept), two
+    distributions a batch."""
     shape = Shape.of(folder, dtype=dtype, seq_len=seq_len, trust_remote_code=trust_remote_code)
     tokens = batch_size * seq_len
     evaluate = {
@@ -309,7 +311,9 @@ def drop_plan(
         "block_work": shape.work(tokens) + 2 * shape.logits(tokens),
     }
     if ablation is not None:
-        measure = _profile_parts(shape, calibration, seq_len, batch_size, ablation, calibration)
+        measure = _profile_parts(
+            shape, calibration, seq_len, batch_size, ablation, calibration, experts=expert_ablation
+        )
         evaluate = {k: max(v, measure[k]) for k, v in evaluate.items()}
     return shape.plan(**evaluate, what="drop", fix="`batch_size`, `eval_samples`, `samples` or `seq_len`")
 

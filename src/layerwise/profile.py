@@ -77,12 +77,17 @@ APPLIES: dict[str, tuple[str, ...]] = {
     "lens_top1": ("block",),
     "lens_nll": ("block",),
     **{m: ("attn",) for m in ATTENTION},
+    "zd": ("block", "attn", "mlp", "expert", "router", "shared"),
+    "ablate_nll": ("block", "attn", "mlp", "expert"),
+    "ablate_kl": ("block", "attn", "mlp", "expert"),
     "route_share": ("expert",),
     "gate_mean": ("expert",),
     "route_entropy": ("router",),
     "load_imbalance": ("router",),
     "route_skip": ("router",),
 }
+#: The value a ranking gives a metric an expert that no token was routed to cannot have: no mean gate weight, so 0.
+UNSEEN: dict[str, float] = {"gate_mean": 0.0}
 #: +1 if a larger value should mean a more important unit, -1 if smaller does, 0 if undecided.
 DIRECTION: dict[str, int] = {
     "bi": 1,
@@ -138,12 +143,13 @@ def order_by(order: str) -> tuple[str, int]:
 
 
 #: Unit kinds each unit choice (drop's ``--unit``) draws from; ``any`` ranks attention and MLP sublayers jointly
-#: (LLM-Drop).
-UNIT_KINDS: dict[str, tuple[Kind, ...]] = {
+#: (LLM-Drop); ``expert`` ranks every routed expert of every sparse block jointly.
+UNIT_KINDS: dict[str, tuple[Kind | Part, ...]] = {
     "block": ("block",),
     "attn": ("attn",),
     "mlp": ("mlp",),
     "any": ("attn", "mlp"),
+    "expert": ("expert",),
 }
 
 
@@ -196,8 +202,17 @@ class Profile:
         ``order`` (a metric, or ``METRIC:asc|desc``, see :func:`order_by`), with their values; ``exclude`` leaves
         some out (an iterative drop's earlier picks)."""
         metric, sign = check_order(unit, order)
-        kinds = UNIT_KINDS[unit]
-        vals = [(u.name, u.metrics.get(metric)) for u in self.units if u.kind in kinds and u.name not in exclude]
+        kinds, unseen = UNIT_KINDS[unit], UNSEEN.get(metric)
+        vals = [
+            (
+                u.name,
+                unseen
+                if u.metrics.get(metric) is None and u.metrics.get("route_share") == 0
+                else u.metrics.get(metric),
+            )
+            for u in self.units
+            if u.kind in kinds and u.name not in exclude
+        ]
         if not vals or any(v is None for _, v in vals):
             raise LayerwiseError(
                 f"the profile has no {metric} values; re-profile with {needs_hint(metric)}, or leave out `prof` to "
@@ -266,11 +281,14 @@ class Profile:
             raise LayerwiseError(f"{path} is not a layerwise profile ({exc.__class__.__name__})") from None
 
 
-def needs(metric: str) -> dict:
-    """The cheapest :func:`profile` options that measure ``metric`` (``METRIC:asc|desc`` allowed)."""
+def needs(metric: str, experts: bool = False) -> dict:
+    """The cheapest :func:`profile` options that measure ``metric`` (``METRIC:asc|desc`` allowed), for every expert
+    too when ``experts``."""
     metric = metric.partition(":")[0]
     ablation = {"ablate_nll": "exact", "ablate_kl": "exact", "taylor_nll": "taylor"}.get(metric, "none")
-    return {"ablation": ablation, "lens": metric.startswith("lens_"), "attention": metric in ATTENTION}
+    return {"ablation": ablation, "lens": metric.startswith("lens_"), "attention": metric in ATTENTION} | (
+        {"expert_ablation": True} if experts and ablation == "exact" else {}
+    )
 
 
 def needs_hint(metric: str) -> str:

@@ -96,7 +96,8 @@ def render(report: DropReport, plan_path: str = "plan.json") -> str:
     )
     orig = "".join(f"<tr><td>{escape(k)}</td><td>{fmt(v)}</td></tr>" for k, v in o.items())
     exports = "".join(
-        f"<tr><td>{escape(k)}</td><td>{escape(str(v.get('path')))}</td><td>{fmt(v.get('bytes'))}</td></tr>"
+        f"<tr><td>{escape(k)}</td><td>{escape(str(v.get('path')))}</td><td>{fmt(v.get('bytes'))}</td>"
+        f"<td>{escape(v.get('note', ''))}</td></tr>"
         for k, v in report.exports.items()
     )
     return page(
