@@ -175,6 +175,44 @@ def test_the_profile_s_routing_counts_what_the_routers_choose(arch):
     assert prof.unit("L1.mlp").kind == "mlp" and prof.unit("L1.router").kind == "router"
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_each_expert_s_update_is_its_weighted_output_by_hand(arch):
+    """rel_update and update_norm per expert against a hand-written SwiGLU expert (down(silu(gate x) * up x) times
+    its gate weight) on each sparse MLP's caught input, over the tokens routed to it, and the stream it read."""
+    from layerwise.profile import profile
+
+    lm, w = tiny_lm(arch), tiny_windows(3)
+    an, hidden = lm.anatomy, lm.model.config.hidden_size
+    xs: dict[int, list[torch.Tensor]] = {i: [] for i in an.moe_layers}
+    mids: dict[int, list[torch.Tensor]] = {i: [] for i in an.moe_layers}
+    handles = [an.branch(i, "mlp").register_forward_pre_hook(lambda m, a, i=i: xs[i].append(a[0])) for i in xs]
+    handles += [
+        an.blocks[i].post_attention_layernorm.register_forward_pre_hook(lambda m, a, i=i: mids[i].append(a[0]))
+        for i in xs
+    ]
+    with torch.no_grad():
+        lm.model(input_ids=w.calibration, use_cache=False)
+    for h in handles:
+        h.remove()
+    prof = profile(lm, w, ablation="none", lens=False, batch_size=2, progress=False)
+    for i in an.moe_layers:
+        x, mid = (torch.cat(t).reshape(-1, hidden).double() for t in (xs[i], mids[i]))
+        with torch.no_grad():
+            _, weights, idx = an.router(i)(x.float())
+        for j in range(4):
+            (_, gate_up), (_, down) = an.expert_matrices(i, j)
+            gate, up = (x @ gate_up.double().T).chunk(2, dim=-1)
+            out = (torch.nn.functional.silu(gate) * up) @ down.double().T
+            rows, slot = torch.where(idx == j)
+            norms = (out[rows] * weights[rows, slot, None].double()).norm(dim=-1)
+            got = prof.unit(f"L{i}.mlp.e{j}")
+            if not len(rows):
+                assert got.metrics["rel_update"] is None
+                continue
+            assert got.details["update_norm"] == pytest.approx(norms.mean().item(), rel=1e-5)
+            assert got.metrics["rel_update"] == pytest.approx((norms / mid[rows].norm(dim=-1)).mean().item(), rel=1e-5)
+
+
 def test_a_planted_dead_and_a_planted_dominant_expert_are_found():
     """gpt-oss's router has a bias: -1e4 on expert 1 means it is never routed to, +1e4 on expert 2 that every token
     is; the profile gives them shares 0 and 1, and the layer an uneven load."""
@@ -355,14 +393,14 @@ def test_expert_ablation_needs_experts_and_exact_ablation():
 
 
 def test_the_agreement_table_gains_the_experts_rows():
-    """With expert ablation, which routing statistic tracks it: rho of route_share, gate_mean, zd and ablate_kl over
+    """With expert ablation, which cheap statistic tracks it: rho of route_share, gate_mean, zd, rel_update and ablate_kl over
     the experts, as spearman gives it from their values."""
     from layerwise.metrics.agreement import spearman
     from layerwise.profile import profile
 
     prof = profile(tiny_lm("olmoe"), tiny_windows(2), lens=False, expert_ablation=True, progress=False)
     row = prof.agreement["by_kind"]["expert"]
-    assert set(row) == {"route_share", "gate_mean", "zd", "ablate_kl"}
+    assert set(row) == {"route_share", "gate_mean", "zd", "rel_update", "ablate_kl"}
     experts = [u for u in prof.units if u.kind == "expert"]
     xs, ys = ([u.metrics[m] for u in experts] for m in ("route_share", "ablate_nll"))
     assert row["route_share"] == dict(zip(("rho", "n"), spearman(xs, ys))) and row["route_share"]["n"] == 12

@@ -78,6 +78,7 @@ APPLIES: dict[str, tuple[str, ...]] = {
     "lens_nll": ("block",),
     **{m: ("attn",) for m in ATTENTION},
     "zd": ("block", "attn", "mlp", "expert", "router", "shared"),
+    "rel_update": ("block", "attn", "mlp", "expert"),
     "ablate_nll": ("block", "attn", "mlp", "expert"),
     "ablate_kl": ("block", "attn", "mlp", "expert"),
     "route_share": ("expert",),

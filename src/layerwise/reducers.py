@@ -20,7 +20,7 @@ from .anatomy import KINDS, Anatomy, Kind, part_name, unit_name
 from .errors import LayerwiseError
 from .metrics import lens as lens_m
 from .metrics import stream as st
-from .metrics.routing import layer_summary, routing_columns
+from .metrics.routing import expert_updates, layer_summary, routing_columns, update_columns
 from .metrics.weights import z_fraction
 from .trace import BlockTrace
 
@@ -307,15 +307,37 @@ class WeightZD:
 class Routing:
     """Each sparse MLP's routing: every expert's share of the tokens and mean gate weight, and the layer's load
     entropy, imbalance and skippable share (:mod:`layerwise.metrics.routing`), from the router's choices in the
-    traced pass."""
+    traced pass; and every expert's update (its output times its gate weight) where chosen, against the stream.
+
+    The updates come from the block's own experts module run again on each (token, chosen expert) pair alone,
+    inside the traced pass while the block's weights are there: one more pass of the experts' work a block.
+    """
 
     def __init__(self, an: Anatomy) -> None:
+        self._an = an
         self._experts = {i: an.n_experts(i) for i in an.moe_layers}
         self._acc = {i: st.Moments() for i in an.moe_layers}
 
     def block(self, tr: BlockTrace) -> None:
-        if tr.routing is not None:
-            self._acc[tr.layer].add(routing_columns(*tr.routing, self._experts[tr.layer]))
+        if tr.routing is None or tr.expert_input is None:
+            return
+        weights, indices = tr.routing
+        n = self._experts[tr.layer]
+        cols = [
+            routing_columns(weights, indices, n),
+            update_columns(self._added(tr), indices, tr.h_mid.detach().flatten(0, -2), n),
+        ]
+        self._acc[tr.layer].add(torch.cat(cols, -1))
+
+    def _added(self, tr: BlockTrace) -> torch.Tensor:
+        """(tokens, k): the norm of each chosen expert's weighted output for each token."""
+        assert tr.routing is not None and tr.expert_input is not None
+        weights, indices = (t.detach() for t in tr.routing)
+        x = tr.expert_input.detach().reshape(-1, tr.expert_input.shape[-1])
+        k = indices.shape[1]
+        with torch.no_grad():
+            out = self._an.experts(tr.layer)(x.repeat_interleave(k, 0), indices.reshape(-1, 1), weights.reshape(-1, 1))
+        return out.float().norm(dim=-1).view(-1, k)
 
     def stats(self) -> list[Stat]:
         return list(self._acc.values())
@@ -325,9 +347,14 @@ class Routing:
         for i, acc in self._acc.items():
             if not acc.n:
                 continue
-            experts, layer = layer_summary(acc.mean.tolist(), self._experts[i])
+            n, means = self._experts[i], acc.mean.tolist()
+            experts, layer = layer_summary(means[: 2 * n + 1], n)
+            updates = expert_updates(means[2 * n + 1 :], [float(e["route_share"] or 0.0) for e in experts])
             rows[part_name(i, "router")] = (dict(layer), {})
-            rows |= {part_name(i, "expert", j): (m, {}) for j, m in enumerate(experts)}
+            rows |= {
+                part_name(i, "expert", j): (m | {"rel_update": u["rel_update"]}, {"update_norm": u["update_norm"]})
+                for j, (m, u) in enumerate(zip(experts, updates, strict=True))
+            }
         return rows
 
 

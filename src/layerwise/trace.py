@@ -29,7 +29,7 @@ class BlockTrace:
     ``mlp_hidden`` is the input of a dense MLP's output projection (None in a sparse MLP),
     ``attn_weights`` the attention probabilities when eager attention ran and
     ``routing`` a sparse MLP's chosen experts' gate weights and indices, each
-    (tokens, k) (None in a dense block).
+    (tokens, k), and ``expert_input`` what its router and experts read, (tokens, hidden) (None in a dense block).
     """
 
     layer: int
@@ -42,6 +42,7 @@ class BlockTrace:
     args: tuple
     kwargs: dict
     routing: tuple[torch.Tensor, torch.Tensor] | None = None
+    expert_input: torch.Tensor | None = None
 
     @property
     def h_mid(self) -> torch.Tensor:
@@ -110,8 +111,9 @@ def tap(
         return hook
 
     def routed(i: int):
-        def hook(_m: nn.Module, _args: tuple, output: tuple) -> None:
+        def hook(_m: nn.Module, args: tuple, output: tuple) -> None:
             state[i]["routing"] = (output[1], output[2])  # transformers' routers return (logits, weights, indices)
+            state[i]["expert_input"] = args[0]
 
         return hook
 
@@ -137,6 +139,7 @@ def tap(
                     args=s["args"],
                     kwargs=s["kwargs"],
                     routing=s.get("routing"),
+                    expert_input=s.get("expert_input"),
                 )
             )
 

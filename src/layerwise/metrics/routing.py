@@ -27,6 +27,23 @@ def routing_columns(weights: torch.Tensor, indices: torch.Tensor, n_experts: int
     return torch.cat([chosen, gate, skip[:, None].float()], -1)
 
 
+def update_columns(norms: torch.Tensor, indices: torch.Tensor, stream: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """(tokens, 2E): per expert the norm of what it added to the token's update, gate weight applied (0 where not
+    chosen), then that norm over the norm of the stream the MLP read; ``norms`` (tokens, k) by chosen slot."""
+    added = torch.zeros(norms.shape[0], n_experts, device=norms.device).scatter_(1, indices, norms.float())
+    return torch.cat([added, added / stream.float().norm(dim=-1, keepdim=True).clamp_min(1e-30)], -1)
+
+
+def expert_updates(means: list[float], share: list[float]) -> list[dict[str, float | None]]:
+    """From the running means of :func:`update_columns` and each expert's share of the tokens: its mean
+    ``rel_update`` and ``update_norm`` over the tokens routed to it (None if none was)."""
+    n = len(share)
+    return [
+        {"rel_update": r / s if s else None, "update_norm": u / s if s else None}
+        for u, r, s in zip(means[:n], means[n:], share, strict=True)
+    ]
+
+
 def layer_summary(means: list[float], n_experts: int) -> tuple[list[dict[str, float | None]], dict[str, float]]:
     """From the running means of :func:`routing_columns`: per expert its ``route_share`` (the share of tokens sent
     to it) and ``gate_mean`` (its mean weight where chosen); for the layer ``route_entropy`` (the entropy of its load,
