@@ -393,8 +393,8 @@ def test_expert_ablation_needs_experts_and_exact_ablation():
 
 
 def test_the_agreement_table_gains_the_experts_rows():
-    """With expert ablation, which cheap statistic tracks it: rho of route_share, gate_mean, zd, rel_update and ablate_kl over
-    the experts, as spearman gives it from their values."""
+    """With expert ablation, which cheap statistic tracks it: rho of route_share, gate_mean, zd, rel_update and
+    ablate_kl over the experts, as spearman gives it from their values."""
     from layerwise.metrics.agreement import spearman
     from layerwise.profile import profile
 
