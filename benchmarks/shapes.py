@@ -58,15 +58,20 @@ def n_params(shape: str) -> int:
 def write(shape: str, out: Path, *, dtype=torch.bfloat16, shard_bytes: int = 2**30, seed: int = 0) -> int:
     """Write a random checkpoint of ``shape`` to ``out`` (safetensors shards, their index, the config and the default
     model's tokenizer); return its parameter count."""
+    return write_config(config(shape), out, dtype=dtype, shard_bytes=shard_bytes, seed=seed)
+
+
+def write_config(cfg, out: Path, *, dtype=torch.bfloat16, shard_bytes: int = 2**30, seed: int = 0) -> int:
+    """Write a random checkpoint of any causal LM ``cfg`` (its tensors as the model holds them: a mixture of
+    experts' fused 3-D weights, which transformers loads as they are) as :func:`write` does."""
     import transformers as tf
     from accelerate import init_empty_weights
     from safetensors.torch import save_file
 
     from layerwise.loading import checkpoint_folder
 
-    cfg = config(shape)
     with init_empty_weights():
-        skeleton = tf.LlamaForCausalLM(cfg)
+        skeleton = tf.AutoModelForCausalLM.from_config(cfg)
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     shard: dict[str, torch.Tensor] = {}

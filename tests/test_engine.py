@@ -556,8 +556,8 @@ def test_streamed_features_and_probe_equal_the_resident_ones(arch, tmp_path):
     disk = _streamed(lm, tmp_path / arch)
     g = torch.Generator().manual_seed(0)
     ids = [torch.randint(1, 97, (n,), generator=g).tolist() for n in [3, 9, 5, 12, 4, 7, 6, 8]]
-    for read in ("last", "mean"):
-        kw = dict(units="all", read=read, skip_first=True, batch_size=3)
+    for read, units in [("last", "all"), ("mean", "all")] + [("mean", "experts")] * (arch in MOE_ARCHS):
+        kw = dict(units=units, read=read, skip_first=True, batch_size=3)
         a, b = collect_ids(lm, ids, **kw), collect_ids(disk, ids, **kw)
         for u in a.units:
             assert torch.allclose(a.values[u], b.values[u], rtol=1e-5, atol=1e-6), (read, u)

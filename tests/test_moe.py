@@ -417,3 +417,45 @@ def test_the_profile_plan_counts_one_carried_stream_per_ablated_expert(tmp_path)
     assert shape.experts == 4 * 2  # two sparse blocks of four
     plain, experts = (profile_plan(folder, **kw, expert_ablation=e) for e in (False, True))
     assert experts.states - plain.states == shape.states(8, 4, 16)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_each_expert_s_readout_is_its_share_of_the_mlp_update(arch):
+    """Read at each routed expert, the examples' vectors add up to the sparse MLP's update (no shared experts
+    here), last token and mean alike; an expert no token of an example chose reads zero for it."""
+    from layerwise.features import collect_ids
+
+    lm = tiny_lm(arch)
+    an, layer = lm.anatomy, lm.anatomy.moe_layers[-1]
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(1, 97, (n,), generator=g).tolist() for n in [3, 9, 5, 12, 4, 7]]
+    experts = [f"L{layer}.mlp.e{j}" for j in range(4)]
+    for read in ("last", "mean"):
+        f = collect_ids(lm, ids, units=[f"L{layer}.mlp", *experts], read=read, batch_size=4)
+        total = sum(f.values[u] for u in experts)
+        torch.testing.assert_close(total, f.values[f"L{layer}.mlp"], rtol=1e-4, atol=1e-6)
+    picked: list[torch.Tensor] = []
+    hook = an.router(layer).register_forward_hook(lambda m, a, out: picked.append(out[2]))
+    with torch.no_grad():
+        lm.model(input_ids=torch.tensor([ids[0]]), use_cache=False)
+    hook.remove()
+    unused = next(j for j in range(4) if not (picked[0][-1] == j).any())
+    last = collect_ids(lm, ids[:1], units=[experts[unused]], read="last").values[experts[unused]]
+    assert torch.count_nonzero(last) == 0
+
+
+def test_probe_reads_every_expert_and_refuses_other_parts_in_one_line(tmp_path):
+    from layerwise.features import unit_list
+    from layerwise.probe import Examples, probe
+    from layerwise.report.probe import render
+
+    lm = tiny_lm("olmoe")
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(1, 97, (n,), generator=g).tolist() for n in [3, 9, 5, 12, 4, 7, 6, 8]]
+    result = probe(lm, Examples(labels=[0, 1] * 4, ids=ids), units="experts", folds=2, profile_samples=0)
+    assert [r["unit"] for r in result.units] == [u for u in lm.anatomy.parts() if ".mlp.e" in u]
+    assert {r["kind"] for r in result.units} == {"expert"} and "L2.mlp.e3" in render(result)
+    with pytest.raises(LayerwiseError, match="L1.router is not read; read L1.mlp"):
+        unit_list(lm.anatomy, ["L1.router"])
+    with pytest.raises(LayerwiseError, match="units='experts' needs a model with experts; this llama has none"):
+        unit_list(tiny_lm("llama").anatomy, "experts")

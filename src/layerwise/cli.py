@@ -617,7 +617,8 @@ def _probe_parser(sub) -> None:
     pb.add_argument(
         "--units",
         default="blocks",
-        help="blocks (every block output L{k}), all (and each sublayer update) or names, e.g. L3,L7.mlp",
+        help="blocks (every block output L{k}), all (and each sublayer update), experts (each routed expert's share "
+        "of its MLP update, in a mixture-of-experts model) or names, e.g. L3,L7.mlp,L7.mlp.e2",
     )
     pb.add_argument("--folds", type=_count(2), default=5, help="cross-validation folds (split by example, stratified)")
     pb.add_argument(

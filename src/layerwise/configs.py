@@ -290,7 +290,7 @@ class ProbeConfig(Config):
     @property
     def unit_spec(self) -> str | list[str]:
         """``units`` as :func:`layerwise.features.collect` takes them: a keyword (blocks, all) or a list of names."""
-        return self.units[0] if self.units in (("blocks",), ("all",)) else list(self.units)
+        return self.units[0] if self.units in (("blocks",), ("all",), ("experts",)) else list(self.units)
 
 
 @dataclass(frozen=True)

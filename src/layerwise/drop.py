@@ -165,7 +165,9 @@ def validate(an: Anatomy, plan: DropPlan) -> None:
         raise LayerwiseError("a plan drops experts, or blocks and sublayers, not both; drop them in two runs")
     for u in subs:
         an.check_unit(u)
-    for u in plan.units[len(subs) :]:
+    for u in plan.units:
+        if parse_part(u) is None:
+            continue
         layer, part, _ = an.check_part(u)
         if part != "expert":
             raise LayerwiseError(
@@ -521,9 +523,9 @@ def save_checkpoint(lm: LoadedModel, plan: DropPlan, out: str | Path) -> Path:
                 edits.setdefault(names[id(p)], []).append(torch.zeros_like)
             for name, keep in kept.items():
                 edits.setdefault(name, []).append(partial(_rows, keep))
-            for i, experts in masked.items():  # a parameter bias: the skeleton's is empty, shut edits nothing
+            for i, experts in masked.items():  # a bias parameter is empty in the skeleton: shut it as it is copied
                 bias = an.router_bias(i)
-                if bias is not None and i not in listed:
+                if isinstance(bias, nn.Parameter):
                     edits.setdefault(names[id(bias)], []).append(partial(_shut, experts))
             _copy_streamed(lm.streamed, small, names, edits, tmp)
         if lm.tokenizer is not None:

@@ -18,7 +18,7 @@ from torch import nn
 
 from .anatomy import Anatomy
 from .errors import LayerwiseError
-from .trace import override_forward
+from .trace import BlockTrace, override_forward
 
 
 def route(router: Any, logits: torch.Tensor, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,6 +182,20 @@ def shut(an: Anatomy, removed: Mapping[int, list[int]]) -> Iterator[dict[int, li
         with torch.no_grad():
             for bias, value in saved:
                 bias.copy_(value)
+
+
+def routed_updates(an: Anatomy, tr: BlockTrace) -> tuple[torch.Tensor, torch.Tensor]:
+    """What each token's chosen experts added in a traced sparse block: (tokens, k, hidden), each expert's output
+    times its gate weight, with their indices (tokens, k). The block's own experts module runs again on each (token,
+    chosen expert) pair alone (one more pass of the experts' work), while the block's weights are there."""
+    if tr.routing is None or tr.expert_input is None:
+        raise LayerwiseError(f"L{tr.layer}.mlp routes no tokens to experts")
+    weights, indices = (t.detach() for t in tr.routing)
+    x = tr.expert_input.detach().reshape(-1, tr.expert_input.shape[-1])
+    k = indices.shape[1]
+    with torch.no_grad():
+        out = an.experts(tr.layer)(x.repeat_interleave(k, 0), indices.reshape(-1, 1), weights.reshape(-1, 1))
+    return out.view(-1, k, out.shape[-1]), indices
 
 
 #: Experts ablated in one stacked pass: as many copies of a batch as a block's three unit ablations make, so the

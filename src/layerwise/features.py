@@ -10,7 +10,9 @@ Where it reads (the convention every probe and steering vector shares):
 (``h_{k+1}`` in METHODS.md), which is the place llama.cpp adds a control
 vector's ``direction.k``; it equals ``output_hidden_states[k + 1]`` for every
 block but the last, whose tuple entry is taken after the final norm.
-``L{k}.attn`` and ``L{k}.mlp`` are the two branch updates (``a_k``, ``m_k``).
+``L{k}.attn`` and ``L{k}.mlp`` are the two branch updates (``a_k``, ``m_k``); in a mixture-of-experts model
+``L{k}.mlp.e{j}`` is expert j's share of ``m_k``: its output times its gate weight where the token chose it, zero
+where it did not.
 ``read="last"`` takes the last real token of each example; ``read="mean"``
 averages its real tokens, leaving out a BOS token the tokenizer prepended
 (its huge, text-independent activations would swamp the mean).
@@ -25,14 +27,15 @@ from typing import Literal
 
 import torch
 
-from .anatomy import Anatomy, Kind, unit_name
+from .anatomy import Anatomy, Kind, parse_part, unit_name
 from .errors import LayerwiseError
+from .experts import routed_updates
 from .loading import LoadedModel
 from .trace import BlockTrace, run_blocks, tap
 
 Read = Literal["last", "mean"]
 READS: tuple[str, ...] = ("last", "mean")
-UNIT_SETS: tuple[str, ...] = ("blocks", "all")
+UNIT_SETS: tuple[str, ...] = ("blocks", "all", "experts")
 
 
 @dataclass
@@ -50,20 +53,38 @@ class Features:
 
 
 def unit_list(anatomy: Anatomy, units: str | Sequence[str]) -> list[str]:
-    """``"blocks"`` (every block output), ``"all"`` (blocks and both sublayers of each) or explicit unit names."""
+    """``"blocks"`` (every block output), ``"all"`` (blocks and both sublayers of each), ``"experts"`` (every routed
+    expert of a mixture-of-experts model) or explicit unit names."""
     if isinstance(units, str):
         if units not in UNIT_SETS:
             raise LayerwiseError(
-                f"units={units!r} is not known; use 'blocks', 'all' or a list of unit names such as ['L3', 'L7.attn']"
+                f"units={units!r} is not known; use 'blocks', 'all', 'experts' or a list of unit names such as "
+                "['L3', 'L7.attn', 'L7.mlp.e2']"
             )
+        if units == "experts":
+            names = [u for u in anatomy.parts() if (parse_part(u) or (0, ""))[1] == "expert"]
+            if not names:
+                raise LayerwiseError(f"units='experts' needs a model with experts; this {anatomy.model_type} has none")
+            return names
         kinds: tuple[Kind, ...] = ("block",) if units == "blocks" else ("block", "attn", "mlp")
         return [unit_name(i, k) for i in range(anatomy.n_layers) for k in kinds]
     names = list(units)
     if not names:
         raise LayerwiseError("units is empty; name at least one unit such as 'L3'")
     for name in names:
-        anatomy.check_unit(name)
+        where(anatomy, name)
     return names
+
+
+def where(anatomy: Anatomy, name: str) -> tuple[int, str, int | None]:
+    """A readable unit's block, kind and expert: a block or sublayer, or a routed expert (one line for another
+    part of a sparse MLP)."""
+    if parse_part(name) is None:
+        return (*anatomy.check_unit(name), None)
+    layer, part, expert = anatomy.check_part(name)
+    if part != "expert":
+        raise LayerwiseError(f"{name} is not read; read L{layer}.mlp (the whole sparse MLP) or its experts")
+    return layer, part, expert
 
 
 def tokenize(lm: LoadedModel, texts: Sequence[str]) -> tuple[list[list[int]], bool]:
@@ -138,10 +159,10 @@ def collect_ids(
         )
     hidden = lm.anatomy.embed.weight.shape[1]
     check_fits(len(ids), len(names), hidden, max_bytes)
-    reads = _Readouts({u: torch.empty(len(ids), hidden, dtype=torch.float32) for u in names}, {})
+    reads = _Readouts(lm.anatomy, {u: torch.empty(len(ids), hidden, dtype=torch.float32) for u in names}, {})
     for u in names:
-        layer, kind = lm.anatomy.check_unit(u)
-        reads.wanted.setdefault(layer, []).append((u, kind))
+        layer, kind, expert = where(lm.anatomy, u)
+        reads.wanted.setdefault(layer, []).append((u, kind, expert))
     batches = [_Batch.of([ids[i] for i in rows], rows, read, skip_first) for rows in by_length(lengths, batch_size)]
     run = _collect_streamed if lm.streamed is not None else _collect_resident
     run(lm, batches, reads, progress)
@@ -150,17 +171,25 @@ def collect_ids(
 
 @dataclass
 class _Readouts:
-    """Every unit's readouts (``out[unit]``: one row per example), and the units read at each block."""
+    """Every unit's readouts (``out[unit]``: one row per example), and the units read at each block (name, kind,
+    expert)."""
 
+    anatomy: Anatomy
     out: dict[str, torch.Tensor]
-    wanted: dict[int, list[tuple[str, Kind]]]
+    wanted: dict[int, list[tuple[str, str, int | None]]]
 
     def tap(self, batch: _Batch) -> Callable[[BlockTrace], None]:
         """A tap that writes each wanted unit's readout of ``batch`` into its rows."""
 
         def hook(tr: BlockTrace) -> None:
-            for u, kind in self.wanted.get(tr.layer, ()):
-                src = {"block": tr.h_out, "attn": tr.attn, "mlp": tr.mlp}[kind]
+            wanted = self.wanted.get(tr.layer, [])
+            routed = routed_updates(self.anatomy, tr) if any(e is not None for _, _, e in wanted) else None
+            for u, kind, expert in wanted:
+                if routed is not None and expert is not None:
+                    added, indices = routed
+                    src = (added * (indices == expert)[..., None]).sum(1).view_as(tr.mlp)
+                else:
+                    src = {"block": tr.h_out, "attn": tr.attn, "mlp": tr.mlp}[kind]
                 self.out[u][batch.rows] = batch.readout(src.detach()).cpu()
 
         return hook

@@ -58,7 +58,7 @@ import torch
 from .configs import ProbeConfig
 from .data import TextFile, parse_jsonl, read_file, read_record
 from .errors import LayerwiseError
-from .features import Features, collect, collect_ids
+from .features import Features, collect, collect_ids, where
 from .io import write_atomic, write_json
 from .loading import LoadedModel
 from .memory import peak_memory
@@ -78,9 +78,10 @@ BEST_RULE = (
 )
 _DEPTH = {
     "attn": 0,
+    "expert": 1,
     "mlp": 1,
     "block": 2,
-}  # order within a layer: the attention update, the MLP update, then the block output
+}  # order within a layer: the attention update, the MLP update (its experts' shares), then the block output
 
 
 @dataclass
@@ -568,7 +569,7 @@ def _probe_units(
     with threadpool_limits(limits=1):
         for name in _units_bar(feats, progress):
             x = feats.values[name].double().numpy()
-            layer, kind = lm.anatomy.check_unit(name)
+            layer, kind, _ = where(lm.anatomy, name)
             rows.append(
                 _unit_row(
                     name,

@@ -18,6 +18,7 @@ import torch
 
 from .anatomy import KINDS, Anatomy, Kind, part_name, unit_name
 from .errors import LayerwiseError
+from .experts import routed_updates
 from .metrics import lens as lens_m
 from .metrics import stream as st
 from .metrics.routing import expert_updates, layer_summary, routing_columns, update_columns
@@ -321,23 +322,10 @@ class Routing:
     def block(self, tr: BlockTrace) -> None:
         if tr.routing is None or tr.expert_input is None:
             return
-        weights, indices = tr.routing
-        n = self._experts[tr.layer]
-        cols = [
-            routing_columns(weights, indices, n),
-            update_columns(self._added(tr), indices, tr.h_mid.detach().flatten(0, -2), n),
-        ]
+        n, (added, indices) = self._experts[tr.layer], routed_updates(self._an, tr)
+        norms = added.float().norm(dim=-1)
+        cols = [routing_columns(tr.routing[0], indices, n), update_columns(norms, indices, tr.h_mid.detach(), n)]
         self._acc[tr.layer].add(torch.cat(cols, -1))
-
-    def _added(self, tr: BlockTrace) -> torch.Tensor:
-        """(tokens, k): the norm of each chosen expert's weighted output for each token."""
-        assert tr.routing is not None and tr.expert_input is not None
-        weights, indices = (t.detach() for t in tr.routing)
-        x = tr.expert_input.detach().reshape(-1, tr.expert_input.shape[-1])
-        k = indices.shape[1]
-        with torch.no_grad():
-            out = self._an.experts(tr.layer)(x.repeat_interleave(k, 0), indices.reshape(-1, 1), weights.reshape(-1, 1))
-        return out.float().norm(dim=-1).view(-1, k)
 
     def stats(self) -> list[Stat]:
         return list(self._acc.values())

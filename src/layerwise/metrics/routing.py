@@ -31,7 +31,8 @@ def update_columns(norms: torch.Tensor, indices: torch.Tensor, stream: torch.Ten
     """(tokens, 2E): per expert the norm of what it added to the token's update, gate weight applied (0 where not
     chosen), then that norm over the norm of the stream the MLP read; ``norms`` (tokens, k) by chosen slot."""
     added = torch.zeros(norms.shape[0], n_experts, device=norms.device).scatter_(1, indices, norms.float())
-    return torch.cat([added, added / stream.float().norm(dim=-1, keepdim=True).clamp_min(1e-30)], -1)
+    norm = stream.float().reshape(-1, stream.shape[-1]).norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    return torch.cat([added, added / norm], -1)
 
 
 def expert_updates(means: list[float], share: list[float]) -> list[dict[str, float | None]]:

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from ..probe import ProbeResult
 
 _COLUMNS = ("accuracy", "auc", "diffmean_accuracy", "control", "selectivity")
-_STYLE = {"block": "o", "attn": "^", "mlp": "s"}
+_STYLE = {"block": "o", "attn": "^", "mlp": "s", "expert": "."}
 
 
 def curve_figure(result: ProbeResult):
@@ -33,7 +33,7 @@ def curve_figure(result: ProbeResult):
                 color=color,
                 marker=_STYLE[kind],
                 ms=3,
-                lw=1,
+                lw=0 if kind == "expert" else 1,  # a block's experts share its x
                 capsize=2,
                 label=key.replace("_", " ") + tag,
             )
