@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -186,17 +187,18 @@ def records_peak(meta: dict) -> bool:
     )
 
 
-def write_gguf(model, path, tokens: list[str]):
-    """A GGUF file of a llama or gemma3 transformers model, as llama.cpp names its tensors, matrices in Q8_0, with a
-    sentencepiece vocabulary of ``tokens`` (the first three: unknown, BOS, EOS).
+def write_gguf(model, path, tokens: list[str], *, quantized: bool = True):
+    """A GGUF file of a llama, gemma3 or qwen3_moe transformers model, as llama.cpp names its tensors, matrices in
+    Q8_0 (float32 unless ``quantized``), with a sentencepiece vocabulary of ``tokens`` (the first three: unknown,
+    BOS, EOS).
 
-    Not llama.cpp's converter (q and k are not permuted), so the loaded model is not this one: enough to compare
-    two ways of converting the same file, and to measure them.
+    Not llama.cpp's converter (q and k are not permuted, which llama's rotary layout needs; Qwen's needs none), so
+    a loaded llama is not this one: enough to compare two ways of converting the same file, and to measure them.
     """
     import gguf
 
     cfg = model.config
-    arch = "gemma3" if cfg.model_type == "gemma3_text" else cfg.model_type
+    arch = {"gemma3_text": "gemma3", "qwen3_moe": "qwen3moe"}.get(cfg.model_type, cfg.model_type)
     names = gguf.get_tensor_name_map(
         next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), cfg.num_hidden_layers
     )
@@ -213,6 +215,11 @@ def write_gguf(model, path, tokens: list[str]):
     w.add_rope_dimension_count(cfg.head_dim)
     if arch == "gemma3":
         w.add_sliding_window(cfg.sliding_window)
+    if arch == "qwen3moe":
+        w.add_expert_count(cfg.num_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores([-float(i) for i in range(len(tokens))])
@@ -221,11 +228,11 @@ def write_gguf(model, path, tokens: list[str]):
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     with torch.no_grad():
-        for name, p in model.named_parameters():  # a tied head is the embedding, listed once
-            data = p.float().numpy()
-            gname = names.get_name(name.removesuffix(".weight")) + ".weight"
+        for gname, data in _gguf_tensors(model, names):
             if data.ndim == 1:  # llama.cpp stores Gemma's norm weights plus one
                 w.add_tensor(gname, data + 1 if arch == "gemma3" else data)
+            elif not quantized:
+                w.add_tensor(gname, data)
             else:
                 w.add_tensor(
                     gname,
@@ -237,6 +244,21 @@ def write_gguf(model, path, tokens: list[str]):
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def _gguf_tensors(model, names):
+    """Each parameter as llama.cpp names it, float32 in numpy; a sparse MLP's fused gate and up split in two."""
+    for name, p in model.named_parameters():  # a tied head is the embedding, listed once
+        data = p.float().numpy()
+        block = name.rsplit(".experts.", 1)[0].removeprefix("model.layers.")
+        if name.endswith("experts.gate_up_proj"):
+            gate, up = np.split(data, 2, axis=1)
+            yield f"blk.{block.split('.')[0]}.ffn_gate_exps.weight", gate
+            yield f"blk.{block.split('.')[0]}.ffn_up_exps.weight", up
+        elif name.endswith("experts.down_proj"):
+            yield f"blk.{block.split('.')[0]}.ffn_down_exps.weight", data
+        else:
+            yield names.get_name(name.removesuffix(".weight")) + ".weight", data
 
 
 def same_checkpoint(a, b) -> None:

@@ -230,3 +230,77 @@ def test_the_cli_drops_experts_per_layer_into_a_smaller_checkpoint(tmp_path, cap
     config = json.loads((tmp_path / "d" / "model" / "config.json").read_text())
     assert config["num_experts"] == 3 and config["layerwise"]["dropped"] == variant["units"]
     assert result["exports"]["hf"]["bytes"] < sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def _moe_gguf(path):
+    """A Qwen3-MoE model with every block sparse (as llama.cpp's qwen3moe graph has them) and its float32 GGUF file,
+    which llama.cpp and layerwise both read as this model."""
+    import string
+
+    import transformers as tf
+
+    from .conftest import write_gguf
+
+    cfg = tf.Qwen3MoeConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        norm_topk_prob=True,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = tf.Qwen3MoeForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+            else:
+                p.normal_(0, 0.2)
+    return model, write_gguf(model, path, ["<unk>", "<s>", "</s>", *string.printable[:94]], quantized=False)
+
+
+def _llama_cpp_logits(path, toks):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    llm.eval(toks)
+    return torch.tensor(llm.scores[: len(toks)])
+
+
+def test_an_expert_drop_from_a_gguf_file_slices_its_experts_and_runs_in_llama_cpp(tmp_path, monkeypatch):
+    """layerwise reads a Qwen3-MoE GGUF file as the model it was written from (gate and up experts made into one
+    tensor); the drop's GGUF copy has every *_exps tensor and the router cut along the expert axis and one expert
+    fewer in its metadata, and llama.cpp runs it with the logits layerwise measured for the drop."""
+    import gguf
+
+    monkeypatch.setenv("LAYERWISE_CACHE", str(tmp_path / "cache"))
+    model, path = _moe_gguf(tmp_path / "moe.gguf")
+    lm, toks = load(str(path)), list(range(3, 40))
+    x = torch.tensor([toks])
+    torch.testing.assert_close(_logits(lm.model, x), _logits(model, x), rtol=0, atol=1e-5)
+    assert (_llama_cpp_logits(path, toks) - _logits(model, x)[0]).abs().max() < 0.05  # llama.cpp's own arithmetic
+    plan = dp.DropPlan(["L0.mlp.e1", "L1.mlp.e2"], "expert", "given", model_hash=lm.source["model_hash"])
+    with dp.dropped(lm.anatomy, plan.units):
+        want = _logits(lm.model, x)[0]
+    exports = dp.export_plan(lm, plan, tmp_path / "d", ("gguf", "hf"))
+    r = gguf.GGUFReader(exports["gguf"]["path"])
+    assert int(r.get_field("qwen3moe.expert_count").contents()) == 3
+    shapes = {t.name: tuple(t.data.shape) for t in r.tensors}
+    assert shapes["blk.1.ffn_gate_exps.weight"] == (3, 16, 32) and shapes["blk.1.ffn_gate_inp.weight"] == (3, 32)
+    assert exports["gguf"]["bytes"] < path.stat().st_size
+    theirs = _llama_cpp_logits(exports["gguf"]["path"], toks)
+    assert (theirs - want).abs().max() < 0.05 < (want - _logits(lm.model, x)[0]).abs().max()
+    _, reloaded = _reloaded(tmp_path / "d" / "model", x)
+    torch.testing.assert_close(reloaded[0], want, rtol=1e-5, atol=1e-5)
+    uneven = dp.DropPlan(["L0.mlp.e1", "L1.mlp.e2", "L1.mlp.e3"], "expert", "given")
+    with pytest.raises(LayerwiseError, match=r"one expert count for every block.*\(L0 1\); drop with `per_layer`"):
+        dp.export_gguf(path, uneven, tmp_path / "never.gguf")
+    assert not (tmp_path / "never.gguf").exists()

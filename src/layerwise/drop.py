@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import random
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator
@@ -606,14 +607,19 @@ def _copy_streamed(
 
 #: llama.cpp's tensor names for a branch's output projection.
 _GGUF_OUT = {"attn": "attn_output.", "mlp": "ffn_down."}
+#: llama.cpp's tensors indexed by expert along their first (numpy) axis: the experts' matrices and biases, the
+#: router's rows and bias, and DeepSeek's correction bias (not Qwen2-MoE's shared-expert gate, ``ffn_gate_inp_shexp``).
+_GGUF_BY_EXPERT = re.compile(r"^(ffn_(gate|up|down|gate_up)_exps|ffn_gate_inp|exp_probs_b)\.")
 
 
 def export_gguf(source: str | Path, plan: DropPlan, out: str | Path) -> Path:
-    """Copy a GGUF file with the plan applied: dropped blocks removed and renumbered, dropped sublayers zeroed.
+    """Copy a GGUF file with the plan applied: dropped blocks removed and renumbered, dropped sublayers zeroed,
+    dropped experts cut out of every tensor indexed by expert (the same number from every sparse block: the file
+    holds one expert count).
 
     Tensors keep their stored types, so the file is exactly as big as the
-    source minus the removed blocks; metadata (tokenizer included) is copied,
-    with the block count and any per-layer arrays cut to the kept blocks.
+    source minus what was removed; metadata (tokenizer included) is copied,
+    with the block count, any per-layer arrays and the expert count cut to what is kept.
     """
     import gguf
     import numpy as np
@@ -628,6 +634,7 @@ def export_gguf(source: str | Path, plan: DropPlan, out: str | Path) -> Path:
     keep = [i for i in range(L) if i not in dropped]
     index = {old: new for new, old in enumerate(keep)}
     zero = {(parse_unit(u)[0], _GGUF_OUT[parse_unit(u)[1]]) for u in plan.sublayers}
+    count_experts, experts = _gguf_experts(r, arch, plan)
 
     def tensor(t) -> ggufio.Tensor | None:
         m = ggufio.BLOCK_TENSOR.match(t.name)
@@ -639,16 +646,49 @@ def export_gguf(source: str | Path, plan: DropPlan, out: str | Path) -> Path:
         data = t.data
         if any(layer == zl and rest.startswith(prefix) for zl, prefix in zero):
             data = np.zeros_like(data)  # all-zero blocks dequantize to zero in every GGML type
+        if layer in experts and _GGUF_BY_EXPERT.match(rest):
+            data = data[experts[layer]]  # whole rows: every GGML type quantizes along the innermost axis
         return f"blk.{index[layer]}.{rest}", data, t.tensor_type
 
     def field(name: str, value):
         if name == count_key:
             return len(keep)
+        if name == count_experts and experts:
+            return len(next(iter(experts.values())))
         if name.startswith(f"{arch}.") and isinstance(value, list) and len(value) == L:
             return [value[i] for i in keep]
         return value
 
     return ggufio.rewrite(source, out, tensor, field)
+
+
+def _gguf_experts(r: Any, arch: str, plan: DropPlan) -> tuple[str, dict[int, list[int]]]:
+    """The file's expert-count key and, per sparse block, the experts it keeps; one line for a plan a GGUF file
+    cannot hold: it has one expert count and no way to shut an expert off, so every sparse block must drop as many."""
+    import gguf
+
+    key = gguf.Keys.LLM.EXPERT_COUNT.format(arch=arch)
+    if not plan.experts:
+        return key, {}
+    field = r.get_field(key)
+    sparse = sorted(
+        {
+            int(m.group(1))
+            for t in r.tensors
+            if (m := ggufio.BLOCK_TENSOR.match(t.name)) and m.group(2).startswith("ffn_gate_inp.")
+        }
+    )
+    if field is None or not sparse:
+        raise LayerwiseError("the plan drops experts, but the GGUF file has none; drop blocks or sublayers")
+    counts = {i: len(plan.experts.get(i, [])) for i in sparse}
+    if len(set(counts.values())) > 1:
+        uneven = ", ".join(f"L{i} {n}" for i, n in counts.items() if n != max(counts.values()))
+        raise LayerwiseError(
+            f"a GGUF file holds one expert count for every block, and this plan drops {max(counts.values())} experts "
+            f"from some blocks but fewer from others ({uneven}); drop with `per_layer` (--per-layer N), or export hf"
+        )
+    n = int(field.contents())
+    return key, {i: [j for j in range(n) if j not in plan.experts[i]] for i in sparse}
 
 
 def _effective_params(model: nn.Module, an: Anatomy, sublayers: list[str], *, in_bytes: bool = False) -> int:

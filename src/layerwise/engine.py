@@ -94,7 +94,8 @@ class GGUFCheckpoint:
     path: Path
     #: Every parameter the file holds, by transformers' name (all in ``path``, as :class:`Checkpoint`'s files).
     files: dict[str, Path]
-    sources: dict[str, str]  # transformers' name -> the GGUF tensor it is made from
+    #: transformers' name -> the GGUF tensors it is made from (a sparse MLP's gate and up experts make one)
+    sources: dict[str, list[str]]
     infos: dict[str, Any]  # GGUF name -> ggufio.TensorInfo
     processor: Any
     names: dict[str, str]  # GGUF name -> transformers' name, for the processor
@@ -119,7 +120,8 @@ class GGUFCheckpoint:
         for t in tensors:
             # a tensor the processor renames (GPT-2's output.weight) is processed once here to learn its names
             made = [names[t.name]] if t.name in names else list(ckpt._processed(t.name)[1])
-            ckpt.sources.update(dict.fromkeys(made, t.name))
+            for name in made:
+                ckpt.sources.setdefault(name, []).append(t.name)
         missing = [n for n, _ in model.named_parameters() if n not in ckpt.sources]
         if missing:
             raise LayerwiseError(
@@ -129,21 +131,23 @@ class GGUFCheckpoint:
         ckpt.files.update(dict.fromkeys(ckpt.sources, gguf))
         return ckpt
 
-    def _processed(self, gguf_name: str) -> tuple[Any, dict[str, torch.Tensor]]:
-        """One GGUF tensor dequantized and processed: the result, and the tensors the processor put by name."""
+    def _processed(self, *gguf_names: str) -> tuple[Any, dict[str, torch.Tensor]]:
+        """GGUF tensors dequantized and processed in turn: the last result, and the tensors the processor put by
+        name (where several fill one, as gate and up experts do, each its part)."""
         from . import ggufio
 
         moved: dict[str, dict] = {"tensors": {}}
-        weights = ggufio.dequantize(self.path, self.infos[gguf_name])
-        result = self.processor.process(
-            weights=weights, name=gguf_name, tensor_key_mapping=self.names, parsed_parameters=moved
-        )
+        for gguf_name in gguf_names:
+            weights = ggufio.dequantize(self.path, self.infos[gguf_name])
+            result = self.processor.process(
+                weights=weights, name=gguf_name, tensor_key_mapping=self.names, parsed_parameters=moved
+            )
         return result, moved["tensors"]
 
     def tensor(self, name: str) -> torch.Tensor:
         import numpy as np
 
-        result, moved = self._processed(self.sources[name])
+        result, moved = self._processed(*self.sources[name])
         if name in moved:
             return moved[name].float()
         return torch.from_numpy(np.ascontiguousarray(result.weights, dtype=np.float32))
@@ -153,7 +157,8 @@ class GGUFCheckpoint:
         two as llama.cpp stores them (a test checks the rows against the whole tensor on each file it reads)."""
         from . import ggufio
 
-        return torch.from_numpy(ggufio.dequantize(self.path, self.infos[self.sources[name]], span=(start, stop)))
+        (source,) = self.sources[name]
+        return torch.from_numpy(ggufio.dequantize(self.path, self.infos[source], span=(start, stop)))
 
 
 @dataclass(frozen=True)

@@ -194,6 +194,7 @@ def _convert(gguf: Path, arch: str | None, out: Path, trust_remote_code: bool) -
             f"transformers cannot convert {gguf.name} (GGUF architecture {arch!r}): {str(exc).splitlines()[0][:160]}"
         ) from None
     _check_model_type(config.model_type, str(gguf))
+    _moe_config(config, ggufio.header(gguf)[0], arch)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     GGUFCheckpoint.of(gguf, skeleton)  # refuses a file that lacks a weight
@@ -201,6 +202,18 @@ def _convert(gguf: Path, arch: str | None, out: Path, trust_remote_code: bool) -
     config.dtype = torch.float32
     config.save_pretrained(out)
     GenerationConfig.from_model_config(config).save_pretrained(out)
+
+
+def _moe_config(config: Any, meta: dict, arch: str | None) -> None:
+    """What transformers' GGUF config mapping leaves out of a mixture-of-experts file: the experts' width (llama.cpp's
+    ``expert_feed_forward_length``), every block sparse, and top-k weights renormalized as llama.cpp's Qwen MoE
+    graphs renormalize them."""
+    width = meta.get(f"{arch}.expert_feed_forward_length")
+    if width is None or not hasattr(config, "moe_intermediate_size"):
+        return
+    config.moe_intermediate_size = int(width)
+    config.mlp_only_layers = []
+    config.norm_topk_prob = bool(meta.get(f"{arch}.expert_weights_norm", True))
 
 
 def _write_weights(gguf: Path, out: Path, trust_remote_code: bool) -> None:
