@@ -344,14 +344,16 @@ class Anatomy:
 
     def parts(self) -> list[str]:
         """The parts of every sparse MLP in depth order: L1.router, L1.mlp.e0, ..., L1.mlp.shared, L2.router, ..."""
+        return [name for i in self.moe_layers for name in self.layer_parts(i)]
+
+    def layer_parts(self, layer: int) -> list[str]:
+        """The parts of one block's sparse MLP (none in a dense block): its router, experts and shared experts."""
+        if layer not in self.moe_layers:
+            return []
         return [
-            name
-            for i in self.moe_layers
-            for name in (
-                part_name(i, "router"),
-                *(part_name(i, "expert", j) for j in range(self.n_experts(i))),
-                *([part_name(i, "shared")] if self.shared(i) is not None else []),
-            )
+            part_name(layer, "router"),
+            *(part_name(layer, "expert", j) for j in range(self.n_experts(layer))),
+            *([part_name(layer, "shared")] if self.shared(layer) is not None else []),
         ]
 
     def check_part(self, name: str) -> tuple[int, Part, int | None]:
@@ -466,7 +468,8 @@ class Anatomy:
         prefix = f"{self.spec.layers}.{layer}." + (
             "" if kind == "block" else (self.spec.attn if kind == "attn" else self.spec.mlp) + "."
         )
-        experts = {id(p) for i in self.moe_layers for p in self.experts(i).parameters()}  # 2-D there: biases
+        # a sparse MLP's 2-D expert tensors are biases
+        experts = {id(p) for p in self.experts(layer).parameters()} if layer in self.moe_layers else set()
         stacked = [(f"{prefix}{n}.{j}", p[j]) for n, p in root.named_parameters() if p.ndim == 3 for j in range(len(p))]
         return [(prefix + n, p) for n, p in root.named_parameters() if p.ndim == 2 and id(p) not in experts] + stacked
 

@@ -19,12 +19,12 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from tqdm.auto import tqdm
 
-from .anatomy import KINDS, Anatomy, Kind, Part, part_name, unit_name
+from .anatomy import KINDS, Anatomy, Kind, Part, parse_part, part_name, unit_name
 from .data import Windows, check_context
 from .errors import LayerwiseError
 from .experts import COPIES, chunks, experts_apart
@@ -360,10 +360,11 @@ def profile(
     start = time.perf_counter()
     ids = windows.calibration
     batches = list(torch.split(ids, batch_size))
-    red = _reducers(lm, int(batches[0].numel()), ablation=ablation, lens=lens, attention=attention)
+    red = _reducers(
+        lm, int(batches[0].numel()), ablation=ablation, lens=lens, attention=attention, experts=expert_ablation
+    )
     n_ablated = 0
     if red.ablation is not None:
-        red.ablation.experts = expert_ablation
         n_ablated = len(batches) if ablation_samples is None else min(len(batches), -(-ablation_samples // batch_size))
     sample = Positions(positions, torch.Generator().manual_seed(seed))
     L = lm.anatomy.n_layers
@@ -430,15 +431,17 @@ def _check(
     check_context(windows.seq_len, lm.anatomy.context_length)
 
 
-def _reducers(lm: LoadedModel, tokens: int, *, ablation: str, lens: bool, attention: bool) -> Reducers:
-    """The reducers a run's settings ask for; ``tokens`` a batch."""
+def _reducers(
+    lm: LoadedModel, tokens: int, *, ablation: str, lens: bool, attention: bool, experts: bool = False
+) -> Reducers:
+    """The reducers a run's settings ask for; ``tokens`` a batch; ``experts``: every expert ablated too."""
     L = lm.anatomy.n_layers
     return Reducers(
         stream=StreamStats(lm.anatomy, lm.device, tokens, runs=lm.streamed is None),
         zd=WeightZD(),
         lens=LogitLens(L) if lens else None,
         attention=AttentionPatterns(L) if attention else None,
-        ablation=ExactAblation() if ablation == "exact" else None,
+        ablation=ExactAblation(experts=experts) if ablation == "exact" else None,
         taylor=TaylorEstimate() if ablation in ("exact", "taylor") else None,
         routing=Routing(lm.anatomy) if lm.anatomy.moe_layers else None,
     )
@@ -579,13 +582,12 @@ def _units(an: Anatomy, red: Reducers) -> list[Unit]:
     found = red.all()
     st.to_host([s for r in found for s in r.stats()])  # one copy from the device for every sum
     rows = [r.rows() for r in found]
-    parts: dict[int, list[tuple[str, Part]]] = {}
-    for name in an.parts():
-        layer, part, _ = an.check_part(name)
-        parts.setdefault(layer, []).append((name, part))
     units = []
     for layer in range(an.n_layers):
-        for name, kind in [(unit_name(layer, k), k) for k in KINDS] + parts.get(layer, []):
+        parts: list[tuple[str, Kind | Part]] = [
+            (n, cast(Part, (parse_part(n) or (0, ""))[1])) for n in an.layer_parts(layer)
+        ]
+        for name, kind in [(unit_name(layer, k), k) for k in KINDS] + parts:
             metrics: dict[str, float | None] = dict.fromkeys(METRICS)
             details: dict[str, Any] = {}
             for got in rows:

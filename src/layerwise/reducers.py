@@ -290,9 +290,8 @@ class WeightZD:
         for layer in layers:
             for kind in KINDS:
                 self._matrices[unit_name(layer, kind)] = [n for n, _ in an.weight_matrices(layer, kind)]
-        for name in an.parts():
-            if (part := an.check_part(name))[0] in layers:
-                self._matrices[name] = [n for n, _ in an.part_matrices(*part)]
+            for name in an.layer_parts(layer):
+                self._matrices[name] = [n for n, _ in an.part_matrices(*an.check_part(name))]
 
     def stats(self) -> list[Stat]:
         return []
