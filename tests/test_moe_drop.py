@@ -174,11 +174,12 @@ def test_a_planted_dead_expert_is_found_by_every_metric_and_dropping_it_changes_
         an.router_bias(1)[1], an.router_bias(2)[2] = -1e4, 1e4
     prof = profile(lm, w, expert_ablation=True, lens=False, progress=False)
     dead = prof.unit("L1.mlp.e1").metrics
-    assert dead["route_share"] == 0 and dead["gate_mean"] is None
+    assert dead["route_share"] == 0 and dead["gate_mean"] is None and dead["rel_update"] is None
     # the stacked ablation pass sums in another order
     assert dead["ablate_kl"] == pytest.approx(0, abs=1e-7) and dead["ablate_nll"] == pytest.approx(0, abs=1e-7)
-    for order, block, first, last in (("route_share", 1, "e1", None), ("ablate_kl", 1, "e1", None)) + tuple(
-        (m, 2, None, "e2") for m in ("route_share", "gate_mean", "ablate_kl")
+    found = (("route_share", 1, "e1", None), ("ablate_kl", 1, "e1", None), ("rel_update", 1, "e1", None))
+    for order, block, first, last in found + tuple(
+        (m, 2, None, "e2") for m in ("route_share", "gate_mean", "ablate_kl", "rel_update")
     ):
         values = [prof.unit(f"L{block}.mlp.e{j}").metrics[order] or 0.0 for j in range(4)]
         ranked = [u for u in prof.rank(order, "expert") if u.startswith(f"L{block}.")]

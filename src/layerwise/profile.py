@@ -87,8 +87,9 @@ APPLIES: dict[str, tuple[str, ...]] = {
     "load_imbalance": ("router",),
     "route_skip": ("router",),
 }
-#: The value a ranking gives a metric an expert that no token was routed to cannot have: no mean gate weight, so 0.
-UNSEEN: dict[str, float] = {"gate_mean": 0.0}
+#: The value a ranking gives a metric an expert that no token was routed to cannot have: no mean gate weight or
+#: update over no tokens, so 0 (it added nothing).
+UNSEEN: dict[str, float] = {"gate_mean": 0.0, "rel_update": 0.0}
 #: +1 if a larger value should mean a more important unit, -1 if smaller does, 0 if undecided.
 DIRECTION: dict[str, int] = {
     "bi": 1,
