@@ -205,15 +205,16 @@ def _convert(gguf: Path, arch: str | None, out: Path, trust_remote_code: bool) -
 
 
 def _moe_config(config: Any, meta: dict, arch: str | None) -> None:
-    """What transformers' GGUF config mapping leaves out of a mixture-of-experts file: the experts' width (llama.cpp's
-    ``expert_feed_forward_length``), every block sparse, and top-k weights renormalized as llama.cpp's Qwen MoE
-    graphs renormalize them."""
+    """What transformers' GGUF config mapping leaves out of a Qwen mixture-of-experts file: the experts' width
+    (llama.cpp's ``expert_feed_forward_length``), every block sparse, and whether top-k weights are renormalized
+    (llama.cpp's ``expert_weights_norm`` where written; its Qwen3-MoE graph renormalizes, its Qwen2-MoE one does
+    not)."""
     width = meta.get(f"{arch}.expert_feed_forward_length")
     if width is None or not hasattr(config, "moe_intermediate_size"):
         return
     config.moe_intermediate_size = int(width)
     config.mlp_only_layers = []
-    config.norm_topk_prob = bool(meta.get(f"{arch}.expert_weights_norm", True))
+    config.norm_topk_prob = bool(meta.get(f"{arch}.expert_weights_norm", arch == "qwen3moe"))
 
 
 def _write_weights(gguf: Path, out: Path, trust_remote_code: bool) -> None:
