@@ -305,3 +305,21 @@ def test_an_expert_drop_from_a_gguf_file_slices_its_experts_and_runs_in_llama_cp
     with pytest.raises(LayerwiseError, match=r"one expert count for every block.*\(L0 1\); drop with `per_layer`"):
         dp.export_gguf(path, uneven, tmp_path / "never.gguf")
     assert not (tmp_path / "never.gguf").exists()
+
+
+def test_a_sweep_and_an_iterative_drop_rank_experts_too(tmp_path, capsys):
+    """A sweep's expert plans are nested prefixes of the largest, each within its blocks' room; an iterative drop
+    re-ranks with the earlier experts out of routing; the CLI prints, on stderr, what a checkpoint could not delete."""
+    lm, w = tiny_lm("qwen2_moe"), tiny_windows(6)
+    w.n_calib = 4
+    sweep = dp.run(lm, w, unit=("expert",), order=("route_share",), sweep=(1, 3, 6), with_speed=False, progress=False)
+    plans = [v["units"] for v in sweep.variants]
+    assert [len(p) for p in plans] == [1, 3, 6] and plans[2][:3] == plans[1] and plans[1][:1] == plans[0]
+    assert all(v["kl"] > 0 for v in sweep.variants)
+    again = dp.choose(lm, w, unit="expert", order="route_share", n=2, iterative=True, progress=False)
+    assert again.iterative and len(set(again.units)) == 2
+    folder = tiny_folder(tmp_path / "src", "mixtral", layers=2)
+    argv = ["drop", "--model", str(folder), "--seq-len", "16", "--samples", "2", "--eval-samples", "2", "--no-speed"]
+    assert cli.main([*argv, "--units", "L1.mlp.e0,L1.mlp.e1", "--out", str(tmp_path / "d")]) == 0
+    err = capsys.readouterr().err
+    assert "layerwise: transformers' config holds one expert count" in err and "keeps 2 dropped expert(s)" in err
