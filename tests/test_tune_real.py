@@ -9,6 +9,7 @@ import torch
 
 from layerwise import load, tune
 from layerwise.cli import main
+from layerwise.errors import LayerwiseError
 
 pytestmark = pytest.mark.real
 
@@ -62,6 +63,9 @@ def test_strategies_lower_the_training_loss(real_cache):
     assert {p.dtype for p in lm.model.parameters()} == {torch.bfloat16} and after < before - 0.01, (
         f"bf16: {before:.4f} -> {after:.4f}"
     )
+    for unit in ("expert", "router"):  # a dense model has neither; refused before anything changes
+        with pytest.raises(LayerwiseError, match=f"unit {unit} needs a mixture-of-experts model; this llama has no"):
+            tune.train(lm, data, select="lisa", unit=unit, steps=1, progress=False)
 
 
 def test_cli_chat_run_saves_a_model_that_reloads_and_generates(real_cache, tmp_path, capsys):

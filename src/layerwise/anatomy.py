@@ -192,6 +192,17 @@ def part_name(layer: int, part: Part, expert: int | None = None) -> str:
     )
 
 
+def depth_key(name: str) -> tuple[int, int, int]:
+    """Sorts unit and part names in depth order: ``L3``, ``L3.attn``, ``L3.mlp``, ``L3.router``, ``L3.mlp.e0``, ...,
+    ``L3.mlp.shared``, ``L4``."""
+    parsed = parse_part(name)
+    if parsed is None:
+        layer, kind = parse_unit(name)
+        return layer, KINDS.index(kind), 0
+    layer, part, expert = parsed
+    return layer, len(KINDS) + ("router", "expert", "shared").index(part), expert or 0
+
+
 def _has(module: nn.Module, path: str) -> bool:
     try:
         module.get_submodule(path)
@@ -310,8 +321,23 @@ class Anatomy:
         return None if path is None else self.blocks[layer].get_submodule(path)
 
     def n_experts(self, layer: int) -> int:
-        """Routed experts in this block (from the weights, so a model with experts dropped counts right)."""
-        return next(p for p in self.experts(layer).parameters() if p.ndim == 3).shape[0]
+        """Routed experts in this block (from the router's rows, one per expert, so a model with experts dropped
+        counts right, and so does one whose expert tensors are split while it trains by expert)."""
+        return self.router(layer).get_parameter("weight").shape[0]
+
+    def kept_experts(self, layer: int, removed: list[int]) -> list[int]:
+        """The experts of block ``layer`` left when ``removed`` go, in order: their new numbers are their places
+        here."""
+        gone = set(removed)
+        return [j for j in range(self.n_experts(layer)) if j not in gone]
+
+    @property
+    def expert_groups(self) -> int:
+        """The equal groups a router chooses its experts within (DeepSeek-V3's ``n_group``), 1 where it chooses among
+        all: with more than one, deleting experts would reshape the groups."""
+        moe = self.spec.moe
+        grouped = moe is not None and moe.rule == "sigmoid_groups"
+        return int(getattr(self.model.config, "n_group", 1) or 1) if grouped else 1
 
     def by_expert(self, layer: int) -> list[torch.Tensor]:
         """Every tensor of this block indexed by expert along its first axis: the experts' weights and biases, the

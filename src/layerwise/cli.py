@@ -513,7 +513,13 @@ def _parser() -> _Parser:
         default="lisa",
         help="full, lora, lisa, importance:METRIC, top:METRIC, adaptive, badam:ORDER; comma-separated to compare",
     )
-    tu.add_argument("--unit", default="block", choices=["block", "attn", "mlp"], help="what is switched on and off")
+    tu.add_argument(
+        "--unit",
+        default="block",
+        choices=["block", "attn", "mlp", "expert", "router"],
+        help="what is switched on and off: blocks, sublayers, or in a mixture-of-experts model each routed expert "
+        "(L3.mlp.e5) or each block's router",
+    )
     tu.add_argument("--active", type=_count(1), default=2, help="units training at once (not for full/lora)")
     tu.add_argument("--interval", type=_count(1), default=20, help="steps between re-selections")
     tu.add_argument(
@@ -1099,6 +1105,7 @@ def _tune(args: argparse.Namespace) -> int:
     prof = Profile.load(cfg.profile) if cfg.profile else None
     device = process_device(args.device)  # under accelerate launch or torchrun: this process's own device
     lm = load(args.model, device=device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    tn.check_sparse(lm.anatomy, cfg.unit)  # before a profile is measured for nothing
     main = is_main_process(device)  # of several processes, only the first shows progress and writes
     progress = not args.json and main
     ctx, n_eval = lm.anatomy.context_length, cfg.eval_samples
@@ -1113,7 +1120,9 @@ def _tune(args: argparse.Namespace) -> int:
     if prof is None and metrics:
         from .drop import needed
 
-        prof = profile(lm, data.as_windows(), **needed(metrics), batch_size=cfg.batch_size, progress=progress)
+        prof = profile(
+            lm, data.as_windows(), **needed(metrics, (cfg.unit,)), batch_size=cfg.batch_size, progress=progress
+        )
     report = tn.run(lm, data, cfg, second=second, prof=prof, out=args.out, progress=progress)
     if not main:
         return 0

@@ -218,7 +218,7 @@ class TuneConfig(Config):
     restoration afterwards."""
 
     select: tuple[str, ...] = ("lisa",)
-    unit: Literal["block", "attn", "mlp"] = "block"
+    unit: Literal["block", "attn", "mlp", "expert", "router"] = "block"
     active: int = 2
     interval: int = 20
     temperature: float = 1.0

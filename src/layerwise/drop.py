@@ -478,12 +478,11 @@ def saved_experts(an: Anatomy, plan: DropPlan) -> tuple[dict[int, list[int]], di
     experts stay in the file, listed in ``config.layerwise["masked_experts"]`` for :func:`layerwise.load` to route
     around; nothing pads the file silently.
     """
-    experts, cfg = plan.experts, an.model.config
-    grouped = an.spec.moe is not None and an.spec.moe.rule == "sigmoid_groups" and getattr(cfg, "n_group", 1) > 1
-    m = 0 if grouped or len(experts) < len(an.moe_layers) else min(map(len, experts.values()), default=0)
+    experts = plan.experts
+    m = 0 if an.expert_groups > 1 or len(experts) < len(an.moe_layers) else min(map(len, experts.values()), default=0)
     masked = {}
     for i, v in experts.items():
-        keep = [j for j in range(an.n_experts(i)) if j not in v[:m]]
+        keep = an.kept_experts(i, v[:m])
         if v[m:]:
             masked[i] = sorted(keep.index(j) for j in v[m:])
     return {i: v[:m] for i, v in experts.items() if m}, masked
@@ -506,7 +505,7 @@ def save_checkpoint(lm: LoadedModel, plan: DropPlan, out: str | Path) -> Path:
     deleted, masked = saved_experts(an, plan)
     # original names, before the renumbering
     names = {id(t): n for n, t in (*lm.model.named_parameters(remove_duplicate=False), *lm.model.named_buffers())}
-    kept = {names[id(t)]: _kept(an, i, v) for i, v in deleted.items() for t in an.by_expert(i)}
+    kept = {names[id(t)]: an.kept_experts(i, v) for i, v in deleted.items() for t in an.by_expert(i)}
     counts = {_count_key(an): len(next(iter(kept.values())))} if kept else {}
     with (
         without_blocks(lm, plan.blocks) as small,
@@ -544,10 +543,6 @@ def _record(lm: LoadedModel, plan: DropPlan, masked: dict[int, list[int]]) -> di
         "source_model_hash": lm.source.get("model_hash"),
         **({"masked_experts": {str(i): v for i, v in masked.items()}} if masked else {}),
     }
-
-
-def _kept(an: Anatomy, layer: int, deleted: list[int]) -> list[int]:
-    return [j for j in range(an.n_experts(layer)) if j not in deleted]
 
 
 def _rows(keep: list[int], t: torch.Tensor) -> torch.Tensor:

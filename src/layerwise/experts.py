@@ -106,16 +106,15 @@ def cut(an: Anatomy, removed: Mapping[int, list[int]]) -> Iterator[None]:
     architecture whose routing does not group experts); everything is put back on exit."""
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     counts: list[tuple[nn.Module, int]] = []
-    groups = int(getattr(an.model.config, "n_group", 1) or 1)
-    if any(removed.values()) and groups > 1:
+    if any(removed.values()) and an.expert_groups > 1:
         raise LayerwiseError(
-            f"this {an.model_type} model routes within {groups} equal groups of experts, which "
+            f"this {an.model_type} model routes within {an.expert_groups} equal groups of experts, which "
             "deleting experts would reshape; take them out of routing instead (without_experts)"
         )
     try:
         for layer, experts in removed.items():
             check_removable(an, layer, experts)
-            keep = [j for j in range(an.n_experts(layer)) if j not in set(experts)]
+            keep = an.kept_experts(layer, experts)
             for m in an.branch(layer, "mlp").modules():
                 n = getattr(m, "num_experts", None)
                 if isinstance(n, int):

@@ -199,26 +199,28 @@ class Profile:
         """``{unit name: value}`` for one metric over the units of one kind, in depth order."""
         return {u.name: u.metrics.get(metric) for u in self.units if u.kind == kind}
 
+    def filled(self, metric: str, kinds: Collection[str]) -> dict[str, float | None]:
+        """``{unit name: value}`` for one metric over the units of these kinds, in depth order; an expert no token
+        chose takes the value it would have over no tokens (``UNSEEN``: a mean gate weight and an update of 0)."""
+        unseen = UNSEEN.get(metric)
+        return {
+            u.name: unseen
+            if u.metrics.get(metric) is None and u.metrics.get("route_share") == 0
+            else u.metrics.get(metric)
+            for u in self.units
+            if u.kind in kinds
+        }
+
     def ranked(self, order: str, unit: str = "block", exclude: Collection[str] = ()) -> list[tuple[str, float]]:
         """Units of a unit choice (``block``, ``attn``, ``mlp``, or ``any`` sublayer) from least to most important by
         ``order`` (a metric, or ``METRIC:asc|desc``, see :func:`order_by`), with their values; ``exclude`` leaves
         some out (an iterative drop's earlier picks)."""
         metric, sign = check_order(unit, order)
-        kinds, unseen = UNIT_KINDS[unit], UNSEEN.get(metric)
-        vals = [
-            (
-                u.name,
-                unseen
-                if u.metrics.get(metric) is None and u.metrics.get("route_share") == 0
-                else u.metrics.get(metric),
-            )
-            for u in self.units
-            if u.kind in kinds and u.name not in exclude
-        ]
+        vals = [(name, v) for name, v in self.filled(metric, UNIT_KINDS[unit]).items() if name not in exclude]
         if not vals or any(v is None for _, v in vals):
             raise LayerwiseError(
-                f"the profile has no {metric} values; re-profile with {needs_hint(metric)}, or leave out `prof` to "
-                "measure them"
+                f"the profile has no {metric} values; re-profile with {needs_hint(metric, unit == 'expert')}, or leave "
+                "out `prof` to measure them"
             )
         return sorted(((name, float(v)) for name, v in vals if v is not None), key=lambda nv: sign * nv[1])
 
@@ -293,13 +295,15 @@ def needs(metric: str, experts: bool = False) -> dict:
     )
 
 
-def needs_hint(metric: str) -> str:
-    """How to ask for ``metric``, in the API's words and the CLI's."""
-    n = needs(metric)
+def needs_hint(metric: str, experts: bool = False) -> str:
+    """How to ask for ``metric`` (for every expert too when ``experts``), in the API's words and the CLI's."""
+    n = needs(metric, experts)
     if n["attention"]:
         return "attention=True (layerwise profile --attention)"
     if n["lens"]:
         return "lens=True (layerwise profile without --no-lens)"
+    if n.get("expert_ablation"):
+        return "ablation='exact', expert_ablation=True (layerwise profile --ablation exact --expert-ablation)"
     return f"ablation={n['ablation']!r} (layerwise profile --ablation {n['ablation']})"
 
 

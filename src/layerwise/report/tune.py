@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from ..anatomy import parse_unit
+from ..anatomy import depth_key, parse_unit
 from ..io import write_atomic
 from .page import fmt, page, png, subplots
 from .summary import tune_summary
@@ -43,10 +43,7 @@ def unit_map_figure(report: TuneReport):
     runs = report.runs
     fig, axes = subplots(1, len(runs), figsize=(3.2 * len(runs), 3.4), squeeze=False)
     for ax, r in zip(axes.flat, runs):
-        units = sorted({u for rec in r["records"] for u in rec["active"]}, key=parse_unit)
-        n_layers = report.meta.get("n_layers") or (max((parse_unit(u)[0] for u in units), default=0) + 1)
-        kind = parse_unit(units[0])[1] if units else "block"
-        rows = [f"L{i}" if kind == "block" else f"L{i}.{kind}" for i in range(n_layers)]
+        rows = _rows(report, r)
         mat = np.zeros((len(rows), max(len(r["records"]), 1)))
         for j, rec in enumerate(r["records"]):
             for u in rec["active"]:
@@ -56,9 +53,20 @@ def unit_map_figure(report: TuneReport):
         ax.set_title(r["key"], fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(f"{kind} (layer)", fontsize=8)
+        ax.set_ylabel(f"{r.get('unit', 'block')} (in depth order)", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def _rows(report: TuneReport, r: dict) -> list[str]:
+    """A run's units in depth order: those it could train (recorded since experts became units), else every unit of
+    its kind up to the model's depth."""
+    if r.get("units"):
+        return list(r["units"])
+    units = sorted({u for rec in r["records"] for u in rec["active"]}, key=depth_key)
+    n_layers = report.meta.get("n_layers") or (max((depth_key(u)[0] for u in units), default=0) + 1)
+    kind = parse_unit(units[0])[1] if units else "block"
+    return [f"L{i}" if kind == "block" else f"L{i}.{kind}" for i in range(n_layers)]
 
 
 def _pm(v, se) -> str:
@@ -113,7 +121,7 @@ def _rates(report: TuneReport) -> str:
         return ""
 
     def in_unit_order(lrs: dict) -> str:
-        return ", ".join(f"{u} {fmt(v)}" for u, v in sorted(lrs.items(), key=lambda x: parse_unit(x[0])))
+        return ", ".join(f"{u} {fmt(v)}" for u, v in sorted(lrs.items(), key=lambda x: depth_key(x[0])))
 
     body = "".join(f"<tr><td>{escape(k)}</td><td>{escape(in_unit_order(lrs))}</td></tr>" for k, lrs in rows)
     return (

@@ -32,6 +32,13 @@ Memory is real, by construction rather than by care:
 - when a unit is switched off its Adam state is deleted (freed); when it comes
   back its state is *reset* (fresh moments, step count from zero, as BAdam does).
 
+Units (``unit``) are blocks, attention or MLP sublayers, or in a mixture-of-experts
+model each routed expert (``L3.mlp.e5``) or each sparse block's router (``L3.router``).
+An expert's weights are slices of tensors its block's experts share, so while the
+model trains by expert each expert's slices are parameters of their own
+(:func:`expert_tensors`, :mod:`.experts`): a frozen expert gets no gradient and no
+optimizer state, and the model is whole again afterwards.
+
 Embeddings, final norm and head (tied in SmolLM2: one tensor, counted once)
 train with every mode unless ``train_embeddings=False``. With ``unit="attn"``
 or ``"mlp"`` the block norms stay frozen. On a peft model only the adapter
@@ -63,6 +70,7 @@ checkpoint (``ExportableState``), so resuming keeps the schedule.
 from .command import TuneReport, restore_order_blocks, run
 from .data import Chats, TuneData, read_tuning, tuning_data
 from .evaluation import distinct_n, diversity, evaluate
+from .experts import check_sparse, expert_tensors, part_params
 from .loop import TuneRun, max_active, save_model, train, with_lora
 from .selection import (
     BADAM_ORDERS,
@@ -98,15 +106,18 @@ __all__ = [
     "TuneReport",
     "TuneRun",
     "block_params",
+    "check_sparse",
     "distinct_n",
     "diversity",
     "evaluate",
+    "expert_tensors",
     "importance_weights",
     "layer_rates",
     "max_active",
     "optimizer_state_bytes",
     "parse_layer_lr",
     "parse_select",
+    "part_params",
     "read_tuning",
     "restore_order",
     "restore_order_blocks",

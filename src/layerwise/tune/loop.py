@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     #: A transformers model, or one peft wraps (LoRA).
     Tunable = CausalLM | PeftModel
 from .data import TuneData
+from .experts import check_sparse, expert_tensors, plain_state_dict
 from .parallel import accelerator, is_main_process
 from .selection import LayerSelector, _is_peft, parse_select
 from .snapshot import Snapshot
@@ -64,6 +65,7 @@ class TuneRun:
             "optimizer_state_bytes_max": max((r["optimizer_state_bytes"] for r in self.records), default=0),
             "memory_bytes_max": max((r["memory_bytes"] for r in self.records), default=0),
             "unit_lr": self.unit_lr,
+            "units": list(self.selector.params),
             "records": self.records,
         }
 
@@ -116,8 +118,10 @@ def save_model(model: Tunable, tokenizer, out: str | Path) -> Path:
     processes (which hold the same weights) only the first writes it."""
     if not is_main_process(next(model.parameters()).device):
         return Path(out)
+    plain = plain_state_dict(model)  # while training by expert: the experts' tensors whole again
+    whole: dict[str, Any] = {} if plain is None else {"state_dict": plain}
     with atomic_dir(out, "checkpoint") as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        model.save_pretrained(str(tmp), safe_serialization=True, **whole)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out)
@@ -161,8 +165,9 @@ def train(
     cfg = TuneConfig.of(config, **settings)
     if len(cfg.select) != 1:
         raise LayerwiseError(f"train runs one strategy; `select` names {len(cfg.select)} ({', '.join(cfg.select)})")
-    select, unit, seed, steps, lr = cfg.select[0], cfg.unit, cfg.seed, cfg.steps, cfg.lr
+    select, unit, seed, lr = cfg.select[0], cfg.unit, cfg.seed, cfg.lr
     sel = parse_select(select)
+    check_sparse(lm.anatomy, unit)
     data = TuneData.from_windows(data) if isinstance(data, Windows) else data
     acc = accelerator(lm.device)
     per_process = _per_process(int(data.ids.shape[0]), cfg.batch_size, acc.num_processes)
@@ -183,16 +188,48 @@ def train(
     if lm.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(lm.device)
     mem0 = torch.cuda.memory_allocated(lm.device) if lm.device.type == "cuda" else rss_bytes()
-    optimizer = torch.optim.AdamW(selector.param_groups(model, lr, rates), lr=lr, weight_decay=0.0)
-    selector.bind(model, optimizer)  # what never trains is frozen now, so DDP leaves it out of its buckets
+    t0 = time.perf_counter()
+    with expert_tensors(lm.model) if unit == "expert" else contextlib.nullcontext():  # each expert a tensor apart
+        optimizer = torch.optim.AdamW(selector.param_groups(model, lr, rates), lr=lr, weight_decay=0.0)
+        selector.bind(model, optimizer)  # what never trains is frozen now, so DDP leaves it out of its buckets
+        order = _batches(int(data.ids.shape[0]), per_process * acc.num_processes, seed)
+        desc = f"tune {sel.key}" if progress and acc.is_main_process else None
+        losses = _loop(lm, model, selector, optimizer, data, order, cfg, acc, checkpoint, desc)
+    unit_lr = {g["name"]: g["lr"] for g in optimizer.param_groups if g["name"] != "rest"} if rates is not None else {}
+    return TuneRun(
+        sel.key + ("" if sel.mode == "lora" or not cfg.lora else "+lora"),
+        losses,
+        selector.records,
+        time.perf_counter() - t0,
+        selector,
+        model,
+        mem0,
+        start,
+        unit_lr,
+    )
+
+
+def _loop(
+    lm: LoadedModel,
+    model: Tunable,
+    selector: LayerSelector,
+    optimizer: torch.optim.Optimizer,
+    data: TuneData,
+    order: Iterator[torch.Tensor],
+    cfg: TuneConfig,
+    acc: Accelerator,
+    checkpoint: str | Path | None,
+    desc: str | None,
+) -> list[float]:
+    """The optimizer steps of :func:`train` on the batches ``order`` draws, driving the selector's events as a Trainer
+    would, with a progress bar named ``desc`` (none without); the per-step losses. The optimizer's state is freed at
+    the end."""
     ddp = acc.prepare_model(model)  # before the selector switches units off (see .parallel)
     state, control = TrainerState(), TrainerControl()
     selector.on_train_begin(None, state, control, model=model, optimizer=optimizer)
     model.train()
-    order = _batches(int(data.ids.shape[0]), per_process * acc.num_processes, seed)
     losses: list[float] = []
-    t0 = time.perf_counter()
-    bar = tqdm(range(steps), desc=f"tune {sel.key}", disable=not progress or not acc.is_main_process)
+    bar = tqdm(range(cfg.steps), desc=desc, disable=desc is None)
     try:
         for step in bar:
             state.global_step = step
@@ -221,18 +258,7 @@ def train(
         if acc.num_processes > 1:  # DDP's hooks on the parameters go with its last reference, the accelerator's
             acc.free_memory()  # (a garbage-collection pass, so only when there is a DDP to drop)
     optimizer.state.clear()
-    unit_lr = {g["name"]: g["lr"] for g in optimizer.param_groups if g["name"] != "rest"} if rates is not None else {}
-    return TuneRun(
-        sel.key + ("" if sel.mode == "lora" or not cfg.lora else "+lora"),
-        losses,
-        selector.records,
-        time.perf_counter() - t0,
-        selector,
-        model,
-        mem0,
-        start,
-        unit_lr,
-    )
+    return losses
 
 
 def _per_process(n: int, batch_size: int, processes: int) -> int:

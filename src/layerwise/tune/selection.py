@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeGuard, cast
 
@@ -12,10 +13,11 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState
 from transformers.trainer_callback import ExportableState
 
-from ..anatomy import Anatomy, Kind, parse_unit, unit_name
+from ..anatomy import KINDS, Anatomy, Kind, unit_name
 from ..errors import LayerwiseError
 from ..memory import memory_bytes
-from ..profile import DIRECTION, METRICS, Profile, needs_hint
+from ..profile import APPLIES, DIRECTION, METRICS, UNIT_KINDS, Profile, needs_hint
+from .experts import part_params
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -23,7 +25,8 @@ if TYPE_CHECKING:
 
 MODES = ("full", "lisa", "importance", "top", "adaptive", "badam", "lora")
 SELECT_HELP = "full, lora, lisa, importance:METRIC, top:METRIC, adaptive, badam:ascending|descending|random"
-UNITS = ("block", "attn", "mlp")
+#: What is switched on and off: blocks, sublayers, or (mixture-of-experts models) routed experts or routers.
+UNITS = ("block", "attn", "mlp", "expert", "router")
 BADAM_ORDERS = ("ascending", "descending", "random")
 RESTORE_ORDERS = ("change", "importance")
 EXPLORE = 0.1  # adaptive: share of uniform exploration
@@ -75,13 +78,17 @@ def importance_weights(prof: Profile, metric: str, unit: str) -> dict[str, float
     small chance and the order is kept.
     """
     if unit not in UNITS:
-        raise LayerwiseError(f"unknown unit {unit!r}; use block, attn or mlp")
+        raise LayerwiseError(f"unknown unit {unit!r}; use one of {', '.join(UNITS)}")
+    kinds = UNIT_KINDS.get(unit, (unit,))
+    fits = [m for m in METRICS if DIRECTION.get(m) and all(k in APPLIES.get(m, KINDS) for k in kinds)]
+    if metric not in fits:
+        use = f"rank them by one of {', '.join(fits)}" if fits else "train them with full, lisa, adaptive or badam"
+        raise LayerwiseError(f"{metric} does not rank {unit} units; {use}")
     sign = DIRECTION.get(metric) or 1
-    vals = prof.values(metric, cast(Kind, unit))
+    vals = prof.filled(metric, (unit,))
     if not vals or any(v is None for v in vals.values()):
-        raise LayerwiseError(
-            f"the profile has no {metric} values for {unit} units; re-profile with {needs_hint(metric)}"
-        )
+        hint = needs_hint(metric, unit == "expert")
+        raise LayerwiseError(f"the profile has no {metric} values for {unit} units; re-profile with {hint}")
     signed = {k: sign * float(v) for k, v in vals.items() if v is not None}
     top = max(max(signed.values()), 1e-12)
     return {k: max(v, 1e-6 * top) for k, v in signed.items()}
@@ -181,7 +188,7 @@ class LayerSelector(TrainerCallback, ExportableState):
                 "select='full' (train() does this)"
             )
         if unit not in UNITS:
-            raise LayerwiseError(f"unknown unit {unit!r}; use block, attn or mlp")
+            raise LayerwiseError(f"unknown unit {unit!r}; use one of {', '.join(UNITS)}")
         if interval < 1:
             raise LayerwiseError(f"interval must be at least 1 step (got {interval})")
         if sel.mode != "full" and active < 1:
@@ -193,7 +200,7 @@ class LayerSelector(TrainerCallback, ExportableState):
                 f"select {select} needs importance weights from a Profile (importance_weights(prof, metric, unit))"
             )
         self.select, self.active, self.interval = select, active, interval
-        self.unit = cast(Kind, unit)
+        self.unit = unit
         self.temperature, self.weights, self.seed, self.train_embeddings, self.ema = (
             temperature,
             weights,
@@ -231,18 +238,26 @@ class LayerSelector(TrainerCallback, ExportableState):
     def units(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
         """Each tunable unit's parameters (on a peft model: its adapter parameters), by unit name."""
         base = _unwrap(model)
-        an = Anatomy(base)
         peft = _is_peft(model)
+        if self.unit in ("expert", "router"):
+            if peft:
+                raise LayerwiseError(
+                    f"unit {self.unit} trains the {self.unit}s' own weights, which LoRA adapters do not reach; leave "
+                    "out lora"
+                )
+            return part_params(base, self.unit)
+        an = Anatomy(base)
         skipped = set((getattr(base.config, "layerwise", None) or {}).get("dropped_sublayers") or [])
-        kinds: tuple[Kind, ...] = ("attn", "mlp") if self.unit == "block" else (self.unit,)
+        kind = cast(Kind, self.unit)
+        kinds: tuple[Kind, ...] = ("attn", "mlp") if kind == "block" else (kind,)
         out = {}
         for i in range(an.n_layers):
             if all(unit_name(i, k) in skipped for k in kinds):
                 continue  # a sublayer `layerwise drop` removed computes nothing; training it is pointless
-            mod = an.blocks[i] if self.unit == "block" else an.branch(i, self.unit)
+            mod = an.blocks[i] if kind == "block" else an.branch(i, kind)
             ps = [p for p in mod.parameters() if p.requires_grad or not peft]
             if ps:
-                out[unit_name(i, self.unit)] = ps
+                out[unit_name(i, kind)] = ps
         return out
 
     def param_groups(self, model: nn.Module, lr: float, rates: dict[str, float] | None = None) -> list[dict]:
@@ -259,7 +274,7 @@ class LayerSelector(TrainerCallback, ExportableState):
         if rates is None:
             return [{"params": rest, "lr": lr, "name": "all"}]
         units = self.units(model)
-        missing = sorted(set(units) - set(rates), key=parse_unit)
+        missing = [u for u in units if u not in rates]
         if missing:
             raise LayerwiseError(
                 f"the layer rates lack {len(missing)} {self.unit} units of this model (e.g. {missing[0]}); "
@@ -326,7 +341,11 @@ class LayerSelector(TrainerCallback, ExportableState):
         if self.sel.mode == "adaptive":
             p = (1 - EXPLORE) * p + EXPLORE / len(names)
         picked = torch.multinomial(p, self.active, replacement=False, generator=self._generator(period))
-        return sorted((names[i] for i in picked.tolist()), key=parse_unit)
+        return self._in_depth_order(names[i] for i in picked.tolist())
+
+    def _in_depth_order(self, names: Iterable[str]) -> list[str]:
+        chosen = set(names)
+        return [u for u in self.params if u in chosen]
 
     def choose(self, step: int) -> list[str]:
         """The units that train during ``step`` (a function of seed and step, plus the learned scores for adaptive)."""
@@ -339,7 +358,7 @@ class LayerSelector(TrainerCallback, ExportableState):
         if mode == "importance":
             return self._draw([weights[u] for u in names], period)
         if mode == "top":
-            return sorted(sorted(names, key=lambda u: -weights[u])[: self.active], key=parse_unit)
+            return self._in_depth_order(sorted(names, key=lambda u: -weights[u])[: self.active])
         if mode == "adaptive":
             best = max(self.scores.values(), default=1.0)
             return self._draw([max(self.scores.get(u, best), 1e-12 * max(best, 1e-30)) for u in names], period)
@@ -350,7 +369,7 @@ class LayerSelector(TrainerCallback, ExportableState):
             order = [names[i] for i in perm]
         n_per = math.ceil(len(order) / self.active)
         start = (period % n_per) * self.active
-        return sorted(order[start : start + self.active], key=parse_unit)
+        return self._in_depth_order(order[start : start + self.active])
 
     def switch(self, units: list[str], optimizer: torch.optim.Optimizer) -> None:
         """Train exactly ``units`` (plus the always-trained set); free the optimizer state of everything else."""
