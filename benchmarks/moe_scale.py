@@ -95,6 +95,11 @@ def main() -> None:
     _write(out)
 
 
+def ratio(r: dict, base: dict | None, key: str, digits: int) -> str:
+    """A job's ``key`` over its baseline's, or a dash for a job without one."""
+    return f"{r[key] / base[key]:.{digits}f}x" if base else "—"
+
+
 def _mib(n: float) -> str:
     return f"{n / 2**20:.0f}"
 
@@ -113,15 +118,10 @@ def _write(out: dict, show: bool = True) -> None:
     ]
     for name, r in out["jobs"].items():
         base = out["jobs"].get(BASELINE.get(name, ""))
-        ratios = (
-            f"{r['seconds'] / base['seconds']:.1f}x | {r['peak_rss_bytes'] / base['peak_rss_bytes']:.2f}x"
-            if base
-            else "— | —"
-        )
         wrote = f"{r['bytes'] / 1e9:.2f} GB, {r['params_ratio']:.1%} of the parameters" if "bytes" in r else "profile"
         lines.append(
-            f"| {name} | {r['seconds']:.0f} | {_mib(r['peak_rss_bytes'])} | {_mib(r['planned_bytes'])} | {ratios} | "
-            f"{wrote} |"
+            f"| {name} | {r['seconds']:.0f} | {_mib(r['peak_rss_bytes'])} | {_mib(r['planned_bytes'])} | "
+            f"{ratio(r, base, 'seconds', 1)} | {ratio(r, base, 'peak_rss_bytes', 2)} | {wrote} |"
         )
     lines += ["", f"{load_average(out)}."]
     publish("moe_scale", out, lines, show=show)

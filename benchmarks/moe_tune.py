@@ -87,20 +87,24 @@ def _write(out: dict, show: bool = True) -> None:
         "",
         "| job | trainable (M) | optimizer state (MiB) | s / step | peak (MiB) | state / baseline | step / baseline |",
         "|---|---:|---:|---:|---:|---:|---:|",
+        *(_row(name, r, base) for name, r in out["jobs"].items()),
+        "",
+        f"{load_average(out)}.",
     ]
-    for name, r in out["jobs"].items():
-        ratios = (
-            f"{r['optimizer_state_bytes_max'] / base['optimizer_state_bytes_max']:.3f}x | "
-            f"{r['seconds_per_step'] / base['seconds_per_step']:.2f}x"
-            if base
-            else "— | —"
-        )
-        lines.append(
-            f"| {name} | {r['trainable_params_max'] / 1e6:.1f} | {moe_scale._mib(r['optimizer_state_bytes_max'])} | "
-            f"{r['seconds_per_step']:.2f} | {moe_scale._mib(r['peak_rss_bytes'])} | {ratios} |"
-        )
-    lines += ["", f"{load_average(out)}."]
     publish("moe_tune", out, lines, show=show)
+
+
+def _row(name: str, r: dict, base: dict | None) -> str:
+    cells = [
+        name,
+        f"{r['trainable_params_max'] / 1e6:.1f}",
+        moe_scale._mib(r["optimizer_state_bytes_max"]),
+        f"{r['seconds_per_step']:.2f}",
+        moe_scale._mib(r["peak_rss_bytes"]),
+        moe_scale.ratio(r, base, "optimizer_state_bytes_max", 3),
+        moe_scale.ratio(r, base, "seconds_per_step", 2),
+    ]
+    return "| " + " | ".join(cells) + " |"
 
 
 if __name__ == "__main__":
