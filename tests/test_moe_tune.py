@@ -112,6 +112,17 @@ def test_each_expert_s_gradient_is_its_slice_of_the_whole_gradient(arch):
                 torch.testing.assert_close(g, ref[j], rtol=1e-5, atol=1e-7)
 
 
+def test_max_active_counts_experts_by_their_own_weights():
+    """Full fine-tuning by expert trains every expert (embeddings frozen), so half its optimizer state is half of the
+    experts, each counted by its own slices; the model is whole again afterwards."""
+    lm = tiny_lm("mixtral")
+    names = [n for n, _ in lm.model.named_parameters()]
+    experts = 4 * len(lm.anatomy.moe_layers)
+    assert tune.max_active(lm.model, "expert", share=0.5, train_embeddings=False) == experts // 2
+    assert tune.max_active(lm.model, "expert", share=1.0, train_embeddings=False) == experts
+    assert [n for n, _ in lm.model.named_parameters()] == names
+
+
 def test_router_units_train_their_router_only():
     lm = tiny_lm("qwen2_moe")
     ids = tiny_windows(4, 16).ids

@@ -80,7 +80,8 @@ def max_active(model: nn.Module, unit: str = "block", share: float = 0.5, train_
     drawn together, so the bound holds whichever are sampled.
     """
     sel = LayerSelector("full", unit, train_embeddings=train_embeddings)
-    sizes = sorted((sum(p.numel() for p in ps) for ps in sel.units(model).values()), reverse=True)
+    with expert_tensors(model) if unit == "expert" else contextlib.nullcontext():
+        sizes = sorted((sum(p.numel() for p in ps) for ps in sel.units(model).values()), reverse=True)
     fixed = sum(p.numel() for p in sel.always_params(model))
     budget = share * (sum(sizes) + fixed) - fixed
     k = 0
