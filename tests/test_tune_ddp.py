@@ -46,6 +46,9 @@ CASES: dict[str, dict] = {
     "lisa over mlp, embeddings frozen, 2 micro-batches": dict(
         select="lisa", unit="mlp", train_embeddings=False, grad_accum=2
     ),
+    "lisa over experts (OLMoE: each expert's slices parameters of their own)": dict(
+        select="lisa", unit="expert", arch="olmoe"
+    ),
 }
 FIXED = ("full", "top", "lora")  # the cases whose trained set never changes
 CLI = ["tune", "--samples", "4", "--seq-len", "16", "--batch-size", "1", "--eval-samples", "2", "--select", "lisa"]
@@ -74,9 +77,11 @@ class _Watch(tune.LayerSelector):
         }
 
 
-def _train(batch_size: int, **settings) -> dict:
+def _train(batch_size: int, arch: str = "llama", **settings) -> dict:
     """One strategy from the same tiny model, in float64 (see the tolerance below)."""
-    lm = tiny_lm("llama", LAYERS)
+    lm = tiny_lm(arch, LAYERS)
+    if lm.anatomy.moe_layers:
+        lm.model.set_experts_implementation("eager")  # torch's grouped matmul takes no float64
     lm.model.double()
     run = tune.train(lm, DATA, batch_size=batch_size, **COMMON, **settings)
     params = {n: p.detach().clone() for n, p in run.model.named_parameters()}
