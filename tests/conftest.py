@@ -271,3 +271,36 @@ def same_checkpoint(a, b) -> None:
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), sorted(ta.keys() ^ tb.keys())
     ca, cb = (json.loads((p / "config.json").read_text()) for p in (a, b))
     assert ca | {"_name_or_path": None} == cb | {"_name_or_path": None}
+
+
+def moe_gguf(path):
+    """A Qwen3-MoE model with every block sparse (as llama.cpp's qwen3moe graph has them) and its float32 GGUF file,
+    which llama.cpp and layerwise both read as this model."""
+    import string
+
+    import transformers as tf
+
+    cfg = tf.Qwen3MoeConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        norm_topk_prob=True,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = tf.Qwen3MoeForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+            else:
+                p.normal_(0, 0.2)
+    return model, write_gguf(model, path, ["<unk>", "<s>", "</s>", *string.printable[:94]], quantized=False)

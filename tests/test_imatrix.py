@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from layerwise import load
+from layerwise import ggufio, load
+from layerwise.anatomy import Anatomy
 from layerwise.errors import LayerwiseError
+from layerwise.loading import LoadedModel
 from layerwise.quant.imatrix import Imatrix, compute, tensor_columns
 
-from .conftest import tiny_lm, tiny_windows
+from .conftest import moe_gguf, tiny_lm, tiny_windows
 
 
 def _names(n_layers: int) -> list[str]:
@@ -175,3 +177,89 @@ def test_bad_imatrix_files_are_refused_in_one_line(tmp_path):
         Imatrix.load(good).check(tensor_columns(other), "good.gguf")
     with pytest.raises(LayerwiseError, match=r"gives blk\.0\.attn_q\.weight 8 columns, not .*another model"):
         Imatrix.load(old).check({"blk.0.attn_q.weight": lm.model.config.hidden_size}, "old.dat")
+
+
+def _hidden(arch: str, experts, x: torch.Tensor, j: int) -> torch.Tensor:
+    """Expert ``j``'s hidden activation (what its down matrix reads) for tokens ``x``, written out by hand."""
+    if arch == "gpt_oss":  # (in, out) weights with biases; gate and up interleaved, clamped, a sigmoid gate
+        gate_up = x @ experts.gate_up_proj[j] + experts.gate_up_proj_bias[j]
+        gate, up = gate_up[..., ::2].clamp(max=experts.limit), gate_up[..., 1::2].clamp(-experts.limit, experts.limit)
+        return (up + 1) * gate * torch.sigmoid(gate * experts.alpha)
+    gate, up = (x @ experts.gate_up_proj[j].T).chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "gpt_oss"])
+def test_each_expert_s_matrix_sums_the_tokens_routed_to_it(arch):
+    """A merged expert tensor has a matrix per expert, as llama-imatrix writes it: gate and up sum the squares of the
+    tokens routed to the expert, down those of its hidden activation, each counting those tokens; the router and
+    the shared experts' maps are matrices of their own over every token."""
+    lm, w = tiny_lm(arch), tiny_windows(3)
+    an = lm.anatomy
+    im = compute(lm, w, batch_size=2, progress=False)
+    assert lm.model.config._experts_implementation == "grouped_mm"  # put back after the pass
+    im.check(tensor_columns(lm), "made")
+    seen: dict[int, list[torch.Tensor]] = {i: [] for i in an.moe_layers}
+    handles = [an.branch(i, "mlp").register_forward_pre_hook(lambda m, a, i=i: seen[i].append(a[0])) for i in seen]
+    with torch.no_grad():
+        lm.model(input_ids=w.calibration, use_cache=False)
+    for h in handles:
+        h.remove()
+    for i in an.moe_layers:
+        x = torch.cat(seen[i]).reshape(-1, lm.model.config.hidden_size)
+        with torch.no_grad():
+            _, _, idx = an.router(i)(x)
+        name = f"blk.{i}.{{}}.weight".format
+        np.testing.assert_allclose(im.sums[name("ffn_gate_inp")][0], x.double().square().sum(0), rtol=1e-5)
+        assert im.counts[name("ffn_gate_inp")].tolist() == [len(x)]
+        if arch == "qwen2_moe":
+            assert im.counts[name("ffn_down_shexp")].tolist() == im.counts[name("ffn_gate_inp_shexp")].tolist()
+        for j in range(4):
+            mine = x[(idx == j).any(-1)]
+            assert im.counts[name("ffn_down_exps")][j] == len(mine) == im.counts[name("ffn_gate_exps")][j]
+            squares = mine.double().square().sum(0)
+            for kind in ("ffn_gate_exps", "ffn_up_exps"):
+                np.testing.assert_allclose(im.sums[name(kind)][j], squares, rtol=1e-5, atol=1e-9)
+            with torch.no_grad():
+                down = _hidden(arch, an.experts(i), mine, j).double().square().sum(0)
+            np.testing.assert_allclose(im.sums[name("ffn_down_exps")][j], down, rtol=1e-4, atol=1e-9)
+
+
+def test_a_moe_imatrix_from_disk_equals_in_memory_and_llama_cpp_quantizes_with_it(tmp_path):
+    """A Qwen3-MoE model read block by block from its GGUF file gives the matrix the model in memory gives, and
+    llama.cpp quantizes that file with it (it checks every entry's size: a merged tensor's is experts × columns),
+    rounding the expert tensors otherwise than without it."""
+    from layerwise.quant.gguf import llama_quantize
+
+    model, path = moe_gguf(tmp_path / "moe.gguf")
+    lm = LoadedModel(model=model, tokenizer=None, anatomy=Anatomy(model), source={"model_hash": "moe"})
+    w = tiny_windows(4)
+    im = compute(lm, w, batch_size=2, progress=False)
+    disk = compute(load(str(path), offload="disk", spill=tmp_path / "spill"), w, batch_size=2, progress=False)
+    assert sorted(disk.sums) == sorted(im.sums)
+    for name, sums in im.sums.items():
+        np.testing.assert_allclose(disk.sums[name], sums, rtol=1e-4, atol=1e-6)
+        assert disk.counts[name].tolist() == im.counts[name].tolist()
+    with_im = llama_quantize(path, tmp_path / "with.gguf", "Q4_0", imatrix=im)
+    without = llama_quantize(path, tmp_path / "without.gguf", "Q4_0")
+    (a,), (b,) = (
+        [t.data for t in ggufio.reader(f).tensors if t.name == "blk.1.ffn_gate_exps.weight"] for f in (with_im, without)
+    )
+    assert a.shape == b.shape and not np.array_equal(a, b)
+
+
+def test_cli_makes_a_moe_imatrix_and_refuses_names_it_does_not_know(tmp_path, capsys):
+    from layerwise.cli import main
+
+    from .conftest import one_error_line, tiny_folder
+
+    folder = tiny_folder(tmp_path / "olmoe", "olmoe", layers=2)
+    args = ["imatrix", "--seq-len", "16", "--samples", "3"]
+    assert main([*args, "--model", str(folder), "--out", str(tmp_path / "im")]) == 0
+    im = Imatrix.load(tmp_path / "im" / "imatrix.gguf")
+    assert im.sums["blk.1.ffn_down_exps.weight"].shape == (4, 64) and im.counts["blk.1.ffn_up_exps.weight"].sum() > 0
+    deepseek = tiny_folder(tmp_path / "ds", "deepseek_v3", layers=2)
+    assert main([*args, "--model", str(deepseek), "--out", str(tmp_path / "ds-im")]) == 2
+    err = capsys.readouterr().err
+    assert one_error_line(err) and "layerwise does not know llama.cpp's names for its matrices" in err
+    assert not (tmp_path / "ds-im" / "imatrix.gguf").exists()

@@ -14,7 +14,7 @@ from layerwise import drop as dp
 from layerwise.errors import LayerwiseError
 from layerwise.experts import cut, without_experts
 
-from .conftest import MOE_ARCHS, tiny_folder, tiny_lm, tiny_windows
+from .conftest import MOE_ARCHS, moe_gguf, tiny_folder, tiny_lm, tiny_windows
 
 
 def _logits(model, x):
@@ -233,41 +233,6 @@ def test_the_cli_drops_experts_per_layer_into_a_smaller_checkpoint(tmp_path, cap
     assert result["exports"]["hf"]["bytes"] < sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
-def _moe_gguf(path):
-    """A Qwen3-MoE model with every block sparse (as llama.cpp's qwen3moe graph has them) and its float32 GGUF file,
-    which llama.cpp and layerwise both read as this model."""
-    import string
-
-    import transformers as tf
-
-    from .conftest import write_gguf
-
-    cfg = tf.Qwen3MoeConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=128,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=16,
-        norm_topk_prob=True,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = tf.Qwen3MoeForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-            else:
-                p.normal_(0, 0.2)
-    return model, write_gguf(model, path, ["<unk>", "<s>", "</s>", *string.printable[:94]], quantized=False)
-
-
 def _llama_cpp_logits(path, toks):
     from llama_cpp import Llama
 
@@ -283,7 +248,7 @@ def test_an_expert_drop_from_a_gguf_file_slices_its_experts_and_runs_in_llama_cp
     import gguf
 
     monkeypatch.setenv("LAYERWISE_CACHE", str(tmp_path / "cache"))
-    model, path = _moe_gguf(tmp_path / "moe.gguf")
+    model, path = moe_gguf(tmp_path / "moe.gguf")
     lm, toks = load(str(path)), list(range(3, 40))
     x = torch.tensor([toks])
     torch.testing.assert_close(_logits(lm.model, x), _logits(model, x), rtol=0, atol=1e-5)

@@ -48,6 +48,14 @@ class MoE:
     layout: Literal["all", "listed", "prefix"] = "all"
     #: The config entry holding the routed experts' count (one count for every sparse block).
     count: str = "num_experts"
+    #: The linear map that scales the shared experts' output per token (Qwen2-MoE's), where there is one.
+    shared_gate: str | None = None
+    #: llama.cpp's merged expert tensors (``blk.N.<name>.weight``, one matrix per expert) that read the inputs of each
+    #: experts tensor's per-expert matrices: gate and up read the token, down the expert's hidden activation.
+    gguf_experts: tuple[tuple[str, tuple[str, ...]], ...] = (
+        ("gate_up_proj", ("ffn_gate_exps", "ffn_up_exps")),
+        ("down_proj", ("ffn_down_exps",)),
+    )
 
 
 @dataclass(frozen=True)
@@ -115,7 +123,9 @@ SPECS: dict[str, Spec] = {
         _LLAMA_LIKE, attn_update="post_attention_layernorm", mlp_update="post_feedforward_layernorm"
     ),
     "qwen3_moe": replace(_LLAMA_LIKE, moe=MoE(layout="listed")),
-    "qwen2_moe": replace(_LLAMA_LIKE, moe=MoE(shared="mlp.shared_expert", layout="listed")),
+    "qwen2_moe": replace(
+        _LLAMA_LIKE, moe=MoE(shared="mlp.shared_expert", layout="listed", shared_gate="mlp.shared_expert_gate")
+    ),
     "mixtral": replace(_LLAMA_LIKE, moe=MoE(count="num_local_experts")),
     "olmoe": replace(_LLAMA_LIKE, moe=MoE()),
     "gpt_oss": replace(
@@ -457,6 +467,37 @@ class Anatomy:
         if not path.startswith(prefix) or not layer.isdigit() or rel not in names:
             raise LayerwiseError(f"{path} has no llama.cpp tensor name for {self.model_type}")
         return f"blk.{layer}.{names[rel]}.weight"
+
+    def gguf_matrices(self, layer: int) -> dict[str, nn.Module]:
+        """Block ``layer``'s linear maps by llama.cpp's tensor names (``blk.3.attn_q.weight``): the spec's, and in a
+        sparse block its router (``ffn_gate_inp``), shared experts' maps (``ffn_*_shexp``) and their gate
+        (``ffn_gate_inp_shexp``), every one llama.cpp runs as a matrix product; one line where the block lacks one of
+        the spec's (an attention llama.cpp names otherwise)."""
+        block, moe, prefix = self.blocks[layer], self.spec.moe, f"blk.{layer}."
+        sparse = layer in self.moe_layers
+        names = [(path, short) for path, short in self.spec.gguf_names if not (sparse and path.startswith("mlp."))]
+        missing = [path for path, _ in names if not _has(block, path)]
+        if missing:
+            raise LayerwiseError(
+                f"{self.model_type}'s block has no {missing[0]}: layerwise does not know llama.cpp's names for its "
+                "matrices"
+            )
+        out = {f"{prefix}{short}.weight": block.get_submodule(path) for path, short in names}
+        if not sparse or moe is None:
+            return out
+        out[f"{prefix}ffn_gate_inp.weight"] = self.router(layer)
+        shared = self.shared(layer)
+        for n, m in shared.named_children() if shared is not None else ():
+            if n.endswith("_proj"):
+                out[f"{prefix}ffn_{n.removesuffix('_proj')}_shexp.weight"] = m
+        if moe.shared_gate is not None:
+            out[f"{prefix}ffn_gate_inp_shexp.weight"] = block.get_submodule(moe.shared_gate)
+        return out
+
+    def gguf_experts(self, layer: int) -> dict[str, tuple[str, ...]]:
+        """A sparse block's experts tensors (by attribute of :meth:`experts`) and llama.cpp's merged tensors that
+        read the inputs of their per-expert matrices (``blk.3.ffn_gate_exps.weight``, ...)."""
+        return {attr: tuple(f"blk.{layer}.{n}.weight" for n in names) for attr, names in self._moe(layer).gguf_experts}
 
     def linear_weight(self, module: nn.Module) -> torch.Tensor:
         """A linear map's weight as (out, in), whatever the storage convention (GPT-2's Conv1D blocks store it (in,

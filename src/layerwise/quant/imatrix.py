@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from ..data import Windows
@@ -206,15 +207,24 @@ def _read_legacy(path: Path) -> Imatrix:
 
 
 def tensor_columns(lm: LoadedModel) -> dict[str, int]:
-    """Every quantized matrix of the model by llama.cpp's tensor name, with its input width."""
-    return {name: lm.anatomy.linear_shape(m)[1] for name, m in _matrices(lm).items()}
+    """Every matrix llama.cpp runs as a product, by its tensor name, with its input width (a merged expert tensor's
+    per-expert matrices' width)."""
+    an = lm.anatomy
+    merged = {
+        name: w.shape[1]
+        for layer in an.moe_layers
+        for attr, names in an.gguf_experts(layer).items()
+        for path, w in an.expert_matrices(layer, 0)
+        if path.endswith(f".{attr}.0")
+        for name in names
+    }
+    return {name: an.linear_shape(m)[1] for name, m in _matrices(lm).items()} | merged
 
 
 def _matrices(lm: LoadedModel) -> dict[str, nn.Module]:
-    """Every quantized matrix's module, by llama.cpp's tensor name."""
+    """Every matrix's module (not the merged expert tensors'), by llama.cpp's tensor name."""
     an = lm.anatomy
-    groups = [mods for layer in range(an.n_layers) for _, mods in an.quant_groups(layer, fused=False)]
-    return {an.gguf_name(p): m for mods in groups for p, m in mods}
+    return {name: m for layer in range(an.n_layers) for name, m in an.gguf_matrices(layer).items()}
 
 
 def compute(
@@ -222,15 +232,27 @@ def compute(
 ) -> Imatrix:
     """The importance matrix of every quantized matrix over every token of the calibration windows, ``batch_size``
     windows a pass (block by block, the weights read from disk, for a model run so); ``dataset`` names the data in
-    the file, as llama-imatrix names its text file."""
+    the file, as llama-imatrix names its text file. A merged expert tensor has one matrix per expert, each summed
+    over the tokens routed to that expert (see :class:`_ExpertInputs`)."""
     modules = _matrices(lm)
     batches = torch.split(windows.calibration, batch_size)
     acc = _Squares()
-    with acc.hooked(modules), torch.no_grad():
+    with acc.hooked(modules), _ExpertInputs.hooked(lm, acc), torch.no_grad():
         _run(lm, batches, progress)
+    an = lm.anatomy
+    merged = {
+        name: an.n_experts(layer)
+        for layer in an.moe_layers
+        for names in an.gguf_experts(layer).values()
+        for name in names
+    }
+    rows = {name: [name] for name in modules} | {name: [(name, j) for j in range(n)] for name, n in merged.items()}
+    columns = tensor_columns(lm)
     return Imatrix(
-        sums={n: acc.sums[n].float().double().numpy().reshape(1, -1) for n in sorted(modules)},  # as the file
-        counts={n: np.array([acc.counts[n]], dtype=np.float64) for n in sorted(modules)},
+        sums={n: acc.stacked(keys, columns[n]) for n, keys in sorted(rows.items())},
+        counts={
+            n: np.array([acc.counts.get(k, 0) for k in keys], dtype=np.float64) for n, keys in sorted(rows.items())
+        },
         chunk_count=int(windows.calibration.shape[0]),
         chunk_size=int(windows.seq_len),
         datasets=[dataset] if dataset else [],
@@ -239,30 +261,99 @@ def compute(
 
 
 class _Squares:
-    """Running sums of squared inputs per column (float64, on the CPU) and token counts, by tensor name."""
+    """Running sums of squared inputs per column (float64, on the CPU) and token counts, by tensor name (a merged
+    expert tensor's by (name, expert))."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
+        self.sums: dict[Hashable, torch.Tensor] = {}
+        self.counts: dict[Hashable, int] = {}
+
+    def add(self, key: Hashable, x: torch.Tensor) -> None:
+        """The rows of ``x`` (every leading axis flattened) added to ``key``'s sums and count."""
+        x = x.detach().reshape(-1, x.shape[-1])
+        part = x.float().square().sum(0).to("cpu", torch.float64)
+        self.sums[key] = self.sums[key] + part if key in self.sums else part
+        self.counts[key] = self.counts.get(key, 0) + int(x.shape[0])
+
+    def stacked(self, keys: list, columns: int) -> np.ndarray:
+        """The sums of ``keys`` as the rows of one (matrices, columns) array (as the file holds them, in float32);
+        zeros for a matrix that saw no token."""
+        zero = torch.zeros(columns, dtype=torch.float64)
+        return torch.stack([self.sums.get(k, zero) for k in keys]).float().double().numpy()
 
     @contextmanager
     def hooked(self, modules: dict[str, nn.Module]) -> Iterator[None]:
         """While active, every input to each module is added to its sums."""
-
-        def hook(name: str):
-            def add(_m: nn.Module, args: tuple) -> None:
-                x = args[0].detach()
-                x = x.reshape(-1, x.shape[-1])
-                part = x.float().square().sum(0).to("cpu", torch.float64)
-                self.sums[name] = self.sums[name] + part if name in self.sums else part
-                self.counts[name] = self.counts.get(name, 0) + int(x.shape[0])
-
-            return add
-
         with hooks() as keep:
             for name, m in modules.items():
-                keep(m.register_forward_pre_hook(hook(name)))
+                keep(m.register_forward_pre_hook(lambda _m, args, name=name: self.add(name, args[0])))
             yield
+
+
+class _ExpertInputs(TorchFunctionMode):
+    """The inputs of each expert's own matrices, caught as the model's experts module computes them: run eagerly
+    (transformers' per-expert loop, not a grouped kernel), it takes expert ``j``'s matrix as a slice ``W[j]`` of its
+    merged weight and multiplies the rows routed to ``j`` by it (``linear(x, W[j])`` or ``x @ W[j]``). Every slice
+    taken of a merged weight is noted, and the left operand of every product with a noted slice is added to that
+    expert's sums: the tokens routed to it for gate and up, its hidden activation for down."""
+
+    def __init__(self, acc: _Squares) -> None:
+        super().__init__()
+        self.acc = acc
+        self.weights: dict[int, tuple[torch.Tensor, tuple[str, ...]]] = {}  # id -> (weight, llama.cpp names)
+        self.slices: dict[int, tuple[torch.Tensor, tuple[str, ...], int]] = {}  # id -> (slice, names, expert)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.Tensor.__getitem__ and id(args[0]) in self.weights and _is_index(args[1]):
+            _, names = self.weights[id(args[0])]
+            self.slices[id(out)] = (out, names, int(args[1]))  # the slice held, so that its id is not reused
+        elif len(args) >= 2 and isinstance(args[1], torch.Tensor) and id(args[1]) in self.slices:
+            _, names, j = self.slices[id(args[1])]
+            for name in names:
+                self.acc.add((name, j), args[0])
+        return out
+
+    @classmethod
+    @contextmanager
+    def hooked(cls, lm: LoadedModel, acc: _Squares) -> Iterator[None]:
+        """While active, the experts modules run eagerly and their products are watched (their weights noted as
+        each module starts, for a model read from disk gets them then)."""
+        an = lm.anatomy
+        if not an.moe_layers:
+            yield
+            return
+        mode = cls(acc)
+
+        def note(layer: int):
+            def hook(m: nn.Module, _args: tuple) -> None:
+                mode.weights = {
+                    id(w): (w, names) for w, names in ((getattr(m, a), n) for a, n in an.gguf_experts(layer).items())
+                }
+
+            return hook
+
+        def done(*_args) -> None:  # nothing of a block held past its forward (from disk, its weights go)
+            mode.weights, mode.slices = {}, {}
+
+        before = getattr(lm.model.config, "_experts_implementation", None)
+        lm.model.set_experts_implementation("eager")
+        try:
+            with hooks() as keep, mode:
+                for layer in an.moe_layers:
+                    keep(an.experts(layer).register_forward_pre_hook(note(layer)))
+                    keep(an.experts(layer).register_forward_hook(done))
+                yield
+        finally:
+            if before is not None:
+                lm.model.set_experts_implementation(before)
+
+
+def _is_index(index: object) -> bool:
+    """Whether ``index`` picks one expert (an int or a tensor holding one)."""
+    return isinstance(index, int) or (
+        isinstance(index, torch.Tensor) and index.numel() == 1 and not index.is_floating_point()
+    )
 
 
 def _run(lm: LoadedModel, batches: tuple[torch.Tensor, ...], progress: bool) -> None:
