@@ -273,6 +273,20 @@ def same_checkpoint(a, b) -> None:
     assert ca | {"_name_or_path": None} == cb | {"_name_or_path": None}
 
 
+def sparse_inputs(lm: LoadedModel, ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Each sparse MLP's input in a plain forward of ``ids``, as (tokens, hidden), by block."""
+    an = lm.anatomy
+    seen: dict[int, list[torch.Tensor]] = {i: [] for i in an.moe_layers}
+    handles = [an.branch(i, "mlp").register_forward_pre_hook(lambda m, a, i=i: seen[i].append(a[0])) for i in seen]
+    try:
+        with torch.no_grad():
+            lm.model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {i: torch.cat(xs).reshape(-1, xs[0].shape[-1]) for i, xs in seen.items()}
+
+
 def moe_gguf(path):
     """A Qwen3-MoE model with every block sparse (as llama.cpp's qwen3moe graph has them) and its float32 GGUF file,
     which llama.cpp and layerwise both read as this model."""

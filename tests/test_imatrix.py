@@ -18,7 +18,7 @@ from layerwise.errors import LayerwiseError
 from layerwise.loading import LoadedModel
 from layerwise.quant.imatrix import Imatrix, compute, tensor_columns
 
-from .conftest import moe_gguf, tiny_lm, tiny_windows
+from .conftest import moe_gguf, sparse_inputs, tiny_lm, tiny_windows
 
 
 def _names(n_layers: int) -> list[str]:
@@ -199,14 +199,7 @@ def test_each_expert_s_matrix_sums_the_tokens_routed_to_it(arch):
     im = compute(lm, w, batch_size=2, progress=False)
     assert lm.model.config._experts_implementation == "grouped_mm"  # put back after the pass
     im.check(tensor_columns(lm), "made")
-    seen: dict[int, list[torch.Tensor]] = {i: [] for i in an.moe_layers}
-    handles = [an.branch(i, "mlp").register_forward_pre_hook(lambda m, a, i=i: seen[i].append(a[0])) for i in seen]
-    with torch.no_grad():
-        lm.model(input_ids=w.calibration, use_cache=False)
-    for h in handles:
-        h.remove()
-    for i in an.moe_layers:
-        x = torch.cat(seen[i]).reshape(-1, lm.model.config.hidden_size)
+    for i, x in sparse_inputs(lm, w.calibration).items():
         with torch.no_grad():
             _, _, idx = an.router(i)(x)
         name = f"blk.{i}.{{}}.weight".format

@@ -13,7 +13,7 @@ from layerwise.engine import Checkpoint, ConvertedCheckpoint
 from layerwise.errors import LayerwiseError
 from layerwise.trace import skip
 
-from .conftest import MOE_ARCHS, tiny_folder, tiny_lm, tiny_windows
+from .conftest import MOE_ARCHS, sparse_inputs, tiny_folder, tiny_lm, tiny_windows
 
 #: The blocks with experts in the tiny models of 3 blocks (Qwen3-MoE's first is listed dense, DeepSeek-V3's first k).
 SPARSE = {"qwen3_moe": [1, 2], "deepseek_v3": [1, 2]}
@@ -155,16 +155,11 @@ def test_the_profile_s_routing_counts_what_the_routers_choose(arch):
 
     lm, w = tiny_lm(arch), tiny_windows(3)
     an = lm.anatomy
-    seen: dict[int, list[torch.Tensor]] = {i: [] for i in an.moe_layers}
-    handles = [an.branch(i, "mlp").register_forward_pre_hook(lambda m, a, i=i: seen[i].append(a[0])) for i in seen]
-    with torch.no_grad():
-        lm.model(input_ids=w.calibration, use_cache=False)
-    for h in handles:
-        h.remove()
+    seen = sparse_inputs(lm, w.calibration)
     prof = profile(lm, w, ablation="none", lens=False, batch_size=2, progress=False)
-    for i, xs in seen.items():
+    for i, x in seen.items():
         with torch.no_grad():
-            _, weights, idx = an.router(i)(torch.cat(xs).reshape(-1, lm.model.config.hidden_size))
+            _, weights, idx = an.router(i)(x)
         for j in range(4):
             mine = (idx == j).any(-1)
             got = prof.unit(f"L{i}.mlp.e{j}").metrics

@@ -228,3 +228,13 @@ def test_cli_tunes_by_expert_and_writes_a_model_plain_transformers_loads(tmp_pat
     assert moved <= {"model.layers.3.mlp.experts.gate_up_proj", "model.layers.3.mlp.experts.down_proj"} | {
         n for n in base if not n.startswith("model.layers.")
     }  # L3's experts, and the embeddings, final norm and head that train with every unit
+
+
+def test_per_expert_learning_rates_come_from_the_profile():
+    """layer_lr by expert: every expert its own AdamW group at lr × w, w ∝ route_share, mean 1 over the experts."""
+    lm, w = tiny_lm("olmoe"), tiny_windows(4, 16)
+    prof = profile(lm, w, ablation="none", lens=False, progress=False)
+    rates = tune.layer_rates(prof, "route_share", "expert", 1.0)
+    assert len(rates) == 4 * len(lm.anatomy.moe_layers) and sum(rates.values()) == pytest.approx(len(rates))
+    run = tune.train(lm, w, select="lisa", unit="expert", steps=1, lr=1e-3, rates=rates, progress=False)
+    assert run.unit_lr == pytest.approx({u: 1e-3 * r for u, r in rates.items()})
