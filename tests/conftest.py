@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 
 import numpy as np
 import pytest
@@ -287,25 +288,25 @@ def sparse_inputs(lm: LoadedModel, ids: torch.Tensor) -> dict[int, torch.Tensor]
     return {i: torch.cat(xs).reshape(-1, xs[0].shape[-1]) for i, xs in seen.items()}
 
 
-def moe_gguf(path):
+def moe_gguf(path, *, hidden: int = 32, width: int = 16, experts: int = 4):
     """A Qwen3-MoE model with every block sparse (as llama.cpp's qwen3moe graph has them) and its float32 GGUF file,
-    which llama.cpp and layerwise both read as this model."""
+    which llama.cpp and layerwise both read as this model (``width``: each expert's hidden width)."""
     import string
 
     import transformers as tf
 
     cfg = tf.Qwen3MoeConfig(
         vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=8,
+        head_dim=hidden // 4,
         max_position_embeddings=128,
-        num_experts=4,
+        num_experts=experts,
         num_experts_per_tok=2,
-        moe_intermediate_size=16,
+        moe_intermediate_size=width,
         norm_topk_prob=True,
         tie_word_embeddings=False,
     )
@@ -318,3 +319,41 @@ def moe_gguf(path):
             else:
                 p.normal_(0, 0.2)
     return model, write_gguf(model, path, ["<unk>", "<s>", "</s>", *string.printable[:94]], quantized=False)
+
+
+def gguf_tensors(path) -> dict:
+    """A GGUF file's tensors by name."""
+    import gguf
+
+    return {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def recipe_reproduces(folder, tmp_path) -> int:
+    """The folder's recipe, run by llama.cpp's quantizer, writes its model.gguf byte for byte; returns how many
+    tensor types it sets."""
+    from layerwise.quant.gguf import llama_quantize
+    from layerwise.quant.imatrix import Imatrix
+
+    args = shlex.split((folder / "recipe.sh").read_text().replace("\\\n", " "))
+    overrides = [tuple(a.rsplit("=", 1)) for a in args[args.index("--tensor-type") + 1 :: 2] if "=" in a]
+    assert args[args.index("--imatrix") + 1] == "imatrix.gguf"
+    embd = args[args.index("--token-embedding-type") + 1]
+    head = args[args.index("--output-tensor-type") + 1] if "--output-tensor-type" in args else None
+    im = Imatrix.load(folder / "imatrix.gguf")
+    again = llama_quantize(
+        args[-3],
+        tmp_path / "again.gguf",
+        args[-1],
+        overrides,
+        token_embedding_type=embd,
+        output_tensor_type=head,
+        imatrix=im,
+    )
+    listed = [tuple(ln.rsplit("=", 1)) for ln in (folder / "tensor-types.txt").read_text().split()]
+    assert listed == overrides  # the same types for llama-quantize --tensor-type-file
+    ours, theirs = gguf_tensors(folder / "model.gguf"), gguf_tensors(again)
+    assert set(ours) == set(theirs)
+    for name, t in ours.items():
+        assert theirs[name].tensor_type == t.tensor_type, name
+        assert bytes(theirs[name].data) == bytes(t.data), name
+    return len(overrides)

@@ -164,7 +164,7 @@ def test_gguf_name_refuses_paths_without_a_tensor_name():
     an = tiny_lm("llama").anatomy
     assert an.gguf_name("model.layers.1.self_attn.q_proj") == "blk.1.attn_q.weight"
     for path in ("lm_head", "model.layers", "model.layers.x.self_attn.q_proj", "model.layers.1", "model.embed_tokens"):
-        with pytest.raises(LayerwiseError, match="has no llama.cpp tensor name"):
+        with pytest.raises(LayerwiseError, match="is not a weight layerwise quantizes in this llama model"):
             an.gguf_name(path)
 
 

@@ -53,15 +53,15 @@ def test_linear_histogram_quantiles_within_half_a_bin():
 def test_quality_reports_llama_cpp_statistics_exactly():
     """Every new key of quality() against the same figures computed from stored per-token values."""
     from layerwise.evaluate import KL_KEYS, next_token_logits, quality
-    from layerwise.quant.apply import quantized
+    from layerwise.quant.measure import matrix, replaced
     from layerwise.quant.rtn import QConfig, quantize_rtn
 
     lm = tiny_lm("llama")
     an = lm.anatomy
     mods = [m for layer in range(an.n_layers) for _, ms in an.quant_groups(layer, fused=False) for _, m in ms]
-    weights = {m: quantize_rtn(an.linear_weight(m).detach().float(), QConfig(2, 32)).dequantize() for m in mods}
+    weights = {m: quantize_rtn(matrix(m), QConfig(2, 32)).dequantize() for m in mods}
     ids = torch.randint(0, 97, (6, 24), generator=torch.Generator().manual_seed(3))
-    cand = next_token_logits(lm.model, lambda: quantized(lm, weights))
+    cand = next_token_logits(lm.model, lambda: replaced(weights))
     q = quality(next_token_logits(lm.model), {"q2": cand}, ids, batch_size=4)["q2"]
     assert KL_KEYS == KEYS and set(KEYS) <= set(q)
 

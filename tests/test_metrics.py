@@ -78,7 +78,7 @@ def test_profile_stream_metrics_match_traced_tensors(monkeypatch, blocks_per_run
     lm = tiny_lm("gemma3_text")
     w = tiny_windows(2)
     an = lm.anatomy
-    per_block = w.calibration.numel() * (4 * an.embed.weight.shape[1] + an.linear_weight(an.down_proj(0)).shape[1])
+    per_block = w.calibration.numel() * (4 * an.embed.weight.shape[1] + an.linear_shape(an.down_proj(0))[1])
     monkeypatch.setattr(reducers, "_run_elements", lambda device: per_block * blocks_per_run)
     prof = profile(lm, w, ablation="none", lens=False, progress=False)
     traces = []

@@ -122,12 +122,6 @@ def test_a_saved_drop_reloads_with_every_block_s_experts_where_they_were(arch, t
         torch.testing.assert_close(again(input_ids=x, use_cache=False).logits, want, atol=1e-5, rtol=1e-5)
 
 
-def test_quantize_refuses_a_mixture_of_experts_model_in_one_line():
-    lm = tiny_lm("qwen3_moe")
-    with pytest.raises(LayerwiseError, match="quantize does not plan qwen3_moe models yet"):
-        lm.anatomy.quant_groups(1)
-
-
 def test_routing_columns_and_the_layer_summary_by_hand():
     """Three tokens, four experts, two each: expert 3 never chosen, expert 0 always; the third token's last expert
     carries 5% of its chosen weight (skippable), the others' 25% or more."""

@@ -126,7 +126,7 @@ SMALL = tuple(QConfig(b, 16) for b in (2, 4, 8))
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
 def test_measurement_matches_an_independent_forward(arch):
-    from layerwise.quant.measure import measure, replaced
+    from layerwise.quant.measure import matrix, measure, replaced
     from layerwise.trace import tap
 
     from .conftest import tiny_lm, tiny_windows
@@ -142,7 +142,7 @@ def test_measurement_matches_an_independent_forward(arch):
         assert errs[0] > errs[1] > errs[2] > 0  # more bits, less error
         (group,) = [mods for g, mods in an.quant_groups(1) if g == name]
         cfg = SMALL[1]
-        deq = {mod: quantize_rtn(an.linear_weight(mod).detach().float(), cfg).dequantize() for _, mod in group}
+        deq = {mod: quantize_rtn(matrix(mod), cfg).dequantize() for _, mod in group}
         kind = name.split(".")[1]
 
         def update(tr_list):
@@ -153,7 +153,7 @@ def test_measurement_matches_an_independent_forward(arch):
             ref, got = [], []
             with tap(an, ref.append):
                 lm.model(input_ids=w.ids, use_cache=False)
-            with replaced(an, deq), tap(an, got.append):
+            with replaced(deq), tap(an, got.append):
                 lm.model(input_ids=w.ids, use_cache=False)
         y, yq = update(ref), update(got)
         assert entry["configs"][cfg.name]["rel"] == pytest.approx(float(((yq - y) ** 2).sum() / (y**2).sum()), rel=1e-4)
@@ -176,9 +176,7 @@ def test_measurement_matches_an_independent_forward(arch):
         g2 = kept["y"].grad.double()[:, :-1] ** 2
         want = 0.5 * float((g2 * (yq - y)[:, :-1] ** 2).sum()) / g2[..., 0].numel()
         assert entry["configs"][cfg.name]["err"] == pytest.approx(want, rel=1e-3)
-        assert entry["configs"][cfg.name]["bits"] == sum(
-            cfg.storage_bits(*an.linear_weight(mod).shape) for _, mod in group
-        )
+        assert entry["configs"][cfg.name]["bits"] == sum(cfg.storage_bits(*mod.shape) for _, mod in group)
 
 
 def test_measurement_resumes_and_refuses_stale_files(tmp_path):
@@ -279,31 +277,31 @@ def test_ranked_lowers_the_least_important_blocks():
 
 def test_fake_quantized_model_uses_the_plan_and_restores():
     from layerwise.quant.allocate import uniform
-    from layerwise.quant.apply import plan_weights, quantized
-    from layerwise.quant.measure import GroupCandidates, measure
+    from layerwise.quant.apply import plan_weights
+    from layerwise.quant.measure import GroupCandidates, matrix, measure, replaced
 
     from .conftest import tiny_lm, tiny_windows
 
     lm, w = tiny_lm("gpt2"), tiny_windows(2)
     meas = measure(lm, w, candidates=SMALL, progress=False)
     weights = plan_weights(lm, meas, uniform(meas, "a2g16"), GroupCandidates(SMALL))
-    before = {m: m.weight.detach().clone() for m in weights}
+    before = {m: matrix(m) for m in weights}
     with torch.no_grad():
         full = lm.model(input_ids=w.ids).logits
-        with quantized(lm, weights):
+        with replaced(weights):
             for m, deq in weights.items():
-                torch.testing.assert_close(lm.anatomy.linear_weight(m), deq)
+                torch.testing.assert_close(matrix(m), deq)
             q = lm.model(input_ids=w.ids).logits
     assert not torch.allclose(q, full, atol=1e-3)
-    assert all(torch.equal(m.weight, v) for m, v in before.items())
+    assert all(torch.equal(matrix(m), v) for m, v in before.items())
 
 
 def test_gptq_plans_run_block_by_block_on_quantized_inputs():
     """Block 1's GPTQ sees the inputs that block 0, already quantized, produces (checked by hand)."""
     from layerwise.quant.allocate import uniform
-    from layerwise.quant.apply import plan_weights, quantized
+    from layerwise.quant.apply import plan_weights
     from layerwise.quant.gptq import Hessian, quantize_gptq
-    from layerwise.quant.measure import GroupCandidates, measure
+    from layerwise.quant.measure import GroupCandidates, measure, replaced
 
     from .conftest import tiny_lm, tiny_windows
 
@@ -313,17 +311,18 @@ def test_gptq_plans_run_block_by_block_on_quantized_inputs():
     plan = uniform(meas, "a2g16")
     weights = plan_weights(lm, meas, plan, cands, w)
     an = lm.anatomy
-    block0 = {m: v for m, v in weights.items() if any(m is mod for _, mods in an.quant_groups(0) for _, mod in mods)}
-    (_, [(_, q1)]) = [(g, mods[:1]) for g, mods in an.quant_groups(1) if g == "L1.attn.qkv"][0]
+    first = [an.weight(p) for _, mods in an.quant_groups(0) for p, _ in mods]
+    block0 = {m: v for m, v in weights.items() if any(m.module is mod.module for mod in first)}
+    q1 = an.blocks[1].self_attn.q_proj
     hess = Hessian(q1.in_features)
     handle = q1.register_forward_pre_hook(lambda _m, args: hess.add(args[0]))
     try:
-        with torch.no_grad(), quantized(lm, block0):
+        with torch.no_grad(), replaced(block0):
             lm.model(input_ids=w.ids, use_cache=False)
     finally:
         handle.remove()
     want = quantize_gptq(q1.weight.detach().float(), hess.value, SMALL[0]).dequantize()
-    torch.testing.assert_close(weights[q1], want)
+    torch.testing.assert_close(next(v for m, v in weights.items() if m.module is q1), want)
     with pytest.raises(LayerwiseError, match="calibration windows"):
         plan_weights(lm, meas, plan, cands)
 
@@ -350,8 +349,8 @@ def test_measured_keeps_the_choice_with_the_least_calibration_loss(target, narro
     kept is the one the calibration windows prefer."""
     from layerwise.evaluate import next_token_logits, quality
     from layerwise.quant.allocate import solve
-    from layerwise.quant.apply import plan_weights, quantized
-    from layerwise.quant.measure import GroupCandidates, measure
+    from layerwise.quant.apply import plan_weights
+    from layerwise.quant.measure import GroupCandidates, measure, replaced
 
     from .conftest import tiny_lm
 
@@ -365,8 +364,7 @@ def test_measured_keeps_the_choice_with_the_least_calibration_loss(target, narro
     )  # on this model the narrower choice matters, so both are run
     assert got.bpw <= target + 1e-9 and got.configs in [a.configs for a in plans.values()]
     runs = {
-        k: next_token_logits(lm.model, lambda a=a: quantized(lm, plan_weights(lm, meas, a, cands)))
-        for k, a in plans.items()
+        k: next_token_logits(lm.model, lambda a=a: replaced(plan_weights(lm, meas, a, cands))) for k, a in plans.items()
     }
     q = quality(next_token_logits(lm.model), runs, w.calibration)
     assert got.meta["calibration_delta_nll"] == pytest.approx({k: v["delta_nll"] for k, v in q.items()}, abs=1e-9)
@@ -384,8 +382,8 @@ def test_hf_export_loads_in_plain_transformers_with_the_plans_weights(tmp_path, 
 
     from layerwise import quantize as qz
     from layerwise.quant.allocate import fixed
-    from layerwise.quant.apply import plan_weights, quantized
-    from layerwise.quant.measure import Measurement
+    from layerwise.quant.apply import plan_weights
+    from layerwise.quant.measure import Measurement, replaced
 
     from .conftest import tiny_lm
 
@@ -409,11 +407,11 @@ def test_hf_export_loads_in_plain_transformers_with_the_plans_weights(tmp_path, 
     meas = Measurement.load(tmp_path / "measurement.json", {})
     alloc = fixed(meas, configs, "measured")
     weights = plan_weights(lm, meas, alloc, qz.candidates_for(lm, "int", method=method, symmetric=True, sizes=(32,)), w)
-    with quantized(lm, weights), torch.no_grad():  # compressed-tensors decompresses on the first forward
+    with replaced(weights), torch.no_grad():  # compressed-tensors decompresses on the first forward
         torch.testing.assert_close(loaded(input_ids=w.ids).logits, lm.model(input_ids=w.ids).logits, rtol=0, atol=1e-5)
     names = {m: n for n, m in lm.model.named_modules()}
     for m, deq in weights.items():
-        assert torch.equal(loaded.get_submodule(names[m]).weight, deq)
+        assert torch.equal(loaded.get_submodule(names[m.module]).weight, deq)
     assert rep.exports["hf"]["transformers_ppl"] == pytest.approx(rep.rows[0]["ppl"], rel=1e-5)
     # one config group per scheme, and fused shards (q/k/v, gate/up) under the same one
     qc = json.loads((tmp_path / "model" / "config.json").read_text())["quantization_config"]
@@ -465,8 +463,8 @@ def test_gptq_plans_are_scored_on_windows_they_were_not_fitted_to():
 
     from layerwise.evaluate import next_token_logits, quality
     from layerwise.quant.allocate import solve
-    from layerwise.quant.apply import plan_weights, quantized
-    from layerwise.quant.measure import GroupCandidates, measure
+    from layerwise.quant.apply import plan_weights
+    from layerwise.quant.measure import GroupCandidates, measure, replaced
 
     from .conftest import tiny_lm
 
@@ -481,7 +479,7 @@ def test_gptq_plans_are_scored_on_windows_they_were_not_fitted_to():
         runs = {
             k: next_token_logits(
                 lm.model,
-                lambda a=a, fit=fit: quantized(lm, plan_weights(lm, meas, a, cands, replace(w, ids=fit, n_calib=2))),
+                lambda a=a, fit=fit: replaced(plan_weights(lm, meas, a, cands, replace(w, ids=fit, n_calib=2))),
             )
             for k, a in plans.items()
         }
@@ -492,7 +490,7 @@ def test_gptq_plans_are_scored_on_windows_they_were_not_fitted_to():
     own = quality(
         next_token_logits(lm.model),
         {
-            k: next_token_logits(lm.model, lambda a=a: quantized(lm, plan_weights(lm, meas, a, cands, w)))
+            k: next_token_logits(lm.model, lambda a=a: replaced(plan_weights(lm, meas, a, cands, w)))
             for k, a in plans.items()
         },
         c,

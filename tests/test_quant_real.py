@@ -2,14 +2,13 @@
 
 import json
 import math
-import shlex
 
 import pytest
 
 from layerwise import cli
 from layerwise.quant.gguf import IQ_TYPES, TYPES
 
-from .conftest import one_error_line, same_checkpoint
+from .conftest import gguf_tensors, one_error_line, recipe_reproduces, same_checkpoint
 
 pytestmark = pytest.mark.real
 
@@ -42,12 +41,6 @@ def run(tmp_path_factory, real_cache):
     return out
 
 
-def _types(path) -> dict:
-    import gguf
-
-    return {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
-
-
 def test_plan_hits_the_budget_and_says_what_was_stored(run):
     plan = json.loads((run / "plan.json").read_text())["plans"]
     (p,) = plan.values()
@@ -60,7 +53,7 @@ def test_plan_hits_the_budget_and_says_what_was_stored(run):
     assert all(math.isfinite(row[k]) for k in ("ppl", "kl", "delta_nll", "predicted_delta_nll", "bpw_model"))
     assert row["kl"] >= 0
     # the reported size is the size of the tensors in the file written (embeddings and norms as stored)
-    tensors = _types(run / "model.gguf").values()
+    tensors = gguf_tensors(run / "model.gguf").values()
     assert row["bytes"] == sum(int(t.n_bytes) for t in tensors)
     assert row["bpw_model"] == pytest.approx(8 * row["bytes"] / sum(int(t.n_elements) for t in tensors), rel=1e-12)
     assert "measured@4.6" in (run / "report.html").read_text()
@@ -99,7 +92,7 @@ def test_saved_plan_applies_and_exports_again_without_measuring(run, tmp_path, c
         )
         == 0
     )
-    ours, theirs = _types(run / "model.gguf"), _types(again / "model.gguf")
+    ours, theirs = gguf_tensors(run / "model.gguf"), gguf_tensors(again / "model.gguf")
     assert ours.keys() == theirs.keys() and all(bytes(theirs[k].data) == bytes(t.data) for k, t in ours.items())
     assert (again / "recipe.sh").read_text() == (run / "recipe.sh").read_text()
     other = json.loads((run / "plan.json").read_text())
@@ -136,7 +129,7 @@ def test_gguf_export_holds_the_plan_and_runs_in_llama_cpp(run):
     """The file's tensor types are the plan's stored types; llama.cpp's perplexity is within 2% of ours."""
     plan = next(iter(json.loads((run / "plan.json").read_text())["plans"].values()))
     ev = json.loads((run / "eval.json").read_text())
-    tensors = _types(run / "model.gguf")
+    tensors = gguf_tensors(run / "model.gguf")
     from layerwise import load
 
     an = load("default").anatomy
@@ -151,29 +144,7 @@ def test_gguf_export_holds_the_plan_and_runs_in_llama_cpp(run):
 def test_recipe_makes_the_same_file_with_llama_quantize(run, tmp_path):
     """The recipe's --tensor-type lines and its importance matrix (the run's imatrix.gguf, named from the folder the
     recipe runs in), given to llama.cpp's quantizer, reproduce the export byte for byte."""
-    _recipe_reproduces(run, tmp_path)
-
-
-def _recipe_reproduces(folder, tmp_path) -> None:
-    """The folder's recipe, run by llama.cpp's quantizer, writes its model.gguf byte for byte."""
-    from layerwise.quant.gguf import llama_quantize
-    from layerwise.quant.imatrix import Imatrix
-
-    args = shlex.split((folder / "recipe.sh").read_text().replace("\\\n", " "))
-    overrides = [tuple(a.rsplit("=", 1)) for a in args[args.index("--tensor-type") + 1 :: 2] if "=" in a]
-    assert len(overrides) == 210 and args[args.index("--imatrix") + 1] == "imatrix.gguf"
-    embd = args[args.index("--token-embedding-type") + 1]
-    im = Imatrix.load(folder / "imatrix.gguf")
-    again = llama_quantize(
-        args[-3], tmp_path / "again.gguf", args[-1], overrides, token_embedding_type=embd, imatrix=im
-    )
-    listed = [tuple(ln.rsplit("=", 1)) for ln in (folder / "tensor-types.txt").read_text().split()]
-    assert listed == overrides  # the same types for llama-quantize --tensor-type-file
-    ours, theirs = _types(folder / "model.gguf"), _types(again)
-    assert set(ours) == set(theirs)
-    for name, t in ours.items():
-        assert theirs[name].tensor_type == t.tensor_type, name
-        assert bytes(theirs[name].data) == bytes(t.data), name
+    assert recipe_reproduces(run, tmp_path) == 210
 
 
 def test_imatrix_is_made_on_the_calibration_windows_and_weighs_llama_cpps_rounding(run, tmp_path):
@@ -198,7 +169,7 @@ def test_imatrix_is_made_on_the_calibration_windows_and_weighs_llama_cpps_roundi
     plain, weighed = (
         llama_quantize(src, tmp_path / f"{k}.gguf", "Q4_0", imatrix=i) for k, i in (("a", None), ("b", im))
     )
-    a, b = _types(plain), _types(weighed)
+    a, b = gguf_tensors(plain), gguf_tensors(weighed)
     assert bytes(a["token_embd.weight"].data) == bytes(b["token_embd.weight"].data)  # no entry: no weighing
     assert bytes(a["blk.0.attn_q.weight"].data) != bytes(b["blk.0.attn_q.weight"].data)
 
@@ -268,7 +239,7 @@ def test_embedding_type_is_counted_written_and_evaluated(run, tmp_path):
     assert cli.main(["quantize", *argv, "--out", str(out)]) == 0
     written = (out / "model.gguf").stat().st_size
     assert 0.99 * size <= written <= size, (written, size)
-    tensors = _types(out / "model.gguf")
+    tensors = gguf_tensors(out / "model.gguf")
     assert tensors["token_embd.weight"].tensor_type.name == "Q5_0"
     ev = json.loads((out / "eval.json").read_text())
     (row,) = ev["rows"]
@@ -276,7 +247,7 @@ def test_embedding_type_is_counted_written_and_evaluated(run, tmp_path):
     assert row["bytes"] == sum(int(t.n_bytes) for t in tensors.values())
     assert abs(ev["exports"]["gguf"]["llama_cpp_ppl"] / row["ppl"] - 1) < 0.02, (row, ev["exports"])
     assert QuantPlan.load(out).embedding == "Q4_K"
-    _recipe_reproduces(out, tmp_path)
+    assert recipe_reproduces(out, tmp_path) == 210
 
 
 def test_tie_gives_gate_and_up_one_type(run, tmp_path):
@@ -291,7 +262,7 @@ def test_tie_gives_gate_and_up_one_type(run, tmp_path):
     assert cli.main(["quantize", *argv, "--export", "gguf", "--out", str(out)]) == 0
     (plan,) = json.loads((out / "plan.json").read_text())["plans"].values()
     assert len(plan["groups"]) == 30 * 6 and abs(plan["bpw"] - BITS) <= 0.02
-    types = _types(out / "model.gguf")
+    types = gguf_tensors(out / "model.gguf")
     for i in range(30):
         assert types[f"blk.{i}.ffn_gate.weight"].tensor_type == types[f"blk.{i}.ffn_up.weight"].tensor_type, i
         assert f"L{i}.mlp.gate_up" in plan["groups"]
@@ -361,7 +332,7 @@ def test_q4km_is_llama_cpp_rule(real_cache, tmp_path):
     from layerwise.quant.gguf import _more_bits, llama_quantize, source_gguf
 
     lm = load("default")
-    theirs = _types(llama_quantize(source_gguf(lm), tmp_path / "q4km.gguf", "Q4_K", pure=False))
+    theirs = gguf_tensors(llama_quantize(source_gguf(lm), tmp_path / "q4km.gguf", "Q4_K", pure=False))
     n = lm.anatomy.n_layers
     for i in range(n):
         for kind in ("attn_v", "ffn_down"):

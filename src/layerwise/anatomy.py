@@ -11,7 +11,7 @@ always-on shared experts) and ``L7.router``.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast
 
 import torch
@@ -37,6 +37,9 @@ class MoE:
     shared: str | None = None
     #: gpt-oss stores each expert's matrices as (in, out).
     transposed: bool = False
+    #: gpt-oss interleaves the gate's and the up map's rows in its fused gate_up tensor; the others put the gate's
+    #: rows first.
+    interleaved: bool = False
     #: gpt-oss's sparse MLP returns (update, router scores).
     pair_out: bool = False
     #: How the router turns its logits into each token's experts and weights: softmax over every expert, then the
@@ -56,6 +59,36 @@ class MoE:
         ("gate_up_proj", ("ffn_gate_exps", "ffn_up_exps")),
         ("down_proj", ("ffn_down_exps",)),
     )
+
+
+@dataclass(frozen=True, eq=False)
+class Weight:
+    """One quantized weight: a linear map's, or one of a sparse block's experts tensors (gate, up or down of every
+    expert), always seen as (out, in) matrices.
+
+    Every consumer (measurement, plans, exports) reads and writes weights through this handle, so none of them needs
+    to know that GPT-2 stores (in, out) or that transformers keeps all of a block's experts in one 3-D parameter with
+    the gate's and the up map's rows fused. Handles compare by identity (dictionary keys within one plan).
+    """
+
+    module: nn.Module
+    attr: str = "weight"
+    #: Stored as (..., in, out): GPT-2's Conv1D, gpt-oss's experts.
+    transposed: bool = False
+    #: The rows of each (out, in) matrix that are this weight's (the gate's or the up map's of a fused tensor).
+    rows: slice = field(default_factory=lambda: slice(None))
+
+    def view(self) -> torch.Tensor:
+        """The parameter as (..., out, in), this weight's rows only: a view, so writing it writes the model."""
+        w = self.module.get_parameter(self.attr)
+        return (w.transpose(-1, -2) if self.transposed else w)[..., self.rows, :]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, in), an experts tensor's matrices stacked by rows: how every format here stores it (each row is
+        quantized on its own, and llama.cpp stores a merged experts tensor the same way)."""
+        v = self.view()
+        return v.numel() // v.shape[-1], v.shape[-1]
 
 
 @dataclass(frozen=True)
@@ -130,7 +163,14 @@ SPECS: dict[str, Spec] = {
     "olmoe": replace(_LLAMA_LIKE, moe=MoE()),
     "gpt_oss": replace(
         _LLAMA_LIKE,
-        moe=MoE(router="mlp.router", transposed=True, pair_out=True, rule="topk_softmax", count="num_local_experts"),
+        moe=MoE(
+            router="mlp.router",
+            transposed=True,
+            interleaved=True,
+            pair_out=True,
+            rule="topk_softmax",
+            count="num_local_experts",
+        ),
     ),
     "deepseek_v3": replace(
         _LLAMA_LIKE,
@@ -433,65 +473,131 @@ class Anatomy:
 
     def quant_groups(
         self, layer: int, *, fused: bool | tuple[str, ...] = True
-    ) -> list[tuple[str, list[tuple[str, nn.Module]]]]:
-        """``[(group name like "L3.attn.qkv", [(module path, module), ...]), ...]`` for one block.
+    ) -> list[tuple[str, list[tuple[str, Weight]]]]:
+        """``[(group name like "L3.attn.qkv", [(weight path, weight), ...]), ...]`` for one block.
 
-        ``fused=False`` gives every linear map a group of its own (``L3.attn.q_proj``):
-        llama.cpp stores and types each tensor separately. A tuple of group names (``("mlp.gate_up",)``) keeps
-        those together and splits the rest.
+        ``fused=False`` gives every weight a group of its own (``L3.attn.q_proj``): llama.cpp stores and types each
+        tensor separately. A tuple of the spec's group names (``("mlp.gate_up",)``) keeps those together (in a sparse
+        block, the experts' and the shared experts' gate and up too) and splits the rest.
+
+        A sparse block's experts are weights of their own, each holding every expert's matrix: ``L3.mlp.experts.gate``,
+        ``.up`` and ``.down``, one type for each of llama.cpp's merged ``*_exps`` tensors. Fused (``True``), they
+        are one group, ``L3.mlp.experts``: vLLM's fused MoE kernels run a layer's experts under one scheme. Shared
+        experts are a plain MLP (``L3.mlp.shared.gate_up``, ``L3.mlp.shared.down``).
         """
-        if self.spec.moe is not None:
-            raise LayerwiseError(
-                f"quantize does not plan {self.model_type} models yet: their experts are not quantization groups "
-                "(profile, drop, tune, probe and steer run on them)"
-            )
-        block = self.blocks[layer]
         kept = {g for g, _ in self.spec.quant_groups} if fused is True else set(fused or ())
-        groups = [
-            one
-            for g, paths in self.spec.quant_groups
-            for one in (
-                [(g, list(paths))] if g in kept else [(f"{g.split('.')[0]}.{p.rsplit('.', 1)[-1]}", [p]) for p in paths]
-            )
-        ]
-        return [
-            (f"L{layer}.{g}", [(f"{self.spec.layers}.{layer}.{p}", block.get_submodule(p)) for p in paths])
-            for g, paths in groups
-        ]
+        out: list[tuple[str, list[tuple[str, Weight]]]] = []
+        for key, group, members in self._quant_table(layer):
+            paths = [(f"{self.spec.layers}.{layer}.{p}", w) for p, _, w in members]
+            if fused is True and group.startswith("mlp.experts."):
+                named = [("mlp.experts", paths)]  # vLLM's fused MoE kernels: one scheme for gate, up and down
+            elif key in kept:
+                named = [(group, paths)]
+            else:
+                named = [(f"{group.rsplit('.', 1)[0]}.{path.rsplit('.', 1)[-1]}", [(path, w)]) for path, w in paths]
+            for g, ws in named:
+                if out and out[-1][0] == f"L{layer}.{g}":
+                    out[-1][1].extend(ws)
+                else:
+                    out.append((f"L{layer}.{g}", ws))
+        return out
 
-    def gguf_name(self, path: str) -> str:
-        """llama.cpp's tensor name for a quantized linear map's module path (``blk.3.attn_q.weight``)."""
-        prefix = f"{self.spec.layers}."
-        layer, _, rel = path.removeprefix(prefix).partition(".")
+    def _quant_table(self, layer: int) -> list[tuple[str, str, list[tuple[str, str, Weight]]]]:
+        """Block ``layer``'s quantized weights: ``[(the spec's group they fuse as, group, [(path in the block,
+        llama.cpp's name, weight), ...]), ...]``. A sparse block's router stays as it is: llama.cpp keeps
+        ``ffn_gate_inp`` unquantized and vLLM's configs leave the gate out."""
+        block, moe = self.blocks[layer], self.spec.moe
         names = dict(self.spec.gguf_names)
-        if not path.startswith(prefix) or not layer.isdigit() or rel not in names:
-            raise LayerwiseError(f"{path} has no llama.cpp tensor name for {self.model_type}")
-        return f"blk.{layer}.{names[rel]}.weight"
-
-    def gguf_matrices(self, layer: int) -> dict[str, nn.Module]:
-        """Block ``layer``'s linear maps by llama.cpp's tensor names (``blk.3.attn_q.weight``): the spec's, and in a
-        sparse block its router (``ffn_gate_inp``), shared experts' maps (``ffn_*_shexp``) and their gate
-        (``ffn_gate_inp_shexp``), every one llama.cpp runs as a matrix product; one line where the block lacks one of
-        the spec's (an attention llama.cpp names otherwise)."""
-        block, moe, prefix = self.blocks[layer], self.spec.moe, f"blk.{layer}."
-        sparse = layer in self.moe_layers
-        names = [(path, short) for path, short in self.spec.gguf_names if not (sparse and path.startswith("mlp."))]
-        missing = [path for path, _ in names if not _has(block, path)]
+        sparse = moe is not None and layer in self.moe_layers
+        dense = [(g, paths) for g, paths in self.spec.quant_groups if not (sparse and g.startswith("mlp."))]
+        missing = [p for _, paths in dense for p in paths if not _has(block, p)]
         if missing:
             raise LayerwiseError(
-                f"{self.model_type}'s block has no {missing[0]}: layerwise does not know llama.cpp's names for its "
-                "matrices"
+                f"{self.model_type}'s block has no {missing[0]}: layerwise does not know its matrices or llama.cpp's "
+                "names for them"
             )
-        out = {f"{prefix}{short}.weight": block.get_submodule(path) for path, short in names}
+        table = [
+            (g, g, [(p, names.get(p, ""), self._linear(block.get_submodule(p))) for p in paths]) for g, paths in dense
+        ]
         if not sparse or moe is None:
+            return table
+        return table + self._experts_table(layer, moe) + self._shared_table(layer, moe)
+
+    def _experts_table(self, layer: int, moe: MoE) -> list[tuple[str, str, list[tuple[str, str, Weight]]]]:
+        """:meth:`_quant_table`'s rows for a sparse block's experts tensors: gate, up and down (each every expert's),
+        in the rows of the fused gate_up tensor that the model's experts forward reads as each."""
+        experts, table = self.experts(layer), []
+        for attr, merged in moe.gguf_experts:
+            short = [n.removeprefix("ffn_").removesuffix("_exps") for n in merged]
+            n, k = experts.get_parameter(attr).shape[-1 if moe.transposed else -2], len(merged)
+            rows = [slice(i, None, k) if moe.interleaved else slice(i * n // k, (i + 1) * n // k) for i in range(k)]
+            members = [
+                (f"{moe.experts}.{s}", m, Weight(experts, attr, moe.transposed, r))
+                for s, m, r in zip(short, merged, rows)
+            ]
+            table.append((f"mlp.{'_'.join(short)}", f"mlp.experts.{'_'.join(short)}", members))
+        return table
+
+    def _shared_table(self, layer: int, moe: MoE) -> list[tuple[str, str, list[tuple[str, str, Weight]]]]:
+        """:meth:`_quant_table`'s rows for a sparse block's shared experts: a plain MLP (``ffn_*_shexp``)."""
+        if moe.shared is None:
+            return []
+        names, block = dict(self.spec.gguf_names), self.blocks[layer]
+
+        def member(path: str) -> tuple[str, str, Weight]:
+            rel, name = f"{moe.shared}.{path.split('.', 1)[1]}", names.get(path, "")
+            return rel, f"{name}_shexp" if name else "", self._linear(block.get_submodule(rel))
+
+        return [
+            (g, f"mlp.shared.{g.split('.', 1)[1]}", [member(p) for p in paths])
+            for g, paths in self.spec.quant_groups
+            if g.startswith("mlp.")
+        ]
+
+    def _linear(self, module: nn.Module) -> Weight:
+        """A linear map's weight (GPT-2's Conv1D blocks store it (in, out); its head is a plain Linear)."""
+        return Weight(module, transposed=self.spec.transposed and not isinstance(module, nn.Linear))
+
+    def _member(self, path: str) -> tuple[str, Weight]:
+        """(llama.cpp's name, the weight) of a quantized weight's path (``model.layers.3.mlp.experts.gate``)."""
+        prefix = f"{self.spec.layers}."
+        layer, _, rel = path.removeprefix(prefix).partition(".")
+        if path.startswith(prefix) and layer.isdigit() and int(layer) < self.n_layers:
+            for _, _, members in self._quant_table(int(layer)):
+                for p, name, w in members:
+                    if p == rel:
+                        return (f"blk.{layer}.{name}.weight" if name else ""), w
+        raise LayerwiseError(f"{path} is not a weight layerwise quantizes in this {self.model_type} model")
+
+    def weight(self, path: str) -> Weight:
+        """The quantized weight at ``path`` (a path :meth:`quant_groups` gives, as a saved plan holds it)."""
+        return self._member(path)[1]
+
+    def gguf_name(self, path: str) -> str:
+        """llama.cpp's tensor name for a quantized weight's path (``blk.3.attn_q.weight``, ``blk.3.ffn_up_exps.weight``
+        for every expert's up map)."""
+        name = self._member(path)[0]
+        if not name:
+            raise LayerwiseError(f"{path} has no llama.cpp tensor name for {self.model_type}")
+        return name
+
+    def gguf_matrices(self, layer: int) -> dict[str, nn.Module]:
+        """Block ``layer``'s linear maps by llama.cpp's tensor names (``blk.3.attn_q.weight``): the quantized ones but
+        the experts tensors (:meth:`gguf_experts`), and in a sparse block its router (``ffn_gate_inp``) and shared
+        experts' gate (``ffn_gate_inp_shexp``), every one llama.cpp runs as a matrix product; one line where the block
+        lacks one of the spec's (an attention llama.cpp names otherwise)."""
+        out = {
+            f"blk.{layer}.{name}.weight": w.module
+            for _, _, members in self._quant_table(layer)
+            for _, name, w in members
+            if name and w.attr == "weight"
+        }
+        moe = self.spec.moe
+        if moe is None or layer not in self.moe_layers:
             return out
-        out[f"{prefix}ffn_gate_inp.weight"] = self.router(layer)
-        shared = self.shared(layer)
-        for n, m in shared.named_children() if shared is not None else ():
-            if n.endswith("_proj"):
-                out[f"{prefix}ffn_{n.removesuffix('_proj')}_shexp.weight"] = m
+        out[f"blk.{layer}.ffn_gate_inp.weight"] = self.router(layer)
         if moe.shared_gate is not None:
-            out[f"{prefix}ffn_gate_inp_shexp.weight"] = block.get_submodule(moe.shared_gate)
+            out[f"blk.{layer}.ffn_gate_inp_shexp.weight"] = self.blocks[layer].get_submodule(moe.shared_gate)
         return out
 
     def gguf_experts(self, layer: int) -> dict[str, tuple[str, ...]]:
@@ -499,16 +605,9 @@ class Anatomy:
         read the inputs of their per-expert matrices (``blk.3.ffn_gate_exps.weight``, ...)."""
         return {attr: tuple(f"blk.{layer}.{n}.weight" for n in names) for attr, names in self._moe(layer).gguf_experts}
 
-    def linear_weight(self, module: nn.Module) -> torch.Tensor:
-        """A linear map's weight as (out, in), whatever the storage convention (GPT-2's Conv1D blocks store it (in,
-        out); its head is a plain Linear)."""
-        weight = module.get_parameter("weight")
-        return weight.T if self.spec.transposed and not isinstance(module, nn.Linear) else weight
-
     def linear_shape(self, module: nn.Module) -> tuple[int, int]:
         """(out, in) of a linear map (the head too: its rows are the vocabulary)."""
-        out_features, in_features = self.linear_weight(module).shape
-        return out_features, in_features
+        return self._linear(module).shape
 
     def ties(self, names: tuple[str, ...]) -> tuple[str, ...]:
         """The quantization groups whose maps ``names`` lists by short name (``q,k,v``, ``gate,up``: each map's last

@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 import torch
-from torch import nn
 
+from .anatomy import Weight
 from .configs import QuantizeConfig
 from .data import Windows
 from .errors import LayerwiseError
@@ -51,10 +51,10 @@ from .profile import Profile
 from .quant import gguf as qg
 from .quant import hf
 from .quant.allocate import Allocation, check_budget
-from .quant.apply import BlockPlan, config_codes, config_weights, quantized
+from .quant.apply import BlockPlan, config_codes, config_weights
 from .quant.imatrix import Imatrix, tensor_columns
 from .quant.imatrix import compute as imatrix_compute
-from .quant.measure import Candidates, GroupCandidates, Measurement, Method, bit_range, measure
+from .quant.measure import Candidates, GroupCandidates, Measurement, Method, bit_range, measure, replaced
 from .quant.rtn import QConfig, QTensor
 from .quant.strategies import check_strategies, label, plan_quality, plans
 
@@ -91,6 +91,11 @@ def candidates_for(
         return qg.GGUFCandidates.of(lm, types, imatrix=imatrix, tie=tie, embedding=embedding)
     if family != "int":
         raise LayerwiseError(f"unknown `family` {family!r}; use gguf or int")
+    if method == "gptq" and lm.anatomy.moe_layers:
+        raise LayerwiseError(
+            "GPTQ needs each expert's own inputs (the tokens routed to it), which layerwise does not gather yet; "
+            "quantize a mixture-of-experts model with `method` rtn"
+        )
     sizes = (group_size,) if group_size else sizes
     configs = tuple(QConfig(b, g, bool(symmetric)) for b in (2, 3, 4, 5, 6, 8) for g in sizes)
     return GroupCandidates(configs, cast(Method, method))
@@ -234,11 +239,11 @@ class QuantPlan:
     ) -> AbstractContextManager[None]:
         """The model with the plan's weights for the duration of a ``with`` (GPTQ: fitted ``batch_size`` windows at a
         time)."""
-        return quantized(lm, self.weights(lm, windows, batch_size=batch_size))
+        return replaced(self.weights(lm, windows, batch_size=batch_size))
 
     def weights(
         self, lm: LoadedModel, windows: Windows | None = None, *, batch_size: int = 4
-    ) -> dict[nn.Module, torch.Tensor]:
+    ) -> dict[Weight, torch.Tensor]:
         """Each quantized module's (out, in) weight as the plan stores it."""
         return config_weights(lm, self._names(), self.candidates(lm), self._windows(lm, windows), batch_size=batch_size)
 
@@ -550,9 +555,9 @@ def size_budget(lm: LoadedModel, cands: Candidates, size: int, lo: float, hi: fl
     if not isinstance(cands, qg.GGUFCandidates):
         raise LayerwiseError("`size` targets a GGUF file's size; for integer formats give `bits`")
     an = lm.anatomy
-    mods = [p for layer in range(an.n_layers) for _, ms in an.quant_groups(layer, fused=False) for p, _ in ms]
-    n = sum(math.prod(an.linear_shape(lm.model.get_submodule(p))) for p in mods)
-    fixed = qg.fixed_bytes(cands.source, {an.gguf_name(p) for p in mods}, cands.embedding)
+    mods = [(p, w) for layer in range(an.n_layers) for _, ms in an.quant_groups(layer, fused=False) for p, w in ms]
+    n = sum(math.prod(w.shape) for _, w in mods)
+    fixed = qg.fixed_bytes(cands.source, {an.gguf_name(p) for p, _ in mods}, cands.embedding)
     smallest = fixed + math.ceil(lo * n / 8)
     if size < smallest:
         raise LayerwiseError(

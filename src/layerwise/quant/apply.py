@@ -3,12 +3,11 @@ export)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack
 
 import torch
-from torch import nn
 
+from ..anatomy import Weight
 from ..data import Windows
 from ..engine import Kept, States
 from ..errors import LayerwiseError
@@ -28,7 +27,7 @@ def plan_weights(
     windows: Windows | None = None,
     *,
     batch_size: int = 4,
-) -> dict[nn.Module, torch.Tensor]:
+) -> dict[Weight, torch.Tensor]:
     """Each quantized module's (out, in) weight as the plan stores it (GPTQ: run on ``windows``, ``batch_size`` at a
     time)."""
     return config_weights(lm, weight_config(meas, alloc), candidates, windows, batch_size=batch_size)
@@ -41,16 +40,13 @@ def config_weights(
     windows: Windows | None = None,
     *,
     batch_size: int = 4,
-) -> dict[nn.Module, torch.Tensor]:
+) -> dict[Weight, torch.Tensor]:
     """``plan_weights`` from each quantized module's config name, by module path (what a saved plan holds)."""
     if isinstance(candidates, GroupCandidates) and candidates.needs_hessian:
         made = {p: q.dequantize() for p, q in _sequential(lm, config, candidates, windows, batch_size).items()}
     else:
-        made = {
-            p: candidates.stored(p, matrix(lm.anatomy, lm.model.get_submodule(p)), c, None)[0]
-            for p, c in config.items()
-        }
-    return {lm.model.get_submodule(p): w for p, w in made.items()} | candidates.outside(lm)
+        made = {p: candidates.stored(p, matrix(lm.anatomy.weight(p)), c, None)[0] for p, c in config.items()}
+    return {lm.anatomy.weight(p): w for p, w in made.items()} | candidates.outside(lm)
 
 
 def plan_codes(
@@ -77,7 +73,7 @@ def config_codes(
     """``plan_codes`` from each quantized module's config name, by module path."""
     if candidates.needs_hessian:
         return _sequential(lm, config, candidates, windows, batch_size)
-    return {p: candidates.codes(p, matrix(lm.anatomy, lm.model.get_submodule(p)), c, None) for p, c in config.items()}
+    return {p: candidates.codes(p, matrix(lm.anatomy.weight(p)), c, None) for p, c in config.items()}
 
 
 def weight_config(meas: Measurement, alloc: Allocation) -> dict[str, str]:
@@ -114,10 +110,10 @@ def _sequential(
         ]
         if not groups:
             continue
-        with replaced(an, {lm.model.get_submodule(p): q.dequantize() for p, q in out.items()}):
-            hess = input_hessians(lm, [g[0][1] for g in groups], batches, stop_after=an.blocks[layer])
+        with replaced({an.weight(p): q.dequantize() for p, q in out.items()}):
+            hess = input_hessians(lm, [g[0][1].module for g in groups], batches, stop_after=an.blocks[layer])
         for g in groups:
-            codes = candidates.codes_rows([matrix(an, m) for _, m in g], config[g[0][0]], hess[id(g[0][1])].value)
+            codes = candidates.codes_rows([matrix(m) for _, m in g], config[g[0][0]], hess[id(g[0][1].module)].value)
             out |= {p: q for (p, _), q in zip(g, codes)}
     return out
 
@@ -162,8 +158,8 @@ class BlockPlan:
         an = self.lm.anatomy
         if not self.gptq:
             mods = [(p, m) for g in self._groups(layer) for p, m in g]
-            return replaced(an, {m: self.candidates.stored(p, matrix(an, m), self.config[p], None)[0] for p, m in mods})
-        return replaced(an, {self.lm.model.get_submodule(p): q.dequantize() for p, q in self.codes(layer).items()})
+            return replaced({m: self.candidates.stored(p, matrix(m), self.config[p], None)[0] for p, m in mods})
+        return replaced({an.weight(p): q.dequantize() for p, q in self.codes(layer).items()})
 
     def codes(self, layer: int) -> dict[str, QTensor]:
         """Block ``layer``'s integer codes by module path, made while its weights are read (GPTQ: the quantized
@@ -173,15 +169,15 @@ class BlockPlan:
             raise LayerwiseError("a GGUF plan has no integer codes; export it with --export gguf")
         groups = self._groups(layer)
         if not self.gptq:
-            return {p: cands.codes(p, matrix(an, m), self.config[p], None) for g in groups for p, m in g}
+            return {p: cands.codes(p, matrix(m), self.config[p], None) for g in groups for p, m in g}
         store = self._stream(layer)
         codes = self._gptq(layer, groups, store)
         if layer == an.n_layers - 1:  # nothing reads the stream after the last block
             self._store.close()
             self.stream, self.states = [], None
             return codes
-        weights = {self.lm.model.get_submodule(p): q.dequantize() for p, q in codes.items()}
-        with torch.no_grad(), replaced(an, weights):  # the stream goes on through the quantized block
+        weights = {an.weight(p): q.dequantize() for p, q in codes.items()}
+        with torch.no_grad(), replaced(weights):  # the stream goes on through the quantized block
             self.stream = [
                 store.keep(run_blocks(an, layer, store.load(k), c, stop=layer + 1), over=k)
                 for k, c in zip(self.stream, self.calls)
@@ -200,30 +196,23 @@ class BlockPlan:
         assert self.states is not None
         return self.states
 
-    def _groups(self, layer: int) -> list[list[tuple[str, nn.Module]]]:
+    def _groups(self, layer: int) -> list[list[tuple[str, Weight]]]:
         """Block ``layer``'s quantized modules, in the groups that share an input (fused when the candidates are)."""
         quant_groups = self.lm.anatomy.quant_groups(layer, fused=self.candidates.fused)
         return [g for g in ([(p, m) for p, m in ms if p in self.config] for _, ms in quant_groups) if g]
 
-    def _gptq(self, layer: int, groups: list[list[tuple[str, nn.Module]]], store: States) -> dict[str, QTensor]:
+    def _gptq(self, layer: int, groups: list[list[tuple[str, Weight]]], store: States) -> dict[str, QTensor]:
         """Block ``layer``'s GPTQ codes, from the Hessians of its inputs in the quantized stream."""
         an = self.lm.anatomy
         assert isinstance(self.candidates, GroupCandidates)
         into: dict[int, Hessian] = {}
-        with torch.no_grad(), hessian_hooks([g[0][1] for g in groups], into):
+        with torch.no_grad(), hessian_hooks([g[0][1].module for g in groups], into):
             for k, c in zip(self.stream, self.calls):
                 run_blocks(an, layer, store.load(k), c, stop=layer + 1)
         codes: dict[str, QTensor] = {}
         for g in groups:
             made = self.candidates.codes_rows(
-                [matrix(an, m) for _, m in g], self.config[g[0][0]], into[id(g[0][1])].value
+                [matrix(m) for _, m in g], self.config[g[0][0]], into[id(g[0][1].module)].value
             )
             codes |= {p: q for (p, _), q in zip(g, made)}
         return codes
-
-
-@contextmanager
-def quantized(lm: LoadedModel, weights: dict[nn.Module, torch.Tensor]) -> Iterator[None]:
-    """The model with these weights for the duration; the originals come back on exit."""
-    with replaced(lm.anatomy, weights):
-        yield

@@ -27,11 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from .. import ggufio
-from ..anatomy import Anatomy
+from ..anatomy import Anatomy, Weight
 from ..errors import LayerwiseError
 from ..loading import LoadedModel, cache_root
 from .allocate import Allocation, fixed
@@ -45,6 +44,8 @@ TYPES: tuple[str, ...] = ("Q2_K", "Q3_K", "Q4_0", "Q4_K", "Q4_1", "Q5_0", "Q5_K"
 IQ_TYPES: tuple[str, ...] = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS", "IQ4_NL")
 #: The token embedding's name in GGUF files (it serves as the output head too where the model ties the two).
 EMBEDDING = "token_embd.weight"
+#: The output head's name, in files of models that do not tie it to the embedding.
+OUTPUT = "output.weight"
 #: The types llama.cpp refuses to make without an importance matrix (its ``tensor_requires_imatrix``; not for the
 #: token embedding, which has no entry in one).
 NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS"})
@@ -112,14 +113,15 @@ def llama_quantize(
     overrides: list[tuple[str, str]] | None = None,
     *,
     token_embedding_type: str | None = None,
+    output_tensor_type: str | None = None,
     pure: bool = True,
     threads: int | None = None,
     imatrix: Imatrix | None = None,
 ) -> Path:
     """Quantize ``source`` with llama.cpp: every tensor at type ``base`` (``--pure``; with ``pure=False``,
     llama.cpp's own mix for that type's file type, e.g. Q4_K_M, or for the file type ``base`` names, e.g. IQ3_M)
-    except the (regex, type) ``overrides`` (first match wins); the token embedding at its own type when given; each
-    tensor's rounding weighted by ``imatrix`` when given (``llama-quantize --imatrix``)."""
+    except the (regex, type) ``overrides`` (first match wins); the token embedding and the output head at their own
+    types when given; each tensor's rounding weighted by ``imatrix`` when given (``llama-quantize --imatrix``)."""
     import ctypes
 
     lc = _llama_cpp()
@@ -137,6 +139,8 @@ def llama_quantize(
     params.nthread = threads or os.cpu_count() or 1
     if token_embedding_type is not None:
         params.token_embedding_type = _ggml_type(token_embedding_type)
+    if output_tensor_type is not None:
+        params.output_tensor_type = _ggml_type(output_tensor_type)
     keep = []  # the override array and its strings must outlive the call
     if overrides:
         arr = (lc.llama_model_tensor_override * (len(overrides) + 1))()
@@ -235,9 +239,12 @@ def candidate_files(lm: LoadedModel, types: tuple[str, ...] = TYPES, imatrix: Im
     return files
 
 
-def embedding_type(source: str | Path) -> str | None:
-    """The type a GGUF file stores its token embedding in."""
-    return next((t.tensor_type.name for t in ggufio.reader(source).tensors if t.name == EMBEDDING), None)
+def embedding_type(source: str | Path, name: str = EMBEDDING) -> str | None:
+    """The type a GGUF file stores its token embedding (or tensor ``name``) in; None where it has none."""
+    import gguf
+
+    found = (t.ggml_type for t in ggufio.header(source)[1] if t.name == name)  # the header alone: no token strings
+    return next((gguf.GGMLQuantizationType(t).name for t in found), None)
 
 
 def _row_order(w: torch.Tensor, src: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
@@ -341,19 +348,20 @@ class GGUFCandidates:
         tensors = ggufio.reader(self.source).tensors
         return [self.tensor(own, t.name) if t.name == EMBEDDING else t for t in tensors if t.name not in planned]
 
-    def outside(self, lm: LoadedModel) -> dict[nn.Module, torch.Tensor]:
+    def outside(self, lm: LoadedModel) -> dict[Weight, torch.Tensor]:
         """The token embedding as the plan's file stores it, when that is not as the source does (``embedding``)."""
         if self.embedding is None:
             return {}
-        module = lm.model.get_input_embeddings()
-        w = module.get_parameter("weight")
-        return {module: _dequantize(self.tensor("embedding", EMBEDDING))[self._order(EMBEDDING, w, w.dtype)]}
+        weight = Weight(lm.model.get_input_embeddings())
+        w = weight.view()
+        return {weight: _dequantize(self.tensor("embedding", EMBEDDING))[self._order(EMBEDDING, w, w.dtype)]}
 
     def _order(self, tname: str, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The rows of the file's ``tname`` in the order of the model's weight ``w`` (q and k permuted back), worked
         out once from the source."""
         if tname not in self._rows:
-            self._rows[tname] = _row_order(w, _dequantize(self.tensor("source", tname)), tname, dtype)
+            src = _dequantize(self.tensor("source", tname))
+            self._rows[tname] = _row_order(w, src.reshape(-1, src.shape[-1]), tname, dtype)
         return self._rows[tname]
 
     def twins(self, paths: list[str]) -> dict[str, str]:
@@ -372,9 +380,9 @@ class GGUFCandidates:
         self, path: str, w: torch.Tensor, name: str, hessian: torch.Tensor | None
     ) -> tuple[torch.Tensor, int, str]:
         tname = self.anatomy.gguf_name(path)
-        rows = self._order(tname, w, self.anatomy.model.get_parameter(f"{path}.weight").dtype)
+        rows = self._order(tname, w, self.anatomy.weight(path).view().dtype)
         t = self.tensor(name, tname)
-        return _dequantize(t)[rows], ggufio.tensor_bits(t), t.tensor_type.name
+        return _dequantize(t).reshape(w.shape)[rows], ggufio.tensor_bits(t), t.tensor_type.name
 
     def stored_all(
         self, path: str, w: torch.Tensor, hessian: torch.Tensor | None
@@ -390,7 +398,7 @@ def _same(a, b) -> bool:
 def _dequantize(t) -> torch.Tensor:
     from gguf.quants import dequantize
 
-    return torch.from_numpy(np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32))
+    return torch.from_numpy(np.require(dequantize(t.data, t.tensor_type), np.float32, ["C", "W"]))  # F32: a copy
 
 
 def tensor_types(meas: Measurement, alloc: Allocation, anatomy: Anatomy) -> dict[str, tuple[str, str]]:
@@ -423,10 +431,13 @@ def recipe(
     embedding: str | Path | None = None,
 ) -> str:
     """``llama-quantize`` arguments that make the same file from the source (stored types, so no fallback is needed),
-    with the importance matrix file ``imatrix`` (a path from the folder the recipe runs in) when given, and the
-    token embedding as the file ``embedding`` (else the source) stores it."""
+    with the importance matrix file ``imatrix`` (a path from the folder the recipe runs in) when given, the token
+    embedding as the file ``embedding`` (else the source) stores it, and an output head of its own (a model that
+    does not tie it to the embedding) as the source stores it: llama.cpp copies a tensor asked at its own type."""
     embd = embedding_type(embedding or source) or "Q8_0"
     lines = ["llama-quantize --allow-requantize --pure", f"  --token-embedding-type {embd.lower()}"]
+    head = embedding_type(source, OUTPUT)
+    lines += [f"  --output-tensor-type {head.lower()}"] if head is not None else []
     lines += [f"  --imatrix {shlex.quote(imatrix)}"] if imatrix is not None else []
     lines += [f"  --tensor-type {shlex.quote(pattern)}={t.lower()}" for pattern, t in recipe_overrides(types)]
     lines.append(f"  {shlex.quote(str(source))} {shlex.quote(out)} Q8_0")
@@ -468,16 +479,24 @@ def _more_bits(i: int, n: int) -> bool:
 
 
 def q4km(meas: Measurement, anatomy: Anatomy) -> Allocation:
-    """llama.cpp's Q4_K_M rule as a plan (the hand-written baseline): Q6_K for ``attn_v`` and
-    ``ffn_down`` where :func:`_more_bits` says so, Q4_K for every other tensor."""
+    """llama.cpp's Q4_K_M rule as a plan (the hand-written baseline, as its ``llama_tensor_get_type`` has it): Q6_K
+    for ``attn_v`` and every ``ffn_down`` (a sparse block's ``ffn_down_exps`` and ``ffn_down_shexp`` too) where
+    :func:`_more_bits` says so, Q4_K for every other tensor; in a model of 8 experts, Q8_0 for ``attn_k`` and
+    ``attn_v`` and Q5_K for ``attn_output``."""
     n = anatomy.n_layers
+    eight = any(anatomy.n_experts(i) == 8 for i in anatomy.moe_layers)
     configs = {}
     if any(len(e["modules"]) > 1 for e in meas.groups.values()):
         raise LayerwiseError("the q4km baseline types each tensor on its own; leave out `tie` to compare with it")
     for g, entry in meas.groups.items():
         (path,) = entry["modules"]
         kind = anatomy.gguf_name(path).split(".")[2]
-        configs[g] = "Q6_K" if kind in ("attn_v", "ffn_down") and _more_bits(entry["layer"], n) else "Q4_K"
+        if eight and kind in ("attn_k", "attn_v", "attn_output"):
+            configs[g] = "Q5_K" if kind == "attn_output" else "Q8_0"
+        elif (kind == "attn_v" or kind.startswith("ffn_down")) and _more_bits(entry["layer"], n):
+            configs[g] = "Q6_K"
+        else:
+            configs[g] = "Q4_K"
     return fixed(meas, configs, "q4km")
 
 

@@ -39,12 +39,7 @@ FORMAT = "pack-quantized"
 def row_widths(lm: LoadedModel) -> set[int]:
     """The input widths of every quantized linear map (a group size must divide each for compressed-tensors)."""
     an = lm.anatomy
-    return {
-        int(an.linear_weight(m).shape[1])
-        for layer in range(an.n_layers)
-        for _, ms in an.quant_groups(layer)
-        for _, m in ms
-    }
+    return {m.shape[1] for layer in range(an.n_layers) for _, ms in an.quant_groups(layer) for _, m in ms}
 
 
 def _check_dtype(lm: LoadedModel) -> None:
@@ -59,6 +54,11 @@ def check(lm: LoadedModel, configs: tuple[QConfig, ...]) -> None:
     """Refuse, before anything is measured, a model or candidate set that cannot become a loadable checkpoint."""
     an = lm.anatomy
     _check_dtype(lm)
+    if an.moe_layers:
+        raise LayerwiseError(
+            f"`export` hf does not write {an.model_type}'s experts as compressed-tensors yet; give `export` none to "
+            "plan and evaluate, or quantize its GGUF file (`format` gguf)"
+        )
     if an.spec.transposed:
         raise LayerwiseError(
             f"compressed-tensors quantizes torch.nn.Linear layers; {an.model_type}'s Conv1D layers cannot be "

@@ -19,6 +19,7 @@ are written after every run, and a rerun measures only the groups missing.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..anatomy import Anatomy, Kind, first_tensor, parse_unit
+from ..anatomy import Anatomy, Kind, Weight, first_tensor, parse_unit
 from ..data import Windows
 from ..errors import LayerwiseError
 from ..io import write_json
@@ -80,28 +81,27 @@ class Measurement:
         return cls(meta, groups)
 
 
-def matrix(an: Anatomy, module: nn.Module) -> torch.Tensor:
-    """The (out, in) weight of a linear map, as a float32 copy."""
-    return an.linear_weight(module).detach().float().clone()
+def matrix(weight: Weight) -> torch.Tensor:
+    """A quantized weight as a float32 (rows, in) copy (an experts tensor's matrices stacked by rows)."""
+    return weight.view().detach().float().reshape(weight.shape).clone()
 
 
 @contextmanager
-def replaced(an: Anatomy, weights: dict[nn.Module, torch.Tensor]) -> Iterator[None]:
-    """Temporarily give each module a new weight, (out, in) for a linear map, as stored for an embedding; the
-    originals come back on exit."""
+def replaced(weights: dict[Weight, torch.Tensor]) -> Iterator[None]:
+    """Temporarily give each weight new values, (rows, in) as :func:`matrix` gives them (an embedding's as it is
+    stored); the originals come back on exit."""
     saved = []
     try:
         with torch.no_grad():
-            for m, w in weights.items():
-                weight = m.get_parameter("weight")
-                saved.append((weight, weight.detach().clone()))
-                flip = an.spec.transposed and not isinstance(m, (nn.Linear, nn.Embedding))  # GPT-2's Conv1D
-                weight.copy_((w.T if flip else w).to(weight.dtype))
+            for weight, w in weights.items():
+                view = weight.view()
+                saved.append((view, view.detach().clone()))
+                view.copy_(w.reshape(view.shape).to(view.dtype))
         yield
     finally:
         with torch.no_grad():
-            for weight, w in saved:
-                weight.copy_(w)
+            for view, w in saved:
+                view.copy_(w)
 
 
 def _sublayer(group: str) -> Kind:
@@ -148,7 +148,7 @@ class Candidates(Protocol):
         measurement measures it once and gives both the result."""
         ...
 
-    def outside(self, lm: LoadedModel) -> dict[nn.Module, torch.Tensor]:
+    def outside(self, lm: LoadedModel) -> dict[Weight, torch.Tensor]:
         """Weights outside the plan that its model stores otherwise than the loaded one (a GGUF file's token
         embedding at another type), for the fake-quantized model (:func:`replaced`)."""
         ...
@@ -222,7 +222,7 @@ class GroupCandidates:
     def twins(self, paths: list[str]) -> dict[str, str]:
         return {}  # each config has its own bits or grid
 
-    def outside(self, lm: LoadedModel) -> dict[nn.Module, torch.Tensor]:
+    def outside(self, lm: LoadedModel) -> dict[Weight, torch.Tensor]:
         return {}  # the checkpoint keeps every other weight as the model has it
 
     def stored_all(
@@ -293,15 +293,13 @@ def measure(
         with tqdm(total=len(todo), desc="measure", unit="block", disable=not progress) as bar:
             _measure_streamed(lm, batches, todo, candidates, result, n_tokens, path=path, bar=bar)
         return result
-    runs = _runs(an, todo, len(candidates.names), cache_bytes)
+    runs = _runs(todo, len(candidates.names), cache_bytes)
     with tqdm(total=len(batches) * len(todo), desc="measure", disable=not progress) as bar:
         for layers in runs:
             start = time.perf_counter()
             hessians = _group_hessians(lm, batches, layers, todo) if candidates.needs_hessian else {}
             made = {
-                g: {
-                    m: candidates.stored_all(p, matrix(an, m), hessians[g].value if hessians else None) for p, m in mods
-                }
+                g: {m: candidates.stored_all(p, matrix(m), hessians[g].value if hessians else None) for p, m in mods}
                 for layer in layers
                 for g, mods in todo[layer]
             }
@@ -323,7 +321,7 @@ def measure(
                             h = first_tensor(an.blocks[layer](h, *calls[layer][0], **calls[layer][1]))
             for layer in layers:
                 for group, mods in todo[layer]:
-                    result.groups[group] = sums[group].entry(an, layer, mods, n_tokens)
+                    result.groups[group] = sums[group].entry(layer, mods, n_tokens)
             result.meta["seconds"] = round(result.meta.get("seconds", 0.0) + time.perf_counter() - start, 3)
             result.meta["batch_size"] = batch_size
             if path is not None:
@@ -383,7 +381,7 @@ def _keep_records(
     each sublayer's branch inputs, its residual update and the loss's gradient there. Batches pass one at a time,
     so what is held does not grow with the number of windows. Returns the groups' input Hessians when the
     candidates need them (gathered in the same pass)."""
-    firsts = {group: mods[0][1] for group, mods in groups} if candidates.needs_hessian else {}
+    firsts = {group: mods[0][1].module for group, mods in groups} if candidates.needs_hessian else {}
     into: dict[int, Hessian] = {}
     with torch.no_grad(), hessian_hooks(list(firsts.values()), into):
         for b, (kept, g) in enumerate(zip(inputs, grads, strict=True)):
@@ -414,15 +412,15 @@ def _measure_block(
                 acc.add_reference(store.load(outputs[kind]))
             hessian = hessians[group].value if hessians else None
             for name in acc.measured:
-                stored = [candidates.stored(p, matrix(an, m), name, hessian) for p, m in mods]
-                with replaced(an, {m: w for (_, m), (w, _, _) in zip(mods, stored)}):
+                stored = [candidates.stored(p, matrix(m), name, hessian) for p, m in mods]
+                with replaced({m: w for (_, m), (w, _, _) in zip(mods, stored)}):
                     for branch, outputs, grad in records:
                         y = run_update(an, layer, kind, store.load_all(branch[kind]))
                         acc.add(name, y, store.load(outputs[kind]), store.load(grad[kind]), stored)
-            result.groups[group] = acc.entry(an, layer, mods, n_tokens)
+            result.groups[group] = acc.entry(layer, mods, n_tokens)
 
 
-def _runs(an: Anatomy, todo: dict, n_configs: int, cache_bytes: int) -> list[list[int]]:
+def _runs(todo: dict, n_configs: int, cache_bytes: int) -> list[list[int]]:
     """The layers to measure, in runs of consecutive layers whose candidate weights (float32) fit in ``cache_bytes``.
 
     Each run costs one gradient pass per batch; one layer is a run even when it alone is larger.
@@ -430,7 +428,7 @@ def _runs(an: Anatomy, todo: dict, n_configs: int, cache_bytes: int) -> list[lis
     runs: list[list[int]] = []
     held = cache_bytes + 1
     for layer, groups in todo.items():
-        size = 4 * n_configs * sum(an.linear_weight(m).numel() for _, mods in groups for _, m in mods)
+        size = 4 * n_configs * sum(math.prod(m.shape) for _, mods in groups for _, m in mods)
         if held + size > cache_bytes:
             runs.append([])
             held = 0
@@ -473,7 +471,7 @@ class _Sums:
         self.configs[name] = [d2_sum + float(d2.sum()), g2d2 + float((g2 * d2[:, :-1]).sum())]
         self.meta[name] = (sum(bits for _, bits, _ in stored), [c for _, _, c in stored])
 
-    def entry(self, an: Anatomy, layer: int, mods: list, n_tokens: int) -> dict:
+    def entry(self, layer: int, mods: list, n_tokens: int) -> dict:
         """The measurement's record of this group: relative error and the Fisher-weighted loss change per token."""
         configs = {
             name: {
@@ -488,7 +486,7 @@ class _Sums:
             "layer": layer,
             "sublayer": _sublayer(self.group),
             "modules": [p for p, _ in mods],
-            "numel": sum(an.linear_weight(m).numel() for _, m in mods),
+            "numel": sum(math.prod(m.shape) for _, m in mods),
             "configs": {name: dict(configs[self.twins.get(name, name)]) for name in self.names},
         }
 
@@ -497,7 +495,7 @@ def _group_hessians(
     lm: LoadedModel, batches: tuple[torch.Tensor, ...], layers: list[int], todo: dict
 ) -> dict[str, Hessian]:
     """Each group's input Hessian over every calibration batch (the maps of a group read one input)."""
-    firsts = {group: mods[0][1] for layer in layers for group, mods in todo[layer]}
+    firsts = {group: mods[0][1].module for layer in layers for group, mods in todo[layer]}
     by_module = input_hessians(lm, list(firsts.values()), batches, stop_after=lm.anatomy.blocks[layers[-1]])
     return {group: by_module[id(m)] for group, m in firsts.items()}
 
@@ -599,7 +597,7 @@ def _measure_layer(
         acc.add_reference(outputs[kind])
         per = made[group]
         for name in acc.measured:
-            with replaced(an, {m: per[m][name][0] for _, m in mods}):
+            with replaced({m: per[m][name][0] for _, m in mods}):
                 y = run_update(an, layer, kind, inputs[kind])
             acc.add(name, y, outputs[kind], grads[kind], [per[m][name] for _, m in mods])
     return out
@@ -611,7 +609,7 @@ def bit_range(lm: LoadedModel, candidates: Candidates) -> tuple[float, float]:
     lo = hi = n = 0
     for layer in range(an.n_layers):
         for _, mods in an.quant_groups(layer, fused=candidates.fused):
-            shapes = [(p, an.linear_shape(m)) for p, m in mods]
+            shapes = [(p, m.shape) for p, m in mods]
             per = [sum(candidates.bits(p, s, c) for p, s in shapes) for c in candidates.names]
             lo, hi, n = lo + min(per), hi + max(per), n + sum(s[0] * s[1] for _, s in shapes)
     return lo / n, hi / n

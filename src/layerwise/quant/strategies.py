@@ -22,8 +22,8 @@ from ..loading import LoadedModel
 from ..profile import Profile, needs, profile
 from . import gguf as qg
 from .allocate import Allocation, ranked, solve, uniform
-from .apply import BlockPlan, plan_weights, quantized, weight_config
-from .measure import Candidates, Measurement
+from .apply import BlockPlan, plan_weights, weight_config
+from .measure import Candidates, Measurement, replaced
 
 
 def _uniform_bpw(meas: Measurement) -> list[tuple[float, str]]:
@@ -178,7 +178,7 @@ def plan_variants(
         name: plan_weights(lm, meas, a, cands, windows, batch_size=batch_size)
         for name, a in tqdm(allocs.items(), desc=desc, unit="plan", disable=not progress)
     }
-    return {name: next_token_logits(lm.model, partial(quantized, lm, w)) for name, w in made.items()}
+    return {name: next_token_logits(lm.model, partial(replaced, w)) for name, w in made.items()}
 
 
 def plan_quality(

@@ -1,0 +1,204 @@
+"""Quantizing mixture-of-experts models: each sparse block's experts tensors (every expert's gate, up and down) are
+weights of their own, one GGUF type for each of llama.cpp's merged ``*_exps`` tensors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from layerwise.errors import LayerwiseError
+from layerwise.quant.measure import matrix, replaced
+
+from .conftest import gguf_tensors, moe_gguf, recipe_reproduces, tiny_lm
+
+
+def _expert_by_hand(arch: str, experts, x, gate, up, down, j: int) -> torch.Tensor:
+    """Expert ``j``'s output for tokens ``x`` from its (out, in) gate, up and down matrices, written out by hand."""
+    if arch == "gpt_oss":  # biases, the gate and up biases interleaved; clamped, with a sigmoid gate
+        bias = experts.gate_up_proj_bias[j]
+        g, u = (x @ gate.T + bias[::2]).clamp(max=experts.limit), (x @ up.T + bias[1::2])
+        hidden = (u.clamp(-experts.limit, experts.limit) + 1) * g * torch.sigmoid(g * experts.alpha)
+        return hidden @ down.T + experts.down_proj_bias[j]
+    return (experts.act_fn(x @ gate.T) * (x @ up.T)) @ down.T
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss"])
+def test_the_experts_weights_are_each_expert_s_gate_up_and_down(arch):
+    """Matrices written through a sparse block's gate, up and down weights are the ones the model's own experts
+    forward multiplies by (gpt-oss: (in, out) storage, the gate's and the up map's rows interleaved); the originals
+    come back after."""
+    lm = tiny_lm(arch)
+    an = lm.anatomy
+    layer = an.moe_layers[0]
+    experts, n = an.experts(layer), an.n_experts(layer)
+    (group,) = [ws for g, ws in an.quant_groups(layer) if g == f"L{layer}.mlp.experts"]
+    assert [p.rsplit(".", 1)[-1] for p, _ in group] == ["gate", "up", "down"]
+    before = {p: w.detach().clone() for p, w in experts.named_parameters()}
+    gen = torch.Generator().manual_seed(0)
+    new = {w: torch.randn(w.shape, generator=gen) * 0.3 for _, w in group}
+    x = torch.randn(5, lm.model.config.hidden_size, generator=gen)
+    with torch.no_grad(), replaced(new):
+        for j in range(n):
+            got = experts(x, torch.full((5, 1), j), torch.ones(5, 1))
+            gate, up, down = (new[w].reshape(n, -1, w.shape[1])[j] for _, w in group)
+            torch.testing.assert_close(got, _expert_by_hand(arch, experts, x, gate, up, down, j))
+    assert all(torch.equal(w, before[p]) for p, w in experts.named_parameters())
+
+
+def test_groups_follow_what_each_engine_types_together():
+    """Fused (integer formats), a layer's experts are one group, as vLLM's fused MoE kernels run them under one
+    scheme; llama.cpp types each merged tensor alone, or gate and up as one with ``tie``; shared experts are a plain
+    MLP; the router is never quantized. Each weight has llama.cpp's name."""
+    an = tiny_lm("qwen2_moe").anatomy
+    fused = {g: [p.split(".", 3)[-1] for p, _ in ws] for g, ws in an.quant_groups(1) if ".mlp" in g}
+    assert fused == {
+        "L1.mlp.experts": ["mlp.experts.gate", "mlp.experts.up", "mlp.experts.down"],
+        "L1.mlp.shared.gate_up": ["mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"],
+        "L1.mlp.shared.down": ["mlp.shared_expert.down_proj"],
+    }
+    tied = [g for g, _ in an.quant_groups(1, fused=("mlp.gate_up",)) if ".mlp" in g]
+    assert tied == ["L1.mlp.experts.gate_up", "L1.mlp.experts.down", "L1.mlp.shared.gate_up", "L1.mlp.shared.down_proj"]
+    names = [an.gguf_name(p) for _, ws in an.quant_groups(1, fused=False) for p, _ in ws]
+    assert names[4:] == [
+        f"blk.1.ffn_{k}.weight" for k in ("gate_exps", "up_exps", "down_exps", "gate_shexp", "up_shexp", "down_shexp")
+    ]
+    with pytest.raises(LayerwiseError, match=r"model\.layers\.1\.mlp\.gate is not a weight layerwise quantizes"):
+        an.weight("model.layers.1.mlp.gate")
+
+
+def test_what_cannot_be_quantized_yet_is_refused_in_one_line():
+    """GPTQ (no per-expert Hessians yet), a compressed-tensors export of experts, and DeepSeek-V3's latent attention
+    (no q/k/v maps): each one line, before anything is measured."""
+    from layerwise import quantize as qz
+    from layerwise.quant import hf
+
+    from .test_quant import _split_windows
+
+    lm = tiny_lm("qwen3_moe")
+    with pytest.raises(LayerwiseError, match="GPTQ needs each expert's own inputs.*`method` rtn"):
+        qz.candidates_for(lm, "int", method="gptq")
+    with pytest.raises(LayerwiseError, match="does not write qwen3_moe's experts as compressed-tensors yet"):
+        hf.check(lm, ())
+    with pytest.raises(LayerwiseError, match="does not write"):
+        qz.run(lm, _split_windows(), bits=4.5, format="int", export=("hf",), progress=False)
+    deepseek = tiny_lm("deepseek_v3").anatomy
+    with pytest.raises(LayerwiseError, match=r"deepseek_v3's block has no self_attn\.q_proj: layerwise does not"):
+        deepseek.quant_groups(0)
+
+
+def test_an_int_plan_of_a_moe_model_quantizes_every_expert_by_rows():
+    """Round to nearest over a layer's experts tensor equals each expert's matrix quantized on its own, and the
+    measured plan's weights are what the model then computes with."""
+    from layerwise.quant.allocate import uniform
+    from layerwise.quant.apply import plan_weights
+    from layerwise.quant.measure import GroupCandidates, measure
+    from layerwise.quant.rtn import QConfig, quantize_rtn
+
+    from .test_quant import SMALL, _split_windows
+
+    lm, w = tiny_lm("olmoe"), _split_windows()
+    meas = measure(lm, w, candidates=SMALL, progress=False)
+    assert {g for g in meas.groups if ".mlp" in g} == {f"L{i}.mlp.experts" for i in lm.anatomy.moe_layers}
+    weights = plan_weights(lm, meas, uniform(meas, "a4g16"), GroupCandidates(SMALL))
+    (down,) = [(w_, v) for w_, v in weights.items() if w_.attr == "down_proj" and w_.module is lm.anatomy.experts(1)]
+    n = lm.anatomy.n_experts(1)
+    per = [quantize_rtn(m, QConfig(4, 16)).dequantize() for m in matrix(down[0]).reshape(n, -1, down[0].shape[1])]
+    torch.testing.assert_close(down[1], torch.cat(per))
+    assert meas.groups["L1.mlp.experts"]["numel"] == sum(p.numel() for p in lm.anatomy.experts(1).parameters())
+
+
+def test_a_gguf_plan_of_a_moe_model_runs_in_llama_cpp(tmp_path):
+    """A Qwen3-MoE GGUF file: every merged experts tensor takes one type of the plan, the file holds those bytes
+    (its recipe, run by llama.cpp's quantizer, writes the same file), and llama.cpp's perplexity of it is layerwise's
+    of the plan."""
+    import layerwise as lw
+    from layerwise import quantize as qz
+
+    from .test_quant import _split_windows
+
+    _, path = moe_gguf(tmp_path / "moe.gguf", width=32)
+    lm = lw.load(str(path))
+    rep = qz.run(lm, _split_windows(6, 4), bits=4.8, out=tmp_path / "q", progress=False)
+    (row,) = rep.rows
+    stored = rep.exports["gguf"]["stored_types"]
+    plan = json.loads((tmp_path / "q" / "plan.json").read_text())
+    groups = next(iter(plan["plans"].values()))["groups"]
+    kinds = ("gate", "up", "down")
+    assert {g for g in groups if ".mlp" in g} == {f"L{i}.mlp.experts.{k}" for i in (0, 1) for k in kinds}
+    tensors = gguf_tensors(tmp_path / "q" / "model.gguf")
+    for i in (0, 1):
+        for k in ("gate", "up", "down"):
+            name = f"blk.{i}.ffn_{k}_exps.weight"
+            assert tensors[name].tensor_type.name == stored[name] and tensors[name].data.shape[0] == 4
+    assert len(set(stored.values())) > 1  # a mixed plan
+    assert row["bytes"] == sum(int(t.n_bytes) for t in tensors.values())
+    assert abs(rep.exports["gguf"]["llama_cpp_ppl"] / row["ppl"] - 1) < 0.02, (row["ppl"], rep.exports["gguf"])
+    assert recipe_reproduces(tmp_path / "q", tmp_path) == 14
+
+
+def test_the_q4km_baseline_types_a_moe_model_as_llama_cpp_does(tmp_path):
+    """llama.cpp's own Q4_K_M of an 8-expert model (attn_k and attn_v at Q8_0, attn_output at Q5_K, ffn_down_exps
+    at Q6_K where it gives more bits) and layerwise's q4km plan store every tensor at the same type."""
+    import layerwise as lw
+    from layerwise import quantize as qz
+    from layerwise.quant.gguf import llama_quantize
+
+    from .test_quant import _split_windows
+
+    _, path = moe_gguf(tmp_path / "moe.gguf", hidden=256, width=256, experts=8)
+    theirs = gguf_tensors(llama_quantize(path, tmp_path / "q4km.gguf", "Q4_K", pure=False))
+    lm = lw.load(str(path))
+    rep = qz.run(
+        lm, _split_windows(2, 1), strategy=("q4km",), imatrix="none", out=tmp_path / "q", progress=False, eval_samples=1
+    )
+    ours = rep.exports["gguf"]["stored_types"]
+    assert {ours[n] for n in ("blk.0.attn_k.weight", "blk.1.attn_v.weight", "blk.0.attn_output.weight")} == {
+        "Q8_0",
+        "Q5_K",
+    }
+    assert ours["blk.1.ffn_down_exps.weight"] == "Q6_K" and ours["blk.0.ffn_down_exps.weight"] == "Q4_K"
+    assert ours == {n: theirs[n].tensor_type.name for n in ours}
+
+
+def test_a_moe_gguf_plan_from_disk_is_the_resident_one(tmp_path):
+    """quantize with the weights read one block at a time (experts measured and their plan applied while each block
+    is read) chooses the resident run's plans, gives their figures, and writes the same file."""
+    import layerwise as lw
+    from layerwise import quantize as qz
+
+    from .test_quant import _split_windows
+
+    _, path = moe_gguf(tmp_path / "moe.gguf", width=32)
+    w = _split_windows(4, 3)
+    kw = dict(bits=4.8, strategy=["measured", "uniform"], imatrix="none", batch_size=2, progress=False)
+    resident = qz.run(lw.load(str(path)), w, **kw)
+    streamed = qz.run(lw.load(str(path), offload="disk", spill=tmp_path / "spill"), w, **kw)
+    keys = ("bpw", "bytes", "ppl", "kl")
+    for a, b in zip(resident.rows, streamed.rows, strict=True):
+        assert a["plan"] == b["plan"]
+        assert {k: a[k] for k in keys} == pytest.approx({k: b[k] for k in keys}, rel=1e-5), a["plan"]
+    assert [{g: e["config"] for g, e in plans["groups"].items()} for plans in resident.plans.values()] == [
+        {g: e["config"] for g, e in plans["groups"].items()} for plans in streamed.plans.values()
+    ]
+
+
+def test_the_cli_quantizes_a_moe_folder_and_says_what_it_cannot_write(tmp_path, capsys):
+    """``--format int`` plans and evaluates a sparse model's experts (``--export none``); the compressed-tensors
+    export it cannot write yet is one line naming the flags that work, and leaves no folder."""
+    from layerwise.cli import main
+
+    from .conftest import one_error_line, tiny_folder
+
+    folder = tiny_folder(tmp_path / "olmoe", "olmoe", layers=2)
+    args = ["quantize", "--model", str(folder), "--format", "int", "--bits", "4.5", "--seq-len", "16"]
+    args += ["--group-size", "16", "--samples", "4", "--eval-samples", "2"]
+    assert main([*args, "--export", "none", "--out", str(tmp_path / "q")]) == 0
+    groups = json.loads((tmp_path / "q" / "plan.json").read_text())
+    assert "L1.mlp.experts" in next(iter(groups["plans"].values()))["groups"]
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert one_error_line(err) and "give --export none to plan and evaluate, or quantize its GGUF file" in err, err
+    assert not (tmp_path / "hf").exists()
