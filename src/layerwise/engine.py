@@ -473,9 +473,9 @@ class Streamed:
         #: Buffers the checkpoint holds (DeepSeek-V3's routing correction bias), read once into the skeleton: they
         #: are state, not weights a block streams, and the skeleton's own are only their initial values.
         self.buffers = {name: key for name, _ in model.named_buffers() if (key := self._find(name)) is not None}
-        with torch.no_grad():
-            for name, key in self.buffers.items():
-                model.get_buffer(name).copy_(checkpoint.tensor(key))
+        for name, key in self.buffers.items():  # on the device, where the blocks that read them run
+            buf = model.get_buffer(name)
+            buf.data = checkpoint.tensor(key).to(self.device, buf.dtype)
 
     @property
     def offload(self) -> str:

@@ -398,6 +398,9 @@ def load(
             target, source, dev, torch_dtype, trust_remote_code, attn_implementation, spill, offload, prefetch
         )
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
+    # transformers swaps in Hub kernels on CUDA by default: code fetched at load time (an offline machine fails
+    # there), and forwards other than the ones layerwise measures and its tests check.
+    kwargs["use_kernels"] = False
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if dev.startswith("cuda"):
