@@ -52,6 +52,43 @@ class TensorInfo(NamedTuple):
         return self.shape[-1] // block * size
 
 
+class Stored(NamedTuple):
+    """A tensor of a GGUF file as gguf's reader gives one (name, type, raw bytes by row, their count), found from the
+    header alone: gguf's reader parses every metadata array first, seconds a file for a large vocabulary."""
+
+    path: Path
+    info: TensorInfo
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def tensor_type(self):
+        import gguf
+
+        return gguf.GGMLQuantizationType(self.info.ggml_type)
+
+    @property
+    def n_bytes(self) -> int:
+        return self.info.rows * self.info.row_bytes
+
+    @property
+    def n_elements(self) -> int:
+        return self.info.rows * self.info.shape[-1]
+
+    @property
+    def data(self) -> np.ndarray:
+        """The raw bytes, (..., bytes of a row), memory-mapped."""
+        shape = (*self.info.shape[:-1], self.info.row_bytes)
+        return np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.info.offset, shape=shape)
+
+
+def stored(path: str | Path) -> list[Stored]:
+    """Every tensor of a GGUF file (:class:`Stored`), in the file's order."""
+    return [Stored(Path(path), t) for t in header(path)[1]]
+
+
 def _read(fh: BinaryIO, fmt: str) -> Any:
     size = struct.calcsize(fmt)
     return struct.unpack(fmt, fh.read(size))[0]

@@ -325,8 +325,7 @@ class GGUFCandidates:
         ``"embedding"``)."""
         if file not in self._readers:
             path = {"source": self.source, "embedding": self.embedding}.get(file) or self.files[file]
-            r = ggufio.reader(path)
-            self._readers[file] = {t.name: t for t in r.tensors}
+            self._readers[file] = {t.name: t for t in ggufio.stored(path)}
         try:
             return self._readers[file][name]
         except KeyError:
@@ -345,7 +344,7 @@ class GGUFCandidates:
         """The tensors the plan's file holds besides the ``planned`` ones, as it stores them: the source's, the token
         embedding from ``embedding``'s file when there is one."""
         own = "embedding" if self.embedding is not None else "source"
-        tensors = ggufio.reader(self.source).tensors
+        tensors = ggufio.stored(self.source)
         return [self.tensor(own, t.name) if t.name == EMBEDDING else t for t in tensors if t.name not in planned]
 
     def outside(self, lm: LoadedModel) -> dict[Weight, torch.Tensor]:

@@ -210,15 +210,20 @@ def tensor_columns(lm: LoadedModel) -> dict[str, int]:
     """Every matrix llama.cpp runs as a product, by its tensor name, with its input width (a merged expert tensor's
     per-expert matrices' width)."""
     an = lm.anatomy
-    merged = {
-        name: w.shape[1]
-        for layer in an.moe_layers
-        for attr, names in an.gguf_experts(layer).items()
-        for path, w in an.expert_matrices(layer, 0)
-        if path.endswith(f".{attr}.0")
-        for name in names
-    }
+    merged = {name: columns for name, (_, columns) in _merged(lm).items()}
     return {name: an.linear_shape(m)[1] for name, m in _matrices(lm).items()} | merged
+
+
+def _merged(lm: LoadedModel) -> dict[str, tuple[int, int]]:
+    """Every merged expert tensor's (experts, columns of each expert's matrix), by llama.cpp's tensor name."""
+    an = lm.anatomy
+    return {
+        an.gguf_name(path): (an.n_experts(layer), w.shape[1])
+        for layer in an.moe_layers
+        for _, ws in an.quant_groups(layer, fused=False)
+        for path, w in ws
+        if w.module is an.experts(layer)
+    }
 
 
 def _matrices(lm: LoadedModel) -> dict[str, nn.Module]:
@@ -239,13 +244,7 @@ def compute(
     acc = _Squares()
     with acc.hooked(modules), _ExpertInputs.hooked(lm, acc), torch.no_grad():
         _run(lm, batches, progress)
-    an = lm.anatomy
-    merged = {
-        name: an.n_experts(layer)
-        for layer in an.moe_layers
-        for names in an.gguf_experts(layer).values()
-        for name in names
-    }
+    merged = {name: n for name, (n, _) in _merged(lm).items()}
     rows = {name: [name] for name in modules} | {name: [(name, j) for j in range(n)] for name, n in merged.items()}
     columns = tensor_columns(lm)
     return Imatrix(
