@@ -4,6 +4,7 @@ weights of their own, one GGUF type for each of llama.cpp's merged ``*_exps`` te
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ import torch
 from layerwise.errors import LayerwiseError
 from layerwise.quant.measure import matrix, replaced
 
-from .conftest import gguf_tensors, moe_gguf, recipe_reproduces, tiny_lm
+from .conftest import gguf_tensors, moe_gguf, recipe_reproduces, same_checkpoint, tiny_lm
+from .test_quant import _split_windows as _split
 
 
 def _expert_by_hand(arch: str, experts, x, gate, up, down, j: int) -> torch.Tensor:
@@ -68,21 +70,22 @@ def test_groups_follow_what_each_engine_types_together():
         an.weight("model.layers.1.mlp.gate")
 
 
-def test_what_cannot_be_quantized_yet_is_refused_in_one_line():
-    """GPTQ (no per-expert Hessians yet), a compressed-tensors export of experts, and DeepSeek-V3's latent attention
-    (no q/k/v maps): each one line, before anything is measured."""
+def test_what_cannot_be_quantized_yet_is_refused_in_one_line(tmp_path):
+    """GPTQ (no per-expert Hessians yet), a compressed-tensors export of experts that transformers writes fused
+    (gpt-oss), and DeepSeek-V3's latent attention (no q/k/v maps): each one line, before anything is measured."""
     from layerwise import quantize as qz
     from layerwise.quant import hf
 
     from .test_quant import _split_windows
 
-    lm = tiny_lm("qwen3_moe")
     with pytest.raises(LayerwiseError, match="GPTQ needs each expert's own inputs.*`method` rtn"):
-        qz.candidates_for(lm, "int", method="gptq")
-    with pytest.raises(LayerwiseError, match="does not write qwen3_moe's experts as compressed-tensors yet"):
-        hf.check(lm, ())
-    with pytest.raises(LayerwiseError, match="does not write"):
-        qz.run(lm, _split_windows(), bits=4.5, format="int", export=("hf",), progress=False)
+        qz.candidates_for(tiny_lm("qwen3_moe"), "int", method="gptq")
+    gpt_oss = tiny_lm("gpt_oss")
+    with pytest.raises(LayerwiseError, match="transformers writes gpt_oss's experts fused.*give `export` none"):
+        hf.check(gpt_oss, ())
+    with pytest.raises(LayerwiseError, match="experts fused"):
+        qz.run(gpt_oss, _split_windows(), bits=4.5, format="int", export=("hf",), out=tmp_path, progress=False)
+    assert not list(tmp_path.iterdir())
     deepseek = tiny_lm("deepseek_v3").anatomy
     with pytest.raises(LayerwiseError, match=r"deepseek_v3's block has no self_attn\.q_proj: layerwise does not"):
         deepseek.quant_groups(0)
@@ -184,21 +187,136 @@ def test_a_moe_gguf_plan_from_disk_is_the_resident_one(tmp_path):
     ]
 
 
-def test_the_cli_quantizes_a_moe_folder_and_says_what_it_cannot_write(tmp_path, capsys):
-    """``--format int`` plans and evaluates a sparse model's experts (``--export none``); the compressed-tensors
-    export it cannot write yet is one line naming the flags that work, and leaves no folder."""
+def test_the_cli_quantizes_a_moe_folder_for_vllm(tmp_path):
+    """``--format int`` plans, evaluates and exports a sparse model's experts: the checkpoint keeps each expert's
+    matrices as modules, and plain transformers loads it."""
+    from transformers import AutoModelForCausalLM
+
     from layerwise.cli import main
 
-    from .conftest import one_error_line, tiny_folder
+    from .conftest import tiny_folder
 
     folder = tiny_folder(tmp_path / "olmoe", "olmoe", layers=2)
     args = ["quantize", "--model", str(folder), "--format", "int", "--bits", "4.5", "--seq-len", "16"]
-    args += ["--group-size", "16", "--samples", "4", "--eval-samples", "2"]
-    assert main([*args, "--export", "none", "--out", str(tmp_path / "q")]) == 0
+    args += ["--group-size", "16", "--samples", "4", "--eval-samples", "2", "--symmetric"]
+    assert main([*args, "--out", str(tmp_path / "q")]) == 0
     groups = json.loads((tmp_path / "q" / "plan.json").read_text())
     assert "L1.mlp.experts" in next(iter(groups["plans"].values()))["groups"]
-    capsys.readouterr()
-    assert main([*args, "--out", str(tmp_path / "hf")]) == 2
-    err = capsys.readouterr().err
-    assert one_error_line(err) and "give --export none to plan and evaluate, or quantize its GGUF file" in err, err
-    assert not (tmp_path / "hf").exists()
+    assert "model.layers.1.mlp.experts.3.down_proj.weight_packed" in _checkpoint(tmp_path / "q" / "model")
+    AutoModelForCausalLM.from_pretrained(tmp_path / "q" / "model")
+
+
+def _checkpoint(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def _scheme(qc: dict, name: str) -> tuple[str, dict]:
+    """The one config group whose targets match module ``name`` (compressed-tensors' own matching)."""
+    from compressed_tensors.utils.match import match_name
+
+    (found,) = [(g, e) for g, e in qc["config_groups"].items() if any(match_name(name, t) for t in e["targets"])]
+    return found
+
+
+def _decompressed(folder) -> dict[str, torch.Tensor]:
+    """Every packed module of a compressed-tensors checkpoint decompressed under the config group its own name
+    matches, as vLLM looks each module's scheme up (transformers uses one for all experts)."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    tensors, out = _checkpoint(folder), {}
+    for key in tensors:
+        if key.endswith(".weight_packed"):
+            module = key.removesuffix(".weight_packed")
+            scheme = QuantizationScheme.model_validate(_scheme(qc, module)[1])
+            local = {k: tensors[f"{module}.{k}"] for k in ("weight_packed", "weight_scale", "weight_shape")}
+            out[module] = BaseCompressor.get_value_from_registry(qc["format"]).decompress(local, scheme)["weight"]
+    return out
+
+
+def _plan_weights(lm, rep, folder, size: int) -> dict:
+    """The exported plan's weights, made again by layerwise (by weight handle)."""
+    from layerwise import quantize as qz
+    from layerwise.quant.allocate import fixed
+    from layerwise.quant.apply import plan_weights
+    from layerwise.quant.measure import Measurement
+
+    plan = next(iter(rep.plans.values()))
+    meas = Measurement.load(folder / "measurement.json", {})
+    alloc = fixed(meas, {g: e["config"] for g, e in plan["groups"].items()}, "measured")
+    return plan_weights(lm, meas, alloc, qz.candidates_for(lm, "int", symmetric=True, sizes=(size,)))
+
+
+@pytest.mark.parametrize(("arch", "size"), [("qwen3_moe", 16), ("qwen2_moe", 8), ("mixtral", 16), ("olmoe", 16)])
+def test_the_hf_export_writes_each_expert_as_the_module_vllm_and_transformers_read(tmp_path, arch, size):
+    """A layer's experts become one module per expert's gate, up and down map, under the checkpoint's own names
+    (Mixtral's ``block_sparse_moe.experts.N.w1``), all under one config group that also matches the names vLLM's
+    fused MoE looks the layer's scheme up by. Plain transformers loads the file with the plan's weights: every
+    weight bit for bit but the experts, which its loader decompresses in float16, the scales' type."""
+    from transformers import AutoModelForCausalLM
+
+    from layerwise import quantize as qz
+
+    lm = tiny_lm(arch)
+    an = lm.anatomy
+    rep = qz.run(
+        lm, _split(), bits=5, strategy=["uniform"], format="int", symmetric=True, group_size=size,
+        export=("hf",), out=tmp_path, eval_samples=3, progress=False,
+    )  # fmt: skip
+    weights, folder = _plan_weights(lm, rep, tmp_path, size), tmp_path / "model"
+    loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        loaded(input_ids=_split().ids[:1])  # compressed-tensors decompresses on the first forward
+    names = {m: n for n, m in lm.model.named_modules()}
+    sparse = {an.experts(k) for k in an.moe_layers}
+    for w, deq in weights.items():
+        theirs = matrix(replace(w, module=loaded.get_submodule(names[w.module])))
+        assert torch.equal(theirs, deq.half().float() if w.module in sparse else deq), names[w.module]
+    assert rep.exports["hf"]["transformers_ppl"] == pytest.approx(rep.rows[0]["ppl"], rel=1e-3)
+    tensors, qc = _checkpoint(folder), json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert rep.rows[0]["bytes"] == sum(t.nbytes for t in tensors.values())
+    n, block = an.n_experts(an.moe_layers[0]), "block_sparse_moe" if arch == "mixtral" else "mlp"
+    leaves = ("w1", "w3", "w2") if arch == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    for k in an.moe_layers:
+        prefix = f"model.layers.{k}.{block}.experts"
+        assert not [t for t in tensors if t.startswith(f"{prefix}.") and not t[len(prefix) + 1].isdigit()]
+        modules = [f"{prefix}.{j}.{leaf}" for j in range(n) for leaf in leaves]
+        assert all(f"{m}.weight_{s}" in tensors for m in modules for s in ("packed", "scale", "shape"))
+        vllm = [f"{prefix}.0.{leaf}" for leaf in ("gate_proj", "up_proj", "down_proj")]
+        (group,) = {_scheme(qc, m)[0] for m in modules + vllm}
+        config = next(iter(rep.plans.values()))["groups"][f"L{k}.mlp.experts"]["config"]
+        assert qc["config_groups"][group]["weights"]["num_bits"] == int(config[1])
+
+
+def test_a_plan_whose_layers_differ_is_written_for_vllm_and_read_from_disk_alike(tmp_path):
+    """Each layer's experts under their own scheme: every module, decompressed under the config group its name
+    matches (as vLLM reads it), holds the plan's weights; transformers, which reads all experts under one scheme, is
+    not run on it, and the report says why. Written block by block from disk, the checkpoint is the same."""
+    import layerwise as lw
+    from layerwise import quantize as qz
+
+    lm, w = tiny_lm("qwen3_moe"), _split()
+    kw = dict(bits=6, format="int", symmetric=True, group_size=16, eval_samples=3, progress=False)
+    rep = qz.run(lm, w, export=("hf",), out=tmp_path / "r", **kw)
+    plan = next(iter(rep.plans.values()))
+    assert len({plan["groups"][f"L{k}.mlp.experts"]["config"] for k in lm.anatomy.moe_layers}) > 1
+    assert "decompresses every layer's experts with one scheme" in rep.exports["hf"]["not_measured"]
+    got = _decompressed(tmp_path / "r" / "model")
+    names = {m: n for n, m in lm.model.named_modules()}
+    for wt, deq in _plan_weights(lm, rep, tmp_path / "r", 16).items():
+        if wt.module in {lm.anatomy.experts(k) for k in lm.anatomy.moe_layers}:
+            path, n = names[wt.module], lm.anatomy.n_experts(1)
+            leaf = {"gate_up_proj": ("gate_proj", "up_proj")[wt.rows.start != 0], "down_proj": "down_proj"}[wt.attr]
+            theirs = torch.cat([got[f"{path}.{j}.{leaf}"] for j in range(n)])
+        else:
+            theirs = got[names[wt.module]]
+        assert torch.equal(theirs.float(), deq.half().float()), names[wt.module]
+    lm.model.save_pretrained(tmp_path / "m")
+    disk = lw.load(str(tmp_path / "m"), offload="disk")
+    key = next(iter(rep.plans))
+    saved = qz.QuantPlan.from_json({**rep.meta, "model_hash": None}, key, plan)
+    qz.export_plan(disk, saved, tmp_path / "d", ("hf",), w.evaluation, w)
+    same_checkpoint(tmp_path / "r" / "model", tmp_path / "d" / "model")

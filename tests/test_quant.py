@@ -42,6 +42,7 @@ def test_storage_cost_is_exact():
     assert cfg.storage_bits(1, 576) == 576 * 4 + 9 * (16 + 4)
     assert cfg.bits_per_weight(576) == pytest.approx(4.3125)
     assert QConfig(3, 100, symmetric=True).storage_bits(2, 576) == 2 * (576 * 3 + 6 * 16)
+    assert QConfig(4, 4, symmetric=True).storage_bits(1, 12) == 64 + 3 * 16  # a row's codes fill whole int32 words
 
 
 def test_bad_configs():

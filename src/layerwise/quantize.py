@@ -110,9 +110,13 @@ def _other_bits(lm: LoadedModel, meas: Measurement, cands: Candidates) -> tuple[
     if isinstance(cands, qg.GGUFCandidates):
         rest = cands.kept({lm.anatomy.gguf_name(p) for p in planned})
         return sum(qg.ggufio.tensor_bits(t) for t in rest), sum(int(t.n_elements) for t in rest)
+    modules = {m: n for n, m in lm.model.named_modules()}
+    handles = [lm.anatomy.weight(p) for p in planned]
+    replaced = {f"{modules[w.module]}.{w.attr}" for w in handles}
+    shapes = sum(math.prod(w.view().shape[:-2]) for w in handles)  # an experts weight is a module per expert
 
     def kept(name: str) -> bool:
-        return not (name.endswith(".weight") and name.rsplit(".", 1)[0] in planned)
+        return name not in replaced
 
     tensors: dict[object, torch.Tensor]
     if lm.streamed is not None:  # a skeleton's tensors have no storage: tied ones share a checkpoint tensor
@@ -120,7 +124,7 @@ def _other_bits(lm: LoadedModel, meas: Measurement, cands: Candidates) -> tuple[
         tensors = {keys[n]: lm.model.get_parameter(n) for n in keys if kept(n)}
     else:
         tensors = {(t.data_ptr(), t.numel()): t for name, t in lm.model.state_dict().items() if kept(name)}
-    return 8 * sum(t.numel() * t.element_size() for t in tensors.values()) + 128 * len(planned), sum(
+    return 8 * sum(t.numel() * t.element_size() for t in tensors.values()) + 128 * shapes, sum(
         t.numel() for t in tensors.values()
     )
 
@@ -518,8 +522,7 @@ def export_plan(
             }
         else:
             path = hf.export(lm, plan.codes(lm, windows, batch_size=batch_size), out / "model")
-            nll = hf.transformers_nll(path, eval_ids, device=lm.device, progress=progress)
-            found = {"transformers_ppl": math.exp(sum(nll) / len(nll))}
+            found = _transformers_ppl(lm, plan, path, eval_ids, progress=progress)
         exports["hf"] = {"path": str(path), "bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")), **found}
     if not {"gguf", "recipe"} & set(export):
         return exports
@@ -546,6 +549,19 @@ def export_plan(
             "stored_types": {t: s for t, (_, s) in types.items()},
         }
     return exports
+
+
+def _transformers_ppl(
+    lm: LoadedModel, plan: QuantPlan, path: Path, eval_ids: torch.Tensor, *, progress: bool
+) -> dict[str, str | float]:
+    """The perplexity of the exported checkpoint as plain transformers loads it, where transformers reads it right."""
+    if not hf.one_experts_scheme(lm, plan.configs):
+        return {
+            "not_measured": "transformers perplexity: not measured: transformers decompresses every layer's experts "
+            "with one scheme, and this plan's layers have different ones (vLLM reads each layer's own)"
+        }
+    nll = hf.transformers_nll(path, eval_ids, device=lm.device, progress=progress)
+    return {"transformers_ppl": math.exp(sum(nll) / len(nll))}
 
 
 def size_budget(lm: LoadedModel, cands: Candidates, size: int, lo: float, hi: float) -> float:

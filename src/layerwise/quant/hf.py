@@ -15,16 +15,29 @@ offset back, so the bits on disk are layerwise's codes.
 Only symmetric groups that tile every row exactly are written: with
 compressed-tensors 0.20 and transformers 5, checkpoints with zero points or a
 short last group are written but do not load.
+
+Mixture-of-experts models: transformers holds a layer's experts as 3-D tensors,
+but checkpoints (and vLLM, and transformers' own loader) keep each expert's
+gate, up and down maps as modules of their own (``mlp.experts.3.gate_proj``,
+Mixtral's ``block_sparse_moe.experts.3.w1``). The export writes each expert's
+codes under those names, found by reversing transformers' own load-time
+conversion, and targets a layer's experts with one pattern per map that also
+matches the ``experts.N.gate_proj|up_proj|down_proj`` names vLLM's fused MoE
+looks a layer's scheme up by; a plan gives a layer's experts one config, as
+vLLM requires. transformers (5.25) decompresses every layer's experts with one
+scheme, so it reads such a checkpoint right only when all layers share it.
 """
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Mapping
 from contextlib import closing
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import LayerwiseError
@@ -54,11 +67,8 @@ def check(lm: LoadedModel, configs: tuple[QConfig, ...]) -> None:
     """Refuse, before anything is measured, a model or candidate set that cannot become a loadable checkpoint."""
     an = lm.anatomy
     _check_dtype(lm)
-    if an.moe_layers:
-        raise LayerwiseError(
-            f"`export` hf does not write {an.model_type}'s experts as compressed-tensors yet; give `export` none to "
-            "plan and evaluate, or quantize its GGUF file (`format` gguf)"
-        )
+    for layer in an.moe_layers[:1]:
+        _expert_modules(lm, layer)
     if an.spec.transposed:
         raise LayerwiseError(
             f"compressed-tensors quantizes torch.nn.Linear layers; {an.model_type}'s Conv1D layers cannot be "
@@ -85,8 +95,8 @@ def check(lm: LoadedModel, configs: tuple[QConfig, ...]) -> None:
 
 
 def quantization_config(configs: dict[str, QConfig], linear: list[str]):
-    """One config group per (bits, group size) of the quantized modules' ``configs`` (by module path), targeting
-    modules by exact name; other Linear layers ignored."""
+    """One config group per (bits, group size) of the ``configs`` of each target (a module's name, or a ``re:``
+    pattern for a layer's experts); other Linear layers ignored."""
     from compressed_tensors.quantization import (
         QuantizationArgs,
         QuantizationConfig,
@@ -129,20 +139,95 @@ def packed(q: QTensor) -> dict[str, torch.Tensor]:
     }
 
 
+def _expert_modules(lm: LoadedModel, layer: int) -> dict[str, list[str]]:
+    """The checkpoint's module for each expert's matrix of block ``layer``'s experts weights, by weight path
+    (``model.layers.3.mlp.experts.gate`` -> ``[model.layers.3.mlp.experts.0.gate_proj, ...]``).
+
+    The names are transformers' own: its load-time conversion is reversed on tensors that number every row of the
+    experts tensors, so each name comes back holding the rows (and the expert) it stands for. One line where
+    transformers writes the experts fused (gpt-oss), which compressed-tensors cannot quantize.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    an, moe = lm.anatomy, lm.anatomy.spec.moe
+    assert moe is not None
+    experts, n = an.experts(layer), an.n_experts(layer)
+    handles = {p: w for _, ws in an.quant_groups(layer) for p, w in ws if w.module is experts}
+    marks, spans, start = {}, {}, 0
+    for attr in dict.fromkeys(w.attr for w in handles.values()):
+        rows = experts.get_parameter(attr).shape[-1 if moe.transposed else -2]
+        mark = torch.arange(start, start + n * rows).view(n, rows, 1)
+        marks[f"{an.spec.layers}.{layer}.{moe.experts}.{attr}"] = mark.transpose(-1, -2) if moe.transposed else mark
+        spans[attr], start = (start, rows), start + n * rows
+    found: dict[str, dict[int, str]] = {p: {} for p in handles}
+    for key, t in revert_weight_conversion(lm.model, marks).items():
+        for p, w in handles.items():
+            base, rows = spans[w.attr]
+            got = (t.flatten() - base).tolist()
+            j = got[0] // rows
+            if 0 <= j < n and [r - j * rows for r in got] == list(range(rows))[w.rows]:
+                found[p][j] = key.removesuffix(".weight")
+    if not all(len(names) == n for names in found.values()):
+        raise LayerwiseError(
+            f"transformers writes {an.model_type}'s experts fused, not a module per expert, and compressed-tensors "
+            "quantizes modules; give `export` none to plan and evaluate, or quantize its GGUF file (`format` gguf)"
+        )
+    return {p: [names[j] for j in range(n)] for p, names in found.items()}
+
+
+def _experts_target(names: list[str], path: str) -> str:
+    """One pattern for a layer's experts' gate, up or down maps (``path``'s last part): the checkpoint's modules
+    and the ``experts.N.gate_proj`` names vLLM's fused MoE looks their scheme up by."""
+    prefix, leaf = names[0].rsplit(".", 2)[0], names[0].rsplit(".", 1)[1]
+    leaves = "|".join(sorted({leaf, f"{path.rsplit('.', 1)[1]}_proj"}))
+    return f"re:^{re.escape(prefix)}\\.\\d+\\.({leaves})$"
+
+
+def _packed(lm: LoadedModel, codes: dict[str, QTensor]) -> tuple[set[str], dict[str, torch.Tensor], dict[str, QConfig]]:
+    """What ``codes`` (by weight path) write: the model's parameters they replace, the packed tensors that replace
+    them (by the checkpoint's names), and each target's config. A linear map is its own module; a sparse block's
+    experts weight is split into each expert's matrix, under the module the checkpoint keeps it in."""
+    an = lm.anatomy
+    sparse: dict[nn.Module, int] = {an.experts(k): k for k in an.moe_layers}
+    names: dict[int, dict[str, list[str]]] = {}
+    gone: set[str] = set()
+    tensors: dict[str, torch.Tensor] = {}
+    targets: dict[str, QConfig] = {}
+    for path, q in codes.items():
+        w = an.weight(path)
+        if w.module not in sparse:
+            gone.add(f"{path}.weight")
+            tensors |= {f"{path}.{k}": v for k, v in packed(q).items()}
+            targets[path] = q.config
+            continue
+        layer = sparse[w.module]
+        if layer not in names:
+            names[layer] = _expert_modules(lm, layer)
+        modules = names[layer][path]
+        gone.add(f"{path.rsplit('.', 1)[0]}.{w.attr}")
+        for module, part in zip(modules, q.split_rows([q.codes.shape[0] // len(modules)] * len(modules))):
+            tensors |= {f"{module}.{k}": v for k, v in packed(part).items()}
+        targets[_experts_target(modules, path)] = q.config
+    return gone, tensors, targets
+
+
+def one_experts_scheme(lm: LoadedModel, configs: Mapping[str, object]) -> bool:
+    """Whether every sparse block's experts have the same config (by weight path): only then does transformers read
+    the checkpoint's experts right (it decompresses all of them with the first config group that names experts;
+    vLLM reads each layer's own)."""
+    an = lm.anatomy
+    sparse = {an.experts(k) for k in an.moe_layers}
+    return len({c for p, c in configs.items() if an.weight(p).module in sparse}) <= 1
+
+
 def export(lm: LoadedModel, codes: dict[str, QTensor], out: str | Path) -> Path:
-    """Write the model with ``codes`` in place of those modules' weights, as a compressed-tensors checkpoint,
-    atomically."""
+    """Write the model with ``codes`` in place of those weights, as a compressed-tensors checkpoint, atomically."""
     _check_dtype(lm)
-    state: dict[str, torch.Tensor] = {}
-    for name, t in lm.model.state_dict().items():
-        module, _, leaf = name.rpartition(".")
-        if module in codes and leaf == "weight":
-            state |= {f"{module}.{k}": v for k, v in packed(codes[module]).items()}
-        else:
-            state[name] = t
+    gone, tensors, targets = _packed(lm, codes)
+    state = {name: t for name, t in lm.model.state_dict().items() if name not in gone} | tensors
     with atomic_dir(out, "checkpoint") as tmp:
-        lm.model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        _finish(lm, {p: q.config for p, q in codes.items()}, tmp)
+        lm.model.save_pretrained(tmp, state_dict=state, safe_serialization=True)  # renamed as the checkpoint names
+        _finish(lm, targets, tmp)
     return Path(out)
 
 
@@ -166,8 +251,11 @@ def export_streamed(lm: LoadedModel, plan: BlockPlan, out: str | Path, *, shard_
 def _block_tensors(
     lm: LoadedModel, plan: BlockPlan, configs: dict[str, QConfig]
 ) -> Generator[tuple[str, torch.Tensor], None, None]:
-    """Every tensor of the checkpoint in the compute dtype, a quantized module's weight as its packed codes (its
-    config added to ``configs``): the embeddings and final norm, each block, then an untied head."""
+    """Every tensor of the checkpoint in the compute dtype under the checkpoint's names (as ``save_pretrained``
+    renames them), a quantized weight as its packed codes (its target's config added to ``configs``): the embeddings
+    and final norm, each block, then an untied head."""
+    from transformers.core_model_loading import revert_weight_conversion
+
     s, an = lm.streamed, lm.anatomy
     assert s is not None
     written: set[str] = set()
@@ -177,20 +265,16 @@ def _block_tensors(
         written.update(s.keys[n] for n in fresh)
         return fresh
 
-    def read(names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        return ((n, lm.model.get_parameter(n).detach().cpu()) for n in names)
+    def read(names: list[str], packed: dict[str, torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        state = {n: lm.model.get_parameter(n).detach().cpu() for n in names} | (packed or {})
+        return iter(revert_weight_conversion(lm.model, state).items())
 
     with s.onloaded(s.stem):
         yield from read(own(s.stem))
     for i in s.blocks():
-        codes = plan.codes(i)
-        for name in own(s.names(an.blocks[i])):
-            path, _, leaf = name.rpartition(".")
-            if path in codes and leaf == "weight":
-                configs[path] = codes[path].config
-                yield from ((f"{path}.{k}", v) for k, v in packed(codes[path]).items())
-            else:
-                yield from read([name])
+        gone, tensors, targets = _packed(lm, plan.codes(i))
+        configs |= targets
+        yield from read([n for n in own(s.names(an.blocks[i])) if n not in gone], tensors)
     head = own(s.names(an.head))
     with s.onloaded(head):
         yield from read(head)

@@ -45,9 +45,11 @@ class QConfig:
             )
 
     def storage_bits(self, out_features: int, in_features: int) -> int:
-        """Exact bits to store a quantized (out, in) matrix: codes plus one scale and zero per group."""
+        """Exact bits to store a quantized (out, in) matrix: each row's codes packed into whole 32-bit words (as the
+        compressed-tensors export writes them), plus one scale and zero per group."""
         groups = math.ceil(in_features / self.group_size)
-        return out_features * (in_features * self.bits + groups * (self.scale_bits + self.zero_bits))
+        codes = 32 * math.ceil(in_features * self.bits / 32)
+        return out_features * (codes + groups * (self.scale_bits + self.zero_bits))
 
     def bits_per_weight(self, in_features: int) -> float:
         return self.storage_bits(1, in_features) / in_features
