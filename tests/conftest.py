@@ -288,9 +288,10 @@ def sparse_inputs(lm: LoadedModel, ids: torch.Tensor) -> dict[int, torch.Tensor]
     return {i: torch.cat(xs).reshape(-1, xs[0].shape[-1]) for i, xs in seen.items()}
 
 
-def moe_gguf(path, *, hidden: int = 32, width: int = 16, experts: int = 4):
+def moe_gguf(path, *, hidden: int = 32, width: int = 16, experts: int = 4, tie: bool = False):
     """A Qwen3-MoE model with every block sparse (as llama.cpp's qwen3moe graph has them) and its float32 GGUF file,
-    which llama.cpp and layerwise both read as this model (``width``: each expert's hidden width)."""
+    which llama.cpp and layerwise both read as this model (``width``: each expert's hidden width; ``tie``: the head
+    is the token embedding)."""
     import string
 
     import transformers as tf
@@ -308,7 +309,7 @@ def moe_gguf(path, *, hidden: int = 32, width: int = 16, experts: int = 4):
         num_experts_per_tok=2,
         moe_intermediate_size=width,
         norm_topk_prob=True,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie,
     )
     torch.manual_seed(0)
     model = tf.Qwen3MoeForCausalLM(cfg).eval()

@@ -187,6 +187,29 @@ def test_a_moe_gguf_plan_from_disk_is_the_resident_one(tmp_path):
     ]
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_a_plans_own_token_embedding_is_evaluated_from_disk_as_in_memory(tmp_path, tie):
+    """``embedding`` with the weights read from disk: each plan's stream starts from the token embedding its file
+    stores, and a head tied to it gives the logits through that embedding too; read whole or in slices of rows,
+    the figures are the resident run's (and differ from a plan that keeps the source's embedding)."""
+    import layerwise as lw
+    from layerwise import quantize as qz
+
+    _, path = moe_gguf(tmp_path / "moe.gguf", width=32, tie=tie)
+    w = _split(4, 3)
+    kw = dict(bits=4.8, strategy=["uniform"], imatrix="none", batch_size=2, progress=False)
+    resident = qz.run(lw.load(str(path)), w, embedding="q4_0", **kw)
+    kept = qz.run(lw.load(str(path)), w, **kw)
+    keys = ("bpw", "bytes", "ppl", "kl")
+    assert resident.rows[0]["kl"] != pytest.approx(kept.rows[0]["kl"], rel=1e-3)
+    for rows in (None, 13):
+        disk = lw.load(str(path), offload="disk")
+        disk.streamed.rows = rows
+        (got,) = qz.run(disk, w, embedding="q4_0", **kw).rows
+        assert {k: got[k] for k in keys} == pytest.approx({k: resident.rows[0][k] for k in keys}, rel=1e-5), rows
+        assert all(p.device.type == "meta" for p in disk.model.parameters())
+
+
 def test_the_cli_quantizes_a_moe_folder_for_vllm(tmp_path):
     """``--format int`` plans, evaluates and exports a sparse model's experts: the checkpoint keeps each expert's
     matrices as modules, and plain transformers loads it."""

@@ -248,6 +248,15 @@ def test_embedding_type_is_counted_written_and_evaluated(run, tmp_path):
     assert abs(ev["exports"]["gguf"]["llama_cpp_ppl"] / row["ppl"] - 1) < 0.02, (row, ev["exports"])
     assert QuantPlan.load(out).embedding == "Q4_K"
     assert recipe_reproduces(out, tmp_path) == 210
+    # read from disk one block at a time, the plan's stream starts from its own embedding and its tied head
+    disk = tmp_path / "emb-disk"
+    disk.mkdir()
+    for name in ("measurement.json", "imatrix.gguf"):
+        shutil.copy(run / name, disk / name)
+    assert cli.main(["quantize", *argv, "--offload", "disk", "--export", "none", "--out", str(disk)]) == 0
+    (got,) = json.loads((disk / "eval.json").read_text())["rows"]
+    assert got["plan"] == row["plan"] and got["bytes"] == row["bytes"]
+    assert {k: got[k] for k in ("ppl", "kl")} == pytest.approx({k: row[k] for k in ("ppl", "kl")}, rel=1e-5)
 
 
 def test_tie_gives_gate_and_up_one_type(run, tmp_path):

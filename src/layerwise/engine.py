@@ -470,6 +470,8 @@ class Streamed:
         self.device, self.dtype = torch.device(device), dtype
         self.paths = {m: n for n, m in model.named_modules()}
         self.keys = {name: self._key(name) for name, _ in model.named_parameters(remove_duplicate=False)}
+        #: Checkpoint keys read from another checkpoint for now (:meth:`reading`).
+        self.reads: dict[str, Checkpoint | ConvertedCheckpoint | GGUFCheckpoint | HeldCheckpoint] = {}
         #: Buffers the checkpoint holds (DeepSeek-V3's routing correction bias), read once into the skeleton: they
         #: are state, not weights a block streams, and the skeleton's own are only their initial values.
         self.buffers = {name: key for name, _ in model.named_buffers() if (key := self._find(name)) is not None}
@@ -528,7 +530,29 @@ class Streamed:
 
     def _tensor(self, name: str) -> torch.Tensor:
         """A parameter's tensor read from the checkpoint, in the compute dtype, in host memory."""
-        return self.checkpoint.tensor(self.keys[name]).to(self.dtype)
+        key = self.keys[name]
+        return self._source(key).tensor(key).to(self.dtype)
+
+    def _source(self, key: str) -> Checkpoint | ConvertedCheckpoint | GGUFCheckpoint | HeldCheckpoint:
+        return self.reads.get(key, self.checkpoint)
+
+    @contextmanager
+    def reading(
+        self, checkpoint: Checkpoint | ConvertedCheckpoint | GGUFCheckpoint | HeldCheckpoint, keys: Iterable[str]
+    ) -> Iterator[None]:
+        """These checkpoint ``keys`` read from ``checkpoint`` instead in the ``with``, whole or by rows as the
+        model's own are: a variant that stores tensors outside the blocks otherwise (a GGUF plan's token embedding,
+        and the head tied to it, at another type) is read as lazily as the model."""
+        keys = list(keys)
+        missing = [k for k in keys if k not in checkpoint.files]
+        if missing:
+            raise LayerwiseError(f"the checkpoint read in place of the model's holds no tensor {missing[0]}")
+        before = self.reads
+        self.reads = before | dict.fromkeys(keys, checkpoint)
+        try:
+            yield
+        finally:
+            self.reads = before
 
     def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """A block's tensors read ahead of its turn, pinned when the device is a GPU so that placing them copies at
@@ -643,7 +667,7 @@ class Streamed:
         for start in range(0, vocab, self.rows):
             want = used[(used >= start) & (used < start + self.rows)]
             if len(want):
-                parts.append(self.checkpoint.rows(key, start, min(start + self.rows, vocab))[want - start])
+                parts.append(self._source(key).rows(key, start, min(start + self.rows, vocab))[want - start])
         return renumbered.view(ids.shape), self._embedding(torch.cat(parts).to(self.device, self.dtype))
 
     @contextmanager
@@ -671,16 +695,21 @@ class Streamed:
         key, vocab = self.keys[f"{self.paths[an.head]}.weight"], an.linear_shape(an.head)[0]
         spans = [(a, min(a + self.rows, vocab)) for a in range(0, vocab, self.rows)]
 
-        def read(start: int, stop: int) -> torch.Tensor:
-            return self.checkpoint.rows(key, start, stop).to(self.device, self.dtype)
+        source = self._source(key)
 
-        head = an.head
+        def read(start: int, stop: int) -> torch.Tensor:
+            return source.rows(key, start, stop).to(self.device, self.dtype)
+
+        head, before = an.head, an.head.__dict__.get("forward")  # an outer ``head`` (another checkpoint's) in force
         with self.onloaded(self.names(an.final_norm)):
             head.forward = lambda x: _SlicedHead.apply(x, read, spans)
             try:
                 yield
             finally:
-                del head.forward
+                if before is None:
+                    del head.forward
+                else:
+                    head.forward = before
 
     def _dry(self, ids: torch.Tensor, inputs: dict[str, Any]) -> None:
         """The model's own forward up to the blocks; the head is never reached (its input is discarded)."""

@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -90,6 +90,7 @@ def streamed_quality(
     batch_size: int = 4,
     progress: bool = False,
     desc: str = "evaluate",
+    reads: dict[str, tuple[Any, list[str]]] | None = None,
 ) -> dict[str, dict]:
     """:func:`quality` of each variant against the original, for a model whose weights stay on disk.
 
@@ -97,17 +98,26 @@ def streamed_quality(
     each variant's (``variants[name](i)`` is active while that variant runs block ``i``), then the head is read once
     for every stream's logits. The hidden states of every window are kept for the original and each variant (in CPU
     memory, or in a file in the engine's ``spill`` folder).
+
+    ``reads[name]`` (a checkpoint and keys, see ``Streamed.reading``) gives a variant tensors outside the blocks of
+    its own: its stream starts from its own embedding, and where the head is among them its logits are read
+    through its own head (read again for each batch, beside the original's).
     """
     assert lm.streamed is not None
     _check_windows(ids)
-    s, an = lm.streamed, lm.anatomy
+    s, an, reads = lm.streamed, lm.anatomy, reads or {}
     batches = torch.split(ids, batch_size)
     acc = _Quality(list(variants), ids.shape[1] - 1)
+    head_key = s.keys[f"{s.paths[an.head]}.weight"]
+    own_head = [name for name in variants if name in reads and head_key in reads[name][1]]
     with s.states() as store:
         starts = [s.calls(b) for b in batches]
         calls = [c for _, c in starts]
-        streams = {name: [store.keep(h0) for h0, _ in starts] for name in (None, *variants)}
+        streams = {name: [store.keep(h0) for h0, _ in starts] for name in (None, *variants) if name not in reads}
         del starts
+        for own, (checkpoint, keys) in reads.items():
+            with s.reading(checkpoint, keys):
+                streams[own] = [store.keep(s.calls(b)[0]) for b in batches]
         with torch.no_grad(), tqdm(total=an.n_layers, desc=desc, unit="block", disable=not progress) as bar:
             for i in s.blocks():
                 for name, h in streams.items():
@@ -121,7 +131,9 @@ def streamed_quality(
             for b, x in enumerate(batches):
                 ref = acc.reference(x.to(s.device), readout(an, store.load(streams[None][b])))
                 for name in variants:
-                    acc.candidate(name, readout(an, store.load(streams[name][b])), ref)
+                    with s.reading(*reads[name]) if name in own_head else contextlib.nullcontext():
+                        with s.head() if name in own_head else contextlib.nullcontext():
+                            acc.candidate(name, readout(an, store.load(streams[name][b])), ref)
     return acc.summary()
 
 

@@ -24,6 +24,7 @@ import shlex
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,6 +37,9 @@ from ..loading import LoadedModel, cache_root
 from .allocate import Allocation, fixed
 from .imatrix import Imatrix, tensor_columns
 from .measure import Measurement
+
+if TYPE_CHECKING:
+    from ..engine import GGUFCheckpoint
 
 #: Candidate types made without an importance matrix, cheapest first (bits per weight with scales: 2.625 ... 8.5).
 TYPES: tuple[str, ...] = ("Q2_K", "Q3_K", "Q4_0", "Q4_K", "Q4_1", "Q5_0", "Q5_K", "Q5_1", "Q6_K", "Q8_0")
@@ -241,10 +245,7 @@ def candidate_files(lm: LoadedModel, types: tuple[str, ...] = TYPES, imatrix: Im
 
 def embedding_type(source: str | Path, name: str = EMBEDDING) -> str | None:
     """The type a GGUF file stores its token embedding (or tensor ``name``) in; None where it has none."""
-    import gguf
-
-    found = (t.ggml_type for t in ggufio.header(source)[1] if t.name == name)  # the header alone: no token strings
-    return next((gguf.GGMLQuantizationType(t).name for t in found), None)
+    return next((t.tensor_type.name for t in ggufio.stored(source) if t.name == name), None)
 
 
 def _row_order(w: torch.Tensor, src: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
@@ -303,10 +304,6 @@ class GGUFCandidates:
             imatrix.check(tensor_columns(lm), "given")
         emb = None
         if embedding is not None:
-            if lm.streamed is not None:
-                raise LayerwiseError(
-                    "`embedding` is evaluated with the model in memory; leave out `offload` disk, or `embedding`"
-                )
             check_imatrix([_known(embedding, "embedding")], imatrix, "embedding")  # its whole file is made at it
             emb = candidate_files(lm, (embedding.upper(),), imatrix)[embedding.upper()]
         return cls(lm.anatomy, source_gguf(lm), candidate_files(lm, types, imatrix), imatrix, tie, emb)
@@ -354,6 +351,17 @@ class GGUFCandidates:
         weight = Weight(lm.model.get_input_embeddings())
         w = weight.view()
         return {weight: _dequantize(self.tensor("embedding", EMBEDDING))[self._order(EMBEDDING, w, w.dtype)]}
+
+    def outside_reads(self, lm: LoadedModel) -> tuple[GGUFCheckpoint, list[str]] | None:
+        """:meth:`outside` for a model read from disk: the file whose token embedding (and the head tied to it) the
+        plan's file takes, and the checkpoint keys to read from it (``Streamed.reading``); None when the plan keeps
+        the source's."""
+        from ..engine import GGUFCheckpoint
+
+        s = lm.streamed
+        if self.embedding is None or s is None:
+            return None
+        return GGUFCheckpoint.of(self.embedding, lm.model), [s.keys[f"{s.paths[self.anatomy.embed]}.weight"]]
 
     def _order(self, tname: str, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The rows of the file's ``tname`` in the order of the model's weight ``w`` (q and k permuted back), worked

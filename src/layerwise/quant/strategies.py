@@ -203,7 +203,16 @@ def plan_quality(
                 name: stack.enter_context(BlockPlan(lm, weight_config(meas, a), cands, windows, batch_size=batch_size))
                 for name, a in allocs.items()
             }
-            return streamed_quality(lm, blocks, ids, batch_size=batch_size, progress=progress, desc=f"{verb} {what}")
+            outside = cands.outside_reads(lm) if isinstance(cands, qg.GGUFCandidates) else None
+            return streamed_quality(
+                lm,
+                blocks,
+                ids,
+                batch_size=batch_size,
+                progress=progress,
+                desc=f"{verb} {what}",
+                reads=dict.fromkeys(blocks, outside) if outside is not None else None,
+            )
     variants = plan_variants(
         lm, meas, cands, allocs, windows, batch_size=batch_size, progress=progress, desc=f"make {what}"
     )
