@@ -71,15 +71,13 @@ def test_groups_follow_what_each_engine_types_together():
 
 
 def test_what_cannot_be_quantized_yet_is_refused_in_one_line(tmp_path):
-    """GPTQ (no per-expert Hessians yet), a compressed-tensors export of experts that transformers writes fused
-    (gpt-oss), and DeepSeek-V3's latent attention (no q/k/v maps): each one line, before anything is measured."""
+    """A compressed-tensors export of experts that transformers writes fused (gpt-oss), and DeepSeek-V3's latent
+    attention (no q/k/v maps): each one line, before anything is measured."""
     from layerwise import quantize as qz
     from layerwise.quant import hf
 
     from .test_quant import _split_windows
 
-    with pytest.raises(LayerwiseError, match="GPTQ needs each expert's own inputs.*`method` rtn"):
-        qz.candidates_for(tiny_lm("qwen3_moe"), "int", method="gptq")
     gpt_oss = tiny_lm("gpt_oss")
     with pytest.raises(LayerwiseError, match="transformers writes gpt_oss's experts fused.*give `export` none"):
         hf.check(gpt_oss, ())
@@ -343,3 +341,82 @@ def test_a_plan_whose_layers_differ_is_written_for_vllm_and_read_from_disk_alike
     saved = qz.QuantPlan.from_json({**rep.meta, "model_hash": None}, key, plan)
     qz.export_plan(disk, saved, tmp_path / "d", ("hf",), w.evaluation, w)
     same_checkpoint(tmp_path / "r" / "model", tmp_path / "d" / "model")
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_gptq_weighs_each_expert_by_its_own_inputs(arch):
+    """The Hessian GPTQ quantizes an experts weight under is each expert's own: of the tokens the router sent it
+    (gate and up) and of its hidden activation there (down), computed here by hand from what the experts module
+    was given; an expert no token reached gets plain rounding."""
+    from layerwise.quant.gptq import ExpertHessians
+    from layerwise.quant.measure import GroupCandidates, InputHessians
+    from layerwise.quant.rtn import QConfig, quantize_rtn
+
+    lm, w = tiny_lm(arch), _split(4, 1)
+    an = lm.anatomy
+    layer = an.moe_layers[0]
+    experts, n = an.experts(layer), an.n_experts(layer)
+    (group,) = [ws for g, ws in an.quant_groups(layer) if g == f"L{layer}.mlp.experts"]
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    hook = experts.register_forward_pre_hook(lambda _m, args: seen.append((args[0].detach(), args[1].detach())))
+    try:
+        hess = InputHessians(lm, [group]).gather(torch.split(w.calibration, 2), stop_after=an.blocks[layer])
+    finally:
+        hook.remove()
+    x = torch.cat([a.reshape(-1, a.shape[-1]) for a, _ in seen]).double()
+    chosen = torch.cat([i.reshape(a.numel() // a.shape[-1], -1) for a, i in seen])
+    gate, up, down = ({p.rsplit(".", 1)[1]: wt for p, wt in group}[k] for k in ("gate", "up", "down"))
+    for j in range(n):
+        xj = x[(chosen == j).any(1)]
+        assert len(xj) > 0, j
+        hidden = experts.act_fn(xj @ matrix(gate).reshape(n, -1, x.shape[1])[j].double().T) * (
+            xj @ matrix(up).reshape(n, -1, x.shape[1])[j].double().T
+        )
+        for wt, inputs in ((gate, xj), (up, xj), (down, hidden)):
+            torch.testing.assert_close(hess.value(wt)[j], 2 * inputs.T @ inputs / len(inputs))
+    cands, cfg = GroupCandidates((QConfig(4, 16, True),), "gptq"), QConfig(4, 16, True)
+    lone = ExpertHessians(2)
+    lone.add(0, torch.randn(7, 32, dtype=torch.float64))
+    rows = torch.randn(2 * 8, 32)
+    got = cands.codes("", rows, cfg.name, lone.value)
+    assert torch.equal(got.codes[8:], quantize_rtn(rows[8:], cfg).codes)
+    assert not torch.equal(got.codes[:8], quantize_rtn(rows[:8], cfg).codes)
+
+
+def test_a_gptq_plan_of_a_moe_model_from_disk_is_the_resident_one_and_loads(tmp_path):
+    """GPTQ over a sparse model's experts, block by block from disk (each block's expert Hessians from the
+    quantized stream) as in memory: the same plans and figures, the same compressed-tensors checkpoint, and plain
+    transformers loads the plan's weights (the experts in float16, as its loader decompresses them)."""
+    from transformers import AutoModelForCausalLM
+
+    import layerwise as lw
+    from layerwise import quantize as qz
+    from layerwise.quant.allocate import fixed
+    from layerwise.quant.apply import plan_weights
+    from layerwise.quant.measure import Measurement
+
+    from .conftest import tiny_windows
+
+    lm, w = tiny_lm("qwen3_moe"), tiny_windows(8)
+    w.n_calib = 4
+    kw = dict(bits=5, strategy=["uniform"], format="int", method="gptq", symmetric=True, group_size=16)
+    kw |= dict(eval_samples=4, batch_size=2, progress=False)
+    resident = qz.run(lm, w, export=("hf",), out=tmp_path / "r", **kw)
+    lm.model.save_pretrained(tmp_path / "m")
+    streamed = qz.run(lw.load(str(tmp_path / "m"), offload="disk"), w, export=("hf",), out=tmp_path / "d", **kw)
+    keys = ("bpw", "bytes", "ppl", "kl")
+    (a,), (b,) = resident.rows, streamed.rows
+    assert a["plan"] == b["plan"] and {k: a[k] for k in keys} == pytest.approx({k: b[k] for k in keys}, rel=1e-5)
+    same_checkpoint(tmp_path / "r" / "model", tmp_path / "d" / "model")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "model").eval()
+    with torch.no_grad():
+        loaded(input_ids=w.ids[:1])  # compressed-tensors decompresses on the first forward
+    names = {m: n for n, m in lm.model.named_modules()}
+    sparse = {lm.anatomy.experts(k) for k in lm.anatomy.moe_layers}
+    plan = next(iter(resident.plans.values()))
+    meas = Measurement.load(tmp_path / "r" / "measurement.json", {})
+    alloc = fixed(meas, {g: e["config"] for g, e in plan["groups"].items()}, "uniform")
+    cands = qz.candidates_for(lm, "int", method="gptq", symmetric=True, sizes=(16,))
+    for wt, deq in plan_weights(lm, meas, alloc, cands, w, batch_size=2).items():
+        theirs = matrix(replace(wt, module=loaded.get_submodule(names[wt.module])))
+        assert torch.equal(theirs, deq.half().float() if wt.module in sparse else deq), names[wt.module]

@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .anatomy import Anatomy
 from .errors import LayerwiseError
-from .trace import BlockTrace, override_forward
+from .trace import BlockTrace, hooks, override_forward
 
 
 def route(router: Any, logits: torch.Tensor, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,3 +207,67 @@ def chunks(an: Anatomy, layer: int) -> list[list[int]]:
     """Block ``layer``'s experts in the groups :func:`experts_apart` ablates together."""
     n = an.n_experts(layer)
     return [list(range(a, min(a + COPIES, n))) for a in range(0, n, COPIES)]
+
+
+class _ExpertInputs(TorchFunctionMode):
+    """The inputs of each expert's own matrices, caught as the model's experts module computes them: run eagerly
+    (transformers' per-expert loop, not a grouped kernel), it takes expert ``j``'s matrix as a slice ``W[j]`` of its
+    merged weight and multiplies the rows routed to ``j`` by it (``linear(x, W[j])`` or ``x @ W[j]``). Every slice
+    taken of a noted weight is noted, and the left operand of every product with a noted slice is passed on: the
+    tokens routed to that expert for gate and up, its hidden activation for down."""
+
+    def __init__(self, add: Callable[[int, str, int, torch.Tensor], None]) -> None:
+        super().__init__()
+        self.add = add
+        self.weights: dict[int, tuple[torch.Tensor, int, str]] = {}  # id -> (weight, layer, attribute)
+        self.slices: dict[int, tuple[torch.Tensor, int, str, int]] = {}  # id -> (slice, layer, attribute, expert)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.Tensor.__getitem__ and id(args[0]) in self.weights and _is_index(args[1]):
+            _, layer, attr = self.weights[id(args[0])]
+            self.slices[id(out)] = (out, layer, attr, int(args[1]))  # the slice held, so that its id is not reused
+        elif len(args) >= 2 and isinstance(args[1], torch.Tensor) and id(args[1]) in self.slices:
+            _, layer, attr, j = self.slices[id(args[1])]
+            self.add(layer, attr, j, args[0])
+        return out
+
+
+@contextmanager
+def expert_inputs(model: nn.Module, an: Anatomy, add: Callable[[int, str, int, torch.Tensor], None]) -> Iterator[None]:
+    """While active, the experts modules run eagerly and ``add(layer, attribute, expert, x)`` gets the inputs ``x``
+    of expert ``expert``'s matrix in experts tensor ``attribute`` of block ``layer`` (the weights noted as each
+    module starts, for a model read from disk gets them then; nothing of a block held past its forward)."""
+    if not an.moe_layers:
+        yield
+        return
+    mode = _ExpertInputs(add)
+    attrs = [a for a, _ in an.spec.moe.gguf_experts] if an.spec.moe is not None else []
+
+    def note(layer: int) -> Callable:
+        def hook(m: nn.Module, _args: tuple) -> None:
+            mode.weights = {id(w): (w, layer, a) for w, a in ((getattr(m, a), a) for a in attrs)}
+
+        return hook
+
+    def done(*_args) -> None:
+        mode.weights, mode.slices = {}, {}
+
+    before = getattr(model.config, "_experts_implementation", None)
+    model.set_experts_implementation("eager")  # type: ignore[operator]
+    try:
+        with hooks() as keep, mode:
+            for layer in an.moe_layers:
+                keep(an.experts(layer).register_forward_pre_hook(note(layer)))
+                keep(an.experts(layer).register_forward_hook(done))
+            yield
+    finally:
+        if before is not None:
+            model.set_experts_implementation(before)  # type: ignore[operator]
+
+
+def _is_index(index: object) -> bool:
+    """Whether ``index`` picks one expert (an int or a tensor holding one)."""
+    return isinstance(index, int) or (
+        isinstance(index, torch.Tensor) and index.numel() == 1 and not index.is_floating_point()
+    )

@@ -91,11 +91,6 @@ def candidates_for(
         return qg.GGUFCandidates.of(lm, types, imatrix=imatrix, tie=tie, embedding=embedding)
     if family != "int":
         raise LayerwiseError(f"unknown `family` {family!r}; use gguf or int")
-    if method == "gptq" and lm.anatomy.moe_layers:
-        raise LayerwiseError(
-            "GPTQ needs each expert's own inputs (the tokens routed to it), which layerwise does not gather yet; "
-            "quantize a mixture-of-experts model with `method` rtn"
-        )
     sizes = (group_size,) if group_size else sizes
     configs = tuple(QConfig(b, g, bool(symmetric)) for b in (2, 3, 4, 5, 6, 8) for g in sizes)
     return GroupCandidates(configs, cast(Method, method))

@@ -14,8 +14,7 @@ from ..errors import LayerwiseError
 from ..loading import LoadedModel
 from ..trace import run_blocks
 from .allocate import Allocation
-from .gptq import Hessian
-from .measure import Candidates, GroupCandidates, Measurement, hessian_hooks, input_hessians, matrix, replaced
+from .measure import Candidates, GroupCandidates, InputHessians, Measurement, matrix, replaced
 from .rtn import QTensor
 
 
@@ -111,11 +110,22 @@ def _sequential(
         if not groups:
             continue
         with replaced({an.weight(p): q.dequantize() for p, q in out.items()}):
-            hess = input_hessians(lm, [g[0][1].module for g in groups], batches, stop_after=an.blocks[layer])
+            hess = InputHessians(lm, groups).gather(batches, stop_after=an.blocks[layer])
         for g in groups:
-            codes = candidates.codes_rows([matrix(m) for _, m in g], config[g[0][0]], hess[id(g[0][1].module)].value)
-            out |= {p: q for (p, _), q in zip(g, codes)}
+            out |= _group_codes(candidates, g, config, hess)
     return out
+
+
+def _group_codes(
+    candidates: GroupCandidates, group: list[tuple[str, Weight]], config: dict[str, str], hess: InputHessians
+) -> dict[str, QTensor]:
+    """A group's GPTQ codes: linear maps that read one input as one row-stacked matrix (one column sweep); an
+    experts weight on its own, each expert's rows under its own inputs' Hessian."""
+    first = hess.value(group[0][1])
+    if first is not None and first.dim() == 3:
+        return {p: candidates.codes(p, matrix(w), config[p], hess.value(w)) for p, w in group}
+    made = candidates.codes_rows([matrix(w) for _, w in group], config[group[0][0]], first)
+    return {p: q for (p, _), q in zip(group, made)}
 
 
 class BlockPlan:
@@ -205,14 +215,11 @@ class BlockPlan:
         """Block ``layer``'s GPTQ codes, from the Hessians of its inputs in the quantized stream."""
         an = self.lm.anatomy
         assert isinstance(self.candidates, GroupCandidates)
-        into: dict[int, Hessian] = {}
-        with torch.no_grad(), hessian_hooks([g[0][1].module for g in groups], into):
+        hess = InputHessians(self.lm, groups)
+        with torch.no_grad(), hess.watching():
             for k, c in zip(self.stream, self.calls):
                 run_blocks(an, layer, store.load(k), c, stop=layer + 1)
         codes: dict[str, QTensor] = {}
         for g in groups:
-            made = self.candidates.codes_rows(
-                [matrix(m) for _, m in g], self.config[g[0][0]], into[id(g[0][1].module)].value
-            )
-            codes |= {p: q for (p, _), q in zip(g, made)}
+            codes |= _group_codes(self.candidates, g, self.config, hess)
         return codes

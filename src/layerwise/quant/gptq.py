@@ -36,6 +36,43 @@ class Hessian:
         return 2 * self.sum / self.n
 
 
+class ExpertHessians:
+    """Running Hessians of the inputs of every expert's matrix in one experts tensor: each expert's own, of the
+    tokens routed to it (gate and up) or of its hidden activation (down)."""
+
+    def __init__(self, n_experts: int) -> None:
+        self.parts: list[Hessian | None] = [None] * n_experts  # made at an expert's first token
+        self._value: torch.Tensor | None = None
+
+    def add(self, expert: int, x: torch.Tensor) -> None:
+        if self._value is not None:
+            raise RuntimeError("inputs added after the Hessians were read")
+        part = self.parts[expert]
+        if part is None:
+            part = self.parts[expert] = Hessian(x.shape[-1], device=x.device)
+        part.add(x)
+
+    @property
+    def value(self) -> torch.Tensor:
+        """(experts, in, in), read once the inputs are all in: the running sums are folded into it and freed, so
+        one copy is held (the gate's and the up map's weights read the same). An expert no calibration token
+        reached gets the identity: with no evidence of which inputs matter, GPTQ then moves no rounding error and
+        gives plain rounding."""
+        if self._value is None:
+            seen = next((p for p in self.parts if p is not None), None)
+            if seen is None:
+                raise LayerwiseError(
+                    "GPTQ saw no calibration tokens routed to these experts; give more calibration data"
+                )
+            eye = torch.eye(seen.sum.shape[0], dtype=torch.float64, device=seen.sum.device)
+            value = torch.empty(len(self.parts), *eye.shape, dtype=torch.float64, device=eye.device)
+            for j, part in enumerate(self.parts):
+                value[j] = part.value if part is not None else eye
+                self.parts[j] = None
+            self._value = value
+        return self._value
+
+
 def inverse_factor(hessian: torch.Tensor, *, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """The upper Cholesky factor of the damped ``H^-1``, and the inputs that are always zero.
 

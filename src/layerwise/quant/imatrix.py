@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from ..data import Windows
 from ..errors import LayerwiseError
+from ..experts import expert_inputs
 from ..io import provenance
 from ..loading import LoadedModel
 from ..trace import hooks, run_blocks
@@ -238,11 +238,17 @@ def compute(
     """The importance matrix of every quantized matrix over every token of the calibration windows, ``batch_size``
     windows a pass (block by block, the weights read from disk, for a model run so); ``dataset`` names the data in
     the file, as llama-imatrix names its text file. A merged expert tensor has one matrix per expert, each summed
-    over the tokens routed to that expert (see :class:`_ExpertInputs`)."""
+    over the tokens routed to that expert (see :func:`layerwise.experts.expert_inputs`)."""
     modules = _matrices(lm)
     batches = torch.split(windows.calibration, batch_size)
     acc = _Squares()
-    with acc.hooked(modules), _ExpertInputs.hooked(lm, acc), torch.no_grad():
+    names = {(k, a): n for k in lm.anatomy.moe_layers for a, n in lm.anatomy.gguf_experts(k).items()}
+
+    def add(layer: int, attr: str, expert: int, x: torch.Tensor) -> None:
+        for name in names[(layer, attr)]:
+            acc.add((name, expert), x)
+
+    with acc.hooked(modules), expert_inputs(lm.model, lm.anatomy, add), torch.no_grad():
         _run(lm, batches, progress)
     merged = {name: n for name, (n, _) in _merged(lm).items()}
     rows = {name: [name] for name in modules} | {name: [(name, j) for j in range(n)] for name, n in merged.items()}
@@ -287,72 +293,6 @@ class _Squares:
             for name, m in modules.items():
                 keep(m.register_forward_pre_hook(lambda _m, args, name=name: self.add(name, args[0])))
             yield
-
-
-class _ExpertInputs(TorchFunctionMode):
-    """The inputs of each expert's own matrices, caught as the model's experts module computes them: run eagerly
-    (transformers' per-expert loop, not a grouped kernel), it takes expert ``j``'s matrix as a slice ``W[j]`` of its
-    merged weight and multiplies the rows routed to ``j`` by it (``linear(x, W[j])`` or ``x @ W[j]``). Every slice
-    taken of a merged weight is noted, and the left operand of every product with a noted slice is added to that
-    expert's sums: the tokens routed to it for gate and up, its hidden activation for down."""
-
-    def __init__(self, acc: _Squares) -> None:
-        super().__init__()
-        self.acc = acc
-        self.weights: dict[int, tuple[torch.Tensor, tuple[str, ...]]] = {}  # id -> (weight, llama.cpp names)
-        self.slices: dict[int, tuple[torch.Tensor, tuple[str, ...], int]] = {}  # id -> (slice, names, expert)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func is torch.Tensor.__getitem__ and id(args[0]) in self.weights and _is_index(args[1]):
-            _, names = self.weights[id(args[0])]
-            self.slices[id(out)] = (out, names, int(args[1]))  # the slice held, so that its id is not reused
-        elif len(args) >= 2 and isinstance(args[1], torch.Tensor) and id(args[1]) in self.slices:
-            _, names, j = self.slices[id(args[1])]
-            for name in names:
-                self.acc.add((name, j), args[0])
-        return out
-
-    @classmethod
-    @contextmanager
-    def hooked(cls, lm: LoadedModel, acc: _Squares) -> Iterator[None]:
-        """While active, the experts modules run eagerly and their products are watched (their weights noted as
-        each module starts, for a model read from disk gets them then)."""
-        an = lm.anatomy
-        if not an.moe_layers:
-            yield
-            return
-        mode = cls(acc)
-
-        def note(layer: int):
-            def hook(m: nn.Module, _args: tuple) -> None:
-                mode.weights = {
-                    id(w): (w, names) for w, names in ((getattr(m, a), n) for a, n in an.gguf_experts(layer).items())
-                }
-
-            return hook
-
-        def done(*_args) -> None:  # nothing of a block held past its forward (from disk, its weights go)
-            mode.weights, mode.slices = {}, {}
-
-        before = getattr(lm.model.config, "_experts_implementation", None)
-        lm.model.set_experts_implementation("eager")
-        try:
-            with hooks() as keep, mode:
-                for layer in an.moe_layers:
-                    keep(an.experts(layer).register_forward_pre_hook(note(layer)))
-                    keep(an.experts(layer).register_forward_hook(done))
-                yield
-        finally:
-            if before is not None:
-                lm.model.set_experts_implementation(before)
-
-
-def _is_index(index: object) -> bool:
-    """Whether ``index`` picks one expert (an int or a tensor holding one)."""
-    return isinstance(index, int) or (
-        isinstance(index, torch.Tensor) and index.numel() == 1 and not index.is_floating_point()
-    )
 
 
 def _run(lm: LoadedModel, batches: tuple[torch.Tensor, ...], progress: bool) -> None:

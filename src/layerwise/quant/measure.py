@@ -18,6 +18,7 @@ are written after every run, and a rerun measures only the groups missing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -38,7 +39,7 @@ from ..io import write_json
 from ..loading import LoadedModel
 from ..metrics.lens import nll_grad
 from ..trace import BlockTrace, hooks, tap
-from .gptq import Hessian, inverse_factor, quantize_gptq, quantize_gptq_many
+from .gptq import ExpertHessians, Hessian, inverse_factor, quantize_gptq, quantize_gptq_many
 from .rtn import QConfig, QTensor, quantize_rtn
 
 if TYPE_CHECKING:
@@ -197,11 +198,9 @@ class GroupCandidates:
         cfg = self._config(name)
         if self.method == "rtn":
             return quantize_rtn(w, cfg)
-        if hessian is None:
-            raise LayerwiseError(
-                "GPTQ needs each layer's calibration inputs (its Hessian); apply a GPTQ plan with its calibration "
-                "windows (QuantPlan.apply(lm, windows))"
-            )
+        hessian = _need(hessian)
+        if hessian.dim() == 3:  # an experts weight: each expert's rows under the Hessian of its own inputs
+            return QTensor.cat([quantize_gptq(wj, hj, cfg) for wj, hj in zip(w.chunk(len(hessian)), hessian)])
         return quantize_gptq(w, hessian, cfg)
 
     def codes_rows(self, ws: list[torch.Tensor], name: str, hessian: torch.Tensor | None) -> list[QTensor]:
@@ -232,11 +231,13 @@ class GroupCandidates:
         ``quantize_gptq_many``)."""
         if self.method != "gptq":
             return {name: self.stored(path, w, name, hessian) for name in self.names}
-        if hessian is None:
-            raise LayerwiseError(
-                "GPTQ needs each layer's calibration inputs (its Hessian); apply a GPTQ plan with its calibration "
-                "windows (QuantPlan.apply(lm, windows))"
-            )
+        hessian = _need(hessian)
+        if hessian.dim() == 3:  # an experts weight: expert by expert, as ``codes``
+            parts = [self.stored_all(path, wj, hj) for wj, hj in zip(w.chunk(len(hessian)), hessian)]
+            return {
+                n: (torch.cat([p[n][0] for p in parts]), sum(p[n][1] for p in parts), parts[0][n][2])
+                for n in self.names
+            }
         grids: dict[tuple, list[QConfig]] = {}
         for c in self.configs:
             grids.setdefault((c.group_size, c.symmetric, c.scale_bits), []).append(c)
@@ -249,6 +250,15 @@ class GroupCandidates:
                 for c, qt in zip(cfgs[i : i + per_sweep], quantize_gptq_many(w, factor, cfgs[i : i + per_sweep])):
                     out[c.name] = (qt.dequantize(), self.bits(path, (w.shape[0], w.shape[1]), c.name), c.name)
         return {name: out[name] for name in self.names}
+
+
+def _need(hessian: torch.Tensor | None) -> torch.Tensor:
+    if hessian is None:
+        raise LayerwiseError(
+            "GPTQ needs each layer's calibration inputs (its Hessian); apply a GPTQ plan with its calibration "
+            "windows (QuantPlan.apply(lm, windows))"
+        )
+    return hessian
 
 
 def measure(
@@ -297,9 +307,11 @@ def measure(
     with tqdm(total=len(batches) * len(todo), desc="measure", disable=not progress) as bar:
         for layers in runs:
             start = time.perf_counter()
-            hessians = _group_hessians(lm, batches, layers, todo) if candidates.needs_hessian else {}
+            hessians = InputHessians(lm, [ms for k in layers for _, ms in todo[k]] if candidates.needs_hessian else [])
+            if candidates.needs_hessian:
+                hessians.gather(batches, stop_after=an.blocks[layers[-1]])
             made = {
-                g: {m: candidates.stored_all(p, matrix(m), hessians[g].value if hessians else None) for p, m in mods}
+                g: {m: candidates.stored_all(p, matrix(m), hessians.value(m)) for p, m in mods}
                 for layer in layers
                 for g, mods in todo[layer]
             }
@@ -356,7 +368,7 @@ def _measure_streamed(
         for layer, grads in backward(lm, store, inputs, h, calls, targets, stop=min(todo)):
             if layer not in todo:
                 continue
-            hessians = _keep_records(an, layer, store, inputs[layer], calls, grads, todo[layer], candidates, records)
+            hessians = _keep_records(lm, layer, store, inputs[layer], calls, grads, todo[layer], candidates, records)
             _measure_block(an, layer, store, records, todo[layer], candidates, hessians, result, n_tokens)
             result.meta["seconds"] = round(result.meta.get("seconds", 0.0) + time.perf_counter() - start, 3)
             start = time.perf_counter()
@@ -367,7 +379,7 @@ def _measure_streamed(
 
 
 def _keep_records(
-    an: Anatomy,
+    lm: LoadedModel,
     layer: int,
     store: States,
     inputs: list[Kept],
@@ -376,19 +388,18 @@ def _keep_records(
     groups: list,
     candidates: Candidates,
     records: list[Any],
-) -> dict[str, Hessian]:
+) -> InputHessians:
     """Each batch's record of block ``layer`` kept in ``store`` (in ``records``, over the previous block's slots):
     each sublayer's branch inputs, its residual update and the loss's gradient there. Batches pass one at a time,
-    so what is held does not grow with the number of windows. Returns the groups' input Hessians when the
-    candidates need them (gathered in the same pass)."""
-    firsts = {group: mods[0][1].module for group, mods in groups} if candidates.needs_hessian else {}
-    into: dict[int, Hessian] = {}
-    with torch.no_grad(), hessian_hooks(list(firsts.values()), into):
+    so what is held does not grow with the number of windows. Returns the weights' input Hessians, gathered in the
+    same pass (none gathered when the candidates need none)."""
+    hessians = InputHessians(lm, [mods for _, mods in groups] if candidates.needs_hessian else [])
+    with torch.no_grad(), hessians.watching():
         for b, (kept, g) in enumerate(zip(inputs, grads, strict=True)):
-            _, branch, outputs = sublayer_io(an, layer, store.load(kept), calls[b][layer])
+            _, branch, outputs = sublayer_io(lm.anatomy, layer, store.load(kept), calls[b][layer])
             record = (branch, outputs, {"attn": g.ga, "mlp": g.gm})
             records[b] = store.keep_all(record, over=records[b])
-    return {group: into[id(m)] for group, m in firsts.items()}
+    return hessians
 
 
 def _measure_block(
@@ -398,7 +409,7 @@ def _measure_block(
     records: list[Any],
     groups: list,
     candidates: Candidates,
-    hessians: dict[str, Hessian],
+    hessians: InputHessians,
     result: Measurement,
     n_tokens: int,
 ) -> None:
@@ -410,9 +421,9 @@ def _measure_block(
             acc = _Sums(group, candidates.names, candidates.twins([p for p, _ in mods]))
             for _, outputs, _ in records:
                 acc.add_reference(store.load(outputs[kind]))
-            hessian = hessians[group].value if hessians else None
+            hessian = {m: hessians.value(m) for _, m in mods}
             for name in acc.measured:
-                stored = [candidates.stored(p, matrix(m), name, hessian) for p, m in mods]
+                stored = [candidates.stored(p, matrix(m), name, hessian[m]) for p, m in mods]
                 with replaced({m: w for (_, m), (w, _, _) in zip(mods, stored)}):
                     for branch, outputs, grad in records:
                         y = run_update(an, layer, kind, store.load_all(branch[kind]))
@@ -491,39 +502,68 @@ class _Sums:
         }
 
 
-def _group_hessians(
-    lm: LoadedModel, batches: tuple[torch.Tensor, ...], layers: list[int], todo: dict
-) -> dict[str, Hessian]:
-    """Each group's input Hessian over every calibration batch (the maps of a group read one input)."""
-    firsts = {group: mods[0][1].module for layer in layers for group, mods in todo[layer]}
-    by_module = input_hessians(lm, list(firsts.values()), batches, stop_after=lm.anatomy.blocks[layers[-1]])
-    return {group: by_module[id(m)] for group, m in firsts.items()}
+class InputHessians:
+    """The running Hessians of the inputs of quantized weights, gathered while :meth:`watching` (none for weights
+    not given: RTN needs none).
+
+    The linear maps of a group read one input, so they share the first one's. An experts weight has one per
+    expert, of what that expert's own matrix multiplies (:func:`layerwise.experts.expert_inputs`): the tokens
+    routed to it for gate and up, its hidden activation for down; each expert's is in float64, (in, in).
+    """
+
+    def __init__(self, lm: LoadedModel, groups: list[list[tuple[str, Weight]]]) -> None:
+        an = lm.anatomy
+        self.lm = lm
+        self.dense: dict[int, Hessian] = {}
+        self.first: dict[Weight, nn.Module] = {}
+        self.key: dict[Weight, tuple[int, str]] = {}
+        self.experts: dict[tuple[int, str], ExpertHessians] = {}
+        sparse = {an.experts(k): k for k in an.moe_layers}
+        for group in groups:
+            for _, w in group:
+                if w.module in sparse:
+                    self.key[w] = (sparse[w.module], w.attr)
+                    self.experts.setdefault(self.key[w], ExpertHessians(w.view().shape[0]))
+                else:
+                    self.first[w] = group[0][1].module
+
+    @contextmanager
+    def watching(self) -> Iterator[None]:
+        """While active, the inputs of every weight given are added to its Hessians."""
+        from ..experts import expert_inputs
+
+        def add(layer: int, attr: str, expert: int, x: torch.Tensor) -> None:
+            if (layer, attr) in self.experts:
+                self.experts[(layer, attr)].add(expert, x)
+
+        watch = expert_inputs(self.lm.model, self.lm.anatomy, add) if self.experts else contextlib.nullcontext()
+        with hessian_hooks(list(dict.fromkeys(self.first.values())), self.dense), watch:
+            yield
+
+    def gather(self, batches: tuple[torch.Tensor, ...], *, stop_after: nn.Module | None = None) -> InputHessians:
+        """Every batch through the model (one in memory at a time) while :meth:`watching`; with ``stop_after``,
+        each pass ends when that module has run: the blocks after it would cost time and change nothing."""
+
+        def enough(*_args) -> None:
+            raise _Enough
+
+        for batch in batches:
+            with torch.no_grad(), self.watching(), _forward_hook(stop_after, enough):
+                try:
+                    self.lm.model(input_ids=batch.to(self.lm.device), use_cache=False, logits_to_keep=1)
+                except _Enough:
+                    pass
+        return self
+
+    def value(self, w: Weight) -> torch.Tensor | None:
+        """``w``'s input Hessian: (in, in), or (experts, in, in) for an experts weight; None when not gathered."""
+        if w in self.key:
+            return self.experts[self.key[w]].value
+        return self.dense[id(self.first[w])].value if w in self.first else None
 
 
 class _Enough(Exception):
     """Raised by a hook to end a forward pass once the inputs it was run for are seen."""
-
-
-def input_hessians(
-    lm: LoadedModel, modules: list[nn.Module], batches: tuple[torch.Tensor, ...], *, stop_after: nn.Module | None = None
-) -> dict[int, Hessian]:
-    """The running input Hessian of each module (by ``id``) over every batch, one batch in memory at a time.
-
-    With ``stop_after``, each forward pass ends when that module has run: the
-    blocks after it would cost time and change nothing.
-    """
-    into: dict[int, Hessian] = {}
-
-    def enough(*_args) -> None:
-        raise _Enough
-
-    for batch in batches:
-        with torch.no_grad(), hessian_hooks(modules, into), _forward_hook(stop_after, enough):
-            try:
-                lm.model(input_ids=batch.to(lm.device), use_cache=False, logits_to_keep=1)
-            except _Enough:
-                pass
-    return into
 
 
 @contextmanager

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -83,6 +84,17 @@ class QTensor:
             for t in (self.codes, self.scales, self.zeros)
         ]
         return [QTensor(c, s, z, self.config) for c, s, z in zip(*parts)]
+
+    @classmethod
+    def cat(cls, parts: list[QTensor]) -> QTensor:
+        """Matrices quantized alone under one config, as one row-stacked matrix (``split_rows`` undone)."""
+        zeros = [p.zeros for p in parts]
+        return cls(
+            torch.cat([p.codes for p in parts]),
+            torch.cat([p.scales for p in parts]),
+            None if any(z is None for z in zeros) else torch.cat(cast(list[torch.Tensor], zeros)),
+            parts[0].config,
+        )
 
     def dequantize(self) -> torch.Tensor:
         g = self.config.group_size
