@@ -374,7 +374,6 @@ def test_q4km_is_llama_cpp_rule(real_cache, tmp_path):
         (["--bits", "5", "--types", "Q4_K,Q9_K"], "unknown GGUF type 'Q9_K' in --types"),
         (["--bits", "5", "--format", "int", "--types", "Q4_K"], "integer formats choose among bits"),
         (["--bits", "5", "--embedding", "Q9"], "unknown GGUF type 'Q9' in --embedding"),
-        (["--bits", "5", "--embedding", "q4_k", "--offload", "disk"], "leave out --offload disk, or --embedding"),
         (["--bits", "5", "--format", "int", "--embedding", "q4_k"], "integer formats keep the embedding"),
         (["--bits", "5", "STALE"], "is stale"),
         (["--bits", "5", "CORRUPT"], "not a readable measurement"),
