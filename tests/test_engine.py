@@ -1,10 +1,12 @@
 """The block-streamed engine (issue 23, section 1): weights read from the checkpoint one block at a time give the
 resident model's numbers exactly, and are given back after each block."""
 
+import json
 import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from layerwise import cli, load
 from layerwise.engine import Checkpoint, Streamed, skeleton
@@ -1194,3 +1196,113 @@ def test_blocks_run_in_any_order_each_with_its_own_weights(prefetch, tmp_path):
             assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
         assert seen == want
     assert seen == [] and all(p.device.type == "meta" for p in disk.model.parameters())
+
+
+def _mxfp4(folder: Path) -> dict:
+    """A tiny gpt-oss folder whose experts are stored as gpt-oss's published files store them: MXFP4 blocks (two
+    4-bit codes a byte) and a power-of-two scale a block of 32, here random; returns its quantization config."""
+    from safetensors.torch import load_file, save_file
+
+    tiny_folder(folder, "gpt_oss", layers=2)
+    weights, g = load_file(folder / "model.safetensors"), torch.Generator().manual_seed(0)
+    for key in [k for k in weights if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        experts, n_in, n_out = weights.pop(key).shape
+        weights[f"{key}_blocks"] = torch.randint(0, 256, (experts, n_out, n_in // 32, 16), generator=g).byte()
+        weights[f"{key}_scales"] = torch.randint(122, 129, (experts, n_out, n_in // 32), generator=g).byte()
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    kept = ["model.layers.*.self_attn", "model.layers.*.mlp.router"]
+    return {"quant_method": "mxfp4", "modules_to_not_convert": kept}
+
+
+def _fp8(folder: Path, block: int = 16) -> dict:
+    """A tiny Qwen3-MoE folder with every projection (each expert's apart) in float8 with a scale a 16x16 block, as
+    DeepSeek-V3's and Qwen3's FP8 files store them; returns its quantization config."""
+    from safetensors.torch import load_file, save_file
+
+    tiny_folder(folder, "qwen3_moe", layers=2)
+    weights = load_file(folder / "model.safetensors")
+    for key in [k for k in weights if k.endswith("proj.weight")]:
+        w = weights[key]
+        blocks = w.reshape(w.shape[0] // block, block, w.shape[1] // block, block)
+        scale = blocks.abs().amax(dim=(1, 3)) / 448
+        weights[key] = (blocks / scale[:, None, :, None]).reshape(w.shape).to(torch.float8_e4m3fn)
+        weights[f"{key}_scale_inv"] = scale
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return {"quant_method": "fp8", "weight_block_size": [block, block], "activation_scheme": "dynamic"}
+
+
+def _int4(folder: Path) -> dict:
+    """A tiny Qwen3-MoE model quantized by layerwise to 4-bit integers (experts too), exported as compressed-tensors;
+    returns its quantization config."""
+    from layerwise import quantize as qz
+
+    w = tiny_windows(4)
+    w.n_calib = 2
+    kw = dict(bits=4, strategy=["uniform"], format="int", method="rtn", symmetric=True, group_size=16)
+    qz.run(tiny_lm("qwen3_moe", layers=2), w, export=("hf",), out=folder, eval_samples=2, progress=False, **kw)
+    return json.loads((folder / "model" / "config.json").read_text())["quantization_config"]
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "fp8", "compressed-tensors"])
+def test_a_quantized_checkpoint_read_from_disk_is_what_transformers_dequantizes(fmt, tmp_path):
+    """gpt-oss's MXFP4, FP8 with block scales and compressed-tensors (layerwise's own export) are read from disk
+    one tensor at a time, dequantized by transformers' own operations: every weight equals what
+    ``from_pretrained`` loads when told to dequantize, the profile is the resident model's, and the skeleton's
+    config no longer says its weights are quantized."""
+    from transformers import AutoModelForCausalLM
+    from transformers.quantizers import AutoQuantizationConfig
+
+    from layerwise.anatomy import Anatomy
+
+    folder = tmp_path / "m"
+    if fmt == "compressed-tensors":
+        _int4(tmp_path / "q")
+        folder = tmp_path / "q" / "model"
+    else:
+        qc = (_mxfp4 if fmt == "mxfp4" else _fp8)(folder)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps(config | {"quantization_config": qc}))
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    dequantized = AutoQuantizationConfig.from_dict(qc | {"dequantize": True})
+    loaded = AutoModelForCausalLM.from_pretrained(folder, quantization_config=dequantized)
+    disk = load(str(folder), offload="disk")
+    s = disk.streamed
+    assert s is not None and not hasattr(disk.model.config, "quantization_config")
+    for name, p in loaded.named_parameters():
+        assert torch.equal(s.checkpoint.tensor(s.keys[name]), p), name
+    # those weights in a plain model (compressed-tensors' loaded model computes otherwise, to 4e-6 in its logits)
+    model = AutoModelForCausalLM.from_config(loaded.config).eval()
+    model.load_state_dict(loaded.state_dict())
+    w, kw = tiny_windows(3), dict(ablation="exact", lens=False, progress=False)
+    _same_metrics(profile(LoadedModel(model, None, Anatomy(model)), w, **kw), profile(disk, w, **kw))
+
+
+def test_an_expert_drop_from_an_mxfp4_checkpoint_on_disk_saves_plain_weights_transformers_loads(tmp_path):
+    """Dropping experts of a gpt-oss model read from its MXFP4 files writes dequantized experts and a config without
+    the quantization config, which plain transformers loads as the resident model's drop."""
+    from transformers import AutoModelForCausalLM
+
+    from layerwise import drop as dp
+
+    qc = _mxfp4(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config | {"quantization_config": qc}))
+    plan = dp.DropPlan(["L1.mlp.e2", "L0.mlp.e0"], "expert", "given")
+    for name, offload in (("resident", "none"), ("streamed", "disk")):
+        dp.save_checkpoint(load(str(tmp_path / "m"), offload=offload), plan, tmp_path / name)
+    x = tiny_windows(2).ids
+    (a, b) = (AutoModelForCausalLM.from_pretrained(tmp_path / n).eval() for n in ("resident", "streamed"))
+    assert "quantization_config" not in json.loads((tmp_path / "streamed" / "config.json").read_text())
+    assert a.config.num_local_experts == b.config.num_local_experts == 3
+    with torch.no_grad():
+        torch.testing.assert_close(a(input_ids=x).logits, b(input_ids=x).logits, rtol=0, atol=0)
+
+
+def test_a_quantized_checkpoint_transformers_cannot_dequantize_is_one_line(tmp_path):
+    tiny_folder(tmp_path, "llama", layers=2)
+    config = json.loads((tmp_path / "config.json").read_text())
+    qc = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (tmp_path / "config.json").write_text(json.dumps(config | {"quantization_config": qc}))
+    why = r"^a model read from disk .* cannot do for this bitsandbytes.*; save a dequantized copy first$"
+    with pytest.raises(LayerwiseError, match=why):
+        load(str(tmp_path), offload="disk")

@@ -241,23 +241,6 @@ def test_the_profile_page_maps_the_routing_of_a_sparse_model_only():
     assert "<h2>Routing</h2>" not in render(profile(tiny_lm("llama"), tiny_windows(2), **kw))
 
 
-def test_an_mxfp4_checkpoint_read_from_disk_is_refused_in_one_line(tmp_path):
-    """gpt-oss's published files store the experts as MXFP4 blocks and scales: reading them from disk says so."""
-    from safetensors.torch import load_file, save_file
-
-    from layerwise.loading import load
-
-    folder = tiny_folder(tmp_path / "m", "gpt_oss", layers=2)
-    weights = load_file(folder / "model.safetensors")
-    for key in [k for k in weights if k.endswith("experts.gate_up_proj")]:
-        packed = weights.pop(key)
-        weights[f"{key}_blocks"] = torch.zeros(*packed.shape[:2], 4, 16, dtype=torch.uint8)
-        weights[f"{key}_scales"] = torch.zeros(*packed.shape[:2], 4, dtype=torch.uint8)
-    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(LayerwiseError, match=r"stores .*gate_up_proj quantized \(gate_up_proj_blocks, _scales\)"):
-        load(str(folder), offload="disk")
-
-
 def _logits(model, x):
     with torch.no_grad():
         return model(input_ids=x, use_cache=False).logits

@@ -192,9 +192,13 @@ class ConvertedCheckpoint:
     """A checkpoint whose tensors transformers converts as it loads them, seen under the model's names: a
     mixture-of-experts checkpoint stores each expert's matrices apart (Mixtral's under older names too), and the
     model holds one 3-D weight per layer. Each such weight is made when it is read, from its sources in expert order,
-    by transformers' own conversion operations, so the streamed engine reads what ``from_pretrained`` would load."""
+    by transformers' own conversion operations, so the streamed engine reads what ``from_pretrained`` would load. A
+    pre-quantized checkpoint's weights (gpt-oss's MXFP4 blocks and scales, FP8 with block scales, compressed-tensors)
+    are made alike, dequantized by the operations of its quantizer (:func:`dequantizer`)."""
 
     base: Checkpoint
+    #: The skeleton, whose parameters give each made weight its dtype.
+    model: CausalLM
     #: Every parameter by the model's name; a made one under its first source's file.
     files: dict[str, Path]
     #: The model's name -> the checkpoint's, for tensors only renamed.
@@ -203,12 +207,13 @@ class ConvertedCheckpoint:
     made: dict[str, tuple[Any, dict[str, list[str]]]]
 
     @classmethod
-    def of(cls, ckpt: Checkpoint, model: CausalLM) -> Checkpoint | ConvertedCheckpoint:
-        """``ckpt`` seen through ``model``'s conversions; ``ckpt`` itself when they change no name."""
+    def of(cls, ckpt: Checkpoint, model: CausalLM, quantizer: Any = None) -> Checkpoint | ConvertedCheckpoint:
+        """``ckpt`` seen through ``model``'s conversions (and ``quantizer``'s, which dequantize); ``ckpt`` itself
+        when they change no name."""
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 
-        transforms = get_model_conversion_mapping(model)
+        transforms = get_model_conversion_mapping(model, hf_quantizer=quantizer)
         converters = [t for t in transforms if isinstance(t, WeightConverter)]
         renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
         own = dict.fromkeys((n for n, _ in model.named_parameters(remove_duplicate=False)), True)
@@ -227,7 +232,7 @@ class ConvertedCheckpoint:
         }
         files = {name: ckpt.files[key] for name, key in renamed.items()}
         files |= {name: ckpt.files[next(iter(by.values()))[0]] for name, by in sources.items()}
-        return cls(ckpt, files, renamed, made)
+        return cls(ckpt, model, files, renamed, made)
 
     def tensor(self, name: str) -> torch.Tensor:
         if name in self.renamed:
@@ -236,14 +241,51 @@ class ConvertedCheckpoint:
         tensors: dict[str, Any] = {p: [self.base.tensor(k) for k in keys] for p, keys in by.items()}
         for op in converter.operations:
             tensors = op.convert(
-                tensors, source_patterns=converter.source_patterns, target_patterns=converter.target_patterns
+                tensors,
+                source_patterns=converter.source_patterns,
+                target_patterns=converter.target_patterns,
+                model=self.model,
+                full_layer_name=name,
             )
         (made,) = tensors.values()
-        return made
+        return made.data if isinstance(made, nn.Parameter) else made
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows of the embedding or the head (never made from parts)."""
+        """Rows of the embedding or the head: read alone, unless made (dequantized: FP8's converter takes every
+        weight), then sliced from the whole."""
+        if name in self.made:
+            return self.tensor(name)[start:stop]
         return self.base.rows(self.renamed[name], start, stop)
+
+
+def dequantizer(model: CausalLM) -> Any:
+    """For a skeleton whose config says its checkpoint is pre-quantized: transformers' quantizer of that format set
+    to dequantize as it loads, as ``from_pretrained`` does on a machine without the format's kernels (gpt-oss's
+    MXFP4 on a CPU); None for plain weights. The skeleton's config then loses its quantization config, as a model
+    transformers dequantizes does: it holds, and a checkpoint written from it holds, plain weights. One line for a
+    format transformers cannot dequantize as it reads."""
+    config = getattr(model.config, "quantization_config", None)
+    if config is None:
+        return None
+    from transformers.quantizers import AutoHfQuantizer
+
+    config = config if isinstance(config, dict) else config.to_dict()
+    try:
+        quantizer = AutoHfQuantizer.from_config(config | {"dequantize": True}, pre_quantized=True)
+        quantizer.validate_environment()
+    except (ValueError, ImportError, TypeError) as exc:
+        raise _undequantizable(config.get("quant_method"), str(exc).splitlines()[0][:120]) from None
+    if "dequantize" not in quantizer.get_load_operations():
+        raise _undequantizable(config.get("quant_method"))
+    del model.config.quantization_config
+    return quantizer
+
+
+def _undequantizable(method: str | None, reason: str | None = None) -> LayerwiseError:
+    return LayerwiseError(
+        f"a model read from disk has each weight dequantized as it is read, which transformers cannot do for this "
+        f"{method} checkpoint{f' ({reason})' if reason else ''}; save a dequantized copy first"
+    )
 
 
 def open_checkpoint(folder: str | Path, model: CausalLM) -> Checkpoint | ConvertedCheckpoint | GGUFCheckpoint:
@@ -259,7 +301,7 @@ def open_checkpoint(folder: str | Path, model: CausalLM) -> Checkpoint | Convert
         if not gguf.is_file():
             raise LayerwiseError(f"{gguf}, the GGUF file {folder} was made from, is gone; load the file again")
         return GGUFCheckpoint.of(gguf, model)
-    return ConvertedCheckpoint.of(Checkpoint.of(folder), model)
+    return ConvertedCheckpoint.of(Checkpoint.of(folder), model, dequantizer(model))
 
 
 def _keys(shard: Path) -> set[str]:
@@ -504,14 +546,9 @@ class Streamed:
 
     def _key(self, name: str) -> str:
         """The checkpoint's name for a parameter, or one line saying why it has none."""
-        key, files = self._find(name), self.checkpoint.files
+        key = self._find(name)
         if key is not None:
             return key
-        if any(k.startswith(f"{name}_") for k in files):  # gpt-oss's MXFP4 files: {name}_blocks and {name}_scales
-            raise LayerwiseError(
-                f"the checkpoint stores {name} quantized ({name.rsplit('.', 1)[-1]}_blocks, _scales), which a model "
-                "read from disk cannot read yet; load it without `offload`, or save a dequantized copy first"
-            )
         raise LayerwiseError(f"the checkpoint holds no tensor for {name}; give the complete checkpoint folder")
 
     def names(self, *modules: nn.Module) -> list[str]:
