@@ -1278,24 +1278,29 @@ def test_a_quantized_checkpoint_read_from_disk_is_what_transformers_dequantizes(
 
 
 def test_an_expert_drop_from_an_mxfp4_checkpoint_on_disk_saves_plain_weights_transformers_loads(tmp_path):
-    """Dropping experts of a gpt-oss model read from its MXFP4 files writes dequantized experts and a config without
-    the quantization config, which plain transformers loads as the resident model's drop."""
+    """Dropping experts of a gpt-oss model read from its MXFP4 files writes the experts dequantized in the dtype the
+    checkpoint declares (bfloat16, as gpt-oss's does: MXFP4 values are exact in it), and a config without the
+    quantization config, which plain transformers loads as the resident model's drop."""
+    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     from layerwise import drop as dp
 
     qc = _mxfp4(tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
-    (tmp_path / "m" / "config.json").write_text(json.dumps(config | {"quantization_config": qc}))
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config | {"quantization_config": qc, "dtype": "bfloat16"}))
     plan = dp.DropPlan(["L1.mlp.e2", "L0.mlp.e0"], "expert", "given")
     for name, offload in (("resident", "none"), ("streamed", "disk")):
         dp.save_checkpoint(load(str(tmp_path / "m"), offload=offload), plan, tmp_path / name)
     x = tiny_windows(2).ids
-    (a, b) = (AutoModelForCausalLM.from_pretrained(tmp_path / n).eval() for n in ("resident", "streamed"))
+    a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / n, dtype=torch.float32) for n in ("resident", "streamed"))
     assert "quantization_config" not in json.loads((tmp_path / "streamed" / "config.json").read_text())
+    with safe_open(str(tmp_path / "streamed" / "model.safetensors"), "pt") as fh:
+        assert fh.get_tensor("model.layers.1.mlp.experts.down_proj").dtype == torch.bfloat16
+        assert fh.get_tensor("model.layers.1.mlp.router.weight").dtype == torch.float32  # stored so
     assert a.config.num_local_experts == b.config.num_local_experts == 3
     with torch.no_grad():
-        torch.testing.assert_close(a(input_ids=x).logits, b(input_ids=x).logits, rtol=0, atol=0)
+        torch.testing.assert_close(a.eval()(input_ids=x).logits, b.eval()(input_ids=x).logits, rtol=0, atol=0)
 
 
 def test_a_quantized_checkpoint_transformers_cannot_dequantize_is_one_line(tmp_path):
