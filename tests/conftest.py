@@ -18,6 +18,8 @@ from layerwise.loading import LoadedModel  # noqa: E402
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2"]
 #: Mixture-of-experts architectures: 4 experts, 2 per token; Qwen3-MoE and DeepSeek-V3 with a dense first block.
 MOE_ARCHS = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss", "deepseek_v3"]
+#: The mixture-of-experts architectures :func:`moe_gguf` writes as GGUF files that llama.cpp runs.
+GGUF_MOE_ARCHS = ["qwen3_moe", "qwen2_moe"]
 _MOE = {
     "qwen3_moe": ("Qwen3Moe", dict(num_experts=4, moe_intermediate_size=16, mlp_only_layers=[0])),
     "qwen2_moe": ("Qwen2Moe", dict(num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24)),
@@ -188,10 +190,14 @@ def records_peak(meta: dict) -> bool:
     )
 
 
+#: llama.cpp's names of the architectures whose transformers name differs.
+GGUF_ARCH = {"gemma3_text": "gemma3", "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe"}
+
+
 def write_gguf(model, path, tokens: list[str], *, quantized: bool = True):
-    """A GGUF file of a llama, gemma3 or qwen3_moe transformers model, as llama.cpp names its tensors, matrices in
-    Q8_0 (float32 unless ``quantized``), with a sentencepiece vocabulary of ``tokens`` (the first three: unknown,
-    BOS, EOS).
+    """A GGUF file of a llama, gemma3, qwen3_moe or qwen2_moe transformers model, as llama.cpp names its tensors,
+    matrices in Q8_0 (float32 unless ``quantized``), with a sentencepiece vocabulary of ``tokens`` (the first three:
+    unknown, BOS, EOS).
 
     Not llama.cpp's converter (q and k are not permuted, which llama's rotary layout needs; Qwen's needs none), so
     a loaded llama is not this one: enough to compare two ways of converting the same file, and to measure them.
@@ -199,7 +205,7 @@ def write_gguf(model, path, tokens: list[str], *, quantized: bool = True):
     import gguf
 
     cfg = model.config
-    arch = {"gemma3_text": "gemma3", "qwen3_moe": "qwen3moe"}.get(cfg.model_type, cfg.model_type)
+    arch = GGUF_ARCH.get(cfg.model_type, cfg.model_type)
     names = gguf.get_tensor_name_map(
         next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), cfg.num_hidden_layers
     )
@@ -216,11 +222,13 @@ def write_gguf(model, path, tokens: list[str], *, quantized: bool = True):
     w.add_rope_dimension_count(cfg.head_dim)
     if arch == "gemma3":
         w.add_sliding_window(cfg.sliding_window)
-    if arch == "qwen3moe":
+    if arch in ("qwen3moe", "qwen2moe"):
         w.add_expert_count(cfg.num_experts)
         w.add_expert_used_count(cfg.num_experts_per_tok)
         w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
         w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    if arch == "qwen2moe":
+        w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores([-float(i) for i in range(len(tokens))])
@@ -258,8 +266,11 @@ def _gguf_tensors(model, names):
             yield f"blk.{block.split('.')[0]}.ffn_up_exps.weight", up
         elif name.endswith("experts.down_proj"):
             yield f"blk.{block.split('.')[0]}.ffn_down_exps.weight", data
+        elif name.endswith("shared_expert_gate.weight"):  # one row, which llama.cpp stores as a vector
+            yield names.get_name(name.removesuffix(".weight")) + ".weight", data[0]
         else:
-            yield names.get_name(name.removesuffix(".weight")) + ".weight", data
+            stem, kind = name.rsplit(".", 1)
+            yield f"{names.get_name(stem)}.{kind}", data
 
 
 def same_checkpoint(a, b) -> None:
@@ -288,15 +299,19 @@ def sparse_inputs(lm: LoadedModel, ids: torch.Tensor) -> dict[int, torch.Tensor]
     return {i: torch.cat(xs).reshape(-1, xs[0].shape[-1]) for i, xs in seen.items()}
 
 
-def moe_gguf(path, *, hidden: int = 32, width: int = 16, experts: int = 4, tie: bool = False):
-    """A Qwen3-MoE model with every block sparse (as llama.cpp's qwen3moe graph has them) and its float32 GGUF file,
-    which llama.cpp and layerwise both read as this model (``width``: each expert's hidden width; ``tie``: the head
-    is the token embedding)."""
+def moe_gguf(path, *, arch: str = "qwen3_moe", hidden: int = 32, width: int = 16, experts: int = 4, tie: bool = False):
+    """A Qwen3-MoE (or Qwen2-MoE: biased q, k and v maps, a gated shared expert) model with every block sparse (as
+    llama.cpp's graphs have them) and its float32 GGUF file, which llama.cpp and layerwise both read as this model
+    (``width``: each expert's hidden width; ``tie``: the head is the token embedding)."""
     import string
 
     import transformers as tf
 
-    cfg = tf.Qwen3MoeConfig(
+    prefix, extra = {
+        "qwen3_moe": ("Qwen3Moe", dict(norm_topk_prob=True)),
+        "qwen2_moe": ("Qwen2Moe", dict(norm_topk_prob=False, shared_expert_intermediate_size=2 * width)),
+    }[arch]
+    cfg = getattr(tf, f"{prefix}Config")(
         vocab_size=97,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -308,11 +323,11 @@ def moe_gguf(path, *, hidden: int = 32, width: int = 16, experts: int = 4, tie: 
         num_experts=experts,
         num_experts_per_tok=2,
         moe_intermediate_size=width,
-        norm_topk_prob=True,
         tie_word_embeddings=tie,
+        **extra,
     )
     torch.manual_seed(0)
-    model = tf.Qwen3MoeForCausalLM(cfg).eval()
+    model = getattr(tf, f"{prefix}ForCausalLM")(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim == 1:

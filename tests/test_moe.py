@@ -13,7 +13,7 @@ from layerwise.engine import Checkpoint, ConvertedCheckpoint
 from layerwise.errors import LayerwiseError
 from layerwise.trace import skip
 
-from .conftest import MOE_ARCHS, sparse_inputs, tiny_folder, tiny_lm, tiny_windows
+from .conftest import GGUF_MOE_ARCHS, MOE_ARCHS, moe_gguf, sparse_inputs, tiny_folder, tiny_lm, tiny_windows
 
 #: The blocks with experts in the tiny models of 3 blocks (Qwen3-MoE's first is listed dense, DeepSeek-V3's first k).
 SPARSE = {"qwen3_moe": [1, 2], "deepseek_v3": [1, 2]}
@@ -120,6 +120,51 @@ def test_a_saved_drop_reloads_with_every_block_s_experts_where_they_were(arch, t
     assert all(not p.any() for p in an.out_params(1, "mlp"))
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=x, use_cache=False).logits, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", GGUF_MOE_ARCHS)
+def test_a_moe_gguf_file_reads_as_its_model_in_memory_from_disk_and_in_llama_cpp(arch, tmp_path, monkeypatch):
+    """A Qwen3-MoE or Qwen2-MoE GGUF file (Qwen2-MoE's with its shared expert's width and gate) loads as the model it
+    was written from, converted and read from disk alike, and llama.cpp's perplexity of the float32 file is
+    layerwise's."""
+    import contextlib
+
+    from layerwise.evaluate import next_token_logits, quality, streamed_quality
+    from layerwise.loading import load
+    from layerwise.quant.gguf import llama_nll
+
+    monkeypatch.setenv("LAYERWISE_CACHE", str(tmp_path / "cache"))
+    model, path = moe_gguf(tmp_path / "moe.gguf", arch=arch)
+    ids = tiny_windows(3, 16).ids
+    resident, disk = load(str(path)), load(str(path), offload="disk")
+    assert resident.anatomy.moe_layers == [0, 1] and type(resident.model) is type(model)
+    with torch.no_grad():
+        torch.testing.assert_close(resident.model(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+    ckpt = disk.streamed.checkpoint
+    assert all(torch.equal(ckpt.tensor(n), p) for n, p in model.named_parameters())
+    ours = quality(next_token_logits(model), {"gguf": next_token_logits(resident.model)}, ids)["gguf"]
+    assert ours["kl"] < 1e-9
+    same = streamed_quality(disk, {"same": lambda i: contextlib.nullcontext()}, ids)["same"]
+    assert same["ref_ppl"] == pytest.approx(ours["ppl"], rel=1e-5)
+    theirs = math.exp(sum(nll := llama_nll(path, ids, threads=2)) / len(nll))
+    assert abs(theirs / ours["ppl"] - 1) < 0.02, (theirs, ours["ppl"])
+
+
+def test_a_moe_gguf_file_whose_metadata_misstates_a_width_is_refused_in_one_line(tmp_path, monkeypatch):
+    """A Qwen2-MoE file whose shared expert's width in the metadata is not its tensors' is refused when read,
+    converted or from disk, before any weight is written."""
+    from layerwise.loading import load
+
+    from .conftest import write_gguf
+
+    monkeypatch.setenv("LAYERWISE_CACHE", str(tmp_path / "cache"))
+    model, _ = moe_gguf(tmp_path / "moe.gguf", arch="qwen2_moe")
+    model.config.shared_expert_intermediate_size *= 2
+    path = write_gguf(model, tmp_path / "wrong.gguf", [f"t{i}" for i in range(97)], quantized=False)
+    for offload in ("none", "disk"):
+        with pytest.raises(LayerwiseError, match=r"wrong.gguf holds 6 weights of another size than its metadata gives"):
+            load(str(path), offload=offload)
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))
 
 
 def test_routing_columns_and_the_layer_summary_by_hand():

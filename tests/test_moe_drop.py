@@ -14,7 +14,7 @@ from layerwise import drop as dp
 from layerwise.errors import LayerwiseError
 from layerwise.experts import cut, without_experts
 
-from .conftest import MOE_ARCHS, moe_gguf, tiny_folder, tiny_lm, tiny_windows
+from .conftest import GGUF_ARCH, GGUF_MOE_ARCHS, MOE_ARCHS, gguf_tensors, moe_gguf, tiny_folder, tiny_lm, tiny_windows
 
 
 def _logits(model, x):
@@ -241,14 +241,16 @@ def _llama_cpp_logits(path, toks):
     return torch.tensor(llm.scores[: len(toks)])
 
 
-def test_an_expert_drop_from_a_gguf_file_slices_its_experts_and_runs_in_llama_cpp(tmp_path, monkeypatch):
-    """layerwise reads a Qwen3-MoE GGUF file as the model it was written from (gate and up experts made into one
-    tensor); the drop's GGUF copy has every *_exps tensor and the router cut along the expert axis and one expert
-    fewer in its metadata, and llama.cpp runs it with the logits layerwise measured for the drop."""
+@pytest.mark.parametrize("arch", GGUF_MOE_ARCHS)
+def test_an_expert_drop_from_a_gguf_file_slices_its_experts_and_runs_in_llama_cpp(arch, tmp_path, monkeypatch):
+    """layerwise reads a Qwen3-MoE or Qwen2-MoE GGUF file as the model it was written from (gate and up experts made
+    into one tensor); the drop's GGUF copy has every *_exps tensor and the router cut along the expert axis (not
+    Qwen2-MoE's shared expert or its gate) and one expert fewer in its metadata, and llama.cpp runs it with the
+    logits layerwise measured for the drop."""
     import gguf
 
     monkeypatch.setenv("LAYERWISE_CACHE", str(tmp_path / "cache"))
-    model, path = moe_gguf(tmp_path / "moe.gguf")
+    model, path = moe_gguf(tmp_path / "moe.gguf", arch=arch)
     lm, toks = load(str(path)), list(range(3, 40))
     x = torch.tensor([toks])
     torch.testing.assert_close(_logits(lm.model, x), _logits(model, x), rtol=0, atol=1e-5)
@@ -258,9 +260,13 @@ def test_an_expert_drop_from_a_gguf_file_slices_its_experts_and_runs_in_llama_cp
         want = _logits(lm.model, x)[0]
     exports = dp.export_plan(lm, plan, tmp_path / "d", ("gguf", "hf"))
     r = gguf.GGUFReader(exports["gguf"]["path"])
-    assert int(r.get_field("qwen3moe.expert_count").contents()) == 3
+    assert int(r.get_field(f"{GGUF_ARCH[arch]}.expert_count").contents()) == 3
     shapes = {t.name: tuple(t.data.shape) for t in r.tensors}
     assert shapes["blk.1.ffn_gate_exps.weight"] == (3, 16, 32) and shapes["blk.1.ffn_gate_inp.weight"] == (3, 32)
+    assert {n: shapes[n] for n in shapes if "shexp" in n} == {
+        n: tuple(t.data.shape) for n, t in gguf_tensors(path).items() if "shexp" in n
+    }
+    assert any("shexp" in n for n in shapes) == (arch == "qwen2_moe")
     assert exports["gguf"]["bytes"] < path.stat().st_size
     theirs = _llama_cpp_logits(exports["gguf"]["path"], toks)
     assert (theirs - want).abs().max() < 0.05 < (want - _logits(lm.model, x)[0]).abs().max()

@@ -12,7 +12,7 @@ import torch
 from layerwise.errors import LayerwiseError
 from layerwise.quant.measure import matrix, replaced
 
-from .conftest import gguf_tensors, moe_gguf, recipe_reproduces, same_checkpoint, tiny_lm
+from .conftest import GGUF_MOE_ARCHS, gguf_tensors, moe_gguf, recipe_reproduces, same_checkpoint, tiny_lm
 from .test_quant import _split_windows as _split
 
 
@@ -110,16 +110,17 @@ def test_an_int_plan_of_a_moe_model_quantizes_every_expert_by_rows():
     assert meas.groups["L1.mlp.experts"]["numel"] == sum(p.numel() for p in lm.anatomy.experts(1).parameters())
 
 
-def test_a_gguf_plan_of_a_moe_model_runs_in_llama_cpp(tmp_path):
-    """A Qwen3-MoE GGUF file: every merged experts tensor takes one type of the plan, the file holds those bytes
-    (its recipe, run by llama.cpp's quantizer, writes the same file), and llama.cpp's perplexity of it is layerwise's
-    of the plan."""
+@pytest.mark.parametrize("arch", GGUF_MOE_ARCHS)
+def test_a_gguf_plan_of_a_moe_model_runs_in_llama_cpp(arch, tmp_path):
+    """A Qwen3-MoE or Qwen2-MoE GGUF file: every merged experts tensor (and each of Qwen2-MoE's shared expert's
+    matrices) takes one type of the plan, the file holds those bytes (its recipe, run by llama.cpp's quantizer, writes
+    the same file), and llama.cpp's perplexity of it is layerwise's of the plan."""
     import layerwise as lw
     from layerwise import quantize as qz
 
     from .test_quant import _split_windows
 
-    _, path = moe_gguf(tmp_path / "moe.gguf", width=32)
+    _, path = moe_gguf(tmp_path / "moe.gguf", arch=arch, width=32)
     lm = lw.load(str(path))
     rep = qz.run(lm, _split_windows(6, 4), bits=4.8, out=tmp_path / "q", progress=False)
     (row,) = rep.rows
@@ -127,16 +128,22 @@ def test_a_gguf_plan_of_a_moe_model_runs_in_llama_cpp(tmp_path):
     plan = json.loads((tmp_path / "q" / "plan.json").read_text())
     groups = next(iter(plan["plans"].values()))["groups"]
     kinds = ("gate", "up", "down")
-    assert {g for g in groups if ".mlp" in g} == {f"L{i}.mlp.experts.{k}" for i in (0, 1) for k in kinds}
+    shared = arch == "qwen2_moe"
+    assert {g for g in groups if ".mlp" in g} == {f"L{i}.mlp.experts.{k}" for i in (0, 1) for k in kinds} | {
+        f"L{i}.mlp.shared.{k}_proj" for i in (0, 1) for k in kinds if shared
+    }
     tensors = gguf_tensors(tmp_path / "q" / "model.gguf")
     for i in (0, 1):
         for k in ("gate", "up", "down"):
             name = f"blk.{i}.ffn_{k}_exps.weight"
             assert tensors[name].tensor_type.name == stored[name] and tensors[name].data.shape[0] == 4
+            if shared:
+                name = f"blk.{i}.ffn_{k}_shexp.weight"
+                assert [tensors[name].tensor_type.name] == groups[f"L{i}.mlp.shared.{k}_proj"]["stored"]
     assert len(set(stored.values())) > 1  # a mixed plan
     assert row["bytes"] == sum(int(t.n_bytes) for t in tensors.values())
     assert abs(rep.exports["gguf"]["llama_cpp_ppl"] / row["ppl"] - 1) < 0.02, (row["ppl"], rep.exports["gguf"])
-    assert recipe_reproduces(tmp_path / "q", tmp_path) == 14
+    assert recipe_reproduces(tmp_path / "q", tmp_path) == 14 + 6 * shared
 
 
 def test_the_q4km_baseline_types_a_moe_model_as_llama_cpp_does(tmp_path):
@@ -163,7 +170,8 @@ def test_the_q4km_baseline_types_a_moe_model_as_llama_cpp_does(tmp_path):
     assert ours == {n: theirs[n].tensor_type.name for n in ours}
 
 
-def test_a_moe_gguf_plan_from_disk_is_the_resident_one(tmp_path):
+@pytest.mark.parametrize("arch", GGUF_MOE_ARCHS)
+def test_a_moe_gguf_plan_from_disk_is_the_resident_one(arch, tmp_path):
     """quantize with the weights read one block at a time (experts measured and their plan applied while each block
     is read) chooses the resident run's plans, gives their figures, and writes the same file."""
     import layerwise as lw
@@ -171,7 +179,7 @@ def test_a_moe_gguf_plan_from_disk_is_the_resident_one(tmp_path):
 
     from .test_quant import _split_windows
 
-    _, path = moe_gguf(tmp_path / "moe.gguf", width=32)
+    _, path = moe_gguf(tmp_path / "moe.gguf", arch=arch, width=32)
     w = _split_windows(4, 3)
     kw = dict(bits=4.8, strategy=["measured", "uniform"], imatrix="none", batch_size=2, progress=False)
     resident = qz.run(lw.load(str(path)), w, **kw)

@@ -128,8 +128,19 @@ class GGUFCheckpoint:
                 f"{gguf.name} holds no tensor for {len(missing)} weights of a {model.config.model_type} model "
                 f"({', '.join(missing[:3])}...); re-export it with llama.cpp's convert_hf_to_gguf.py"
             )
+        wrong = [n for n, p in model.named_parameters() if ckpt._numel(n) != p.numel()]
+        if wrong:
+            raise LayerwiseError(
+                f"{gguf.name} holds {len(wrong)} weights of another size than its metadata gives a "
+                f"{model.config.model_type} model ({', '.join(wrong[:3])}...); re-export it with llama.cpp's "
+                "convert_hf_to_gguf.py"
+            )
         ckpt.files.update(dict.fromkeys(ckpt.sources, gguf))
         return ckpt
+
+    def _numel(self, name: str) -> int:
+        """Elements the file holds for ``name``: its sources' together (gate and up experts make one weight)."""
+        return sum(math.prod(self.infos[s].shape) for s in self.sources[name])
 
     def _processed(self, *gguf_names: str) -> tuple[Any, dict[str, torch.Tensor]]:
         """GGUF tensors dequantized and processed in turn: the last result, and the tensors the processor put by

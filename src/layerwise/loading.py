@@ -206,13 +206,17 @@ def _convert(gguf: Path, arch: str | None, out: Path, trust_remote_code: bool) -
 
 def _moe_config(config: Any, meta: dict, arch: str | None) -> None:
     """What transformers' GGUF config mapping leaves out of a Qwen mixture-of-experts file: the experts' width
-    (llama.cpp's ``expert_feed_forward_length``), every block sparse, and whether top-k weights are renormalized
-    (llama.cpp's ``expert_weights_norm`` where written; its Qwen3-MoE graph renormalizes, its Qwen2-MoE one does
-    not)."""
+    (llama.cpp's ``expert_feed_forward_length``), the shared expert's (Qwen2-MoE's
+    ``expert_shared_feed_forward_length``, else the dense width, as llama.cpp reads it), every block sparse, and
+    whether top-k weights are renormalized (llama.cpp's ``expert_weights_norm`` where written; its Qwen3-MoE graph
+    renormalizes, its Qwen2-MoE one does not)."""
     width = meta.get(f"{arch}.expert_feed_forward_length")
     if width is None or not hasattr(config, "moe_intermediate_size"):
         return
     config.moe_intermediate_size = int(width)
+    if hasattr(config, "shared_expert_intermediate_size"):  # absent, llama.cpp takes the dense width
+        shared = meta.get(f"{arch}.expert_shared_feed_forward_length", config.intermediate_size)
+        config.shared_expert_intermediate_size = int(shared)
     config.mlp_only_layers = []
     config.norm_topk_prob = bool(meta.get(f"{arch}.expert_weights_norm", arch == "qwen3moe"))
 
