@@ -19,7 +19,7 @@ ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2"]
 #: Mixture-of-experts architectures: 4 experts, 2 per token; Qwen3-MoE and DeepSeek-V3 with a dense first block.
 MOE_ARCHS = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss", "deepseek_v3"]
 #: The mixture-of-experts architectures :func:`moe_gguf` writes as GGUF files that llama.cpp runs.
-GGUF_MOE_ARCHS = ["qwen3_moe", "qwen2_moe"]
+GGUF_MOE_ARCHS = ["qwen3_moe", "qwen2_moe", "mixtral"]
 _MOE = {
     "qwen3_moe": ("Qwen3Moe", dict(num_experts=4, moe_intermediate_size=16, mlp_only_layers=[0])),
     "qwen2_moe": ("Qwen2Moe", dict(num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24)),
@@ -191,17 +191,14 @@ def records_peak(meta: dict) -> bool:
 
 
 #: llama.cpp's names of the architectures whose transformers name differs.
-GGUF_ARCH = {"gemma3_text": "gemma3", "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe"}
+GGUF_ARCH = {"gemma3_text": "gemma3", "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama"}
 
 
 def write_gguf(model, path, tokens: list[str], *, quantized: bool = True):
-    """A GGUF file of a llama, gemma3, qwen3_moe or qwen2_moe transformers model, as llama.cpp names its tensors,
-    matrices in Q8_0 (float32 unless ``quantized``), with a sentencepiece vocabulary of ``tokens`` (the first three:
-    unknown, BOS, EOS).
-
-    Not llama.cpp's converter (q and k are not permuted, which llama's rotary layout needs; Qwen's needs none), so
-    a loaded llama is not this one: enough to compare two ways of converting the same file, and to measure them.
-    """
+    """A GGUF file of a llama, gemma3, qwen3_moe, qwen2_moe or mixtral transformers model (Mixtral as llama.cpp
+    writes it: a llama with experts), as llama.cpp names its tensors, matrices in Q8_0 (float32 unless
+    ``quantized``), with a sentencepiece vocabulary of ``tokens`` (the first three: unknown, BOS, EOS). A llama's
+    q and k rows are permuted into llama.cpp's rotary layout, as its converter does."""
     import gguf
 
     cfg = model.config
@@ -222,11 +219,12 @@ def write_gguf(model, path, tokens: list[str], *, quantized: bool = True):
     w.add_rope_dimension_count(cfg.head_dim)
     if arch == "gemma3":
         w.add_sliding_window(cfg.sliding_window)
-    if arch in ("qwen3moe", "qwen2moe"):
-        w.add_expert_count(cfg.num_experts)
+    if experts := getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None):
+        w.add_expert_count(experts)
         w.add_expert_used_count(cfg.num_experts_per_tok)
-        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
         w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    if arch in ("qwen3moe", "qwen2moe"):
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
     if arch == "qwen2moe":
         w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
     w.add_tokenizer_model("llama")
@@ -238,6 +236,8 @@ def write_gguf(model, path, tokens: list[str], *, quantized: bool = True):
     w.add_eos_token_id(2)
     with torch.no_grad():
         for gname, data in _gguf_tensors(model, names):
+            if arch == "llama" and gname.endswith(("attn_q.weight", "attn_k.weight")):
+                data = _rotary_rows(data, cfg.num_attention_heads if "attn_q" in gname else cfg.num_key_value_heads)
             if data.ndim == 1:  # llama.cpp stores Gemma's norm weights plus one
                 w.add_tensor(gname, data + 1 if arch == "gemma3" else data)
             elif not quantized:
@@ -253,6 +253,11 @@ def write_gguf(model, path, tokens: list[str], *, quantized: bool = True):
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def _rotary_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """q or k rows of a llama in llama.cpp's rotary layout: each head's two halves interleaved."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _gguf_tensors(model, names):
@@ -300,29 +305,32 @@ def sparse_inputs(lm: LoadedModel, ids: torch.Tensor) -> dict[int, torch.Tensor]
 
 
 def moe_gguf(path, *, arch: str = "qwen3_moe", hidden: int = 32, width: int = 16, experts: int = 4, tie: bool = False):
-    """A Qwen3-MoE (or Qwen2-MoE: biased q, k and v maps, a gated shared expert) model with every block sparse (as
-    llama.cpp's graphs have them) and its float32 GGUF file, which llama.cpp and layerwise both read as this model
-    (``width``: each expert's hidden width; ``tie``: the head is the token embedding)."""
+    """A Qwen3-MoE (or Qwen2-MoE: biased q, k and v maps, a gated shared expert; or Mixtral, which llama.cpp writes
+    as a llama with experts) model with every block sparse (as llama.cpp's graphs have them) and its float32 GGUF
+    file, which llama.cpp reads as this model (``width``: each expert's hidden width; ``tie``: the head is the token
+    embedding)."""
     import string
 
     import transformers as tf
 
     prefix, extra = {
-        "qwen3_moe": ("Qwen3Moe", dict(norm_topk_prob=True)),
-        "qwen2_moe": ("Qwen2Moe", dict(norm_topk_prob=False, shared_expert_intermediate_size=2 * width)),
+        "qwen3_moe": ("Qwen3Moe", dict(norm_topk_prob=True, num_experts=experts, moe_intermediate_size=width)),
+        "qwen2_moe": (
+            "Qwen2Moe",
+            dict(num_experts=experts, moe_intermediate_size=width, shared_expert_intermediate_size=2 * width),
+        ),
+        "mixtral": ("Mixtral", dict(num_local_experts=experts)),
     }[arch]
     cfg = getattr(tf, f"{prefix}Config")(
         vocab_size=97,
         hidden_size=hidden,
-        intermediate_size=2 * hidden,
+        intermediate_size=width if arch == "mixtral" else 2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=hidden // 4,
         max_position_embeddings=128,
-        num_experts=experts,
         num_experts_per_tok=2,
-        moe_intermediate_size=width,
         tie_word_embeddings=tie,
         **extra,
     )

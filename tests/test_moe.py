@@ -124,9 +124,9 @@ def test_a_saved_drop_reloads_with_every_block_s_experts_where_they_were(arch, t
 
 @pytest.mark.parametrize("arch", GGUF_MOE_ARCHS)
 def test_a_moe_gguf_file_reads_as_its_model_in_memory_from_disk_and_in_llama_cpp(arch, tmp_path, monkeypatch):
-    """A Qwen3-MoE or Qwen2-MoE GGUF file (Qwen2-MoE's with its shared expert's width and gate) loads as the model it
-    was written from, converted and read from disk alike, and llama.cpp's perplexity of the float32 file is
-    layerwise's."""
+    """A Qwen3-MoE, Qwen2-MoE (its shared expert's width and gate) or Mixtral GGUF file (a llama with experts, as
+    llama.cpp writes it, q and k rows in its rotary layout) loads as the model it was written from, converted and read
+    from disk alike, and llama.cpp's perplexity of the float32 file is layerwise's."""
     import contextlib
 
     from layerwise.evaluate import next_token_logits, quality, streamed_quality

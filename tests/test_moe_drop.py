@@ -243,10 +243,10 @@ def _llama_cpp_logits(path, toks):
 
 @pytest.mark.parametrize("arch", GGUF_MOE_ARCHS)
 def test_an_expert_drop_from_a_gguf_file_slices_its_experts_and_runs_in_llama_cpp(arch, tmp_path, monkeypatch):
-    """layerwise reads a Qwen3-MoE or Qwen2-MoE GGUF file as the model it was written from (gate and up experts made
-    into one tensor); the drop's GGUF copy has every *_exps tensor and the router cut along the expert axis (not
-    Qwen2-MoE's shared expert or its gate) and one expert fewer in its metadata, and llama.cpp runs it with the
-    logits layerwise measured for the drop."""
+    """layerwise reads a Qwen3-MoE, Qwen2-MoE or Mixtral GGUF file as the model it was written from (gate and up
+    experts made into one tensor); the drop's GGUF copy has every *_exps tensor and the router cut along the expert
+    axis (not Qwen2-MoE's shared expert or its gate) and one expert fewer in its metadata, and llama.cpp runs it with
+    the logits layerwise measured for the drop."""
     import gguf
 
     monkeypatch.setenv("LAYERWISE_CACHE", str(tmp_path / "cache"))

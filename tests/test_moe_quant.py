@@ -112,7 +112,7 @@ def test_an_int_plan_of_a_moe_model_quantizes_every_expert_by_rows():
 
 @pytest.mark.parametrize("arch", GGUF_MOE_ARCHS)
 def test_a_gguf_plan_of_a_moe_model_runs_in_llama_cpp(arch, tmp_path):
-    """A Qwen3-MoE or Qwen2-MoE GGUF file: every merged experts tensor (and each of Qwen2-MoE's shared expert's
+    """A Qwen3-MoE, Qwen2-MoE or Mixtral GGUF file: every merged experts tensor (and each of Qwen2-MoE's shared expert's
     matrices) takes one type of the plan, the file holds those bytes (its recipe, run by llama.cpp's quantizer, writes
     the same file), and llama.cpp's perplexity of it is layerwise's of the plan."""
     import layerwise as lw

@@ -103,19 +103,15 @@ class GGUFCheckpoint:
     @classmethod
     def of(cls, gguf: Path, model: CausalLM) -> GGUFCheckpoint:
         """``gguf``'s tensors for ``model`` (a skeleton of the file's config); one line when the file lacks one."""
-        from transformers.modeling_gguf_pytorch_utils import (
-            TENSOR_PROCESSORS,
-            TensorProcessor,
-            get_gguf_hf_weights_map,
-        )
+        from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
 
         from . import ggufio
 
         meta, tensors = ggufio.header(gguf)
-        processor = TENSOR_PROCESSORS.get(meta.get("general.architecture") or "", TensorProcessor)(
-            config=model.config.to_dict()
-        )
-        names = get_gguf_hf_weights_map(model, processor)
+        arch = meta.get("general.architecture") or ""
+        processor = _gguf_processor(arch, model.config)
+        # llama.cpp names a Mixtral file's tensors as a llama's, which gguf's name map has no "mixtral" for
+        names = get_gguf_hf_weights_map(model, processor, model_type=arch if arch == "llama" else None)
         ckpt = cls(gguf, {}, {}, {t.name: t for t in tensors}, processor, names)
         for t in tensors:
             # a tensor the processor renames (GPT-2's output.weight) is processed once here to learn its names
@@ -170,6 +166,29 @@ class GGUFCheckpoint:
 
         (source,) = self.sources[name]
         return torch.from_numpy(ggufio.dequantize(self.path, self.infos[source], span=(start, stop)))
+
+
+def _gguf_processor(arch: str, config: Any) -> Any:
+    """transformers' tensor processor for a GGUF file of llama.cpp's architecture ``arch`` read as ``config``'s
+    model. llama.cpp writes Mixtral as a llama with experts, which transformers has no processor for: its q and k rows
+    are a llama's (un-permuted), its experts stored as Qwen-MoE's are (gate and up merged into one weight)."""
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        LlamaTensorProcessor,
+        Qwen2MoeTensorProcessor,
+        TensorProcessor,
+    )
+
+    if not (arch == "llama" and config.model_type == "mixtral"):
+        return TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
+
+    class Mixtral(Qwen2MoeTensorProcessor, LlamaTensorProcessor):
+        def process(self, weights: Any, name: str, **kwargs: Any) -> Any:
+            if ".attn_q." in name or ".attn_k." in name:
+                return LlamaTensorProcessor.process(self, weights, name, **kwargs)
+            return super().process(weights, name, **kwargs)
+
+    return Mixtral(config=config.to_dict())
 
 
 @dataclass(frozen=True)

@@ -193,8 +193,10 @@ def _convert(gguf: Path, arch: str | None, out: Path, trust_remote_code: bool) -
         raise LayerwiseError(
             f"transformers cannot convert {gguf.name} (GGUF architecture {arch!r}): {str(exc).splitlines()[0][:160]}"
         ) from None
+    meta = ggufio.header(gguf)[0]
+    config = _llama_experts(config, meta, arch)
     _check_model_type(config.model_type, str(gguf))
-    _moe_config(config, ggufio.header(gguf)[0], arch)
+    _moe_config(config, meta, arch)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     GGUFCheckpoint.of(gguf, skeleton)  # refuses a file that lacks a weight
@@ -202,6 +204,22 @@ def _convert(gguf: Path, arch: str | None, out: Path, trust_remote_code: bool) -
     config.dtype = torch.float32
     config.save_pretrained(out)
     GenerationConfig.from_model_config(config).save_pretrained(out)
+
+
+def _llama_experts(config: Any, meta: dict, arch: str | None) -> Any:
+    """``config``, or a Mixtral config where the file is a llama with experts (``llama.expert_count``), as llama.cpp
+    writes Mixtral: transformers reads it as a dense Llama, whose MLP weights the file does not hold."""
+    from transformers import MixtralConfig
+
+    experts = int(meta.get(f"{arch}.expert_count") or 0)
+    if arch != "llama" or not experts:
+        return config
+    fields = MixtralConfig().to_dict().keys() - {"model_type", "architectures", "transformers_version"}
+    return MixtralConfig(
+        **{k: v for k, v in config.to_dict().items() if k in fields},
+        num_local_experts=experts,
+        num_experts_per_tok=int(meta[f"{arch}.expert_used_count"]),
+    )
 
 
 def _moe_config(config: Any, meta: dict, arch: str | None) -> None:
