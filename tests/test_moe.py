@@ -4,6 +4,7 @@ transformers with every block's experts where they were."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -165,6 +166,30 @@ def test_a_moe_gguf_file_whose_metadata_misstates_a_width_is_refused_in_one_line
         with pytest.raises(LayerwiseError, match=r"wrong.gguf holds 6 weights of another size than its metadata gives"):
             load(str(path), offload=offload)
     assert not list((tmp_path / "cache").rglob("*.safetensors"))
+
+
+def test_a_gpt_oss_gguf_file_is_refused_in_one_line(tmp_path, monkeypatch):
+    """transformers' GGUF loader reads none of the experts or attention sinks of llama.cpp's gpt-oss files: loading
+    one says so and names the Hugging Face checkpoint, converting nothing."""
+    import gguf
+
+    from layerwise.loading import load
+
+    monkeypatch.setenv("LAYERWISE_CACHE", str(tmp_path / "cache"))
+    w = gguf.GGUFWriter(str(tmp_path / "oss.gguf"), arch="gpt-oss")
+    w.add_block_count(1)
+    w.add_expert_count(4)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([f"t{i}" for i in range(8)])
+    w.add_tensor("token_embd.weight", np.zeros((8, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    for offload in ("none", "disk"):
+        with pytest.raises(LayerwiseError, match=r"^transformers cannot read oss.gguf: .* Hugging Face checkpoint"):
+            load(str(tmp_path / "oss.gguf"), offload=offload)
+    assert not list((tmp_path / "cache").rglob("*.json"))
 
 
 def test_routing_columns_and_the_layer_summary_by_hand():

@@ -184,6 +184,11 @@ def _convert(gguf: Path, arch: str | None, out: Path, trust_remote_code: bool) -
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    if arch == "gpt-oss":  # transformers registers its processor as gpt_oss, for other names; and maps no head_dim
+        raise LayerwiseError(
+            f"transformers cannot read {gguf.name}: its GGUF loader maps none of the experts, their biases or the "
+            "attention sinks llama.cpp writes for gpt-oss; give layerwise the Hugging Face checkpoint folder instead"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         tokenizer.save_pretrained(out)
