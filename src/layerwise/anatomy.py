@@ -351,6 +351,11 @@ class Anatomy:
         """The module holding a sparse MLP's routed experts."""
         return self.blocks[layer].get_submodule(self._moe(layer).experts)
 
+    def sparse_layers(self) -> dict[nn.Module, int]:
+        """Each sparse block's experts module -> the block: which quantized weights hold every expert's matrix (an
+        experts weight is an attribute of that module, so a weight's module tells)."""
+        return {self.experts(k): k for k in self.moe_layers}
+
     def router(self, layer: int) -> nn.Module:
         """The linear map that scores each expert for each token (one row per expert)."""
         return self.blocks[layer].get_submodule(self._moe(layer).router)

@@ -37,7 +37,6 @@ from contextlib import closing
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import LayerwiseError
@@ -188,7 +187,7 @@ def _packed(lm: LoadedModel, codes: dict[str, QTensor]) -> tuple[set[str], dict[
     them (by the checkpoint's names), and each target's config. A linear map is its own module; a sparse block's
     experts weight is split into each expert's matrix, under the module the checkpoint keeps it in."""
     an = lm.anatomy
-    sparse: dict[nn.Module, int] = {an.experts(k): k for k in an.moe_layers}
+    sparse = an.sparse_layers()
     names: dict[int, dict[str, list[str]]] = {}
     gone: set[str] = set()
     tensors: dict[str, torch.Tensor] = {}
@@ -216,7 +215,7 @@ def one_experts_scheme(lm: LoadedModel, configs: Mapping[str, object]) -> bool:
     the checkpoint's experts right (it decompresses all of them with the first config group that names experts;
     vLLM reads each layer's own)."""
     an = lm.anatomy
-    sparse = {an.experts(k) for k in an.moe_layers}
+    sparse = an.sparse_layers()
     return len({c for p, c in configs.items() if an.weight(p).module in sparse}) <= 1
 
 

@@ -518,7 +518,7 @@ class InputHessians:
         self.first: dict[Weight, nn.Module] = {}
         self.key: dict[Weight, tuple[int, str]] = {}
         self.experts: dict[tuple[int, str], ExpertHessians] = {}
-        sparse = {an.experts(k): k for k in an.moe_layers}
+        sparse = an.sparse_layers()
         for group in groups:
             for _, w in group:
                 if w.module in sparse:
