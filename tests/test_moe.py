@@ -168,6 +168,19 @@ def test_a_moe_gguf_file_whose_metadata_misstates_a_width_is_refused_in_one_line
     assert not list((tmp_path / "cache").rglob("*.safetensors"))
 
 
+def test_a_llama_gguf_file_with_experts_but_no_count_per_token_is_refused_in_one_line(tmp_path, monkeypatch):
+    import gguf
+
+    from layerwise.loading import load
+
+    monkeypatch.setenv("LAYERWISE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(gguf.GGUFWriter, "add_expert_used_count", lambda self, n: None)
+    _, path = moe_gguf(tmp_path / "moe.gguf", arch="mixtral")
+    with pytest.raises(LayerwiseError, match=r"^this llama GGUF file holds 4 experts a block but no llama.expert_used"):
+        load(str(path))
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))
+
+
 def test_a_gpt_oss_gguf_file_is_refused_in_one_line(tmp_path, monkeypatch):
     """transformers' GGUF loader reads none of the experts or attention sinks of llama.cpp's gpt-oss files: loading
     one says so and names the Hugging Face checkpoint, converting nothing."""

@@ -219,11 +219,17 @@ def _llama_experts(config: Any, meta: dict, arch: str | None) -> Any:
     experts = int(meta.get(f"{arch}.expert_count") or 0)
     if arch != "llama" or not experts:
         return config
+    used = meta.get(f"{arch}.expert_used_count")
+    if not used:
+        raise LayerwiseError(
+            f"this llama GGUF file holds {experts} experts a block but no {arch}.expert_used_count (how many run a "
+            "token), which llama.cpp needs too; re-export it with llama.cpp's convert_hf_to_gguf.py"
+        )
     fields = MixtralConfig().to_dict().keys() - {"model_type", "architectures", "transformers_version"}
     return MixtralConfig(
         **{k: v for k, v in config.to_dict().items() if k in fields},
         num_local_experts=experts,
-        num_experts_per_tok=int(meta[f"{arch}.expert_used_count"]),
+        num_experts_per_tok=int(used),
     )
 
 
