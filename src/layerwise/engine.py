@@ -14,6 +14,7 @@ signature is known here. The numbers are those of the resident model: the same m
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import json
 import math
@@ -227,19 +228,18 @@ class ConvertedCheckpoint:
     are made alike, dequantized by the operations of its quantizer (:func:`dequantizer`)."""
 
     base: Checkpoint
-    #: The skeleton, whose parameters give each made weight its dtype.
-    model: CausalLM
+    #: The skeleton, whose parameters give each made weight its dtype. Where a quantizer dequantizes, a meta copy
+    #: in the dtype the checkpoint declares: the dtype ``from_pretrained`` dequantizes into by default, so that a
+    #: checkpoint written from the model (a drop's, copied in the stored dtypes) is no wider than the unquantized
+    #: model's (gpt-oss-20b: 42 GB in bfloat16, not 84 GB in the float32 a profile computes in), and half the bytes
+    #: to make.
+    model: nn.Module
     #: Every parameter by the model's name; a made one under its first source's file.
     files: dict[str, Path]
     #: The model's name -> the checkpoint's, for tensors only renamed.
     renamed: dict[str, str]
     #: The model's name -> (the converter, its sources by source pattern in expert order), for tensors made.
     made: dict[str, tuple[Any, dict[str, list[str]]]]
-    #: The dtype each made weight is stored in when a quantizer dequantizes (None: as made): the checkpoint's own,
-    #: the dtype ``from_pretrained`` dequantizes into by default, so that a checkpoint written from the model (a
-    #: drop's, copied in the stored dtypes) is no wider than the unquantized model's (gpt-oss-20b: 42 GB in
-    #: bfloat16, not 84 GB in the float32 a profile computes in).
-    dtype: torch.dtype | None = None
 
     @classmethod
     def of(
@@ -269,7 +269,10 @@ class ConvertedCheckpoint:
         }
         files = {name: ckpt.files[key] for name, key in renamed.items()}
         files |= {name: ckpt.files[next(iter(by.values()))[0]] for name, by in sources.items()}
-        return cls(ckpt, model, files, renamed, made, dtype)
+        stored: nn.Module = model
+        if dtype is not None:
+            stored = copy.deepcopy(stored).to(dtype)  # on the meta device: no weights
+        return cls(ckpt, stored, files, renamed, made)
 
     def tensor(self, name: str) -> torch.Tensor:
         if name in self.renamed:
@@ -285,8 +288,7 @@ class ConvertedCheckpoint:
                 full_layer_name=name,
             )
         (made,) = tensors.values()
-        made = made.data if isinstance(made, nn.Parameter) else made
-        return made if self.dtype is None else made.to(self.dtype)
+        return made.data if isinstance(made, nn.Parameter) else made
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows of the embedding or the head: read alone, unless made (dequantized: FP8's converter takes every
