@@ -1270,6 +1270,10 @@ def test_a_quantized_checkpoint_read_from_disk_is_what_transformers_dequantizes(
     assert s is not None and not hasattr(disk.model.config, "quantization_config")
     for name, p in loaded.named_parameters():
         assert torch.equal(s.checkpoint.tensor(s.keys[name]), p), name
+    embed = s.keys["model.embed_tokens.weight"]
+    with pytest.MonkeyPatch.context() as mp:  # a large vocabulary's rows are read alone, never the whole tensor
+        mp.setattr(Checkpoint, "tensor", lambda *a: pytest.fail("read whole"))
+        assert torch.equal(s.checkpoint.rows(embed, 5, 20), loaded.get_parameter("model.embed_tokens.weight")[5:20])
     # those weights in a plain model (compressed-tensors' loaded model computes otherwise, to 4e-6 in its logits)
     model = AutoModelForCausalLM.from_config(loaded.config).eval()
     model.load_state_dict(loaded.state_dict())

@@ -277,8 +277,12 @@ class ConvertedCheckpoint:
     def tensor(self, name: str) -> torch.Tensor:
         if name in self.renamed:
             return self.base.tensor(self.renamed[name])
+        return self._made(name, self.base.tensor)
+
+    def _made(self, name: str, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        """A made weight, from its sources as ``read`` gives them, through its converter's operations."""
         converter, by = self.made[name]
-        tensors: dict[str, Any] = {p: [self.base.tensor(k) for k in keys] for p, keys in by.items()}
+        tensors: dict[str, Any] = {p: [read(k) for k in keys] for p, keys in by.items()}
         for op in converter.operations:
             tensors = op.convert(
                 tensors,
@@ -291,11 +295,14 @@ class ConvertedCheckpoint:
         return made.data if isinstance(made, nn.Parameter) else made
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows of the embedding or the head: read alone, unless made (dequantized: FP8's converter takes every
-        weight), then sliced from the whole."""
-        if name in self.made:
-            return self.tensor(name)[start:stop]
-        return self.base.rows(self.renamed[name], start, stop)
+        """Rows of the embedding or the head, read alone: also where a quantizer's converter takes it (FP8's takes
+        every weight) but finds it alone, with no scale beside it, and so only casts it, row by row as whole. A
+        weight made from several tensors is sliced from the whole."""
+        if name in self.renamed:
+            return self.base.rows(self.renamed[name], start, stop)
+        if sum(map(len, self.made[name][1].values())) == 1:
+            return self._made(name, lambda key: self.base.rows(key, start, stop))
+        return self.tensor(name)[start:stop]
 
 
 def dequantizer(model: CausalLM) -> Any:
