@@ -1278,7 +1278,11 @@ def test_a_quantized_checkpoint_read_from_disk_is_what_transformers_dequantizes(
     model = AutoModelForCausalLM.from_config(loaded.config).eval()
     model.load_state_dict(loaded.state_dict())
     w, kw = tiny_windows(3), dict(ablation="exact", lens=False, progress=False)
-    _same_metrics(profile(LoadedModel(model, None, Anatomy(model)), w, **kw), profile(disk, w, **kw))
+    want = profile(disk, w, **kw)
+    _same_metrics(profile(LoadedModel(model, None, Anatomy(model)), w, **kw), want)
+    resident = load(str(folder))  # dequantized as it loads too, where compressed-tensors would keep packed codes
+    assert not hasattr(resident.model.config, "quantization_config")
+    _same_metrics(profile(resident, w, **kw), want)
 
 
 def test_an_expert_drop_from_an_mxfp4_checkpoint_on_disk_saves_plain_weights_transformers_loads(tmp_path):
@@ -1312,6 +1316,7 @@ def test_a_quantized_checkpoint_transformers_cannot_dequantize_is_one_line(tmp_p
     config = json.loads((tmp_path / "config.json").read_text())
     qc = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     (tmp_path / "config.json").write_text(json.dumps(config | {"quantization_config": qc}))
-    why = r"^a model read from disk .* cannot do for this bitsandbytes.*; save a dequantized copy first$"
-    with pytest.raises(LayerwiseError, match=why):
-        load(str(tmp_path), offload="disk")
+    why = r"^layerwise dequantizes a quantized .* cannot do for this bitsandbytes.*; save a dequantized copy first$"
+    for offload in ("none", "disk"):
+        with pytest.raises(LayerwiseError, match=why):
+            load(str(tmp_path), offload=offload)

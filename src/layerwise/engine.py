@@ -305,13 +305,13 @@ class ConvertedCheckpoint:
         return self.tensor(name)[start:stop]
 
 
-def dequantizer(model: CausalLM) -> Any:
-    """For a skeleton whose config says its checkpoint is pre-quantized: transformers' quantizer of that format set
-    to dequantize as it loads, as ``from_pretrained`` does on a machine without the format's kernels (gpt-oss's
-    MXFP4 on a CPU); None for plain weights. The skeleton's config then loses its quantization config, as a model
-    transformers dequantizes does: it holds, and a checkpoint written from it holds, plain weights. One line for a
+def dequantizer(model_config: Any) -> Any:
+    """For a model config that says its checkpoint is pre-quantized: transformers' quantizer of that format set to
+    dequantize as it loads, as ``from_pretrained`` does on a machine without the format's kernels (gpt-oss's MXFP4
+    on a CPU); None for plain weights. layerwise measures and changes weights, so it reads every quantized
+    checkpoint so, in memory and from disk, also where the format's kernels would run it quantized. One line for a
     format transformers cannot dequantize as it reads."""
-    config = getattr(model.config, "quantization_config", None)
+    config = getattr(model_config, "quantization_config", None)
     if config is None:
         return None
     from transformers.quantizers import AutoHfQuantizer
@@ -324,13 +324,12 @@ def dequantizer(model: CausalLM) -> Any:
         raise _undequantizable(config.get("quant_method"), str(exc).splitlines()[0][:120]) from None
     if "dequantize" not in quantizer.get_load_operations():
         raise _undequantizable(config.get("quant_method"))
-    del model.config.quantization_config
     return quantizer
 
 
 def _undequantizable(method: str | None, reason: str | None = None) -> LayerwiseError:
     return LayerwiseError(
-        f"a model read from disk has each weight dequantized as it is read, which transformers cannot do for this "
+        f"layerwise dequantizes a quantized checkpoint as it reads it, which transformers cannot do for this "
         f"{method} checkpoint{f' ({reason})' if reason else ''}; save a dequantized copy first"
     )
 
@@ -348,9 +347,12 @@ def open_checkpoint(folder: str | Path, model: CausalLM) -> Checkpoint | Convert
         if not gguf.is_file():
             raise LayerwiseError(f"{gguf}, the GGUF file {folder} was made from, is gone; load the file again")
         return GGUFCheckpoint.of(gguf, model)
-    quantizer = dequantizer(model)
-    dtype = None if quantizer is None else _stored_dtype(folder)
-    return ConvertedCheckpoint.of(Checkpoint.of(folder), model, quantizer, dtype)
+    quantizer = dequantizer(model.config)
+    if quantizer is None:
+        return ConvertedCheckpoint.of(Checkpoint.of(folder), model)
+    # as a model transformers dequantizes: it holds, and a checkpoint written from it holds, plain weights
+    del model.config.quantization_config
+    return ConvertedCheckpoint.of(Checkpoint.of(folder), model, quantizer, _stored_dtype(folder))
 
 
 def _stored_dtype(folder: Path) -> torch.dtype:

@@ -11,6 +11,7 @@ import importlib.util
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -19,7 +20,7 @@ import torch
 
 from . import ggufio
 from .anatomy import SPECS, Anatomy, supported
-from .engine import SOURCE_FILE, GGUFCheckpoint
+from .engine import SOURCE_FILE, GGUFCheckpoint, dequantizer
 from .errors import LayerwiseError
 from .experts import mask_experts
 from .io import atomic_dir, read_json, save_shards, sha256_file, write_json
@@ -439,11 +440,19 @@ def load(
     if dev.startswith("cuda"):
         kwargs["device_map"] = "auto" if dev == "cuda" else {"": dev}
     try:
-        if source["kind"] == "hub":
-            config = AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
-            if not trust_remote_code:
-                _check_model_type(config.model_type, ref)
-        model = AutoModelForCausalLM.from_pretrained(target, **kwargs)
+        config = AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
+        if source["kind"] == "hub" and not trust_remote_code:
+            _check_model_type(config.model_type, ref)
+        quantizer = dequantizer(config)
+        if quantizer is not None:  # plain weights to measure and change, as from disk
+            kwargs["quantization_config"] = quantizer.quantization_config
+        with warnings.catch_warnings():  # that the config's own is overridden: as meant
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+            model = AutoModelForCausalLM.from_pretrained(target, **kwargs)
+        if quantizer is not None:  # compressed-tensors dequantizes experts in its scales' dtype (float16)
+            for p in model.parameters():
+                if p.is_floating_point() and p.dtype != torch_dtype:
+                    p.data = p.data.to(torch_dtype)
         tokenizer = (
             None
             if _lacks_tokenizer(target, source)
