@@ -390,6 +390,26 @@ def _streamed(
     return LoadedModel(model=model, tokenizer=tokenizer, anatomy=anatomy, source=source, streamed=streamed)
 
 
+def _from_pretrained(target: str, config: Any, kwargs: dict[str, Any]) -> CausalLM:
+    """``from_pretrained`` with plain weights to measure and change: a quantized checkpoint dequantized as it loads,
+    as from disk (:func:`layerwise.engine.dequantizer`), and every weight then in the asked dtype (compressed-tensors
+    dequantizes experts in its scales' float16)."""
+    from transformers import AutoModelForCausalLM
+
+    quantizer = dequantizer(config)
+    if quantizer is None:
+        return AutoModelForCausalLM.from_pretrained(target, **kwargs)
+    with warnings.catch_warnings():  # that the config's own quantization config is overridden: as meant
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+        model = AutoModelForCausalLM.from_pretrained(
+            target, **kwargs, quantization_config=quantizer.quantization_config
+        )
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != kwargs["dtype"]:
+            p.data = p.data.to(kwargs["dtype"])
+    return model
+
+
 def load(
     ref: str = "default",
     *,
@@ -416,7 +436,7 @@ def load(
     background thread while a block runs (one more block in memory), so reading and dequantizing overlap compute;
     off, each block is read only when it is reached.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     torch_dtype = _dtype(dtype)
     dev = resolve_device(device)
@@ -443,16 +463,7 @@ def load(
         config = AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
         if source["kind"] == "hub" and not trust_remote_code:
             _check_model_type(config.model_type, ref)
-        quantizer = dequantizer(config)
-        if quantizer is not None:  # plain weights to measure and change, as from disk
-            kwargs["quantization_config"] = quantizer.quantization_config
-        with warnings.catch_warnings():  # that the config's own is overridden: as meant
-            warnings.filterwarnings("ignore", message="You passed `quantization_config`")
-            model = AutoModelForCausalLM.from_pretrained(target, **kwargs)
-        if quantizer is not None:  # compressed-tensors dequantizes experts in its scales' dtype (float16)
-            for p in model.parameters():
-                if p.is_floating_point() and p.dtype != torch_dtype:
-                    p.data = p.data.to(torch_dtype)
+        model = _from_pretrained(target, config, kwargs)
         tokenizer = (
             None
             if _lacks_tokenizer(target, source)
