@@ -254,5 +254,5 @@ def test_cli_makes_a_moe_imatrix_and_refuses_names_it_does_not_know(tmp_path, ca
     deepseek = tiny_folder(tmp_path / "ds", "deepseek_v3", layers=2)
     assert main([*args, "--model", str(deepseek), "--out", str(tmp_path / "ds-im")]) == 2
     err = capsys.readouterr().err
-    assert one_error_line(err) and "layerwise does not know its matrices or llama.cpp's names" in err
+    assert one_error_line(err) and "llama.cpp splits deepseek_v3's self_attn.kv_b_proj into attn_k_b and" in err
     assert not (tmp_path / "ds-im" / "imatrix.gguf").exists()

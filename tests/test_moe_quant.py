@@ -26,7 +26,7 @@ def _expert_by_hand(arch: str, experts, x, gate, up, down, j: int) -> torch.Tens
     return (experts.act_fn(x @ gate.T) * (x @ up.T)) @ down.T
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss", "deepseek_v3"])
 def test_the_experts_weights_are_each_expert_s_gate_up_and_down(arch):
     """Matrices written through a sparse block's gate, up and down weights are the ones the model's own experts
     forward multiplies by (gpt-oss: (in, out) storage, the gate's and the up map's rows interleaved); the originals
@@ -71,8 +71,8 @@ def test_groups_follow_what_each_engine_types_together():
 
 
 def test_what_cannot_be_quantized_yet_is_refused_in_one_line(tmp_path):
-    """A compressed-tensors export of experts that transformers writes fused (gpt-oss), and DeepSeek-V3's latent
-    attention (no q/k/v maps): each one line, before anything is measured."""
+    """A compressed-tensors export of experts that transformers writes fused (gpt-oss): one line, before anything is
+    measured."""
     from layerwise import quantize as qz
     from layerwise.quant import hf
 
@@ -84,9 +84,43 @@ def test_what_cannot_be_quantized_yet_is_refused_in_one_line(tmp_path):
     with pytest.raises(LayerwiseError, match="experts fused"):
         qz.run(gpt_oss, _split_windows(), bits=4.5, format="int", export=("hf",), out=tmp_path, progress=False)
     assert not list(tmp_path.iterdir())
-    deepseek = tiny_lm("deepseek_v3").anatomy
-    with pytest.raises(LayerwiseError, match=r"deepseek_v3's block has no self_attn\.q_proj: layerwise does not"):
-        deepseek.quant_groups(0)
+
+
+@pytest.mark.parametrize("q_rank", [8, None])
+def test_latent_attention_is_quantized_as_vllm_runs_it(tmp_path, q_rank):
+    """DeepSeek-V3's latent attention: the query's and the key-value latent's down-projections are one group, as vLLM
+    runs them as one (``fused_qkv_a_proj``); the query's up-projection (its one projection where the config has no
+    query rank), kv_b_proj and o_proj each a group; every matrix of the attention is in exactly one. The plan
+    exported loads in plain transformers with layerwise's perplexity. llama.cpp splits kv_b_proj into two tensors
+    it multiplies by other inputs, so its importance matrix is refused in one line."""
+    from transformers import DeepseekV3ForCausalLM
+
+    from layerwise import quantize as qz
+    from layerwise.anatomy import Anatomy
+    from layerwise.loading import LoadedModel
+    from layerwise.quant import imatrix
+
+    cfg = tiny_lm("deepseek_v3").model.config
+    cfg.q_lora_rank = q_rank
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(cfg).eval()
+    lm = LoadedModel(model=model, tokenizer=None, anatomy=Anatomy(model), source={"ref": "tiny", "model_hash": "x"})
+    an = lm.anatomy
+    q = ["q_a_proj", "kv_a_proj_with_mqa"] if q_rank else ["kv_a_proj_with_mqa"]
+    expected = {"qkv_a": q, "q_b" if q_rank else "q": ["q_b_proj" if q_rank else "q_proj"]}
+    expected |= {"kv_b": ["kv_b_proj"], "o": ["o_proj"]}
+    for layer in range(an.n_layers):
+        attn = {g: ws for g, ws in an.quant_groups(layer) if ".attn." in g}
+        assert {g.rsplit(".", 1)[1]: [p.rsplit(".", 1)[1] for p, _ in ws] for g, ws in attn.items()} == expected
+        linear = {m for m in an.branch(layer, "attn").modules() if isinstance(m, torch.nn.Linear)}
+        assert sorted(id(w.module) for ws in attn.values() for _, w in ws) == sorted(map(id, linear))
+    rep = qz.run(
+        lm, _split(), bits=5, strategy=["uniform"], format="int", symmetric=True, group_size=8,
+        export=("hf",), out=tmp_path, eval_samples=3, progress=False,
+    )  # fmt: skip
+    assert rep.exports["hf"]["transformers_ppl"] == pytest.approx(rep.rows[0]["ppl"], rel=1e-3)
+    with pytest.raises(LayerwiseError, match=r"^llama\.cpp splits deepseek_v3's self_attn\.kv_b_proj into attn_k_b"):
+        imatrix.tensor_columns(lm)
 
 
 def test_an_int_plan_of_a_moe_model_quantizes_every_expert_by_rows():
@@ -279,7 +313,9 @@ def _plan_weights(lm, rep, folder, size: int) -> dict:
     return plan_weights(lm, meas, alloc, qz.candidates_for(lm, "int", symmetric=True, sizes=(size,)))
 
 
-@pytest.mark.parametrize(("arch", "size"), [("qwen3_moe", 16), ("qwen2_moe", 8), ("mixtral", 16), ("olmoe", 16)])
+@pytest.mark.parametrize(
+    ("arch", "size"), [("qwen3_moe", 16), ("qwen2_moe", 8), ("mixtral", 16), ("olmoe", 16), ("deepseek_v3", 8)]
+)
 def test_the_hf_export_writes_each_expert_as_the_module_vllm_and_transformers_read(tmp_path, arch, size):
     """A layer's experts become one module per expert's gate, up and down map, under the checkpoint's own names
     (Mixtral's ``block_sparse_moe.experts.N.w1``), all under one config group that also matches the names vLLM's
@@ -391,10 +427,12 @@ def test_gptq_weighs_each_expert_by_its_own_inputs(arch):
     assert not torch.equal(got.codes[:8], quantize_rtn(rows[:8], cfg).codes)
 
 
-def test_a_gptq_plan_of_a_moe_model_from_disk_is_the_resident_one_and_loads(tmp_path):
-    """GPTQ over a sparse model's experts, block by block from disk (each block's expert Hessians from the
-    quantized stream) as in memory: the same plans and figures, the same compressed-tensors checkpoint, and plain
-    transformers loads the plan's weights (the experts in float16, as its loader decompresses them)."""
+@pytest.mark.parametrize(("arch", "size"), [("qwen3_moe", 16), ("deepseek_v3", 8)])
+def test_a_gptq_plan_of_a_moe_model_from_disk_is_the_resident_one_and_loads(tmp_path, arch, size):
+    """GPTQ over a sparse model's experts (and DeepSeek-V3's latent attention), block by block from disk (each
+    block's expert Hessians from the quantized stream) as in memory: the same plans and figures, the same
+    compressed-tensors checkpoint (DeepSeek's routing correction bias, a buffer, in both), and plain transformers
+    loads the plan's weights (the experts in float16, as its loader decompresses them)."""
     from transformers import AutoModelForCausalLM
 
     import layerwise as lw
@@ -405,9 +443,9 @@ def test_a_gptq_plan_of_a_moe_model_from_disk_is_the_resident_one_and_loads(tmp_
 
     from .conftest import tiny_windows
 
-    lm, w = tiny_lm("qwen3_moe"), tiny_windows(8)
+    lm, w = tiny_lm(arch), tiny_windows(8)
     w.n_calib = 4
-    kw = dict(bits=5, strategy=["uniform"], format="int", method="gptq", symmetric=True, group_size=16)
+    kw = dict(bits=5, strategy=["uniform"], format="int", method="gptq", symmetric=True, group_size=size)
     kw |= dict(eval_samples=4, batch_size=2, progress=False)
     resident = qz.run(lm, w, export=("hf",), out=tmp_path / "r", **kw)
     lm.model.save_pretrained(tmp_path / "m")
@@ -424,7 +462,7 @@ def test_a_gptq_plan_of_a_moe_model_from_disk_is_the_resident_one_and_loads(tmp_
     plan = next(iter(resident.plans.values()))
     meas = Measurement.load(tmp_path / "r" / "measurement.json", {})
     alloc = fixed(meas, {g: e["config"] for g, e in plan["groups"].items()}, "uniform")
-    cands = qz.candidates_for(lm, "int", method="gptq", symmetric=True, sizes=(16,))
+    cands = qz.candidates_for(lm, "int", method="gptq", symmetric=True, sizes=(size,))
     for wt, deq in plan_weights(lm, meas, alloc, cands, w, batch_size=2).items():
         theirs = matrix(replace(wt, module=loaded.get_submodule(names[wt.module])))
         assert torch.equal(theirs, deq.half().float() if wt.module in sparse else deq), names[wt.module]

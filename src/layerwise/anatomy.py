@@ -129,6 +129,12 @@ class Spec:
         ("mlp.up_proj", "ffn_up"),
         ("mlp.down_proj", "ffn_down"),
     )
+    #: Quantized maps a block has or lacks by its config (DeepSeek-V3's ``q_proj`` without a query rank, its
+    #: ``q_a_proj`` and ``q_b_proj`` with one): left out of their group where the block lacks them.
+    optional: tuple[str, ...] = ()
+    #: Maps llama.cpp's converter writes as two tensors it multiplies by other inputs (DeepSeek's kv_b_proj), with
+    #: the tensors' names.
+    gguf_split: tuple[tuple[str, str], ...] = ()
     #: GPT-2's Conv1D stores weights as (in, out), the transpose of nn.Linear.
     transposed: bool = False
     #: The sparse MLP's parts, in models whose blocks (all, or every k-th) route tokens to experts.
@@ -172,8 +178,26 @@ SPECS: dict[str, Spec] = {
             count="num_local_experts",
         ),
     ),
+    # Latent attention: the query and the key-value latent are made by down- and up-projections, the query's
+    # down-projection absent where the config has no query rank. vLLM runs the two down-projections as one
+    # (``fused_qkv_a_proj``), so they share a scheme; llama.cpp splits kv_b_proj into attn_k_b and attn_v_b.
     "deepseek_v3": replace(
         _LLAMA_LIKE,
+        quant_groups=(
+            ("attn.qkv_a", ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa")),
+            ("attn.q", ("self_attn.q_proj",)),
+            ("attn.q_b", ("self_attn.q_b_proj",)),
+            ("attn.kv_b", ("self_attn.kv_b_proj",)),
+            *_LLAMA_LIKE.quant_groups[1:],
+        ),
+        gguf_names=(
+            ("self_attn.q_a_proj", "attn_q_a"),
+            ("self_attn.kv_a_proj_with_mqa", "attn_kv_a_mqa"),
+            ("self_attn.q_b_proj", "attn_q_b"),
+            *_LLAMA_LIKE.gguf_names,
+        ),
+        optional=("self_attn.q_proj", "self_attn.q_a_proj", "self_attn.q_b_proj"),
+        gguf_split=(("self_attn.kv_b_proj", "attn_k_b and attn_v_b"),),
         moe=MoE(shared="mlp.shared_experts", layout="prefix", rule="sigmoid_groups", count="n_routed_experts"),
     ),
     "gpt2": Spec(
@@ -514,7 +538,12 @@ class Anatomy:
         block, moe = self.blocks[layer], self.spec.moe
         names = dict(self.spec.gguf_names)
         sparse = moe is not None and layer in self.moe_layers
-        dense = [(g, paths) for g, paths in self.spec.quant_groups if not (sparse and g.startswith("mlp."))]
+        dense = [
+            (g, kept)
+            for g, paths in self.spec.quant_groups
+            if not (sparse and g.startswith("mlp."))
+            and (kept := tuple(p for p in paths if p not in self.spec.optional or _has(block, p)))
+        ]
         missing = [p for _, paths in dense for p in paths if not _has(block, p)]
         if missing:
             raise LayerwiseError(
@@ -563,39 +592,50 @@ class Anatomy:
         """A linear map's weight (GPT-2's Conv1D blocks store it (in, out); its head is a plain Linear)."""
         return Weight(module, transposed=self.spec.transposed and not isinstance(module, nn.Linear))
 
-    def _member(self, path: str) -> tuple[str, Weight]:
-        """(llama.cpp's name, the weight) of a quantized weight's path (``model.layers.3.mlp.experts.gate``)."""
+    def _member(self, path: str) -> tuple[int, str, str, Weight]:
+        """(block, path in the block, llama.cpp's short name, the weight) of a quantized weight's path
+        (``model.layers.3.mlp.experts.gate``)."""
         prefix = f"{self.spec.layers}."
         layer, _, rel = path.removeprefix(prefix).partition(".")
         if path.startswith(prefix) and layer.isdigit() and int(layer) < self.n_layers:
             for _, _, members in self._quant_table(int(layer)):
                 for p, name, w in members:
                     if p == rel:
-                        return (f"blk.{layer}.{name}.weight" if name else ""), w
+                        return int(layer), rel, name, w
         raise LayerwiseError(f"{path} is not a weight layerwise quantizes in this {self.model_type} model")
 
     def weight(self, path: str) -> Weight:
         """The quantized weight at ``path`` (a path :meth:`quant_groups` gives, as a saved plan holds it)."""
-        return self._member(path)[1]
+        return self._member(path)[3]
 
     def gguf_name(self, path: str) -> str:
         """llama.cpp's tensor name for a quantized weight's path (``blk.3.attn_q.weight``, ``blk.3.ffn_up_exps.weight``
         for every expert's up map)."""
-        name = self._member(path)[0]
+        return self._tensor_name(*self._member(path)[:3])
+
+    def _tensor_name(self, layer: int, rel: str, name: str) -> str:
+        """llama.cpp's tensor name of block ``layer``'s quantized weight ``rel``; one line where it has none."""
+        split = dict(self.spec.gguf_split).get(rel)
+        if split:
+            raise LayerwiseError(
+                f"llama.cpp splits {self.model_type}'s {rel} into {split} and multiplies them by other inputs than "
+                "the ones it reads here, so layerwise cannot weigh them; make this model's importance matrix with "
+                "llama-imatrix on its GGUF file"
+            )
         if not name:
-            raise LayerwiseError(f"{path} has no llama.cpp tensor name for {self.model_type}")
-        return name
+            raise LayerwiseError(f"{self.spec.layers}.{layer}.{rel} has no llama.cpp tensor name for {self.model_type}")
+        return f"blk.{layer}.{name}.weight"
 
     def gguf_matrices(self, layer: int) -> dict[str, nn.Module]:
         """Block ``layer``'s linear maps by llama.cpp's tensor names (``blk.3.attn_q.weight``): the quantized ones but
         the experts tensors (:meth:`gguf_experts`), and in a sparse block its router (``ffn_gate_inp``) and shared
         experts' gate (``ffn_gate_inp_shexp``), every one llama.cpp runs as a matrix product; one line where the block
-        lacks one of the spec's (an attention llama.cpp names otherwise)."""
+        lacks one of the spec's (an attention llama.cpp names otherwise) or llama.cpp has no tensor of one."""
         out = {
-            f"blk.{layer}.{name}.weight": w.module
+            self._tensor_name(layer, rel, name): w.module
             for _, _, members in self._quant_table(layer)
-            for _, name, w in members
-            if name and w.attr == "weight"
+            for rel, name, w in members
+            if w.attr == "weight"
         }
         moe = self.spec.moe
         if moe is None or layer not in self.moe_layers:

@@ -115,8 +115,9 @@ def _other_bits(lm: LoadedModel, meas: Measurement, cands: Candidates) -> tuple[
 
     tensors: dict[object, torch.Tensor]
     if lm.streamed is not None:  # a skeleton's tensors have no storage: tied ones share a checkpoint tensor
-        keys = lm.streamed.keys
+        keys, buffers = lm.streamed.keys, lm.streamed.buffers  # buffers: DeepSeek's routing correction bias
         tensors = {keys[n]: lm.model.get_parameter(n) for n in keys if kept(n)}
+        tensors |= {key: lm.model.get_buffer(n) for n, key in buffers.items()}
     else:
         tensors = {(t.data_ptr(), t.numel()): t for name, t in lm.model.state_dict().items() if kept(name)}
     return 8 * sum(t.numel() * t.element_size() for t in tensors.values()) + 128 * shapes, sum(

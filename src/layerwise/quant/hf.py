@@ -3,8 +3,8 @@
 transformers loads it with plain ``from_pretrained`` (the ``compressed-tensors``
 package installed) and vLLM serves it. Every (bits, group size) pair of the
 plan becomes one config group that targets its modules by exact name, so q/k/v
-and gate/up, which the plan keeps together, share a scheme as vLLM's fused
-layers require. The codes are the plan's own: nothing is requantized, and the
+and gate/up (and DeepSeek's q_a/kv_a down-projections), which the plan keeps
+together, share a scheme as vLLM's fused layers require. The codes are the plan's own: nothing is requantized, and the
 loaded weights equal layerwise's fake-quantized weights bit for bit when the
 model is float32 or float16 (scales are stored as float16).
 
@@ -252,7 +252,7 @@ def _block_tensors(
 ) -> Generator[tuple[str, torch.Tensor], None, None]:
     """Every tensor of the checkpoint in the compute dtype under the checkpoint's names (as ``save_pretrained``
     renames them), a quantized weight as its packed codes (its target's config added to ``configs``): the embeddings
-    and final norm, each block, then an untied head."""
+    and final norm, each block, then an untied head, each with the buffers the checkpoint holds there."""
     from transformers.core_model_loading import revert_weight_conversion
 
     s, an = lm.streamed, lm.anatomy
@@ -264,19 +264,24 @@ def _block_tensors(
         written.update(s.keys[n] for n in fresh)
         return fresh
 
-    def read(names: list[str], packed: dict[str, torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        state = {n: lm.model.get_parameter(n).detach().cpu() for n in names} | (packed or {})
+    def held(inside: tuple[str, ...], within: bool = True) -> dict[str, torch.Tensor]:
+        """The checkpoint's buffers (DeepSeek's routing correction bias) under (or outside) these modules' paths."""
+        return {n: lm.model.get_buffer(n).detach().cpu() for n in s.buffers if n.startswith(inside) == within}
+
+    def read(names: list[str], extra: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+        state = {n: lm.model.get_parameter(n).detach().cpu() for n in names} | extra
         return iter(revert_weight_conversion(lm.model, state).items())
 
     with s.onloaded(s.stem):
-        yield from read(own(s.stem))
+        yield from read(own(s.stem), held(tuple(f"{s.paths[m]}." for m in (*an.blocks, an.head)), within=False))
     for i in s.blocks():
         gone, tensors, targets = _packed(lm, plan.codes(i))
         configs |= targets
-        yield from read([n for n in own(s.names(an.blocks[i])) if n not in gone], tensors)
+        kept = [n for n in own(s.names(an.blocks[i])) if n not in gone]
+        yield from read(kept, tensors | held((f"{s.paths[an.blocks[i]]}.",)))
     head = own(s.names(an.head))
     with s.onloaded(head):
-        yield from read(head)
+        yield from read(head, held((f"{s.paths[an.head]}.",)))
 
 
 def _finish(lm: LoadedModel, configs: dict[str, QConfig], folder: Path) -> None:
