@@ -61,12 +61,17 @@ def write(shape: str, out: Path, *, dtype=torch.bfloat16, shard_bytes: int = 2**
     return write_config(config(shape), out, dtype=dtype, shard_bytes=shard_bytes, seed=seed)
 
 
-def write_config(cfg, out: Path, *, dtype=torch.bfloat16, shard_bytes: int = 2**30, seed: int = 0) -> int:
-    """Write a random checkpoint of any causal LM ``cfg`` (its tensors as the model holds them: a mixture of
-    experts' fused 3-D weights, which transformers loads as they are) as :func:`write` does."""
+def write_config(
+    cfg, out: Path, *, dtype=torch.bfloat16, shard_bytes: int = 2**30, seed: int = 0, published: bool = False
+) -> int:
+    """Write a random checkpoint of any causal LM ``cfg`` as :func:`write` does: its tensors as the model holds them
+    (a mixture of experts' fused 3-D weights, which transformers loads as they are), or, ``published``, as
+    ``save_pretrained`` and published files store them (each expert's maps apart, which transformers fuses as it
+    loads; buffers the checkpoint holds, such as DeepSeek's routing correction bias, included)."""
     import transformers as tf
     from accelerate import init_empty_weights
     from safetensors.torch import save_file
+    from transformers.core_model_loading import revert_weight_conversion
 
     from layerwise.loading import checkpoint_folder
 
@@ -84,12 +89,14 @@ def write_config(cfg, out: Path, *, dtype=torch.bfloat16, shard_bytes: int = 2**
         weight_map.update(dict.fromkeys(shard, name))
         shard.clear()
 
-    for name, p in skeleton.named_parameters():
+    params = dict(skeleton.named_parameters())
+    for name, p in (skeleton.state_dict() if published else params).items():
         if cfg.tie_word_embeddings and name == "lm_head.weight":
             continue  # a tied head is the embedding's tensor
         t = torch.ones(p.shape) if name.endswith("norm.weight") else torch.randn(p.shape, generator=g) * 0.02
-        shard[name] = t.to(dtype)
-        n_params += p.numel()
+        saved = revert_weight_conversion(skeleton, {name: t.to(dtype)}) if published else {name: t.to(dtype)}
+        shard |= {k: v.contiguous().clone() for k, v in saved.items()}  # an expert's rows alone, not a view
+        n_params += p.numel() if name in params else 0
         if sum(v.numel() * v.element_size() for v in shard.values()) >= shard_bytes:
             flush()
     if shard:

@@ -356,6 +356,27 @@ def test_the_hf_export_writes_each_expert_as_the_module_vllm_and_transformers_re
         assert qc["config_groups"][group]["weights"]["num_bits"] == int(config[1])
 
 
+def test_experts_a_checkpoint_stores_fused_are_exported_a_module_each_from_memory_as_from_disk(tmp_path):
+    """A checkpoint storing a layer's experts fused, as transformers holds them (published files keep a module per
+    expert): loaded in memory, which transformers would write back fused, the hf export still writes each expert's
+    maps as modules of their own, the same checkpoint as the one written from disk."""
+    from safetensors.torch import save_file
+
+    import layerwise as lw
+    from layerwise import quantize as qz
+
+    lm, folder = tiny_lm("deepseek_v3"), tmp_path / "fused"
+    lm.model.config.save_pretrained(folder)
+    state = {k: v.contiguous() for k, v in lm.model.state_dict().items()}
+    assert "model.layers.1.mlp.experts.gate_up_proj" in state
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    kw = dict(bits=5, strategy=["uniform"], format="int", symmetric=True, group_size=8, export=("hf",))
+    for offload in ("none", "disk"):
+        qz.run(lw.load(str(folder), offload=offload), _split(), out=tmp_path / offload, progress=False, **kw)
+    same_checkpoint(tmp_path / "none" / "model", tmp_path / "disk" / "model")
+    assert "model.layers.1.mlp.experts.3.down_proj.weight_packed" in _checkpoint(tmp_path / "none" / "model")
+
+
 def test_a_plan_whose_layers_differ_is_written_for_vllm_and_read_from_disk_alike(tmp_path):
     """Each layer's experts under their own scheme: every module, decompressed under the config group its name
     matches (as vLLM reads it), holds the plan's weights; transformers, which reads all experts under one scheme, is

@@ -18,7 +18,6 @@ into a copy of the source GGUF file, for llama.cpp.
 
 from __future__ import annotations
 
-import copy
 import random
 import re
 import time
@@ -52,7 +51,7 @@ from .evaluate import (
     streamed_quality,
 )
 from .experts import check_removable, cut, shut, without_experts
-from .io import atomic_dir, load_result, provenance, read_json, save_shards, write_json
+from .io import atomic_dir, load_result, provenance, read_json, save_model_config, save_shards, write_json
 from .loading import LoadedModel
 from .memory import peak_memory
 from .metrics import stream as st
@@ -593,11 +592,7 @@ def _copy_streamed(
                 yield new, buf.detach().cpu()
 
     save_shards(tensors(), out, shard_bytes=shard_bytes)
-    config = copy.deepcopy(small.config)  # the skeleton's own config keeps its compute dtype
-    config.dtype = stored.most_common(1)[0][0]
-    config.save_pretrained(out)
-    if small.generation_config is not None:
-        small.generation_config.save_pretrained(out)
+    save_model_config(small, out, dtype=stored.most_common(1)[0][0])
 
 
 #: llama.cpp's tensor names for a branch's output projection.

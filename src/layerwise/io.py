@@ -282,3 +282,18 @@ def save_shards(weights: Iterable[tuple[str, torch.Tensor]], out: Path, *, shard
         index |= dict.fromkeys(names, final)
     write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": index})
     return set(index)
+
+
+def save_model_config(model: Any, out: Path, *, dtype: torch.dtype | None = None) -> None:
+    """The config and generation config of a checkpoint written tensor by tensor (:func:`save_shards`), as
+    ``save_pretrained`` writes them: the model's class named under ``architectures`` (vLLM picks its
+    implementation by it), the model's own config left as it is; ``dtype`` the weights' stored dtype."""
+    import copy
+
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    if dtype is not None:
+        config.dtype = dtype
+    config.save_pretrained(out)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(out)

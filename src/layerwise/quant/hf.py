@@ -33,7 +33,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Generator, Iterator, Mapping
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import torch
@@ -138,13 +138,27 @@ def packed(q: QTensor) -> dict[str, torch.Tensor]:
     }
 
 
+@contextmanager
+def _published_names(model: torch.nn.Module) -> Iterator[None]:
+    """Within the ``with``, transformers names the model's tensors as it saves a model of this architecture made
+    anew: each expert a module of its own, as published checkpoints (and vLLM) hold them. Loaded with
+    ``from_pretrained``, a model otherwise goes back to the layout its checkpoint stored, fused experts included.
+    Only transformers' record of the load's conversions is set aside, and it is put back after."""
+    held = model.__dict__.pop("_weight_conversions", None)
+    try:
+        yield
+    finally:
+        if held is not None:
+            model.__dict__["_weight_conversions"] = held
+
+
 def _expert_modules(lm: LoadedModel, layer: int) -> dict[str, list[str]]:
     """The checkpoint's module for each expert's matrix of block ``layer``'s experts weights, by weight path
     (``model.layers.3.mlp.experts.gate`` -> ``[model.layers.3.mlp.experts.0.gate_proj, ...]``).
 
-    The names are transformers' own: its load-time conversion is reversed on tensors that number every row of the
-    experts tensors, so each name comes back holding the rows (and the expert) it stands for. One line where
-    transformers writes the experts fused (gpt-oss), which compressed-tensors cannot quantize.
+    The names are transformers' own: its load-time conversion for the architecture is reversed on tensors that
+    number every row of the experts tensors, so each name comes back holding the rows (and the expert) it stands
+    for. One line where transformers writes the experts fused (gpt-oss), which compressed-tensors cannot quantize.
     """
     from transformers.core_model_loading import revert_weight_conversion
 
@@ -159,7 +173,9 @@ def _expert_modules(lm: LoadedModel, layer: int) -> dict[str, list[str]]:
         marks[f"{an.spec.layers}.{layer}.{moe.experts}.{attr}"] = mark.transpose(-1, -2) if moe.transposed else mark
         spans[attr], start = (start, rows), start + n * rows
     found: dict[str, dict[int, str]] = {p: {} for p in handles}
-    for key, t in revert_weight_conversion(lm.model, marks).items():
+    with _published_names(lm.model):
+        reverted = revert_weight_conversion(lm.model, marks)
+    for key, t in reverted.items():
         for p, w in handles.items():
             base, rows = spans[w.attr]
             got = (t.flatten() - base).tolist()
@@ -225,7 +241,8 @@ def export(lm: LoadedModel, codes: dict[str, QTensor], out: str | Path) -> Path:
     gone, tensors, targets = _packed(lm, codes)
     state = {name: t for name, t in lm.model.state_dict().items() if name not in gone} | tensors
     with atomic_dir(out, "checkpoint") as tmp:
-        lm.model.save_pretrained(tmp, state_dict=state, safe_serialization=True)  # renamed as the checkpoint names
+        with _published_names(lm.model):
+            lm.model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         _finish(lm, targets, tmp)
     return Path(out)
 
@@ -234,15 +251,14 @@ def export_streamed(lm: LoadedModel, plan: BlockPlan, out: str | Path, *, shard_
     """:func:`export` for a model whose weights stay on disk: block by block, each block's codes made by ``plan``
     while its weights are read (GPTQ from the quantized stream, as in memory), and every tensor written as it comes,
     in shards of about ``shard_bytes``: the in-memory export's tensors and config."""
-    from ..io import save_shards
+    from ..io import save_model_config, save_shards
 
     _check_dtype(lm)
     configs: dict[str, QConfig] = {}
     # closed at once on an error (a full disk): the block read ahead dropped, the skeleton's parameters put back
     with atomic_dir(out, "checkpoint") as tmp, closing(_block_tensors(lm, plan, configs)) as tensors:
         save_shards(tensors, tmp, shard_bytes=shard_bytes)
-        lm.model.config.save_pretrained(tmp)
-        lm.model.generation_config.save_pretrained(tmp)
+        save_model_config(lm.model, tmp)
         _finish(lm, configs, tmp)
     return Path(out)
 
