@@ -477,13 +477,15 @@ def test_drop_and_quantize_plan_their_memory_and_run_from_disk_when_it_does_not_
     assert "runs reading one block at a time from disk" in err and "no speed is measured" in err
     meta = json.loads((tmp_path / "d" / "eval.json").read_text())["meta"]
     assert meta["offload"] == "disk" and meta["memory_plan"]["streamed"] == plan.streamed
-    qplan = quantize_plan(folder, configs=18, gptq=False, **{**kw, "calibration": 2})
+    # one group size's 6 candidates and one plan, whose weights are the only ones held beside the candidates'
+    qplan = quantize_plan(folder, configs=6, gptq=False, chunk=1, **{**kw, "calibration": 2})
     qargv = [*argv[:-3], "--max-memory", str((qplan.streamed + qplan.resident) // 2), "--format", "int"]
     qargv += ["--bits", "5", "--group-size", "32", "--strategy", "uniform", "--export", "none", "--json"]
     assert cli.main(["quantize", *qargv, "--out", str(tmp_path / "q")]) == 0
     assert "runs reading one block at a time from disk" in capsys.readouterr().err
     meta = json.loads((tmp_path / "q" / "eval.json").read_text())["meta"]
     assert meta["offload"] == "disk" and meta["memory_plan"]["streamed"] == qplan.streamed
+    assert meta["memory_plan"]["resident"] == qplan.resident
     rc = cli.main(["drop", *argv[:-3], "--max-memory", "1MiB", "--units", "L1", "--out", str(tmp_path / "never")])
     assert rc == 2 and "drop needs about" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()

@@ -840,6 +840,7 @@ def _drop_plan(args: argparse.Namespace, cfg: DropConfig) -> Callable[..., Memor
 
 def _quantize_plan(args: argparse.Namespace, cfg: QuantizeConfig) -> Callable[..., MemoryPlan]:
     from .memory_plan import quantize_plan
+    from .quantize import PLANS_AT_ONCE
 
     return partial(
         quantize_plan,
@@ -847,8 +848,9 @@ def _quantize_plan(args: argparse.Namespace, cfg: QuantizeConfig) -> Callable[..
         batch_size=cfg.batch_size,
         calibration=args.samples,
         evaluation=cfg.eval_samples,
-        configs=18 if cfg.format == "int" else _gguf_types(cfg),
+        configs=6 * (1 if cfg.group_size else 3) if cfg.format == "int" else _gguf_types(cfg),
         gptq=cfg.format == "int" and cfg.method == "gptq",
+        chunk=min(PLANS_AT_ONCE, max(cfg.n_plans, 1)),
     )
 
 

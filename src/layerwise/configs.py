@@ -211,6 +211,11 @@ class QuantizeConfig(Config):
         """The bit budgets to plan for: the sweep's, sorted without repeats, or the one of ``bits``."""
         return sorted(set(self.sweep)) if self.sweep else ([self.bits] if self.bits is not None else [])
 
+    @property
+    def n_plans(self) -> int:
+        """The plans a run makes: one per budget (or for ``size``) of each strategy, one for the q4km baseline."""
+        return sum(1 if s == "q4km" else len(self.budgets) or int(self.size is not None) for s in self.strategy)
+
 
 @dataclass(frozen=True)
 class TuneConfig(Config):

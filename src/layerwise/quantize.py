@@ -59,6 +59,8 @@ from .quant.rtn import QConfig, QTensor
 from .quant.strategies import check_strategies, label, plan_quality, plans
 
 Family = Literal["gguf", "int"]
+#: Plans evaluated at once, sharing the original's forward pass (each holds its quantized weights meanwhile).
+PLANS_AT_ONCE = 4
 #: The importance matrix's file in a run's folder, beside the plans made with it.
 IMATRIX_FILE = "imatrix.gguf"
 #: The plan's types as ``llama-quantize --tensor-type-file`` reads them, beside ``recipe.sh``.
@@ -134,7 +136,7 @@ def evaluate(
     eval_ids: torch.Tensor,
     *,
     batch_size: int = 4,
-    chunk: int = 4,
+    chunk: int = PLANS_AT_ONCE,
     progress: bool = False,
 ) -> tuple[dict, list[dict], dict]:
     """Held-out quality and size of every plan beside the original: (original, one row per plan, plans as JSON).
@@ -400,7 +402,7 @@ def run(
     if not budgets and cfg.size is None and any(s != "q4km" for s in strategies):
         raise LayerwiseError("give `budgets` or `size` (or use only the q4km strategy)")
     check_strategies(strategies)
-    n_plans = sum(1 if s == "q4km" else len(budgets) or int(cfg.size is not None) for s in strategies)
+    n_plans = cfg.n_plans
     export = cfg.export
     if export is None:
         export = EXPORTS[family] if n_plans == 1 and out is not None else ()
