@@ -18,7 +18,8 @@ that does not fit. Each figure is an estimate; ``benchmarks/offload_profile.py``
   stream for every held-out window (drop's and quantize's evaluation);
 - ``work``: one batch's working memory, the forward's saved activations (the whole model's for a backward pass
   when resident, one block's from disk) and the head's distributions;
-- ``extra``: what only the in-memory run holds besides (quantize: its candidates and each plan's weights);
+- ``extra``: what only the in-memory run holds besides (quantize: its candidates and each plan's weights; from
+  disk it makes one group's candidate, or one block's plan weights, at a time: counted with the block's work);
 - ``kept``: what both runs hold besides (probe: every example's readout at every unit);
 - ``live``: the hidden states still in memory when the carried ones are spilled to a file
   (:class:`layerwise.engine.States`): one batch's streams at a time (the quantization measurement's sublayer
@@ -195,6 +196,7 @@ class Shape:
     block: int  # the largest block's weights, with their pages as stored
     stem: int  # the embedding or the head, read alone, with its pages
     experts: int = 0  # routed experts over all sparse blocks (a mixture-of-experts model)
+    block_numel: int = 0  # the largest block's weights, counted
 
     @classmethod
     def of(cls, folder: str | Path, *, dtype: torch.dtype, seq_len: int, trust_remote_code: bool = False) -> Shape:
@@ -214,8 +216,11 @@ class Shape:
         if isinstance(ckpt, GGUFCheckpoint):  # loaded in memory from the float32 safetensors it is converted to
             files = 4 * s.n_params
 
+        def count(names: list[str]) -> int:
+            return sum(model.get_parameter(name).numel() for name in names)
+
         def held(names: list[str]) -> int:
-            return int(sum(model.get_parameter(name).numel() for name in names) * (size + stored))
+            return int(count(names) * (size + stored))
 
         return cls(
             layers=an.n_layers,
@@ -230,6 +235,7 @@ class Shape:
             if (rows := slice_rows(model, dtype)) is None
             else int(rows * an.embed.weight.shape[1] * (size + stored)),  # one slice of either
             experts=sum(map(an.n_experts, an.moe_layers)),
+            block_numel=max(count(s.names(b)) for b in an.blocks),
         )
 
     def states(self, streams: int, windows: int, seq_len: int) -> int:
@@ -342,12 +348,15 @@ def quantize_plan(
     plans = shape.states(1 + chunk, evaluation, seq_len) + (shape.states(chunk, calibration, seq_len) if gptq else 0)
     f32 = shape.weights * 4 // shape.size  # the weights in float32, as candidates and plans' weights are made
     candidates = max(configs * f32 // L, min(cache_bytes, configs * f32))  # a run of blocks, at least one
+    # from disk, one group's candidate and its rounding's temporaries (a sparse block's experts are nearly all of
+    # it), or a block's plan weights beside the original's: twice the largest block in float32
+    made = 2 * 4 * shape.block_numel
     return shape.plan(
         states=max(streams, plans),
         # spilled: one batch's streams (a block's input and output, its sublayers' inputs, updates and gradients)
         live=shape.states(_LIVE, batch_size, seq_len),
         work=shape.work(tokens, L) + 2 * shape.logits(tokens),
-        block_work=shape.work(tokens) + 2 * shape.logits(tokens),
+        block_work=shape.work(tokens) + 2 * shape.logits(tokens) + made,
         extra=max(candidates, chunk * f32),
         what="quantize",
         fix="`batch_size`, `samples`, `eval_samples` or `seq_len`",
