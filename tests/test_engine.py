@@ -210,6 +210,10 @@ def test_the_memory_plan_chooses_where_the_weights_stay_and_refuses_what_cannot_
     assert (small.resident, small.streamed) == (220, int(1.1 * (10 + 2 * 20 + 30 + 5 + 4))) == (220, 97)
     assert [small.choose("auto", b) for b in (220, 219, 97)] == ["none", "disk", "disk"]
     assert small.choose("none", 1) == "none" and small.choose("disk", 10**9) == "disk"
+    assert small.line("none", 1).endswith(
+        "runs in memory, as `offload` none asks, over the budget (`offload` auto would read from disk)"
+    )
+    assert small.line("none", small.resident).endswith("runs in memory")
     with pytest.raises(LayerwiseError, match=r"^the profile needs about 0 MiB even reading one block at a time, over"):
         small.choose("auto", 96)
     assert "runs reading one block at a time from disk" in small.line("disk", 100)

@@ -169,6 +169,8 @@ class MemoryPlan:
             "disk": "reading one block at a time from disk",
             "spill": "reading one block at a time from disk, its hidden states spilled to a file in the output folder",
         }[mode]
+        if mode == "none" and self.resident > budget:  # only when asked: the system may kill the run
+            where += ", as `offload` none asks, over the budget (`offload` auto would read from disk)"
         spilled = f", {_size(self.spilled)} spilling its hidden states" if self.live else ""
         return (
             f"memory: weights {_size(self.weights)}, largest block {_size(self.block)} (two held from disk, the "
