@@ -109,8 +109,6 @@ def test_default_model_profiles_the_same_from_disk(tmp_path, real_cache, capsys)
     and recorded. A budget under that, over the plan's peak with the hidden states spilled, spills them to a file
     in ``--out`` (removed after), with the same metrics. A budget under every way is refused in one line before the
     model loads."""
-    import torch
-
     from layerwise import windows
     from layerwise.loading import checkpoint_folder
     from layerwise.memory_plan import profile_plan
@@ -170,8 +168,6 @@ def test_tune_refuses_a_model_on_disk_in_one_line(tmp_path):
 def test_a_bfloat16_checkpoint_runs_in_the_dtype_asked_for(dtype, tmp_path):
     """Weights stored in bfloat16 and read block by block run in `dtype`, as the loaded model does (they were once
     left in the checkpoint's dtype, which a float32 run from disk does not match)."""
-    import torch
-
     lm = tiny_lm("llama", layers=3)
     lm.model.to(torch.bfloat16).save_pretrained(tmp_path / "m")
     resident, disk = (load(str(tmp_path / "m"), dtype=dtype, offload=o) for o in ("none", "disk"))
@@ -183,8 +179,6 @@ def test_a_bfloat16_checkpoint_runs_in_the_dtype_asked_for(dtype, tmp_path):
 
 
 def test_the_memory_plan_chooses_where_the_weights_stay_and_refuses_what_cannot_fit(tmp_path):
-    import torch
-
     from layerwise.memory_plan import RUNTIME, MemoryPlan, parse_bytes, profile_plan
 
     assert [parse_bytes(t) for t in ("4GiB", "512 MiB", "3.5GB", "1000")] == [
@@ -234,7 +228,6 @@ def test_streamed_drop_evaluates_and_exports_as_the_resident_one(arch, tmp_path)
     """Held-out quality of block, attention and MLP drops equals the resident model's (1e-5 relative), without a
     speed; the exported smaller checkpoint, copied tensor by tensor from the source, holds the resident export's
     every tensor and config, and no weight stays in memory."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     from layerwise import drop
@@ -288,7 +281,6 @@ def test_streamed_quant_measurement_equals_the_resident_one(method, tmp_path):
     """Every group's relative error, Fisher-weighted loss change and bits, measured from disk (backward block by
     block, one config of one group at a time), equal the resident measurement's to 1e-5; a rerun measures only the
     groups missing from its file."""
-    import json
 
     from layerwise.quant.measure import measure
     from layerwise.quant.rtn import QConfig
@@ -345,8 +337,6 @@ def test_streamed_quant_measurement_holds_one_batch_at_a_time(method, tmp_path, 
     """From disk with the hidden states spilled, each batch's sublayer inputs, updates and gradients are kept in the
     spill file and read back one batch at a time: as many tensors read back are alive at once with six batches as
     with two, and the GPTQ plan's quantized stream lies in the file too."""
-    import torch
-
     from layerwise.quant.allocate import fixed
     from layerwise.quant.apply import BlockPlan, weight_config
     from layerwise.quant.measure import GroupCandidates, measure
@@ -415,7 +405,6 @@ def test_a_missing_or_truncated_shard_is_one_line_before_anything_runs(tmp_path,
     """Every shard's header is read when the checkpoint is opened: a shard cut short, a shard the index names but
     the folder lacks, a tensor the index puts in the wrong shard and an unreadable index are each one line, from
     the API and from the CLI (exit 2, no result folder)."""
-    import json
 
     lm = tiny_lm("llama", layers=4)
     lm.model.save_pretrained(tmp_path / "m", max_shard_size="20KB")
@@ -454,9 +443,6 @@ def test_drop_and_quantize_plan_their_memory_and_run_from_disk_when_it_does_not_
     in memory, read the weights block by block; the result records the plan. The plans count what each keeps: the
     original's and every plan's stream of the held-out windows (drop), every block's input and one block's
     sublayer streams, or each evaluated plan's stream (quantize); spilled, one batch's streams."""
-    import json
-
-    import torch
 
     from layerwise.memory_plan import Shape, drop_plan, quantize_plan
 
@@ -528,7 +514,6 @@ def test_a_wide_model_ten_times_its_budget_runs_from_disk_within_the_plan(tmp_pa
     interpreter, torch and the tokenizer are loaded (and torch has run it once, making its one-time state) stays
     under what its plan counts for it (the plan's peak from disk without :data:`RUNTIME`: two blocks, the one
     running and the next), which is under a tenth of the weights."""
-    import json
     import subprocess
     import sys
 
@@ -555,8 +540,6 @@ def test_streamed_features_and_probe_equal_the_resident_ones(arch, tmp_path):
     """Readouts of examples of different lengths (right-padded in batches) at every block and sublayer, the last
     token's and the mean, and the probe fitted on them, from disk as in memory; blocks after the last unit read are
     never read from disk."""
-    import torch
-
     from layerwise.features import collect_ids
     from layerwise.probe import Examples, probe
 
@@ -594,8 +577,6 @@ def test_streamed_steering_measures_as_the_resident_one(arch, tmp_path):
     runs with each tail), greedy continuations (every prompt a step at a time, a KV cache filled block by block;
     a row that reaches an end-of-text token is padded after it, as generate pads it), steered too; and a whole
     run's choice, effects and cost."""
-    import torch
-
     from layerwise.steer import generate, margins, run
     from layerwise.steer.vector import SteeringVector
 
@@ -633,9 +614,7 @@ def test_probe_and_steer_plan_their_memory_and_run_from_disk_when_it_does_not_fi
     """probe and steer print their plan first and, with a budget between the planned peak from disk and the one in
     memory, read the weights block by block; the result records the plan. The plans count every batch's hidden
     states at its padded width and the readouts kept."""
-    import json
 
-    import torch
     from transformers import AutoTokenizer
 
     from layerwise.memory_plan import Shape, probe_plan, steer_plan
@@ -742,8 +721,6 @@ def test_spilled_hidden_states_give_the_same_numbers_and_leave_no_file(tmp_path,
     and steer read) goes to a file in the folder and is read back when used: the profile, the measurement, a drop
     evaluation and the features are those of the run that keeps them in memory, exactly. Each pass removes its
     file, and the folder it made for it, also when Ctrl-C stops it."""
-    import torch
-
     from layerwise import drop
     from layerwise.features import collect_ids
     from layerwise.quant.measure import measure
@@ -812,11 +789,8 @@ def test_a_budget_under_the_kept_states_spills_them_to_the_output_folder(tmp_pat
     states runs the profile with its states in a file in ``--out``: the same profile as keeping them in memory, the
     plan's choice recorded, no file left but the results. A disk that fills while spilling is one line, and the run
     leaves no folder; a disk too small for the plan's states is refused before anything runs."""
-    import json
     import subprocess
     import sys
-
-    import torch
 
     from layerwise.memory_plan import profile_plan
     from layerwise.profile import Profile
@@ -861,7 +835,6 @@ def test_a_gguf_file_is_read_from_disk_without_converting_its_weights(arch, tmp_
     tensor from the file as its block is read, with transformers' fixes (Gemma's norm offset): every tensor equals
     the conversion's, and the profile equals the in-memory one. Once the whole conversion exists, it is read
     instead."""
-    import torch
     from safetensors.torch import load_file
 
     from layerwise import loading
@@ -901,7 +874,6 @@ def test_the_default_gguf_file_is_read_from_disk_as_it_is_converted(tmp_path, re
     the conversion's, and the profile is the in-memory one's; so is the profile with the weights read once into
     memory (``offload="cpu"``) and run one block at a time, and the one with the embedding and the head read in
     slices."""
-    import torch
     from safetensors.torch import load_file
 
     from layerwise import windows
@@ -967,8 +939,6 @@ def test_the_embedding_and_head_read_in_slices_give_the_resident_numbers(arch, t
     """With the embedding and the head read ``rows`` at a time (a large vocabulary's way), neither matrix is ever
     read whole, and the profile (logit lens, exact ablation, the Taylor estimate's gradient through the head),
     held-out quality and steer's margins and greedy continuations are the resident model's."""
-    import torch
-
     from layerwise import drop, engine
     from layerwise.steer import generate, margins
 
@@ -1007,7 +977,6 @@ def test_the_embedding_and_head_read_in_slices_give_the_resident_numbers(arch, t
 def test_a_vocabulary_larger_than_a_block_is_read_in_slices_and_planned_so(tmp_path, monkeypatch):
     """The embedding and the head are read in slices when they are larger than both the largest block and
     ``SLICE_BYTES``; each slice is then a block's size, and the plan counts one slice for them."""
-    import torch
     import transformers as tf
 
     from layerwise import engine
@@ -1041,8 +1010,6 @@ def _prefetching(tmp_path) -> tuple[LoadedModel, LoadedModel]:
 def test_prefetch_on_and_off_give_the_same_numbers_bit_for_bit(tmp_path):
     """Reading the next block ahead changes when a block is read, never what runs: the last hidden states, a drop
     evaluation and the features are bit for bit those read block by block; afterwards no weight is left."""
-    import torch
-
     from layerwise import drop
     from layerwise.features import collect_ids
 
@@ -1133,8 +1100,6 @@ def test_leaving_the_loop_early_stops_the_prefetch_and_puts_the_skeleton_back(tm
     import threading
     import weakref
 
-    import torch
-
     from layerwise import engine
 
     on, _ = _prefetching(tmp_path)
@@ -1184,8 +1149,6 @@ def test_leaving_the_loop_early_stops_the_prefetch_and_puts_the_skeleton_back(tm
 def test_blocks_run_in_any_order_each_with_its_own_weights(prefetch, tmp_path):
     """A backward pass's order (``reversed(range(stop, L))``), a subset, or none: each block yielded holds its own
     weights, the resident model's, while every other block is left on the meta device."""
-    import torch
-
     folder = str(tiny_folder(tmp_path / "m", layers=4))
     resident, disk = load(folder), load(folder, offload="disk", prefetch=prefetch)
     s = disk.streamed
