@@ -4,9 +4,10 @@ transformers loads it with plain ``from_pretrained`` (the ``compressed-tensors``
 package installed) and vLLM serves it. Every (bits, group size) pair of the
 plan becomes one config group that targets its modules by exact name, so q/k/v
 and gate/up (and DeepSeek's q_a/kv_a down-projections), which the plan keeps
-together, share a scheme as vLLM's fused layers require. The codes are the plan's own: nothing is requantized, and the
-loaded weights equal layerwise's fake-quantized weights bit for bit when the
-model is float32 or float16 (scales are stored as float16).
+together, share a scheme as vLLM's fused layers require. The codes are the
+plan's own: nothing is requantized, and the loaded weights equal layerwise's
+fake-quantized weights bit for bit when the model is float32 or float16
+(scales are stored as float16).
 
 Conventions: layerwise's symmetric codes are unsigned with an offset of
 ``2**(bits-1)``, compressed-tensors' are signed; ``pack_to_int32`` adds the
