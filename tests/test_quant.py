@@ -16,6 +16,7 @@ def _w(out=24, n=576, seed=0):
     "bits,group,sym", [(4, 64, False), (3, 100, False), (2, 32, False), (8, 576, False), (4, 64, True), (3, 100, True)]
 )
 def test_rtn_rounds_to_nearest_grid_point(bits, group, sym):
+    """Codes and the weights they give back, by METHODS.md's formulas element by element."""
     w = _w()
     q = quantize_rtn(w, QConfig(bits, group, sym))
     deq = q.dequantize()
@@ -26,6 +27,10 @@ def test_rtn_rounds_to_nearest_grid_point(bits, group, sym):
     # nearest point of a grid that covers the group, up to the fp16 rounding of the scale (2^-11, times the levels)
     assert ((w - deq).abs() <= step * (0.5 + 2**bits * 2**-11) + 1e-6).all()
     assert (w - deq).abs().mean() < 0.3 * step.mean()
+    # each weight by the formula, with its group's scale and zero point (the short last group too), exactly
+    zero = 2 ** (bits - 1) if sym else q.zeros.float().repeat_interleave(group, dim=1)[:, :576]
+    codes = (torch.round(w / step) + zero).clamp(1 if sym else 0, 2**bits - 1)
+    assert torch.equal(q.codes, codes.to(torch.uint8)) and torch.equal(deq, (codes - zero) * step)
     # the last, shorter group (576 = 5 * 100 + 76) has its own range
     if group == 100:
         tail = w[:, 500:]

@@ -97,13 +97,17 @@ class QTensor:
         )
 
     def dequantize(self) -> torch.Tensor:
-        g = self.config.group_size
-        n = self.codes.shape[1]
-        scales = self.scales.repeat_interleave(g, dim=1)[:, :n]
-        codes = self.codes.float()
-        if self.zeros is None:
-            return (codes - 2 ** (self.config.bits - 1)) * scales
-        return (codes - self.zeros.float().repeat_interleave(g, dim=1)[:, :n]) * scales
+        out, n = self.codes.shape
+        w = _grouped(self.codes.float(), self.config.group_size)  # each group's scale broadcast over it: no copies
+        w.sub_(2 ** (self.config.bits - 1) if self.zeros is None else self.zeros.float()[..., None])
+        return w.mul_(self.scales[..., None]).view(out, -1)[:, :n].contiguous()
+
+
+def _grouped(w: torch.Tensor, g: int) -> torch.Tensor:
+    """``w`` (out, in) as (out, groups, ``g``), a short last group padded with zeros (to be cut off after)."""
+    out, n = w.shape
+    pad = -n % g
+    return (torch.nn.functional.pad(w, (0, pad)) if pad else w).view(out, -1, g)
 
 
 def group_params(
@@ -143,10 +147,9 @@ def quantize_with(
     """
     b = cfg.bits if bits is None else bits.to(w.dtype).view(-1, *([1] * (w.dim() - 1)))
     top = torch.as_tensor(2**b - 1, dtype=w.dtype, device=w.device)
-    if zero is None:
-        half = 2 ** (b - 1)
-        return torch.minimum(torch.clamp_min(torch.round(w / scale) + half, 1), top)
-    return torch.minimum(torch.clamp_min(torch.round(w / scale) + zero, 0), top)
+    q = torch.round(w / scale)
+    q.add_(2 ** (b - 1) if zero is None else zero).clamp_(min=1 if zero is None else 0)
+    return torch.minimum(q, top, out=q)
 
 
 def quantize_rtn(w: torch.Tensor, cfg: QConfig) -> QTensor:
@@ -154,8 +157,7 @@ def quantize_rtn(w: torch.Tensor, cfg: QConfig) -> QTensor:
     out, n = w.shape
     cfg.check(n)
     scale, zero = group_params(w, cfg)
-    g = cfg.group_size
-    per_col = scale.repeat_interleave(g, dim=1)[:, :n]
-    zcol = zero.repeat_interleave(g, dim=1)[:, :n] if zero is not None else None
-    codes = quantize_with(w.float(), per_col, zcol, cfg)
-    return QTensor(codes.to(torch.uint8), scale, zero.to(torch.uint8) if zero is not None else None, cfg)
+    grouped = _grouped(w.float(), cfg.group_size)  # each group's scale broadcast over it: no copy per column
+    codes = quantize_with(grouped, scale[..., None], None if zero is None else zero[..., None], cfg)
+    codes = codes.view(out, -1)[:, :n].to(torch.uint8)
+    return QTensor(codes, scale, zero.to(torch.uint8) if zero is not None else None, cfg)
