@@ -15,7 +15,7 @@ this machine has):
 
 Peak memory is the process's VmHWM; "planned" is what the command planned and recorded, and for quantize also what it
 planned in memory. Random weights: time and memory only, never quality. Usage: python benchmarks/mla_quant.py (about
-15 minutes on 2 cores, 5 GB of disk). Writes benchmarks/results/mla_quant.md and .json.
+7 minutes on 2 cores, 5 GB of disk). Writes benchmarks/results/mla_quant.md and .json.
 """
 
 from __future__ import annotations
