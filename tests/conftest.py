@@ -19,7 +19,7 @@ ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2"]
 #: Mixture-of-experts architectures: 4 experts, 2 per token; Qwen3-MoE and DeepSeek-V3 with a dense first block.
 MOE_ARCHS = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss", "deepseek_v3"]
 #: The mixture-of-experts architectures :func:`moe_gguf` writes as GGUF files that llama.cpp runs.
-GGUF_MOE_ARCHS = ["qwen3_moe", "qwen2_moe", "mixtral"]
+GGUF_MOE_ARCHS = ["qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss"]
 _MOE = {
     "qwen3_moe": ("Qwen3Moe", dict(num_experts=4, moe_intermediate_size=16, mlp_only_layers=[0])),
     "qwen2_moe": ("Qwen2Moe", dict(num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24)),
@@ -191,10 +191,16 @@ def records_peak(meta: dict) -> bool:
 
 
 #: llama.cpp's names of the architectures whose transformers name differs.
-GGUF_ARCH = {"gemma3_text": "gemma3", "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama"}
+GGUF_ARCH = {
+    "gemma3_text": "gemma3",
+    "qwen3_moe": "qwen3moe",
+    "qwen2_moe": "qwen2moe",
+    "mixtral": "llama",
+    "gpt_oss": "gpt-oss",
+}
 
 
-def write_gguf(model, path, tokens: list[str], *, quantized: bool = True):
+def write_gguf(model, path, tokens: list[str], *, quantized: bool = True, mxfp4: bool = False):
     """A GGUF file of a llama, gemma3, qwen3_moe, qwen2_moe or mixtral transformers model (Mixtral as llama.cpp
     writes it: a llama with experts), as llama.cpp names its tensors, matrices in Q8_0 (float32 unless
     ``quantized``), with a sentencepiece vocabulary of ``tokens`` (the first three: unknown, BOS, EOS). A llama's
@@ -217,7 +223,7 @@ def write_gguf(model, path, tokens: list[str], *, quantized: bool = True):
     w.add_key_length(cfg.head_dim)
     w.add_value_length(cfg.head_dim)
     w.add_rope_dimension_count(cfg.head_dim)
-    if arch == "gemma3":
+    if arch in ("gemma3", "gpt-oss"):
         w.add_sliding_window(cfg.sliding_window)
     if experts := getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None):
         w.add_expert_count(experts)
@@ -225,6 +231,13 @@ def write_gguf(model, path, tokens: list[str], *, quantized: bool = True):
         w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     if arch in ("qwen3moe", "qwen2moe"):
         w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    if arch == "gpt-oss":  # as llama.cpp's converter writes it: the experts' width, YaRN's factor and context
+        w.add_expert_feed_forward_length(cfg.intermediate_size)
+        rope = cfg.rope_parameters
+        if rope["rope_type"] == "yarn":
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(rope["factor"])
+            w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
     if arch == "qwen2moe":
         w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
     w.add_tokenizer_model("llama")
@@ -238,21 +251,35 @@ def write_gguf(model, path, tokens: list[str], *, quantized: bool = True):
         for gname, data in _gguf_tensors(model, names):
             if arch == "llama" and gname.endswith(("attn_q.weight", "attn_k.weight")):
                 data = _rotary_rows(data, cfg.num_attention_heads if "attn_q" in gname else cfg.num_key_value_heads)
+            kind = MXFP4 if mxfp4 and gname.endswith("_exps.weight") else gguf.GGMLQuantizationType.Q8_0
             if data.ndim == 1:  # llama.cpp stores Gemma's norm weights plus one
                 w.add_tensor(gname, data + 1 if arch == "gemma3" else data)
-            elif not quantized:
+            elif not quantized and kind != MXFP4:
                 w.add_tensor(gname, data)
             else:
-                w.add_tensor(
-                    gname,
-                    gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0),
-                    raw_dtype=gguf.GGMLQuantizationType.Q8_0,
-                )
+                w.add_tensor(gname, gguf.quants.quantize(data, kind), raw_dtype=kind)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+#: The type llama.cpp's converter writes gpt-oss's experts in (the published checkpoints' MXFP4, repacked).
+MXFP4 = 39
+
+
+def _mxfp4_exact(model) -> None:
+    """gpt-oss's expert matrices rounded to what MXFP4 holds, along the axis llama.cpp's blocks run (the input of
+    each output row), so that a file of MXFP4 experts holds this model exactly."""
+    import gguf
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                rows = p.transpose(1, 2).contiguous().numpy()
+                back = gguf.quants.dequantize(gguf.quants.quantize(rows, MXFP4), MXFP4)
+                p.copy_(torch.from_numpy(back).transpose(1, 2))
 
 
 def _rotary_rows(w: np.ndarray, heads: int) -> np.ndarray:
@@ -261,11 +288,16 @@ def _rotary_rows(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _gguf_tensors(model, names):
-    """Each parameter as llama.cpp names it, float32 in numpy; a sparse MLP's fused gate and up split in two."""
+    """Each parameter as llama.cpp names it, float32 in numpy; a sparse MLP's fused gate and up split in two (gpt-oss's
+    columns interleaved, its experts stored (in, out) and transposed, as llama.cpp's converter does)."""
     for name, p in model.named_parameters():  # a tied head is the embedding, listed once
         data = p.float().numpy()
         block = name.rsplit(".experts.", 1)[0].removeprefix("model.layers.")
-        if name.endswith("experts.gate_up_proj"):
+        if model.config.model_type == "gpt_oss" and ".experts." in name:
+            yield from _gpt_oss_experts(name, data, block.split(".")[0])
+        elif name.endswith("self_attn.sinks"):
+            yield f"blk.{block.split('.')[0]}.attn_sinks.weight", data
+        elif name.endswith("experts.gate_up_proj"):
             gate, up = np.split(data, 2, axis=1)
             yield f"blk.{block.split('.')[0]}.ffn_gate_exps.weight", gate
             yield f"blk.{block.split('.')[0]}.ffn_up_exps.weight", up
@@ -276,6 +308,20 @@ def _gguf_tensors(model, names):
         else:
             stem, kind = name.rsplit(".", 1)
             yield f"{names.get_name(stem)}.{kind}", data
+
+
+def _gpt_oss_experts(name: str, data: np.ndarray, block: str):
+    """gpt-oss's experts as llama.cpp's converter writes them: gate and up de-interleaved, matrices (out, in)."""
+    kind = name.rsplit(".", 1)[1]
+    if kind.startswith("gate_up_proj"):
+        suffix = "bias" if kind.endswith("_bias") else "weight"
+        for part, cols in (("gate", data[..., ::2]), ("up", data[..., 1::2])):
+            cols = cols if suffix == "bias" else cols.swapaxes(1, 2)
+            yield f"blk.{block}.ffn_{part}_exps.{suffix}", np.ascontiguousarray(cols)
+    elif kind == "down_proj":
+        yield f"blk.{block}.ffn_down_exps.weight", np.ascontiguousarray(data.swapaxes(1, 2))
+    else:
+        yield f"blk.{block}.ffn_down_exps.bias", data
 
 
 def same_checkpoint(a, b) -> None:
@@ -304,11 +350,35 @@ def sparse_inputs(lm: LoadedModel, ids: torch.Tensor) -> dict[int, torch.Tensor]
     return {i: torch.cat(xs).reshape(-1, xs[0].shape[-1]) for i, xs in seen.items()}
 
 
-def moe_gguf(path, *, arch: str = "qwen3_moe", hidden: int = 32, width: int = 16, experts: int = 4, tie: bool = False):
-    """A Qwen3-MoE (or Qwen2-MoE: biased q, k and v maps, a gated shared expert; or Mixtral, which llama.cpp writes
-    as a llama with experts) model with every block sparse (as llama.cpp's graphs have them) and its float32 GGUF
-    file, which llama.cpp reads as this model (``width``: each expert's hidden width; ``tie``: the head is the token
-    embedding)."""
+#: gpt-oss's rope, not at its defaults (so that a reader that misses it fails): YaRN over 4x the 32 positions.
+_YARN = {
+    "rope_type": "yarn",
+    "factor": 4.0,
+    "original_max_position_embeddings": 32,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "truncate": False,
+    "rope_theta": 10000.0,
+}
+
+
+def moe_gguf(
+    path,
+    *,
+    arch: str = "qwen3_moe",
+    hidden: int = 32,
+    width: int = 16,
+    experts: int = 4,
+    tie: bool = False,
+    mxfp4: bool = False,
+    layers: int = 2,
+):
+    """A Qwen3-MoE (or Qwen2-MoE: biased q, k and v maps, a gated shared expert; Mixtral, which llama.cpp writes
+    as a llama with experts; or gpt-oss: biases everywhere, attention sinks, a sliding window every other block,
+    YaRN) model with every block sparse (as llama.cpp's graphs have them) and its float32 GGUF file, which llama.cpp
+    reads as this model (``width``: each expert's hidden width; ``tie``: the head is the token embedding; ``mxfp4``:
+    the experts stored in MXFP4, as llama.cpp's converter writes gpt-oss's published checkpoints, rounded to it in
+    the model, and ``width`` rounded up to its blocks of 32)."""
     import string
 
     import transformers as tf
@@ -320,12 +390,16 @@ def moe_gguf(path, *, arch: str = "qwen3_moe", hidden: int = 32, width: int = 16
             dict(num_experts=experts, moe_intermediate_size=width, shared_expert_intermediate_size=2 * width),
         ),
         "mixtral": ("Mixtral", dict(num_local_experts=experts)),
+        "gpt_oss": ("GptOss", dict(num_local_experts=experts, sliding_window=4, rope_parameters=_YARN)),
     }[arch]
+    assert arch == "gpt_oss" or not mxfp4, "MXFP4 experts are gpt-oss's"
+    if mxfp4:  # blocks of 32 along each expert matrix's input
+        width = -(-width // 32) * 32
     cfg = getattr(tf, f"{prefix}Config")(
         vocab_size=97,
         hidden_size=hidden,
-        intermediate_size=width if arch == "mixtral" else 2 * hidden,
-        num_hidden_layers=2,
+        intermediate_size=width if arch in ("mixtral", "gpt_oss") else 2 * hidden,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=hidden // 4,
@@ -342,7 +416,10 @@ def moe_gguf(path, *, arch: str = "qwen3_moe", hidden: int = 32, width: int = 16
                 p.add_(torch.randn_like(p) * 0.1)
             else:
                 p.normal_(0, 0.2)
-    return model, write_gguf(model, path, ["<unk>", "<s>", "</s>", *string.printable[:94]], quantized=False)
+    if mxfp4:
+        _mxfp4_exact(model)
+    tokens = ["<unk>", "<s>", "</s>", *string.printable[:94]]
+    return model, write_gguf(model, path, tokens, quantized=False, mxfp4=mxfp4)
 
 
 def gguf_tensors(path) -> dict:

@@ -261,3 +261,43 @@ def test_quality_pairs_two_variants_window_by_window():
     )
     with pytest.raises(LayerwiseError, match="same windows"):
         paired_difference(q["a"]["window_delta_nll"], q["b"]["window_delta_nll"][:-1])
+
+
+def test_a_block_drop_from_a_gemma3_gguf_file_names_the_blocks_that_slide(tmp_path, monkeypatch):
+    """llama.cpp slides five of every six Gemma 3 blocks by their index in the file; a copy without block 1 names
+    its blocks' windows as the source slid them (the full block 5 stays full as the copy's block 4), and layerwise
+    reads the copy back as the dropped model. A copy with no sliding block, which llama.cpp's graph asserts against,
+    is refused in one line."""
+    import string
+
+    import gguf
+    import transformers as tf
+
+    from layerwise import ggufio
+    from layerwise.drop import export_gguf
+
+    from .conftest import write_gguf
+
+    monkeypatch.setenv("LAYERWISE_CACHE", str(tmp_path / "cache"))
+    cfg = tf.Gemma3TextConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=7, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=128, sliding_window=4,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    path = write_gguf(
+        tf.Gemma3ForCausalLM(cfg).eval(), tmp_path / "g.gguf", ["<unk>", "<s>", "</s>", *string.printable[:94]]
+    )
+    lm, x = load(str(path)), tiny_windows(2).ids
+    assert lm.model.config.layer_types[4:] == ["sliding_attention", "full_attention", "sliding_attention"]
+    plan = DropPlan(["L1"], "block", "given")
+    with skip(lm.anatomy, plan.units):
+        want = _logits(lm.model, x)
+    out = export_gguf(path, plan, tmp_path / "d.gguf")
+    key = gguf.Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch="gemma3")
+    assert ggufio.reader(out).get_field(key).contents() == [True] * 4 + [False, True]
+    again = load(str(out))
+    assert again.model.config.layer_types[4] == "full_attention"
+    torch.testing.assert_close(_logits(again.model, x), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(LayerwiseError, match=r"^llama.cpp runs a gemma3 GGUF file only with a sliding-window block"):
+        export_gguf(path, DropPlan(["L0", "L1", "L2", "L3", "L4", "L6"], "block", "given"), tmp_path / "never.gguf")
+    assert not list(tmp_path.glob("*never*"))

@@ -218,13 +218,14 @@ def test_each_expert_s_matrix_sums_the_tokens_routed_to_it(arch):
             np.testing.assert_allclose(im.sums[name("ffn_down_exps")][j], down, rtol=1e-4, atol=1e-9)
 
 
-def test_a_moe_imatrix_from_disk_equals_in_memory_and_llama_cpp_quantizes_with_it(tmp_path):
-    """A Qwen3-MoE model read block by block from its GGUF file gives the matrix the model in memory gives, and
-    llama.cpp quantizes that file with it (it checks every entry's size: a merged tensor's is experts × columns),
-    rounding the expert tensors otherwise than without it."""
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_a_moe_imatrix_from_disk_equals_in_memory_and_llama_cpp_quantizes_with_it(arch, tmp_path):
+    """A Qwen3-MoE or gpt-oss model read block by block from its GGUF file gives the matrix the model in memory
+    gives, and llama.cpp quantizes that file with it (it checks every entry's size: a merged tensor's is experts ×
+    columns), rounding the expert tensors otherwise than without it."""
     from layerwise.quant.gguf import llama_quantize
 
-    model, path = moe_gguf(tmp_path / "moe.gguf")
+    model, path = moe_gguf(tmp_path / "moe.gguf", arch=arch)
     lm = LoadedModel(model=model, tokenizer=None, anatomy=Anatomy(model), source={"model_hash": "moe"})
     w = tiny_windows(4)
     im = compute(lm, w, batch_size=2, progress=False)

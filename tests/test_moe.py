@@ -4,7 +4,6 @@ transformers with every block's experts where they were."""
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -125,9 +124,11 @@ def test_a_saved_drop_reloads_with_every_block_s_experts_where_they_were(arch, t
 
 @pytest.mark.parametrize("arch", GGUF_MOE_ARCHS)
 def test_a_moe_gguf_file_reads_as_its_model_in_memory_from_disk_and_in_llama_cpp(arch, tmp_path, monkeypatch):
-    """A Qwen3-MoE, Qwen2-MoE (its shared expert's width and gate) or Mixtral GGUF file (a llama with experts, as
-    llama.cpp writes it, q and k rows in its rotary layout) loads as the model it was written from, converted and read
-    from disk alike, and llama.cpp's perplexity of the float32 file is layerwise's."""
+    """A Qwen3-MoE, Qwen2-MoE (its shared expert's width and gate), Mixtral (a llama with experts, as llama.cpp
+    writes it, q and k rows in its rotary layout) or gpt-oss GGUF file (experts in MXFP4, gate and up split from
+    interleaved columns, sinks, biases, YaRN and a sliding window, which transformers' own GGUF reader gets wrong)
+    loads as the model it was written from, converted and read from disk alike, and llama.cpp's perplexity of the
+    file is layerwise's."""
     import contextlib
 
     from layerwise.evaluate import next_token_logits, quality, streamed_quality
@@ -135,7 +136,7 @@ def test_a_moe_gguf_file_reads_as_its_model_in_memory_from_disk_and_in_llama_cpp
     from layerwise.quant.gguf import llama_nll
 
     monkeypatch.setenv("LAYERWISE_CACHE", str(tmp_path / "cache"))
-    model, path = moe_gguf(tmp_path / "moe.gguf", arch=arch)
+    model, path = moe_gguf(tmp_path / "moe.gguf", arch=arch, mxfp4=arch == "gpt_oss")
     ids = tiny_windows(3, 16).ids
     resident, disk = load(str(path)), load(str(path), offload="disk")
     assert resident.anatomy.moe_layers == [0, 1] and type(resident.model) is type(model)
@@ -181,27 +182,32 @@ def test_a_llama_gguf_file_with_experts_but_no_count_per_token_is_refused_in_one
     assert not list((tmp_path / "cache").rglob("*.safetensors"))
 
 
-def test_a_gpt_oss_gguf_file_is_refused_in_one_line(tmp_path, monkeypatch):
-    """transformers' GGUF loader reads none of the experts or attention sinks of llama.cpp's gpt-oss files: loading
-    one says so and names the Hugging Face checkpoint, converting nothing."""
+@pytest.mark.parametrize(
+    ("writes", "said"),
+    [
+        (
+            ("add_sliding_window", lambda self, n: None),
+            r"^this gpt-oss GGUF file has no gpt-oss.attention.sliding_window",
+        ),
+        (
+            ("add_rope_scaling_type", lambda self, t: self.add_string("gpt-oss.rope.scaling.type", "longrope")),
+            r"^this gpt-oss GGUF file scales its rope by 'longrope'; layerwise reads none or yarn$",
+        ),
+    ],
+)
+def test_a_gpt_oss_gguf_file_lacking_what_llama_cpp_needs_is_refused_in_one_line(writes, said, tmp_path, monkeypatch):
+    """A gpt-oss file without its sliding window, or with a rope scaling transformers' model has no match for, is
+    refused in memory and from disk, converting nothing."""
     import gguf
 
     from layerwise.loading import load
 
     monkeypatch.setenv("LAYERWISE_CACHE", str(tmp_path / "cache"))
-    w = gguf.GGUFWriter(str(tmp_path / "oss.gguf"), arch="gpt-oss")
-    w.add_block_count(1)
-    w.add_expert_count(4)
-    w.add_tokenizer_model("llama")
-    w.add_token_list([f"t{i}" for i in range(8)])
-    w.add_tensor("token_embd.weight", np.zeros((8, 32), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    monkeypatch.setattr(gguf.GGUFWriter, *writes)
+    _, path = moe_gguf(tmp_path / "oss.gguf", arch="gpt_oss")
     for offload in ("none", "disk"):
-        with pytest.raises(LayerwiseError, match=r"^transformers cannot read oss.gguf: .* Hugging Face checkpoint"):
-            load(str(tmp_path / "oss.gguf"), offload=offload)
+        with pytest.raises(LayerwiseError, match=said):
+            load(str(path), offload=offload)
     assert not list((tmp_path / "cache").rglob("*.json"))
 
 

@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 
-from layerwise import cli, load
+from layerwise import cli, ggufio, load
 from layerwise import drop as dp
 from layerwise.errors import LayerwiseError
 from layerwise.experts import cut, without_experts
 
-from .conftest import GGUF_ARCH, GGUF_MOE_ARCHS, MOE_ARCHS, gguf_tensors, moe_gguf, tiny_folder, tiny_lm, tiny_windows
+from .conftest import GGUF_ARCH, GGUF_MOE_ARCHS, MOE_ARCHS, moe_gguf, tiny_folder, tiny_lm, tiny_windows
 
 
 def _logits(model, x):
@@ -243,10 +243,10 @@ def _llama_cpp_logits(path, toks):
 
 @pytest.mark.parametrize("arch", GGUF_MOE_ARCHS)
 def test_an_expert_drop_from_a_gguf_file_slices_its_experts_and_runs_in_llama_cpp(arch, tmp_path, monkeypatch):
-    """layerwise reads a Qwen3-MoE, Qwen2-MoE or Mixtral GGUF file as the model it was written from (gate and up
-    experts made into one tensor); the drop's GGUF copy has every *_exps tensor and the router cut along the expert
-    axis (not Qwen2-MoE's shared expert or its gate) and one expert fewer in its metadata, and llama.cpp runs it with
-    the logits layerwise measured for the drop."""
+    """layerwise reads a Qwen3-MoE, Qwen2-MoE, Mixtral or gpt-oss GGUF file as the model it was written from (gate
+    and up experts made into one tensor); the drop's GGUF copy has every *_exps tensor and the router (their biases
+    too) cut along the expert axis (not Qwen2-MoE's shared expert or its gate) and one expert fewer in its metadata,
+    and llama.cpp runs it with the logits layerwise measured for the drop."""
     import gguf
 
     monkeypatch.setenv("LAYERWISE_CACHE", str(tmp_path / "cache"))
@@ -261,12 +261,13 @@ def test_an_expert_drop_from_a_gguf_file_slices_its_experts_and_runs_in_llama_cp
     exports = dp.export_plan(lm, plan, tmp_path / "d", ("gguf", "hf"))
     r = gguf.GGUFReader(exports["gguf"]["path"])
     assert int(r.get_field(f"{GGUF_ARCH[arch]}.expert_count").contents()) == 3
-    shapes = {t.name: tuple(t.data.shape) for t in r.tensors}
+    infos, before = ({t.name: t for t in ggufio.header(p)[1]} for p in (exports["gguf"]["path"], path))
+    shapes = {n: t.shape for n, t in infos.items()}
     assert shapes["blk.1.ffn_gate_exps.weight"] == (3, 16, 32) and shapes["blk.1.ffn_gate_inp.weight"] == (3, 32)
-    assert {n: shapes[n] for n in shapes if "shexp" in n} == {
-        n: tuple(t.data.shape) for n, t in gguf_tensors(path).items() if "shexp" in n
-    }
+    assert {n: shapes[n] for n in shapes if "shexp" in n} == {n: t.shape for n, t in before.items() if "shexp" in n}
     assert any("shexp" in n for n in shapes) == (arch == "qwen2_moe")
+    if arch == "gpt_oss":  # the experts' and the router's biases are cut too
+        assert shapes["blk.1.ffn_up_exps.bias"] == (3, 16) and shapes["blk.1.ffn_gate_inp.bias"] == (3,)
     assert exports["gguf"]["bytes"] < path.stat().st_size
     theirs = _llama_cpp_logits(exports["gguf"]["path"], toks)
     assert (theirs - want).abs().max() < 0.05 < (want - _logits(lm.model, x)[0]).abs().max()
@@ -275,7 +276,9 @@ def test_an_expert_drop_from_a_gguf_file_slices_its_experts_and_runs_in_llama_cp
     uneven = dp.DropPlan(["L0.mlp.e1", "L1.mlp.e2", "L1.mlp.e3"], "expert", "given")
     with pytest.raises(LayerwiseError, match=r"one expert count for every block.*\(L0 1\); drop with `per_layer`"):
         dp.export_gguf(path, uneven, tmp_path / "never.gguf")
-    assert not (tmp_path / "never.gguf").exists()
+    with pytest.raises(LayerwiseError, match=r"one expert count for every block"):  # before the checkpoint is written
+        dp.export_plan(lm, uneven, tmp_path / "never", ("hf", "gguf"))
+    assert not list(tmp_path.glob("never*"))
 
 
 def test_a_sweep_and_an_iterative_drop_rank_experts_too(tmp_path, capsys):
@@ -294,3 +297,26 @@ def test_a_sweep_and_an_iterative_drop_rank_experts_too(tmp_path, capsys):
     assert cli.main([*argv, "--units", "L1.mlp.e0,L1.mlp.e1", "--out", str(tmp_path / "d")]) == 0
     err = capsys.readouterr().err
     assert "layerwise: transformers' config holds one expert count" in err and "keeps 2 dropped expert(s)" in err
+
+
+def test_a_block_drop_from_a_gpt_oss_gguf_file_names_the_blocks_that_slide(tmp_path, monkeypatch):
+    """llama.cpp slides every other gpt-oss block by its index in the file: a copy without block 1 would slide the
+    old block 3 in its place. The copy names its blocks' windows (slide, slide, full), and llama.cpp runs it with
+    the logits layerwise measured for the drop, as layerwise does reading it back; a drop that keeps no sliding
+    block, which llama.cpp's graph asserts against, is refused in one line, writing nothing."""
+    import gguf
+
+    monkeypatch.setenv("LAYERWISE_CACHE", str(tmp_path / "cache"))
+    _, path = moe_gguf(tmp_path / "oss.gguf", arch="gpt_oss", layers=4)
+    lm, toks = load(str(path)), list(range(3, 40))
+    plan = dp.DropPlan(["L1"], "block", "given")
+    with dp.dropped(lm.anatomy, plan.units):
+        want = _logits(lm.model, torch.tensor([toks]))[0]
+    out = dp.export_gguf(path, plan, tmp_path / "d.gguf")
+    key = gguf.Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch="gpt-oss")
+    assert (_llama_cpp_logits(out, toks) - want).abs().max() < 0.05
+    assert ggufio.reader(out).get_field(key).contents() == [True, True, False]
+    torch.testing.assert_close(_logits(load(str(out)).model, torch.tensor([toks]))[0], want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(LayerwiseError, match=r"^llama.cpp runs a gpt-oss GGUF file only with a sliding-window block, "):
+        dp.export_gguf(path, dp.DropPlan(["L0", "L2"], "block", "given"), tmp_path / "never.gguf")
+    assert not list(tmp_path.glob("*never*"))

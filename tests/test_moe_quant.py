@@ -180,16 +180,18 @@ def test_a_gguf_plan_of_a_moe_model_runs_in_llama_cpp(arch, tmp_path):
     assert recipe_reproduces(tmp_path / "q", tmp_path) == 14 + 6 * shared
 
 
-def test_the_q4km_baseline_types_a_moe_model_as_llama_cpp_does(tmp_path):
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_the_q4km_baseline_types_a_moe_model_as_llama_cpp_does(arch, tmp_path):
     """llama.cpp's own Q4_K_M of an 8-expert model (attn_k and attn_v at Q8_0, attn_output at Q5_K, ffn_down_exps
-    at Q6_K where it gives more bits) and layerwise's q4km plan store every tensor at the same type."""
+    at Q6_K where it gives more bits; gpt-oss's MXFP4 experts requantized) and layerwise's q4km plan store every
+    tensor at the same type."""
     import layerwise as lw
     from layerwise import quantize as qz
     from layerwise.quant.gguf import llama_quantize
 
     from .test_quant import _split_windows
 
-    _, path = moe_gguf(tmp_path / "moe.gguf", hidden=256, width=256, experts=8)
+    _, path = moe_gguf(tmp_path / "moe.gguf", arch=arch, hidden=256, width=256, experts=8, mxfp4=arch == "gpt_oss")
     theirs = gguf_tensors(llama_quantize(path, tmp_path / "q4km.gguf", "Q4_K", pure=False))
     lm = lw.load(str(path))
     rep = qz.run(

@@ -609,66 +609,100 @@ def export_gguf(source: str | Path, plan: DropPlan, out: str | Path) -> Path:
 
     Tensors keep their stored types, so the file is exactly as big as the
     source minus what was removed; metadata (tokenizer included) is copied,
-    with the block count, any per-layer arrays and the expert count cut to what is kept.
+    with the block count, any per-layer arrays and the expert count cut to what is kept, and the blocks that
+    slide over a window named where llama.cpp would otherwise choose them by their new index.
     """
     import gguf
     import numpy as np
 
-    r = ggufio.reader(source)
-    arch = ggufio.arch(r)
-    count_key = gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch)
-    L = int(r.get_field(count_key).contents())
-    dropped = set(plan.blocks)
-    if any(b >= L for b in dropped):
-        raise LayerwiseError(f"{source} has {L} blocks; the plan drops block {max(dropped)}")
-    keep = [i for i in range(L) if i not in dropped]
-    index = {old: new for new, old in enumerate(keep)}
+    edit = gguf_edit(source, plan)
+    count_key = gguf.Keys.LLM.BLOCK_COUNT.format(arch=edit.arch)
+    count_experts = gguf.Keys.LLM.EXPERT_COUNT.format(arch=edit.arch)
+    index = {old: new for new, old in enumerate(edit.keep)}
     zero = {(parse_unit(u)[0], _GGUF_OUT[parse_unit(u)[1]]) for u in plan.sublayers}
-    count_experts, experts = _gguf_experts(r, arch, plan)
 
     def tensor(t) -> ggufio.Tensor | None:
         m = ggufio.BLOCK_TENSOR.match(t.name)
         if not m:
             return t.name, t.data, t.tensor_type
         layer, rest = int(m.group(1)), m.group(2)
-        if layer in dropped:
+        if layer not in index:
             return None
         data = t.data
         if any(layer == zl and rest.startswith(prefix) for zl, prefix in zero):
             data = np.zeros_like(data)  # all-zero blocks dequantize to zero in every GGML type
-        if layer in experts and _GGUF_BY_EXPERT.match(rest):
-            data = data[experts[layer]]  # whole rows: every GGML type quantizes along the innermost axis
+        if layer in edit.experts and _GGUF_BY_EXPERT.match(rest):
+            data = data[edit.experts[layer]]  # whole rows: every GGML type quantizes along the innermost axis
         return f"blk.{index[layer]}.{rest}", data, t.tensor_type
 
     def field(name: str, value):
         if name == count_key:
-            return len(keep)
-        if name == count_experts and experts:
-            return len(next(iter(experts.values())))
-        if name.startswith(f"{arch}.") and isinstance(value, list) and len(value) == L:
-            return [value[i] for i in keep]
+            return len(edit.keep)
+        if name == count_experts and edit.experts:
+            return len(next(iter(edit.experts.values())))
+        if name.startswith(f"{edit.arch}.") and isinstance(value, list) and len(value) == edit.blocks:
+            return [value[i] for i in edit.keep]
         return value
 
-    return ggufio.rewrite(source, out, tensor, field)
+    return ggufio.rewrite(source, out, tensor, field, edit.added)
 
 
-def _gguf_experts(r: Any, arch: str, plan: DropPlan) -> tuple[str, dict[int, list[int]]]:
-    """The file's expert-count key and, per sparse block, the experts it keeps; one line for a plan a GGUF file
-    cannot hold: it has one expert count and no way to shut an expert off, so every sparse block must drop as many."""
+@dataclass(frozen=True)
+class GGUFEdit:
+    """What a plan changes in a GGUF file, known (and refused, if the file cannot hold it) before anything is
+    written: the blocks it keeps, the experts each sparse block keeps, and the metadata keys written anew."""
+
+    arch: str
+    blocks: int
+    keep: list[int]
+    experts: dict[int, list[int]]
+    added: dict[str, Any]
+
+
+def gguf_edit(source: str | Path, plan: DropPlan) -> GGUFEdit:
+    """The plan's edit of the GGUF file ``source``, from its header; one line for a plan the file cannot hold."""
     import gguf
 
-    key = gguf.Keys.LLM.EXPERT_COUNT.format(arch=arch)
+    meta, infos = ggufio.header(source)
+    arch = str(meta.get(gguf.Keys.General.ARCHITECTURE))
+    L = int(meta[gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch)])
+    dropped = set(plan.blocks)
+    if any(b >= L for b in dropped):
+        raise LayerwiseError(f"{source} has {L} blocks; the plan drops block {max(dropped)}")
+    keep = [i for i in range(L) if i not in dropped]
+    experts = _gguf_experts(meta, [t.name for t in infos], arch, plan)
+    return GGUFEdit(arch, L, keep, experts, _swa_pattern(meta, arch, L, keep))
+
+
+def _swa_pattern(meta: dict[str, Any], arch: str, L: int, keep: list[int]) -> dict[str, list[bool]]:
+    """The kept blocks' sliding-window pattern, written block by block: without it, llama.cpp would slide blocks by
+    their new indices, not the ones the model slides (a dropped block shifts every block after it). One line for a
+    copy where no block slides, which llama.cpp's graph for these architectures asserts against."""
+    import gguf
+
+    slides = ggufio.sliding(meta, arch, L)
+    if slides is None or len(keep) == L:
+        return {}
+    kept = [slides[i] for i in keep]
+    if not any(kept):
+        raise LayerwiseError(
+            f"llama.cpp runs a {arch} GGUF file only with a sliding-window block, and this plan keeps none (blocks "
+            f"{', '.join(str(i) for i in range(L) if slides[i])} slide); keep one, or export hf"
+        )
+    return {gguf.Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=arch): kept}
+
+
+def _gguf_experts(meta: dict[str, Any], names: list[str], arch: str, plan: DropPlan) -> dict[int, list[int]]:
+    """Per sparse block, the experts it keeps; one line for a plan a GGUF file cannot hold: it has one expert count
+    and no way to shut an expert off, so every sparse block must drop as many."""
+    import gguf
+
     if not plan.experts:
-        return key, {}
-    field = r.get_field(key)
-    sparse = sorted(
-        {
-            int(m.group(1))
-            for t in r.tensors
-            if (m := ggufio.BLOCK_TENSOR.match(t.name)) and m.group(2).startswith("ffn_gate_inp.")
-        }
-    )
-    if field is None or not sparse:
+        return {}
+    count = meta.get(gguf.Keys.LLM.EXPERT_COUNT.format(arch=arch))
+    routers = (ggufio.BLOCK_TENSOR.match(t) for t in names)
+    sparse = sorted({int(m.group(1)) for m in routers if m and m.group(2).startswith("ffn_gate_inp.")})
+    if count is None or not sparse:
         raise LayerwiseError("the plan drops experts, but the GGUF file has none; drop blocks or sublayers")
     counts = {i: len(plan.experts.get(i, [])) for i in sparse}
     if len(set(counts.values())) > 1:
@@ -677,8 +711,7 @@ def _gguf_experts(r: Any, arch: str, plan: DropPlan) -> tuple[str, dict[int, lis
             f"a GGUF file holds one expert count for every block, and this plan drops {max(counts.values())} experts "
             f"from some blocks but fewer from others ({uneven}); drop with `per_layer` (--per-layer N), or export hf"
         )
-    n = int(field.contents())
-    return key, {i: [j for j in range(n) if j not in plan.experts[i]] for i in sparse}
+    return {i: [j for j in range(int(count)) if j not in plan.experts[i]] for i in sparse}
 
 
 def _effective_params(model: nn.Module, an: Anatomy, sublayers: list[str], *, in_bytes: bool = False) -> int:
@@ -843,8 +876,8 @@ class DropReport:
         return load_result(cls, path, "eval.json", "drop")
 
 
-def check_export(lm: LoadedModel, export: tuple[str, ...]) -> None:
-    """Refuse, before anything runs, an export this model cannot have."""
+def check_export(lm: LoadedModel, export: tuple[str, ...], plan: DropPlan | None = None) -> None:
+    """Refuse, before anything runs or is written, an export this model (or this ``plan`` of it) cannot have."""
     unknown = set(export) - {"hf", "gguf"}
     if unknown:
         raise LayerwiseError(f"unknown `export` {', '.join(sorted(unknown))}; use hf, gguf or both")
@@ -853,12 +886,14 @@ def check_export(lm: LoadedModel, export: tuple[str, ...]) -> None:
             f"`export` gguf copies the source GGUF file, but this model was loaded from a {lm.source.get('kind')}; "
             "convert it with llama.cpp's convert_hf_to_gguf.py, load that .gguf, and drop again"
         )
+    if "gguf" in export and plan is not None:
+        gguf_edit(lm.source["gguf_path"], plan)
 
 
 def export_plan(lm: LoadedModel, plan: DropPlan, out: str | Path, export: tuple[str, ...]) -> dict:
     """Write the plan's smaller model into ``out`` in each format (``model/``, ``model.gguf``); what was written."""
     check_plan_model(plan.model_hash, lm)
-    check_export(lm, export)
+    check_export(lm, export, plan)
     exports: dict = {}
     if "hf" in export:
         folder = save_checkpoint(lm, plan, Path(out) / "model")
@@ -904,7 +939,7 @@ def run(
     with_speed = cfg.with_speed and lm.streamed is None  # a model read from disk runs at the disk's rate
     if export and len(plans) != 1:
         raise LayerwiseError("`export` writes one model; give one plan, not a sweep")
-    check_export(lm, export)
+    check_export(lm, export, plans[0] if export else None)
     eval_ids = windows.evaluation[:eval_samples]
     keys = {p.key: p for p in plans}
     original, results = measure(lm, keys, eval_ids, batch_size=batch_size, with_speed=with_speed, progress=progress)

@@ -19,6 +19,7 @@ import errno
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -115,8 +116,13 @@ class GGUFCheckpoint:
         names = get_gguf_hf_weights_map(model, processor, model_type=arch if arch == "llama" else None)
         ckpt = cls(gguf, {}, {}, {t.name: t for t in tensors}, processor, names)
         for t in tensors:
-            # a tensor the processor renames (GPT-2's output.weight) is processed once here to learn its names
-            made = [names[t.name]] if t.name in names else list(ckpt._processed(t.name)[1])
+            stem = t.name.rsplit(".", 1)[0]
+            if t.name in names:
+                made = [names[t.name]]
+            elif stem in names:  # mapped without its suffix (Qwen-MoE's, gpt-oss's experts): placed under that name
+                made = [names[stem]]
+            else:  # renamed by the processor (GPT-2's output.weight): processed once here to learn its names
+                made = list(ckpt._processed(t.name)[1])
             for name in made:
                 ckpt.sources.setdefault(name, []).append(t.name)
         missing = [n for n, _ in model.named_parameters() if n not in ckpt.sources]
@@ -180,6 +186,8 @@ def _gguf_processor(arch: str, config: Any) -> Any:
         TensorProcessor,
     )
 
+    if arch == "gpt-oss":
+        return _gpt_oss_processor(config)
     if not (arch == "llama" and config.model_type == "mixtral"):
         return TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
 
@@ -190,6 +198,46 @@ def _gguf_processor(arch: str, config: Any) -> Any:
             return super().process(weights, name, **kwargs)
 
     return Mixtral(config=config.to_dict())
+
+
+#: The name transformers' GGUF processors give a tensor they have placed in the parsed tensors themselves.
+PLACED: Any = None
+
+
+def _gpt_oss_processor(config: Any) -> Any:
+    """A processor for llama.cpp's gpt-oss files (transformers' own expects tensors llama.cpp does not write): its
+    converter split each fused gate-and-up tensor (and bias) into ``ffn_gate_exps`` and ``ffn_up_exps`` by
+    alternate columns, stored the experts' matrices (out, in) where transformers holds (in, out), and added
+    ``.weight`` to the attention sinks' name. Each GGUF tensor is put back in its place, as Qwen-MoE's are."""
+    import numpy as np
+    from transformers.modeling_gguf_pytorch_utils import GGUFTensor, TensorProcessor
+
+    placed = re.compile(r"(?P<stem>blk\.\d+\.(attn_sinks|ffn_(?P<w>gate|up|down)_exps))\.(?P<kind>weight|bias)$")
+
+    class GptOss(TensorProcessor):
+        def perform_fallback_tensor_mapping(self, names: dict, suffix: str, qual_name: str, hf_name: str) -> None:
+            if m := re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up|down)_proj(_bias)?", hf_name):
+                for w in ("gate", "up") if m[2] == "gate_up" else ("down",):  # weights by their stem, as Qwen-MoE's
+                    names[f"blk.{m[1]}.ffn_{w}_exps" + (".bias" if m[3] else "")] = qual_name + hf_name
+
+        def process(self, weights: Any, name: str, **kwargs: Any) -> Any:
+            names, tensors = kwargs["tensor_key_mapping"], kwargs["parsed_parameters"]["tensors"]
+            m = placed.match(name)
+            if not m or (m["w"] == "down" and m["kind"] == "bias"):  # as transformers holds it, under its name
+                return GGUFTensor(weights, name, {})
+            data = torch.from_numpy(np.array(weights))
+            if m["w"] and m["kind"] == "weight":
+                data = data.transpose(1, 2)
+            hf = names[m["stem"] if m["kind"] == "weight" else name]
+            if m["w"] in ("gate", "up"):
+                if hf not in tensors:
+                    tensors[hf] = data.new_zeros(*data.shape[:-1], 2 * data.shape[-1])
+                tensors[hf][..., 1 if m["w"] == "up" else 0 :: 2] = data
+            else:
+                tensors[hf] = data.contiguous()
+            return GGUFTensor(weights, PLACED, {})
+
+    return GptOss(config=config.to_dict())
 
 
 @dataclass(frozen=True)

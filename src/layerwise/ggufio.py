@@ -98,14 +98,21 @@ def _string(fh: BinaryIO) -> str:
     return fh.read(_read(fh, "<Q")).decode("utf-8", errors="replace")
 
 
+#: The most elements an array of numbers may have to be read as a list (a value per block, not per token).
+SHORT_ARRAY = 4096
+
+
 def _value(fh: BinaryIO, vtype: int) -> Any:
-    """A scalar or string value; an array is skipped (its element count is returned), never parsed element by
-    element."""
+    """A scalar or string value, or a short array of numbers (:data:`SHORT_ARRAY`) as a list; another array is
+    skipped (its element count is returned), never parsed element by element."""
     if vtype == 8:
         return _string(fh)
     if vtype != 9:
         return _read(fh, _SCALAR[vtype])
     itype, n = _read(fh, "<I"), _read(fh, "<Q")
+    if itype in _SCALAR and n <= SHORT_ARRAY:
+        fmt = _SCALAR[itype]
+        return list(struct.unpack(f"{fmt[0]}{n}{fmt[1:]}", fh.read(n * struct.calcsize(fmt))))
     if itype in _SCALAR:
         fh.seek(n * struct.calcsize(_SCALAR[itype]), 1)
     else:
@@ -115,7 +122,8 @@ def _value(fh: BinaryIO, vtype: int) -> Any:
 
 
 def header(path: str | Path) -> tuple[dict[str, Any], list[TensorInfo]]:
-    """A little-endian GGUF file's scalar and string metadata (arrays as their lengths) and its tensors.
+    """A little-endian GGUF file's scalar and string metadata (short arrays of numbers as lists, other arrays as
+    their lengths) and its tensors.
 
     ``gguf.GGUFReader`` parses every element of every array into its own numpy view: for a 262k-token
     vocabulary that is most of a minute and 600 MB. This reads the same header in a second, in constant memory.
@@ -144,6 +152,45 @@ def header(path: str | Path) -> tuple[dict[str, Any], list[TensorInfo]]:
         if t.offset + t.rows * t.row_bytes > size:
             raise ValueError(f"tensor {t.name} runs past the end of the file (truncated?)")
     return meta, tensors
+
+
+#: llama.cpp's sliding-window period for the architectures it gives one where a file names no pattern: every block
+#: but the last of each period slides (its ``set_swa_pattern``), by the block's index in the file.
+SWA_PERIOD = {"gemma3": 6, "gpt-oss": 2}
+
+
+def sliding(meta: dict[str, Any], arch: str, blocks: int) -> list[bool] | None:
+    """Which blocks llama.cpp runs over a sliding window in a file of ``arch`` with ``meta`` (None for an
+    architecture without windows): the file's ``sliding_window_pattern`` block by block, or by its period, or by
+    llama.cpp's own period for the architecture."""
+    if arch not in SWA_PERIOD:
+        return None
+    given = meta.get(f"{arch}.attention.sliding_window_pattern", SWA_PERIOD[arch])
+    if isinstance(given, list):
+        return [bool(b) for b in given]
+    return [i % int(given) < int(given) - 1 for i in range(blocks)]
+
+
+def metadata_copy(path: str | Path, out: str | Path, leave_out: Callable[[str], bool]) -> Path:
+    """A GGUF file of ``path``'s metadata, byte for byte, without its tensors or the keys ``leave_out`` names: what
+    transformers' tokenizer and config readers need of a file whose other keys they misread (gpt-oss's rope
+    scaling), in a second however large the file and its vocabulary."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        fh.seek(8, 1)  # the tensor count: the copy holds none
+        kept = []
+        for _ in range(_read(fh, "<Q")):
+            start = fh.tell()
+            key = _string(fh)
+            _value(fh, _read(fh, "<I"))
+            if not leave_out(key):
+                kept.append((start, fh.tell()))
+        with open(out, "wb") as dst:
+            dst.write(head + struct.pack("<QQ", 0, len(kept)))
+            for start, stop in kept:
+                fh.seek(start)
+                dst.write(fh.read(stop - start))
+    return Path(out)
 
 
 def dequantize(path: str | Path, info: TensorInfo, rows: int = 4096, span: tuple[int, int] | None = None) -> np.ndarray:
@@ -186,9 +233,11 @@ def rewrite(
     out: str | Path,
     tensor: Callable[[Any], Tensor | None],
     field: Callable[[str, Any], Any] = lambda _name, value: value,
+    added: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``out`` from ``source``: ``tensor`` maps each reader tensor to what to write (None drops it),
-    ``field`` maps each metadata value (by key) to the value to write."""
+    ``field`` maps each metadata value (by key) to the value to write, and ``added`` gives keys written in place
+    of the source's (or beside them, where the source has none)."""
     import gguf
 
     r = reader(source)
@@ -199,11 +248,13 @@ def rewrite(
     writer = gguf.GGUFWriter(str(tmp), arch=name, endianess=r.endianess)
     try:
         for f in r.fields.values():
-            if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF."):
+            if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF.") or f.name in (added or {}):
                 continue
             vtype = f.types[0]
             sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
             writer.add_key_value(f.name, field(f.name, f.contents()), vtype, sub_type=sub)
+        for key, value in (added or {}).items():
+            writer.add_key_value(key, value, gguf.GGUFValueType.get_type(value))
         tensors = [w for w in map(tensor, r.tensors) if w is not None]
         for tname, data, ttype in tensors:
             writer.add_tensor_info(tname, data.shape, data.dtype, data.nbytes, ttype)

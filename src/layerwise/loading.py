@@ -7,11 +7,14 @@ safetensors cache so later loads take seconds.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
 import shutil
+import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -185,22 +188,20 @@ def _convert(gguf: Path, arch: str | None, out: Path, trust_remote_code: bool) -
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    if arch == "gpt-oss":  # transformers registers its processor as gpt_oss, for other names; and maps no head_dim
-        raise LayerwiseError(
-            f"transformers cannot read {gguf.name}: its GGUF loader maps none of the experts, their biases or the "
-            "attention sinks llama.cpp writes for gpt-oss; give layerwise the Hugging Face checkpoint folder instead"
-        )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        tokenizer.save_pretrained(out)
-        del tokenizer
-        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=trust_remote_code)
+        with _readable(gguf, arch) as (folder, name):
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            tokenizer.save_pretrained(out)
+            del tokenizer
+            config = AutoConfig.from_pretrained(folder, gguf_file=name, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, OSError) as exc:
         raise LayerwiseError(
             f"transformers cannot convert {gguf.name} (GGUF architecture {arch!r}): {str(exc).splitlines()[0][:160]}"
         ) from None
-    meta = ggufio.header(gguf)[0]
+    meta, tensors = ggufio.header(gguf)
     config = _llama_experts(config, meta, arch)
+    _gpt_oss_config(config, meta, {t.name for t in tensors})
+    _sliding_blocks(config, meta, arch)
     _check_model_type(config.model_type, str(gguf))
     _moe_config(config, meta, arch)
     with torch.device("meta"):
@@ -210,6 +211,69 @@ def _convert(gguf: Path, arch: str | None, out: Path, trust_remote_code: bool) -
     config.dtype = torch.float32
     config.save_pretrained(out)
     GenerationConfig.from_model_config(config).save_pretrained(out)
+
+
+@contextlib.contextmanager
+def _readable(gguf: Path, arch: str | None) -> Iterator[tuple[Path, str]]:
+    """The folder and name of a GGUF file transformers' tokenizer and config readers can read: the file itself, or
+    for gpt-oss a copy of its metadata without the rope-scaling keys, which transformers 5.25 misreads (a key's
+    length for its value) and fails on; :func:`_gpt_oss_config` sets them from the file."""
+    if arch != "gpt-oss":
+        yield gguf.parent, gguf.name
+        return
+    with tempfile.TemporaryDirectory(prefix="layerwise-gguf-") as tmp:
+        ggufio.metadata_copy(gguf, Path(tmp) / gguf.name, lambda key: key.startswith(f"{arch}.rope.scaling."))
+        yield Path(tmp), gguf.name
+
+
+def _gpt_oss_config(config: Any, meta: dict, tensors: set[str]) -> None:
+    """What transformers' GGUF config mapping misses or misreads of a gpt-oss file, as llama.cpp's converter writes
+    it: the head width (not hidden / heads), the sliding window, YaRN's rope scaling, and an untied head (the
+    metadata copy it read had no tensors to tell)."""
+    if config.model_type != "gpt_oss":
+        return
+    import gguf
+
+    def key(template: str, default: Any = None) -> Any:
+        value = meta.get(template.format(arch="gpt-oss"), default)
+        if value is None:
+            raise LayerwiseError(
+                f"this gpt-oss GGUF file has no {template.format(arch='gpt-oss')}, which llama.cpp needs too; "
+                "re-export it with llama.cpp's convert_hf_to_gguf.py"
+            )
+        return value
+
+    config.head_dim = int(key(gguf.Keys.Attention.KEY_LENGTH, config.hidden_size // config.num_attention_heads))
+    config.sliding_window = int(key(gguf.Keys.Attention.SLIDING_WINDOW))
+    config.tie_word_embeddings = "output.weight" not in tensors
+    rope = {"rope_type": "default", "rope_theta": float(key(gguf.Keys.Rope.FREQ_BASE, 10000.0))}
+    kind = key(gguf.Keys.Rope.SCALING_TYPE, "none")
+    if kind == "yarn":
+        rope |= {
+            "rope_type": "yarn",
+            "factor": float(key(gguf.Keys.Rope.SCALING_FACTOR)),
+            "original_max_position_embeddings": int(key(gguf.Keys.Rope.SCALING_ORIG_CTX_LEN)),
+            "beta_fast": float(key(gguf.Keys.Rope.SCALING_YARN_BETA_FAST, 32.0)),
+            "beta_slow": float(key(gguf.Keys.Rope.SCALING_YARN_BETA_SLOW, 1.0)),
+            "truncate": False,
+        }
+    elif kind != "none":
+        raise LayerwiseError(f"this gpt-oss GGUF file scales its rope by {kind!r}; layerwise reads none or yarn")
+    config.rope_parameters = rope
+
+
+def _sliding_blocks(config: Any, meta: dict, arch: str | None) -> None:
+    """The blocks that slide over a window, as llama.cpp runs the file: by its per-block pattern where it names one
+    (a copy with blocks dropped does: its blocks slide as they did in the source, not by their new index)."""
+    slides = ggufio.sliding(meta, arch or "", config.num_hidden_layers)
+    if slides is None:
+        return
+    if len(slides) != config.num_hidden_layers:
+        raise LayerwiseError(
+            f"this {arch} GGUF file names {len(slides)} blocks' sliding windows but holds {config.num_hidden_layers} "
+            "blocks; re-export it with llama.cpp's convert_hf_to_gguf.py"
+        )
+    config.layer_types = ["sliding_attention" if s else "full_attention" for s in slides]
 
 
 def _llama_experts(config: Any, meta: dict, arch: str | None) -> Any:

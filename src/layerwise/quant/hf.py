@@ -186,7 +186,8 @@ def _expert_modules(lm: LoadedModel, layer: int) -> dict[str, list[str]]:
     if not all(len(names) == n for names in found.values()):
         raise LayerwiseError(
             f"transformers writes {an.model_type}'s experts fused, not a module per expert, and compressed-tensors "
-            "quantizes modules; give `export` none to plan and evaluate, or quantize its GGUF file (`format` gguf)"
+            "quantizes modules; give `export` none to plan and evaluate, or quantize a GGUF file of it (llama.cpp's "
+            "convert_hf_to_gguf.py writes one) with `format` gguf"
         )
     return {p: [names[j] for j in range(n)] for p, names in found.items()}
 
