@@ -615,7 +615,7 @@ def export_gguf(source: str | Path, plan: DropPlan, out: str | Path) -> Path:
     import gguf
     import numpy as np
 
-    edit = gguf_edit(source, plan)
+    edit = _gguf_edit(source, plan)
     count_key = gguf.Keys.LLM.BLOCK_COUNT.format(arch=edit.arch)
     count_experts = gguf.Keys.LLM.EXPERT_COUNT.format(arch=edit.arch)
     index = {old: new for new, old in enumerate(edit.keep)}
@@ -648,7 +648,7 @@ def export_gguf(source: str | Path, plan: DropPlan, out: str | Path) -> Path:
 
 
 @dataclass(frozen=True)
-class GGUFEdit:
+class _GGUFEdit:
     """What a plan changes in a GGUF file, known (and refused, if the file cannot hold it) before anything is
     written: the blocks it keeps, the experts each sparse block keeps, and the metadata keys written anew."""
 
@@ -659,7 +659,7 @@ class GGUFEdit:
     added: dict[str, Any]
 
 
-def gguf_edit(source: str | Path, plan: DropPlan) -> GGUFEdit:
+def _gguf_edit(source: str | Path, plan: DropPlan) -> _GGUFEdit:
     """The plan's edit of the GGUF file ``source``, from its header; one line for a plan the file cannot hold."""
     import gguf
 
@@ -671,7 +671,7 @@ def gguf_edit(source: str | Path, plan: DropPlan) -> GGUFEdit:
         raise LayerwiseError(f"{source} has {L} blocks; the plan drops block {max(dropped)}")
     keep = [i for i in range(L) if i not in dropped]
     experts = _gguf_experts(meta, [t.name for t in infos], arch, plan)
-    return GGUFEdit(arch, L, keep, experts, _swa_pattern(meta, arch, L, keep))
+    return _GGUFEdit(arch, L, keep, experts, _swa_pattern(meta, arch, L, keep))
 
 
 def _swa_pattern(meta: dict[str, Any], arch: str, L: int, keep: list[int]) -> dict[str, list[bool]]:
@@ -887,7 +887,7 @@ def check_export(lm: LoadedModel, export: tuple[str, ...], plan: DropPlan | None
             "convert it with llama.cpp's convert_hf_to_gguf.py, load that .gguf, and drop again"
         )
     if "gguf" in export and plan is not None:
-        gguf_edit(lm.source["gguf_path"], plan)
+        _gguf_edit(lm.source["gguf_path"], plan)
 
 
 def export_plan(lm: LoadedModel, plan: DropPlan, out: str | Path, export: tuple[str, ...]) -> dict:

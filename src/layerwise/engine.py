@@ -116,10 +116,10 @@ class GGUFCheckpoint:
         names = get_gguf_hf_weights_map(model, processor, model_type=arch if arch == "llama" else None)
         ckpt = cls(gguf, {}, {}, {t.name: t for t in tensors}, processor, names)
         for t in tensors:
-            stem = t.name.rsplit(".", 1)[0]
+            stem = t.name.removesuffix(".weight")
             if t.name in names:
                 made = [names[t.name]]
-            elif stem in names:  # mapped without its suffix (Qwen-MoE's, gpt-oss's experts): placed under that name
+            elif stem in names:  # a weight mapped without its suffix (Qwen-MoE's, gpt-oss's experts): placed there
                 made = [names[stem]]
             else:  # renamed by the processor (GPT-2's output.weight): processed once here to learn its names
                 made = list(ckpt._processed(t.name)[1])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import struct
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
@@ -195,17 +196,24 @@ def metadata_copy(path: str | Path, out: str | Path, leave_out: Callable[[str], 
 
 def dequantize(path: str | Path, info: TensorInfo, rows: int = 4096, span: tuple[int, int] | None = None) -> np.ndarray:
     """One tensor as float32 (or its rows ``span``, for a 2-D one), dequantized ``rows`` rows at a time into its
-    own array, so the transient copies are a slice's, not the tensor's."""
+    own array, so the transient copies are a slice's, not the tensor's. The slices are dequantized on as many
+    threads as torch computes on: ``gguf``'s numpy code keeps one core busy, and numpy lets go of the interpreter
+    lock while it runs (``benchmarks/mxfp4_read.py`` times it on gpt-oss's MXFP4 experts)."""
     import gguf
+    import torch
 
     qtype = gguf.GGMLQuantizationType(info.ggml_type)
     first, stop = span or (0, info.rows)
     out = np.empty((stop - first, info.shape[-1]), dtype=np.float32)
     offset = info.offset + first * info.row_bytes
     raw = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=(stop - first, info.row_bytes))
-    for start in range(0, stop - first, rows):
+
+    def part(start: int) -> None:
         out[start : start + rows] = gguf.quants.dequantize(raw[start : start + rows], qtype)
-    del raw
+
+    starts = range(0, stop - first, rows)
+    with ThreadPoolExecutor(min(len(starts), torch.get_num_threads()) or 1) as pool:
+        list(pool.map(part, starts))
     return out if span else out.reshape(info.shape)
 
 
